@@ -1,0 +1,173 @@
+"""Tests for spinn.profile: validation, JSON round trip and the derived quantities."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spinn.profile import (
+    FORMAT,
+    NO_EARLY_EXIT,
+    Profile,
+    ProfileError,
+    synthetic_profile,
+)
+
+
+def small_doc() -> dict[str, Any]:
+    """S = 4 stages, exits after stages 1 and 3 (the last is the final exit)."""
+    return {
+        "format": FORMAT,
+        "model_id": "m1",
+        "weights_sha256": "ab" * 32,
+        "arch": "resnet20",
+        "num_stages": 4,
+        "exit_stages": [1, 3],
+        "splits": [
+            {
+                "split": s,
+                "shape": [4, 2, 2],
+                "numel": 16,
+                "bytes": {"float32": 64, "sparse": 20 + s},
+            }
+            for s in range(4)
+        ],
+        "stage_device_ms": [1.0, 2.0, 3.0, 4.0],
+        "stage_server_ms": [0.1, 0.2, 0.3, 0.4],
+        "exit_accuracy": [0.6, 0.9],
+        "thresholds": [
+            {"thr_conf": 0.5, "exit_rate": [0.7, 0.3], "accuracy": 0.8},
+            {"thr_conf": 0.8, "exit_rate": [0.4, 0.6], "accuracy": 0.88},
+            {"thr_conf": 0.9, "exit_rate": [0.2, 0.8], "accuracy": 0.895},
+        ],
+        "calibration_size": 500,
+        "device_threads": 1,
+        "server_threads": 4,
+        "created": "2026-11-25T12:00:00Z",
+    }
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    prof = Profile.from_dict(small_doc())
+    path = tmp_path / "profile.json"
+    prof.save(path)
+    again = Profile.load(path)
+    assert again == prof
+    assert json.loads(path.read_text())["format"] == FORMAT
+    assert again.to_dict() == small_doc()
+
+
+def test_timings() -> None:
+    prof = Profile.from_dict(small_doc())
+    assert prof.device_time_ms(0) == 0.0
+    assert prof.device_time_ms(2) == pytest.approx(3.0)
+    assert prof.device_time_ms(4) == pytest.approx(10.0)
+    assert prof.server_time_ms(0) == pytest.approx(1.0)
+    assert prof.server_time_ms(2) == pytest.approx(0.7)
+    assert prof.server_time_ms(4) == 0.0
+    assert prof.server_time_ms(1, stop=2) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="out of range"):
+        prof.device_time_ms(5)
+    with pytest.raises(ValueError, match="before split"):
+        prof.server_time_ms(3, stop=2)
+
+
+def test_threshold_lookup_resolves_at_or_above() -> None:
+    prof = Profile.from_dict(small_doc())
+    assert prof.exit_rate(0.8) == (0.4, 0.6)
+    assert prof.exit_rate(0.6) == (0.4, 0.6)  # between 0.5 and 0.8 -> 0.8
+    assert prof.exit_rate(0.0) == (0.7, 0.3)  # below the grid -> lowest point
+    assert prof.exit_rate(0.8 + 1e-12) == (0.4, 0.6)  # float noise stays on the point
+    assert prof.accuracy(0.85) == 0.895
+    # Above the grid, and any thr_conf > 1: no early exit, the final exit's accuracy.
+    assert prof.exit_rate(0.95) == (0.0, 1.0)
+    assert prof.exit_rate(NO_EARLY_EXIT) == (0.0, 1.0)
+    assert prof.accuracy(NO_EARLY_EXIT) == 0.9
+    with pytest.raises(ValueError, match="thr_conf"):
+        prof.accuracy(math.nan)
+
+
+def test_reach_and_expected_times() -> None:
+    prof = Profile.from_dict(small_doc())
+    # The exit after stage 1 is on the device only for splits >= 2.
+    assert prof.reach_prob(0, 0.5) == 1.0
+    assert prof.reach_prob(2, 0.5) == pytest.approx(0.3)
+    assert prof.reach_prob(4, 0.5) == 0.0
+    assert prof.expected_device_ms(4, 0.5) == pytest.approx(1.0 + 2.0 + 0.3 * (3.0 + 4.0))
+    assert prof.expected_device_ms(4, NO_EARLY_EXIT) == pytest.approx(10.0)
+    # Uploaded at split 1, the server exits after stage 1 for 70% of inputs.
+    assert prof.expected_server_ms(1, 0.5) == pytest.approx(0.2 + 0.3 * (0.3 + 0.4))
+    assert prof.expected_server_ms(2, 0.5) == pytest.approx(0.7)
+    assert prof.expected_server_ms(4, 0.5) == 0.0
+    assert prof.packed_bytes(2) == 22
+    assert prof.packed_bytes(2, "float32") == 64
+    assert prof.packed_bytes(4) == 0
+    assert prof.codecs == ("float32", "sparse")
+    with pytest.raises(ValueError, match="codec 'zstd'"):
+        prof.packed_bytes(1, "zstd")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda d: d.update(format="spinn-profile/0"), "format"),
+        (lambda d: d.pop("arch"), "arch"),
+        (lambda d: d.update(num_stages=0), "num_stages"),
+        (lambda d: d.update(exit_stages=[1, 2]), "exit_stages"),
+        (lambda d: d.update(exit_stages=[3, 1, 3]), "exit_stages"),
+        (lambda d: d["splits"].pop(), "splits"),
+        (lambda d: d["splits"][2].update(split=3), "splits[2].split"),
+        (lambda d: d["splits"][1].update(numel=17), "splits[1].numel"),
+        (lambda d: d["splits"][1].update(bytes={}), "splits[1].bytes"),
+        (lambda d: d["splits"][0]["bytes"].update(sparse=-1), "splits[0].bytes['sparse']"),
+        (lambda d: d["stage_device_ms"].__setitem__(2, -1.0), "stage_device_ms[2]"),
+        (lambda d: d["stage_server_ms"].__setitem__(0, "fast"), "stage_server_ms[0]"),
+        (lambda d: d["stage_server_ms"].__setitem__(0, math.inf), "stage_server_ms[0]"),
+        (lambda d: d.update(exit_accuracy=[0.5]), "exit_accuracy"),
+        (lambda d: d["thresholds"][1].update(exit_rate=[0.5, 0.6]), "thresholds[1].exit_rate"),
+        (lambda d: d["thresholds"][1].update(thr_conf=1.5), "thresholds[1].thr_conf"),
+        (lambda d: d["thresholds"][2].update(thr_conf=0.5), "thresholds"),
+        (lambda d: d["thresholds"][0].pop("accuracy"), "thresholds[0].accuracy"),
+        (lambda d: d.update(thresholds=[]), "thresholds"),
+        (lambda d: d.update(calibration_size=True), "calibration_size"),
+    ],
+)
+def test_validation_names_the_field(mutate: Any, field: str) -> None:
+    doc = small_doc()
+    mutate(doc)
+    with pytest.raises(ProfileError, match=rf"field {re.escape(field)}:"):
+        Profile.from_dict(doc)
+
+
+def test_unknown_field_and_bad_file(tmp_path: Path) -> None:
+    doc = small_doc()
+    doc["stage_gpu_ms"] = [1, 2, 3, 4]
+    with pytest.raises(ProfileError, match="stage_gpu_ms"):
+        Profile.from_dict(doc)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ProfileError, match="not valid JSON"):
+        Profile.load(bad)
+    bad.write_text(json.dumps({**small_doc(), "num_stages": "4"}))
+    with pytest.raises(ProfileError, match=r"bad.json: profile field num_stages"):
+        Profile.load(bad)
+
+
+def test_synthetic_profiles_validate_and_round_trip(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    for _ in range(5):
+        prof = synthetic_profile(rng, num_stages=rng.randint(1, 20), num_exits=1)
+        assert prof.exit_rate(0.0) == (1.0,)
+        prof = synthetic_profile(rng, num_stages=20, num_exits=7, num_thresholds=20)
+        prof.save(tmp_path / "p.json")
+        assert Profile.load(tmp_path / "p.json") == prof
+        # The share uploaded never grows with the split.
+        for thr in prof.thr_grid:
+            reach = [prof.reach_prob(s, thr) for s in range(prof.num_stages + 1)]
+            assert all(b <= a + 1e-12 for a, b in zip(reach, reach[1:], strict=False))
