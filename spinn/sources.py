@@ -1,0 +1,310 @@
+"""Frame sources for the device: camera, video file, image folder, dataset replay.
+
+Every source yields :class:`Frame` objects with an RGB or grayscale ``uint8``
+image (H×W or H×W×3) and, when known, the ground-truth label.  Sources block
+(camera reads, disk), so the device runtime iterates them in a worker thread.
+:func:`preprocess` turns a frame into the model's input as the checkpoint's
+:class:`~spinn.progressive.InputSpec` says (channels, size, mean/std).
+Pacing (``--rate``) is the pure :class:`Pacer`, with the clock injected.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ArraySource",
+    "CaptureSource",
+    "Frame",
+    "FrameSource",
+    "ImageFolderSource",
+    "Pacer",
+    "SourceError",
+    "camera_target",
+    "dataset_source",
+    "preprocess",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm")
+
+
+class SourceError(ValueError):
+    """A source could not be opened or produced an unusable frame."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One input image."""
+
+    index: int
+    """Position in the stream, from 0; frame ids on the device are these."""
+    image: np.ndarray
+    """``uint8`` H×W (grayscale) or H×W×3 (RGB) pixels."""
+    label: int | None = None
+    """Ground-truth class index when the source knows it."""
+    origin: str = ""
+    """Where the frame came from (file name, camera, dataset index), for the output."""
+
+
+class FrameSource(Protocol):
+    """An iterable of frames with a name; ``close`` releases devices and files."""
+
+    name: str
+
+    def __iter__(self) -> Iterator[Frame]: ...
+
+    def close(self) -> None: ...
+
+
+def _to_rgb_or_gray(image: np.ndarray, origin: str) -> np.ndarray:
+    """OpenCV hands out BGR(A); the model's input spec speaks RGB or grayscale."""
+    import cv2
+
+    if image.dtype != np.uint8:
+        raise SourceError(f"{origin}: expected 8-bit pixels, got {image.dtype}")
+    if image.ndim == 2:
+        return image
+    if image.ndim == 3 and image.shape[2] == 1:
+        return image[:, :, 0]
+    if image.ndim == 3 and image.shape[2] == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    raise SourceError(f"{origin}: unsupported image shape {image.shape}")
+
+
+def preprocess(
+    image: np.ndarray,
+    *,
+    channels: int,
+    height: int,
+    width: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> np.ndarray:
+    """Model input (C×H×W float32) from a uint8 frame: channels, resize, ``/255``, normalise.
+
+    Matches the training pipeline of ``spinn.data``: pixels scaled to [0, 1]
+    then ``(x − mean) / std`` per channel (the checkpoint's input spec).
+    """
+    import cv2
+
+    if image.dtype != np.uint8:
+        raise SourceError(f"frame must be uint8, got {image.dtype}")
+    if channels not in (1, 3):
+        raise SourceError(f"input spec asks for {channels} channels; only 1 or 3 are supported")
+    if len(mean) != channels or len(std) != channels:
+        raise SourceError(
+            f"input spec mean/std have {len(mean)}/{len(std)} entries for {channels} channels"
+        )
+    if image.ndim == 3 and image.shape[2] == 3:
+        img = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if channels == 1 else image
+    elif image.ndim == 2:
+        img = np.repeat(image[:, :, None], 3, axis=2) if channels == 3 else image
+    else:
+        raise SourceError(f"frame must be H×W or H×W×3, got shape {image.shape}")
+    if img.shape[0] != height or img.shape[1] != width:
+        shrink = img.shape[0] > height or img.shape[1] > width
+        # INTER_AREA averages when shrinking (no aliasing); linear when enlarging.
+        img = cv2.resize(
+            img, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        )
+    x = img.astype(np.float32) / 255.0
+    if x.ndim == 2:
+        x = x[None, :, :]
+    else:
+        x = np.ascontiguousarray(x.transpose(2, 0, 1))
+    m = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+    if np.any(s <= 0):
+        raise SourceError(f"input spec std must be > 0, got {tuple(std)}")
+    return (x - m) / s
+
+
+class ArraySource:
+    """Replay of an in-memory image array (a dataset), optionally with labels."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray | None = None,
+        *,
+        name: str = "array",
+        limit: int | None = None,
+    ) -> None:
+        if images.ndim not in (3, 4):
+            raise SourceError(f"{name}: images must be N×H×W or N×H×W×C, got {images.shape}")
+        if labels is not None and len(labels) != len(images):
+            raise SourceError(f"{name}: {len(images)} images but {len(labels)} labels")
+        if limit is not None and limit < 0:
+            raise SourceError(f"{name}: limit must be >= 0, got {limit}")
+        self.images = images
+        self.labels = labels
+        self.name = name
+        self.limit = limit
+
+    def __len__(self) -> int:
+        n = len(self.images)
+        return n if self.limit is None else min(n, self.limit)
+
+    def __iter__(self) -> Iterator[Frame]:
+        for i in range(len(self)):
+            img = self.images[i]
+            if img.dtype != np.uint8:
+                raise SourceError(f"{self.name}[{i}]: expected uint8 pixels, got {img.dtype}")
+            label = None if self.labels is None else int(self.labels[i])
+            yield Frame(i, img, label, f"{self.name}[{i}]")
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class ImageFolderSource:
+    """Images from a directory, sorted by path.
+
+    A directory of class folders (``DIR/<class name>/*.png``) gives labels when
+    ``class_names`` is passed and the folder names are among them.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        class_names: Sequence[str] | None = None,
+        limit: int | None = None,
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SourceError(f"--images: {self.root} is not a directory")
+        self.name = f"images:{self.root}"
+        self.paths = sorted(
+            p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not self.paths:
+            raise SourceError(
+                f"--images: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}"
+            )
+        if limit is not None:
+            self.paths = self.paths[:limit]
+        self._class_index = {c: i for i, c in enumerate(class_names or ())}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _label(self, path: Path) -> int | None:
+        rel = path.relative_to(self.root)
+        if len(rel.parts) < 2:
+            return None
+        return self._class_index.get(rel.parts[0])
+
+    def __iter__(self) -> Iterator[Frame]:
+        import cv2
+
+        for i, path in enumerate(self.paths):
+            raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if raw is None:
+                raise SourceError(f"--images: cannot decode {path}")
+            if raw.dtype == np.uint16:
+                # 16-bit PNG/TIFF: keep the high byte, the model sees 8-bit pixels.
+                raw = (raw >> 8).astype(np.uint8)
+            yield Frame(i, _to_rgb_or_gray(raw, str(path)), self._label(path), str(path))
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class CaptureSource:
+    """Frames from OpenCV: a camera index, a stream URL or a video file."""
+
+    def __init__(self, target: int | str, *, kind: str, limit: int | None = None) -> None:
+        import cv2
+
+        if kind == "video" and not Path(str(target)).is_file():
+            raise SourceError(f"--video: no such file {target}")
+        self.name = f"{kind}:{target}"
+        self.limit = limit
+        self._capture = cv2.VideoCapture(target)
+        if not self._capture.isOpened():
+            self._capture.release()
+            raise SourceError(f"--{kind}: OpenCV cannot open {target!r}")
+
+    def __iter__(self) -> Iterator[Frame]:
+        i = 0
+        while self.limit is None or i < self.limit:
+            ok, raw = self._capture.read()
+            if not ok or raw is None:
+                return
+            yield Frame(i, _to_rgb_or_gray(raw, self.name), None, f"{self.name}#{i}")
+            i += 1
+
+    def close(self) -> None:
+        """Release the camera or file."""
+        self._capture.release()
+
+
+def camera_target(value: str) -> int | str:
+    """``--camera`` takes a device index (``0``) or a URL (``rtsp://…``)."""
+    try:
+        index = int(value)
+    except ValueError:
+        if "://" not in value:
+            raise SourceError(
+                f"--camera: expected a device index or a URL, got {value!r}"
+            ) from None
+        return value
+    if index < 0:
+        raise SourceError(f"--camera: device index must be >= 0, got {index}")
+    return index
+
+
+def dataset_source(spec: str, *, limit: int | None = None) -> ArraySource:
+    """``fashion-mnist[:test|train]`` or ``mnist`` replayed from ``spinn.data``."""
+    from spinn import data
+
+    name, _, split = spec.partition(":")
+    split = split or "test"
+    if split not in ("test", "train"):
+        raise SourceError(f"--dataset {spec}: split must be 'test' or 'train', got {split!r}")
+    if name == "fashion-mnist":
+        images, labels = data.load_fashion_mnist(split)
+    elif name == "mnist":
+        if split != "test":
+            raise SourceError("--dataset mnist: only the 5,000 shipped digits exist (no :train)")
+        images, labels = data.load_mnist()
+    else:
+        raise SourceError(f"--dataset: unknown dataset {name!r} (fashion-mnist or mnist)")
+    return ArraySource(np.asarray(images), np.asarray(labels), name=f"{name}:{split}", limit=limit)
+
+
+@dataclass(slots=True)
+class Pacer:
+    """Releases frames at ``rate_fps`` without drift; ``None`` or 0 means as fast as possible."""
+
+    rate_fps: float | None = None
+    """Target frame rate."""
+    _start: float | None = None
+    _count: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rate_fps is not None and (not math.isfinite(self.rate_fps) or self.rate_fps < 0):
+            raise SourceError(f"--rate must be a finite number >= 0, got {self.rate_fps}")
+
+    def wait_s(self, now: float) -> float:
+        """Seconds to wait before releasing the next frame; counts the frame."""
+        if not self.rate_fps:
+            return 0.0
+        if self._start is None:
+            self._start = now
+        # Frame n is due at start + n / rate; anchoring to the start (not the
+        # previous frame) keeps a late frame from shifting all later ones.
+        due = self._start + self._count / self.rate_fps
+        self._count += 1
+        return max(0.0, due - now)

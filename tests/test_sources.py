@@ -1,0 +1,143 @@
+"""Frame sources on real files written here, preprocessing, pacing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from spinn.sources import (
+    ArraySource,
+    CaptureSource,
+    ImageFolderSource,
+    Pacer,
+    SourceError,
+    camera_target,
+    preprocess,
+)
+
+SPEC = {"channels": 1, "height": 28, "width": 28, "mean": (0.5,), "std": (0.25,)}
+
+
+def _rgb(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_preprocess_gray_same_size_is_scale_and_normalise() -> None:
+    img = np.arange(28 * 28, dtype=np.int64).reshape(28, 28).astype(np.uint8)
+    x = preprocess(img, **SPEC)  # type: ignore[arg-type]
+    assert x.shape == (1, 28, 28) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0], (img / 255.0 - 0.5) / 0.25, atol=1e-6)
+
+
+def test_preprocess_rgb_to_gray_and_resize() -> None:
+    img = np.zeros((56, 84, 3), np.uint8)
+    img[..., 0] = 255  # pure red
+    x = preprocess(img, **SPEC)  # type: ignore[arg-type]
+    assert x.shape == (1, 28, 28)
+    # ITU-R BT.601 luma of red: 0.299
+    np.testing.assert_allclose(x, (76 / 255 - 0.5) / 0.25, atol=2e-2)
+
+
+def test_preprocess_gray_to_rgb_and_errors() -> None:
+    img = np.full((10, 10), 255, np.uint8)
+    x = preprocess(img, channels=3, height=8, width=8, mean=(0, 0, 0), std=(1, 1, 1))
+    assert x.shape == (3, 8, 8)
+    np.testing.assert_allclose(x, 1.0)
+    with pytest.raises(SourceError, match="mean/std"):
+        preprocess(img, channels=3, height=8, width=8, mean=(0,), std=(1,))
+    with pytest.raises(SourceError, match="uint8"):
+        preprocess(img.astype(np.float32), **SPEC)  # type: ignore[arg-type]
+    with pytest.raises(SourceError, match="std must be > 0"):
+        preprocess(img, channels=1, height=8, width=8, mean=(0,), std=(0,))
+
+
+def test_image_folder_reads_sorted_with_class_labels(tmp_path: Path) -> None:
+    for cls, seed in (("Trouser", 1), ("Bag", 2)):
+        (tmp_path / cls).mkdir()
+        cv2.imwrite(str(tmp_path / cls / f"{seed}.png"), _rgb(30, 40, seed)[:, :, ::-1])
+    cv2.imwrite(str(tmp_path / "loose.jpg"), _rgb(16, 16, 3))
+    (tmp_path / "notes.txt").write_text("not an image")
+    src = ImageFolderSource(tmp_path, class_names=["T-shirt", "Trouser", "Bag"])
+    frames = list(src)
+    assert [Path(f.origin).name for f in frames] == ["2.png", "1.png", "loose.jpg"]
+    assert [f.label for f in frames] == [2, 1, None]
+    # PNG is lossless: the RGB conversion round-trips exactly.
+    np.testing.assert_array_equal(frames[1].image, _rgb(30, 40, 1))
+    assert [f.index for f in frames] == [0, 1, 2]
+    assert len(ImageFolderSource(tmp_path, limit=1)) == 1
+
+
+def test_image_folder_errors(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="not a directory"):
+        ImageFolderSource(tmp_path / "missing")
+    with pytest.raises(SourceError, match="no image files"):
+        ImageFolderSource(tmp_path)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(SourceError, match="cannot decode"):
+        list(ImageFolderSource(tmp_path))
+
+
+def test_video_file_frames(tmp_path: Path) -> None:
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (32, 24))
+    assert writer.isOpened()
+    for i in range(7):
+        writer.write(np.full((24, 32, 3), i * 30, np.uint8))
+    writer.release()
+    src = CaptureSource(str(path), kind="video")
+    frames = list(src)
+    src.close()
+    assert len(frames) == 7
+    assert frames[0].image.shape == (24, 32, 3)
+    # MJPG is lossy and goes through YUV: brightness survives within a few levels.
+    for i, f in enumerate(frames):
+        assert abs(float(f.image.mean()) - i * 30) <= 6, (i, f.image.mean())
+    limited = CaptureSource(str(path), kind="video", limit=3)
+    assert len(list(limited)) == 3
+    limited.close()
+    with pytest.raises(SourceError, match="no such file"):
+        CaptureSource(str(tmp_path / "nope.mp4"), kind="video")
+    (tmp_path / "junk.mp4").write_bytes(b"junk")
+    with pytest.raises(SourceError, match="cannot open"):
+        CaptureSource(str(tmp_path / "junk.mp4"), kind="video")
+
+
+def test_camera_target_parsing() -> None:
+    assert camera_target("0") == 0
+    assert camera_target("rtsp://127.0.0.1:8554/cam") == "rtsp://127.0.0.1:8554/cam"
+    with pytest.raises(SourceError, match="device index or a URL"):
+        camera_target("front")
+    with pytest.raises(SourceError, match=">= 0"):
+        camera_target("-1")
+
+
+def test_array_source_labels_limit_and_errors() -> None:
+    images = np.zeros((5, 28, 28), np.uint8)
+    labels = np.arange(5)
+    frames = list(ArraySource(images, labels, name="ds", limit=3))
+    assert [(f.index, f.label, f.origin) for f in frames] == [
+        (0, 0, "ds[0]"),
+        (1, 1, "ds[1]"),
+        (2, 2, "ds[2]"),
+    ]
+    with pytest.raises(SourceError, match="5 images but 4 labels"):
+        ArraySource(images, labels[:4])
+    with pytest.raises(SourceError, match="uint8"):
+        list(ArraySource(images.astype(np.float32)))
+
+
+def test_pacer_keeps_rate_without_drift() -> None:
+    p = Pacer(10.0)
+    assert p.wait_s(100.0) == 0.0
+    assert p.wait_s(100.0) == pytest.approx(0.1)
+    # A late frame (released at 100.35 instead of 100.2) does not shift later ones.
+    assert p.wait_s(100.35) == 0.0
+    assert p.wait_s(100.31) == 0.0
+    assert p.wait_s(100.32) == pytest.approx(0.08)
+    fast = Pacer(None)
+    assert fast.wait_s(0.0) == 0.0 and fast.wait_s(0.0) == 0.0
+    with pytest.raises(SourceError, match="--rate"):
+        Pacer(-1.0)
