@@ -1,0 +1,426 @@
+"""The online profiler: live estimates of the network, the device and the server.
+
+DESIGN.md part 4.  Every class here is pure: a measurement comes in with the time it was
+taken (``now``, seconds on any monotonic clock) and nothing reads a clock, sleeps or does
+I/O, so the runtime feeds real measurements and the tests feed synthetic ones.
+
+Conventions, used the same way by the scheduler (docs/SCHEDULER.md):
+
+* Bandwidth ``B`` is in **bits** per second (``bandwidth_bps``).
+* Latency ``L`` is the **round-trip** propagation latency (``latency_s``): the RTT of a
+  bare PING.  A remote inference therefore costs ``upload + L + server + download`` with
+  ``L`` counted once, and the server time inferred from a response (DESIGN.md part 4,
+  ``T_server = T_response − (L + D_response/B)``) reads ``T_response`` as the time from the
+  end of the upload to the arrival of the RESULT; since the device times from the start
+  of the upload it subtracts the upload time ``8·D_request/B`` as well.
+* Scale factors are ratios real / offline: ``device_scale`` is DESIGN.md's ``SF``
+  (``T_real⟨s⟩ / T_offline⟨s⟩``, applied to every split), ``server_scale`` the same for the
+  server part (so it absorbs server load when the server does not report compute time).
+
+Robustness: each estimator passes its raw samples through a median-of-3 pre-filter before
+the EWMA.  One outlier is never the median of three samples, so a single spike (a GC
+pause, a retransmission) never reaches the EWMA (it sees a normal neighbour instead),
+while a real step change
+shows through after two samples and the EWMA then converges geometrically
+(error × (1 − alpha) per sample).  The window starts filled with the first sample, so
+the first sample is taken as is and the second cannot be an outlier on its own either.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from spinn.profile import Profile
+
+__all__ = [
+    "EWMA",
+    "BandwidthEstimator",
+    "DeviceScaleEstimator",
+    "Estimates",
+    "LatencyEstimator",
+    "MedianOf3",
+    "OnlineProfiler",
+    "OnlineProfilerConfig",
+    "ServerTimeEstimator",
+]
+
+
+_MIN_SCALE = 1e-3
+
+
+def _check_sample(name: str, value: float, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+    return float(value)
+
+
+class EWMA:
+    """Exponentially weighted moving average: ``v ← v + alpha·(x − v)``; the first sample
+    initialises it (unless ``initial`` is given)."""
+
+    __slots__ = ("alpha", "value")
+
+    def __init__(self, alpha: float, initial: float | None = None) -> None:
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"EWMA alpha must be in (0, 1], got {alpha!r}")
+        self.alpha = alpha
+        self.value: float | None = initial
+
+    def update(self, sample: float) -> float:
+        if self.value is None:
+            self.value = sample
+        else:
+            self.value += self.alpha * (sample - self.value)
+        return self.value
+
+
+class MedianOf3:
+    """Running median of the last three samples (window primed with the first sample)."""
+
+    __slots__ = ("_window",)
+
+    def __init__(self) -> None:
+        self._window: list[float] = []
+
+    def update(self, sample: float) -> float:
+        if not self._window:
+            self._window = [sample, sample, sample]
+        else:
+            self._window = [self._window[1], self._window[2], sample]
+        return sorted(self._window)[1]
+
+
+class _Filtered:
+    """Median-of-3 then EWMA, with the time of the last sample."""
+
+    __slots__ = ("_ewma", "_median", "samples", "updated_at")
+
+    def __init__(self, alpha: float) -> None:
+        self._median = MedianOf3()
+        self._ewma = EWMA(alpha)
+        self.samples = 0
+        self.updated_at: float | None = None
+
+    def update(self, now: float, sample: float) -> float:
+        self.samples += 1
+        self.updated_at = now
+        return self._ewma.update(self._median.update(sample))
+
+    @property
+    def value(self) -> float | None:
+        return self._ewma.value
+
+
+class BandwidthEstimator:
+    """Uplink bandwidth ``B`` in bit/s from upload transfers and PING padding probes."""
+
+    def __init__(self, alpha: float = 0.3, min_transfer_bytes: int = 4096) -> None:
+        self._f = _Filtered(alpha)
+        self.min_transfer_bytes = min_transfer_bytes
+        """Smaller uploads are ignored: their time is dominated by latency and socket
+        buffering, not by the link rate."""
+
+    def observe_transfer(self, now: float, nbytes: int, seconds: float) -> float | None:
+        """An upload of ``nbytes`` that took ``seconds`` on the wire (latency excluded).
+        Returns the sample used, or ``None`` when the transfer was too small to measure."""
+        n = _check_sample("transfer bytes", nbytes)
+        t = _check_sample("transfer seconds", seconds)
+        if n < self.min_transfer_bytes or t <= 0.0:
+            return None
+        sample = 8.0 * n / t
+        self._f.update(now, sample)
+        return sample
+
+    def observe_probe(
+        self, now: float, probe_bytes: int, rtt_s: float, base_rtt_s: float
+    ) -> float | None:
+        """A padded PING: ``probe_bytes`` of padding crossed the link (count both ways if the
+        PONG echoes it) in ``rtt_s``, while a bare PING takes ``base_rtt_s``.  The extra time
+        is the serialisation time of the padding.  ``None`` when the difference is too
+        small to resolve (the link is too fast for this probe size)."""
+        n = _check_sample("probe bytes", probe_bytes)
+        rtt = _check_sample("probe rtt", rtt_s)
+        base = _check_sample("base rtt", base_rtt_s)
+        extra = rtt - base
+        if n <= 0 or extra <= 1e-6:
+            return None
+        sample = 8.0 * n / extra
+        self._f.update(now, sample)
+        return sample
+
+    @property
+    def bandwidth_bps(self) -> float | None:
+        """Current estimate, ``None`` before any measurement."""
+        return self._f.value
+
+    @property
+    def samples(self) -> int:
+        return self._f.samples
+
+
+class LatencyEstimator:
+    """Round-trip latency ``L`` (seconds) from bare PING round trips."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self._f = _Filtered(alpha)
+        self.min_rtt_s: float | None = None
+        """Smallest RTT seen: the baseline for bandwidth probes."""
+
+    def observe_rtt(self, now: float, rtt_s: float) -> None:
+        rtt = _check_sample("rtt", rtt_s)
+        self.min_rtt_s = rtt if self.min_rtt_s is None else min(self.min_rtt_s, rtt)
+        self._f.update(now, rtt)
+
+    @property
+    def latency_s(self) -> float | None:
+        return self._f.value
+
+    @property
+    def samples(self) -> int:
+        return self._f.samples
+
+
+class DeviceScaleEstimator:
+    """``SF = T_real / T_offline`` of the device part; the scheduler multiplies every
+    split's offline device time by it (DESIGN.md part 4)."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self._f = _Filtered(alpha)
+
+    def observe(self, now: float, real_ms: float, offline_ms: float) -> float | None:
+        """The device ran a range whose offline time is ``offline_ms`` in ``real_ms``."""
+        real = _check_sample("device real ms", real_ms)
+        offline = _check_sample("device offline ms", offline_ms)
+        if offline <= 0.0:
+            return None
+        # A zero time would make every prediction free; keep the factor strictly positive.
+        ratio = max(real / offline, _MIN_SCALE)
+        self._f.update(now, ratio)
+        return ratio
+
+    @property
+    def scale(self) -> float:
+        """Current factor, 1.0 (the offline figures) before any measurement."""
+        v = self._f.value
+        return 1.0 if v is None else v
+
+    @property
+    def samples(self) -> int:
+        return self._f.samples
+
+
+class ServerTimeEstimator:
+    """Server time as a scale factor over the offline server timings, plus queue depth.
+
+    A RESULT that reports the server's compute time gives ``T_server`` directly.  One that
+    does not gives it by inference (module docstring):
+    ``T_server = elapsed − 8·D_request/B − L − 8·D_response/B``, clamped at 0; that figure
+    includes queueing, so without reports the scale absorbs server load.
+    """
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self._f = _Filtered(alpha)
+        self.queue = 0.0
+        """Last queue depth the server reported (requests waiting ahead of ours)."""
+
+    def observe_reported(self, now: float, compute_ms: float, offline_ms: float) -> float | None:
+        compute = _check_sample("server compute ms", compute_ms)
+        offline = _check_sample("server offline ms", offline_ms)
+        if offline <= 0.0:
+            return None
+        ratio = max(compute / offline, _MIN_SCALE)
+        self._f.update(now, ratio)
+        return ratio
+
+    @staticmethod
+    def infer_compute_ms(
+        elapsed_s: float,
+        request_bytes: int,
+        response_bytes: int,
+        latency_s: float,
+        bandwidth_bps: float,
+    ) -> float:
+        """Server time (ms) hidden in a response time: the elapsed time from the start of the
+        upload to the arrival of the RESULT, less upload, round-trip latency and download."""
+        elapsed = _check_sample("response elapsed s", elapsed_s)
+        req = _check_sample("request bytes", request_bytes)
+        resp = _check_sample("response bytes", response_bytes)
+        lat = _check_sample("latency s", latency_s)
+        bw = _check_sample("bandwidth bps", bandwidth_bps, positive=True)
+        return max(0.0, 1000.0 * (elapsed - lat - 8.0 * (req + resp) / bw))
+
+    def observe_inferred(
+        self,
+        now: float,
+        elapsed_s: float,
+        request_bytes: int,
+        response_bytes: int,
+        offline_ms: float,
+        latency_s: float,
+        bandwidth_bps: float,
+    ) -> float | None:
+        compute = self.infer_compute_ms(
+            elapsed_s, request_bytes, response_bytes, latency_s, bandwidth_bps
+        )
+        return self.observe_reported(now, compute, offline_ms)
+
+    def observe_queue(self, now: float, depth: float) -> None:
+        self.queue = _check_sample("server queue depth", depth)
+
+    @property
+    def scale(self) -> float:
+        v = self._f.value
+        return 1.0 if v is None else v
+
+    @property
+    def samples(self) -> int:
+        return self._f.samples
+
+
+@dataclass(frozen=True, slots=True)
+class Estimates:
+    """A snapshot of the online estimates, the scheduler's only view of the world."""
+
+    bandwidth_bps: float
+    """Uplink bandwidth B, bit/s."""
+    latency_s: float
+    """Round-trip latency L, seconds (counted once per remote inference)."""
+    device_scale: float = 1.0
+    """SF: real / offline device time."""
+    server_scale: float = 1.0
+    """Real / offline server time (includes queueing when compute time is not reported)."""
+    server_queue: float = 0.0
+    """Requests waiting at the server ahead of a new one."""
+    server_up: bool = True
+    """False while the server is unreachable: only device-only decisions make sense."""
+
+    def __post_init__(self) -> None:
+        for name in ("bandwidth_bps", "latency_s", "device_scale", "server_scale"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or math.isnan(v) or v < 0:
+                raise ValueError(f"Estimates.{name} must be a number >= 0, got {v!r}")
+        if self.device_scale == 0 or self.server_scale == 0:
+            raise ValueError("Estimates scale factors must be > 0")
+        q = self.server_queue
+        if not isinstance(q, int | float) or not math.isfinite(q) or q < 0:
+            raise ValueError(f"Estimates.server_queue must be a finite number >= 0, got {q!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class OnlineProfilerConfig:
+    """Settings of the online profiler; defaults chosen for a few-per-second request rate."""
+
+    alpha: float = 0.3
+    """EWMA weight of a new (median-filtered) sample: ~90% of a step after 7 samples."""
+    initial_bandwidth_bps: float = 10e6
+    """Prior for B until the first transfer or probe (10 Mbit/s, a modest uplink)."""
+    initial_latency_s: float = 0.02
+    """Prior for L until the first PING (20 ms)."""
+    min_transfer_bytes: int = 4096
+    """Uploads below this size do not feed the bandwidth estimate."""
+
+
+class OnlineProfiler:
+    """Owns the estimators of one device's view and turns them into ``Estimates``."""
+
+    def __init__(self, profile: Profile, config: OnlineProfilerConfig | None = None) -> None:
+        self.profile = profile
+        self.config = config or OnlineProfilerConfig()
+        c = self.config
+        self.bandwidth = BandwidthEstimator(c.alpha, c.min_transfer_bytes)
+        self.latency = LatencyEstimator(c.alpha)
+        self.device = DeviceScaleEstimator(c.alpha)
+        self.server = ServerTimeEstimator(c.alpha)
+        self.server_up = True
+
+    # -- network ------------------------------------------------------------------------
+
+    def observe_upload(self, now: float, nbytes: int, seconds: float) -> None:
+        """An INFER of ``nbytes`` took ``seconds`` to leave the device."""
+        self.bandwidth.observe_transfer(now, nbytes, seconds)
+
+    def observe_ping(self, now: float, rtt_s: float, probe_bytes: int = 0) -> None:
+        """A PONG arrived ``rtt_s`` after its PING; ``probe_bytes`` of padding crossed the
+        link with it (0 for a bare ping, which feeds the latency estimate)."""
+        if probe_bytes <= 0:
+            self.latency.observe_rtt(now, rtt_s)
+            return
+        base = self.latency.min_rtt_s
+        if base is None:
+            base = self.config.initial_latency_s
+        self.bandwidth.observe_probe(now, probe_bytes, rtt_s, base)
+
+    # -- device -------------------------------------------------------------------------
+
+    def observe_device(self, now: float, stages: int, real_ms: float) -> None:
+        """The device ran stages ``[0, stages)`` (exit heads included) in ``real_ms``."""
+        self.device.observe(now, real_ms, self.profile.device_time_ms(stages))
+
+    # -- server -------------------------------------------------------------------------
+
+    def _server_offline_ms(self, split: int, exit_index: int) -> float:
+        if not 0 <= exit_index < self.profile.num_exits:
+            raise ValueError(
+                f"exit index {exit_index} out of range 0..{self.profile.num_exits - 1}"
+            )
+        stop = self.profile.exit_stages[exit_index] + 1
+        if stop <= split:
+            raise ValueError(f"exit {exit_index} (stage {stop - 1}) is before split {split}")
+        return self.profile.server_time_ms(split, stop)
+
+    def observe_result(
+        self,
+        now: float,
+        split: int,
+        exit_index: int,
+        *,
+        compute_ms: float | None = None,
+        elapsed_s: float | None = None,
+        request_bytes: int = 0,
+        response_bytes: int = 0,
+    ) -> None:
+        """A RESULT for a request uploaded at ``split`` that the server answered at
+        ``exit_index``: with the reported ``compute_ms`` when present, else inferred from
+        ``elapsed_s`` (upload start to RESULT arrival) and the sizes."""
+        offline = self._server_offline_ms(split, exit_index)
+        if compute_ms is not None:
+            self.server.observe_reported(now, compute_ms, offline)
+        elif elapsed_s is not None:
+            snap = self.snapshot(now)
+            self.server.observe_inferred(
+                now,
+                elapsed_s,
+                request_bytes,
+                response_bytes,
+                offline,
+                snap.latency_s,
+                max(snap.bandwidth_bps, 1.0),
+            )
+        else:
+            raise ValueError("observe_result needs compute_ms or elapsed_s")
+        self.server_up = True
+
+    def observe_queue(self, now: float, depth: float) -> None:
+        self.server.observe_queue(now, depth)
+
+    def mark_server(self, now: float, up: bool) -> None:
+        """The connection to the server was lost (``up=False``) or re-established."""
+        self.server_up = up
+
+    # -- snapshot -----------------------------------------------------------------------
+
+    def snapshot(self, now: float) -> Estimates:
+        """The current estimates (priors where nothing was measured yet)."""
+        bw = self.bandwidth.bandwidth_bps
+        lat = self.latency.latency_s
+        return Estimates(
+            bandwidth_bps=self.config.initial_bandwidth_bps if bw is None else bw,
+            latency_s=self.config.initial_latency_s if lat is None else lat,
+            device_scale=self.device.scale,
+            server_scale=self.server.scale,
+            server_queue=self.server.queue,
+            server_up=self.server_up,
+        )

@@ -1,0 +1,65 @@
+"""The policy interface: who decides ⟨split, thr_conf⟩ for the next input.
+
+docs/ARCHITECTURE.md ("Policy").  The device runtime calls ``policy.decide(now, estimates)``
+before each input (or on a timer) and uses the returned ``Decision``.  The SPINN scheduler
+(``spinn.scheduler.Scheduler``), the baselines of the paper's evaluation and the fixed
+``--split/--thr`` setting all implement the same protocol.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from spinn.estimators import Estimates
+
+__all__ = ["Decision", "FixedPolicy", "Policy"]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where to split and how confident an exit must be: σ = ⟨split, thr_conf⟩."""
+
+    split: int
+    """Split point s: the device runs stages [0, s), the server [s, S); 0 = server-only,
+    S = device-only."""
+    thr_conf: float
+    """An exit answers when its top-1 softmax ≥ thr_conf; > 1 disables early exits."""
+    reason: str = ""
+    """Why this decision was taken (logged and shown in the device status line)."""
+    final_exit: int | None = None
+    """When set, the network is truncated after this exit and it always answers (Edgent's
+    right-sized model); ``None``: the threshold rule with the backbone's own final exit."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.split, bool) or not isinstance(self.split, int) or self.split < 0:
+            raise ValueError(f"Decision.split must be an integer >= 0, got {self.split!r}")
+        thr = self.thr_conf
+        if isinstance(thr, bool) or not isinstance(thr, int | float) or math.isnan(thr) or thr < 0:
+            raise ValueError(f"Decision.thr_conf must be a number >= 0, got {thr!r}")
+        fe = self.final_exit
+        if fe is not None and (isinstance(fe, bool) or not isinstance(fe, int) or fe < 0):
+            raise ValueError(f"Decision.final_exit must be None or an integer >= 0, got {fe!r}")
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Anything that picks a decision from the live estimates."""
+
+    def decide(self, now: float, estimates: Estimates) -> Decision:
+        """The decision for inputs starting at ``now`` (seconds, monotonic clock)."""
+        ...
+
+
+class FixedPolicy:
+    """Always the same ⟨split, thr_conf⟩, whatever the estimates (``--split``/``--thr``)."""
+
+    def __init__(self, split: int, thr_conf: float) -> None:
+        self.decision = Decision(split, thr_conf, reason="fixed")
+
+    def decide(self, now: float, estimates: Estimates) -> Decision:
+        return self.decision
+
+    def __repr__(self) -> str:
+        return f"FixedPolicy(split={self.decision.split}, thr_conf={self.decision.thr_conf})"

@@ -1,0 +1,151 @@
+"""Tests for spinn.estimators: convergence, step tracking and outlier rejection on
+synthetic measurement streams (time injected, no sleeping)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from spinn.estimators import (
+    EWMA,
+    BandwidthEstimator,
+    DeviceScaleEstimator,
+    Estimates,
+    LatencyEstimator,
+    MedianOf3,
+    OnlineProfiler,
+    OnlineProfilerConfig,
+    ServerTimeEstimator,
+)
+from spinn.profile import synthetic_profile
+
+
+def test_ewma_and_median() -> None:
+    e = EWMA(0.5)
+    assert e.update(10.0) == 10.0
+    assert e.update(20.0) == 15.0
+    with pytest.raises(ValueError, match="alpha"):
+        EWMA(0.0)
+    m = MedianOf3()
+    assert [m.update(x) for x in (5.0, 100.0, 6.0, 7.0, 0.0)] == [5.0, 5.0, 6.0, 7.0, 6.0]
+
+
+def _noisy(rng: random.Random, level: float, n: int, noise: float = 0.05) -> list[float]:
+    return [level * rng.uniform(1 - noise, 1 + noise) for _ in range(n)]
+
+
+def test_bandwidth_converges_tracks_step_ignores_outlier() -> None:
+    rng = random.Random(1)
+    est = BandwidthEstimator(alpha=0.3)
+    now = 0.0
+    nbytes = 100_000
+    for bps in _noisy(rng, 40e6, 30):
+        now += 0.1
+        est.observe_transfer(now, nbytes, 8 * nbytes / bps)
+    assert est.bandwidth_bps == pytest.approx(40e6, rel=0.05)
+    # One transfer stalled by a retransmission (0.4 Mbit/s): the median filter hands the
+    # EWMA a normal neighbour, so the estimate stays within the noise band (a bare EWMA
+    # would drop by 30%).
+    now += 0.1
+    est.observe_transfer(now, nbytes, 8 * nbytes / 0.4e6)
+    assert est.bandwidth_bps == pytest.approx(40e6, rel=0.05)
+    # A real step 40 -> 6 Mbit/s is followed within 12 samples.
+    for bps in _noisy(rng, 6e6, 12):
+        now += 0.1
+        est.observe_transfer(now, nbytes, 8 * nbytes / bps)
+    assert est.bandwidth_bps == pytest.approx(6e6, rel=0.1)
+    # Tiny transfers say nothing about the link rate.
+    assert est.observe_transfer(now, 100, 1e-6) is None
+    with pytest.raises(ValueError, match="transfer seconds"):
+        est.observe_transfer(now, nbytes, -1.0)
+
+
+def test_bandwidth_from_padded_pings() -> None:
+    est = BandwidthEstimator()
+    # 125 kB of padding adds 0.1 s over a bare 20 ms ping: 10 Mbit/s.
+    for i in range(5):
+        assert est.observe_probe(float(i), 125_000, 0.12, 0.02) == pytest.approx(10e6)
+    assert est.bandwidth_bps == pytest.approx(10e6)
+    assert est.observe_probe(6.0, 125_000, 0.02, 0.02) is None  # unresolvable
+    assert est.samples == 5
+
+
+def test_latency_and_min_rtt() -> None:
+    rng = random.Random(2)
+    est = LatencyEstimator(alpha=0.3)
+    for i, rtt in enumerate(_noisy(rng, 0.04, 25)):
+        est.observe_rtt(float(i), rtt)
+    assert est.latency_s == pytest.approx(0.04, rel=0.05)
+    est.observe_rtt(30.0, 2.0)  # one lost-and-retransmitted ping
+    assert est.latency_s == pytest.approx(0.04, rel=0.05)
+    for i, rtt in enumerate(_noisy(rng, 0.001, 25)):
+        est.observe_rtt(40.0 + i, rtt)
+    assert est.latency_s == pytest.approx(0.001, rel=0.15)
+    assert est.min_rtt_s is not None and est.min_rtt_s < 0.0011
+    with pytest.raises(ValueError, match="rtt"):
+        est.observe_rtt(1.0, float("nan"))
+
+
+def test_device_scale() -> None:
+    est = DeviceScaleEstimator()
+    assert est.scale == 1.0
+    rng = random.Random(3)
+    for i, r in enumerate(_noisy(rng, 2.0, 20)):
+        est.observe(float(i), 10.0 * r, 10.0)
+    assert est.scale == pytest.approx(2.0, rel=0.05)
+    est.observe(21.0, 500.0, 10.0)
+    assert est.scale == pytest.approx(2.0, rel=0.05)
+    assert est.observe(22.0, 5.0, 0.0) is None  # split 0 runs nothing on the device
+    est.observe(23.0, 0.0, 10.0)
+    assert est.scale > 0
+
+
+def test_server_time_reported_and_inferred_agree() -> None:
+    rng = random.Random(4)
+    reported = ServerTimeEstimator()
+    inferred = ServerTimeEstimator()
+    lat, bw, req, resp = 0.03, 20e6, 50_000, 200
+    for i in range(20):
+        compute_ms = 6.0 * rng.uniform(0.95, 1.05)  # 3x the offline 2 ms
+        elapsed = 8 * req / bw + lat + compute_ms / 1000 + 8 * resp / bw
+        reported.observe_reported(float(i), compute_ms, 2.0)
+        inferred.observe_inferred(float(i), elapsed, req, resp, 2.0, lat, bw)
+    assert reported.scale == pytest.approx(3.0, rel=0.05)
+    assert inferred.scale == pytest.approx(reported.scale, rel=1e-6)
+    assert ServerTimeEstimator.infer_compute_ms(0.001, req, resp, lat, bw) == 0.0
+    with pytest.raises(ValueError, match="bandwidth"):
+        ServerTimeEstimator.infer_compute_ms(0.1, req, resp, lat, 0.0)
+
+
+def test_online_profiler_snapshot() -> None:
+    prof = synthetic_profile(random.Random(5), num_stages=6, num_exits=3, num_thresholds=5)
+    op = OnlineProfiler(prof, OnlineProfilerConfig(initial_bandwidth_bps=1e6))
+    snap = op.snapshot(0.0)
+    assert snap == Estimates(1e6, 0.02, 1.0, 1.0, 0.0, True)
+    for i in range(10):
+        op.observe_ping(float(i), 0.01)
+        op.observe_ping(float(i), 0.01 + 8 * 50_000 / 5e6, probe_bytes=50_000)
+        op.observe_upload(float(i), 100_000, 8 * 100_000 / 5e6)
+        op.observe_device(float(i), 3, 1.5 * prof.device_time_ms(3))
+        op.observe_result(float(i), 2, prof.num_exits - 1, compute_ms=2 * prof.server_time_ms(2))
+    op.observe_queue(10.0, 3)
+    snap = op.snapshot(10.0)
+    assert snap.bandwidth_bps == pytest.approx(5e6, rel=1e-6)
+    assert snap.latency_s == pytest.approx(0.01)
+    assert snap.device_scale == pytest.approx(1.5)
+    assert snap.server_scale == pytest.approx(2.0)
+    assert snap.server_queue == 3
+    op.mark_server(11.0, False)
+    assert not op.snapshot(11.0).server_up
+    with pytest.raises(ValueError, match="before split"):
+        op.observe_result(12.0, 5, 0, compute_ms=1.0)
+    with pytest.raises(ValueError, match="compute_ms or elapsed_s"):
+        op.observe_result(12.0, 0, 0)
+
+
+def test_estimates_validation() -> None:
+    with pytest.raises(ValueError, match="bandwidth_bps"):
+        Estimates(bandwidth_bps=float("nan"), latency_s=0.01)
+    with pytest.raises(ValueError, match="server_queue"):
+        Estimates(bandwidth_bps=1e6, latency_s=0.01, server_queue=-1)
