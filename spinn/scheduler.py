@@ -1,0 +1,703 @@
+"""The SPINN scheduler: SLA-driven choice of ⟨split, thr_conf⟩, re-planned live.
+
+DESIGN.md part 5; the formulas are written out in docs/SCHEDULER.md and repeated at the
+place they are computed (``Predictor.predict``).  The scheduler is pure: it reads the
+offline ``Profile`` once, precomputes every per-profile array, and then each decision is a
+handful of numpy operations over the whole grid of candidates (every split 0..S × every
+threshold of the profile's grid, plus "no early exit"), so a 21 × 21 grid decides in well
+under a millisecond.
+
+The baselines of the paper's evaluation (device-only, server-only, Neurosurgeon, Edgent,
+SPINN without early exits) implement the same ``Policy`` protocol, so the runtime and the
+benchmarks swap them freely (``make_policy``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import numpy.typing as npt
+
+from spinn.estimators import Estimates
+from spinn.policy import Decision, Policy
+from spinn.profile import NO_EARLY_EXIT, Profile
+from spinn.sla import SLA, Metric
+
+__all__ = [
+    "POLICY_NAMES",
+    "choose",
+    "lexicographic_pool",
+    "violation",
+    "Choice",
+    "DeviceOnlyPolicy",
+    "EdgentPolicy",
+    "NeurosurgeonPolicy",
+    "Prediction",
+    "Predictions",
+    "Predictor",
+    "Scheduler",
+    "SchedulerConfig",
+    "ServerOnlyPolicy",
+    "make_policy",
+    "split_name",
+]
+
+log = logging.getLogger("spinn.scheduler")
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+# Absolute floor of the tie tolerance for the time-like metrics (ms): keeps candidates
+# whose cost is exactly 0 (device-only has no server cost) tied with each other only.
+_ABS_FLOOR_MS = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Settings of the scheduler and its predictions (docs/SCHEDULER.md)."""
+
+    rel_tolerance: float = 0.02
+    """Latency, throughput and costs within 2% of the best count as a tie, so that the
+    next metric in the ranking decides (DESIGN.md part 5 with a tolerance)."""
+    accuracy_tolerance: float = 0.002
+    """Accuracies within 0.2 points of the best count as a tie (the calibration set's
+    own noise is of that order)."""
+    hysteresis: float = 5.0
+    """The current decision is kept while it stays within ``hysteresis`` × the tie
+    tolerances of the optimum on every ranked metric (and feasible): noise in the
+    estimates does not make the choice flap."""
+    response_bytes: int = 256
+    """Size of a RESULT on the wire (exit index, top-k, timings), for the download time."""
+    codec: str | None = None
+    """Packing codec whose profiled sizes give the upload; ``None``: the smallest one
+    profiled at each split (what the adaptive packer achieves)."""
+    local_race: bool = True
+    """The device keeps computing locally after uploading and the first answer wins
+    (DESIGN.md part 7): remote latency is raced against the local path, and the device
+    stays busy until the answer arrives."""
+
+    def __post_init__(self) -> None:
+        for name in ("rel_tolerance", "accuracy_tolerance"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"SchedulerConfig.{name} must be in [0, 1), got {v!r}")
+        if self.hysteresis < 1.0:
+            raise ValueError(f"SchedulerConfig.hysteresis must be >= 1, got {self.hysteresis!r}")
+        if self.response_bytes < 0:
+            raise ValueError("SchedulerConfig.response_bytes must be >= 0")
+
+
+def split_name(split: int, num_stages: int) -> str:
+    """'server-only', 'device-only' or 'split k'."""
+    if split == 0:
+        return "server-only"
+    if split == num_stages:
+        return "device-only"
+    return f"split {split}"
+
+
+def _thr_name(thr: float) -> str:
+    return "no early exit" if thr > 1.0 else f"thr {thr:.2f}"
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """The five metrics of one candidate under one set of estimates."""
+
+    split: int
+    thr_conf: float
+    latency_ms: float
+    """Expected end-to-end latency per input."""
+    throughput: float
+    """Inferences per second of the slowest pipeline stage."""
+    server_cost_ms: float
+    """Expected server compute per input (offload rate × server time)."""
+    device_cost_ms: float
+    """Expected device compute per input."""
+    accuracy: float
+    """Calibration accuracy at ``thr_conf``."""
+    offload_rate: float
+    """Share of inputs uploaded (no device-side exit answered before the split)."""
+    uplink_ms: float
+    """Expected upload time per input (offload rate × packed bytes / B)."""
+
+    def metric(self, m: Metric) -> float:
+        return {
+            Metric.LATENCY: self.latency_ms,
+            Metric.THROUGHPUT: self.throughput,
+            Metric.SERVER_COST: self.server_cost_ms,
+            Metric.DEVICE_COST: self.device_cost_ms,
+            Metric.ACCURACY: self.accuracy,
+        }[m]
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Metrics of every candidate: arrays of shape (S+1, T), row = split, column =
+    threshold index into ``thr_values``."""
+
+    thr_values: FloatArray
+    latency_ms: FloatArray
+    throughput: FloatArray
+    server_cost_ms: FloatArray
+    device_cost_ms: FloatArray
+    accuracy: FloatArray
+    offload_rate: FloatArray
+    uplink_ms: FloatArray
+    valid: BoolArray
+    """False where a candidate cannot run at all (offloading while the server is down)."""
+
+    def at(self, split: int, t: int) -> Prediction:
+        return Prediction(
+            split=split,
+            thr_conf=float(self.thr_values[t]),
+            latency_ms=float(self.latency_ms[split, t]),
+            throughput=float(self.throughput[split, t]),
+            server_cost_ms=float(self.server_cost_ms[split, t]),
+            device_cost_ms=float(self.device_cost_ms[split, t]),
+            accuracy=float(self.accuracy[split, t]),
+            offload_rate=float(self.offload_rate[split, t]),
+            uplink_ms=float(self.uplink_ms[split, t]),
+        )
+
+    def cost(self, m: Metric) -> FloatArray:
+        """The metric as "smaller is better": throughput becomes ms per inference (the
+        slowest stage's period), accuracy becomes error."""
+        if m is Metric.LATENCY:
+            return self.latency_ms
+        if m is Metric.THROUGHPUT:
+            with np.errstate(divide="ignore"):
+                return np.where(self.throughput > 0, 1000.0 / self.throughput, np.inf)
+        if m is Metric.SERVER_COST:
+            return self.server_cost_ms
+        if m is Metric.DEVICE_COST:
+            return self.device_cost_ms
+        return 1.0 - self.accuracy
+
+
+class Predictor:
+    """Per-profile arrays, precomputed once, and the vectorised prediction formulas."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        config: SchedulerConfig | None = None,
+        thresholds: Sequence[float] | None = None,
+    ) -> None:
+        self.profile = profile
+        self.config = config or SchedulerConfig()
+        p = profile
+        s_count, n_exits = p.num_stages, p.num_exits
+        if thresholds is None:
+            thresholds = (*p.thr_grid, NO_EARLY_EXIT)
+        if not thresholds:
+            raise ValueError("the threshold grid is empty")
+        self.thr_values: FloatArray = np.asarray(thresholds, dtype=np.float64)
+        self.rates: FloatArray = np.array([p.exit_rate(t) for t in thresholds])  # (T, E)
+        acc = np.array([p.accuracy(t) for t in thresholds])  # (T,)
+        splits = np.arange(s_count + 1)
+        x = np.asarray(p.exit_stages)
+        dev_cum = np.array([p.device_time_ms(k) for k in range(s_count + 1)])
+        srv_cum = np.array([p.server_time_ms(0, k) for k in range(s_count + 1)])
+        # An exit read after stage x runs on the device iff x < split (ARCHITECTURE.md).
+        self.local: BoolArray = x[None, :] < splits[:, None]  # (S+1, E)
+        self.remote: BoolArray = ~self.local
+        self.dev_split_ms: FloatArray = dev_cum  # device time of stages [0, s)
+        self.dev_exit_ms: FloatArray = dev_cum[x + 1]  # device time up to exit e
+        # Server time from the split to exit e (stages [s, x_e]), for exits after the split.
+        self.srv_path_ms: FloatArray = np.where(
+            self.remote, srv_cum[x + 1][None, :] - srv_cum[:, None], 0.0
+        )
+        self.bits = np.array(
+            [8.0 * p.packed_bytes(s, self.config.codec) for s in range(s_count)] + [0.0]
+        )
+        self.response_bits = 8.0 * self.config.response_bytes
+        # Offline parts of the per-candidate sums, (S+1, T).
+        self.remote_rates: FloatArray = self.rates[None, :, :] * self.remote[:, None, :]
+        self.offload: FloatArray = self.remote_rates.sum(axis=-1)
+        self.local_rates: FloatArray = self.rates[None, :, :] * self.local[:, None, :]
+        self.srv_cost_offline: FloatArray = (self.remote_rates * self.srv_path_ms[:, None, :]).sum(
+            axis=-1
+        )
+        self.accuracy: FloatArray = np.broadcast_to(acc, (s_count + 1, len(thresholds)))
+        self.is_device_only: BoolArray = splits == s_count
+        self.num_exits = n_exits
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.profile.num_stages + 1, len(self.thr_values))
+
+    def predict(self, est: Estimates) -> Predictions:
+        """Every candidate's metrics under ``est`` (formulas: docs/SCHEDULER.md)."""
+        sf, g = est.device_scale, est.server_scale
+        bw = est.bandwidth_bps
+        lat_ms = 1000.0 * est.latency_s
+        # Uploading at split s: device time to the split, packed bits / B, one round-trip
+        # latency (L is the RTT, spinn.estimators) and the RESULT's bits / B.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            up_ms = 1000.0 * self.bits / bw if bw > 0 else np.where(self.bits > 0, np.inf, 0.0)
+            down_ms = 1000.0 * self.response_bits / bw if bw > 0 else math.inf
+        remote_start = sf * self.dev_split_ms + up_ms + lat_ms + down_ms  # (S+1,)
+        v = g * self.srv_path_ms  # (S+1, E) server compute to exit e
+        srv_cost = g * self.srv_cost_offline  # (S+1, T) = Σ_remote r_e · V_e
+        offload = self.offload
+        # W: mean server time of an uploaded input; each of the q queued requests ahead
+        # is assumed to cost as much.
+        w = np.divide(srv_cost, offload, out=np.zeros_like(srv_cost), where=offload > 0)
+        remote_ms = remote_start[:, None, None] + (est.server_queue * w)[:, :, None] + v[:, None, :]
+        local_ms = sf * self.dev_exit_ms  # (E,) answering locally at exit e
+        if self.config.local_race:
+            path = np.where(self.remote[:, None, :], np.minimum(remote_ms, local_ms), local_ms)
+        else:
+            path = np.where(self.remote[:, None, :], remote_ms, local_ms)
+        rates = self.rates[None, :, :]
+        with np.errstate(invalid="ignore"):
+            # 0 · ∞ (an exit nobody reaches on an unusable link) contributes nothing.
+            latency = np.where(rates > 0, rates * path, 0.0).sum(axis=-1)
+        if self.config.local_race:
+            # The device computes until the answer arrives, whichever side gives it.
+            device_cost = latency
+        else:
+            device_cost = (self.local_rates * local_ms).sum(axis=-1) + offload * (
+                sf * self.dev_split_ms
+            )[:, None]
+        with np.errstate(invalid="ignore"):
+            uplink = np.where(offload > 0, offload * up_ms[:, None], 0.0)
+        # Throughput: the pipeline (device compute, uplink, server) runs at the rate of its
+        # slowest stage; each stage's time per input is its expected busy time.
+        period = np.maximum(np.maximum(device_cost, uplink), srv_cost)
+        with np.errstate(divide="ignore"):
+            throughput = np.where(period > 0, 1000.0 / period, np.inf)
+        valid = np.ones(self.shape, dtype=bool)
+        if not est.server_up:
+            valid &= self.is_device_only[:, None]
+        return Predictions(
+            thr_values=self.thr_values,
+            latency_ms=latency,
+            throughput=throughput,
+            server_cost_ms=srv_cost,
+            device_cost_ms=device_cost,
+            accuracy=self.accuracy,
+            offload_rate=offload,
+            uplink_ms=uplink,
+            valid=valid,
+        )
+
+    def threshold_index(self, thr_conf: float) -> int:
+        """Grid column of ``thr_conf`` (nearest at or above, else the last column)."""
+        idx = np.flatnonzero(self.thr_values >= thr_conf - 1e-9)
+        return int(idx[0]) if idx.size else len(self.thr_values) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The optimum of one grid under one set of estimates (no hysteresis)."""
+
+    split: int
+    thr_index: int
+    thr_conf: float
+    feasible: bool
+    """False when no candidate met every hard limit (least-violating fallback)."""
+    prediction: Prediction
+    violations: tuple[str, ...] = ()
+    """The limits the chosen candidate breaks, in words (empty when feasible)."""
+
+
+def _limit_arrays(sla: SLA, pred: Predictions) -> list[tuple[str, FloatArray, float, str, str]]:
+    """(name, value, limit, direction, unit) per hard limit present."""
+    out: list[tuple[str, FloatArray, float, str, str]] = []
+    if sla.max_latency_ms is not None:
+        out.append(("latency", pred.latency_ms, sla.max_latency_ms, "max", " ms"))
+    if sla.min_throughput is not None:
+        out.append(("throughput", pred.throughput, sla.min_throughput, "min", "/s"))
+    if sla.max_server_cost_ms is not None:
+        out.append(("server cost", pred.server_cost_ms, sla.max_server_cost_ms, "max", " ms"))
+    if sla.max_device_cost_ms is not None:
+        out.append(("device cost", pred.device_cost_ms, sla.max_device_cost_ms, "max", " ms"))
+    if sla.min_accuracy is not None:
+        out.append(("accuracy", pred.accuracy, sla.min_accuracy, "min", ""))
+    return out
+
+
+def violation(sla: SLA, pred: Predictions) -> FloatArray:
+    """Sum over the hard limits of the relative amount by which each is broken
+    (0 = feasible).  The least-violating fallback minimises it."""
+    total = np.zeros(pred.latency_ms.shape)
+    for _name, value, limit, direction, _unit in _limit_arrays(sla, pred):
+        scale = max(limit, 1e-3)
+        with np.errstate(invalid="ignore"):
+            excess = value - limit if direction == "max" else limit - value
+            total = total + np.where(excess > 0, excess / scale, 0.0)
+    return total
+
+
+def _tolerance(m: Metric, best: float, config: SchedulerConfig, widen: float) -> float:
+    if m is Metric.ACCURACY:
+        return widen * config.accuracy_tolerance
+    if not math.isfinite(best):
+        return 0.0
+    return widen * max(config.rel_tolerance * abs(best), _ABS_FLOOR_MS)
+
+
+def lexicographic_pool(
+    pred: Predictions,
+    pool: BoolArray,
+    order: Sequence[Metric],
+    config: SchedulerConfig,
+    widen: float = 1.0,
+) -> BoolArray:
+    """Filter ``pool`` metric by metric: keep the candidates within the tolerance of the
+    best (DESIGN.md part 5: min M_i s.t. M_j ≤ M_j* for all j < i, with tolerance)."""
+    pool = pool.copy()
+    for m in order:
+        c = pred.cost(m)
+        best = float(c[pool].min())
+        pool &= c <= best + _tolerance(m, best, config, widen)
+    return pool
+
+
+def choose(pred: Predictions, sla: SLA, config: SchedulerConfig) -> tuple[int, int, bool]:
+    """(split, threshold index, feasible): the lexicographic optimum among the feasible
+    candidates, or among the least-violating ones if none is feasible.  Survivors of the
+    tolerance filter are ranked by the exact last metric, then by grid order."""
+    valid = pred.valid
+    viol = violation(sla, pred)
+    feasible = valid & (viol <= 0.0)
+    if feasible.any():
+        pool, ok = feasible, True
+    else:
+        least = float(viol[valid].min())
+        pool, ok = valid & (viol <= least * (1 + 1e-9) + 1e-12), False
+    order = sla.order
+    pool = lexicographic_pool(pred, pool, order[:-1], config)
+    last = np.where(pool, pred.cost(order[-1]), np.inf)
+    candidates = np.flatnonzero(pool.ravel())
+    flat = int(candidates[np.argmin(last.ravel()[candidates])])
+    s, t = divmod(flat, pred.latency_ms.shape[1])
+    return s, t, ok
+
+
+def _violations(sla: SLA, pred: Predictions, s: int, t: int) -> tuple[str, ...]:
+    out = []
+    for name, value, limit, direction, unit in _limit_arrays(sla, pred):
+        v = float(value[s, t])
+        if direction == "max" and v > limit:
+            out.append(f"{name} {v:.3g}{unit} > {limit:g}{unit}")
+        elif direction == "min" and v < limit:
+            out.append(f"{name} {v:.3g}{unit} < {limit:g}{unit}")
+    return tuple(out)
+
+
+def _driver(old: Estimates, new: Estimates) -> str:
+    """The estimate that moved most since the last change, in words."""
+    if old.server_up != new.server_up:
+        return "server down" if not new.server_up else "server back up"
+    moves: list[tuple[float, str]] = []
+
+    def ratio(a: float, b: float) -> float:
+        if a <= 0 or b <= 0 or not (math.isfinite(a) and math.isfinite(b)):
+            return 0.0 if a == b else math.inf
+        return abs(math.log(b / a))
+
+    b0, b1 = old.bandwidth_bps / 1e6, new.bandwidth_bps / 1e6
+    moves.append((ratio(b0, b1), f"B {'fell' if b1 < b0 else 'rose'} {b0:.3g} → {b1:.3g} Mbit/s"))
+    l0, l1 = 1000 * old.latency_s, 1000 * new.latency_s
+    moves.append((ratio(l0, l1), f"L {'fell' if l1 < l0 else 'rose'} {l0:.3g} → {l1:.3g} ms"))
+    d0, d1 = old.device_scale, new.device_scale
+    moves.append((ratio(d0, d1), f"device time ×{d0:.2f} → ×{d1:.2f}"))
+    s0, s1 = old.server_scale, new.server_scale
+    moves.append((ratio(s0, s1), f"server time ×{s0:.2f} → ×{s1:.2f}"))
+    q0, q1 = old.server_queue, new.server_queue
+    moves.append((ratio(q0 + 1, q1 + 1), f"server queue {q0:g} → {q1:g}"))
+    size, text = max(moves, key=lambda mv: mv[0])
+    return text if size > 0.01 else "estimates unchanged"
+
+
+class Scheduler:
+    """SPINN's policy: the lexicographic optimum over the grid, with hysteresis.
+
+    ``decide`` re-plans on every call (it is cheap); the chosen decision changes only when
+    the current one has become infeasible or has fallen out of the hysteresis band of the
+    optimum, and each change is logged with the estimate that caused it.
+    """
+
+    def __init__(
+        self,
+        profile: Profile,
+        sla: SLA | None = None,
+        config: SchedulerConfig | None = None,
+        *,
+        early_exits: bool = True,
+        splits: Sequence[int] | None = None,
+        name: str = "spinn",
+    ) -> None:
+        self.profile = profile
+        self.sla = sla or SLA()
+        self.config = config or SchedulerConfig()
+        self.name = name
+        thresholds = None if early_exits else (NO_EARLY_EXIT,)
+        self.predictor = Predictor(profile, self.config, thresholds)
+        self._allowed: BoolArray | None = None
+        if splits is not None:
+            allowed = np.zeros(self.predictor.shape, dtype=bool)
+            for s in splits:
+                if not 0 <= s <= profile.num_stages:
+                    raise ValueError(f"split {s} out of range 0..{profile.num_stages}")
+                allowed[s, :] = True
+            self._allowed = allowed
+        self.current: Decision | None = None
+        self.current_choice: Choice | None = None
+        self._current_t: int | None = None
+        self._estimates_at_change: Estimates | None = None
+        self.history: list[tuple[float, Decision]] = []
+        """Every change of decision with its time, the first included."""
+
+    def predict(self, estimates: Estimates) -> Predictions:
+        pred = self.predictor.predict(estimates)
+        if self._allowed is not None:
+            allowed = self._allowed & pred.valid
+            if not allowed.any():
+                # Only offloading splits allowed and the server is down: keep them valid;
+                # the runtime falls back locally per request (DESIGN.md part 7).
+                allowed = self._allowed
+            pred = replace(pred, valid=allowed)
+        return pred
+
+    def choose(self, estimates: Estimates) -> Choice:
+        """The optimum for ``estimates`` ignoring the current decision."""
+        pred = self.predict(estimates)
+        s, t, ok = choose(pred, self.sla, self.config)
+        return self._choice(pred, s, t, ok)
+
+    def _choice(self, pred: Predictions, s: int, t: int, ok: bool) -> Choice:
+        return Choice(
+            split=s,
+            thr_index=t,
+            thr_conf=float(pred.thr_values[t]),
+            feasible=ok,
+            prediction=pred.at(s, t),
+            violations=() if ok else _violations(self.sla, pred, s, t),
+        )
+
+    def _keep_current(self, pred: Predictions, best_ok: bool) -> bool:
+        """Whether the current decision is still within the hysteresis band."""
+        if self.current is None or self._current_t is None:
+            return False
+        s, t = self.current.split, self._current_t
+        if not pred.valid[s, t]:
+            return False
+        viol = violation(self.sla, pred)
+        if best_ok:
+            if viol[s, t] > 0:
+                return False
+            pool = pred.valid & (viol <= 0)
+        else:
+            least = float(viol[pred.valid].min())
+            band = least * (1 + self.config.rel_tolerance * self.config.hysteresis) + 1e-12
+            if viol[s, t] > band:
+                return False
+            pool = pred.valid & (viol <= band)
+        pool = lexicographic_pool(
+            pred, pool, self.sla.order, self.config, widen=self.config.hysteresis
+        )
+        return bool(pool[s, t])
+
+    def decide(self, now: float, estimates: Estimates) -> Decision:
+        pred = self.predict(estimates)
+        s, t, ok = choose(pred, self.sla, self.config)
+        if self.current is not None and (s, t) == (self.current.split, self._current_t):
+            self.current_choice = self._choice(pred, s, t, ok)
+            return self.current
+        if self.current is not None and self._keep_current(pred, ok):
+            assert self._current_t is not None
+            self.current_choice = self._choice(pred, self.current.split, self._current_t, ok)
+            return self.current
+        choice = self._choice(pred, s, t, ok)
+        new_desc = f"{split_name(s, self.profile.num_stages)}, {_thr_name(choice.thr_conf)}"
+        if self.current is None or self._estimates_at_change is None:
+            reason = f"initial: {new_desc}"
+        else:
+            old = self.current
+            parts = []
+            if old.split != s:
+                parts.append(
+                    f"{split_name(old.split, self.profile.num_stages)} → "
+                    f"{split_name(s, self.profile.num_stages)}"
+                )
+            if old.thr_conf != choice.thr_conf:
+                parts.append(f"{_thr_name(old.thr_conf)} → {_thr_name(choice.thr_conf)}")
+            reason = f"{_driver(self._estimates_at_change, estimates)}: {', '.join(parts)}"
+        p = choice.prediction
+        reason += (
+            f" (predicted {p.latency_ms:.1f} ms, {p.throughput:.1f}/s, "
+            f"accuracy {100 * p.accuracy:.1f}%)"
+        )
+        if not ok:
+            reason += "; INFEASIBLE, least-violating: " + "; ".join(choice.violations)
+        decision = Decision(s, choice.thr_conf, reason)
+        log.info("%s %s", self.name, reason)
+        self.current, self._current_t, self.current_choice = decision, t, choice
+        self._estimates_at_change = estimates
+        self.history.append((now, decision))
+        return decision
+
+
+class DeviceOnlyPolicy:
+    """Baseline: everything on the device (split S); early exits off unless a threshold
+    is given (the paper's device-only baseline runs the original single-exit network)."""
+
+    def __init__(self, profile: Profile, thr_conf: float = NO_EARLY_EXIT) -> None:
+        self.decision = Decision(profile.num_stages, thr_conf, reason="device-only baseline")
+
+    def decide(self, now: float, estimates: Estimates) -> Decision:
+        return self.decision
+
+
+class ServerOnlyPolicy:
+    """Baseline: every input uploaded raw (split 0); the server runs the whole network
+    without early exits by default.  It does not avoid a down server: the runtime's local
+    fallback answers then, as it would for any offloading policy."""
+
+    def __init__(self, profile: Profile, thr_conf: float = NO_EARLY_EXIT) -> None:
+        self.decision = Decision(0, thr_conf, reason="server-only baseline")
+
+    def decide(self, now: float, estimates: Estimates) -> Decision:
+        return self.decision
+
+
+class NeurosurgeonPolicy:
+    """Baseline (Kang et al., ASPLOS'17): the single split with the lowest predicted
+    latency, early exits off (``thr_conf = NO_EARLY_EXIT``), re-chosen from the live
+    bandwidth, latency and server load.  Its latency model is its own: device part, then
+    upload, then server part, with no local race."""
+
+    def __init__(self, profile: Profile, config: SchedulerConfig | None = None) -> None:
+        base = config or SchedulerConfig()
+        cfg = SchedulerConfig(
+            rel_tolerance=0.0,
+            accuracy_tolerance=0.0,
+            hysteresis=1.0,
+            response_bytes=base.response_bytes,
+            codec=base.codec,
+            local_race=False,
+        )
+        self._scheduler = Scheduler(
+            profile,
+            SLA(rank=(Metric.LATENCY,)),
+            cfg,
+            early_exits=False,
+            name="neurosurgeon",
+        )
+
+    def decide(self, now: float, estimates: Estimates) -> Decision:
+        return self._scheduler.decide(now, estimates)
+
+
+class EdgentPolicy:
+    """Baseline (Li et al., MECOMM'18 "Edgent"): one split and one exit at which the
+    network is truncated (every input answers there: ``Decision.final_exit``), chosen as
+    the most accurate exit whose predicted latency meets the target, then the fastest
+    split for it.  Predictions use the *offline* device and server timings (no scale
+    factors, no queue: Edgent does not adapt to load) with the live bandwidth and latency
+    (Edgent's bandwidth-adaptive runtime optimiser)."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        latency_target_ms: float,
+        config: SchedulerConfig | None = None,
+    ) -> None:
+        if not latency_target_ms > 0:
+            raise ValueError(f"Edgent needs a latency target > 0 ms, got {latency_target_ms!r}")
+        self.profile = profile
+        self.latency_target_ms = latency_target_ms
+        cfg = config or SchedulerConfig()
+        p = profile
+        self._bits = np.array(
+            [8.0 * p.packed_bytes(s, cfg.codec) for s in range(p.num_stages)] + [0.0]
+        )
+        self._response_bits = 8.0 * cfg.response_bytes
+        # Candidates (s, e): split s ≤ x_e offloads the stages [s, x_e]; the device-only
+        # version of exit e is recorded as split S.
+        rows: list[tuple[int, int, float, float]] = []  # (split, exit, device ms, server ms)
+        for e, x in enumerate(p.exit_stages):
+            for s in range(x + 1):
+                rows.append((s, e, p.device_time_ms(s), p.server_time_ms(s, x + 1)))
+            rows.append((p.num_stages, e, p.device_time_ms(x + 1), 0.0))
+        self._split = np.array([r[0] for r in rows])
+        self._exit = np.array([r[1] for r in rows])
+        self._dev = np.array([r[2] for r in rows])
+        self._srv = np.array([r[3] for r in rows])
+        self._acc = np.array([p.exit_accuracy[e] for e in self._exit])
+
+    def latency_ms(self, estimates: Estimates) -> FloatArray:
+        """Predicted latency of every (split, exit) candidate, offline compute times."""
+        bw = estimates.bandwidth_bps
+        remote = self._split < self.profile.num_stages
+        with np.errstate(divide="ignore"):
+            net = (
+                1000.0 * (self._bits[self._split] + self._response_bits) / bw
+                if bw > 0
+                else np.full(self._split.shape, np.inf)
+            )
+            net = net + 1000.0 * estimates.latency_s
+        return np.where(remote, self._dev + net + self._srv, self._dev)
+
+    def decide(self, now: float, estimates: Estimates) -> Decision:
+        lat = self.latency_ms(estimates)
+        ok = lat <= self.latency_target_ms
+        if ok.any():
+            best_acc = self._acc[ok].max()
+            pool = ok & (self._acc >= best_acc)
+            note = ""
+        else:
+            pool = np.ones(lat.shape, dtype=bool)
+            note = f"; INFEASIBLE: fastest option misses {self.latency_target_ms:g} ms"
+        i = int(np.argmin(np.where(pool, lat, np.inf)))
+        s, e = int(self._split[i]), int(self._exit[i])
+        final_exit = None if e == self.profile.num_exits - 1 else e
+        reason = (
+            f"edgent: {split_name(s, self.profile.num_stages)}, exit {e} "
+            f"(offline-predicted {lat[i]:.1f} ms){note}"
+        )
+        return Decision(s, NO_EARLY_EXIT, reason, final_exit=final_exit)
+
+
+POLICY_NAMES = (
+    "spinn",
+    "spinn-no-ee",
+    "device-only",
+    "server-only",
+    "neurosurgeon",
+    "edgent",
+)
+
+
+def make_policy(
+    name: str,
+    profile: Profile,
+    sla: SLA | None = None,
+    config: SchedulerConfig | None = None,
+) -> Policy:
+    """A policy by name (``POLICY_NAMES``) for the CLIs and benchmarks.  Edgent takes its
+    latency target from ``sla.max_latency_ms``."""
+    sla = sla or SLA()
+    if name == "spinn":
+        return Scheduler(profile, sla, config)
+    if name == "spinn-no-ee":
+        return Scheduler(profile, sla, config, early_exits=False, name="spinn-no-ee")
+    if name == "device-only":
+        return DeviceOnlyPolicy(profile)
+    if name == "server-only":
+        return ServerOnlyPolicy(profile)
+    if name == "neurosurgeon":
+        return NeurosurgeonPolicy(profile, config)
+    if name == "edgent":
+        if sla.max_latency_ms is None:
+            raise ValueError("the edgent policy needs a latency target: set max_latency_ms")
+        return EdgentPolicy(profile, sla.max_latency_ms, config)
+    raise ValueError(f"unknown policy {name!r} (known: {', '.join(POLICY_NAMES)})")

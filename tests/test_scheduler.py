@@ -1,0 +1,494 @@
+"""Tests for spinn.scheduler and spinn.sla: predictions against a scalar reference, the
+choice against a brute-force lexicographic search, the issue's scenarios, hysteresis and
+the baselines."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spinn.estimators import Estimates
+from spinn.policy import Decision, Policy
+from spinn.profile import (
+    NO_EARLY_EXIT,
+    Profile,
+    SplitProfile,
+    ThresholdProfile,
+    synthetic_profile,
+)
+from spinn.scheduler import (
+    POLICY_NAMES,
+    DeviceOnlyPolicy,
+    EdgentPolicy,
+    NeurosurgeonPolicy,
+    Predictions,
+    Scheduler,
+    SchedulerConfig,
+    ServerOnlyPolicy,
+    make_policy,
+)
+from spinn.sla import SLA, Metric, SLAError, add_sla_arguments, sla_from_args
+
+# -- a small hand-made profile for the scenarios -------------------------------------------
+
+
+def scenario_profile() -> Profile:
+    """S = 6 equal device stages (4 ms) and a 10x faster server; exits after stages 1, 3
+    and 5; the input (split 0) is 12 kB and activations shrink with depth."""
+    sizes = [12_000, 40_000, 20_000, 10_000, 4_000, 2_000]
+    return Profile(
+        model_id="scenario",
+        weights_sha256="0" * 64,
+        arch="toy-stages",
+        num_stages=6,
+        exit_stages=(1, 3, 5),
+        splits=tuple(
+            SplitProfile(split=s, shape=(b // 4,), numel=b // 4, bytes={"float32": b})
+            for s, b in enumerate(sizes)
+        ),
+        stage_device_ms=(4.0,) * 6,
+        stage_server_ms=(0.4,) * 6,
+        exit_accuracy=(0.6, 0.8, 0.93),
+        thresholds=(
+            ThresholdProfile(0.0, (0.8, 0.15, 0.05), 0.70),
+            ThresholdProfile(0.5, (0.5, 0.3, 0.2), 0.85),
+            ThresholdProfile(0.9, (0.2, 0.3, 0.5), 0.92),
+            ThresholdProfile(1.0, (0.0, 0.0, 1.0), 0.93),
+        ),
+        calibration_size=1000,
+    )
+
+
+def est(bw_mbit: float, lat_ms: float = 5.0, **kw: float | bool) -> Estimates:
+    return Estimates(bandwidth_bps=bw_mbit * 1e6, latency_s=lat_ms / 1000, **kw)  # type: ignore[arg-type]
+
+
+LATENCY_FIRST = SLA(rank=(Metric.LATENCY,))
+
+# -- scalar reference of the formulas in docs/SCHEDULER.md ---------------------------------
+
+
+def reference(
+    p: Profile, s: int, thr: float, e: Estimates, cfg: SchedulerConfig
+) -> dict[str, float]:
+    rates = p.exit_rate(thr)
+    bw, lat = e.bandwidth_bps, 1000 * e.latency_s
+    up = 0.0 if s == p.num_stages else 1000 * 8 * p.packed_bytes(s, cfg.codec) / bw
+    down = 1000 * 8 * cfg.response_bytes / bw
+    offload = sum(r for x, r in zip(p.exit_stages, rates, strict=True) if x >= s)
+    srv = {
+        i: e.server_scale * p.server_time_ms(s, x + 1)
+        for i, x in enumerate(p.exit_stages)
+        if x >= s
+    }
+    server_cost = sum(rates[i] * v for i, v in srv.items())
+    w = server_cost / offload if offload > 0 else 0.0
+    latency = device_cost = 0.0
+    for i, x in enumerate(p.exit_stages):
+        local = e.device_scale * p.device_time_ms(x + 1)
+        if x < s:
+            path, busy = local, local
+        else:
+            remote = e.device_scale * p.device_time_ms(s) + up + lat + e.server_queue * w
+            remote += srv[i] + down
+            path = min(remote, local) if cfg.local_race else remote
+            busy = path if cfg.local_race else e.device_scale * p.device_time_ms(s)
+        latency += rates[i] * path
+        device_cost += rates[i] * busy
+    uplink = offload * up
+    period = max(device_cost, uplink, server_cost)
+    return {
+        "latency_ms": latency,
+        "device_cost_ms": device_cost,
+        "server_cost_ms": server_cost,
+        "uplink_ms": uplink,
+        "offload_rate": offload,
+        "throughput": 1000 / period,
+        "accuracy": p.accuracy(thr),
+    }
+
+
+profiles = st.builds(
+    lambda seed, s, e_frac, t: synthetic_profile(
+        random.Random(seed), num_stages=s, num_exits=max(1, round(e_frac * s)), num_thresholds=t
+    ),
+    st.integers(0, 10_000),
+    st.integers(1, 9),
+    st.floats(0.1, 1.0),
+    st.integers(1, 7),
+)
+estimates = st.builds(
+    Estimates,
+    bandwidth_bps=st.floats(1e4, 1e9),
+    latency_s=st.floats(0.0, 0.2),
+    device_scale=st.floats(0.2, 5.0),
+    server_scale=st.floats(0.2, 20.0),
+    server_queue=st.sampled_from([0.0, 1.0, 4.0]),
+    server_up=st.booleans(),
+)
+configs = st.builds(SchedulerConfig, local_race=st.booleans())
+
+
+@settings(max_examples=60, deadline=None)
+@given(profiles, estimates, configs)
+def test_predictions_match_scalar_reference(p: Profile, e: Estimates, cfg: SchedulerConfig) -> None:
+    pred = Scheduler(p, config=cfg).predict(e)
+    for s in range(p.num_stages + 1):
+        for t, thr in enumerate(pred.thr_values):
+            ref = reference(p, s, float(thr), e, cfg)
+            got = pred.at(s, t)
+            for key, value in ref.items():
+                assert getattr(got, key) == pytest.approx(value, rel=1e-9, abs=1e-9), (key, s, t)
+            # Independent route through the Profile's own derived quantities.
+            assert got.offload_rate == pytest.approx(p.reach_prob(s, float(thr)), abs=1e-9)
+            assert got.server_cost_ms == pytest.approx(
+                e.server_scale * p.reach_prob(s, float(thr)) * p.expected_server_ms(s, float(thr)),
+                rel=1e-9,
+                abs=1e-9,
+            )
+
+
+# -- brute-force lexicographic search ------------------------------------------------------
+
+
+def brute_force(pred: Predictions, sla: SLA, cfg: SchedulerConfig) -> tuple[int, int]:
+    n_s, n_t = pred.latency_ms.shape
+    cands = [(s, t) for s in range(n_s) for t in range(n_t) if pred.valid[s, t]]
+
+    def value(m: Metric, c: tuple[int, int]) -> float:
+        return float(pred.cost(m)[c])
+
+    def viol(c: tuple[int, int]) -> float:
+        p = pred.at(*c)
+        total = 0.0
+        checks = [
+            (sla.max_latency_ms, p.latency_ms, +1),
+            (sla.min_throughput, p.throughput, -1),
+            (sla.max_server_cost_ms, p.server_cost_ms, +1),
+            (sla.max_device_cost_ms, p.device_cost_ms, +1),
+            (sla.min_accuracy, p.accuracy, -1),
+        ]
+        for limit, v, sign in checks:
+            if limit is not None and sign * (v - limit) > 0:
+                total += sign * (v - limit) / max(limit, 1e-3)
+        return total
+
+    pool = [c for c in cands if viol(c) <= 0]
+    if not pool:
+        least = min(viol(c) for c in cands)
+        pool = [c for c in cands if viol(c) <= least * (1 + 1e-9) + 1e-12]
+    order = sla.order
+    for m in order[:-1]:
+        best = min(value(m, c) for c in pool)
+        if m is Metric.ACCURACY:
+            tol = cfg.accuracy_tolerance
+        else:
+            tol = max(cfg.rel_tolerance * abs(best), 1e-6) if math.isfinite(best) else 0.0
+        pool = [c for c in pool if value(m, c) <= best + tol]
+    return min(pool, key=lambda c: (value(order[-1], c), c))
+
+
+def slas(p: Profile) -> st.SearchStrategy[SLA]:
+    acc = sorted(t.accuracy for t in p.thresholds)
+    return st.builds(
+        SLA,
+        max_latency_ms=st.none() | st.floats(1.0, 200.0),
+        min_throughput=st.none() | st.floats(1.0, 300.0),
+        max_server_cost_ms=st.none() | st.floats(0.0, 20.0),
+        max_device_cost_ms=st.none() | st.floats(1.0, 100.0),
+        min_accuracy=st.none() | st.sampled_from(acc) | st.floats(0.0, 1.0),
+        rank=st.permutations(list(Metric)).flatmap(
+            lambda perm: st.integers(0, 5).map(lambda k: tuple(perm[:k]))
+        ),
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data(), profiles, estimates, configs)
+def test_choice_equals_brute_force(
+    data: st.DataObject, p: Profile, e: Estimates, cfg: SchedulerConfig
+) -> None:
+    sla = data.draw(slas(p))
+    sched = Scheduler(p, sla, cfg)
+    choice = sched.choose(e)
+    pred = sched.predict(e)
+    assert (choice.split, choice.thr_index) == brute_force(pred, sla, cfg)
+    if not e.server_up:
+        assert choice.split == p.num_stages
+    # A minimum-accuracy limit is never broken when some valid candidate meets it.
+    if sla.min_accuracy is not None and choice.feasible:
+        assert choice.prediction.accuracy >= sla.min_accuracy
+    if choice.feasible:
+        assert choice.violations == ()
+    else:
+        assert choice.violations
+
+
+def test_min_accuracy_holds_whenever_feasible() -> None:
+    rng = random.Random(11)
+    for _ in range(40):
+        p = synthetic_profile(rng, num_stages=8, num_exits=4, num_thresholds=8)
+        floor = rng.choice([t.accuracy for t in p.thresholds])
+        sla = SLA(min_accuracy=floor, rank=(Metric.LATENCY, Metric.THROUGHPUT))
+        e = Estimates(rng.uniform(1e5, 1e9), rng.uniform(0, 0.1), rng.uniform(0.5, 3))
+        assert Scheduler(p, sla).choose(e).prediction.accuracy >= floor
+
+
+# -- the issue's scenarios ----------------------------------------------------------------
+
+
+def test_low_bandwidth_goes_late_high_bandwidth_goes_early() -> None:
+    p = scenario_profile()
+    fast = Scheduler(p, LATENCY_FIRST).choose(est(1000, lat_ms=1))
+    slow = Scheduler(p, LATENCY_FIRST).choose(est(0.1, lat_ms=1))
+    assert fast.split <= 1
+    assert slow.split >= 4
+    assert slow.split > fast.split
+
+
+def test_slower_server_moves_split_later() -> None:
+    p = scenario_profile()
+    normal = Scheduler(p, LATENCY_FIRST).choose(est(20))
+    slow = Scheduler(p, LATENCY_FIRST).choose(est(20, server_scale=20.0))
+    busy = Scheduler(p, LATENCY_FIRST).choose(est(20, server_queue=30.0))
+    assert slow.split > normal.split
+    assert busy.split > normal.split
+
+
+def test_tight_latency_limit_lowers_threshold() -> None:
+    p = scenario_profile()
+    down = {"server_up": False}
+    loose = Scheduler(p, SLA(max_latency_ms=100, rank=(Metric.ACCURACY,))).choose(est(1, **down))
+    mid = Scheduler(p, SLA(max_latency_ms=20, rank=(Metric.ACCURACY,))).choose(est(1, **down))
+    tight = Scheduler(p, SLA(max_latency_ms=15, rank=(Metric.ACCURACY,))).choose(est(1, **down))
+    assert loose.thr_conf >= 1.0  # 24 ms device-only, no exit needed
+    assert mid.thr_conf == 0.9  # 18.4 ms
+    assert tight.thr_conf == 0.5  # 13.6 ms
+    assert all(c.feasible for c in (loose, mid, tight))
+
+
+def test_infeasible_picks_least_violating_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    p = scenario_profile()
+    sched = Scheduler(p, SLA(max_latency_ms=5, min_accuracy=0.9))
+    with caplog.at_level(logging.INFO, logger="spinn.scheduler"):
+        d = sched.decide(0.0, est(1, server_up=False))
+    # Device-only at thr 0.9 (18.4 ms) breaks the latency limit least while meeting the
+    # accuracy floor only at a larger relative cost... both are weighed by relative excess.
+    assert "INFEASIBLE" in d.reason and "latency" in d.reason
+    assert sched.current_choice is not None and not sched.current_choice.feasible
+    assert "INFEASIBLE" in caplog.text
+    viol = {
+        thr: max(0, (lat - 5) / 5) + max(0, (0.9 - acc) / 0.9)
+        for thr, lat, acc in [(0.0, 10, 0.7), (0.5, 13.6, 0.85), (0.9, 18.4, 0.92), (1.0, 24, 0.93)]
+    }
+    assert d.thr_conf == min(viol, key=viol.__getitem__)
+
+
+def test_server_down_goes_device_only_and_back() -> None:
+    p = scenario_profile()
+    sched = Scheduler(p, LATENCY_FIRST)
+    d0 = sched.decide(0.0, est(1000, lat_ms=1))
+    assert d0.split <= 1 and d0.reason.startswith("initial")
+    d1 = sched.decide(1.0, est(1000, lat_ms=1, server_up=False))
+    assert d1.split == p.num_stages
+    assert d1.reason.startswith("server down: ")
+    d2 = sched.decide(2.0, est(1000, lat_ms=1))
+    assert d2.split == d0.split and d2.reason.startswith("server back up")
+
+
+def test_replanning_with_hysteresis_and_reason(caplog: pytest.LogCaptureFixture) -> None:
+    p = scenario_profile()
+    sched = Scheduler(p, LATENCY_FIRST)
+    rng = random.Random(3)
+    with caplog.at_level(logging.INFO, logger="spinn.scheduler"):
+        first = sched.decide(0.0, est(40))
+        # Noise of ±10% on every estimate: the choice never flaps.
+        for i in range(200):
+            e = est(
+                40 * rng.uniform(0.9, 1.1),
+                lat_ms=5 * rng.uniform(0.9, 1.1),
+                device_scale=rng.uniform(0.9, 1.1),
+            )
+            assert sched.decide(1.0 + i, e) is first
+        assert len(sched.history) == 1
+        # A real drop of bandwidth re-plans, once, and says why.
+        moved = sched.decide(300.0, est(0.1))
+        assert moved.split > first.split
+        assert moved.reason.startswith("B fell 40 → 0.1 Mbit/s: ")
+        assert sched.decide(301.0, est(0.1)) is moved
+    assert len(sched.history) == 2
+    assert "B fell" in caplog.text
+
+
+def test_hysteresis_band_is_wider_than_tie_tolerance() -> None:
+    p = scenario_profile()
+    # Without hysteresis the choice follows every flicker across a decision boundary.
+    flappy = Scheduler(p, LATENCY_FIRST, SchedulerConfig(hysteresis=1.0))
+    steady = Scheduler(p, LATENCY_FIRST)
+    # Find a bandwidth where the optimum changes, then wobble ±2% around it.
+    bws = np.geomspace(0.05, 1000, 400)
+    splits = [flappy.choose(est(b)).split for b in bws]
+    k = next(i for i in range(1, len(bws)) if splits[i] != splits[i - 1])
+    edge = math.sqrt(bws[k] * bws[k - 1])
+    wobble = [edge * f for f in (0.98, 1.02) * 20]
+    for i, b in enumerate(wobble):
+        flappy.decide(float(i), est(b))
+        steady.decide(float(i), est(b))
+    assert len(flappy.history) > 10
+    assert len(steady.history) == 1
+
+
+def test_no_early_exit_variant_and_split_restriction() -> None:
+    p = scenario_profile()
+    no_ee = Scheduler(p, LATENCY_FIRST, early_exits=False)
+    c = no_ee.choose(est(20))
+    assert c.thr_conf == NO_EARLY_EXIT and c.prediction.accuracy == 0.93
+    only = Scheduler(p, LATENCY_FIRST, splits=[2, 3])
+    assert only.choose(est(1000)).split in (2, 3)
+    with pytest.raises(ValueError, match="split 9"):
+        Scheduler(p, splits=[9])
+
+
+# -- baselines ----------------------------------------------------------------------------
+
+
+def test_fixed_baselines() -> None:
+    p = scenario_profile()
+    assert DeviceOnlyPolicy(p).decide(0, est(1)) == Decision(
+        6, NO_EARLY_EXIT, "device-only baseline"
+    )
+    assert ServerOnlyPolicy(p).decide(0, est(1, server_up=False)).split == 0
+    for name in POLICY_NAMES:
+        pol = make_policy(name, p, SLA(max_latency_ms=30))
+        assert isinstance(pol, Policy)
+        assert isinstance(pol.decide(0.0, est(10)), Decision)
+    with pytest.raises(ValueError, match="unknown policy 'x'"):
+        make_policy("x", p)
+    with pytest.raises(ValueError, match="latency target"):
+        make_policy("edgent", p)
+
+
+def _neurosurgeon_latency(p: Profile, s: int, e: Estimates) -> float:
+    """Neurosurgeon's own model: device part, upload, RTT, server part, download."""
+    if s == p.num_stages:
+        return p.device_time_ms(s)
+    net = 8e3 * (p.packed_bytes(s) + 256) / e.bandwidth_bps + 1000 * e.latency_s
+    return p.device_time_ms(s) + net + p.server_time_ms(s)
+
+
+def test_neurosurgeon_is_best_single_split_for_latency_without_exits() -> None:
+    p = scenario_profile()
+    pol = NeurosurgeonPolicy(p)
+    chosen = set()
+    for bw in (0.05, 1, 5, 20, 100, 1000):
+        e = est(bw)
+        d = pol.decide(0.0, e)
+        assert d.thr_conf == NO_EARLY_EXIT
+        best = min(_neurosurgeon_latency(p, s, e) for s in range(7))
+        assert _neurosurgeon_latency(p, d.split, e) == pytest.approx(best, rel=1e-9), bw
+        chosen.add(d.split)
+    assert len(chosen) > 1  # it does follow the bandwidth
+
+
+def test_edgent_meets_target_ignores_server_load_adapts_to_bandwidth() -> None:
+    p = scenario_profile()
+    pol = EdgentPolicy(p, latency_target_ms=10)
+    fast = pol.decide(0.0, est(1000, lat_ms=1))
+    # At 1 Gbit/s the full network fits in 10 ms on the server: the final exit.
+    assert fast.final_exit is None and fast.split <= 1
+    loaded = pol.decide(0.0, est(1000, lat_ms=1, server_scale=50.0, server_queue=10.0))
+    assert loaded == fast  # no adaptation to server load
+    slow = pol.decide(0.0, est(0.01, lat_ms=1))
+    # Offline it cannot upload anything in time: device-only, truncated at exit 0 (8 ms).
+    assert (slow.split, slow.final_exit) == (6, 0)
+    hopeless = EdgentPolicy(p, latency_target_ms=1).decide(0.0, est(0.01))
+    assert "INFEASIBLE" in hopeless.reason
+    with pytest.raises(ValueError, match="latency target"):
+        EdgentPolicy(p, 0)
+
+
+# -- SLA ----------------------------------------------------------------------------------
+
+
+def test_sla_files_and_flags(tmp_path: Path) -> None:
+    toml = tmp_path / "sla.toml"
+    toml.write_text(
+        "# latency ≤ 80 ms; then maximise accuracy; then minimise server cost\n"
+        'max_latency_ms = 80\nrank = ["accuracy", "server_cost"]\n'
+    )
+    sla = SLA.load(toml)
+    assert sla.max_latency_ms == 80
+    assert sla.order[:3] == (Metric.ACCURACY, Metric.SERVER_COST, Metric.LATENCY)
+    assert sla.describe() == "latency ≤ 80 ms; then maximise accuracy; then minimise server cost"
+    js = tmp_path / "sla.json"
+    js.write_text(json.dumps({"min_accuracy": 0.9, "min_throughput": 30, "rank": ["latency"]}))
+    assert SLA.load(js) == SLA(min_accuracy=0.9, min_throughput=30, rank=(Metric.LATENCY,))
+
+    parser = argparse.ArgumentParser()
+    add_sla_arguments(parser)
+    ns = parser.parse_args(["--sla", str(toml), "--max-latency-ms", "50", "--rank", "latency"])
+    assert sla_from_args(ns) == SLA(max_latency_ms=50, rank=(Metric.LATENCY,))
+    assert sla_from_args(parser.parse_args([])) == SLA()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("max_latency_ms = -1\n", "max_latency_ms"),
+        ('max_latency_ms = "fast"\n', "max_latency_ms"),
+        ("min_accuracy = 1.5\n", "min_accuracy"),
+        ('rank = ["latency", "speed"]\n', "unknown metric 'speed'"),
+        ('rank = ["latency", "latency"]\n', "listed twice"),
+        ("max_latency = 80\n", "unknown keys ['max_latency']"),
+        ("max_latency_ms = \n", "does not parse"),
+    ],
+)
+def test_sla_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(SLAError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        SLA.load(path)
+
+
+def test_sla_file_extension_and_missing(tmp_path: Path) -> None:
+    with pytest.raises(SLAError, match="extension"):
+        (tmp_path / "sla.yaml").write_text("x")
+        SLA.load(tmp_path / "sla.yaml")
+    with pytest.raises(SLAError, match="nope.toml"):
+        SLA.load(tmp_path / "nope.toml")
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="hysteresis"):
+        SchedulerConfig(hysteresis=0.5)
+    with pytest.raises(ValueError, match="rel_tolerance"):
+        SchedulerConfig(rel_tolerance=1.5)
+
+
+def test_every_candidate_is_reachable_grid_shape() -> None:
+    p = synthetic_profile(random.Random(0), 20, 7, 20)
+    pred = Scheduler(p).predict(est(10))
+    assert pred.latency_ms.shape == (21, 21)
+    assert np.isfinite(pred.latency_ms).all()
+    assert list(itertools.chain(pred.thr_values[-1:])) == [NO_EARLY_EXIT]
+
+
+def test_dead_link_predictions_stay_finite_or_infinite_never_nan() -> None:
+    p = synthetic_profile(random.Random(2), 6, 3, 4)
+    for race in (True, False):
+        sched = Scheduler(p, SLA(min_throughput=10), SchedulerConfig(local_race=race))
+        pred = sched.predict(Estimates(bandwidth_bps=0.0, latency_s=0.0))
+        for arr in (pred.latency_ms, pred.throughput, pred.device_cost_ms, pred.uplink_ms):
+            assert not np.isnan(arr).any()
+        # Nothing can be uploaded: only device-only has a positive throughput.
+        assert sched.choose(Estimates(bandwidth_bps=0.0, latency_s=0.0)).split == 6
