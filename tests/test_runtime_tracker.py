@@ -87,6 +87,16 @@ def test_connection_lost_makes_all_offloaded_fallback() -> None:
     assert [a.where for a in wheres if a] == [Where.FALLBACK] * 3 + [Where.DEVICE]
 
 
+def test_request_error_abandons_to_fallback() -> None:
+    t = RequestTracker()
+    rid = _offload(t, 0, 0.0)
+    assert t.abandon(rid) == 0
+    assert t.abandon(rid) is None
+    assert t.server_result(rid, 0.1, 6, *TOP) is None
+    answer, cancel = t.local_answer(0, 0.2, 6, *TOP)
+    assert answer is not None and answer.where is Where.FALLBACK and cancel is None
+
+
 def test_server_down_at_decision_is_fallback() -> None:
     t = RequestTracker()
     t.begin(0, 0.0, split=2, thr_conf=0.8)

@@ -250,6 +250,19 @@ class RequestTracker:
         self.cancels += len(out)
         return out
 
+    def abandon(self, request_id: int) -> int | None:
+        """The server refused or failed this request (ERROR with its id): finish locally.
+
+        Returns the frame id, or None if the request is no longer awaited."""
+        frame_id = self._by_request.pop(request_id, None)
+        if frame_id is None:
+            return None
+        rec = self._records.get(frame_id)
+        if rec is None or rec.phase is not FramePhase.OFFLOADED:
+            return None
+        rec.phase = FramePhase.ABANDONED
+        return frame_id
+
     def server_lost(self) -> list[int]:
         """The connection died: every offloaded frame is finished locally."""
         out: list[int] = []
