@@ -1,0 +1,367 @@
+"""The sans-I/O connection: bytes in, events out, events in, bytes out (PROTOCOL.md §7).
+
+`Connection` never touches a socket or a clock. The runtime feeds it whatever it reads
+(`receive_data`, or `get_buffer`/`buffer_updated` to receive without a copy), drains
+`next_event()` until `NEED_DATA`, and writes whatever `send()` returns. The same state
+machine checks both directions: bad local use raises `LocalProtocolError` and changes
+nothing; bad peer input raises `RemoteProtocolError` and kills the connection.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final, Literal, TypeAlias
+
+import msgpack
+
+from protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from protocol.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_frame
+from protocol.messages import (
+    MESSAGE_CLASSES,
+    PROTOCOL_VERSION,
+    Bye,
+    Error,
+    Hello,
+    Infer,
+    Message,
+    Ping,
+    Pong,
+    Result,
+    Welcome,
+    decode_message,
+    encode_message,
+    message_type,
+)
+from protocol.packing import CODECS, DEFAULT_MAX_ELEMENTS
+from protocol.state import AFTER_PEER_BYE, ALLOWED, ConnectionState, Role
+
+__all__ = [
+    "NEED_DATA",
+    "ConnectionConfig",
+    "ConnectionClosed",
+    "Connection",
+    "Event",
+]
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA: Final = _Sentinel.NEED_DATA
+"""Returned by `next_event` when no complete frame is buffered."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The byte stream ended (the runtime passed b"" to `receive_data`)."""
+
+    clean: bool
+    """True if the peer had said BYE or sent a fatal ERROR before the stream ended."""
+
+
+Event: TypeAlias = Message | ConnectionClosed
+
+_MESSAGE_TYPES: Final = tuple(MESSAGE_CLASSES.values())
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionConfig:
+    """Limits of one connection (PROTOCOL.md §8); the defaults suit untrusted peers."""
+
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    """Largest frame body in bytes, either direction: 64 MiB."""
+    max_tensor_elements: int = DEFAULT_MAX_ELEMENTS
+    """Largest tensor an INFER may declare, in elements: 16 Mi (64 MiB as float32)."""
+    max_outstanding: int = 1024
+    """Most unanswered INFERs, and most unanswered PINGs per side, at any time."""
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.max_frame_size <= 0xFFFFFFFF:
+            raise ValueError(
+                f"max_frame_size must be in [16, 2**32 - 1], got {self.max_frame_size}"
+            )
+        if self.max_tensor_elements < 1:
+            raise ValueError(f"max_tensor_elements must be >= 1, got {self.max_tensor_elements}")
+        if self.max_outstanding < 1:
+            raise ValueError(f"max_outstanding must be >= 1, got {self.max_outstanding}")
+
+
+def _unpackb(body: memoryview) -> object:
+    # strict_map_key and raw=False: keys must be text and text valid UTF-8; msgpack bounds
+    # every declared length by the frame itself, so a hostile frame cannot force a large
+    # allocation (msgpack-python "untrusted data" advice).
+    return msgpack.unpackb(
+        body, use_list=False, raw=False, strict_map_key=True, ext_hook=_reject_ext
+    )
+
+
+def _reject_ext(code: int, data: bytes) -> object:
+    raise ValueError(f"msgpack ext type {code} is not used by this protocol")
+
+
+class Connection:
+    """One end of a SPINN protocol connection; see the module docstring."""
+
+    def __init__(self, role: Role, config: ConnectionConfig | None = None) -> None:
+        if not isinstance(role, Role):
+            raise TypeError(f"role must be a Role, got {role!r}")
+        self.role: Final = role
+        """Which end this is."""
+        self.config: Final = config if config is not None else ConnectionConfig()
+        """The limits in force."""
+        self._decoder = FrameDecoder(self.config.max_frame_size)
+        self._phase = ConnectionState.AWAIT_HELLO
+        self._bye: set[Role] = set()
+        self._closed = False
+        self._failure: RemoteProtocolError | None = None
+        self._hello: Hello | None = None
+        self._welcome: Welcome | None = None
+        self._outstanding: set[int] = set()
+        self._pings: dict[Role, dict[int, int]] = {Role.DEVICE: {}, Role.SERVER: {}}
+
+    # -- introspection -------------------------------------------------------------------
+
+    @property
+    def state(self) -> ConnectionState:
+        """Where the connection stands (PROTOCOL.md §7.1)."""
+        if self._failure is not None and not self._closed:
+            return ConnectionState.FAILED
+        if self._closed:
+            return ConnectionState.CLOSED
+        if self._bye:
+            return ConnectionState.CLOSING
+        return self._phase
+
+    @property
+    def hello(self) -> Hello | None:
+        """The HELLO of the handshake, once sent or received."""
+        return self._hello
+
+    @property
+    def welcome(self) -> Welcome | None:
+        """The WELCOME of the handshake, once sent or received."""
+        return self._welcome
+
+    @property
+    def codecs(self) -> tuple[str, ...]:
+        """Codecs INFER may use: the WELCOME's list (empty before the handshake)."""
+        return self._welcome.codecs if self._welcome is not None else ()
+
+    @property
+    def outstanding(self) -> frozenset[int]:
+        """Request ids sent in INFER and not yet answered by RESULT or ERROR."""
+        return frozenset(self._outstanding)
+
+    @property
+    def failure(self) -> RemoteProtocolError | None:
+        """The peer's protocol violation that killed the connection, if any."""
+        return self._failure
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(self, event: Message) -> bytes:
+        """Check `event` against the state machine and return its frame's bytes.
+
+        Raises `LocalProtocolError` (and changes nothing) if this side may not send it now.
+        After the peer violated the protocol, only a fatal ERROR may be sent.
+        """
+        if not isinstance(event, _MESSAGE_TYPES):
+            raise LocalProtocolError(f"cannot send {type(event).__name__}: not a protocol message")
+        body = encode_message(event)
+        if len(body) > self.config.max_frame_size:
+            raise LocalProtocolError(
+                f"{message_type(event).name} frame of {len(body)} bytes exceeds the limit of "
+                f"{self.config.max_frame_size}",
+                ErrorCode.TOO_LARGE,
+            )
+        if self._failure is not None and not self._closed:
+            if not (isinstance(event, Error) and event.fatal):
+                raise LocalProtocolError(
+                    f"connection failed ({self._failure}); only a fatal ERROR may be sent"
+                )
+            self._closed = True
+        else:
+            self._apply(event, self.role, LocalProtocolError)
+        return encode_frame(body)
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes read from the stream; b"" means the stream ended."""
+        if self._failure is not None:
+            raise LocalProtocolError(f"connection failed ({self._failure}); do not feed it more")
+        try:
+            self._decoder.receive_data(data)
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+            raise
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """A writable view to read into directly (asyncio BufferedProtocol protocol)."""
+        if self._failure is not None:
+            raise LocalProtocolError(f"connection failed ({self._failure}); do not feed it more")
+        return self._decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """`nbytes` were read into the view returned by `get_buffer`."""
+        try:
+            self._decoder.buffer_updated(nbytes)
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+            raise
+
+    def next_event(self) -> Event | Literal[_Sentinel.NEED_DATA]:
+        """The next event from the peer, `NEED_DATA`, or `ConnectionClosed` at the end.
+
+        Raises `RemoteProtocolError` when the peer's bytes violate the protocol; the
+        connection is dead afterwards and raises `LocalProtocolError` if used again.
+        """
+        if self._failure is not None:
+            raise LocalProtocolError(f"connection failed ({self._failure}); it cannot be reused")
+        try:
+            body = self._decoder.next_frame()
+            if body is None:
+                if not self._decoder.eof:
+                    return NEED_DATA
+                clean = self._closed or self.role.peer in self._bye
+                self._closed = True
+                return ConnectionClosed(clean)
+            try:
+                obj = _unpackb(body)
+            except Exception as exc:  # msgpack raises many types on garbage; all mean the same
+                raise RemoteProtocolError(
+                    f"frame of {len(body)} bytes is not valid msgpack: {type(exc).__name__}: {exc}"
+                ) from None
+            finally:
+                body.release()
+            event = decode_message(obj)
+            self._apply(event, self.role.peer, RemoteProtocolError)
+            return event
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+            raise
+
+    def _fail(self, exc: RemoteProtocolError) -> None:
+        if self._failure is None:
+            self._failure = exc
+
+    # -- the state machine ---------------------------------------------------------------------
+
+    def _apply(
+        self, msg: Message, sender: Role, err: type[LocalProtocolError] | type[RemoteProtocolError]
+    ) -> None:
+        """Check that `sender` may send `msg` now, then record its effect.
+
+        All checks come before any mutation, so a refused local send changes nothing.
+        """
+        mtype = message_type(msg)
+        who = sender.value
+        if self._closed:
+            raise err(f"{who} sent {mtype.name} after the connection closed")
+        if sender in self._bye:
+            raise err(f"{who} sent {mtype.name} after its own BYE")
+        allowed = ALLOWED[(self._phase, sender)]
+        if sender.peer in self._bye:
+            allowed = allowed & AFTER_PEER_BYE
+        if mtype not in allowed:
+            raise err(f"{who} may not send {mtype.name} in state {self.state.value}")
+        if isinstance(msg, Hello):
+            self._on_hello(msg, err)
+        elif isinstance(msg, Welcome):
+            self._on_welcome(msg, err)
+        elif isinstance(msg, Infer):
+            self._on_infer(msg, err)
+        elif isinstance(msg, Result):
+            self._answer(msg.request_id, "RESULT", err)
+        elif isinstance(msg, Ping):
+            self._on_ping(msg, sender, err)
+        elif isinstance(msg, Pong):
+            self._on_pong(msg, sender, err)
+        elif isinstance(msg, Error):
+            self._on_error(msg, sender, err)
+        elif isinstance(msg, Bye):
+            self._bye.add(sender)
+            if len(self._bye) == 2:
+                self._closed = True
+        # CANCEL changes nothing: it may cross the RESULT on the wire (PROTOCOL.md §7.2),
+        # so an id that is no longer outstanding is legal.
+
+    def _on_hello(self, msg: Hello, err: type[ProtocolError]) -> None:
+        if msg.version != PROTOCOL_VERSION:
+            raise err(
+                f"HELLO has protocol version {msg.version}; this end speaks {PROTOCOL_VERSION}",
+                ErrorCode.VERSION,
+            )
+        self._hello = msg
+        self._phase = ConnectionState.AWAIT_WELCOME
+
+    def _on_welcome(self, msg: Welcome, err: type[ProtocolError]) -> None:
+        assert self._hello is not None
+        if msg.version != self._hello.version:
+            raise err(
+                f"WELCOME has protocol version {msg.version}; HELLO had {self._hello.version}",
+                ErrorCode.VERSION,
+            )
+        if not msg.codecs:
+            raise err("WELCOME lists no codec; a server without a common codec sends ERROR")
+        for codec in msg.codecs:
+            if codec not in self._hello.codecs or codec not in CODECS:
+                raise err(f"WELCOME codec {codec!r} was not offered by HELLO {self._hello.codecs}")
+        self._welcome = msg
+        self._phase = ConnectionState.OPEN
+
+    def _on_infer(self, msg: Infer, err: type[ProtocolError]) -> None:
+        if msg.request_id in self._outstanding:
+            raise err(f"INFER reuses request id {msg.request_id}, which is still unanswered")
+        if len(self._outstanding) >= self.config.max_outstanding:
+            raise err(
+                f"INFER would exceed {self.config.max_outstanding} unanswered requests",
+                ErrorCode.TOO_LARGE,
+            )
+        if msg.tensor.codec not in self.codecs:
+            raise err(f"INFER uses codec {msg.tensor.codec!r}, not negotiated {self.codecs}")
+        numel = msg.tensor.numel
+        if numel > self.config.max_tensor_elements:
+            raise err(
+                f"INFER tensor of shape {msg.tensor.shape} has {numel} elements; "
+                f"the limit is {self.config.max_tensor_elements}",
+                ErrorCode.TOO_LARGE,
+            )
+        self._outstanding.add(msg.request_id)
+
+    def _answer(self, request_id: int, what: str, err: type[ProtocolError]) -> None:
+        if request_id not in self._outstanding:
+            raise err(f"{what} for request id {request_id}, which is not outstanding")
+        self._outstanding.discard(request_id)
+
+    def _on_ping(self, msg: Ping, sender: Role, err: type[ProtocolError]) -> None:
+        pending = self._pings[sender]
+        if msg.seq in pending:
+            raise err(f"PING reuses sequence number {msg.seq}, which is still unanswered")
+        if len(pending) >= self.config.max_outstanding:
+            raise err(
+                f"PING would exceed {self.config.max_outstanding} unanswered pings",
+                ErrorCode.TOO_LARGE,
+            )
+        pending[msg.seq] = len(msg.padding)
+
+    def _on_pong(self, msg: Pong, sender: Role, err: type[ProtocolError]) -> None:
+        pending = self._pings[sender.peer]
+        if msg.seq not in pending:
+            raise err(f"PONG for sequence number {msg.seq}, which is not an unanswered PING")
+        if pending[msg.seq] != msg.padding_len:
+            raise err(
+                f"PONG {msg.seq} reports padding_len {msg.padding_len}; "
+                f"the PING carried {pending[msg.seq]} bytes"
+            )
+        del pending[msg.seq]
+
+    def _on_error(self, msg: Error, sender: Role, err: type[ProtocolError]) -> None:
+        if msg.request_id is None:
+            self._closed = True
+            return
+        if sender is not Role.SERVER or self._phase is not ConnectionState.OPEN:
+            raise err(f"the {sender.value} may not answer a request with ERROR in this state")
+        self._answer(msg.request_id, "ERROR", err)

@@ -1,0 +1,160 @@
+"""Length-prefixed framing (PROTOCOL.md §3): a 4-byte big-endian length, then msgpack.
+
+`FrameDecoder` is the incremental receive buffer: bytes go in through `receive_data` (or,
+without a copy, through `get_buffer`/`buffer_updated` as in asyncio's BufferedProtocol)
+and complete frame bodies come out of `next_frame`. The buffer is one bytearray with a
+read offset that is compacted lazily, so a frame is copied once on its way in and never
+re-sliced byte by byte.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from protocol.errors import ErrorCode, RemoteProtocolError
+
+__all__ = ["HEADER_SIZE", "DEFAULT_MAX_FRAME_SIZE", "FrameDecoder", "encode_frame"]
+
+HEADER_SIZE: Final = 4
+"""Bytes of the length prefix."""
+
+DEFAULT_MAX_FRAME_SIZE: Final = 64 * 2**20
+"""Default limit on a frame body: 64 MiB."""
+
+_HEADER = struct.Struct(">I")
+_MIN_READ: Final = 64 * 1024
+
+
+def encode_frame(body: bytes) -> bytes:
+    """`body` with its length prefix."""
+    return _HEADER.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Incremental splitter of a byte stream into frame bodies.
+
+    A length prefix above `max_frame_size` (or zero) is rejected as soon as its four bytes
+    have arrived, before any of the body is buffered (PROTOCOL.md §3).
+    """
+
+    __slots__ = ("_buf", "_start", "_end", "_max_frame_size", "_error", "_eof")
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        if not 0 < max_frame_size <= 0xFFFFFFFF:
+            raise ValueError(f"max_frame_size must be in [1, 2**32 - 1], got {max_frame_size}")
+        self._buf = bytearray()
+        self._start = 0
+        self._end = 0
+        self._max_frame_size = max_frame_size
+        self._error: RemoteProtocolError | None = None
+        self._eof = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames."""
+        return self._end - self._start
+
+    @property
+    def eof(self) -> bool:
+        """True once the end of the stream was signalled."""
+        return self._eof
+
+    def _check_header(self) -> None:
+        # Only the frame at the read offset is checked eagerly; later headers are checked
+        # when `next_frame` reaches them, which bounds the buffer at one frame plus a read.
+        if self._error is None and self._end - self._start >= HEADER_SIZE:
+            (length,) = _HEADER.unpack_from(self._buf, self._start)
+            if length > self._max_frame_size:
+                self._error = RemoteProtocolError(
+                    f"frame of {length} bytes exceeds the limit of {self._max_frame_size}",
+                    ErrorCode.TOO_LARGE,
+                )
+            elif length == 0:
+                self._error = RemoteProtocolError("empty frame (length prefix 0)")
+
+    def _reserve(self, n: int) -> None:
+        """Make room for `n` more bytes after `_end`, compacting before growing."""
+        if len(self._buf) - self._end >= n:
+            return
+        if self._start:
+            live = self._end - self._start
+            self._buf[:live] = self._buf[self._start : self._end]
+            self._start, self._end = 0, live
+            if len(self._buf) - self._end >= n:
+                return
+        self._buf.extend(bytes(self._end + n - len(self._buf)))
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Append bytes from the stream; b"" marks the end of the stream."""
+        n = len(data)
+        if n == 0:
+            self._eof = True
+            return
+        if self._eof:
+            raise RemoteProtocolError("data received after the end of the stream")
+        if self._error is not None:
+            return  # the stream is already condemned: do not buffer the oversized body
+        self._reserve(n)
+        self._buf[self._end : self._end + n] = data
+        self._end += n
+        self._check_header()
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """A writable view to receive into (asyncio BufferedProtocol.get_buffer).
+
+        Sized for the rest of the current frame when its header is known, so that a large
+        frame arrives with one `recv_into` and no intermediate copy.
+        """
+        want = max(sizehint, _MIN_READ)
+        live = self._end - self._start
+        if self._error is None and live >= HEADER_SIZE:
+            (length,) = _HEADER.unpack_from(self._buf, self._start)
+            want = max(want, HEADER_SIZE + length - live)
+        self._reserve(want)
+        return memoryview(self._buf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """`nbytes` were written into the view from `get_buffer`."""
+        if not 0 <= nbytes <= len(self._buf) - self._end:
+            raise ValueError(f"buffer_updated({nbytes}) exceeds the buffer handed out")
+        if self._eof:
+            raise RemoteProtocolError("data received after the end of the stream")
+        self._end += nbytes
+        self._check_header()
+
+    def next_frame(self) -> memoryview | None:
+        """The next complete frame body, or None if more bytes are needed.
+
+        The view stays valid only until the next call on this decoder; release it (or copy
+        what is needed) first. Raises `RemoteProtocolError` on an oversized, empty or — at
+        the end of the stream — truncated frame.
+        """
+        if self._error is not None:
+            raise self._error
+        live = self._end - self._start
+        if live < HEADER_SIZE:
+            if live and self._eof:
+                self._error = RemoteProtocolError(
+                    f"stream ended inside a frame header ({live} of {HEADER_SIZE} bytes)"
+                )
+                raise self._error
+            if live == 0 and self._start:
+                self._start = self._end = 0
+            return None
+        (length,) = _HEADER.unpack_from(self._buf, self._start)
+        if length > self._max_frame_size or length == 0:
+            self._check_header()
+            assert self._error is not None
+            raise self._error
+        if live < HEADER_SIZE + length:
+            if self._eof:
+                self._error = RemoteProtocolError(
+                    f"stream ended inside a frame: got {live - HEADER_SIZE} of {length} bytes"
+                )
+                raise self._error
+            return None
+        begin = self._start + HEADER_SIZE
+        self._start = begin + length
+        self._check_header()
+        return memoryview(self._buf)[begin : begin + length]

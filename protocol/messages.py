@@ -1,0 +1,429 @@
+"""The messages of the SPINN wire protocol and their msgpack encoding (PROTOCOL.md §4–5).
+
+Every message is a frozen, slotted dataclass tagged by a `MessageType`. On the wire a
+message is the msgpack array ``[type, {field: value, ...}]``; fields with a default may
+be omitted, and unknown keys are ignored so that later versions can add optional fields
+(PROTOCOL.md §9).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import MISSING, dataclass
+from typing import Any, Final, TypeAlias
+
+import msgpack
+
+from protocol.errors import ErrorCode, RemoteProtocolError, TensorError
+from protocol.packing import PackedTensor
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_ID",
+    "MAX_STRING",
+    "MessageType",
+    "Hello",
+    "Welcome",
+    "Infer",
+    "Result",
+    "Cancel",
+    "Ping",
+    "Pong",
+    "Error",
+    "Bye",
+    "Message",
+    "MESSAGE_CLASSES",
+    "encode_message",
+    "message_type",
+    "decode_message",
+]
+
+PROTOCOL_VERSION: Final = 1
+"""The protocol version this package speaks; HELLO and WELCOME must carry it (§9)."""
+
+MAX_ID: Final = 2**64 - 1
+"""Largest request id or ping sequence number (unsigned 64-bit)."""
+
+MAX_STRING: Final = 4096
+"""Longest text field in characters (names, model id, error messages, codec names)."""
+
+
+class MessageType(enum.IntEnum):
+    """The type tag, first element of every frame's msgpack array (PROTOCOL.md §5)."""
+
+    HELLO = 1
+    WELCOME = 2
+    INFER = 3
+    RESULT = 4
+    CANCEL = 5
+    PING = 6
+    PONG = 7
+    ERROR = 8
+    BYE = 9
+
+
+def _bad(message: str) -> ValueError:
+    return ValueError(message)
+
+
+def _check_int(name: str, value: object, lo: int = 0, hi: int = MAX_ID) -> None:
+    if type(value) is not int:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise _bad(f"{name} must be in [{lo}, {hi}], got {value}")
+
+
+def _float(obj: object, name: str, value: object, *, lo: float = -math.inf) -> float:
+    # msgpack peers may encode an integral float as an int; accept it, but never a bool.
+    if type(value) is int:
+        value = float(value)
+        object.__setattr__(obj, name, value)
+    if type(value) is not float:
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or value < lo:
+        raise _bad(f"{name} must be a finite number >= {lo}, got {value}")
+    return value
+
+
+def _check_str(name: str, value: object) -> None:
+    if type(value) is not str:
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    if len(value) > MAX_STRING:
+        raise _bad(f"{name} is {len(value)} characters long; at most {MAX_STRING} allowed")
+
+
+def _str_tuple(obj: object, name: str, value: object) -> None:
+    if isinstance(value, list):
+        value = tuple(value)
+        object.__setattr__(obj, name, value)
+    if not isinstance(value, tuple):
+        raise TypeError(f"{name} must be a sequence of str, got {type(value).__name__}")
+    if len(value) > 64:
+        raise _bad(f"{name} lists {len(value)} entries; at most 64 allowed")
+    for item in value:
+        _check_str(f"{name} entry", item)
+
+
+def _check_sha(name: str, value: object) -> None:
+    _check_str(name, value)
+    assert isinstance(value, str)
+    if value and (len(value) != 64 or value.strip("0123456789abcdef")):
+        raise _bad(f"{name} must be empty or 64 lowercase hex digits, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Device → server, first frame: what the device speaks and which model it runs."""
+
+    version: int
+    """Protocol version of the device; must equal the server's (`PROTOCOL_VERSION`)."""
+    model_id: str
+    """Identifier of the progressive model (checkpoint `model_id`)."""
+    weights_sha256: str
+    """sha256 of the model weights, 64 lowercase hex digits (empty: unknown)."""
+    codecs: tuple[str, ...]
+    """Packing codecs the device can send, in order of preference."""
+    device_name: str = ""
+    """Free-form name of the device, for logs."""
+
+    def __post_init__(self) -> None:
+        _check_int("version", self.version, 0, 2**32 - 1)
+        _check_str("model_id", self.model_id)
+        _check_sha("weights_sha256", self.weights_sha256)
+        _str_tuple(self, "codecs", self.codecs)
+        _check_str("device_name", self.device_name)
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Server → device, answer to HELLO: the handshake succeeded."""
+
+    version: int
+    """Protocol version of the server; equal to the HELLO's."""
+    model_id: str
+    """Identifier of the model the server serves."""
+    weights_sha256: str
+    """sha256 of the server's weights, 64 lowercase hex digits (empty: unknown)."""
+    codecs: tuple[str, ...]
+    """Codecs the server accepts, a subset of the HELLO's; INFER may use only these."""
+    reports_compute_time: bool
+    """True when every RESULT carries `compute_ms`, the server-side compute time."""
+    server_name: str = ""
+    """Free-form name of the server, for logs."""
+
+    def __post_init__(self) -> None:
+        _check_int("version", self.version, 0, 2**32 - 1)
+        _check_str("model_id", self.model_id)
+        _check_sha("weights_sha256", self.weights_sha256)
+        _str_tuple(self, "codecs", self.codecs)
+        if type(self.reports_compute_time) is not bool:
+            raise TypeError("reports_compute_time must be a bool")
+        _check_str("server_name", self.server_name)
+
+
+@dataclass(frozen=True, slots=True)
+class Infer:
+    """Device → server: finish the inference of one input from the activation at `split`."""
+
+    request_id: int
+    """Device-chosen id, unique among this connection's unanswered requests."""
+    split: int
+    """Split point s: the tensor is the activation entering stage s (0 = the input)."""
+    thr_conf: float
+    """Exit threshold in [0, 1] for the server-side exits (top-1 softmax ≥ thr_conf)."""
+    tensor: PackedTensor
+    """The packed activation at `split`, batch dimension included."""
+    deadline_ms: float | None = None
+    """Milliseconds after receipt by which an answer is still useful; None: no deadline."""
+
+    def __post_init__(self) -> None:
+        _check_int("request_id", self.request_id)
+        _check_int("split", self.split, 0, 2**16 - 1)
+        thr = _float(self, "thr_conf", self.thr_conf)
+        if not 0.0 <= thr <= 1.0:
+            raise _bad(f"thr_conf must be in [0, 1], got {thr}")
+        if not isinstance(self.tensor, PackedTensor):
+            raise TypeError(f"tensor must be a PackedTensor, got {type(self.tensor).__name__}")
+        if self.deadline_ms is not None:
+            _float(self, "deadline_ms", self.deadline_ms, lo=0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """Server → device: the answer to one INFER."""
+
+    request_id: int
+    """The request this answers."""
+    exit_index: int
+    """Index of the exit that answered (0-based over all exits of the model)."""
+    classes: tuple[int, ...]
+    """Top-k class indices, most probable first (k ≥ 1)."""
+    probs: tuple[float, ...]
+    """Softmax probabilities of `classes`, same length, each in [0, 1]."""
+    compute_ms: float | None = None
+    """Server-side compute time in milliseconds, when the server reports it."""
+
+    def __post_init__(self) -> None:
+        _check_int("request_id", self.request_id)
+        _check_int("exit_index", self.exit_index, 0, 2**16 - 1)
+        classes, probs = self.classes, self.probs
+        if isinstance(classes, list):
+            classes = tuple(classes)
+            object.__setattr__(self, "classes", classes)
+        if isinstance(probs, list):
+            probs = tuple(probs)
+            object.__setattr__(self, "probs", probs)
+        if not isinstance(classes, tuple) or not isinstance(probs, tuple):
+            raise TypeError("classes and probs must be sequences")
+        if not 1 <= len(classes) <= 1000 or len(classes) != len(probs):
+            raise _bad(
+                f"classes and probs must have the same length in [1, 1000], "
+                f"got {len(classes)} and {len(probs)}"
+            )
+        for c in classes:
+            _check_int("class index", c, 0, 2**32 - 1)
+        fixed = []
+        for p in probs:
+            if type(p) is int:
+                p = float(p)
+            if type(p) is not float or not 0.0 <= p <= 1.0:
+                raise _bad(f"probabilities must be floats in [0, 1], got {p!r}")
+            fixed.append(p)
+        object.__setattr__(self, "probs", tuple(fixed))
+        if self.compute_ms is not None:
+            _float(self, "compute_ms", self.compute_ms, lo=0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Device → server: a local exit answered first; drop this request (paper §4.4)."""
+
+    request_id: int
+    """The request to cancel; a no-op if the server already answered it."""
+
+    def __post_init__(self) -> None:
+        _check_int("request_id", self.request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Either side: measure the round trip; padding turns it into a bandwidth probe."""
+
+    seq: int
+    """Sequence number, unique among this side's unanswered pings."""
+    sent_at: float
+    """Sender's clock in seconds when sent; echoed back by PONG."""
+    padding: bytes = b""
+    """Filler bytes that make the frame large enough to time the uplink; not echoed."""
+
+    def __post_init__(self) -> None:
+        _check_int("seq", self.seq)
+        _float(self, "sent_at", self.sent_at)
+        if type(self.padding) is not bytes:
+            raise TypeError(f"padding must be bytes, got {type(self.padding).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """Answer to a PING: echoes its timestamp and the size (not the bytes) of its padding."""
+
+    seq: int
+    """The PING's sequence number."""
+    sent_at: float
+    """The PING's `sent_at`, echoed unchanged."""
+    received_at: float
+    """Answerer's clock in seconds when the PING was received."""
+    padding_len: int = 0
+    """Length of the PING's padding, so the pinger can compute a bandwidth."""
+
+    def __post_init__(self) -> None:
+        _check_int("seq", self.seq)
+        _float(self, "sent_at", self.sent_at)
+        _float(self, "received_at", self.received_at)
+        _check_int("padding_len", self.padding_len, 0, 2**32 - 1)
+
+    @classmethod
+    def reply_to(cls, ping: Ping, received_at: float) -> Pong:
+        """The PONG answering `ping`, received at `received_at` on the answerer's clock."""
+        return cls(ping.seq, ping.sent_at, received_at, len(ping.padding))
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """Server → device (request-scoped or fatal), or either side (fatal) before closing."""
+
+    code: ErrorCode
+    """What went wrong."""
+    message: str
+    """Human-readable detail."""
+    request_id: int | None = None
+    """The request this answers; None makes the error fatal to the connection."""
+
+    def __post_init__(self) -> None:
+        if type(self.code) is int and not isinstance(self.code, ErrorCode):
+            try:
+                object.__setattr__(self, "code", ErrorCode(self.code))
+            except ValueError:
+                raise _bad(f"unknown error code {self.code}") from None
+        if not isinstance(self.code, ErrorCode):
+            raise TypeError(f"code must be an ErrorCode, got {type(self.code).__name__}")
+        _check_str("message", self.message)
+        if self.request_id is not None:
+            _check_int("request_id", self.request_id)
+
+    @property
+    def fatal(self) -> bool:
+        """True when the error ends the connection (no request id)."""
+        return self.request_id is None
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    """Either side: it will send nothing more (PROTOCOL.md §7.3)."""
+
+    reason: str = ""
+    """Why the side is leaving, for logs."""
+
+    def __post_init__(self) -> None:
+        _check_str("reason", self.reason)
+
+
+Message: TypeAlias = Hello | Welcome | Infer | Result | Cancel | Ping | Pong | Error | Bye
+
+MESSAGE_CLASSES: Final[dict[MessageType, type[Message]]] = {
+    MessageType.HELLO: Hello,
+    MessageType.WELCOME: Welcome,
+    MessageType.INFER: Infer,
+    MessageType.RESULT: Result,
+    MessageType.CANCEL: Cancel,
+    MessageType.PING: Ping,
+    MessageType.PONG: Pong,
+    MessageType.ERROR: Error,
+    MessageType.BYE: Bye,
+}
+_TYPE_OF: Final[dict[type, MessageType]] = {cls: t for t, cls in MESSAGE_CLASSES.items()}
+_FIELDS: Final[dict[type, tuple[str, ...]]] = {
+    cls: tuple(cls.__dataclass_fields__) for cls in MESSAGE_CLASSES.values()
+}
+_REQUIRED: Final[dict[type, frozenset[str]]] = {
+    cls: frozenset(
+        name
+        for name, f in cls.__dataclass_fields__.items()
+        if f.default is MISSING and f.default_factory is MISSING
+    )
+    for cls in MESSAGE_CLASSES.values()
+}
+_TENSOR_FIELDS: Final = ("codec", "compressed", "shape", "scale", "zero_point", "payload")
+
+
+def message_type(message: Message) -> MessageType:
+    """The type tag of `message`."""
+    try:
+        return _TYPE_OF[type(message)]
+    except KeyError:
+        raise TypeError(f"not a protocol message: {type(message).__name__}") from None
+
+
+def _to_wire(message: Message) -> list[Any]:
+    cls = type(message)
+    fields: dict[str, Any] = {}
+    for name in _FIELDS[cls]:
+        value = getattr(message, name)
+        if isinstance(value, PackedTensor):
+            value = {k: getattr(value, k) for k in _TENSOR_FIELDS}
+            value["shape"] = list(value["shape"])
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, enum.IntEnum):
+            value = int(value)
+        fields[name] = value
+    return [int(_TYPE_OF[cls]), fields]
+
+
+def encode_message(message: Message) -> bytes:
+    """The msgpack body of one frame holding `message` (PROTOCOL.md §5)."""
+    message_type(message)
+    return msgpack.packb(_to_wire(message), use_bin_type=True)
+
+
+def decode_message(obj: object) -> Message:
+    """Build a message from a decoded msgpack object ``[type, {fields}]``.
+
+    Raises `RemoteProtocolError` naming what was wrong: shape of the frame, unknown type,
+    missing or mistyped field, out-of-range value.
+    """
+    if not isinstance(obj, (list, tuple)) or len(obj) != 2:
+        raise RemoteProtocolError("frame body must be a msgpack array [type, fields]")
+    tag, fields = obj
+    if type(tag) is not int:
+        raise RemoteProtocolError(f"message type must be an int, got {type(tag).__name__}")
+    try:
+        mtype = MessageType(tag)
+    except ValueError:
+        raise RemoteProtocolError(f"unknown message type {tag}") from None
+    if not isinstance(fields, dict):
+        raise RemoteProtocolError(f"{mtype.name} fields must be a msgpack map")
+    cls = MESSAGE_CLASSES[mtype]
+    missing = _REQUIRED[cls] - fields.keys()
+    if missing:
+        raise RemoteProtocolError(f"{mtype.name} is missing field(s) {sorted(missing)}")
+    # Unknown keys are ignored for forward compatibility (PROTOCOL.md §9).
+    kwargs = {name: fields[name] for name in _FIELDS[cls] if name in fields}
+    try:
+        if cls is Infer:
+            kwargs["tensor"] = _decode_tensor(kwargs["tensor"])
+        return cls(**kwargs)
+    except TensorError as exc:
+        raise RemoteProtocolError(f"INFER tensor: {exc}", exc.code) from None
+    except (TypeError, ValueError) as exc:
+        raise RemoteProtocolError(f"malformed {mtype.name}: {exc}") from None
+
+
+def _decode_tensor(value: object) -> PackedTensor:
+    if not isinstance(value, dict):
+        raise TensorError(f"tensor must be a msgpack map, got {type(value).__name__}")
+    missing = set(_TENSOR_FIELDS) - value.keys()
+    if missing:
+        raise TensorError(f"tensor is missing field(s) {sorted(missing)}")
+    return PackedTensor(**{k: value[k] for k in _TENSOR_FIELDS})

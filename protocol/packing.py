@@ -1,0 +1,417 @@
+"""Activation packing: the communication optimiser of SPINN (paper §4.3, PROTOCOL.md §6).
+
+An activation crosses the network as a `PackedTensor`: a codec name, a shape, the affine
+quantisation parameters and the payload bytes, optionally compressed with zstd. ReLU
+outputs are about half zeros, so the `sparse_int8` codec sends a bitmask (or an index
+list, whichever is smaller) of the non-zeros plus their int8 values; zstd is applied only
+when the estimated time to compress and decompress is smaller than the transfer time it
+saves at the current bandwidth (`should_compress`).
+
+Everything is vectorised numpy: no per-element Python loops on either side.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import zstandard
+
+from protocol.errors import ErrorCode, TensorError
+
+__all__ = [
+    "CODECS",
+    "DEFAULT_MAX_ELEMENTS",
+    "MAX_NDIM",
+    "SPARSE_BITMASK",
+    "SPARSE_INDEX_U16",
+    "SPARSE_INDEX_U32",
+    "ZSTD_COMPRESS_BPS",
+    "ZSTD_DECOMPRESS_BPS",
+    "ZSTD_LEVEL",
+    "PackedTensor",
+    "estimate_zstd_ratio",
+    "pack",
+    "quantise",
+    "raw_payload_limit",
+    "should_compress",
+    "unpack",
+]
+
+CODECS: Final[tuple[str, ...]] = ("float32", "float16", "int8", "sparse_int8")
+"""Codec names, in the order a device lists them in HELLO (PROTOCOL.md §6.1)."""
+
+MAX_NDIM: Final = 8
+"""Most dimensions a packed tensor may declare (PROTOCOL.md §6)."""
+
+MAX_DIM: Final = 2**31 - 1
+"""Largest single dimension; bigger values are rejected before any product is taken."""
+
+DEFAULT_MAX_ELEMENTS: Final = 2**24
+"""Default element limit of `unpack`: 16 Mi elements, i.e. a 64 MiB float32 result."""
+
+SPARSE_BITMASK: Final = 0
+"""sparse_int8 layout byte: a bitmask of ceil(N/8) bytes follows (PROTOCOL.md §6.5)."""
+SPARSE_INDEX_U16: Final = 1
+"""sparse_int8 layout byte: nnz little-endian uint16 flat indices follow."""
+SPARSE_INDEX_U32: Final = 2
+"""sparse_int8 layout byte: nnz little-endian uint32 flat indices follow."""
+
+ZSTD_LEVEL: Final = 1
+"""zstd level used by `pack`: level 1 keeps compression well above link speeds up to
+~1 Gbit/s on one core, where higher levels would cost more time than the bytes they save."""
+
+ZSTD_COMPRESS_BPS: Final = 250e6
+"""Calibrated zstd level-1 compression speed, payload bytes per second on one weak core
+(measured by `python -m bench.protocol`; deliberately conservative)."""
+
+ZSTD_DECOMPRESS_BPS: Final = 800e6
+"""Calibrated zstd decompression speed, payload bytes per second on one weak core."""
+
+_SAMPLE_CHUNK: Final = 4096
+_SAMPLE_CHUNKS: Final = 4
+_MIN_COMPRESS_BYTES: Final = 64
+_SPARSE_HEADER = struct.Struct("<BI")
+_FLOAT16_MAX: Final = 65504.0
+_QUANT_MAX: Final = 2.0**126
+_F32_TINY: Final = float(np.finfo(np.float32).tiny)
+
+_compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
+_decompressor = zstandard.ZstdDecompressor()
+
+
+@dataclass(frozen=True, slots=True)
+class PackedTensor:
+    """One activation as it crosses the network (PROTOCOL.md §6)."""
+
+    codec: str
+    """Codec name, one of `CODECS`."""
+    compressed: bool
+    """True when `payload` is one zstd frame holding the codec's raw bytes."""
+    shape: tuple[int, ...]
+    """Shape of the tensor (batch included), at most `MAX_NDIM` non-negative dimensions."""
+    scale: float
+    """Quantisation step: x̂ = (q − zero_point)·scale. Exactly 1.0 for float codecs."""
+    zero_point: int
+    """Quantised value of 0.0, in [−128, 127]. Exactly 0 for float codecs."""
+    payload: bytes
+    """The codec's bytes (zstd-compressed when `compressed`)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.codec, str) or self.codec not in CODECS:
+            raise TensorError(f"unknown codec {self.codec!r}; expected one of {CODECS}")
+        if not isinstance(self.compressed, bool):
+            raise TensorError(f"compressed must be a bool, got {type(self.compressed).__name__}")
+        shape = self.shape
+        if isinstance(shape, list):
+            shape = tuple(shape)
+            object.__setattr__(self, "shape", shape)
+        if not isinstance(shape, tuple):
+            raise TensorError(f"shape must be a sequence of ints, got {type(shape).__name__}")
+        if len(shape) > MAX_NDIM:
+            raise TensorError(f"shape has {len(shape)} dimensions; at most {MAX_NDIM} allowed")
+        for dim in shape:
+            if type(dim) is not int or not 0 <= dim <= MAX_DIM:
+                raise TensorError(f"shape {shape!r} has an invalid dimension {dim!r}")
+        scale = self.scale
+        if type(scale) is int:
+            scale = float(scale)
+            object.__setattr__(self, "scale", scale)
+        if type(scale) is not float or not math.isfinite(scale) or scale <= 0.0:
+            raise TensorError(f"scale must be a finite float > 0, got {scale!r}")
+        if type(self.zero_point) is not int or not -128 <= self.zero_point <= 127:
+            raise TensorError(f"zero_point must be an int in [-128, 127], got {self.zero_point!r}")
+        if self.codec in ("float32", "float16") and (scale != 1.0 or self.zero_point != 0):
+            raise TensorError(f"codec {self.codec} requires scale 1.0 and zero_point 0")
+        if not isinstance(self.payload, bytes):
+            raise TensorError(f"payload must be bytes, got {type(self.payload).__name__}")
+
+    @property
+    def numel(self) -> int:
+        """Number of elements the shape declares."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of payload that travel on the wire."""
+        return len(self.payload)
+
+
+def quantise(values: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """Affine int8 quantisation of a float32 array: returns (q, scale, zero_point).
+
+    The range [min(x, 0), max(x, 0)] is mapped onto 255 of the 256 int8 levels, so 0.0 is
+    exact and round(x/scale) + zero_point never leaves [−128, 127]; hence
+    |x − (q − zero_point)·scale| ≤ scale/2 up to float32 rounding (PROTOCOL.md §6.4).
+    """
+    if values.size == 0:
+        return np.empty(0, np.int8), 1.0, 0
+    lo = min(float(values.min()), 0.0)
+    hi = max(float(values.max()), 0.0)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("cannot pack non-finite values (nan or inf) with an int8 codec")
+    if max(-lo, hi) > _QUANT_MAX:
+        # Keeps (q − zero_point)·scale below float32's maximum on the way back.
+        raise ValueError(f"values up to {max(-lo, hi):g} exceed the int8 codecs' range 2**126")
+    if hi == lo:
+        return np.zeros(values.shape, np.int8), 1.0, 0
+    scale = float(np.float32((hi - lo) / 254.0))
+    scale = max(scale, _F32_TINY)
+    zero_point = -128 - round(lo / scale)
+    t = np.divide(values, np.float32(scale), dtype=np.float32)
+    np.rint(t, out=t)
+    t += np.float32(zero_point)
+    np.clip(t, -128.0, 127.0, out=t)
+    return t.astype(np.int8), scale, int(zero_point)
+
+
+def _dequantise(q: np.ndarray, scale: float, zero_point: int, out: np.ndarray) -> None:
+    np.subtract(q, np.float32(zero_point), out=out, dtype=np.float32)
+    out *= np.float32(scale)
+
+
+def estimate_zstd_ratio(payload: bytes | memoryview) -> float:
+    """Estimated size ratio raw/compressed of `payload`, from a small sample.
+
+    Compresses up to four evenly spaced 4 KiB chunks, so the estimate costs a few tens of
+    microseconds whatever the payload size (paper §4.3: the decision must be cheap).
+    """
+    n = len(payload)
+    if n == 0:
+        return 1.0
+    view = memoryview(payload)
+    if n <= _SAMPLE_CHUNK * _SAMPLE_CHUNKS:
+        sample = bytes(view)
+    else:
+        step = (n - _SAMPLE_CHUNK) // (_SAMPLE_CHUNKS - 1)
+        sample = b"".join(view[i * step : i * step + _SAMPLE_CHUNK] for i in range(_SAMPLE_CHUNKS))
+    return len(sample) / max(1, len(_compressor.compress(sample)))
+
+
+def should_compress(
+    raw_len: int,
+    bandwidth_bps: float | None,
+    *,
+    ratio: float = 2.0,
+    compress_bps: float = ZSTD_COMPRESS_BPS,
+    decompress_bps: float = ZSTD_DECOMPRESS_BPS,
+) -> bool:
+    """Whether zstd pays off for `raw_len` payload bytes at `bandwidth_bps` bits per second.
+
+    True when the transfer time saved, raw_len·(1 − 1/ratio)·8 / bandwidth, exceeds the
+    estimated time to compress and decompress (paper §4.3, PROTOCOL.md §6.6). An unknown
+    bandwidth (None) favours fewer bytes; an infinite one never compresses.
+    """
+    if raw_len < 0:
+        raise ValueError(f"raw_len must be >= 0, got {raw_len}")
+    if bandwidth_bps is not None and not bandwidth_bps > 0:
+        raise ValueError(f"bandwidth_bps must be > 0 or None, got {bandwidth_bps!r}")
+    if raw_len < _MIN_COMPRESS_BYTES or ratio <= 1.0:
+        return False
+    if bandwidth_bps is None:
+        return True
+    codec_s = raw_len / compress_bps + raw_len / decompress_bps
+    saved_s = raw_len * (1.0 - 1.0 / ratio) * 8.0 / bandwidth_bps
+    return saved_s > codec_s
+
+
+def _as_float32(array: np.ndarray) -> np.ndarray:
+    arr = np.asarray(array)
+    if arr.dtype.kind not in "fiub":
+        raise ValueError(f"cannot pack an array of dtype {arr.dtype}; expected real numbers")
+    if arr.ndim > MAX_NDIM:
+        raise ValueError(f"cannot pack {arr.ndim} dimensions; at most {MAX_NDIM} allowed")
+    return np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
+
+
+def _check_finite(flat: np.ndarray, limit: float = math.inf) -> None:
+    if flat.size == 0:
+        return
+    lo, hi = float(flat.min()), float(flat.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("cannot pack non-finite values (nan or inf)")
+    if max(-lo, hi) > limit:
+        raise ValueError(f"values up to {max(-lo, hi):g} overflow float16 (max {limit:g})")
+
+
+def _pack_sparse(flat: np.ndarray) -> tuple[bytes, float, int]:
+    n = flat.size
+    mask = flat != 0
+    values = flat[mask]
+    nnz = values.size
+    q, scale, zero_point = quantise(values)
+    mask_len = (n + 7) // 8
+    width = 2 if n <= 0x10000 else 4
+    if nnz * width < mask_len:
+        layout = SPARSE_INDEX_U16 if width == 2 else SPARSE_INDEX_U32
+        index = np.flatnonzero(mask).astype("<u2" if width == 2 else "<u4")
+        body = index.tobytes()
+    else:
+        layout = SPARSE_BITMASK
+        body = np.packbits(mask).tobytes()
+    return b"".join((_SPARSE_HEADER.pack(layout, nnz), body, q.tobytes())), scale, zero_point
+
+
+def pack(
+    array: np.ndarray,
+    codec: str = "sparse_int8",
+    compress: bool | None = None,
+    bandwidth_bps: float | None = None,
+) -> PackedTensor:
+    """Pack `array` with `codec`; zstd when `compress`, or when it pays off if None.
+
+    With compress=None the decision is `should_compress(len(raw), bandwidth_bps)` with the
+    ratio estimated on a sample of the raw payload (`estimate_zstd_ratio`); a compressed
+    payload that turns out no smaller than the raw one is sent raw.
+    """
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; expected one of {CODECS}")
+    shape = tuple(int(d) for d in np.shape(array))
+    flat = _as_float32(array)
+    scale, zero_point = 1.0, 0
+    if codec == "float32":
+        _check_finite(flat)
+        raw = flat.astype("<f4", copy=False).tobytes()
+    elif codec == "float16":
+        _check_finite(flat, _FLOAT16_MAX)
+        raw = flat.astype("<f2").tobytes()
+    elif codec == "int8":
+        q, scale, zero_point = quantise(flat)
+        raw = q.tobytes()
+    else:
+        raw, scale, zero_point = _pack_sparse(flat)
+    if compress is None:
+        compress = len(raw) >= _MIN_COMPRESS_BYTES and should_compress(
+            len(raw), bandwidth_bps, ratio=estimate_zstd_ratio(raw)
+        )
+    payload = raw
+    if compress:
+        packed = _compressor.compress(raw)
+        if len(packed) < len(raw):
+            payload = packed
+        else:
+            compress = False
+    return PackedTensor(codec, bool(compress), shape, scale, zero_point, payload)
+
+
+def raw_payload_limit(codec: str, numel: int) -> int:
+    """Largest raw (uncompressed) payload a tensor of `numel` elements may have."""
+    if codec == "float32":
+        return 4 * numel
+    if codec == "float16":
+        return 2 * numel
+    if codec == "int8":
+        return numel
+    # sparse_int8: header + the largest index list (uint32 each) + one int8 per element.
+    return _SPARSE_HEADER.size + 4 * numel + numel
+
+
+def _decompress(payload: bytes, limit: int) -> bytes:
+    # The zstd header is read first so that a frame declaring more than the shape allows is
+    # refused before any allocation (PROTOCOL.md §6.6: the frame must declare its size).
+    try:
+        size = zstandard.frame_content_size(payload)
+    except zstandard.ZstdError as exc:
+        raise TensorError(f"compressed payload is not a zstd frame: {exc}") from None
+    if size < 0:
+        raise TensorError("zstd frame does not declare its content size")
+    if size > limit:
+        raise TensorError(
+            f"zstd frame declares {size} bytes; the shape allows at most {limit}",
+            ErrorCode.TOO_LARGE,
+        )
+    try:
+        dobj = _decompressor.decompressobj(write_size=max(size, 1))
+        raw = dobj.decompress(payload)
+    except zstandard.ZstdError as exc:
+        raise TensorError(f"corrupt zstd payload: {exc}") from None
+    if not dobj.eof or dobj.unused_data or len(raw) != size:
+        raise TensorError(
+            f"zstd payload is truncated or has trailing bytes "
+            f"(decoded {len(raw)} of {size} bytes, {len(dobj.unused_data)} bytes left over)"
+        )
+    return raw
+
+
+def _expect_len(codec: str, raw: bytes, expected: int) -> None:
+    if len(raw) != expected:
+        raise TensorError(f"{codec} payload has {len(raw)} bytes; the shape needs {expected}")
+
+
+def _unpack_sparse(raw: bytes, n: int, scale: float, zero_point: int) -> np.ndarray:
+    hs = _SPARSE_HEADER.size
+    if len(raw) < hs:
+        raise TensorError(f"sparse_int8 payload has {len(raw)} bytes; the header alone needs {hs}")
+    layout, nnz = _SPARSE_HEADER.unpack_from(raw)
+    if nnz > n:
+        raise TensorError(f"sparse_int8 declares {nnz} non-zeros for {n} elements")
+    out = np.zeros(n, np.float32)
+    buf = memoryview(raw)
+    if layout == SPARSE_BITMASK:
+        mask_len = (n + 7) // 8
+        _expect_len("sparse_int8", raw, hs + mask_len + nnz)
+        packed_mask = np.frombuffer(buf, np.uint8, mask_len, hs)
+        bits = np.unpackbits(packed_mask, count=n).view(np.bool_)
+        count = int(np.count_nonzero(bits))
+        if n % 8 and int(packed_mask[-1]) & ((1 << (8 - n % 8)) - 1):
+            raise TensorError("sparse_int8 bitmask has bits set past the last element")
+        if count != nnz:
+            raise TensorError(f"sparse_int8 bitmask has {count} bits set; header says {nnz}")
+        q = np.frombuffer(buf, np.int8, nnz, hs + mask_len)
+        values = np.empty(nnz, np.float32)
+        _dequantise(q, scale, zero_point, values)
+        out[bits] = values
+        return out
+    if layout in (SPARSE_INDEX_U16, SPARSE_INDEX_U32):
+        width = 2 if layout == SPARSE_INDEX_U16 else 4
+        _expect_len("sparse_int8", raw, hs + width * nnz + nnz)
+        index = np.frombuffer(buf, "<u2" if width == 2 else "<u4", nnz, hs).astype(np.intp)
+        if nnz and (int(index[-1]) >= n or (nnz > 1 and not bool(np.all(np.diff(index) > 0)))):
+            raise TensorError(
+                f"sparse_int8 indices must be strictly ascending and below {n} elements"
+            )
+        q = np.frombuffer(buf, np.int8, nnz, hs + width * nnz)
+        values = np.empty(nnz, np.float32)
+        _dequantise(q, scale, zero_point, values)
+        out[index] = values
+        return out
+    raise TensorError(f"sparse_int8 has unknown layout byte {layout}")
+
+
+def unpack(packed: PackedTensor, max_elements: int = DEFAULT_MAX_ELEMENTS) -> np.ndarray:
+    """Decode `packed` into a float32 array of its shape, validating everything.
+
+    Raises `TensorError` (never another exception) when the payload does not match the
+    codec and shape; never allocates more than the declared shape allows, and refuses shapes
+    above `max_elements` before allocating anything.
+    """
+    if not isinstance(packed, PackedTensor):
+        raise TypeError(f"expected a PackedTensor, got {type(packed).__name__}")
+    n = packed.numel
+    if n > max_elements:
+        raise TensorError(
+            f"tensor of shape {packed.shape} has {n} elements; the limit is {max_elements}",
+            ErrorCode.TOO_LARGE,
+        )
+    codec = packed.codec
+    raw = packed.payload
+    if packed.compressed:
+        raw = _decompress(raw, raw_payload_limit(codec, n))
+    if codec == "float32":
+        _expect_len(codec, raw, 4 * n)
+        out = np.frombuffer(raw, "<f4", n).astype(np.float32)
+    elif codec == "float16":
+        _expect_len(codec, raw, 2 * n)
+        out = np.frombuffer(raw, "<f2", n).astype(np.float32)
+    elif codec == "int8":
+        _expect_len(codec, raw, n)
+        out = np.empty(n, np.float32)
+        _dequantise(np.frombuffer(raw, np.int8, n), packed.scale, packed.zero_point, out)
+    else:
+        out = _unpack_sparse(raw, n, packed.scale, packed.zero_point)
+    if codec in ("float32", "float16") and n and not bool(np.isfinite(out).all()):
+        raise TensorError(f"{codec} payload holds non-finite values (nan or inf)")
+    return out.reshape(packed.shape)

@@ -1,0 +1,189 @@
+"""Tests of protocol.messages: encoding round-trips, field validation, hostile bodies."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.errors import ErrorCode, RemoteProtocolError
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    Bye,
+    Cancel,
+    Error,
+    Hello,
+    Infer,
+    Message,
+    MessageType,
+    Ping,
+    Pong,
+    Result,
+    Welcome,
+    decode_message,
+    encode_message,
+    message_type,
+)
+from protocol.packing import CODECS, PackedTensor
+
+ids = st.integers(0, 2**64 - 1)
+finite = st.floats(allow_nan=False, allow_infinity=False)
+non_negative = st.floats(0.0, 1e12)
+text = st.text(max_size=40)
+sha = st.one_of(st.just(""), st.text("0123456789abcdef", min_size=64, max_size=64))
+codec_lists = st.lists(st.sampled_from(CODECS), max_size=4, unique=True).map(tuple)
+
+
+@st.composite
+def packed_tensors(draw: st.DrawFn) -> PackedTensor:
+    codec = draw(st.sampled_from(CODECS))
+    quantised = codec in ("int8", "sparse_int8")
+    return PackedTensor(
+        codec=codec,
+        compressed=draw(st.booleans()),
+        shape=tuple(draw(st.lists(st.integers(0, 2**31 - 1), max_size=8))),
+        scale=draw(st.floats(1e-30, 1e30)) if quantised else 1.0,
+        zero_point=draw(st.integers(-128, 127)) if quantised else 0,
+        payload=draw(st.binary(max_size=200)),
+    )
+
+
+@st.composite
+def results(draw: st.DrawFn) -> Result:
+    k = draw(st.integers(1, 5))
+    return Result(
+        request_id=draw(ids),
+        exit_index=draw(st.integers(0, 100)),
+        classes=tuple(draw(st.lists(st.integers(0, 1000), min_size=k, max_size=k))),
+        probs=tuple(draw(st.lists(st.floats(0.0, 1.0), min_size=k, max_size=k))),
+        compute_ms=draw(st.one_of(st.none(), non_negative)),
+    )
+
+
+messages: st.SearchStrategy[Message] = st.one_of(
+    st.builds(Hello, st.integers(0, 2**32 - 1), text, sha, codec_lists, text),
+    st.builds(Welcome, st.integers(0, 2**32 - 1), text, sha, codec_lists, st.booleans(), text),
+    st.builds(
+        Infer,
+        ids,
+        st.integers(0, 1000),
+        st.floats(0.0, 1.0),
+        packed_tensors(),
+        st.one_of(st.none(), non_negative),
+    ),
+    results(),
+    st.builds(Cancel, ids),
+    st.builds(Ping, ids, finite, st.binary(max_size=300)),
+    st.builds(Pong, ids, finite, finite, st.integers(0, 2**32 - 1)),
+    st.builds(Error, st.sampled_from(ErrorCode), text, st.one_of(st.none(), ids)),
+    st.builds(Bye, text),
+)
+
+
+def _roundtrip(message: Message) -> Message:
+    obj = msgpack.unpackb(encode_message(message), use_list=False, raw=False)
+    return decode_message(obj)
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages)
+def test_every_message_round_trips(message: Message) -> None:
+    decoded = _roundtrip(message)
+    assert decoded == message
+    assert type(decoded) is type(message)
+
+
+def test_wire_layout_is_type_then_map() -> None:
+    obj = msgpack.unpackb(encode_message(Cancel(5)), raw=False)
+    assert obj == [MessageType.CANCEL, {"request_id": 5}]
+    ping = msgpack.unpackb(encode_message(Ping(1, 2.5, b"\x00\x01")), raw=False)
+    assert isinstance(ping[1]["padding"], bytes), "padding travels as msgpack bin"
+
+
+def test_unknown_fields_are_ignored_and_defaults_apply() -> None:
+    body = [int(MessageType.HELLO), {"version": 1, "model_id": "m", "weights_sha256": "",
+                                     "codecs": ["int8"], "auth_token": "later"}]  # fmt: skip
+    hello = decode_message(body)
+    assert hello == Hello(1, "m", "", ("int8",), device_name="")
+
+
+def test_integral_floats_from_other_languages_are_accepted() -> None:
+    msg = decode_message([int(MessageType.PONG), {"seq": 1, "sent_at": 3, "received_at": 4}])
+    assert msg == Pong(1, 3.0, 4.0)
+    assert isinstance(msg, Pong) and type(msg.sent_at) is float
+
+
+@pytest.mark.parametrize(
+    ("obj", "match"),
+    [
+        ({"type": 1}, "array"),
+        ([1], "array"),
+        (["1", {}], "type must be an int"),
+        ([99, {}], "unknown message type 99"),
+        ([1, []], "must be a msgpack map"),
+        ([5, {}], r"CANCEL is missing field\(s\) \['request_id'\]"),
+        ([5, {"request_id": "7"}], "request_id must be an int"),
+        ([5, {"request_id": True}], "request_id must be an int"),
+        ([5, {"request_id": -1}], "request_id must be in"),
+        ([5, {"request_id": 2**64}], "request_id must be in"),
+        ([6, {"seq": 1, "sent_at": math.nan}], "sent_at must be a finite"),
+        ([6, {"seq": 1, "sent_at": 1.0, "padding": "text"}], "padding must be bytes"),
+        ([8, {"code": 999, "message": "x"}], "unknown error code 999"),
+        ([8, {"code": 1, "message": b"bytes"}], "message must be a str"),
+        ([9, {"reason": "x" * 5000}], "at most 4096"),
+        ([1, {"version": 1, "model_id": "m", "weights_sha256": "xyz", "codecs": []}], "hex"),
+        ([1, {"version": 1, "model_id": "m", "weights_sha256": "", "codecs": "int8"}], "codecs"),
+        ([4, {"request_id": 1, "exit_index": 0, "classes": [1, 2], "probs": [0.5]}], "length"),
+        ([4, {"request_id": 1, "exit_index": 0, "classes": [1], "probs": [1.5]}], r"\[0, 1\]"),
+        ([4, {"request_id": 1, "exit_index": 0, "classes": [], "probs": []}], "length"),
+        ([3, {"request_id": 1, "split": 1, "thr_conf": 2.0, "tensor": {}}], "tensor"),
+        ([3, {"request_id": 1, "split": 1, "thr_conf": 0.5, "tensor": 5}], "msgpack map"),
+    ],
+)
+def test_malformed_bodies_name_the_problem(obj: object, match: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=match) as info:
+        decode_message(obj)
+    assert info.value.code in (ErrorCode.PROTOCOL, ErrorCode.BAD_TENSOR)
+
+
+def test_bad_tensor_fields_carry_bad_tensor_code() -> None:
+    tensor = {
+        "codec": "int8",
+        "compressed": False,
+        "shape": [-3],
+        "scale": 1.0,
+        "zero_point": 0,
+        "payload": b"",
+    }
+    body = [3, {"request_id": 1, "split": 1, "thr_conf": 0.5, "tensor": tensor}]
+    with pytest.raises(RemoteProtocolError, match="invalid dimension") as info:
+        decode_message(body)
+    assert info.value.code is ErrorCode.BAD_TENSOR
+
+
+def test_local_construction_validates_too() -> None:
+    with pytest.raises(ValueError, match="thr_conf"):
+        Infer(1, 1, 1.5, PackedTensor("float32", False, (1,), 1.0, 0, bytes(4)))
+    with pytest.raises(TypeError, match="code must be an ErrorCode"):
+        Error("BUSY", "x")  # type: ignore[arg-type]
+    assert Error(6, "x").code is ErrorCode.BUSY  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        message_type("not a message")  # type: ignore[arg-type]
+
+
+def test_pong_reply_to_echoes_time_not_padding() -> None:
+    pong = Pong.reply_to(Ping(9, 12.5, b"x" * 1000), received_at=13.0)
+    assert pong == Pong(9, 12.5, 13.0, 1000)
+    assert len(encode_message(pong)) < 100
+
+
+def test_error_fatal_flag() -> None:
+    assert Error(ErrorCode.PROTOCOL, "bad").fatal
+    assert not Error(ErrorCode.BUSY, "later", request_id=3).fatal
+
+
+def test_version_constant() -> None:
+    assert PROTOCOL_VERSION == 1
