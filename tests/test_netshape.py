@@ -274,6 +274,7 @@ def test_loss_rate_matches_the_segment_model_and_stalls_by_the_rto() -> None:
     assert share == pytest.approx(expected, rel=0.1)
     for k, f in enumerate(fates[:200]):
         assert f.due - k == pytest.approx(0.01 + (0.2 if f.lost else 0.0))
+        assert f.resume_at - k == pytest.approx(0.2 if f.lost else 0.0)
 
 
 def test_a_stall_holds_the_chunks_behind_it() -> None:

@@ -94,6 +94,8 @@ class ChunkFate:
     """When the chunk may be written onward."""
     lost: bool
     """Whether a segment of it was lost, i.e. it was held for a stall."""
+    resume_at: float
+    """When the direction may carry the next chunk (after the stall when lost)."""
 
 
 class LinkSchedule:
@@ -103,7 +105,8 @@ class LinkSchedule:
     are measured from each chunk's own arrival so they never pile up (toxiproxy's latency
     toxic does the same). TCP delivers in order, so a chunk is never due before the one
     ahead of it: a stall holds everything behind it (head-of-line blocking), and jitter never
-    reorders bytes.
+    reorders bytes. During a stall the sender waits for its retransmission timer, so the
+    bottleneck carries nothing else until ``resume_at``: loss lowers throughput as in TCP.
     """
 
     __slots__ = ("_rng", "_last_due", "_bad")
@@ -144,11 +147,10 @@ class LinkSchedule:
         if cfg.jitter_s > 0.0:
             delay = max(0.0, delay + self._rng.uniform(-cfg.jitter_s, cfg.jitter_s))
         lost = self._lost(nbytes, cfg)
-        if lost:
-            delay += cfg.effective_stall
-        due = max(now + delay, self._last_due)
+        stall = cfg.effective_stall if lost else 0.0
+        due = max(now + stall + delay, self._last_due)
         self._last_due = due
-        return ChunkFate(due=due, lost=lost)
+        return ChunkFate(due=due, lost=lost, resume_at=now + stall)
 
 
 def slice_sizes(nbytes: int, cfg: DirectionConfig, rng: random.Random) -> list[int]:

@@ -256,9 +256,10 @@ class _Pipe:
                     await self.sleeper.until(t)
                     now = loop.time()
             fate = self.schedule.fate(len(data), now, state.config)
+            self.queue.put((fate.due, data))
             if fate.lost:
                 state.stalls += 1
-            self.queue.put((fate.due, data))
+                await asyncio.sleep(fate.resume_at - now)
 
     async def write_stage(self) -> None:
         proxy, state, loop, writer = self.proxy, self.state, self.loop, self.writer
