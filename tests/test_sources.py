@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+from spinn.progressive import InputSpec
 from spinn.sources import (
     ArraySource,
     CaptureSource,
@@ -15,10 +16,11 @@ from spinn.sources import (
     Pacer,
     SourceError,
     camera_target,
+    dataset_source,
     preprocess,
 )
 
-SPEC = {"channels": 1, "height": 28, "width": 28, "mean": (0.5,), "std": (0.25,)}
+SPEC = InputSpec(channels=1, height=28, width=28, mean=(0.5,), std=(0.25,))
 
 
 def _rgb(h: int, w: int, seed: int) -> np.ndarray:
@@ -27,7 +29,7 @@ def _rgb(h: int, w: int, seed: int) -> np.ndarray:
 
 def test_preprocess_gray_same_size_is_scale_and_normalise() -> None:
     img = np.arange(28 * 28, dtype=np.int64).reshape(28, 28).astype(np.uint8)
-    x = preprocess(img, **SPEC)  # type: ignore[arg-type]
+    x = preprocess(img, SPEC).numpy()
     assert x.shape == (1, 28, 28) and x.dtype == np.float32
     np.testing.assert_allclose(x[0], (img / 255.0 - 0.5) / 0.25, atol=1e-6)
 
@@ -35,7 +37,7 @@ def test_preprocess_gray_same_size_is_scale_and_normalise() -> None:
 def test_preprocess_rgb_to_gray_and_resize() -> None:
     img = np.zeros((56, 84, 3), np.uint8)
     img[..., 0] = 255  # pure red
-    x = preprocess(img, **SPEC)  # type: ignore[arg-type]
+    x = preprocess(img, SPEC).numpy()
     assert x.shape == (1, 28, 28)
     # ITU-R BT.601 luma of red: 0.299
     np.testing.assert_allclose(x, (76 / 255 - 0.5) / 0.25, atol=2e-2)
@@ -43,15 +45,14 @@ def test_preprocess_rgb_to_gray_and_resize() -> None:
 
 def test_preprocess_gray_to_rgb_and_errors() -> None:
     img = np.full((10, 10), 255, np.uint8)
-    x = preprocess(img, channels=3, height=8, width=8, mean=(0, 0, 0), std=(1, 1, 1))
-    assert x.shape == (3, 8, 8)
-    np.testing.assert_allclose(x, 1.0)
-    with pytest.raises(SourceError, match="mean/std"):
-        preprocess(img, channels=3, height=8, width=8, mean=(0,), std=(1,))
+    rgb = InputSpec(channels=3, height=8, width=8, mean=(0.0,) * 3, std=(1.0,) * 3)
+    x = preprocess(img, rgb)
+    assert tuple(x.shape) == (3, 8, 8)
+    np.testing.assert_allclose(x.numpy(), 1.0)
     with pytest.raises(SourceError, match="uint8"):
-        preprocess(img.astype(np.float32), **SPEC)  # type: ignore[arg-type]
-    with pytest.raises(SourceError, match="std must be > 0"):
-        preprocess(img, channels=1, height=8, width=8, mean=(0,), std=(0,))
+        preprocess(img.astype(np.float32), SPEC)
+    with pytest.raises(SourceError, match="H×W or H×W×3"):
+        preprocess(np.zeros((4, 4, 2), np.uint8), SPEC)
 
 
 def test_image_folder_reads_sorted_with_class_labels(tmp_path: Path) -> None:
@@ -141,3 +142,16 @@ def test_pacer_keeps_rate_without_drift() -> None:
     assert fast.wait_s(0.0) == 0.0 and fast.wait_s(0.0) == 0.0
     with pytest.raises(SourceError, match="--rate"):
         Pacer(-1.0)
+
+
+def test_fashion_mnist_replay_is_the_real_test_set() -> None:
+    src = dataset_source("fashion-mnist:test", limit=5)
+    frames = list(src)
+    assert len(frames) == 5 and src.class_names[0] == "T-shirt/top"
+    assert frames[0].image.shape == (28, 28) and frames[0].image.dtype == np.uint8
+    # The first Fashion-MNIST test image is an ankle boot (class 9).
+    assert frames[0].label == 9
+    with pytest.raises(SourceError, match="unknown dataset"):
+        dataset_source("cifar")
+    with pytest.raises(SourceError, match="'test' or 'train'"):
+        dataset_source("fashion-mnist:val")

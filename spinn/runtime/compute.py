@@ -1,0 +1,107 @@
+"""Model compute off the event loop: thread budget, executor, priority slots.
+
+DESIGN.md part 7: I/O runs on asyncio, model compute in an executor pool.  On
+a machine with ``C`` cores a pool of ``W`` workers each using ``T`` torch
+intra-op threads stays within the cores when ``W·T ≤ C``; more would make
+the workers fight over cores (oversubscription), which raises every request's
+latency without adding throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import torch
+
+__all__ = ["ComputeSlots", "configure_torch", "make_executor", "plan_workers"]
+
+
+def plan_workers(
+    workers: int | None, torch_threads: int, cores: int | None = None
+) -> tuple[int, int]:
+    """(workers, torch threads per worker) that do not oversubscribe ``cores``."""
+    cores = cores or os.cpu_count() or 1
+    if torch_threads < 1:
+        raise ValueError(f"torch threads must be >= 1, got {torch_threads}")
+    if workers is None:
+        workers = max(1, cores // torch_threads)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    return workers, torch_threads
+
+
+def configure_torch(threads: int) -> None:
+    """Set torch's intra-op threads for this process (shared by all pool workers)."""
+    torch.set_num_threads(threads)
+    try:
+        # Inter-op parallelism is not used (batch 1, one op at a time per worker).
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        # Already fixed by earlier torch work in this process; harmless.
+        pass
+
+
+def make_executor(workers: int, name: str) -> ThreadPoolExecutor:
+    """The pool model compute runs in."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+
+
+class ComputeSlots:
+    """At most ``workers`` computations at once; lower ``priority`` goes first, FIFO within.
+
+    The device uses priority 0 for the stages before the split of new frames and
+    priority 1 for the local continuation of frames already uploaded, so that a
+    continuation (which the server may make unnecessary) never delays the
+    upload of the next frame (DESIGN.md part 7: transfer and compute overlap).
+    """
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self._free = workers
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        """Computations queued for a slot."""
+        return sum(1 for _, _, f in self._waiters if not f.done())
+
+    async def acquire(self, priority: int) -> None:
+        """Wait for a slot."""
+        if self._free > 0 and not self.waiting:
+            self._free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._seq), fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                # The slot was handed over just as we were cancelled: pass it on.
+                self.release()
+            raise
+
+    def release(self) -> None:
+        """Give a slot back, to the most urgent waiter if any."""
+        while self._waiters:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._free += 1
+
+    @asynccontextmanager
+    async def slot(self, priority: int) -> AsyncIterator[None]:
+        """``async with slots.slot(p):`` around one computation."""
+        await self.acquire(priority)
+        try:
+            yield
+        finally:
+            self.release()

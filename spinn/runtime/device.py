@@ -1,0 +1,855 @@
+"""The SPINN device: runs a frame stream across the device and the server.
+
+A thin asyncio adapter (STYLE.md habit 4) over the pure parts: the
+:class:`~spinn.runtime.tracker.RequestTracker` (one answer per frame, the
+server/local race, deadlines), the :class:`~spinn.estimators.OnlineProfiler`
+(B, L, SF, server time) and a :class:`~spinn.policy.Policy` (split, thr_conf).
+
+Per frame (DESIGN.md part 7, "execution engine"):
+
+1. ``policy.decide`` gives ⟨split, thr_conf⟩ from the live estimates.
+2. The device runs stages ``[0, split)`` checking each exit; a confident exit
+   answers locally.
+3. Otherwise the activation is packed (codec, zstd decided by the packer from
+   the live bandwidth) and sent as INFER with a deadline from the estimates.
+4. The device keeps computing ``[split, S)`` locally while the server works.
+   The first answer wins; a local win CANCELs the request.  Stages of new
+   frames take priority over continuations (uploads overlap compute).
+5. A RESULT later than its deadline, an ERROR for the request or a lost
+   connection hands the frame to the local side: answered as ``fallback``.
+
+The link reconnects with exponential backoff and jitter and resumes offloading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from protocol import (
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Bye,
+    Cancel,
+    Connection,
+    Error,
+    ErrorCode,
+    Hello,
+    Infer,
+    Ping,
+    Pong,
+    ProtocolError,
+    Result,
+    Role,
+    Welcome,
+)
+from protocol.packing import CODECS, pack
+from spinn.estimators import OnlineProfiler, ServerTimeEstimator
+from spinn.policy import Decision, FixedPolicy, Policy
+from spinn.runtime.backoff import Backoff
+from spinn.runtime.compute import ComputeSlots, configure_torch, make_executor, plan_workers
+from spinn.runtime.server import DEFAULT_CHECKPOINT
+from spinn.runtime.stats import DeviceStats
+from spinn.runtime.tracker import Answer, FramePhase, RequestTracker, request_deadline
+from spinn.sources import Frame, FrameSource, Pacer, preprocess
+
+__all__ = ["DeviceConfig", "DeviceError", "SpinnDevice", "run_device"]
+
+log = logging.getLogger("spinn.device")
+
+_READ_CHUNK = 1 << 16
+# uvloop's loop.time() ticks in milliseconds, too coarse for loopback round trips and
+# per-stage times; every `now` on the device comes from this clock instead.
+_now = time.perf_counter
+_FATAL_CODES = (ErrorCode.MODEL_MISMATCH, ErrorCode.VERSION, ErrorCode.UNAUTHENTICATED)
+
+
+class DeviceError(RuntimeError):
+    """The device cannot run: bad configuration or a server that refuses this model."""
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Everything the device needs; the CLI only fills this in."""
+
+    checkpoint: Path = DEFAULT_CHECKPOINT
+    """Checkpoint of the progressive model (must match the server's)."""
+    profile: Path | None = None
+    """Offline profile; None = ``profile.json`` beside the checkpoint."""
+    server: tuple[str, int] | None = ("127.0.0.1", 7878)
+    """Server address; None runs device-only and never connects."""
+    split: int | None = None
+    """Fixed split for ``FixedPolicy``; None = the middle split ``S // 2``."""
+    thr_conf: float = 0.8
+    """Fixed exit threshold for ``FixedPolicy``."""
+    rate_fps: float | None = None
+    """Frame rate of the source replay; None or 0 = as fast as possible."""
+    limit: int | None = None
+    """Stop after this many frames."""
+    max_in_flight: int = 4
+    """Frames begun but not answered at most (bounds the pipelining window)."""
+    continue_locally: bool = True
+    """Keep computing after the split while the server works (first answer wins)."""
+    codec: str = "sparse_int8"
+    """Packing codec for activations (``protocol.packing.CODECS``)."""
+    workers: int | None = 1
+    """Device compute threads; a weak device computes one thing at a time."""
+    torch_threads: int = 1
+    """Torch intra-op threads per device worker."""
+    top_k: int = 5
+    """Classes reported per frame."""
+    ping_interval_s: float = 0.5
+    """Period of PING probes while connected (latency L; bandwidth B when padded)."""
+    probe_bytes: int = 16384
+    """Padding of a bandwidth probe PING."""
+    probe_max_age_s: float = 3.0
+    """A padded probe is sent when idle, or at least this often while busy."""
+    ping_timeout_s: float = 1.5
+    """Unanswered PING this long (plus the time queued bytes need at B) = link dead."""
+    deadline_factor: float = 3.0
+    """A RESULT is awaited ``factor ×`` its expected time (2L + bytes/B + server time)…"""
+    deadline_margin_s: float = 0.1
+    """…plus this, before the frame is finished locally as ``fallback``."""
+    connect_timeout_s: float = 2.0
+    """TCP connect plus handshake must complete within this."""
+    reconnect_base_s: float = 0.1
+    """First reconnect delay scale (exponential backoff with jitter)."""
+    reconnect_cap_s: float = 2.0
+    """Longest reconnect delay before jitter."""
+    status_interval_s: float = 0.5
+    """Period of the live status line; 0 disables it."""
+    seed: int = 0
+    """Seed of the reconnect jitter."""
+    device_name: str = "spinn-device"
+    """Name sent in HELLO."""
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+        if self.codec not in CODECS:
+            raise ValueError(f"unknown codec {self.codec!r}; choose one of {', '.join(CODECS)}")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"limit must be >= 0, got {self.limit}")
+        if self.deadline_factor < 1:
+            raise ValueError(f"deadline_factor must be >= 1, got {self.deadline_factor}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+
+@dataclass(slots=True)
+class _Sent:
+    frame_id: int
+    split: int
+    nbytes: int
+    sent_at: float
+
+
+class _Link:
+    """The device's connection to the server: connect, handshake, read, ping, reconnect."""
+
+    def __init__(self, device: SpinnDevice) -> None:
+        self.device = device
+        self.config = device.config
+        self.conn: Connection | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.welcome: Welcome | None = None
+        self.backoff = Backoff(
+            self.config.reconnect_base_s,
+            self.config.reconnect_cap_s,
+            random.Random(self.config.seed),
+        )
+        self.pings: dict[int, tuple[float, int]] = {}
+        self.ping_seq = 0
+        self.last_probe_at = -1e9
+        self.connects = 0
+        self.fatal: DeviceError | None = None
+        self._closing = False
+        self._stopping = False
+
+    @property
+    def up(self) -> bool:
+        return self.welcome is not None and self.writer is not None and not self._closing
+
+    def send(self, event: Any) -> int:
+        """Write one message; returns its framed size (0 if the link is down)."""
+        if not self.up:
+            return 0
+        assert self.conn is not None and self.writer is not None
+        data = self.conn.send(event)
+        self.writer.write(data)
+        return len(data)
+
+    def queued_bytes(self) -> int:
+        if self.writer is None or self.writer.transport is None:
+            return 0
+        return int(self.writer.transport.get_write_buffer_size())
+
+    async def run(self) -> None:
+        """Keep a connection up until closed; reconnect with backoff after each loss."""
+        assert self.config.server is not None
+        host, port = self.config.server
+        while not self._stopping:
+            try:
+                reader = await self._connect(host, port)
+            except DeviceError as exc:
+                self.fatal = exc
+                self.device._wake_all()
+                return
+            except (TimeoutError, OSError, ProtocolError, ConnectionError) as exc:
+                delay = self.backoff.next_delay()
+                log.info("server %s:%d unreachable (%s); retry in %.2f s", host, port, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            self.backoff.reset()
+            self.connects += 1
+            self.device.profiler.mark_server(_now(), True)
+            log.info(
+                "connected to %s:%d (%s), compute time %sreported",
+                host,
+                port,
+                self.welcome.server_name if self.welcome else "?",
+                "" if self.welcome and self.welcome.reports_compute_time else "NOT ",
+            )
+            reason = await self._serve(reader)
+            self._drop(reason)
+            if self.fatal is not None:
+                return
+
+    async def _connect(self, host: str, port: int) -> asyncio.StreamReader:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, limit=_READ_CHUNK), self.config.connect_timeout_s
+        )
+        conn = Connection(Role.DEVICE)
+        meta = self.device.meta
+        writer.write(
+            conn.send(
+                Hello(
+                    PROTOCOL_VERSION,
+                    meta.model_id,
+                    meta.weights_sha256,
+                    (self.config.codec,),
+                    self.config.device_name,
+                )
+            )
+        )
+        try:
+            welcome = await asyncio.wait_for(
+                self._handshake(reader, conn), self.config.connect_timeout_s
+            )
+        except BaseException:
+            writer.close()
+            raise
+        self.conn, self.writer, self.welcome = conn, writer, welcome
+        self.pings.clear()
+        return reader
+
+    async def _handshake(self, reader: asyncio.StreamReader, conn: Connection) -> Welcome:
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                data = await reader.read(_READ_CHUNK)
+                if not data:
+                    raise ConnectionError("server closed the connection during the handshake")
+                conn.receive_data(data)
+                continue
+            if isinstance(event, Welcome):
+                return event
+            if isinstance(event, Error):
+                if event.code in _FATAL_CODES:
+                    raise DeviceError(f"server refused this device: {event.message}")
+                raise ConnectionError(f"server error {event.code.name}: {event.message}")
+            raise ConnectionError(f"unexpected {type(event).__name__} during the handshake")
+
+    async def _serve(self, reader: asyncio.StreamReader) -> str:
+        """Read until the connection ends; returns why."""
+        ping_task = asyncio.create_task(self._ping_loop())
+        try:
+            assert self.conn is not None and self.writer is not None
+            while True:
+                while True:
+                    event = self.conn.next_event()
+                    if event is NEED_DATA:
+                        break
+                    why = self._dispatch(event)
+                    if why is not None:
+                        return why
+                data = await reader.read(_READ_CHUNK)
+                if not data:
+                    return "server closed the connection"
+                self.conn.receive_data(data)
+        except ProtocolError as exc:
+            with contextlib.suppress(ProtocolError, OSError):
+                assert self.writer is not None
+                self.writer.write(Connection(Role.DEVICE).send(Error(exc.code, str(exc))))
+            return f"bad data from server: {exc}"
+        except (ConnectionError, OSError) as exc:
+            return f"connection lost: {exc}"
+        except asyncio.CancelledError:
+            return "link closed"
+        finally:
+            ping_task.cancel()
+
+    def _dispatch(self, event: Any) -> str | None:
+        now = _now()
+        dev = self.device
+        if isinstance(event, Result):
+            dev._on_result(event, now)
+        elif isinstance(event, Pong):
+            sent = self.pings.pop(event.seq, None)
+            if sent is not None:
+                dev.profiler.observe_ping(now, now - sent[0], sent[1])
+                if sent[1]:
+                    self.last_probe_at = now
+        elif isinstance(event, Ping):
+            self.send(Pong.reply_to(event, time.time()))
+        elif isinstance(event, Error):
+            if event.request_id is not None:
+                dev._on_request_error(event)
+            else:
+                if event.code in _FATAL_CODES:
+                    self.fatal = DeviceError(f"server refused this device: {event.message}")
+                return f"server error {event.code.name}: {event.message}"
+        elif isinstance(event, Bye):
+            return f"server said bye ({event.reason})"
+        return None
+
+    async def _ping_loop(self) -> None:
+        cfg = self.config
+        while self.up:
+            now = _now()
+            if self.pings:
+                oldest = min(sent for sent, _ in self.pings.values())
+                est = self.device.profiler.snapshot(now)
+                # Bytes queued before the PING delay it; allow for them at the live B.
+                allowance = cfg.ping_timeout_s + 8.0 * self.queued_bytes() / max(
+                    est.bandwidth_bps, 1.0
+                )
+                if now - oldest > allowance:
+                    log.warning(
+                        "no PONG for %.2f s: treating the server as unreachable", now - oldest
+                    )
+                    self._abort()
+                    return
+            probe = 0
+            idle = self.device.tracker.awaiting_server == 0
+            # Bare and padded pings alternate: a probe's timing is read against the bare
+            # round trip (L), which therefore must be measured first and kept fresh.
+            may_probe = self.ping_seq % 2 == 1 and self.device.profiler.latency.samples > 0
+            if may_probe and (idle or now - self.last_probe_at > cfg.probe_max_age_s):
+                probe = cfg.probe_bytes
+                self.last_probe_at = now
+            self.ping_seq += 1
+            self.pings[self.ping_seq] = (now, probe)
+            self.send(Ping(self.ping_seq, now, b"\0" * probe))
+            await asyncio.sleep(cfg.ping_interval_s)
+
+    def _abort(self) -> None:
+        if self.writer is not None:
+            self.writer.transport.abort()
+
+    def _drop(self, reason: str) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+        self.conn, self.writer, self.welcome = None, None, None
+        self.pings.clear()
+        self.device.profiler.mark_server(_now(), False)
+        log.warning("server link down: %s", reason)
+        self.device._on_link_lost()
+
+    async def close(self) -> None:
+        """Say BYE and stop reconnecting."""
+        self._stopping = True
+        if self.up:
+            with contextlib.suppress(ProtocolError, OSError):
+                self.send(Bye("device done"))
+                assert self.writer is not None
+                await asyncio.wait_for(self.writer.drain(), 1.0)
+        self._closing = True
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+
+
+Emit = Callable[[dict[str, Any]], None]
+Status = Callable[[str], None]
+
+
+class SpinnDevice:
+    """Runs frames through the progressive model, offloading to the server per the policy."""
+
+    def __init__(self, config: DeviceConfig, *, policy: Policy | None = None) -> None:
+        from spinn.checkpoint import load_checkpoint
+        from spinn.profile import Profile
+
+        self.config = config
+        workers, threads = plan_workers(config.workers, config.torch_threads)
+        configure_torch(threads)
+        self.model, self.meta = load_checkpoint(config.checkpoint)
+        self.model.eval()
+        profile_path = config.profile or Path(config.checkpoint).with_name("profile.json")
+        if not Path(profile_path).is_file():
+            raise DeviceError(
+                f"offline profile {profile_path} not found (make one with `spinn profile`)"
+            )
+        self.profile = Profile.load(profile_path)
+        if self.profile.model_id != self.meta.model_id:
+            raise DeviceError(
+                f"profile {profile_path} is for model {self.profile.model_id!r}, "
+                f"checkpoint is {self.meta.model_id!r}"
+            )
+        self.num_stages = self.model.num_stages
+        split = self.num_stages // 2 if config.split is None else config.split
+        if not 0 <= split <= self.num_stages:
+            raise DeviceError(f"--split must be in 0..{self.num_stages}, got {split}")
+        if not 0.0 <= config.thr_conf <= 1.0:
+            raise DeviceError(f"--thr must be in [0, 1], got {config.thr_conf}")
+        self.policy: Policy = policy or FixedPolicy(split, config.thr_conf)
+        self.profiler = OnlineProfiler(self.profile)
+        if config.server is None:
+            self.profiler.mark_server(0.0, False)
+        self.tracker = RequestTracker()
+        self.stats = DeviceStats()
+        self.slots = ComputeSlots(workers)
+        self._executor: ThreadPoolExecutor = make_executor(workers, "spinn-device")
+        self._io: ThreadPoolExecutor = make_executor(1, "spinn-source")
+        self._link = _Link(self) if config.server is not None else None
+        self._sent: dict[int, _Sent] = {}
+        self._server_ms_reported: list[float] = []
+        self._server_ms_inferred: list[float] = []
+        self._changed: dict[int, asyncio.Event] = {}
+        self._labels: dict[int, Frame] = {}
+        self._emit: Emit = lambda record: None
+        self._decision: Decision = self.policy.decide(0.0, self.profiler.snapshot(0.0))
+        self._stop = asyncio.Event()
+        self._deadline_wake = asyncio.Event()
+
+    # -- public -----------------------------------------------------------------
+
+    @property
+    def server_connects(self) -> int:
+        """Successful (re)connections so far."""
+        return 0 if self._link is None else self._link.connects
+
+    def request_stop(self) -> None:
+        """Stop reading the source; frames in flight are still answered."""
+        self._stop.set()
+
+    async def run(
+        self, source: FrameSource, emit: Emit | None = None, status: Status | None = None
+    ) -> dict[str, Any]:
+        """Answer every frame of ``source``; returns the summary."""
+        loop = asyncio.get_running_loop()
+        if emit is not None:
+            self._emit = emit
+        link_task = asyncio.create_task(self._link.run()) if self._link else None
+        deadline_task = asyncio.create_task(self._deadline_loop())
+        status_task = asyncio.create_task(self._status_loop(status)) if status else None
+        window = asyncio.Semaphore(self.config.max_in_flight)
+        frames: set[asyncio.Task[None]] = set()
+        pacer = Pacer(self.config.rate_fps)
+        iterator = iter(source)
+        count = 0
+        try:
+            if self._link is not None:
+                await self._await_first_connect()
+            while not self._stop.is_set():
+                if self.config.limit is not None and count >= self.config.limit:
+                    break
+                await window.acquire()
+                frame = await loop.run_in_executor(self._io, next, iterator, None)
+                if frame is None:
+                    window.release()
+                    break
+                self._check_fatal()
+                wait = pacer.wait_s(_now())
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                count += 1
+                task = asyncio.create_task(self._process(frame, window))
+                frames.add(task)
+                task.add_done_callback(frames.discard)
+            if frames:
+                await asyncio.gather(*frames)
+            self._check_fatal()
+        finally:
+            for t in frames:
+                t.cancel()
+            if status_task is not None:
+                status_task.cancel()
+            deadline_task.cancel()
+            if self._link is not None:
+                await self._link.close()
+            if link_task is not None:
+                link_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await link_task
+            source.close()
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._io.shutdown(wait=False, cancel_futures=True)
+        summary = self.stats.summary(_now())
+        summary["cancels"] = self.tracker.cancels
+        summary["deadline_expired"] = self.tracker.expired
+        summary["lost_connection_frames"] = self.tracker.lost
+        summary["server_connects"] = self.server_connects
+        est = self.profiler.snapshot(_now())
+        summary["estimates"] = {
+            "bandwidth_bps": round(est.bandwidth_bps, 1),
+            "latency_ms": round(est.latency_s * 1e3, 3),
+            "device_scale": round(est.device_scale, 4),
+            "server_scale": round(est.server_scale, 4),
+        }
+        summary["server_time_ms"] = {
+            "reported_mean": _mean(self._server_ms_reported),
+            "inferred_mean": _mean(self._server_ms_inferred),
+            "samples": len(self._server_ms_inferred),
+        }
+        summary["split"] = self._decision.split
+        summary["thr_conf"] = self._decision.thr_conf
+        return summary
+
+    # -- frames -------------------------------------------------------------------
+
+    async def _await_first_connect(self) -> None:
+        """Give the first connection a moment so a healthy server is used from frame 0."""
+        assert self._link is not None
+        deadline = _now() + self.config.connect_timeout_s
+        while not self._link.up and self._link.fatal is None:
+            if _now() > deadline:
+                log.warning("server not reachable yet: starting locally, offload resumes later")
+                return
+            await asyncio.sleep(0.01)
+        self._check_fatal()
+
+    def _check_fatal(self) -> None:
+        if self._link is not None and self._link.fatal is not None:
+            raise self._link.fatal
+
+    async def _process(self, frame: Frame, window: asyncio.Semaphore) -> None:
+        try:
+            await self._process_frame(frame)
+        finally:
+            self._changed.pop(frame.index, None)
+            self._labels.pop(frame.index, None)
+            window.release()
+
+    async def _process_frame(self, frame: Frame) -> None:
+        loop = asyncio.get_running_loop()
+        fid = frame.index
+        now = _now()
+        estimates = self.profiler.snapshot(now)
+        decision = self.policy.decide(now, estimates)
+        if decision.reason != self._decision.reason or decision.split != self._decision.split:
+            log.info(
+                "decision: split %d thr %.2f (%s)",
+                decision.split,
+                decision.thr_conf,
+                decision.reason,
+            )
+        self._decision = decision
+        split = min(max(decision.split, 0), self.num_stages)
+        thr = min(decision.thr_conf, 1.0)
+        # thr_conf > 1 means "no early exits" (spinn.policy.Decision).
+        check_exits = decision.thr_conf <= 1.0
+        self.tracker.begin(fid, now, split, decision.thr_conf)
+        self._labels[fid] = frame
+        self._changed[fid] = asyncio.Event()
+
+        async with self.slots.slot(0):
+            head = await loop.run_in_executor(
+                self._executor,
+                self._run_head,
+                frame,
+                split,
+                thr,
+                check_exits,
+                estimates.bandwidth_bps,
+            )
+        answer, activation, packed, stages_ms, reached = head
+        self.profiler.observe_device(_now(), reached, stages_ms)
+        if answer is not None:
+            self._local(fid, answer)
+            return
+        assert activation is not None
+        if self._link is not None:
+            if self._link.up:
+                self._offload(fid, split, thr, packed, estimates)
+            else:
+                self.tracker.server_unavailable(fid)
+        # Without a configured server (device-only run) the rest is plain local compute.
+        await self._continue(fid, activation, split, thr, check_exits)
+
+    def _run_head(
+        self, frame: Frame, split: int, thr: float, check_exits: bool, bandwidth_bps: float
+    ) -> tuple[Any, torch.Tensor | None, Any, float, int]:
+        """Worker thread: preprocess, stages [0, split), pack if the frame goes out."""
+        from spinn.inference import run_stages
+
+        x = preprocess(frame.image, self.model.input_spec)
+        t0 = time.perf_counter()
+        out = run_stages(self.model, x, 0, split, thr, check_exits=check_exits)
+        stages_ms = (time.perf_counter() - t0) * 1e3
+        if out.answer is not None:
+            return out.answer, None, None, stages_ms, out.stop
+        assert out.activation is not None
+        packed = None
+        if split < self.num_stages:
+            packed = pack(out.activation.numpy(), self.config.codec, bandwidth_bps=bandwidth_bps)
+        return None, out.activation, packed, stages_ms, out.stop
+
+    def _offload(self, fid: int, split: int, thr: float, packed: Any, estimates: Any) -> None:
+        assert self._link is not None
+        rid = self.tracker.new_request_id()
+        now = _now()
+        nbytes = self._link.send(Infer(rid, split, thr, packed))
+        server_ms = self.profile.server_time_ms(split) * estimates.server_scale
+        deadline = request_deadline(
+            now,
+            upload_bytes=nbytes + self._link.queued_bytes(),
+            download_bytes=64 + 16 * self.config.top_k,
+            bandwidth_bps=max(estimates.bandwidth_bps, 1.0),
+            latency_s=estimates.latency_s,
+            server_time_s=server_ms / 1e3,
+            margin_factor=self.config.deadline_factor,
+            margin_s=self.config.deadline_margin_s,
+        )
+        self.tracker.offloaded(fid, rid, now, deadline, nbytes)
+        self._sent[rid] = _Sent(fid, split, nbytes, now)
+        self._deadline_wake.set()
+
+    async def _continue(
+        self, fid: int, activation: torch.Tensor, split: int, thr: float, check_exits: bool
+    ) -> None:
+        """Stages [split, S) on the device, until an answer exists (DESIGN.md part 7)."""
+        from spinn.inference import run_stages
+
+        loop = asyncio.get_running_loop()
+        act = activation
+        k = split
+        while k < self.num_stages:
+            if self.tracker.is_answered(fid):
+                return
+            phase = self.tracker.phase(fid)
+            if phase is FramePhase.OFFLOADED and not self.config.continue_locally:
+                self._changed[fid].clear()
+                await self._changed[fid].wait()
+                continue
+            # A frame the server will not answer is urgent; a race continuation is not.
+            priority = 1 if phase is FramePhase.OFFLOADED else 0
+            async with self.slots.slot(priority):
+                if self.tracker.is_answered(fid):
+                    return
+                out = await loop.run_in_executor(
+                    self._executor,
+                    lambda a=act, s=k: run_stages(
+                        self.model, a, s, s + 1, thr, check_exits=check_exits
+                    ),
+                )
+            if out.answer is not None:
+                self._local(fid, out.answer)
+                return
+            act = out.activation
+            k += 1
+        raise RuntimeError(f"frame {fid}: no exit answered after the last stage")
+
+    # -- answers ---------------------------------------------------------------------
+
+    def _local(self, fid: int, exit_answer: Any) -> None:
+        now = _now()
+        top = exit_answer.topk(self.config.top_k)
+        answer, cancel = self.tracker.local_answer(
+            fid, now, exit_answer.exit, tuple(c for c, _ in top), tuple(p for _, p in top)
+        )
+        if cancel is not None:
+            self._sent.pop(cancel, None)
+            if self._link is not None:
+                self._link.send(Cancel(cancel))
+        if answer is not None:
+            self._publish(answer, now)
+
+    def _on_result(self, result: Result, now: float) -> None:
+        sent = self._sent.pop(result.request_id, None)
+        if sent is not None:
+            elapsed = now - sent.sent_at
+            with contextlib.suppress(ValueError):
+                self.profiler.observe_result(
+                    now,
+                    sent.split,
+                    result.exit_index,
+                    compute_ms=result.compute_ms,
+                    elapsed_s=elapsed,
+                    request_bytes=sent.nbytes,
+                    response_bytes=64 + 16 * len(result.classes),
+                )
+            # Both figures are kept so a run can compare them (issue 5, test (4)).
+            est = self.profiler.snapshot(now)
+            if self.profiler.latency.samples:  # L is still the prior before the first PONG
+                self._server_ms_inferred.append(
+                    ServerTimeEstimator.infer_compute_ms(
+                        elapsed,
+                        sent.nbytes,
+                        64 + 16 * len(result.classes),
+                        est.latency_s,
+                        max(est.bandwidth_bps, 1.0),
+                    )
+                )
+            if result.compute_ms is not None:
+                self._server_ms_reported.append(result.compute_ms)
+                # Upload time = response time − server compute − round trip (DESIGN.md part 4).
+                est = self.profiler.snapshot(now)
+                transfer = elapsed - result.compute_ms / 1e3 - est.latency_s
+                if transfer > 0:
+                    self.profiler.observe_upload(now, sent.nbytes, transfer)
+        answer = self.tracker.server_result(
+            result.request_id, now, result.exit_index, result.classes, result.probs
+        )
+        if answer is not None:
+            self._publish(answer, now)
+            ev = self._changed.get(answer.frame_id)
+            if ev is not None:
+                ev.set()
+
+    def _on_request_error(self, error: Error) -> None:
+        assert error.request_id is not None
+        self._sent.pop(error.request_id, None)
+        fid = self.tracker.abandon(error.request_id)
+        if error.code is not ErrorCode.CANCELLED:
+            log.warning("server refused request %d: %s", error.request_id, error.message)
+        if fid is not None and fid in self._changed:
+            self._changed[fid].set()
+
+    def _on_link_lost(self) -> None:
+        self._sent.clear()
+        for fid in self.tracker.server_lost():
+            ev = self._changed.get(fid)
+            if ev is not None:
+                ev.set()
+
+    def _wake_all(self) -> None:
+        for ev in self._changed.values():
+            ev.set()
+        self._stop.set()
+
+    def _publish(self, answer: Answer, now: float) -> None:
+        frame = self._labels.get(answer.frame_id)
+        label = frame.label if frame is not None else None
+        self.stats.record(answer, now, label)
+        self.stats.cancels = self.tracker.cancels
+        record: dict[str, Any] = {
+            "frame": answer.frame_id,
+            "class": answer.classes[0],
+            "confidence": round(answer.probs[0], 6),
+            "exit": answer.exit_index,
+            "where": answer.where.value,
+            "latency_ms": round(answer.latency_s * 1e3, 3),
+            "bytes_sent": answer.bytes_sent,
+            "split": answer.split,
+            "thr_conf": answer.thr_conf,
+        }
+        names = self.meta.class_names
+        if names and 0 <= answer.classes[0] < len(names):
+            record["class_name"] = names[answer.classes[0]]
+        if label is not None:
+            record["label"] = label
+        if frame is not None and frame.origin:
+            record["origin"] = frame.origin
+        self._emit(record)
+
+    # -- timers ---------------------------------------------------------------------
+
+    async def _deadline_loop(self) -> None:
+        while True:
+            nxt = self.tracker.next_deadline()
+            self._deadline_wake.clear()
+            timeout = None if nxt is None else max(0.0, nxt - _now())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._deadline_wake.wait(), timeout)
+            for exp in self.tracker.expire(_now()):
+                log.info("request %d missed its deadline: finishing locally", exp.request_id)
+                self._sent.pop(exp.request_id, None)
+                if self._link is not None:
+                    self._link.send(Cancel(exp.request_id))
+                ev = self._changed.get(exp.frame_id)
+                if ev is not None:
+                    ev.set()
+
+    async def _status_loop(self, status: Status) -> None:
+        while True:
+            await asyncio.sleep(self.config.status_interval_s)
+            now = _now()
+            est = self.profiler.snapshot(now)
+            status(
+                self.stats.status_line(
+                    now,
+                    split=self._decision.split,
+                    thr_conf=self._decision.thr_conf,
+                    bandwidth_bps=est.bandwidth_bps,
+                    latency_s=est.latency_s,
+                    server_up=self._link is not None and self._link.up,
+                )
+            )
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def _stderr_status() -> Status:
+    tty = sys.stderr.isatty()
+
+    def show(line: str) -> None:
+        if tty:
+            sys.stderr.write("\r" + line + "\x1b[K")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    return show
+
+
+async def run_device(
+    config: DeviceConfig,
+    source: FrameSource,
+    *,
+    out: Any = None,
+    policy: Policy | None = None,
+    show_status: bool = True,
+) -> dict[str, Any]:
+    """Run ``source`` through device and server; JSON lines to ``out`` (default stdout).
+
+    Prints the summary as one JSON line on stderr at the end and returns it.
+    SIGINT/SIGTERM stop reading the source; frames in flight are still answered.
+    """
+    sink = out if out is not None else sys.stdout
+    device = SpinnDevice(config, policy=policy)
+
+    def emit(record: dict[str, Any]) -> None:
+        sink.write(json.dumps(record) + "\n")
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, device.request_stop)
+    try:
+        summary = await device.run(source, emit, _stderr_status() if show_status else None)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        sink.flush()
+    if show_status and sys.stderr.isatty():
+        sys.stderr.write("\n")
+    sys.stderr.write("summary " + json.dumps(summary) + "\n")
+    sys.stderr.flush()
+    return summary

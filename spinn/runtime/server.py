@@ -1,0 +1,459 @@
+"""The SPINN server: serves the part of the network after the split to many devices.
+
+A thin asyncio adapter (STYLE.md habit 4): per connection, bytes from the
+socket feed a sans-I/O :class:`protocol.Connection`; its events are dispatched
+here; model compute runs in a thread pool.  Rules implemented here, from
+docs/PROTOCOL.md and DESIGN.md part 7:
+
+* HELLO is answered with WELCOME only if model id and weights hash match;
+  otherwise ERROR(MODEL_MISMATCH) naming both, and the connection closes.
+* INFER runs stages ``[split, S)`` with the server-side exits checked against
+  the request's ``thr_conf``; RESULT carries exit, top-k and (unless disabled)
+  the compute time.
+* CANCEL: a queued request never runs; a running one stops at the next stage
+  boundary; no RESULT is sent for it.
+* Bad bytes from one peer: ERROR naming the fault, then only that peer is closed.
+* SIGINT/SIGTERM: stop accepting, finish in-flight requests (bounded by a
+  grace period), say BYE, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from protocol import (
+    Bye,
+    Cancel,
+    Connection,
+    Error,
+    ErrorCode,
+    Hello,
+    Infer,
+    Ping,
+    Pong,
+    ProtocolError,
+    Result,
+    Role,
+    Welcome,
+)
+from protocol.packing import CODECS, unpack
+from spinn.runtime.compute import configure_torch, make_executor, plan_workers
+from spinn.runtime.stats import ServerStats
+
+__all__ = ["DEFAULT_CHECKPOINT", "ServerConfig", "SpinnServer", "run_server"]
+
+log = logging.getLogger("spinn.server")
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "default" / "model.pt"
+_READ_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server needs; the CLI only fills this in."""
+
+    checkpoint: Path = DEFAULT_CHECKPOINT
+    """Checkpoint whose server part is served (default: the shipped model)."""
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = 7878
+    """TCP port; 0 picks a free one (see ``SpinnServer.port``)."""
+    workers: int | None = None
+    """Compute threads; None = cores // torch_threads, so the pool never oversubscribes."""
+    torch_threads: int = 1
+    """Torch intra-op threads per worker (batch-1 requests gain little from more)."""
+    report_compute: bool = True
+    """Send the compute time in RESULT; off makes devices infer it (DESIGN.md part 4)."""
+    top_k: int = 5
+    """Classes returned per RESULT."""
+    stats_interval_s: float = 10.0
+    """Period of the stats log line; 0 disables it."""
+    shutdown_grace_s: float = 5.0
+    """On SIGINT/SIGTERM, how long in-flight requests may still finish."""
+    max_queue_per_connection: int = 256
+    """Requests one device may have queued or running; beyond that INFER gets ERROR(BUSY)."""
+    server_name: str = "spinn-server"
+    """Name sent in WELCOME."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.max_queue_per_connection < 1:
+            raise ValueError(
+                f"max_queue_per_connection must be >= 1, got {self.max_queue_per_connection}"
+            )
+
+
+@dataclass(slots=True)
+class _Job:
+    request_id: int
+    split: int
+    thr_conf: float
+    activation: np.ndarray
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    started: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    exit_index: int
+    classes: tuple[int, ...]
+    probs: tuple[float, ...]
+    compute_ms: float
+    stages_run: int
+
+
+class _Peer:
+    """One device connection: its protocol state machine and its requests."""
+
+    def __init__(self, server: SpinnServer, writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.writer = writer
+        self.conn = Connection(Role.SERVER)
+        self.jobs: dict[int, _Job] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closing = False
+        peer = writer.get_extra_info("peername")
+        self.name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+    def send(self, event: object) -> None:
+        if self.closing or self.writer.is_closing():
+            return
+        self.writer.write(self.conn.send(event))  # type: ignore[arg-type]
+
+
+class SpinnServer:
+    """Asyncio server over a loaded progressive model."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        from spinn.checkpoint import load_checkpoint
+
+        self.config = config
+        self.workers, threads = plan_workers(config.workers, config.torch_threads)
+        configure_torch(threads)
+        self.model, self.meta = load_checkpoint(config.checkpoint)
+        self.model.eval()
+        self.stats = ServerStats()
+        self._executor: ThreadPoolExecutor = make_executor(self.workers, "spinn-server")
+        self._server: asyncio.Server | None = None
+        self._peers: set[_Peer] = set()
+        self._stopping = asyncio.Event()
+        self._queued = 0
+        self._lock = threading.Lock()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with ``port=0``)."""
+        if self._server is None:
+            raise RuntimeError("server not started")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        """Bind and start accepting devices."""
+        self._server = await asyncio.start_server(
+            self._handle, self.config.host, self.config.port, limit=_READ_CHUNK
+        )
+        log.info(
+            "serving %s (model %s, sha256 %s…) on %s:%d with %d worker(s) × %d torch thread(s)%s",
+            self.meta.arch,
+            self.meta.model_id,
+            self.meta.weights_sha256[:12],
+            self.config.host,
+            self.port,
+            self.workers,
+            torch.get_num_threads(),
+            "" if self.config.report_compute else ", compute time NOT reported",
+        )
+
+    def request_stop(self) -> None:
+        """Ask ``serve_forever`` to shut down gracefully (signal-safe from the loop)."""
+        self._stopping.set()
+
+    async def serve_forever(self) -> None:
+        """Run until ``request_stop``; then shut down gracefully."""
+        if self._server is None:
+            await self.start()
+        stats_task = asyncio.create_task(self._stats_loop())
+        try:
+            await self._stopping.wait()
+        finally:
+            stats_task.cancel()
+            await self.close()
+
+    async def close(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), say BYE, close."""
+        if self._server is not None:
+            self._server.close()
+        tasks = [t for p in self._peers for t in p.tasks]
+        if tasks:
+            log.info("shutting down: %d request(s) in flight", len(tasks))
+            _, pending = await asyncio.wait(tasks, timeout=self.config.shutdown_grace_s)
+            for peer in self._peers:
+                for job in peer.jobs.values():
+                    job.cancelled.set()
+                    peer.send(Error(ErrorCode.BUSY, "server shutting down", job.request_id))
+            for t in pending:
+                t.cancel()
+        for peer in list(self._peers):
+            with contextlib.suppress(ProtocolError):
+                peer.send(Bye("server shutting down"))
+            peer.closing = True
+            with contextlib.suppress(ConnectionError, OSError):
+                peer.writer.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        log.info("final stats %s", json.dumps(self.stats.as_dict(), sort_keys=True))
+
+    async def _stats_loop(self) -> None:
+        if self.config.stats_interval_s <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        self.stats.line(loop.time(), self._queued)
+        while True:
+            await asyncio.sleep(self.config.stats_interval_s)
+            log.info("%s", self.stats.line(loop.time(), self._queued))
+
+    # -- one connection ---------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = _Peer(self, writer)
+        self._peers.add(peer)
+        self.stats.connections += 1
+        self.stats.connections_total += 1
+        log.info("device connected from %s", peer.name)
+        reason = "closed by device"
+        try:
+            while not peer.closing:
+                data = await reader.read(_READ_CHUNK)
+                if not data:
+                    break
+                t0 = time.perf_counter()
+                peer.conn.receive_data(data)
+                self._drain_events(peer)
+                self.stats.overhead_ms_total += (time.perf_counter() - t0) * 1e3
+                await writer.drain()
+        except ProtocolError as exc:
+            # One bad peer: tell it what was wrong, close it, keep serving the others.
+            code = getattr(exc, "code", ErrorCode.PROTOCOL)
+            reason = f"protocol error ({code.name}): {exc}"
+            log.warning("device %s: %s", peer.name, reason)
+            self.stats.errors_sent += 1
+            with contextlib.suppress(ProtocolError, ConnectionError):
+                peer.send(Error(code, str(exc)))
+        except (ConnectionError, OSError) as exc:
+            reason = f"connection lost: {exc}"
+        finally:
+            peer.closing = True
+            for job in peer.jobs.values():
+                job.cancelled.set()
+            self._peers.discard(peer)
+            self.stats.connections -= 1
+            with contextlib.suppress(ConnectionError, OSError):
+                writer.close()
+            log.info("device %s disconnected: %s", peer.name, reason)
+
+    def _drain_events(self, peer: _Peer) -> None:
+        from protocol import NEED_DATA
+
+        while not peer.closing:
+            event = peer.conn.next_event()
+            if event is NEED_DATA:
+                return
+            if isinstance(event, Hello):
+                self._on_hello(peer, event)
+            elif isinstance(event, Infer):
+                self._on_infer(peer, event)
+            elif isinstance(event, Cancel):
+                self._on_cancel(peer, event)
+            elif isinstance(event, Ping):
+                now = time.time()
+                peer.send(Pong(event.seq, event.sent_at, now, len(event.padding)))
+            elif isinstance(event, Bye):
+                peer.closing = True
+            # Pong (answers to our pings) and others need no action here.
+
+    def _on_hello(self, peer: _Peer, hello: Hello) -> None:
+        meta = self.meta
+        problems = []
+        if hello.model_id != meta.model_id:
+            problems.append(f"model id {hello.model_id!r} != served {meta.model_id!r}")
+        if hello.weights_sha256 != meta.weights_sha256:
+            problems.append(
+                f"weights sha256 {hello.weights_sha256[:16]}… != served {meta.weights_sha256[:16]}…"
+            )
+        if problems:
+            message = "model mismatch: " + "; ".join(problems)
+            log.warning("device %s refused: %s", peer.name, message)
+            self.stats.errors_sent += 1
+            peer.send(Error(ErrorCode.MODEL_MISMATCH, message))
+            peer.closing = True
+            return
+        codecs = tuple(c for c in hello.codecs if c in CODECS) or tuple(CODECS)
+        peer.send(
+            Welcome(
+                hello.version,
+                meta.model_id,
+                meta.weights_sha256,
+                codecs,
+                self.config.report_compute,
+                self.config.server_name,
+            )
+        )
+        log.info("device %s (%s) welcomed", peer.name, hello.device_name or "unnamed")
+
+    def _on_infer(self, peer: _Peer, infer: Infer) -> None:
+        num_stages = self.model.num_stages
+        rid = infer.request_id
+        if rid in peer.jobs:
+            self._request_error(peer, ErrorCode.PROTOCOL, f"request id {rid} already in use", rid)
+            return
+        if not 0 <= infer.split < num_stages:
+            self._request_error(
+                peer,
+                ErrorCode.BAD_SPLIT,
+                f"split {infer.split} outside 0..{num_stages - 1} (split {num_stages} is "
+                "device-only and never offloaded)",
+                rid,
+            )
+            return
+        if len(peer.jobs) >= self.config.max_queue_per_connection:
+            self._request_error(
+                peer,
+                ErrorCode.BUSY,
+                f"{len(peer.jobs)} requests already queued for this device",
+                rid,
+            )
+            return
+        # The packed tensor carries the batch dimension (PROTOCOL.md, INFER): batch 1.
+        expected = (1, *self.model.split_shape(infer.split))
+        if tuple(infer.tensor.shape) != expected:
+            self._request_error(
+                peer,
+                ErrorCode.BAD_SPLIT,
+                f"tensor shape {tuple(infer.tensor.shape)} does not match split "
+                f"{infer.split}, which expects {expected}",
+                rid,
+            )
+            return
+        try:
+            activation = unpack(infer.tensor)
+        except ProtocolError as exc:
+            self._request_error(peer, ErrorCode.BAD_TENSOR, f"tensor does not decode: {exc}", rid)
+            return
+        job = _Job(rid, infer.split, float(infer.thr_conf), activation)
+        peer.jobs[rid] = job
+        self.stats.requests += 1
+        self._queued += 1
+        task = asyncio.create_task(self._run_job(peer, job))
+        peer.tasks.add(task)
+        task.add_done_callback(peer.tasks.discard)
+
+    def _on_cancel(self, peer: _Peer, cancel: Cancel) -> None:
+        self.stats.cancels_received += 1
+        job = peer.jobs.get(cancel.request_id)
+        if job is not None:
+            job.cancelled.set()
+
+    def _request_error(self, peer: _Peer, code: ErrorCode, message: str, rid: int) -> None:
+        # An ERROR with a request id answers that request; the connection stays usable.
+        self.stats.errors_sent += 1
+        log.warning("device %s request %d: %s", peer.name, rid, message)
+        peer.send(Error(code, message, rid))
+
+    async def _run_job(self, peer: _Peer, job: _Job) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            outcome = await loop.run_in_executor(self._executor, self._compute, job)
+        except Exception as exc:  # a model failure answers this request only
+            log.exception("request %d failed", job.request_id)
+            peer.jobs.pop(job.request_id, None)
+            self._request_error(peer, ErrorCode.INTERNAL, f"compute failed: {exc}", job.request_id)
+            return
+        peer.jobs.pop(job.request_id, None)
+        if outcome is None:
+            # Cancelled: no RESULT.  ERROR(CANCELLED) closes the request in both state
+            # machines (each INFER is answered exactly once, by RESULT or ERROR).
+            peer.send(Error(ErrorCode.CANCELLED, "cancelled by the device", job.request_id))
+            return
+        t0 = time.perf_counter()
+        peer.send(
+            Result(
+                job.request_id,
+                outcome.exit_index,
+                outcome.classes,
+                outcome.probs,
+                outcome.compute_ms if self.config.report_compute else None,
+            )
+        )
+        self.stats.overhead_ms_total += (time.perf_counter() - t0) * 1e3
+
+    def _compute(self, job: _Job) -> _Outcome | None:
+        """Worker thread: stages [split, S) with exit checks; stops when cancelled."""
+        with self._lock:
+            self._queued -= 1
+        if job.cancelled.is_set():
+            with self._lock:
+                self.stats.cancelled_queued += 1
+            return None
+        from spinn.inference import iter_stages
+
+        t0 = time.perf_counter()
+        stages = 0
+        x = torch.from_numpy(job.activation)
+        for step in iter_stages(self.model, x, job.split, self.model.num_stages, job.thr_conf):
+            stages += 1
+            if step.answer is not None:
+                compute_ms = (time.perf_counter() - t0) * 1e3
+                top = step.answer.topk(self.config.top_k)
+                with self._lock:
+                    self.stats.computed += 1
+                    self.stats.stages_run += stages
+                    self.stats.compute_ms_total += compute_ms
+                return _Outcome(
+                    step.answer.exit,
+                    tuple(c for c, _ in top),
+                    tuple(p for _, p in top),
+                    compute_ms,
+                    stages,
+                )
+            if job.cancelled.is_set():
+                # Stop at the stage boundary (DESIGN.md part 7, cancellation).
+                with self._lock:
+                    self.stats.cancelled_running += 1
+                    self.stats.stages_run += stages
+                return None
+        raise RuntimeError(f"request {job.request_id}: no exit answered after the last stage")
+
+
+async def run_server(config: ServerConfig) -> int:
+    """Serve until SIGINT/SIGTERM; returns the process exit code (0 on graceful stop)."""
+    server = SpinnServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.request_stop)
+    try:
+        await server.serve_forever()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return 0

@@ -1,0 +1,225 @@
+"""spinn-device: run a frame stream through a SPINN model split across device and server.
+
+Thin CLI (STYLE.md habit 5): argparse → DeviceConfig and a frame source →
+spinn.runtime.device.run_device.  One JSON line per frame on stdout (or --out),
+a live status line and the final summary on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from spinn.runtime.device import DeviceConfig
+    from spinn.sources import FrameSource
+
+__all__ = ["build_parser", "config_from_args", "main", "open_source"]
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port must be a number in {value!r}") from None
+    if not 0 < number < 65536:
+        raise argparse.ArgumentTypeError(f"port must be in 1..65535, got {number}")
+    return host.strip("[]"), number
+
+
+def _fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {x}")
+    return x
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from spinn.runtime.device import DeviceConfig
+    from spinn.runtime.server import DEFAULT_CHECKPOINT
+
+    d = DeviceConfig()
+    p = argparse.ArgumentParser(
+        prog="spinn-device",
+        description="Run frames through a progressive model split between this device and a "
+        "SPINN server: early exits answer locally, the rest is offloaded at the split; the "
+        "device keeps computing while the server works, the first answer wins, and the "
+        "device finishes frames itself when the server is slow or down.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--camera", metavar="INDEX|URL", help="OpenCV camera index or stream URL")
+    src.add_argument("--video", type=Path, metavar="FILE", help="video file")
+    src.add_argument("--images", type=Path, metavar="DIR", help="directory of images")
+    src.add_argument(
+        "--dataset",
+        metavar="NAME[:SPLIT]",
+        help="replay a labelled dataset: fashion-mnist[:test|train] or mnist",
+    )
+    p.add_argument("--data-dir", help="directory of the Fashion-MNIST IDX files")
+    p.add_argument(
+        "--rate", type=float, default=None, help="frames per second (default: as fast as possible)"
+    )
+    p.add_argument("--limit", type=int, default=None, help="stop after N frames")
+    p.add_argument(
+        "--checkpoint",
+        "--model",
+        type=Path,
+        default=DEFAULT_CHECKPOINT,
+        help="checkpoint (must be the server's; default: the shipped model)",
+    )
+    p.add_argument("--profile", type=Path, help="offline profile (default: beside the checkpoint)")
+    p.add_argument(
+        "--server",
+        type=_host_port,
+        default=d.server,
+        metavar="HOST:PORT",
+        help="server address (default 127.0.0.1:7878)",
+    )
+    p.add_argument(
+        "--device-only", action="store_true", help="never connect; everything runs locally"
+    )
+    policies = ["fixed"]
+    try:
+        import spinn.scheduler  # noqa: F401
+
+        policies += ["spinn"]
+    except ImportError:
+        pass
+    p.add_argument(
+        "--policy",
+        choices=policies,
+        default="fixed",
+        help="how split and threshold are chosen (fixed: --split/--thr)",
+    )
+    p.add_argument("--split", type=int, help="split point, 0 = server-only, S = device-only")
+    p.add_argument(
+        "--thr", type=_fraction, default=d.thr_conf, help=f"exit threshold (default {d.thr_conf})"
+    )
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=d.max_in_flight,
+        help=f"frames in the pipeline at once (default {d.max_in_flight})",
+    )
+    p.add_argument(
+        "--no-continue",
+        action="store_true",
+        help="do not keep computing locally while the server works",
+    )
+    p.add_argument("--codec", default=d.codec, help=f"activation codec (default {d.codec})")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=d.torch_threads,
+        help=f"torch threads for device compute (default {d.torch_threads})",
+    )
+    p.add_argument(
+        "--deadline-factor",
+        type=float,
+        default=d.deadline_factor,
+        help="a RESULT may take this many times its expected time before the frame is "
+        f"finished locally (default {d.deadline_factor})",
+    )
+    p.add_argument("--out", type=Path, help="write the per-frame JSON lines here, not stdout")
+    p.add_argument("--no-status", action="store_true", help="no live status line")
+    p.add_argument(
+        "--status-interval",
+        type=float,
+        default=d.status_interval_s,
+        help=f"seconds between status lines (default {d.status_interval_s})",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the reconnect jitter")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> DeviceConfig:
+    """The DeviceConfig the parsed flags describe."""
+    from spinn.runtime.device import DeviceConfig
+
+    return DeviceConfig(
+        checkpoint=args.checkpoint,
+        profile=args.profile,
+        server=None if args.device_only else args.server,
+        split=args.split,
+        thr_conf=args.thr,
+        rate_fps=args.rate,
+        limit=args.limit,
+        max_in_flight=args.max_in_flight,
+        continue_locally=not args.no_continue,
+        codec=args.codec,
+        torch_threads=args.torch_threads,
+        deadline_factor=args.deadline_factor,
+        status_interval_s=args.status_interval,
+        seed=args.seed,
+    )
+
+
+def open_source(args: argparse.Namespace, class_names: tuple[str, ...] = ()) -> FrameSource:
+    """The frame source the flags name."""
+    from spinn.sources import CaptureSource, ImageFolderSource, camera_target, dataset_source
+
+    if args.camera is not None:
+        return CaptureSource(camera_target(args.camera), kind="camera", limit=args.limit)
+    if args.video is not None:
+        return CaptureSource(str(args.video), kind="video", limit=args.limit)
+    if args.images is not None:
+        return ImageFolderSource(args.images, class_names=class_names, limit=args.limit)
+    return dataset_source(args.dataset, limit=args.limit, data_dir=args.data_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point ``spinn-device``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    import uvloop
+
+    from spinn.checkpoint import CheckpointError, read_checkpoint
+    from spinn.runtime.device import DeviceError, run_device
+    from spinn.sources import SourceError
+
+    try:
+        class_names = tuple(read_checkpoint(config.checkpoint)["meta"].get("class_names", ()))
+        source = open_source(args, class_names)
+    except (SourceError, CheckpointError) as exc:
+        print(f"spinn-device: {exc}", file=sys.stderr)
+        return 2
+    policy = None
+    if args.policy != "fixed":
+        print(f"spinn-device: policy {args.policy!r} is not wired yet", file=sys.stderr)
+        return 2
+    out = open(args.out, "w", encoding="utf-8") if args.out else None  # noqa: SIM115
+    try:
+        uvloop.run(
+            run_device(config, source, out=out, policy=policy, show_status=not args.no_status)
+        )
+    except (DeviceError, CheckpointError, SourceError) as exc:
+        print(f"spinn-device: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if out is not None:
+            out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

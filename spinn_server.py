@@ -1,0 +1,124 @@
+"""spinn-server: serve the server part of a progressive model to many devices.
+
+Thin CLI (STYLE.md habit 5): argparse → ServerConfig → spinn.runtime.server.run_server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from spinn.runtime.server import ServerConfig
+
+__all__ = ["build_parser", "config_from_args", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from spinn.runtime.server import DEFAULT_CHECKPOINT, ServerConfig
+
+    d = ServerConfig()
+    p = argparse.ArgumentParser(
+        prog="spinn-server",
+        description="Serve the part of a SPINN progressive model after the split: devices "
+        "send the activation at their split (INFER), the server finishes the inference "
+        "with its own early exits and answers RESULT. Stops gracefully on SIGINT/SIGTERM.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        "--model",
+        type=Path,
+        default=DEFAULT_CHECKPOINT,
+        help=f"checkpoint to serve (default: the shipped model, {DEFAULT_CHECKPOINT.name})",
+    )
+    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
+    p.add_argument(
+        "--port", type=int, default=d.port, help=f"TCP port, 0 = any free (default {d.port})"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="compute threads (default: cores // --torch-threads, never oversubscribing)",
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=d.torch_threads,
+        help=f"torch intra-op threads per worker (default {d.torch_threads})",
+    )
+    p.add_argument(
+        "--no-report-compute",
+        action="store_true",
+        help="do not send compute times in RESULT; devices then infer the server time",
+    )
+    p.add_argument("--top-k", type=int, default=d.top_k, help=f"classes per RESULT ({d.top_k})")
+    p.add_argument(
+        "--stats-interval",
+        type=float,
+        default=d.stats_interval_s,
+        help=f"seconds between stats log lines, 0 = off (default {d.stats_interval_s})",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=d.shutdown_grace_s,
+        help=f"seconds in-flight requests may finish at shutdown (default {d.shutdown_grace_s})",
+    )
+    p.add_argument("--name", default=d.server_name, help="server name sent to devices")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig the parsed flags describe."""
+    from spinn.runtime.server import ServerConfig
+
+    return ServerConfig(
+        checkpoint=args.checkpoint,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        torch_threads=args.torch_threads,
+        report_compute=not args.no_report_compute,
+        top_k=args.top_k,
+        stats_interval_s=args.stats_interval,
+        shutdown_grace_s=args.grace,
+        server_name=args.name,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point ``spinn-server``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    import uvloop
+
+    from spinn.checkpoint import CheckpointError
+    from spinn.runtime.server import run_server
+
+    try:
+        return uvloop.run(run_server(config))
+    except CheckpointError as exc:
+        print(f"spinn-server: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"spinn-server: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

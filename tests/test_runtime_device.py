@@ -1,0 +1,181 @@
+"""The asyncio device against a real in-process server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import uvloop
+
+from spinn.runtime.device import DeviceConfig, DeviceError, SpinnDevice
+from spinn.runtime.server import ServerConfig, SpinnServer
+from spinn.sources import ArraySource
+from tests._runtime_support import free_port, make_small_checkpoint
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def _frames(n: int, seed: int = 0) -> ArraySource:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    return ArraySource(images, rng.integers(0, 10, n), name="noise")
+
+
+def _run(
+    checkpoint: Path,
+    n: int,
+    *,
+    serve: bool = True,
+    server_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> tuple[list[dict[str, Any]], dict[str, Any], SpinnServer | None]:
+    records: list[dict[str, Any]] = []
+
+    async def main() -> tuple[dict[str, Any], SpinnServer | None]:
+        server = None
+        port = free_port()
+        if serve:
+            server = SpinnServer(
+                ServerConfig(
+                    checkpoint=checkpoint, port=port, stats_interval_s=0, **(server_options or {})
+                )
+            )
+            await server.start()
+        config = DeviceConfig(
+            checkpoint=checkpoint,
+            server=("127.0.0.1", port) if options.pop("connect", True) else None,
+            status_interval_s=0,
+            **options,
+        )
+        device = SpinnDevice(config)
+        try:
+            summary = await device.run(_frames(n), records.append)
+        finally:
+            if server is not None:
+                await server.close()
+        return summary, server
+
+    summary, server = uvloop.run(main())
+    return records, summary, server
+
+
+def _exactly_once(records: list[dict[str, Any]], n: int) -> None:
+    assert sorted(r["frame"] for r in records) == list(range(n))
+
+
+def test_device_only_answers_every_frame_locally(checkpoint: Path) -> None:
+    records, summary, _ = _run(checkpoint, 30, serve=False, connect=False, split=3, thr_conf=0.5)
+    _exactly_once(records, 30)
+    assert {r["where"] for r in records} == {"device"}
+    assert summary["offloaded"] == 0 and summary["bytes_sent"] == 0
+    assert summary["accuracy"] == pytest.approx(
+        np.mean([r["class"] == r["label"] for r in records]), abs=1e-4
+    )
+
+
+def test_offloaded_frames_are_answered_once_by_server_or_device(checkpoint: Path) -> None:
+    records, summary, server = _run(checkpoint, 60, split=2, thr_conf=1.0, max_in_flight=4)
+    _exactly_once(records, 60)
+    assert server is not None
+    wheres = {r["where"] for r in records}
+    assert wheres <= {"server", "device"} and "server" in wheres
+    assert summary["offloaded"] == 60
+    assert all(r["bytes_sent"] > 0 for r in records)
+    # Every INFER got one answer on the server: computed, cancelled queued or running.
+    st = server.stats
+    assert st.requests == 60
+    assert st.computed + st.cancelled_queued + st.cancelled_running == 60
+    assert summary["cancels"] == summary["answered_by"]["device"]
+
+
+def test_without_continuation_the_server_answers_everything(checkpoint: Path) -> None:
+    records, summary, server = _run(checkpoint, 40, split=4, thr_conf=1.0, continue_locally=False)
+    _exactly_once(records, 40)
+    assert {r["where"] for r in records} == {"server"}
+    assert server is not None and server.stats.computed == 40
+    assert summary["server_time_ms"]["samples"] > 0
+
+
+def test_no_server_means_fallback_for_offloaded_frames(checkpoint: Path) -> None:
+    records, summary, _ = _run(
+        checkpoint, 20, serve=False, split=3, thr_conf=1.0, connect_timeout_s=0.2
+    )
+    _exactly_once(records, 20)
+    assert {r["where"] for r in records} == {"fallback"}
+    assert summary["server_connects"] == 0
+
+
+def test_model_mismatch_stops_the_device_with_a_clear_error(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    other = make_small_checkpoint(tmp_path, seed=1)
+
+    async def main() -> None:
+        port = free_port()
+        server = SpinnServer(ServerConfig(checkpoint=checkpoint, port=port, stats_interval_s=0))
+        await server.start()
+        try:
+            device = SpinnDevice(DeviceConfig(checkpoint=other, server=("127.0.0.1", port)))
+            await device.run(_frames(5))
+        finally:
+            await server.close()
+
+    with pytest.raises(DeviceError, match="model mismatch"):
+        uvloop.run(main())
+
+
+def test_bad_split_is_refused_at_construction(checkpoint: Path) -> None:
+    with pytest.raises(DeviceError, match="--split must be in 0..11"):
+        SpinnDevice(DeviceConfig(checkpoint=checkpoint, split=12, server=None))
+
+
+def test_server_killed_mid_stream_falls_back_then_reconnects(checkpoint: Path) -> None:
+    """In-process version of integration test (2): stop, serve again on the same port."""
+    records: list[dict[str, Any]] = []
+
+    async def main() -> dict[str, Any]:
+        port = free_port()
+        cfg = ServerConfig(checkpoint=checkpoint, port=port, stats_interval_s=0)
+        server = SpinnServer(cfg)
+        await server.start()
+        device = SpinnDevice(
+            DeviceConfig(
+                checkpoint=checkpoint,
+                server=("127.0.0.1", port),
+                split=2,
+                thr_conf=1.0,
+                rate_fps=100.0,
+                status_interval_s=0,
+                reconnect_base_s=0.05,
+                reconnect_cap_s=0.2,
+                continue_locally=False,
+            )
+        )
+        run = asyncio.create_task(device.run(_frames(150), records.append))
+        while len(records) < 30:
+            await asyncio.sleep(0.01)
+        await server.close()
+        while sum(r["where"] == "fallback" for r in records) < 10:
+            await asyncio.sleep(0.01)
+        server2 = SpinnServer(cfg)
+        await server2.start()
+        try:
+            return await run
+        finally:
+            await server2.close()
+
+    summary = uvloop.run(main())
+    _exactly_once(records, 150)
+    wheres = [r["where"] for r in sorted(records, key=lambda r: r["frame"])]
+    first_fallback = wheres.index("fallback")
+    assert "server" in wheres[:first_fallback]
+    assert "server" in wheres[first_fallback:], "offload resumed after the restart"
+    assert summary["server_connects"] == 2

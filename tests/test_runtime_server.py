@@ -1,0 +1,235 @@
+"""The asyncio server over real loopback sockets: handshake, INFER, CANCEL, bad peers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import uvloop
+
+from protocol import (
+    PROTOCOL_VERSION,
+    Cancel,
+    Error,
+    ErrorCode,
+    Hello,
+    Infer,
+    Ping,
+    Pong,
+    Result,
+    Welcome,
+    pack,
+)
+from spinn.checkpoint import load_checkpoint
+from spinn.inference import run_stages
+from spinn.runtime.server import ServerConfig, SpinnServer, _Job
+from tests._runtime_support import RawClient, make_small_checkpoint
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def _serve(
+    checkpoint: Path, body: Callable[[SpinnServer, int], Awaitable[None]], **options: object
+) -> SpinnServer:
+    config = ServerConfig(checkpoint=checkpoint, port=0, stats_interval_s=0, **options)  # type: ignore[arg-type]
+
+    async def main() -> SpinnServer:
+        server = SpinnServer(config)
+        await server.start()
+        try:
+            await body(server, server.port)
+        finally:
+            await server.close()
+        return server
+
+    return uvloop.run(main())
+
+
+async def _hello(client: RawClient, server: SpinnServer) -> Welcome:
+    meta = server.meta
+    client.send(Hello(PROTOCOL_VERSION, meta.model_id, meta.weights_sha256, ("float32",)))
+    welcome = await client.next()
+    assert isinstance(welcome, Welcome), welcome
+    return welcome
+
+
+def _input(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 1, 28, 28, generator=g)
+
+
+def test_infer_matches_offline_execution_from_every_split(checkpoint: Path) -> None:
+    model, _ = load_checkpoint(checkpoint)
+    results: dict[int, Result] = {}
+
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        welcome = await _hello(client, server)
+        assert welcome.reports_compute_time and welcome.codecs == ("float32",)
+        x = _input(1)
+        for split in range(model.num_stages):
+            act = run_stages(model, x, 0, split, 1.0, check_exits=False).activation
+            assert act is not None
+            client.send(Infer(split + 1, split, 0.6, pack(act.numpy(), "float32")))
+        for _ in range(model.num_stages):
+            event = await client.next()
+            assert isinstance(event, Result), event
+            results[event.request_id] = event
+        client.close()
+
+    server = _serve(checkpoint, body, top_k=3)
+    x = _input(1)
+    for split in range(model.num_stages):
+        act = run_stages(model, x, 0, split, 1.0, check_exits=False).activation
+        offline = run_stages(model, act, split, model.num_stages, 0.6)
+        assert offline.answer is not None
+        got = results[split + 1]
+        assert got.exit_index == offline.answer.exit
+        assert got.classes == tuple(c for c, _ in offline.answer.topk(3))
+        np.testing.assert_allclose(got.probs, [p for _, p in offline.answer.topk(3)], atol=1e-5)
+        assert got.compute_ms is not None and got.compute_ms > 0
+    assert server.stats.computed == model.num_stages
+
+
+def test_no_report_compute_leaves_compute_time_out(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        welcome = await _hello(client, server)
+        assert welcome.reports_compute_time is False
+        client.send(Infer(7, 0, 0.5, pack(_input(2).numpy(), "float32")))
+        result = await client.next()
+        assert isinstance(result, Result) and result.compute_ms is None
+        client.send(Ping(1, 123.5, b"\0" * 1000))
+        pong = await client.next()
+        assert isinstance(pong, Pong) and pong.sent_at == 123.5 and pong.padding_len == 1000
+        client.close()
+
+    _serve(checkpoint, body, report_compute=False)
+
+
+def test_model_mismatch_is_refused_with_both_ids(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        client.send(Hello(PROTOCOL_VERSION, "resnet20-other", "ab" * 32, ("float32",)))
+        error = await client.next()
+        assert isinstance(error, Error) and error.code is ErrorCode.MODEL_MISMATCH
+        assert "resnet20-other" in error.message and server.meta.model_id in error.message
+        assert "weights sha256" in error.message
+        assert await client.reader.read() == b""  # closed by the server
+        client.close()
+
+    server = _serve(checkpoint, body)
+    assert server.stats.errors_sent == 1
+
+
+def test_bad_requests_answer_that_request_and_keep_the_connection(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        await _hello(client, server)
+        s = server.model.num_stages
+        client.send(Infer(1, s, 0.5, pack(np.zeros((1, 4), np.float32), "float32")))
+        error = await client.next()
+        assert isinstance(error, Error) and error.code is ErrorCode.BAD_SPLIT
+        assert error.request_id == 1 and f"split {s}" in error.message
+        client.send(Infer(2, 1, 0.5, pack(np.zeros((1, 3, 5, 5), np.float32), "float32")))
+        error = await client.next()
+        assert isinstance(error, Error) and error.code is ErrorCode.BAD_SPLIT
+        assert "(1, 3, 5, 5)" in error.message and error.request_id == 2
+        client.send(Infer(3, 0, 0.5, pack(_input(3).numpy(), "float32")))
+        assert isinstance(await client.next(), Result)
+        client.close()
+
+    _serve(checkpoint, body)
+
+
+def test_garbage_from_one_peer_closes_only_that_peer(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        good = await RawClient.open(port)
+        await _hello(good, server)
+        bad_reader, bad_writer = await asyncio.open_connection("127.0.0.1", port)
+        bad_writer.write(b"\x00\x00\x00\x05\xc1garbage!")
+        rest = await asyncio.wait_for(bad_reader.read(), 5.0)
+        assert rest, "the bad peer gets an ERROR before the close"
+        assert b"msgpack" in rest or b"frame" in rest or b"HELLO" in rest, rest
+        bad_writer.close()
+        good.send(Infer(1, 0, 0.5, pack(_input(4).numpy(), "float32")))
+        assert isinstance(await good.next(), Result)
+        good.close()
+
+    server = _serve(checkpoint, body)
+    assert server.stats.connections_total == 2 and server.stats.errors_sent == 1
+
+
+def test_cancel_of_a_queued_request_never_runs_it(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        await _hello(client, server)
+        x = pack(_input(5).numpy(), "float32")
+        # One worker: request 1 runs, 2 and 3 queue behind it; CANCEL 2 arrives with them.
+        client.send(Infer(1, 0, 1.0, x), Infer(2, 0, 1.0, x), Cancel(2), Infer(3, 0, 1.0, x))
+        events = [await client.next() for _ in range(3)]
+        by_id = {getattr(e, "request_id", None): e for e in events}
+        assert isinstance(by_id[1], Result) and isinstance(by_id[3], Result)
+        assert isinstance(by_id[2], Error) and by_id[2].code is ErrorCode.CANCELLED
+        client.close()
+
+    server = _serve(checkpoint, body, workers=1)
+    assert server.stats.cancelled_queued == 1 and server.stats.computed == 2
+    assert server.stats.stages_run == 2 * server.model.num_stages
+
+
+class _SetAfter(threading.Event):
+    """An event that reads as set from its n-th check on: cancels mid-request."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.checks = 0
+        self.n = n
+
+    def is_set(self) -> bool:
+        self.checks += 1
+        return self.checks >= self.n
+
+
+def test_running_request_stops_at_a_stage_boundary(checkpoint: Path) -> None:
+    server = SpinnServer(ServerConfig(checkpoint=checkpoint, port=0))
+    try:
+        act = _input(6)[0].numpy()
+        # Check 1 is at dequeue; checks 2.. follow each stage: set at check 4 = after stage 3.
+        job = _Job(1, 0, 1.0, act, cancelled=_SetAfter(4))
+        server._queued = 1
+        assert server._compute(job) is None
+        assert server.stats.cancelled_running == 1
+        assert server.stats.stages_run == 3 and server.stats.computed == 0
+        full = _Job(2, 0, 1.0, act)
+        server._queued = 1
+        outcome = server._compute(full)
+        assert outcome is not None and outcome.stages_run == server.model.num_stages
+    finally:
+        server._executor.shutdown()
+
+
+def test_eof_mid_frame_is_a_clean_disconnect(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        await _hello(client, server)
+        client.writer.write(b"\x00\x00\x10")  # a partial length prefix, then EOF
+        client.writer.write_eof()
+        assert await asyncio.wait_for(client.reader.read(), 5.0) == b""
+        client.close()
+        again = await RawClient.open(port)
+        await _hello(again, server)
+        again.close()
+
+    server = _serve(checkpoint, body)
+    assert server.stats.connections == 0
