@@ -16,6 +16,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,14 +63,13 @@ class Sink:
 
 async def start_sink() -> tuple[asyncio.Server, Sink]:
     sink = Sink()
-    loop = asyncio.get_running_loop()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while chunk := await reader.read(1 << 20):
-                sink.reads.append((loop.time(), len(chunk)))
+                sink.reads.append((time.perf_counter(), len(chunk)))
                 sink.data += chunk
-            sink.eof_at = loop.time()
+            sink.eof_at = time.perf_counter()
         except OSError as exc:
             sink.errors.append(exc)
         finally:
@@ -179,13 +179,12 @@ def test_download_rate_within_5_percent() -> None:
     async def main() -> None:
         server, port = await start_source(payload)
         config = ShapeConfig(down=DirectionConfig(rate_bps=rate_bps))
-        loop = asyncio.get_running_loop()
         async with server, NetShape(config, upstream=("127.0.0.1", port)) as proxy:
             reader, writer = await asyncio.open_connection(*proxy.address)
             reads: list[tuple[float, int]] = []
             data = bytearray()
             while chunk := await reader.read(1 << 20):
-                reads.append((loop.time(), len(chunk)))
+                reads.append((time.perf_counter(), len(chunk)))
                 data += chunk
             writer.close()
         assert digest(data) == digest(payload)
@@ -200,11 +199,10 @@ def test_live_update_changes_rate_without_losing_bytes() -> None:
     async def main() -> None:
         server, sink = await start_sink()
         config = ShapeConfig(up=DirectionConfig(rate_bps=2e6))
-        loop = asyncio.get_running_loop()
         async with server, NetShape(config, upstream=("127.0.0.1", sink.port)) as proxy:
             sending = asyncio.create_task(upload(proxy.address, payload))
             await asyncio.sleep(0.5)
-            switch = loop.time()
+            switch = time.perf_counter()
             proxy.update("up", rate_bps="20mbit", delay_s="5ms", jitter_s="2ms")
             await sending
             await sink.done.wait()
@@ -221,15 +219,14 @@ def test_live_update_changes_rate_without_losing_bytes() -> None:
 
 
 async def ping_rtts(address: tuple[str, int], count: int) -> list[float]:
-    loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_connection(*address)
     rtts = []
     for k in range(count):
         message = k.to_bytes(4, "big") * 16
-        start = loop.time()
+        start = time.perf_counter()
         writer.write(message)
         echoed = await reader.readexactly(len(message))
-        rtts.append(loop.time() - start)
+        rtts.append(time.perf_counter() - start)
         assert echoed == message
     writer.close()
     return rtts
@@ -277,12 +274,11 @@ def test_loss_stalls_but_never_corrupts() -> None:
         config = ShapeConfig(
             up=DirectionConfig(rate_bps=20e6, loss=0.01, stall_s=0.05), seed=2, read_size=8192
         )
-        loop = asyncio.get_running_loop()
         async with server, NetShape(config, upstream=("127.0.0.1", sink.port)) as proxy:
-            start = loop.time()
+            start = time.perf_counter()
             await upload(proxy.address, payload)
             await sink.done.wait()
-            elapsed = loop.time() - start
+            elapsed = time.perf_counter() - start
             stalls = proxy.stats()["up"]["stalls"]
         assert digest(sink.data) == digest(payload)
         # ~49 chunks of <= 8 KiB, each lost with p = 1-(0.99)^6 ~ 5.7 %: a few stalls.
@@ -380,9 +376,8 @@ async def stream_through_blackhole(
     """Stream at 4 Mbit/s for ~1 s; no byte may arrive inside ``window`` (seconds from start)."""
     payload = os.urandom(500_000)
     server, sink = await start_sink()
-    loop = asyncio.get_running_loop()
     async with server, NetShape(config, upstream=("127.0.0.1", sink.port)) as proxy:
-        start = loop.time()
+        start = time.perf_counter()
         sending = asyncio.create_task(upload(proxy.address, payload))
         if trigger is not None:
             await trigger(proxy)
@@ -429,9 +424,8 @@ def test_trace_outage_and_rates_are_replayed_in_time() -> None:
     async def main() -> None:
         payload = os.urandom(500_000)
         server, sink = await start_sink()
-        loop = asyncio.get_running_loop()
         async with server, NetShape(upstream=("127.0.0.1", sink.port), trace=trace) as proxy:
-            start = loop.time()
+            start = time.perf_counter()
             assert proxy.config.up.rate_bps == 4e6
             await upload(proxy.address, payload)
             await sink.done.wait()

@@ -22,6 +22,7 @@ import logging
 import random
 import socket
 import struct
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -77,8 +78,14 @@ def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
         fut.set_result(value)
 
 
+# uvloop's clock and timers count whole milliseconds, so the proxy keeps its own clock
+# (time.monotonic, as plain asyncio does) and a timer that fires early is re-armed for the
+# rest; a wake-up within this margin of the deadline counts as on time, so the waits never spin.
+_TIMER_SLACK_S = 0.0004
+
+
 class _Sleeper:
-    """Sleep until an absolute loop time, wakeable early (used when settings change)."""
+    """Sleep until an absolute time.monotonic() deadline, wakeable early on a settings change."""
 
     __slots__ = ("_loop", "_fut")
 
@@ -87,13 +94,9 @@ class _Sleeper:
         self._fut: asyncio.Future[bool] | None = None
 
     async def until(self, deadline: float) -> None:
-        """Return at ``deadline`` (loop time) or at the next :meth:`wake`, whichever is first.
-
-        Timers may fire up to a millisecond early (uvloop keeps millisecond time), so the
-        remainder is slept again: delays stay accurate to well under the 2 ms the tests allow.
-        """
+        """Return at ``deadline`` or at the next :meth:`wake`, whichever is first."""
         loop = self._loop
-        while (left := deadline - loop.time()) > 0:
+        while (left := deadline - time.monotonic()) > _TIMER_SLACK_S:
             fut: asyncio.Future[bool] = loop.create_future()
             self._fut = fut
             handle = loop.call_later(left, _resolve, fut, False)
@@ -234,7 +237,7 @@ class _Pipe:
         self.passed = 0
 
     async def read_stage(self) -> None:
-        proxy, state, loop = self.proxy, self.state, self.loop
+        proxy, state = self.proxy, self.state
         read_size = proxy.config.read_size
         max_buffer = proxy.config.max_buffer_bytes
         while True:
@@ -247,14 +250,16 @@ class _Pipe:
             if not data:
                 self.queue.put(_EOF)
                 return
-            now = loop.time()
+            now = time.monotonic()
             bucket = state.bucket
             if bucket is not None:
                 bucket.take(len(data), now)
                 # Re-read the bucket after each wake: a live update may change its rate.
-                while (bucket := state.bucket) is not None and (t := bucket.ready_at(now)) > now:
-                    await self.sleeper.until(t)
-                    now = loop.time()
+                while (bucket := state.bucket) is not None and (
+                    bucket.ready_at(now) - now > _TIMER_SLACK_S
+                ):
+                    await self.sleeper.until(bucket.ready_at(now))
+                    now = time.monotonic()
             fate = self.schedule.fate(len(data), now, state.config)
             self.queue.put((fate.due, data))
             if fate.lost:
@@ -262,7 +267,7 @@ class _Pipe:
                 await asyncio.sleep(fate.resume_at - now)
 
     async def write_stage(self) -> None:
-        proxy, state, loop, writer = self.proxy, self.state, self.loop, self.writer
+        proxy, state, writer = self.proxy, self.state, self.writer
         while True:
             item = await self.queue.get()
             if item is _EOF:
@@ -273,8 +278,7 @@ class _Pipe:
                     writer.write_eof()
                 return
             due, data = item
-            if due > loop.time():
-                await self.due_sleeper.until(due)
+            await self.due_sleeper.until(due)
             cfg = state.config
             sizes = slice_sizes(len(data), cfg, self.slice_rng)
             offset = 0
@@ -290,7 +294,7 @@ class _Pipe:
                     writer.write(piece)
                     self.passed += len(piece)
                     state.bytes += len(piece)
-                    state.meter.add(len(piece), loop.time())
+                    state.meter.add(len(piece), time.monotonic())
                     if proxy._mode is not None:
                         state.bytes_during_outage += len(piece)
                     await writer.drain()
@@ -450,12 +454,12 @@ class NetShape:
         trace: Trace | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        """``clock`` (default: the event loop's) is the time base of schedules and traces."""
+        """``clock`` (default time.monotonic) is the time base of schedules and traces."""
         self._config = config if config is not None else ShapeConfig()
         self.upstream = upstream
         self._listen = listen
         self._trace = trace
-        self._clock = clock
+        self._clock = clock if clock is not None else time.monotonic
         self._server: asyncio.AbstractServer | None = None
         self._port: int | None = None
         self._connections: set[_Connection] = set()
@@ -478,7 +482,7 @@ class NetShape:
     # -- lifecycle -------------------------------------------------------------------------
 
     def _now(self) -> float:
-        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+        return self._clock()
 
     async def start(self) -> NetShape:
         """Bind the listener and start the schedule/trace loop."""
