@@ -87,18 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device-only", action="store_true", help="never connect; everything runs locally"
     )
-    policies = ["fixed"]
-    try:
-        import spinn.scheduler  # noqa: F401
+    from spinn.scheduler import POLICY_NAMES
+    from spinn.sla import add_sla_arguments
 
-        policies += ["spinn"]
-    except ImportError:
-        pass
     p.add_argument(
         "--policy",
-        choices=policies,
+        choices=("fixed", *POLICY_NAMES),
         default="fixed",
-        help="how split and threshold are chosen (fixed: --split/--thr)",
+        help="how split and threshold are chosen: fixed (--split/--thr), the SPINN scheduler "
+        "(spinn, with the SLA flags below) or a baseline",
     )
     p.add_argument("--split", type=int, help="split point, 0 = server-only, S = device-only")
     p.add_argument(
@@ -140,14 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the reconnect jitter")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    add_sla_arguments(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> DeviceConfig:
     """The DeviceConfig the parsed flags describe."""
     from spinn.runtime.device import DeviceConfig
+    from spinn.sla import sla_from_args
 
     return DeviceConfig(
+        policy=args.policy,
+        sla=sla_from_args(args),
         checkpoint=args.checkpoint,
         profile=args.profile,
         server=None if args.device_only else args.server,
@@ -203,15 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, CheckpointError) as exc:
         print(f"spinn-device: {exc}", file=sys.stderr)
         return 2
-    policy = None
-    if args.policy != "fixed":
-        print(f"spinn-device: policy {args.policy!r} is not wired yet", file=sys.stderr)
-        return 2
     out = open(args.out, "w", encoding="utf-8") if args.out else None  # noqa: SIM115
     try:
-        uvloop.run(
-            run_device(config, source, out=out, policy=policy, show_status=not args.no_status)
-        )
+        uvloop.run(run_device(config, source, out=out, show_status=not args.no_status))
     except (DeviceError, CheckpointError, SourceError) as exc:
         print(f"spinn-device: {exc}", file=sys.stderr)
         return 2

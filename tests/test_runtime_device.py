@@ -10,6 +10,10 @@ import numpy as np
 import pytest
 import uvloop
 
+from spinn.checkpoint import load_checkpoint
+from spinn.estimators import Estimates
+from spinn.policy import Decision
+from spinn.profile import NO_EARLY_EXIT
 from spinn.runtime.device import DeviceConfig, DeviceError, SpinnDevice
 from spinn.runtime.server import ServerConfig, SpinnServer
 from spinn.sources import ArraySource
@@ -179,3 +183,64 @@ def test_server_killed_mid_stream_falls_back_then_reconnects(checkpoint: Path) -
     assert "server" in wheres[:first_fallback]
     assert "server" in wheres[first_fallback:], "offload resumed after the restart"
     assert summary["server_connects"] == 2
+
+
+class _Truncated:
+    """Edgent-style decision: the network ends at ``exit``, no early exits before it."""
+
+    def __init__(self, split: int, exit: int) -> None:
+        self.decision = Decision(split, NO_EARLY_EXIT, "truncated", final_exit=exit)
+
+    def decide(self, now: float, estimates: Estimates) -> Decision:
+        return self.decision
+
+
+def test_truncated_network_answers_at_its_exit_locally_and_remotely(checkpoint: Path) -> None:
+    model, _ = load_checkpoint(checkpoint)
+    exit_index = 2
+    stage = model.exit_stages[exit_index]
+    first_after = min(k for k in model.exit_stages if k > model.exit_stages[1])
+    assert first_after == stage  # splitting just after exit 1 makes exit 2 the server's first
+
+    async def main(split: int, serve: bool) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = []
+        port = free_port()
+        server = None
+        if serve:
+            server = SpinnServer(ServerConfig(checkpoint=checkpoint, port=port, stats_interval_s=0))
+            await server.start()
+        device = SpinnDevice(
+            DeviceConfig(
+                checkpoint=checkpoint,
+                server=("127.0.0.1", port) if serve else None,
+                continue_locally=False,
+                status_interval_s=0,
+            ),
+            policy=_Truncated(split, exit_index),
+        )
+        try:
+            await device.run(_frames(12), records.append)
+        finally:
+            if server is not None:
+                await server.close()
+        return records
+
+    local = uvloop.run(main(model.num_stages, serve=False))
+    remote = uvloop.run(main(model.exit_stages[1] + 1, serve=True))
+    for records, where in ((local, "device"), (remote, "server")):
+        _exactly_once(records, 12)
+        assert {r["exit"] for r in records} == {exit_index}
+        assert {r["where"] for r in records} == {where}
+    assert [r["class"] for r in sorted(local, key=lambda r: r["frame"])] == [
+        r["class"] for r in sorted(remote, key=lambda r: r["frame"])
+    ]
+
+
+def test_scheduler_baseline_policies_plug_in_by_name(checkpoint: Path) -> None:
+    records, summary, _ = _run(checkpoint, 10, policy="device-only")
+    _exactly_once(records, 10)
+    assert {r["where"] for r in records} == {"device"} and summary["offloaded"] == 0
+    records, summary, _ = _run(checkpoint, 10, policy="server-only")
+    assert {r["split"] for r in records} == {0} and summary["offloaded"] == 10
+    with pytest.raises(DeviceError, match="edgent"):
+        SpinnDevice(DeviceConfig(checkpoint=checkpoint, server=None, policy="edgent"))

@@ -64,6 +64,7 @@ from spinn.runtime.compute import ComputeSlots, configure_torch, make_executor, 
 from spinn.runtime.server import DEFAULT_CHECKPOINT
 from spinn.runtime.stats import DeviceStats
 from spinn.runtime.tracker import Answer, FramePhase, RequestTracker, request_deadline
+from spinn.sla import SLA
 from spinn.sources import Frame, FrameSource, Pacer, preprocess
 
 __all__ = ["DeviceConfig", "DeviceError", "SpinnDevice", "run_device"]
@@ -95,6 +96,10 @@ class DeviceConfig:
     """Fixed split for ``FixedPolicy``; None = the middle split ``S // 2``."""
     thr_conf: float = 0.8
     """Fixed exit threshold for ``FixedPolicy``."""
+    policy: str = "fixed"
+    """``fixed`` (split/thr_conf above) or a name of ``spinn.scheduler.POLICY_NAMES``."""
+    sla: SLA | None = None
+    """Service-level agreement for the scheduler policies (None = the SLA defaults)."""
     rate_fps: float | None = None
     """Frame rate of the source replay; None or 0 = as fast as possible."""
     limit: int | None = None
@@ -155,6 +160,22 @@ class _Sent:
     split: int
     nbytes: int
     sent_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    split: int
+    """Device runs stages [0, split)."""
+    last: int
+    """Stages end here: S, or after the forced exit of a truncated network."""
+    thr: float
+    """Threshold for the device's exit checks (capped at 1)."""
+    wire_thr: float
+    """Threshold sent in INFER."""
+    check_exits: bool
+    """False when the policy disabled early exits (thr_conf > 1)."""
+    forced_exit: int | None
+    """Exit that always answers at the end of a truncated network."""
 
 
 class _Link:
@@ -417,7 +438,17 @@ class SpinnDevice:
             raise DeviceError(f"--split must be in 0..{self.num_stages}, got {split}")
         if not 0.0 <= config.thr_conf <= 1.0:
             raise DeviceError(f"--thr must be in [0, 1], got {config.thr_conf}")
-        self.policy: Policy = policy or FixedPolicy(split, config.thr_conf)
+        if policy is None:
+            if config.policy == "fixed":
+                policy = FixedPolicy(split, config.thr_conf)
+            else:
+                from spinn.scheduler import make_policy
+
+                try:
+                    policy = make_policy(config.policy, self.profile, config.sla or SLA())
+                except ValueError as exc:
+                    raise DeviceError(f"--policy {config.policy}: {exc}") from exc
+        self.policy: Policy = policy
         self.profiler = OnlineProfiler(self.profile)
         if config.server is None:
             self.profiler.mark_server(0.0, False)
@@ -546,6 +577,32 @@ class SpinnDevice:
             self._labels.pop(frame.index, None)
             window.release()
 
+    def _plan(self, decision: Decision) -> _Plan:
+        """What one decision means for one frame's execution."""
+        last = self.num_stages
+        forced = decision.final_exit
+        if forced is not None:
+            if not 0 <= forced < self.model.num_exits:
+                raise DeviceError(
+                    f"policy chose exit {forced}; the model has {self.model.num_exits}"
+                )
+            if forced == self.model.num_exits - 1:
+                forced = None
+            else:
+                # Edgent's right-sized network (spinn.policy.Decision.final_exit) ends here.
+                last = self.model.exit_stages[forced] + 1
+        split = min(max(decision.split, 0), last)
+        # thr_conf > 1 means "no early exits" (spinn.policy.Decision).
+        check_exits = decision.thr_conf <= 1.0
+        thr = min(decision.thr_conf, 1.0)
+        wire_thr = thr
+        if forced is not None and split < last:
+            exits_after = [e for e, k in enumerate(self.model.exit_stages) if k >= split]
+            if exits_after and exits_after[0] == forced:
+                # The truncation exit is the server's first: threshold 0 makes it answer.
+                wire_thr = 0.0
+        return _Plan(split, last, thr, wire_thr, check_exits, forced)
+
     async def _process_frame(self, frame: Frame) -> None:
         loop = asyncio.get_running_loop()
         fid = frame.index
@@ -560,23 +617,14 @@ class SpinnDevice:
                 decision.reason,
             )
         self._decision = decision
-        split = min(max(decision.split, 0), self.num_stages)
-        thr = min(decision.thr_conf, 1.0)
-        # thr_conf > 1 means "no early exits" (spinn.policy.Decision).
-        check_exits = decision.thr_conf <= 1.0
-        self.tracker.begin(fid, now, split, decision.thr_conf)
+        plan = self._plan(decision)
+        self.tracker.begin(fid, now, plan.split, decision.thr_conf)
         self._labels[fid] = frame
         self._changed[fid] = asyncio.Event()
 
         async with self.slots.slot(0):
             head = await loop.run_in_executor(
-                self._executor,
-                self._run_head,
-                frame,
-                split,
-                thr,
-                check_exits,
-                estimates.bandwidth_bps,
+                self._executor, self._run_head, frame, plan, estimates.bandwidth_bps
             )
         answer, activation, packed, stages_ms, reached = head
         self.profiler.observe_device(_now(), reached, stages_ms)
@@ -586,36 +634,49 @@ class SpinnDevice:
         assert activation is not None
         if self._link is not None:
             if self._link.up:
-                self._offload(fid, split, thr, packed, estimates)
+                self._offload(fid, plan, packed, estimates)
             else:
                 self.tracker.server_unavailable(fid)
         # Without a configured server (device-only run) the rest is plain local compute.
-        await self._continue(fid, activation, split, thr, check_exits)
+        await self._continue(fid, activation, plan)
+
+    def _run_range(self, act: torch.Tensor, start: int, stop: int, plan: _Plan) -> Any:
+        """Worker thread: stages [start, stop) with exit checks, and the forced exit at the
+        end of a truncated network."""
+        from spinn.inference import ExitAnswer, StagesOutcome, run_stages
+
+        out = run_stages(self.model, act, start, stop, plan.thr, check_exits=plan.check_exits)
+        if out.answer is None and stop == plan.last and plan.forced_exit is not None:
+            assert out.activation is not None
+            with torch.inference_mode():
+                logits = self.model.run_exit(plan.forced_exit, out.activation)
+                probs = torch.softmax(logits[0].float(), dim=0)
+            answer = ExitAnswer(exit=plan.forced_exit, stage=plan.last - 1, probs=probs)
+            return StagesOutcome(answer=answer, activation=None, stop=stop)
+        return out
 
     def _run_head(
-        self, frame: Frame, split: int, thr: float, check_exits: bool, bandwidth_bps: float
+        self, frame: Frame, plan: _Plan, bandwidth_bps: float
     ) -> tuple[Any, torch.Tensor | None, Any, float, int]:
         """Worker thread: preprocess, stages [0, split), pack if the frame goes out."""
-        from spinn.inference import run_stages
-
         x = preprocess(frame.image, self.model.input_spec)
         t0 = time.perf_counter()
-        out = run_stages(self.model, x, 0, split, thr, check_exits=check_exits)
+        out = self._run_range(x, 0, plan.split, plan)
         stages_ms = (time.perf_counter() - t0) * 1e3
         if out.answer is not None:
             return out.answer, None, None, stages_ms, out.stop
         assert out.activation is not None
         packed = None
-        if split < self.num_stages:
+        if plan.split < plan.last and self._link is not None:
             packed = pack(out.activation.numpy(), self.config.codec, bandwidth_bps=bandwidth_bps)
         return None, out.activation, packed, stages_ms, out.stop
 
-    def _offload(self, fid: int, split: int, thr: float, packed: Any, estimates: Any) -> None:
+    def _offload(self, fid: int, plan: _Plan, packed: Any, estimates: Any) -> None:
         assert self._link is not None
         rid = self.tracker.new_request_id()
         now = _now()
-        nbytes = self._link.send(Infer(rid, split, thr, packed))
-        server_ms = self.profile.server_time_ms(split) * estimates.server_scale
+        nbytes = self._link.send(Infer(rid, plan.split, plan.wire_thr, packed))
+        server_ms = self.profile.server_time_ms(plan.split) * estimates.server_scale
         deadline = request_deadline(
             now,
             upload_bytes=nbytes + self._link.queued_bytes(),
@@ -627,19 +688,15 @@ class SpinnDevice:
             margin_s=self.config.deadline_margin_s,
         )
         self.tracker.offloaded(fid, rid, now, deadline, nbytes)
-        self._sent[rid] = _Sent(fid, split, nbytes, now)
+        self._sent[rid] = _Sent(fid, plan.split, nbytes, now)
         self._deadline_wake.set()
 
-    async def _continue(
-        self, fid: int, activation: torch.Tensor, split: int, thr: float, check_exits: bool
-    ) -> None:
-        """Stages [split, S) on the device, until an answer exists (DESIGN.md part 7)."""
-        from spinn.inference import run_stages
-
+    async def _continue(self, fid: int, activation: torch.Tensor, plan: _Plan) -> None:
+        """Stages [split, last) on the device, until an answer exists (DESIGN.md part 7)."""
         loop = asyncio.get_running_loop()
         act = activation
-        k = split
-        while k < self.num_stages:
+        k = plan.split
+        while k < plan.last:
             if self.tracker.is_answered(fid):
                 return
             phase = self.tracker.phase(fid)
@@ -653,10 +710,7 @@ class SpinnDevice:
                 if self.tracker.is_answered(fid):
                     return
                 out = await loop.run_in_executor(
-                    self._executor,
-                    lambda a=act, s=k: run_stages(
-                        self.model, a, s, s + 1, thr, check_exits=check_exits
-                    ),
+                    self._executor, self._run_range, act, k, k + 1, plan
                 )
             if out.answer is not None:
                 self._local(fid, out.answer)
