@@ -1,26 +1,44 @@
-"""Scheduler benchmark: decision time over the whole candidate grid.
+"""Scheduler benchmark: decision time over the whole grid, and predicted vs measured.
 
-``python -m bench.scheduler`` times ``Scheduler.decide`` (predictions for every split ×
-threshold, lexicographic choice, hysteresis) on one core for a synthetic 20-split ×
-20-threshold profile (21 × 21 candidates with server-only and "no early exit") and, when
-present, for the shipped model's profile (models/default/profile.json).  Target
-(issue 6): median < 1 ms for 20 × 20 on one core.  The last line is one JSON object.
+``python -m bench.scheduler``
+
+1. Decision time: ``Scheduler.decide`` (predictions for every split × threshold,
+   lexicographic choice, hysteresis) on one core for a synthetic 20-split × 20-threshold
+   profile (21 × 21 candidates with server-only and "no early exit") and, when present,
+   the shipped model's profile.  Target (issue 6): median < 1 ms.
+2. End to end (skipped with ``--no-e2e`` or when the shipped checkpoint is missing): a
+   real ``spinn_server.py`` behind ``tools/netshape`` and the real device runtime
+   in-process, for several fixed ⟨split, thr_conf⟩ under several shaped networks.  For
+   each configuration the scheduler's predictions, computed from the very estimates the
+   device's online profiler handed to its policy, are compared with the measurements:
+   mean latency of a paced run (no queueing) and frames/s of an unpaced run.  Target:
+   median relative error ≤ 20%.
+
+The last line is one JSON object with ``decision_ms``, ``latency_error_median`` and
+``throughput_error_median`` (relative errors; the last two only when part 2 ran).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import random
+import signal
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from spinn.estimators import Estimates
-from spinn.profile import Profile, synthetic_profile
-from spinn.scheduler import Scheduler, SchedulerConfig
+from spinn.policy import Decision
+from spinn.profile import NO_EARLY_EXIT, Profile, synthetic_profile
+from spinn.scheduler import Scheduler, SchedulerConfig, split_name
 from spinn.sla import SLA, Metric
 
 DEFAULT_PROFILE = Path("models/default/profile.json")
@@ -78,12 +96,223 @@ def time_decisions(
     }
 
 
+# -- end to end -------------------------------------------------------------------------
+
+DEFAULT_CHECKPOINT = Path("models/default/model.pt")
+ROOT = Path(__file__).resolve().parents[1]
+
+# (name, netshape flags): loopback as is, the paper's 4G setting (24 Mbit/s, 40 ms RTT)
+# and a slow uplink.
+NETWORKS: tuple[tuple[str, tuple[str, ...] | None], ...] = (
+    ("loopback", None),
+    ("4g", ("--rate", "24mbit", "--delay", "20ms")),
+    ("5mbit", ("--rate", "5mbit", "--delay", "10ms")),
+)
+
+
+class RecordingPolicy:
+    """A fixed decision that keeps every ``Estimates`` the device hands it: the scheduler's
+    predictions are then made from exactly what the scheduler would have seen."""
+
+    def __init__(self, split: int, thr_conf: float) -> None:
+        self.decision = Decision(split, thr_conf, reason="bench")
+        self.seen: list[Estimates] = []
+
+    def decide(self, now: float, estimates: Estimates) -> Decision:
+        self.seen.append(estimates)
+        return self.decision
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout_s:.0f} s")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _ensure_profile(checkpoint: Path, profile_path: Path, workdir: Path) -> Path:
+    """The checkpoint's profile; measured here (small calibration) when none ships."""
+    if profile_path.exists():
+        return profile_path
+    from spinn.checkpoint import load_checkpoint
+    from spinn.data import load_fashion_mnist
+    from spinn.profiler import ProfilerConfig, profile_model
+
+    print(f"{profile_path} missing: profiling {checkpoint} on 1000 test images")
+    model, meta = load_checkpoint(checkpoint)
+    prof = profile_model(
+        model, meta, load_fashion_mnist("test"), ProfilerConfig(calibration_size=1000, repeats=15)
+    )
+    out = workdir / "profile.json"
+    prof.save(out)
+    return out
+
+
+def _run_device(
+    checkpoint: Path,
+    profile: Path,
+    port: int,
+    split: int,
+    thr: float,
+    frames: int,
+    rate: float | None,
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[Estimates]]:
+    import uvloop
+
+    from spinn.runtime.device import DeviceConfig, run_device
+    from spinn.sources import dataset_source
+
+    policy = RecordingPolicy(split, thr)
+    cfg = DeviceConfig(
+        checkpoint=checkpoint,
+        profile=profile,
+        server=("127.0.0.1", port),
+        rate_fps=rate,
+        limit=frames,
+    )
+    sink = io.StringIO()
+    summary = uvloop.run(
+        run_device(
+            cfg,
+            dataset_source("fashion-mnist:test", limit=frames),
+            out=sink,
+            policy=policy,
+            show_status=False,
+        )
+    )
+    records = [json.loads(line) for line in sink.getvalue().splitlines() if line.strip()]
+    return summary, records, policy.seen
+
+
+def end_to_end(
+    checkpoint: Path, profile_path: Path, frames: int, warmup: int, workdir: Path
+) -> dict[str, Any]:
+    """Predicted vs measured latency and throughput per (network, split, thr_conf)."""
+    profile_file = _ensure_profile(checkpoint, profile_path, workdir)
+    profile = Profile.load(profile_file)
+    sched = Scheduler(profile)
+    pred_of = sched.predictor
+    s_count = profile.num_stages
+    grid = [t for t in profile.thr_grid if t <= 0.9] or list(profile.thr_grid)
+    thr_mid = grid[len(grid) // 2]
+    configs = [(s_count, thr_mid), (0, NO_EARLY_EXIT), (s_count // 2, thr_mid), (1, grid[-1])]
+    server_port = _free_port()
+    python = sys.executable
+    server = subprocess.Popen(
+        [python, str(ROOT / "spinn_server.py"), "--checkpoint", str(checkpoint), "--port",
+         str(server_port), "--workers", "1", "--torch-threads", "1", "-q"],
+        cwd=ROOT,
+    )  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    try:
+        _wait_port(server_port, server, 120)
+        for net_name, shape in NETWORKS:
+            shaper = None
+            port = server_port
+            if shape is not None:
+                port = _free_port()
+                shaper = subprocess.Popen(
+                    [python, "-m", "tools.netshape", "--listen", f"127.0.0.1:{port}",
+                     "--upstream", f"127.0.0.1:{server_port}", *shape],
+                    cwd=ROOT, stdout=subprocess.DEVNULL,
+                )  # fmt: skip
+                _wait_port(port, shaper, 60)
+            try:
+                for split, thr in configs:
+                    t = pred_of.threshold_index(thr)
+                    # Throughput: as fast as the pipeline goes.
+                    summ, _recs, seen = _run_device(
+                        checkpoint, profile_file, port, split, thr, frames, None
+                    )
+                    # The run is short next to the estimators' settling time: predict from
+                    # the last (most settled) estimates the policy was handed.
+                    est_t = seen[-1]
+                    p_t = pred_of.predict(est_t).at(split, t)
+                    # Latency: paced well below that rate so frames do not queue.
+                    rate = max(1.0, min(20.0, 0.4 * float(summ["fps"])))
+                    _summ, recs, seen = _run_device(
+                        checkpoint, profile_file, port, split, thr, frames // 2 + warmup, rate
+                    )
+                    lat_meas = statistics.fmean(r["latency_ms"] for r in recs[warmup:] or recs)
+                    lat_pred = statistics.fmean(
+                        pred_of.predict(e).at(split, t).latency_ms for e in seen[warmup:] or seen
+                    )
+                    row: dict[str, Any] = {
+                        "network": net_name,
+                        "split": split,
+                        "thr_conf": thr,
+                        "latency_ms_predicted": round(lat_pred, 2),
+                        "latency_ms_measured": round(lat_meas, 2),
+                        "latency_error": round(abs(lat_pred - lat_meas) / lat_meas, 3),
+                        "fps_predicted": round(p_t.throughput, 1),
+                        "fps_measured": float(summ["fps"]),
+                        "throughput_error": round(
+                            abs(p_t.throughput - float(summ["fps"])) / float(summ["fps"]), 3
+                        ),
+                        "bandwidth_mbit": round(est_t.bandwidth_bps / 1e6, 2),
+                        "rtt_ms": round(1000 * est_t.latency_s, 2),
+                        "device_scale": round(est_t.device_scale, 2),
+                        "server_scale": round(est_t.server_scale, 2),
+                        "offload_rate": summ.get("offload_rate"),
+                    }
+                    rows.append(row)
+                    print(
+                        f"{net_name:8s} {split_name(split, s_count):12s} {_thr_label(thr):8s} "
+                        f"latency pred {lat_pred:7.1f} ms meas {lat_meas:7.1f} ms "
+                        f"({100 * row['latency_error']:5.1f}%) | fps pred {p_t.throughput:7.1f} "
+                        f"meas {summ['fps']:7.1f} ({100 * row['throughput_error']:5.1f}%) | "
+                        f"B {row['bandwidth_mbit']} Mbit/s RTT {row['rtt_ms']} ms "
+                        f"SF {row['device_scale']} G {row['server_scale']}"
+                    )
+            finally:
+                if shaper is not None:
+                    _stop(shaper)
+    finally:
+        _stop(server)
+    return {
+        "rows": rows,
+        "latency_error_median": statistics.median(r["latency_error"] for r in rows),
+        "throughput_error_median": statistics.median(r["throughput_error"] for r in rows),
+    }
+
+
+def _thr_label(thr: float) -> str:
+    return "no-exit" if thr > 1 else f"thr {thr:.2f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=5000, help="decisions timed per profile")
     parser.add_argument("--profile", type=Path, default=DEFAULT_PROFILE)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--no-e2e", action="store_true", help="decision time only")
+    parser.add_argument("--frames", type=int, default=80, help="frames per throughput run")
+    parser.add_argument("--warmup", type=int, default=8, help="frames ignored at the start")
     args = parser.parse_args(argv)
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     core = _pin_one_core()
     print(f"pinned to core {core}" if core is not None else "could not pin to one core")
 
@@ -116,6 +345,22 @@ def main(argv: list[str] | None = None) -> int:
         result["model_decision_ms"] = round(rd["median_ms"], 4)
     else:
         print(f"{args.profile} not found: timing the synthetic profile only")
+    if affinity is not None:
+        os.sched_setaffinity(0, affinity)  # the end-to-end part runs as deployed
+    if args.no_e2e:
+        print("end-to-end part skipped (--no-e2e)")
+    elif not args.checkpoint.exists():
+        print(f"{args.checkpoint} not found: end-to-end part skipped")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            e2e = end_to_end(args.checkpoint, args.profile, args.frames, args.warmup, Path(tmp))
+        print(
+            f"median relative error: latency {100 * e2e['latency_error_median']:.1f}%, "
+            f"throughput {100 * e2e['throughput_error_median']:.1f}% (target <= 20%)"
+        )
+        result["latency_error_median"] = round(e2e["latency_error_median"], 4)
+        result["throughput_error_median"] = round(e2e["throughput_error_median"], 4)
+        result["e2e_configs"] = len(e2e["rows"])
     print(json.dumps(result))
     return 0
 
