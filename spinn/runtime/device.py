@@ -388,7 +388,10 @@ class _Link:
         self.conn, self.writer, self.welcome = None, None, None
         self.pings.clear()
         self.device.profiler.mark_server(_now(), False)
-        log.warning("server link down: %s", reason)
+        if self._stopping:
+            log.info("server link closed: %s", reason)
+        else:
+            log.warning("server link down: %s", reason)
         self.device._on_link_lost()
 
     async def close(self) -> None:

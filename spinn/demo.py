@@ -1,0 +1,130 @@
+"""``make demo``: a SPINN server and a device on loopback, streaming Fashion-MNIST.
+
+Starts ``spinn_server.py`` and ``spinn_device.py`` as real processes (as they
+would run on two machines), streams the Fashion-MNIST test set through the
+shipped model at a mid split, shows the device's live status line, then the
+summary with the accuracy against the labels.  Both processes are stopped
+before it returns; nothing is left running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited early with status {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"the server did not listen on port {port} within {timeout_s:.0f} s")
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return int(proc.returncode)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m spinn.demo",
+        description="Run a SPINN server and device on loopback over the Fashion-MNIST test set.",
+    )
+    parser.add_argument("--frames", type=int, default=2000, help="frames to stream (2000)")
+    parser.add_argument("--rate", type=float, default=150.0, help="frames per second (150)")
+    parser.add_argument("--split", type=int, help="split point (default: the middle one)")
+    parser.add_argument("--thr", type=float, default=0.8, help="exit threshold (0.8)")
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint (default: the shipped model)")
+    args = parser.parse_args(argv)
+
+    port = _free_port()
+    python = sys.executable
+    work = Path(tempfile.mkdtemp(prefix="spinn-demo-"))
+    server_log = work / "server.log"
+    answers = work / "answers.jsonl"
+    model = ["--checkpoint", str(args.checkpoint)] if args.checkpoint else []
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    print(f"SPINN demo: server on 127.0.0.1:{port}, {args.frames} Fashion-MNIST test images")
+    print(f"  per-frame answers: {answers}\n  server log:        {server_log}")
+    with open(server_log, "wb") as log:
+        server = subprocess.Popen(
+            [python, str(ROOT / "spinn_server.py"), "--port", str(port), "--stats-interval", "5",
+             *model],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        )  # fmt: skip
+        device: subprocess.Popen[bytes] | None = None
+        try:
+            _wait_listening(port, server, 60.0)
+            split = ["--split", str(args.split)] if args.split is not None else []
+            device = subprocess.Popen(
+                [python, str(ROOT / "spinn_device.py"), "--server", f"127.0.0.1:{port}",
+                 "--dataset", "fashion-mnist:test", "--limit", str(args.frames),
+                 "--rate", str(args.rate), "--thr", str(args.thr), "--out", str(answers),
+                 "--quiet", *split, *model],
+                stderr=subprocess.PIPE, env=env, cwd=ROOT,
+            )  # fmt: skip
+            assert device.stderr is not None
+            summary: dict[str, object] | None = None
+            for raw in device.stderr:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                if line.startswith("summary "):
+                    summary = json.loads(line[len("summary ") :])
+                elif line.startswith("frames "):
+                    print("\r" + line, end="", flush=True)
+                else:
+                    print("\n" + line, flush=True)
+            device_rc = device.wait()
+        finally:
+            if device is not None and device.poll() is None:
+                _stop(device)
+            server_rc = _stop(server)
+    print()
+    final = [ln for ln in server_log.read_text().splitlines() if "final stats" in ln]
+    if final:
+        print("server:", final[-1].split("final stats ", 1)[1])
+    if summary is None or device_rc != 0:
+        print(f"the device failed (exit status {device_rc}); see above", file=sys.stderr)
+        return 1
+    latency = summary["latency_ms"]
+    assert isinstance(latency, dict)
+    print(
+        f"device: {summary['frames']} frames, {summary['fps']} fps, latency p50 "
+        f"{latency['p50']} ms p95 {latency['p95']} ms, answered by {summary['answered_by']}, "
+        f"split {summary['split']} thr {summary['thr_conf']}"
+    )
+    if "accuracy" in summary:
+        print(f"accuracy against the labels: {100 * float(summary['accuracy']):.2f}%")
+    return 0 if server_rc == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""spinn_device.py: flags, sources from real files, clear errors, JSON output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import spinn_device
+from tests._runtime_support import make_small_checkpoint
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def test_help_names_sources_policy_and_sla(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        spinn_device.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--camera", "--video", "--images", "--dataset", "--rate", "--limit",
+                 "--split", "--thr", "--policy", "--max-latency-ms", "--out"):  # fmt: skip
+        assert flag in out, flag
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dataset", "fashion-mnist", "--server", "localhost"], "expected HOST:PORT"),
+        (["--dataset", "fashion-mnist", "--server", "h:99999"], "port must be in 1..65535"),
+        (["--dataset", "fashion-mnist", "--thr", "1.5"], "expected a number in [0, 1]"),
+        (["--dataset", "fashion-mnist", "--max-in-flight", "0"], "max_in_flight must be >= 1"),
+        (["--dataset", "fashion-mnist", "--codec", "jpeg"], "unknown codec 'jpeg'"),
+        (["--thr", "0.5"], "one of the arguments --camera --video --images --dataset"),
+    ],
+)
+def test_bad_flags_are_named(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        spinn_device.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_source_and_split_exit_2(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--checkpoint", str(checkpoint), "--device-only", "--no-status"]
+    assert spinn_device.main([*base, "--images", str(tmp_path / "none")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert spinn_device.main([*base, "--video", str(tmp_path / "x.mp4")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert spinn_device.main([*base, "--camera", "front"]) == 2
+    assert "device index or a URL" in capsys.readouterr().err
+    assert spinn_device.main([*base, "--dataset", "cifar"]) == 2
+    assert "unknown dataset" in capsys.readouterr().err
+    (tmp_path / "img").mkdir()
+    cv2.imwrite(str(tmp_path / "img" / "a.png"), np.zeros((28, 28), np.uint8))
+    assert spinn_device.main([*base, "--images", str(tmp_path / "img"), "--split", "40"]) == 2
+    assert "--split must be in 0.." in capsys.readouterr().err
+
+
+def test_image_folder_device_only_writes_one_json_line_per_image(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(0)
+    for cls in ("c3", "c7"):
+        (tmp_path / "img" / cls).mkdir(parents=True)
+        for i in range(3):
+            img = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+            cv2.imwrite(str(tmp_path / "img" / cls / f"{i}.png"), img)
+    out = tmp_path / "answers.jsonl"
+    argv = ["--checkpoint", str(checkpoint), "--device-only", "--images", str(tmp_path / "img"),
+            "--out", str(out), "--status-interval", "0.05", "--split", "4"]  # fmt: skip
+    assert spinn_device.main(argv) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["frame"] for r in records) == list(range(6))
+    assert sorted(r["label"] for r in records) == [3, 3, 3, 7, 7, 7]
+    for r in records:
+        assert r["where"] == "device" and r["bytes_sent"] == 0
+        assert set(r) >= {"class", "confidence", "exit", "latency_ms", "origin"}
+    err = capsys.readouterr().err
+    summary = json.loads(err.split("summary ", 1)[1].splitlines()[0])
+    assert summary["frames"] == 6 and summary["labelled"] == 6
+
+
+def test_video_source_stdout(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+    for i in range(5):
+        writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
+    writer.release()
+    argv = ["--checkpoint", str(checkpoint), "--device-only", "--video", str(path),
+            "--no-status", "--limit", "4"]  # fmt: skip
+    assert spinn_device.main(argv) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    assert sorted(json.loads(ln)["frame"] for ln in lines) == [0, 1, 2, 3]

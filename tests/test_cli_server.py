@@ -1,0 +1,76 @@
+"""spinn_server.py: flags, clear errors, graceful SIGTERM/SIGINT with exit status 0."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import spinn_server
+from tests._runtime_support import PYTHON, ROOT, free_port, make_small_checkpoint
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def test_help_names_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        spinn_server.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--checkpoint", "--port", "--workers", "--torch-threads", "--no-report-compute"):
+        assert flag in out
+
+
+def test_flags_fill_the_config(checkpoint: Path) -> None:
+    args = spinn_server.build_parser().parse_args(
+        ["--checkpoint", str(checkpoint), "--port", "0", "--no-report-compute", "--workers", "3"]
+    )
+    config = spinn_server.config_from_args(args)
+    assert config.report_compute is False and config.workers == 3 and config.port == 0
+    assert config.checkpoint == checkpoint
+
+
+def test_bad_values_are_named(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        spinn_server.main(["--port", "70000"])
+    assert exc.value.code == 2
+    assert "port must be in 0..65535" in capsys.readouterr().err
+    missing = tmp_path / "nope.pt"
+    assert spinn_server.main(["--checkpoint", str(missing), "--port", "0"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_gracefully_with_status_0(checkpoint: Path, sig: signal.Signals) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [PYTHON, str(ROOT / "spinn_server.py"), "--checkpoint", str(checkpoint),
+         "--port", str(port), "--stats-interval", "0.2"],
+        stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.1)
+        time.sleep(0.5)  # let a stats line pass
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "stats connections=" in err and "final stats" in err
