@@ -120,9 +120,17 @@ async def upload(address: tuple[str, int], payload: bytes) -> None:
 
 
 def measured_bps(reads: list[tuple[float, int]]) -> float:
-    """Rate over the transfer, excluding the first read (it passed on the bucket's burst)."""
-    total = sum(n for _, n in reads[1:])
-    return total * 8 / (reads[-1][0] - reads[0][0])
+    """Least-squares slope of bytes received against time, in bit/s.
+
+    The slope uses every read, so one read that the busy test machine timestamps late moves
+    it far less than it would move (last - first) / (t_last - t_first).
+    """
+    times, cumulative, total = [], [], 0
+    for t, n in reads:
+        total += n
+        times.append(t)
+        cumulative.append(total)
+    return statistics.linear_regression(times, cumulative).slope * 8
 
 
 def digest(data: bytes | bytearray) -> str:

@@ -115,7 +115,7 @@ async def _serve_client(
             await writer.wait_closed()
 
 
-async def start_control(proxy: NetShape, host: str, port: int) -> asyncio.AbstractServer:
+async def start_control(proxy: NetShape, host: str, port: int) -> asyncio.Server:
     """Listen for control clients on ``host:port`` (use loopback: there is no authentication)."""
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -460,7 +460,7 @@ class NetShape:
         self._listen = listen
         self._trace = trace
         self._clock = clock if clock is not None else time.monotonic
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._port: int | None = None
         self._connections: set[_Connection] = set()
         self._next_cid = 0
@@ -603,8 +603,12 @@ class NetShape:
         values = coerce_direction_fields(fields)
         names = DIRECTIONS if direction == "both" else (direction,)
         if not self._dirs:
-            changes = {n: dataclasses.replace(self._config.direction(n), **values) for n in names}
-            self._config = dataclasses.replace(self._config, **changes)
+            up, down = self._config.up, self._config.down
+            if "up" in names:
+                up = dataclasses.replace(up, **values)
+            if "down" in names:
+                down = dataclasses.replace(down, **values)
+            self._config = dataclasses.replace(self._config, up=up, down=down)
             return self._config
         new = {n: dataclasses.replace(self._dirs[n].config, **values) for n in names}
         now = self._now()
