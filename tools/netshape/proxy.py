@@ -471,6 +471,7 @@ class NetShape:
         self._plan = OutagePlan()
         self._schedule = OutageSchedule(self._config.outages, self._config.seed)
         self._outage_counts = dict.fromkeys(OUTAGE_MODES, 0)
+        self._outage_history: deque[dict[str, Any]] = deque(maxlen=100)
         self._start = 0.0
         self._tick_task: asyncio.Task[None] | None = None
         self._last_trace: TraceState | None = None
@@ -555,6 +556,11 @@ class NetShape:
         return dataclasses.replace(
             self._config, up=self._dirs["up"].config, down=self._dirs["down"].config
         )
+
+    @property
+    def started_at(self) -> float:
+        """The clock's value when the proxy started (schedules and traces count from it)."""
+        return self._start
 
     @property
     def outage_mode(self) -> str | None:
@@ -648,7 +654,11 @@ class NetShape:
                 "reset_on_accept": self._reset_on_accept,
                 "upstream_failures": self._upstream_failures,
             },
-            "outage": {"mode": self._mode, "count": dict(self._outage_counts)},
+            "outage": {
+                "mode": self._mode,
+                "count": dict(self._outage_counts),
+                "history": list(self._outage_history),
+            },
             "up": self._dirs["up"].snapshot(now) if self._dirs else None,
             "down": self._dirs["down"].snapshot(now) if self._dirs else None,
         }
@@ -690,6 +700,7 @@ class NetShape:
             elif old == "refuse":
                 await self._open_listener()
             self._mode = desired
+            self._outage_history.append({"elapsed_s": self._now() - self._start, "mode": desired})
             if desired is None:
                 log.info("outage %s ended", old)
                 return
