@@ -252,12 +252,14 @@ def end_to_end(
                     p_t = pred_of.predict(est_t).at(split, t)
                     # Latency: paced well below that rate so frames do not queue.
                     rate = max(1.0, min(20.0, 0.4 * float(summ["fps"])))
+                    # Skip the frames decided on the priors, before the first PINGs (0.5 s).
+                    skip = max(warmup, int(1.5 * rate))
                     _summ, recs, seen = _run_device(
-                        checkpoint, profile_file, port, split, thr, frames // 2 + warmup, rate
+                        checkpoint, profile_file, port, split, thr, frames // 2 + skip, rate
                     )
-                    lat_meas = statistics.fmean(r["latency_ms"] for r in recs[warmup:] or recs)
+                    lat_meas = statistics.fmean(r["latency_ms"] for r in recs[skip:] or recs)
                     lat_pred = statistics.fmean(
-                        pred_of.predict(e).at(split, t).latency_ms for e in seen[warmup:] or seen
+                        pred_of.predict(e).at(split, t).latency_ms for e in seen[skip:] or seen
                     )
                     row: dict[str, Any] = {
                         "network": net_name,

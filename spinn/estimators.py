@@ -42,6 +42,7 @@ __all__ = [
     "MedianOf3",
     "OnlineProfiler",
     "OnlineProfilerConfig",
+    "OverheadEstimator",
     "ServerTimeEstimator",
 ]
 
@@ -280,6 +281,31 @@ class ServerTimeEstimator:
         return self._f.samples
 
 
+class OverheadEstimator:
+    """Per-input time the stage timings do not cover (preprocessing, packing, executor
+    hand-offs, bookkeeping), from inputs answered on the device: the answer's latency less
+    the compute the scaled profile accounts for (``SF · T_offline``), clamped at 0."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self._f = _Filtered(alpha)
+
+    def observe(self, now: float, latency_ms: float, compute_ms: float) -> float:
+        lat = _check_sample("answer latency ms", latency_ms)
+        compute = _check_sample("answer compute ms", compute_ms)
+        sample = max(0.0, lat - compute)
+        self._f.update(now, sample)
+        return sample
+
+    @property
+    def overhead_ms(self) -> float:
+        v = self._f.value
+        return 0.0 if v is None else v
+
+    @property
+    def samples(self) -> int:
+        return self._f.samples
+
+
 @dataclass(frozen=True, slots=True)
 class Estimates:
     """A snapshot of the online estimates, the scheduler's only view of the world."""
@@ -296,6 +322,8 @@ class Estimates:
     """Requests waiting at the server ahead of a new one."""
     server_up: bool = True
     """False while the server is unreachable: only device-only decisions make sense."""
+    frame_overhead_ms: float = 0.0
+    """Per-input time outside the profiled stages (preprocessing, packing, dispatch)."""
 
     def __post_init__(self) -> None:
         for name in ("bandwidth_bps", "latency_s", "device_scale", "server_scale"):
@@ -304,9 +332,10 @@ class Estimates:
                 raise ValueError(f"Estimates.{name} must be a number >= 0, got {v!r}")
         if self.device_scale == 0 or self.server_scale == 0:
             raise ValueError("Estimates scale factors must be > 0")
-        q = self.server_queue
-        if not isinstance(q, int | float) or not math.isfinite(q) or q < 0:
-            raise ValueError(f"Estimates.server_queue must be a finite number >= 0, got {q!r}")
+        for name in ("server_queue", "frame_overhead_ms"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"Estimates.{name} must be a finite number >= 0, got {v!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +363,7 @@ class OnlineProfiler:
         self.latency = LatencyEstimator(c.alpha)
         self.device = DeviceScaleEstimator(c.alpha)
         self.server = ServerTimeEstimator(c.alpha)
+        self.overhead = OverheadEstimator(c.alpha)
         self.server_up = True
 
     # -- network ------------------------------------------------------------------------
@@ -358,6 +388,18 @@ class OnlineProfiler:
     def observe_device(self, now: float, stages: int, real_ms: float) -> None:
         """The device ran stages ``[0, stages)`` (exit heads included) in ``real_ms``."""
         self.device.observe(now, real_ms, self.profile.device_time_ms(stages))
+
+    def observe_answer(self, now: float, exit_index: int, latency_ms: float) -> None:
+        """An input was answered **on the device** at ``exit_index`` after ``latency_ms``
+        (from its arrival); the device computed the stages up to that exit, so the rest of
+        the time is per-input overhead.  Answers from the server say nothing about it."""
+        if not 0 <= exit_index < self.profile.num_exits:
+            raise ValueError(
+                f"exit index {exit_index} out of range 0..{self.profile.num_exits - 1}"
+            )
+        stages = self.profile.exit_stages[exit_index] + 1
+        compute = self.device.scale * self.profile.device_time_ms(stages)
+        self.overhead.observe(now, latency_ms, compute)
 
     # -- server -------------------------------------------------------------------------
 
@@ -423,4 +465,5 @@ class OnlineProfiler:
             server_scale=self.server.scale,
             server_queue=self.server.queue,
             server_up=self.server_up,
+            frame_overhead_ms=self.overhead.overhead_ms,
         )

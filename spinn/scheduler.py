@@ -255,16 +255,19 @@ class Predictor:
         else:
             path = np.where(self.remote[:, None, :], remote_ms, local_ms)
         rates = self.rates[None, :, :]
+        overhead = est.frame_overhead_ms  # per input, whichever path answers
         with np.errstate(invalid="ignore"):
             # 0 · ∞ (an exit nobody reaches on an unusable link) contributes nothing.
-            latency = np.where(rates > 0, rates * path, 0.0).sum(axis=-1)
+            latency = np.where(rates > 0, rates * path, 0.0).sum(axis=-1) + overhead
         if self.config.local_race:
             # The device computes until the answer arrives, whichever side gives it.
             device_cost = latency
         else:
-            device_cost = (self.local_rates * local_ms).sum(axis=-1) + offload * (
-                sf * self.dev_split_ms
-            )[:, None]
+            device_cost = (
+                (self.local_rates * local_ms).sum(axis=-1)
+                + offload * (sf * self.dev_split_ms)[:, None]
+                + overhead
+            )
         with np.errstate(invalid="ignore"):
             uplink = np.where(offload > 0, offload * up_ms[:, None], 0.0)
         # Throughput: the pipeline (device compute, uplink, server) runs at the rate of its

@@ -16,6 +16,7 @@ from spinn.estimators import (
     MedianOf3,
     OnlineProfiler,
     OnlineProfilerConfig,
+    OverheadEstimator,
     ServerTimeEstimator,
 )
 from spinn.profile import synthetic_profile
@@ -122,13 +123,16 @@ def test_online_profiler_snapshot() -> None:
     prof = synthetic_profile(random.Random(5), num_stages=6, num_exits=3, num_thresholds=5)
     op = OnlineProfiler(prof, OnlineProfilerConfig(initial_bandwidth_bps=1e6))
     snap = op.snapshot(0.0)
-    assert snap == Estimates(1e6, 0.02, 1.0, 1.0, 0.0, True)
+    assert snap == Estimates(1e6, 0.02, 1.0, 1.0, 0.0, True, 0.0)
     for i in range(10):
         op.observe_ping(float(i), 0.01)
         op.observe_ping(float(i), 0.01 + 8 * 50_000 / 5e6, probe_bytes=50_000)
         op.observe_upload(float(i), 100_000, 8 * 100_000 / 5e6)
         op.observe_device(float(i), 3, 1.5 * prof.device_time_ms(3))
         op.observe_result(float(i), 2, prof.num_exits - 1, compute_ms=2 * prof.server_time_ms(2))
+        # Answered on the device at exit 1: 2 ms more than the scaled compute.
+        stages = prof.exit_stages[1] + 1
+        op.observe_answer(float(i), 1, 1.5 * prof.device_time_ms(stages) + 2.0)
     op.observe_queue(10.0, 3)
     snap = op.snapshot(10.0)
     assert snap.bandwidth_bps == pytest.approx(5e6, rel=1e-6)
@@ -136,12 +140,15 @@ def test_online_profiler_snapshot() -> None:
     assert snap.device_scale == pytest.approx(1.5)
     assert snap.server_scale == pytest.approx(2.0)
     assert snap.server_queue == 3
+    assert snap.frame_overhead_ms == pytest.approx(2.0)
     op.mark_server(11.0, False)
     assert not op.snapshot(11.0).server_up
     with pytest.raises(ValueError, match="before split"):
         op.observe_result(12.0, 5, 0, compute_ms=1.0)
     with pytest.raises(ValueError, match="compute_ms or elapsed_s"):
         op.observe_result(12.0, 0, 0)
+    with pytest.raises(ValueError, match="exit index 9"):
+        op.observe_answer(12.0, 9, 5.0)
 
 
 def test_estimates_validation() -> None:
@@ -149,3 +156,15 @@ def test_estimates_validation() -> None:
         Estimates(bandwidth_bps=float("nan"), latency_s=0.01)
     with pytest.raises(ValueError, match="server_queue"):
         Estimates(bandwidth_bps=1e6, latency_s=0.01, server_queue=-1)
+
+
+def test_overhead_estimator() -> None:
+    est = OverheadEstimator()
+    assert est.overhead_ms == 0.0
+    rng = random.Random(6)
+    for i in range(20):
+        est.observe(float(i), 10.0 + rng.uniform(2.8, 3.2), 10.0)
+    assert est.overhead_ms == pytest.approx(3.0, rel=0.05)
+    est.observe(21.0, 200.0, 10.0)  # one frame stuck behind a GC pause
+    assert est.overhead_ms == pytest.approx(3.0, rel=0.05)
+    assert est.observe(22.0, 5.0, 10.0) == 0.0  # faster than profiled: no negative overhead

@@ -105,6 +105,8 @@ def reference(
             busy = path if cfg.local_race else e.device_scale * p.device_time_ms(s)
         latency += rates[i] * path
         device_cost += rates[i] * busy
+    latency += e.frame_overhead_ms
+    device_cost += e.frame_overhead_ms
     uplink = offload * up
     period = max(device_cost, uplink, server_cost)
     return {
@@ -135,6 +137,7 @@ estimates = st.builds(
     server_scale=st.floats(0.2, 20.0),
     server_queue=st.sampled_from([0.0, 1.0, 4.0]),
     server_up=st.booleans(),
+    frame_overhead_ms=st.sampled_from([0.0, 0.5, 3.0]),
 )
 configs = st.builds(SchedulerConfig, local_race=st.booleans())
 
