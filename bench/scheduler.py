@@ -65,7 +65,7 @@ def _walk(rng: random.Random, calls: int) -> list[Estimates]:
         lat = min(0.2, max(1e-4, lat * rng.lognormvariate(0, 0.05)))
         sf = min(4.0, max(0.5, sf * rng.lognormvariate(0, 0.03)))
         g = min(10.0, max(0.5, g * rng.lognormvariate(0, 0.05)))
-        q = max(0.0, q + rng.choice((-1.0, 0.0, 0.0, 1.0)))
+        q = min(10.0, max(0.0, q + rng.choice((-1.0, 0.0, 0.0, 1.0))))
         if rng.random() < 0.002:
             up = not up
         out.append(Estimates(bw, lat, sf, g, q, up))
