@@ -304,6 +304,40 @@ def _thr_label(thr: float) -> str:
     return "no-exit" if thr > 1 else f"thr {thr:.2f}"
 
 
+def decision_part(profile_path: Path, calls: int, seed: int) -> dict[str, object]:
+    """Part 1 on one core: decision time for the 20 × 20 grid (and the model's profile)."""
+    core = _pin_one_core()
+    print(f"pinned to core {core}" if core is not None else "could not pin to one core")
+    result: dict[str, object] = {}
+    synth = synthetic_profile(random.Random(seed), num_stages=20, num_exits=7, num_thresholds=20)
+    r = time_decisions(synth, calls, seed)
+    print(
+        f"synthetic 20 splits x 20 thresholds ({r['grid']:.0f} candidates): "
+        f"decide median {r['median_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, "
+        f"{r['changes']:.0f} re-plans in {calls} calls"
+    )
+    flappy = time_decisions(synth, calls, seed, hysteresis=1.0)
+    print(
+        f"same walk without hysteresis: {flappy['changes']:.0f} re-plans (with: {r['changes']:.0f})"
+    )
+    result["replans"] = int(r["changes"])
+    result["replans_without_hysteresis"] = int(flappy["changes"])
+    result["decision_ms"] = round(r["median_ms"], 4)
+    result["decision_p99_ms"] = round(r["p99_ms"], 4)
+    result["decision_target_met"] = r["median_ms"] < 1.0
+    if profile_path.exists():
+        prof = Profile.load(profile_path)
+        rd = time_decisions(prof, calls, seed)
+        print(
+            f"{profile_path} ({prof.arch}, S={prof.num_stages}, {len(prof.thresholds)} "
+            f"thresholds): decide median {rd['median_ms']:.3f} ms, p99 {rd['p99_ms']:.3f} ms"
+        )
+        result["model_decision_ms"] = round(rd["median_ms"], 4)
+    else:
+        print(f"{profile_path} not found: timing the synthetic profile only")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=5000, help="decisions timed per profile")
@@ -314,41 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=80, help="frames per throughput run")
     parser.add_argument("--warmup", type=int, default=8, help="frames ignored at the start")
     args = parser.parse_args(argv)
-    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    core = _pin_one_core()
-    print(f"pinned to core {core}" if core is not None else "could not pin to one core")
-
     result: dict[str, object] = {"bench": "scheduler"}
-    synth = synthetic_profile(
-        random.Random(args.seed), num_stages=20, num_exits=7, num_thresholds=20
-    )
-    r = time_decisions(synth, args.calls, args.seed)
-    print(
-        f"synthetic 20 splits x 20 thresholds ({r['grid']:.0f} candidates): "
-        f"decide median {r['median_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, "
-        f"{r['changes']:.0f} re-plans in {args.calls} calls"
-    )
-    flappy = time_decisions(synth, args.calls, args.seed, hysteresis=1.0)
-    print(
-        f"same walk without hysteresis: {flappy['changes']:.0f} re-plans (with: {r['changes']:.0f})"
-    )
-    result["replans"] = int(r["changes"])
-    result["replans_without_hysteresis"] = int(flappy["changes"])
-    result["decision_ms"] = round(r["median_ms"], 4)
-    result["decision_p99_ms"] = round(r["p99_ms"], 4)
-    result["decision_target_met"] = r["median_ms"] < 1.0
-    if args.profile.exists():
-        prof = Profile.load(args.profile)
-        rd = time_decisions(prof, args.calls, args.seed)
-        print(
-            f"{args.profile} ({prof.arch}, S={prof.num_stages}, {len(prof.thresholds)} thresholds): "
-            f"decide median {rd['median_ms']:.3f} ms, p99 {rd['p99_ms']:.3f} ms"
-        )
-        result["model_decision_ms"] = round(rd["median_ms"], 4)
-    else:
-        print(f"{args.profile} not found: timing the synthetic profile only")
-    if affinity is not None:
-        os.sched_setaffinity(0, affinity)  # the end-to-end part runs as deployed
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        result.update(decision_part(args.profile, args.calls, args.seed))
+    finally:
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)  # the end-to-end part runs as deployed
     if args.no_e2e:
         print("end-to-end part skipped (--no-e2e)")
     elif not args.checkpoint.exists():

@@ -495,3 +495,17 @@ def test_dead_link_predictions_stay_finite_or_infinite_never_nan() -> None:
             assert not np.isnan(arr).any()
         # Nothing can be uploaded: only device-only has a positive throughput.
         assert sched.choose(Estimates(bandwidth_bps=0.0, latency_s=0.0)).split == 6
+
+
+def test_bench_decision_part_runs_and_ends_with_json(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import os
+
+    from bench.scheduler import main
+
+    before = os.sched_getaffinity(0)
+    assert main(["--calls", "30", "--no-e2e", "--profile", str(tmp_path / "none.json")]) == 0
+    assert os.sched_getaffinity(0) == before  # the one-core pin is undone
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["bench"] == "scheduler" and last["decision_ms"] > 0
