@@ -224,6 +224,20 @@ def test_token_bucket_long_run_rate_survives_late_wakeups() -> None:
     assert sent == pytest.approx(rate * now + chunk, rel=0.01)
 
 
+def test_token_bucket_tickets_serve_sharers_in_order() -> None:
+    bucket = TokenBucket(1000.0, burst_bytes=100, now=0.0)
+    first = bucket.take(100, 0.0)  # paid by the burst
+    second = bucket.take(500, 0.0)
+    third = bucket.take(500, 0.0)  # another connection, after the second
+    assert bucket.ready_at(0.0, first) == 0.0
+    assert bucket.ready_at(0.0, second) == pytest.approx(0.5)  # not held for the third
+    assert bucket.ready_at(0.0, third) == pytest.approx(1.0)
+    assert bucket.ready_at(0.0) == pytest.approx(1.0)
+    bucket.configure(2000.0, 100, now=0.25)  # 250 of 1000 owed bytes paid; 750 at 2000 B/s
+    assert bucket.ready_at(0.25, second) == pytest.approx(0.375)
+    assert bucket.ready_at(0.25, third) == pytest.approx(0.625)
+
+
 def test_token_bucket_debt_burst_and_live_change() -> None:
     bucket = TokenBucket(1000.0, burst_bytes=500, now=0.0)
     assert bucket.ready_at(0.0) == 0.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -197,6 +198,76 @@ def test_download_rate_within_5_percent() -> None:
             writer.close()
         assert digest(data) == digest(payload)
         assert measured_bps(reads) == pytest.approx(rate_bps, rel=0.05)
+
+    arun(main())
+
+
+def test_connections_share_the_direction_bottleneck() -> None:
+    rate_bps = 4e6
+    payloads = [os.urandom(250_000), os.urandom(250_000)]
+
+    async def main() -> None:
+        received: list[bytes] = []
+        sink_reads: list[tuple[float, int]] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            data = bytearray()
+            while chunk := await reader.read(1 << 20):
+                sink_reads.append((time.monotonic(), len(chunk)))
+                data += chunk
+            received.append(bytes(data))
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        upstream = ("127.0.0.1", server.sockets[0].getsockname()[1])
+        config = ShapeConfig(up=DirectionConfig(rate_bps=rate_bps))
+        async with server, NetShape(config, upstream=upstream) as proxy:
+            start = time.monotonic()
+            await asyncio.gather(*(upload(proxy.address, p) for p in payloads))
+            elapsed = time.monotonic() - start
+        assert sorted(map(digest, received)) == sorted(map(digest, payloads))
+        # One shared link: 500 kB at 4 Mbit/s take 1 s, not the 0.5 s of two private links.
+        assert elapsed == pytest.approx(1.0, rel=0.1)
+        assert measured_bps(sorted(sink_reads)) == pytest.approx(rate_bps, rel=0.05)
+
+    arun(main())
+
+
+def test_every_shaping_mode_at_once_keeps_bytes_intact() -> None:
+    payload = os.urandom(300_000)
+    shaping = DirectionConfig(
+        rate_bps=16e6,
+        delay_s=0.005,
+        jitter_s=0.003,
+        loss=0.002,
+        ge_p=0.01,
+        ge_r=0.3,
+        ge_loss_bad=0.3,
+        stall_s=0.02,
+        slice_bytes=1000,
+        slice_variation=400,
+    )
+    config = ShapeConfig(up=shaping, down=dataclasses.replace(shaping, rate_bps=24e6), seed=9)
+
+    async def main() -> None:
+        server, port = await start_echo()
+        async with server, NetShape(config, upstream=("127.0.0.1", port)) as proxy:
+            reader, writer = await asyncio.open_connection(*proxy.address)
+
+            async def send() -> None:
+                for k in range(0, len(payload), 7000):
+                    writer.write(payload[k : k + 7000])
+                    await writer.drain()
+                writer.write_eof()
+
+            sender = asyncio.create_task(send())
+            echoed = await reader.read(-1)
+            await sender
+            writer.close()
+            stats = proxy.stats()
+        assert digest(echoed) == digest(payload)
+        assert stats["up"]["bytes"] == stats["down"]["bytes"] == len(payload)
+        assert stats["up"]["stalls"] + stats["down"]["stalls"] >= 1
 
     arun(main())
 

@@ -29,12 +29,16 @@ class TokenBucket:
     """A token bucket in bytes that may go into debt.
 
     ``take(n)`` always succeeds and may leave the bucket negative; the caller then waits until
-    :meth:`ready_at`, the moment the debt is repaid. Holding a chunk until its last byte has
-    been "serialised" is what a bottleneck link does, and paying debt from elapsed time (not
-    from sleeps) means late timer wake-ups never lower the long-run rate.
+    :meth:`ready_at`, the moment its bytes are paid for. Holding a chunk until its last byte
+    has been "serialised" is what a bottleneck link does, and paying debt from elapsed time
+    (not from sleeps) means late timer wake-ups never lower the long-run rate.
+
+    ``take`` returns a ticket, the running total of bytes taken. Credit issued so far is
+    ``taken + tokens``; a ticket is paid once the credit reaches it, so a chunk never waits
+    for debt that other connections sharing the bucket ran up after it (FIFO service).
     """
 
-    __slots__ = ("_rate", "_burst", "_tokens", "_last")
+    __slots__ = ("_rate", "_burst", "_tokens", "_last", "_taken")
 
     def __init__(self, rate_bytes_per_s: float, burst_bytes: int, now: float) -> None:
         if rate_bytes_per_s <= 0 or burst_bytes < 1:
@@ -43,6 +47,7 @@ class TokenBucket:
         self._burst = float(burst_bytes)
         self._tokens = float(burst_bytes)
         self._last = now
+        self._taken = 0
 
     @property
     def rate(self) -> float:
@@ -64,17 +69,20 @@ class TokenBucket:
             self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
             self._last = now
 
-    def take(self, nbytes: int, now: float) -> None:
-        """Spend ``nbytes`` tokens at ``now``."""
+    def take(self, nbytes: int, now: float) -> int:
+        """Spend ``nbytes`` tokens at ``now``; returns the ticket to pass to :meth:`ready_at`."""
         self._refill(now)
         self._tokens -= nbytes
+        self._taken += nbytes
+        return self._taken
 
-    def ready_at(self, now: float) -> float:
-        """The earliest time >= now at which the bucket is out of debt."""
+    def ready_at(self, now: float, ticket: int | None = None) -> float:
+        """The earliest time >= now at which ``ticket`` (default: all debt) is paid for."""
         self._refill(now)
-        if self._tokens >= 0:
+        owed = -self._tokens if ticket is None else ticket - (self._taken + self._tokens)
+        if owed <= 0:
             return now
-        return now + (-self._tokens) / self._rate
+        return now + owed / self._rate
 
     def configure(self, rate_bytes_per_s: float, burst_bytes: int, now: float) -> None:
         """Change rate and depth live; the debt (bytes still to serialise) is kept."""

@@ -253,12 +253,13 @@ class _Pipe:
             now = time.monotonic()
             bucket = state.bucket
             if bucket is not None:
-                bucket.take(len(data), now)
-                # Re-read the bucket after each wake: a live update may change its rate.
-                while (bucket := state.bucket) is not None and (
-                    bucket.ready_at(now) - now > _TIMER_SLACK_S
+                ticket = bucket.take(len(data), now)
+                # Re-read the bucket after each wake: a live update may change its rate, or
+                # make the direction unlimited (a new bucket then owes this chunk nothing).
+                while state.bucket is bucket and (
+                    (ready := bucket.ready_at(now, ticket)) - now > _TIMER_SLACK_S
                 ):
-                    await self.sleeper.until(bucket.ready_at(now))
+                    await self.sleeper.until(ready)
                     now = time.monotonic()
             fate = self.schedule.fate(len(data), now, state.config)
             self.queue.put((fate.due, data))
