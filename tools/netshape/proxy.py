@@ -365,7 +365,9 @@ class _Connection:
             # In a black hole nothing gets through, not even the upstream handshake.
             await proxy._gate.wait()
             try:
-                up_reader, up_writer = await asyncio.open_connection(*proxy.upstream)
+                up_reader, up_writer = await asyncio.open_connection(
+                    *proxy.upstream, limit=proxy.config.read_size * 2
+                )
             except OSError as exc:
                 log.info("connection %d: upstream %s: %s", self.cid, proxy.upstream, exc)
                 proxy._upstream_failures += 1
@@ -574,7 +576,10 @@ class NetShape:
         host, port = self._listen
         if self._port is not None:
             port = self._port
-        self._server = await asyncio.start_server(self._on_client, host, port, reuse_address=True)
+        # The stream buffer pauses reading at 2 * limit: keep a whole read's worth in it.
+        self._server = await asyncio.start_server(
+            self._on_client, host, port, reuse_address=True, limit=self._config.read_size * 2
+        )
         sockets = self._server.sockets
         self._port = sockets[0].getsockname()[1]
 
