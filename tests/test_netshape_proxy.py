@@ -505,6 +505,22 @@ def test_manual_blackhole_passes_zero_bytes_then_resumes() -> None:
     assert hi - lo == pytest.approx(0.4, abs=0.1)
 
 
+def test_blackhole_holds_new_connections_until_restore() -> None:
+    async def main() -> None:
+        server, port = await start_echo()
+        async with server, NetShape(upstream=("127.0.0.1", port)) as proxy:
+            await proxy.outage("blackhole")
+            reader, writer = await asyncio.open_connection(*proxy.address)
+            writer.write(b"ping")
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.readexactly(4), 0.2)
+            await proxy.restore()
+            assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+            writer.close()
+
+    arun(main())
+
+
 def test_scheduled_blackhole_passes_zero_bytes() -> None:
     config = ShapeConfig(
         up=DirectionConfig(rate_bps=4e6), outages=(OutageSpec("blackhole", 0.4, 0.2),)
@@ -652,8 +668,9 @@ def test_cli_process_end_to_end() -> None:
                 f"127.0.0.1:{port}",
                 "--control",
                 "127.0.0.1:0",
-                "--delay",
-                "10ms",
+                "--trace",
+                str(ROOT / "tools" / "netshape" / "traces" / "4g.csv"),
+                "--trace-loop",
                 cwd=ROOT,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -663,10 +680,12 @@ def test_cli_process_end_to_end() -> None:
                 ready: dict[str, Any] = json.loads(await proc.stdout.readline())
                 host, _, listen_port = ready["listen"].rpartition(":")
                 c_host, _, c_port = ready["control"].rpartition(":")
+                # The 4G trace: 24 Mbit/s and 20 ms one-way in each direction.
                 rtts = await ping_rtts((host, int(listen_port)), 5)
-                assert statistics.median(rtts) == pytest.approx(0.02, abs=0.004)
+                assert statistics.median(rtts) == pytest.approx(0.04, abs=0.004)
                 stats = await send_command((c_host, int(c_port)), {"cmd": "stats"})
                 assert stats["stats"]["up"]["bytes"] == 5 * 64
+                assert stats["stats"]["down"]["rate_bps"] == 24e6
             finally:
                 proc.terminate()
                 await proc.wait()
