@@ -266,7 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         config, trace = config_from_args(args)
-    except (ValueError, OSError) as exc:
+    except OSError as exc:
+        parser.error(f"--trace {args.trace}: {exc.strerror or exc}")
+    except ValueError as exc:
         parser.error(str(exc))
     try:
         run(_serve(args, config, trace))
