@@ -16,7 +16,7 @@ from typing import Final, Literal, TypeAlias
 import msgpack
 
 from protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
-from protocol.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_frame
+from protocol.framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER, FrameDecoder
 from protocol.messages import (
     MESSAGE_CLASSES,
     PROTOCOL_VERSION,
@@ -30,7 +30,7 @@ from protocol.messages import (
     Result,
     Welcome,
     decode_message,
-    encode_message,
+    encode_message_parts,
     message_type,
 )
 from protocol.packing import CODECS, DEFAULT_MAX_ELEMENTS
@@ -167,12 +167,22 @@ class Connection:
         Raises `LocalProtocolError` (and changes nothing) if this side may not send it now.
         After the peer violated the protocol, only a fatal ERROR may be sent.
         """
+        return b"".join(self.send_parts(event))
+
+    def send_parts(self, event: Message) -> list[bytes]:
+        """Like `send`, but the frame as buffers to write in order, without copying.
+
+        The last buffer is the message's bulk bytes (INFER's tensor payload, PING's
+        padding) as given, so `transport.writelines(conn.send_parts(ev))` or
+        `socket.sendmsg` puts a large activation on the wire with no copy in Python.
+        """
         if not isinstance(event, _MESSAGE_TYPES):
             raise LocalProtocolError(f"cannot send {type(event).__name__}: not a protocol message")
-        body = encode_message(event)
-        if len(body) > self.config.max_frame_size:
+        head, blob = encode_message_parts(event)
+        size = len(head) + len(blob)
+        if size > self.config.max_frame_size:
             raise LocalProtocolError(
-                f"{message_type(event).name} frame of {len(body)} bytes exceeds the limit of "
+                f"{message_type(event).name} frame of {size} bytes exceeds the limit of "
                 f"{self.config.max_frame_size}",
                 ErrorCode.TOO_LARGE,
             )
@@ -184,7 +194,8 @@ class Connection:
             self._closed = True
         else:
             self._apply(event, self.role, LocalProtocolError)
-        return encode_frame(body)
+        head = FRAME_HEADER.pack(size) + head
+        return [head, blob] if blob else [head]
 
     # -- receiving ---------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Final
 
 from protocol.errors import ErrorCode, RemoteProtocolError
 
-__all__ = ["HEADER_SIZE", "DEFAULT_MAX_FRAME_SIZE", "FrameDecoder", "encode_frame"]
+__all__ = ["FRAME_HEADER", "HEADER_SIZE", "DEFAULT_MAX_FRAME_SIZE", "FrameDecoder", "encode_frame"]
 
 HEADER_SIZE: Final = 4
 """Bytes of the length prefix."""
@@ -22,13 +22,14 @@ HEADER_SIZE: Final = 4
 DEFAULT_MAX_FRAME_SIZE: Final = 64 * 2**20
 """Default limit on a frame body: 64 MiB."""
 
-_HEADER = struct.Struct(">I")
+FRAME_HEADER: Final = struct.Struct(">I")
+"""The length prefix: unsigned 32-bit big-endian."""
 _MIN_READ: Final = 64 * 1024
 
 
 def encode_frame(body: bytes) -> bytes:
     """`body` with its length prefix."""
-    return _HEADER.pack(len(body)) + body
+    return FRAME_HEADER.pack(len(body)) + body
 
 
 class FrameDecoder:
@@ -64,7 +65,7 @@ class FrameDecoder:
         # Only the frame at the read offset is checked eagerly; later headers are checked
         # when `next_frame` reaches them, which bounds the buffer at one frame plus a read.
         if self._error is None and self._end - self._start >= HEADER_SIZE:
-            (length,) = _HEADER.unpack_from(self._buf, self._start)
+            (length,) = FRAME_HEADER.unpack_from(self._buf, self._start)
             if length > self._max_frame_size:
                 self._error = RemoteProtocolError(
                     f"frame of {length} bytes exceeds the limit of {self._max_frame_size}",
@@ -74,16 +75,24 @@ class FrameDecoder:
                 self._error = RemoteProtocolError("empty frame (length prefix 0)")
 
     def _reserve(self, n: int) -> None:
-        """Make room for `n` more bytes after `_end`, compacting before growing."""
+        """Make room for `n` more bytes after `_end`.
+
+        Live bytes are moved to the front only when they are few compared with the space
+        this frees; otherwise the buffer grows to twice what is needed, so a stream of
+        large frames is copied at most about once more on average, not once per frame.
+        """
         if len(self._buf) - self._end >= n:
             return
-        if self._start:
-            live = self._end - self._start
-            self._buf[:live] = self._buf[self._start : self._end]
+        live = self._end - self._start
+        if live + n <= len(self._buf) and live <= self._start:
+            self._buf[:live] = memoryview(self._buf)[self._start : self._end]
             self._start, self._end = 0, live
-            if len(self._buf) - self._end >= n:
-                return
-        self._buf.extend(bytes(self._end + n - len(self._buf)))
+            return
+        if self._start:
+            # Growing anyway: drop the consumed prefix in the same reallocation.
+            del self._buf[: self._start]
+            self._start, self._end = 0, live
+        self._buf.extend(bytes(2 * (live + n) - len(self._buf)))
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes from the stream; b"" marks the end of the stream."""
@@ -109,7 +118,7 @@ class FrameDecoder:
         want = max(sizehint, _MIN_READ)
         live = self._end - self._start
         if self._error is None and live >= HEADER_SIZE:
-            (length,) = _HEADER.unpack_from(self._buf, self._start)
+            (length,) = FRAME_HEADER.unpack_from(self._buf, self._start)
             want = max(want, HEADER_SIZE + length - live)
         self._reserve(want)
         return memoryview(self._buf)[self._end :]
@@ -142,7 +151,7 @@ class FrameDecoder:
             if live == 0 and self._start:
                 self._start = self._end = 0
             return None
-        (length,) = _HEADER.unpack_from(self._buf, self._start)
+        (length,) = FRAME_HEADER.unpack_from(self._buf, self._start)
         if length > self._max_frame_size or length == 0:
             self._check_header()
             assert self._error is not None

@@ -35,6 +35,7 @@ __all__ = [
     "Message",
     "MESSAGE_CLASSES",
     "encode_message",
+    "encode_message_parts",
     "message_type",
     "decode_message",
 ]
@@ -365,26 +366,63 @@ def message_type(message: Message) -> MessageType:
         raise TypeError(f"not a protocol message: {type(message).__name__}") from None
 
 
-def _to_wire(message: Message) -> list[Any]:
+def _bin_header(n: int) -> bytes:
+    if n < 0x100:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 0x10000:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+_EMPTY_BIN: Final = b"\xc4\x00"
+
+
+def encode_message_parts(message: Message) -> tuple[bytes, bytes]:
+    """The msgpack body of `message` as (head, blob), body = head + blob.
+
+    `blob` is the message's bulk bytes — INFER's tensor payload, PING's padding — written
+    as the last value of the body so that the encoder never copies it (PROTOCOL.md §5.1:
+    senders should put it last; receivers accept any order). Empty for other messages.
+    """
     cls = type(message)
+    mtype = message_type(message)
     fields: dict[str, Any] = {}
+    blob = b""
     for name in _FIELDS[cls]:
         value = getattr(message, name)
         if isinstance(value, PackedTensor):
-            value = {k: getattr(value, k) for k in _TENSOR_FIELDS}
-            value["shape"] = list(value["shape"])
-        elif isinstance(value, tuple):
+            continue  # written last, below
+        if isinstance(value, tuple):
             value = list(value)
         elif isinstance(value, enum.IntEnum):
             value = int(value)
+        elif name == "padding":
+            blob, value = value, b""
         fields[name] = value
-    return [int(_TYPE_OF[cls]), fields]
+    if isinstance(message, Infer):
+        t = message.tensor
+        blob = t.payload
+        fields["tensor"] = {
+            "codec": t.codec,
+            "compressed": t.compressed,
+            "shape": list(t.shape),
+            "scale": t.scale,
+            "zero_point": t.zero_point,
+            "payload": b"",
+        }
+    head = msgpack.packb([int(mtype), fields], use_bin_type=True)
+    if not blob:
+        return head, b""
+    # The placeholder b"" packed as the very last value is bin8 of length 0: swap its
+    # header for the real one, so the blob follows without being copied into msgpack.
+    assert head.endswith(_EMPTY_BIN)
+    return head[: -len(_EMPTY_BIN)] + _bin_header(len(blob)), blob
 
 
 def encode_message(message: Message) -> bytes:
     """The msgpack body of one frame holding `message` (PROTOCOL.md §5)."""
-    message_type(message)
-    return msgpack.packb(_to_wire(message), use_bin_type=True)
+    head, blob = encode_message_parts(message)
+    return head + blob if blob else head
 
 
 def decode_message(obj: object) -> Message:

@@ -1,0 +1,498 @@
+"""Protocol benchmark: activation packing and framed loopback throughput.
+
+``python -m bench.protocol``
+
+1. Packing, on one core, on ReLU activations of a real CNN: every candidate split point
+   (ReLU outputs, PROTOCOL.md §6) of the shipped default model for Fashion-MNIST test
+   images, batch 1 as the runtime sends them. When the checkpoint cannot be loaded, a
+   random-weight ResNet-20 made progressive by the project's generator stands in (said so
+   in the output). Per codec, with and without zstd: bytes versus float32, pack and unpack
+   speed in MB/s of float32 input, worst quantisation error in units of the scale.
+   Targets (issue 2): sparse_int8 + zstd ≥ 8× smaller than float32; pack and unpack
+   ≥ 500 MB/s of float32 input.
+2. Loopback round trips of 1 MiB INFER frames answered by RESULT frames: the real framing
+   (`protocol.Connection` in an asyncio BufferedProtocol on uvloop, both ends) against
+   blocking ``sock.sendall``/``recv_into`` of exactly the same bytes, interleaved in the
+   same run, each end in its own process. Target: framed ≥ 70% of raw.
+
+The last line is one JSON object with ``sparse_zstd_ratio``, ``pack_mb_s``,
+``unpack_mb_s`` and ``framing_vs_raw``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, cast
+
+import numpy as np
+
+from protocol import (
+    CODECS,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Bye,
+    Connection,
+    ConnectionClosed,
+    Hello,
+    Infer,
+    Result,
+    Role,
+    Welcome,
+    pack,
+    unpack,
+)
+from protocol.packing import ZSTD_COMPRESS_BPS, ZSTD_DECOMPRESS_BPS, PackedTensor
+
+DEFAULT_CHECKPOINT = "models/default/model.pt"
+FRAME_PAYLOAD = 2**20  # float32 payload bytes of each loopback INFER: a 1 MiB frame
+
+
+# -- activations -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Activations:
+    """ReLU activations at every inner split point, one array per image and split."""
+
+    source: str
+    arrays: list[np.ndarray]  # batch 1, as the runtime sends them
+    batched: list[np.ndarray]  # one per split, all images stacked: per-call costs amortised
+    per_split: dict[int, tuple[tuple[int, ...], float]]  # split -> (shape, zero share)
+
+
+def collect_activations(checkpoint: str, images: int) -> Activations:
+    """Run Fashion-MNIST test images through the model, keeping each split's input."""
+    import torch
+
+    from spinn.data import load_fashion_mnist
+    from spinn.progressive import InputSpec, ProgressiveModel, make_progressive
+
+    torch.manual_seed(0)
+    model: ProgressiveModel
+    try:
+        from spinn.checkpoint import load_checkpoint
+
+        model, meta = load_checkpoint(checkpoint)
+        source = f"{checkpoint} ({meta.arch}, trained)"
+    except Exception as exc:  # any failure: fall back to random weights, and say why
+        from spinn.models import resnet20
+
+        data = load_fashion_mnist("train")
+        mean, std = data.head(2000).mean_std()
+        spec = InputSpec(1, 28, 28, mean, std)
+        model = make_progressive(resnet20(in_channels=1, num_classes=10), spec).eval()
+        reason = str(exc).splitlines()[0][:100]
+        source = f"random-weight resnet20 (default model unavailable: {reason})"
+    test = load_fashion_mnist("test").head(images)
+    arrays: list[np.ndarray] = []
+    batched: list[np.ndarray] = []
+    per_split: dict[int, tuple[tuple[int, ...], float]] = {}
+    with torch.no_grad():
+        x = model.input_spec.preprocess(test.images)
+        for k in range(model.num_stages - 1):
+            x = model.run_trunk(k, x)
+            split = k + 1  # the activation after stage k enters stage k + 1
+            act = x.numpy()
+            per_split[split] = (tuple(act.shape[1:]), float((act == 0).mean()))
+            arrays.extend(np.ascontiguousarray(act[i : i + 1]) for i in range(act.shape[0]))
+            batched.append(np.ascontiguousarray(act))
+    return Activations(source, arrays, batched, per_split)
+
+
+# -- packing ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CodecFigures:
+    codec: str
+    zstd: bool
+    ratio: float
+    pack_mb_s: float
+    unpack_mb_s: float
+    max_err_scales: float
+
+
+def _best_time(fn: Callable[[], object], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_codec(arrays: Sequence[np.ndarray], codec: str, zstd: bool, repeats: int):
+    """Figures of one codec over all activations (best of `repeats` passes)."""
+    raw_bytes = sum(a.nbytes for a in arrays)
+    packed: list[PackedTensor] = [pack(a, codec, zstd) for a in arrays]
+    t_pack = _best_time(lambda: [pack(a, codec, zstd) for a in arrays], repeats)
+    t_unpack = _best_time(lambda: [unpack(p) for p in packed], repeats)
+    worst = 0.0
+    for a, p in zip(arrays, packed, strict=True):
+        err = float(np.abs(unpack(p) - a).max()) if a.size else 0.0
+        worst = max(worst, err / p.scale if codec in ("int8", "sparse_int8") else err)
+    return CodecFigures(
+        codec,
+        zstd,
+        raw_bytes / sum(p.nbytes for p in packed),
+        raw_bytes / t_pack / 1e6,
+        raw_bytes / t_unpack / 1e6,
+        worst,
+    )
+
+
+def zstd_speeds(arrays: Sequence[np.ndarray], repeats: int) -> tuple[float, float]:
+    """Measured zstd speeds on sparse_int8 payloads, bytes/s: (compress, decompress)."""
+    import zstandard
+
+    from protocol.packing import ZSTD_LEVEL
+
+    payloads = [pack(a, "sparse_int8", False).payload for a in arrays]
+    total = sum(len(p) for p in payloads)
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    dctx = zstandard.ZstdDecompressor()
+    frames = [cctx.compress(p) for p in payloads]
+    t_c = _best_time(lambda: [cctx.compress(p) for p in payloads], repeats)
+    t_d = _best_time(lambda: [dctx.decompress(f) for f in frames], repeats)
+    return total / t_c, total / t_d
+
+
+# -- loopback --------------------------------------------------------------------------------
+
+
+def _frames() -> tuple[Infer, Result]:
+    rng = np.random.default_rng(0)
+    tensor = rng.standard_normal(FRAME_PAYLOAD // 4).astype(np.float32)
+    infer = Infer(0, 1, 0.8, pack(tensor.reshape(1, -1), "float32", compress=False))
+    return infer, Result(0, 2, (3, 1, 4), (0.9, 0.06, 0.01), compute_ms=1.5)
+
+
+def _handshake_pair() -> tuple[Connection, Connection, list[bytes]]:
+    """A device and a server connection past the handshake, and the bytes it took."""
+    device, server = Connection(Role.DEVICE), Connection(Role.SERVER)
+    hello = device.send(Hello(PROTOCOL_VERSION, "bench", "", CODECS))
+    server.receive_data(hello)
+    server.next_event()
+    welcome = server.send(Welcome(PROTOCOL_VERSION, "bench", "", CODECS, True))
+    device.receive_data(welcome)
+    device.next_event()
+    return device, server, [hello, welcome]
+
+
+def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("peer closed during a raw round trip")
+        got += n
+
+
+def _raw_server(listener: socket.socket, request_len: int, response: bytes) -> None:
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = memoryview(bytearray(request_len))
+    with conn:
+        while True:
+            try:
+                _recv_exactly(conn, buf)
+            except ConnectionError:
+                return
+            conn.sendall(response)
+
+
+class _FramedProtocol(asyncio.BufferedProtocol):
+    """The runtime's pattern: bytes straight into the Connection's buffer, events out."""
+
+    def __init__(self, conn: Connection, on_event: Callable[[Any], None]) -> None:
+        self.conn = conn
+        self.on_event = on_event
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.conn.buffer_updated(nbytes)
+        while (event := self.conn.next_event()) is not NEED_DATA:
+            self.on_event(event)
+
+    def eof_received(self) -> bool:
+        self.conn.receive_data(b"")
+        while (event := self.conn.next_event()) is not NEED_DATA:
+            self.on_event(event)
+            if isinstance(event, ConnectionClosed):
+                break
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+async def _framed_server_main(listener: socket.socket) -> None:
+    _, result = _frames()
+    conn = Connection(Role.SERVER)
+    done = asyncio.get_running_loop().create_future()
+
+    def on_event(event: object) -> None:
+        assert proto.transport is not None
+        if isinstance(event, Hello):
+            proto.transport.write(conn.send(Welcome(PROTOCOL_VERSION, "bench", "", CODECS, True)))
+        elif isinstance(event, Infer):
+            proto.transport.write(conn.send(replace(result, request_id=event.request_id)))
+        elif isinstance(event, (Bye, ConnectionClosed)) and not done.done():
+            done.set_result(None)
+
+    proto = _FramedProtocol(conn, on_event)
+    loop = asyncio.get_running_loop()
+    sock, _ = await loop.sock_accept(listener)
+    await loop.connect_accepted_socket(lambda: proto, sock)
+    await asyncio.wait_for(done, 120)
+    assert proto.transport is not None
+    proto.transport.close()
+
+
+def _server_process(kind: str, listener: socket.socket, request_len: int, response: bytes) -> None:
+    if kind == "raw":
+        _raw_server(listener, request_len, response)
+    else:
+        import uvloop
+
+        listener.setblocking(False)
+        uvloop.run(_framed_server_main(listener))
+
+
+def _start_server(kind: str, request_len: int, response: bytes) -> tuple[Any, int]:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    ctx = mp.get_context("fork")  # the listener socket is inherited as is
+    proc = ctx.Process(target=_server_process, args=(kind, listener, request_len, response))
+    proc.start()
+    listener.close()
+    return proc, port
+
+
+def raw_round_trips(port: int, request: bytes, response_len: int, n: int, window: int) -> float:
+    """Seconds for `n` request/response round trips with blocking sockets, at most
+    `window` requests in flight (a reader thread collects the responses)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = memoryview(bytearray(response_len))
+        sock.sendall(request)  # warm-up round trip
+        _recv_exactly(sock, buf)
+        if window == 1:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                sock.sendall(request)
+                _recv_exactly(sock, buf)
+            return time.perf_counter() - t0
+        slots = threading.Semaphore(window)
+
+        def reader() -> None:
+            for _ in range(n):
+                _recv_exactly(sock, buf)
+                slots.release()
+
+        t0 = time.perf_counter()
+        thread = threading.Thread(target=reader)
+        thread.start()
+        for _ in range(n):
+            slots.acquire()
+            sock.sendall(request)
+        thread.join()
+        return time.perf_counter() - t0
+
+
+async def _framed_client(port: int, infer: Infer, n: int, window: int) -> float:
+    """Seconds for `n` INFER/RESULT round trips through `Connection` on the running loop,
+    at most `window` requests in flight."""
+    loop = asyncio.get_running_loop()
+    conn = Connection(Role.DEVICE)
+    welcomed: asyncio.Future[None] = loop.create_future()
+    finished: asyncio.Future[None] = loop.create_future()
+    slots = asyncio.Semaphore(window)
+    answered = 0
+
+    def on_event(event: object) -> None:
+        nonlocal answered
+        if isinstance(event, Welcome):
+            welcomed.set_result(None)
+        elif isinstance(event, Result):
+            answered += 1
+            slots.release()
+            if answered == n + 1:
+                finished.set_result(None)
+        else:
+            raise RuntimeError(f"unexpected event {event!r}")
+
+    proto = _FramedProtocol(conn, on_event)
+    transport, _ = await loop.create_connection(lambda: proto, "127.0.0.1", port)
+    transport.write(conn.send(Hello(PROTOCOL_VERSION, "bench", "", CODECS)))
+    await welcomed
+    t0 = 0.0
+    for i in range(n + 1):
+        await slots.acquire()
+        transport.writelines(conn.send_parts(Infer(i, infer.split, infer.thr_conf, infer.tensor)))
+        if i == 0:  # the first round trip is a warm-up
+            await slots.acquire()
+            slots.release()
+            t0 = time.perf_counter()
+    await finished
+    elapsed = time.perf_counter() - t0
+    transport.write(conn.send(Bye()))
+    transport.close()
+    await proto.closed
+    return elapsed
+
+
+def loopback(frames: int, repeats: int, window: int) -> tuple[float, float, int]:
+    """Best-of MiB/s of raw and framed round trips (both directions counted), frame size."""
+    import uvloop
+
+    infer, result = _frames()
+    device, server, _ = _handshake_pair()
+    request = device.send(infer)
+    server.receive_data(request)
+    server.next_event()
+    response = server.send(result)
+    per_trip = len(request) + len(response)
+    best = {"raw": 0.0, "framed": 0.0}
+    for _ in range(repeats):
+        for kind in ("raw", "framed"):
+            proc, port = _start_server(kind, len(request), response)
+            try:
+                if kind == "raw":
+                    seconds = raw_round_trips(port, request, len(response), frames, window)
+                else:
+                    client = _framed_client(port, infer, frames, window)
+                    seconds = uvloop.run(asyncio.wait_for(client, 120))
+            finally:
+                proc.join(timeout=10)
+                if proc.is_alive():
+                    proc.terminate()
+            best[kind] = max(best[kind], per_trip * frames / seconds / 2**20)
+    return best["raw"], best["framed"], len(request)
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def _pin_one_core() -> int | None:
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[-1]})
+        return cores[-1]
+    except (AttributeError, OSError):
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.protocol", description=__doc__)
+    parser.add_argument(
+        "--checkpoint", default=DEFAULT_CHECKPOINT, help="model to take activations from"
+    )
+    parser.add_argument("--images", type=int, default=32, help="Fashion-MNIST test images")
+    parser.add_argument("--repeats", type=int, default=5, help="passes; the best is reported")
+    parser.add_argument("--frames", type=int, default=100, help="1 MiB round trips per pass")
+    parser.add_argument("--window", type=int, default=4, help="requests in flight, second run")
+    args = parser.parse_args(argv)
+    if min(args.images, args.repeats, args.frames, args.window) < 1:
+        parser.error("--images, --repeats, --frames and --window must be >= 1")
+
+    acts = collect_activations(args.checkpoint, args.images)
+    print(f"activations: {acts.source}")
+    print(f"  {len(acts.arrays)} tensors = {args.images} images x {len(acts.per_split)} splits")
+    for split, (shape, zeros) in acts.per_split.items():
+        print(f"  split {split:2d}: shape {shape}, {zeros:.0%} zeros")
+    sparsity = float(np.mean([z for _, z in acts.per_split.values()]))
+
+    # Loopback first: it needs both cores; packing is then pinned to one.
+    passes = max(1, args.repeats // 2 + 1)
+    raw_seq, framed_seq, frame_len = loopback(args.frames, passes, window=1)
+    raw_win, framed_win, _ = loopback(args.frames, passes, window=args.window)
+    core = _pin_one_core()
+
+    rows = [measure_codec(acts.arrays, c, z, args.repeats) for c in CODECS for z in (False, True)]
+    big = [measure_codec(acts.batched, c, z, args.repeats) for c in CODECS for z in (False, True)]
+    c_bps, d_bps = zstd_speeds(acts.arrays, args.repeats)
+
+    kib = sum(a.nbytes for a in acts.arrays) / len(acts.arrays) / 1024
+    big_kib = sum(a.nbytes for a in acts.batched) / len(acts.batched) / 1024
+    print(f"\npacking on one core (core {core}), best of {args.repeats} passes")
+    print(f"batch 1 = {kib:.0f} KiB float32 per call; batch {args.images} = {big_kib:.0f} KiB")
+    header = (
+        f"{'codec':<12} {'zstd':<5} {'x smaller':>9} {'pack MB/s':>10} {'unpack MB/s':>12} "
+        f"{'max err':>12}   {'batch pack':>10} {'batch unpack':>12}"
+    )
+    print(header)
+    for r, b in zip(rows, big, strict=True):
+        quantised = r.codec in ("int8", "sparse_int8")
+        err = f"{r.max_err_scales:.3f} scale" if quantised else f"{r.max_err_scales:.2g}"
+        print(
+            f"{r.codec:<12} {'yes' if r.zstd else 'no':<5} {r.ratio:9.2f} {r.pack_mb_s:10.0f} "
+            f"{r.unpack_mb_s:12.0f} {err:>12}   {b.pack_mb_s:10.0f} {b.unpack_mb_s:12.0f}"
+        )
+    print(
+        f"zstd on sparse_int8 payloads: compress {c_bps / 1e6:.0f} MB/s "
+        f"(constant {ZSTD_COMPRESS_BPS / 1e6:.0f}), decompress {d_bps / 1e6:.0f} MB/s "
+        f"(constant {ZSTD_DECOMPRESS_BPS / 1e6:.0f})"
+    )
+    ratio_seq = framed_seq / raw_seq if raw_seq else 0.0
+    ratio_win = framed_win / raw_win if raw_win else 0.0
+    print(f"\nloopback, {frame_len} B INFER answered by RESULT, MiB/s, best of {passes} passes:")
+    print(
+        f"{'in flight':<10} {'raw sendall/recv_into':>22} {'framed (uvloop)':>16} {'framed/raw':>11}"
+    )
+    print(f"{1:<10} {raw_seq:22.0f} {framed_seq:16.0f} {ratio_seq:11.0%}")
+    print(f"{args.window:<10} {raw_win:22.0f} {framed_win:16.0f} {ratio_win:11.0%}")
+
+    sparse = next(r for r in rows if r.codec == "sparse_int8" and not r.zstd)
+    sparse_z = next(r for r in rows if r.codec == "sparse_int8" and r.zstd)
+    sparse_big = next(r for r in big if r.codec == "sparse_int8" and not r.zstd)
+    figures = {
+        "bench": "protocol",
+        "activations": acts.source,
+        "sparsity": round(sparsity, 3),
+        "sparse_zstd_ratio": round(sparse_z.ratio, 2),
+        "sparse_ratio": round(sparse.ratio, 2),
+        "pack_mb_s": round(sparse.pack_mb_s, 1),
+        "unpack_mb_s": round(sparse.unpack_mb_s, 1),
+        "pack_zstd_mb_s": round(sparse_z.pack_mb_s, 1),
+        "unpack_zstd_mb_s": round(sparse_z.unpack_mb_s, 1),
+        "pack_batch_mb_s": round(sparse_big.pack_mb_s, 1),
+        "unpack_batch_mb_s": round(sparse_big.unpack_mb_s, 1),
+        "max_err_scales": round(max(r.max_err_scales for r in rows if r.codec.endswith("int8")), 4),
+        "zstd_compress_mb_s": round(c_bps / 1e6, 1),
+        "zstd_decompress_mb_s": round(d_bps / 1e6, 1),
+        "raw_mib_s": round(raw_seq, 1),
+        "framed_mib_s": round(framed_seq, 1),
+        "framing_vs_raw": round(ratio_seq, 3),
+        "framing_vs_raw_window": round(ratio_win, 3),
+        "window": args.window,
+    }
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
