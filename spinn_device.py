@@ -135,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds between status lines (default {d.status_interval_s})",
     )
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the reconnect jitter")
+    p.add_argument(
+        "--slowdown",
+        type=float,
+        default=d.slowdown,
+        metavar="K",
+        help="emulate a weaker device: each stage takes K times as long (default 1)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     add_sla_arguments(p)
@@ -163,6 +170,7 @@ def config_from_args(args: argparse.Namespace) -> DeviceConfig:
         deadline_factor=args.deadline_factor,
         status_interval_s=args.status_interval,
         seed=args.seed,
+        slowdown=args.slowdown,
     )
 
 

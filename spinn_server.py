@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds in-flight requests may finish at shutdown (default {d.shutdown_grace_s})",
     )
     p.add_argument("--name", default=d.server_name, help="server name sent to devices")
+    p.add_argument(
+        "--slowdown",
+        type=float,
+        default=d.slowdown,
+        metavar="K",
+        help="emulate a loaded server: each stage takes K times as long (default 1)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     return p
@@ -89,6 +96,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         stats_interval_s=args.stats_interval,
         shutdown_grace_s=args.grace,
         server_name=args.name,
+        slowdown=args.slowdown,
     )
 
 

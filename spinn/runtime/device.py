@@ -140,6 +140,9 @@ class DeviceConfig:
     """Seed of the reconnect jitter."""
     device_name: str = "spinn-device"
     """Name sent in HELLO."""
+    slowdown: float = 1.0
+    """Emulate a weaker device: after each stage range the worker waits (K−1)× the time it
+    took, so device compute takes K× as long (bench/paper.py, one machine for both ends)."""
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -152,6 +155,8 @@ class DeviceConfig:
             raise ValueError(f"deadline_factor must be >= 1, got {self.deadline_factor}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not 1.0 <= self.slowdown <= 1000.0:
+            raise ValueError(f"slowdown must be in [1, 1000], got {self.slowdown}")
 
 
 @dataclass(slots=True)
@@ -648,7 +653,11 @@ class SpinnDevice:
         end of a truncated network."""
         from spinn.inference import ExitAnswer, StagesOutcome, run_stages
 
+        t0 = time.perf_counter()
         out = run_stages(self.model, act, start, stop, plan.thr, check_exits=plan.check_exits)
+        if self.config.slowdown > 1.0:
+            # The worker stays busy, as a slower processor would (DeviceConfig.slowdown).
+            time.sleep((self.config.slowdown - 1.0) * (time.perf_counter() - t0))
         if out.answer is None and stop == plan.last and plan.forced_exit is not None:
             assert out.activation is not None
             with torch.inference_mode():

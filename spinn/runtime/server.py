@@ -87,12 +87,17 @@ class ServerConfig:
     """Requests one device may have queued or running; beyond that INFER gets ERROR(BUSY)."""
     server_name: str = "spinn-server"
     """Name sent in WELCOME."""
+    slowdown: float = 1.0
+    """Emulate a loaded or weaker server: after each stage the worker waits (K−1)× the time
+    it took; the reported compute time includes the wait (bench/paper.py, server load)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not 1.0 <= self.slowdown <= 1000.0:
+            raise ValueError(f"slowdown must be in [1, 1000], got {self.slowdown}")
         if self.max_queue_per_connection < 1:
             raise ValueError(
                 f"max_queue_per_connection must be >= 1, got {self.max_queue_per_connection}"
@@ -419,8 +424,12 @@ class SpinnServer:
         t0 = time.perf_counter()
         stages = 0
         x = torch.from_numpy(job.activation)
+        t_stage = t0
         for step in iter_stages(self.model, x, job.split, self.model.num_stages, job.thr_conf):
             stages += 1
+            if self.config.slowdown > 1.0:
+                time.sleep((self.config.slowdown - 1.0) * (time.perf_counter() - t_stage))
+                t_stage = time.perf_counter()
             if step.answer is not None:
                 compute_ms = (time.perf_counter() - t0) * 1e3
                 top = step.answer.topk(self.config.top_k)
