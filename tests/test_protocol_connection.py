@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 
 import msgpack
@@ -35,6 +36,7 @@ from protocol import (
     Role,
     Welcome,
     pack,
+    unpack,
 )
 from protocol.framing import encode_frame
 from protocol.messages import encode_message
@@ -422,3 +424,55 @@ def test_well_formed_messages_in_any_order_only_raise_protocol_errors(
     conn = pair.server if receiver is Role.SERVER else pair.device
     conn.receive_data(b"".join(encode_frame(encode_message(m)) for m in msgs))
     _drain_or_protocol_error(conn)
+
+
+def test_send_parts_is_send_without_the_copy() -> None:
+    pair = ConnectionPair()
+    pair.handshake()
+    infer = _infer(1)
+    parts = pair.device.send_parts(infer)
+    assert parts[-1] is infer.tensor.payload, "the payload itself, not a copy"
+    other = ConnectionPair()
+    other.handshake()
+    assert b"".join(parts) == other.device.send(infer)
+    assert len(pair.device.send_parts(Cancel(1))) == 1
+
+
+def test_over_a_real_socket_pair() -> None:
+    # Kernel sockets, no threads: every frame here fits in the socket buffers.
+    dev_sock, srv_sock = socket.socketpair()
+    with dev_sock, srv_sock:
+        dev_sock.settimeout(5)
+        srv_sock.settimeout(5)
+        device, server = Connection(Role.DEVICE), Connection(Role.SERVER)
+
+        def pump(sock: socket.socket, conn: Connection) -> Event:
+            while (event := conn.next_event()) is NEED_DATA:
+                view = conn.get_buffer(4096)
+                n = sock.recv_into(view)
+                view.release()
+                if n == 0:
+                    conn.receive_data(b"")
+                else:
+                    conn.buffer_updated(n)
+            assert not isinstance(event, type(NEED_DATA))
+            return event
+
+        activation = _tensor((1, 8, 16, 16))
+        dev_sock.sendmsg(device.send_parts(Hello(PROTOCOL_VERSION, "m", SHA, CODECS)))
+        assert isinstance(pump(srv_sock, server), Hello)
+        srv_sock.sendall(server.send(Welcome(PROTOCOL_VERSION, "m", SHA, CODECS, False)))
+        assert isinstance(pump(dev_sock, device), Welcome)
+        dev_sock.sendmsg(device.send_parts(Infer(3, 2, 0.9, pack(activation))))
+        infer = pump(srv_sock, server)
+        assert isinstance(infer, Infer)
+        restored = unpack(infer.tensor)
+        assert np.abs(restored - activation).max() <= infer.tensor.scale / 2 * (1 + 1e-6)
+        srv_sock.sendall(server.send(Result(3, 1, (2,), (0.97,))))
+        assert pump(dev_sock, device) == Result(3, 1, (2,), (0.97,))
+        dev_sock.sendall(device.send(Bye()))
+        assert pump(srv_sock, server) == Bye()
+        srv_sock.sendall(server.send(Bye()))
+        srv_sock.shutdown(socket.SHUT_WR)
+        assert pump(dev_sock, device) == Bye()
+        assert pump(dev_sock, device) == ConnectionClosed(clean=True)
