@@ -385,9 +385,14 @@ class OnlineProfiler:
 
     # -- device -------------------------------------------------------------------------
 
-    def observe_device(self, now: float, stages: int, real_ms: float) -> None:
-        """The device ran stages ``[0, stages)`` (exit heads included) in ``real_ms``."""
-        self.device.observe(now, real_ms, self.profile.device_time_ms(stages))
+    def observe_device(self, now: float, stages: int, real_ms: float, start: int = 0) -> None:
+        """The device ran stages ``[start, stages)`` (exit heads included) in ``real_ms``:
+        the head before the split (``start = 0``) or a stretch of the local race after it,
+        which is how SF stays measured at split 0, where the head is empty."""
+        if not 0 <= start <= stages:
+            raise ValueError(f"device stage range [{start}, {stages}) is empty or reversed")
+        offline = self.profile.device_time_ms(stages) - self.profile.device_time_ms(start)
+        self.device.observe(now, real_ms, offline)
 
     def observe_answer(self, now: float, exit_index: int, latency_ms: float) -> None:
         """An input was answered **on the device** at ``exit_index`` after ``latency_ms``

@@ -141,6 +141,12 @@ def test_online_profiler_snapshot() -> None:
     assert snap.server_scale == pytest.approx(2.0)
     assert snap.server_queue == 3
     assert snap.frame_overhead_ms == pytest.approx(2.0)
+    # Stages after the split (the local race) keep SF measured at split 0.
+    for i in range(10):
+        op.observe_device(11.0 + i, 5, 3.0 * (prof.device_time_ms(5) - prof.device_time_ms(2)), 2)
+    assert op.snapshot(21.0).device_scale == pytest.approx(3.0, rel=0.05)
+    with pytest.raises(ValueError, match="stage range"):
+        op.observe_device(22.0, 2, 1.0, start=3)
     op.mark_server(11.0, False)
     assert not op.snapshot(11.0).server_up
     with pytest.raises(ValueError, match="before split"):
