@@ -509,3 +509,16 @@ def test_bench_decision_part_runs_and_ends_with_json(
     assert os.sched_getaffinity(0) == before  # the one-core pin is undone
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["bench"] == "scheduler" and last["decision_ms"] > 0
+
+
+def test_sla_examples_in_the_docs_load(tmp_path: Path) -> None:
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "SCHEDULER.md").read_text()
+    blocks = re.findall(r"```(toml|json)\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 3
+    for i, (kind, body) in enumerate(blocks):
+        path = tmp_path / f"example{i}.{kind}"
+        path.write_text(body)
+        sla = SLA.load(path)
+        assert sla.rank  # every example states a ranking
