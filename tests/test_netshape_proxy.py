@@ -190,6 +190,31 @@ def test_unshaped_proxy_is_transparent_both_ways() -> None:
     arun(main())
 
 
+def test_closed_connections_leave_nothing_behind() -> None:
+    async def main() -> None:
+        server, port = await start_echo()
+        config = ShapeConfig(up=DirectionConfig(delay_s=0.001, jitter_s=0.001))
+        async with server, NetShape(config, upstream=("127.0.0.1", port)) as proxy:
+            for _ in range(20):
+                assert len(await ping_rtts(proxy.address, 2)) == 2
+            for _ in range(200):  # closes propagate through the proxy asynchronously
+                if proxy.stats()["connections"]["active"] == 0:
+                    break
+                await asyncio.sleep(0.01)
+            stats = proxy.stats()
+            assert stats["connections"] == {
+                "active": 0,
+                "accepted": 20,
+                "reset_on_accept": 0,
+                "upstream_failures": 0,
+            }
+            assert stats["up"]["pipes"] == stats["down"]["pipes"] == 0
+            assert stats["up"]["buffered_bytes"] == stats["down"]["buffered_bytes"] == 0
+            assert stats["up"]["bytes"] == stats["down"]["bytes"] == 20 * 2 * 64
+
+    arun(main())
+
+
 @pytest.mark.parametrize(("rate_bps", "seconds"), [(100e3, 1.3), (2e6, 1.0), (20e6, 1.0)])
 def test_upload_rate_within_5_percent(rate_bps: float, seconds: float) -> None:
     payload = os.urandom(int(rate_bps / 8 * seconds))

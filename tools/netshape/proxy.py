@@ -190,6 +190,7 @@ class _DirectionState:
             "stalls": self.stalls,
             "rate_bps": self.config.rate_bps,
             "measured_bps": self.meter.bits_per_s(now),
+            "pipes": len(self.pipes),
             "buffered_bytes": sum(p.queue.nbytes for p in self.pipes),
             "bytes_during_outage": self.bytes_during_outage,
             "config": self.config.to_dict(),
