@@ -77,6 +77,10 @@ _MIN_COMPRESS_BYTES: Final = 64
 _SPARSE_HEADER = struct.Struct("<BI")
 _FLOAT16_MAX: Final = 65504.0
 _QUANT_MAX: Final = 2.0**126
+_Q_LO: Final = np.float32(-128.0)
+_Q_HI: Final = np.float32(127.0)
+_MIN: Final = np.minimum.reduce
+_MAX: Final = np.maximum.reduce
 _F32_TINY: Final = float(np.finfo(np.float32).tiny)
 
 _compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
@@ -149,8 +153,10 @@ def quantise(values: np.ndarray) -> tuple[np.ndarray, float, int]:
     """
     if values.size == 0:
         return np.empty(0, np.int8), 1.0, 0
-    lo = min(float(values.min()), 0.0)
-    hi = max(float(values.max()), 0.0)
+    # Direct ufunc calls: at batch 1 an activation is a few KiB, so numpy's Python-level
+    # wrappers (ndarray.min, np.clip) would cost more than the arithmetic itself.
+    lo = min(float(_MIN(values)), 0.0)
+    hi = max(float(_MAX(values)), 0.0)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("cannot pack non-finite values (nan or inf) with an int8 codec")
     if max(-lo, hi) > _QUANT_MAX:
@@ -158,19 +164,20 @@ def quantise(values: np.ndarray) -> tuple[np.ndarray, float, int]:
         raise ValueError(f"values up to {max(-lo, hi):g} exceed the int8 codecs' range 2**126")
     if hi == lo:
         return np.zeros(values.shape, np.int8), 1.0, 0
-    scale = float(np.float32((hi - lo) / 254.0))
-    scale = max(scale, _F32_TINY)
+    scale = max(float(np.float32((hi - lo) / 254.0)), _F32_TINY)
     zero_point = -128 - round(lo / scale)
     t = np.divide(values, np.float32(scale), dtype=np.float32)
     np.rint(t, out=t)
-    t += np.float32(zero_point)
-    np.clip(t, -128.0, 127.0, out=t)
-    return t.astype(np.int8), scale, int(zero_point)
+    np.add(t, np.float32(zero_point), out=t)
+    # The clamp is a guard against float32 ties rounding one step past the range.
+    np.maximum(t, _Q_LO, out=t)
+    np.minimum(t, _Q_HI, out=t)
+    return t.astype(np.int8), scale, zero_point
 
 
 def _dequantise(q: np.ndarray, scale: float, zero_point: int, out: np.ndarray) -> None:
     np.subtract(q, np.float32(zero_point), out=out, dtype=np.float32)
-    out *= np.float32(scale)
+    np.multiply(out, np.float32(scale), out=out)
 
 
 def estimate_zstd_ratio(payload: bytes | memoryview) -> float:
@@ -239,9 +246,9 @@ def _check_finite(flat: np.ndarray, limit: float = math.inf) -> None:
 
 def _pack_sparse(flat: np.ndarray) -> tuple[bytes, float, int]:
     n = flat.size
-    mask = flat != 0
-    # np.compress is ~3x faster than boolean indexing on the random masks of ReLU outputs.
-    values = np.compress(mask, flat)
+    mask = np.not_equal(flat, 0)
+    # compress is ~3x faster than boolean indexing on the random masks of ReLU outputs.
+    values = flat.compress(mask)
     nnz = values.size
     q, scale, zero_point = quantise(values)
     mask_len = (n + 7) // 8
@@ -270,8 +277,8 @@ def pack(
     """
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; expected one of {CODECS}")
-    shape = tuple(int(d) for d in np.shape(array))
     flat = _as_float32(array)
+    shape = np.shape(array)
     scale, zero_point = 1.0, 0
     if codec == "float32":
         _check_finite(flat)
@@ -285,8 +292,14 @@ def pack(
     else:
         raw, scale, zero_point = _pack_sparse(flat)
     if compress is None:
-        compress = len(raw) >= _MIN_COMPRESS_BYTES and should_compress(
-            len(raw), bandwidth_bps, ratio=estimate_zstd_ratio(raw)
+        # Sampling costs tens of microseconds: skip it when the answer cannot depend on it
+        # (unknown bandwidth, or a link so fast that even removing every byte would not pay).
+        compress = len(raw) >= _MIN_COMPRESS_BYTES and (
+            bandwidth_bps is None
+            or (
+                should_compress(len(raw), bandwidth_bps, ratio=math.inf)
+                and should_compress(len(raw), bandwidth_bps, ratio=estimate_zstd_ratio(raw))
+            )
         )
     payload = raw
     if compress:

@@ -293,3 +293,11 @@ def test_random_payloads_never_crash_unpack(
     except TensorError:
         return
     assert y.shape == shape and y.dtype == np.float32
+
+
+def test_unknown_bandwidth_compresses_without_sampling() -> None:
+    x = _relu_activation(5)
+    x[:, :, :8, :] = 0  # a dark image region: long zero runs in the bitmask
+    assert pack(x, compress=None, bandwidth_bps=None).compressed
+    tiny = pack(np.zeros(4, np.float32), "float32", compress=None)
+    assert not tiny.compressed, "below the minimum size zstd is never tried"

@@ -1,0 +1,28 @@
+"""Smoke test of bench/protocol.py: it runs end to end and ends with its JSON line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import protocol as bench
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_bench_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--images", "2", "--repeats", "1", "--frames", "3", "--window", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    figures = json.loads(lines[-1])
+    assert figures["bench"] == "protocol"
+    for key in ("sparse_zstd_ratio", "pack_mb_s", "unpack_mb_s", "framing_vs_raw"):
+        assert figures[key] > 0, key
+    # Quantisation error is bounded by half a step on real activations (PROTOCOL.md §6.4).
+    assert figures["max_err_scales"] <= 0.5 + 1e-3
+    assert figures["sparse_zstd_ratio"] > figures["sparse_ratio"] > 1.0
+
+
+def test_bench_rejects_bad_arguments() -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--frames", "0"])
