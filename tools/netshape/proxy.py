@@ -24,7 +24,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -456,14 +456,12 @@ class NetShape:
         upstream: tuple[str, int],
         listen: tuple[str, int] = ("127.0.0.1", 0),
         trace: Trace | None = None,
-        clock: Callable[[], float] | None = None,
     ) -> None:
-        """``clock`` (default time.monotonic) is the time base of schedules and traces."""
+        """Proxy ``listen`` -> ``upstream``; ``trace`` (optional) is replayed from the start."""
         self._config = config if config is not None else ShapeConfig()
         self.upstream = upstream
         self._listen = listen
         self._trace = trace
-        self._clock = clock if clock is not None else time.monotonic
         self._server: asyncio.Server | None = None
         self._port: int | None = None
         self._connections: set[_Connection] = set()
@@ -487,7 +485,8 @@ class NetShape:
     # -- lifecycle -------------------------------------------------------------------------
 
     def _now(self) -> float:
-        return self._clock()
+        # One clock for everything, the pipes' token buckets included (see _TIMER_SLACK_S).
+        return time.monotonic()
 
     async def start(self) -> NetShape:
         """Bind the listener and start the schedule/trace loop."""
