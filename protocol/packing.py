@@ -77,8 +77,6 @@ _MIN_COMPRESS_BYTES: Final = 64
 _SPARSE_HEADER = struct.Struct("<BI")
 _FLOAT16_MAX: Final = 65504.0
 _QUANT_MAX: Final = 2.0**126
-_Q_LO: Final = np.float32(-128.0)
-_Q_HI: Final = np.float32(127.0)
 _MIN: Final = np.minimum.reduce
 _MAX: Final = np.maximum.reduce
 _F32_TINY: Final = float(np.finfo(np.float32).tiny)
@@ -144,35 +142,39 @@ class PackedTensor:
         return len(self.payload)
 
 
-def quantise(values: np.ndarray) -> tuple[np.ndarray, float, int]:
+def quantise(values: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, float, int]:
     """Affine int8 quantisation of a float32 array: returns (q, scale, zero_point).
 
     The range [min(x, 0), max(x, 0)] is mapped onto 255 of the 256 int8 levels, so 0.0 is
     exact and round(x/scale) + zero_point never leaves [−128, 127]; hence
     |x − (q − zero_point)·scale| ≤ scale/2 up to float32 rounding (PROTOCOL.md §6.4).
+    `out`, an int8 array of the same size, receives q (e.g. a slice of a payload buffer).
     """
+    q = np.empty(values.size, np.int8) if out is None else out
     if values.size == 0:
-        return np.empty(0, np.int8), 1.0, 0
+        return q, 1.0, 0
     # Direct ufunc calls: at batch 1 an activation is a few KiB, so numpy's Python-level
     # wrappers (ndarray.min, np.clip) would cost more than the arithmetic itself.
-    lo = min(float(_MIN(values)), 0.0)
-    hi = max(float(_MAX(values)), 0.0)
+    vmin, vmax = _MIN(values), _MAX(values)
+    lo, hi = min(float(vmin), 0.0), max(float(vmax), 0.0)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("cannot pack non-finite values (nan or inf) with an int8 codec")
     if max(-lo, hi) > _QUANT_MAX:
         # Keeps (q − zero_point)·scale below float32's maximum on the way back.
         raise ValueError(f"values up to {max(-lo, hi):g} exceed the int8 codecs' range 2**126")
     if hi == lo:
-        return np.zeros(values.shape, np.int8), 1.0, 0
-    scale = max(float(np.float32((hi - lo) / 254.0)), _F32_TINY)
-    zero_point = -128 - round(lo / scale)
-    t = np.divide(values, np.float32(scale), dtype=np.float32)
+        q[...] = 0
+        return q, 1.0, 0
+    s32 = np.float32(max(float(np.float32((hi - lo) / 254.0)), _F32_TINY))
+    scale = float(s32)
+    # zero_point comes from the same float32 arithmetic as the levels, so the minimum maps
+    # to exactly −128; the maximum then lands at most 255 levels higher, i.e. ≤ 127, and
+    # no clamp is needed (rint(x / scale) is monotonic in x). PROTOCOL.md §6.4.
+    zero_point = -128 if lo == 0.0 else -128 - int(np.rint(vmin / s32))
+    t = np.divide(values, s32, dtype=np.float32)
     np.rint(t, out=t)
-    np.add(t, np.float32(zero_point), out=t)
-    # The clamp is a guard against float32 ties rounding one step past the range.
-    np.maximum(t, _Q_LO, out=t)
-    np.minimum(t, _Q_HI, out=t)
-    return t.astype(np.int8), scale, zero_point
+    np.add(t, np.float32(zero_point), out=q, casting="unsafe")
+    return q, scale, zero_point
 
 
 def _dequantise(q: np.ndarray, scale: float, zero_point: int, out: np.ndarray) -> None:
@@ -250,17 +252,22 @@ def _pack_sparse(flat: np.ndarray) -> tuple[bytes, float, int]:
     # compress is ~3x faster than boolean indexing on the random masks of ReLU outputs.
     values = flat.compress(mask)
     nnz = values.size
-    q, scale, zero_point = quantise(values)
     mask_len = (n + 7) // 8
     width = 2 if n <= 0x10000 else 4
+    layout = SPARSE_BITMASK
     if nnz * width < mask_len:
         layout = SPARSE_INDEX_U16 if width == 2 else SPARSE_INDEX_U32
-        index = np.flatnonzero(mask).astype("<u2" if width == 2 else "<u4")
-        body = index.tobytes()
+    positions = mask_len if layout == SPARSE_BITMASK else nnz * width
+    hs = _SPARSE_HEADER.size
+    # One buffer, written in place: header, positions, then the quantised values.
+    buf = np.empty(hs + positions + nnz, np.uint8)
+    _SPARSE_HEADER.pack_into(buf, 0, layout, nnz)
+    if layout == SPARSE_BITMASK:
+        buf[hs : hs + positions] = np.packbits(mask)
     else:
-        layout = SPARSE_BITMASK
-        body = np.packbits(mask).tobytes()
-    return b"".join((_SPARSE_HEADER.pack(layout, nnz), body, q.tobytes())), scale, zero_point
+        buf[hs : hs + positions].view("<u2" if width == 2 else "<u4")[:] = np.flatnonzero(mask)
+    _, scale, zero_point = quantise(values, buf[hs + positions :].view(np.int8))
+    return buf.tobytes(), scale, zero_point
 
 
 def pack(
@@ -369,8 +376,9 @@ def _unpack_sparse(raw: bytes, n: int, scale: float, zero_point: int) -> np.ndar
         packed_mask = np.frombuffer(buf, np.uint8, mask_len, hs)
         if n % 8 and int(packed_mask[-1]) & ((1 << (8 - n % 8)) - 1):
             raise TensorError("sparse_int8 bitmask has bits set past the last element")
-        # Scatter through flat indices: ~3x faster than assigning through a boolean mask.
-        index = np.flatnonzero(np.unpackbits(packed_mask, count=n))
+        # Scatter through flat indices: ~3x faster than assigning through a boolean mask;
+        # and nonzero() on a bool view is ~6x faster than on the uint8 bits themselves.
+        index = np.flatnonzero(np.unpackbits(packed_mask, count=n).view(np.bool_))
         if index.size != nnz:
             raise TensorError(f"sparse_int8 bitmask has {index.size} bits set; header says {nnz}")
         q = np.frombuffer(buf, np.int8, nnz, hs + mask_len)

@@ -144,8 +144,14 @@ def test_pack_rejects_non_finite_and_bad_input() -> None:
 def test_quantise_zero_is_exact_and_levels_stay_in_range() -> None:
     q, scale, zp = quantise(np.array([0.0, 1.0, -1.0, 0.5], np.float32))
     assert q[0] == zp
-    assert q.min() >= -128 and q.max() <= 127
+    assert q.min() == -128 and q.max() <= 127, "the minimum maps to exactly -128"
     assert math.isclose(scale, 2.0 / 254, rel_tol=1e-6)
+    # Integers over 254 steps: every x / scale is an exact integer or an exact tie.
+    ties = np.arange(-127, 128, 0.5, dtype=np.float32)
+    q, scale, zp = quantise(ties)
+    assert int(q.min()) == -128 and int(q.max()) <= 127
+    out = np.empty(ties.size, np.int8)
+    assert quantise(ties, out)[0] is out
 
 
 def test_should_compress_trades_codec_time_for_transfer_time() -> None:
