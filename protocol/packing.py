@@ -261,7 +261,7 @@ def _pack_sparse(flat: np.ndarray) -> tuple[bytes, float, int]:
     hs = _SPARSE_HEADER.size
     # One buffer, written in place: header, positions, then the quantised values.
     buf = np.empty(hs + positions + nnz, np.uint8)
-    _SPARSE_HEADER.pack_into(memoryview(buf), 0, layout, nnz)
+    _SPARSE_HEADER.pack_into(buf.data, 0, layout, nnz)
     if layout == SPARSE_BITMASK:
         buf[hs : hs + positions] = np.packbits(mask)
     else:
