@@ -1,0 +1,114 @@
+"""spinn train | evaluate | profile from the command line, help texts and error exits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spinn.cli import main
+
+
+def test_help_explains_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "spinn", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0
+    for name in ("train", "evaluate", "profile"):
+        assert name in out.stdout
+    for sub, flag in (("train", "--exits"), ("evaluate", "--thresholds"), ("profile", "--repeats")):
+        with pytest.raises(SystemExit) as info:
+            main([sub, "--help"])
+        assert info.value.code == 0
+        assert flag in capsys.readouterr().out
+
+
+def test_train_evaluate_profile_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = tmp_path / "m.pt"
+    rc = main(
+        [
+            "train",
+            "--out",
+            str(ckpt),
+            "--arch",
+            "resnet20",
+            "--width",
+            "4",
+            "--dataset",
+            "mnist",
+            "--epochs",
+            "1",
+            "--limit-train",
+            "96",
+            "--limit-test",
+            "50",
+            "--batch-size",
+            "32",
+            "--threads",
+            "1",
+            "--exits",
+            "0.3,0.6",
+            "--no-progress",
+        ]  # fmt: skip
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "test accuracy per exit" in out
+    rc = main(
+        [
+            "evaluate",
+            str(ckpt),
+            "--dataset",
+            "mnist",
+            "--limit",
+            "50",
+            "--out",
+            str(tmp_path),
+            "--thresholds",
+            "0.5,0.9",
+        ]  # fmt: skip
+    )
+    assert rc == 0
+    assert "thr_conf" in capsys.readouterr().out
+    assert (tmp_path / "evaluation.csv").exists() and (tmp_path / "evaluation.png").exists()
+    prof = tmp_path / "profile.json"
+    rc = main(
+        [
+            "profile",
+            str(ckpt),
+            "--dataset",
+            "mnist",
+            "--out",
+            str(prof),
+            "--calibration-size",
+            "40",
+            "--bytes-inputs",
+            "4",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+        ]  # fmt: skip
+    )
+    assert rc == 0
+    doc = json.loads(prof.read_text())
+    assert doc["format"] == "spinn-profile/1" and doc["calibration_size"] == 40
+    assert len(doc["exit_accuracy"]) == 3
+
+
+def test_errors_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", str(tmp_path / "none.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    rc = main(
+        ["train", "--out", str(tmp_path / "x.pt"), "--exits", "0.5,1.5", "--dataset", "mnist"]
+    )
+    assert rc == 2
+    assert "strictly between 0 and 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--out", "x.pt", "--exits", "a,b"])
+    assert info.value.code == 2

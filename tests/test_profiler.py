@@ -1,0 +1,92 @@
+"""Offline profiler: bytes per codec on real activations, stage timings, exit rates."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+from protocol.packing import CODECS
+from spinn.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
+from spinn.data import load_mnist_5k
+from spinn.evaluate import evaluate_model
+from spinn.profile import Profile
+from spinn.profiler import ProfilerConfig, codec_names, profile_model, time_stages
+from spinn.progressive import InputSpec
+
+SPEC = InputSpec(channels=1, height=28, width=28, mean=(0.13,), std=(0.31,))
+CONFIG = ModelConfig(arch="resnet20", input_spec=SPEC, num_classes=10, arch_options={"width": 4})
+
+
+@functools.cache
+def _checkpoint(tmp: str) -> Path:
+    torch.manual_seed(2)
+    path = Path(tmp) / "m.pt"
+    save_checkpoint(path, CONFIG.build().eval(), CONFIG, class_names=[str(d) for d in range(10)])
+    return path
+
+
+def test_profile_is_valid_and_consistent(tmp_path_factory: pytest.TempPathFactory) -> None:
+    model, meta = load_checkpoint(_checkpoint(str(tmp_path_factory.mktemp("p"))))
+    data = load_mnist_5k("test")
+    cfg = ProfilerConfig(calibration_size=60, bytes_inputs=8, timing_inputs=2, repeats=3, warmup=1)
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    prof = profile_model(model, meta, data, cfg, now=when)
+    assert prof.model_id == meta.model_id and prof.weights_sha256 == meta.weights_sha256
+    assert prof.num_stages == model.num_stages
+    assert prof.exit_stages == tuple(model.exit_stages)
+    assert prof.calibration_size == 60 and prof.created == "2026-01-02T03:04:05+00:00"
+    assert prof.device_threads == 1 and prof.server_threads == 2
+    assert set(prof.codecs) == set(codec_names())
+    for s, sp in enumerate(prof.splits):
+        assert sp.shape == model.split_shape(s)
+        assert sp.bytes["float32"] == 4 * sp.numel
+        assert sp.bytes["float16"] == 2 * sp.numel
+        assert sp.bytes["int8"] == sp.numel
+        if s > 0:
+            # ReLU outputs are sparse: the sparse codec beats dense int8 there.
+            assert sp.bytes["sparse_int8"] < sp.bytes["int8"]
+    assert all(t > 0 for t in prof.stage_device_ms + prof.stage_server_ms)
+    ev = evaluate_model(model, data.head(60), model_id=meta.model_id, thresholds=[0.5, 0.9])
+    assert prof.exit_accuracy == pytest.approx(ev.exit_accuracy)
+    for row in ev.rows:
+        assert prof.exit_rate(row.thr_conf) == pytest.approx(row.exit_rate)
+        assert prof.accuracy(row.thr_conf) == pytest.approx(row.accuracy)
+    path = tmp_path_factory.mktemp("out") / "profile.json"
+    prof.save(path)
+    assert Profile.load(path) == prof
+
+
+def test_time_stages_takes_median_of_injected_clock() -> None:
+    model = CONFIG.build().eval()
+    ticks = itertools.count()
+    # Every clock read advances 1 ms: each timed stage measures exactly 1 ms.
+    ms = time_stages(
+        model,
+        torch.zeros(1, *SPEC.shape),
+        threads=1,
+        repeats=3,
+        warmup=1,
+        clock=lambda: next(ticks) / 1000.0,
+    )
+    assert ms == pytest.approx([1.0] * model.num_stages)
+
+
+def test_profiler_config_errors() -> None:
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        ProfilerConfig(repeats=0)
+    with pytest.raises(ValueError, match="thresholds must lie in"):
+        ProfilerConfig(thresholds=(0.5, 1.5))
+    assert len(codec_names()) == 2 * len(CODECS)
+
+
+def test_calibration_shape_mismatch(tmp_path: Path) -> None:
+    model, meta = load_checkpoint(_checkpoint(str(tmp_path)))
+    rgb = load_mnist_5k("test").head(4)
+    rgb = type(rgb)(rgb.images.repeat(1, 3, 1, 1), rgb.labels, rgb.class_names, "rgb")
+    with pytest.raises(ValueError, match="do not match the model input"):
+        profile_model(model, meta, rgb, ProfilerConfig(repeats=1))
