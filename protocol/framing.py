@@ -25,6 +25,7 @@ DEFAULT_MAX_FRAME_SIZE: Final = 64 * 2**20
 FRAME_HEADER: Final = struct.Struct(">I")
 """The length prefix: unsigned 32-bit big-endian."""
 _MIN_READ: Final = 64 * 1024
+_KEEP_CAPACITY: Final = 8 * 2**20
 
 
 def encode_frame(body: bytes) -> bytes:
@@ -150,6 +151,10 @@ class FrameDecoder:
                 raise self._error
             if live == 0 and self._start:
                 self._start = self._end = 0
+                if len(self._buf) > _KEEP_CAPACITY:
+                    # One huge frame must not pin its buffer for the connection's lifetime;
+                    # a view of that frame still held elsewhere keeps the old one alive.
+                    self._buf = bytearray()
             return None
         (length,) = FRAME_HEADER.unpack_from(self._buf, self._start)
         if length > self._max_frame_size or length == 0:

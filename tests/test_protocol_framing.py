@@ -126,3 +126,16 @@ def test_clean_end_of_stream() -> None:
 def test_invalid_limit() -> None:
     with pytest.raises(ValueError, match="max_frame_size"):
         FrameDecoder(0)
+
+
+def test_buffer_is_released_after_a_huge_frame() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(encode_frame(bytes(9 * 2**20)))
+    view = decoder.next_frame()
+    assert view is not None and len(view) == 9 * 2**20
+    assert decoder.next_frame() is None
+    assert bytes(view[:4]) == bytes(4), "a view still held stays valid"
+    view.release()
+    decoder.receive_data(encode_frame(b"small"))
+    assert bytes(decoder.next_frame() or b"") == b"small"
+    assert len(decoder._buf) < 2**20
