@@ -31,20 +31,29 @@ class TokenBucket:
     ``take(n)`` always succeeds and may leave the bucket negative; the caller then waits until
     :meth:`ready_at`, the moment its bytes are paid for. Holding a chunk until its last byte
     has been "serialised" is what a bottleneck link does, and paying debt from elapsed time
-    (not from sleeps) means late timer wake-ups never lower the long-run rate.
+    (not from sleeps) keeps the long-run rate exact.
 
     ``take`` returns a ticket, the running total of bytes taken. Credit issued so far is
     ``taken + tokens``; a ticket is paid once the credit reaches it, so a chunk never waits
     for debt that other connections sharing the bucket ran up after it (FIFO service).
+
+    After an idle spell the credit is capped at the burst. A take marked ``backlogged`` (its
+    bytes were already queued while the previous chunk was being held) is capped at
+    ``catchup_s`` of rate instead: a real link kept serialising while the proxy's timer
+    woke late, so a late wake-up on a busy machine costs no throughput, while the burst an
+    idle link offers stays small.
     """
 
-    __slots__ = ("_rate", "_burst", "_tokens", "_last", "_taken")
+    __slots__ = ("_rate", "_burst", "_catchup_s", "_tokens", "_last", "_taken")
 
-    def __init__(self, rate_bytes_per_s: float, burst_bytes: int, now: float) -> None:
-        if rate_bytes_per_s <= 0 or burst_bytes < 1:
-            raise ValueError("token bucket needs rate > 0 and burst >= 1")
+    def __init__(
+        self, rate_bytes_per_s: float, burst_bytes: int, now: float, catchup_s: float = 0.05
+    ) -> None:
+        if rate_bytes_per_s <= 0 or burst_bytes < 1 or catchup_s < 0:
+            raise ValueError("token bucket needs rate > 0, burst >= 1 and catchup_s >= 0")
         self._rate = rate_bytes_per_s
         self._burst = float(burst_bytes)
+        self._catchup_s = catchup_s
         self._tokens = float(burst_bytes)
         self._last = now
         self._taken = 0
@@ -59,26 +68,32 @@ class TokenBucket:
         """Depth in bytes."""
         return int(self._burst)
 
-    def tokens(self, now: float) -> float:
-        """Tokens available at ``now`` (negative while in debt)."""
-        self._refill(now)
-        return self._tokens
+    def _catchup_cap(self) -> float:
+        return max(self._burst, self._rate * self._catchup_s)
 
-    def _refill(self, now: float) -> None:
+    def tokens(self, now: float) -> float:
+        """Tokens an idle take would find at ``now`` (negative while in debt)."""
+        self._advance(now)
+        return min(self._tokens, self._burst)
+
+    def _advance(self, now: float) -> None:
+        # Uncapped here: the cap depends on whether the next take is backlogged.
         if now > self._last:
-            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+            self._tokens += (now - self._last) * self._rate
             self._last = now
 
-    def take(self, nbytes: int, now: float) -> int:
+    def take(self, nbytes: int, now: float, backlogged: bool = False) -> int:
         """Spend ``nbytes`` tokens at ``now``; returns the ticket to pass to :meth:`ready_at`."""
-        self._refill(now)
+        self._advance(now)
+        # Capping only ever removes credit above zero, so no outstanding ticket loses any.
+        self._tokens = min(self._tokens, self._catchup_cap() if backlogged else self._burst)
         self._tokens -= nbytes
         self._taken += nbytes
         return self._taken
 
     def ready_at(self, now: float, ticket: int | None = None) -> float:
         """The earliest time >= now at which ``ticket`` (default: all debt) is paid for."""
-        self._refill(now)
+        self._advance(now)
         owed = -self._tokens if ticket is None else ticket - (self._taken + self._tokens)
         if owed <= 0:
             return now
@@ -88,10 +103,10 @@ class TokenBucket:
         """Change rate and depth live; the debt (bytes still to serialise) is kept."""
         if rate_bytes_per_s <= 0 or burst_bytes < 1:
             raise ValueError("token bucket needs rate > 0 and burst >= 1")
-        self._refill(now)
+        self._advance(now)
         self._rate = rate_bytes_per_s
         self._burst = float(burst_bytes)
-        self._tokens = min(self._tokens, self._burst)
+        self._tokens = min(self._tokens, self._catchup_cap())
 
 
 @dataclass(frozen=True, slots=True)

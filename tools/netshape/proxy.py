@@ -241,20 +241,30 @@ class _Pipe:
         proxy, state = self.proxy, self.state
         read_size = proxy.config.read_size
         max_buffer = proxy.config.max_buffer_bytes
+        # Whether the previous chunk went through the bucket with nothing (outage, full
+        # buffer, loss stall) in between: then a read that returns at once found bytes that
+        # queued behind it, and the link counts as busy (TokenBucket, "backlogged").
+        backlog = False
         while True:
-            await proxy._gate.wait()
+            if not proxy._gate.is_set():
+                backlog = False
+                await proxy._gate.wait()
             if self.queue.nbytes >= max_buffer:
+                backlog = False
                 await self.queue.wait_space(max_buffer)
             cfg = state.config
             n = read_size if cfg.rate_bps is None else min(read_size, cfg.effective_burst)
+            started = time.monotonic()
             data = await self.reader.read(n)
             if not data:
                 self.queue.put(_EOF)
                 return
             now = time.monotonic()
             bucket = state.bucket
+            backlog = backlog and now - started < _TIMER_SLACK_S
             if bucket is not None:
-                ticket = bucket.take(len(data), now)
+                ticket = bucket.take(len(data), now, backlogged=backlog)
+                backlog = True
                 # Re-read the bucket after each wake: a live update may change its rate, or
                 # make the direction unlimited (a new bucket then owes this chunk nothing).
                 while state.bucket is bucket and (
@@ -266,6 +276,7 @@ class _Pipe:
             self.queue.put((fate.due, data))
             if fate.lost:
                 state.stalls += 1
+                backlog = False
                 await asyncio.sleep(fate.resume_at - now)
 
     async def write_stage(self) -> None:
