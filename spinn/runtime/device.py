@@ -64,6 +64,7 @@ from spinn.runtime.compute import ComputeSlots, configure_torch, make_executor, 
 from spinn.runtime.server import DEFAULT_CHECKPOINT
 from spinn.runtime.stats import DeviceStats
 from spinn.runtime.tracker import Answer, FramePhase, RequestTracker, request_deadline
+from spinn.runtime.uplink import UploadTimer
 from spinn.sla import SLA
 from spinn.sources import Frame, FrameSource, Pacer, preprocess
 
@@ -219,15 +220,23 @@ class _Link:
         return len(data)
 
     def queued_bytes(self) -> int:
+        """Bytes written but not yet handed to the kernel."""
         if self.writer is None or self.writer.transport is None:
             return 0
         return int(self.writer.transport.get_write_buffer_size())
+
+    def unanswered_bytes(self) -> int:
+        """Bytes ahead of a new message on the way to the server: the local write buffer
+        plus the INFERs the server has not answered (they may sit in any buffer on the
+        path, e.g. a shaping middlebox, and a PING queues behind them)."""
+        return self.queued_bytes() + sum(s.nbytes for s in self.device._sent.values())
 
     async def run(self) -> None:
         """Keep a connection up until closed; reconnect with backoff after each loss."""
         assert self.config.server is not None
         host, port = self.config.server
         while not self._stopping:
+            log.debug("connecting to %s:%d", host, port)
             try:
                 reader = await self._connect(host, port)
             except DeviceError as exc:
@@ -360,7 +369,7 @@ class _Link:
                 oldest = min(sent for sent, _ in self.pings.values())
                 est = self.device.profiler.snapshot(now)
                 # Bytes queued before the PING delay it; allow for them at the live B.
-                allowance = cfg.ping_timeout_s + 8.0 * self.queued_bytes() / max(
+                allowance = cfg.ping_timeout_s + 8.0 * self.unanswered_bytes() / max(
                     est.bandwidth_bps, 1.0
                 )
                 if now - oldest > allowance:
@@ -467,6 +476,8 @@ class SpinnDevice:
         self._io: ThreadPoolExecutor = make_executor(1, "spinn-source")
         self._link = _Link(self) if config.server is not None else None
         self._sent: dict[int, _Sent] = {}
+        """INFERs the server has not answered (RESULT or ERROR) yet, answered or not here."""
+        self._upload_timer = UploadTimer()
         self._server_ms_reported: list[float] = []
         self._server_ms_inferred: list[float] = []
         self._changed: dict[int, asyncio.Event] = {}
@@ -495,6 +506,8 @@ class SpinnDevice:
         if emit is not None:
             self._emit = emit
         link_task = asyncio.create_task(self._link.run()) if self._link else None
+        if link_task is not None:
+            link_task.add_done_callback(_log_task_failure)
         deadline_task = asyncio.create_task(self._deadline_loop())
         status_task = asyncio.create_task(self._status_loop(status)) if status else None
         window = asyncio.Semaphore(self.config.max_in_flight)
@@ -691,7 +704,7 @@ class SpinnDevice:
         server_ms = self.profile.server_time_ms(plan.split) * estimates.server_scale
         deadline = request_deadline(
             now,
-            upload_bytes=nbytes + self._link.queued_bytes(),
+            upload_bytes=self._link.unanswered_bytes() + nbytes,
             download_bytes=64 + 16 * self.config.top_k,
             bandwidth_bps=max(estimates.bandwidth_bps, 1.0),
             latency_s=estimates.latency_s,
@@ -740,7 +753,7 @@ class SpinnDevice:
             fid, now, exit_answer.exit, tuple(c for c, _ in top), tuple(p for _, p in top)
         )
         if cancel is not None:
-            self._sent.pop(cancel, None)
+            # Its _Sent record stays: a RESULT that crossed the CANCEL still measures the link.
             if self._link is not None:
                 self._link.send(Cancel(cancel))
         if answer is not None:
@@ -774,11 +787,9 @@ class SpinnDevice:
                 )
             if result.compute_ms is not None:
                 self._server_ms_reported.append(result.compute_ms)
-                # Upload time = response time − server compute − round trip (DESIGN.md part 4).
-                est = self.profiler.snapshot(now)
-                transfer = elapsed - result.compute_ms / 1e3 - est.latency_s
-                if transfer > 0:
-                    self.profiler.observe_upload(now, sent.nbytes, transfer)
+                # Upload time from the answer time (spinn.runtime.uplink); without a
+                # reported compute time the server time hides in it: PING probes only.
+                self._time_upload(sent, now, result.compute_ms / 1e3)
         answer = self.tracker.server_result(
             result.request_id, now, result.exit_index, result.classes, result.probs
         )
@@ -788,9 +799,25 @@ class SpinnDevice:
             if ev is not None:
                 ev.set()
 
+    def _time_upload(self, sent: _Sent, now: float, compute_s: float) -> None:
+        est = self.profiler.snapshot(now)
+        sample = self._upload_timer.answered(
+            sent_at=sent.sent_at,
+            now=now,
+            nbytes=sent.nbytes,
+            compute_s=compute_s,
+            latency_s=est.latency_s,
+        )
+        if sample is not None:
+            self.profiler.observe_upload(now, sample[0], sample[1])
+
     def _on_request_error(self, error: Error) -> None:
         assert error.request_id is not None
-        self._sent.pop(error.request_id, None)
+        sent = self._sent.pop(error.request_id, None)
+        if sent is not None and error.code is ErrorCode.CANCELLED:
+            # A cancelled request is answered as soon as it arrives (or at a stage
+            # boundary): its answer time still clocks the uplink.
+            self._time_upload(sent, _now(), 0.0)
         fid = self.tracker.abandon(error.request_id)
         if error.code is not ErrorCode.CANCELLED:
             log.warning("server refused request %d: %s", error.request_id, error.message)
@@ -799,6 +826,7 @@ class SpinnDevice:
 
     def _on_link_lost(self) -> None:
         self._sent.clear()
+        self._upload_timer.reset()
         for fid in self.tracker.server_lost():
             ev = self._changed.get(fid)
             if ev is not None:
@@ -845,7 +873,6 @@ class SpinnDevice:
                 await asyncio.wait_for(self._deadline_wake.wait(), timeout)
             for exp in self.tracker.expire(_now()):
                 log.info("request %d missed its deadline: finishing locally", exp.request_id)
-                self._sent.pop(exp.request_id, None)
                 if self._link is not None:
                     self._link.send(Cancel(exp.request_id))
                 ev = self._changed.get(exp.frame_id)
@@ -867,6 +894,11 @@ class SpinnDevice:
                     server_up=self._link is not None and self._link.up,
                 )
             )
+
+
+def _log_task_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("server link task failed", exc_info=task.exception())
 
 
 def _mean(values: list[float]) -> float | None:
