@@ -64,12 +64,13 @@ ZSTD_LEVEL: Final = 1
 """zstd level used by `pack`: level 1 keeps compression well above link speeds up to
 ~1 Gbit/s on one core, where higher levels would cost more time than the bytes they save."""
 
-ZSTD_COMPRESS_BPS: Final = 250e6
-"""Calibrated zstd level-1 compression speed, payload bytes per second on one weak core
-(measured by `python -m bench.protocol`; deliberately conservative)."""
+ZSTD_COMPRESS_BPS: Final = 150e6
+"""Calibrated zstd level-1 compression speed in payload bytes per CPU-second: measured by
+`python -m bench.protocol` on batch-1 sparse_int8 payloads (a few KiB, where per-call
+costs dominate) on a shared 2-core machine, so conservative for larger payloads."""
 
-ZSTD_DECOMPRESS_BPS: Final = 800e6
-"""Calibrated zstd decompression speed, payload bytes per second on one weak core."""
+ZSTD_DECOMPRESS_BPS: Final = 330e6
+"""Calibrated zstd decompression speed, payload bytes per CPU-second (same measurement)."""
 
 _SAMPLE_CHUNK: Final = 4096
 _SAMPLE_CHUNKS: Final = 4
@@ -182,22 +183,27 @@ def _dequantise(q: np.ndarray, scale: float, zero_point: int, out: np.ndarray) -
     np.multiply(out, np.float32(scale), out=out)
 
 
-def estimate_zstd_ratio(payload: bytes | memoryview) -> float:
+def _sample_ratio(payload: bytes) -> tuple[float, bytes | None]:
+    """(estimated raw/compressed ratio, the compressed payload if the sample was all of it)."""
+    n = len(payload)
+    if n == 0:
+        return 1.0, None
+    if n <= _SAMPLE_CHUNK * _SAMPLE_CHUNKS:
+        whole = _compressor.compress(payload)
+        return n / max(1, len(whole)), whole
+    view = memoryview(payload)
+    step = (n - _SAMPLE_CHUNK) // (_SAMPLE_CHUNKS - 1)
+    sample = b"".join(view[i * step : i * step + _SAMPLE_CHUNK] for i in range(_SAMPLE_CHUNKS))
+    return len(sample) / max(1, len(_compressor.compress(sample))), None
+
+
+def estimate_zstd_ratio(payload: bytes) -> float:
     """Estimated size ratio raw/compressed of `payload`, from a small sample.
 
     Compresses up to four evenly spaced 4 KiB chunks, so the estimate costs a few tens of
     microseconds whatever the payload size (paper §4.3: the decision must be cheap).
     """
-    n = len(payload)
-    if n == 0:
-        return 1.0
-    view = memoryview(payload)
-    if n <= _SAMPLE_CHUNK * _SAMPLE_CHUNKS:
-        sample = bytes(view)
-    else:
-        step = (n - _SAMPLE_CHUNK) // (_SAMPLE_CHUNKS - 1)
-        sample = b"".join(view[i * step : i * step + _SAMPLE_CHUNK] for i in range(_SAMPLE_CHUNKS))
-    return len(sample) / max(1, len(_compressor.compress(sample)))
+    return _sample_ratio(payload)[0]
 
 
 def should_compress(
@@ -298,19 +304,20 @@ def pack(
         raw = q.tobytes()
     else:
         raw, scale, zero_point = _pack_sparse(flat)
+    packed: bytes | None = None
     if compress is None:
         # Sampling costs tens of microseconds: skip it when the answer cannot depend on it
         # (unknown bandwidth, or a link so fast that even removing every byte would not pay).
         compress = len(raw) >= _MIN_COMPRESS_BYTES and (
-            bandwidth_bps is None
-            or (
-                should_compress(len(raw), bandwidth_bps, ratio=math.inf)
-                and should_compress(len(raw), bandwidth_bps, ratio=estimate_zstd_ratio(raw))
-            )
+            bandwidth_bps is None or should_compress(len(raw), bandwidth_bps, ratio=math.inf)
         )
+        if compress and bandwidth_bps is not None:
+            ratio, packed = _sample_ratio(raw)  # a small payload is its own sample
+            compress = should_compress(len(raw), bandwidth_bps, ratio=ratio)
     payload = raw
     if compress:
-        packed = _compressor.compress(raw)
+        if packed is None:
+            packed = _compressor.compress(raw)
         if len(packed) < len(raw):
             payload = packed
         else:
