@@ -88,10 +88,19 @@ async def _upload(address: tuple[str, int], block: bytes, total: int) -> str:
 
 
 def _rate_of(reads: list[tuple[float, int]]) -> float:
-    # The first read passed on the token bucket's burst; rate is measured after it.
-    total = sum(n for _, n in reads[1:])
-    span = reads[-1][0] - reads[0][0]
-    return total * 8 / span if span > 0 else float("nan")
+    """Least-squares slope of bytes received against time, in bit/s.
+
+    Every read counts, so a late first or last read (the sink shares the machine) moves the
+    figure far less than it would move (bytes after the first read) / (last - first).
+    """
+    times, cumulative, total = [], [], 0
+    for t, n in reads:
+        total += n
+        times.append(t)
+        cumulative.append(total)
+    if len(times) < 2 or times[-1] == times[0]:
+        return float("nan")
+    return statistics.linear_regression(times, cumulative).slope * 8
 
 
 async def _timed_upload(sink: _Sink, address: tuple[str, int], block: bytes, total: int) -> float:
