@@ -11,6 +11,7 @@ any number of thresholds are then applied to the stored probabilities.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -32,10 +33,17 @@ __all__ = [
 
 
 def check_thr_conf(thr_conf: float) -> float:
-    """Validate a confidence threshold: a probability in [0, 1]."""
+    """Validate a confidence threshold: a number >= 0.
+
+    A threshold above 1 is never reached by a softmax probability, so only the final
+    exit answers: the "no early exit" setting (``spinn.profile.NO_EARLY_EXIT``).
+    """
     thr = float(thr_conf)
-    if not 0.0 <= thr <= 1.0:
-        raise ValueError(f"thr_conf must be a probability in [0, 1], got {thr_conf!r}")
+    if not thr >= 0.0 or math.isinf(thr):
+        raise ValueError(
+            f"thr_conf must be a finite number >= 0 (a probability; > 1 disables early "
+            f"exits), got {thr_conf!r}"
+        )
     return thr
 
 

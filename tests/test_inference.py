@@ -68,7 +68,7 @@ def test_threshold_zero_answers_at_first_exit() -> None:
 
 def test_per_input_execution_agrees_with_batched_rule() -> None:
     model = _model()
-    x = _inputs(24)
+    x = _inputs(16)
     probs = exit_probs(model, x)
     for thr in _thresholds(model, x):
         exit_index, labels = apply_threshold(probs, thr)
@@ -79,11 +79,11 @@ def test_per_input_execution_agrees_with_batched_rule() -> None:
             assert out.answer.label == int(labels[i])
 
 
-@pytest.mark.parametrize("split", [0, 1, 3, 6, 11])
+@pytest.mark.parametrize("split", [0, 3, 6, 11])
 def test_device_then_server_equals_local(split: int) -> None:
     model = _model()
-    x = _inputs(12)
-    for thr in _thresholds(model, x):
+    x = _inputs(8)
+    for thr in _thresholds(model, x)[1:4]:
         for i in range(len(x)):
             local = run_stages(model, x[i], 0, model.num_stages, thr)
             dev = run_stages(model, x[i], 0, split, thr)
@@ -136,8 +136,9 @@ def test_topk_is_sorted() -> None:
 def test_errors_name_the_problem() -> None:
     model = _model()
     x = _inputs(1)
-    with pytest.raises(ValueError, match="thr_conf must be a probability"):
-        run_stages(model, x, 0, 3, 1.5)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="thr_conf must be a finite number >= 0"):
+            run_stages(model, x, 0, 3, bad)
     with pytest.raises(ValueError, match="stage range"):
         run_stages(model, x, 4, 2, 0.5)
     with pytest.raises(ValueError, match="activation at split 2 must have shape"):
@@ -160,3 +161,15 @@ def test_apply_threshold_first_confident_exit() -> None:
     assert labels.tolist() == [1, 0]
     exit_index, labels = apply_threshold(probs, 0.5)
     assert exit_index.tolist() == [0, 0]
+
+
+def test_threshold_above_one_disables_early_exits() -> None:
+    model = _model()
+    x = _inputs(6)
+    probs = exit_probs(model, x)
+    assert float(probs[:-1].max()) == 1.0  # some early exit saturates in float32
+    exit_index, _ = apply_threshold(probs, 2.0)
+    assert exit_index.tolist() == [model.num_exits - 1] * 6
+    for i in range(6):
+        out = run_stages(model, x[i], 0, model.num_stages, 2.0)
+        assert out.answer is not None and out.answer.exit == model.num_exits - 1
