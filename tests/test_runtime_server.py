@@ -233,3 +233,21 @@ def test_eof_mid_frame_is_a_clean_disconnect(checkpoint: Path) -> None:
 
     server = _serve(checkpoint, body)
     assert server.stats.connections == 0
+
+
+def test_request_past_its_deadline_is_dropped_unrun(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        await _hello(client, server)
+        x = pack(_input(7).numpy(), "float32")
+        client.send(Infer(1, 0, 1.0, x), Infer(2, 0, 1.0, x, deadline_ms=0.0))
+        events = {
+            getattr(e, "request_id", None): e for e in [await client.next() for _ in range(2)]
+        }
+        assert isinstance(events[1], Result)
+        assert isinstance(events[2], Error) and events[2].code is ErrorCode.CANCELLED
+        assert "deadline" in events[2].message
+        client.close()
+
+    server = _serve(checkpoint, body, workers=1)
+    assert server.stats.computed == 1 and server.stats.cancelled_queued == 1

@@ -700,17 +700,22 @@ class SpinnDevice:
         assert self._link is not None
         rid = self.tracker.new_request_id()
         now = _now()
-        nbytes = self._link.send(Infer(rid, plan.split, plan.wire_thr, packed))
         server_ms = self.profile.server_time_ms(plan.split) * estimates.server_scale
         deadline = request_deadline(
             now,
-            upload_bytes=self._link.unanswered_bytes() + nbytes,
+            upload_bytes=self._link.unanswered_bytes() + packed.nbytes,
             download_bytes=64 + 16 * self.config.top_k,
             bandwidth_bps=max(estimates.bandwidth_bps, 1.0),
             latency_s=estimates.latency_s,
             server_time_s=server_ms / 1e3,
             margin_factor=self.config.deadline_factor,
             margin_s=self.config.deadline_margin_s,
+        )
+        # deadline_ms lets the server drop a request the device will have answered itself;
+        # counted from receipt, so the upload's share of the budget is left out of it.
+        server_budget_ms = 1e3 * (deadline - now) * 0.5
+        nbytes = self._link.send(
+            Infer(rid, plan.split, plan.wire_thr, packed, deadline_ms=server_budget_ms)
         )
         self.tracker.offloaded(fid, rid, now, deadline, nbytes)
         self._sent[rid] = _Sent(fid, plan.split, nbytes, now)

@@ -111,7 +111,9 @@ class _Job:
     thr_conf: float
     activation: np.ndarray
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
-    started: bool = False
+    expires_at: float | None = None
+    """time.monotonic() after which the device no longer wants the answer (deadline_ms)."""
+    expired: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,6 +367,8 @@ class SpinnServer:
             self._request_error(peer, ErrorCode.BAD_TENSOR, f"tensor does not decode: {exc}", rid)
             return
         job = _Job(rid, infer.split, float(infer.thr_conf), activation)
+        if infer.deadline_ms is not None:
+            job.expires_at = time.monotonic() + infer.deadline_ms / 1e3
         peer.jobs[rid] = job
         self.stats.requests += 1
         self._queued += 1
@@ -397,7 +401,8 @@ class SpinnServer:
         if outcome is None:
             # Cancelled: no RESULT.  ERROR(CANCELLED) closes the request in both state
             # machines (each INFER is answered exactly once, by RESULT or ERROR).
-            peer.send(Error(ErrorCode.CANCELLED, "cancelled by the device", job.request_id))
+            why = "past its deadline" if job.expired else "cancelled by the device"
+            peer.send(Error(ErrorCode.CANCELLED, why, job.request_id))
             return
         t0 = time.perf_counter()
         peer.send(
@@ -415,7 +420,10 @@ class SpinnServer:
         """Worker thread: stages [split, S) with exit checks; stops when cancelled."""
         with self._lock:
             self._queued -= 1
-        if job.cancelled.is_set():
+        if job.expires_at is not None and time.monotonic() > job.expires_at:
+            # Past the device's deadline it has answered locally (PROTOCOL.md, deadline_ms).
+            job.expired = True
+        if job.cancelled.is_set() or job.expired:
             with self._lock:
                 self.stats.cancelled_queued += 1
             return None
