@@ -226,6 +226,7 @@ def test_upload_rate_within_5_percent(rate_bps: float, seconds: float) -> None:
             await upload(proxy.address, payload)
             await sink.done.wait()
         require_intact(sink.data, payload)
+        assert not sink.errors
         assert measured_bps(sink.reads) == pytest.approx(rate_bps, rel=0.05)
 
     arun(accurate(check), timeout_s=40)
@@ -538,7 +539,7 @@ async def stream_through_blackhole(
         await sending
         await sink.done.wait()
         stats = proxy.stats()
-    assert digest(sink.data) == digest(payload)
+    assert digest(sink.data) == digest(payload) and not sink.errors
     (window,) = outage_windows(stats)
     assert_nothing_passed(sink.reads, proxy.started_at, window)
     assert stats["up"]["bytes_during_outage"] == 0

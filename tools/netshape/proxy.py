@@ -229,7 +229,6 @@ class _Pipe:
         self.reader = reader
         self.writer = writer
         loop = asyncio.get_running_loop()
-        self.loop = loop
         self.sleeper = _Sleeper(loop)
         self.due_sleeper = _Sleeper(loop)
         self.queue = _ChunkQueue(loop)
