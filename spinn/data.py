@@ -213,9 +213,9 @@ def _load_image(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
+            converted = img.convert("L" if channels == 1 else "RGB")
+            resized = converted.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            arr = np.asarray(resized, dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path}: not a readable image: {exc}") from exc
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)

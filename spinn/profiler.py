@@ -25,7 +25,7 @@ from protocol.packing import CODECS, pack
 from spinn.checkpoint import CheckpointMeta
 from spinn.data import ImageSet
 from spinn.evaluate import collect_probs, sweep
-from spinn.profile import Profile
+from spinn.profile import Profile, SplitProfile, ThresholdProfile
 from spinn.progressive import ProgressiveModel
 
 __all__ = [
@@ -165,15 +165,15 @@ def profile_model(
     probs, labels = collect_probs(model, calib)
     exit_accuracy = (probs.argmax(dim=2) == labels.unsqueeze(0)).double().mean(dim=1)
     rows = sweep(model, probs, labels, cfg.thresholds, model.num_stages)
-    splits = [
-        {
-            "split": s,
-            "shape": list(model.split_shape(s)),
-            "numel": int(np.prod(model.split_shape(s))),
-            "bytes": split_bytes[s],
-        }
+    splits = tuple(
+        SplitProfile(
+            split=s,
+            shape=model.split_shape(s),
+            numel=int(np.prod(model.split_shape(s))),
+            bytes=split_bytes[s],
+        )
         for s in range(model.num_stages)
-    ]
+    )
     stamp = (now or datetime.now(UTC)).isoformat(timespec="seconds")
     return Profile(
         model_id=meta.model_id,
@@ -181,12 +181,12 @@ def profile_model(
         arch=meta.arch,
         num_stages=model.num_stages,
         exit_stages=tuple(model.exit_stages),
-        splits=tuple(splits),  # type: ignore[arg-type]
+        splits=splits,
         stage_device_ms=tuple(device_ms),
         stage_server_ms=tuple(server_ms),
         exit_accuracy=tuple(float(a) for a in exit_accuracy),
-        thresholds=tuple(  # type: ignore[arg-type]
-            {"thr_conf": r.thr_conf, "exit_rate": list(r.exit_rate), "accuracy": r.accuracy}
+        thresholds=tuple(
+            ThresholdProfile(thr_conf=r.thr_conf, exit_rate=r.exit_rate, accuracy=r.accuracy)
             for r in rows
         ),
         calibration_size=len(calib),

@@ -497,9 +497,9 @@ def make_progressive(
     ]
     split_shapes: list[tuple[int, ...]] = [input_spec.shape]
     for n in boundaries[1:]:
-        shape = _shape_of(n)
-        assert shape is not None
-        split_shapes.append(shape[1:])
+        act_shape = _shape_of(n)
+        assert act_shape is not None
+        split_shapes.append(act_shape[1:])
     stage_flops = []
     for k in range(len(stages)):
         lo, hi = index[boundaries[k]], index[boundaries[k + 1]]
