@@ -78,6 +78,8 @@ _MIN_COMPRESS_BYTES: Final = 64
 _SPARSE_HEADER = struct.Struct("<BI")
 _FLOAT16_MAX: Final = 65504.0
 _QUANT_MAX: Final = 2.0**126
+_MIN_SCALE: Final = 2.0**-126
+_MAX_SCALE: Final = 2.0**120
 _MIN: Final = np.minimum.reduce
 _MAX: Final = np.maximum.reduce
 _F32_TINY: Final = float(np.finfo(np.float32).tiny)
@@ -123,8 +125,9 @@ class PackedTensor:
         if type(scale) is int:
             scale = float(scale)
             object.__setattr__(self, "scale", scale)
-        if type(scale) is not float or not math.isfinite(scale) or scale <= 0.0:
-            raise TensorError(f"scale must be a finite float > 0, got {scale!r}")
+        if type(scale) is not float or not _MIN_SCALE <= scale <= _MAX_SCALE:
+            # Bounded so that (q − zero_point)·scale stays a finite, normal float32.
+            raise TensorError(f"scale must be a float in [2**-126, 2**120], got {scale!r}")
         if type(self.zero_point) is not int or not -128 <= self.zero_point <= 127:
             raise TensorError(f"zero_point must be an int in [-128, 127], got {self.zero_point!r}")
         if self.codec in ("float32", "float16") and (scale != 1.0 or self.zero_point != 0):

@@ -45,7 +45,7 @@ def packed_tensors(draw: st.DrawFn) -> PackedTensor:
         codec=codec,
         compressed=draw(st.booleans()),
         shape=tuple(draw(st.lists(st.integers(0, 2**31 - 1), max_size=8))),
-        scale=draw(st.floats(1e-30, 1e30)) if quantised else 1.0,
+        scale=draw(st.floats(2.0**-126, 2.0**120)) if quantised else 1.0,
         zero_point=draw(st.integers(-128, 127)) if quantised else 0,
         payload=draw(st.binary(max_size=200)),
     )

@@ -271,6 +271,8 @@ def test_packed_tensor_validates_fields() -> None:
         _tensor("int8", (1,), b"\x00", scale=0.0)
     with pytest.raises(TensorError, match="scale"):
         _tensor("int8", (1,), b"\x00", scale=float("nan"))
+    with pytest.raises(TensorError, match="scale"):
+        _tensor("int8", (1,), b"\x00", scale=1e300)  # would decode to inf in float32
     with pytest.raises(TensorError, match="zero_point"):
         _tensor("int8", (1,), b"\x00", scale=1.0, zero_point=300)
     with pytest.raises(TensorError, match="scale 1.0"):
