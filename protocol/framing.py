@@ -25,6 +25,7 @@ DEFAULT_MAX_FRAME_SIZE: Final = 64 * 2**20
 FRAME_HEADER: Final = struct.Struct(">I")
 """The length prefix: unsigned 32-bit big-endian."""
 _MIN_READ: Final = 64 * 1024
+_MAX_READ: Final = 4 * 2**20
 _KEEP_CAPACITY: Final = 8 * 2**20
 
 
@@ -40,7 +41,7 @@ class FrameDecoder:
     have arrived, before any of the body is buffered (PROTOCOL.md §3).
     """
 
-    __slots__ = ("_buf", "_start", "_end", "_max_frame_size", "_error", "_eof")
+    __slots__ = ("_buf", "_start", "_end", "_max_frame_size", "_error", "_eof", "_discard")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         if not 0 < max_frame_size <= 0xFFFFFFFF:
@@ -51,6 +52,7 @@ class FrameDecoder:
         self._max_frame_size = max_frame_size
         self._error: RemoteProtocolError | None = None
         self._eof = False
+        self._discard: bytearray | None = None
 
     @property
     def buffered(self) -> int:
@@ -116,16 +118,28 @@ class FrameDecoder:
         Sized for the rest of the current frame when its header is known, so that a large
         frame arrives with one `recv_into` and no intermediate copy.
         """
+        if self._error is not None:
+            # The stream is condemned (e.g. an oversized prefix): read into a scratch area
+            # that `buffer_updated` discards, so nothing of it is ever buffered.
+            return memoryview(self._scratch())
         want = max(sizehint, _MIN_READ)
         live = self._end - self._start
-        if self._error is None and live >= HEADER_SIZE:
+        if live >= HEADER_SIZE:
             (length,) = FRAME_HEADER.unpack_from(self._buf, self._start)
-            want = max(want, HEADER_SIZE + length - live)
+            # Capped: memory follows the bytes that actually arrive, not a header's promise.
+            want = max(want, min(HEADER_SIZE + length - live, _MAX_READ))
         self._reserve(want)
         return memoryview(self._buf)[self._end :]
 
+    def _scratch(self) -> bytearray:
+        if self._discard is None:
+            self._discard = bytearray(_MIN_READ)
+        return self._discard
+
     def buffer_updated(self, nbytes: int) -> None:
         """`nbytes` were written into the view from `get_buffer`."""
+        if self._error is not None:
+            return  # read into the scratch area of a condemned stream: dropped
         if not 0 <= nbytes <= len(self._buf) - self._end:
             raise ValueError(f"buffer_updated({nbytes}) exceeds the buffer handed out")
         if self._eof:

@@ -139,3 +139,27 @@ def test_buffer_is_released_after_a_huge_frame() -> None:
     decoder.receive_data(encode_frame(b"small"))
     assert bytes(decoder.next_frame() or b"") == b"small"
     assert len(decoder._buf) < 2**20
+
+
+def test_condemned_stream_is_not_buffered_through_get_buffer() -> None:
+    decoder = FrameDecoder(max_frame_size=1000)
+    view = decoder.get_buffer()
+    view[:4] = struct.pack(">I", 10**6)
+    view.release()
+    decoder.buffer_updated(4)
+    for _ in range(5):
+        view = decoder.get_buffer(65536)
+        n = len(view)
+        view.release()
+        decoder.buffer_updated(n)
+    assert decoder.buffered == 4
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
+        decoder.next_frame()
+
+
+def test_a_header_alone_does_not_reserve_its_whole_frame() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(struct.pack(">I", 60 * 2**20))
+    view = decoder.get_buffer()
+    assert len(view) < 16 * 2**20
+    view.release()
