@@ -64,15 +64,11 @@ class MessageType(enum.IntEnum):
     BYE = 9
 
 
-def _bad(message: str) -> ValueError:
-    return ValueError(message)
-
-
 def _check_int(name: str, value: object, lo: int = 0, hi: int = MAX_ID) -> None:
     if type(value) is not int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if not lo <= value <= hi:
-        raise _bad(f"{name} must be in [{lo}, {hi}], got {value}")
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
 
 
 def _float(obj: object, name: str, value: object, *, lo: float = -math.inf) -> float:
@@ -83,7 +79,8 @@ def _float(obj: object, name: str, value: object, *, lo: float = -math.inf) -> f
     if type(value) is not float:
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     if not math.isfinite(value) or value < lo:
-        raise _bad(f"{name} must be a finite number >= {lo}, got {value}")
+        bound = "" if lo == -math.inf else f" >= {lo}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value}")
     return value
 
 
@@ -91,7 +88,7 @@ def _check_str(name: str, value: object) -> None:
     if type(value) is not str:
         raise TypeError(f"{name} must be a str, got {type(value).__name__}")
     if len(value) > MAX_STRING:
-        raise _bad(f"{name} is {len(value)} characters long; at most {MAX_STRING} allowed")
+        raise ValueError(f"{name} is {len(value)} characters long; at most {MAX_STRING} allowed")
 
 
 def _str_tuple(obj: object, name: str, value: object) -> None:
@@ -101,7 +98,7 @@ def _str_tuple(obj: object, name: str, value: object) -> None:
     if not isinstance(value, tuple):
         raise TypeError(f"{name} must be a sequence of str, got {type(value).__name__}")
     if len(value) > 64:
-        raise _bad(f"{name} lists {len(value)} entries; at most 64 allowed")
+        raise ValueError(f"{name} lists {len(value)} entries; at most 64 allowed")
     for item in value:
         _check_str(f"{name} entry", item)
 
@@ -110,7 +107,7 @@ def _check_sha(name: str, value: object) -> None:
     _check_str(name, value)
     assert isinstance(value, str)
     if value and (len(value) != 64 or value.strip("0123456789abcdef")):
-        raise _bad(f"{name} must be empty or 64 lowercase hex digits, got {value!r}")
+        raise ValueError(f"{name} must be empty or 64 lowercase hex digits, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +180,7 @@ class Infer:
         _check_int("split", self.split, 0, 2**16 - 1)
         thr = _float(self, "thr_conf", self.thr_conf)
         if not 0.0 <= thr <= 1.0:
-            raise _bad(f"thr_conf must be in [0, 1], got {thr}")
+            raise ValueError(f"thr_conf must be in [0, 1], got {thr}")
         if not isinstance(self.tensor, PackedTensor):
             raise TypeError(f"tensor must be a PackedTensor, got {type(self.tensor).__name__}")
         if self.deadline_ms is not None:
@@ -218,7 +215,7 @@ class Result:
         if not isinstance(classes, tuple) or not isinstance(probs, tuple):
             raise TypeError("classes and probs must be sequences")
         if not 1 <= len(classes) <= 1000 or len(classes) != len(probs):
-            raise _bad(
+            raise ValueError(
                 f"classes and probs must have the same length in [1, 1000], "
                 f"got {len(classes)} and {len(probs)}"
             )
@@ -229,7 +226,7 @@ class Result:
             if type(p) is int:
                 p = float(p)
             if type(p) is not float or not 0.0 <= p <= 1.0:
-                raise _bad(f"probabilities must be floats in [0, 1], got {p!r}")
+                raise ValueError(f"probabilities must be floats in [0, 1], got {p!r}")
             fixed.append(p)
         object.__setattr__(self, "probs", tuple(fixed))
         if self.compute_ms is not None:
@@ -306,7 +303,7 @@ class Error:
             try:
                 object.__setattr__(self, "code", ErrorCode(self.code))
             except ValueError:
-                raise _bad(f"unknown error code {self.code}") from None
+                raise ValueError(f"unknown error code {self.code}") from None
         if not isinstance(self.code, ErrorCode):
             raise TypeError(f"code must be an ErrorCode, got {type(self.code).__name__}")
         _check_str("message", self.message)
