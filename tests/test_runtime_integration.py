@@ -290,8 +290,9 @@ def test_4_inferred_server_time_within_25_percent_of_measured(tmp_path: Path) ->
         assert server.stop() == 0
     _by_frame(device.records, n)
     stats = server.final_stats()
-    measured = stats["compute_ms_total"] / stats["computed"]
-    inferred = summary["server_time_ms"]["inferred_mean"]
+    # Medians: a busy machine adds long-tailed scheduling delays to a few responses.
+    measured = stats["compute_ms_median"]
+    inferred = summary["server_time_ms"]["inferred_median"]
     assert summary["server_time_ms"]["reported_mean"] is None
     assert inferred == pytest.approx(measured, rel=0.25), (inferred, measured)
 
@@ -314,5 +315,6 @@ def test_5_cancel_saves_server_work(tmp_path: Path, model_info: tuple[Any, Any])
     assert stats["requests"] == summary["offloaded"]
     cancelled = stats["cancelled_queued"] + stats["cancelled_running"]
     assert cancelled > 0 and stats["computed"] < stats["requests"]
-    assert stats["computed"] + cancelled == stats["requests"]
-    assert summary["cancels"] >= cancelled
+    assert stats["computed"] + cancelled + stats["expired_unrun"] == stats["requests"]
+    # Only the device's CANCELs stop requests (an expired deadline is counted apart).
+    assert stats["cancels_received"] >= cancelled

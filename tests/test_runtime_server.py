@@ -250,4 +250,4 @@ def test_request_past_its_deadline_is_dropped_unrun(checkpoint: Path) -> None:
         client.close()
 
     server = _serve(checkpoint, body, workers=1)
-    assert server.stats.computed == 1 and server.stats.cancelled_queued == 1
+    assert server.stats.computed == 1 and server.stats.expired_unrun == 1

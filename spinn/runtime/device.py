@@ -29,6 +29,7 @@ import json
 import logging
 import random
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -567,6 +568,8 @@ class SpinnDevice:
         summary["server_time_ms"] = {
             "reported_mean": _mean(self._server_ms_reported),
             "inferred_mean": _mean(self._server_ms_inferred),
+            "reported_median": _median(self._server_ms_reported),
+            "inferred_median": _median(self._server_ms_inferred),
             "samples": len(self._server_ms_inferred),
         }
         summary["split"] = self._decision.split
@@ -904,6 +907,10 @@ class SpinnDevice:
 def _log_task_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("server link task failed", exc_info=task.exception())
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 4) if values else None
 
 
 def _mean(values: list[float]) -> float | None:

@@ -425,7 +425,10 @@ class SpinnServer:
             job.expired = True
         if job.cancelled.is_set() or job.expired:
             with self._lock:
-                self.stats.cancelled_queued += 1
+                if job.cancelled.is_set():
+                    self.stats.cancelled_queued += 1
+                else:
+                    self.stats.expired_unrun += 1
             return None
         from spinn.inference import iter_stages
 
@@ -445,6 +448,7 @@ class SpinnServer:
                     self.stats.computed += 1
                     self.stats.stages_run += stages
                     self.stats.compute_ms_total += compute_ms
+                    self.stats.compute_ms.append(compute_ms)
                 return _Outcome(
                     step.answer.exit,
                     tuple(c for c, _ in top),

@@ -159,9 +159,13 @@ class ServerStats:
     """Requests cancelled before their compute started (never ran)."""
     cancelled_running: int = 0
     """Requests stopped at a stage boundary."""
+    expired_unrun: int = 0
+    """Requests dropped unrun because their deadline_ms had passed."""
     cancels_received: int = 0
     errors_sent: int = 0
     compute_ms_total: float = 0.0
+    compute_ms: list[float] = field(default_factory=list)
+    """Per-request compute times (for the median in the final stats)."""
     overhead_ms_total: float = 0.0
     """Framing + unpack + dispatch time on the event loop, over all requests."""
     _last_requests: int = 0
@@ -180,6 +184,7 @@ class ServerStats:
             f" req/s={rate:.1f} queue={queue_depth} computed={self.computed}"
             f" mean_compute_ms={mean:.2f} cancels={self.cancels_received}"
             f" (queued {self.cancelled_queued}, running {self.cancelled_running})"
+            f" expired={self.expired_unrun}"
         )
 
     def as_dict(self) -> dict[str, object]:
@@ -192,7 +197,11 @@ class ServerStats:
             "cancels_received": self.cancels_received,
             "cancelled_queued": self.cancelled_queued,
             "cancelled_running": self.cancelled_running,
+            "expired_unrun": self.expired_unrun,
             "errors_sent": self.errors_sent,
             "compute_ms_total": round(self.compute_ms_total, 3),
+            "compute_ms_median": round(percentile(self.compute_ms, 50), 4)
+            if self.compute_ms
+            else None,
             "overhead_ms_total": round(self.overhead_ms_total, 3),
         }
