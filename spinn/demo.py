@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 stderr=subprocess.PIPE, env=env, cwd=ROOT,
             )  # fmt: skip
             assert device.stderr is not None
-            summary: dict[str, object] | None = None
+            summary: dict[str, Any] | None = None
             for raw in device.stderr:
                 line = raw.decode("utf-8", "replace").rstrip("\n")
                 if line.startswith("summary "):

@@ -206,7 +206,7 @@ class ImageFolderSource:
                 raise SourceError(f"--images: cannot decode {path}")
             if raw.dtype == np.uint16:
                 # 16-bit PNG/TIFF: keep the high byte, the model sees 8-bit pixels.
-                raw = (raw >> 8).astype(np.uint8)
+                raw = (raw.astype(np.uint16) >> 8).astype(np.uint8)
             yield Frame(i, _to_rgb_or_gray(raw, str(path)), self._label(path), str(path))
 
     def close(self) -> None:

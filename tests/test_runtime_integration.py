@@ -154,7 +154,7 @@ def test_1_every_frame_once_and_accuracy_matches_offline(
         summary = device.finish()
     finally:
         device.kill()
-        assert server.stop() == 0
+        assert server.stop(signal.SIGINT) == 0
     records = _by_frame(device.records, n)
     assert {r["where"] for r in records} <= {"device", "server"}
     assert summary["answered_by"]["server"] > 0
@@ -225,8 +225,10 @@ def _control(port: int, command: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
-@pytest.mark.parametrize("mode", ["blackhole", "reset"])
-def test_3_outage_through_netshape_falls_back_without_loss(tmp_path: Path, mode: str) -> None:
+def test_3_outage_through_netshape_falls_back_without_loss(tmp_path: Path) -> None:
+    # A blackhole: the connection stays up and silent, the hardest outage to notice
+    # (an abrupt loss is test 2's SIGKILL).
+    mode = "blackhole"
     server_port, proxy_port, control = free_port(), free_port(), free_port()
     server = Server(tmp_path, server_port)
     proxy = _netshape(proxy_port, server_port, control)

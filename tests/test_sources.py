@@ -155,3 +155,10 @@ def test_fashion_mnist_replay_is_the_real_test_set() -> None:
         dataset_source("cifar")
     with pytest.raises(SourceError, match="'test' or 'train'"):
         dataset_source("fashion-mnist:val")
+
+
+def test_sixteen_bit_images_keep_the_high_byte(tmp_path: Path) -> None:
+    img16 = (np.arange(20 * 20, dtype=np.uint16).reshape(20, 20) * 160).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "deep.png"), img16)
+    (frame,) = list(ImageFolderSource(tmp_path))
+    np.testing.assert_array_equal(frame.image, (img16 >> 8).astype(np.uint8))
