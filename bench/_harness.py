@@ -114,6 +114,8 @@ def scaled_device_profile(profile: Profile, slowdown: float) -> Profile:
 class Testbed:
     """What every run shares: model, profiles, slowdowns, cores, frames."""
 
+    __test__ = False  # not a pytest class, despite the name
+
     checkpoint: Path
     profile: Profile
     """The profile the device and every policy use: the checkpoint's offline profile (as
@@ -135,7 +137,7 @@ class Testbed:
         from spinn.checkpoint import load_checkpoint
 
         # A snapshot: the shipped model may be replaced (retrained) while the runs go on.
-        snapshot = workdir / "model.pt"
+        snapshot = workdir / "snapshot.pt"
         shutil.copyfile(checkpoint, snapshot)
         checkpoint = snapshot
         model_id = load_checkpoint(checkpoint)[1].model_id
@@ -205,7 +207,7 @@ class ServerProcess:
             [sys.executable, str(ROOT / "spinn_server.py"), "--checkpoint",
              str(testbed.checkpoint), "--port", str(self.port), "--workers", "1",
              "--torch-threads", "1", "--slowdown", str(slowdown), "--stats-interval", "0",
-             "-q"],
+             "--grace", "1", "-q"],
             cwd=ROOT, preexec_fn=_preexec(testbed.cores.server),
         )  # fmt: skip
         try:
@@ -349,6 +351,7 @@ class RunResult:
     fps: float
     """Answers per second after the warm-up, up to the end of the source."""
     latency_ms_mean: float
+    latency_ms_p50: float
     latency_ms_p95: float
     accuracy: float
     """Measured top-1 accuracy of every answered frame."""
@@ -372,6 +375,7 @@ class RunResult:
             "lost": self.lost,
             "fps": round(self.fps, 2),
             "latency_ms_mean": round(self.latency_ms_mean, 2),
+            "latency_ms_p50": round(self.latency_ms_p50, 2),
             "latency_ms_p95": round(self.latency_ms_p95, 2),
             "accuracy": round(self.accuracy, 4),
             "expected_accuracy": round(self.expected_accuracy, 4),
@@ -448,6 +452,7 @@ def measure(
         lost=source.count - len({r["frame"] for r in recs}),
         fps=len(steady) / window,
         latency_ms_mean=statistics.fmean(lat) if lat else float("nan"),
+        latency_ms_p50=statistics.median(lat) if lat else float("nan"),
         latency_ms_p95=lat[int(0.95 * (len(lat) - 1))] if lat else float("nan"),
         accuracy=(
             sum(r["class"] == r["label"] for r in labelled) / len(labelled)
