@@ -1,0 +1,105 @@
+"""Chaos: one device stream through netshape while the path and the server fail in turn.
+
+Issue 8, "Chaos": during a single stream, a connection reset, a black hole, a
+``limit_data`` cut in the middle of a frame (netshape's ``limit_bytes``, as toxiproxy's
+``limit_data``), and a server killed with SIGKILL then restarted on the same port. After
+each fault the device must be back to offloading (server answers again) and, at the end,
+every frame must have been answered exactly once (paper §4.4, "robust to server failure";
+DESIGN.md part 7). Server, proxy and device are real processes, launched as the runtime's
+integration tests launch them.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests._runtime_support import free_port, make_small_checkpoint
+from tests.test_runtime_integration import Device, Server, _by_frame, _control, _netshape
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
+
+_RATE = "40"
+"""Frames per second: enough answers per phase to see each fault and the recovery."""
+
+
+def _server_answers_since(start: int, n: int) -> Callable[[list[dict[str, Any]]], bool]:
+    return lambda rs: sum(r["where"] == "server" for r in rs[start:]) >= n
+
+
+def _not_server_since(start: int, n: int) -> Callable[[list[dict[str, Any]]], bool]:
+    return lambda rs: sum(r["where"] != "server" for r in rs[start:]) >= n
+
+
+def test_faults_in_sequence_lose_nothing_and_offloading_resumes(tmp_path: Path) -> None:
+    checkpoint = str(make_small_checkpoint(tmp_path))
+    server_port, proxy_port, control = free_port(), free_port(), free_port()
+    # Later flags win in argparse: the small checkpoint replaces the shipped one.
+    server = Server(tmp_path, server_port, "--checkpoint", checkpoint)
+    proxy = _netshape(proxy_port, server_port, control)
+    # thr 1.0 and --no-continue: every frame is offloaded, so "server" answers show that
+    # offloading works and anything else shows a fault being absorbed on the device.
+    device = Device(proxy_port, "--checkpoint", checkpoint, "--limit", "20000", "--rate",
+                    _RATE, "--split", "2", "--thr", "1.0", "--no-continue",
+                    "--no-status")  # fmt: skip
+    phases: list[tuple[str, int, int]] = []
+    try:
+        device.wait_for(_server_answers_since(0, 20))
+
+        def fault(name: str, inject: Callable[[], None], restore: Callable[[], None]) -> None:
+            start = len(device.records)
+            inject()
+            device.wait_for(_not_server_since(start, 5), timeout_s=30)
+            restore()
+            back = len(device.records)
+            device.wait_for(_server_answers_since(back, 15), timeout_s=30)
+            phases.append((name, start, back))
+
+        fault(
+            "reset",
+            lambda: _control(control, {"cmd": "outage", "mode": "reset"}),
+            lambda: _control(control, {"cmd": "restore"}),
+        )
+        fault(
+            "blackhole",
+            lambda: _control(control, {"cmd": "outage", "mode": "blackhole"}),
+            lambda: _control(control, {"cmd": "restore"}),
+        )
+        # 3001 bytes: the live connection is cut at once, and every reconnection after
+        # HELLO and a few INFERs, in the middle of a frame (no frame here is 3001 bytes).
+        fault(
+            "limit_data",
+            lambda: _control(control, {"cmd": "set", "direction": "up", "limit_bytes": 3001}),
+            lambda: _control(control, {"cmd": "set", "direction": "up", "limit_bytes": None}),
+        )
+
+        def kill() -> None:
+            server.stop(signal.SIGKILL)
+
+        def restart() -> None:
+            nonlocal server
+            server = Server(tmp_path, server_port, "--checkpoint", checkpoint)
+
+        fault("server kill", kill, restart)
+        device.proc.send_signal(signal.SIGINT)
+        summary = device.finish()
+    finally:
+        device.kill()
+        proxy.send_signal(signal.SIGTERM)
+        proxy.wait(10)
+        server.stop()
+
+    n = summary["frames"]
+    records = _by_frame(device.records, n)  # every frame answered exactly once
+    assert sum(summary["answered_by"].values()) == n
+    assert [name for name, _, _ in phases] == ["reset", "blackhole", "limit_data", "server kill"]
+    for name, start, back in phases:
+        during = [r["where"] for r in device.records[start:back]]
+        assert "fallback" in during, f"{name}: frames in flight were finished on the device"
+    # Each fault cost the connection; each recovery made a new one (limit_data: several).
+    assert summary["server_connects"] >= 5, summary["server_connects"]
+    assert records[-1]["where"] == "server", "the stream ends offloading"
