@@ -1,0 +1,135 @@
+"""Token files and TLS contexts (spinn.runtime.security), with certificates made here.
+
+The certificates come from the ``openssl`` command line (the ``cryptography`` package is
+not a dependency); the TLS tests are skipped only where ``openssl`` is missing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from spinn.runtime.security import (
+    SecurityError,
+    device_ssl_context,
+    load_token,
+    server_ssl_context,
+)
+
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl missing")
+
+
+def _openssl(cwd: Path, *args: str) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def make_certs(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1/localhost and a device certificate."""
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl(directory, "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem",
+             "-days", "2", "-subj", "/CN=spinn-test-ca")  # fmt: skip
+    (directory / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (directory / "device.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name in ("server", "device"):
+        _openssl(directory, "req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN=spinn-{name}")  # fmt: skip
+        _openssl(directory, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey",
+                 "ca.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
+                 "-extfile", f"{name}.ext")  # fmt: skip
+    # A second CA that signed nothing here: trusting it must not be enough.
+    _openssl(directory, "req", "-x509", *ec, "-keyout", "other.key", "-out", "other.pem",
+             "-days", "2", "-subj", "/CN=other-ca")  # fmt: skip
+    return {p.stem + p.suffix.replace(".", "_"): p for p in directory.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl missing")
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def _write_token(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_token_is_stripped_and_checked(tmp_path: Path) -> None:
+    good = _write_token(tmp_path / "token", "  0123456789abcdef0123\n")
+    assert load_token(good) == b"0123456789abcdef0123"
+    with pytest.raises(SecurityError, match="at least 16"):
+        load_token(_write_token(tmp_path / "short", "tooshort\n"))
+    with pytest.raises(SecurityError, match="chmod 600"):
+        load_token(_write_token(tmp_path / "open", "0123456789abcdef0123", 0o644))
+    with pytest.raises(SecurityError, match="cannot read token file"):
+        load_token(tmp_path / "missing")
+    with pytest.raises(SecurityError, match="a token is short"):
+        load_token(_write_token(tmp_path / "big", "x" * 10000))
+
+
+def _handshake(server_ctx: ssl.SSLContext, device_ctx: ssl.SSLContext) -> bytes:
+    """One TLS connection over a real loopback socket; returns what the server read."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    got: list[bytes | BaseException] = []
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+            conn.settimeout(10)
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                got.append(tls.recv(100))
+                tls.sendall(b"ok")
+        except (OSError, ssl.SSLError) as exc:
+            got.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with device_ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"hello")
+                assert tls.recv(2) == b"ok"
+    finally:
+        thread.join(10)
+        listener.close()
+    assert isinstance(got[0], bytes), got
+    return got[0]
+
+
+@needs_openssl
+def test_tls_server_verified_by_its_ca(certs: dict[str, Path]) -> None:
+    server = server_ssl_context(certs["server_pem"], certs["server_key"])
+    assert _handshake(server, device_ssl_context(certs["ca_pem"])) == b"hello"
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(server, device_ssl_context(certs["other_pem"]))
+
+
+@needs_openssl
+def test_mutual_tls_requires_a_device_certificate(certs: dict[str, Path]) -> None:
+    server = server_ssl_context(certs["server_pem"], certs["server_key"], certs["ca_pem"])
+    device = device_ssl_context(certs["ca_pem"], certs["device_pem"], certs["device_key"])
+    assert _handshake(server, device) == b"hello"
+    with pytest.raises((ssl.SSLError, OSError, AssertionError)):
+        _handshake(server, device_ssl_context(certs["ca_pem"]))
+
+
+@needs_openssl
+def test_bad_tls_files_name_the_flag(certs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(SecurityError, match="--tls-cert/--tls-key"):
+        server_ssl_context(tmp_path / "nope.pem", certs["server_key"])
+    with pytest.raises(SecurityError, match="--tls-ca"):
+        device_ssl_context(tmp_path / "nope.pem")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    with pytest.raises(SecurityError, match="cannot load"):
+        server_ssl_context(garbage, certs["server_key"])
+    with pytest.raises(SecurityError, match="needs --tls-cert"):
+        device_ssl_context(certs["ca_pem"], None, certs["device_key"])
