@@ -645,6 +645,10 @@ class SpinnDevice:
         self.tracker.begin(fid, now, plan.split, decision.thr_conf)
         self._labels[fid] = frame
         self._changed[fid] = asyncio.Event()
+        if self._link is not None and not self._link.up:
+            # Decided while the server is unreachable (the policy saw server_up=False):
+            # whatever answers this frame is the device standing in for the server.
+            self.tracker.server_unavailable(fid)
 
         async with self.slots.slot(0):
             head = await loop.run_in_executor(
@@ -656,7 +660,7 @@ class SpinnDevice:
             self._local(fid, answer)
             return
         assert activation is not None
-        if self._link is not None:
+        if self._link is not None and self.tracker.phase(fid) is FramePhase.LOCAL:
             if self._link.up:
                 self._offload(fid, plan, packed, estimates)
             else:
