@@ -76,6 +76,60 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="emulate a loaded server: each stage takes K times as long (default 1)",
     )
+    sec = p.add_argument_group("security (docs/PROTOCOL.md §10)")
+    sec.add_argument(
+        "--token-file",
+        type=Path,
+        help="shared token (mode 600, >= 16 bytes); devices must prove they hold it",
+    )
+    sec.add_argument("--tls-cert", type=Path, help="PEM certificate: serve over TLS")
+    sec.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    sec.add_argument(
+        "--tls-client-ca", type=Path, help="require device certificates signed by this CA"
+    )
+    lim = p.add_argument_group("limits (safe defaults; see ServerConfig)")
+    lim.add_argument(
+        "--max-connections",
+        type=int,
+        default=d.max_connections,
+        help=f"devices at once; more get ERROR BUSY (default {d.max_connections})",
+    )
+    lim.add_argument(
+        "--max-queued",
+        type=int,
+        default=d.max_queued,
+        help=f"requests queued over all devices; more get BUSY (default {d.max_queued})",
+    )
+    lim.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=d.max_queue_per_connection,
+        help=f"requests queued per device; more get BUSY (default {d.max_queue_per_connection})",
+    )
+    lim.add_argument(
+        "--max-frame-bytes",
+        type=int,
+        default=d.max_frame_bytes,
+        help=f"largest frame accepted (default {d.max_frame_bytes})",
+    )
+    lim.add_argument(
+        "--max-tensor-elements",
+        type=int,
+        default=d.max_tensor_elements,
+        help=f"largest activation in elements (default {d.max_tensor_elements})",
+    )
+    lim.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=d.handshake_timeout_s,
+        help=f"seconds for TLS + HELLO + authentication (default {d.handshake_timeout_s:g})",
+    )
+    lim.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=d.idle_timeout_s,
+        help=f"close a device with no complete frame for this long (default {d.idle_timeout_s:g})",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     return p
@@ -97,6 +151,17 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         shutdown_grace_s=args.grace,
         server_name=args.name,
         slowdown=args.slowdown,
+        token_file=args.token_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        max_connections=args.max_connections,
+        max_queued=args.max_queued,
+        max_queue_per_connection=args.max_in_flight,
+        max_frame_bytes=args.max_frame_bytes,
+        max_tensor_elements=args.max_tensor_elements,
+        handshake_timeout_s=args.handshake_timeout,
+        idle_timeout_s=args.idle_timeout,
     )
 
 
@@ -116,11 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     from spinn.checkpoint import CheckpointError
+    from spinn.runtime.security import SecurityError
     from spinn.runtime.server import run_server
 
     try:
         return uvloop.run(run_server(config))
-    except CheckpointError as exc:
+    except (CheckpointError, SecurityError) as exc:
         print(f"spinn-server: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -13,6 +13,11 @@ docs/PROTOCOL.md and DESIGN.md part 7:
 * CANCEL: a queued request never runs; a running one stops at the next stage
   boundary; no RESULT is sent for it.
 * Bad bytes from one peer: ERROR naming the fault, then only that peer is closed.
+* Limits with safe defaults (``ServerConfig``; issue 8): connections, requests queued per
+  device and in total, frame and tensor sizes, handshake and idle timeouts. An overloaded
+  server answers ERROR(BUSY) at once, so the device finishes locally instead of waiting.
+* Optional TLS (``tls_cert``/``tls_key``, client certificates with ``tls_client_ca``) and
+  shared-token authentication (``token_file``, PROTOCOL.md §10).
 * SIGINT/SIGTERM: stop accepting, finish in-flight requests (bounded by a
   grace period), say BYE, exit 0.
 """
@@ -25,6 +30,7 @@ import dataclasses
 import json
 import logging
 import signal
+import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +44,7 @@ from protocol import (
     Bye,
     Cancel,
     Connection,
+    ConnectionConfig,
     Error,
     ErrorCode,
     Hello,
@@ -51,6 +58,7 @@ from protocol import (
 )
 from protocol.packing import CODECS, unpack
 from spinn.runtime.compute import configure_torch, make_executor, plan_workers
+from spinn.runtime.security import load_token, server_ssl_context
 from spinn.runtime.stats import ServerStats
 
 __all__ = ["DEFAULT_CHECKPOINT", "ServerConfig", "SpinnServer", "run_server"]
@@ -85,6 +93,28 @@ class ServerConfig:
     """On SIGINT/SIGTERM, how long in-flight requests may still finish."""
     max_queue_per_connection: int = 256
     """Requests one device may have queued or running; beyond that INFER gets ERROR(BUSY)."""
+    max_queued: int = 512
+    """Requests queued or running over all devices; beyond that INFER gets ERROR(BUSY)."""
+    max_connections: int = 256
+    """Devices connected at once; one more gets a fatal ERROR(BUSY) and is closed."""
+    max_frame_bytes: int = 16 * 2**20
+    """Largest frame accepted, which bounds each connection's receive buffer: 16 MiB (a
+    float32 224×224×64 activation is 12.3 MiB). Larger: fatal ERROR(TOO_LARGE)."""
+    max_tensor_elements: int = 2**22
+    """Largest activation an INFER may declare, in elements (16 MiB as float32)."""
+    handshake_timeout_s: float = 10.0
+    """TLS, HELLO and authentication must be done this long after accepting."""
+    idle_timeout_s: float = 60.0
+    """A connection that delivers no complete frame for this long is closed: devices PING
+    every 0.5 s, while a slow-loris peer trickling a frame never completes one."""
+    token_file: Path | None = None
+    """Shared token (PROTOCOL.md §10); devices must prove it. None: no authentication."""
+    tls_cert: Path | None = None
+    """PEM certificate (chain) of the server; with ``tls_key`` the server speaks TLS."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+    tls_client_ca: Path | None = None
+    """CA that must have signed the devices' certificates (mutual TLS); None: not required."""
     server_name: str = "spinn-server"
     """Name sent in WELCOME."""
     slowdown: float = 1.0
@@ -102,6 +132,20 @@ class ServerConfig:
             raise ValueError(
                 f"max_queue_per_connection must be >= 1, got {self.max_queue_per_connection}"
             )
+        for name in ("max_queued", "max_connections", "max_tensor_elements"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1024 <= self.max_frame_bytes <= 2**32 - 1:
+            raise ValueError(
+                f"max_frame_bytes must be in [1024, 2**32 - 1], got {self.max_frame_bytes}"
+            )
+        for name in ("handshake_timeout_s", "idle_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
 
 
 @dataclass(slots=True)
@@ -131,8 +175,10 @@ class _Peer:
     def __init__(self, server: SpinnServer, writer: asyncio.StreamWriter) -> None:
         self.server = server
         self.writer = writer
-        self.conn = Connection(Role.SERVER)
+        self.conn = Connection(Role.SERVER, server.connection_config)
         self.jobs: dict[int, _Job] = {}
+        self.last_frame_at = time.monotonic()
+        """When the last complete frame arrived (idle timeout, ServerConfig)."""
         self.tasks: set[asyncio.Task[None]] = set()
         self.closing = False
         peer = writer.get_extra_info("peername")
@@ -155,6 +201,13 @@ class SpinnServer:
         configure_torch(threads)
         self.model, self.meta = load_checkpoint(config.checkpoint)
         self.model.eval()
+        self.connection_config = ConnectionConfig(
+            max_frame_size=config.max_frame_bytes, max_tensor_elements=config.max_tensor_elements
+        )
+        self._token = None if config.token_file is None else load_token(config.token_file)
+        self._ssl: ssl.SSLContext | None = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            self._ssl = server_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca)
         self.stats = ServerStats()
         self._executor: ThreadPoolExecutor = make_executor(self.workers, "spinn-server")
         self._server: asyncio.Server | None = None
@@ -175,7 +228,12 @@ class SpinnServer:
     async def start(self) -> None:
         """Bind and start accepting devices."""
         self._server = await asyncio.start_server(
-            self._handle, self.config.host, self.config.port, limit=_READ_CHUNK
+            self._handle,
+            self.config.host,
+            self.config.port,
+            limit=_READ_CHUNK,
+            ssl=self._ssl,
+            ssl_handshake_timeout=self.config.handshake_timeout_s if self._ssl else None,
         )
         log.info(
             "serving %s (model %s, sha256 %s…) on %s:%d with %d worker(s) × %d torch thread(s)%s",
@@ -188,6 +246,13 @@ class SpinnServer:
             torch.get_num_threads(),
             "" if self.config.report_compute else ", compute time NOT reported",
         )
+        if self._ssl is not None or self._token is not None:
+            log.info(
+                "security: TLS %s%s, token authentication %s",
+                "on" if self._ssl else "off",
+                " with client certificates" if self.config.tls_client_ca else "",
+                "on" if self._token else "off",
+            )
 
     def request_stop(self) -> None:
         """Ask ``serve_forever`` to shut down gracefully (signal-safe from the loop)."""
@@ -243,14 +308,29 @@ class SpinnServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = _Peer(self, writer)
+        if len(self._peers) >= self.config.max_connections:
+            # Refused before any state or model work: the device finishes locally and
+            # retries with backoff (PROTOCOL.md §8, BUSY).
+            self.stats.connections_refused += 1
+            log.warning("device %s refused: %d connections open", peer.name, len(self._peers))
+            with contextlib.suppress(ProtocolError, ConnectionError, OSError):
+                peer.send(Error(ErrorCode.BUSY, f"server full ({len(self._peers)} devices)"))
+                writer.close()
+            return
         self._peers.add(peer)
         self.stats.connections += 1
         self.stats.connections_total += 1
         log.info("device connected from %s", peer.name)
         reason = "closed by device"
+        accepted_at = time.monotonic()
         try:
             while not peer.closing:
-                data = await reader.read(_READ_CHUNK)
+                timeout = self._read_timeout(peer, accepted_at)
+                try:
+                    data = await asyncio.wait_for(reader.read(_READ_CHUNK), timeout)
+                except TimeoutError:
+                    reason = self._timed_out(peer)
+                    break
                 if not data:
                     break
                 t0 = time.perf_counter()
@@ -278,6 +358,24 @@ class SpinnServer:
                 writer.close()
             log.info("device %s disconnected: %s", peer.name, reason)
 
+    def _read_timeout(self, peer: _Peer, accepted_at: float) -> float:
+        """Seconds the next read may take: what is left of the handshake, or idle time."""
+        now = time.monotonic()
+        if peer.conn.welcome is None:
+            return max(0.0, accepted_at + self.config.handshake_timeout_s - now)
+        return max(0.0, peer.last_frame_at + self.config.idle_timeout_s - now)
+
+    def _timed_out(self, peer: _Peer) -> str:
+        """Close a peer that stalled (slow loris); returns the reason for the log."""
+        if peer.conn.welcome is None:
+            reason = f"no handshake within {self.config.handshake_timeout_s:g} s"
+        else:
+            reason = f"no complete frame for {self.config.idle_timeout_s:g} s"
+        self.stats.connections_refused += 1
+        with contextlib.suppress(ProtocolError, ConnectionError, OSError):
+            peer.send(Error(ErrorCode.PROTOCOL, f"timeout: {reason}"))
+        return f"timeout: {reason}"
+
     def _drain_events(self, peer: _Peer) -> None:
         from protocol import NEED_DATA
 
@@ -285,6 +383,7 @@ class SpinnServer:
             event = peer.conn.next_event()
             if event is NEED_DATA:
                 return
+            peer.last_frame_at = time.monotonic()
             if isinstance(event, Hello):
                 self._on_hello(peer, event)
             elif isinstance(event, Infer):
@@ -342,13 +441,13 @@ class SpinnServer:
                 rid,
             )
             return
-        if len(peer.jobs) >= self.config.max_queue_per_connection:
-            self._request_error(
-                peer,
-                ErrorCode.BUSY,
-                f"{len(peer.jobs)} requests already queued for this device",
-                rid,
-            )
+        busy = self._busy_reason(peer, infer)
+        if busy is not None:
+            # Not a warning per request: under overload there are many, by design.
+            self.stats.busy_sent += 1
+            self.stats.errors_sent += 1
+            log.debug("device %s request %d: busy: %s", peer.name, rid, busy)
+            peer.send(Error(ErrorCode.BUSY, busy, rid))
             return
         # The packed tensor carries the batch dimension (PROTOCOL.md, INFER): batch 1.
         expected = (1, *self.model.split_shape(infer.split))
@@ -362,7 +461,7 @@ class SpinnServer:
             )
             return
         try:
-            activation = unpack(infer.tensor)
+            activation = unpack(infer.tensor, self.config.max_tensor_elements)
         except ProtocolError as exc:
             self._request_error(peer, ErrorCode.BAD_TENSOR, f"tensor does not decode: {exc}", rid)
             return
@@ -375,6 +474,27 @@ class SpinnServer:
         task = asyncio.create_task(self._run_job(peer, job))
         peer.tasks.add(task)
         task.add_done_callback(peer.tasks.discard)
+
+    def _busy_reason(self, peer: _Peer, infer: Infer) -> str | None:
+        """Why this INFER is refused with BUSY, or None to accept it.
+
+        Besides the queue limits, a request whose deadline would pass while it waits is
+        refused now: answering BUSY at once lets the device finish it locally without
+        waiting out its deadline (paper §4.4; PROTOCOL.md §8, BUSY).
+        """
+        if len(peer.jobs) >= self.config.max_queue_per_connection:
+            return f"{len(peer.jobs)} requests already queued for this device"
+        if self._queued >= self.config.max_queued:
+            return f"{self._queued} requests queued on the server"
+        if infer.deadline_ms is not None and self.stats.computed >= 10:
+            mean_ms = self.stats.compute_ms_total / self.stats.computed
+            wait_ms = self._queued * mean_ms / self.workers
+            if wait_ms > infer.deadline_ms:
+                return (
+                    f"queue wait about {wait_ms:.0f} ms ({self._queued} queued) exceeds the "
+                    f"request's deadline of {infer.deadline_ms:.0f} ms"
+                )
+        return None
 
     def _on_cancel(self, peer: _Peer, cancel: Cancel) -> None:
         self.stats.cancels_received += 1

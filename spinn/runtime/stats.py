@@ -163,6 +163,10 @@ class ServerStats:
     """Requests dropped unrun because their deadline_ms had passed."""
     cancels_received: int = 0
     errors_sent: int = 0
+    busy_sent: int = 0
+    """Requests refused with ERROR(BUSY): the server was overloaded (issue 8, limits)."""
+    connections_refused: int = 0
+    """Connections closed by a limit: too many, unauthenticated, handshake or idle timeout."""
     compute_ms_total: float = 0.0
     compute_ms: list[float] = field(default_factory=list)
     """Per-request compute times (for the median in the final stats)."""
@@ -199,6 +203,8 @@ class ServerStats:
             "cancelled_running": self.cancelled_running,
             "expired_unrun": self.expired_unrun,
             "errors_sent": self.errors_sent,
+            "busy_sent": self.busy_sent,
+            "connections_refused": self.connections_refused,
             "compute_ms_total": round(self.compute_ms_total, 3),
             "compute_ms_median": round(percentile(self.compute_ms, 50), 4)
             if self.compute_ms

@@ -1,0 +1,214 @@
+"""Server limits over real loopback sockets (issue 8): connections, timeouts, sizes, BUSY.
+
+Timeouts here are a few tenths of a second so that a stalled peer is seen being dropped;
+each test is bounded by pytest-timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protocol import (
+    PROTOCOL_VERSION,
+    ConnectionClosed,
+    Error,
+    ErrorCode,
+    Hello,
+    Infer,
+    Ping,
+    Pong,
+    Result,
+    pack,
+)
+from protocol.framing import encode_frame
+from protocol.messages import encode_message
+from spinn.runtime.server import ServerConfig, SpinnServer
+from tests._runtime_support import RawClient, make_small_checkpoint
+from tests.test_runtime_server import _hello, _serve
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+async def _until_closed(client: RawClient, timeout: float = 5.0) -> list[object]:
+    """Events until the server closes the connection."""
+    events: list[object] = []
+    while True:
+        event = await client.next(timeout)
+        if isinstance(event, ConnectionClosed):
+            return events
+        events.append(event)
+
+
+def _infer(
+    server: SpinnServer, rid: int, split: int = 1, deadline_ms: float | None = None
+) -> Infer:
+    shape = (1, *server.model.split_shape(split))
+    x = np.random.default_rng(rid).random(shape, dtype=np.float32)
+    return Infer(rid, split, 1.0, pack(x, "float32"), deadline_ms)
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ValueError, match="max_connections"):
+        ServerConfig(max_connections=0)
+    with pytest.raises(ValueError, match="max_frame_bytes"):
+        ServerConfig(max_frame_bytes=10)
+    with pytest.raises(ValueError, match="idle_timeout_s"):
+        ServerConfig(idle_timeout_s=0)
+    with pytest.raises(ValueError, match="go together"):
+        ServerConfig(tls_cert=Path("a.pem"))
+
+
+def test_connection_beyond_the_limit_gets_busy_then_a_slot_frees(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        first, second = await RawClient.open(port), await RawClient.open(port)
+        await _hello(first, server)
+        await _hello(second, server)
+        third = await RawClient.open(port)
+        events = await _until_closed(third)
+        assert len(events) == 1 and isinstance(events[0], Error)
+        assert events[0].code is ErrorCode.BUSY and events[0].fatal
+        first.close()
+        for _ in range(100):  # the server notices the close on its next read
+            if server.stats.connections < 2:
+                break
+            await asyncio.sleep(0.01)
+        fourth = await RawClient.open(port)
+        await _hello(fourth, server)
+        assert server.stats.connections_refused == 1
+        second.close()
+        fourth.close()
+
+    _serve(checkpoint, body, max_connections=2)
+
+
+def test_silent_peer_is_dropped_after_the_handshake_timeout(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        start = time.monotonic()
+        events = await _until_closed(client)
+        took = time.monotonic() - start
+        assert 0.25 <= took < 3.0, took
+        assert isinstance(events[-1], Error) and "handshake" in events[-1].message
+
+    _serve(checkpoint, body, handshake_timeout_s=0.3)
+
+
+def test_slow_loris_trickling_a_frame_is_dropped(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        await _hello(client, server)
+        # A PING frame dribbled a byte every 50 ms never completes within the idle timeout.
+        frame = encode_frame(encode_message(Ping(1, 0.0, b"\0" * 200)))
+        start = time.monotonic()
+        closed = False
+        for i in range(len(frame)):
+            try:
+                client.writer.write(frame[i : i + 1])
+                await client.writer.drain()
+            except ConnectionError:
+                closed = True
+                break
+            if client.reader.at_eof():
+                closed = True
+                break
+            await asyncio.sleep(0.05)
+        assert closed, "the trickle was never cut"
+        assert time.monotonic() - start < 3.0
+        assert server.stats.connections_refused == 1
+
+    _serve(checkpoint, body, idle_timeout_s=0.4)
+
+
+def test_pings_keep_an_idle_device_connected(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        await _hello(client, server)
+        for seq in range(8):  # 0.8 s in all, twice the idle timeout
+            client.send(Ping(seq, 0.0))
+            assert isinstance(await client.next(), Pong)
+            await asyncio.sleep(0.1)
+        assert server.stats.connections_refused == 0
+
+    _serve(checkpoint, body, idle_timeout_s=0.4)
+
+
+def test_oversized_frame_is_refused_before_buffering(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        await _hello(client, server)
+        client.writer.write((8 * 2**20).to_bytes(4, "big") + b"\0" * 1000)
+        events = await _until_closed(client)
+        assert isinstance(events[-1], Error) and events[-1].code is ErrorCode.TOO_LARGE
+
+    _serve(checkpoint, body, max_frame_bytes=2**20)
+
+
+def test_tensor_above_the_element_limit_is_fatal(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        await _hello(client, server)
+        client.send(_infer(server, 1, split=0))  # 784 elements > 100
+        events = await _until_closed(client)
+        assert isinstance(events[-1], Error) and events[-1].code is ErrorCode.TOO_LARGE
+
+    _serve(checkpoint, body, max_tensor_elements=100)
+
+
+def test_overload_answers_busy_at_once_and_every_request_once(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        await _hello(client, server)
+        client.send(*(_infer(server, rid) for rid in range(6)))
+        answers: dict[int, object] = {}
+        while len(answers) < 6:
+            event = await client.next()
+            assert isinstance(event, Result | Error), event
+            assert event.request_id not in answers, "answered twice"
+            answers[event.request_id] = event
+        busy = [r for r, e in answers.items() if isinstance(e, Error) and e.code is ErrorCode.BUSY]
+        assert busy and len(busy) <= 4, answers
+        assert server.stats.busy_sent == len(busy)
+
+    # Two may wait: the rest of a burst of six is refused at once.
+    _serve(checkpoint, body, max_queued=2, workers=1, slowdown=3.0)
+
+
+def test_request_that_would_outwait_its_deadline_is_busy(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        await _hello(client, server)
+        for rid in range(10):  # the server learns its compute time
+            client.send(_infer(server, rid))
+            assert isinstance(await client.next(), Result)
+        client.send(*(_infer(server, rid) for rid in range(10, 14)))
+        # With four queued at several ms each, 0.01 ms cannot be met: BUSY, not a wait.
+        client.send(_infer(server, 99, deadline_ms=0.01))
+        seen: dict[int, object] = {}
+        while len(seen) < 5:
+            event = await client.next()
+            seen[event.request_id] = event  # type: ignore[union-attr]
+        late = seen[99]
+        assert isinstance(late, Error) and late.code is ErrorCode.BUSY, late
+        assert "deadline" in late.message
+
+    _serve(checkpoint, body, workers=1, slowdown=2.0)
+
+
+def test_model_mismatch_still_named_before_any_limit(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        client.send(Hello(PROTOCOL_VERSION, "other", "", ("float32",)))
+        events = await _until_closed(client)
+        assert isinstance(events[-1], Error) and events[-1].code is ErrorCode.MODEL_MISMATCH
+
+    _serve(checkpoint, body, max_connections=1)
