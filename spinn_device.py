@@ -142,6 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="emulate a weaker device: each stage takes K times as long (default 1)",
     )
+    sec = p.add_argument_group("security (docs/PROTOCOL.md §10)")
+    sec.add_argument(
+        "--token-file", type=Path, help="shared token (mode 600) to prove to the server"
+    )
+    sec.add_argument(
+        "--tls", action="store_true", help="speak TLS, verifying the server with the system CAs"
+    )
+    sec.add_argument(
+        "--tls-ca", type=Path, help="speak TLS, verifying the server with this PEM CA file"
+    )
+    sec.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS")
+    sec.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     add_sla_arguments(p)
@@ -171,6 +183,11 @@ def config_from_args(args: argparse.Namespace) -> DeviceConfig:
         status_interval_s=args.status_interval,
         seed=args.seed,
         slowdown=args.slowdown,
+        tls=args.tls,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        token_file=args.token_file,
     )
 
 

@@ -133,3 +133,38 @@ def test_bad_tls_files_name_the_flag(certs: dict[str, Path], tmp_path: Path) -> 
         server_ssl_context(garbage, certs["server_key"])
     with pytest.raises(SecurityError, match="needs --tls-cert"):
         device_ssl_context(certs["ca_pem"], None, certs["device_key"])
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+@needs_openssl
+def test_device_streams_through_a_tls_server(certs: dict[str, Path], tmp_path: Path) -> None:
+    from tests._runtime_support import free_port, make_small_checkpoint
+    from tests.test_runtime_integration import Device, Server, _by_frame
+
+    checkpoint = str(make_small_checkpoint(tmp_path))
+    port = free_port()
+    # Mutual TLS: the server requires a device certificate signed by the test CA.
+    server = Server(tmp_path, port, "--checkpoint", checkpoint,
+                    "--tls-cert", str(certs["server_pem"]), "--tls-key", str(certs["server_key"]),
+                    "--tls-client-ca", str(certs["ca_pem"]))  # fmt: skip
+    device = Device(port, "--checkpoint", checkpoint, "--limit", "60", "--split", "2",
+                    "--thr", "1.0", "--no-continue", "--no-status", "--tls-ca", str(certs["ca_pem"]),
+                    "--tls-cert", str(certs["device_pem"]), "--tls-key",
+                    str(certs["device_key"]))  # fmt: skip
+    untrusting = Device(port, "--checkpoint", checkpoint, "--limit", "5", "--no-status",
+                        "--tls-ca", str(certs["other_pem"]))  # fmt: skip
+    try:
+        summary = device.finish()
+        untrusting.proc.wait(60)
+    finally:
+        device.kill()
+        untrusting.kill()
+        assert server.stop() == 0
+    _by_frame(device.records, 60)
+    # Over TLS the server answers; a deadline missed on these busy cores may add a fallback.
+    assert summary["answered_by"]["server"] >= 45, summary["answered_by"]
+    # A server whose certificate the device cannot verify is never used: a clear exit.
+    assert untrusting.proc.returncode == 2
+    assert "not trusted" in untrusting.stderr, untrusting.stderr[-2000:]
+    assert "security: TLS on with client certificates" in server.log.read_text()

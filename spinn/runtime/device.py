@@ -19,6 +19,8 @@ Per frame (DESIGN.md part 7, "execution engine"):
    connection hands the frame to the local side: answered as ``fallback``.
 
 The link reconnects with exponential backoff and jitter and resumes offloading.
+It may run over TLS (``tls_ca``, optional client certificate) and prove a shared token
+in the handshake (``token_file``, PROTOCOL.md §10).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import json
 import logging
 import random
 import signal
+import ssl
 import statistics
 import sys
 import time
@@ -62,6 +65,7 @@ from spinn.estimators import OnlineProfiler, ServerTimeEstimator
 from spinn.policy import Decision, FixedPolicy, Policy
 from spinn.runtime.backoff import Backoff
 from spinn.runtime.compute import ComputeSlots, configure_torch, make_executor, plan_workers
+from spinn.runtime.security import SecurityError, device_ssl_context, load_token
 from spinn.runtime.server import DEFAULT_CHECKPOINT
 from spinn.runtime.stats import DeviceStats
 from spinn.runtime.tracker import Answer, FramePhase, RequestTracker, request_deadline
@@ -145,6 +149,17 @@ class DeviceConfig:
     slowdown: float = 1.0
     """Emulate a weaker device: after each stage range the worker waits (K−1)× the time it
     took, so device compute takes K× as long (bench/paper.py, one machine for both ends)."""
+    tls: bool = False
+    """Speak TLS to the server, verifying its certificate and host name (implied by
+    ``tls_ca``); without ``tls_ca`` the system's trusted CAs verify it."""
+    tls_ca: Path | None = None
+    """PEM CA file that signed the server's certificate."""
+    tls_cert: Path | None = None
+    """PEM certificate of this device, for servers that require client certificates."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+    token_file: Path | None = None
+    """Shared token proved in the handshake (PROTOCOL.md §10); None: no authentication."""
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -159,6 +174,13 @@ class DeviceConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if not 1.0 <= self.slowdown <= 1000.0:
             raise ValueError(f"slowdown must be in [1, 1000], got {self.slowdown}")
+        if (self.tls_cert is not None or self.tls_key is not None) and not self.use_tls:
+            raise ValueError("--tls-cert/--tls-key need --tls or --tls-ca")
+
+    @property
+    def use_tls(self) -> bool:
+        """Whether the link speaks TLS."""
+        return self.tls or self.tls_ca is not None
 
 
 @dataclass(slots=True)
@@ -204,6 +226,16 @@ class _Link:
         self.last_probe_at = -1e9
         self.connects = 0
         self.fatal: DeviceError | None = None
+        self.ssl: ssl.SSLContext | None = None
+        self.token: bytes | None = None
+        try:
+            if self.config.use_tls:
+                cfg = self.config
+                self.ssl = device_ssl_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
+            if self.config.token_file is not None:
+                self.token = load_token(self.config.token_file)
+        except SecurityError as exc:
+            raise DeviceError(str(exc)) from None
         self._closing = False
         self._stopping = False
 
@@ -244,6 +276,11 @@ class _Link:
                 self.fatal = exc
                 self.device._wake_all()
                 return
+            except ssl.SSLCertVerificationError as exc:
+                # Not a passing fault: this server cannot be trusted until reconfigured.
+                self.fatal = DeviceError(f"TLS: server {host}:{port} not trusted: {exc}")
+                self.device._wake_all()
+                return
             except (TimeoutError, OSError, ProtocolError, ConnectionError) as exc:
                 delay = self.backoff.next_delay()
                 log.info("server %s:%d unreachable (%s); retry in %.2f s", host, port, exc, delay)
@@ -266,7 +303,14 @@ class _Link:
 
     async def _connect(self, host: str, port: int) -> asyncio.StreamReader:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, limit=_READ_CHUNK), self.config.connect_timeout_s
+            asyncio.open_connection(
+                host,
+                port,
+                limit=_READ_CHUNK,
+                ssl=self.ssl,
+                server_hostname=host if self.ssl is not None else None,
+            ),
+            self.config.connect_timeout_s,
         )
         conn = Connection(Role.DEVICE)
         meta = self.device.meta
