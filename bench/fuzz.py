@@ -48,8 +48,10 @@ from protocol import (
     CODECS,
     NEED_DATA,
     PROTOCOL_VERSION,
+    Auth,
     Bye,
     Cancel,
+    Challenge,
     Connection,
     ConnectionClosed,
     ConnectionConfig,
@@ -284,6 +286,17 @@ def _valid_messages(draw: st.DrawFn) -> list[Message]:
         Pong(1, 1.0, 2.0, 3),
         Error(draw(st.sampled_from(list(ErrorCode))), "why", draw(st.none() | st.just(rid))),
         Bye("done"),
+        Hello(
+            PROTOCOL_VERSION,
+            "m",
+            "",
+            (codec,),
+            auth_nonce=draw(st.binary(min_size=16, max_size=64)),
+        ),
+        Challenge(
+            draw(st.binary(min_size=16, max_size=64)), draw(st.binary(min_size=32, max_size=32))
+        ),
+        Auth(draw(st.binary(min_size=32, max_size=32))),
     ]
 
 

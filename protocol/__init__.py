@@ -20,8 +20,10 @@ from protocol.errors import (
 )
 from protocol.messages import (
     PROTOCOL_VERSION,
+    Auth,
     Bye,
     Cancel,
+    Challenge,
     Error,
     Hello,
     Infer,
@@ -39,8 +41,10 @@ __all__ = [
     "CODECS",
     "NEED_DATA",
     "PROTOCOL_VERSION",
+    "Auth",
     "Bye",
     "Cancel",
+    "Challenge",
     "Connection",
     "ConnectionClosed",
     "ConnectionConfig",

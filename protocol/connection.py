@@ -10,17 +10,20 @@ nothing; bad peer input raises `RemoteProtocolError` and kills the connection.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal, TypeAlias
 
 import msgpack
 
+from protocol.auth import MIN_TOKEN_SIZE, device_proof, proofs_equal, server_proof
 from protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER, FrameDecoder
 from protocol.messages import (
     MESSAGE_CLASSES,
     PROTOCOL_VERSION,
+    Auth,
     Bye,
+    Challenge,
     Error,
     Hello,
     Infer,
@@ -76,8 +79,23 @@ class ConnectionConfig:
     """Largest tensor an INFER may declare, in elements: 16 Mi (64 MiB as float32)."""
     max_outstanding: int = 1024
     """Most unanswered INFERs, and most unanswered PINGs per side, at any time."""
+    max_handshake_frame_size: int = 65536
+    """Largest frame before the handshake is done (WELCOME), if below `max_frame_size`: an
+    unauthenticated peer can make this end buffer no more (PROTOCOL.md §8, §10)."""
+    auth_token: bytes | None = field(default=None, repr=False)
+    """Shared token (PROTOCOL.md §10): this end requires the peer to prove it and proves
+    it in turn. None: no authentication. Never printed."""
 
     def __post_init__(self) -> None:
+        if not 16 <= self.max_handshake_frame_size <= 0xFFFFFFFF:
+            raise ValueError(
+                f"max_handshake_frame_size must be in [16, 2**32 - 1], "
+                f"got {self.max_handshake_frame_size}"
+            )
+        if self.auth_token is not None and (
+            type(self.auth_token) is not bytes or len(self.auth_token) < MIN_TOKEN_SIZE
+        ):
+            raise ValueError(f"auth_token must be bytes, at least {MIN_TOKEN_SIZE} of them")
         if not 16 <= self.max_frame_size <= 0xFFFFFFFF:
             raise ValueError(
                 f"max_frame_size must be in [16, 2**32 - 1], got {self.max_frame_size}"
@@ -111,8 +129,12 @@ class Connection:
         """Which end this is."""
         self.config: Final = config if config is not None else ConnectionConfig()
         """The limits in force."""
-        self._decoder = FrameDecoder(self.config.max_frame_size)
+        self._decoder = FrameDecoder(
+            min(self.config.max_handshake_frame_size, self.config.max_frame_size)
+        )
         self._phase = ConnectionState.AWAIT_HELLO
+        self._challenge: Challenge | None = None
+        self._authenticated = False
         self._bye: set[Role] = set()
         self._closed = False
         self._failure: RemoteProtocolError | None = None
@@ -143,6 +165,16 @@ class Connection:
     def welcome(self) -> Welcome | None:
         """The WELCOME of the handshake, once sent or received."""
         return self._welcome
+
+    @property
+    def challenge(self) -> Challenge | None:
+        """The CHALLENGE of a token handshake, once sent or received (PROTOCOL.md §10)."""
+        return self._challenge
+
+    @property
+    def authenticated(self) -> bool:
+        """True once both ends proved the shared token (AUTH accepted)."""
+        return self._authenticated
 
     @property
     def codecs(self) -> tuple[str, ...]:
@@ -282,6 +314,10 @@ class Connection:
             self._on_hello(msg, err)
         elif isinstance(msg, Welcome):
             self._on_welcome(msg, err)
+        elif isinstance(msg, Challenge):
+            self._on_challenge(msg, err)
+        elif isinstance(msg, Auth):
+            self._on_auth(msg, err)
         elif isinstance(msg, Infer):
             self._on_infer(msg, err)
         elif isinstance(msg, Result):
@@ -305,11 +341,48 @@ class Connection:
                 f"HELLO has protocol version {msg.version}; this end speaks {PROTOCOL_VERSION}",
                 ErrorCode.VERSION,
             )
+        if self.config.auth_token is not None and not msg.auth_nonce:
+            raise err(
+                "HELLO carries no auth_nonce, but this end requires token authentication "
+                "(PROTOCOL.md §10: give the device the shared token)",
+                ErrorCode.UNAUTHENTICATED,
+            )
         self._hello = msg
+        self._phase = ConnectionState.AWAIT_WELCOME
+
+    def _on_challenge(self, msg: Challenge, err: type[ProtocolError]) -> None:
+        assert self._hello is not None
+        if not self._hello.auth_nonce or self._challenge is not None:
+            raise err("CHALLENGE without a HELLO auth_nonce, or a second CHALLENGE")
+        token = self.config.auth_token
+        if token is None:
+            raise err(
+                "the server requires token authentication; this end has no token",
+                ErrorCode.UNAUTHENTICATED,
+            )
+        # The server proves the token first, so a device never proves it to an impostor.
+        if not proofs_equal(server_proof(token, self._hello.auth_nonce, msg.nonce), msg.proof):
+            raise err("CHALLENGE proof does not match the shared token", ErrorCode.UNAUTHENTICATED)
+        self._challenge = msg
+        self._phase = ConnectionState.AWAIT_AUTH
+
+    def _on_auth(self, msg: Auth, err: type[ProtocolError]) -> None:
+        assert self._hello is not None and self._challenge is not None
+        token = self.config.auth_token
+        assert token is not None  # CHALLENGE required one
+        expected = device_proof(token, self._hello.auth_nonce, self._challenge.nonce)
+        if not proofs_equal(expected, msg.proof):
+            raise err("AUTH proof does not match the shared token", ErrorCode.UNAUTHENTICATED)
+        self._authenticated = True
         self._phase = ConnectionState.AWAIT_WELCOME
 
     def _on_welcome(self, msg: Welcome, err: type[ProtocolError]) -> None:
         assert self._hello is not None
+        if self.config.auth_token is not None and not self._authenticated:
+            raise err(
+                "WELCOME before token authentication, which this end requires (§10)",
+                ErrorCode.UNAUTHENTICATED,
+            )
         if msg.version != self._hello.version:
             raise err(
                 f"WELCOME has protocol version {msg.version}; HELLO had {self._hello.version}",
@@ -322,6 +395,8 @@ class Connection:
                 raise err(f"WELCOME codec {codec!r} was not offered by HELLO {self._hello.codecs}")
         self._welcome = msg
         self._phase = ConnectionState.OPEN
+        # Handshake done (and authenticated where required): full-size frames from now on.
+        self._decoder.max_frame_size = self.config.max_frame_size
 
     def _on_infer(self, msg: Infer, err: type[ProtocolError]) -> None:
         if msg.request_id in self._outstanding:

@@ -55,6 +55,17 @@ class FrameDecoder:
         self._discard: bytearray | None = None
 
     @property
+    def max_frame_size(self) -> int:
+        """The limit on the next frames; a connection raises it after its handshake."""
+        return self._max_frame_size
+
+    @max_frame_size.setter
+    def max_frame_size(self, value: int) -> None:
+        if not 0 < value <= 0xFFFFFFFF:
+            raise ValueError(f"max_frame_size must be in [1, 2**32 - 1], got {value}")
+        self._max_frame_size = value
+
+    @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames."""
         return self._end - self._start

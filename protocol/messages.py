@@ -15,6 +15,7 @@ from typing import Any, Final, TypeAlias
 
 import msgpack
 
+from protocol.auth import MAX_NONCE_SIZE, MIN_NONCE_SIZE, PROOF_SIZE
 from protocol.errors import ErrorCode, RemoteProtocolError, TensorError
 from protocol.packing import PackedTensor
 
@@ -32,6 +33,8 @@ __all__ = [
     "Pong",
     "Error",
     "Bye",
+    "Challenge",
+    "Auth",
     "Message",
     "MESSAGE_CLASSES",
     "encode_message",
@@ -62,6 +65,8 @@ class MessageType(enum.IntEnum):
     PONG = 7
     ERROR = 8
     BYE = 9
+    CHALLENGE = 10
+    AUTH = 11
 
 
 def _check_int(name: str, value: object, lo: int = 0, hi: int = MAX_ID) -> None:
@@ -103,6 +108,13 @@ def _str_tuple(obj: object, name: str, value: object) -> None:
         _check_str(f"{name} entry", item)
 
 
+def _check_bytes(name: str, value: object, lo: int, hi: int) -> None:
+    if type(value) is not bytes:
+        raise TypeError(f"{name} must be bytes, got {type(value).__name__}")
+    if not lo <= len(value) <= hi:
+        raise ValueError(f"{name} must be {lo}..{hi} bytes long, got {len(value)}")
+
+
 def _check_sha(name: str, value: object) -> None:
     _check_str(name, value)
     assert isinstance(value, str)
@@ -124,6 +136,8 @@ class Hello:
     """Packing codecs the device can send, in order of preference."""
     device_name: str = ""
     """Free-form name of the device, for logs."""
+    auth_nonce: bytes = b""
+    """Device nonce of the token handshake (PROTOCOL.md §10); empty: no authentication."""
 
     def __post_init__(self) -> None:
         _check_int("version", self.version, 0, 2**32 - 1)
@@ -131,6 +145,8 @@ class Hello:
         _check_sha("weights_sha256", self.weights_sha256)
         _str_tuple(self, "codecs", self.codecs)
         _check_str("device_name", self.device_name)
+        if self.auth_nonce != b"":
+            _check_bytes("auth_nonce", self.auth_nonce, MIN_NONCE_SIZE, MAX_NONCE_SIZE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +343,35 @@ class Bye:
         _check_str("reason", self.reason)
 
 
-Message: TypeAlias = Hello | Welcome | Infer | Result | Cancel | Ping | Pong | Error | Bye
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """Server → device, answers a HELLO with ``auth_nonce`` when the server holds a token:
+    its nonce and its proof of the token (PROTOCOL.md §10)."""
+
+    nonce: bytes
+    """Server nonce, 16..64 random bytes."""
+    proof: bytes
+    """HMAC-SHA256(token, "SPINN-1 server" ‖ device nonce ‖ server nonce)."""
+
+    def __post_init__(self) -> None:
+        _check_bytes("nonce", self.nonce, MIN_NONCE_SIZE, MAX_NONCE_SIZE)
+        _check_bytes("proof", self.proof, PROOF_SIZE, PROOF_SIZE)
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """Device → server, answers CHALLENGE: the device's proof of the token (§10)."""
+
+    proof: bytes
+    """HMAC-SHA256(token, "SPINN-1 device" ‖ device nonce ‖ server nonce)."""
+
+    def __post_init__(self) -> None:
+        _check_bytes("proof", self.proof, PROOF_SIZE, PROOF_SIZE)
+
+
+Message: TypeAlias = (
+    Hello | Welcome | Infer | Result | Cancel | Ping | Pong | Error | Bye | Challenge | Auth
+)
 
 MESSAGE_CLASSES: Final[dict[MessageType, type[Message]]] = {
     MessageType.HELLO: Hello,
@@ -339,6 +383,8 @@ MESSAGE_CLASSES: Final[dict[MessageType, type[Message]]] = {
     MessageType.PONG: Pong,
     MessageType.ERROR: Error,
     MessageType.BYE: Bye,
+    MessageType.CHALLENGE: Challenge,
+    MessageType.AUTH: Auth,
 }
 _TYPE_OF: Final[dict[type, MessageType]] = {cls: t for t, cls in MESSAGE_CLASSES.items()}
 _FIELDS: Final[dict[type, tuple[str, ...]]] = {
@@ -352,6 +398,8 @@ _REQUIRED: Final[dict[type, frozenset[str]]] = {
     )
     for cls in MESSAGE_CLASSES.values()
 }
+_OMITTED_AT_DEFAULT: Final = frozenset({"auth_nonce"})
+"""Optional fields added after version 1 was first written, left out when unused."""
 _TENSOR_FIELDS: Final = ("codec", "compressed", "shape", "scale", "zero_point", "payload")
 
 
@@ -389,6 +437,8 @@ def encode_message_parts(message: Message) -> tuple[bytes, bytes]:
         value = getattr(message, name)
         if isinstance(value, PackedTensor):
             continue  # written last, below
+        if name in _OMITTED_AT_DEFAULT and value == b"":
+            continue  # a HELLO without authentication is byte for byte the plain one
         if isinstance(value, tuple):
             value = list(value)
         elif isinstance(value, enum.IntEnum):

@@ -1,7 +1,8 @@
 """The connection state machine as a table (PROTOCOL.md §7).
 
-The protocol has three phases — waiting for HELLO, waiting for WELCOME, open — plus the
-half-close of BYE and the end states. `ALLOWED[(phase, sender)]` lists the message types
+The protocol has three phases — waiting for HELLO, waiting for WELCOME, open — plus,
+with token authentication, waiting for AUTH after CHALLENGE (§10), the half-close of BYE
+and the end states. `ALLOWED[(phase, sender)]` lists the message types
 `sender` may send in `phase`; everything else is a protocol violation.
 """
 
@@ -35,7 +36,9 @@ class ConnectionState(enum.Enum):
     AWAIT_HELLO = "await_hello"
     """Nothing exchanged yet: the device must send HELLO."""
     AWAIT_WELCOME = "await_welcome"
-    """HELLO sent: the server must answer WELCOME (or a fatal ERROR)."""
+    """HELLO (or AUTH) sent: the server must answer WELCOME, CHALLENGE or a fatal ERROR."""
+    AWAIT_AUTH = "await_auth"
+    """CHALLENGE sent: the device must prove the token with AUTH (PROTOCOL.md §10)."""
     OPEN = "open"
     """Handshake done: requests, answers and pings flow."""
     CLOSING = "closing"
@@ -50,7 +53,11 @@ ALLOWED: Final[dict[tuple[ConnectionState, Role], frozenset[T]]] = {
     (ConnectionState.AWAIT_HELLO, Role.DEVICE): frozenset({T.HELLO, T.ERROR, T.BYE}),
     (ConnectionState.AWAIT_HELLO, Role.SERVER): frozenset({T.ERROR, T.BYE}),
     (ConnectionState.AWAIT_WELCOME, Role.DEVICE): frozenset({T.ERROR, T.BYE}),
-    (ConnectionState.AWAIT_WELCOME, Role.SERVER): frozenset({T.WELCOME, T.ERROR, T.BYE}),
+    (ConnectionState.AWAIT_WELCOME, Role.SERVER): frozenset(
+        {T.WELCOME, T.CHALLENGE, T.ERROR, T.BYE}
+    ),
+    (ConnectionState.AWAIT_AUTH, Role.DEVICE): frozenset({T.AUTH, T.ERROR, T.BYE}),
+    (ConnectionState.AWAIT_AUTH, Role.SERVER): frozenset({T.ERROR, T.BYE}),
     (ConnectionState.OPEN, Role.DEVICE): frozenset(
         {T.INFER, T.CANCEL, T.PING, T.PONG, T.ERROR, T.BYE}
     ),
