@@ -280,10 +280,12 @@ def test_3_low_bandwidth_through_netshape_loses_nothing(tmp_path: Path) -> None:
 
 
 def test_4_inferred_server_time_within_25_percent_of_measured(tmp_path: Path) -> None:
-    n = 200
+    n = 150
     port = free_port()
-    server = Server(tmp_path, port, "--no-report-compute")
-    device = Device(port, "--limit", str(n), "--rate", "40", "--split", "1", "--thr", "1.0",
+    # One worker and a modest rate: no queueing, so the server time the device infers is
+    # the compute time plus the hand-offs between event loops and threads.
+    server = Server(tmp_path, port, "--no-report-compute", "--workers", "1")
+    device = Device(port, "--limit", str(n), "--rate", "25", "--split", "1", "--thr", "1.0",
                     "--no-continue")  # fmt: skip
     try:
         summary = device.finish()
@@ -296,7 +298,7 @@ def test_4_inferred_server_time_within_25_percent_of_measured(tmp_path: Path) ->
     measured = stats["compute_ms_median"]
     inferred = summary["server_time_ms"]["inferred_median"]
     assert summary["server_time_ms"]["reported_mean"] is None
-    assert inferred == pytest.approx(measured, rel=0.25), (inferred, measured)
+    assert inferred == pytest.approx(measured, rel=0.25), (inferred, measured, summary)
 
 
 def test_5_cancel_saves_server_work(tmp_path: Path, model_info: tuple[Any, Any]) -> None:
@@ -314,7 +316,8 @@ def test_5_cancel_saves_server_work(tmp_path: Path, model_info: tuple[Any, Any])
         assert server.stop() == 0
     _by_frame(device.records, n)
     stats = server.final_stats()
-    assert stats["requests"] == summary["offloaded"]
+    # Every INFER was accepted or refused at once with BUSY (issue 8, overload).
+    assert stats["requests"] + stats["busy_sent"] == summary["offloaded"]
     cancelled = stats["cancelled_queued"] + stats["cancelled_running"]
     assert cancelled > 0 and stats["computed"] < stats["requests"]
     assert stats["computed"] + cancelled + stats["expired_unrun"] == stats["requests"]

@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import random
+import secrets
 import signal
 import ssl
 import statistics
@@ -46,9 +47,12 @@ import torch
 from protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
+    Auth,
     Bye,
     Cancel,
+    Challenge,
     Connection,
+    ConnectionConfig,
     Error,
     ErrorCode,
     Hello,
@@ -60,6 +64,7 @@ from protocol import (
     Role,
     Welcome,
 )
+from protocol.auth import NONCE_SIZE, device_proof
 from protocol.packing import CODECS, pack
 from spinn.estimators import OnlineProfiler, ServerTimeEstimator
 from spinn.policy import Decision, FixedPolicy, Policy
@@ -312,7 +317,7 @@ class _Link:
             ),
             self.config.connect_timeout_s,
         )
-        conn = Connection(Role.DEVICE)
+        conn = Connection(Role.DEVICE, ConnectionConfig(auth_token=self.token))
         meta = self.device.meta
         writer.write(
             conn.send(
@@ -322,12 +327,14 @@ class _Link:
                     meta.weights_sha256,
                     (self.config.codec,),
                     self.config.device_name,
+                    # A fresh nonce per connection (PROTOCOL.md §10).
+                    auth_nonce=secrets.token_bytes(NONCE_SIZE) if self.token else b"",
                 )
             )
         )
         try:
             welcome = await asyncio.wait_for(
-                self._handshake(reader, conn), self.config.connect_timeout_s
+                self._handshake(reader, writer, conn), self.config.connect_timeout_s
             )
         except BaseException:
             writer.close()
@@ -336,9 +343,19 @@ class _Link:
         self.pings.clear()
         return reader
 
-    async def _handshake(self, reader: asyncio.StreamReader, conn: Connection) -> Welcome:
+    async def _handshake(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection
+    ) -> Welcome:
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except ProtocolError as exc:
+                if exc.code is ErrorCode.UNAUTHENTICATED:
+                    # Wrong token, or a server that skips authentication: not transient.
+                    with contextlib.suppress(ProtocolError, OSError):
+                        writer.write(conn.send(Error(exc.code, str(exc))))
+                    raise DeviceError(f"server failed authentication: {exc}") from None
+                raise
             if event is NEED_DATA:
                 data = await reader.read(_READ_CHUNK)
                 if not data:
@@ -347,6 +364,12 @@ class _Link:
                 continue
             if isinstance(event, Welcome):
                 return event
+            if isinstance(event, Challenge):
+                # The connection already checked the server's proof (PROTOCOL.md §10).
+                assert self.token is not None and conn.hello is not None
+                proof = device_proof(self.token, conn.hello.auth_nonce, event.nonce)
+                writer.write(conn.send(Auth(proof)))
+                continue
             if isinstance(event, Error):
                 if event.code in _FATAL_CODES:
                     raise DeviceError(f"server refused this device: {event.message}")
@@ -875,7 +898,10 @@ class SpinnDevice:
             # boundary): its answer time still clocks the uplink.
             self._time_upload(sent, _now(), 0.0)
         fid = self.tracker.abandon(error.request_id)
-        if error.code is not ErrorCode.CANCELLED:
+        if error.code in (ErrorCode.CANCELLED, ErrorCode.BUSY):
+            # Expected under load and after CANCEL; the frame finishes locally.
+            log.debug("request %d: %s: %s", error.request_id, error.code.name, error.message)
+        else:
             log.warning("server refused request %d: %s", error.request_id, error.message)
         if fid is not None and fid in self._changed:
             self._changed[fid].set()
