@@ -286,7 +286,11 @@ class _Link:
                 self.fatal = DeviceError(f"TLS: server {host}:{port} not trusted: {exc}")
                 self.device._wake_all()
                 return
-            except (TimeoutError, OSError, ProtocolError, ConnectionError) as exc:
+            except Exception as exc:
+                # Anything but a refusal of this device is an unreachable server: retry.
+                # An unexpected kind is logged in full, but never ends the reconnect loop.
+                if not isinstance(exc, OSError | ProtocolError):
+                    log.exception("unexpected error while connecting")
                 delay = self.backoff.next_delay()
                 log.info("server %s:%d unreachable (%s); retry in %.2f s", host, port, exc, delay)
                 await asyncio.sleep(delay)
