@@ -1,11 +1,14 @@
-"""Token files and TLS contexts (spinn.runtime.security), with certificates made here.
+"""Token files, TLS and token authentication of the runtime (issue 8, security).
 
+TLS contexts and the token handshake are tested over real sockets, with certificates made
+here.
 The certificates come from the ``openssl`` command line (the ``cryptography`` package is
 not a dependency); the TLS tests are skipped only where ``openssl`` is missing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import ssl
@@ -13,14 +16,36 @@ import subprocess
 import threading
 from pathlib import Path
 
+import msgpack
+import numpy as np
 import pytest
 
+from protocol import (
+    PROTOCOL_VERSION,
+    Auth,
+    Challenge,
+    Connection,
+    ConnectionConfig,
+    Error,
+    ErrorCode,
+    Hello,
+    Infer,
+    Result,
+    Role,
+    Welcome,
+    pack,
+)
+from protocol.auth import device_proof
+from protocol.framing import FrameDecoder, encode_frame
+from protocol.messages import decode_message, encode_message
 from spinn.runtime.security import (
     SecurityError,
     device_ssl_context,
     load_token,
     server_ssl_context,
 )
+from spinn.runtime.server import SpinnServer
+from tests._runtime_support import RawClient
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl missing")
 
@@ -168,3 +193,109 @@ def test_device_streams_through_a_tls_server(certs: dict[str, Path], tmp_path: P
     assert untrusting.proc.returncode == 2
     assert "not trusted" in untrusting.stderr, untrusting.stderr[-2000:]
     assert "security: TLS on with client certificates" in server.log.read_text()
+
+
+# -- token authentication through the real server (PROTOCOL.md §10) -------------------------
+
+TOKEN = b"a-shared-token-of-32-bytes-long!"
+
+
+async def _open(port: int, token: bytes | None) -> RawClient:
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    return RawClient(reader, writer, Connection(Role.DEVICE, ConnectionConfig(auth_token=token)))
+
+
+def _frames(data: bytes) -> list[object]:
+    """Messages in raw bytes, read without a state machine (the peer here is hostile)."""
+    decoder = FrameDecoder()
+    decoder.receive_data(data)
+    out: list[object] = []
+    while (body := decoder.next_frame()) is not None:
+        out.append(decode_message(msgpack.unpackb(body, use_list=False, raw=False)))
+    return out
+
+
+def _hello(server: SpinnServer, nonce: bytes = b"") -> Hello:
+    meta = server.meta
+    return Hello(PROTOCOL_VERSION, meta.model_id, meta.weights_sha256, ("float32",),
+                 auth_nonce=nonce)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests._runtime_support import make_small_checkpoint
+
+    return make_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def test_server_admits_only_devices_that_prove_the_token(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    from tests.test_runtime_server import _serve
+
+    token_file = _write_token(tmp_path / "token", TOKEN.decode() + "\n")
+    nonce = bytes(range(32))
+
+    async def body(server: SpinnServer, port: int) -> None:
+        good = await _open(port, TOKEN)
+        good.send(_hello(server, nonce))
+        challenge = await good.next()
+        assert isinstance(challenge, Challenge)
+        good.send(Auth(device_proof(TOKEN, nonce, challenge.nonce)))
+        assert isinstance(await good.next(), Welcome)
+        x = np.zeros((1, *server.model.split_shape(1)), np.float32)
+        good.send(Infer(1, 1, 1.0, pack(x, "float32")))
+        assert isinstance(await good.next(), Result)
+
+        # A wrong proof (a guess): fatal UNAUTHENTICATED, closed, no model work done.
+        bad = await _open(port, None)
+        frames = (_hello(server, nonce), Auth(bytes(32)))
+        bad.writer.write(b"".join(encode_frame(encode_message(m)) for m in frames))
+        replies = _frames(await asyncio.wait_for(bad.reader.read(), 10))
+        assert isinstance(replies[0], Challenge)
+        assert isinstance(replies[-1], Error) and replies[-1].code is ErrorCode.UNAUTHENTICATED
+        # A HELLO without a nonce is refused at once.
+        plain = await _open(port, None)
+        plain.send(_hello(server))
+        error = await plain.next()
+        assert isinstance(error, Error) and error.code is ErrorCode.UNAUTHENTICATED
+        assert server.stats.requests == 1
+        assert server.stats.connections_refused >= 2
+        for client in (good, bad, plain):
+            client.close()
+
+    _serve(small_checkpoint, body, token_file=token_file)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_token_on_both_cli_ends(small_checkpoint: Path, tmp_path: Path) -> None:
+    from tests._runtime_support import free_port
+    from tests.test_runtime_integration import Device, Server, _by_frame
+
+    token = _write_token(tmp_path / "token", TOKEN.decode())
+    wrong = _write_token(tmp_path / "wrong", "another-token-of-enough-bytes")
+    ckpt = str(small_checkpoint)
+    port = free_port()
+    server = Server(tmp_path, port, "--checkpoint", ckpt, "--token-file", str(token))
+    common = ("--checkpoint", ckpt, "--no-status", "--split", "2", "--thr", "1.0", "--no-continue")
+    device = Device(port, *common, "--limit", "40", "--token-file", str(token))
+    impostor = Device(port, *common, "--limit", "5", "--token-file", str(wrong))
+    anonymous = Device(port, *common, "--limit", "5")
+    try:
+        summary = device.finish()
+        impostor.proc.wait(60)
+        anonymous.proc.wait(60)
+    finally:
+        for d in (device, impostor, anonymous):
+            d.kill()
+        assert server.stop() == 0
+    _by_frame(device.records, 40)
+    assert summary["answered_by"]["server"] >= 30, summary["answered_by"]
+    assert impostor.proc.returncode == 2 and "authentication" in impostor.stderr
+    assert anonymous.proc.returncode == 2 and "auth_nonce" in anonymous.stderr
+    # The impostor refused the server's proof itself (it never sent one); the anonymous
+    # device was refused by the server.
+    assert "CHALLENGE proof does not match" in impostor.stderr
+    assert server.final_stats()["connections_refused"] >= 1

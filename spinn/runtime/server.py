@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import secrets
 import signal
 import ssl
 import threading
@@ -41,8 +42,10 @@ import numpy as np
 import torch
 
 from protocol import (
+    Auth,
     Bye,
     Cancel,
+    Challenge,
     Connection,
     ConnectionConfig,
     Error,
@@ -56,6 +59,7 @@ from protocol import (
     Role,
     Welcome,
 )
+from protocol.auth import NONCE_SIZE, server_proof
 from protocol.packing import CODECS, unpack
 from spinn.runtime.compute import configure_torch, make_executor, plan_workers
 from spinn.runtime.security import load_token, server_ssl_context
@@ -201,10 +205,12 @@ class SpinnServer:
         configure_torch(threads)
         self.model, self.meta = load_checkpoint(config.checkpoint)
         self.model.eval()
-        self.connection_config = ConnectionConfig(
-            max_frame_size=config.max_frame_bytes, max_tensor_elements=config.max_tensor_elements
-        )
         self._token = None if config.token_file is None else load_token(config.token_file)
+        self.connection_config = ConnectionConfig(
+            max_frame_size=config.max_frame_bytes,
+            max_tensor_elements=config.max_tensor_elements,
+            auth_token=self._token,
+        )
         self._ssl: ssl.SSLContext | None = None
         if config.tls_cert is not None and config.tls_key is not None:
             self._ssl = server_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca)
@@ -341,6 +347,8 @@ class SpinnServer:
         except ProtocolError as exc:
             # One bad peer: tell it what was wrong, close it, keep serving the others.
             code = getattr(exc, "code", ErrorCode.PROTOCOL)
+            if code is ErrorCode.UNAUTHENTICATED:
+                self.stats.connections_refused += 1
             reason = f"protocol error ({code.name}): {exc}"
             log.warning("device %s: %s", peer.name, reason)
             self.stats.errors_sent += 1
@@ -385,7 +393,19 @@ class SpinnServer:
                 return
             peer.last_frame_at = time.monotonic()
             if isinstance(event, Hello):
-                self._on_hello(peer, event)
+                if self._token is not None:
+                    # Authenticate before any model check (PROTOCOL.md §10); the state
+                    # machine already refused a HELLO without auth_nonce.
+                    nonce = secrets.token_bytes(NONCE_SIZE)
+                    proof = server_proof(self._token, event.auth_nonce, nonce)
+                    peer.send(Challenge(nonce, proof))
+                else:
+                    self._on_hello(peer, event)
+            elif isinstance(event, Auth):
+                # The state machine checked the proof: the device holds the token.
+                assert peer.conn.hello is not None
+                log.info("device %s authenticated", peer.name)
+                self._on_hello(peer, peer.conn.hello)
             elif isinstance(event, Infer):
                 self._on_infer(peer, event)
             elif isinstance(event, Cancel):
