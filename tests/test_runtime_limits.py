@@ -212,3 +212,24 @@ def test_model_mismatch_still_named_before_any_limit(checkpoint: Path) -> None:
         assert isinstance(events[-1], Error) and events[-1].code is ErrorCode.MODEL_MISMATCH
 
     _serve(checkpoint, body, max_connections=1)
+
+
+def test_overloaded_server_makes_the_device_finish_locally(checkpoint: Path) -> None:
+    from tests.test_runtime_device import _exactly_once, _run
+
+    # One worker ten times slower, one request queued at most: most INFERs get BUSY.
+    records, summary, server = _run(
+        checkpoint,
+        60,
+        server_options={"workers": 1, "max_queued": 1, "slowdown": 10.0},
+        split=1,
+        thr_conf=1.0,
+        continue_locally=False,
+        max_in_flight=6,
+    )
+    _exactly_once(records, 60)
+    assert server is not None and server.stats.busy_sent > 0
+    # Every BUSY frame was finished on the device; the server still answered some.
+    assert summary["answered_by"]["fallback"] >= server.stats.busy_sent
+    assert summary["answered_by"]["server"] > 0
+    assert server.stats.requests + server.stats.busy_sent == summary["offloaded"]
