@@ -20,17 +20,13 @@ if TYPE_CHECKING:
 __all__ = ["build_parser", "config_from_args", "main", "open_source"]
 
 
-def _host_port(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+def _host_ports(value: str) -> tuple[tuple[str, int], ...]:
+    from spinn.runtime.failover import parse_addresses
+
     try:
-        number = int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"port must be a number in {value!r}") from None
-    if not 0 < number < 65536:
-        raise argparse.ArgumentTypeError(f"port must be in 1..65535, got {number}")
-    return host.strip("[]"), number
+        return parse_addresses(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fraction(value: str) -> float:
@@ -79,10 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=Path, help="offline profile (default: beside the checkpoint)")
     p.add_argument(
         "--server",
-        type=_host_port,
-        default=d.server,
-        metavar="HOST:PORT",
-        help="server address (default 127.0.0.1:7878)",
+        type=_host_ports,
+        action="append",
+        default=None,
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="server address (default 127.0.0.1:7878); repeat it or give a comma list for "
+        "several servers: on an outage the device fails over to the next one",
     )
     p.add_argument(
         "--device-only", action="store_true", help="never connect; everything runs locally"
@@ -165,12 +163,16 @@ def config_from_args(args: argparse.Namespace) -> DeviceConfig:
     from spinn.runtime.device import DeviceConfig
     from spinn.sla import sla_from_args
 
+    servers = (
+        [a for group in args.server for a in group] if args.server else [DeviceConfig().server]
+    )
     return DeviceConfig(
         policy=args.policy,
         sla=sla_from_args(args),
         checkpoint=args.checkpoint,
         profile=args.profile,
-        server=None if args.device_only else args.server,
+        server=None if args.device_only else servers[0],
+        extra_servers=() if args.device_only else tuple(servers[1:]),
         split=args.split,
         thr_conf=args.thr,
         rate_fps=args.rate,

@@ -70,6 +70,7 @@ from spinn.estimators import OnlineProfiler, ServerTimeEstimator
 from spinn.policy import Decision, FixedPolicy, Policy
 from spinn.runtime.backoff import Backoff
 from spinn.runtime.compute import ComputeSlots, configure_torch, make_executor, plan_workers
+from spinn.runtime.failover import ServerRotation
 from spinn.runtime.security import SecurityError, device_ssl_context, load_token
 from spinn.runtime.server import DEFAULT_CHECKPOINT
 from spinn.runtime.stats import DeviceStats
@@ -103,6 +104,9 @@ class DeviceConfig:
     """Offline profile; None = ``profile.json`` beside the checkpoint."""
     server: tuple[str, int] | None = ("127.0.0.1", 7878)
     """Server address; None runs device-only and never connects."""
+    extra_servers: tuple[tuple[str, int], ...] = ()
+    """Further server addresses: on an outage the device fails over to the next one
+    (``spinn.runtime.failover``; issue 9)."""
     split: int | None = None
     """Fixed split for ``FixedPolicy``; None = the middle split ``S // 2``."""
     thr_conf: float = 0.8
@@ -183,6 +187,11 @@ class DeviceConfig:
             raise ValueError("--tls-cert/--tls-key need --tls or --tls-ca")
 
     @property
+    def server_addresses(self) -> tuple[tuple[str, int], ...]:
+        """Every configured server address, ``server`` first (empty when device-only)."""
+        return () if self.server is None else (self.server, *self.extra_servers)
+
+    @property
     def use_tls(self) -> bool:
         """Whether the link speaks TLS."""
         return self.tls or self.tls_ca is not None
@@ -226,6 +235,7 @@ class _Link:
             self.config.reconnect_cap_s,
             random.Random(self.config.seed),
         )
+        self.rotation = ServerRotation(self.config.server_addresses, self.backoff)
         self.pings: dict[int, tuple[float, int]] = {}
         self.ping_seq = 0
         self.last_probe_at = -1e9
@@ -272,8 +282,8 @@ class _Link:
     async def run(self) -> None:
         """Keep a connection up until closed; reconnect with backoff after each loss."""
         assert self.config.server is not None
-        host, port = self.config.server
         while not self._stopping:
+            host, port = self.rotation.current
             log.debug("connecting to %s:%d", host, port)
             try:
                 reader = await self._connect(host, port)
@@ -291,11 +301,15 @@ class _Link:
                 # An unexpected kind is logged in full, but never ends the reconnect loop.
                 if not isinstance(exc, OSError | ProtocolError):
                     log.exception("unexpected error while connecting")
-                delay = self.backoff.next_delay()
-                log.info("server %s:%d unreachable (%s); retry in %.2f s", host, port, exc, delay)
+                # Several servers: the next one is tried at once; backoff only after a
+                # whole round failed (spinn.runtime.failover).
+                delay = self.rotation.connect_failed()
+                log.info(
+                    "server %s:%d unreachable (%s); next try in %.2f s", host, port, exc, delay
+                )
                 await asyncio.sleep(delay)
                 continue
-            self.backoff.reset()
+            self.rotation.connected()
             self.connects += 1
             self.device.profiler.mark_server(_now(), True)
             log.info(
@@ -307,6 +321,7 @@ class _Link:
             )
             reason = await self._serve(reader)
             self._drop(reason)
+            self.rotation.connection_lost()
             if self.fatal is not None:
                 return
 
