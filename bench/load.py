@@ -229,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=4, help="unanswered requests per device")
     p.add_argument("--split", type=int, default=1, help="split of the INFERs (default 1)")
     p.add_argument("--codec", default="sparse_int8")
-    p.add_argument("--deadline-ms", type=float, default=1000.0, help="INFER deadline_ms")
+    p.add_argument(
+        "--deadline-ms", type=float, default=250.0, help="INFER deadline_ms (default 250)"
+    )
     p.add_argument("--drain", type=float, default=15.0, help="seconds to wait for last answers")
     p.add_argument("--connect-timeout", type=float, default=10.0)
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
