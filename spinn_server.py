@@ -76,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="emulate a loaded server: each stage takes K times as long (default 1)",
     )
+    ops = p.add_argument_group("operations (deploy/README.md)")
+    ops.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics at /metrics on this port (default: off)",
+    )
+    ops.add_argument(
+        "--metrics-host",
+        default=d.metrics_host,
+        help=f"address of the metrics endpoint (default {d.metrics_host})",
+    )
     sec = p.add_argument_group("security (docs/PROTOCOL.md §10)")
     sec.add_argument(
         "--token-file",
@@ -151,6 +163,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         shutdown_grace_s=args.grace,
         server_name=args.name,
         slowdown=args.slowdown,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         token_file=args.token_file,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

@@ -62,6 +62,7 @@ from protocol import (
 from protocol.auth import NONCE_SIZE, server_proof
 from protocol.packing import CODECS, unpack
 from spinn.runtime.compute import configure_torch, make_executor, plan_workers
+from spinn.runtime.metrics import ServerMetrics
 from spinn.runtime.security import load_token, server_ssl_context
 from spinn.runtime.stats import ServerStats
 
@@ -121,6 +122,11 @@ class ServerConfig:
     """CA that must have signed the devices' certificates (mutual TLS); None: not required."""
     server_name: str = "spinn-server"
     """Name sent in WELCOME."""
+    metrics_port: int | None = None
+    """Port of the Prometheus ``/metrics`` endpoint (``spinn.runtime.metrics``); None: off,
+    0: a free one (see ``SpinnServer.metrics_port``)."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the metrics endpoint: loopback unless the operator exposes it."""
     slowdown: float = 1.0
     """Emulate a loaded or weaker server: after each stage the worker waits (K−1)× the time
     it took; the reported compute time includes the wait (bench/paper.py, server load)."""
@@ -132,6 +138,8 @@ class ServerConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if not 1.0 <= self.slowdown <= 1000.0:
             raise ValueError(f"slowdown must be in [1, 1000], got {self.slowdown}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.max_queue_per_connection < 1:
             raise ValueError(
                 f"max_queue_per_connection must be >= 1, got {self.max_queue_per_connection}"
@@ -193,6 +201,8 @@ class _Peer:
     def send(self, event: object) -> None:
         if self.closing or self.writer.is_closing():
             return
+        if isinstance(event, Error):
+            self.server.metrics.errors.labels(event.code.name).inc()
         self.writer.write(self.conn.send(event))  # type: ignore[arg-type]
 
 
@@ -217,6 +227,9 @@ class SpinnServer:
         if config.tls_cert is not None and config.tls_key is not None:
             self._ssl = server_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca)
         self.stats = ServerStats()
+        self.metrics = ServerMetrics(self.stats, lambda: self._queued)
+        self.metrics_port: int | None = None
+        """Bound port of the metrics endpoint, when ``config.metrics_port`` is set."""
         self._executor: ThreadPoolExecutor = make_executor(self.workers, "spinn-server")
         self._server: asyncio.Server | None = None
         self._peers: set[_Peer] = set()
@@ -256,6 +269,11 @@ class SpinnServer:
             torch.get_num_threads(),
             "" if self.config.report_compute else ", compute time NOT reported",
         )
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(
+                self.config.metrics_host, self.config.metrics_port
+            )
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
         if self._ssl is not None or self._token is not None:
             log.info(
                 "security: TLS %s%s, token authentication %s",
@@ -303,6 +321,7 @@ class SpinnServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self.metrics.close()
         log.info("final stats %s", json.dumps(self.stats.as_dict(), sort_keys=True))
 
     async def _stats_loop(self) -> None:
@@ -571,6 +590,7 @@ class SpinnServer:
             self._queued -= 1
             wait_ms = (time.monotonic() - job.accepted_at) * 1e3
             self._wait_ewma_ms += 0.2 * (wait_ms - self._wait_ewma_ms)
+        self.metrics.queue_wait_seconds.observe(wait_ms / 1e3)
         if job.expires_at is not None and time.monotonic() > job.expires_at:
             # Past the device's deadline it has answered locally (PROTOCOL.md, deadline_ms).
             job.expired = True
@@ -600,6 +620,8 @@ class SpinnServer:
                     self.stats.stages_run += stages
                     self.stats.compute_ms_total += compute_ms
                     self.stats.compute_ms.append(compute_ms)
+                self.metrics.compute_seconds.observe(compute_ms / 1e3)
+                self.metrics.batch_size.observe(1)
                 return _Outcome(
                     step.answer.exit,
                     tuple(c for c, _ in top),
