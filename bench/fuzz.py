@@ -535,14 +535,17 @@ async def _socket_fuzz(
 ) -> dict[str, Any]:
     import io
 
+    from bench.scheduler import _ensure_profile
     from spinn.runtime.device import DeviceConfig, run_device
     from spinn.sources import dataset_source
 
     corpus = _corpus(checkpoint)
     rng = random.Random(seed)
     frames = max(50, int(seconds * 20))
+    workdir = Path(tempfile.mkdtemp(prefix="spinn-fuzz-"))
     config = DeviceConfig(
         checkpoint=checkpoint,
+        profile=_ensure_profile(checkpoint, checkpoint.with_name("profile.json"), workdir),
         server=("127.0.0.1", port),
         rate_fps=20.0,
         limit=frames,
