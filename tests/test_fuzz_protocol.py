@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -145,3 +146,19 @@ def test_long_fuzz_run(capsys: pytest.CaptureFixture[str]) -> None:
     with capsys.disabled():
         print(f"\nfuzzed {tried} inputs in {seconds:.0f} s: {dict(INPUTS)}")
     assert tried > 0
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_socket_fuzz_short(tmp_path: Path) -> None:
+    # Hostile connections against a live server process while a good device streams
+    # through it: the server stays up and the good device loses nothing.
+    from bench.fuzz import socket_fuzz
+    from tests._runtime_support import make_small_checkpoint
+
+    result = socket_fuzz(make_small_checkpoint(tmp_path), seconds=4.0, attackers=4, seed=1)
+    assert result["server_alive"], result.get("server_log_tail")
+    assert result["socket_connections"] > 20
+    assert result["frames_lost"] == 0 and result["frames_answered_twice"] == 0
+    assert result["answered_by"]["server"] > 0
+    assert result["rss_mb_max"] < result["rss_mb_start"] + 100
