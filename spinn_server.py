@@ -78,6 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ops = p.add_argument_group("operations (deploy/README.md)")
     ops.add_argument(
+        "--device",
+        default=d.device,
+        help=f"torch device: cpu, cuda[:N], or auto = cuda when available (default {d.device})",
+    )
+    ops.add_argument(
+        "--batch-max",
+        type=int,
+        default=d.batch_max,
+        help=f"dynamic batching: most requests per forward pass, 1 = off (default {d.batch_max})",
+    )
+    ops.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=d.batch_wait_ms,
+        help="with batching, how long a request may wait for others while a worker is free "
+        f"(default {d.batch_wait_ms:g})",
+    )
+    ops.add_argument(
         "--metrics-port",
         type=int,
         default=None,
@@ -164,6 +182,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         server_name=args.name,
         slowdown=args.slowdown,
         metrics_port=args.metrics_port,
+        device=args.device,
+        batch_max=args.batch_max,
+        batch_wait_ms=args.batch_wait_ms,
         metrics_host=args.metrics_host,
         token_file=args.token_file,
         tls_cert=args.tls_cert,
@@ -190,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         config = config_from_args(args)
+        from spinn.runtime.accel import resolve_device
+
+        resolve_device(config.device)  # --device cuda without a GPU is a bad flag
     except ValueError as exc:
         parser.error(str(exc))
     import uvloop

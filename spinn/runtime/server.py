@@ -61,6 +61,8 @@ from protocol import (
 )
 from protocol.auth import NONCE_SIZE, server_proof
 from protocol.packing import CODECS, unpack
+from spinn.runtime.accel import DEVICE_CHOICES, resolve_device
+from spinn.runtime.batching import Batcher, run_batch, to_device
 from spinn.runtime.compute import configure_torch, make_executor, plan_workers
 from spinn.runtime.metrics import ServerMetrics
 from spinn.runtime.security import load_token, server_ssl_context
@@ -122,6 +124,15 @@ class ServerConfig:
     """CA that must have signed the devices' certificates (mutual TLS); None: not required."""
     server_name: str = "spinn-server"
     """Name sent in WELCOME."""
+    batch_max: int = 1
+    """Dynamic batching (``spinn.runtime.batching``): most requests for one split run as
+    one forward pass. 1 (default) = off: each request runs alone, as before."""
+    batch_wait_ms: float = 2.0
+    """With batching, how long the oldest request of a split may wait for others while a
+    worker is free; while all workers are busy, batches fill up regardless."""
+    device: str = "auto"
+    """Torch device of the server's compute: ``cpu``, ``cuda`` (``cuda:N``) or ``auto``
+    (CUDA when torch sees a GPU; ``spinn.runtime.accel``)."""
     metrics_port: int | None = None
     """Port of the Prometheus ``/metrics`` endpoint (``spinn.runtime.metrics``); None: off,
     0: a free one (see ``SpinnServer.metrics_port``)."""
@@ -138,6 +149,14 @@ class ServerConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if not 1.0 <= self.slowdown <= 1000.0:
             raise ValueError(f"slowdown must be in [1, 1000], got {self.slowdown}")
+        if not 1 <= self.batch_max <= 1024:
+            raise ValueError(f"batch_max must be in 1..1024, got {self.batch_max}")
+        if not 0.0 <= self.batch_wait_ms <= 1000.0:
+            raise ValueError(f"batch_wait_ms must be in [0, 1000], got {self.batch_wait_ms}")
+        if self.device not in DEVICE_CHOICES and not self.device.startswith("cuda:"):
+            raise ValueError(
+                f"unknown device {self.device!r}; choose one of {', '.join(DEVICE_CHOICES)}"
+            )
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.max_queue_per_connection < 1:
@@ -216,7 +235,8 @@ class SpinnServer:
         self.workers, threads = plan_workers(config.workers, config.torch_threads)
         configure_torch(threads)
         self.model, self.meta = load_checkpoint(config.checkpoint)
-        self.model.eval()
+        self.torch_device = resolve_device(config.device)
+        self.model.to(self.torch_device).eval()
         self._token = None if config.token_file is None else load_token(config.token_file)
         self.connection_config = ConnectionConfig(
             max_frame_size=config.max_frame_bytes,
@@ -231,6 +251,15 @@ class SpinnServer:
         self.metrics_port: int | None = None
         """Bound port of the metrics endpoint, when ``config.metrics_port`` is set."""
         self._executor: ThreadPoolExecutor = make_executor(self.workers, "spinn-server")
+        self._batcher: Batcher[_Job, _Outcome | None] | None = None
+        if config.batch_max > 1:
+            self._batcher = Batcher(
+                self._compute_batch,
+                self._executor,
+                self.workers,
+                config.batch_max,
+                config.batch_wait_ms / 1e3,
+            )
         self._server: asyncio.Server | None = None
         self._peers: set[_Peer] = set()
         self._stopping = asyncio.Event()
@@ -259,7 +288,8 @@ class SpinnServer:
             ssl_handshake_timeout=self.config.handshake_timeout_s if self._ssl else None,
         )
         log.info(
-            "serving %s (model %s, sha256 %s…) on %s:%d with %d worker(s) × %d torch thread(s)%s",
+            "serving %s (model %s, sha256 %s…) on %s:%d with %d worker(s) × %d torch thread(s)"
+            " on %s, batching %s%s",
             self.meta.arch,
             self.meta.model_id,
             self.meta.weights_sha256[:12],
@@ -267,6 +297,10 @@ class SpinnServer:
             self.port,
             self.workers,
             torch.get_num_threads(),
+            self.torch_device,
+            f"up to {self.config.batch_max} waiting {self.config.batch_wait_ms:g} ms"
+            if self._batcher
+            else "off",
             "" if self.config.report_compute else ", compute time NOT reported",
         )
         if self.config.metrics_port is not None:
@@ -536,7 +570,10 @@ class SpinnServer:
             # workers slowed by a busy machine); the larger of the two is used. An empty
             # queue means no wait, which also lets the measurement recover after a burst.
             measured_ms = self._wait_ewma_ms if self._queued else 0.0
-            done_ms = max(self._queued * mean_ms / self.workers, measured_ms) + mean_ms
+            # With batching, a forward pass answers up to batch_max queued requests at once.
+            per_pass = max(1, min(self._queued, self.config.batch_max))
+            ahead_ms = self._queued * mean_ms / (self.workers * per_pass)
+            done_ms = max(ahead_ms, measured_ms) + mean_ms
             if done_ms > infer.deadline_ms:
                 return (
                     f"answer expected in about {done_ms:.0f} ms ({self._queued} queued), past "
@@ -559,7 +596,10 @@ class SpinnServer:
     async def _run_job(self, peer: _Peer, job: _Job) -> None:
         loop = asyncio.get_running_loop()
         try:
-            outcome = await loop.run_in_executor(self._executor, self._compute, job)
+            if self._batcher is not None:
+                outcome = await self._batcher.submit(job.split, job)
+            else:
+                outcome = await loop.run_in_executor(self._executor, self._compute, job)
         except Exception as exc:  # a model failure answers this request only
             log.exception("request %d failed", job.request_id)
             peer.jobs.pop(job.request_id, None)
@@ -584,8 +624,8 @@ class SpinnServer:
         )
         self.stats.overhead_ms_total += (time.perf_counter() - t0) * 1e3
 
-    def _compute(self, job: _Job) -> _Outcome | None:
-        """Worker thread: stages [split, S) with exit checks; stops when cancelled."""
+    def _start(self, job: _Job) -> bool:
+        """Worker thread, as a job leaves the queue: False if it is dropped unrun."""
         with self._lock:
             self._queued -= 1
             wait_ms = (time.monotonic() - job.accepted_at) * 1e3
@@ -600,12 +640,18 @@ class SpinnServer:
                     self.stats.cancelled_queued += 1
                 else:
                     self.stats.expired_unrun += 1
+            return False
+        return True
+
+    def _compute(self, job: _Job) -> _Outcome | None:
+        """Worker thread: stages [split, S) with exit checks; stops when cancelled."""
+        if not self._start(job):
             return None
         from spinn.inference import iter_stages
 
         t0 = time.perf_counter()
         stages = 0
-        x = torch.from_numpy(job.activation)
+        x = to_device([job.activation], self.torch_device)
         t_stage = t0
         for step in iter_stages(self.model, x, job.split, self.model.num_stages, job.thr_conf):
             stages += 1
@@ -636,6 +682,47 @@ class SpinnServer:
                     self.stats.stages_run += stages
                 return None
         raise RuntimeError(f"request {job.request_id}: no exit answered after the last stage")
+
+    def _compute_batch(self, jobs: list[_Job]) -> list[_Outcome | None]:
+        """Worker thread: one batch of requests for the same split (``Batcher``).
+
+        Cancelled and expired requests are removed before the forward pass; a CANCEL
+        arriving during it stops that request at the next stage boundary.
+        """
+        live = [job for job in jobs if self._start(job)]
+        outcomes: dict[int, _Outcome | None] = {}
+        if live:
+            x = to_device([job.activation for job in live], self.torch_device)
+            answers = run_batch(
+                self.model,
+                x,
+                live[0].split,
+                [job.thr_conf for job in live],
+                lambda i: live[i].cancelled.is_set(),
+                slowdown=self.config.slowdown,
+            )
+            self.metrics.batch_size.observe(len(live))
+            for job, answer in zip(live, answers, strict=True):
+                if answer is None:
+                    with self._lock:
+                        self.stats.cancelled_running += 1
+                    continue
+                compute_ms = answer.compute_s * 1e3
+                top = torch.topk(answer.probs, min(self.config.top_k, answer.probs.numel()))
+                with self._lock:
+                    self.stats.computed += 1
+                    self.stats.stages_run += answer.stages_run
+                    self.stats.compute_ms_total += compute_ms
+                    self.stats.compute_ms.append(compute_ms)
+                self.metrics.compute_seconds.observe(answer.compute_s)
+                outcomes[id(job)] = _Outcome(
+                    answer.exit_index,
+                    tuple(int(c) for c in top.indices),
+                    tuple(float(p) for p in top.values),
+                    compute_ms,
+                    answer.stages_run,
+                )
+        return [outcomes.get(id(job)) for job in jobs]
 
 
 async def run_server(config: ServerConfig) -> int:

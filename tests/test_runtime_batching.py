@@ -1,0 +1,178 @@
+"""Dynamic batching (spinn.runtime.batching) and the server's batched path.
+
+Batched answers must equal unbatched ones (exit and probabilities, assert_close), each
+sample decided against its own threshold; cancelled requests never run or stop at a
+stage boundary; the batcher forms batches per split while workers are busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import uvloop
+
+from protocol import Cancel, Error, ErrorCode, Infer, Result, pack
+from spinn.checkpoint import load_checkpoint
+from spinn.inference import run_stages
+from spinn.runtime.accel import resolve_device
+from spinn.runtime.batching import Batcher, run_batch, to_device
+from spinn.runtime.server import ServerConfig, SpinnServer
+from tests._runtime_support import RawClient, make_small_checkpoint
+from tests.test_runtime_server import _hello
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def _activations(model: torch.nn.Module, split: int, n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(1, 1, 28, 28, generator=g) for _ in range(n)]
+    acts = [run_stages(model, x, 0, split, 1.0, check_exits=False).activation for x in xs]
+    return [a for a in acts if a is not None]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_batched_answers_equal_unbatched_at_every_split(checkpoint: Path, device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here: the CUDA branch runs where one is available")
+    model, _ = load_checkpoint(checkpoint)
+    model.eval()
+    dev = resolve_device(device)
+    model.to(dev)
+    # Mixed thresholds: some samples leave at early exits, others run to the final one.
+    thrs = [0.0, 0.15, 0.3, 1.0, 0.12, 0.5, 2.0, 0.2]
+    exits_seen = set()
+    for split in range(model.num_stages):
+        acts = _activations(model.cpu(), split, len(thrs), seed=split)
+        model.to(dev)
+        x = to_device([a.numpy() for a in acts], dev)
+        answers = run_batch(model, x, split, thrs)
+        for act, thr, got in zip(acts, thrs, answers, strict=True):
+            want = run_stages(model, act.to(dev), split, model.num_stages, thr).answer
+            assert got is not None and want is not None
+            assert got.exit_index == want.exit, (split, thr)
+            torch.testing.assert_close(got.probs, want.probs.cpu(), rtol=1e-4, atol=1e-5)
+            assert got.stages_run == want.stage - split + 1
+            exits_seen.add(got.exit_index)
+    assert len(exits_seen) > 1, "the thresholds exercise several exits"
+
+
+def test_run_batch_drops_cancelled_samples_at_stage_boundaries(checkpoint: Path) -> None:
+    model, _ = load_checkpoint(checkpoint)
+    acts = _activations(model.eval(), 0, 4, seed=9)
+    x = to_device([a.numpy() for a in acts], torch.device("cpu"))
+    asked: list[int] = []
+
+    def cancelled(i: int) -> bool:
+        asked.append(i)
+        return i == 1 or (i == 3 and asked.count(3) >= 2)
+
+    answers = run_batch(model, x, 0, [2.0] * 4, cancelled)  # thr 2: only the final exit
+    assert answers[1] is None and answers[3] is None
+    assert answers[0] is not None and answers[2] is not None
+    assert asked.count(1) == 1 and asked.count(3) == 2, "stopped at the next boundary"
+    with pytest.raises(ValueError, match="thresholds"):
+        run_batch(model, x, 0, [0.5])
+
+
+def test_batcher_fills_batches_per_split_while_workers_are_busy() -> None:
+    release = threading.Event()
+    batches: list[list[str]] = []
+
+    def run(jobs: list[str]) -> list[str]:
+        batches.append(jobs)
+        if jobs == ["a"]:
+            assert release.wait(10)
+        return [j.upper() for j in jobs]
+
+    async def main() -> list[str]:
+        with ThreadPoolExecutor(1) as pool:
+            batcher: Batcher[str, str] = Batcher(run, pool, workers=1, max_size=3, max_wait_s=0)
+            first = batcher.submit(0, "a")  # a free worker: runs at once, alone
+            rest = [batcher.submit(5, j) for j in "bcde"] + [batcher.submit(7, "f")]
+            assert batcher.pending == 5
+            release.set()
+            return list(await asyncio.gather(first, *rest))
+
+    results = uvloop.run(main())
+    assert results == ["A", "B", "C", "D", "E", "F"]
+    # The split-5 group holds the oldest request: its first max_size go first; then e,
+    # submitted before f, so the rest of split 5 before split 7 (FIFO across splits).
+    assert batches == [["a"], ["b", "c", "d"], ["e"], ["f"]]
+    with pytest.raises(ValueError, match="max_size"):
+        Batcher(run, ThreadPoolExecutor(1), workers=1, max_size=0, max_wait_s=0)
+
+
+def test_server_batches_devices_equal_unbatched_and_honours_cancel(checkpoint: Path) -> None:
+    model, _ = load_checkpoint(checkpoint)
+    model.eval()
+    split, thr = 2, 0.3
+    acts = _activations(model, split, 6, seed=4)
+    # A long wait with one worker: both devices' requests meet in one batch.
+    config = ServerConfig(checkpoint=checkpoint, port=0, stats_interval_s=0, workers=1,
+                          batch_max=8, batch_wait_ms=300, top_k=3)  # fmt: skip
+    got: dict[tuple[int, int], object] = {}
+
+    async def main() -> SpinnServer:
+        server = SpinnServer(config)
+        await server.start()
+        try:
+            clients = [await RawClient.open(server.port) for _ in range(2)]
+            for c in clients:
+                await _hello(c, server)
+            for n, c in enumerate(clients):
+                c.send(*(Infer(i, split, thr, pack(a.numpy(), "float32"))
+                         for i, a in enumerate(acts[n * 3 : n * 3 + 3])))  # fmt: skip
+            clients[1].send(Cancel(1))  # still waiting for its batch: removed, never run
+            for n, c in enumerate(clients):
+                for _ in range(3):
+                    event = await c.next()
+                    got[n, getattr(event, "request_id", -1)] = event
+                c.close()
+        finally:
+            await server.close()
+        return server
+
+    server = uvloop.run(main())
+    cancelled = got.pop((1, 1))
+    assert isinstance(cancelled, Error) and cancelled.code is ErrorCode.CANCELLED
+    assert server.stats.cancelled_queued == 1 and server.stats.computed == 5
+    for (n, rid), event in got.items():
+        want = run_stages(model, acts[n * 3 + rid], split, model.num_stages, thr).answer
+        assert isinstance(event, Result) and want is not None
+        assert event.exit_index == want.exit
+        assert event.classes == tuple(c for c, _ in want.topk(3))
+        torch.testing.assert_close(
+            torch.tensor(event.probs),
+            torch.tensor([p for _, p in want.topk(3)]),
+            atol=1e-5,
+            rtol=1e-4,
+        )
+    batch = server.metrics.batch_size.collect()[0]
+    count = next(s.value for s in batch.samples if s.name.endswith("_count"))
+    total = next(s.value for s in batch.samples if s.name.endswith("_sum"))
+    assert count == 1 and total == 5, "five requests from two devices in one forward pass"
+
+
+def test_batching_and_device_flags_are_checked() -> None:
+    assert ServerConfig().batch_max == 1 and ServerConfig().device == "auto"
+    with pytest.raises(ValueError, match="batch_max"):
+        ServerConfig(batch_max=0)
+    with pytest.raises(ValueError, match="batch_wait_ms"):
+        ServerConfig(batch_wait_ms=-1)
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        ServerConfig(device="tpu")
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
