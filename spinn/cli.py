@@ -167,8 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--repeats", type=int, default=30, help="timed runs per stage (default: 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: 5)")
-    p.add_argument("--device-threads", type=int, default=1, help="threads for device timings")
-    p.add_argument("--server-threads", type=int, default=2, help="threads for server timings")
+    p.add_argument(
+        "--device-threads", type=int, default=1, help="threads for device timings (default: 1)"
+    )
+    p.add_argument(
+        "--server-threads",
+        type=int,
+        default=1,
+        help="threads for server timings (default: 1, the runtime server's per-worker default)",
+    )
     p.add_argument(
         "--thresholds",
         type=_floats,

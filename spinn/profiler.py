@@ -60,8 +60,10 @@ class ProfilerConfig:
     """Untimed runs first, so allocations and caches settle."""
     device_threads: int = 1
     """torch threads for the device timings (a phone-class device: 1)."""
-    server_threads: int = 2
-    """torch threads for the server timings."""
+    server_threads: int = 1
+    """torch threads for the server timings; 1 matches the runtime server's default of
+    one torch thread per worker (batch-1 stages gain little from more, and a second
+    thread stalls at every parallel region when the cores are shared)."""
     thresholds: tuple[float, ...] = PROFILE_THRESHOLDS
     """thr_conf grid for exit rates and accuracy."""
 

@@ -40,7 +40,7 @@ def test_profile_is_valid_and_consistent(tmp_path_factory: pytest.TempPathFactor
     assert prof.num_stages == model.num_stages
     assert prof.exit_stages == tuple(model.exit_stages)
     assert prof.calibration_size == 60 and prof.created == "2026-01-02T03:04:05+00:00"
-    assert prof.device_threads == 1 and prof.server_threads == 2
+    assert prof.device_threads == 1 and prof.server_threads == 1
     assert set(prof.codecs) == set(codec_names())
     for s, sp in enumerate(prof.splits):
         assert sp.shape == model.split_shape(s)
