@@ -541,7 +541,7 @@ async def _socket_fuzz(
 
     corpus = _corpus(checkpoint)
     rng = random.Random(seed)
-    frames = max(50, int(seconds * 20))
+    frames = max(30, int(seconds * 20))
     workdir = Path(tempfile.mkdtemp(prefix="spinn-fuzz-"))
     config = DeviceConfig(
         checkpoint=checkpoint,
@@ -568,7 +568,7 @@ async def _socket_fuzz(
         run_device(config, dataset_source("fashion-mnist:test", limit=frames), out=sink,
                    show_status=False)
     )  # fmt: skip
-    await asyncio.sleep(1.0)  # the good device connects first
+    await asyncio.sleep(0.5)  # the good device connects first
     tasks = [
         asyncio.create_task(_attacker(port, random.Random(rng.random()), corpus, stop))
         for _ in range(attackers)

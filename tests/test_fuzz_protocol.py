@@ -40,7 +40,7 @@ from protocol.framing import encode_frame
 from protocol.messages import encode_message
 
 _FAST = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
 )
 
 
@@ -71,7 +71,7 @@ def test_message_decoder_random_values(obj: object) -> None:
     check_message_object(obj)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(message_objects())
 def test_message_decoder_mutated_messages(obj: object) -> None:
     check_message_object(obj)
@@ -106,7 +106,7 @@ def test_connection_stream_of_a_real_device_decodes() -> None:
     assert check_connection_stream(stream, Role.SERVER) == 1
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(packed_tensors())
 def test_tensor_unpacker(fields: dict[str, Any]) -> None:
     check_tensor(fields)
@@ -120,7 +120,7 @@ def test_tensor_unpacker_refuses_lying_zstd_before_allocating() -> None:
     assert check_tensor({**fields, "payload": zstd_declaring(256)}) is None  # holds 0 bytes
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(device_stream(), st.integers(0, 2**32))
 def test_connection_allocation_is_bounded_by_its_limits(data: bytes, seed: int) -> None:
     # Whatever the bytes declare, memory is bounded by the frame limit and the tensor
