@@ -24,6 +24,8 @@ while a real step change
 shows through after two samples and the EWMA then converges geometrically
 (error × (1 − alpha) per sample).  The window starts filled with the first sample, so
 the first sample is taken as is and the second cannot be an outlier on its own either.
+Bandwidth keeps the median-of-3 but replaces the EWMA by a windowed maximum
+(``BandwidthEstimator``), because its samples err in one direction only.
 """
 
 from __future__ import annotations
@@ -116,13 +118,34 @@ class _Filtered:
 
 
 class BandwidthEstimator:
-    """Uplink bandwidth ``B`` in bit/s from upload transfers and PING padding probes."""
+    """Uplink bandwidth ``B`` in bit/s from upload transfers and PING padding probes.
 
-    def __init__(self, alpha: float = 0.3, min_transfer_bytes: int = 4096) -> None:
-        self._f = _Filtered(alpha)
+    A measured transfer time is the wire time *plus* whatever queueing and scheduling
+    delay the measurement could not subtract, never less, so a single sample
+    underestimates B, badly so for small payloads on a busy host.  As in BBR's
+    bottleneck-bandwidth filter (Cardwell et al., ACM Queue 2016), the estimate is the
+    **maximum** over a window of recent samples (no EWMA: the window already smooths);
+    the median-of-3 in front keeps one spurious high sample out.  A rise of B shows after
+    two samples, a drop once the faster samples have left the window (``window + 1``).
+    """
+
+    def __init__(self, min_transfer_bytes: int = 4096, window: int = 8) -> None:
+        if window < 1:
+            raise ValueError(f"bandwidth window must be >= 1 sample, got {window}")
+        self._median = MedianOf3()
+        self._recent: list[float] = []
+        self._samples = 0
+        self.updated_at: float | None = None
+        self.window = window
         self.min_transfer_bytes = min_transfer_bytes
         """Smaller uploads are ignored: their time is dominated by latency and socket
         buffering, not by the link rate."""
+
+    def _update(self, now: float, sample: float) -> None:
+        self._samples += 1
+        self.updated_at = now
+        self._recent.append(self._median.update(sample))
+        del self._recent[: -self.window]
 
     def observe_transfer(self, now: float, nbytes: int, seconds: float) -> float | None:
         """An upload of ``nbytes`` that took ``seconds`` on the wire (latency excluded).
@@ -132,7 +155,7 @@ class BandwidthEstimator:
         if n < self.min_transfer_bytes or t <= 0.0:
             return None
         sample = 8.0 * n / t
-        self._f.update(now, sample)
+        self._update(now, sample)
         return sample
 
     def observe_probe(
@@ -149,17 +172,17 @@ class BandwidthEstimator:
         if n <= 0 or extra <= 1e-6:
             return None
         sample = 8.0 * n / extra
-        self._f.update(now, sample)
+        self._update(now, sample)
         return sample
 
     @property
     def bandwidth_bps(self) -> float | None:
         """Current estimate, ``None`` before any measurement."""
-        return self._f.value
+        return max(self._recent) if self._recent else None
 
     @property
     def samples(self) -> int:
-        return self._f.samples
+        return self._samples
 
 
 class LatencyEstimator:
@@ -350,6 +373,8 @@ class OnlineProfilerConfig:
     """Prior for L until the first PING (20 ms)."""
     min_transfer_bytes: int = 4096
     """Uploads below this size do not feed the bandwidth estimate."""
+    bandwidth_window: int = 8
+    """B is the maximum of the last this-many (median-filtered) samples."""
 
 
 class OnlineProfiler:
@@ -359,7 +384,7 @@ class OnlineProfiler:
         self.profile = profile
         self.config = config or OnlineProfilerConfig()
         c = self.config
-        self.bandwidth = BandwidthEstimator(c.alpha, c.min_transfer_bytes)
+        self.bandwidth = BandwidthEstimator(c.min_transfer_bytes, c.bandwidth_window)
         self.latency = LatencyEstimator(c.alpha)
         self.device = DeviceScaleEstimator(c.alpha)
         self.server = ServerTimeEstimator(c.alpha)

@@ -38,7 +38,7 @@ def _noisy(rng: random.Random, level: float, n: int, noise: float = 0.05) -> lis
 
 def test_bandwidth_converges_tracks_step_ignores_outlier() -> None:
     rng = random.Random(1)
-    est = BandwidthEstimator(alpha=0.3)
+    est = BandwidthEstimator(window=8)
     now = 0.0
     nbytes = 100_000
     for bps in _noisy(rng, 40e6, 30):
@@ -51,11 +51,20 @@ def test_bandwidth_converges_tracks_step_ignores_outlier() -> None:
     now += 0.1
     est.observe_transfer(now, nbytes, 8 * nbytes / 0.4e6)
     assert est.bandwidth_bps == pytest.approx(40e6, rel=0.05)
-    # A real step 40 -> 6 Mbit/s is followed within 12 samples.
-    for bps in _noisy(rng, 6e6, 12):
+    # A real step 40 -> 6 Mbit/s is followed once the window has turned over.
+    for bps in _noisy(rng, 6e6, 10):
         now += 0.1
         est.observe_transfer(now, nbytes, 8 * nbytes / bps)
-    assert est.bandwidth_bps == pytest.approx(6e6, rel=0.1)
+    assert est.bandwidth_bps == pytest.approx(6e6, rel=0.06)
+    # Delays the measurement could not subtract only ever lengthen a transfer: one sample
+    # in three stretched by 3x leaves the estimate at the link rate.
+    for i, bps in enumerate(_noisy(rng, 6e6, 30, noise=0.01)):
+        now += 0.1
+        stretch = 3.0 if i % 3 == 0 else 1.0
+        est.observe_transfer(now, nbytes, stretch * 8 * nbytes / bps)
+    assert est.bandwidth_bps == pytest.approx(6e6, rel=0.02)
+    with pytest.raises(ValueError, match="window"):
+        BandwidthEstimator(window=0)
     # Tiny transfers say nothing about the link rate.
     assert est.observe_transfer(now, 100, 1e-6) is None
     with pytest.raises(ValueError, match="transfer seconds"):
