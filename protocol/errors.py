@@ -33,7 +33,7 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 8
     """The server failed while computing the request."""
     UNAUTHENTICATED = 9
-    """Reserved for the authentication of a later protocol version (PROTOCOL.md §10)."""
+    """Token authentication required and missing, or a proof that does not match (§10)."""
     TOO_LARGE = 10
     """A frame, tensor or string exceeds a configured limit."""
 
