@@ -197,10 +197,10 @@ def test_2_server_killed_mid_stream_then_restarted(tmp_path: Path) -> None:
     assert n < 5000
     records = _by_frame(device.records, n)
     wheres = [r["where"] for r in records]
+    # In frame order: served, then the outage answered locally, then served again.
     first_fallback = wheres.index("fallback")
-    last_fallback = len(wheres) - 1 - wheres[::-1].index("fallback")
-    assert "server" in wheres[:first_fallback]
-    assert wheres[last_fallback + 1 :].count("server") >= 15, "offload resumed"
+    assert wheres[:first_fallback].count("server") >= 30
+    assert wheres[first_fallback:].count("server") >= 15, "offload resumed"
     assert summary["server_connects"] == 2
     assert summary["answered_by"]["fallback"] == wheres.count("fallback")
 
