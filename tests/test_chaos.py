@@ -48,7 +48,7 @@ def test_faults_in_sequence_lose_nothing_and_offloading_resumes(tmp_path: Path) 
                     "--no-status")  # fmt: skip
     phases: list[tuple[str, int, int]] = []
     try:
-        device.wait_for(_server_answers_since(0, 20))
+        device.wait_for(_server_answers_since(0, 10))
 
         def fault(name: str, inject: Callable[[], None], restore: Callable[[], None]) -> None:
             start = len(device.records)
@@ -56,7 +56,7 @@ def test_faults_in_sequence_lose_nothing_and_offloading_resumes(tmp_path: Path) 
             device.wait_for(_not_server_since(start, 5), timeout_s=30)
             restore()
             back = len(device.records)
-            device.wait_for(_server_answers_since(back, 15), timeout_s=30)
+            device.wait_for(_server_answers_since(back, 8), timeout_s=30)
             phases.append((name, start, back))
 
         fault(
