@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -46,19 +47,25 @@ def test_killing_one_server_mid_stream_loses_no_frame(tmp_path: Path, route: str
         pytest.skip(f"haproxy binary not found ({HAPROXY}); `make` installs Debian's haproxy")
     checkpoint = str(make_small_checkpoint(tmp_path))
     ports = (free_port(), free_port())
-    servers = [Server(tmp_path, p, "--checkpoint", checkpoint) for p in ports]
+    # Everything starts at once (each process spends seconds importing torch); the device
+    # answers locally until a server is up, then offloads.
+    pool = ThreadPoolExecutor(2)
+    starting = [pool.submit(Server, tmp_path, p, "--checkpoint", checkpoint) for p in ports]
     lb = None
     if route == "haproxy":
         lb_port = free_port()
         lb = _start_haproxy(tmp_path, lb_port, ports)
-        target = ["--server", f"127.0.0.1:{lb_port}"]
+        first, more = lb_port, []  # the device knows only the balancer
     else:
-        target = ["--server", f"127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}"]
+        # --server given twice: the helper's first address, then the second server.
+        first, more = ports[0], ["--server", f"127.0.0.1:{ports[1]}"]
     # thr 1.0 and --no-continue: every frame is offloaded, so "server" answers show that
-    # offloading works; the later --server flag replaces the helper's single address.
-    device = Device(ports[0], "--checkpoint", checkpoint, "--limit", "20000", "--rate", "40",
+    # offloading works.
+    device = Device(first, "--checkpoint", checkpoint, "--limit", "20000", "--rate", "40",
                     "--split", "2", "--thr", "1.0", "--no-continue", "--no-status",
-                    *target)  # fmt: skip
+                    *more)  # fmt: skip
+    servers = [f.result() for f in starting]
+    pool.shutdown()
     try:
         device.wait_for(lambda rs: sum(r["where"] == "server" for r in rs) >= 20)
         holder = next(i for i, s in enumerate(servers) if _welcomed(s) > 0)
