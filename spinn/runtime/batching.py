@@ -56,8 +56,10 @@ def to_device(activations: Sequence[np.ndarray], device: torch.device) -> torch.
     On CUDA the batch is assembled in a pinned (page-locked) host buffer and copied with
     ``non_blocking=True``: the copy is a DMA that does not stall the host thread.
     """
-    shape = activations[0].shape[1:]
     pinned = device.type == "cuda"
+    if not pinned and len(activations) == 1:
+        return torch.from_numpy(activations[0])  # batch 1 on the CPU: no copy at all
+    shape = activations[0].shape[1:]
     host = torch.empty((len(activations), *shape), dtype=torch.float32, pin_memory=pinned)
     for i, a in enumerate(activations):
         host[i].copy_(torch.from_numpy(a[0]))
