@@ -179,3 +179,18 @@ def test_batching_and_device_flags_are_checked() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+def test_server_cli_fills_batching_device_and_metrics_fields() -> None:
+    import spinn_server
+
+    parser = spinn_server.build_parser()
+    args = parser.parse_args(["--batch-max", "16", "--batch-wait-ms", "0.5", "--device", "cpu",
+                              "--metrics-port", "9100"])  # fmt: skip
+    config = spinn_server.config_from_args(args)
+    assert (config.batch_max, config.batch_wait_ms, config.device) == (16, 0.5, "cpu")
+    assert (config.metrics_port, config.metrics_host) == (9100, "127.0.0.1")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exc:
+            spinn_server.main(["--device", "cuda"])
+        assert exc.value.code == 2
