@@ -163,9 +163,9 @@ def config_from_args(args: argparse.Namespace) -> DeviceConfig:
     from spinn.runtime.device import DeviceConfig
     from spinn.sla import sla_from_args
 
-    servers = (
-        [a for group in args.server for a in group] if args.server else [DeviceConfig().server]
-    )
+    default = DeviceConfig().server
+    assert default is not None
+    servers = [a for group in args.server for a in group] if args.server else [default]
     return DeviceConfig(
         policy=args.policy,
         sla=sla_from_args(args),
