@@ -29,6 +29,7 @@ from spinn.checkpoint import (
     CheckpointError,
     CheckpointMeta,
     ModelConfig,
+    load_checkpoint,
     read_checkpoint,
     save_checkpoint,
 )
@@ -406,8 +407,6 @@ def train(
             rpath.unlink()
     if meta is None:
         # Resumed a run that had already finished: the checkpoint is the answer.
-        from spinn.checkpoint import load_checkpoint
-
         return load_checkpoint(cfg.out, allow_user_code=True)
     return model.eval(), meta
 
