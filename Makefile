@@ -54,7 +54,7 @@ lint: setup
 	$(PY) -m mypy protocol spinn/scheduler.py spinn/estimators.py
 
 model: setup
-	$(PY) -m spinn train --arch resnet20 --dataset fashion-mnist --epochs 8 --seed 0 --out models/default/model.pt
+	$(PY) -m spinn train --arch resnet20 --width 8 --dataset fashion-mnist --epochs 6 --no-augment --threads 1 --seed 0 --out models/default/model.pt
 	$(PY) -m spinn evaluate models/default/model.pt --out models/default
 	$(PY) -m spinn profile models/default/model.pt --out models/default/profile.json
 
