@@ -194,3 +194,25 @@ def test_server_cli_fills_batching_device_and_metrics_fields() -> None:
         with pytest.raises(SystemExit) as exc:
             spinn_server.main(["--device", "cuda"])
         assert exc.value.code == 2
+
+
+def test_batcher_forgets_waiters_whose_future_was_cancelled() -> None:
+    release = threading.Event()
+    batches: list[list[str]] = []
+
+    def run(jobs: list[str]) -> list[str]:
+        batches.append(jobs)
+        assert release.wait(10)
+        return jobs
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher: Batcher[str, str] = Batcher(run, pool, workers=1, max_size=4, max_wait_s=0)
+            first = batcher.submit(1, "a")
+            gone, kept = batcher.submit(1, "b"), batcher.submit(1, "c")
+            gone.cancel()  # e.g. its request's task was cancelled at shutdown
+            release.set()
+            assert await first == "a" and await kept == "c"
+
+    uvloop.run(main())
+    assert batches == [["a"], ["c"]]

@@ -180,6 +180,11 @@ class Batcher(Generic[J, R]):
     def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
+        # A waiter whose future was cancelled (its task ended, e.g. at shutdown) is gone.
+        for key in [k for k, g in self._groups.items() if any(w.future.done() for w in g)]:
+            self._groups[key] = [w for w in self._groups[key] if not w.future.done()]
+            if not self._groups[key]:
+                del self._groups[key]
         while self._free > 0 and self._groups:
             ready = [
                 (g[0].seq, key)
