@@ -305,8 +305,9 @@ def test_5_cancel_saves_server_work(tmp_path: Path, model_info: tuple[Any, Any])
     model, _ = model_info
     n = 300
     port = free_port()
-    # One slow server worker: requests queue, so local exits win races and CANCEL them.
-    server = Server(tmp_path, port, "--workers", "1")
+    # One server worker, each stage 3× slower (a loaded server): requests queue, so the
+    # device's local exits win races and CANCEL them, whatever else loads the machine.
+    server = Server(tmp_path, port, "--workers", "1", "--slowdown", "3")
     device = Device(port, "--limit", str(n), "--split", "1", "--thr", "0.6",
                     "--max-in-flight", "8")  # fmt: skip
     try:
