@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from spinn.runtime.stats import DeviceStats, ServerStats, percentile
+from spinn.runtime.stats import COMPUTE_WINDOW, DeviceStats, ServerStats, percentile
 from spinn.runtime.tracker import Answer, Where
 
 
@@ -66,3 +66,15 @@ def test_server_stats_line_rate() -> None:
     line = st.line(2.0, 3)
     assert "req/s=25.0" in line and "queue=3" in line and "mean_compute_ms=2.00" in line
     assert json.loads(json.dumps(st.as_dict()))["computed"] == 40
+
+
+def test_server_compute_times_stay_bounded_and_give_the_recent_median() -> None:
+    st = ServerStats()
+    # An old slow phase (100 ms) followed by a full window of 2..4 ms requests.
+    for _ in range(3 * COMPUTE_WINDOW):
+        st.compute_ms.append(100.0)
+    for i in range(COMPUTE_WINDOW):
+        st.compute_ms.append(2.0 + 2.0 * i / (COMPUTE_WINDOW - 1))
+    assert len(st.compute_ms) == COMPUTE_WINDOW
+    assert st.as_dict()["compute_ms_median"] == pytest.approx(3.0, abs=1e-3)
+    assert ServerStats().as_dict()["compute_ms_median"] is None

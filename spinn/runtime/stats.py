@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 
 from spinn.runtime.tracker import Answer, Where
 
-__all__ = ["DeviceStats", "ServerStats", "percentile"]
+__all__ = ["COMPUTE_WINDOW", "DeviceStats", "ServerStats", "percentile"]
+
+COMPUTE_WINDOW = 4096
+"""Compute times kept by ``ServerStats`` for its median: the most recent requests only, so
+a long-running server's memory stays bounded while the median tracks current load."""
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -168,8 +172,11 @@ class ServerStats:
     connections_refused: int = 0
     """Connections closed by a limit: too many, unauthenticated, handshake or idle timeout."""
     compute_ms_total: float = 0.0
-    compute_ms: list[float] = field(default_factory=list)
-    """Per-request compute times (for the median in the final stats)."""
+    compute_ms: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=COMPUTE_WINDOW)
+    )
+    """Compute times of the last ``COMPUTE_WINDOW`` requests (the median in the final stats);
+    bounded, unlike the totals, so memory does not grow with the server's uptime."""
     overhead_ms_total: float = 0.0
     """Framing + unpack + dispatch time on the event loop, over all requests."""
     _last_requests: int = 0
