@@ -14,6 +14,7 @@ import uvloop
 
 from protocol import (
     PROTOCOL_VERSION,
+    Bye,
     Cancel,
     Error,
     ErrorCode,
@@ -251,3 +252,39 @@ def test_request_past_its_deadline_is_dropped_unrun(checkpoint: Path) -> None:
 
     server = _serve(checkpoint, body, workers=1)
     assert server.stats.computed == 1 and server.stats.expired_unrun == 1
+
+
+def test_no_codec_in_common_is_a_fatal_bad_tensor_naming_both_sides(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        meta = server.meta
+        client = await RawClient.open(port)
+        client.send(Hello(PROTOCOL_VERSION, meta.model_id, meta.weights_sha256, ("bfloat9",)))
+        error = await client.next()
+        # PROTOCOL.md §5.2: no WELCOME the device would have to refuse, but BAD_TENSOR.
+        assert isinstance(error, Error) and error.code is ErrorCode.BAD_TENSOR, error
+        assert error.request_id is None
+        assert "bfloat9" in error.message and "float32" in error.message
+        assert "sparse_int8" in error.message
+        assert await asyncio.wait_for(client.reader.read(), 5.0) == b""
+        client.close()
+
+    server = _serve(checkpoint, body)
+    assert server.stats.errors_sent == 1 and server.stats.connections == 0
+
+
+def test_bye_answers_outstanding_requests_then_says_bye(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        await _hello(client, server)
+        x = pack(_input(8).numpy(), "float32")
+        # One write: the server reads BYE before any of the three requests has run.
+        client.send(Infer(1, 0, 1.0, x), Infer(2, 0, 1.0, x), Infer(3, 0, 1.0, x), Bye("done"))
+        events = [await client.next() for _ in range(4)]
+        assert [type(e) for e in events] == [Result, Result, Result, Bye], events
+        assert sorted(e.request_id for e in events[:3]) == [1, 2, 3]  # type: ignore[attr-defined]
+        # Both BYEs exchanged (PROTOCOL.md §7.3): the server closes the TCP connection.
+        assert await asyncio.wait_for(client.reader.read(), 5.0) == b""
+        client.close()
+
+    server = _serve(checkpoint, body, workers=1)
+    assert server.stats.computed == 3 and server.stats.connections == 0

@@ -214,6 +214,11 @@ class _Peer:
         """When the last complete frame arrived (idle timeout, ServerConfig)."""
         self.tasks: set[asyncio.Task[None]] = set()
         self.closing = False
+        """Nothing more is sent or read (fatal error, disconnect, or both BYEs exchanged)."""
+        self.bye_received = False
+        """The device sent BYE: nothing more is read; outstanding INFERs are still answered,
+        then the server's own BYE is sent (PROTOCOL.md §7.3)."""
+        self.bye_sent = False
         peer = writer.get_extra_info("peername")
         self.name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
@@ -222,7 +227,10 @@ class _Peer:
             return
         if isinstance(event, Error):
             self.server.metrics.errors.labels(event.code.name).inc()
-        self.writer.write(self.conn.send(event))  # type: ignore[arg-type]
+        if isinstance(event, Bye):
+            self.bye_sent = True
+        # The frame as buffers, the bulk bytes last as given: no join copy (PROTOCOL.md §4.1).
+        self.writer.writelines(self.conn.send_parts(event))  # type: ignore[arg-type]
 
 
 class SpinnServer:
@@ -346,8 +354,9 @@ class SpinnServer:
             for t in pending:
                 t.cancel()
         for peer in list(self._peers):
-            with contextlib.suppress(ProtocolError):
-                peer.send(Bye("server shutting down"))
+            if not peer.bye_sent:
+                with contextlib.suppress(ProtocolError):
+                    peer.send(Bye("server shutting down"))
             peer.closing = True
             with contextlib.suppress(ConnectionError, OSError):
                 peer.writer.close()
@@ -387,7 +396,7 @@ class SpinnServer:
         reason = "closed by device"
         accepted_at = time.monotonic()
         try:
-            while not peer.closing:
+            while not peer.closing and not peer.bye_received:
                 timeout = self._read_timeout(peer, accepted_at)
                 try:
                     data = await asyncio.wait_for(reader.read(_READ_CHUNK), timeout)
@@ -401,6 +410,8 @@ class SpinnServer:
                 self._drain_events(peer)
                 self.stats.overhead_ms_total += (time.perf_counter() - t0) * 1e3
                 await writer.drain()
+            if peer.bye_received and not peer.closing:
+                reason = await self._answer_then_bye(peer)
         except ProtocolError as exc:
             # One bad peer: tell it what was wrong, close it, keep serving the others.
             code = getattr(exc, "code", ErrorCode.PROTOCOL)
@@ -422,6 +433,25 @@ class SpinnServer:
             with contextlib.suppress(ConnectionError, OSError):
                 writer.close()
             log.info("device %s disconnected: %s", peer.name, reason)
+
+    async def _answer_then_bye(self, peer: _Peer) -> str:
+        """After the device's BYE: answer its outstanding INFERs, then send BYE (§7.3).
+
+        Requests still unanswered after the idle timeout are cancelled and answered
+        ERROR(CANCELLED), so a stalled compute cannot hold the connection open forever.
+        """
+        if peer.tasks:
+            _, pending = await asyncio.wait(set(peer.tasks), timeout=self.config.idle_timeout_s)
+            for job in list(peer.jobs.values()):
+                job.cancelled.set()
+                peer.jobs.pop(job.request_id, None)
+                peer.send(Error(ErrorCode.CANCELLED, "device said BYE", job.request_id))
+            for task in pending:
+                task.cancel()
+        peer.send(Bye("answered all requests"))
+        with contextlib.suppress(ConnectionError, OSError):
+            await peer.writer.drain()
+        return "BYE"
 
     def _read_timeout(self, peer: _Peer, accepted_at: float) -> float:
         """Seconds the next read may take: what is left of the handshake, or idle time."""
@@ -471,7 +501,10 @@ class SpinnServer:
                 now = time.time()
                 peer.send(Pong(event.seq, event.sent_at, now, len(event.padding)))
             elif isinstance(event, Bye):
-                peer.closing = True
+                # A half-close (PROTOCOL.md §7.3): the device sends nothing more, but its
+                # outstanding INFERs are still answered before the server's BYE.
+                peer.bye_received = True
+                return
             # Pong (answers to our pings) and others need no action here.
 
     def _on_hello(self, peer: _Peer, hello: Hello) -> None:
@@ -490,7 +523,19 @@ class SpinnServer:
             peer.send(Error(ErrorCode.MODEL_MISMATCH, message))
             peer.closing = True
             return
-        codecs = tuple(c for c in hello.codecs if c in CODECS) or tuple(CODECS)
+        codecs = tuple(c for c in hello.codecs if c in CODECS)
+        if not codecs:
+            # WELCOME's codecs must be a non-empty subset of HELLO's: without one in common
+            # the answer is a fatal ERROR(BAD_TENSOR) (PROTOCOL.md §5.2).
+            message = (
+                f"no tensor codec in common: device offers {list(hello.codecs)}, "
+                f"server accepts {list(CODECS)}"
+            )
+            log.warning("device %s refused: %s", peer.name, message)
+            self.stats.errors_sent += 1
+            peer.send(Error(ErrorCode.BAD_TENSOR, message))
+            peer.closing = True
+            return
         peer.send(
             Welcome(
                 hello.version,
