@@ -13,6 +13,9 @@ docs/PROTOCOL.md and DESIGN.md part 7:
 * CANCEL: a queued request never runs; a running one stops at the next stage
   boundary; no RESULT is sent for it.
 * Bad bytes from one peer: ERROR naming the fault, then only that peer is closed.
+* HELLO with no tensor codec in common: fatal ERROR(BAD_TENSOR) naming both lists (§5.2).
+* BYE from a device is a half-close (§7.3): its outstanding INFERs are still answered,
+  then the server sends its own BYE and closes.
 * Limits with safe defaults (``ServerConfig``; issue 8): connections, requests queued per
   device and in total, frame and tensor sizes, handshake and idle timeouts. An overloaded
   server answers ERROR(BUSY) at once, so the device finishes locally instead of waiting.
