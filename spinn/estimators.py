@@ -31,6 +31,7 @@ Bandwidth keeps the median-of-3 but replaces the EWMA by a windowed maximum
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 from spinn.profile import Profile
@@ -188,15 +189,27 @@ class BandwidthEstimator:
 class LatencyEstimator:
     """Round-trip latency ``L`` (seconds) from bare PING round trips."""
 
-    def __init__(self, alpha: float = 0.3) -> None:
+    def __init__(self, alpha: float = 0.3, window: int = 16) -> None:
+        if window < 1:
+            raise ValueError(f"latency window must be >= 1, got {window}")
         self._f = _Filtered(alpha)
         self.min_rtt_s: float | None = None
         """Smallest RTT seen: the baseline for bandwidth probes."""
+        self._recent: deque[float] = deque(maxlen=window)
 
     def observe_rtt(self, now: float, rtt_s: float) -> None:
         rtt = _check_sample("rtt", rtt_s)
         self.min_rtt_s = rtt if self.min_rtt_s is None else min(self.min_rtt_s, rtt)
+        self._recent.append(rtt)
         self._f.update(now, rtt)
+
+    @property
+    def propagation_s(self) -> float | None:
+        """Smallest of the last ``window`` RTTs: the propagation delay alone.  A PING's RTT
+        adds whatever waited in front of it (event-loop turns, queued bytes); subtracting
+        that average from a response time would also subtract time the response itself did
+        not wait, so the inferred server time uses this instead (docs/SCHEDULER.md)."""
+        return min(self._recent) if self._recent else None
 
     @property
     def latency_s(self) -> float | None:
@@ -468,7 +481,7 @@ class OnlineProfiler:
                 request_bytes,
                 response_bytes,
                 offline,
-                snap.latency_s,
+                self.propagation_s(),
                 max(snap.bandwidth_bps, 1.0),
             )
         else:
@@ -477,6 +490,12 @@ class OnlineProfiler:
 
     def observe_queue(self, now: float, depth: float) -> None:
         self.server.observe_queue(now, depth)
+
+    def propagation_s(self) -> float:
+        """Propagation latency for inferring server time: the minimum recent RTT
+        (``LatencyEstimator.propagation_s``), the prior before any PING."""
+        p = self.latency.propagation_s
+        return self.config.initial_latency_s if p is None else p
 
     def mark_server(self, now: float, up: bool) -> None:
         """The connection to the server was lost (``up=False``) or re-established."""

@@ -97,6 +97,46 @@ def test_latency_and_min_rtt() -> None:
         est.observe_rtt(1.0, float("nan"))
 
 
+def test_propagation_is_the_minimum_recent_rtt() -> None:
+    est = LatencyEstimator(window=4)
+    assert est.propagation_s is None
+    for i, rtt in enumerate((0.010, 0.030, 0.050, 0.020)):
+        est.observe_rtt(float(i), rtt)
+    assert est.propagation_s == 0.010
+    est.observe_rtt(4.0, 0.040)  # 0.010 leaves the window
+    assert est.propagation_s == 0.020
+    assert est.min_rtt_s == 0.010
+    with pytest.raises(ValueError, match="window"):
+        LatencyEstimator(window=0)
+
+
+def test_inferred_server_time_uses_propagation_not_the_noisy_average() -> None:
+    """RTTs inflated by queueing in front of the PINGs push the EWMA of L above the
+    propagation delay; the response time itself did not wait that long, so the inferred
+    server time subtracts the minimum recent RTT and stays at the true compute time."""
+    prof = synthetic_profile(random.Random(7), num_stages=6, num_exits=3, num_thresholds=5)
+    op = OnlineProfiler(prof)
+    rng = random.Random(8)
+    for i in range(16):
+        op.observe_ping(float(i), 0.002 + rng.uniform(0.0, 0.02))
+    assert op.snapshot(16.0).latency_s > 0.006
+    assert op.propagation_s() == pytest.approx(0.002, abs=0.002)
+    split, exit_index = 2, prof.num_exits - 1
+    offline = prof.server_time_ms(split, prof.exit_stages[exit_index] + 1)
+    bw = op.snapshot(16.0).bandwidth_bps
+    for i in range(10):
+        elapsed = op.propagation_s() + 2.0 * offline / 1e3 + 8.0 * (10_000 + 100) / bw
+        op.observe_result(
+            20.0 + i,
+            split,
+            exit_index,
+            elapsed_s=elapsed,
+            request_bytes=10_000,
+            response_bytes=100,
+        )
+    assert op.server.scale == pytest.approx(2.0, rel=1e-6)
+
+
 def test_device_scale() -> None:
     est = DeviceScaleEstimator()
     assert est.scale == 1.0

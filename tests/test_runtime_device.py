@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import uvloop
 
+from protocol.packing import CODECS
 from spinn.checkpoint import load_checkpoint
 from spinn.estimators import Estimates
 from spinn.policy import Decision
@@ -247,3 +248,44 @@ def test_scheduler_baseline_policies_plug_in_by_name(checkpoint: Path) -> None:
     assert {r["split"] for r in records} == {0} and summary["offloaded"] == 10
     with pytest.raises(DeviceError, match="edgent"):
         SpinnDevice(DeviceConfig(checkpoint=checkpoint, server=None, policy="edgent"))
+
+
+def test_local_answers_feed_overhead_and_race_stages_feed_device_scale(checkpoint: Path) -> None:
+    """Split 0 runs nothing before the split: SF comes from the stages run after it, and
+    every answer given on the device measures the per-input overhead."""
+    records: list[dict[str, Any]] = []
+
+    async def main() -> SpinnDevice:
+        config = DeviceConfig(
+            checkpoint=checkpoint, server=None, status_interval_s=0, split=0, thr_conf=0.5
+        )
+        device = SpinnDevice(config)
+        await device.run(_frames(12), records.append)
+        return device
+
+    device = uvloop.run(main())
+    _exactly_once(records, 12)
+    prof = device.profiler
+    assert prof.device.samples >= 12  # at least one stage per frame
+    assert prof.device.scale != 1.0  # measured, not the prior
+    assert prof.overhead.samples == 12
+    snap = prof.snapshot(0.0)
+    # The overhead is what the answer's latency has beyond the scaled stage times.
+    latencies = sorted(r["latency_ms"] for r in records)
+    assert 0.0 <= snap.frame_overhead_ms <= latencies[-1]
+
+
+def test_scheduler_policy_predicts_with_the_device_codec(checkpoint: Path) -> None:
+    from spinn.scheduler import Scheduler
+
+    device = SpinnDevice(
+        DeviceConfig(checkpoint=checkpoint, server=None, policy="spinn", codec="float32")
+    )
+    assert "float32" in device.profile.codecs
+    assert isinstance(device.policy, Scheduler) and device.policy.config.codec == "float32"
+    # A codec the profile did not measure falls back to the smallest profiled size.
+    missing = next(c for c in CODECS if c not in device.profile.codecs)
+    device = SpinnDevice(
+        DeviceConfig(checkpoint=checkpoint, server=None, policy="spinn", codec=missing)
+    )
+    assert isinstance(device.policy, Scheduler) and device.policy.config.codec is None

@@ -59,3 +59,17 @@ def test_small_requests_are_summed_and_compute_bound_gives_nothing() -> None:
             timer.answered(sent_at=0.0, now=t, nbytes=5000, compute_s=COMPUTE, latency_s=0.0)
             is None
         )
+
+
+def test_unknown_server_time_gives_no_sample_but_marks_the_link_busy() -> None:
+    """A CANCELLED answer (compute unknown) is no sample, yet the next request sent before
+    it is timed from it, as on a backlogged link."""
+    timer = UploadTimer()
+    assert timer.answered(sent_at=0.0, now=0.5, nbytes=8000, compute_s=None, latency_s=L) is None
+    assert timer.last_answer_at == 0.5
+    upload = 8000 / RATE
+    got = timer.answered(
+        sent_at=0.1, now=0.5 + upload + COMPUTE, nbytes=8000, compute_s=COMPUTE, latency_s=L
+    )
+    assert got is not None
+    assert got[0] / got[1] == pytest.approx(RATE, rel=1e-9)

@@ -36,7 +36,7 @@ import ssl
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -546,10 +546,26 @@ class SpinnDevice:
             if config.policy == "fixed":
                 policy = FixedPolicy(split, config.thr_conf)
             else:
-                from spinn.scheduler import make_policy
+                from spinn.scheduler import SchedulerConfig, make_policy
 
+                # Upload sizes predicted with the codec this device packs with
+                # (docs/SCHEDULER.md, "Predicted versus measured"); a profile that did not
+                # measure it leaves the smallest profiled size.
+                codec: str | None = config.codec
+                if codec not in self.profile.codecs:
+                    log.warning(
+                        "codec %s not in the profile (%s): predicting with the smallest size",
+                        codec,
+                        ", ".join(self.profile.codecs),
+                    )
+                    codec = None
                 try:
-                    policy = make_policy(config.policy, self.profile, config.sla or SLA())
+                    policy = make_policy(
+                        config.policy,
+                        self.profile,
+                        config.sla or SLA(),
+                        SchedulerConfig(codec=codec),
+                    )
                 except ValueError as exc:
                     raise DeviceError(f"--policy {config.policy}: {exc}") from exc
         self.policy: Policy = policy
@@ -569,6 +585,9 @@ class SpinnDevice:
         self._server_ms_inferred: list[float] = []
         self._changed: dict[int, asyncio.Event] = {}
         self._labels: dict[int, Frame] = {}
+        self._slot_wait_s: dict[int, float] = {}
+        """Per frame in flight: time spent waiting for a compute slot (queueing, not the
+        per-input overhead ``OnlineProfiler.observe_answer`` measures)."""
         self._emit: Emit = lambda record: None
         self._decision: Decision = self.policy.decide(0.0, self.profiler.snapshot(0.0))
         self._stop = asyncio.Event()
@@ -685,6 +704,7 @@ class SpinnDevice:
         finally:
             self._changed.pop(frame.index, None)
             self._labels.pop(frame.index, None)
+            self._slot_wait_s.pop(frame.index, None)
             window.release()
 
     def _plan(self, decision: Decision) -> _Plan:
@@ -736,7 +756,8 @@ class SpinnDevice:
             # whatever answers this frame is the device standing in for the server.
             self.tracker.server_unavailable(fid)
 
-        async with self.slots.slot(0):
+        self._slot_wait_s[fid] = 0.0
+        async with self._slot(fid, 0):
             head = await loop.run_in_executor(
                 self._executor, self._run_head, frame, plan, estimates.bandwidth_bps
             )
@@ -772,6 +793,23 @@ class SpinnDevice:
             answer = ExitAnswer(exit=plan.forced_exit, stage=plan.last - 1, probs=probs)
             return StagesOutcome(answer=answer, activation=None, stop=stop)
         return out
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, fid: int, priority: int) -> AsyncIterator[None]:
+        """A compute slot for frame ``fid``; the wait for it is recorded apart."""
+        t0 = _now()
+        async with self.slots.slot(priority):
+            if fid in self._slot_wait_s:
+                self._slot_wait_s[fid] += _now() - t0
+            yield
+
+    def _run_range_timed(
+        self, act: torch.Tensor, start: int, stop: int, plan: _Plan
+    ) -> tuple[Any, float]:
+        """Worker thread: ``_run_range`` and its compute time in ms (no hand-off waits)."""
+        t0 = time.perf_counter()
+        out = self._run_range(act, start, stop, plan)
+        return out, (time.perf_counter() - t0) * 1e3
 
     def _run_head(
         self, frame: Frame, plan: _Plan, bandwidth_bps: float
@@ -829,12 +867,15 @@ class SpinnDevice:
                 continue
             # A frame the server will not answer is urgent; a race continuation is not.
             priority = 1 if phase is FramePhase.OFFLOADED else 0
-            async with self.slots.slot(priority):
+            async with self._slot(fid, priority):
                 if self.tracker.is_answered(fid):
                     return
-                out = await loop.run_in_executor(
-                    self._executor, self._run_range, act, k, k + 1, plan
+                out, ms = await loop.run_in_executor(
+                    self._executor, self._run_range_timed, act, k, k + 1, plan
                 )
+            # The race's stages keep SF measured where the head is short or empty (split 0;
+            # docs/SCHEDULER.md, "what the predictions do not see").
+            self.profiler.observe_device(_now(), out.stop, ms, start=k)
             if out.answer is not None:
                 self._local(fid, out.answer)
                 return
@@ -855,6 +896,15 @@ class SpinnDevice:
             if self._link is not None:
                 self._link.send(Cancel(cancel))
         if answer is not None:
+            # The whole answer came from the device: latency less the scaled stage times is
+            # the per-input overhead the predictions add (docs/SCHEDULER.md).
+            # Waits for a compute slot are queueing behind other frames, which the
+            # predictions exclude (a paced input does not wait): they are left out.
+            waited = self._slot_wait_s.get(fid, 0.0)
+            with contextlib.suppress(ValueError):
+                self.profiler.observe_answer(
+                    now, answer.exit_index, max(0.0, answer.latency_s - waited) * 1e3
+                )
             self._publish(answer, now)
 
     def _on_result(self, result: Result, now: float) -> None:
@@ -879,7 +929,7 @@ class SpinnDevice:
                         elapsed,
                         sent.nbytes,
                         64 + 16 * len(result.classes),
-                        est.latency_s,
+                        self.profiler.propagation_s(),
                         max(est.bandwidth_bps, 1.0),
                     )
                 )
@@ -912,10 +962,13 @@ class SpinnDevice:
     def _on_request_error(self, error: Error) -> None:
         assert error.request_id is not None
         sent = self._sent.pop(error.request_id, None)
-        if sent is not None and error.code is ErrorCode.CANCELLED:
-            # A cancelled request is answered as soon as it arrives (or at a stage
-            # boundary): its answer time still clocks the uplink.
-            self._time_upload(sent, _now(), 0.0)
+        if sent is not None:
+            # A cancelled or refused request may have computed for a while (a running one
+            # stops at a stage boundary) without reporting it: its answer time says nothing
+            # certain about the upload, but it still marks when the uplink was busy until.
+            self._upload_timer.answered(
+                sent_at=sent.sent_at, now=_now(), nbytes=sent.nbytes, compute_s=None, latency_s=0.0
+            )
         fid = self.tracker.abandon(error.request_id)
         if error.code in (ErrorCode.CANCELLED, ErrorCode.BUSY):
             # Expected under load and after CANCEL; the frame finishes locally.

@@ -11,6 +11,10 @@ answered (RESULT or ERROR) at ``a_i``, with the previous answer at ``a_{i-1}``:
   requests until ``a_{i-1}``, so upload = ``a_i − a_{i-1} − compute_i``
   (answers leave the server at the rate the uplink delivers requests).
 
+An answer whose server time is unknown (``compute_s=None``: a CANCELLED or
+refused request may have run part of its stages without reporting it) gives no
+sample; it only moves ``a_{i-1}`` on.
+
 Small requests are summed until ``min_bytes`` so that each sample handed to
 the bandwidth estimator is large enough to time.
 """
@@ -37,15 +41,24 @@ class UploadTimer:
     _seconds: float = 0.0
 
     def answered(
-        self, *, sent_at: float, now: float, nbytes: int, compute_s: float, latency_s: float
+        self,
+        *,
+        sent_at: float,
+        now: float,
+        nbytes: int,
+        compute_s: float | None,
+        latency_s: float,
     ) -> tuple[int, float] | None:
         """A request of ``nbytes`` sent at ``sent_at`` was answered at ``now``.
 
         Returns an upload sample ``(bytes, seconds)`` once enough bytes were
-        timed, else None.
+        timed, else None (always None when ``compute_s`` is None: the server time is
+        unknown).
         """
         prev = self.last_answer_at
         self.last_answer_at = now if prev is None else max(prev, now)
+        if compute_s is None:
+            return None
         if prev is not None and sent_at < prev:
             upload = now - prev - compute_s
         else:
