@@ -259,20 +259,28 @@ class Predictor:
         with np.errstate(invalid="ignore"):
             # 0 · ∞ (an exit nobody reaches on an unusable link) contributes nothing.
             latency = np.where(rates > 0, rates * path, 0.0).sum(axis=-1) + overhead
+        # Device time an input holds the device for before it is answered locally or
+        # uploaded: the stages up to its exit or the split.
+        device_head = (
+            (self.local_rates * local_ms).sum(axis=-1)
+            + offload * (sf * self.dev_split_ms)[:, None]
+            + overhead
+        )
         if self.config.local_race:
             # The device computes until the answer arrives, whichever side gives it.
             device_cost = latency
         else:
-            device_cost = (
-                (self.local_rates * local_ms).sum(axis=-1)
-                + offload * (sf * self.dev_split_ms)[:, None]
-                + overhead
-            )
+            device_cost = device_head
         with np.errstate(invalid="ignore"):
             uplink = np.where(offload > 0, offload * up_ms[:, None], 0.0)
         # Throughput: the pipeline (device compute, uplink, server) runs at the rate of its
-        # slowest stage; each stage's time per input is its expected busy time.
-        period = np.maximum(np.maximum(device_cost, uplink), srv_cost)
+        # slowest stage. The device stage is the head work alone: the runtime runs the
+        # local continuation of an uploaded input only when no new input's stages wait
+        # (spinn.runtime.compute, priority slots), so under a saturating stream the race
+        # uses idle time and does not slow the pipeline, although it costs device compute.
+        # The server stage is shared: with q requests of others queued on average, this
+        # device gets about 1/(1+q) of it (FIFO), so a busy server slows the pipeline.
+        period = np.maximum(np.maximum(device_head, uplink), srv_cost * (1.0 + est.server_queue))
         with np.errstate(divide="ignore"):
             throughput = np.where(period > 0, 1000.0 / period, np.inf)
         valid = np.ones(self.shape, dtype=bool)

@@ -93,22 +93,27 @@ def reference(
     }
     server_cost = sum(rates[i] * v for i, v in srv.items())
     w = server_cost / offload if offload > 0 else 0.0
-    latency = device_cost = 0.0
+    latency = device_cost = device_head = 0.0
     for i, x in enumerate(p.exit_stages):
         local = e.device_scale * p.device_time_ms(x + 1)
         if x < s:
-            path, busy = local, local
+            path, busy, head = local, local, local
         else:
             remote = e.device_scale * p.device_time_ms(s) + up + lat + e.server_queue * w
             remote += srv[i] + down
             path = min(remote, local) if cfg.local_race else remote
-            busy = path if cfg.local_race else e.device_scale * p.device_time_ms(s)
+            head = e.device_scale * p.device_time_ms(s)
+            busy = path if cfg.local_race else head
         latency += rates[i] * path
         device_cost += rates[i] * busy
+        device_head += rates[i] * head
     latency += e.frame_overhead_ms
     device_cost += e.frame_overhead_ms
+    device_head += e.frame_overhead_ms
     uplink = offload * up
-    period = max(device_cost, uplink, server_cost)
+    # The local race runs at low priority in idle device time: it is not a pipeline stage.
+    # A server with q queued requests of others gives this device 1/(1+q) of its time.
+    period = max(device_head, uplink, server_cost * (1 + e.server_queue))
     return {
         "latency_ms": latency,
         "device_cost_ms": device_cost,
