@@ -212,7 +212,14 @@ def end_to_end(
     """Predicted vs measured latency and throughput per (network, split, thr_conf)."""
     profile_file = _ensure_profile(checkpoint, profile_path, workdir)
     profile = Profile.load(profile_file)
-    sched = Scheduler(profile)
+    # Upload sizes of the codec the device packs with (DeviceConfig.codec), as the device's
+    # own scheduler predicts them (spinn.runtime.device).
+    from spinn.runtime.device import DeviceConfig
+
+    codec: str | None = DeviceConfig(checkpoint=checkpoint).codec
+    if codec not in profile.codecs:
+        codec = None
+    sched = Scheduler(profile, config=SchedulerConfig(codec=codec))
     pred_of = sched.predictor
     s_count = profile.num_stages
     grid = [t for t in profile.thr_grid if t <= 0.9] or list(profile.thr_grid)
