@@ -62,7 +62,7 @@ def test_small_requests_are_summed_and_compute_bound_gives_nothing() -> None:
 
 
 def test_unknown_server_time_gives_no_sample_but_marks_the_link_busy() -> None:
-    """A CANCELLED answer (compute unknown) is no sample, yet the next request sent before
+    """An ERROR answer with no known server time (BUSY, expired) is no sample, yet the next request sent before
     it is timed from it, as on a backlogged link."""
     timer = UploadTimer()
     assert timer.answered(sent_at=0.0, now=0.5, nbytes=8000, compute_s=None, latency_s=L) is None

@@ -962,10 +962,14 @@ class SpinnDevice:
     def _on_request_error(self, error: Error) -> None:
         assert error.request_id is not None
         sent = self._sent.pop(error.request_id, None)
-        if sent is not None:
-            # A cancelled or refused request may have computed for a while (a running one
-            # stops at a stage boundary) without reporting it: its answer time says nothing
-            # certain about the upload, but it still marks when the uplink was busy until.
+        if sent is not None and error.code is ErrorCode.CANCELLED:
+            # A cancelled request is answered as soon as its CANCEL arrives (or at a stage
+            # boundary, at most one unreported stage late): its answer time still clocks the
+            # uplink, and B's max-of-recent filter discards the few samples made long.
+            self._time_upload(sent, _now(), 0.0)
+        elif sent is not None:
+            # Refused or expired: the server time is unknown, so no sample; the answer still
+            # marks when the uplink had delivered this request (spinn.runtime.uplink).
             self._upload_timer.answered(
                 sent_at=sent.sent_at, now=_now(), nbytes=sent.nbytes, compute_s=None, latency_s=0.0
             )

@@ -11,7 +11,7 @@ answered (RESULT or ERROR) at ``a_i``, with the previous answer at ``a_{i-1}``:
   requests until ``a_{i-1}``, so upload = ``a_i − a_{i-1} − compute_i``
   (answers leave the server at the rate the uplink delivers requests).
 
-An answer whose server time is unknown (``compute_s=None``: a CANCELLED or
+An answer whose server time is unknown (``compute_s=None``: a refused or
 refused request may have run part of its stages without reporting it) gives no
 sample; it only moves ``a_{i-1}`` on.
 
