@@ -62,8 +62,8 @@ def test_small_requests_are_summed_and_compute_bound_gives_nothing() -> None:
 
 
 def test_unknown_server_time_gives_no_sample_but_marks_the_link_busy() -> None:
-    """An ERROR answer with no known server time (BUSY, expired) is no sample, yet the next request sent before
-    it is timed from it, as on a backlogged link."""
+    """An ERROR with no known server time (BUSY, expired) is no sample, yet the next
+    request sent before it is timed from it, as on a backlogged link."""
     timer = UploadTimer()
     assert timer.answered(sent_at=0.0, now=0.5, nbytes=8000, compute_s=None, latency_s=L) is None
     assert timer.last_answer_at == 0.5

@@ -12,8 +12,8 @@ answered (RESULT or ERROR) at ``a_i``, with the previous answer at ``a_{i-1}``:
   (answers leave the server at the rate the uplink delivers requests).
 
 An answer whose server time is unknown (``compute_s=None``: a refused or
-refused request may have run part of its stages without reporting it) gives no
-sample; it only moves ``a_{i-1}`` on.
+expired request, which reports no compute time) gives no sample; it only moves
+``a_{i-1}`` on.
 
 Small requests are summed until ``min_bytes`` so that each sample handed to
 the bandwidth estimator is large enough to time.
