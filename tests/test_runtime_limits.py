@@ -15,6 +15,8 @@ import pytest
 
 from protocol import (
     PROTOCOL_VERSION,
+    Bye,
+    Cancel,
     ConnectionClosed,
     Error,
     ErrorCode,
@@ -233,3 +235,76 @@ def test_overloaded_server_makes_the_device_finish_locally(checkpoint: Path) -> 
     assert summary["answered_by"]["fallback"] >= server.stats.busy_sent
     assert summary["answered_by"]["server"] > 0
     assert server.stats.requests + server.stats.busy_sent == summary["offloaded"]
+
+
+async def _until_queue_empty(server: SpinnServer, timeout: float = 5.0) -> None:
+    """Wait (bounded) for the server's queue count to drain, as jobs finish in the workers."""
+    end = time.monotonic() + timeout
+    while server._queued and time.monotonic() < end:
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("batch_max", [1, 4])
+def test_cancelled_and_abandoned_requests_leave_no_queue_count(
+    checkpoint: Path, batch_max: int
+) -> None:
+    """Requests cancelled queued or dropped at BYE are counted out: no permanent BUSY (M4)."""
+
+    async def body(server: SpinnServer, port: int) -> None:
+        # Many queued requests cancelled by the device: each is answered once, none runs.
+        canceller = await RawClient.open(port)
+        await _hello(canceller, server)
+        canceller.send(*(_infer(server, rid) for rid in range(12)))
+        canceller.send(*(Cancel(rid) for rid in range(12)))
+        answered = {(await canceller.next()).request_id for _ in range(12)}  # type: ignore[union-attr]
+        assert answered == set(range(12))
+        canceller.close()
+        await _until_queue_empty(server)
+        assert server._queued == 0
+        # Twice as many requests as the queue holds, over two devices that say BYE with
+        # them queued: the slow worker cannot finish them within the idle timeout, so the
+        # server cancels the rest unrun (PROTOCOL.md §7.3). Each time the full queue is
+        # accepted, so a count leaked by the first round would refuse the second.
+        for round_ in range(2):
+            quitter = await RawClient.open(port)
+            await _hello(quitter, server)
+            quitter.send(*(_infer(server, rid) for rid in range(12)), Bye("done"))
+            events = await _until_closed(quitter)
+            busy = [e for e in events if isinstance(e, Error) and e.code is ErrorCode.BUSY]
+            assert not busy, (round_, busy)
+            cancelled = [e for e in events if isinstance(e, Error)]
+            assert cancelled, f"round {round_}: every request ran; the test needs a slower worker"
+            assert isinstance(events[-1], Bye)
+            await _until_queue_empty(server)
+            assert server._queued == 0, f"round {round_}: {server._queued} left counted"
+        fresh = await RawClient.open(port)
+        await _hello(fresh, server)
+        fresh.send(_infer(server, 1))
+        assert isinstance(await fresh.next(), Result)
+        fresh.close()
+
+    _serve(
+        checkpoint,
+        body,
+        max_queued=12,
+        workers=1,
+        slowdown=10.0,
+        idle_timeout_s=0.3,
+        batch_max=batch_max,
+        batch_wait_ms=0.0,
+    )
+
+
+def test_shutdown_with_requests_queued_leaves_no_queue_count(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        await _hello(client, server)
+        client.send(*(_infer(server, rid) for rid in range(8)))
+        for _ in range(100):  # until the server has read them all
+            if server.stats.requests == 8:
+                break
+            await asyncio.sleep(0.01)
+        assert server._queued > 0
+
+    server = _serve(checkpoint, body, workers=1, slowdown=10.0, shutdown_grace_s=0.1)
+    assert server._queued == 0

@@ -194,6 +194,9 @@ class _Job:
     expires_at: float | None = None
     """time.monotonic() after which the device no longer wants the answer (deadline_ms)."""
     expired: bool = False
+    dequeued: bool = False
+    """The job left the server's queue count; set on the event loop only, so that each job
+    is counted out exactly once whether it started or was cancelled unrun."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +277,10 @@ class SpinnServer:
         self._server: asyncio.Server | None = None
         self._peers: set[_Peer] = set()
         self._stopping = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._queued = 0
+        """Requests accepted and not yet started or dropped; read and written only on the
+        event loop (BUSY admission, ``_busy_reason``), so no update is ever lost."""
         self._wait_ewma_ms = 0.0
         """Recent time requests spent queued before their compute began (BUSY admission)."""
         self._lock = threading.Lock()
@@ -290,6 +296,7 @@ class SpinnServer:
 
     async def start(self) -> None:
         """Bind and start accepting devices."""
+        self._loop = asyncio.get_running_loop()
         self._server = await asyncio.start_server(
             self._handle,
             self.config.host,
@@ -599,6 +606,9 @@ class SpinnServer:
         task = asyncio.create_task(self._run_job(peer, job))
         peer.tasks.add(task)
         task.add_done_callback(peer.tasks.discard)
+        # A done callback, not a `finally` in `_run_job`: a task cancelled before its first
+        # step never enters its body, and the count must still come back down.
+        task.add_done_callback(lambda _t, j=job: self._dequeue(j, None))
 
     def _busy_reason(self, peer: _Peer, infer: Infer) -> str | None:
         """Why this INFER is refused with BUSY, or None to accept it.
@@ -672,12 +682,33 @@ class SpinnServer:
         )
         self.stats.overhead_ms_total += (time.perf_counter() - t0) * 1e3
 
+    def _dequeue(self, job: _Job, wait_ms: float | None) -> None:
+        """Event loop: take ``job`` out of the queue count, once.
+
+        Called from ``_start`` (through the loop, with the measured wait) when a worker
+        picks the job up, and when its task ends; whichever comes first counts it out, so
+        jobs cancelled before a worker saw them (BYE, shutdown, the batcher dropping a
+        cancelled waiter) cannot leak into a permanent BUSY.
+        """
+        if job.dequeued:
+            return
+        job.dequeued = True
+        self._queued -= 1
+        if wait_ms is not None:
+            self._wait_ewma_ms += 0.2 * (wait_ms - self._wait_ewma_ms)
+
+    def _dequeue_from_worker(self, job: _Job, wait_ms: float) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        # A loop closing between the check and the call has no counts left to keep.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._dequeue, job, wait_ms)
+
     def _start(self, job: _Job) -> bool:
         """Worker thread, as a job leaves the queue: False if it is dropped unrun."""
-        with self._lock:
-            self._queued -= 1
-            wait_ms = (time.monotonic() - job.accepted_at) * 1e3
-            self._wait_ewma_ms += 0.2 * (wait_ms - self._wait_ewma_ms)
+        wait_ms = (time.monotonic() - job.accepted_at) * 1e3
+        self._dequeue_from_worker(job, wait_ms)
         self.metrics.queue_wait_seconds.observe(wait_ms / 1e3)
         if job.expires_at is not None and time.monotonic() > job.expires_at:
             # Past the device's deadline it has answered locally (PROTOCOL.md, deadline_ms).
