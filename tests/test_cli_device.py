@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 
 import spinn_device
-from tests._runtime_support import make_small_checkpoint
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def test_help_names_sources_policy_and_sla(capsys: pytest.CaptureFixture[str]) -> None:

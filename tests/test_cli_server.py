@@ -11,14 +11,9 @@ from pathlib import Path
 import pytest
 
 import spinn_server
-from tests._runtime_support import PYTHON, ROOT, free_port, make_small_checkpoint
+from tests._runtime_support import PYTHON, ROOT, free_port
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def test_help_names_the_options(capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,17 +22,10 @@ from spinn.inference import run_stages
 from spinn.runtime.accel import resolve_device
 from spinn.runtime.batching import Batcher, run_batch, to_device
 from spinn.runtime.server import ServerConfig, SpinnServer
-from tests._runtime_support import RawClient, make_small_checkpoint
+from tests._runtime_support import RawClient
 from tests.test_runtime_server import _hello
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # One intra-op thread: small batches on two busy cores run faster without contention.
-    torch.set_num_threads(1)
-    return make_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def _activations(model: torch.nn.Module, split: int, n: int, seed: int) -> list[torch.Tensor]:

@@ -23,11 +23,6 @@ from tests._runtime_support import free_port, make_small_checkpoint
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
 def _frames(n: int, seed: int = 0) -> ArraySource:
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)

@@ -12,15 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from protocol import PROTOCOL_VERSION, Cancel, Error, ErrorCode, Hello, Infer, Result, pack
 from spinn.runtime.server import ServerConfig, SpinnServer
-from tests._runtime_support import RawClient, make_small_checkpoint
+from tests._runtime_support import RawClient
 from tests.test_runtime_server import _input
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

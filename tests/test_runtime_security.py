@@ -187,16 +187,7 @@ def _hello(server: SpinnServer, nonce: bytes = b"") -> Hello:
                  auth_nonce=nonce)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests._runtime_support import make_small_checkpoint
-
-    return make_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-def test_server_admits_only_devices_that_prove_the_token(
-    small_checkpoint: Path, tmp_path: Path
-) -> None:
+def test_server_admits_only_devices_that_prove_the_token(checkpoint: Path, tmp_path: Path) -> None:
     from tests.test_runtime_server import _serve
 
     token_file = _write_token(tmp_path / "token", TOKEN.decode() + "\n")
@@ -230,21 +221,21 @@ def test_server_admits_only_devices_that_prove_the_token(
         for client in (good, bad, plain):
             client.close()
 
-    _serve(small_checkpoint, body, token_file=token_file)
+    _serve(checkpoint, body, token_file=token_file)
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(150)
 @needs_openssl
 def test_tls_and_token_on_both_cli_ends(
-    certs: dict[str, Path], small_checkpoint: Path, tmp_path: Path
+    certs: dict[str, Path], checkpoint: Path, tmp_path: Path
 ) -> None:
     from tests._runtime_support import free_port
     from tests.test_runtime_integration import Device, Server, _by_frame
 
     token = _write_token(tmp_path / "token", TOKEN.decode())
     wrong = _write_token(tmp_path / "wrong", "another-token-of-enough-bytes")
-    ckpt = str(small_checkpoint)
+    ckpt = str(checkpoint)
     port = free_port()
     # Mutual TLS (device certificates signed by the test CA) and the shared token.
     server = Server(tmp_path, port, "--checkpoint", ckpt, "--token-file", str(token),

@@ -29,14 +29,9 @@ from protocol import (
 from spinn.checkpoint import load_checkpoint
 from spinn.inference import run_stages
 from spinn.runtime.server import ServerConfig, SpinnServer, _Job
-from tests._runtime_support import RawClient, make_small_checkpoint
+from tests._runtime_support import RawClient
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def _serve(
