@@ -30,15 +30,10 @@ from protocol import (
 from protocol.framing import encode_frame
 from protocol.messages import encode_message
 from spinn.runtime.server import ServerConfig, SpinnServer
-from tests._runtime_support import RawClient, make_small_checkpoint
+from tests._runtime_support import RawClient
 from tests.test_runtime_server import _hello, _serve
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 async def _until_closed(client: RawClient, timeout: float = 5.0) -> list[object]:
