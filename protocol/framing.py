@@ -71,6 +71,16 @@ class FrameDecoder:
         return self._end - self._start
 
     @property
+    def capacity(self) -> int:
+        """Bytes allocated for the receive buffer: the memory this stream holds.
+
+        At most `HEADER_SIZE + max_frame_size` plus one read (64 KiB, or the `receive_data`
+        chunk or `get_buffer` size hint when larger), whatever the frame sizes, while
+        frames are taken out with `next_frame` as they complete.
+        """
+        return len(self._buf)
+
+    @property
     def eof(self) -> bool:
         """True once the end of the stream was signalled."""
         return self._eof
@@ -94,11 +104,15 @@ class FrameDecoder:
         Live bytes are moved to the front only when they are few compared with the space
         this frees; otherwise the buffer grows to twice what is needed, so a stream of
         large frames is copied at most about once more on average, not once per frame.
+        The doubling stops at one largest frame, its header and one 64 KiB read (more only
+        when a larger chunk must fit at once): what one peer can make the receiver allocate
+        is bounded by the frame limit, not twice it.
         """
         if len(self._buf) - self._end >= n:
             return
         live = self._end - self._start
-        if live + n <= len(self._buf) and live <= self._start:
+        cap = HEADER_SIZE + self._max_frame_size + _MIN_READ
+        if live + n <= len(self._buf) and (live <= self._start or len(self._buf) >= cap):
             self._buf[:live] = memoryview(self._buf)[self._start : self._end]
             self._start, self._end = 0, live
             return
@@ -106,7 +120,9 @@ class FrameDecoder:
             # Growing anyway: drop the consumed prefix in the same reallocation.
             del self._buf[: self._start]
             self._start, self._end = 0, live
-        self._buf.extend(bytes(2 * (live + n) - len(self._buf)))
+        size = max(live + n, min(2 * (live + n), cap))
+        if size > len(self._buf):
+            self._buf.extend(bytes(size - len(self._buf)))
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes from the stream; b"" marks the end of the stream."""

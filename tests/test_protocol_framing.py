@@ -138,7 +138,7 @@ def test_buffer_is_released_after_a_huge_frame() -> None:
     view.release()
     decoder.receive_data(encode_frame(b"small"))
     assert bytes(decoder.next_frame() or b"") == b"small"
-    assert len(decoder._buf) < 2**20
+    assert decoder.capacity < 2**20
 
 
 def test_condemned_stream_is_not_buffered_through_get_buffer() -> None:
@@ -163,3 +163,40 @@ def test_a_header_alone_does_not_reserve_its_whole_frame() -> None:
     view = decoder.get_buffer()
     assert len(view) < 16 * 2**20
     view.release()
+
+
+@pytest.mark.parametrize("chunk", [1000, 65536])
+def test_buffer_growth_is_capped_at_one_frame_and_a_read(chunk: int) -> None:
+    # Doubling alone would leave ~2x the largest frame allocated per peer (issue M5).
+    limit = 2**20
+    bodies = [bytes([i]) * size for i, size in enumerate([limit, 300_000, limit, 17, limit])]
+    stream = b"".join(encode_frame(b) for b in bodies)
+    decoder = FrameDecoder(max_frame_size=limit)
+    frames: list[bytes] = []
+    peak = 0
+    for i in range(0, len(stream), chunk):
+        decoder.receive_data(stream[i : i + chunk])
+        peak = max(peak, decoder.capacity)
+        frames += _drain(decoder)
+    assert frames == bodies
+    assert limit <= peak <= 4 + limit + max(chunk, 65536), peak
+
+
+def test_buffer_growth_is_capped_through_get_buffer() -> None:
+    limit = 3 * 2**20 + 5
+    bodies = [b"a" * limit, b"b" * 1000, b"c" * limit]
+    stream = b"".join(encode_frame(b) for b in bodies)
+    decoder = FrameDecoder(max_frame_size=limit)
+    frames: list[bytes] = []
+    peak, sent = 0, 0
+    while sent < len(stream):
+        view = decoder.get_buffer(65536)
+        n = min(len(view), len(stream) - sent, 65536)
+        view[:n] = stream[sent : sent + n]
+        view.release()
+        decoder.buffer_updated(n)
+        sent += n
+        peak = max(peak, decoder.capacity)
+        frames += _drain(decoder)
+    assert frames == bodies
+    assert peak <= 4 + limit + 65536, peak
