@@ -7,6 +7,7 @@ each test is bounded by pytest-timeout.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from protocol import (
 )
 from protocol.framing import encode_frame
 from protocol.messages import encode_message
-from spinn.runtime.server import ServerConfig, SpinnServer
+from spinn.runtime.server import ServerConfig, SpinnServer, frame_limit_for
 from tests._runtime_support import RawClient
 from tests.test_runtime_server import _hello, _serve
 
@@ -303,3 +304,35 @@ def test_shutdown_with_requests_queued_leaves_no_queue_count(checkpoint: Path) -
 
     server = _serve(checkpoint, body, workers=1, slowdown=10.0, shutdown_grace_s=0.1)
     assert server._queued == 0
+
+
+def test_default_frame_limit_follows_the_model(checkpoint: Path) -> None:
+    """Without --max-frame-bytes the limit is the model's largest float32 INFER plus
+    headroom (issue M5), so an unauthenticated peer cannot make the server hold 16 MiB."""
+
+    async def body(server: SpinnServer, port: int) -> None:
+        model = server.model
+        largest = max(range(model.num_stages), key=lambda s: math.prod(model.split_shape(s)))
+        elements = math.prod(model.split_shape(largest))
+        assert server.max_frame_bytes == frame_limit_for(model)
+        assert 4 * elements < server.max_frame_bytes <= 5 * elements + 64 * 1024
+        client = await RawClient.open(port)
+        await _hello(client, server)
+        # Every split's float32 activation fits: the largest one is served.
+        client.send(_infer(server, 1, split=largest))
+        assert isinstance(await client.next(), Result)
+        client.writer.write((server.max_frame_bytes + 1).to_bytes(4, "big") + b"\0" * 100)
+        events = await _until_closed(client)
+        assert isinstance(events[-1], Error) and events[-1].code is ErrorCode.TOO_LARGE
+
+    server = _serve(checkpoint, body)
+    assert server.config.max_frame_bytes is None
+
+
+def test_explicit_frame_limit_overrides_the_model(checkpoint: Path) -> None:
+    server = SpinnServer(ServerConfig(checkpoint=checkpoint, port=0, max_frame_bytes=3 * 2**20))
+    try:
+        assert server.max_frame_bytes == 3 * 2**20
+        assert server.connection_config.max_frame_size == 3 * 2**20
+    finally:
+        server._executor.shutdown()

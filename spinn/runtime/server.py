@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import secrets
 import signal
 import ssl
@@ -40,6 +41,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -71,12 +73,23 @@ from spinn.runtime.metrics import ServerMetrics
 from spinn.runtime.security import load_token, server_ssl_context
 from spinn.runtime.stats import ServerStats
 
-__all__ = ["DEFAULT_CHECKPOINT", "ServerConfig", "SpinnServer", "run_server"]
+if TYPE_CHECKING:
+    from spinn.progressive import ProgressiveModel
+
+__all__ = [
+    "DEFAULT_CHECKPOINT",
+    "ServerConfig",
+    "SpinnServer",
+    "frame_limit_for",
+    "run_server",
+]
 
 log = logging.getLogger("spinn.server")
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "default" / "model.pt"
 _READ_CHUNK = 1 << 16
+_FRAME_HEADROOM = 64 * 1024
+"""Bytes above the largest activation a frame may carry (msgpack envelope, PING padding)."""
 
 
 @dataclass(frozen=True)
@@ -107,9 +120,12 @@ class ServerConfig:
     """Requests queued or running over all devices; beyond that INFER gets ERROR(BUSY)."""
     max_connections: int = 256
     """Devices connected at once; one more gets a fatal ERROR(BUSY) and is closed."""
-    max_frame_bytes: int = 16 * 2**20
-    """Largest frame accepted, which bounds each connection's receive buffer: 16 MiB (a
-    float32 224×224×64 activation is 12.3 MiB). Larger: fatal ERROR(TOO_LARGE)."""
+    max_frame_bytes: int | None = None
+    """Largest frame accepted, which bounds each connection's receive buffer (and so the
+    server's memory: about ``max_connections`` × this). None (default): derived from the
+    served model by ``frame_limit_for`` — the largest float32 activation at any split plus
+    a quarter and 64 KiB for the message envelope and PING probes (≈ 95 KiB for the
+    shipped model). Larger frames: fatal ERROR(TOO_LARGE)."""
     max_tensor_elements: int = 2**22
     """Largest activation an INFER may declare, in elements (16 MiB as float32)."""
     handshake_timeout_s: float = 10.0
@@ -169,7 +185,7 @@ class ServerConfig:
         for name in ("max_queued", "max_connections", "max_tensor_elements"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 1024 <= self.max_frame_bytes <= 2**32 - 1:
+        if self.max_frame_bytes is not None and not 1024 <= self.max_frame_bytes <= 2**32 - 1:
             raise ValueError(
                 f"max_frame_bytes must be in [1024, 2**32 - 1], got {self.max_frame_bytes}"
             )
@@ -180,6 +196,19 @@ class ServerConfig:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+
+
+def frame_limit_for(model: ProgressiveModel) -> int:
+    """Default frame limit of a server of ``model`` (``ServerConfig.max_frame_bytes``).
+
+    float32 is the largest codec (``sparse_int8`` is at most ~1.13 bytes per element and
+    zstd is used only when it shrinks the payload, PROTOCOL.md §6), so no honest INFER for
+    any split ``0 ≤ s < S`` exceeds 4 bytes per element of the largest activation plus
+    its envelope; the quarter and 64 KiB of headroom also fit the device's PING probes.
+    """
+    elements = max(math.prod(model.split_shape(s)) for s in range(model.num_stages))
+    limit = 4 * elements + elements + _FRAME_HEADROOM
+    return min(2**32 - 1, max(1024, limit))
 
 
 @dataclass(slots=True)
@@ -252,8 +281,14 @@ class SpinnServer:
         self.torch_device = resolve_device(config.device)
         self.model.to(self.torch_device).eval()
         self._token = None if config.token_file is None else load_token(config.token_file)
+        self.max_frame_bytes = (
+            frame_limit_for(self.model)
+            if config.max_frame_bytes is None
+            else config.max_frame_bytes
+        )
+        """The frame limit in force: the configured one, or the model's (``frame_limit_for``)."""
         self.connection_config = ConnectionConfig(
-            max_frame_size=config.max_frame_bytes,
+            max_frame_size=self.max_frame_bytes,
             max_tensor_elements=config.max_tensor_elements,
             auth_token=self._token,
         )
@@ -320,6 +355,12 @@ class SpinnServer:
             if self._batcher
             else "off",
             "" if self.config.report_compute else ", compute time NOT reported",
+        )
+        log.info(
+            "limits: %d device(s), frames up to %d bytes%s",
+            self.config.max_connections,
+            self.max_frame_bytes,
+            " (from the model)" if self.config.max_frame_bytes is None else "",
         )
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(
