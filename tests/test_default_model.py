@@ -6,19 +6,27 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from spinn.checkpoint import load_checkpoint, read_checkpoint, weights_sha256
+from spinn.checkpoint import CheckpointMeta, load_checkpoint, read_checkpoint, weights_sha256
 from spinn.data import FASHION_MNIST_DIR, load_fashion_mnist
 from spinn.evaluate import collect_probs
 from spinn.profile import Profile
+from spinn.progressive import ProgressiveModel
 
 ROOT = Path(__file__).resolve().parent.parent / "models" / "default"
 CHECKPOINT = ROOT / "model.pt"
 
 
-def test_weights_load_and_match_their_sha256() -> None:
-    model, meta = load_checkpoint(CHECKPOINT)
+@pytest.fixture(scope="module")
+def default_model() -> tuple[ProgressiveModel, CheckpointMeta]:
+    """Loaded once: loading verifies the weights' sha256, which takes seconds here."""
+    return load_checkpoint(CHECKPOINT)
+
+
+def test_weights_load_and_match_their_sha256(
+    default_model: tuple[ProgressiveModel, CheckpointMeta],
+) -> None:
+    model, meta = default_model
     raw = read_checkpoint(CHECKPOINT)
     assert weights_sha256(raw["state_dict"]) == meta.weights_sha256
     assert meta.weights_sha256 == weights_sha256(model.state_dict())
@@ -28,8 +36,10 @@ def test_weights_load_and_match_their_sha256() -> None:
     assert meta.metrics["test_size"] == 10_000
 
 
-def test_profile_and_evaluation_belong_to_these_weights() -> None:
-    _, meta = load_checkpoint(CHECKPOINT)
+def test_profile_and_evaluation_belong_to_these_weights(
+    default_model: tuple[ProgressiveModel, CheckpointMeta],
+) -> None:
+    _, meta = default_model
     prof = Profile.load(ROOT / "profile.json")
     assert prof.model_id == meta.model_id
     assert prof.weights_sha256 == meta.weights_sha256
@@ -43,9 +53,12 @@ def test_profile_and_evaluation_belong_to_these_weights() -> None:
     not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
     reason="Debian's dataset-fashion-mnist is not installed",
 )
-def test_recorded_test_accuracy_is_reproduced() -> None:
-    torch.set_num_threads(2)
-    model, meta = load_checkpoint(CHECKPOINT)
+def test_recorded_test_accuracy_is_reproduced(
+    default_model: tuple[ProgressiveModel, CheckpointMeta],
+) -> None:
+    # The full 10,000-image test set, batched, every exit in one forward pass; one
+    # intra-op thread (tests/conftest.py) is fastest on two cores shared with other work.
+    model, meta = default_model
     test = load_fashion_mnist("test")
     probs, labels = collect_probs(model, test, batch_size=1000)
     accuracy = (probs.argmax(dim=2) == labels.unsqueeze(0)).double().mean(dim=1).tolist()
