@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import uvloop
 
-from protocol.packing import CODECS
+from protocol.packing import CODECS, pack
 from spinn.checkpoint import load_checkpoint
 from spinn.estimators import Estimates
 from spinn.policy import Decision
@@ -284,3 +284,153 @@ def test_scheduler_policy_predicts_with_the_device_codec(checkpoint: Path) -> No
         DeviceConfig(checkpoint=checkpoint, server=None, policy="spinn", codec=missing)
     )
     assert isinstance(device.policy, Scheduler) and device.policy.config.codec is None
+
+
+class _MixedSource:
+    """Frames from noise, one of them not an image the model can take (float pixels)."""
+
+    name = "mixed"
+
+    def __init__(self, n: int, bad: int) -> None:
+        self.n, self.bad = n, bad
+
+    def __iter__(self) -> Any:
+        from spinn.sources import Frame
+
+        rng = np.random.default_rng(0)
+        for i in range(self.n):
+            image = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+            yield Frame(i, image.astype(np.float32) if i == self.bad else image, label=1)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_frame_whose_processing_raises_gets_one_error_record(checkpoint: Path) -> None:
+    records: list[dict[str, Any]] = []
+
+    async def main() -> dict[str, Any]:
+        port = free_port()
+        server = SpinnServer(ServerConfig(checkpoint=checkpoint, port=port, stats_interval_s=0))
+        await server.start()
+        device = SpinnDevice(
+            DeviceConfig(
+                checkpoint=checkpoint,
+                server=("127.0.0.1", port),
+                split=2,
+                thr_conf=1.0,
+                status_interval_s=0,
+            )
+        )
+        try:
+            return await device.run(_MixedSource(12, bad=5), records.append)  # type: ignore[arg-type]
+        finally:
+            await server.close()
+
+    summary = uvloop.run(main())
+    _exactly_once(records, 12)
+    errors = [r for r in records if r["where"] == "error"]
+    assert [r["frame"] for r in errors] == [5]
+    assert "uint8" in errors[0]["error"] and errors[0]["label"] == 1
+    assert summary["frames_read"] == 12 and summary["errors"] == 1
+    assert summary["frames"] == 11 and summary["unanswered"] == 0
+
+
+class _BadExitAt:
+    """Chooses an exit the model lacks for one frame: ``_plan`` raises DeviceError."""
+
+    def __init__(self, bad_call: int) -> None:
+        self.calls = 0
+        self.bad_call = bad_call
+
+    def decide(self, now: float, estimates: Estimates) -> Decision:
+        self.calls += 1
+        exit_ = 99 if self.calls == self.bad_call else None
+        return Decision(3, 0.5, "test", final_exit=exit_)
+
+
+def test_a_failing_plan_is_reported_not_dropped(checkpoint: Path) -> None:
+    records: list[dict[str, Any]] = []
+
+    async def main() -> dict[str, Any]:
+        # The constructor's own decide() is call 1; frame 2 is call 4.
+        config = DeviceConfig(checkpoint=checkpoint, server=None, status_interval_s=0)
+        device = SpinnDevice(config, policy=_BadExitAt(4))
+        return await device.run(_frames(6), records.append)
+
+    summary = uvloop.run(main())
+    _exactly_once(records, 6)
+    bad = [r for r in records if r["where"] == "error"]
+    assert [r["frame"] for r in bad] == [2] and "exit 99" in bad[0]["error"]
+    assert summary["errors"] == 1 and summary["unanswered"] == 0
+
+
+class _AbortLinkAt:
+    """Resets the connection at one decision, as a middlebox reset would, then offloads:
+    the frame meets a transport that is closing while the reader has not seen it yet."""
+
+    def __init__(self, frame_call: int) -> None:
+        self.calls = 0
+        self.frame_call = frame_call
+        self.device: SpinnDevice | None = None
+
+    def decide(self, now: float, estimates: Estimates) -> Decision:
+        self.calls += 1
+        if self.calls == self.frame_call and self.device is not None:
+            link = self.device._link
+            assert link is not None and link.writer is not None
+            link.writer.transport.abort()
+        return Decision(2, NO_EARLY_EXIT, "test")
+
+
+def test_a_reset_link_finishes_the_frame_as_fallback_and_reconnects(checkpoint: Path) -> None:
+    records: list[dict[str, Any]] = []
+
+    async def main() -> dict[str, Any]:
+        port = free_port()
+        server = SpinnServer(ServerConfig(checkpoint=checkpoint, port=port, stats_interval_s=0))
+        await server.start()
+        policy = _AbortLinkAt(6)
+        device = SpinnDevice(
+            DeviceConfig(
+                checkpoint=checkpoint,
+                server=("127.0.0.1", port),
+                status_interval_s=0,
+                reconnect_base_s=0.02,
+                reconnect_cap_s=0.05,
+                max_in_flight=1,
+                continue_locally=False,
+                rate_fps=50.0,
+            ),
+            policy=policy,
+        )
+        policy.device = device
+        try:
+            return await device.run(_frames(20), records.append)
+        finally:
+            await server.close()
+
+    summary = uvloop.run(main())
+    _exactly_once(records, 20)
+    by_frame = {r["frame"]: r["where"] for r in records}
+    # Call 1 is the constructor's: call 6 decides frame 4, which must not be lost.
+    assert by_frame[4] == "fallback"
+    assert "server" in [by_frame[i] for i in range(5, 20)], "offload resumed"
+    assert summary["server_connects"] == 2 and summary["unanswered"] == 0
+
+
+def test_offload_on_a_dead_link_hands_the_frame_to_the_device(checkpoint: Path) -> None:
+    from spinn.runtime.tracker import FramePhase
+
+    async def main() -> FramePhase | None:
+        # A server is configured but never connected: every write reports 0 bytes.
+        config = DeviceConfig(checkpoint=checkpoint, server=("127.0.0.1", free_port()))
+        device = SpinnDevice(config)
+        device.tracker.begin(0, 0.0, 2, 1.0)
+        plan = device._plan(Decision(2, 1.0, "test"))
+        estimates = device.profiler.snapshot(0.0)
+        packed = pack(np.ones((1, 4, 7, 7), dtype=np.float32), "sparse_int8")
+        device._offload(0, plan, packed, estimates)
+        return device.tracker.phase(0)
+
+    assert uvloop.run(main()) is FramePhase.ABANDONED

@@ -256,15 +256,30 @@ class _Link:
 
     @property
     def up(self) -> bool:
-        return self.welcome is not None and self.writer is not None and not self._closing
+        # uvloop closes the transport on a peer reset before the read side sees the error:
+        # a closing transport is down already, or a write to it raises RuntimeError.
+        return (
+            self.welcome is not None
+            and self.writer is not None
+            and not self._closing
+            and not self.writer.transport.is_closing()
+        )
 
     def send(self, event: Any) -> int:
-        """Write one message; returns its framed size (0 if the link is down)."""
+        """Write one message; returns its framed size (0 if the link is down).
+
+        Never raises for a dead link: a write that fails aborts the connection (the reader
+        then drops it and reconnects) and returns 0, so the caller finishes locally."""
         if not self.up:
             return 0
         assert self.conn is not None and self.writer is not None
-        data = self.conn.send(event)
-        self.writer.write(data)
+        try:
+            data = self.conn.send(event)
+            self.writer.write(data)
+        except (RuntimeError, OSError, ProtocolError) as exc:
+            log.warning("write to the server failed (%s): dropping the link", exc)
+            self._abort()
+            return 0
         return len(data)
 
     def queued_bytes(self) -> int:
@@ -319,9 +334,13 @@ class _Link:
                 self.welcome.server_name if self.welcome else "?",
                 "" if self.welcome and self.welcome.reports_compute_time else "NOT ",
             )
-            reason = await self._serve(reader)
-            self._drop(reason)
-            self.rotation.connection_lost()
+            reason = "link closed"
+            try:
+                reason = await self._serve(reader)
+            finally:
+                # Always: a link left "up" after its reader ended would never reconnect.
+                self._drop(reason)
+                self.rotation.connection_lost()
             if self.fatal is not None:
                 return
 
@@ -421,6 +440,11 @@ class _Link:
             return f"connection lost: {exc}"
         except asyncio.CancelledError:
             return "link closed"
+        except Exception as exc:
+            # A bug in handling one message must not leave the link up and unread: drop it
+            # and reconnect (the frames it owed finish locally).
+            log.exception("unexpected error on the server link")
+            return f"internal error: {exc!r}"
         finally:
             ping_task.cancel()
 
@@ -449,6 +473,16 @@ class _Link:
         return None
 
     async def _ping_loop(self) -> None:
+        try:
+            await self._ping_loop_inner()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Without PINGs a dead link would go unnoticed: drop it so it reconnects.
+            log.exception("ping loop failed: dropping the link")
+            self._abort()
+
+    async def _ping_loop_inner(self) -> None:
         cfg = self.config
         while self.up:
             now = _now()
@@ -480,7 +514,8 @@ class _Link:
 
     def _abort(self) -> None:
         if self.writer is not None:
-            self.writer.transport.abort()
+            with contextlib.suppress(Exception):
+                self.writer.transport.abort()
 
     def _drop(self, reason: str) -> None:
         if self.writer is not None:
@@ -499,7 +534,9 @@ class _Link:
         """Say BYE and stop reconnecting."""
         self._stopping = True
         if self.up:
-            with contextlib.suppress(ProtocolError, OSError):
+            # uvloop raises RuntimeError on a transport closed under us: the summary must
+            # still be printed and the run end normally.
+            with contextlib.suppress(ProtocolError, OSError, RuntimeError):
                 self.send(Bye("device done"))
                 assert self.writer is not None
                 await asyncio.wait_for(self.writer.drain(), 1.0)
@@ -592,6 +629,10 @@ class SpinnDevice:
         self._decision: Decision = self.policy.decide(0.0, self.profiler.snapshot(0.0))
         self._stop = asyncio.Event()
         self._deadline_wake = asyncio.Event()
+        self.frames_read = 0
+        """Frames taken from the source (each gets one answer or one error record)."""
+        self.errors = 0
+        """Frames answered with an error record instead of a classification."""
 
     # -- public -----------------------------------------------------------------
 
@@ -615,6 +656,7 @@ class SpinnDevice:
         if link_task is not None:
             link_task.add_done_callback(_log_task_failure)
         deadline_task = asyncio.create_task(self._deadline_loop())
+        deadline_task.add_done_callback(_log_task_failure)
         status_task = asyncio.create_task(self._status_loop(status)) if status else None
         window = asyncio.Semaphore(self.config.max_in_flight)
         frames: set[asyncio.Task[None]] = set()
@@ -628,19 +670,26 @@ class SpinnDevice:
                 if self.config.limit is not None and count >= self.config.limit:
                     break
                 await window.acquire()
+                if self._link is not None and self._link.fatal is not None:
+                    # Checked before a frame is read, so none is read and left unanswered.
+                    window.release()
+                    break
                 frame = await loop.run_in_executor(self._io, next, iterator, None)
                 if frame is None:
                     window.release()
                     break
-                self._check_fatal()
                 wait = pacer.wait_s(_now())
                 if wait > 0:
                     await asyncio.sleep(wait)
                 count += 1
+                self.frames_read = count
                 task = asyncio.create_task(self._process(frame, window))
                 frames.add(task)
                 task.add_done_callback(frames.discard)
-            if frames:
+                task.add_done_callback(_log_frame_task_failure)
+            # Frames in flight finish (locally, if the server refused us) before a fatal
+            # error ends the run: none is left without its answer.
+            while frames:
                 await asyncio.gather(*frames)
             self._check_fatal()
         finally:
@@ -663,6 +712,10 @@ class SpinnDevice:
         summary["deadline_expired"] = self.tracker.expired
         summary["lost_connection_frames"] = self.tracker.lost
         summary["server_connects"] = self.server_connects
+        summary["frames_read"] = self.frames_read
+        summary["errors"] = self.errors
+        # Frames begun and never answered: 0 unless the run was interrupted.
+        summary["unanswered"] = self.tracker.in_flight
         est = self.profiler.snapshot(_now())
         summary["estimates"] = {
             "bandwidth_bps": round(est.bandwidth_bps, 1),
@@ -701,11 +754,36 @@ class SpinnDevice:
     async def _process(self, frame: Frame, window: asyncio.Semaphore) -> None:
         try:
             await self._process_frame(frame)
+        except Exception as exc:
+            # Every input gets exactly one answer or an explicit error record: a frame whose
+            # processing raised (bad image, a bug) is reported, never silently dropped.
+            log.exception("frame %d failed", frame.index)
+            self._fail_frame(frame, exc)
         finally:
             self._changed.pop(frame.index, None)
             self._labels.pop(frame.index, None)
             self._slot_wait_s.pop(frame.index, None)
             window.release()
+
+    def _fail_frame(self, frame: Frame, exc: BaseException) -> None:
+        """Publish the error record of a frame that cannot be answered."""
+        fid = frame.index
+        if self.tracker.is_answered(fid):
+            return  # answered already; the failure came after (e.g. writing a CANCEL)
+        cancel = self.tracker.fail(fid)
+        self.errors += 1
+        record: dict[str, Any] = {
+            "frame": fid,
+            "where": "error",
+            "error": f"{type(exc).__name__}: {exc}",
+        }
+        if frame.label is not None:
+            record["label"] = frame.label
+        if frame.origin:
+            record["origin"] = frame.origin
+        self._emit(record)
+        if cancel is not None and self._link is not None:
+            self._link.send(Cancel(cancel))
 
     def _plan(self, decision: Decision) -> _Plan:
         """What one decision means for one frame's execution."""
@@ -848,6 +926,11 @@ class SpinnDevice:
         nbytes = self._link.send(
             Infer(rid, plan.split, plan.wire_thr, packed, deadline_ms=server_budget_ms)
         )
+        if nbytes == 0:
+            # The link died between the decision and the write (H1: a reset seen by the
+            # transport first): the device stands in for the server, answered as fallback.
+            self.tracker.server_unavailable(fid)
+            return
         self.tracker.offloaded(fid, rid, now, deadline, nbytes)
         self._sent[rid] = _Sent(fid, plan.split, nbytes, now)
         self._deadline_wake.set()
@@ -891,10 +974,6 @@ class SpinnDevice:
         answer, cancel = self.tracker.local_answer(
             fid, now, exit_answer.exit, tuple(c for c, _ in top), tuple(p for _, p in top)
         )
-        if cancel is not None:
-            # Its _Sent record stays: a RESULT that crossed the CANCEL still measures the link.
-            if self._link is not None:
-                self._link.send(Cancel(cancel))
         if answer is not None:
             # The whole answer came from the device: latency less the scaled stage times is
             # the per-input overhead the predictions add (docs/SCHEDULER.md).
@@ -906,6 +985,11 @@ class SpinnDevice:
                     now, answer.exit_index, max(0.0, answer.latency_s - waited) * 1e3
                 )
             self._publish(answer, now)
+        # The answer is out before the CANCEL is written: a failing write can only lose the
+        # CANCEL (the server then answers a request nobody awaits), never the answer.
+        if cancel is not None and self._link is not None:
+            # Its _Sent record stays: a RESULT that crossed the CANCEL still measures the link.
+            self._link.send(Cancel(cancel))
 
     def _on_result(self, result: Result, now: float) -> None:
         sent = self._sent.pop(result.request_id, None)
@@ -1029,13 +1113,22 @@ class SpinnDevice:
             timeout = None if nxt is None else max(0.0, nxt - _now())
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._deadline_wake.wait(), timeout)
-            for exp in self.tracker.expire(_now()):
-                log.info("request %d missed its deadline: finishing locally", exp.request_id)
-                if self._link is not None:
-                    self._link.send(Cancel(exp.request_id))
-                ev = self._changed.get(exp.frame_id)
-                if ev is not None:
-                    ev.set()
+            try:
+                self._expire_requests()
+            except Exception:
+                # One failure must not end deadline fallbacks for the rest of the run.
+                log.exception("deadline check failed")
+
+    def _expire_requests(self) -> None:
+        for exp in self.tracker.expire(_now()):
+            log.info("request %d missed its deadline: finishing locally", exp.request_id)
+            # Wake the frame before the (guarded) CANCEL write, so it finishes locally even
+            # if the write fails.
+            ev = self._changed.get(exp.frame_id)
+            if ev is not None:
+                ev.set()
+            if self._link is not None:
+                self._link.send(Cancel(exp.request_id))
 
     async def _status_loop(self, status: Status) -> None:
         while True:
@@ -1057,6 +1150,12 @@ class SpinnDevice:
 def _log_task_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("server link task failed", exc_info=task.exception())
+
+
+def _log_frame_task_failure(task: asyncio.Task[None]) -> None:
+    # _process answers every failure with an error record; anything reaching here is a bug.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("frame task failed", exc_info=task.exception())
 
 
 def _median(values: list[float]) -> float | None:

@@ -151,6 +151,8 @@ class RequestTracker:
         """Requests abandoned because their deadline passed."""
         self.lost = 0
         """Requests abandoned because the connection was lost."""
+        self.failed = 0
+        """Frames that ended with an error instead of an answer."""
 
     # -- frames -----------------------------------------------------------------
 
@@ -262,6 +264,27 @@ class RequestTracker:
             return None
         rec.phase = FramePhase.ABANDONED
         return frame_id
+
+    def fail(self, frame_id: int) -> int | None:
+        """The frame cannot be answered (its processing failed): it leaves the tracker and
+        is reported as an error instead.  Returns the request id to CANCEL, if any.
+
+        A frame that failed before it began is accepted (nothing to forget)."""
+        rec = self._records.pop(frame_id, None)
+        if rec is None:
+            if frame_id <= self._last_frame_id:
+                raise TrackerError(f"frame {frame_id} is already answered")
+            # Never begun: later frames must still have larger ids.
+            self._last_frame_id = frame_id
+            self.failed += 1
+            return None
+        self.failed += 1
+        cancel: int | None = None
+        if rec.phase is FramePhase.OFFLOADED and rec.request_id is not None:
+            if self._by_request.pop(rec.request_id, None) is not None:
+                cancel = rec.request_id
+                self.cancels += 1
+        return cancel
 
     def server_lost(self) -> list[int]:
         """The connection died: every offloaded frame is finished locally."""

@@ -199,8 +199,10 @@ class _DirectionState:
 
 def _set_linger_zero(writer: asyncio.StreamWriter) -> None:
     sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
+    # uvloop leaves a closed transport's socket object with fd -1, and setsockopt on it
+    # raises ValueError ("negative file descriptor"): an end that is gone needs no RST.
+    if sock is not None and sock.fileno() >= 0:
+        with contextlib.suppress(OSError, ValueError):
             # SO_LINGER with a zero timeout makes close() send RST instead of FIN.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
@@ -355,18 +357,24 @@ class _Connection:
         """Send RST to both ends and drop the connection."""
         if self.finished:
             return
-        for writer in self._writers():
-            _set_linger_zero(writer)
-            writer.transport.abort()
-        self._finish()
+        try:
+            for writer in self._writers():
+                # One end failing must not leave the other open or the pipes registered.
+                with contextlib.suppress(Exception):
+                    _set_linger_zero(writer)
+                writer.transport.abort()
+        finally:
+            self._finish()
 
     def close(self) -> None:
         """Close both ends gracefully (FIN after buffered bytes)."""
         if self.finished:
             return
-        for writer in self._writers():
-            writer.close()
-        self._finish()
+        try:
+            for writer in self._writers():
+                writer.close()
+        finally:
+            self._finish()
 
     async def run(self) -> None:
         proxy = self.proxy
