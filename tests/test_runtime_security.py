@@ -228,8 +228,13 @@ def test_server_admits_only_devices_that_prove_the_token(checkpoint: Path, tmp_p
 @pytest.mark.timeout(150)
 @needs_openssl
 def test_tls_and_token_on_both_cli_ends(
-    certs: dict[str, Path], checkpoint: Path, tmp_path: Path
+    certs: dict[str, Path],
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    import spinn_device
     from tests._runtime_support import free_port
     from tests.test_runtime_integration import Device, Server, _by_frame
 
@@ -246,25 +251,31 @@ def test_tls_and_token_on_both_cli_ends(
               str(certs["device_key"]))  # fmt: skip
     trusted = ("--tls-ca", str(certs["ca_pem"]))
     device = Device(port, *common, *trusted, "--limit", "40", "--token-file", str(token))
-    impostor = Device(port, *common, *trusted, "--limit", "5", "--token-file", str(wrong))
-    untrusting = Device(port, *common, "--tls-ca", str(certs["other_pem"]), "--limit", "5",
-                        "--token-file", str(token))  # fmt: skip
+    # The two refused devices run the same CLI entry point in this process (its return
+    # value is the exit status), while the trusted one streams in its own process.
+    base = ("--server", f"127.0.0.1:{port}", "--dataset", "fashion-mnist:test", *common)
+
+    def refused(*flags: str) -> tuple[int, str]:
+        caplog.clear()
+        code = spinn_device.main([*base, *flags])
+        return code, capsys.readouterr().err + caplog.text
+
     try:
+        impostor = refused(*trusted, "--limit", "5", "--token-file", str(wrong))
+        untrusting = refused("--tls-ca", str(certs["other_pem"]), "--limit", "5",
+                             "--token-file", str(token))  # fmt: skip
         summary = device.finish()
-        impostor.proc.wait(60)
-        untrusting.proc.wait(60)
     finally:
-        for d in (device, impostor, untrusting):
-            d.kill()
+        device.kill()
         assert server.stop() == 0
     _by_frame(device.records, 40)
     # The server answers; a deadline missed on these busy cores may add a fallback.
     assert summary["answered_by"]["server"] >= 30, summary["answered_by"]
     # The impostor refuses the server's proof itself, before proving anything.
-    assert impostor.proc.returncode == 2, impostor.stderr[-2000:]
-    assert "CHALLENGE proof does not match" in impostor.stderr
+    assert impostor[0] == 2, impostor[1][-2000:]
+    assert "CHALLENGE proof does not match" in impostor[1]
     # A server whose certificate the device cannot verify is never used: a clear exit.
-    assert untrusting.proc.returncode == 2
-    assert "not trusted" in untrusting.stderr, untrusting.stderr[-2000:]
+    assert untrusting[0] == 2, untrusting[1][-2000:]
+    assert "not trusted" in untrusting[1], untrusting[1][-2000:]
     log = server.log.read_text()
     assert "TLS on with client certificates, token authentication on" in log
