@@ -760,3 +760,26 @@ def test_cli_reports_bad_flags() -> None:
     )
     assert result.returncode == 2
     assert "--delay" in result.stderr and "bad duration 'fast'" in result.stderr
+
+
+def test_linger_on_a_socket_already_closed_is_skipped() -> None:
+    """A reset of an end uvloop already closed must not raise (its fd is -1)."""
+    import uvloop
+
+    from tools.netshape.proxy import _set_linger_zero
+
+    async def main() -> None:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.transport.abort()
+            await asyncio.sleep(0)  # the transport closes its socket on the next loop turn
+            sock = writer.get_extra_info("socket")
+            assert sock is None or sock.fileno() < 0
+            _set_linger_zero(writer)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    uvloop.run(main())

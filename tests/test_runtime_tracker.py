@@ -199,3 +199,26 @@ def test_backoff_grows_caps_jitters_and_resets() -> None:
     assert [again.next_delay() for _ in range(8)] == delays
     with pytest.raises(ValueError, match="cap_s"):
         Backoff(base_s=1.0, cap_s=0.5)
+
+
+def test_a_failed_offloaded_frame_leaves_and_its_request_is_cancelled() -> None:
+    t = RequestTracker()
+    rid = _offload(t, 0, 0.0)
+    assert t.fail(0) == rid
+    assert t.is_answered(0) and t.in_flight == 0 and t.awaiting_server == 0
+    assert t.failed == 1 and t.cancels == 1
+    # Its RESULT, arriving later, is stale: no second record for the frame.
+    assert t.server_result(rid, 1.0, 0, *TOP) is None
+    with pytest.raises(TrackerError, match="already answered"):
+        t.fail(0)
+
+
+def test_a_frame_failing_before_it_began_still_orders_later_frames() -> None:
+    t = RequestTracker()
+    t.begin(0, 0.0, split=2, thr_conf=0.8)
+    assert t.fail(1) is None and t.failed == 1
+    assert t.phase(0) is FramePhase.LOCAL
+    with pytest.raises(TrackerError, match="began after"):
+        t.begin(1, 0.0, split=2, thr_conf=0.8)
+    t.begin(2, 0.0, split=2, thr_conf=0.8)
+    assert t.fail(2) is None and t.in_flight == 1
