@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -649,7 +650,7 @@ class SpinnServer:
         task.add_done_callback(peer.tasks.discard)
         # A done callback, not a `finally` in `_run_job`: a task cancelled before its first
         # step never enters its body, and the count must still come back down.
-        task.add_done_callback(lambda _t, j=job: self._dequeue(j, None))
+        task.add_done_callback(functools.partial(self._task_done, job))
 
     def _busy_reason(self, peer: _Peer, infer: Infer) -> str | None:
         """Why this INFER is refused with BUSY, or None to accept it.
@@ -737,6 +738,9 @@ class SpinnServer:
         self._queued -= 1
         if wait_ms is not None:
             self._wait_ewma_ms += 0.2 * (wait_ms - self._wait_ewma_ms)
+
+    def _task_done(self, job: _Job, _task: asyncio.Task[None]) -> None:
+        self._dequeue(job, None)
 
     def _dequeue_from_worker(self, job: _Job, wait_ms: float) -> None:
         loop = self._loop
