@@ -104,6 +104,8 @@ class Plan:
     failure_probs: tuple[float, ...]
     failure_run_s: float
     eval_images: int
+    startup_s: float = 2.0
+    """Uncounted device-only run first: torch's and the thread pools' lazy start-up."""
 
 
 QUICK = Plan(
@@ -1064,7 +1066,8 @@ def run_all(
         b = Bench(tb, plan, out, device_slowdown)
         # The first run in a process pays for torch's and the thread pools' lazy start-up
         # (measured: half the steady device-only rate); it is not counted.
-        measure(tb, None, "warm-up", b.policy("device-only"), duration_s=2.0, warmup_s=0.0)
+        measure(tb, None, "warm-up", b.policy("device-only"), duration_s=plan.startup_s,
+                warmup_s=0.0)  # fmt: skip
         print(f"plan {plan.name}; device slowdown ×{device_slowdown:g}; {tb.cores.describe()}; "
               f"model {tb.profile.model_id}", flush=True)  # fmt: skip
         raw: dict[str, Any] = {"plan": plan.name, "device_slowdown": device_slowdown}

@@ -26,7 +26,6 @@ from bench._harness import (
 )
 from spinn.policy import FixedPolicy
 from spinn.profile import NO_EARLY_EXIT, Profile
-from tests._runtime_support import make_small_checkpoint
 from tools.netshape import load_trace
 
 pytestmark = pytest.mark.timeout(120)
@@ -42,10 +41,9 @@ def restore_affinity() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    directory = tmp_path_factory.mktemp("small")
-    ckpt = make_small_checkpoint(directory)
-    return ckpt, directory / "profile.json"
+def small(checkpoint: Path) -> tuple[Path, Path]:
+    """The session's small checkpoint (tests/conftest.py) and the profile beside it."""
+    return checkpoint, checkpoint.parent / "profile.json"
 
 
 def _run(decisions: list[DecisionRecord]) -> RunResult:
@@ -180,6 +178,8 @@ def test_run_all_tiny(small: tuple[Path, Path], tmp_path: Path, restore_affinity
         warmup_s=0.1,
         networks=(paper.Network("tiny 50 Mbit/s", 50, "1ms"),),
         eval_images=200,
+        # A short start-up run is enough for this model; the run still goes through it.
+        startup_s=0.3,
     )
     out = tmp_path / "results"
     figures = paper.run_all(tiny, out, ckpt, prof, 2.0, only=(1, 6))
