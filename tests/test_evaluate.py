@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from spinn.data import load_mnist_5k
+from spinn.data import ImageSet, load_mnist_5k
 from spinn.evaluate import evaluate_model, format_table, sweep, write_outputs
 from spinn.inference import run_stages
 from spinn.models import build_backbone
@@ -29,6 +29,12 @@ def _model() -> ProgressiveModel:
             if isinstance(m, nn.Linear):
                 m.weight.mul_(6.0)
     return model.eval()
+
+
+@functools.cache
+def _digits() -> ImageSet:
+    """The 1,000 test digits, parsed once (the CSV parse takes about a second)."""
+    return load_mnist_5k("test")
 
 
 def test_sweep_on_known_probabilities() -> None:
@@ -60,7 +66,7 @@ def test_sweep_on_known_probabilities() -> None:
 
 def test_evaluation_matches_input_by_input_execution() -> None:
     model = _model()
-    data = load_mnist_5k("test").head(40)
+    data = _digits().head(40)
     ev = evaluate_model(model, data, model_id="m", thresholds=[0.6, 0.9])
     assert ev.split == model.exit_stages[0] + 1
     assert len(ev.exit_accuracy) == model.num_exits
@@ -79,7 +85,7 @@ def test_evaluation_matches_input_by_input_execution() -> None:
 
 def test_outputs_written(tmp_path: Path) -> None:
     model = _model()
-    ev = evaluate_model(model, load_mnist_5k("test").head(30), model_id="mid", split=3)
+    ev = evaluate_model(model, _digits().head(30), model_id="mid", split=3)
     paths = write_outputs(ev, tmp_path / "out")
     names = sorted(p.name for p in paths)
     assert names == ["evaluation.csv", "evaluation.md", "evaluation.png"]
