@@ -22,8 +22,27 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
 
 
+# Files (and the global torch RNG state after building) of each seed already built in this
+# process: a build takes seconds on two busy cores, and its output depends on the seed alone.
+_BUILT: dict[int, tuple[bytes, bytes, torch.Tensor]] = {}
+
+
 def make_small_checkpoint(directory: Path, seed: int = 0) -> Path:
     """Write ``model.pt`` and ``profile.json`` into ``directory``; returns the model path."""
+    path = directory / "model.pt"
+    if seed in _BUILT:
+        model_bytes, profile_bytes, rng_state = _BUILT[seed]
+        path.write_bytes(model_bytes)
+        (directory / "profile.json").write_bytes(profile_bytes)
+        torch.set_rng_state(rng_state)  # as if built here: callers may draw from it next
+        return path
+    _build_small_checkpoint(directory, seed)
+    _BUILT[seed] = (path.read_bytes(), (directory / "profile.json").read_bytes(),
+                    torch.get_rng_state())  # fmt: skip
+    return path
+
+
+def _build_small_checkpoint(directory: Path, seed: int) -> None:
     torch.manual_seed(seed)
     config = ModelConfig(
         arch="resnet20",
@@ -59,7 +78,6 @@ def make_small_checkpoint(directory: Path, seed: int = 0) -> Path:
         ),
         calibration_size=1,
     ).save(directory / "profile.json")
-    return path
 
 
 def free_port() -> int:
