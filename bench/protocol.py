@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import os
 import socket
 import statistics
 import sys
@@ -37,6 +36,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from bench._common import pin_one_core
 from protocol import (
     CODECS,
     NEED_DATA,
@@ -424,15 +424,6 @@ def loopback(frames: int, repeats: int, window: int) -> tuple[float, float, floa
 # -- report ----------------------------------------------------------------------------------
 
 
-def _pin_one_core() -> int | None:
-    try:
-        cores = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cores[-1]})
-        return cores[-1]
-    except (AttributeError, OSError):
-        return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.protocol", description=__doc__)
     parser.add_argument(
@@ -457,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     passes = args.repeats
     raw_seq, framed_seq, ratio_seq, frame_len = loopback(args.frames, passes, window=1)
     raw_win, framed_win, ratio_win, _ = loopback(args.frames, passes, window=args.window)
-    core = _pin_one_core()
+    core = pin_one_core()
 
     rows = [measure_codec(acts.arrays, c, z, args.repeats) for c in CODECS for z in (False, True)]
     big = [measure_codec(acts.batched, c, z, args.repeats) for c in CODECS for z in (False, True)]

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench._common import pin_one_core
 from spinn.estimators import Estimates
 from spinn.policy import Decision
 from spinn.profile import NO_EARLY_EXIT, Profile, synthetic_profile
@@ -42,16 +43,6 @@ from spinn.scheduler import Scheduler, SchedulerConfig, split_name
 from spinn.sla import SLA, Metric
 
 DEFAULT_PROFILE = Path("models/default/profile.json")
-
-
-def _pin_one_core() -> int | None:
-    """Run on a single core, as the target says; returns the core or None if unsupported."""
-    try:
-        cores = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cores[-1]})
-        return cores[-1]
-    except (AttributeError, OSError):
-        return None
 
 
 def _walk(rng: random.Random, calls: int) -> list[Estimates]:
@@ -313,7 +304,7 @@ def _thr_label(thr: float) -> str:
 
 def decision_part(profile_path: Path, calls: int, seed: int) -> dict[str, object]:
     """Part 1 on one core: decision time for the 20 × 20 grid (and the model's profile)."""
-    core = _pin_one_core()
+    core = pin_one_core()
     print(f"pinned to core {core}" if core is not None else "could not pin to one core")
     result: dict[str, object] = {}
     synth = synthetic_profile(random.Random(seed), num_stages=20, num_exits=7, num_thresholds=20)
