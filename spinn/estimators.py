@@ -117,6 +117,20 @@ class _Filtered:
     def value(self) -> float | None:
         return self._ewma.value
 
+    def update_ratio(
+        self, now: float, owner: str, kind: str, measured_ms: float, offline_ms: float
+    ) -> float | None:
+        """Feed ``measured / offline`` as a scale factor; None (nothing fed) when the
+        offline time is 0. A zero time would make every prediction free, so the factor
+        is kept strictly positive."""
+        measured = _check_sample(f"{owner} {kind} ms", measured_ms)
+        offline = _check_sample(f"{owner} offline ms", offline_ms)
+        if offline <= 0.0:
+            return None
+        ratio = max(measured / offline, _MIN_SCALE)
+        self.update(now, ratio)
+        return ratio
+
 
 class BandwidthEstimator:
     """Uplink bandwidth ``B`` in bit/s from upload transfers and PING padding probes.
@@ -229,14 +243,7 @@ class DeviceScaleEstimator:
 
     def observe(self, now: float, real_ms: float, offline_ms: float) -> float | None:
         """The device ran a range whose offline time is ``offline_ms`` in ``real_ms``."""
-        real = _check_sample("device real ms", real_ms)
-        offline = _check_sample("device offline ms", offline_ms)
-        if offline <= 0.0:
-            return None
-        # A zero time would make every prediction free; keep the factor strictly positive.
-        ratio = max(real / offline, _MIN_SCALE)
-        self._f.update(now, ratio)
-        return ratio
+        return self._f.update_ratio(now, "device", "real", real_ms, offline_ms)
 
     @property
     def scale(self) -> float:
@@ -264,13 +271,7 @@ class ServerTimeEstimator:
         """Last queue depth the server reported (requests waiting ahead of ours)."""
 
     def observe_reported(self, now: float, compute_ms: float, offline_ms: float) -> float | None:
-        compute = _check_sample("server compute ms", compute_ms)
-        offline = _check_sample("server offline ms", offline_ms)
-        if offline <= 0.0:
-            return None
-        ratio = max(compute / offline, _MIN_SCALE)
-        self._f.update(now, ratio)
-        return ratio
+        return self._f.update_ratio(now, "server", "compute", compute_ms, offline_ms)
 
     @staticmethod
     def infer_compute_ms(
