@@ -234,16 +234,12 @@ class LatencyEstimator:
         return self._f.samples
 
 
-class DeviceScaleEstimator:
-    """``SF = T_real / T_offline`` of the device part; the scheduler multiplies every
-    split's offline device time by it (DESIGN.md part 4)."""
+class _ScaleFactor:
+    """A filtered scale factor over offline timings: 1.0 (the offline figures) until
+    the first measurement."""
 
     def __init__(self, alpha: float = 0.3) -> None:
         self._f = _Filtered(alpha)
-
-    def observe(self, now: float, real_ms: float, offline_ms: float) -> float | None:
-        """The device ran a range whose offline time is ``offline_ms`` in ``real_ms``."""
-        return self._f.update_ratio(now, "device", "real", real_ms, offline_ms)
 
     @property
     def scale(self) -> float:
@@ -256,7 +252,16 @@ class DeviceScaleEstimator:
         return self._f.samples
 
 
-class ServerTimeEstimator:
+class DeviceScaleEstimator(_ScaleFactor):
+    """``SF = T_real / T_offline`` of the device part; the scheduler multiplies every
+    split's offline device time by it (DESIGN.md part 4)."""
+
+    def observe(self, now: float, real_ms: float, offline_ms: float) -> float | None:
+        """The device ran a range whose offline time is ``offline_ms`` in ``real_ms``."""
+        return self._f.update_ratio(now, "device", "real", real_ms, offline_ms)
+
+
+class ServerTimeEstimator(_ScaleFactor):
     """Server time as a scale factor over the offline server timings, plus queue depth.
 
     A RESULT that reports the server's compute time gives ``T_server`` directly.  One that
@@ -266,7 +271,7 @@ class ServerTimeEstimator:
     """
 
     def __init__(self, alpha: float = 0.3) -> None:
-        self._f = _Filtered(alpha)
+        super().__init__(alpha)
         self.queue = 0.0
         """Last queue depth the server reported (requests waiting ahead of ours)."""
 
@@ -307,15 +312,6 @@ class ServerTimeEstimator:
 
     def observe_queue(self, now: float, depth: float) -> None:
         self.queue = _check_sample("server queue depth", depth)
-
-    @property
-    def scale(self) -> float:
-        v = self._f.value
-        return 1.0 if v is None else v
-
-    @property
-    def samples(self) -> int:
-        return self._f.samples
 
 
 class OverheadEstimator:
