@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from bench.scheduler import ROOT, _ensure_profile, _free_port, _stop, _wait_port
+from bench.scheduler import ROOT, _ensure_profile
 from spinn.estimators import Estimates
 from spinn.policy import Decision, Policy
+from spinn.procs import free_port, stop_process, wait_listening
 from spinn.profile import Profile
 from spinn.sources import Frame
 
@@ -201,7 +202,7 @@ class ServerProcess:
     """``spinn_server.py`` in its own process on the server cores, one worker thread."""
 
     def __init__(self, testbed: Testbed, slowdown: float = 1.0) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.slowdown = slowdown
         self._proc = subprocess.Popen(
             [sys.executable, str(ROOT / "spinn_server.py"), "--checkpoint",
@@ -211,13 +212,13 @@ class ServerProcess:
             cwd=ROOT, preexec_fn=_preexec(testbed.cores.server),
         )  # fmt: skip
         try:
-            _wait_port(self.port, self._proc, 120)
+            wait_listening(self.port, self._proc, 120)
         except BaseException:
-            _stop(self._proc)
+            stop_process(self._proc)
             raise
 
     def close(self) -> None:
-        _stop(self._proc)
+        stop_process(self._proc)
 
     def __enter__(self) -> ServerProcess:
         return self
@@ -240,8 +241,8 @@ class Shaper:
         outages: tuple[str, ...] = (),
         seed: int = 0,
     ) -> None:
-        self.port = _free_port()
-        self.control = ("127.0.0.1", _free_port())
+        self.port = free_port()
+        self.control = ("127.0.0.1", free_port())
         args = [sys.executable, "-m", "tools.netshape", "--listen", f"127.0.0.1:{self.port}",
                 "--upstream", f"127.0.0.1:{upstream_port}", "--control",
                 f"{self.control[0]}:{self.control[1]}", "--seed", str(seed),
@@ -258,9 +259,9 @@ class Shaper:
             args, cwd=ROOT, stdout=subprocess.DEVNULL, preexec_fn=_preexec(testbed.cores.server)
         )
         try:
-            _wait_port(self.control[1], self._proc, 60)
+            wait_listening(self.control[1], self._proc, 60)
         except BaseException:
-            _stop(self._proc)
+            stop_process(self._proc)
             raise
 
     def command(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -279,7 +280,7 @@ class Shaper:
         return dict(self.command({"cmd": "stats"})["stats"])
 
     def close(self) -> None:
-        _stop(self._proc)
+        stop_process(self._proc)
 
     def __enter__(self) -> Shaper:
         return self

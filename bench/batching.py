@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import _percentile, activations, run_load
-from bench.scheduler import ROOT, _free_port, _stop, _wait_port
+from bench.scheduler import ROOT
+from spinn.procs import free_port, stop_process, wait_listening
 
 __all__ = ["main"]
 
@@ -36,7 +37,7 @@ __all__ = ["main"]
 def _start_server(
     args: argparse.Namespace, batch_max: int
 ) -> tuple[subprocess.Popen[bytes], int, int]:
-    port, metrics = _free_port(), _free_port()
+    port, metrics = free_port(), free_port()
     cmd = [sys.executable, str(ROOT / "spinn_server.py"), "--checkpoint", str(args.checkpoint),
            "--port", str(port), "--stats-interval", "0", "--grace", "2", "-q",
            "--device", args.device, "--batch-max", str(batch_max),
@@ -45,7 +46,7 @@ def _start_server(
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
     proc = subprocess.Popen(cmd, cwd=ROOT)
-    _wait_port(port, proc, 120)
+    wait_listening(port, proc, 120)
     return proc, port, metrics
 
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({on['mean_batch']})", flush=True)  # fmt: skip
     finally:
         for proc, _, _ in servers.values():
-            _stop(proc)
+            stop_process(proc)
     top = levels[-1]
     rate = {r["mode"]: r["requests_per_s"] for r in rows if r["devices"] == top}
     speedup = round(rate["on"] / rate["off"], 2) if rate.get("off") else None

@@ -595,9 +595,9 @@ def socket_fuzz(
     checkpoint: Path, seconds: float, attackers: int = 8, seed: int = 0, extra: tuple[str, ...] = ()
 ) -> dict[str, Any]:
     """Fuzz a live server process for ``seconds`` while a good device streams through it."""
-    from bench.scheduler import _free_port, _wait_port
+    from spinn.procs import free_port, wait_listening
 
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve().parents[1] / "spinn_server.py"),
@@ -606,7 +606,7 @@ def socket_fuzz(
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
-            _wait_port(port, proc, 120)  # type: ignore[arg-type]
+            wait_listening(port, proc, 120)  # type: ignore[arg-type]
             import uvloop
 
             result = uvloop.run(_socket_fuzz(checkpoint, port, proc.pid, seconds, attackers, seed))

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.scheduler import ROOT, _free_port, _stop, _wait_port
+from bench.scheduler import ROOT
 from protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -50,6 +50,7 @@ from protocol import (
     Welcome,
     pack,
 )
+from spinn.procs import free_port, stop_process, wait_listening
 
 __all__ = ["LoadResult", "activations", "main", "run_load"]
 
@@ -249,20 +250,20 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.split < model.num_stages:
         p.error(f"--split must be in 0..{model.num_stages - 1}")
     tensors = activations(args.checkpoint, args.split, 64, args.codec)
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, str(ROOT / "spinn_server.py"), "--checkpoint", str(args.checkpoint),
            "--port", str(port), "--stats-interval", "0", "--grace", "2", "-q", *args.server_arg]  # fmt: skip
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     try:
-        _wait_port(port, proc, 120)  # type: ignore[arg-type]
+        wait_listening(port, proc, 120)  # type: ignore[arg-type]
         import uvloop
 
         result, wall, rss_mb = uvloop.run(run_load(port, proc.pid, meta, tensors, args))
         alive = proc.poll() is None
     finally:
-        _stop(proc)  # type: ignore[arg-type]
+        stop_process(proc)  # type: ignore[arg-type]
     lat = result.latencies_ms
     answered = result.results + sum(v for k, v in result.errors.items() if " " not in k)
     figures: dict[str, Any] = {

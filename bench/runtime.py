@@ -16,33 +16,15 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+from spinn.procs import free_port, wait_listening
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError("server did not start")
 
 
 def _run_device(
@@ -87,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         f"split-{mid}": ["--split", str(mid), "--thr", str(args.thr)],
     }
     work = Path(tempfile.mkdtemp(prefix="spinn-bench-runtime-"))
-    port = _free_port()
+    port = free_port()
     log_path = work / "server.log"
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
@@ -96,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ),
         )  # fmt: skip
         try:
-            _wait_port(port, server)
+            wait_listening(port, server, 90.0)
             results = {
                 name: _run_device(port, args.frames, flags, checkpoint, work, name)
                 for name, flags in policies.items()

@@ -25,8 +25,6 @@ import io
 import json
 import os
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +36,7 @@ from typing import Any
 from bench._common import pin_one_core
 from spinn.estimators import Estimates
 from spinn.policy import Decision
+from spinn.procs import free_port, stop_process, wait_listening
 from spinn.profile import NO_EARLY_EXIT, Profile, synthetic_profile
 from spinn.scheduler import Scheduler, SchedulerConfig, split_name
 from spinn.sla import SLA, Metric
@@ -114,35 +113,6 @@ class RecordingPolicy:
         return self.decision
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout_s:.0f} s")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _ensure_profile(checkpoint: Path, profile_path: Path, workdir: Path) -> Path:
     """The checkpoint's profile; measured here (small calibration) when none ships."""
     if profile_path.exists():
@@ -216,7 +186,7 @@ def end_to_end(
     grid = [t for t in profile.thr_grid if t <= 0.9] or list(profile.thr_grid)
     thr_mid = grid[len(grid) // 2]
     configs = [(s_count, thr_mid), (0, NO_EARLY_EXIT), (s_count // 2, thr_mid), (1, grid[-1])]
-    server_port = _free_port()
+    server_port = free_port()
     python = sys.executable
     server = subprocess.Popen(
         [python, str(ROOT / "spinn_server.py"), "--checkpoint", str(checkpoint), "--port",
@@ -225,18 +195,18 @@ def end_to_end(
     )  # fmt: skip
     rows: list[dict[str, Any]] = []
     try:
-        _wait_port(server_port, server, 120)
+        wait_listening(server_port, server, 120)
         for net_name, shape in NETWORKS:
             shaper = None
             port = server_port
             if shape is not None:
-                port = _free_port()
+                port = free_port()
                 shaper = subprocess.Popen(
                     [python, "-m", "tools.netshape", "--listen", f"127.0.0.1:{port}",
                      "--upstream", f"127.0.0.1:{server_port}", *shape],
                     cwd=ROOT, stdout=subprocess.DEVNULL,
                 )  # fmt: skip
-                _wait_port(port, shaper, 60)
+                wait_listening(port, shaper, 60)
             try:
                 for split, thr in configs:
                     t = pred_of.threshold_index(thr)
@@ -288,9 +258,9 @@ def end_to_end(
                     )
             finally:
                 if shaper is not None:
-                    _stop(shaper)
+                    stop_process(shaper)
     finally:
-        _stop(server)
+        stop_process(server)
     return {
         "rows": rows,
         "latency_error_median": statistics.median(r["latency_error"] for r in rows),

@@ -12,47 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+from spinn.procs import free_port, stop_process, wait_listening
 
 __all__ = ["main"]
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited early with status {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"the server did not listen on port {port} within {timeout_s:.0f} s")
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return int(proc.returncode)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, help="checkpoint (default: the shipped model)")
     args = parser.parse_args(argv)
 
-    port = _free_port()
+    port = free_port()
     python = sys.executable
     work = Path(tempfile.mkdtemp(prefix="spinn-demo-"))
     server_log = work / "server.log"
@@ -84,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         device: subprocess.Popen[bytes] | None = None
         try:
-            _wait_listening(port, server, 60.0)
+            wait_listening(port, server, 60.0)
             split = ["--split", str(args.split)] if args.split is not None else []
             device = subprocess.Popen(
                 [python, str(ROOT / "spinn_device.py"), "--server", f"127.0.0.1:{port}",
@@ -106,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             device_rc = device.wait()
         finally:
             if device is not None and device.poll() is None:
-                _stop(device)
-            server_rc = _stop(server)
+                stop_process(device)
+            server_rc = stop_process(server)
     print()
     final = [ln for ln in server_log.read_text().splitlines() if "final stats" in ln]
     if final:

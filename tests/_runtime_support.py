@@ -8,7 +8,6 @@ per-stage times measured here and activation sizes from the model itself.
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 
 import torch
@@ -78,12 +77,6 @@ def _build_small_checkpoint(directory: Path, seed: int) -> None:
         ),
         calibration_size=1,
     ).save(directory / "profile.json")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RawClient:

@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests._runtime_support import free_port, make_small_checkpoint
+from spinn.procs import free_port
+from tests._runtime_support import make_small_checkpoint
 from tests.test_runtime_integration import Device, Server, _by_frame, _control, _netshape
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]

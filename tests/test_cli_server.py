@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import spinn_server
-from tests._runtime_support import PYTHON, ROOT, free_port
+from spinn.procs import free_port
+from tests._runtime_support import PYTHON, ROOT
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests._runtime_support import ROOT, free_port, make_small_checkpoint
+from spinn.procs import free_port
+from tests._runtime_support import ROOT, make_small_checkpoint
 from tests.test_runtime_integration import Device, Server, _by_frame, _wait_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]

@@ -14,11 +14,12 @@ from protocol.packing import CODECS, pack
 from spinn.checkpoint import load_checkpoint
 from spinn.estimators import Estimates
 from spinn.policy import Decision
+from spinn.procs import free_port
 from spinn.profile import NO_EARLY_EXIT
 from spinn.runtime.device import DeviceConfig, DeviceError, SpinnDevice
 from spinn.runtime.server import ServerConfig, SpinnServer
 from spinn.sources import ArraySource
-from tests._runtime_support import free_port, make_small_checkpoint
+from tests._runtime_support import make_small_checkpoint
 
 pytestmark = pytest.mark.timeout(90)
 

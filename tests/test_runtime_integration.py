@@ -24,7 +24,8 @@ import torch
 from spinn.checkpoint import load_checkpoint
 from spinn.data import load_fashion_mnist
 from spinn.inference import run_stages
-from tests._runtime_support import PYTHON, ROOT, free_port
+from spinn.procs import free_port
+from tests._runtime_support import PYTHON, ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -235,7 +235,7 @@ def test_tls_and_token_on_both_cli_ends(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     import spinn_device
-    from tests._runtime_support import free_port
+    from spinn.procs import free_port
     from tests.test_runtime_integration import Device, Server, _by_frame
 
     token = _write_token(tmp_path / "token", TOKEN.decode())
