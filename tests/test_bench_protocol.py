@@ -16,8 +16,19 @@ def test_bench_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
     lines = capsys.readouterr().out.strip().splitlines()
     figures = json.loads(lines[-1])
     assert figures["bench"] == "protocol"
-    for key in ("sparse_zstd_ratio", "pack_mb_s", "unpack_mb_s", "framing_vs_raw"):
+    for key in (
+        "sparse_zstd_ratio",
+        "pack_mb_s",
+        "unpack_mb_s",
+        "framing_vs_raw",
+        "framing_vs_raw_serial",
+        "order0_ideal_ratio",
+    ):
         assert figures[key] > 0, key
+    assert figures["window"] == 2
+    assert 0 < figures["int8_bits_per_value"] <= 8.0
+    assert figures["sparse_zstd_ratio_min"] <= figures["sparse_zstd_ratio"]
+    assert figures["sparse_zstd_ratio"] <= figures["sparse_zstd_ratio_max"]
     # Quantisation error is bounded by half a step on real activations (PROTOCOL.md §6.4).
     assert figures["max_err_scales"] <= 0.5 + 1e-3
     assert figures["sparse_zstd_ratio"] > figures["sparse_ratio"] > 1.0
