@@ -190,6 +190,8 @@ class Infer:
     """The packed activation at `split`, batch dimension included."""
     deadline_ms: float | None = None
     """Milliseconds after receipt by which an answer is still useful; None: no deadline."""
+    early_exits: bool = True
+    """False: only the final exit answers, whatever the softmax (thr_conf is then ignored)."""
 
     def __post_init__(self) -> None:
         _check_int("request_id", self.request_id)
@@ -201,6 +203,8 @@ class Infer:
             raise TypeError(f"tensor must be a PackedTensor, got {type(self.tensor).__name__}")
         if self.deadline_ms is not None:
             _float(self, "deadline_ms", self.deadline_ms, lo=0.0)
+        if type(self.early_exits) is not bool:
+            raise TypeError(f"early_exits must be a bool, got {type(self.early_exits).__name__}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,8 +402,9 @@ _REQUIRED: Final[dict[type, frozenset[str]]] = {
     )
     for cls in MESSAGE_CLASSES.values()
 }
-_OMITTED_AT_DEFAULT: Final = frozenset({"auth_nonce"})
-"""Optional fields added after version 1 was first written, left out when unused."""
+_OMITTED_AT_DEFAULT: Final[dict[str, object]] = {"auth_nonce": b"", "early_exits": True}
+"""Optional fields added after version 1 was first written, left out at their default, so
+that a message not using them is byte for byte what an older peer sends and expects."""
 _TENSOR_FIELDS: Final = ("codec", "compressed", "shape", "scale", "zero_point", "payload")
 
 
@@ -437,8 +442,8 @@ def encode_message_parts(message: Message) -> tuple[bytes, bytes]:
         value = getattr(message, name)
         if isinstance(value, PackedTensor):
             continue  # written last, below
-        if name in _OMITTED_AT_DEFAULT and value == b"":
-            continue  # a HELLO without authentication is byte for byte the plain one
+        if name in _OMITTED_AT_DEFAULT and value == _OMITTED_AT_DEFAULT[name]:
+            continue  # e.g. a HELLO without authentication is byte for byte the plain one
         if isinstance(value, tuple):
             value = list(value)
         elif isinstance(value, enum.IntEnum):

@@ -73,6 +73,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
         st.floats(0.0, 1.0),
         packed_tensors(),
         st.one_of(st.none(), non_negative),
+        st.booleans(),
     ),
     results(),
     st.builds(Cancel, ids),
@@ -108,6 +109,18 @@ def test_unknown_fields_are_ignored_and_defaults_apply() -> None:
                                      "codecs": ["int8"], "auth_token": "later"}]  # fmt: skip
     hello = decode_message(body)
     assert hello == Hello(1, "m", "", ("int8",), device_name="")
+
+
+def test_early_exits_travels_only_when_off() -> None:
+    tensor = PackedTensor("float32", False, (1,), 1.0, 0, bytes(4))
+    on = msgpack.unpackb(encode_message(Infer(1, 2, 0.5, tensor)), raw=False)
+    assert "early_exits" not in on[1], "a default INFER is what a peer unaware of it sends"
+    off = Infer(1, 2, 0.5, tensor, early_exits=False)
+    assert msgpack.unpackb(encode_message(off), raw=False)[1]["early_exits"] is False
+    assert _roundtrip(off) == off
+    fields = dict(on[1], early_exits=1)
+    with pytest.raises(RemoteProtocolError, match="early_exits must be a bool"):
+        decode_message([int(MessageType.INFER), fields])
 
 
 def test_integral_floats_from_other_languages_are_accepted() -> None:

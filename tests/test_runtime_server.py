@@ -97,6 +97,27 @@ def test_infer_matches_offline_execution_from_every_split(checkpoint: Path) -> N
     assert server.stats.computed == model.num_stages
 
 
+def test_early_exits_off_answers_from_the_final_exit(checkpoint: Path) -> None:
+    model, _ = load_checkpoint(checkpoint)
+    answers: dict[int, Result] = {}
+
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        await _hello(client, server)
+        x = pack(_input(5).numpy(), "float32")
+        # Threshold 0: the first exit answers, unless early exits are off.
+        client.send(Infer(1, 0, 0.0, x), Infer(2, 0, 0.0, x, early_exits=False))
+        for _ in range(2):
+            event = await client.next()
+            assert isinstance(event, Result), event
+            answers[event.request_id] = event
+        client.close()
+
+    _serve(checkpoint, body)
+    assert answers[1].exit_index == 0
+    assert answers[2].exit_index == model.num_exits - 1
+
+
 def test_no_report_compute_leaves_compute_time_out(checkpoint: Path) -> None:
     async def body(server: SpinnServer, port: int) -> None:
         client = await RawClient.open(port)

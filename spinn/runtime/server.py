@@ -67,6 +67,7 @@ from protocol import (
 )
 from protocol.auth import NONCE_SIZE, server_proof
 from protocol.packing import CODECS, unpack
+from spinn.profile import NO_EARLY_EXIT
 from spinn.runtime.accel import DEVICE_CHOICES, resolve_device
 from spinn.runtime.batching import Batcher, run_batch, to_device
 from spinn.runtime.compute import configure_torch, make_executor, plan_workers
@@ -639,7 +640,9 @@ class SpinnServer:
         except ProtocolError as exc:
             self._request_error(peer, ErrorCode.BAD_TENSOR, f"tensor does not decode: {exc}", rid)
             return
-        job = _Job(rid, infer.split, float(infer.thr_conf), activation)
+        # No softmax exceeds 1, so a threshold above it leaves only the final exit.
+        thr = float(infer.thr_conf) if infer.early_exits else NO_EARLY_EXIT
+        job = _Job(rid, infer.split, thr, activation)
         if infer.deadline_ms is not None:
             job.expires_at = time.monotonic() + infer.deadline_ms / 1e3
         peer.jobs[rid] = job
