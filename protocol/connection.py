@@ -300,25 +300,18 @@ class Connection:
         All checks come before any mutation, so a refused local send changes nothing.
         """
         mtype = message_type(msg)
-        who = sender.value
         if self._closed:
-            raise err(f"{who} sent {mtype.name} after the connection closed")
-        if sender in self._bye:
-            raise err(f"{who} sent {mtype.name} after its own BYE")
+            raise err(f"{sender.value} sent {mtype.name} after the connection closed")
         allowed = ALLOWED[(self._phase, sender)]
-        if sender.peer in self._bye:
-            allowed = allowed & AFTER_PEER_BYE
+        if self._bye:
+            if sender in self._bye:
+                raise err(f"{sender.value} sent {mtype.name} after its own BYE")
+            if sender.peer in self._bye:
+                allowed = allowed & AFTER_PEER_BYE
         if mtype not in allowed:
-            raise err(f"{who} may not send {mtype.name} in state {self.state.value}")
-        if isinstance(msg, Hello):
-            self._on_hello(msg, err)
-        elif isinstance(msg, Welcome):
-            self._on_welcome(msg, err)
-        elif isinstance(msg, Challenge):
-            self._on_challenge(msg, err)
-        elif isinstance(msg, Auth):
-            self._on_auth(msg, err)
-        elif isinstance(msg, Infer):
+            raise err(f"{sender.value} may not send {mtype.name} in state {self.state.value}")
+        # Most frequent first; the message classes are final, so the order changes nothing else.
+        if isinstance(msg, Infer):
             self._on_infer(msg, err)
         elif isinstance(msg, Result):
             self._answer(msg.request_id, "RESULT", err)
@@ -328,6 +321,14 @@ class Connection:
             self._on_pong(msg, sender, err)
         elif isinstance(msg, Error):
             self._on_error(msg, sender, err)
+        elif isinstance(msg, Hello):
+            self._on_hello(msg, err)
+        elif isinstance(msg, Welcome):
+            self._on_welcome(msg, err)
+        elif isinstance(msg, Challenge):
+            self._on_challenge(msg, err)
+        elif isinstance(msg, Auth):
+            self._on_auth(msg, err)
         elif isinstance(msg, Bye):
             self._bye.add(sender)
             if len(self._bye) == 2:

@@ -240,15 +240,17 @@ class Result:
                 f"got {len(classes)} and {len(probs)}"
             )
         for c in classes:
-            _check_int("class index", c, 0, 2**32 - 1)
-        fixed = []
-        for p in probs:
-            if type(p) is int:
-                p = float(p)
-            if type(p) is not float or not 0.0 <= p <= 1.0:
-                raise ValueError(f"probabilities must be floats in [0, 1], got {p!r}")
-            fixed.append(p)
-        object.__setattr__(self, "probs", tuple(fixed))
+            if type(c) is not int or not 0 <= c <= 0xFFFFFFFF:  # inline: once per class
+                _check_int("class index", c, 0, 0xFFFFFFFF)
+        if not all(type(p) is float and 0.0 <= p <= 1.0 for p in probs):
+            fixed = []
+            for p in probs:
+                if type(p) is int:
+                    p = float(p)  # an integral float from another language's encoder
+                if type(p) is not float or not 0.0 <= p <= 1.0:
+                    raise ValueError(f"probabilities must be floats in [0, 1], got {p!r}")
+                fixed.append(p)
+            object.__setattr__(self, "probs", tuple(fixed))
         if self.compute_ms is not None:
             _float(self, "compute_ms", self.compute_ms, lo=0.0)
 
@@ -391,6 +393,7 @@ MESSAGE_CLASSES: Final[dict[MessageType, type[Message]]] = {
     MessageType.AUTH: Auth,
 }
 _TYPE_OF: Final[dict[type, MessageType]] = {cls: t for t, cls in MESSAGE_CLASSES.items()}
+_TYPE_BY_TAG: Final[dict[int, MessageType]] = {int(t): t for t in MessageType}
 _FIELDS: Final[dict[type, tuple[str, ...]]] = {
     cls: tuple(cls.__dataclass_fields__) for cls in MESSAGE_CLASSES.values()
 }
@@ -434,34 +437,28 @@ def encode_message_parts(message: Message) -> tuple[bytes, bytes]:
     as the last value of the body so that the encoder never copies it (PROTOCOL.md §5.1:
     senders should put it last; receivers accept any order). Empty for other messages.
     """
-    cls = type(message)
     mtype = message_type(message)
-    fields: dict[str, Any] = {}
+    # msgpack writes tuples as arrays and IntEnums as ints, so field values go in as they
+    # are; the dict keeps the dataclass field order, which fixes the byte layout.
+    fields: dict[str, Any] = {name: getattr(message, name) for name in _FIELDS[type(message)]}
+    for name, default in _OMITTED_AT_DEFAULT.items():
+        if name in fields and fields[name] == default:
+            del fields[name]  # e.g. a HELLO without authentication is the plain one
     blob = b""
-    for name in _FIELDS[cls]:
-        value = getattr(message, name)
-        if isinstance(value, PackedTensor):
-            continue  # written last, below
-        if name in _OMITTED_AT_DEFAULT and value == _OMITTED_AT_DEFAULT[name]:
-            continue  # e.g. a HELLO without authentication is byte for byte the plain one
-        if isinstance(value, tuple):
-            value = list(value)
-        elif isinstance(value, enum.IntEnum):
-            value = int(value)
-        elif name == "padding":
-            blob, value = value, b""
-        fields[name] = value
     if isinstance(message, Infer):
-        t = message.tensor
+        t = fields.pop("tensor")
         blob = t.payload
         fields["tensor"] = {
             "codec": t.codec,
             "compressed": t.compressed,
-            "shape": list(t.shape),
+            "shape": t.shape,
             "scale": t.scale,
             "zero_point": t.zero_point,
             "payload": b"",
         }
+    elif isinstance(message, Ping):
+        blob = fields["padding"]  # the last field: its placeholder ends the head
+        fields["padding"] = b""
     head = msgpack.packb([int(mtype), fields], use_bin_type=True)
     if not blob:
         return head, b""
@@ -488,15 +485,14 @@ def decode_message(obj: object) -> Message:
     tag, fields = obj
     if type(tag) is not int:
         raise RemoteProtocolError(f"message type must be an int, got {type(tag).__name__}")
-    try:
-        mtype = MessageType(tag)
-    except ValueError:
-        raise RemoteProtocolError(f"unknown message type {tag}") from None
+    mtype = _TYPE_BY_TAG.get(tag)  # a dict lookup: calling the IntEnum is Python code
+    if mtype is None:
+        raise RemoteProtocolError(f"unknown message type {tag}")
     if not isinstance(fields, dict):
         raise RemoteProtocolError(f"{mtype.name} fields must be a msgpack map")
     cls = MESSAGE_CLASSES[mtype]
-    missing = _REQUIRED[cls] - fields.keys()
-    if missing:
+    if not _REQUIRED[cls] <= fields.keys():
+        missing = _REQUIRED[cls] - fields.keys()
         raise RemoteProtocolError(f"{mtype.name} is missing field(s) {sorted(missing)}")
     # Unknown keys are ignored for forward compatibility (PROTOCOL.md §9).
     kwargs = {name: fields[name] for name in _FIELDS[cls] if name in fields}

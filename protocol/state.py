@@ -19,6 +19,10 @@ __all__ = ["Role", "ConnectionState", "ALLOWED", "AFTER_PEER_BYE"]
 class Role(enum.Enum):
     """Which end of the connection this is."""
 
+    # Members are singletons, so identity hashing is exact, and it is a C slot: Enum's own
+    # __hash__ is Python code, run twice per message for the `ALLOWED` lookup.
+    __hash__ = object.__hash__
+
     DEVICE = "device"
     """The client: sends HELLO, INFER, CANCEL, PING, BYE."""
     SERVER = "server"
@@ -32,6 +36,8 @@ class Role(enum.Enum):
 
 class ConnectionState(enum.Enum):
     """State of a connection, the same on both ends once frames have been exchanged."""
+
+    __hash__ = object.__hash__  # see Role
 
     AWAIT_HELLO = "await_hello"
     """Nothing exchanged yet: the device must send HELLO."""
