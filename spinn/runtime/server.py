@@ -445,7 +445,9 @@ class SpinnServer:
         self._peers.add(peer)
         self.stats.connections += 1
         self.stats.connections_total += 1
-        log.info("device connected from %s", peer.name)
+        # DEBUG: load balancers' TCP health checks connect every second or so; a real
+        # device shows up at INFO when it is welcomed.
+        log.debug("device connected from %s", peer.name)
         reason = "closed by device"
         accepted_at = time.monotonic()
         try:
@@ -485,7 +487,8 @@ class SpinnServer:
             self.stats.connections -= 1
             with contextlib.suppress(ConnectionError, OSError):
                 writer.close()
-            log.info("device %s disconnected: %s", peer.name, reason)
+            level = logging.INFO if peer.conn.hello is not None else logging.DEBUG
+            log.log(level, "device %s disconnected: %s", peer.name, reason)
 
     async def _answer_then_bye(self, peer: _Peer) -> str:
         """After the device's BYE: answer its outstanding INFERs, then send BYE (§7.3).
