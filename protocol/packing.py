@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Final
 
@@ -80,12 +81,39 @@ _FLOAT16_MAX: Final = 65504.0
 _QUANT_MAX: Final = 2.0**126
 _MIN_SCALE: Final = 2.0**-126
 _MAX_SCALE: Final = 2.0**120
-_MIN: Final = np.minimum.reduce
-_MAX: Final = np.maximum.reduce
 _F32_TINY: Final = float(np.finfo(np.float32).tiny)
+_F32: Final = struct.Struct("<f")
+_INF_BITS: Final = 0x7F800000
+"""uint32 pattern of +inf: below it lie exactly the non-negative finite float32 values."""
+_ROUND_MINUS_128: Final = 12582912.0 - 128.0
+"""1.5·2**23 − 128: adding it to t in [−2**21, 2**21] rounds t half-to-even to an integer
+(the sum's float32 spacing is 1 and the constant is even) and leaves rint(t) − 128 in the
+low byte of the sum's bit pattern."""
 
-_compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
-_decompressor = zstandard.ZstdDecompressor()
+
+def _const(value: float) -> np.ndarray:
+    """A read-only 0-d float32 array: a cheaper ufunc operand than a Python or numpy scalar,
+    and safe to share between threads."""
+    array = np.array(value, np.float32)
+    array.setflags(write=False)
+    return array
+
+
+_ROUND_MINUS_128_F32: Final = _const(_ROUND_MINUS_128)
+_LEVEL_F32: Final = tuple(_const(level) for level in range(-128, 128))
+"""_LEVEL_F32[zp + 128] is zero_point zp as a float32 operand."""
+
+
+class _Zstd(threading.local):
+    """zstd contexts, one per thread: a context serves one operation at a time, and pack and
+    unpack run on the runtime's executor threads."""
+
+    def __init__(self) -> None:
+        self.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
+        self.decompressor = zstandard.ZstdDecompressor()
+
+
+_zstd = _Zstd()
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,44 +174,87 @@ class PackedTensor:
         return len(self.payload)
 
 
-def quantise(values: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, float, int]:
-    """Affine int8 quantisation of a float32 array: returns (q, scale, zero_point).
+def _range(flat: np.ndarray) -> tuple[float, float, float]:
+    """(min(x), min(x, 0), max(x, 0)) of a non-empty contiguous 1-D float32 array.
 
-    The range [min(x, 0), max(x, 0)] is mapped onto 255 of the 256 int8 levels, so 0.0 is
-    exact and round(x/scale) + zero_point never leaves [−128, 127]; hence
-    |x − (q − zero_point)·scale| ≤ scale/2 up to float32 rounding (PROTOCOL.md §6.4).
-    `out`, an int8 array of the same size, receives q (e.g. a slice of a payload buffer).
+    NaN propagates into the result (argmin/argmax return the first NaN). argmin/argmax cost
+    a third of a min/max reduction on a few thousand values, and ReLU outputs need only one:
+    when the largest uint32 bit pattern is that of a finite value >= +0.0, no element has its
+    sign bit set, so the minimum is >= 0 and the largest pattern is the largest value.
     """
-    q = np.empty(values.size, np.int8) if out is None else out
+    bits = flat.view(np.uint32)
+    top = int(bits.argmax())
+    if bits.item(top) < _INF_BITS:
+        hi: float = flat.item(top)
+        return 0.0, 0.0, hi
+    vmin: float = flat.item(int(flat.argmin()))
+    vmax: float = flat.item(int(flat.argmax()))
+    return vmin, min(vmin, 0.0), max(vmax, 0.0)
+
+
+def _quantise_into(values: np.ndarray, out: np.ndarray, scratch: bool = False) -> tuple[float, int]:
+    """Quantise a contiguous 1-D float32 array into the int8 array `out` (PROTOCOL.md §6.4).
+
+    With `scratch`, `values` is the caller's temporary and is overwritten.
+    """
     if values.size == 0:
-        return q, 1.0, 0
-    # Direct ufunc calls: at batch 1 an activation is a few KiB, so numpy's Python-level
-    # wrappers (ndarray.min, np.clip) would cost more than the arithmetic itself.
-    vmin, vmax = _MIN(values), _MAX(values)
-    lo, hi = min(float(vmin), 0.0), max(float(vmax), 0.0)
+        return 1.0, 0
+    vmin, lo, hi = _range(values)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("cannot pack non-finite values (nan or inf) with an int8 codec")
     if max(-lo, hi) > _QUANT_MAX:
         # Keeps (q − zero_point)·scale below float32's maximum on the way back.
         raise ValueError(f"values up to {max(-lo, hi):g} exceed the int8 codecs' range 2**126")
     if hi == lo:
-        q[...] = 0
-        return q, 1.0, 0
-    s32 = np.float32(max(float(np.float32((hi - lo) / 254.0)), _F32_TINY))
-    scale = float(s32)
+        out[...] = 0
+        return 1.0, 0
+    # float32((hi − lo) / 254) without a numpy scalar, which costs five times as much.
+    scale = max(_F32.unpack(_F32.pack((hi - lo) / 254.0))[0], _F32_TINY)
+    # scale is a float32 value, so numpy divides in float32 exactly as the reference does.
+    t = np.divide(values, scale, out=values if scratch else None, dtype=np.float32)
+    if lo == 0.0:
+        # The minimum maps to exactly −128 (PROTOCOL.md §6.4), and t lies in [0, 255]: one
+        # addition rounds half-to-even and subtracts 128, and the int32 → int8 cast keeps the
+        # low byte, which is exactly rint(t) − 128. Saves a pass and a scalar operand.
+        np.add(t, _ROUND_MINUS_128_F32, out=t)
+        out[...] = t.view(np.int32)
+        return scale, -128
     # zero_point comes from the same float32 arithmetic as the levels, so the minimum maps
     # to exactly −128; the maximum then lands at most 255 levels higher, i.e. ≤ 127, and
-    # no clamp is needed (rint(x / scale) is monotonic in x). PROTOCOL.md §6.4.
-    zero_point = -128 if lo == 0.0 else -128 - int(np.rint(vmin / s32))
-    t = np.divide(values, s32, dtype=np.float32)
+    # no clamp is needed (rint(x / scale) is monotonic in x). PROTOCOL.md §6.4. A double
+    # quotient of two float32 values rounded to float32 is the float32 quotient, and
+    # Python's round() is round-half-even like rint.
+    zero_point = -128 - round(_F32.unpack(_F32.pack(vmin / scale))[0])
     np.rint(t, out=t)
-    np.add(t, np.float32(zero_point), out=q, casting="unsafe")
+    np.add(t, _LEVEL_F32[zero_point + 128], out=t)
+    out[...] = t  # exact small integers: the cast to int8 is exact
+    return scale, zero_point
+
+
+def quantise(values: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, float, int]:
+    """Affine int8 quantisation of a float32 array: returns (q, scale, zero_point).
+
+    The range [min(x, 0), max(x, 0)] is mapped onto 255 of the 256 int8 levels, so 0.0 is
+    exact and round(x/scale) + zero_point never leaves [−128, 127]; hence
+    |x − (q − zero_point)·scale| ≤ scale/2 up to float32 rounding (PROTOCOL.md §6.4).
+    q is flat, in C order. `out`, an int8 array of the same size, receives q (e.g. a slice
+    of a payload buffer).
+    """
+    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    q = np.empty(flat.size, np.int8) if out is None else out
+    scale, zero_point = _quantise_into(flat, q)
     return q, scale, zero_point
 
 
-def _dequantise(q: np.ndarray, scale: float, zero_point: int, out: np.ndarray) -> None:
-    np.subtract(q, np.float32(zero_point), out=out, dtype=np.float32)
-    np.multiply(out, np.float32(scale), out=out)
+def _dequantise(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """(q − zero_point)·scale in float32 (PROTOCOL.md §6.4), as a new array."""
+    # Widening first, then two in-place float32 passes: a mixed-type ufunc loop (int8 in,
+    # float32 out) goes through numpy's buffered casting and costs twice as much. Python
+    # scalars take the array's float32 type, so the result equals the reference exactly.
+    out = q.astype(np.float32)
+    np.subtract(out, _LEVEL_F32[zero_point + 128], out=out)
+    np.multiply(out, scale, out=out)
+    return out
 
 
 def _sample_ratio(payload: bytes) -> tuple[float, bytes | None]:
@@ -192,12 +263,12 @@ def _sample_ratio(payload: bytes) -> tuple[float, bytes | None]:
     if n == 0:
         return 1.0, None
     if n <= _SAMPLE_CHUNK * _SAMPLE_CHUNKS:
-        whole = _compressor.compress(payload)
+        whole = _zstd.compressor.compress(payload)
         return n / max(1, len(whole)), whole
     view = memoryview(payload)
     step = (n - _SAMPLE_CHUNK) // (_SAMPLE_CHUNKS - 1)
     sample = b"".join(view[i * step : i * step + _SAMPLE_CHUNK] for i in range(_SAMPLE_CHUNKS))
-    return len(sample) / max(1, len(_compressor.compress(sample))), None
+    return len(sample) / max(1, len(_zstd.compressor.compress(sample))), None
 
 
 def estimate_zstd_ratio(payload: bytes) -> float:
@@ -236,19 +307,20 @@ def should_compress(
     return saved_s > codec_s
 
 
-def _as_float32(array: np.ndarray) -> np.ndarray:
+def _as_float32(array: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(the values as a contiguous 1-D float32 array, the shape)."""
     arr = np.asarray(array)
     if arr.dtype.kind not in "fiub":
         raise ValueError(f"cannot pack an array of dtype {arr.dtype}; expected real numbers")
     if arr.ndim > MAX_NDIM:
         raise ValueError(f"cannot pack {arr.ndim} dimensions; at most {MAX_NDIM} allowed")
-    return np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
+    return np.ascontiguousarray(arr, dtype=np.float32).reshape(-1), arr.shape
 
 
 def _check_finite(flat: np.ndarray, limit: float = math.inf) -> None:
     if flat.size == 0:
         return
-    lo, hi = float(flat.min()), float(flat.max())
+    _, lo, hi = _range(flat)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("cannot pack non-finite values (nan or inf)")
     if max(-lo, hi) > limit:
@@ -257,26 +329,25 @@ def _check_finite(flat: np.ndarray, limit: float = math.inf) -> None:
 
 def _pack_sparse(flat: np.ndarray) -> tuple[bytes, float, int]:
     n = flat.size
-    mask = np.not_equal(flat, 0)
-    # compress is ~3x faster than boolean indexing on the random masks of ReLU outputs.
-    values = flat.compress(mask)
+    # astype(bool) is x != 0 (NaN included, −0.0 excluded) at two thirds of the cost.
+    mask = flat.astype(np.bool_)
+    # nonzero() is branch-free; boolean indexing (and compress, which also allocates a
+    # 2-D index) mispredicts on the random masks of ReLU outputs and costs twice as much.
+    index = mask.nonzero()[0]
+    values = flat.take(index)
     nnz = values.size
-    mask_len = (n + 7) // 8
+    mask_len = (n + 7) >> 3
     width = 2 if n <= 0x10000 else 4
-    layout = SPARSE_BITMASK
+    positions: np.ndarray
     if nnz * width < mask_len:
         layout = SPARSE_INDEX_U16 if width == 2 else SPARSE_INDEX_U32
-    positions = mask_len if layout == SPARSE_BITMASK else nnz * width
-    hs = _SPARSE_HEADER.size
-    # One buffer, written in place: header, positions, then the quantised values.
-    buf = np.empty(hs + positions + nnz, np.uint8)
-    _SPARSE_HEADER.pack_into(buf.data, 0, layout, nnz)
-    if layout == SPARSE_BITMASK:
-        buf[hs : hs + positions] = np.packbits(mask)
+        positions = index.astype("<u2" if width == 2 else "<u4")
     else:
-        buf[hs : hs + positions].view("<u2" if width == 2 else "<u4")[:] = np.flatnonzero(mask)
-    _, scale, zero_point = quantise(values, buf[hs + positions :].view(np.int8))
-    return buf.tobytes(), scale, zero_point
+        layout = SPARSE_BITMASK
+        positions = np.packbits(mask)
+    q = np.empty(nnz, np.int8)
+    scale, zero_point = _quantise_into(values, q, scratch=True)
+    return b"".join((_SPARSE_HEADER.pack(layout, nnz), positions.data, q.data)), scale, zero_point
 
 
 def pack(
@@ -293,8 +364,7 @@ def pack(
     """
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; expected one of {CODECS}")
-    flat = _as_float32(array)
-    shape = np.shape(array)
+    flat, shape = _as_float32(array)
     scale, zero_point = 1.0, 0
     if codec == "float32":
         _check_finite(flat)
@@ -303,7 +373,8 @@ def pack(
         _check_finite(flat, _FLOAT16_MAX)
         raw = flat.astype("<f2").tobytes()
     elif codec == "int8":
-        q, scale, zero_point = quantise(flat)
+        q = np.empty(flat.size, np.int8)
+        scale, zero_point = _quantise_into(flat, q)
         raw = q.tobytes()
     else:
         raw, scale, zero_point = _pack_sparse(flat)
@@ -320,7 +391,7 @@ def pack(
     payload = raw
     if compress:
         if packed is None:
-            packed = _compressor.compress(raw)
+            packed = _zstd.compressor.compress(raw)
         if len(packed) < len(raw):
             payload = packed
         else:
@@ -355,7 +426,7 @@ def _decompress(payload: bytes, limit: int) -> bytes:
             ErrorCode.TOO_LARGE,
         )
     try:
-        dobj = _decompressor.decompressobj(write_size=max(size, 1))
+        dobj = _zstd.decompressor.decompressobj(write_size=max(size, 1))
         raw = dobj.decompress(payload)
     except zstandard.ZstdError as exc:
         raise TensorError(f"corrupt zstd payload: {exc}") from None
@@ -379,34 +450,35 @@ def _unpack_sparse(raw: bytes, n: int, scale: float, zero_point: int) -> np.ndar
     layout, nnz = _SPARSE_HEADER.unpack_from(raw)
     if nnz > n:
         raise TensorError(f"sparse_int8 declares {nnz} non-zeros for {n} elements")
-    buf = memoryview(raw)
+    out = np.zeros(n, np.float32)
     if layout == SPARSE_BITMASK:
-        mask_len = (n + 7) // 8
+        mask_len = (n + 7) >> 3
         _expect_len("sparse_int8", raw, hs + mask_len + nnz)
-        packed_mask = np.frombuffer(buf, np.uint8, mask_len, hs)
-        if n % 8 and int(packed_mask[-1]) & ((1 << (8 - n % 8)) - 1):
+        if n & 7 and raw[hs + mask_len - 1] & ((1 << (8 - (n & 7))) - 1):
             raise TensorError("sparse_int8 bitmask has bits set past the last element")
-        # Scatter through flat indices: ~3x faster than assigning through a boolean mask;
-        # and nonzero() on a bool view is ~6x faster than on the uint8 bits themselves.
-        index = np.flatnonzero(np.unpackbits(packed_mask, count=n).view(np.bool_))
+        # Scatter through flat indices: nonzero() on a bool view of the unpacked bits is
+        # branch-free, where assigning through a boolean mask mispredicts on ReLU masks
+        # and costs three times as much.
+        mask = np.unpackbits(np.frombuffer(raw, np.uint8, mask_len, hs), count=n).view(np.bool_)
+        index = mask.nonzero()[0]
         if index.size != nnz:
             raise TensorError(f"sparse_int8 bitmask has {index.size} bits set; header says {nnz}")
-        q = np.frombuffer(buf, np.int8, nnz, hs + mask_len)
-    elif layout in (SPARSE_INDEX_U16, SPARSE_INDEX_U32):
-        width = 2 if layout == SPARSE_INDEX_U16 else 4
-        _expect_len("sparse_int8", raw, hs + width * nnz + nnz)
-        index = np.frombuffer(buf, "<u2" if width == 2 else "<u4", nnz, hs).astype(np.intp)
-        if nnz and (int(index[-1]) >= n or (nnz > 1 and not bool(np.all(np.diff(index) > 0)))):
+        q = np.frombuffer(raw, np.int8, nnz, hs + mask_len)
+        out[index] = _dequantise(q, scale, zero_point)
+        return out
+    if layout not in (SPARSE_INDEX_U16, SPARSE_INDEX_U32):
+        raise TensorError(f"sparse_int8 has unknown layout byte {layout}")
+    width = 2 if layout == SPARSE_INDEX_U16 else 4
+    _expect_len("sparse_int8", raw, hs + width * nnz + nnz)
+    if nnz:
+        index = np.frombuffer(raw, "<u2" if width == 2 else "<u4", nnz, hs).astype(np.intp)
+        if index.item(-1) >= n or (nnz > 1 and not bool((index[1:] > index[:-1]).all())):
             raise TensorError(
                 f"sparse_int8 indices must be strictly ascending and below {n} elements"
             )
-        q = np.frombuffer(buf, np.int8, nnz, hs + width * nnz)
-    else:
-        raise TensorError(f"sparse_int8 has unknown layout byte {layout}")
-    values = np.empty(nnz, np.float32)
-    _dequantise(q, scale, zero_point, values)
-    out = np.zeros(n, np.float32)
-    out[index] = values
+        out[index] = _dequantise(
+            np.frombuffer(raw, np.int8, nnz, hs + width * nnz), scale, zero_point
+        )
     return out
 
 
@@ -437,10 +509,11 @@ def unpack(packed: PackedTensor, max_elements: int = DEFAULT_MAX_ELEMENTS) -> np
         out = np.frombuffer(raw, "<f2", n).astype(np.float32)
     elif codec == "int8":
         _expect_len(codec, raw, n)
-        out = np.empty(n, np.float32)
-        _dequantise(np.frombuffer(raw, np.int8, n), packed.scale, packed.zero_point, out)
+        out = _dequantise(np.frombuffer(raw, np.int8, n), packed.scale, packed.zero_point)
     else:
         out = _unpack_sparse(raw, n, packed.scale, packed.zero_point)
-    if codec in ("float32", "float16") and n and not bool(np.isfinite(out).all()):
-        raise TensorError(f"{codec} payload holds non-finite values (nan or inf)")
+    if n and codec in ("float32", "float16"):
+        _, lo, hi = _range(out)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise TensorError(f"{codec} payload holds non-finite values (nan or inf)")
     return out.reshape(packed.shape)
