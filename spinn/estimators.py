@@ -39,6 +39,7 @@ from spinn.profile import Profile
 __all__ = [
     "EWMA",
     "BandwidthEstimator",
+    "DeviceBusyEstimator",
     "DeviceScaleEstimator",
     "Estimates",
     "LatencyEstimator",
@@ -339,6 +340,106 @@ class OverheadEstimator:
         return self._f.samples
 
 
+class _WindowMean:
+    """Mean and sum of the last ``window`` samples (``None`` / 0 before the first)."""
+
+    __slots__ = ("_samples",)
+
+    def __init__(self, window: int) -> None:
+        self._samples: deque[float] = deque(maxlen=window)
+
+    def update(self, sample: float) -> None:
+        self._samples.append(sample)
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self._samples) / len(self._samples) if self._samples else None
+
+    @property
+    def total(self) -> float:
+        return sum(self._samples)
+
+
+class DeviceBusyEstimator:
+    """The device's busy time per compute call under a saturating stream, for the
+    throughput prediction (docs/SCHEDULER.md, "device busy time").
+
+    Under a saturating stream the device's worker alternates compute calls and hand-off
+    gaps, and its period per input is the sum of both.  Only calls that *queued* for
+    their slot are sampled: the worker was handed them straight from the previous call,
+    so the idle gap before each is the event loop's work between two calls (answering,
+    the protocol, the next frame's set-up: CPU time under the interpreter lock), not
+    idleness.  Per such call it keeps:
+
+    * the stages' real and offline times, whose **ratio of sums** is the busy scale: the
+      mean stage time under load over the offline one.  SF (``DeviceScaleEstimator``) is
+      median-filtered so that one slow call does not move the latency estimate, which
+      makes it the typical ratio; a pipeline's rate follows the *mean* busy time, and
+      calls slowed by contention are part of it.
+    * its overhead, the busy time outside the stages and packing (preprocessing, exit
+      checks, bookkeeping, the hand-off gap), per kind: the **head** call of each input
+      (the stages before the split) and a **step** call of the local race (one stage).
+
+    Packing time is kept apart (only uploaded inputs pay it) from every upload.  All are
+    plain means over the last ``window`` samples, for the same reason as the scale."""
+
+    def __init__(self, window: int = 64) -> None:
+        if window < 1:
+            raise ValueError(f"device busy window must be >= 1 call, got {window}")
+        self._real = _WindowMean(window)
+        self._offline = _WindowMean(window)
+        self._head = _WindowMean(window)
+        self._step = _WindowMean(window)
+        self._pack = _WindowMean(window)
+
+    def observe_call(
+        self,
+        now: float,
+        *,
+        head: bool,
+        call_ms: float,
+        stages_ms: float,
+        offline_ms: float,
+        pack_ms: float = 0.0,
+    ) -> None:
+        """A call that queued for its slot kept the device busy ``call_ms`` (its run time
+        and the gap before it), of which ``stages_ms`` in stages whose offline time is
+        ``offline_ms`` and ``pack_ms`` packing."""
+        call = _check_sample("device call ms", call_ms)
+        stages = _check_sample("device call stages ms", stages_ms)
+        offline = _check_sample("device call offline ms", offline_ms)
+        packing = _check_sample("device call pack ms", pack_ms)
+        if offline > 0.0:
+            self._real.update(stages)
+            self._offline.update(offline)
+        (self._head if head else self._step).update(max(0.0, call - stages - packing))
+
+    def observe_pack(self, now: float, pack_ms: float) -> None:
+        """Packing one activation for upload took ``pack_ms`` of worker time."""
+        self._pack.update(_check_sample("pack ms", pack_ms))
+
+    @property
+    def scale(self) -> float | None:
+        """Mean real / offline stage time of the sampled calls; ``None`` before any."""
+        offline = self._offline.total
+        return max(self._real.total / offline, _MIN_SCALE) if offline > 0.0 else None
+
+    @property
+    def head_overhead_ms(self) -> float | None:
+        """Per head call; ``None`` before a queued head call was seen."""
+        return self._head.mean
+
+    @property
+    def step_overhead_ms(self) -> float:
+        """Per race step call; 0 before a queued one was seen."""
+        return self._step.mean or 0.0
+
+    @property
+    def pack_ms(self) -> float:
+        """Per uploaded input; 0 before the first upload."""
+        return self._pack.mean or 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class Estimates:
     """A snapshot of the online estimates, the scheduler's only view of the world."""
@@ -357,6 +458,18 @@ class Estimates:
     """False while the server is unreachable: only device-only decisions make sense."""
     frame_overhead_ms: float = 0.0
     """Per-input time outside the profiled stages (preprocessing, packing, dispatch)."""
+    busy_scale: float | None = None
+    """Mean real / offline device stage time under a saturating stream
+    (``DeviceBusyEstimator``); None until measured, and the throughput prediction then
+    uses ``device_scale``."""
+    head_overhead_ms: float | None = None
+    """Device busy time per input's head call outside the stages, hand-off gap included
+    (``DeviceBusyEstimator``); None until measured under a saturating stream, and the
+    throughput prediction then uses ``frame_overhead_ms``."""
+    step_overhead_ms: float = 0.0
+    """Device busy time per call of the local race (one stage) outside the stage."""
+    pack_ms: float = 0.0
+    """Device time to pack one activation for upload."""
 
     def __post_init__(self) -> None:
         for name in ("bandwidth_bps", "latency_s", "device_scale", "server_scale"):
@@ -365,10 +478,16 @@ class Estimates:
                 raise ValueError(f"Estimates.{name} must be a number >= 0, got {v!r}")
         if self.device_scale == 0 or self.server_scale == 0:
             raise ValueError("Estimates scale factors must be > 0")
-        for name in ("server_queue", "frame_overhead_ms"):
+        for name in ("server_queue", "frame_overhead_ms", "step_overhead_ms", "pack_ms"):
             v = getattr(self, name)
             if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"Estimates.{name} must be a finite number >= 0, got {v!r}")
+        for name in ("busy_scale", "head_overhead_ms"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int | float) or not math.isfinite(v) or v < 0):
+                raise ValueError(f"Estimates.{name} must be None or a number >= 0, got {v!r}")
+        if self.busy_scale == 0:
+            raise ValueError("Estimates.busy_scale must be > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,6 +504,9 @@ class OnlineProfilerConfig:
     """Uploads below this size do not feed the bandwidth estimate."""
     bandwidth_window: int = 8
     """B is the maximum of the last this-many (median-filtered) samples."""
+    busy_window: int = 64
+    """The device's busy time per call is the mean over this many recent calls
+    (``DeviceBusyEstimator``)."""
 
 
 class OnlineProfiler:
@@ -399,6 +521,7 @@ class OnlineProfiler:
         self.device = DeviceScaleEstimator(c.alpha)
         self.server = ServerTimeEstimator(c.alpha)
         self.overhead = OverheadEstimator(c.alpha)
+        self.busy = DeviceBusyEstimator(c.busy_window)
         self.server_up = True
 
     # -- network ------------------------------------------------------------------------
@@ -440,6 +563,37 @@ class OnlineProfiler:
         stages = self.profile.exit_stages[exit_index] + 1
         compute = self.device.scale * self.profile.device_time_ms(stages)
         self.overhead.observe(now, latency_ms, compute)
+
+    def observe_call(
+        self,
+        now: float,
+        *,
+        head: bool,
+        call_ms: float,
+        stages_ms: float,
+        stages: int,
+        start: int = 0,
+        pack_ms: float = 0.0,
+    ) -> None:
+        """A device compute call that had queued for its slot kept the device busy
+        ``call_ms`` (its run time and the worker's gap before it), ``stages_ms`` of it in
+        stages ``[start, stages)`` and ``pack_ms`` packing (``DeviceBusyEstimator``);
+        ``head`` for an input's first call, else a step of the local race."""
+        if not 0 <= start <= stages <= self.profile.num_stages:
+            raise ValueError(f"device stage range [{start}, {stages}) is invalid")
+        offline = self.profile.device_time_ms(stages) - self.profile.device_time_ms(start)
+        self.busy.observe_call(
+            now,
+            head=head,
+            call_ms=call_ms,
+            stages_ms=stages_ms,
+            offline_ms=offline,
+            pack_ms=pack_ms,
+        )
+
+    def observe_pack(self, now: float, pack_ms: float) -> None:
+        """Packing one activation for upload took ``pack_ms`` on the device."""
+        self.busy.observe_pack(now, pack_ms)
 
     # -- server -------------------------------------------------------------------------
 
@@ -512,4 +666,8 @@ class OnlineProfiler:
             server_queue=self.server.queue,
             server_up=self.server_up,
             frame_overhead_ms=self.overhead.overhead_ms,
+            busy_scale=self.busy.scale,
+            head_overhead_ms=self.busy.head_overhead_ms,
+            step_overhead_ms=self.busy.step_overhead_ms,
+            pack_ms=self.busy.pack_ms,
         )

@@ -124,6 +124,9 @@ class Prediction:
     """Share of inputs uploaded (no device-side exit answered before the split)."""
     uplink_ms: float
     """Expected upload time per input (offload rate × packed bytes / B)."""
+    device_busy_ms: float = 0.0
+    """Expected device busy time per input under a saturating stream: the throughput
+    model's device stage."""
 
     def metric(self, m: Metric) -> float:
         return {
@@ -150,6 +153,8 @@ class Predictions:
     uplink_ms: FloatArray
     valid: BoolArray
     """False where a candidate cannot run at all (offloading while the server is down)."""
+    device_busy_ms: FloatArray
+    """Device busy time per input, the throughput model's device stage."""
 
     def at(self, split: int, t: int) -> Prediction:
         return Prediction(
@@ -162,6 +167,7 @@ class Predictions:
             accuracy=float(self.accuracy[split, t]),
             offload_rate=float(self.offload_rate[split, t]),
             uplink_ms=float(self.uplink_ms[split, t]),
+            device_busy_ms=float(self.device_busy_ms[split, t]),
         )
 
     def cost(self, m: Metric) -> FloatArray:
@@ -207,6 +213,10 @@ class Predictor:
         self.local: BoolArray = x[None, :] < splits[:, None]  # (S+1, E)
         self.remote: BoolArray = ~self.local
         self.dev_split_ms: FloatArray = dev_cum  # device time of stages [0, s)
+        # Stages the local race runs after split s to reach exit e (one call each).
+        self.race_steps: FloatArray = np.where(
+            self.remote, (x[None, :] + 1 - splits[:, None]).astype(np.float64), 0.0
+        )
         self.dev_exit_ms: FloatArray = dev_cum[x + 1]  # device time up to exit e
         # Server time from the split to exit e (stages [s, x_e]), for exits after the split.
         self.srv_path_ms: FloatArray = np.where(
@@ -259,28 +269,53 @@ class Predictor:
         with np.errstate(invalid="ignore"):
             # 0 · ∞ (an exit nobody reaches on an unusable link) contributes nothing.
             latency = np.where(rates > 0, rates * path, 0.0).sum(axis=-1) + overhead
-        # Device time an input holds the device for before it is answered locally or
-        # uploaded: the stages up to its exit or the split.
-        device_head = (
-            (self.local_rates * local_ms).sum(axis=-1)
-            + offload * (sf * self.dev_split_ms)[:, None]
-            + overhead
-        )
         if self.config.local_race:
             # The device computes until the answer arrives, whichever side gives it.
             device_cost = latency
         else:
-            device_cost = device_head
+            device_cost = (
+                (self.local_rates * local_ms).sum(axis=-1)
+                + offload * (sf * self.dev_split_ms)[:, None]
+                + overhead
+            )
         with np.errstate(invalid="ignore"):
             uplink = np.where(offload > 0, offload * up_ms[:, None], 0.0)
-        # Throughput: the pipeline (device compute, uplink, server) runs at the rate of its
-        # slowest stage. The device stage is the head work alone: the runtime runs the
-        # local continuation of an uploaded input only when no new input's stages wait
-        # (spinn.runtime.compute, priority slots), so under a saturating stream the race
-        # uses idle time and does not slow the pipeline, although it costs device compute.
-        # The server stage is shared: with q requests of others queued on average, this
-        # device gets about 1/(1+q) of it (FIFO), so a busy server slows the pipeline.
-        period = np.maximum(np.maximum(device_head, uplink), srv_cost * (1.0 + est.server_queue))
+        # Device busy time per input under a saturating stream (docs/SCHEDULER.md, "device
+        # busy time"), with the stages scaled by the busy scale (their mean time under load;
+        # SF until measured): the stages up to its exit or the split; for an uploaded input whose
+        # local path wins the race (local_e <= remote_e, the same comparison as the latency)
+        # also the race's stages after the split, one call each; per input the head call's
+        # overhead (preprocessing, bookkeeping and the worker's hand-off gap, measured; the
+        # latency overhead O until it is) and, if uploaded, packing.  A race the server wins
+        # runs in idle time only: the runtime gives new inputs' heads priority
+        # (spinn.runtime.compute), so it does not slow the pipeline.
+        head_ms = overhead if est.head_overhead_ms is None else est.head_overhead_ms
+        sfb = sf if est.busy_scale is None else est.busy_scale
+        busy_local = sfb * self.dev_exit_ms  # (E,) stages up to exit e
+        busy_split = (sfb * self.dev_split_ms)[:, None]  # (S+1, 1) stages before the split
+        if self.config.local_race:
+            won = self.remote[:, None, :] & (local_ms <= remote_ms)
+            race = np.where(
+                won,
+                busy_local
+                - busy_split[:, :, None]
+                + self.race_steps[:, None, :] * est.step_overhead_ms,
+                0.0,
+            )
+            race_ms = (rates * race).sum(axis=-1)
+        else:
+            race_ms = np.zeros(self.shape)
+        device_busy = (
+            (self.local_rates * busy_local).sum(axis=-1)
+            + offload * busy_split
+            + race_ms
+            + head_ms
+            + offload * est.pack_ms
+        )
+        # Throughput: the pipeline (device, uplink, server) runs at the rate of its slowest
+        # stage. The server stage is shared: with q requests of others queued on average,
+        # this device gets about 1/(1+q) of it (FIFO), so a busy server slows the pipeline.
+        period = np.maximum(np.maximum(device_busy, uplink), srv_cost * (1.0 + est.server_queue))
         with np.errstate(divide="ignore"):
             throughput = np.where(period > 0, 1000.0 / period, np.inf)
         valid = np.ones(self.shape, dtype=bool)
@@ -296,6 +331,7 @@ class Predictor:
             offload_rate=offload,
             uplink_ms=uplink,
             valid=valid,
+            device_busy_ms=device_busy,
         )
 
     def threshold_index(self, thr_conf: float) -> int:

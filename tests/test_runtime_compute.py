@@ -72,3 +72,21 @@ def test_cancelled_waiter_does_not_leak_the_slot() -> None:
     asyncio.run(main())
     with pytest.raises(ValueError, match="workers"):
         ComputeSlots(0)
+
+
+def test_acquire_says_whether_it_queued() -> None:
+    """A computation handed the slot by its predecessor reports it queued: the device then
+    counts the worker's gap before it as hand-off overhead (docs/SCHEDULER.md)."""
+
+    async def main() -> None:
+        slots = ComputeSlots(1)
+        assert await slots.acquire(0) is False  # free slot: no wait
+        waiter = asyncio.create_task(slots.acquire(0))
+        await asyncio.sleep(0)
+        slots.release()
+        assert await waiter is True
+        slots.release()
+        async with slots.slot(1) as queued:
+            assert queued is False
+
+    asyncio.run(main())

@@ -93,32 +93,40 @@ def reference(
     }
     server_cost = sum(rates[i] * v for i, v in srv.items())
     w = server_cost / offload if offload > 0 else 0.0
-    latency = device_cost = device_head = 0.0
+    latency = device_cost = device_busy = 0.0
+    sfb = e.device_scale if e.busy_scale is None else e.busy_scale
     for i, x in enumerate(p.exit_stages):
         local = e.device_scale * p.device_time_ms(x + 1)
         if x < s:
-            path, busy, head = local, local, local
+            path, cost, busy = local, local, sfb * p.device_time_ms(x + 1)
         else:
             remote = e.device_scale * p.device_time_ms(s) + up + lat + e.server_queue * w
             remote += srv[i] + down
             path = min(remote, local) if cfg.local_race else remote
             head = e.device_scale * p.device_time_ms(s)
-            busy = path if cfg.local_race else head
+            cost = path if cfg.local_race else head
+            busy = sfb * p.device_time_ms(s)
+            if cfg.local_race and local <= remote:
+                # The local side wins this race: the device runs stages [s, x] too, one
+                # call each.
+                busy = sfb * p.device_time_ms(x + 1) + (x + 1 - s) * e.step_overhead_ms
         latency += rates[i] * path
-        device_cost += rates[i] * busy
-        device_head += rates[i] * head
+        device_cost += rates[i] * cost
+        device_busy += rates[i] * busy
     latency += e.frame_overhead_ms
     device_cost += e.frame_overhead_ms
-    device_head += e.frame_overhead_ms
+    head_ms = e.frame_overhead_ms if e.head_overhead_ms is None else e.head_overhead_ms
+    device_busy += head_ms + offload * e.pack_ms
     uplink = offload * up
-    # The local race runs at low priority in idle device time: it is not a pipeline stage.
+    # A race the server wins runs at low priority in idle device time: not busy time.
     # A server with q queued requests of others gives this device 1/(1+q) of its time.
-    period = max(device_head, uplink, server_cost * (1 + e.server_queue))
+    period = max(device_busy, uplink, server_cost * (1 + e.server_queue))
     return {
         "latency_ms": latency,
         "device_cost_ms": device_cost,
         "server_cost_ms": server_cost,
         "uplink_ms": uplink,
+        "device_busy_ms": device_busy,
         "offload_rate": offload,
         "throughput": 1000 / period,
         "accuracy": p.accuracy(thr),
@@ -143,6 +151,10 @@ estimates = st.builds(
     server_queue=st.sampled_from([0.0, 1.0, 4.0]),
     server_up=st.booleans(),
     frame_overhead_ms=st.sampled_from([0.0, 0.5, 3.0]),
+    busy_scale=st.sampled_from([None, 0.7, 2.5]),
+    head_overhead_ms=st.sampled_from([None, 0.0, 1.5]),
+    step_overhead_ms=st.sampled_from([0.0, 0.3]),
+    pack_ms=st.sampled_from([0.0, 0.4]),
 )
 configs = st.builds(SchedulerConfig, local_race=st.booleans())
 

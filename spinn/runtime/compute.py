@@ -73,11 +73,16 @@ class ComputeSlots:
         """Computations queued for a slot."""
         return sum(1 for _, _, f in self._waiters if not f.done())
 
-    async def acquire(self, priority: int) -> None:
-        """Wait for a slot."""
+    async def acquire(self, priority: int) -> bool:
+        """Wait for a slot; True when this computation had to queue for it.
+
+        A queued computation is handed the slot the moment the previous one releases it,
+        so the device's pipeline was saturated across that hand-off: the worker's idle gap
+        before it is per-call overhead, not idle time (docs/SCHEDULER.md, "device busy
+        time")."""
         if self._free > 0 and not self.waiting:
             self._free -= 1
-            return
+            return False
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (priority, next(self._seq), fut))
         try:
@@ -87,6 +92,7 @@ class ComputeSlots:
                 # The slot was handed over just as we were cancelled: pass it on.
                 self.release()
             raise
+        return True
 
     def release(self) -> None:
         """Give a slot back, to the most urgent waiter if any."""
@@ -98,10 +104,11 @@ class ComputeSlots:
         self._free += 1
 
     @asynccontextmanager
-    async def slot(self, priority: int) -> AsyncIterator[None]:
-        """``async with slots.slot(p):`` around one computation."""
-        await self.acquire(priority)
+    async def slot(self, priority: int) -> AsyncIterator[bool]:
+        """``async with slots.slot(p) as queued:`` around one computation; ``queued`` is
+        what ``acquire`` returned."""
+        queued = await self.acquire(priority)
         try:
-            yield
+            yield queued
         finally:
             self.release()

@@ -35,12 +35,13 @@ import signal
 import ssl
 import statistics
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -546,6 +547,7 @@ class _Link:
                 self.writer.close()
 
 
+_T = TypeVar("_T")
 Emit = Callable[[dict[str, Any]], None]
 Status = Callable[[str], None]
 
@@ -622,6 +624,8 @@ class SpinnDevice:
         self._server_ms_inferred: list[float] = []
         self._changed: dict[int, asyncio.Event] = {}
         self._labels: dict[int, Frame] = {}
+        self._job_end: dict[int, float] = {}
+        """Per worker thread: when its last compute call ended (``_worker_call``)."""
         self._slot_wait_s: dict[int, float] = {}
         """Per frame in flight: time spent waiting for a compute slot (queueing, not the
         per-input overhead ``OnlineProfiler.observe_answer`` measures)."""
@@ -835,12 +839,26 @@ class SpinnDevice:
             self.tracker.server_unavailable(fid)
 
         self._slot_wait_s[fid] = 0.0
-        async with self._slot(fid, 0):
-            head = await loop.run_in_executor(
-                self._executor, self._run_head, frame, plan, estimates.bandwidth_bps
+        async with self._slot(fid, 0) as queued:
+            head, call = await loop.run_in_executor(
+                self._executor,
+                self._worker_call,
+                self._run_head,
+                frame,
+                plan,
+                estimates.bandwidth_bps,
             )
-        answer, activation, packed, stages_ms, reached = head
-        self.profiler.observe_device(_now(), reached, stages_ms)
+        answer, activation, packed, stages_ms, reached, pack_ms = head
+        now = _now()
+        self.profiler.observe_device(now, reached, stages_ms)
+        if packed is not None:
+            self.profiler.observe_pack(now, pack_ms)
+        if queued:
+            # The device's busy time under a saturating stream, hand-off gap included
+            # (spinn.estimators.DeviceBusyEstimator; docs/SCHEDULER.md, "device busy time").
+            self.profiler.observe_call(
+                now, head=True, call_ms=call, stages_ms=stages_ms, stages=reached, pack_ms=pack_ms
+            )
         if answer is not None:
             self._local(fid, answer)
             return
@@ -873,13 +891,30 @@ class SpinnDevice:
         return out
 
     @contextlib.asynccontextmanager
-    async def _slot(self, fid: int, priority: int) -> AsyncIterator[None]:
-        """A compute slot for frame ``fid``; the wait for it is recorded apart."""
+    async def _slot(self, fid: int, priority: int) -> AsyncIterator[bool]:
+        """A compute slot for frame ``fid``; the wait for it is recorded apart.  Yields
+        whether the call queued for it (``ComputeSlots.acquire``)."""
         t0 = _now()
-        async with self.slots.slot(priority):
+        async with self.slots.slot(priority) as queued:
             if fid in self._slot_wait_s:
                 self._slot_wait_s[fid] += _now() - t0
-            yield
+            yield queued
+
+    def _worker_call(self, fn: Callable[..., _T], *args: Any) -> tuple[_T, float]:
+        """Worker thread: ``fn(*args)`` and the call's busy time in ms: its own run time plus
+        the gap since this worker's previous call ended.  The caller keeps the figure only
+        when the call had queued for its slot, i.e. the worker was handed it straight from
+        the previous call and the gap was hand-off work, not idleness
+        (``spinn.estimators.DeviceBusyEstimator``)."""
+        ident = threading.get_ident()
+        start = time.perf_counter()
+        try:
+            result = fn(*args)
+        finally:
+            end = time.perf_counter()
+            previous = self._job_end.get(ident, start)
+            self._job_end[ident] = end
+        return result, (end - previous) * 1e3
 
     def _run_range_timed(
         self, act: torch.Tensor, start: int, stop: int, plan: _Plan
@@ -891,19 +926,23 @@ class SpinnDevice:
 
     def _run_head(
         self, frame: Frame, plan: _Plan, bandwidth_bps: float
-    ) -> tuple[Any, torch.Tensor | None, Any, float, int]:
-        """Worker thread: preprocess, stages [0, split), pack if the frame goes out."""
+    ) -> tuple[Any, torch.Tensor | None, Any, float, int, float]:
+        """Worker thread: preprocess, stages [0, split), pack if the frame goes out; the
+        stage and packing times in ms."""
         x = preprocess(frame.image, self.model.input_spec)
         t0 = time.perf_counter()
         out = self._run_range(x, 0, plan.split, plan)
         stages_ms = (time.perf_counter() - t0) * 1e3
         if out.answer is not None:
-            return out.answer, None, None, stages_ms, out.stop
+            return out.answer, None, None, stages_ms, out.stop, 0.0
         assert out.activation is not None
         packed = None
+        pack_ms = 0.0
         if plan.split < plan.last and self._link is not None:
+            t1 = time.perf_counter()
             packed = pack(out.activation.numpy(), self.config.codec, bandwidth_bps=bandwidth_bps)
-        return None, out.activation, packed, stages_ms, out.stop
+            pack_ms = (time.perf_counter() - t1) * 1e3
+        return None, out.activation, packed, stages_ms, out.stop, pack_ms
 
     def _offload(self, fid: int, plan: _Plan, packed: Any, estimates: Any) -> None:
         assert self._link is not None
@@ -950,15 +989,20 @@ class SpinnDevice:
                 continue
             # A frame the server will not answer is urgent; a race continuation is not.
             priority = 1 if phase is FramePhase.OFFLOADED else 0
-            async with self._slot(fid, priority):
+            async with self._slot(fid, priority) as queued:
                 if self.tracker.is_answered(fid):
                     return
-                out, ms = await loop.run_in_executor(
-                    self._executor, self._run_range_timed, act, k, k + 1, plan
+                (out, ms), call = await loop.run_in_executor(
+                    self._executor, self._worker_call, self._run_range_timed, act, k, k + 1, plan
                 )
             # The race's stages keep SF measured where the head is short or empty (split 0;
             # docs/SCHEDULER.md, "what the predictions do not see").
-            self.profiler.observe_device(_now(), out.stop, ms, start=k)
+            now = _now()
+            self.profiler.observe_device(now, out.stop, ms, start=k)
+            if queued:
+                self.profiler.observe_call(
+                    now, head=False, call_ms=call, stages_ms=ms, stages=out.stop, start=k
+                )
             if out.answer is not None:
                 self._local(fid, out.answer)
                 return
