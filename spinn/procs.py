@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from typing import Any
 
 __all__ = ["free_port", "stop_process", "wait_listening"]
 
@@ -19,7 +20,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+def wait_listening(port: int, proc: subprocess.Popen[Any], timeout_s: float) -> None:
     """Return once ``proc`` accepts connections on ``port``; raise RuntimeError naming the
     command if it exits first or does not listen within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

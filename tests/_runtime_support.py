@@ -3,22 +3,59 @@
 The model is a real ResNet-20 (width 8) progressive model with seeded random
 weights: fast on two cores and bit-for-bit reproducible.  The profile holds
 per-stage times measured here and activation sizes from the model itself.
+
+The helpers drive a server two ways: in this process over loopback (``serve``,
+``hello``, ``RawClient``), and as real processes (``Server``, ``Device``,
+``netshape_process``), as they would run on separate machines.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+import uvloop
 
-from protocol import NEED_DATA, Connection
+from protocol import NEED_DATA, PROTOCOL_VERSION, Connection, Hello, Welcome
 from spinn.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
+from spinn.procs import wait_listening
 from spinn.profile import Profile
 from spinn.progressive import InputSpec
+from spinn.runtime.server import ServerConfig, SpinnServer
+
+__all__ = [
+    "CHECKPOINT",
+    "PYTHON",
+    "ROOT",
+    "Device",
+    "RawClient",
+    "Server",
+    "by_frame",
+    "hello",
+    "make_small_checkpoint",
+    "netshape_control",
+    "netshape_process",
+    "sample_input",
+    "serve",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
+
+# The shipped model, which the process launchers run unless told otherwise;
+# SPINN_TEST_CHECKPOINT runs the same tests against another one.
+CHECKPOINT = Path(os.environ.get("SPINN_TEST_CHECKPOINT", ROOT / "models/default/model.pt"))
 
 
 # Files (and the global torch RNG state after building) of each seed already built in this
@@ -107,3 +144,157 @@ class RawClient:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def serve(
+    checkpoint: Path, body: Callable[[SpinnServer, int], Awaitable[None]], **options: object
+) -> SpinnServer:
+    """Run ``body(server, port)`` against a server started in this process; the closed server."""
+    config = ServerConfig(checkpoint=checkpoint, port=0, stats_interval_s=0, **options)  # type: ignore[arg-type]
+
+    async def main() -> SpinnServer:
+        server = SpinnServer(config)
+        await server.start()
+        try:
+            await body(server, server.port)
+        finally:
+            await server.close()
+        return server
+
+    return uvloop.run(main())
+
+
+async def hello(client: RawClient, server: SpinnServer) -> Welcome:
+    """Complete ``client``'s handshake with ``server`` (float32 only); the WELCOME."""
+    meta = server.meta
+    client.send(Hello(PROTOCOL_VERSION, meta.model_id, meta.weights_sha256, ("float32",)))
+    welcome = await client.next()
+    assert isinstance(welcome, Welcome), welcome
+    return welcome
+
+
+def sample_input(seed: int) -> torch.Tensor:
+    """A seeded random input of the small model's shape (1, 1, 28, 28)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 1, 28, 28, generator=g)
+
+
+class Server:
+    """spinn_server.py in its own process; its log goes to a file."""
+
+    def __init__(
+        self, tmp: Path, port: int, *flags: str, checkpoint: Path | str = CHECKPOINT
+    ) -> None:
+        self.log = tmp / f"server-{port}-{time.monotonic_ns()}.log"
+        self._fh = open(self.log, "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [PYTHON, str(ROOT / "spinn_server.py"), "--checkpoint", str(checkpoint),
+             "--port", str(port), "--stats-interval", "1", *flags],
+            stdout=self._fh, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        )  # fmt: skip
+        wait_listening(port, self.proc, 60.0)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Send ``sig`` (SIGKILL after 30 s); the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._fh.close()
+        return int(self.proc.returncode)
+
+    def final_stats(self) -> dict[str, Any]:
+        """The stats line the server logs as it exits."""
+        text = self.log.read_text()
+        match = re.search(r"final stats (\{.*\})", text)
+        assert match, text[-2000:]
+        return dict(json.loads(match.group(1)))
+
+
+class Device:
+    """spinn_device.py in its own process; JSON lines are collected as they come."""
+
+    def __init__(self, port: int, *flags: str, checkpoint: Path | str = CHECKPOINT) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.proc = subprocess.Popen(
+            [PYTHON, str(ROOT / "spinn_device.py"), "--checkpoint", str(checkpoint),
+             "--server", f"127.0.0.1:{port}", "--dataset", "fashion-mnist:test",
+             "--status-interval", "0.5", *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )  # fmt: skip
+        self._err: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._err_reader = threading.Thread(target=self._read_err, daemon=True)
+        self._err_reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.records.append(json.loads(line))
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._err.append(line)
+
+    @property
+    def stderr(self) -> str:
+        """Everything the device wrote to stderr so far."""
+        return "".join(self._err)
+
+    def wait_for(self, predicate: Any, timeout_s: float = 60.0) -> None:
+        """Return once ``predicate(records)`` holds; fail if the device ends or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while not predicate(list(self.records)):
+            assert self.proc.poll() is None or self._reader.is_alive(), "device ended early"
+            assert time.monotonic() < deadline, "device did not get there in time"
+            time.sleep(0.02)
+
+    def finish(self, timeout_s: float = 90.0) -> dict[str, Any]:
+        """Wait for a clean exit; the summary the device printed."""
+        self.proc.wait(timeout_s)
+        self._reader.join(5)
+        self._err_reader.join(5)
+        assert self.proc.returncode == 0, self.stderr[-3000:]
+        match = re.search(r"^summary (\{.*\})$", self.stderr, re.MULTILINE)
+        assert match, self.stderr[-3000:]
+        return dict(json.loads(match.group(1)))
+
+    def kill(self) -> None:
+        """SIGKILL the device if it still runs."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def by_frame(records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """``records`` in frame order, asserting that frames 0..n-1 were each answered once."""
+    ids = sorted(r["frame"] for r in records)
+    assert ids == list(range(n)), "every frame answered exactly once"
+    return sorted(records, key=lambda r: r["frame"])
+
+
+def netshape_process(port: int, upstream: int, control: int) -> subprocess.Popen[str]:
+    """tools.netshape in its own process, relaying ``port`` to ``upstream``, once it listens."""
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "tools.netshape", "--listen", f"127.0.0.1:{port}",
+         "--upstream", f"127.0.0.1:{upstream}", "--control", f"127.0.0.1:{control}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+    )  # fmt: skip
+    wait_listening(port, proc, 60.0)
+    wait_listening(control, proc, 60.0)
+    return proc
+
+
+def netshape_control(port: int, command: dict[str, Any]) -> dict[str, Any]:
+    """Send one JSON command to netshape's control port; its reply, asserted ``ok``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall((json.dumps(command) + "\n").encode())
+        answer = s.makefile().readline()
+    reply = dict(json.loads(answer))
+    assert reply["ok"], reply
+    return reply

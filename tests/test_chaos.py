@@ -19,8 +19,14 @@ from typing import Any
 import pytest
 
 from spinn.procs import free_port
-from tests._runtime_support import make_small_checkpoint
-from tests.test_runtime_integration import Device, Server, _by_frame, _control, _netshape
+from tests._runtime_support import (
+    Device,
+    Server,
+    by_frame,
+    make_small_checkpoint,
+    netshape_control,
+    netshape_process,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
@@ -39,14 +45,13 @@ def _not_server_since(start: int, n: int) -> Callable[[list[dict[str, Any]]], bo
 def test_faults_in_sequence_lose_nothing_and_offloading_resumes(tmp_path: Path) -> None:
     checkpoint = str(make_small_checkpoint(tmp_path))
     server_port, proxy_port, control = free_port(), free_port(), free_port()
-    # Later flags win in argparse: the small checkpoint replaces the shipped one.
-    server = Server(tmp_path, server_port, "--checkpoint", checkpoint)
-    proxy = _netshape(proxy_port, server_port, control)
+    server = Server(tmp_path, server_port, checkpoint=checkpoint)
+    proxy = netshape_process(proxy_port, server_port, control)
     # thr 1.0 and --no-continue: every frame is offloaded, so "server" answers show that
     # offloading works and anything else shows a fault being absorbed on the device.
-    device = Device(proxy_port, "--checkpoint", checkpoint, "--limit", "20000", "--rate",
-                    _RATE, "--split", "2", "--thr", "1.0", "--no-continue",
-                    "--no-status")  # fmt: skip
+    device = Device(proxy_port, "--limit", "20000", "--rate", _RATE, "--split", "2",
+                    "--thr", "1.0", "--no-continue", "--no-status",
+                    checkpoint=checkpoint)  # fmt: skip
     phases: list[tuple[str, int, int]] = []
     try:
         device.wait_for(_server_answers_since(0, 10))
@@ -62,20 +67,24 @@ def test_faults_in_sequence_lose_nothing_and_offloading_resumes(tmp_path: Path) 
 
         fault(
             "reset",
-            lambda: _control(control, {"cmd": "outage", "mode": "reset"}),
-            lambda: _control(control, {"cmd": "restore"}),
+            lambda: netshape_control(control, {"cmd": "outage", "mode": "reset"}),
+            lambda: netshape_control(control, {"cmd": "restore"}),
         )
         fault(
             "blackhole",
-            lambda: _control(control, {"cmd": "outage", "mode": "blackhole"}),
-            lambda: _control(control, {"cmd": "restore"}),
+            lambda: netshape_control(control, {"cmd": "outage", "mode": "blackhole"}),
+            lambda: netshape_control(control, {"cmd": "restore"}),
         )
         # 3001 bytes: the live connection is cut at once, and every reconnection after
         # HELLO and a few INFERs, in the middle of a frame (no frame here is 3001 bytes).
         fault(
             "limit_data",
-            lambda: _control(control, {"cmd": "set", "direction": "up", "limit_bytes": 3001}),
-            lambda: _control(control, {"cmd": "set", "direction": "up", "limit_bytes": None}),
+            lambda: netshape_control(
+                control, {"cmd": "set", "direction": "up", "limit_bytes": 3001}
+            ),
+            lambda: netshape_control(
+                control, {"cmd": "set", "direction": "up", "limit_bytes": None}
+            ),
         )
 
         def kill() -> None:
@@ -83,7 +92,7 @@ def test_faults_in_sequence_lose_nothing_and_offloading_resumes(tmp_path: Path) 
 
         def restart() -> None:
             nonlocal server
-            server = Server(tmp_path, server_port, "--checkpoint", checkpoint)
+            server = Server(tmp_path, server_port, checkpoint=checkpoint)
 
         fault("server kill", kill, restart)
         device.proc.send_signal(signal.SIGINT)
@@ -95,7 +104,7 @@ def test_faults_in_sequence_lose_nothing_and_offloading_resumes(tmp_path: Path) 
         server.stop()
 
     n = summary["frames"]
-    _by_frame(device.records, n)  # every frame answered exactly once
+    by_frame(device.records, n)  # every frame answered exactly once
     assert sum(summary["answered_by"].values()) == n
     assert [name for name, _, _ in phases] == ["reset", "blackhole", "limit_data", "server kill"]
     for name, start, back in phases:

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from spinn.procs import free_port
-from tests._runtime_support import ROOT, make_small_checkpoint
-from tests.test_runtime_integration import Device, Server, _by_frame, _wait_port
+from spinn.procs import free_port, wait_listening
+from tests._runtime_support import ROOT, Device, Server, by_frame, make_small_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -34,7 +33,7 @@ def _start_haproxy(tmp: Path, bind_port: int, ports: tuple[int, int]) -> subproc
     log = open(tmp / "haproxy.log", "w")  # noqa: SIM115
     proc = subprocess.Popen([HAPROXY, "-db", "-f", str(CONFIG)], env=env, stdout=log,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    _wait_port(bind_port, proc)
+    wait_listening(bind_port, proc, 60.0)
     return proc
 
 
@@ -51,7 +50,7 @@ def test_killing_one_server_mid_stream_loses_no_frame(tmp_path: Path, route: str
     # Everything starts at once (each process spends seconds importing torch); the device
     # answers locally until a server is up, then offloads.
     pool = ThreadPoolExecutor(2)
-    starting = [pool.submit(Server, tmp_path, p, "--checkpoint", checkpoint) for p in ports]
+    starting = [pool.submit(Server, tmp_path, p, checkpoint=checkpoint) for p in ports]
     lb = None
     if route == "haproxy":
         lb_port = free_port()
@@ -62,9 +61,8 @@ def test_killing_one_server_mid_stream_loses_no_frame(tmp_path: Path, route: str
         first, more = ports[0], ["--server", f"127.0.0.1:{ports[1]}"]
     # thr 1.0 and --no-continue: every frame is offloaded, so "server" answers show that
     # offloading works.
-    device = Device(first, "--checkpoint", checkpoint, "--limit", "20000", "--rate", "40",
-                    "--split", "2", "--thr", "1.0", "--no-continue", "--no-status",
-                    *more)  # fmt: skip
+    device = Device(first, "--limit", "20000", "--rate", "40", "--split", "2", "--thr", "1.0",
+                    "--no-continue", "--no-status", *more, checkpoint=checkpoint)  # fmt: skip
     servers = [f.result() for f in starting]
     pool.shutdown()
     try:
@@ -87,7 +85,7 @@ def test_killing_one_server_mid_stream_loses_no_frame(tmp_path: Path, route: str
         for server in servers:
             server.stop()
     n = summary["frames"]
-    records = _by_frame(device.records, n)  # every frame answered exactly once, none lost
+    records = by_frame(device.records, n)  # every frame answered exactly once, none lost
     assert sum(summary["answered_by"].values()) == n
     assert _welcomed(other) > before, "the device was taken over by the other server"
     assert records[-1]["where"] == "server", "the stream ends offloading"

@@ -22,8 +22,7 @@ from spinn.inference import run_stages
 from spinn.runtime.accel import resolve_device
 from spinn.runtime.batching import Batcher, run_batch, to_device
 from spinn.runtime.server import ServerConfig, SpinnServer
-from tests._runtime_support import RawClient
-from tests.test_runtime_server import _hello
+from tests._runtime_support import RawClient, hello, serve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -113,32 +112,24 @@ def test_server_batches_devices_equal_unbatched_and_honours_cancel(checkpoint: P
     model.eval()
     split, thr = 2, 0.3
     acts = _activations(model, split, 6, seed=4)
-    # A long wait with one worker: both devices' requests meet in one batch.
-    config = ServerConfig(checkpoint=checkpoint, port=0, stats_interval_s=0, workers=1,
-                          batch_max=8, batch_wait_ms=300, top_k=3)  # fmt: skip
     got: dict[tuple[int, int], object] = {}
 
-    async def main() -> SpinnServer:
-        server = SpinnServer(config)
-        await server.start()
-        try:
-            clients = [await RawClient.open(server.port) for _ in range(2)]
-            for c in clients:
-                await _hello(c, server)
-            for n, c in enumerate(clients):
-                c.send(*(Infer(i, split, thr, pack(a.numpy(), "float32"))
-                         for i, a in enumerate(acts[n * 3 : n * 3 + 3])))  # fmt: skip
-            clients[1].send(Cancel(1))  # still waiting for its batch: removed, never run
-            for n, c in enumerate(clients):
-                for _ in range(3):
-                    event = await c.next()
-                    got[n, getattr(event, "request_id", -1)] = event
-                c.close()
-        finally:
-            await server.close()
-        return server
+    async def body(server: SpinnServer, port: int) -> None:
+        clients = [await RawClient.open(port) for _ in range(2)]
+        for c in clients:
+            await hello(c, server)
+        for n, c in enumerate(clients):
+            c.send(*(Infer(i, split, thr, pack(a.numpy(), "float32"))
+                     for i, a in enumerate(acts[n * 3 : n * 3 + 3])))  # fmt: skip
+        clients[1].send(Cancel(1))  # still waiting for its batch: removed, never run
+        for n, c in enumerate(clients):
+            for _ in range(3):
+                event = await c.next()
+                got[n, getattr(event, "request_id", -1)] = event
+            c.close()
 
-    server = uvloop.run(main())
+    # A long wait with one worker: both devices' requests meet in one batch.
+    server = serve(checkpoint, body, workers=1, batch_max=8, batch_wait_ms=300, top_k=3)
     cancelled = got.pop((1, 1))
     assert isinstance(cancelled, Error) and cancelled.code is ErrorCode.CANCELLED
     assert server.stats.cancelled_queued == 1 and server.stats.computed == 5

@@ -7,14 +7,7 @@ summary and the server's final stats line.  They use the shipped model.
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import signal
-import socket
-import subprocess
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,114 +18,16 @@ from spinn.checkpoint import load_checkpoint
 from spinn.data import load_fashion_mnist
 from spinn.inference import run_stages
 from spinn.procs import free_port
-from tests._runtime_support import PYTHON, ROOT
+from tests._runtime_support import (
+    CHECKPOINT,
+    Device,
+    Server,
+    by_frame,
+    netshape_control,
+    netshape_process,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-# The shipped model; SPINN_TEST_CHECKPOINT runs the same tests against another one.
-CHECKPOINT = Path(os.environ.get("SPINN_TEST_CHECKPOINT", ROOT / "models/default/model.pt"))
-
-
-def _wait_port(port: int, proc: subprocess.Popen[str], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"process exited early with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"nothing listens on {port} after {timeout_s} s")
-
-
-class Server:
-    """spinn_server.py in its own process; its log goes to a file."""
-
-    def __init__(self, tmp: Path, port: int, *flags: str) -> None:
-        self.log = tmp / f"server-{port}-{time.monotonic_ns()}.log"
-        self._fh = open(self.log, "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [PYTHON, str(ROOT / "spinn_server.py"), "--checkpoint", str(CHECKPOINT),
-             "--port", str(port), "--stats-interval", "1", *flags],
-            stdout=self._fh, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-        )  # fmt: skip
-        _wait_port(port, self.proc)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._fh.close()
-        return int(self.proc.returncode)
-
-    def final_stats(self) -> dict[str, Any]:
-        text = self.log.read_text()
-        match = re.search(r"final stats (\{.*\})", text)
-        assert match, text[-2000:]
-        return dict(json.loads(match.group(1)))
-
-
-class Device:
-    """spinn_device.py in its own process; JSON lines are collected as they come."""
-
-    def __init__(self, port: int, *flags: str) -> None:
-        self.records: list[dict[str, Any]] = []
-        self.proc = subprocess.Popen(
-            [PYTHON, str(ROOT / "spinn_device.py"), "--checkpoint", str(CHECKPOINT),
-             "--server", f"127.0.0.1:{port}", "--dataset", "fashion-mnist:test",
-             "--status-interval", "0.5", *flags],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        )  # fmt: skip
-        self._err: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self._err_reader = threading.Thread(target=self._read_err, daemon=True)
-        self._err_reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.records.append(json.loads(line))
-
-    def _read_err(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._err.append(line)
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self._err)
-
-    def wait_for(self, predicate: Any, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not predicate(list(self.records)):
-            assert self.proc.poll() is None or self._reader.is_alive(), "device ended early"
-            assert time.monotonic() < deadline, "device did not get there in time"
-            time.sleep(0.02)
-
-    def finish(self, timeout_s: float = 90.0) -> dict[str, Any]:
-        self.proc.wait(timeout_s)
-        self._reader.join(5)
-        self._err_reader.join(5)
-        assert self.proc.returncode == 0, self.stderr[-3000:]
-        match = re.search(r"^summary (\{.*\})$", self.stderr, re.MULTILINE)
-        assert match, self.stderr[-3000:]
-        return dict(json.loads(match.group(1)))
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _by_frame(records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    ids = sorted(r["frame"] for r in records)
-    assert ids == list(range(n)), "every frame answered exactly once"
-    return sorted(records, key=lambda r: r["frame"])
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +51,7 @@ def test_1_every_frame_once_and_accuracy_matches_offline(
     finally:
         device.kill()
         assert server.stop(signal.SIGINT) == 0
-    records = _by_frame(device.records, n)
+    records = by_frame(device.records, n)
     assert {r["where"] for r in records} <= {"device", "server"}
     assert summary["answered_by"]["server"] > 0
 
@@ -196,7 +91,7 @@ def test_2_server_killed_mid_stream_then_restarted(tmp_path: Path) -> None:
         server.stop()
     n = summary["frames"]
     assert n < 5000
-    records = _by_frame(device.records, n)
+    records = by_frame(device.records, n)
     wheres = [r["where"] for r in records]
     # In frame order: served, then the outage answered locally, then served again.
     first_fallback = wheres.index("fallback")
@@ -206,41 +101,21 @@ def test_2_server_killed_mid_stream_then_restarted(tmp_path: Path) -> None:
     assert summary["answered_by"]["fallback"] == wheres.count("fallback")
 
 
-def _netshape(port: int, upstream: int, control: int) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "tools.netshape", "--listen", f"127.0.0.1:{port}",
-         "--upstream", f"127.0.0.1:{upstream}", "--control", f"127.0.0.1:{control}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
-    )  # fmt: skip
-    _wait_port(port, proc)
-    _wait_port(control, proc)
-    return proc
-
-
-def _control(port: int, command: dict[str, Any]) -> dict[str, Any]:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall((json.dumps(command) + "\n").encode())
-        answer = s.makefile().readline()
-    reply = dict(json.loads(answer))
-    assert reply["ok"], reply
-    return reply
-
-
 def test_3_outage_through_netshape_falls_back_without_loss(tmp_path: Path) -> None:
     # A blackhole: the connection stays up and silent, the hardest outage to notice
     # (an abrupt loss is test 2's SIGKILL).
     mode = "blackhole"
     server_port, proxy_port, control = free_port(), free_port(), free_port()
     server = Server(tmp_path, server_port)
-    proxy = _netshape(proxy_port, server_port, control)
+    proxy = netshape_process(proxy_port, server_port, control)
     device = Device(proxy_port, "--limit", "5000", "--rate", "50", "--split", "3",
                     "--thr", "0.9")  # fmt: skip
     try:
         device.wait_for(lambda rs: sum(r["where"] == "server" for r in rs) >= 30)
-        _control(control, {"cmd": "outage", "mode": mode})
+        netshape_control(control, {"cmd": "outage", "mode": mode})
         outage_from = len(device.records)
         device.wait_for(lambda rs: sum(r["where"] == "fallback" for r in rs) >= 40)
-        _control(control, {"cmd": "restore"})
+        netshape_control(control, {"cmd": "restore"})
         outage_to = len(device.records)
         device.wait_for(lambda rs: sum(r["where"] == "server" for r in rs[outage_to:]) >= 10)
         device.proc.send_signal(signal.SIGINT)
@@ -250,7 +125,7 @@ def test_3_outage_through_netshape_falls_back_without_loss(tmp_path: Path) -> No
         proxy.send_signal(signal.SIGTERM)
         proxy.wait(10)
         server.stop()
-    _by_frame(device.records, summary["frames"])
+    by_frame(device.records, summary["frames"])
     # Answers in arrival order: once the frames in flight at the cut are done, the
     # server answers nothing until the link is restored, and fallbacks fill the gap.
     during = [r["where"] for r in device.records[outage_from + 10 : outage_to]]
@@ -263,18 +138,18 @@ def test_3_low_bandwidth_through_netshape_loses_nothing(tmp_path: Path) -> None:
     n = 150
     server_port, proxy_port, control = free_port(), free_port(), free_port()
     server = Server(tmp_path, server_port)
-    proxy = _netshape(proxy_port, server_port, control)
+    proxy = netshape_process(proxy_port, server_port, control)
     device = Device(proxy_port, "--limit", str(n), "--rate", "30", "--split", "1", "--thr", "0.9")
     try:
         device.wait_for(lambda rs: len(rs) >= 30)
-        _control(control, {"cmd": "set", "direction": "up", "rate_bps": "200kbit"})
+        netshape_control(control, {"cmd": "set", "direction": "up", "rate_bps": "200kbit"})
         summary = device.finish()
     finally:
         device.kill()
         proxy.send_signal(signal.SIGTERM)
         proxy.wait(10)
         server.stop()
-    _by_frame(device.records, n)
+    by_frame(device.records, n)
     # The bandwidth estimate follows the link down from loopback speed.
     assert summary["estimates"]["bandwidth_bps"] < 2e6, summary["estimates"]
     assert summary["frames"] == n
@@ -293,7 +168,7 @@ def test_4_inferred_server_time_within_25_percent_of_measured(tmp_path: Path) ->
     finally:
         device.kill()
         assert server.stop() == 0
-    _by_frame(device.records, n)
+    by_frame(device.records, n)
     stats = server.final_stats()
     # Medians: a busy machine adds long-tailed scheduling delays to a few responses.
     measured = stats["compute_ms_median"]
@@ -316,7 +191,7 @@ def test_5_cancel_saves_server_work(tmp_path: Path, model_info: tuple[Any, Any])
     finally:
         device.kill()
         assert server.stop() == 0
-    _by_frame(device.records, n)
+    by_frame(device.records, n)
     stats = server.final_stats()
     # Every INFER was accepted or refused at once with BUSY (issue 8, overload).
     assert stats["requests"] + stats["busy_sent"] == summary["offloaded"]

@@ -31,8 +31,7 @@ from protocol import (
 from protocol.framing import encode_frame
 from protocol.messages import encode_message
 from spinn.runtime.server import ServerConfig, SpinnServer, frame_limit_for
-from tests._runtime_support import RawClient
-from tests.test_runtime_server import _hello, _serve
+from tests._runtime_support import RawClient, hello, serve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -69,8 +68,8 @@ def test_limits_are_validated() -> None:
 def test_connection_beyond_the_limit_gets_busy_then_a_slot_frees(checkpoint: Path) -> None:
     async def body(server: SpinnServer, port: int) -> None:
         first, second = await RawClient.open(port), await RawClient.open(port)
-        await _hello(first, server)
-        await _hello(second, server)
+        await hello(first, server)
+        await hello(second, server)
         third = await RawClient.open(port)
         events = await _until_closed(third)
         assert len(events) == 1 and isinstance(events[0], Error)
@@ -81,12 +80,12 @@ def test_connection_beyond_the_limit_gets_busy_then_a_slot_frees(checkpoint: Pat
                 break
             await asyncio.sleep(0.01)
         fourth = await RawClient.open(port)
-        await _hello(fourth, server)
+        await hello(fourth, server)
         assert server.stats.connections_refused == 1
         second.close()
         fourth.close()
 
-    _serve(checkpoint, body, max_connections=2)
+    serve(checkpoint, body, max_connections=2)
 
 
 def test_silent_peer_is_dropped_after_the_handshake_timeout(checkpoint: Path) -> None:
@@ -98,13 +97,13 @@ def test_silent_peer_is_dropped_after_the_handshake_timeout(checkpoint: Path) ->
         assert 0.25 <= took < 3.0, took
         assert isinstance(events[-1], Error) and "handshake" in events[-1].message
 
-    _serve(checkpoint, body, handshake_timeout_s=0.3)
+    serve(checkpoint, body, handshake_timeout_s=0.3)
 
 
 def test_slow_loris_trickling_a_frame_is_dropped(checkpoint: Path) -> None:
     async def body(server: SpinnServer, port: int) -> None:
         client = await RawClient.open(port)
-        await _hello(client, server)
+        await hello(client, server)
         # A PING frame dribbled a byte every 50 ms never completes within the idle timeout.
         frame = encode_frame(encode_message(Ping(1, 0.0, b"\0" * 200)))
         start = time.monotonic()
@@ -124,48 +123,48 @@ def test_slow_loris_trickling_a_frame_is_dropped(checkpoint: Path) -> None:
         assert time.monotonic() - start < 3.0
         assert server.stats.connections_refused == 1
 
-    _serve(checkpoint, body, idle_timeout_s=0.4)
+    serve(checkpoint, body, idle_timeout_s=0.4)
 
 
 def test_pings_keep_an_idle_device_connected(checkpoint: Path) -> None:
     async def body(server: SpinnServer, port: int) -> None:
         client = await RawClient.open(port)
-        await _hello(client, server)
+        await hello(client, server)
         for seq in range(8):  # 0.8 s in all, twice the idle timeout
             client.send(Ping(seq, 0.0))
             assert isinstance(await client.next(), Pong)
             await asyncio.sleep(0.1)
         assert server.stats.connections_refused == 0
 
-    _serve(checkpoint, body, idle_timeout_s=0.4)
+    serve(checkpoint, body, idle_timeout_s=0.4)
 
 
 def test_oversized_frame_is_refused_before_buffering(checkpoint: Path) -> None:
     async def body(server: SpinnServer, port: int) -> None:
         client = await RawClient.open(port)
-        await _hello(client, server)
+        await hello(client, server)
         client.writer.write((8 * 2**20).to_bytes(4, "big") + b"\0" * 1000)
         events = await _until_closed(client)
         assert isinstance(events[-1], Error) and events[-1].code is ErrorCode.TOO_LARGE
 
-    _serve(checkpoint, body, max_frame_bytes=2**20)
+    serve(checkpoint, body, max_frame_bytes=2**20)
 
 
 def test_tensor_above_the_element_limit_is_fatal(checkpoint: Path) -> None:
     async def body(server: SpinnServer, port: int) -> None:
         client = await RawClient.open(port)
-        await _hello(client, server)
+        await hello(client, server)
         client.send(_infer(server, 1, split=0))  # 784 elements > 100
         events = await _until_closed(client)
         assert isinstance(events[-1], Error) and events[-1].code is ErrorCode.TOO_LARGE
 
-    _serve(checkpoint, body, max_tensor_elements=100)
+    serve(checkpoint, body, max_tensor_elements=100)
 
 
 def test_overload_answers_busy_at_once_and_every_request_once(checkpoint: Path) -> None:
     async def body(server: SpinnServer, port: int) -> None:
         client = await RawClient.open(port)
-        await _hello(client, server)
+        await hello(client, server)
         client.send(*(_infer(server, rid) for rid in range(6)))
         answers: dict[int, object] = {}
         while len(answers) < 6:
@@ -178,13 +177,13 @@ def test_overload_answers_busy_at_once_and_every_request_once(checkpoint: Path) 
         assert server.stats.busy_sent == len(busy)
 
     # Two may wait: the rest of a burst of six is refused at once.
-    _serve(checkpoint, body, max_queued=2, workers=1, slowdown=3.0)
+    serve(checkpoint, body, max_queued=2, workers=1, slowdown=3.0)
 
 
 def test_request_that_would_outwait_its_deadline_is_busy(checkpoint: Path) -> None:
     async def body(server: SpinnServer, port: int) -> None:
         client = await RawClient.open(port)
-        await _hello(client, server)
+        await hello(client, server)
         for rid in range(10):  # the server learns its compute time
             client.send(_infer(server, rid))
             assert isinstance(await client.next(), Result)
@@ -199,7 +198,7 @@ def test_request_that_would_outwait_its_deadline_is_busy(checkpoint: Path) -> No
         assert isinstance(late, Error) and late.code is ErrorCode.BUSY, late
         assert "deadline" in late.message
 
-    _serve(checkpoint, body, workers=1, slowdown=2.0)
+    serve(checkpoint, body, workers=1, slowdown=2.0)
 
 
 def test_model_mismatch_still_named_before_any_limit(checkpoint: Path) -> None:
@@ -209,7 +208,7 @@ def test_model_mismatch_still_named_before_any_limit(checkpoint: Path) -> None:
         events = await _until_closed(client)
         assert isinstance(events[-1], Error) and events[-1].code is ErrorCode.MODEL_MISMATCH
 
-    _serve(checkpoint, body, max_connections=1)
+    serve(checkpoint, body, max_connections=1)
 
 
 def test_overloaded_server_makes_the_device_finish_locally(checkpoint: Path) -> None:
@@ -249,7 +248,7 @@ def test_cancelled_and_abandoned_requests_leave_no_queue_count(
     async def body(server: SpinnServer, port: int) -> None:
         # Many queued requests cancelled by the device: each is answered once, none runs.
         canceller = await RawClient.open(port)
-        await _hello(canceller, server)
+        await hello(canceller, server)
         canceller.send(*(_infer(server, rid) for rid in range(12)))
         canceller.send(*(Cancel(rid) for rid in range(12)))
         answered = {(await canceller.next()).request_id for _ in range(12)}  # type: ignore[union-attr]
@@ -263,7 +262,7 @@ def test_cancelled_and_abandoned_requests_leave_no_queue_count(
         # accepted, so a count leaked by the first round would refuse the second.
         for round_ in range(2):
             quitter = await RawClient.open(port)
-            await _hello(quitter, server)
+            await hello(quitter, server)
             quitter.send(*(_infer(server, rid) for rid in range(12)), Bye("done"))
             events = await _until_closed(quitter)
             busy = [e for e in events if isinstance(e, Error) and e.code is ErrorCode.BUSY]
@@ -274,12 +273,12 @@ def test_cancelled_and_abandoned_requests_leave_no_queue_count(
             await _until_queue_empty(server)
             assert server._queued == 0, f"round {round_}: {server._queued} left counted"
         fresh = await RawClient.open(port)
-        await _hello(fresh, server)
+        await hello(fresh, server)
         fresh.send(_infer(server, 1))
         assert isinstance(await fresh.next(), Result)
         fresh.close()
 
-    _serve(
+    serve(
         checkpoint,
         body,
         max_queued=12,
@@ -294,7 +293,7 @@ def test_cancelled_and_abandoned_requests_leave_no_queue_count(
 def test_shutdown_with_requests_queued_leaves_no_queue_count(checkpoint: Path) -> None:
     async def body(server: SpinnServer, port: int) -> None:
         client = await RawClient.open(port)
-        await _hello(client, server)
+        await hello(client, server)
         client.send(*(_infer(server, rid) for rid in range(8)))
         for _ in range(100):  # until the server has read them all
             if server.stats.requests == 8:
@@ -302,7 +301,7 @@ def test_shutdown_with_requests_queued_leaves_no_queue_count(checkpoint: Path) -
             await asyncio.sleep(0.01)
         assert server._queued > 0
 
-    server = _serve(checkpoint, body, workers=1, slowdown=10.0, shutdown_grace_s=0.1)
+    server = serve(checkpoint, body, workers=1, slowdown=10.0, shutdown_grace_s=0.1)
     assert server._queued == 0
 
 
@@ -317,7 +316,7 @@ def test_default_frame_limit_follows_the_model(checkpoint: Path) -> None:
         assert server.max_frame_bytes == frame_limit_for(model)
         assert 4 * elements < server.max_frame_bytes <= 5 * elements + 64 * 1024
         client = await RawClient.open(port)
-        await _hello(client, server)
+        await hello(client, server)
         # Every split's float32 activation fits: the largest one is served.
         client.send(_infer(server, 1, split=largest))
         assert isinstance(await client.next(), Result)
@@ -325,7 +324,7 @@ def test_default_frame_limit_follows_the_model(checkpoint: Path) -> None:
         events = await _until_closed(client)
         assert isinstance(events[-1], Error) and events[-1].code is ErrorCode.TOO_LARGE
 
-    server = _serve(checkpoint, body)
+    server = serve(checkpoint, body)
     assert server.config.max_frame_bytes is None
 
 

@@ -10,10 +10,9 @@ import pytest
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
-from protocol import PROTOCOL_VERSION, Cancel, Error, ErrorCode, Hello, Infer, Result, pack
+from protocol import Cancel, Error, ErrorCode, Infer, Result, pack
 from spinn.runtime.server import ServerConfig, SpinnServer
-from tests._runtime_support import RawClient
-from tests.test_runtime_server import _input
+from tests._runtime_support import RawClient, hello, sample_input
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,10 +45,8 @@ def test_metrics_count_requests_cancels_errors_and_compute(checkpoint: Path) -> 
         try:
             scraped["idle"] = await _scrape(server.metrics_port)
             client = await RawClient.open(server.port)
-            meta = server.meta
-            client.send(Hello(PROTOCOL_VERSION, meta.model_id, meta.weights_sha256, ("float32",)))
-            await client.next()
-            x = pack(_input(5).numpy(), "float32")
+            await hello(client, server)
+            x = pack(sample_input(5).numpy(), "float32")
             # One worker: 1 runs, 2 queues and is cancelled, 3 runs; split 99 is refused.
             client.send(Infer(1, 0, 1.0, x), Infer(2, 0, 1.0, x), Cancel(2), Infer(3, 0, 1.0, x),
                         Infer(4, 99, 1.0, x))  # fmt: skip

@@ -45,7 +45,7 @@ from spinn.runtime.security import (
     server_ssl_context,
 )
 from spinn.runtime.server import SpinnServer
-from tests._runtime_support import RawClient
+from tests._runtime_support import Device, RawClient, Server, by_frame, serve
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl missing")
 
@@ -188,8 +188,6 @@ def _hello(server: SpinnServer, nonce: bytes = b"") -> Hello:
 
 
 def test_server_admits_only_devices_that_prove_the_token(checkpoint: Path, tmp_path: Path) -> None:
-    from tests.test_runtime_server import _serve
-
     token_file = _write_token(tmp_path / "token", TOKEN.decode() + "\n")
     nonce = bytes(range(32))
 
@@ -221,7 +219,7 @@ def test_server_admits_only_devices_that_prove_the_token(checkpoint: Path, tmp_p
         for client in (good, bad, plain):
             client.close()
 
-    _serve(checkpoint, body, token_file=token_file)
+    serve(checkpoint, body, token_file=token_file)
 
 
 @pytest.mark.integration
@@ -236,24 +234,24 @@ def test_tls_and_token_on_both_cli_ends(
 ) -> None:
     import spinn_device
     from spinn.procs import free_port
-    from tests.test_runtime_integration import Device, Server, _by_frame
 
     token = _write_token(tmp_path / "token", TOKEN.decode())
     wrong = _write_token(tmp_path / "wrong", "another-token-of-enough-bytes")
-    ckpt = str(checkpoint)
     port = free_port()
     # Mutual TLS (device certificates signed by the test CA) and the shared token.
-    server = Server(tmp_path, port, "--checkpoint", ckpt, "--token-file", str(token),
+    server = Server(tmp_path, port, "--token-file", str(token),
                     "--tls-cert", str(certs["server_pem"]), "--tls-key", str(certs["server_key"]),
-                    "--tls-client-ca", str(certs["ca_pem"]))  # fmt: skip
-    common = ("--checkpoint", ckpt, "--no-status", "--split", "2", "--thr", "1.0",
-              "--no-continue", "--tls-cert", str(certs["device_pem"]), "--tls-key",
+                    "--tls-client-ca", str(certs["ca_pem"]), checkpoint=checkpoint)  # fmt: skip
+    common = ("--no-status", "--split", "2", "--thr", "1.0", "--no-continue",
+              "--tls-cert", str(certs["device_pem"]), "--tls-key",
               str(certs["device_key"]))  # fmt: skip
     trusted = ("--tls-ca", str(certs["ca_pem"]))
-    device = Device(port, *common, *trusted, "--limit", "40", "--token-file", str(token))
+    device = Device(port, *common, *trusted, "--limit", "40", "--token-file", str(token),
+                    checkpoint=checkpoint)  # fmt: skip
     # The two refused devices run the same CLI entry point in this process (its return
     # value is the exit status), while the trusted one streams in its own process.
-    base = ("--server", f"127.0.0.1:{port}", "--dataset", "fashion-mnist:test", *common)
+    base = ("--server", f"127.0.0.1:{port}", "--dataset", "fashion-mnist:test",
+            "--checkpoint", str(checkpoint), *common)  # fmt: skip
 
     def refused(*flags: str) -> tuple[int, str]:
         caplog.clear()
@@ -268,7 +266,7 @@ def test_tls_and_token_on_both_cli_ends(
     finally:
         device.kill()
         assert server.stop() == 0
-    _by_frame(device.records, 40)
+    by_frame(device.records, 40)
     # The server answers; a deadline missed on these busy cores may add a fallback.
     assert summary["answered_by"]["server"] >= 30, summary["answered_by"]
     # The impostor refuses the server's proof itself, before proving anything.

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import uvloop
 
 from protocol import (
     PROTOCOL_VERSION,
@@ -23,45 +20,14 @@ from protocol import (
     Ping,
     Pong,
     Result,
-    Welcome,
     pack,
 )
 from spinn.checkpoint import load_checkpoint
 from spinn.inference import run_stages
 from spinn.runtime.server import ServerConfig, SpinnServer, _Job
-from tests._runtime_support import RawClient
+from tests._runtime_support import RawClient, hello, sample_input, serve
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _serve(
-    checkpoint: Path, body: Callable[[SpinnServer, int], Awaitable[None]], **options: object
-) -> SpinnServer:
-    config = ServerConfig(checkpoint=checkpoint, port=0, stats_interval_s=0, **options)  # type: ignore[arg-type]
-
-    async def main() -> SpinnServer:
-        server = SpinnServer(config)
-        await server.start()
-        try:
-            await body(server, server.port)
-        finally:
-            await server.close()
-        return server
-
-    return uvloop.run(main())
-
-
-async def _hello(client: RawClient, server: SpinnServer) -> Welcome:
-    meta = server.meta
-    client.send(Hello(PROTOCOL_VERSION, meta.model_id, meta.weights_sha256, ("float32",)))
-    welcome = await client.next()
-    assert isinstance(welcome, Welcome), welcome
-    return welcome
-
-
-def _input(seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, 1, 28, 28, generator=g)
 
 
 def test_infer_matches_offline_execution_from_every_split(checkpoint: Path) -> None:
@@ -70,9 +36,9 @@ def test_infer_matches_offline_execution_from_every_split(checkpoint: Path) -> N
 
     async def body(server: SpinnServer, port: int) -> None:
         client = await RawClient.open(port)
-        welcome = await _hello(client, server)
+        welcome = await hello(client, server)
         assert welcome.reports_compute_time and welcome.codecs == ("float32",)
-        x = _input(1)
+        x = sample_input(1)
         for split in range(model.num_stages):
             act = run_stages(model, x, 0, split, 1.0, check_exits=False).activation
             assert act is not None
@@ -83,8 +49,8 @@ def test_infer_matches_offline_execution_from_every_split(checkpoint: Path) -> N
             results[event.request_id] = event
         client.close()
 
-    server = _serve(checkpoint, body, top_k=3)
-    x = _input(1)
+    server = serve(checkpoint, body, top_k=3)
+    x = sample_input(1)
     for split in range(model.num_stages):
         act = run_stages(model, x, 0, split, 1.0, check_exits=False).activation
         offline = run_stages(model, act, split, model.num_stages, 0.6)
@@ -103,8 +69,8 @@ def test_early_exits_off_answers_from_the_final_exit(checkpoint: Path) -> None:
 
     async def body(server: SpinnServer, port: int) -> None:
         client = await RawClient.open(port)
-        await _hello(client, server)
-        x = pack(_input(5).numpy(), "float32")
+        await hello(client, server)
+        x = pack(sample_input(5).numpy(), "float32")
         # Threshold 0: the first exit answers, unless early exits are off.
         client.send(Infer(1, 0, 0.0, x), Infer(2, 0, 0.0, x, early_exits=False))
         for _ in range(2):
@@ -113,7 +79,7 @@ def test_early_exits_off_answers_from_the_final_exit(checkpoint: Path) -> None:
             answers[event.request_id] = event
         client.close()
 
-    _serve(checkpoint, body)
+    serve(checkpoint, body)
     assert answers[1].exit_index == 0
     assert answers[2].exit_index == model.num_exits - 1
 
@@ -121,9 +87,9 @@ def test_early_exits_off_answers_from_the_final_exit(checkpoint: Path) -> None:
 def test_no_report_compute_leaves_compute_time_out(checkpoint: Path) -> None:
     async def body(server: SpinnServer, port: int) -> None:
         client = await RawClient.open(port)
-        welcome = await _hello(client, server)
+        welcome = await hello(client, server)
         assert welcome.reports_compute_time is False
-        client.send(Infer(7, 0, 0.5, pack(_input(2).numpy(), "float32")))
+        client.send(Infer(7, 0, 0.5, pack(sample_input(2).numpy(), "float32")))
         result = await client.next()
         assert isinstance(result, Result) and result.compute_ms is None
         client.send(Ping(1, 123.5, b"\0" * 1000))
@@ -131,7 +97,7 @@ def test_no_report_compute_leaves_compute_time_out(checkpoint: Path) -> None:
         assert isinstance(pong, Pong) and pong.sent_at == 123.5 and pong.padding_len == 1000
         client.close()
 
-    _serve(checkpoint, body, report_compute=False)
+    serve(checkpoint, body, report_compute=False)
 
 
 def test_model_mismatch_is_refused_with_both_ids(checkpoint: Path) -> None:
@@ -145,14 +111,14 @@ def test_model_mismatch_is_refused_with_both_ids(checkpoint: Path) -> None:
         assert await client.reader.read() == b""  # closed by the server
         client.close()
 
-    server = _serve(checkpoint, body)
+    server = serve(checkpoint, body)
     assert server.stats.errors_sent == 1
 
 
 def test_bad_requests_answer_that_request_and_keep_the_connection(checkpoint: Path) -> None:
     async def body(server: SpinnServer, port: int) -> None:
         client = await RawClient.open(port)
-        await _hello(client, server)
+        await hello(client, server)
         s = server.model.num_stages
         client.send(Infer(1, s, 0.5, pack(np.zeros((1, 4), np.float32), "float32")))
         error = await client.next()
@@ -162,36 +128,36 @@ def test_bad_requests_answer_that_request_and_keep_the_connection(checkpoint: Pa
         error = await client.next()
         assert isinstance(error, Error) and error.code is ErrorCode.BAD_SPLIT
         assert "(1, 3, 5, 5)" in error.message and error.request_id == 2
-        client.send(Infer(3, 0, 0.5, pack(_input(3).numpy(), "float32")))
+        client.send(Infer(3, 0, 0.5, pack(sample_input(3).numpy(), "float32")))
         assert isinstance(await client.next(), Result)
         client.close()
 
-    _serve(checkpoint, body)
+    serve(checkpoint, body)
 
 
 def test_garbage_from_one_peer_closes_only_that_peer(checkpoint: Path) -> None:
     async def body(server: SpinnServer, port: int) -> None:
         good = await RawClient.open(port)
-        await _hello(good, server)
+        await hello(good, server)
         bad_reader, bad_writer = await asyncio.open_connection("127.0.0.1", port)
         bad_writer.write(b"\x00\x00\x00\x05\xc1garbage!")
         rest = await asyncio.wait_for(bad_reader.read(), 5.0)
         assert rest, "the bad peer gets an ERROR before the close"
         assert b"msgpack" in rest or b"frame" in rest or b"HELLO" in rest, rest
         bad_writer.close()
-        good.send(Infer(1, 0, 0.5, pack(_input(4).numpy(), "float32")))
+        good.send(Infer(1, 0, 0.5, pack(sample_input(4).numpy(), "float32")))
         assert isinstance(await good.next(), Result)
         good.close()
 
-    server = _serve(checkpoint, body)
+    server = serve(checkpoint, body)
     assert server.stats.connections_total == 2 and server.stats.errors_sent == 1
 
 
 def test_cancel_of_a_queued_request_never_runs_it(checkpoint: Path) -> None:
     async def body(server: SpinnServer, port: int) -> None:
         client = await RawClient.open(port)
-        await _hello(client, server)
-        x = pack(_input(5).numpy(), "float32")
+        await hello(client, server)
+        x = pack(sample_input(5).numpy(), "float32")
         # One worker: request 1 runs, 2 and 3 queue behind it; CANCEL 2 arrives with them.
         client.send(Infer(1, 0, 1.0, x), Infer(2, 0, 1.0, x), Cancel(2), Infer(3, 0, 1.0, x))
         events = [await client.next() for _ in range(3)]
@@ -200,7 +166,7 @@ def test_cancel_of_a_queued_request_never_runs_it(checkpoint: Path) -> None:
         assert isinstance(by_id[2], Error) and by_id[2].code is ErrorCode.CANCELLED
         client.close()
 
-    server = _serve(checkpoint, body, workers=1)
+    server = serve(checkpoint, body, workers=1)
     assert server.stats.cancelled_queued == 1 and server.stats.computed == 2
     assert server.stats.stages_run == 2 * server.model.num_stages
 
@@ -221,7 +187,7 @@ class _SetAfter(threading.Event):
 def test_running_request_stops_at_a_stage_boundary(checkpoint: Path) -> None:
     server = SpinnServer(ServerConfig(checkpoint=checkpoint, port=0))
     try:
-        act = _input(6)[0].numpy()
+        act = sample_input(6)[0].numpy()
         # Check 1 is at dequeue; checks 2.. follow each stage: set at check 4 = after stage 3.
         job = _Job(1, 0, 1.0, act, cancelled=_SetAfter(4))
         server._queued = 1
@@ -239,24 +205,24 @@ def test_running_request_stops_at_a_stage_boundary(checkpoint: Path) -> None:
 def test_eof_mid_frame_is_a_clean_disconnect(checkpoint: Path) -> None:
     async def body(server: SpinnServer, port: int) -> None:
         client = await RawClient.open(port)
-        await _hello(client, server)
+        await hello(client, server)
         client.writer.write(b"\x00\x00\x10")  # a partial length prefix, then EOF
         client.writer.write_eof()
         assert await asyncio.wait_for(client.reader.read(), 5.0) == b""
         client.close()
         again = await RawClient.open(port)
-        await _hello(again, server)
+        await hello(again, server)
         again.close()
 
-    server = _serve(checkpoint, body)
+    server = serve(checkpoint, body)
     assert server.stats.connections == 0
 
 
 def test_request_past_its_deadline_is_dropped_unrun(checkpoint: Path) -> None:
     async def body(server: SpinnServer, port: int) -> None:
         client = await RawClient.open(port)
-        await _hello(client, server)
-        x = pack(_input(7).numpy(), "float32")
+        await hello(client, server)
+        x = pack(sample_input(7).numpy(), "float32")
         client.send(Infer(1, 0, 1.0, x), Infer(2, 0, 1.0, x, deadline_ms=0.0))
         events = {
             getattr(e, "request_id", None): e for e in [await client.next() for _ in range(2)]
@@ -266,7 +232,7 @@ def test_request_past_its_deadline_is_dropped_unrun(checkpoint: Path) -> None:
         assert "deadline" in events[2].message
         client.close()
 
-    server = _serve(checkpoint, body, workers=1)
+    server = serve(checkpoint, body, workers=1)
     assert server.stats.computed == 1 and server.stats.expired_unrun == 1
 
 
@@ -284,15 +250,15 @@ def test_no_codec_in_common_is_a_fatal_bad_tensor_naming_both_sides(checkpoint: 
         assert await asyncio.wait_for(client.reader.read(), 5.0) == b""
         client.close()
 
-    server = _serve(checkpoint, body)
+    server = serve(checkpoint, body)
     assert server.stats.errors_sent == 1 and server.stats.connections == 0
 
 
 def test_bye_answers_outstanding_requests_then_says_bye(checkpoint: Path) -> None:
     async def body(server: SpinnServer, port: int) -> None:
         client = await RawClient.open(port)
-        await _hello(client, server)
-        x = pack(_input(8).numpy(), "float32")
+        await hello(client, server)
+        x = pack(sample_input(8).numpy(), "float32")
         # One write: the server reads BYE before any of the three requests has run.
         client.send(Infer(1, 0, 1.0, x), Infer(2, 0, 1.0, x), Infer(3, 0, 1.0, x), Bye("done"))
         events = [await client.next() for _ in range(4)]
@@ -302,5 +268,5 @@ def test_bye_answers_outstanding_requests_then_says_bye(checkpoint: Path) -> Non
         assert await asyncio.wait_for(client.reader.read(), 5.0) == b""
         client.close()
 
-    server = _serve(checkpoint, body, workers=1)
+    server = serve(checkpoint, body, workers=1)
     assert server.stats.computed == 3 and server.stats.connections == 0
