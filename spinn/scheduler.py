@@ -127,6 +127,9 @@ class Prediction:
     device_busy_ms: float = 0.0
     """Expected device busy time per input under a saturating stream: the throughput
     model's device stage."""
+    server_busy_ms: float = 0.0
+    """Expected server time per input this device takes under a saturating stream (its
+    queue share included): the throughput model's server stage."""
 
     def metric(self, m: Metric) -> float:
         return {
@@ -155,6 +158,8 @@ class Predictions:
     """False where a candidate cannot run at all (offloading while the server is down)."""
     device_busy_ms: FloatArray
     """Device busy time per input, the throughput model's device stage."""
+    server_busy_ms: FloatArray
+    """Server time per input (queue share included), the throughput model's server stage."""
 
     def at(self, split: int, t: int) -> Prediction:
         return Prediction(
@@ -168,6 +173,7 @@ class Predictions:
             offload_rate=float(self.offload_rate[split, t]),
             uplink_ms=float(self.uplink_ms[split, t]),
             device_busy_ms=float(self.device_busy_ms[split, t]),
+            server_busy_ms=float(self.server_busy_ms[split, t]),
         )
 
     def cost(self, m: Metric) -> FloatArray:
@@ -280,42 +286,56 @@ class Predictor:
             )
         with np.errstate(invalid="ignore"):
             uplink = np.where(offload > 0, offload * up_ms[:, None], 0.0)
-        # Device busy time per input under a saturating stream (docs/SCHEDULER.md, "device
-        # busy time"), with the stages scaled by the busy scale (their mean time under load;
-        # SF until measured): the stages up to its exit or the split; for an uploaded input whose
-        # local path wins the race (local_e <= remote_e, the same comparison as the latency)
-        # also the race's stages after the split, one call each; per input the head call's
-        # overhead (preprocessing, bookkeeping and the worker's hand-off gap, measured; the
-        # latency overhead O until it is) and, if uploaded, packing.  A race the server wins
-        # runs in idle time only: the runtime gives new inputs' heads priority
-        # (spinn.runtime.compute), so it does not slow the pipeline.
+        # Throughput (docs/SCHEDULER.md, "throughput"): the pipeline device → uplink →
+        # server runs at the rate of its slowest stage, each stage's time per input being
+        # its expected busy time under a saturating stream.
+        #
+        # Device: the stages up to the exit or the split, scaled by the busy scale (their
+        # mean time under load; SF until measured), plus per input the head call's overhead
+        # (preprocessing, bookkeeping and the worker's hand-off gap, measured; the latency
+        # overhead O until it is) and, if uploaded, packing.
         head_ms = overhead if est.head_overhead_ms is None else est.head_overhead_ms
         sfb = sf if est.busy_scale is None else est.busy_scale
         busy_local = sfb * self.dev_exit_ms  # (E,) stages up to exit e
         busy_split = (sfb * self.dev_split_ms)[:, None]  # (S+1, 1) stages before the split
-        if self.config.local_race:
-            won = self.remote[:, None, :] & (local_ms <= remote_ms)
-            race = np.where(
-                won,
-                busy_local
-                - busy_split[:, :, None]
-                + self.race_steps[:, None, :] * est.step_overhead_ms,
-                0.0,
-            )
-            race_ms = (rates * race).sum(axis=-1)
-        else:
-            race_ms = np.zeros(self.shape)
-        device_busy = (
+        d_head = (
             (self.local_rates * busy_local).sum(axis=-1)
             + offload * busy_split
-            + race_ms
             + head_ms
             + offload * est.pack_ms
         )
-        # Throughput: the pipeline (device, uplink, server) runs at the rate of its slowest
-        # stage. The server stage is shared: with q requests of others queued on average,
-        # this device gets about 1/(1+q) of it (FIFO), so a busy server slows the pipeline.
-        period = np.maximum(np.maximum(device_busy, uplink), srv_cost * (1.0 + est.server_queue))
+        # Server: its compute per input; with q requests of others queued on average this
+        # device gets about 1/(1+q) of it (FIFO), so a busy server slows the pipeline.
+        share = 1.0 + est.server_queue
+        if self.config.local_race:
+            # The race. An uploaded input whose local path is the faster one on an idle
+            # device (local_e <= remote_e, the latency's comparison) is won locally: the
+            # device also runs stages [s, x_e], one call each, and the server computes only
+            # until the CANCEL, sent when the local answer exists, arrives: the
+            # continuation's time less the upload, at most V_e.  A race the server wins
+            # runs in idle device time only (new inputs' heads have priority,
+            # spinn.runtime.compute): it does not slow the pipeline.
+            won = self.remote[:, None, :] & (local_ms <= remote_ms)
+            race = (
+                busy_local
+                - busy_split[:, :, None]
+                + self.race_steps[:, None, :] * est.step_overhead_ms
+            )
+            with np.errstate(invalid="ignore"):
+                cut = np.minimum(
+                    v[:, None, :],
+                    np.maximum(0.0, local_ms - (sf * self.dev_split_ms + up_ms)[:, None, None]),
+                )
+            won_rates = np.where(won, rates, 0.0)
+            lost_rates = self.remote_rates - won_rates
+            device_busy = d_head + (won_rates * race).sum(axis=-1)
+            server_busy = share * (
+                (lost_rates * v[:, None, :]).sum(axis=-1) + (won_rates * cut).sum(axis=-1)
+            )
+        else:
+            device_busy = d_head
+            server_busy = share * srv_cost
+        period = np.maximum(np.maximum(device_busy, uplink), server_busy)
         with np.errstate(divide="ignore"):
             throughput = np.where(period > 0, 1000.0 / period, np.inf)
         valid = np.ones(self.shape, dtype=bool)
@@ -332,6 +352,7 @@ class Predictor:
             uplink_ms=uplink,
             valid=valid,
             device_busy_ms=device_busy,
+            server_busy_ms=server_busy,
         )
 
     def threshold_index(self, thr_conf: float) -> int:

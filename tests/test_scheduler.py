@@ -93,40 +93,52 @@ def reference(
     }
     server_cost = sum(rates[i] * v for i, v in srv.items())
     w = server_cost / offload if offload > 0 else 0.0
-    latency = device_cost = device_busy = 0.0
+    latency = device_cost = 0.0
     sfb = e.device_scale if e.busy_scale is None else e.busy_scale
+    d_head = d_race = s_lost = s_won_cut = 0.0
     for i, x in enumerate(p.exit_stages):
         local = e.device_scale * p.device_time_ms(x + 1)
         if x < s:
-            path, cost, busy = local, local, sfb * p.device_time_ms(x + 1)
-        else:
-            remote = e.device_scale * p.device_time_ms(s) + up + lat + e.server_queue * w
-            remote += srv[i] + down
-            path = min(remote, local) if cfg.local_race else remote
-            head = e.device_scale * p.device_time_ms(s)
-            cost = path if cfg.local_race else head
-            busy = sfb * p.device_time_ms(s)
-            if cfg.local_race and local <= remote:
-                # The local side wins this race: the device runs stages [s, x] too, one
-                # call each.
-                busy = sfb * p.device_time_ms(x + 1) + (x + 1 - s) * e.step_overhead_ms
+            path, cost = local, local
+            d_head += rates[i] * sfb * p.device_time_ms(x + 1)
+            latency += rates[i] * path
+            device_cost += rates[i] * cost
+            continue
+        remote = e.device_scale * p.device_time_ms(s) + up + lat + e.server_queue * w
+        remote += srv[i] + down
+        path = min(remote, local) if cfg.local_race else remote
+        cost = path if cfg.local_race else e.device_scale * p.device_time_ms(s)
         latency += rates[i] * path
         device_cost += rates[i] * cost
-        device_busy += rates[i] * busy
+        d_head += rates[i] * sfb * p.device_time_ms(s)
+        if cfg.local_race and local <= remote:
+            # Won locally: the device runs stages [s, x] too, one call each; the server
+            # works until the CANCEL arrives.
+            d_race += rates[i] * (
+                sfb * (p.device_time_ms(x + 1) - p.device_time_ms(s))
+                + (x + 1 - s) * e.step_overhead_ms
+            )
+            cut = max(0.0, local - e.device_scale * p.device_time_ms(s) - up)
+            s_won_cut += rates[i] * min(srv[i], cut)
+        else:
+            s_lost += rates[i] * srv[i]
     latency += e.frame_overhead_ms
     device_cost += e.frame_overhead_ms
-    head_ms = e.frame_overhead_ms if e.head_overhead_ms is None else e.head_overhead_ms
-    device_busy += head_ms + offload * e.pack_ms
+    d_head += e.frame_overhead_ms if e.head_overhead_ms is None else e.head_overhead_ms
+    d_head += offload * e.pack_ms
     uplink = offload * up
-    # A race the server wins runs at low priority in idle device time: not busy time.
     # A server with q queued requests of others gives this device 1/(1+q) of its time.
-    period = max(device_busy, uplink, server_cost * (1 + e.server_queue))
+    share = 1 + e.server_queue
+    device_busy = d_head + d_race
+    server_busy = share * (s_lost + s_won_cut)
+    period = max(device_busy, uplink, server_busy)
     return {
         "latency_ms": latency,
         "device_cost_ms": device_cost,
         "server_cost_ms": server_cost,
         "uplink_ms": uplink,
         "device_busy_ms": device_busy,
+        "server_busy_ms": server_busy,
         "offload_rate": offload,
         "throughput": 1000 / period,
         "accuracy": p.accuracy(thr),
