@@ -10,6 +10,7 @@ import pytest
 from spinn.estimators import (
     EWMA,
     BandwidthEstimator,
+    DeviceBusyEstimator,
     DeviceScaleEstimator,
     Estimates,
     LatencyEstimator,
@@ -223,3 +224,70 @@ def test_overhead_estimator() -> None:
     est.observe(21.0, 200.0, 10.0)  # one frame stuck behind a GC pause
     assert est.overhead_ms == pytest.approx(3.0, rel=0.05)
     assert est.observe(22.0, 5.0, 10.0) == 0.0  # faster than profiled: no negative overhead
+
+
+def test_device_busy_is_a_mean_over_recent_calls() -> None:
+    """Throughput follows the mean busy time, so a slow call counts in full (unlike SF's
+    median filter) and old calls leave the window."""
+    est = DeviceBusyEstimator(window=4)
+    assert est.scale is None and est.head_overhead_ms is None
+    assert est.step_overhead_ms == 0.0 and est.pack_ms == 0.0
+    # Head calls: 2 ms offline run in 3 ms, busy 4 ms in all with 0.25 ms of packing.
+    for i in range(4):
+        est.observe_call(float(i), head=True, call_ms=4.0, stages_ms=3.0, offline_ms=2.0,
+                         pack_ms=0.25)  # fmt: skip
+    assert est.scale == pytest.approx(1.5)
+    assert est.head_overhead_ms == pytest.approx(0.75)
+    # One call slowed 5x by contention moves the mean by its share, not by nothing.
+    est.observe_call(4.0, head=True, call_ms=16.0, stages_ms=15.0, offline_ms=2.0)
+    assert est.scale == pytest.approx((3 * 3.0 + 15.0) / (4 * 2.0))
+    assert est.head_overhead_ms == pytest.approx((3 * 0.75 + 1.0) / 4)
+    # Steps are kept apart from heads; a call faster than its stages has no overhead.
+    est.observe_call(5.0, head=False, call_ms=0.5, stages_ms=0.6, offline_ms=0.5)
+    assert est.step_overhead_ms == 0.0
+    est.observe_call(6.0, head=False, call_ms=0.9, stages_ms=0.6, offline_ms=0.5)
+    assert est.step_overhead_ms == pytest.approx(0.15)
+    assert est.head_overhead_ms == pytest.approx((3 * 0.75 + 1.0) / 4)
+    est.observe_pack(7.0, 0.2)
+    est.observe_pack(8.0, 0.4)
+    assert est.pack_ms == pytest.approx(0.3)
+    # An empty stage range (split 0's head) has no offline time: no scale sample.
+    before = est.scale
+    est.observe_call(9.0, head=True, call_ms=1.0, stages_ms=0.01, offline_ms=0.0)
+    assert est.scale == before
+    with pytest.raises(ValueError, match="device call ms"):
+        est.observe_call(10.0, head=True, call_ms=-1.0, stages_ms=0.0, offline_ms=1.0)
+    with pytest.raises(ValueError, match="pack ms"):
+        est.observe_pack(10.0, float("inf"))
+    with pytest.raises(ValueError, match="window"):
+        DeviceBusyEstimator(window=0)
+
+
+def test_online_profiler_device_busy() -> None:
+    prof = synthetic_profile(random.Random(7), num_stages=6, num_exits=3, num_thresholds=5)
+    op = OnlineProfiler(prof)
+    snap = op.snapshot(0.0)
+    assert snap.busy_scale is None and snap.head_overhead_ms is None
+    for i in range(10):
+        real = 2.0 * prof.device_time_ms(3)
+        op.observe_call(float(i), head=True, call_ms=real + 0.5, stages_ms=real, stages=3)
+        step = 2.0 * (prof.device_time_ms(5) - prof.device_time_ms(4))
+        op.observe_call(float(i), head=False, call_ms=step + 0.1, stages_ms=step, stages=5,
+                        start=4)  # fmt: skip
+        op.observe_pack(float(i), 0.3)
+    snap = op.snapshot(10.0)
+    assert snap.busy_scale == pytest.approx(2.0)
+    assert snap.head_overhead_ms == pytest.approx(0.5)
+    assert snap.step_overhead_ms == pytest.approx(0.1)
+    assert snap.pack_ms == pytest.approx(0.3)
+    assert snap.device_scale == 1.0  # SF is fed by observe_device only
+    with pytest.raises(ValueError, match="stage range"):
+        op.observe_call(11.0, head=False, call_ms=1.0, stages_ms=1.0, stages=2, start=3)
+    with pytest.raises(ValueError, match="stage range"):
+        op.observe_call(11.0, head=True, call_ms=1.0, stages_ms=1.0, stages=7)
+    with pytest.raises(ValueError, match="busy_scale"):
+        Estimates(bandwidth_bps=1e6, latency_s=0.01, busy_scale=0.0)
+    with pytest.raises(ValueError, match="head_overhead_ms"):
+        Estimates(bandwidth_bps=1e6, latency_s=0.01, head_overhead_ms=float("nan"))
+    with pytest.raises(ValueError, match="pack_ms"):
+        Estimates(bandwidth_bps=1e6, latency_s=0.01, pack_ms=-1.0)

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -336,6 +337,55 @@ def test_server_down_goes_device_only_and_back() -> None:
     assert d1.reason.startswith("server down: ")
     d2 = sched.decide(2.0, est(1000, lat_ms=1))
     assert d2.split == d0.split and d2.reason.startswith("server back up")
+
+
+def test_throughput_counts_the_race_the_device_wins() -> None:
+    """Server-only over a slow, far link: every local path beats the round trip, so the
+    device runs the whole network per input (one call per stage) and the server works
+    only until the CANCEL arrives (docs/SCHEDULER.md, "throughput")."""
+    p = scenario_profile()
+    sched = Scheduler(p, config=SchedulerConfig(response_bytes=0))
+    e = est(10.0, lat_ms=20.0, busy_scale=1.5, head_overhead_ms=0.5, step_overhead_ms=0.2,
+            pack_ms=0.1)  # fmt: skip
+    t = sched.predictor.threshold_index(0.0)  # exits (0.8, 0.15, 0.05) after stages 1, 3, 5
+    got = sched.predict(e).at(0, t)
+    up = 12_000 * 8 / 10e6 * 1000  # 9.6 ms
+    # Stages 0..x_e at 4 ms x 1.5, x_e + 1 race calls of 0.2 ms, then head and packing.
+    device = sum(r * (1.5 * 4.0 * (x + 1) + 0.2 * (x + 1)) for r, x in
+                 zip((0.8, 0.15, 0.05), (1, 3, 5), strict=True)) + 0.5 + 0.1  # fmt: skip
+    # Server work until the CANCEL: the local answer's time (SF = 1) less the upload.
+    server = sum(r * min(0.4 * (x + 1), max(0.0, 4.0 * (x + 1) - up)) for r, x in
+                 zip((0.8, 0.15, 0.05), (1, 3, 5), strict=True))  # fmt: skip
+    assert got.device_busy_ms == pytest.approx(device)
+    assert got.server_busy_ms == pytest.approx(server)
+    assert got.throughput == pytest.approx(1000 / max(device, up, server))
+    # Without the race the device only uploads, and the server computes everything.
+    no_race = Scheduler(p, config=SchedulerConfig(response_bytes=0, local_race=False))
+    got = no_race.predict(e).at(0, t)
+    assert got.device_busy_ms == pytest.approx(0.5 + 0.1)
+    assert got.server_busy_ms == pytest.approx(got.server_cost_ms)
+    assert got.throughput == pytest.approx(1000 / up)
+
+
+def test_throughput_ignores_the_race_the_server_wins() -> None:
+    """Fast, near server: it answers before the local path, whose stages then run in idle
+    device time only; the device stage is the head, the server stage its full work."""
+    p = scenario_profile()
+    sched = Scheduler(p)
+    e = est(1000.0, lat_ms=1.0, busy_scale=2.0, head_overhead_ms=0.3, step_overhead_ms=5.0,
+            pack_ms=0.2, server_queue=1.0)  # fmt: skip
+    pred = sched.predict(e)
+    t = sched.predictor.threshold_index(0.5)
+    got = pred.at(1, t)
+    # Split 1: stage 0 on the device (4 ms x 2), exits after stages 1, 3, 5 on the server.
+    assert got.device_busy_ms == pytest.approx(2.0 * 4.0 + 0.3 + 0.2)
+    # A server with one queued request of others gives this device half of its time.
+    assert got.server_busy_ms == pytest.approx(2.0 * got.server_cost_ms)
+    assert got.throughput == pytest.approx(1000 / got.device_busy_ms)
+    # A busier device (measured) lowers device-heavy candidates' throughput only.
+    busier = sched.predict(replace(e, busy_scale=4.0))
+    assert busier.at(6, t).throughput == pytest.approx(pred.at(6, t).throughput / 2, rel=0.05)
+    assert busier.at(0, t).throughput == pytest.approx(pred.at(0, t).throughput)
 
 
 def test_replanning_with_hysteresis_and_reason(caplog: pytest.LogCaptureFixture) -> None:
