@@ -16,7 +16,7 @@ import math
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import zstandard
@@ -87,6 +87,9 @@ _INF_BITS: Final = 0x7F800000
 """uint32 pattern of +inf: below it lie exactly the non-negative finite float32 values."""
 _FLOAT32: Final = np.dtype(np.float32)
 _UINT32: Final = np.dtype(np.uint32)
+_BOOL: Final = np.dtype(np.bool_)
+_UINT8: Final = np.dtype(np.uint8)
+_INT8: Final = np.dtype(np.int8)
 _INT32: Final = np.dtype(np.int32)
 _F4_LE: Final = np.dtype("<f4")
 _F2_LE: Final = np.dtype("<f2")
@@ -112,19 +115,20 @@ _LEVEL_F32: Final = tuple(_const(level) for level in range(-128, 128))
 
 
 _NEW: Final = object.__new__
-_SETATTR: Final = object.__setattr__
 
 
-class _Zstd(threading.local):
-    """zstd contexts, one per thread: a context serves one operation at a time, and pack and
-    unpack run on the runtime's executor threads."""
+class _PerThread(threading.local):
+    """State of one thread: pack and unpack run on the runtime's executor threads, a zstd
+    context serves one operation at a time, and the scale scratch is written per call."""
 
     def __init__(self) -> None:
         self.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
         self.decompressor = zstandard.ZstdDecompressor()
+        self.scale = np.empty((), np.float32)
+        """The scale as a 0-d float32 operand: half the cost of a Python float in a ufunc."""
 
 
-_zstd = _Zstd()
+_thread = _PerThread()
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,13 +230,19 @@ def _quantise_into(values: np.ndarray, out: np.ndarray, scratch: bool = False) -
         scale: float = _F32.unpack(_F32.pack(hi / 254.0))[0]
         if scale < _F32_TINY:
             scale = _F32_TINY
-        # scale is a float32 value and a Python float takes the array's type (NEP 50; the
-        # same under value-based casting), so this is the reference's float32 division.
-        t = np.divide(values, scale, values if scratch else None)
-        # t lies in [0, 255]: one addition rounds half-to-even and subtracts 128, and the
-        # int32 → int8 cast keeps the low byte, which is exactly rint(t) − 128.
-        np.add(t, _ROUND_MINUS_128_F32, t)
-        out[...] = t.view(_INT32)
+        operand = _thread.scale
+        operand[()] = scale  # exact: scale is a float32 value
+        if scratch:
+            # In place: bits is a view of values, and the cast below reads it as integers.
+            np.divide(values, operand, values)
+            np.add(values, _ROUND_MINUS_128_F32, values)
+        else:
+            t = np.divide(values, operand)
+            np.add(t, _ROUND_MINUS_128_F32, t)
+            bits = t.view(_UINT32)
+        # t lies in [0, 255]: adding 1.5·2**23 − 128 rounds half-to-even and subtracts 128,
+        # and the cast to int8 keeps the low byte of the bit pattern: exactly rint(t) − 128.
+        out[...] = bits
         return scale, -128
     vmin, lo, hi = _range(values)
     if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -275,11 +285,13 @@ def quantise(values: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndar
 def _dequantise(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     """(q − zero_point)·scale in float32 (PROTOCOL.md §6.4), as a new array."""
     # Widening first, then two in-place float32 passes: a mixed-type ufunc loop (int8 in,
-    # float32 out) goes through numpy's buffered casting and costs twice as much. Python
-    # scalars take the array's float32 type, so the result equals the reference exactly.
-    out = q.astype(np.float32)
-    np.subtract(out, _LEVEL_F32[zero_point + 128], out=out)
-    np.multiply(out, scale, out=out)
+    # float32 out) goes through numpy's buffered casting and costs twice as much; 0-d
+    # float32 operands cost half as much as scalars.
+    out = q.astype(_FLOAT32)
+    np.subtract(out, _LEVEL_F32[zero_point + 128], out)
+    operand = _thread.scale
+    operand[()] = scale  # rounds to float32, as the reference's float32(scale)
+    np.multiply(out, operand, out)
     return out
 
 
@@ -289,12 +301,12 @@ def _sample_ratio(payload: bytes) -> tuple[float, bytes | None]:
     if n == 0:
         return 1.0, None
     if n <= _SAMPLE_CHUNK * _SAMPLE_CHUNKS:
-        whole = _zstd.compressor.compress(payload)
+        whole = _thread.compressor.compress(payload)
         return n / max(1, len(whole)), whole
     view = memoryview(payload)
     step = (n - _SAMPLE_CHUNK) // (_SAMPLE_CHUNKS - 1)
     sample = b"".join(view[i * step : i * step + _SAMPLE_CHUNK] for i in range(_SAMPLE_CHUNKS))
-    return len(sample) / max(1, len(_zstd.compressor.compress(sample))), None
+    return len(sample) / max(1, len(_thread.compressor.compress(sample))), None
 
 
 def estimate_zstd_ratio(payload: bytes) -> float:
@@ -363,7 +375,7 @@ def _check_finite(flat: np.ndarray, limit: float = math.inf) -> None:
 def _pack_sparse(flat: np.ndarray) -> tuple[bytes, float, int]:
     n = flat.size
     # astype(bool) is x != 0 (NaN included, −0.0 excluded) at two thirds of the cost.
-    mask = flat.astype(np.bool_)
+    mask = flat.astype(_BOOL)
     # nonzero() is branch-free; boolean indexing (and compress, which also allocates a
     # 2-D index) mispredicts on the random masks of ReLU outputs and costs twice as much.
     index = mask.nonzero()[0]
@@ -378,9 +390,10 @@ def _pack_sparse(flat: np.ndarray) -> tuple[bytes, float, int]:
     else:
         layout = SPARSE_BITMASK
         positions = np.packbits(mask)
-    q = np.empty(nnz, np.int8)
+    q = np.empty(nnz, _INT8)
     scale, zero_point = _quantise_into(values, q, scratch=True)
-    return b"".join((_SPARSE_HEADER.pack(layout, nnz), positions.data, q.data)), scale, zero_point
+    parts: tuple[Any, ...] = (_SPARSE_HEADER.pack(layout, nnz), positions, q)  # buffers
+    return b"".join(parts), scale, zero_point
 
 
 def pack(
@@ -409,7 +422,7 @@ def pack(
     if codec == "sparse_int8":
         raw, scale, zero_point = _pack_sparse(flat)
     elif codec == "int8":
-        q = np.empty(flat.size, np.int8)
+        q = np.empty(flat.size, _INT8)
         scale, zero_point = _quantise_into(flat, q)
         raw = q.tobytes()
     else:
@@ -429,7 +442,7 @@ def pack(
     payload = raw
     if compress:
         if packed is None:
-            packed = _zstd.compressor.compress(raw)
+            packed = _thread.compressor.compress(raw)
         if len(packed) < len(raw):
             payload = packed
         else:
@@ -456,13 +469,22 @@ def _trusted(
     dataclass's initialiser cost a tenth of a pack.
     """
     packed = _NEW(PackedTensor)
-    _SETATTR(packed, "codec", codec)
-    _SETATTR(packed, "compressed", compressed)
-    _SETATTR(packed, "shape", shape)
-    _SETATTR(packed, "scale", scale)
-    _SETATTR(packed, "zero_point", zero_point)
-    _SETATTR(packed, "payload", payload)
+    _SET_CODEC(packed, codec)
+    _SET_COMPRESSED(packed, compressed)
+    _SET_SHAPE(packed, shape)
+    _SET_SCALE(packed, scale)
+    _SET_ZERO_POINT(packed, zero_point)
+    _SET_PAYLOAD(packed, payload)
     return packed
+
+
+# The slots' own setters: what object.__setattr__ ends up calling, minus the lookup.
+_SET_CODEC = PackedTensor.__dict__["codec"].__set__
+_SET_COMPRESSED = PackedTensor.__dict__["compressed"].__set__
+_SET_SHAPE = PackedTensor.__dict__["shape"].__set__
+_SET_SCALE = PackedTensor.__dict__["scale"].__set__
+_SET_ZERO_POINT = PackedTensor.__dict__["zero_point"].__set__
+_SET_PAYLOAD = PackedTensor.__dict__["payload"].__set__
 
 
 def raw_payload_limit(codec: str, numel: int) -> int:
@@ -492,7 +514,7 @@ def _decompress(payload: bytes, limit: int) -> bytes:
             ErrorCode.TOO_LARGE,
         )
     try:
-        dobj = _zstd.decompressor.decompressobj(write_size=max(size, 1))
+        dobj = _thread.decompressor.decompressobj(write_size=max(size, 1))
         raw = dobj.decompress(payload)
     except zstandard.ZstdError as exc:
         raise TensorError(f"corrupt zstd payload: {exc}") from None
@@ -509,14 +531,15 @@ def _expect_len(codec: str, raw: bytes, expected: int) -> None:
         raise TensorError(f"{codec} payload has {len(raw)} bytes; the shape needs {expected}")
 
 
-def _unpack_sparse(raw: bytes, n: int, scale: float, zero_point: int) -> np.ndarray:
+def _unpack_sparse(raw: bytes, out: np.ndarray, scale: float, zero_point: int) -> None:
+    """Decode a sparse_int8 payload into `out`, flat and all zeros (PROTOCOL.md §6.5)."""
+    n = out.size
     hs = _SPARSE_HEADER.size
     if len(raw) < hs:
         raise TensorError(f"sparse_int8 payload has {len(raw)} bytes; the header alone needs {hs}")
     layout, nnz = _SPARSE_HEADER.unpack_from(raw)
     if nnz > n:
         raise TensorError(f"sparse_int8 declares {nnz} non-zeros for {n} elements")
-    out = np.zeros(n, np.float32)
     if layout == SPARSE_BITMASK:
         mask_len = (n + 7) >> 3
         _expect_len("sparse_int8", raw, hs + mask_len + nnz)
@@ -525,13 +548,13 @@ def _unpack_sparse(raw: bytes, n: int, scale: float, zero_point: int) -> np.ndar
         # Scatter through flat indices: nonzero() on a bool view of the unpacked bits is
         # branch-free, where assigning through a boolean mask mispredicts on ReLU masks
         # and costs three times as much.
-        mask = np.unpackbits(np.frombuffer(raw, np.uint8, mask_len, hs), count=n).view(np.bool_)
+        mask = np.unpackbits(np.frombuffer(raw, _UINT8, mask_len, hs), None, n).view(_BOOL)
         index = mask.nonzero()[0]
         if index.size != nnz:
             raise TensorError(f"sparse_int8 bitmask has {index.size} bits set; header says {nnz}")
-        q = np.frombuffer(raw, np.int8, nnz, hs + mask_len)
+        q = np.frombuffer(raw, _INT8, nnz, hs + mask_len)
         out[index] = _dequantise(q, scale, zero_point)
-        return out
+        return
     if layout not in (SPARSE_INDEX_U16, SPARSE_INDEX_U32):
         raise TensorError(f"sparse_int8 has unknown layout byte {layout}")
     width = 2 if layout == SPARSE_INDEX_U16 else 4
@@ -542,10 +565,8 @@ def _unpack_sparse(raw: bytes, n: int, scale: float, zero_point: int) -> np.ndar
             raise TensorError(
                 f"sparse_int8 indices must be strictly ascending and below {n} elements"
             )
-        out[index] = _dequantise(
-            np.frombuffer(raw, np.int8, nnz, hs + width * nnz), scale, zero_point
-        )
-    return out
+        q = np.frombuffer(raw, _INT8, nnz, hs + width * nnz)
+        out[index] = _dequantise(q, scale, zero_point)
 
 
 def unpack(packed: PackedTensor, max_elements: int = DEFAULT_MAX_ELEMENTS) -> np.ndarray:
@@ -557,29 +578,30 @@ def unpack(packed: PackedTensor, max_elements: int = DEFAULT_MAX_ELEMENTS) -> np
     """
     if not isinstance(packed, PackedTensor):
         raise TypeError(f"expected a PackedTensor, got {type(packed).__name__}")
-    n = packed.numel
+    shape = packed.shape
+    n = math.prod(shape)
     if n > max_elements:
         raise TensorError(
-            f"tensor of shape {packed.shape} has {n} elements; the limit is {max_elements}",
+            f"tensor of shape {shape} has {n} elements; the limit is {max_elements}",
             ErrorCode.TOO_LARGE,
         )
     codec = packed.codec
     raw = packed.payload
     if packed.compressed:
         raw = _decompress(raw, raw_payload_limit(codec, n))
-    if codec == "float32":
-        _expect_len(codec, raw, 4 * n)
-        out = np.frombuffer(raw, _F4_LE, n).astype(np.float32)
-    elif codec == "float16":
-        _expect_len(codec, raw, 2 * n)
-        out = np.frombuffer(raw, _F2_LE, n).astype(np.float32)
-    elif codec == "int8":
+    if codec == "sparse_int8":
+        out = np.zeros(shape, _FLOAT32)
+        _unpack_sparse(raw, out.ravel(), packed.scale, packed.zero_point)  # a view: C order
+        return out
+    if codec == "int8":
         _expect_len(codec, raw, n)
-        out = _dequantise(np.frombuffer(raw, np.int8, n), packed.scale, packed.zero_point)
+        out = _dequantise(np.frombuffer(raw, _INT8, n), packed.scale, packed.zero_point)
     else:
-        out = _unpack_sparse(raw, n, packed.scale, packed.zero_point)
-    if n and codec in ("float32", "float16"):
-        _, lo, hi = _range(out)
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise TensorError(f"{codec} payload holds non-finite values (nan or inf)")
-    return out.reshape(packed.shape)
+        wire = _F4_LE if codec == "float32" else _F2_LE
+        _expect_len(codec, raw, wire.itemsize * n)
+        out = np.frombuffer(raw, wire, n).astype(_FLOAT32)
+        if n:
+            _, lo, hi = _range(out)
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise TensorError(f"{codec} payload holds non-finite values (nan or inf)")
+    return out.reshape(shape)
