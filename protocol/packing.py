@@ -90,7 +90,6 @@ _UINT32: Final = np.dtype(np.uint32)
 _BOOL: Final = np.dtype(np.bool_)
 _UINT8: Final = np.dtype(np.uint8)
 _INT8: Final = np.dtype(np.int8)
-_INT32: Final = np.dtype(np.int32)
 _F4_LE: Final = np.dtype("<f4")
 _F2_LE: Final = np.dtype("<f2")
 _U2_LE: Final = np.dtype("<u2")
@@ -276,8 +275,8 @@ def quantise(values: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndar
     q is flat, in C order. `out`, an int8 array of the same size, receives q (e.g. a slice
     of a payload buffer).
     """
-    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    q = np.empty(flat.size, np.int8) if out is None else out
+    flat = _as_float32(values)[0]
+    q = np.empty(flat.size, _INT8) if out is None else out
     scale, zero_point = _quantise_into(flat, q)
     return q, scale, zero_point
 
@@ -346,14 +345,7 @@ def should_compress(
 
 
 def _as_float32(array: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
-    """(the values as a contiguous 1-D float32 array, the shape)."""
-    if (
-        type(array) is np.ndarray
-        and array.dtype is _FLOAT32
-        and array.flags.c_contiguous
-        and array.ndim <= MAX_NDIM
-    ):
-        return array.ravel(), array.shape  # what the runtime sends: a view, no conversion
+    """(the values as a contiguous 1-D float32 array, the shape), for any array-like."""
     arr = np.asarray(array)
     if arr.dtype.kind not in "fiub":
         raise ValueError(f"cannot pack an array of dtype {arr.dtype}; expected real numbers")
@@ -416,7 +408,8 @@ def pack(
         and array.flags.c_contiguous
         and array.ndim <= MAX_NDIM
     ):
-        flat, shape = array.ravel(), array.shape  # what the runtime sends: a view, no copy
+        # What the runtime sends: a view, no conversion (per-call costs rule at batch 1).
+        flat, shape = array.ravel(), array.shape
     else:
         flat, shape = _as_float32(array)
     if codec == "sparse_int8":
