@@ -206,15 +206,18 @@ def _range(flat: np.ndarray) -> tuple[float, float, float]:
     return vmin, min(vmin, 0.0), max(vmax, 0.0)
 
 
-def _quantise_into(values: np.ndarray, out: np.ndarray, scratch: bool = False) -> tuple[float, int]:
-    """Quantise a contiguous 1-D float32 array into the int8 array `out` (PROTOCOL.md §6.4).
+def _quantise_into(
+    values: np.ndarray, out: np.ndarray | None, scratch: bool = False
+) -> tuple[np.ndarray, float, int]:
+    """Quantise a contiguous 1-D float32 array: (q, scale, zero_point) (PROTOCOL.md §6.4).
 
-    With `scratch`, `values` is the caller's temporary and is overwritten. At batch 1 the
-    fixed cost of each numpy call and Python statement is most of the time, so the common
-    case (ReLU outputs: finite and >= +0.0) takes the fewest of both.
+    q is `out` when given (an int8 array of the same size), else a new array. With
+    `scratch`, `values` is the caller's temporary and is overwritten. At batch 1 the fixed
+    cost of each numpy call and Python statement is most of the time, so the common case
+    (ReLU outputs: finite and >= +0.0) takes the fewest of both.
     """
     if not values.size:
-        return 1.0, 0
+        return (np.empty(0, _INT8) if out is None else out), 1.0, 0
     bits = values.view(_UINT32)
     top = bits.argmax()
     if bits.item(top) < _INF_BITS:
@@ -223,14 +226,18 @@ def _quantise_into(values: np.ndarray, out: np.ndarray, scratch: bool = False) -
         if hi > _QUANT_MAX:
             raise ValueError(f"values up to {hi:g} exceed the int8 codecs' range 2**126")
         if not hi:
+            if out is None:
+                return np.zeros(values.size, _INT8), 1.0, 0
             out[...] = 0
-            return 1.0, 0
-        # float32(hi / 254) without a numpy scalar, which costs five times as much.
-        scale: float = _F32.unpack(_F32.pack(hi / 254.0))[0]
+            return out, 1.0, 0
+        # Assignment rounds to float32 like the reference's float32((hi − lo) / 254), and a
+        # 0-d float32 operand costs half as much as a Python float in a ufunc.
+        operand = _thread.scale
+        operand[()] = hi / 254.0
+        scale: float = operand.item()
         if scale < _F32_TINY:
             scale = _F32_TINY
-        operand = _thread.scale
-        operand[()] = scale  # exact: scale is a float32 value
+            operand[()] = scale
         if scratch:
             # In place: bits is a view of values, and the cast below reads it as integers.
             np.divide(values, operand, values)
@@ -241,17 +248,20 @@ def _quantise_into(values: np.ndarray, out: np.ndarray, scratch: bool = False) -
             bits = t.view(_UINT32)
         # t lies in [0, 255]: adding 1.5·2**23 − 128 rounds half-to-even and subtracts 128,
         # and the cast to int8 keeps the low byte of the bit pattern: exactly rint(t) − 128.
+        if out is None:
+            return bits.astype(_INT8), scale, -128
         out[...] = bits
-        return scale, -128
+        return out, scale, -128
     vmin, lo, hi = _range(values)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("cannot pack non-finite values (nan or inf) with an int8 codec")
     if max(-lo, hi) > _QUANT_MAX:
         # Keeps (q − zero_point)·scale below float32's maximum on the way back.
         raise ValueError(f"values up to {max(-lo, hi):g} exceed the int8 codecs' range 2**126")
+    q = np.empty(values.size, _INT8) if out is None else out
     if hi == lo:
-        out[...] = 0
-        return 1.0, 0
+        q[...] = 0
+        return q, 1.0, 0
     scale = max(_F32.unpack(_F32.pack((hi - lo) / 254.0))[0], _F32_TINY)
     t = np.divide(values, scale, values if scratch else None)
     # zero_point comes from the same float32 arithmetic as the levels, so the minimum maps
@@ -262,8 +272,8 @@ def _quantise_into(values: np.ndarray, out: np.ndarray, scratch: bool = False) -
     zero_point = -128 if lo == 0.0 else -128 - round(_F32.unpack(_F32.pack(vmin / scale))[0])
     np.rint(t, t)
     np.add(t, _LEVEL_F32[zero_point + 128], t)
-    out[...] = t  # exact small integers: the cast to int8 is exact
-    return scale, zero_point
+    q[...] = t  # exact small integers: the cast to int8 is exact
+    return q, scale, zero_point
 
 
 def quantise(values: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, float, int]:
@@ -275,10 +285,7 @@ def quantise(values: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndar
     q is flat, in C order. `out`, an int8 array of the same size, receives q (e.g. a slice
     of a payload buffer).
     """
-    flat = _as_float32(values)[0]
-    q = np.empty(flat.size, _INT8) if out is None else out
-    scale, zero_point = _quantise_into(flat, q)
-    return q, scale, zero_point
+    return _quantise_into(_as_float32(values)[0], out)
 
 
 def _dequantise(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
@@ -382,8 +389,7 @@ def _pack_sparse(flat: np.ndarray) -> tuple[bytes, float, int]:
     else:
         layout = SPARSE_BITMASK
         positions = np.packbits(mask)
-    q = np.empty(nnz, _INT8)
-    scale, zero_point = _quantise_into(values, q, scratch=True)
+    q, scale, zero_point = _quantise_into(values, None, scratch=True)
     parts: tuple[Any, ...] = (_SPARSE_HEADER.pack(layout, nnz), positions, q)  # buffers
     return b"".join(parts), scale, zero_point
 
@@ -415,8 +421,7 @@ def pack(
     if codec == "sparse_int8":
         raw, scale, zero_point = _pack_sparse(flat)
     elif codec == "int8":
-        q = np.empty(flat.size, _INT8)
-        scale, zero_point = _quantise_into(flat, q)
+        q, scale, zero_point = _quantise_into(flat, None)
         raw = q.tobytes()
     else:
         _check_finite(flat, _FLOAT16_MAX if codec == "float16" else math.inf)
