@@ -210,6 +210,31 @@ def test_relu_with_ties_matches_the_reference(x: np.ndarray, step: float) -> Non
     assert_matches_reference(relu, "sparse_int8")
 
 
+@pytest.mark.parametrize("codec", CODECS)
+def test_every_input_layout_packs_like_its_contiguous_float32_copy(codec: str) -> None:
+    # The runtime's C-contiguous float32 arrays take a fast path; everything else is
+    # converted first and must give the very same bytes.
+    rng = np.random.default_rng(11)
+    base = np.maximum(rng.standard_normal((2, 6, 10)), 0).astype(np.float32)
+    variants = {
+        "fortran": np.asfortranarray(base),
+        "big_endian": base.astype(">f4"),
+        "float64": base.astype(np.float64),
+        "strided": np.repeat(base, 2, axis=2)[:, :, ::2],
+        "list": base.tolist(),
+    }
+    expected = pack(base, codec, compress=False)
+    for name, variant in variants.items():
+        got = pack(variant, codec, compress=False)  # type: ignore[arg-type]
+        assert got == expected, name
+
+
+def test_pack_refuses_a_dimension_the_protocol_refuses() -> None:
+    with pytest.raises(ValueError, match="dimensions above"):
+        pack(np.empty((0, 2**31), np.float32), compress=False)
+    assert pack(np.empty((0, 2**31 - 1), np.float32), compress=False).shape == (0, 2**31 - 1)
+
+
 def test_quantise_accepts_any_shape_and_dtype() -> None:
     x = np.array([[0.0, 1.0], [-1.0, 0.5]], np.float64)
     q, scale, zero_point = quantise(x)
