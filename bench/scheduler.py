@@ -259,7 +259,7 @@ def end_to_end(
                         "busy_scale": est_t.busy_scale,
                         "head_overhead_ms": est_t.head_overhead_ms,
                         "step_overhead_ms": round(est_t.step_overhead_ms, 3),
-                        "pack_ms": round(est_t.pack_ms, 3),
+                        "upload_busy_ms": round(est_t.upload_busy_ms, 3),
                     }
                     rows.append(row)
                     print(

@@ -390,7 +390,7 @@ class DeviceBusyEstimator:
         self._offline = _WindowMean(window)
         self._head = _WindowMean(window)
         self._step = _WindowMean(window)
-        self._pack = _WindowMean(window)
+        self._upload = _WindowMean(window)
 
     def observe_call(
         self,
@@ -414,9 +414,10 @@ class DeviceBusyEstimator:
             self._offline.update(offline)
         (self._head if head else self._step).update(max(0.0, call - stages - packing))
 
-    def observe_pack(self, now: float, pack_ms: float) -> None:
-        """Packing one activation for upload took ``pack_ms`` of worker time."""
-        self._pack.update(_check_sample("pack ms", pack_ms))
+    def observe_upload_work(self, now: float, busy_ms: float) -> None:
+        """One upload kept the device busy ``busy_ms``: packing and the event loop's protocol
+        work for it (sending the INFER, reading its answer, a CANCEL)."""
+        self._upload.update(_check_sample("upload busy ms", busy_ms))
 
     @property
     def scale(self) -> float | None:
@@ -435,9 +436,9 @@ class DeviceBusyEstimator:
         return self._step.mean or 0.0
 
     @property
-    def pack_ms(self) -> float:
+    def upload_busy_ms(self) -> float:
         """Per uploaded input; 0 before the first upload."""
-        return self._pack.mean or 0.0
+        return self._upload.mean or 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,8 +469,8 @@ class Estimates:
     throughput prediction then uses ``frame_overhead_ms``."""
     step_overhead_ms: float = 0.0
     """Device busy time per call of the local race (one stage) outside the stage."""
-    pack_ms: float = 0.0
-    """Device time to pack one activation for upload."""
+    upload_busy_ms: float = 0.0
+    """Device busy time per upload: packing and the event loop's protocol work for it."""
 
     def __post_init__(self) -> None:
         for name in ("bandwidth_bps", "latency_s", "device_scale", "server_scale"):
@@ -478,7 +479,7 @@ class Estimates:
                 raise ValueError(f"Estimates.{name} must be a number >= 0, got {v!r}")
         if self.device_scale == 0 or self.server_scale == 0:
             raise ValueError("Estimates scale factors must be > 0")
-        for name in ("server_queue", "frame_overhead_ms", "step_overhead_ms", "pack_ms"):
+        for name in ("server_queue", "frame_overhead_ms", "step_overhead_ms", "upload_busy_ms"):
             v = getattr(self, name)
             if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"Estimates.{name} must be a finite number >= 0, got {v!r}")
@@ -591,9 +592,10 @@ class OnlineProfiler:
             pack_ms=pack_ms,
         )
 
-    def observe_pack(self, now: float, pack_ms: float) -> None:
-        """Packing one activation for upload took ``pack_ms`` on the device."""
-        self.busy.observe_pack(now, pack_ms)
+    def observe_upload_work(self, now: float, busy_ms: float) -> None:
+        """One upload kept the device busy ``busy_ms``: packing and the event loop's protocol
+        work for it (``DeviceBusyEstimator``)."""
+        self.busy.observe_upload_work(now, busy_ms)
 
     # -- server -------------------------------------------------------------------------
 
@@ -669,5 +671,5 @@ class OnlineProfiler:
             busy_scale=self.busy.scale,
             head_overhead_ms=self.busy.head_overhead_ms,
             step_overhead_ms=self.busy.step_overhead_ms,
-            pack_ms=self.busy.pack_ms,
+            upload_busy_ms=self.busy.upload_busy_ms,
         )

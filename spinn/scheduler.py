@@ -302,7 +302,7 @@ class Predictor:
             (self.local_rates * busy_local).sum(axis=-1)
             + offload * busy_split
             + head_ms
-            + offload * est.pack_ms
+            + offload * est.upload_busy_ms
         )
         # Server: its compute per input; with q requests of others queued on average this
         # device gets about 1/(1+q) of it (FIFO), so a busy server slows the pipeline.

@@ -231,7 +231,7 @@ def test_device_busy_is_a_mean_over_recent_calls() -> None:
     median filter) and old calls leave the window."""
     est = DeviceBusyEstimator(window=4)
     assert est.scale is None and est.head_overhead_ms is None
-    assert est.step_overhead_ms == 0.0 and est.pack_ms == 0.0
+    assert est.step_overhead_ms == 0.0 and est.upload_busy_ms == 0.0
     # Head calls: 2 ms offline run in 3 ms, busy 4 ms in all with 0.25 ms of packing.
     for i in range(4):
         est.observe_call(float(i), head=True, call_ms=4.0, stages_ms=3.0, offline_ms=2.0,
@@ -248,17 +248,17 @@ def test_device_busy_is_a_mean_over_recent_calls() -> None:
     est.observe_call(6.0, head=False, call_ms=0.9, stages_ms=0.6, offline_ms=0.5)
     assert est.step_overhead_ms == pytest.approx(0.15)
     assert est.head_overhead_ms == pytest.approx((3 * 0.75 + 1.0) / 4)
-    est.observe_pack(7.0, 0.2)
-    est.observe_pack(8.0, 0.4)
-    assert est.pack_ms == pytest.approx(0.3)
+    est.observe_upload_work(7.0, 0.2)
+    est.observe_upload_work(8.0, 0.4)
+    assert est.upload_busy_ms == pytest.approx(0.3)
     # An empty stage range (split 0's head) has no offline time: no scale sample.
     before = est.scale
     est.observe_call(9.0, head=True, call_ms=1.0, stages_ms=0.01, offline_ms=0.0)
     assert est.scale == before
     with pytest.raises(ValueError, match="device call ms"):
         est.observe_call(10.0, head=True, call_ms=-1.0, stages_ms=0.0, offline_ms=1.0)
-    with pytest.raises(ValueError, match="pack ms"):
-        est.observe_pack(10.0, float("inf"))
+    with pytest.raises(ValueError, match="upload busy ms"):
+        est.observe_upload_work(10.0, float("inf"))
     with pytest.raises(ValueError, match="window"):
         DeviceBusyEstimator(window=0)
 
@@ -274,12 +274,12 @@ def test_online_profiler_device_busy() -> None:
         step = 2.0 * (prof.device_time_ms(5) - prof.device_time_ms(4))
         op.observe_call(float(i), head=False, call_ms=step + 0.1, stages_ms=step, stages=5,
                         start=4)  # fmt: skip
-        op.observe_pack(float(i), 0.3)
+        op.observe_upload_work(float(i), 0.3)
     snap = op.snapshot(10.0)
     assert snap.busy_scale == pytest.approx(2.0)
     assert snap.head_overhead_ms == pytest.approx(0.5)
     assert snap.step_overhead_ms == pytest.approx(0.1)
-    assert snap.pack_ms == pytest.approx(0.3)
+    assert snap.upload_busy_ms == pytest.approx(0.3)
     assert snap.device_scale == 1.0  # SF is fed by observe_device only
     with pytest.raises(ValueError, match="stage range"):
         op.observe_call(11.0, head=False, call_ms=1.0, stages_ms=1.0, stages=2, start=3)
@@ -289,5 +289,5 @@ def test_online_profiler_device_busy() -> None:
         Estimates(bandwidth_bps=1e6, latency_s=0.01, busy_scale=0.0)
     with pytest.raises(ValueError, match="head_overhead_ms"):
         Estimates(bandwidth_bps=1e6, latency_s=0.01, head_overhead_ms=float("nan"))
-    with pytest.raises(ValueError, match="pack_ms"):
-        Estimates(bandwidth_bps=1e6, latency_s=0.01, pack_ms=-1.0)
+    with pytest.raises(ValueError, match="upload_busy_ms"):
+        Estimates(bandwidth_bps=1e6, latency_s=0.01, upload_busy_ms=-1.0)

@@ -63,7 +63,7 @@ def test_saturating_stream_measures_the_busy_time(checkpoint: Path) -> None:
     snap = device.profiler.snapshot(0.0)
     assert snap.busy_scale is not None and snap.busy_scale > 0
     assert snap.head_overhead_ms is not None and snap.head_overhead_ms > 0
-    assert snap.pack_ms > 0  # 40 uploads packed
+    assert snap.upload_busy_ms > 0  # 40 uploads packed and sent
     # The head calls' busy time is the worker's timeline between consecutive calls: their
     # sum cannot exceed the run's wall time (one worker: the intervals are disjoint).
     head_calls = busy._head._samples  # window 64 > 40 heads: every queued one is here

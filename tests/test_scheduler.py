@@ -126,7 +126,7 @@ def reference(
     latency += e.frame_overhead_ms
     device_cost += e.frame_overhead_ms
     d_head += e.frame_overhead_ms if e.head_overhead_ms is None else e.head_overhead_ms
-    d_head += offload * e.pack_ms
+    d_head += offload * e.upload_busy_ms
     uplink = offload * up
     # A server with q queued requests of others gives this device 1/(1+q) of its time.
     share = 1 + e.server_queue
@@ -167,7 +167,7 @@ estimates = st.builds(
     busy_scale=st.sampled_from([None, 0.7, 2.5]),
     head_overhead_ms=st.sampled_from([None, 0.0, 1.5]),
     step_overhead_ms=st.sampled_from([0.0, 0.3]),
-    pack_ms=st.sampled_from([0.0, 0.4]),
+    upload_busy_ms=st.sampled_from([0.0, 0.4]),
 )
 configs = st.builds(SchedulerConfig, local_race=st.booleans())
 
@@ -346,7 +346,7 @@ def test_throughput_counts_the_race_the_device_wins() -> None:
     p = scenario_profile()
     sched = Scheduler(p, config=SchedulerConfig(response_bytes=0))
     e = est(10.0, lat_ms=20.0, busy_scale=1.5, head_overhead_ms=0.5, step_overhead_ms=0.2,
-            pack_ms=0.1)  # fmt: skip
+            upload_busy_ms=0.1)  # fmt: skip
     t = sched.predictor.threshold_index(0.0)  # exits (0.8, 0.15, 0.05) after stages 1, 3, 5
     got = sched.predict(e).at(0, t)
     up = 12_000 * 8 / 10e6 * 1000  # 9.6 ms
@@ -373,7 +373,7 @@ def test_throughput_ignores_the_race_the_server_wins() -> None:
     p = scenario_profile()
     sched = Scheduler(p)
     e = est(1000.0, lat_ms=1.0, busy_scale=2.0, head_overhead_ms=0.3, step_overhead_ms=5.0,
-            pack_ms=0.2, server_queue=1.0)  # fmt: skip
+            upload_busy_ms=0.2, server_queue=1.0)  # fmt: skip
     pred = sched.predict(e)
     t = sched.predictor.threshold_index(0.5)
     got = pred.at(1, t)

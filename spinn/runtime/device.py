@@ -420,18 +420,27 @@ class _Link:
         ping_task = asyncio.create_task(self._ping_loop())
         try:
             assert self.conn is not None and self.writer is not None
+            dev = self.device
             while True:
-                while True:
-                    event = self.conn.next_event()
-                    if event is NEED_DATA:
-                        break
-                    why = self._dispatch(event)
-                    if why is not None:
-                        return why
+                t0 = time.perf_counter()
+                try:
+                    while True:
+                        event = self.conn.next_event()
+                        if event is NEED_DATA:
+                            break
+                        why = self._dispatch(event)
+                        if why is not None:
+                            return why
+                finally:
+                    # Protocol work on the event loop: part of the device's busy time per
+                    # upload (docs/SCHEDULER.md, "device busy time").
+                    dev._link_busy_ms += (time.perf_counter() - t0) * 1e3
                 data = await reader.read(_READ_CHUNK)
                 if not data:
                     return "server closed the connection"
+                t0 = time.perf_counter()
                 self.conn.receive_data(data)
+                dev._link_busy_ms += (time.perf_counter() - t0) * 1e3
         except ProtocolError as exc:
             with contextlib.suppress(ProtocolError, OSError):
                 assert self.writer is not None
@@ -624,8 +633,14 @@ class SpinnDevice:
         self._server_ms_inferred: list[float] = []
         self._changed: dict[int, asyncio.Event] = {}
         self._labels: dict[int, Frame] = {}
-        self._job_end: dict[int, float] = {}
-        """Per worker thread: when its last compute call ended (``_worker_call``)."""
+        self._job_end: dict[int, tuple[float, float]] = {}
+        """Per worker thread: when its last compute call ended, and ``_link_busy_ms`` then
+        (``_worker_call``)."""
+        self._link_busy_ms = 0.0
+        """Event-loop time spent on the server link so far (sending INFERs and CANCELs,
+        reading and handling what the server sent), in ms."""
+        self._link_ms_at_upload = 0.0
+        """``_link_busy_ms`` at the last upload (``_upload_work``)."""
         self._slot_wait_s: dict[int, float] = {}
         """Per frame in flight: time spent waiting for a compute slot (queueing, not the
         per-input overhead ``OnlineProfiler.observe_answer`` measures)."""
@@ -851,8 +866,6 @@ class SpinnDevice:
         answer, activation, packed, stages_ms, reached, pack_ms = head
         now = _now()
         self.profiler.observe_device(now, reached, stages_ms)
-        if packed is not None:
-            self.profiler.observe_pack(now, pack_ms)
         if queued:
             # The device's busy time under a saturating stream, hand-off gap included
             # (spinn.estimators.DeviceBusyEstimator; docs/SCHEDULER.md, "device busy time").
@@ -866,6 +879,7 @@ class SpinnDevice:
         if self._link is not None and self.tracker.phase(fid) is FramePhase.LOCAL:
             if self._link.up:
                 self._offload(fid, plan, packed, estimates)
+                self._upload_work(pack_ms)
             else:
                 self.tracker.server_unavailable(fid)
         # Without a configured server (device-only run) the rest is plain local compute.
@@ -902,9 +916,10 @@ class SpinnDevice:
 
     def _worker_call(self, fn: Callable[..., _T], *args: Any) -> tuple[_T, float]:
         """Worker thread: ``fn(*args)`` and the call's busy time in ms: its own run time plus
-        the gap since this worker's previous call ended.  The caller keeps the figure only
-        when the call had queued for its slot, i.e. the worker was handed it straight from
-        the previous call and the gap was hand-off work, not idleness
+        the gap since this worker's previous call ended, less the event loop's link work in
+        that span (counted per upload instead, ``_upload_work``).  The caller keeps the
+        figure only when the call had queued for its slot, i.e. the worker was handed it
+        straight from the previous call and the gap was hand-off work, not idleness
         (``spinn.estimators.DeviceBusyEstimator``)."""
         ident = threading.get_ident()
         start = time.perf_counter()
@@ -912,9 +927,18 @@ class SpinnDevice:
             result = fn(*args)
         finally:
             end = time.perf_counter()
-            previous = self._job_end.get(ident, start)
-            self._job_end[ident] = end
-        return result, (end - previous) * 1e3
+            link = self._link_busy_ms
+            prev_end, prev_link = self._job_end.get(ident, (start, link))
+            self._job_end[ident] = (end, link)
+        return result, max(0.0, (end - prev_end) * 1e3 - (link - prev_link))
+
+    def _upload_work(self, pack_ms: float) -> None:
+        """One upload went out: its packing plus the link work since the previous upload
+        is the device's busy time per upload (docs/SCHEDULER.md, "device busy time")."""
+        link = self._link_busy_ms
+        with contextlib.suppress(ValueError):
+            self.profiler.observe_upload_work(_now(), pack_ms + link - self._link_ms_at_upload)
+        self._link_ms_at_upload = link
 
     def _run_range_timed(
         self, act: torch.Tensor, start: int, stop: int, plan: _Plan
@@ -945,6 +969,13 @@ class SpinnDevice:
         return None, out.activation, packed, stages_ms, out.stop, pack_ms
 
     def _offload(self, fid: int, plan: _Plan, packed: Any, estimates: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._send_infer(fid, plan, packed, estimates)
+        finally:
+            self._link_busy_ms += (time.perf_counter() - t0) * 1e3
+
+    def _send_infer(self, fid: int, plan: _Plan, packed: Any, estimates: Any) -> None:
         assert self._link is not None
         rid = self.tracker.new_request_id()
         now = _now()
@@ -1033,7 +1064,9 @@ class SpinnDevice:
         # CANCEL (the server then answers a request nobody awaits), never the answer.
         if cancel is not None and self._link is not None:
             # Its _Sent record stays: a RESULT that crossed the CANCEL still measures the link.
+            t0 = time.perf_counter()
             self._link.send(Cancel(cancel))
+            self._link_busy_ms += (time.perf_counter() - t0) * 1e3
 
     def _on_result(self, result: Result, now: float) -> None:
         sent = self._sent.pop(result.request_id, None)
