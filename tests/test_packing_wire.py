@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 import threading
 
 import numpy as np
@@ -270,10 +271,15 @@ def test_pack_and_unpack_are_thread_safe() -> None:
                     failures.append(f"{codec} zstd={z} #{i}")
 
     threads = [threading.Thread(target=worker, args=(o * 5,)) for o in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads between almost any two steps
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        sys.setswitchinterval(interval)
     assert not any(t.is_alive() for t in threads)
     assert not failures, failures[:5]
 
