@@ -79,6 +79,10 @@ class SchedulerConfig:
     """The device keeps computing locally after uploading and the first answer wins
     (DESIGN.md part 7): remote latency is raced against the local path, and the device
     stays busy until the answer arrives."""
+    max_in_flight: int = 4
+    """Inputs the device keeps begun but unanswered (``DeviceConfig.max_in_flight``): under
+    a saturating stream a local continuation waits behind those of the others, which
+    decides who wins the race in the throughput prediction."""
 
     def __post_init__(self) -> None:
         for name in ("rel_tolerance", "accuracy_tolerance"):
@@ -89,6 +93,10 @@ class SchedulerConfig:
             raise ValueError(f"SchedulerConfig.hysteresis must be >= 1, got {self.hysteresis!r}")
         if self.response_bytes < 0:
             raise ValueError("SchedulerConfig.response_bytes must be >= 0")
+        if self.max_in_flight < 1:
+            raise ValueError(
+                f"SchedulerConfig.max_in_flight must be >= 1, got {self.max_in_flight}"
+            )
 
 
 def split_name(split: int, num_stages: int) -> str:
@@ -308,14 +316,20 @@ class Predictor:
         # device gets about 1/(1+q) of it (FIFO), so a busy server slows the pipeline.
         share = 1.0 + est.server_queue
         if self.config.local_race:
-            # The race. An uploaded input whose local path is the faster one on an idle
-            # device (local_e <= remote_e, the latency's comparison) is won locally: the
-            # device also runs stages [s, x_e], one call each, and the server computes only
-            # until the CANCEL, sent when the local answer exists, arrives: the
-            # continuation's time less the upload, at most V_e.  A race the server wins
-            # runs in idle device time only (new inputs' heads have priority,
-            # spinn.runtime.compute): it does not slow the pipeline.
-            won = self.remote[:, None, :] & (local_ms <= remote_ms)
+            # The race under a saturating stream. The runtime continues an uploaded input
+            # locally only when no new input's head waits, FIFO among continuations
+            # (spinn.runtime.compute), so a continuation waits behind those of the other
+            # max_in_flight − 1 inputs in flight, each holding the device at least one
+            # period P0 (the period with no race work on the device). The local side wins
+            # when local_e + (max_in_flight − 1)·P0 <= remote_e: the device then also runs
+            # stages [s, x_e], one call each, and the server computes only until the
+            # CANCEL, sent when the local answer exists, arrives: the continuation's time
+            # less the upload, at most V_e. A race the server wins runs in idle device time
+            # only: it does not slow the pipeline.
+            p0 = np.maximum(np.maximum(d_head, uplink), share * srv_cost)  # (S+1, T)
+            with np.errstate(invalid="ignore"):
+                wait = (self.config.max_in_flight - 1) * p0
+                won = self.remote[:, None, :] & (local_ms + wait[:, :, None] <= remote_ms)
             race = (
                 busy_local
                 - busy_split[:, :, None]

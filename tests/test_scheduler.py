@@ -96,23 +96,37 @@ def reference(
     w = server_cost / offload if offload > 0 else 0.0
     latency = device_cost = 0.0
     sfb = e.device_scale if e.busy_scale is None else e.busy_scale
-    d_head = d_race = s_lost = s_won_cut = 0.0
+    d_head = 0.0
+    remote_of: dict[int, float] = {}
     for i, x in enumerate(p.exit_stages):
         local = e.device_scale * p.device_time_ms(x + 1)
         if x < s:
             path, cost = local, local
             d_head += rates[i] * sfb * p.device_time_ms(x + 1)
-            latency += rates[i] * path
-            device_cost += rates[i] * cost
-            continue
-        remote = e.device_scale * p.device_time_ms(s) + up + lat + e.server_queue * w
-        remote += srv[i] + down
-        path = min(remote, local) if cfg.local_race else remote
-        cost = path if cfg.local_race else e.device_scale * p.device_time_ms(s)
+        else:
+            remote = e.device_scale * p.device_time_ms(s) + up + lat + e.server_queue * w
+            remote += srv[i] + down
+            remote_of[i] = remote
+            path = min(remote, local) if cfg.local_race else remote
+            cost = path if cfg.local_race else e.device_scale * p.device_time_ms(s)
+            d_head += rates[i] * sfb * p.device_time_ms(s)
         latency += rates[i] * path
         device_cost += rates[i] * cost
-        d_head += rates[i] * sfb * p.device_time_ms(s)
-        if cfg.local_race and local <= remote:
+    latency += e.frame_overhead_ms
+    device_cost += e.frame_overhead_ms
+    d_head += e.frame_overhead_ms if e.head_overhead_ms is None else e.head_overhead_ms
+    d_head += offload * e.upload_busy_ms
+    uplink = offload * up
+    # A server with q queued requests of others gives this device 1/(1+q) of its time.
+    share = 1 + e.server_queue
+    # Under a saturating stream a continuation waits behind the other in-flight inputs'
+    # ones, a period each (the period without race work).
+    wait = (cfg.max_in_flight - 1) * max(d_head, uplink, share * server_cost)
+    d_race = s_lost = s_won_cut = 0.0
+    for i, remote in remote_of.items():
+        x = p.exit_stages[i]
+        local = e.device_scale * p.device_time_ms(x + 1)
+        if cfg.local_race and local + wait <= remote:
             # Won locally: the device runs stages [s, x] too, one call each; the server
             # works until the CANCEL arrives.
             d_race += rates[i] * (
@@ -123,13 +137,6 @@ def reference(
             s_won_cut += rates[i] * min(srv[i], cut)
         else:
             s_lost += rates[i] * srv[i]
-    latency += e.frame_overhead_ms
-    device_cost += e.frame_overhead_ms
-    d_head += e.frame_overhead_ms if e.head_overhead_ms is None else e.head_overhead_ms
-    d_head += offload * e.upload_busy_ms
-    uplink = offload * up
-    # A server with q queued requests of others gives this device 1/(1+q) of its time.
-    share = 1 + e.server_queue
     device_busy = d_head + d_race
     server_busy = share * (s_lost + s_won_cut)
     period = max(device_busy, uplink, server_busy)
@@ -169,7 +176,9 @@ estimates = st.builds(
     step_overhead_ms=st.sampled_from([0.0, 0.3]),
     upload_busy_ms=st.sampled_from([0.0, 0.4]),
 )
-configs = st.builds(SchedulerConfig, local_race=st.booleans())
+configs = st.builds(
+    SchedulerConfig, local_race=st.booleans(), max_in_flight=st.sampled_from([1, 4])
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -340,17 +349,20 @@ def test_server_down_goes_device_only_and_back() -> None:
 
 
 def test_throughput_counts_the_race_the_device_wins() -> None:
-    """Server-only over a slow, far link: every local path beats the round trip, so the
-    device runs the whole network per input (one call per stage) and the server works
-    only until the CANCEL arrives (docs/SCHEDULER.md, "throughput")."""
+    """Server-only over a slow, far link: every local path beats the round trip even after
+    waiting behind the other in-flight inputs' continuations, so the device runs the whole
+    network per input (one call per stage) and the server works only until the CANCEL
+    arrives (docs/SCHEDULER.md, "throughput")."""
     p = scenario_profile()
     sched = Scheduler(p, config=SchedulerConfig(response_bytes=0))
-    e = est(10.0, lat_ms=20.0, busy_scale=1.5, head_overhead_ms=0.5, step_overhead_ms=0.2,
+    e = est(10.0, lat_ms=60.0, busy_scale=1.5, head_overhead_ms=0.5, step_overhead_ms=0.2,
             upload_busy_ms=0.1)  # fmt: skip
     t = sched.predictor.threshold_index(0.0)  # exits (0.8, 0.15, 0.05) after stages 1, 3, 5
     got = sched.predict(e).at(0, t)
     up = 12_000 * 8 / 10e6 * 1000  # 9.6 ms
-    # Stages 0..x_e at 4 ms x 1.5, x_e + 1 race calls of 0.2 ms, then head and packing.
+    # The period without race work is the upload (9.6 ms): a continuation waits 3 of them,
+    # and local (8, 16, 24 ms) + 28.8 ms still beats the 70 ms round trip for every exit.
+    # Stages 0..x_e at 4 ms x 1.5, x_e + 1 race calls of 0.2 ms, then head and upload work.
     device = sum(r * (1.5 * 4.0 * (x + 1) + 0.2 * (x + 1)) for r, x in
                  zip((0.8, 0.15, 0.05), (1, 3, 5), strict=True)) + 0.5 + 0.1  # fmt: skip
     # Server work until the CANCEL: the local answer's time (SF = 1) less the upload.
@@ -359,6 +371,16 @@ def test_throughput_counts_the_race_the_device_wins() -> None:
     assert got.device_busy_ms == pytest.approx(device)
     assert got.server_busy_ms == pytest.approx(server)
     assert got.throughput == pytest.approx(1000 / max(device, up, server))
+    # At 20 ms the idle device still wins every race (the latency), but under a saturating
+    # stream its continuations queue behind 3 others: the server answers, the device only
+    # uploads.
+    near = replace(e, latency_s=0.02)
+    assert sched.predict(near).at(0, t).latency_ms < 30.0
+    got = sched.predict(near).at(0, t)
+    assert got.device_busy_ms == pytest.approx(0.5 + 0.1)
+    assert got.server_busy_ms == pytest.approx(got.server_cost_ms)
+    one = Scheduler(p, config=SchedulerConfig(response_bytes=0, max_in_flight=1))
+    assert one.predict(near).at(0, t).device_busy_ms == pytest.approx(device)
     # Without the race the device only uploads, and the server computes everything.
     no_race = Scheduler(p, config=SchedulerConfig(response_bytes=0, local_race=False))
     got = no_race.predict(e).at(0, t)

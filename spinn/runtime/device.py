@@ -612,7 +612,8 @@ class SpinnDevice:
                         config.policy,
                         self.profile,
                         config.sla or SLA(),
-                        SchedulerConfig(codec=codec),
+                        # The in-flight window decides the race under load (docs/SCHEDULER.md).
+                        SchedulerConfig(codec=codec, max_in_flight=config.max_in_flight),
                     )
                 except ValueError as exc:
                     raise DeviceError(f"--policy {config.policy}: {exc}") from exc
