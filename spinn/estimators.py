@@ -25,7 +25,9 @@ shows through after two samples and the EWMA then converges geometrically
 (error × (1 − alpha) per sample).  The window starts filled with the first sample, so
 the first sample is taken as is and the second cannot be an outlier on its own either.
 Bandwidth keeps the median-of-3 but replaces the EWMA by a windowed maximum
-(``BandwidthEstimator``), because its samples err in one direction only.
+(``BandwidthEstimator``), because its samples err in one direction only.  The device's
+busy time (``DeviceBusyEstimator``) is a plain windowed mean instead: it feeds the
+throughput, which follows the mean, slow calls included (docs/SCHEDULER.md).
 """
 
 from __future__ import annotations

@@ -256,7 +256,21 @@ class Predictor:
         return (self.profile.num_stages + 1, len(self.thr_values))
 
     def predict(self, est: Estimates) -> Predictions:
-        """Every candidate's metrics under ``est`` (formulas: docs/SCHEDULER.md)."""
+        """Every candidate's metrics under ``est`` (formulas: docs/SCHEDULER.md).
+
+        Throughput, for candidate (s, t) with exit rates r_e, offload rate R, N =
+        ``max_in_flight`` and the measured device busy time (``Estimates.busy_scale`` SFb,
+        ``head_overhead_ms`` H, ``step_overhead_ms`` c, ``upload_busy_ms`` K)::
+
+            head        = Σ_{x_e<s} r_e·SFb·D(x_e+1) + R·SFb·D(s) + H + R·K
+            uplink      = R·bits(s)/B
+            P0          = max(head, uplink, (1+q)·server_cost)
+            won_e       = x_e ≥ s and local_e + (N−1)·P0 ≤ remote_e      (local race on)
+            cut_e       = min(V_e, max(0, local_e − SF·D(s) − bits(s)/B))
+            device_busy = head + Σ_won r_e·(SFb·(D(x_e+1) − D(s)) + (x_e+1−s)·c)
+            server_busy = (1+q)·(Σ_{x_e≥s, not won} r_e·V_e + Σ_won r_e·cut_e)
+            throughput  = 1000 / max(device_busy, uplink, server_busy)
+        """
         sf, g = est.device_scale, est.server_scale
         bw = est.bandwidth_bps
         lat_ms = 1000.0 * est.latency_s
@@ -301,7 +315,7 @@ class Predictor:
         # Device: the stages up to the exit or the split, scaled by the busy scale (their
         # mean time under load; SF until measured), plus per input the head call's overhead
         # (preprocessing, bookkeeping and the worker's hand-off gap, measured; the latency
-        # overhead O until it is) and, if uploaded, packing.
+        # overhead O until it is) and, if uploaded, its packing and protocol work.
         head_ms = overhead if est.head_overhead_ms is None else est.head_overhead_ms
         sfb = sf if est.busy_scale is None else est.busy_scale
         busy_local = sfb * self.dev_exit_ms  # (E,) stages up to exit e
