@@ -13,7 +13,7 @@ import uvloop
 from protocol.packing import CODECS, pack
 from spinn.checkpoint import load_checkpoint
 from spinn.estimators import Estimates
-from spinn.policy import Decision
+from spinn.policy import Decision, FixedPolicy
 from spinn.procs import free_port
 from spinn.profile import NO_EARLY_EXIT
 from spinn.runtime.device import DeviceConfig, DeviceError, SpinnDevice
@@ -195,14 +195,10 @@ class _Truncated:
         return self.decision
 
 
-def test_truncated_network_answers_at_its_exit_locally_and_remotely(checkpoint: Path) -> None:
-    model, _ = load_checkpoint(checkpoint)
-    exit_index = 2
-    stage = model.exit_stages[exit_index]
-    first_after = min(k for k in model.exit_stages if k > model.exit_stages[1])
-    assert first_after == stage  # splitting just after exit 1 makes exit 2 the server's first
+def _run_policy(checkpoint: Path, policy: Any, n: int, serve: bool) -> list[dict[str, Any]]:
+    """`n` frames through a device that never continues locally, with `policy`."""
 
-    async def main(split: int, serve: bool) -> list[dict[str, Any]]:
+    async def main() -> list[dict[str, Any]]:
         records: list[dict[str, Any]] = []
         port = free_port()
         server = None
@@ -216,17 +212,27 @@ def test_truncated_network_answers_at_its_exit_locally_and_remotely(checkpoint: 
                 continue_locally=False,
                 status_interval_s=0,
             ),
-            policy=_Truncated(split, exit_index),
+            policy=policy,
         )
         try:
-            await device.run(_frames(12), records.append)
+            await device.run(_frames(n), records.append)
         finally:
             if server is not None:
                 await server.close()
         return records
 
-    local = uvloop.run(main(model.num_stages, serve=False))
-    remote = uvloop.run(main(model.exit_stages[1] + 1, serve=True))
+    return uvloop.run(main())
+
+
+def test_truncated_network_answers_at_its_exit_locally_and_remotely(checkpoint: Path) -> None:
+    model, _ = load_checkpoint(checkpoint)
+    exit_index = 2
+    stage = model.exit_stages[exit_index]
+    first_after = min(k for k in model.exit_stages if k > model.exit_stages[1])
+    assert first_after == stage  # splitting just after exit 1 makes exit 2 the server's first
+
+    local = _run_policy(checkpoint, _Truncated(model.num_stages, exit_index), 12, serve=False)
+    remote = _run_policy(checkpoint, _Truncated(model.exit_stages[1] + 1, exit_index), 12, True)
     for records, where in ((local, "device"), (remote, "server")):
         _exactly_once(records, 12)
         assert {r["exit"] for r in records} == {exit_index}
@@ -234,6 +240,19 @@ def test_truncated_network_answers_at_its_exit_locally_and_remotely(checkpoint: 
     assert [r["class"] for r in sorted(local, key=lambda r: r["frame"])] == [
         r["class"] for r in sorted(remote, key=lambda r: r["frame"])
     ]
+
+
+def test_no_early_exit_asks_the_server_for_its_final_exit(checkpoint: Path) -> None:
+    model, _ = load_checkpoint(checkpoint)
+    device = SpinnDevice(DeviceConfig(checkpoint=checkpoint, server=None))
+    # thr_conf travels capped at 1, which a saturated softmax reaches: the flag is what
+    # keeps the server's early exits silent (PROTOCOL.md §5.3).
+    plan = device._plan(Decision(1, NO_EARLY_EXIT))
+    assert (plan.wire_thr, plan.check_exits, plan.wire_early_exits) == (1.0, False, False)
+    assert device._plan(Decision(1, 0.7)).wire_early_exits
+    records = _run_policy(checkpoint, FixedPolicy(1, NO_EARLY_EXIT), 12, serve=True)
+    _exactly_once(records, 12)
+    assert {(r["where"], r["exit"]) for r in records} == {("server", model.num_exits - 1)}
 
 
 def test_scheduler_baseline_policies_plug_in_by_name(checkpoint: Path) -> None:

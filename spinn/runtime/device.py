@@ -220,6 +220,8 @@ class _Plan:
     """False when the policy disabled early exits (thr_conf > 1)."""
     forced_exit: int | None
     """Exit that always answers at the end of a truncated network."""
+    wire_early_exits: bool = True
+    """INFER's early_exits: False asks the server for its final exit only."""
 
 
 class _Link:
@@ -824,12 +826,15 @@ class SpinnDevice:
         check_exits = decision.thr_conf <= 1.0
         thr = min(decision.thr_conf, 1.0)
         wire_thr = thr
+        # A softmax can saturate to exactly 1.0, so thr 1 alone would not keep the server's
+        # early exits silent: INFER says so explicitly (PROTOCOL.md §5.3).
+        wire_early_exits = check_exits
         if forced is not None and split < last:
             exits_after = [e for e, k in enumerate(self.model.exit_stages) if k >= split]
             if exits_after and exits_after[0] == forced:
                 # The truncation exit is the server's first: threshold 0 makes it answer.
-                wire_thr = 0.0
-        return _Plan(split, last, thr, wire_thr, check_exits, forced)
+                wire_thr, wire_early_exits = 0.0, True
+        return _Plan(split, last, thr, wire_thr, check_exits, forced, wire_early_exits)
 
     async def _process_frame(self, frame: Frame) -> None:
         loop = asyncio.get_running_loop()
@@ -995,7 +1000,14 @@ class SpinnDevice:
         # counted from receipt, so the upload's share of the budget is left out of it.
         server_budget_ms = 1e3 * (deadline - now) * 0.5
         nbytes = self._link.send(
-            Infer(rid, plan.split, plan.wire_thr, packed, deadline_ms=server_budget_ms)
+            Infer(
+                rid,
+                plan.split,
+                plan.wire_thr,
+                packed,
+                deadline_ms=server_budget_ms,
+                early_exits=plan.wire_early_exits,
+            )
         )
         if nbytes == 0:
             # The link died between the decision and the write (H1: a reset seen by the
