@@ -434,10 +434,11 @@ class _Connection:
         try:
             while tasks:
                 done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    if task.cancelled():
-                        continue
-                    exc = task.exception()
+                # Retrieve every finished stage's exception before acting on the first: two
+                # stages can fail in one wake-up (a broken pipe seen by both directions), and
+                # an unretrieved one is logged as "Task exception was never retrieved".
+                failures = [t.exception() for t in done if not t.cancelled()]
+                for exc in failures:
                     if exc is None:
                         continue
                     if isinstance(exc, _LimitReached):
