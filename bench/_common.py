@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-__all__ = ["pin_one_core"]
+__all__ = ["ROOT", "ensure_profile", "pin_one_core"]
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository root: the benchmarks start spinn_server.py and netshape from here."""
 
 
 def pin_one_core() -> int | None:
@@ -16,3 +20,21 @@ def pin_one_core() -> int | None:
         return cores[-1]
     except (AttributeError, OSError):
         return None
+
+
+def ensure_profile(checkpoint: Path, profile_path: Path, workdir: Path) -> Path:
+    """The checkpoint's profile; measured here (small calibration) when none ships."""
+    if profile_path.exists():
+        return profile_path
+    from spinn.checkpoint import load_checkpoint
+    from spinn.data import load_fashion_mnist
+    from spinn.profiler import ProfilerConfig, profile_model
+
+    print(f"{profile_path} missing: profiling {checkpoint} on 1000 test images")
+    model, meta = load_checkpoint(checkpoint)
+    prof = profile_model(
+        model, meta, load_fashion_mnist("test"), ProfilerConfig(calibration_size=1000, repeats=15)
+    )
+    out = workdir / "profile.json"
+    prof.save(out)
+    return out

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.scheduler import ROOT, _ensure_profile
+from bench._common import ROOT, ensure_profile
 from spinn.estimators import Estimates
 from spinn.policy import Decision, Policy
 from spinn.procs import free_port, stop_process, wait_listening
@@ -142,12 +142,12 @@ class Testbed:
         shutil.copyfile(checkpoint, snapshot)
         checkpoint = snapshot
         model_id = load_checkpoint(checkpoint)[1].model_id
-        prof_file = _ensure_profile(checkpoint, profile_path, workdir)
+        prof_file = ensure_profile(checkpoint, profile_path, workdir)
         profile = Profile.load(prof_file)
         if profile.model_id != model_id:
             # A retrained checkpoint beside an old profile: measure this one instead.
             print(f"{prof_file} is for {profile.model_id}, not {model_id}")
-            profile = Profile.load(_ensure_profile(checkpoint, workdir / "absent.json", workdir))
+            profile = Profile.load(ensure_profile(checkpoint, workdir / "absent.json", workdir))
         profile = scaled_device_profile(profile, device_slowdown)
         path = workdir / "device_profile.json"
         profile.save(path)

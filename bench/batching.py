@@ -27,8 +27,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench._common import ROOT
 from bench.load import _percentile, activations, run_load
-from bench.scheduler import ROOT
 from spinn.procs import free_port, stop_process, wait_listening
 
 __all__ = ["main"]

@@ -535,7 +535,7 @@ async def _socket_fuzz(
 ) -> dict[str, Any]:
     import io
 
-    from bench.scheduler import _ensure_profile
+    from bench._common import ensure_profile
     from spinn.runtime.device import DeviceConfig, run_device
     from spinn.sources import dataset_source
 
@@ -545,7 +545,7 @@ async def _socket_fuzz(
     workdir = Path(tempfile.mkdtemp(prefix="spinn-fuzz-"))
     config = DeviceConfig(
         checkpoint=checkpoint,
-        profile=_ensure_profile(checkpoint, checkpoint.with_name("profile.json"), workdir),
+        profile=ensure_profile(checkpoint, checkpoint.with_name("profile.json"), workdir),
         server=("127.0.0.1", port),
         rate_fps=20.0,
         limit=frames,
@@ -606,7 +606,7 @@ def socket_fuzz(
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
-            wait_listening(port, proc, 120)  # type: ignore[arg-type]
+            wait_listening(port, proc, 120)
             import uvloop
 
             result = uvloop.run(_socket_fuzz(checkpoint, port, proc.pid, seconds, attackers, seed))

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.scheduler import ROOT
+from bench._common import ROOT
 from protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -257,13 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--workers", str(args.workers)]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     try:
-        wait_listening(port, proc, 120)  # type: ignore[arg-type]
+        wait_listening(port, proc, 120)
         import uvloop
 
         result, wall, rss_mb = uvloop.run(run_load(port, proc.pid, meta, tensors, args))
         alive = proc.poll() is None
     finally:
-        stop_process(proc)  # type: ignore[arg-type]
+        stop_process(proc)
     lat = result.latencies_ms
     answered = result.results + sum(v for k, v in result.errors.items() if " " not in k)
     figures: dict[str, Any] = {

@@ -24,13 +24,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+from bench._common import ROOT
 from tools.netshape import run, send_command
 from tools.netshape.units import format_duration, format_rate, parse_duration, parse_rate
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RATES = "100kbit,1mbit,10mbit,50mbit,100mbit,200mbit"
 DEFAULT_DELAYS = "1ms,5ms,20ms,50ms,100ms"
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench._common import ROOT
 from bench._harness import (
     RunResult,
     ServerProcess,
@@ -55,7 +56,6 @@ from spinn.sla import SLA, Metric
 
 __all__ = ["BASELINES", "Plan", "main", "run_all"]
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = ROOT / "models" / "default" / "model.pt"
 DEFAULT_RESULTS = ROOT / "bench" / "results"
 

@@ -22,9 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench._common import ROOT
 from spinn.procs import free_port, wait_listening
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run_device(

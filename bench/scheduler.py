@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import pin_one_core
+from bench._common import ROOT, ensure_profile, pin_one_core
 from spinn.estimators import Estimates
 from spinn.policy import Decision
 from spinn.procs import free_port, stop_process, wait_listening
@@ -89,7 +89,6 @@ def time_decisions(
 # -- end to end -------------------------------------------------------------------------
 
 DEFAULT_CHECKPOINT = Path("models/default/model.pt")
-ROOT = Path(__file__).resolve().parents[1]
 
 # (name, netshape flags): loopback as is, the paper's 4G setting (24 Mbit/s, 40 ms RTT)
 # and a slow uplink.
@@ -111,24 +110,6 @@ class RecordingPolicy:
     def decide(self, now: float, estimates: Estimates) -> Decision:
         self.seen.append(estimates)
         return self.decision
-
-
-def _ensure_profile(checkpoint: Path, profile_path: Path, workdir: Path) -> Path:
-    """The checkpoint's profile; measured here (small calibration) when none ships."""
-    if profile_path.exists():
-        return profile_path
-    from spinn.checkpoint import load_checkpoint
-    from spinn.data import load_fashion_mnist
-    from spinn.profiler import ProfilerConfig, profile_model
-
-    print(f"{profile_path} missing: profiling {checkpoint} on 1000 test images")
-    model, meta = load_checkpoint(checkpoint)
-    prof = profile_model(
-        model, meta, load_fashion_mnist("test"), ProfilerConfig(calibration_size=1000, repeats=15)
-    )
-    out = workdir / "profile.json"
-    prof.save(out)
-    return out
 
 
 def _run_device(
@@ -171,7 +152,7 @@ def end_to_end(
     checkpoint: Path, profile_path: Path, frames: int, warmup: int, workdir: Path
 ) -> dict[str, Any]:
     """Predicted vs measured latency and throughput per (network, split, thr_conf)."""
-    profile_file = _ensure_profile(checkpoint, profile_path, workdir)
+    profile_file = ensure_profile(checkpoint, profile_path, workdir)
     profile = Profile.load(profile_file)
     # Upload sizes of the codec the device packs with (DeviceConfig.codec) and its in-flight
     # window, as the device's own scheduler predicts them (spinn.runtime.device).

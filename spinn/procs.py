@@ -34,7 +34,7 @@ def wait_listening(port: int, proc: subprocess.Popen[Any], timeout_s: float) -> 
     raise RuntimeError(f"nothing listens on port {port} after {timeout_s:.0f} s")
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int:
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> int:
     """SIGTERM (graceful shutdown), SIGKILL after ``timeout_s``; the exit status."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import spinn_server
-from spinn.procs import free_port
+from spinn.procs import free_port, wait_listening
 from tests._runtime_support import PYTHON, ROOT
 
 pytestmark = pytest.mark.timeout(90)
@@ -56,13 +55,7 @@ def test_sigterm_stops_gracefully_with_status_0(checkpoint: Path) -> None:
         stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            time.sleep(0.1)
+        wait_listening(port, proc, 60)
         time.sleep(0.5)  # let a stats line pass
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
