@@ -245,6 +245,7 @@ class _Link:
         self.connects = 0
         self.fatal: DeviceError | None = None
         self.ssl: ssl.SSLContext | None = None
+        self._certificate_hint_given = False
         self.token: bytes | None = None
         try:
             if self.config.use_tls:
@@ -325,6 +326,24 @@ class _Link:
                 log.info(
                     "server %s:%d unreachable (%s); next try in %.2f s", host, port, exc, delay
                 )
+                if (
+                    isinstance(exc, _ClosedInHandshake)
+                    and self.ssl is not None
+                    and self.config.tls_cert is None
+                    and not self._certificate_hint_given
+                ):
+                    # A server that requires client certificates ends the TLS session of a
+                    # device without one right after the handshake; under uvloop that reads
+                    # as a plain close, indistinguishable from a restarting server, so the
+                    # device keeps retrying but says once what the likely cause is.
+                    self._certificate_hint_given = True
+                    log.warning(
+                        "server %s:%d closes TLS connections during the handshake: if it "
+                        "requires client certificates, give this device one with "
+                        "--tls-cert/--tls-key",
+                        host,
+                        port,
+                    )
                 await asyncio.sleep(delay)
                 continue
             self.rotation.connected()
@@ -400,7 +419,7 @@ class _Link:
             if event is NEED_DATA:
                 data = await reader.read(_READ_CHUNK)
                 if not data:
-                    raise ConnectionError("server closed the connection during the handshake")
+                    raise _ClosedInHandshake("server closed the connection during the handshake")
                 conn.receive_data(data)
                 continue
             if isinstance(event, Welcome):
@@ -1235,6 +1254,10 @@ class SpinnDevice:
                     server_up=self._link is not None and self._link.up,
                 )
             )
+
+
+class _ClosedInHandshake(ConnectionError):
+    """The server closed the connection before WELCOME."""
 
 
 def _log_task_failure(task: asyncio.Task[None]) -> None:
