@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import uvloop
 
@@ -33,6 +34,7 @@ from spinn.procs import wait_listening
 from spinn.profile import Profile
 from spinn.progressive import InputSpec
 from spinn.runtime.server import ServerConfig, SpinnServer
+from spinn.sources import ArraySource
 
 __all__ = [
     "CHECKPOINT",
@@ -46,6 +48,7 @@ __all__ = [
     "make_small_checkpoint",
     "netshape_control",
     "netshape_process",
+    "noise_frames",
     "sample_input",
     "serve",
 ]
@@ -298,3 +301,10 @@ def netshape_control(port: int, command: dict[str, Any]) -> dict[str, Any]:
     reply = dict(json.loads(answer))
     assert reply["ok"], reply
     return reply
+
+
+def noise_frames(n: int, seed: int = 0) -> ArraySource:
+    """`n` random 28×28 uint8 images with random labels: a camera at the system's edge."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    return ArraySource(images, rng.integers(0, 10, n), name="noise")

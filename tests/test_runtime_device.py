@@ -18,16 +18,9 @@ from spinn.procs import free_port
 from spinn.profile import NO_EARLY_EXIT
 from spinn.runtime.device import DeviceConfig, DeviceError, SpinnDevice
 from spinn.runtime.server import ServerConfig, SpinnServer
-from spinn.sources import ArraySource
-from tests._runtime_support import make_small_checkpoint
+from tests._runtime_support import make_small_checkpoint, noise_frames
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def _frames(n: int, seed: int = 0) -> ArraySource:
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-    return ArraySource(images, rng.integers(0, 10, n), name="noise")
 
 
 def _run(
@@ -58,7 +51,7 @@ def _run(
         )
         device = SpinnDevice(config)
         try:
-            summary = await device.run(_frames(n), records.append)
+            summary = await device.run(noise_frames(n), records.append)
         finally:
             if server is not None:
                 await server.close()
@@ -128,7 +121,7 @@ def test_model_mismatch_stops_the_device_with_a_clear_error(
         await server.start()
         try:
             device = SpinnDevice(DeviceConfig(checkpoint=other, server=("127.0.0.1", port)))
-            await device.run(_frames(5))
+            await device.run(noise_frames(5))
         finally:
             await server.close()
 
@@ -163,7 +156,7 @@ def test_server_killed_mid_stream_falls_back_then_reconnects(checkpoint: Path) -
                 continue_locally=False,
             )
         )
-        run = asyncio.create_task(device.run(_frames(150), records.append))
+        run = asyncio.create_task(device.run(noise_frames(150), records.append))
         while len(records) < 30:
             await asyncio.sleep(0.01)
         await server.close()
@@ -215,7 +208,7 @@ def _run_policy(checkpoint: Path, policy: Any, n: int, serve: bool) -> list[dict
             policy=policy,
         )
         try:
-            await device.run(_frames(n), records.append)
+            await device.run(noise_frames(n), records.append)
         finally:
             if server is not None:
                 await server.close()
@@ -275,7 +268,7 @@ def test_local_answers_feed_overhead_and_race_stages_feed_device_scale(checkpoin
             checkpoint=checkpoint, server=None, status_interval_s=0, split=0, thr_conf=0.5
         )
         device = SpinnDevice(config)
-        await device.run(_frames(12), records.append)
+        await device.run(noise_frames(12), records.append)
         return device
 
     device = uvloop.run(main())
@@ -376,7 +369,7 @@ def test_a_failing_plan_is_reported_not_dropped(checkpoint: Path) -> None:
         # The constructor's own decide() is call 1; frame 2 is call 4.
         config = DeviceConfig(checkpoint=checkpoint, server=None, status_interval_s=0)
         device = SpinnDevice(config, policy=_BadExitAt(4))
-        return await device.run(_frames(6), records.append)
+        return await device.run(noise_frames(6), records.append)
 
     summary = uvloop.run(main())
     _exactly_once(records, 6)
@@ -426,7 +419,7 @@ def test_a_reset_link_finishes_the_frame_as_fallback_and_reconnects(checkpoint: 
         )
         policy.device = device
         try:
-            return await device.run(_frames(20), records.append)
+            return await device.run(noise_frames(20), records.append)
         finally:
             await server.close()
 

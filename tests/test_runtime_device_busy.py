@@ -8,22 +8,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import uvloop
 
 from spinn.procs import free_port
 from spinn.runtime.device import DeviceConfig, SpinnDevice
 from spinn.runtime.server import ServerConfig, SpinnServer
-from spinn.sources import ArraySource
+from tests._runtime_support import noise_frames
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def _frames(n: int) -> ArraySource:
-    rng = np.random.default_rng(3)
-    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-    return ArraySource(images, rng.integers(0, 10, n), name="noise")
 
 
 def _run(checkpoint: Path, n: int, **options: Any) -> tuple[SpinnDevice, float, int]:
@@ -45,7 +38,7 @@ def _run(checkpoint: Path, n: int, **options: Any) -> tuple[SpinnDevice, float, 
         )
         t0 = time.perf_counter()
         try:
-            await device.run(_frames(n), records.append)
+            await device.run(noise_frames(n, seed=3), records.append)
         finally:
             await server.close()
         return device, time.perf_counter() - t0
