@@ -266,7 +266,7 @@ class Predictor:
             uplink      = R·bits(s)/B
             P0          = max(head, uplink, (1+q)·server_cost)
             won_e       = x_e ≥ s and local_e + (N−1)·P0 ≤ remote_e      (local race on)
-            cut_e       = min(V_e, max(0, local_e − SF·D(s) − bits(s)/B))
+            cut_e       = min(V_e, max(0, local_e + (N−1)·P0 − SF·D(s) − bits(s)/B − q·W))
             device_busy = head + Σ_won r_e·(SFb·(D(x_e+1) − D(s)) + (x_e+1−s)·c)
             server_busy = (1+q)·(Σ_{x_e≥s, not won} r_e·V_e + Σ_won r_e·cut_e)
             throughput  = 1000 / max(device_busy, uplink, server_busy)
@@ -337,9 +337,10 @@ class Predictor:
             # period P0 (the period with no race work on the device). The local side wins
             # when local_e + (max_in_flight − 1)·P0 <= remote_e: the device then also runs
             # stages [s, x_e], one call each, and the server computes only until the
-            # CANCEL, sent when the local answer exists, arrives: the continuation's time
-            # less the upload, at most V_e. A race the server wins runs in idle device time
-            # only: it does not slow the pipeline.
+            # CANCEL, sent when the local answer exists (after the wait), arrives: from
+            # the INFER's arrival and its turn in the server's queue, at most V_e (the
+            # one-way latency cancels out, both messages crossing it). A race the server
+            # wins runs in idle device time only: it does not slow the pipeline.
             p0 = np.maximum(np.maximum(d_head, uplink), share * srv_cost)  # (S+1, T)
             with np.errstate(invalid="ignore"):
                 wait = (self.config.max_in_flight - 1) * p0
@@ -350,10 +351,11 @@ class Predictor:
                 + self.race_steps[:, None, :] * est.step_overhead_ms
             )
             with np.errstate(invalid="ignore"):
-                cut = np.minimum(
-                    v[:, None, :],
-                    np.maximum(0.0, local_ms - (sf * self.dev_split_ms + up_ms)[:, None, None]),
-                )
+                started = (sf * self.dev_split_ms + up_ms)[:, None] + est.server_queue * w
+                until_cancel = local_ms + (wait - started)[:, :, None]
+                # ∞ − ∞ on a dead link: nothing reaches the server, so it does no work.
+                until_cancel = np.where(np.isnan(until_cancel), 0.0, until_cancel)
+                cut = np.minimum(v[:, None, :], np.maximum(0.0, until_cancel))
             won_rates = np.where(won, rates, 0.0)
             lost_rates = self.remote_rates - won_rates
             device_busy = d_head + (won_rates * race).sum(axis=-1)

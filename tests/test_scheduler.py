@@ -133,7 +133,8 @@ def reference(
                 sfb * (p.device_time_ms(x + 1) - p.device_time_ms(s))
                 + (x + 1 - s) * e.step_overhead_ms
             )
-            cut = max(0.0, local - e.device_scale * p.device_time_ms(s) - up)
+            started = e.device_scale * p.device_time_ms(s) + up + e.server_queue * w
+            cut = max(0.0, local + wait - started)
             s_won_cut += rates[i] * min(srv[i], cut)
         else:
             s_lost += rates[i] * srv[i]
@@ -365,9 +366,12 @@ def test_throughput_counts_the_race_the_device_wins() -> None:
     # Stages 0..x_e at 4 ms x 1.5, x_e + 1 race calls of 0.2 ms, then head and upload work.
     device = sum(r * (1.5 * 4.0 * (x + 1) + 0.2 * (x + 1)) for r, x in
                  zip((0.8, 0.15, 0.05), (1, 3, 5), strict=True)) + 0.5 + 0.1  # fmt: skip
-    # Server work until the CANCEL: the local answer's time (SF = 1) less the upload.
-    server = sum(r * min(0.4 * (x + 1), max(0.0, 4.0 * (x + 1) - up)) for r, x in
+    # Server work until the CANCEL: the local answer's time (SF = 1) after the wait, less
+    # the upload: the whole server path V_e = 0.4 ms per stage, for every exit.
+    server = sum(r * min(0.4 * (x + 1), max(0.0, 4.0 * (x + 1) + 3 * up - up)) for r, x in
                  zip((0.8, 0.15, 0.05), (1, 3, 5), strict=True))  # fmt: skip
+    assert server == pytest.approx(sum(r * 0.4 * (x + 1) for r, x in
+                                       zip((0.8, 0.15, 0.05), (1, 3, 5), strict=True)))  # fmt: skip
     assert got.device_busy_ms == pytest.approx(device)
     assert got.server_busy_ms == pytest.approx(server)
     assert got.throughput == pytest.approx(1000 / max(device, up, server))
