@@ -37,7 +37,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -443,8 +443,7 @@ class _Link:
             assert self.conn is not None and self.writer is not None
             dev = self.device
             while True:
-                t0 = time.perf_counter()
-                try:
+                with dev.link_work():
                     while True:
                         event = self.conn.next_event()
                         if event is NEED_DATA:
@@ -452,16 +451,11 @@ class _Link:
                         why = self._dispatch(event)
                         if why is not None:
                             return why
-                finally:
-                    # Protocol work on the event loop: part of the device's busy time per
-                    # upload (docs/SCHEDULER.md, "device busy time").
-                    dev._link_busy_ms += (time.perf_counter() - t0) * 1e3
                 data = await reader.read(_READ_CHUNK)
                 if not data:
                     return "server closed the connection"
-                t0 = time.perf_counter()
-                self.conn.receive_data(data)
-                dev._link_busy_ms += (time.perf_counter() - t0) * 1e3
+                with dev.link_work():
+                    self.conn.receive_data(data)
         except ProtocolError as exc:
             with contextlib.suppress(ProtocolError, OSError):
                 assert self.writer is not None
@@ -540,7 +534,8 @@ class _Link:
                 self.last_probe_at = now
             self.ping_seq += 1
             self.pings[self.ping_seq] = (now, probe)
-            self.send(Ping(self.ping_seq, now, b"\0" * probe))
+            with self.device.link_work():
+                self.send(Ping(self.ping_seq, now, b"\0" * probe))
             await asyncio.sleep(cfg.ping_interval_s)
 
     def _abort(self) -> None:
@@ -645,6 +640,9 @@ class SpinnDevice:
         self.tracker = RequestTracker()
         self.stats = DeviceStats()
         self.slots = ComputeSlots(workers)
+        # The busy-time accounting reads one worker's gaps between calls as hand-off work;
+        # with several workers the gaps overlap and the sum is no longer the device's time.
+        self._measure_busy = workers == 1
         self._executor: ThreadPoolExecutor = make_executor(workers, "spinn-device")
         self._io: ThreadPoolExecutor = make_executor(1, "spinn-source")
         self._link = _Link(self) if config.server is not None else None
@@ -891,7 +889,7 @@ class SpinnDevice:
         answer, activation, packed, stages_ms, reached, pack_ms = head
         now = _now()
         self.profiler.observe_device(now, reached, stages_ms)
-        if queued:
+        if queued and self._measure_busy:
             # The device's busy time under a saturating stream, hand-off gap included
             # (spinn.estimators.DeviceBusyEstimator; docs/SCHEDULER.md, "device busy time").
             self.profiler.observe_call(
@@ -993,12 +991,20 @@ class SpinnDevice:
             pack_ms = (time.perf_counter() - t1) * 1e3
         return None, out.activation, packed, stages_ms, out.stop, pack_ms
 
-    def _offload(self, fid: int, plan: _Plan, packed: Any, estimates: Any) -> None:
+    @contextlib.contextmanager
+    def link_work(self) -> Iterator[None]:
+        """Times event-loop work on the server link (sending, reading and handling
+        messages): part of the device's busy time per upload, not of the compute calls'
+        gaps (``_worker_call``, ``_upload_work``; docs/SCHEDULER.md, "device busy time")."""
         t0 = time.perf_counter()
         try:
-            self._send_infer(fid, plan, packed, estimates)
+            yield
         finally:
             self._link_busy_ms += (time.perf_counter() - t0) * 1e3
+
+    def _offload(self, fid: int, plan: _Plan, packed: Any, estimates: Any) -> None:
+        with self.link_work():
+            self._send_infer(fid, plan, packed, estimates)
 
     def _send_infer(self, fid: int, plan: _Plan, packed: Any, estimates: Any) -> None:
         assert self._link is not None
@@ -1062,7 +1068,7 @@ class SpinnDevice:
             # docs/SCHEDULER.md, "what the predictions do not see").
             now = _now()
             self.profiler.observe_device(now, out.stop, ms, start=k)
-            if queued:
+            if queued and self._measure_busy:
                 self.profiler.observe_call(
                     now, head=False, call_ms=call, stages_ms=ms, stages=out.stop, start=k
                 )
@@ -1096,9 +1102,8 @@ class SpinnDevice:
         # CANCEL (the server then answers a request nobody awaits), never the answer.
         if cancel is not None and self._link is not None:
             # Its _Sent record stays: a RESULT that crossed the CANCEL still measures the link.
-            t0 = time.perf_counter()
-            self._link.send(Cancel(cancel))
-            self._link_busy_ms += (time.perf_counter() - t0) * 1e3
+            with self.link_work():
+                self._link.send(Cancel(cancel))
 
     def _on_result(self, result: Result, now: float) -> None:
         sent = self._sent.pop(result.request_id, None)
