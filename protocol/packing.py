@@ -211,6 +211,11 @@ def _range(flat: np.ndarray) -> tuple[float, float, float]:
     return vmin, min(vmin, 0.0), max(vmax, 0.0)
 
 
+def _f32(x: float) -> float:
+    """`x` rounded to float32, as a Python float (no numpy scalar: cheaper per call)."""
+    return float(_F32.unpack(_F32.pack(x))[0])
+
+
 def _quantise_into(
     values: np.ndarray, out: np.ndarray | None, scratch: bool = False
 ) -> tuple[np.ndarray, float, int]:
@@ -267,14 +272,14 @@ def _quantise_into(
     if hi == lo:
         q[...] = 0
         return q, 1.0, 0
-    scale = max(_F32.unpack(_F32.pack((hi - lo) / 254.0))[0], _F32_TINY)
+    scale = max(_f32((hi - lo) / 254.0), _F32_TINY)
     t = np.divide(values, scale, values if scratch else None)
     # zero_point comes from the same float32 arithmetic as the levels, so the minimum maps
     # to exactly −128; the maximum then lands at most 255 levels higher, i.e. ≤ 127, and
     # no clamp is needed (rint(x / scale) is monotonic in x). PROTOCOL.md §6.4. A double
     # quotient of two float32 values rounded to float32 is the float32 quotient, and
     # Python's round() is round-half-even like rint. (lo may be −0.0: zero_point −128.)
-    zero_point = -128 if lo == 0.0 else -128 - round(_F32.unpack(_F32.pack(vmin / scale))[0])
+    zero_point = -128 if lo == 0.0 else -128 - round(_f32(vmin / scale))
     np.rint(t, t)
     np.add(t, _LEVEL_F32[zero_point + 128], t)
     q[...] = t  # exact small integers: the cast to int8 is exact
@@ -423,6 +428,11 @@ def pack(
         flat, shape = array.ravel(), array.shape
     else:
         flat, shape = _as_float32(array)
+    n = flat.size
+    if not (0 < n <= MAX_DIM) and shape and max(shape) > MAX_DIM:
+        # Otherwise every dimension is at most the element count: only an empty array can
+        # declare a dimension the protocol refuses (PROTOCOL.md §6).
+        raise ValueError(f"cannot pack shape {shape}: dimensions above {MAX_DIM}")
     if codec == "sparse_int8":
         raw, scale, zero_point = _pack_sparse(flat)
     elif codec == "int8":
@@ -450,11 +460,6 @@ def pack(
             payload = packed
         else:
             compress = False
-    n = flat.size
-    if not 0 < n <= MAX_DIM and shape and max(shape) > MAX_DIM:
-        # Otherwise every dimension is at most the element count: only an empty array can
-        # declare a dimension the protocol refuses (PROTOCOL.md §6).
-        raise ValueError(f"cannot pack shape {shape}: dimensions above {MAX_DIM}")
     return _trusted(codec, bool(compress), shape, scale, zero_point, payload)
 
 

@@ -30,7 +30,7 @@ import uvloop
 
 from protocol import NEED_DATA, PROTOCOL_VERSION, Connection, Hello, Welcome
 from spinn.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
-from spinn.procs import wait_listening
+from spinn.procs import stop_process, wait_listening
 from spinn.profile import Profile
 from spinn.progressive import InputSpec
 from spinn.runtime.server import ServerConfig, SpinnServer
@@ -195,7 +195,11 @@ class Server:
              "--port", str(port), "--stats-interval", "1", *flags],
             stdout=self._fh, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         )  # fmt: skip
-        wait_listening(port, self.proc, 60.0)
+        try:
+            wait_listening(port, self.proc, 60.0)
+        except BaseException:
+            self.stop(signal.SIGKILL)  # no process or open log left behind
+            raise
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         """Send ``sig`` (SIGKILL after 30 s); the exit status."""
@@ -288,8 +292,12 @@ def netshape_process(port: int, upstream: int, control: int) -> subprocess.Popen
          "--upstream", f"127.0.0.1:{upstream}", "--control", f"127.0.0.1:{control}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
     )  # fmt: skip
-    wait_listening(port, proc, 60.0)
-    wait_listening(control, proc, 60.0)
+    try:
+        wait_listening(port, proc, 60.0)
+        wait_listening(control, proc, 60.0)
+    except BaseException:
+        stop_process(proc)
+        raise
     return proc
 
 

@@ -438,6 +438,9 @@ class _Connection:
                 # stages can fail in one wake-up (a broken pipe seen by both directions), and
                 # an unretrieved one is logged as "Task exception was never retrieved".
                 failures = [t.exception() for t in done if not t.cancelled()]
+                # A reached byte limit is a deliberate close: it wins over a simultaneous
+                # error, whatever order the set of finished stages came in.
+                failures.sort(key=lambda exc: not isinstance(exc, _LimitReached))
                 for exc in failures:
                     if exc is None:
                         continue
