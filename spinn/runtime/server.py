@@ -783,7 +783,12 @@ class SpinnServer:
         stages = 0
         x = to_device([job.activation], self.torch_device)
         t_stage = t0
-        for step in iter_stages(self.model, x, job.split, self.model.num_stages, job.thr_conf):
+        # No early exit can answer above 1: skip their heads (the final exit always runs).
+        check_exits = job.thr_conf <= 1.0
+        stop = self.model.num_stages
+        for step in iter_stages(
+            self.model, x, job.split, stop, job.thr_conf, check_exits=check_exits
+        ):
             stages += 1
             if self.config.slowdown > 1.0:
                 time.sleep((self.config.slowdown - 1.0) * (time.perf_counter() - t_stage))
