@@ -21,6 +21,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,17 @@ import uvloop
 
 from protocol import NEED_DATA, PROTOCOL_VERSION, Connection, Hello, Welcome
 from spinn.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
-from spinn.procs import stop_process, wait_listening
+from spinn.policy import Policy
+from spinn.procs import free_port, stop_process, wait_listening
 from spinn.profile import Profile
 from spinn.progressive import InputSpec
+from spinn.runtime.device import DeviceConfig, SpinnDevice
 from spinn.runtime.server import ServerConfig, SpinnServer
-from spinn.sources import ArraySource
+from spinn.sources import ArraySource, FrameSource
 
 __all__ = [
     "CHECKPOINT",
+    "DeviceRun",
     "PYTHON",
     "ROOT",
     "Device",
@@ -49,6 +53,7 @@ __all__ = [
     "netshape_control",
     "netshape_process",
     "noise_frames",
+    "run_in_process",
     "sample_input",
     "serve",
 ]
@@ -316,3 +321,60 @@ def noise_frames(n: int, seed: int = 0) -> ArraySource:
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
     return ArraySource(images, rng.integers(0, 10, n), name="noise")
+
+
+@dataclass(frozen=True)
+class DeviceRun:
+    """What one in-process device run left behind (``run_in_process``)."""
+
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+    device: SpinnDevice
+    server: SpinnServer | None
+    run_s: float
+    """Wall time of ``SpinnDevice.run`` alone (server start-up excluded)."""
+
+
+def run_in_process(
+    checkpoint: Path,
+    source: FrameSource,
+    *,
+    serve: bool = True,
+    connect: bool = True,
+    custom_policy: Policy | None = None,
+    server_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> DeviceRun:
+    """``source`` through a real device in this process, against a real server on loopback
+    when ``serve`` (``connect=False``: no server configured at all, a device-only run).
+    ``custom_policy`` is a policy object used instead of the one ``DeviceConfig.policy``
+    names; ``options`` go to ``DeviceConfig``."""
+    records: list[dict[str, Any]] = []
+
+    async def main() -> DeviceRun:
+        port = free_port()
+        server = None
+        if serve:
+            server = SpinnServer(
+                ServerConfig(
+                    checkpoint=checkpoint, port=port, stats_interval_s=0, **(server_options or {})
+                )
+            )
+            await server.start()
+        config = DeviceConfig(
+            checkpoint=checkpoint,
+            server=("127.0.0.1", port) if connect else None,
+            status_interval_s=0,
+            **options,
+        )
+        device = SpinnDevice(config, policy=custom_policy)
+        t0 = time.perf_counter()
+        try:
+            summary = await device.run(source, records.append)
+        finally:
+            run_s = time.perf_counter() - t0
+            if server is not None:
+                await server.close()
+        return DeviceRun(records, summary, device, server, run_s)
+
+    return uvloop.run(main())

@@ -18,56 +18,17 @@ from spinn.procs import free_port
 from spinn.profile import NO_EARLY_EXIT
 from spinn.runtime.device import DeviceConfig, DeviceError, SpinnDevice
 from spinn.runtime.server import ServerConfig, SpinnServer
-from tests._runtime_support import make_small_checkpoint, noise_frames
+from tests._runtime_support import by_frame, make_small_checkpoint, noise_frames, run_in_process
 
 pytestmark = pytest.mark.timeout(90)
 
 
-def _run(
-    checkpoint: Path,
-    n: int,
-    *,
-    serve: bool = True,
-    server_options: dict[str, Any] | None = None,
-    **options: Any,
-) -> tuple[list[dict[str, Any]], dict[str, Any], SpinnServer | None]:
-    records: list[dict[str, Any]] = []
-
-    async def main() -> tuple[dict[str, Any], SpinnServer | None]:
-        server = None
-        port = free_port()
-        if serve:
-            server = SpinnServer(
-                ServerConfig(
-                    checkpoint=checkpoint, port=port, stats_interval_s=0, **(server_options or {})
-                )
-            )
-            await server.start()
-        config = DeviceConfig(
-            checkpoint=checkpoint,
-            server=("127.0.0.1", port) if options.pop("connect", True) else None,
-            status_interval_s=0,
-            **options,
-        )
-        device = SpinnDevice(config)
-        try:
-            summary = await device.run(noise_frames(n), records.append)
-        finally:
-            if server is not None:
-                await server.close()
-        return summary, server
-
-    summary, server = uvloop.run(main())
-    return records, summary, server
-
-
-def _exactly_once(records: list[dict[str, Any]], n: int) -> None:
-    assert sorted(r["frame"] for r in records) == list(range(n))
-
-
 def test_device_only_answers_every_frame_locally(checkpoint: Path) -> None:
-    records, summary, _ = _run(checkpoint, 30, serve=False, connect=False, split=3, thr_conf=0.5)
-    _exactly_once(records, 30)
+    run = run_in_process(
+        checkpoint, noise_frames(30), serve=False, connect=False, split=3, thr_conf=0.5
+    )
+    records, summary = run.records, run.summary
+    by_frame(records, 30)
     assert {r["where"] for r in records} == {"device"}
     assert summary["offloaded"] == 0 and summary["bytes_sent"] == 0
     assert summary["accuracy"] == pytest.approx(
@@ -76,8 +37,9 @@ def test_device_only_answers_every_frame_locally(checkpoint: Path) -> None:
 
 
 def test_offloaded_frames_are_answered_once_by_server_or_device(checkpoint: Path) -> None:
-    records, summary, server = _run(checkpoint, 60, split=2, thr_conf=1.0, max_in_flight=4)
-    _exactly_once(records, 60)
+    run = run_in_process(checkpoint, noise_frames(60), split=2, thr_conf=1.0, max_in_flight=4)
+    records, summary, server = run.records, run.summary, run.server
+    by_frame(records, 60)
     assert server is not None
     wheres = [r["where"] for r in records]
     assert set(wheres) <= {"server", "device", "fallback"} and "server" in wheres
@@ -94,18 +56,22 @@ def test_offloaded_frames_are_answered_once_by_server_or_device(checkpoint: Path
 
 
 def test_without_continuation_the_server_answers_everything(checkpoint: Path) -> None:
-    records, summary, server = _run(checkpoint, 40, split=4, thr_conf=1.0, continue_locally=False)
-    _exactly_once(records, 40)
+    run = run_in_process(
+        checkpoint, noise_frames(40), split=4, thr_conf=1.0, continue_locally=False
+    )
+    records, summary, server = run.records, run.summary, run.server
+    by_frame(records, 40)
     assert {r["where"] for r in records} == {"server"}
     assert server is not None and server.stats.computed == 40
     assert summary["server_time_ms"]["samples"] > 0
 
 
 def test_no_server_means_fallback_for_offloaded_frames(checkpoint: Path) -> None:
-    records, summary, _ = _run(
-        checkpoint, 20, serve=False, split=3, thr_conf=1.0, connect_timeout_s=0.2
+    run = run_in_process(
+        checkpoint, noise_frames(20), serve=False, split=3, thr_conf=1.0, connect_timeout_s=0.2
     )
-    _exactly_once(records, 20)
+    records, summary = run.records, run.summary
+    by_frame(records, 20)
     assert {r["where"] for r in records} == {"fallback"}
     assert summary["server_connects"] == 0
 
@@ -170,7 +136,7 @@ def test_server_killed_mid_stream_falls_back_then_reconnects(checkpoint: Path) -
             await server2.close()
 
     summary = uvloop.run(main())
-    _exactly_once(records, 150)
+    by_frame(records, 150)
     wheres = [r["where"] for r in sorted(records, key=lambda r: r["frame"])]
     first_fallback = wheres.index("fallback")
     assert "server" in wheres[:first_fallback]
@@ -188,35 +154,6 @@ class _Truncated:
         return self.decision
 
 
-def _run_policy(checkpoint: Path, policy: Any, n: int, serve: bool) -> list[dict[str, Any]]:
-    """`n` frames through a device that never continues locally, with `policy`."""
-
-    async def main() -> list[dict[str, Any]]:
-        records: list[dict[str, Any]] = []
-        port = free_port()
-        server = None
-        if serve:
-            server = SpinnServer(ServerConfig(checkpoint=checkpoint, port=port, stats_interval_s=0))
-            await server.start()
-        device = SpinnDevice(
-            DeviceConfig(
-                checkpoint=checkpoint,
-                server=("127.0.0.1", port) if serve else None,
-                continue_locally=False,
-                status_interval_s=0,
-            ),
-            policy=policy,
-        )
-        try:
-            await device.run(noise_frames(n), records.append)
-        finally:
-            if server is not None:
-                await server.close()
-        return records
-
-    return uvloop.run(main())
-
-
 def test_truncated_network_answers_at_its_exit_locally_and_remotely(checkpoint: Path) -> None:
     model, _ = load_checkpoint(checkpoint)
     exit_index = 2
@@ -224,10 +161,23 @@ def test_truncated_network_answers_at_its_exit_locally_and_remotely(checkpoint: 
     first_after = min(k for k in model.exit_stages if k > model.exit_stages[1])
     assert first_after == stage  # splitting just after exit 1 makes exit 2 the server's first
 
-    local = _run_policy(checkpoint, _Truncated(model.num_stages, exit_index), 12, serve=False)
-    remote = _run_policy(checkpoint, _Truncated(model.exit_stages[1] + 1, exit_index), 12, True)
+    # A device that never continues locally: each side answers alone.
+    local = run_in_process(
+        checkpoint,
+        noise_frames(12),
+        serve=False,
+        connect=False,
+        custom_policy=_Truncated(model.num_stages, exit_index),
+        continue_locally=False,
+    ).records
+    remote = run_in_process(
+        checkpoint,
+        noise_frames(12),
+        custom_policy=_Truncated(model.exit_stages[1] + 1, exit_index),
+        continue_locally=False,
+    ).records
     for records, where in ((local, "device"), (remote, "server")):
-        _exactly_once(records, 12)
+        by_frame(records, 12)
         assert {r["exit"] for r in records} == {exit_index}
         assert {r["where"] for r in records} == {where}
     assert [r["class"] for r in sorted(local, key=lambda r: r["frame"])] == [
@@ -243,16 +193,23 @@ def test_no_early_exit_asks_the_server_for_its_final_exit(checkpoint: Path) -> N
     plan = device._plan(Decision(1, NO_EARLY_EXIT))
     assert (plan.wire_thr, plan.check_exits, plan.wire_early_exits) == (1.0, False, False)
     assert device._plan(Decision(1, 0.7)).wire_early_exits
-    records = _run_policy(checkpoint, FixedPolicy(1, NO_EARLY_EXIT), 12, serve=True)
-    _exactly_once(records, 12)
+    records = run_in_process(
+        checkpoint,
+        noise_frames(12),
+        custom_policy=FixedPolicy(1, NO_EARLY_EXIT),
+        continue_locally=False,
+    ).records
+    by_frame(records, 12)
     assert {(r["where"], r["exit"]) for r in records} == {("server", model.num_exits - 1)}
 
 
 def test_scheduler_baseline_policies_plug_in_by_name(checkpoint: Path) -> None:
-    records, summary, _ = _run(checkpoint, 10, policy="device-only")
-    _exactly_once(records, 10)
+    run = run_in_process(checkpoint, noise_frames(10), policy="device-only")
+    records, summary = run.records, run.summary
+    by_frame(records, 10)
     assert {r["where"] for r in records} == {"device"} and summary["offloaded"] == 0
-    records, summary, _ = _run(checkpoint, 10, policy="server-only")
+    run = run_in_process(checkpoint, noise_frames(10), policy="server-only")
+    records, summary = run.records, run.summary
     assert {r["split"] for r in records} == {0} and summary["offloaded"] == 10
     with pytest.raises(DeviceError, match="edgent"):
         SpinnDevice(DeviceConfig(checkpoint=checkpoint, server=None, policy="edgent"))
@@ -272,7 +229,7 @@ def test_local_answers_feed_overhead_and_race_stages_feed_device_scale(checkpoin
         return device
 
     device = uvloop.run(main())
-    _exactly_once(records, 12)
+    by_frame(records, 12)
     prof = device.profiler
     assert prof.device.samples >= 12  # at least one stage per frame
     assert prof.device.scale != 1.0  # measured, not the prior
@@ -320,28 +277,10 @@ class _MixedSource:
 
 
 def test_a_frame_whose_processing_raises_gets_one_error_record(checkpoint: Path) -> None:
-    records: list[dict[str, Any]] = []
-
-    async def main() -> dict[str, Any]:
-        port = free_port()
-        server = SpinnServer(ServerConfig(checkpoint=checkpoint, port=port, stats_interval_s=0))
-        await server.start()
-        device = SpinnDevice(
-            DeviceConfig(
-                checkpoint=checkpoint,
-                server=("127.0.0.1", port),
-                split=2,
-                thr_conf=1.0,
-                status_interval_s=0,
-            )
-        )
-        try:
-            return await device.run(_MixedSource(12, bad=5), records.append)  # type: ignore[arg-type]
-        finally:
-            await server.close()
-
-    summary = uvloop.run(main())
-    _exactly_once(records, 12)
+    source = _MixedSource(12, bad=5)
+    run = run_in_process(checkpoint, source, split=2, thr_conf=1.0)
+    records, summary = run.records, run.summary
+    by_frame(records, 12)
     errors = [r for r in records if r["where"] == "error"]
     assert [r["frame"] for r in errors] == [5]
     assert "uint8" in errors[0]["error"] and errors[0]["label"] == 1
@@ -363,16 +302,12 @@ class _BadExitAt:
 
 
 def test_a_failing_plan_is_reported_not_dropped(checkpoint: Path) -> None:
-    records: list[dict[str, Any]] = []
-
-    async def main() -> dict[str, Any]:
-        # The constructor's own decide() is call 1; frame 2 is call 4.
-        config = DeviceConfig(checkpoint=checkpoint, server=None, status_interval_s=0)
-        device = SpinnDevice(config, policy=_BadExitAt(4))
-        return await device.run(noise_frames(6), records.append)
-
-    summary = uvloop.run(main())
-    _exactly_once(records, 6)
+    # The constructor's own decide() is call 1; frame 2 is call 4.
+    run = run_in_process(
+        checkpoint, noise_frames(6), serve=False, connect=False, custom_policy=_BadExitAt(4)
+    )
+    records, summary = run.records, run.summary
+    by_frame(records, 6)
     bad = [r for r in records if r["where"] == "error"]
     assert [r["frame"] for r in bad] == [2] and "exit 99" in bad[0]["error"]
     assert summary["errors"] == 1 and summary["unanswered"] == 0
@@ -424,11 +359,10 @@ def test_a_reset_link_finishes_the_frame_as_fallback_and_reconnects(checkpoint: 
             await server.close()
 
     summary = uvloop.run(main())
-    _exactly_once(records, 20)
-    by_frame = {r["frame"]: r["where"] for r in records}
+    where = [r["where"] for r in by_frame(records, 20)]
     # Call 1 is the constructor's: call 6 decides frame 4, which must not be lost.
-    assert by_frame[4] == "fallback"
-    assert "server" in [by_frame[i] for i in range(5, 20)], "offload resumed"
+    assert where[4] == "fallback"
+    assert "server" in where[5:20], "offload resumed"
     assert summary["server_connects"] == 2 and summary["unanswered"] == 0
 
 

@@ -4,54 +4,23 @@ never add up to more than the run's wall time (docs/SCHEDULER.md, "device busy t
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-import uvloop
 
-from spinn.procs import free_port
-from spinn.runtime.device import DeviceConfig, SpinnDevice
-from spinn.runtime.server import ServerConfig, SpinnServer
-from tests._runtime_support import noise_frames
+from tests._runtime_support import noise_frames, run_in_process
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def _run(checkpoint: Path, n: int, **options: Any) -> tuple[SpinnDevice, float, int]:
-    """Run ``n`` frames against an in-process server; the device, the wall time of the run
-    and the number of answers."""
-    records: list[dict[str, Any]] = []
-
-    async def main() -> tuple[SpinnDevice, float]:
-        port = free_port()
-        server = SpinnServer(ServerConfig(checkpoint=checkpoint, port=port, stats_interval_s=0))
-        await server.start()
-        device = SpinnDevice(
-            DeviceConfig(
-                checkpoint=checkpoint,
-                server=("127.0.0.1", port),
-                status_interval_s=0,
-                **options,
-            )
-        )
-        t0 = time.perf_counter()
-        try:
-            await device.run(noise_frames(n, seed=3), records.append)
-        finally:
-            await server.close()
-        return device, time.perf_counter() - t0
-
-    device, wall_s = uvloop.run(main())
-    return device, wall_s, len(records)
 
 
 def test_saturating_stream_measures_the_busy_time(checkpoint: Path) -> None:
     # Split 1 with a high threshold: every frame is packed and uploaded, and the local
     # race runs stage calls after the split.
-    device, wall_s, answers = _run(checkpoint, 40, split=1, thr_conf=0.99, max_in_flight=4)
-    assert answers == 40
+    run = run_in_process(
+        checkpoint, noise_frames(40, seed=3), split=1, thr_conf=0.99, max_in_flight=4
+    )
+    device, wall_s = run.device, run.run_s
+    assert len(run.records) == 40
     busy = device.profiler.busy
     snap = device.profiler.snapshot(0.0)
     assert snap.busy_scale is not None and snap.busy_scale > 0
@@ -68,8 +37,9 @@ def test_saturating_stream_measures_the_busy_time(checkpoint: Path) -> None:
 def test_paced_stream_leaves_the_busy_time_unmeasured(checkpoint: Path) -> None:
     # Frames 100 ms apart on a device that needs a few ms each: no call ever queues, so the
     # gaps are idleness and the throughput model keeps the latency overhead instead.
-    device, _wall_s, answers = _run(checkpoint, 6, split=11, thr_conf=0.5, rate_fps=10.0)
-    assert answers == 6
+    run = run_in_process(checkpoint, noise_frames(6, seed=3), split=11, thr_conf=0.5, rate_fps=10.0)
+    device = run.device
+    assert len(run.records) == 6
     snap = device.profiler.snapshot(0.0)
     assert snap.head_overhead_ms is None and snap.busy_scale is None
     assert snap.frame_overhead_ms > 0  # measured from the local answers as before

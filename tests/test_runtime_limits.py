@@ -31,7 +31,7 @@ from protocol import (
 from protocol.framing import encode_frame
 from protocol.messages import encode_message
 from spinn.runtime.server import ServerConfig, SpinnServer, frame_limit_for
-from tests._runtime_support import RawClient, hello, serve
+from tests._runtime_support import RawClient, by_frame, hello, noise_frames, run_in_process, serve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -212,19 +212,18 @@ def test_model_mismatch_still_named_before_any_limit(checkpoint: Path) -> None:
 
 
 def test_overloaded_server_makes_the_device_finish_locally(checkpoint: Path) -> None:
-    from tests.test_runtime_device import _exactly_once, _run
-
     # One worker ten times slower, one request queued at most: most INFERs get BUSY.
-    records, summary, server = _run(
+    run = run_in_process(
         checkpoint,
-        60,
+        noise_frames(60),
         server_options={"workers": 1, "max_queued": 1, "slowdown": 10.0},
         split=1,
         thr_conf=1.0,
         continue_locally=False,
         max_in_flight=6,
     )
-    _exactly_once(records, 60)
+    records, summary, server = run.records, run.summary, run.server
+    by_frame(records, 60)
     assert server is not None and server.stats.busy_sent > 0
     # Every BUSY frame was finished on the device; the server still answered some.
     assert summary["answered_by"]["fallback"] >= server.stats.busy_sent
