@@ -263,6 +263,13 @@ def _plt() -> Any:
     return plt
 
 
+def _save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write and release one experiment's figure."""
+    fig.tight_layout()
+    fig.savefig(path)
+    _plt().close(fig)
+
+
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
@@ -378,9 +385,7 @@ def _report1(b: Bench, rows: list[dict[str, Any]]) -> None:
     ax.set_title(f"Throughput vs bandwidth, device ×{b.device_slowdown:g} slower")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(b.out / "exp1_bandwidth.png")
-    plt.close(fig)
+    _save_figure(fig, b.out / "exp1_bandwidth.png")
 
 
 # -- experiment 2: server load ----------------------------------------------------------
@@ -423,9 +428,7 @@ def experiment2(b: Bench) -> dict[str, Any]:
     ax.set_title(f"Server load, {net.label}, device ×{b.device_slowdown:g}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(b.out / "exp2_server_load.png")
-    plt.close(fig)
+    _save_figure(fig, b.out / "exp2_server_load.png")
     return {"rows": rows}
 
 
@@ -511,9 +514,7 @@ def experiment3(b: Bench, server: ServerProcess) -> dict[str, Any]:
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.suptitle(f"Latency SLA, {net.label}, device ×{b.device_slowdown:g}")
-    fig.tight_layout()
-    fig.savefig(b.out / "exp3_latency_sla.png")
-    plt.close(fig)
+    _save_figure(fig, b.out / "exp3_latency_sla.png")
     return {"rows": rows, "device_only_ms": b.device_only_ms}
 
 
@@ -637,9 +638,7 @@ def experiment4(b: Bench, server: ServerProcess, workdir: Path) -> dict[str, Any
         for a in axes[:, col]:
             a.grid(alpha=0.3)
     fig.suptitle(f"SPINN over a varying network, device ×{b.device_slowdown:g}")
-    fig.tight_layout()
-    fig.savefig(b.out / "exp4_varying_network.png")
-    plt.close(fig)
+    _save_figure(fig, b.out / "exp4_varying_network.png")
     # Steps after which the decision stayed as it was say nothing about settling: the
     # median is over the steps that moved the decision (None when none did).
     dec = [x["decision_s"] for x in settle if x["decision_s"]]
@@ -797,9 +796,7 @@ def experiment5(b: Bench, server: ServerProcess) -> dict[str, Any]:
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.suptitle(f"Server failures, {net.label}, device ×{b.device_slowdown:g}")
-    fig.tight_layout()
-    fig.savefig(b.out / "exp5_failures.png")
-    plt.close(fig)
+    _save_figure(fig, b.out / "exp5_failures.png")
     return {"rows": rows}
 
 
