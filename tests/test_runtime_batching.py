@@ -19,6 +19,8 @@ import uvloop
 from protocol import Cancel, Error, ErrorCode, Infer, Result, pack
 from spinn.checkpoint import load_checkpoint
 from spinn.inference import run_stages
+from spinn.profile import NO_EARLY_EXIT
+from spinn.progressive import ProgressiveModel
 from spinn.runtime.accel import resolve_device
 from spinn.runtime.batching import Batcher, run_batch, to_device
 from spinn.runtime.server import ServerConfig, SpinnServer
@@ -77,6 +79,74 @@ def test_run_batch_drops_cancelled_samples_at_stage_boundaries(checkpoint: Path)
     assert asked.count(1) == 1 and asked.count(3) == 2, "stopped at the next boundary"
     with pytest.raises(ValueError, match="thresholds"):
         run_batch(model, x, 0, [0.5])
+
+
+def _count_exit_head_calls(model: ProgressiveModel) -> list[int]:
+    """Calls per early-exit head from now on (forward hooks on ``model.exit_heads``)."""
+    calls = [0] * len(model.exit_heads)
+    for e, head in enumerate(model.exit_heads):
+        head.register_forward_hook(lambda *_, e=e: calls.__setitem__(e, calls[e] + 1))
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("thrs", "heads_run"),  # heads_run: the first heads that run; None: all of them
+    [
+        # No sample can leave early: no early-exit head runs, only the final exit answers.
+        ([NO_EARLY_EXIT, 2.0, 1.5], 0),
+        # The sample with threshold 0 leaves at the first exit; the rest cannot leave early.
+        ([2.0, 0.0, NO_EARLY_EXIT], 1),
+        # A softmax can reach 1.0 exactly, so threshold 1 keeps every head running.
+        ([1.0, NO_EARLY_EXIT], None),
+    ],
+)
+def test_run_batch_skips_exit_heads_no_sample_can_leave_at(
+    checkpoint: Path, thrs: list[float], heads_run: int | None
+) -> None:
+    model, _ = load_checkpoint(checkpoint)
+    model.eval()
+    acts = _activations(model, 0, len(thrs), seed=11)
+    calls = _count_exit_head_calls(model)
+    answers = run_batch(model, to_device([a.numpy() for a in acts], torch.device("cpu")), 0, thrs)
+    ran = len(calls) if heads_run is None else heads_run
+    assert calls == [1] * ran + [0] * (len(calls) - ran), "the first heads ran, once each"
+    for act, thr, got in zip(acts, thrs, answers, strict=True):
+        want = run_stages(model, act, 0, model.num_stages, thr, check_exits=thr <= 1.0).answer
+        assert got is not None and want is not None
+        assert got.exit_index == want.exit and got.stages_run == want.stage + 1
+        torch.testing.assert_close(got.probs, want.probs, rtol=1e-4, atol=1e-5)
+
+
+def test_server_batch_without_early_exits_runs_no_exit_head(checkpoint: Path) -> None:
+    model, _ = load_checkpoint(checkpoint)
+    model.eval()
+    acts = _activations(model, 0, 3, seed=12)
+    results: dict[int, Result] = {}
+    calls: list[list[int]] = []
+
+    async def body(server: SpinnServer, port: int) -> None:
+        calls.append(_count_exit_head_calls(server.model))
+        client = await RawClient.open(port)
+        await hello(client, server)
+        # Threshold 0 would answer at the first exit, were early exits not off.
+        client.send(*(Infer(i, 0, 0.0, pack(a.numpy(), "float32"), early_exits=False)
+                      for i, a in enumerate(acts)))  # fmt: skip
+        for _ in acts:
+            event = await client.next()
+            assert isinstance(event, Result), event
+            results[event.request_id] = event
+        client.close()
+
+    server = serve(checkpoint, body, workers=1, batch_max=4, batch_wait_ms=300, top_k=3)
+    batch = server.metrics.batch_size.collect()[0]
+    count = next(s.value for s in batch.samples if s.name.endswith("_count"))
+    total = next(s.value for s in batch.samples if s.name.endswith("_sum"))
+    assert count == 1 and total == len(acts), "the three requests in one forward pass"
+    assert calls == [[0] * (model.num_exits - 1)], "no early-exit head ran"
+    for i, act in enumerate(acts):
+        want = run_stages(model, act, 0, model.num_stages, 0.0, check_exits=False).answer
+        assert want is not None and results[i].exit_index == want.exit == model.num_exits - 1
+        assert results[i].classes == tuple(c for c, _ in want.topk(3))
 
 
 def test_batcher_fills_batches_per_split_while_workers_are_busy() -> None:

@@ -77,7 +77,8 @@ def run_batch(
 ) -> list[SampleAnswer | None]:
     """Stages ``[split, S)`` on the batch ``x``; one answer per sample, None if cancelled.
 
-    ``cancelled(i)`` is asked after every stage for each sample still running.
+    ``cancelled(i)`` is asked after every stage for each sample still running.  An early
+    exit's head runs only while some sample left has ``thr_conf <= 1``.
     ``slowdown`` > 1 emulates a slower server as ``ServerConfig.slowdown`` does.
     """
     n = x.shape[0]
@@ -87,7 +88,8 @@ def run_batch(
         raise ValueError(f"split {split} outside 0..{model.num_stages - 1}")
     answers: list[SampleAnswer | None] = [None] * n
     live = list(range(n))
-    thr = torch.tensor([float(t) for t in thr_conf], device=x.device)
+    thr_list = [float(t) for t in thr_conf]
+    thr = torch.tensor(thr_list, device=x.device)
     final_exit = model.num_exits - 1
     t0 = t_stage = time.perf_counter()
     act = x
@@ -97,7 +99,10 @@ def run_batch(
             stages = k - split + 1
             e = model.exit_at_stage(k)
             keep = torch.ones(len(live), dtype=torch.bool)
-            if e is not None:
+            # No softmax exceeds 1: when every sample left has a threshold above 1 (no
+            # early exits, NO_EARLY_EXIT) none can leave at an early exit, so its head is
+            # not run, as ``check_exits=False`` does on the unbatched path.
+            if e is not None and (e == final_exit or min(thr_list[i] for i in live) <= 1.0):
                 probs = torch.softmax(model.run_exit(e, act).float(), dim=1)
                 if e == final_exit:
                     done = keep.clone()
