@@ -221,6 +221,9 @@ class Result:
     """Softmax probabilities of `classes`, same length, each in [0, 1]."""
     compute_ms: float | None = None
     """Server-side compute time in milliseconds, when the server reports it."""
+    held_ms: float | None = None
+    """Milliseconds from the INFER's arrival to this RESULT (queue wait, unpacking and
+    compute), when the server reports compute time: the device times its uploads with it."""
 
     def __post_init__(self) -> None:
         _check_int("request_id", self.request_id)
@@ -253,6 +256,8 @@ class Result:
             object.__setattr__(self, "probs", tuple(fixed))
         if self.compute_ms is not None:
             _float(self, "compute_ms", self.compute_ms, lo=0.0)
+        if self.held_ms is not None:
+            _float(self, "held_ms", self.held_ms, lo=0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,7 +410,11 @@ _REQUIRED: Final[dict[type, frozenset[str]]] = {
     )
     for cls in MESSAGE_CLASSES.values()
 }
-_OMITTED_AT_DEFAULT: Final[dict[str, object]] = {"auth_nonce": b"", "early_exits": True}
+_OMITTED_AT_DEFAULT: Final[dict[str, object]] = {
+    "auth_nonce": b"",
+    "early_exits": True,
+    "held_ms": None,
+}
 """Optional fields added after version 1 was first written, left out at their default, so
 that a message not using them is byte for byte what an older peer sends and expects."""
 _TENSOR_FIELDS: Final = ("codec", "compressed", "shape", "scale", "zero_point", "payload")

@@ -60,6 +60,7 @@ def results(draw: st.DrawFn) -> Result:
         classes=tuple(draw(st.lists(st.integers(0, 1000), min_size=k, max_size=k))),
         probs=tuple(draw(st.lists(st.floats(0.0, 1.0), min_size=k, max_size=k))),
         compute_ms=draw(st.one_of(st.none(), non_negative)),
+        held_ms=draw(st.one_of(st.none(), non_negative)),
     )
 
 
@@ -121,6 +122,17 @@ def test_early_exits_travels_only_when_off() -> None:
     fields = dict(on[1], early_exits=1)
     with pytest.raises(RemoteProtocolError, match="early_exits must be a bool"):
         decode_message([int(MessageType.INFER), fields])
+
+
+def test_held_ms_travels_only_when_set() -> None:
+    plain = Result(1, 0, (3,), (0.5,), compute_ms=2.0)
+    body = msgpack.unpackb(encode_message(plain), raw=False)
+    assert "held_ms" not in body[1], "a RESULT without it is what a peer unaware of it sends"
+    held = Result(1, 0, (3,), (0.5,), compute_ms=2.0, held_ms=7.5)
+    assert msgpack.unpackb(encode_message(held), raw=False)[1]["held_ms"] == 7.5
+    assert _roundtrip(held) == held
+    with pytest.raises(RemoteProtocolError, match="held_ms"):
+        decode_message([int(MessageType.RESULT), dict(body[1], held_ms=-1.0)])
 
 
 def test_integral_floats_from_other_languages_are_accepted() -> None:

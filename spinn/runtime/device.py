@@ -1133,9 +1133,12 @@ class SpinnDevice:
                 )
             if result.compute_ms is not None:
                 self._server_ms_reported.append(result.compute_ms)
-                # Upload time from the answer time (spinn.runtime.uplink); without a
-                # reported compute time the server time hides in it: PING probes only.
-                self._time_upload(sent, now, result.compute_ms / 1e3)
+            # Upload time from the answer time (spinn.runtime.uplink), less the time the
+            # server held the request: all of it (held_ms), else its compute alone (a server
+            # that does not send held_ms: its queue wait then reads as upload time). Without
+            # either the server time hides in it: PING probes only.
+            held_ms = result.compute_ms if result.held_ms is None else result.held_ms
+            self._time_upload(sent, now, None if held_ms is None else held_ms / 1e3)
         answer = self.tracker.server_result(
             result.request_id, now, result.exit_index, result.classes, result.probs
         )
@@ -1145,14 +1148,14 @@ class SpinnDevice:
             if ev is not None:
                 ev.set()
 
-    def _time_upload(self, sent: _Sent, now: float, compute_s: float) -> None:
-        est = self.profiler.snapshot(now)
+    def _time_upload(self, sent: _Sent, now: float, server_s: float | None) -> None:
+        # L is the propagation RTT: queueing in front of the uplink is upload time.
         sample = self._upload_timer.answered(
             sent_at=sent.sent_at,
             now=now,
             nbytes=sent.nbytes,
-            compute_s=compute_s,
-            latency_s=est.latency_s,
+            server_s=server_s,
+            latency_s=self.profiler.propagation_s(),
         )
         if sample is not None:
             self.profiler.observe_upload(now, sample[0], sample[1])
@@ -1160,17 +1163,11 @@ class SpinnDevice:
     def _on_request_error(self, error: Error) -> None:
         assert error.request_id is not None
         sent = self._sent.pop(error.request_id, None)
-        if sent is not None and error.code is ErrorCode.CANCELLED:
-            # A cancelled request is answered as soon as its CANCEL arrives (or at a stage
-            # boundary, at most one unreported stage late): its answer time still clocks the
-            # uplink, and B's max-of-recent filter discards the few samples made long.
-            self._time_upload(sent, _now(), 0.0)
-        elif sent is not None:
-            # Refused or expired: the server time is unknown, so no sample; the answer still
-            # marks when the uplink had delivered this request (spinn.runtime.uplink).
-            self._upload_timer.answered(
-                sent_at=sent.sent_at, now=_now(), nbytes=sent.nbytes, compute_s=None, latency_s=0.0
-            )
+        if sent is not None:
+            # A refusal (BUSY) is answered on arrival: it clocks the uplink like a RESULT.
+            # A cancelled or expired request's answer comes when the CANCEL or the deadline
+            # arrived, which says nothing about its upload (spinn.runtime.uplink).
+            self._time_upload(sent, _now(), 0.0 if error.code is ErrorCode.BUSY else None)
         fid = self.tracker.abandon(error.request_id)
         if error.code in (ErrorCode.CANCELLED, ErrorCode.BUSY):
             # Expected under load and after CANCEL; the frame finishes locally.

@@ -222,6 +222,8 @@ class _Job:
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     accepted_at: float = dataclasses.field(default_factory=time.monotonic)
     """time.monotonic() when the INFER was accepted (the queue wait is measured from it)."""
+    received_at: float = dataclasses.field(default_factory=time.monotonic)
+    """time.monotonic() when its frame was decoded, before unpacking: RESULT's held_ms."""
     expires_at: float | None = None
     """time.monotonic() after which the device no longer wants the answer (deadline_ms)."""
     expired: bool = False
@@ -605,6 +607,7 @@ class SpinnServer:
         log.info("device %s (%s) welcomed", peer.name, hello.device_name or "unnamed")
 
     def _on_infer(self, peer: _Peer, infer: Infer) -> None:
+        received_at = time.monotonic()
         num_stages = self.model.num_stages
         rid = infer.request_id
         if rid in peer.jobs:
@@ -645,7 +648,7 @@ class SpinnServer:
             return
         # No softmax exceeds 1, so a threshold above it leaves only the final exit.
         thr = float(infer.thr_conf) if infer.early_exits else NO_EARLY_EXIT
-        job = _Job(rid, infer.split, thr, activation)
+        job = _Job(rid, infer.split, thr, activation, received_at=received_at)
         if infer.deadline_ms is not None:
             job.expires_at = time.monotonic() + infer.deadline_ms / 1e3
         peer.jobs[rid] = job
@@ -719,13 +722,15 @@ class SpinnServer:
             peer.send(Error(ErrorCode.CANCELLED, why, job.request_id))
             return
         t0 = time.perf_counter()
+        report = self.config.report_compute
         peer.send(
             Result(
                 job.request_id,
                 outcome.exit_index,
                 outcome.classes,
                 outcome.probs,
-                outcome.compute_ms if self.config.report_compute else None,
+                outcome.compute_ms if report else None,
+                (time.monotonic() - job.received_at) * 1e3 if report else None,
             )
         )
         self.stats.overhead_ms_total += (time.perf_counter() - t0) * 1e3
