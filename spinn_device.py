@@ -112,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--codec", default=d.codec, help=f"activation codec (default {d.codec})")
     p.add_argument(
+        "--probe-bytes",
+        type=int,
+        default=d.probe_bytes,
+        help="padding of the PINGs that probe the uplink's bandwidth, sent when idle or "
+        f"every {d.probe_max_age_s:g} s (default {d.probe_bytes}); 0 sends none, e.g. on a "
+        "metered link: the bandwidth is then measured from uploads alone",
+    )
+    p.add_argument(
         "--torch-threads",
         type=int,
         default=d.torch_threads,
@@ -178,6 +186,7 @@ def config_from_args(args: argparse.Namespace) -> DeviceConfig:
         rate_fps=args.rate,
         limit=args.limit,
         max_in_flight=args.max_in_flight,
+        probe_bytes=args.probe_bytes,
         continue_locally=not args.no_continue,
         codec=args.codec,
         torch_threads=args.torch_threads,

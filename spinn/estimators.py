@@ -211,7 +211,7 @@ class LatencyEstimator:
             raise ValueError(f"latency window must be >= 1, got {window}")
         self._f = _Filtered(alpha)
         self.min_rtt_s: float | None = None
-        """Smallest RTT seen: the baseline for bandwidth probes."""
+        """Smallest RTT seen on this link so far."""
         self._recent: deque[float] = deque(maxlen=window)
 
     def observe_rtt(self, now: float, rtt_s: float) -> None:
@@ -539,10 +539,9 @@ class OnlineProfiler:
         if probe_bytes <= 0:
             self.latency.observe_rtt(now, rtt_s)
             return
-        base = self.latency.min_rtt_s
-        if base is None:
-            base = self.config.initial_latency_s
-        self.bandwidth.observe_probe(now, probe_bytes, rtt_s, base)
+        # The recent minimum, not the all-time one: a path whose delay grew would read
+        # the growth as serialisation time of the padding.
+        self.bandwidth.observe_probe(now, probe_bytes, rtt_s, self.propagation_s())
 
     # -- device -------------------------------------------------------------------------
 

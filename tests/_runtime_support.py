@@ -290,11 +290,14 @@ def by_frame(records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: r["frame"])
 
 
-def netshape_process(port: int, upstream: int, control: int) -> subprocess.Popen[str]:
-    """tools.netshape in its own process, relaying ``port`` to ``upstream``, once it listens."""
+def netshape_process(
+    port: int, upstream: int, control: int, *shaping: str
+) -> subprocess.Popen[str]:
+    """tools.netshape in its own process, relaying ``port`` to ``upstream``, once it listens;
+    ``shaping`` are its flags (e.g. ``--rate 20mbit``)."""
     proc = subprocess.Popen(
         [PYTHON, "-m", "tools.netshape", "--listen", f"127.0.0.1:{port}",
-         "--upstream", f"127.0.0.1:{upstream}", "--control", f"127.0.0.1:{control}"],
+         "--upstream", f"127.0.0.1:{upstream}", "--control", f"127.0.0.1:{control}", *shaping],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
     )  # fmt: skip
     try:

@@ -89,6 +89,10 @@ _READ_CHUNK = 1 << 16
 # per-stage times; every `now` on the device comes from this clock instead.
 _now = time.perf_counter
 _FATAL_CODES = (ErrorCode.MODEL_MISMATCH, ErrorCode.VERSION, ErrorCode.UNAUTHENTICATED)
+# A probe's padding crosses the link while everything queued behind it waits.
+_MAX_PROBE_BYTES = 1 << 20
+# Bare round trips measured on a connection before its first bandwidth probe.
+_PINGS_BEFORE_PROBES = 3
 
 
 class DeviceError(RuntimeError):
@@ -135,7 +139,7 @@ class DeviceConfig:
     ping_interval_s: float = 0.5
     """Period of PING probes while connected (latency L; bandwidth B when padded)."""
     probe_bytes: int = 16384
-    """Padding of a bandwidth probe PING."""
+    """Padding of a bandwidth probe PING; 0 sends none (B then comes from uploads alone)."""
     probe_max_age_s: float = 3.0
     """A padded probe is sent when idle, or at least this often while busy."""
     ping_timeout_s: float = 1.5
@@ -184,6 +188,10 @@ class DeviceConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if not 1.0 <= self.slowdown <= 1000.0:
             raise ValueError(f"slowdown must be in [1, 1000], got {self.slowdown}")
+        if not 0 <= self.probe_bytes <= _MAX_PROBE_BYTES:
+            raise ValueError(
+                f"probe_bytes must be in [0, {_MAX_PROBE_BYTES}], got {self.probe_bytes}"
+            )
         if (self.tls_cert is not None or self.tls_key is not None) and not self.use_tls:
             raise ValueError("--tls-cert/--tls-key need --tls or --tls-ca")
 
@@ -527,8 +535,13 @@ class _Link:
             probe = 0
             idle = self.device.tracker.awaiting_server == 0
             # Bare and padded pings alternate: a probe's timing is read against the bare
-            # round trip (L), which therefore must be measured first and kept fresh.
-            may_probe = self.ping_seq % 2 == 1 and self.device.profiler.latency.samples > 0
+            # round trip (L), which therefore must be measured first and kept fresh; the
+            # first PING of a connection is slow (both ends warm up), so a few are taken.
+            may_probe = (
+                cfg.probe_bytes > 0
+                and self.ping_seq % 2 == 1
+                and self.device.profiler.latency.samples >= _PINGS_BEFORE_PROBES
+            )
             if may_probe and (idle or now - self.last_probe_at > cfg.probe_max_age_s):
                 probe = cfg.probe_bytes
                 self.last_probe_at = now
