@@ -356,17 +356,60 @@ def decision_part(profile_path: Path, calls: int, seed: int) -> dict[str, object
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=5000, help="decisions timed per profile")
-    parser.add_argument("--profile", type=Path, default=DEFAULT_PROFILE)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--no-e2e", action="store_true", help="decision time only")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.scheduler",
+        description="Time the scheduler's decisions over the whole split x threshold grid "
+        "(target: median < 1 ms), then compare its predicted latency and throughput with "
+        "measurements of a real server behind tools/netshape (target: median relative "
+        "error <= 20%). The last line printed is one JSON object with the results.",
+    )
+    parser.add_argument(
+        "--calls",
+        type=int,
+        default=5000,
+        help="decisions timed per profile (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=DEFAULT_PROFILE,
+        help="offline profile whose decisions are timed and which the end-to-end runs "
+        "use; measured there on the fly when missing (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the synthetic profile and of the random walk of estimates fed to "
+        "the scheduler (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=DEFAULT_CHECKPOINT,
+        help="model served in the end-to-end part; that part is skipped if the file is "
+        "missing (default: the shipped model)",
+    )
+    parser.add_argument(
+        "--no-e2e",
+        action="store_true",
+        help="time the decisions only; skip the end-to-end comparison",
+    )
     # 240 frames: the first 80 test images exit 17% deeper on average than the profile's
     # 2000-image calibration set at thr 0.6 (so every prediction read 10% fast); the first
     # 240 are within 1.5% of it. The paced latency runs measure as many.
-    parser.add_argument("--frames", type=int, default=240, help="frames per throughput run")
-    parser.add_argument("--warmup", type=int, default=8, help="frames ignored at the start")
+    parser.add_argument(
+        "--frames",
+        type=int,
+        default=240,
+        help="frames per end-to-end run, paced and unpaced (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=8,
+        help="frames at the start of each run left out of the measurements (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     result: dict[str, object] = {"bench": "scheduler"}
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
