@@ -10,6 +10,7 @@ Pacing (``--rate``) is the pure :class:`Pacer`, with the clock injected.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -36,6 +37,8 @@ __all__ = [
     "preprocess",
 ]
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm")
 
 
@@ -50,7 +53,9 @@ class Frame:
     index: int
     """Position in the stream, from 0; frame ids on the device are these."""
     image: np.ndarray
-    """``uint8`` H×W (grayscale) or H×W×3 (RGB) pixels."""
+    """``uint8`` H×W (grayscale) or H×W×3 (RGB) pixels; empty (0×0) when the source could
+    not read this frame (an unreadable file), so that :func:`preprocess` fails for this
+    frame alone and the device answers it with an error record (docs/RUNTIME.md)."""
     label: int | None = None
     """Ground-truth class index when the source knows it."""
     origin: str = ""
@@ -96,6 +101,8 @@ def preprocess(image: np.ndarray, spec: InputSpec) -> torch.Tensor:
 
     if image.dtype != np.uint8:
         raise SourceError(f"frame must be uint8, got {image.dtype}")
+    if image.size == 0:
+        raise SourceError("frame has no pixels: the source could not read it")
     if spec.channels not in (1, 3):
         raise SourceError(
             f"input spec asks for {spec.channels} channels; only 1 or 3 are supported"
@@ -198,19 +205,34 @@ class ImageFolderSource:
         return self._class_index.get(rel.parts[0])
 
     def __iter__(self) -> Iterator[Frame]:
-        import cv2
-
         for i, path in enumerate(self.paths):
-            raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-            if raw is None:
-                raise SourceError(f"--images: cannot decode {path}")
-            if raw.dtype == np.uint16:
-                # 16-bit PNG/TIFF: keep the high byte, the model sees 8-bit pixels.
-                raw = (raw.astype(np.uint16) >> 8).astype(np.uint8)
-            yield Frame(i, _to_rgb_or_gray(raw, str(path)), self._label(path), str(path))
+            try:
+                image = _read_image(path)
+            except SourceError as exc:
+                # One bad file costs its own frame, not the run: the frame goes on without
+                # pixels and the device answers it with an error record (docs/RUNTIME.md).
+                log.warning("--images: %s", exc)
+                image = np.zeros((0, 0), np.uint8)
+            yield Frame(i, image, self._label(path), str(path))
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """The pixels of one image file as :class:`Frame` wants them."""
+    import cv2
+
+    try:
+        raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise SourceError(f"cannot decode {path}: {exc}") from None
+    if raw is None:
+        raise SourceError(f"cannot decode {path}")
+    if raw.dtype == np.uint16:
+        # 16-bit PNG/TIFF: keep the high byte, the model sees 8-bit pixels.
+        raw = (raw.astype(np.uint16) >> 8).astype(np.uint8)
+    return _to_rgb_or_gray(raw, str(path))
 
 
 class CaptureSource:

@@ -76,9 +76,53 @@ def test_image_folder_errors(tmp_path: Path) -> None:
         ImageFolderSource(tmp_path / "missing")
     with pytest.raises(SourceError, match="no image files"):
         ImageFolderSource(tmp_path)
+    # A folder of files none of which decodes still opens: each file is one failed frame.
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(SourceError, match="cannot decode"):
-        list(ImageFolderSource(tmp_path))
+    assert len(ImageFolderSource(tmp_path)) == 1
+
+
+def _folder_with_a_broken_image(root: Path) -> None:
+    """``cat/`` and ``dog/`` with three 28×28 PNGs each, and ``dog/broken.png``, a text file."""
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir()
+        for i in range(3):
+            cv2.imwrite(str(root / cls / f"{i}.png"), rng.integers(0, 256, (28, 28), np.uint8))
+    (root / "dog" / "broken.png").write_text("not an image\n")
+
+
+def test_an_unreadable_image_is_a_frame_without_pixels(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _folder_with_a_broken_image(tmp_path)
+    frames = list(ImageFolderSource(tmp_path, class_names=["cat", "dog"]))
+    assert [Path(f.origin).name for f in frames] == ["0.png", "1.png", "2.png"] + [
+        "0.png", "1.png", "2.png", "broken.png"
+    ]  # fmt: skip
+    broken = frames[-1]
+    assert broken.index == 6 and broken.label == 1 and broken.image.size == 0
+    assert "cannot decode" in caplog.text and "broken.png" in caplog.text
+    # The frame itself fails where the device turns it into model input.
+    with pytest.raises(SourceError, match="no pixels"):
+        preprocess(broken.image, SPEC)
+
+
+def test_an_unreadable_image_gets_one_error_record_and_the_run_goes_on(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    from tests._runtime_support import by_frame, run_in_process
+
+    _folder_with_a_broken_image(tmp_path)
+    source = ImageFolderSource(tmp_path)
+    run = run_in_process(checkpoint, source, serve=False, connect=False, split=2, thr_conf=0.8)
+    records = by_frame(run.records, 7)
+    errors = [r for r in records if r["where"] == "error"]
+    assert [r["frame"] for r in errors] == [6]
+    assert "no pixels" in errors[0]["error"] and errors[0]["origin"].endswith("broken.png")
+    assert all(r["where"] == "device" for r in records[:6])
+    summary = run.summary
+    assert summary["frames_read"] == 7 and summary["errors"] == 1
+    assert summary["frames"] == 6 and summary["unanswered"] == 0
 
 
 def test_video_file_frames(tmp_path: Path) -> None:
