@@ -34,6 +34,7 @@ __all__ = [
     "SourceError",
     "camera_target",
     "dataset_source",
+    "folder_class",
     "preprocess",
 ]
 
@@ -169,8 +170,10 @@ class ArraySource:
 class ImageFolderSource:
     """Images from a directory, sorted by path.
 
-    A directory of class folders (``DIR/<class name>/*.png``) gives labels when
-    ``class_names`` is passed and the folder names are among them.
+    A directory of class folders (``DIR/<class>/*.png``) gives labels when
+    ``class_names`` is passed; :func:`folder_class` says which folder names name a
+    class.  Images directly in ``DIR`` have no label.  One warning lists the folders
+    that name no class.
     """
 
     def __init__(
@@ -193,7 +196,22 @@ class ImageFolderSource:
             )
         if limit is not None:
             self.paths = self.paths[:limit]
-        self._class_index = {c: i for i, c in enumerate(class_names or ())}
+        folders = sorted(
+            {p.relative_to(self.root).parts[0] for p in self.paths if p.parent != self.root}
+        )
+        # The class index of each top-level folder that holds images (None: no label).
+        self._folder_labels = {
+            f: folder_class(f, class_names) if class_names else None for f in folders
+        }
+        unknown = [f for f, label in self._folder_labels.items() if label is None]
+        if class_names and unknown:
+            log.warning(
+                "--images: folders that name no class of the model, their images have no "
+                "label: %s (a folder is a class name, in any case and with '/' written as "
+                "'_', '-', ' ' or nothing, or a class index 0..%d)",
+                ", ".join(unknown),
+                len(class_names) - 1,
+            )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -202,7 +220,7 @@ class ImageFolderSource:
         rel = path.relative_to(self.root)
         if len(rel.parts) < 2:
             return None
-        return self._class_index.get(rel.parts[0])
+        return self._folder_labels.get(rel.parts[0])
 
     def __iter__(self) -> Iterator[Frame]:
         for i, path in enumerate(self.paths):
@@ -217,6 +235,35 @@ class ImageFolderSource:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+_CLASS_SEPARATORS = frozenset("/_- ")
+"""Dropped when folder names are compared with class names: '/' cannot be in a folder
+name (Fashion-MNIST's ``T-shirt/top``), so ``T-shirt_top``, ``t-shirt top`` and
+``tshirttop`` all name that class."""
+
+
+def _class_key(name: str) -> str:
+    """A class name as folder names may spell it: any case, no separators."""
+    return "".join(c for c in name.casefold() if c not in _CLASS_SEPARATORS)
+
+
+def folder_class(folder: str, class_names: Sequence[str]) -> int | None:
+    """The class index a folder name gives its images, or None.
+
+    In order: the exact class name; a class index (``0``, ``7``) within the classes;
+    the class name compared case-insensitively with ``/``, ``_``, ``-`` and spaces
+    removed from both (``T-shirt_top`` is ``T-shirt/top``).  A name that matches two
+    classes that way gives no label.
+    """
+    names = list(class_names)
+    if folder in names:
+        return names.index(folder)
+    if folder.isascii() and folder.isdigit() and int(folder) < len(names):
+        return int(folder)
+    key = _class_key(folder)
+    matches = [i for i, name in enumerate(names) if _class_key(name) == key]
+    return matches[0] if len(matches) == 1 and key else None
 
 
 def _read_image(path: Path) -> np.ndarray:

@@ -17,6 +17,7 @@ from spinn.sources import (
     SourceError,
     camera_target,
     dataset_source,
+    folder_class,
     preprocess,
 )
 
@@ -69,6 +70,46 @@ def test_image_folder_reads_sorted_with_class_labels(tmp_path: Path) -> None:
     np.testing.assert_array_equal(frames[1].image, _rgb(30, 40, 1))
     assert [f.index for f in frames] == [0, 1, 2]
     assert len(ImageFolderSource(tmp_path, limit=1)) == 1
+
+
+FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+           "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
+
+
+def test_folder_names_give_classes_by_name_index_or_spelling() -> None:
+    assert folder_class("Trouser", FASHION) == 1
+    # A class index within the classes.
+    assert folder_class("0", FASHION) == 0 and folder_class("9", FASHION) == 9
+    assert folder_class("10", FASHION) is None and folder_class("-1", FASHION) is None
+    # '/' cannot be in a folder name: any case, '/' as '_', '-', ' ' or nothing.
+    for spelling in ("T-shirt_top", "t-shirt top", "tshirttop", "TSHIRT-TOP"):
+        assert folder_class(spelling, FASHION) == 0, spelling
+    assert folder_class("ankle_boot", FASHION) == 9 and folder_class("ANKLEBOOT", FASHION) == 9
+    assert folder_class("cat", FASHION) is None and folder_class("__", FASHION) is None
+    # The exact name wins over an index; two classes spelled alike give no label.
+    assert folder_class("3", ["a", "b", "c", "d", "3"]) == 4
+    assert folder_class("ab", ["a-b", "a_b"]) is None and folder_class("a_b", ["a-b", "a_b"]) == 1
+
+
+def test_image_folder_labels_from_numeric_and_respelled_folders(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for folder in ("0", "ankle_boot", "cat", "dog", "12"):
+        (tmp_path / folder).mkdir()
+        cv2.imwrite(str(tmp_path / folder / "a.png"), _rgb(8, 8, 0))
+    cv2.imwrite(str(tmp_path / "loose.png"), _rgb(8, 8, 0))
+    with caplog.at_level("WARNING", logger="spinn.sources"):
+        frames = list(ImageFolderSource(tmp_path, class_names=FASHION))
+    labels = {Path(f.origin).parent.name: f.label for f in frames}
+    assert labels == {"0": 0, "ankle_boot": 9, "cat": None, "dog": None, "12": None,
+                      tmp_path.name: None}  # fmt: skip
+    # One warning names every folder that gives no label.
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "12, cat, dog" in warnings[0]
+    caplog.clear()
+    ImageFolderSource(tmp_path / "0", class_names=FASHION)
+    ImageFolderSource(tmp_path)  # no class names: no labels to miss
+    assert not caplog.records
 
 
 def test_image_folder_errors(tmp_path: Path) -> None:
