@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CHECKPOINT,
         help="checkpoint (must be the server's; default: the shipped model)",
     )
+    p.add_argument(
+        "--allow-user-code",
+        action="store_true",
+        help="trust and import the model code the checkpoint names (a model trained with "
+        "spinn train --arch package.module:callable; the module must be importable)",
+    )
     p.add_argument("--profile", type=Path, help="offline profile (default: beside the checkpoint)")
     p.add_argument(
         "--server",
@@ -178,6 +184,7 @@ def config_from_args(args: argparse.Namespace) -> DeviceConfig:
         policy=args.policy,
         sla=sla_from_args(args),
         checkpoint=args.checkpoint,
+        allow_user_code=args.allow_user_code,
         profile=args.profile,
         server=None if args.device_only else servers[0],
         extra_servers=() if args.device_only else tuple(servers[1:]),

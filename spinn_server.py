@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CHECKPOINT,
         help=f"checkpoint to serve (default: the shipped model, {DEFAULT_CHECKPOINT.name})",
     )
+    p.add_argument(
+        "--allow-user-code",
+        action="store_true",
+        help="trust and import the model code the checkpoint names (a model trained with "
+        "spinn train --arch package.module:callable; the module must be importable)",
+    )
     p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
     p.add_argument(
         "--port", type=int, default=d.port, help=f"TCP port, 0 = any free (default {d.port})"
@@ -172,6 +178,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
     return ServerConfig(
         checkpoint=args.checkpoint,
+        allow_user_code=args.allow_user_code,
         host=args.host,
         port=args.port,
         workers=args.workers,

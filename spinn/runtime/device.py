@@ -105,6 +105,9 @@ class DeviceConfig:
 
     checkpoint: Path = DEFAULT_CHECKPOINT
     """Checkpoint of the progressive model (must match the server's)."""
+    allow_user_code: bool = False
+    """Import the module a checkpoint of a user model ('module:callable') names to rebuild
+    it; off, such a checkpoint is refused (``spinn.checkpoint.load_checkpoint``)."""
     profile: Path | None = None
     """Offline profile; None = ``profile.json`` beside the checkpoint."""
     server: tuple[str, int] | None = ("127.0.0.1", 7878)
@@ -600,7 +603,9 @@ class SpinnDevice:
         self.config = config
         workers, threads = plan_workers(config.workers, config.torch_threads)
         configure_torch(threads)
-        self.model, self.meta = load_checkpoint(config.checkpoint)
+        self.model, self.meta = load_checkpoint(
+            config.checkpoint, allow_user_code=config.allow_user_code
+        )
         self.model.eval()
         profile_path = config.profile or Path(config.checkpoint).with_name("profile.json")
         if not Path(profile_path).is_file():

@@ -100,6 +100,9 @@ class ServerConfig:
 
     checkpoint: Path = DEFAULT_CHECKPOINT
     """Checkpoint whose server part is served (default: the shipped model)."""
+    allow_user_code: bool = False
+    """Import the module a checkpoint of a user model ('module:callable') names to rebuild
+    it; off, such a checkpoint is refused (``spinn.checkpoint.load_checkpoint``)."""
     host: str = "127.0.0.1"
     """Address to listen on."""
     port: int = 7878
@@ -281,7 +284,9 @@ class SpinnServer:
         self.config = config
         self.workers, threads = plan_workers(config.workers, config.torch_threads)
         configure_torch(threads)
-        self.model, self.meta = load_checkpoint(config.checkpoint)
+        self.model, self.meta = load_checkpoint(
+            config.checkpoint, allow_user_code=config.allow_user_code
+        )
         self.torch_device = resolve_device(config.device)
         self.model.to(self.torch_device).eval()
         self._token = None if config.token_file is None else load_token(config.token_file)
