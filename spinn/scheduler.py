@@ -269,7 +269,8 @@ class Predictor:
             cut_e       = min(V_e, max(0, local_e + (N−1)·P0 − SF·D(s) − bits(s)/B − q·W))
             device_busy = head + Σ_won r_e·(SFb·(D(x_e+1) − D(s)) + (x_e+1−s)·c)
             server_busy = (1+q)·(Σ_{x_e≥s, not won} r_e·V_e + Σ_won r_e·cut_e)
-            throughput  = 1000 / max(device_busy, uplink, server_busy)
+            held        = Σ r_e·(won_e ? local_e + (N−1)·P0 : path_e) + O
+            throughput  = 1000 / max(device_busy, uplink, server_busy, held / N)
         """
         sf, g = est.device_scale, est.server_scale
         bw = est.bandwidth_bps
@@ -356,6 +357,12 @@ class Predictor:
                 # ∞ − ∞ on a dead link: nothing reaches the server, so it does no work.
                 until_cancel = np.where(np.isnan(until_cancel), 0.0, until_cancel)
                 cut = np.minimum(v[:, None, :], np.maximum(0.0, until_cancel))
+            # An input leaves the window when its first answer arrives: the local one
+            # after its wait when the device wins, else the server's.
+            in_window = np.where(
+                self.remote[:, None, :], np.where(won, local_ms + wait[:, :, None], remote_ms),
+                local_ms,
+            )  # fmt: skip
             won_rates = np.where(won, rates, 0.0)
             lost_rates = self.remote_rates - won_rates
             device_busy = d_head + (won_rates * race).sum(axis=-1)
@@ -363,9 +370,16 @@ class Predictor:
                 (lost_rates * v[:, None, :]).sum(axis=-1) + (won_rates * cut).sum(axis=-1)
             )
         else:
+            in_window = path
             device_busy = d_head
             server_busy = share * srv_cost
         period = np.maximum(np.maximum(device_busy, uplink), server_busy)
+        # The window: N inputs in flight, each held until its answer, finish at most N per
+        # holding time (Little's law). On a long path it binds before any stage does:
+        # server-only over a 40 ms RTT runs at 4 per 45 ms, whatever the server's speed.
+        with np.errstate(invalid="ignore"):
+            held = np.where(rates > 0, rates * in_window, 0.0).sum(axis=-1) + overhead
+        period = np.maximum(period, held / self.config.max_in_flight)
         with np.errstate(divide="ignore"):
             throughput = np.where(period > 0, 1000.0 / period, np.inf)
         valid = np.ones(self.shape, dtype=bool)

@@ -123,10 +123,18 @@ def reference(
     # ones, a period each (the period without race work).
     wait = (cfg.max_in_flight - 1) * max(d_head, uplink, share * server_cost)
     d_race = s_lost = s_won_cut = 0.0
+    # An input holds its in-flight slot until its first answer under that stream.
+    held = e.frame_overhead_ms + sum(
+        rates[i] * e.device_scale * p.device_time_ms(x + 1)
+        for i, x in enumerate(p.exit_stages)
+        if i not in remote_of
+    )
     for i, remote in remote_of.items():
         x = p.exit_stages[i]
         local = e.device_scale * p.device_time_ms(x + 1)
-        if cfg.local_race and local + wait <= remote:
+        won = cfg.local_race and local + wait <= remote
+        held += rates[i] * (local + wait if won else remote)
+        if won:
             # Won locally: the device runs stages [s, x] too, one call each; the server
             # works until the CANCEL arrives.
             d_race += rates[i] * (
@@ -140,7 +148,7 @@ def reference(
             s_lost += rates[i] * srv[i]
     device_busy = d_head + d_race
     server_busy = share * (s_lost + s_won_cut)
-    period = max(device_busy, uplink, server_busy)
+    period = max(device_busy, uplink, server_busy, held / cfg.max_in_flight)
     return {
         "latency_ms": latency,
         "device_cost_ms": device_cost,
@@ -385,12 +393,15 @@ def test_throughput_counts_the_race_the_device_wins() -> None:
     assert got.server_busy_ms == pytest.approx(got.server_cost_ms)
     one = Scheduler(p, config=SchedulerConfig(response_bytes=0, max_in_flight=1))
     assert one.predict(near).at(0, t).device_busy_ms == pytest.approx(device)
-    # Without the race the device only uploads, and the server computes everything.
+    # Without the race the device only uploads, and the server computes everything; the
+    # 70 ms round trip then holds each of the 4 in-flight inputs longer than 4 uploads take:
+    # the window, not the link, sets the rate.
     no_race = Scheduler(p, config=SchedulerConfig(response_bytes=0, local_race=False))
     got = no_race.predict(e).at(0, t)
     assert got.device_busy_ms == pytest.approx(0.5 + 0.1)
     assert got.server_busy_ms == pytest.approx(got.server_cost_ms)
-    assert got.throughput == pytest.approx(1000 / up)
+    assert got.latency_ms / 4 > up
+    assert got.throughput == pytest.approx(4000 / got.latency_ms)
 
 
 def test_throughput_ignores_the_race_the_server_wins() -> None:
