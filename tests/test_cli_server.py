@@ -44,6 +44,27 @@ def test_bad_values_are_named(capsys: pytest.CaptureFixture[str], tmp_path: Path
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--workers", "0"], "--workers must be >= 1, got 0"),
+        (["--workers", "-3"], "--workers must be >= 1, got -3"),
+        (["--torch-threads", "0"], "--torch-threads must be >= 1, got 0"),
+        (["--max-in-flight", "0"], "--max-in-flight must be >= 1, got 0"),
+        (["--grace", "-1"], "--grace must be >= 0, got -1"),
+        (["--stats-interval", "-1"], "--stats-interval must be >= 0, got -1"),
+    ],
+)
+def test_bad_flags_are_named_before_the_model_loads(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        spinn_server.main(["--port", "0", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 @pytest.mark.integration
 def test_sigterm_stops_gracefully_with_status_0(checkpoint: Path) -> None:
     # SIGINT takes the same path; integration test (1) stops its server with it.

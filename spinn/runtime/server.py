@@ -183,10 +183,17 @@ class ServerConfig:
             )
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
+        # Named by their flag where the field name would not tell which flag to fix.
         if self.max_queue_per_connection < 1:
-            raise ValueError(
-                f"max_queue_per_connection must be >= 1, got {self.max_queue_per_connection}"
-            )
+            raise ValueError(f"--max-in-flight must be >= 1, got {self.max_queue_per_connection}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.torch_threads < 1:
+            raise ValueError(f"--torch-threads must be >= 1, got {self.torch_threads}")
+        if not self.stats_interval_s >= 0:
+            raise ValueError(f"--stats-interval must be >= 0, got {self.stats_interval_s}")
+        if not self.shutdown_grace_s >= 0:
+            raise ValueError(f"--grace must be >= 0, got {self.shutdown_grace_s}")
         for name in ("max_queued", "max_connections", "max_tensor_elements"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
