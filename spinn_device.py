@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     from spinn.checkpoint import CheckpointError, read_checkpoint
+    from spinn.profile import ProfileError
     from spinn.runtime.device import DeviceError, run_device
     from spinn.sources import SourceError
 
@@ -247,10 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, CheckpointError) as exc:
         print(f"spinn-device: {exc}", file=sys.stderr)
         return 2
-    out = open(args.out, "w", encoding="utf-8") if args.out else None  # noqa: SIM115
+    try:
+        out = open(args.out, "w", encoding="utf-8") if args.out else None  # noqa: SIM115
+    except OSError as exc:
+        source.close()
+        print(f"spinn-device: cannot write --out {args.out}: {exc.strerror}", file=sys.stderr)
+        return 2
     try:
         uvloop.run(run_device(config, source, out=out, show_status=not args.no_status))
-    except (DeviceError, CheckpointError, SourceError) as exc:
+    except (DeviceError, CheckpointError, ProfileError, SourceError) as exc:
         print(f"spinn-device: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -33,6 +33,10 @@ def test_help_names_sources_policy_and_sla(capsys: pytest.CaptureFixture[str]) -
         (["--dataset", "fashion-mnist", "--max-in-flight", "0"], "max_in_flight must be >= 1"),
         (["--dataset", "fashion-mnist", "--codec", "jpeg"], "unknown codec 'jpeg'"),
         (["--thr", "0.5"], "one of the arguments --camera --video --images --dataset"),
+        (
+            ["--dataset", "fashion-mnist", "--device-only", "--torch-threads", "0"],
+            "--torch-threads must be >= 1, got 0",
+        ),  # fmt: skip
     ],
 )
 def test_bad_flags_are_named(
@@ -60,6 +64,45 @@ def test_bad_source_and_split_exit_2(
     cv2.imwrite(str(tmp_path / "img" / "a.png"), np.zeros((28, 28), np.uint8))
     assert spinn_device.main([*base, "--images", str(tmp_path / "img"), "--split", "40"]) == 2
     assert "--split must be in 0.." in capsys.readouterr().err
+
+
+def _one_image(directory: Path) -> Path:
+    (directory / "img").mkdir(exist_ok=True)
+    cv2.imwrite(str(directory / "img" / "a.png"), np.zeros((28, 28), np.uint8))
+    return directory / "img"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json at all", "is not valid JSON"),
+        ('{"format": "spinn-profile/1"}', "bad.json: "),
+    ],
+)
+def test_malformed_profile_is_one_line_naming_the_file(
+    content: str, message: str, checkpoint: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    profile = tmp_path / "bad.json"
+    profile.write_text(content)
+    argv = ["--checkpoint", str(checkpoint), "--device-only", "--no-status",
+            "--images", str(_one_image(tmp_path)), "--profile", str(profile)]  # fmt: skip
+    assert spinn_device.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "bad.json" in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_unwritable_out_is_one_line_naming_the_flag(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "no" / "such" / "dir" / "a.jsonl"
+    argv = ["--checkpoint", str(checkpoint), "--device-only", "--no-status",
+            "--images", str(_one_image(tmp_path)), "--out", str(out)]  # fmt: skip
+    assert spinn_device.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write --out {out}: No such file or directory" in err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_image_folder_device_only_writes_one_json_line_per_image(
