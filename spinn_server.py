@@ -232,11 +232,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return uvloop.run(run_server(config))
-    except (CheckpointError, SecurityError) as exc:
+    except (CheckpointError, SecurityError, OSError) as exc:
+        # A bind error is a ListenError, which names the address and the flag that set it.
         print(f"spinn-server: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"spinn-server: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 2
 
 

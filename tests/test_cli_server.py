@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -63,6 +64,24 @@ def test_bad_flags_are_named_before_the_model_loads(
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+def test_a_busy_port_is_named_with_its_flag(
+    flag: str, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        ports = {"--port": "0", "--metrics-port": "0", flag: str(taken)}
+        argv = ["--checkpoint", str(checkpoint), "--workers", "1", "-q"]
+        for name, port in ports.items():
+            argv += [name, port]
+        assert spinn_server.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{taken} ({flag}): Address already in use" in err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.integration

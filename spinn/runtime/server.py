@@ -34,6 +34,7 @@ import functools
 import json
 import logging
 import math
+import os
 import secrets
 import signal
 import ssl
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
+    "ListenError",
     "ServerConfig",
     "SpinnServer",
     "frame_limit_for",
@@ -92,6 +94,22 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "default" 
 _READ_CHUNK = 1 << 16
 _FRAME_HEADROOM = 64 * 1024
 """Bytes above the largest activation a frame may carry (msgpack envelope, PING padding)."""
+
+
+class ListenError(OSError):
+    """The server cannot listen on one of its addresses; the message names which one."""
+
+    @classmethod
+    def at(cls, flag: str, host: str, port: int, exc: OSError) -> ListenError:
+        """The error of binding ``host:port``, which ``flag`` set, that failed with ``exc``."""
+        # asyncio's bind errors repeat the address inside strerror; the errno's text is
+        # the reason alone. Resolver errors have negative codes and only their strerror.
+        reason = os.strerror(exc.errno) if (exc.errno or 0) > 0 else exc.strerror or str(exc)
+        where = f"{host}:{port} ({flag})" if port else f"{host} ({flag} 0, any free port)"
+        return cls(exc.errno, f"cannot listen on {where}: {reason}")
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 @dataclass(frozen=True)
@@ -348,14 +366,17 @@ class SpinnServer:
     async def start(self) -> None:
         """Bind and start accepting devices."""
         self._loop = asyncio.get_running_loop()
-        self._server = await asyncio.start_server(
-            self._handle,
-            self.config.host,
-            self.config.port,
-            limit=_READ_CHUNK,
-            ssl=self._ssl,
-            ssl_handshake_timeout=self.config.handshake_timeout_s if self._ssl else None,
-        )
+        try:
+            self._server = await asyncio.start_server(
+                self._handle,
+                self.config.host,
+                self.config.port,
+                limit=_READ_CHUNK,
+                ssl=self._ssl,
+                ssl_handshake_timeout=self.config.handshake_timeout_s if self._ssl else None,
+            )
+        except OSError as exc:
+            raise ListenError.at("--port", self.config.host, self.config.port, exc) from exc
         log.info(
             "serving %s (model %s, sha256 %s…) on %s:%d with %d worker(s) × %d torch thread(s)"
             " on %s, batching %s%s",
@@ -379,9 +400,12 @@ class SpinnServer:
             " (from the model)" if self.config.max_frame_bytes is None else "",
         )
         if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(
-                self.config.metrics_host, self.config.metrics_port
-            )
+            host, port = self.config.metrics_host, self.config.metrics_port
+            try:
+                self.metrics_port = self.metrics.serve(host, port)
+            except OSError as exc:
+                self._server.close()
+                raise ListenError.at("--metrics-port", host, port, exc) from exc
             log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
         if self._ssl is not None or self._token is not None:
             log.info(
