@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,12 +233,25 @@ def save_checkpoint(
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load the raw payload with ``weights_only=True`` and check its format tag."""
+    where = os.fspath(path)
     try:
         payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {os.fspath(path)!r} does not exist") from None
+        raise CheckpointError(f"checkpoint {where!r} does not exist") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"checkpoint {where!r} is a directory, not a file") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {where!r}: {exc.strerror}") from None
     except Exception as exc:  # unpickling errors come in many types
-        raise CheckpointError(f"{os.fspath(path)!r} is not a readable checkpoint: {exc}") from exc
+        # torch.save writes a zip archive; anything else (a text file, a truncated
+        # download) makes torch fail with an error that says nothing of the cause,
+        # e.g. KeyError(101) for a file starting with 'e'.
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(
+                f"{where!r} is not a torch checkpoint file (not the zip archive torch.save "
+                "writes): wrong file, or an incomplete copy"
+            ) from exc
+        raise CheckpointError(f"{where!r} is not a readable checkpoint: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(

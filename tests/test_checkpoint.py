@@ -103,8 +103,16 @@ def test_bad_files(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "missing.pt")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="is not a torch checkpoint file"):
         load_checkpoint(junk)
+    # torch alone reports this one as KeyError(101), the byte 'e'.
+    text = tmp_path / "notes.pt"
+    text.write_text("epochs: 8\n")
+    with pytest.raises(CheckpointError, match=r"notes.pt' is not a torch checkpoint file") as info:
+        load_checkpoint(text)
+    assert "101" not in str(info.value)
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_checkpoint(tmp_path)
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(3)}, other)
     with pytest.raises(CheckpointError, match="is not a spinn-checkpoint/1 checkpoint"):
