@@ -35,6 +35,14 @@ def _floats(text: str) -> tuple[float, ...]:
         ) from None
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    values = _floats(text)
+    bad = [v for v in values if not 0.0 <= v <= 1.0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"expected numbers in [0, 1], got {bad[0]:g}")
+    return values
+
+
 def _data_flags(p: argparse.ArgumentParser, default_split: str) -> None:
     p.add_argument(
         "--dataset",
@@ -139,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(e, "test")
     e.add_argument(
         "--thresholds",
-        type=_floats,
+        type=_fractions,
         default=DEFAULT_THRESHOLDS,
         help="comma-separated thr_conf values in [0,1] (default: 0.5 ... 0.99)",
     )
@@ -178,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--thresholds",
-        type=_floats,
+        type=_fractions,
         default=PROFILE_THRESHOLDS,
         help="comma-separated thr_conf grid in [0,1] (default: 0.3 ... 1.0)",
     )

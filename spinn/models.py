@@ -227,7 +227,10 @@ def load_callable(spec: str) -> Callable[..., nn.Module]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"user model {spec!r}: cannot import {module_name!r}: {exc}") from exc
+        raise ValueError(
+            f"user model {spec!r}: cannot import {module_name!r}: {exc} (the module must be "
+            "importable: install its package or add its directory to PYTHONPATH)"
+        ) from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):

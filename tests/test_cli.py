@@ -112,3 +112,12 @@ def test_errors_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as info:
         main(["train", "--out", "x.pt", "--exits", "a,b"])
     assert info.value.code == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", str(tmp_path / "none.pt"), "--thresholds", "2"])
+    assert info.value.code == 2
+    assert "--thresholds: expected numbers in [0, 1], got 2" in capsys.readouterr().err
+    rc = main(["train", "--out", str(tmp_path / "x.pt"), "--arch", "no_such_module_xyz:make"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "No module named 'no_such_module_xyz'" in err and "PYTHONPATH" in err
