@@ -105,6 +105,17 @@ def test_unwritable_out_is_one_line_naming_the_flag(
     assert len(err.strip().splitlines()) == 1, err
 
 
+def test_limit_0_prints_a_summary_that_is_json(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--checkpoint", str(checkpoint), "--device-only", "--no-status",
+            "--images", str(_one_image(tmp_path)), "--limit", "0"]  # fmt: skip
+    assert spinn_device.main(argv) == 0
+    line = capsys.readouterr().err.split("summary ", 1)[1].splitlines()[0]
+    summary = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line}"))
+    assert summary["frames"] == 0 and summary["latency_ms"]["p50"] is None
+
+
 def test_image_folder_device_only_writes_one_json_line_per_image(
     checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

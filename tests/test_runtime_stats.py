@@ -57,6 +57,17 @@ def test_summary_without_labels_has_no_accuracy() -> None:
     assert "accuracy" not in s.summary(1.0)
 
 
+def test_no_answers_give_valid_json_and_dashes() -> None:
+    s = DeviceStats()
+    summary = json.loads(json.dumps(s.summary(1.0), allow_nan=False))
+    assert summary["latency_ms"] == {"p50": None, "p95": None, "mean": None}
+    line = s.status_line(
+        1.0, split=2, thr_conf=0.8, bandwidth_bps=24e6, latency_s=0.04, server_up=True
+    )
+    assert "nan" not in line
+    assert "p50      - ms p95      - ms" in line
+
+
 def test_server_stats_line_rate() -> None:
     st = ServerStats()
     st.line(0.0, 0)

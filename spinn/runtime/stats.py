@@ -41,6 +41,11 @@ def _fmt_rate(bps: float) -> str:
     return f"{bps:.0f} bit/s"
 
 
+def _fmt_ms(ms: float) -> str:
+    # No answer in the window: a dash, not "nan".
+    return f"{ms:6.1f}" if math.isfinite(ms) else f"{'-':>6}"
+
+
 @dataclass(slots=True)
 class DeviceStats:
     """Counts and latencies of a device run; feeds the status line and the summary."""
@@ -108,7 +113,7 @@ class DeviceStats:
         n = max(self.frames, 1)
         return (
             f"frames {self.frames:6d} | {self.live_fps(now):6.1f} fps"
-            f" | p50 {percentile(recent, 50):6.1f} ms p95 {percentile(recent, 95):6.1f} ms"
+            f" | p50 {_fmt_ms(percentile(recent, 50))} ms p95 {_fmt_ms(percentile(recent, 95))} ms"
             f" | split {split} thr {thr_conf:.2f}"
             f" | B {_fmt_rate(bandwidth_bps)} L {latency_s * 1e3:.1f} ms"
             f" | server {'up' if server_up else 'DOWN'}"
@@ -126,13 +131,14 @@ class DeviceStats:
             "frames": self.frames,
             "elapsed_s": round(elapsed, 3),
             "fps": round(self.frames / elapsed, 2) if elapsed > 0 else 0.0,
+            # null without answers: NaN is not JSON, and the summary is read as JSON.
             "latency_ms": {
                 "p50": round(percentile(self.latencies_ms, 50), 3),
                 "p95": round(percentile(self.latencies_ms, 95), 3),
-                "mean": round(sum(self.latencies_ms) / len(self.latencies_ms), 3)
-                if self.latencies_ms
-                else math.nan,
-            },
+                "mean": round(sum(self.latencies_ms) / len(self.latencies_ms), 3),
+            }
+            if self.latencies_ms
+            else {"p50": None, "p95": None, "mean": None},
             "answered_by": dict(self.by_where),
             "exits": {str(k): v for k, v in sorted(self.by_exit.items())},
             "offloaded": self.offloaded,
