@@ -93,6 +93,10 @@ _FATAL_CODES = (ErrorCode.MODEL_MISMATCH, ErrorCode.VERSION, ErrorCode.UNAUTHENT
 _MAX_PROBE_BYTES = 1 << 20
 # Bare round trips measured on a connection before its first bandwidth probe.
 _PINGS_BEFORE_PROBES = 3
+# OpenSSL's reasons for a reply that is no TLS record at all: a server without TLS.
+_NOT_TLS_REASONS = frozenset(
+    {"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"}
+)
 
 
 class DeviceError(RuntimeError):
@@ -217,6 +221,8 @@ class _Sent:
     split: int
     nbytes: int
     sent_at: float
+    head_wait_s: float = 0.0
+    """How long the frame's head waited for a compute slot (queueing, not path)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +264,8 @@ class _Link:
         self.connects = 0
         self.fatal: DeviceError | None = None
         self.ssl: ssl.SSLContext | None = None
-        self._certificate_hint_given = False
+        self._hints_given: set[str] = set()
+        """Misconfiguration warnings already logged (``_misconfiguration_hint``), each once."""
         self.token: bytes | None = None
         try:
             if self.config.use_tls:
@@ -339,24 +346,12 @@ class _Link:
                 log.info(
                     "server %s:%d unreachable (%s); next try in %.2f s", host, port, exc, delay
                 )
-                if (
-                    isinstance(exc, _ClosedInHandshake)
-                    and self.ssl is not None
-                    and self.config.tls_cert is None
-                    and not self._certificate_hint_given
-                ):
-                    # A server that requires client certificates ends the TLS session of a
-                    # device without one right after the handshake; under uvloop that reads
-                    # as a plain close, indistinguishable from a restarting server, so the
-                    # device keeps retrying but says once what the likely cause is.
-                    self._certificate_hint_given = True
-                    log.warning(
-                        "server %s:%d closes TLS connections during the handshake: if it "
-                        "requires client certificates, give this device one with "
-                        "--tls-cert/--tls-key",
-                        host,
-                        port,
-                    )
+                hint = self._misconfiguration_hint(exc)
+                if hint is not None and hint not in self._hints_given:
+                    # These read like a restarting server, so the device keeps retrying
+                    # (and answering locally) but says once what the likely cause is.
+                    self._hints_given.add(hint)
+                    log.warning("server %s:%d %s", host, port, hint)
                 await asyncio.sleep(delay)
                 continue
             self.rotation.connected()
@@ -378,6 +373,31 @@ class _Link:
                 self.rotation.connection_lost()
             if self.fatal is not None:
                 return
+
+    def _misconfiguration_hint(self, exc: BaseException) -> str | None:
+        """The likely cause of a failed connect that a wrong flag on either end explains."""
+        if isinstance(exc, ssl.SSLError) and exc.reason in _NOT_TLS_REASONS:
+            # The first bytes back are no TLS record: the server speaks the plain protocol.
+            return (
+                "does not answer in TLS: is the server using TLS? If not, start the device "
+                "without --tls/--tls-ca (or the server with --tls-cert/--tls-key)"
+            )
+        if not isinstance(exc, _ClosedInHandshake):
+            return None
+        if self.ssl is None:
+            # A TLS server cannot read the plain HELLO as a TLS ClientHello and closes.
+            return (
+                "closes connections during the handshake: is the server using TLS? If so, "
+                "start the device with --tls or --tls-ca"
+            )
+        if self.config.tls_cert is None:
+            # A server that requires client certificates ends the TLS session of a device
+            # without one right after the handshake; under uvloop that reads as a plain close.
+            return (
+                "closes TLS connections during the handshake: if it requires client "
+                "certificates, give this device one with --tls-cert/--tls-key"
+            )
+        return None
 
     async def _connect(self, host: str, port: int) -> asyncio.StreamReader:
         reader, writer = await asyncio.wait_for(
@@ -427,7 +447,14 @@ class _Link:
                     # Wrong token, or a server that skips authentication: not transient.
                     with contextlib.suppress(ProtocolError, OSError):
                         writer.write(conn.send(Error(exc.code, str(exc))))
-                    raise DeviceError(f"server failed authentication: {exc}") from None
+                    # Only a device with a token gets here (a server that requires one
+                    # refuses a HELLO without a nonce itself). The server proves the token
+                    # first (PROTOCOL.md §10): a proof that does not match is far more often
+                    # a token file out of date on one end than an impostor.
+                    raise DeviceError(
+                        f"token authentication failed: {exc}; the device's and the server's "
+                        "tokens differ, or the server uses none (compare their --token-file)"
+                    ) from None
                 raise
             if event is NEED_DATA:
                 data = await reader.read(_READ_CHUNK)
@@ -1060,7 +1087,7 @@ class SpinnDevice:
             self.tracker.server_unavailable(fid)
             return
         self.tracker.offloaded(fid, rid, now, deadline, nbytes)
-        self._sent[rid] = _Sent(fid, plan.split, nbytes, now)
+        self._sent[rid] = _Sent(fid, plan.split, nbytes, now, self._slot_wait_s.get(fid, 0.0))
         self._deadline_wake.set()
 
     async def _continue(self, fid: int, activation: torch.Tensor, plan: _Plan) -> None:
@@ -1163,6 +1190,18 @@ class SpinnDevice:
             result.request_id, now, result.exit_index, result.classes, result.probs
         )
         if answer is not None:
+            if sent is not None:
+                # What the path's model leaves out of a server answer (docs/SCHEDULER.md,
+                # "remote overhead"); the head's wait for a slot is queueing, left out.
+                with contextlib.suppress(ValueError):
+                    self.profiler.observe_remote_answer(
+                        now,
+                        sent.split,
+                        result.exit_index,
+                        max(0.0, answer.latency_s - sent.head_wait_s) * 1e3,
+                        request_bytes=sent.nbytes,
+                        response_bytes=64 + 16 * len(result.classes),
+                    )
             self._publish(answer, now)
             ev = self._changed.get(answer.frame_id)
             if ev is not None:
