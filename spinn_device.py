@@ -98,12 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy",
         choices=("fixed", *POLICY_NAMES),
         default="fixed",
-        help="how split and threshold are chosen: fixed (--split/--thr), the SPINN scheduler "
-        "(spinn, with the SLA flags below) or a baseline",
+        help="how split and threshold are chosen (default: fixed): fixed keeps --split and "
+        "--thr; spinn is the SPINN scheduler, working to the SLA flags below (they act only "
+        "with spinn and spinn-no-ee; edgent reads --max-latency-ms); the others are baselines",
     )
-    p.add_argument("--split", type=int, help="split point, 0 = server-only, S = device-only")
     p.add_argument(
-        "--thr", type=_fraction, default=d.thr_conf, help=f"exit threshold (default {d.thr_conf})"
+        "--split",
+        type=int,
+        help="with --policy fixed: the device runs the model's first SPLIT stages and the "
+        "server the rest; 0 = server-only, S = device-only, where S is the model's number of "
+        "stages (default: S // 2)",
+    )
+    p.add_argument(
+        "--thr",
+        type=_fraction,
+        default=d.thr_conf,
+        help=f"with --policy fixed: exit confidence threshold (default {d.thr_conf})",
     )
     p.add_argument(
         "--max-in-flight",
@@ -222,6 +232,27 @@ def open_source(args: argparse.Namespace, class_names: tuple[str, ...] = ()) -> 
     return dataset_source(args.dataset, limit=args.limit, data_dir=args.data_dir)
 
 
+# The SLA flags each policy reads (spinn.scheduler.make_policy), None: all; others read none.
+_SLA_READERS: dict[str, tuple[str, ...] | None] = {
+    "spinn": None,
+    "spinn-no-ee": None,
+    "edgent": ("--sla", "--max-latency-ms"),
+}
+
+
+def _warn_unused_sla(args: argparse.Namespace) -> None:
+    from spinn.sla import sla_flags_given
+
+    read = _SLA_READERS.get(args.policy, ())
+    unread = [f for f in sla_flags_given(args) if read is not None and f not in read]
+    if unread:
+        logging.getLogger("spinn.device").warning(
+            "%s ignored with --policy %s: the SLA acts with --policy spinn",
+            ", ".join(unread),
+            args.policy,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``spinn-device``."""
     parser = build_parser()
@@ -235,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+    _warn_unused_sla(args)
     import uvloop
 
     from spinn.checkpoint import CheckpointError, read_checkpoint

@@ -26,7 +26,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DEFAULT_RANK", "SLA", "Metric", "SLAError", "add_sla_arguments", "sla_from_args"]
+__all__ = [
+    "DEFAULT_RANK",
+    "SLA",
+    "Metric",
+    "SLAError",
+    "add_sla_arguments",
+    "sla_flags_given",
+    "sla_from_args",
+]
 
 
 class SLAError(ValueError):
@@ -197,18 +205,57 @@ class SLA:
 
 def add_sla_arguments(parser: argparse.ArgumentParser) -> None:
     """The SLA flags shared by the CLIs; flags override the values of ``--sla FILE``."""
-    g = parser.add_argument_group("service-level agreement (docs/SCHEDULER.md)")
-    g.add_argument("--sla", metavar="FILE", help="SLA file (.toml or .json)")
-    g.add_argument("--max-latency-ms", type=float, metavar="MS")
-    g.add_argument("--min-throughput", type=float, metavar="PER_S")
-    g.add_argument("--max-server-cost-ms", type=float, metavar="MS")
-    g.add_argument("--max-device-cost-ms", type=float, metavar="MS")
-    g.add_argument("--min-accuracy", type=float, metavar="FRACTION")
+    g = parser.add_argument_group(
+        "service-level agreement (docs/SCHEDULER.md)",
+        "Hard limits drop the split and threshold choices predicted to break them; the "
+        "ranking picks among the rest. No limit is set unless given.",
+    )
+    g.add_argument(
+        "--sla", metavar="FILE", help="SLA file (.toml or .json) of these keys; flags override it"
+    )
+    g.add_argument(
+        "--max-latency-ms",
+        type=float,
+        metavar="MS",
+        help="limit: expected end-to-end latency per input at most MS",
+    )
+    g.add_argument(
+        "--min-throughput",
+        type=float,
+        metavar="PER_S",
+        help="limit: sustained inferences per second at least PER_S",
+    )
+    g.add_argument(
+        "--max-server-cost-ms",
+        type=float,
+        metavar="MS",
+        help="limit: expected server compute per input at most MS",
+    )
+    g.add_argument(
+        "--max-device-cost-ms",
+        type=float,
+        metavar="MS",
+        help="limit: expected device compute per input at most MS",
+    )
+    g.add_argument(
+        "--min-accuracy",
+        type=float,
+        metavar="FRACTION",
+        help="limit: accuracy on the profile's calibration set at least FRACTION (0..1)",
+    )
     g.add_argument(
         "--rank",
         metavar="M1,M2,...",
-        help="metrics in order of importance: " + ", ".join(m.value for m in Metric),
+        help="metrics in order of importance, the rest following in the default order ("
+        + ",".join(m.value for m in DEFAULT_RANK)
+        + ")",
     )
+
+
+def sla_flags_given(ns: argparse.Namespace) -> tuple[str, ...]:
+    """The ``add_sla_arguments`` flags set in ``ns``, as typed (``--sla`` included)."""
+    names = ("sla", *_LIMIT_KEYS, "rank")
+    return tuple("--" + n.replace("_", "-") for n in names if getattr(ns, n, None) is not None)
 
 
 def sla_from_args(ns: argparse.Namespace) -> SLA:

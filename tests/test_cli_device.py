@@ -24,6 +24,45 @@ def test_help_names_sources_policy_and_sla(capsys: pytest.CaptureFixture[str]) -
         assert flag in out, flag
 
 
+def test_help_explains_policy_split_and_each_sla_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        spinn_device.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: fixed)" in out and "act only with spinn" in out
+    assert "S is the model's number of stages (default: S // 2)" in out
+    for flag in ("--max-latency-ms MS", "--min-throughput PER_S", "--max-server-cost-ms MS",
+                 "--max-device-cost-ms MS", "--min-accuracy FRACTION", "--rank M1,M2,..."):  # fmt: skip
+        after = out.split("service-level agreement", 1)[1].split(flag, 1)[1]
+        assert after.split()[0] in ("limit:", "metrics"), flag
+
+
+@pytest.mark.parametrize(
+    ("policy", "ignored"),
+    [
+        ("fixed", "--max-latency-ms, --rank"),
+        ("device-only", "--max-latency-ms, --rank"),
+        ("edgent", "--rank"),
+        ("spinn", None),
+    ],  # fmt: skip
+)
+def test_sla_flags_unread_by_the_policy_are_warned_about(
+    policy: str, ignored: str | None, checkpoint: Path, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    argv = ["--checkpoint", str(checkpoint), "--device-only", "--no-status", "--images",
+            str(_one_image(tmp_path)), "--policy", policy, "--max-latency-ms", "500",
+            "--rank", "latency"]  # fmt: skip
+    assert spinn_device.main(argv) == 0
+    warnings = [r.getMessage() for r in caplog.records if "ignored with --policy" in r.getMessage()]
+    if ignored is None:
+        assert warnings == []
+    else:
+        assert warnings == [f"{ignored} ignored with --policy {policy}: the SLA acts with "
+                            "--policy spinn"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
