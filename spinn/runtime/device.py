@@ -221,8 +221,6 @@ class _Sent:
     split: int
     nbytes: int
     sent_at: float
-    head_wait_s: float = 0.0
-    """How long the frame's head waited for a compute slot (queueing, not path)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1087,7 +1085,7 @@ class SpinnDevice:
             self.tracker.server_unavailable(fid)
             return
         self.tracker.offloaded(fid, rid, now, deadline, nbytes)
-        self._sent[rid] = _Sent(fid, plan.split, nbytes, now, self._slot_wait_s.get(fid, 0.0))
+        self._sent[rid] = _Sent(fid, plan.split, nbytes, now)
         self._deadline_wake.set()
 
     async def _continue(self, fid: int, activation: torch.Tensor, plan: _Plan) -> None:
@@ -1190,18 +1188,6 @@ class SpinnDevice:
             result.request_id, now, result.exit_index, result.classes, result.probs
         )
         if answer is not None:
-            if sent is not None:
-                # What the path's model leaves out of a server answer (docs/SCHEDULER.md,
-                # "remote overhead"); the head's wait for a slot is queueing, left out.
-                with contextlib.suppress(ValueError):
-                    self.profiler.observe_remote_answer(
-                        now,
-                        sent.split,
-                        result.exit_index,
-                        max(0.0, answer.latency_s - sent.head_wait_s) * 1e3,
-                        request_bytes=sent.nbytes,
-                        response_bytes=64 + 16 * len(result.classes),
-                    )
             self._publish(answer, now)
             ev = self._changed.get(answer.frame_id)
             if ev is not None:
