@@ -66,9 +66,12 @@ def test_bad_flags_are_named_before_the_model_loads(
     assert message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+@pytest.mark.parametrize(
+    ("flag", "named"),
+    [("--port", "--host/--port"), ("--metrics-port", "--metrics-host/--metrics-port")],
+)
 def test_a_busy_port_is_named_with_its_flag(
-    flag: str, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+    flag: str, named: str, checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -80,7 +83,7 @@ def test_a_busy_port_is_named_with_its_flag(
             argv += [name, port]
         assert spinn_server.main(argv) == 2
     err = capsys.readouterr().err
-    assert f"cannot listen on 127.0.0.1:{taken} ({flag}): Address already in use" in err
+    assert f"cannot listen on 127.0.0.1:{taken} ({named}): Address already in use" in err
     assert len(err.strip().splitlines()) == 1, err
 
 

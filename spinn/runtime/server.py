@@ -100,13 +100,13 @@ class ListenError(OSError):
     """The server cannot listen on one of its addresses; the message names which one."""
 
     @classmethod
-    def at(cls, flag: str, host: str, port: int, exc: OSError) -> ListenError:
-        """The error of binding ``host:port``, which ``flag`` set, that failed with ``exc``."""
+    def at(cls, flags: str, host: str, port: int, exc: OSError) -> ListenError:
+        """The error of binding ``host:port``, which ``flags`` set, that failed with ``exc``."""
         # asyncio's bind errors repeat the address inside strerror; the errno's text is
         # the reason alone. Resolver errors have negative codes and only their strerror.
         reason = os.strerror(exc.errno) if (exc.errno or 0) > 0 else exc.strerror or str(exc)
-        where = f"{host}:{port} ({flag})" if port else f"{host} ({flag} 0, any free port)"
-        return cls(exc.errno, f"cannot listen on {where}: {reason}")
+        where = f"{host}:{port}" if port else f"{host}, any free port"
+        return cls(exc.errno, f"cannot listen on {where} ({flags}): {reason}")
 
     def __str__(self) -> str:
         return str(self.strerror)
@@ -376,7 +376,7 @@ class SpinnServer:
                 ssl_handshake_timeout=self.config.handshake_timeout_s if self._ssl else None,
             )
         except OSError as exc:
-            raise ListenError.at("--port", self.config.host, self.config.port, exc) from exc
+            raise ListenError.at("--host/--port", self.config.host, self.config.port, exc) from exc
         log.info(
             "serving %s (model %s, sha256 %s…) on %s:%d with %d worker(s) × %d torch thread(s)"
             " on %s, batching %s%s",
@@ -405,7 +405,7 @@ class SpinnServer:
                 self.metrics_port = self.metrics.serve(host, port)
             except OSError as exc:
                 self._server.close()
-                raise ListenError.at("--metrics-port", host, port, exc) from exc
+                raise ListenError.at("--metrics-host/--metrics-port", host, port, exc) from exc
             log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
         if self._ssl is not None or self._token is not None:
             log.info(
