@@ -75,7 +75,11 @@ def test_sla_flags_unread_by_the_policy_are_warned_about(
         (
             ["--dataset", "fashion-mnist", "--device-only", "--torch-threads", "0"],
             "--torch-threads must be >= 1, got 0",
-        ),  # fmt: skip
+        ),
+        (
+            ["--dataset", "fashion-mnist", "--status-interval", "-1"],
+            "--status-interval must be >= 0, got -1",
+        ),
     ],
 )
 def test_bad_flags_are_named(

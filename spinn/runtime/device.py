@@ -187,6 +187,8 @@ class DeviceConfig:
             raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
         if self.torch_threads < 1:
             raise ValueError(f"--torch-threads must be >= 1, got {self.torch_threads}")
+        if not self.status_interval_s >= 0:
+            raise ValueError(f"--status-interval must be >= 0, got {self.status_interval_s}")
         if self.codec not in CODECS:
             raise ValueError(f"unknown codec {self.codec!r}; choose one of {', '.join(CODECS)}")
         if self.limit is not None and self.limit < 0:
