@@ -9,7 +9,7 @@ experiments need on top of it:
   as long, ``spinn.runtime``), with the device's offline profile scaled by K, as it would
   be had it been measured on that device;
 * CPU pinning: the device (this process) on one core, server and proxy on another, so
-  the two ends do not take each other's time (issue 7, "the device is slower");
+  the two ends do not take each other's time (the device is the slower machine);
 * a netshape proxy driven through its control port (rate, delay, outages, traces);
 * ``measure``: one device run of a policy with per-answer timestamps, the decisions and
   estimates the policy saw, and the figures every experiment reports.

@@ -863,7 +863,7 @@ def _machine() -> dict[str, str]:
 def headline(
     e1: dict[str, Any], e4: dict[str, Any], e6: dict[str, Any], frames_lost: int
 ) -> dict[str, Any]:
-    """The figures of the last JSON line (issue 7)."""
+    """The figures of the last JSON line."""
     ratios = [r["spinn_vs_best_baseline"] for r in e1["rows"]]
     oracle = [r["spinn_vs_oracle"] for r in e1["rows"]]
     acc_at = e6["accuracy_at"]

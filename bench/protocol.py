@@ -8,7 +8,7 @@
    random-weight ResNet-20 made progressive by the project's generator stands in (said so
    in the output). Per codec, with and without zstd: bytes versus float32, pack and unpack
    speed in MB/s of float32 input, worst quantisation error in units of the scale.
-   Targets (issue 2): sparse_int8 + zstd ≥ 8× smaller than float32; pack and unpack
+   Targets: sparse_int8 + zstd ≥ 8× smaller than float32; pack and unpack
    ≥ 500 MB/s of float32 input.
    Per split, the compression ratio is set beside an entropy yardstick: the ratio an ideal
    order-0 coder would reach on the same bitmask and int8 values (the empirical entropy of

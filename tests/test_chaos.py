@@ -1,6 +1,6 @@
 """Chaos: one device stream through netshape while the path and the server fail in turn.
 
-Issue 8, "Chaos": during a single stream, a connection reset, a black hole, a
+Chaos: during a single stream, a connection reset, a black hole, a
 ``limit_data`` cut in the middle of a frame (netshape's ``limit_bytes``, as toxiproxy's
 ``limit_data``), and a server killed with SIGKILL then restarted on the same port. After
 each fault the device must be back to offloading (server answers again) and, at the end,

@@ -66,4 +66,4 @@ def test_recorded_test_accuracy_is_reproduced(
     assert len(accuracy) == len(recorded)
     for got, want in zip(accuracy, recorded, strict=True):
         assert abs(got - want) <= 0.002  # within 0.2 points
-    assert accuracy[-1] >= 0.90  # the final exit's target (issue 3)
+    assert accuracy[-1] >= 0.90  # the final exit's target (README, default model)

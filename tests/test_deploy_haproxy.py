@@ -1,5 +1,5 @@
 """Several servers: HAProxy (deploy/haproxy.cfg) in front of two server processes, and the
-device's own failover over several ``--server`` addresses (issue 9, "several servers").
+device's own failover over several ``--server`` addresses.
 
 A real device streams frames; the server that holds its connection is killed with SIGKILL
 mid-stream.  Every frame must be answered exactly once (paper §4.4, robust to server

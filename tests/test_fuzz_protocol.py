@@ -1,4 +1,4 @@
-"""Property-based fuzzing of every decoder that reads peer bytes (issue 8, "Fuzzing").
+"""Property-based fuzzing of every decoder that reads peer bytes.
 
 The targets and strategies are ``bench.fuzz``'s; here they run briefly in ``make test``.
 ``SPINN_FUZZ_SECONDS=N`` turns the last test into a long run of N seconds that prints the

@@ -1,6 +1,6 @@
 """netshape on real loopback sockets: a real echo/sink/source server, the proxy, a client.
 
-Every transfer is checksummed. Accuracy tolerances follow issue 4: rate within +/-5 %, added
+Every transfer is checksummed. Accuracy tolerances: rate within +/-5 %, added
 delay within +/-2 ms (median). Rates up to 200 Mbit/s are measured by ``python -m
 bench.netshape``; the tests cover 100 kbit/s to 20 Mbit/s to stay short and reliable on a
 busy 2-core machine.

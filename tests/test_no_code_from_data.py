@@ -1,4 +1,4 @@
-"""Nothing from the wire or from a file can run code (issue 8, security).
+"""Nothing from the wire or from a file can run code (docs/PROTOCOL.md §10).
 
 A static check over the project's sources (no pickle, ``torch.load(weights_only=True)``,
 ``np.load(allow_pickle=False)``, msgpack decoding only through the protocol's hardened

@@ -167,7 +167,7 @@ def test_a_header_alone_does_not_reserve_its_whole_frame() -> None:
 
 @pytest.mark.parametrize("chunk", [1000, 65536])
 def test_buffer_growth_is_capped_at_one_frame_and_a_read(chunk: int) -> None:
-    # Doubling alone would leave ~2x the largest frame allocated per peer (issue M5).
+    # Doubling alone would leave ~2x the largest frame allocated per peer.
     limit = 2**20
     bodies = [bytes([i]) * size for i, size in enumerate([limit, 300_000, limit, 17, limit])]
     stream = b"".join(encode_frame(b) for b in bodies)

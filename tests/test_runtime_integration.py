@@ -1,4 +1,4 @@
-"""End to end with real processes on loopback (issue 5, integration tests (1)–(5)).
+"""End to end with real processes on loopback, tests (1)–(5).
 
 Server, device and (for (3)) the netshape proxy run as separate processes, as
 they would on separate machines; the tests read the device's JSON lines and
@@ -195,7 +195,7 @@ def test_5_cancel_saves_server_work(tmp_path: Path, model_info: tuple[Any, Any])
         assert server.stop() == 0
     by_frame(device.records, n)
     stats = server.final_stats()
-    # Every INFER was accepted or refused at once with BUSY (issue 8, overload).
+    # Every INFER was accepted or refused at once with BUSY (overload).
     assert stats["requests"] + stats["busy_sent"] == summary["offloaded"]
     cancelled = stats["cancelled_queued"] + stats["cancelled_running"]
     assert cancelled > 0 and stats["computed"] < stats["requests"]

@@ -1,4 +1,4 @@
-"""Server limits over real loopback sockets (issue 8): connections, timeouts, sizes, BUSY.
+"""Server limits over real loopback sockets: connections, timeouts, sizes, BUSY.
 
 Timeouts here are a few tenths of a second so that a stalled peer is seen being dropped;
 each test is bounded by pytest-timeout.
@@ -306,7 +306,7 @@ def test_shutdown_with_requests_queued_leaves_no_queue_count(checkpoint: Path) -
 
 def test_default_frame_limit_follows_the_model(checkpoint: Path) -> None:
     """Without --max-frame-bytes the limit is the model's largest float32 INFER plus
-    headroom (issue M5), so an unauthenticated peer cannot make the server hold 16 MiB."""
+    headroom, so an unauthenticated peer cannot make the server hold 16 MiB."""
 
     async def body(server: SpinnServer, port: int) -> None:
         model = server.model

@@ -1,4 +1,4 @@
-"""Token files, TLS and token authentication of the runtime (issue 8, security).
+"""Token files, TLS and token authentication of the runtime (docs/PROTOCOL.md §10).
 
 TLS contexts and the token handshake are tested over real sockets, with certificates made
 here.

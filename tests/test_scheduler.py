@@ -1,5 +1,5 @@
 """Tests for spinn.scheduler and spinn.sla: predictions against a scalar reference, the
-choice against a brute-force lexicographic search, the issue's scenarios, hysteresis and
+choice against a brute-force lexicographic search, the design's scenarios, hysteresis and
 the baselines."""
 
 from __future__ import annotations
@@ -295,7 +295,7 @@ def test_min_accuracy_holds_whenever_feasible() -> None:
         assert Scheduler(p, sla).choose(e).prediction.accuracy >= floor
 
 
-# -- the issue's scenarios ----------------------------------------------------------------
+# -- scenarios ---------------------------------------------------------------------------
 
 
 def test_low_bandwidth_goes_late_high_bandwidth_goes_early() -> None:

@@ -1,4 +1,4 @@
-"""Where the server computes: CPU or a CUDA GPU (issue 9, "GPU path").
+"""Where the server computes: CPU or a CUDA GPU.
 
 ``resolve_device("auto")`` picks CUDA when torch sees a GPU, else the CPU, so the same
 command line serves on both.  Activations reach the GPU through pinned host buffers with

@@ -1,4 +1,4 @@
-"""Dynamic batching on the server (issue 9): requests for the same split, from any
+"""Dynamic batching on the server: requests for the same split, from any
 device, run as one forward pass and are answered one by one.
 
 Two parts, after STYLE.md habit 4:

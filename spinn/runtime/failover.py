@@ -1,7 +1,7 @@
 """Which server the device tries next: failover over several addresses, with backoff.
 
 DESIGN.md part 7: when the server fails the device keeps answering locally and
-reconnects in the background.  With several servers (issue 9, "several servers") an
+reconnects in the background.  With several servers an
 outage of one should cost one reconnect, not a backoff: the device moves straight on
 to the next address, and only waits (exponential backoff with jitter, ``Backoff``)
 once every address has failed in a row, so a fleet that is down entirely is not

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the SPINN server (issue 9, "metrics"; deploy/README.md).
+"""Prometheus metrics of the SPINN server (deploy/README.md).
 
 Operators watch and autoscale a server fleet from these: requests, cancels, errors by
 code, queue depth, batch sizes, compute time histograms and connections.  The counters

@@ -1,4 +1,4 @@
-"""Credentials of the runtime: the shared token file and TLS contexts (issue 8, security).
+"""Credentials of the runtime: the shared token file and TLS contexts (docs/PROTOCOL.md §10).
 
 The token proves each end to the other in the handshake (``protocol.auth``,
 PROTOCOL.md §10); TLS (the standard :mod:`ssl` module) encrypts the stream and, with
