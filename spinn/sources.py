@@ -54,13 +54,14 @@ class Frame:
     index: int
     """Position in the stream, from 0; frame ids on the device are these."""
     image: np.ndarray
-    """``uint8`` H×W (grayscale) or H×W×3 (RGB) pixels; empty (0×0) when the source could
-    not read this frame (an unreadable file), so that :func:`preprocess` fails for this
-    frame alone and the device answers it with an error record (docs/RUNTIME.md)."""
+    """``uint8`` H×W (grayscale) or H×W×3 (RGB) pixels; empty (0×0) when ``error`` is set."""
     label: int | None = None
     """Ground-truth class index when the source knows it."""
     origin: str = ""
     """Where the frame came from (file name, camera, dataset index), for the output."""
+    error: str = ""
+    """Why the source could not read this frame (an unreadable file): the device answers
+    it with an error record and goes on with the next (docs/RUNTIME.md)."""
 
 
 class FrameSource(Protocol):
@@ -225,13 +226,11 @@ class ImageFolderSource:
     def __iter__(self) -> Iterator[Frame]:
         for i, path in enumerate(self.paths):
             try:
-                image = _read_image(path)
+                image, error = _read_image(path), ""
             except SourceError as exc:
-                # One bad file costs its own frame, not the run: the frame goes on without
-                # pixels and the device answers it with an error record (docs/RUNTIME.md).
-                log.warning("--images: %s", exc)
-                image = np.zeros((0, 0), np.uint8)
-            yield Frame(i, image, self._label(path), str(path))
+                # One bad file costs its own frame, not the run (docs/RUNTIME.md).
+                image, error = np.zeros((0, 0), np.uint8), f"--images: {exc}"
+            yield Frame(i, image, self._label(path), str(path), error)
 
     def close(self) -> None:
         """Nothing to release."""

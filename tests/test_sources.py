@@ -132,9 +132,7 @@ def _folder_with_a_broken_image(root: Path) -> None:
     (root / "dog" / "broken.png").write_text("not an image\n")
 
 
-def test_an_unreadable_image_is_a_frame_without_pixels(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_an_unreadable_image_is_a_frame_that_says_why(tmp_path: Path) -> None:
     _folder_with_a_broken_image(tmp_path)
     frames = list(ImageFolderSource(tmp_path, class_names=["cat", "dog"]))
     assert [Path(f.origin).name for f in frames] == ["0.png", "1.png", "2.png"] + [
@@ -142,8 +140,9 @@ def test_an_unreadable_image_is_a_frame_without_pixels(
     ]  # fmt: skip
     broken = frames[-1]
     assert broken.index == 6 and broken.label == 1 and broken.image.size == 0
-    assert "cannot decode" in caplog.text and "broken.png" in caplog.text
-    # The frame itself fails where the device turns it into model input.
+    assert "cannot decode" in broken.error and "broken.png" in broken.error
+    assert not any(f.error for f in frames[:-1])
+    # Should a frame without pixels reach the model anyway, it fails there alone.
     with pytest.raises(SourceError, match="no pixels"):
         preprocess(broken.image, SPEC)
 
@@ -159,7 +158,7 @@ def test_an_unreadable_image_gets_one_error_record_and_the_run_goes_on(
     records = by_frame(run.records, 7)
     errors = [r for r in records if r["where"] == "error"]
     assert [r["frame"] for r in errors] == [6]
-    assert "no pixels" in errors[0]["error"] and errors[0]["origin"].endswith("broken.png")
+    assert "cannot decode" in errors[0]["error"] and errors[0]["origin"].endswith("broken.png")
     assert all(r["where"] == "device" for r in records[:6])
     summary = run.summary
     assert summary["frames_read"] == 7 and summary["errors"] == 1

@@ -78,7 +78,7 @@ from spinn.runtime.stats import DeviceStats
 from spinn.runtime.tracker import Answer, FramePhase, RequestTracker, request_deadline
 from spinn.runtime.uplink import UploadTimer
 from spinn.sla import SLA
-from spinn.sources import Frame, FrameSource, Pacer, preprocess
+from spinn.sources import Frame, FrameSource, Pacer, SourceError, preprocess
 
 __all__ = ["DeviceConfig", "DeviceError", "SpinnDevice", "run_device"]
 
@@ -118,7 +118,7 @@ class DeviceConfig:
     """Server address; None runs device-only and never connects."""
     extra_servers: tuple[tuple[str, int], ...] = ()
     """Further server addresses: on an outage the device fails over to the next one
-    (``spinn.runtime.failover``; issue 9)."""
+    (``spinn.runtime.failover``)."""
     split: int | None = None
     """Fixed split for ``FixedPolicy``; None = the middle split ``S // 2``."""
     thr_conf: float = 0.8
@@ -839,6 +839,11 @@ class SpinnDevice:
 
     async def _process(self, frame: Frame, window: asyncio.Semaphore) -> None:
         try:
+            if frame.error:
+                # The source could not read it: its answer is this error record.
+                log.warning("frame %d: %s", frame.index, frame.error)
+                self._fail_frame(frame, SourceError(frame.error))
+                return
             await self._process_frame(frame)
         except Exception as exc:
             # Every input gets exactly one answer or an explicit error record: a frame whose
@@ -1166,7 +1171,7 @@ class SpinnDevice:
                     request_bytes=sent.nbytes,
                     response_bytes=64 + 16 * len(result.classes),
                 )
-            # Both figures are kept so a run can compare them (issue 5, test (4)).
+            # Both figures are kept so a run can compare them (the summary prints both).
             est = self.profiler.snapshot(now)
             if self.profiler.latency.samples:  # L is still the prior before the first PONG
                 self._server_ms_inferred.append(
