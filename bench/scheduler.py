@@ -5,7 +5,7 @@
 1. Decision time: ``Scheduler.decide`` (predictions for every split × threshold,
    lexicographic choice, hysteresis) on one core for a synthetic 20-split × 20-threshold
    profile (21 × 21 candidates with server-only and "no early exit") and, when present,
-   the shipped model's profile.  Target (issue 6): median < 1 ms.
+   the shipped model's profile.  Target: median < 1 ms.
 2. End to end (skipped with ``--no-e2e`` or when the shipped checkpoint is missing): a
    real ``spinn_server.py`` behind ``tools/netshape`` and the real device runtime
    in-process, for several fixed ⟨split, thr_conf⟩ under several shaped networks.  For

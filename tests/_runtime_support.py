@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import uvloop
 
@@ -381,3 +383,29 @@ def run_in_process(
         return DeviceRun(records, summary, device, server, run_s)
 
     return uvloop.run(main())
+
+
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl missing")
+
+
+def _openssl(cwd: Path, *args: str) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def make_certs(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1/localhost and a device certificate."""
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl(directory, "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem",
+             "-days", "2", "-subj", "/CN=spinn-test-ca")  # fmt: skip
+    (directory / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (directory / "device.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name in ("server", "device"):
+        _openssl(directory, "req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN=spinn-{name}")  # fmt: skip
+        _openssl(directory, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey",
+                 "ca.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
+                 "-extfile", f"{name}.ext")  # fmt: skip
+    # A second CA that signed nothing here: trusting it must not be enough.
+    _openssl(directory, "req", "-x509", *ec, "-keyout", "other.key", "-out", "other.pem",
+             "-days", "2", "-subj", "/CN=other-ca")  # fmt: skip
+    return {p.stem + p.suffix.replace(".", "_"): p for p in directory.iterdir()}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests._runtime_support import make_small_checkpoint
+from tests._runtime_support import make_certs, make_small_checkpoint
 
 __all__ = ["checkpoint", "one_torch_thread"]
 
@@ -32,3 +33,11 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ``make_small_checkpoint(directory, seed=...)``.
     """
     return make_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, a server and a device certificate (``make_certs``), made once per run."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl missing")
+    return make_certs(tmp_path_factory.mktemp("certs"))

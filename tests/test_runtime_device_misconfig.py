@@ -13,15 +13,9 @@ from pathlib import Path
 import pytest
 
 from spinn.runtime.device import DeviceError
-from tests._runtime_support import noise_frames, run_in_process
-from tests.test_runtime_security import make_certs, needs_openssl
+from tests._runtime_support import needs_openssl, noise_frames, run_in_process
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -9,10 +9,8 @@ not a dependency); the TLS tests are skipped only where ``openssl`` is missing.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 from pathlib import Path
 
@@ -45,39 +43,7 @@ from spinn.runtime.security import (
     server_ssl_context,
 )
 from spinn.runtime.server import SpinnServer
-from tests._runtime_support import Device, RawClient, Server, by_frame, serve
-
-needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl missing")
-
-
-def _openssl(cwd: Path, *args: str) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
-def make_certs(directory: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1/localhost and a device certificate."""
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl(directory, "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem",
-             "-days", "2", "-subj", "/CN=spinn-test-ca")  # fmt: skip
-    (directory / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    (directory / "device.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for name in ("server", "device"):
-        _openssl(directory, "req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN=spinn-{name}")  # fmt: skip
-        _openssl(directory, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey",
-                 "ca.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
-                 "-extfile", f"{name}.ext")  # fmt: skip
-    # A second CA that signed nothing here: trusting it must not be enough.
-    _openssl(directory, "req", "-x509", *ec, "-keyout", "other.key", "-out", "other.pem",
-             "-days", "2", "-subj", "/CN=other-ca")  # fmt: skip
-    return {p.stem + p.suffix.replace(".", "_"): p for p in directory.iterdir()}
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl missing")
-    return make_certs(tmp_path_factory.mktemp("certs"))
+from tests._runtime_support import Device, RawClient, Server, by_frame, needs_openssl, serve
 
 
 def _write_token(path: Path, text: str, mode: int = 0o600) -> Path:

@@ -16,7 +16,7 @@ docs/PROTOCOL.md and DESIGN.md part 7:
 * HELLO with no tensor codec in common: fatal ERROR(BAD_TENSOR) naming both lists (§5.2).
 * BYE from a device is a half-close (§7.3): its outstanding INFERs are still answered,
   then the server sends its own BYE and closes.
-* Limits with safe defaults (``ServerConfig``; issue 8): connections, requests queued per
+* Limits with safe defaults (``ServerConfig``): connections, requests queued per
   device and in total, frame and tensor sizes, handshake and idle timeouts. An overloaded
   server answers ERROR(BUSY) at once, so the device finishes locally instead of waiting.
 * Optional TLS (``tls_cert``/``tls_key``, client certificates with ``tls_client_ca``) and

@@ -174,7 +174,7 @@ class ServerStats:
     cancels_received: int = 0
     errors_sent: int = 0
     busy_sent: int = 0
-    """Requests refused with ERROR(BUSY): the server was overloaded (issue 8, limits)."""
+    """Requests refused with ERROR(BUSY): the server was overloaded."""
     connections_refused: int = 0
     """Connections closed by a limit: too many, unauthenticated, handshake or idle timeout."""
     compute_ms_total: float = 0.0
