@@ -249,6 +249,7 @@ def end_to_end(
                         "device_busy_ms": round(p_t.device_busy_ms, 3),
                         "uplink_ms": round(p_t.uplink_ms, 3),
                         "server_busy_ms": round(p_t.server_busy_ms, 3),
+                        "window_ms": round(p_t.window_ms, 3),
                         "bandwidth_mbit": round(est_t.bandwidth_bps / 1e6, 2),
                         "rtt_ms": round(1000 * est_t.latency_s, 2),
                         "device_scale": round(est_t.device_scale, 2),
@@ -267,7 +268,7 @@ def end_to_end(
                         f"({100 * row['latency_error']:5.1f}%) | fps pred {p_t.throughput:7.1f} "
                         f"meas {summ['fps']:7.1f} ({100 * row['throughput_error']:5.1f}%) | "
                         f"stages ms: device {p_t.device_busy_ms:.2f} uplink {p_t.uplink_ms:.2f} "
-                        f"server {p_t.server_busy_ms:.2f} | "
+                        f"server {p_t.server_busy_ms:.2f} window {p_t.window_ms:.2f} | "
                         f"B {row['bandwidth_mbit']} Mbit/s RTT {row['rtt_ms']} ms "
                         f"SF {row['device_scale']} G {row['server_scale']}"
                     )

@@ -138,6 +138,9 @@ class Prediction:
     server_busy_ms: float = 0.0
     """Expected server time per input this device takes under a saturating stream (its
     queue share included): the throughput model's server stage."""
+    window_ms: float = 0.0
+    """Expected time an input holds its in-flight slot, divided by ``max_in_flight``: the
+    throughput model's window bound (Little's law)."""
 
     def metric(self, m: Metric) -> float:
         return {
@@ -168,6 +171,8 @@ class Predictions:
     """Device busy time per input, the throughput model's device stage."""
     server_busy_ms: FloatArray
     """Server time per input (queue share included), the throughput model's server stage."""
+    window_ms: FloatArray
+    """Time an input holds its in-flight slot / ``max_in_flight``: the window bound."""
 
     def at(self, split: int, t: int) -> Prediction:
         return Prediction(
@@ -182,6 +187,7 @@ class Predictions:
             uplink_ms=float(self.uplink_ms[split, t]),
             device_busy_ms=float(self.device_busy_ms[split, t]),
             server_busy_ms=float(self.server_busy_ms[split, t]),
+            window_ms=float(self.window_ms[split, t]),
         )
 
     def cost(self, m: Metric) -> FloatArray:
@@ -269,7 +275,7 @@ class Predictor:
             cut_e       = min(V_e, max(0, local_e + (N−1)·P0 − SF·D(s) − bits(s)/B − q·W))
             device_busy = head + Σ_won r_e·(SFb·(D(x_e+1) − D(s)) + (x_e+1−s)·c)
             server_busy = (1+q)·(Σ_{x_e≥s, not won} r_e·V_e + Σ_won r_e·cut_e)
-            held        = Σ r_e·(won_e ? local_e + (N−1)·P0 : path_e) + O
+            held        = Σ r_e·(won_e ? local_e + (N−1)·P0 : x_e ≥ s ? remote_e : local_e) + O
             throughput  = 1000 / max(device_busy, uplink, server_busy, held / N)
         """
         sf, g = est.device_scale, est.server_scale
@@ -311,7 +317,8 @@ class Predictor:
             uplink = np.where(offload > 0, offload * up_ms[:, None], 0.0)
         # Throughput (docs/SCHEDULER.md, "throughput"): the pipeline device → uplink →
         # server runs at the rate of its slowest stage, each stage's time per input being
-        # its expected busy time under a saturating stream.
+        # its expected busy time under a saturating stream, or slower if the in-flight
+        # window binds first (below).
         #
         # Device: the stages up to the exit or the split, scaled by the busy scale (their
         # mean time under load; SF until measured), plus per input the head call's overhead
@@ -379,7 +386,8 @@ class Predictor:
         # server-only over a 40 ms RTT runs at 4 per 45 ms, whatever the server's speed.
         with np.errstate(invalid="ignore"):
             held = np.where(rates > 0, rates * in_window, 0.0).sum(axis=-1) + overhead
-        period = np.maximum(period, held / self.config.max_in_flight)
+        window = held / self.config.max_in_flight
+        period = np.maximum(period, window)
         with np.errstate(divide="ignore"):
             throughput = np.where(period > 0, 1000.0 / period, np.inf)
         valid = np.ones(self.shape, dtype=bool)
@@ -397,6 +405,7 @@ class Predictor:
             valid=valid,
             device_busy_ms=device_busy,
             server_busy_ms=server_busy,
+            window_ms=window,
         )
 
     def threshold_index(self, thr_conf: float) -> int:

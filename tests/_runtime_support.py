@@ -100,6 +100,13 @@ def _build_small_checkpoint(directory: Path, seed: int) -> None:
     path = directory / "model.pt"
     meta = save_checkpoint(path, model, config, class_names=[f"c{i}" for i in range(10)])
     model, meta = load_checkpoint(path)
+    write_stub_profile(model, meta, directory / "profile.json")
+
+
+def write_stub_profile(model: Any, meta: Any, out: Path) -> None:
+    """A profile for ``model`` (a loaded checkpoint and its metadata) with made-up times and
+    rates: 0.5 ms per device stage, 0.4 ms per server stage, every input at the first exit
+    at threshold 0 and at the last at 1 — enough for a device to run."""
     stages = model.num_stages
     splits = []
     for s in range(stages):
@@ -123,7 +130,7 @@ def _build_small_checkpoint(directory: Path, seed: int) -> None:
             {"thr_conf": 1.0, "exit_rate": [0.0] * (exits - 1) + [1.0], "accuracy": 0.1},
         ),
         calibration_size=1,
-    ).save(directory / "profile.json")
+    ).save(out)
 
 
 class RawClient:
@@ -409,3 +416,12 @@ def make_certs(directory: Path) -> dict[str, Path]:
     _openssl(directory, "req", "-x509", *ec, "-keyout", "other.key", "-out", "other.pem",
              "-days", "2", "-subj", "/CN=other-ca")  # fmt: skip
     return {p.stem + p.suffix.replace(".", "_"): p for p in directory.iterdir()}
+
+
+def stop_all(device: Device, proxy: subprocess.Popen[str], server: Server) -> None:
+    """Tear down a device → netshape → server path: the device killed, netshape stopped by
+    SIGTERM and given 10 s to exit (a hang fails the test), then the server."""
+    device.kill()
+    proxy.send_signal(signal.SIGTERM)
+    proxy.wait(10)
+    server.stop()

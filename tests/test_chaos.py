@@ -26,6 +26,7 @@ from tests._runtime_support import (
     make_small_checkpoint,
     netshape_control,
     netshape_process,
+    stop_all,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
@@ -98,10 +99,7 @@ def test_faults_in_sequence_lose_nothing_and_offloading_resumes(tmp_path: Path) 
         device.proc.send_signal(signal.SIGINT)
         summary = device.finish()
     finally:
-        device.kill()
-        proxy.send_signal(signal.SIGTERM)
-        proxy.wait(10)
-        server.stop()
+        stop_all(device, proxy, server)
 
     n = summary["frames"]
     by_frame(device.records, n)  # every frame answered exactly once

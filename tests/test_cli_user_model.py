@@ -16,9 +16,8 @@ import torch
 import spinn_device
 from spinn.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
 from spinn.procs import free_port, stop_process, wait_listening
-from spinn.profile import Profile
 from spinn.progressive import InputSpec
-from tests._runtime_support import PYTHON, ROOT
+from tests._runtime_support import PYTHON, ROOT, write_stub_profile
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,28 +56,7 @@ def user_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
             path, config.build().eval(), config, class_names=[str(i) for i in range(10)]
         )
         model, meta = load_checkpoint(path, allow_user_code=True)
-    stages, exits = model.num_stages, len(model.exit_stages)
-    splits = []
-    for s in range(stages):
-        numel = int(np.prod(model.split_shape(s)))
-        splits.append({"split": s, "shape": list(model.split_shape(s)), "numel": numel,
-                       "bytes": {"float32": 4 * numel}})  # fmt: skip
-    Profile(
-        model_id=meta.model_id,
-        weights_sha256=meta.weights_sha256,
-        arch=meta.arch,
-        num_stages=stages,
-        exit_stages=tuple(model.exit_stages),
-        splits=tuple(splits),  # type: ignore[arg-type]
-        stage_device_ms=(0.5,) * stages,
-        stage_server_ms=(0.4,) * stages,
-        exit_accuracy=(0.1,) * exits,
-        thresholds=(  # type: ignore[arg-type]
-            {"thr_conf": 0.0, "exit_rate": [1.0] + [0.0] * (exits - 1), "accuracy": 0.1},
-            {"thr_conf": 1.0, "exit_rate": [0.0] * (exits - 1) + [1.0], "accuracy": 0.1},
-        ),
-        calibration_size=1,
-    ).save(directory / "profile.json")
+    write_stub_profile(model, meta, directory / "profile.json")
     return path
 
 

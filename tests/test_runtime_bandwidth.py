@@ -8,13 +8,12 @@ and every one of them leaves before the previous answer is back.
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import pytest
 
 from spinn.procs import free_port
-from tests._runtime_support import Device, Server, by_frame, netshape_process
+from tests._runtime_support import Device, Server, by_frame, netshape_process, stop_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -34,13 +33,11 @@ def test_uploads_measure_a_long_paced_path(tmp_path: Path) -> None:
     try:
         summary = device.finish()
     finally:
-        device.kill()
-        proxy.send_signal(signal.SIGTERM)
-        proxy.wait(10)
-        server.stop()
+        stop_all(device, proxy, server)
     by_frame(device.records, n)
     assert summary["answered_by"]["server"] >= n // 2, summary
     # Timed from the previous answer instead, each upload would read the 50 ms pacing:
     # about 4 Mbit/s.
-    bandwidth = summary["estimates"]["bandwidth_bps"]
-    assert RATE_BPS / 2 <= bandwidth <= 2 * RATE_BPS, summary["estimates"]
+    estimates = summary["estimates"]
+    assert estimates["bandwidth_samples"] >= 10, estimates
+    assert 0.6 * RATE_BPS <= estimates["bandwidth_bps"] <= 2 * RATE_BPS, estimates

@@ -25,6 +25,7 @@ from tests._runtime_support import (
     by_frame,
     netshape_control,
     netshape_process,
+    stop_all,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -121,10 +122,7 @@ def test_3_outage_through_netshape_falls_back_without_loss(tmp_path: Path) -> No
         device.proc.send_signal(signal.SIGINT)
         summary = device.finish()
     finally:
-        device.kill()
-        proxy.send_signal(signal.SIGTERM)
-        proxy.wait(10)
-        server.stop()
+        stop_all(device, proxy, server)
     by_frame(device.records, summary["frames"])
     # Answers in arrival order: once the frames in flight at the cut are done, the
     # server answers nothing until the link is restored, and fallbacks fill the gap.
@@ -145,10 +143,7 @@ def test_3_low_bandwidth_through_netshape_loses_nothing(tmp_path: Path) -> None:
         netshape_control(control, {"cmd": "set", "direction": "up", "rate_bps": "200kbit"})
         summary = device.finish()
     finally:
-        device.kill()
-        proxy.send_signal(signal.SIGTERM)
-        proxy.wait(10)
-        server.stop()
+        stop_all(device, proxy, server)
     by_frame(device.records, n)
     # The bandwidth estimate follows the link down from loopback speed.
     assert summary["estimates"]["bandwidth_bps"] < 2e6, summary["estimates"]

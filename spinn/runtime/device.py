@@ -91,8 +91,10 @@ _now = time.perf_counter
 _FATAL_CODES = (ErrorCode.MODEL_MISMATCH, ErrorCode.VERSION, ErrorCode.UNAUTHENTICATED)
 # A probe's padding crosses the link while everything queued behind it waits.
 _MAX_PROBE_BYTES = 1 << 20
-# Bare round trips measured on a connection before its first bandwidth probe.
+# Bare round trips measured before the first bandwidth probe.
 _PINGS_BEFORE_PROBES = 3
+# Request errors the server sends as soon as the INFER arrives (PROTOCOL.md §8).
+_ANSWERED_ON_ARRIVAL = (ErrorCode.BUSY, ErrorCode.BAD_TENSOR, ErrorCode.BAD_SPLIT)
 # OpenSSL's reasons for a reply that is no TLS record at all: a server without TLS.
 _NOT_TLS_REASONS = frozenset(
     {"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"}
@@ -364,6 +366,18 @@ class _Link:
                 self.welcome.server_name if self.welcome else "?",
                 "" if self.welcome and self.welcome.reports_compute_time else "NOT ",
             )
+            unmeasured = (
+                "does not report its compute time and --probe-bytes is 0: the bandwidth is "
+                "not measured (its estimate stays at the prior)"
+            )  # uploads are timed only against a reported server time (runtime.uplink)
+            if (
+                self.config.probe_bytes == 0
+                and self.welcome is not None
+                and not self.welcome.reports_compute_time
+                and unmeasured not in self._hints_given
+            ):
+                self._hints_given.add(unmeasured)
+                log.warning("server %s:%d %s", host, port, unmeasured)
             reason = "link closed"
             try:
                 reason = await self._serve(reader)
@@ -554,8 +568,10 @@ class _Link:
             if self.pings:
                 oldest = min(sent for sent, _ in self.pings.values())
                 est = self.device.profiler.snapshot(now)
-                # Bytes queued before the PING delay it; allow for them at the live B.
-                allowance = cfg.ping_timeout_s + 8.0 * self.unanswered_bytes() / max(
+                # Bytes queued before the PING delay it, and the padding of probes in
+                # flight: allow for them at the live B.
+                probing = sum(padding for _, padding in self.pings.values())
+                allowance = cfg.ping_timeout_s + 8.0 * (self.unanswered_bytes() + probing) / max(
                     est.bandwidth_bps, 1.0
                 )
                 if now - oldest > allowance:
@@ -805,6 +821,8 @@ class SpinnDevice:
         est = self.profiler.snapshot(_now())
         summary["estimates"] = {
             "bandwidth_bps": round(est.bandwidth_bps, 1),
+            # Uploads and probes timed; 0: bandwidth_bps is still the prior.
+            "bandwidth_samples": self.profiler.bandwidth.samples,
             "latency_ms": round(est.latency_s * 1e3, 3),
             "device_scale": round(est.device_scale, 4),
             "server_scale": round(est.server_scale, 4),
@@ -1187,10 +1205,15 @@ class SpinnDevice:
                 self._server_ms_reported.append(result.compute_ms)
             # Upload time from the answer time (spinn.runtime.uplink), less the time the
             # server held the request: all of it (held_ms), else its compute alone (a server
-            # that does not send held_ms: its queue wait then reads as upload time). Without
-            # either the server time hides in it: PING probes only.
+            # that does not send held_ms: its queue wait is then unknown). Without either
+            # the server time hides in it: PING probes only.
             held_ms = result.compute_ms if result.held_ms is None else result.held_ms
-            self._time_upload(sent, now, None if held_ms is None else held_ms / 1e3)
+            self._time_upload(
+                sent,
+                now,
+                None if held_ms is None else held_ms / 1e3,
+                queue_known=result.held_ms is not None,
+            )
         answer = self.tracker.server_result(
             result.request_id, now, result.exit_index, result.classes, result.probs
         )
@@ -1200,7 +1223,17 @@ class SpinnDevice:
             if ev is not None:
                 ev.set()
 
-    def _time_upload(self, sent: _Sent, now: float, server_s: float | None) -> None:
+    def _time_upload(
+        self,
+        sent: _Sent,
+        now: float,
+        server_s: float | None,
+        *,
+        queue_known: bool = True,
+        bound: bool = False,
+    ) -> None:
+        if not self.profiler.latency.samples:
+            return  # L is still the prior: nothing to subtract yet
         # L is the propagation RTT: queueing in front of the uplink is upload time.
         sample = self._upload_timer.answered(
             sent_at=sent.sent_at,
@@ -1208,6 +1241,8 @@ class SpinnDevice:
             nbytes=sent.nbytes,
             server_s=server_s,
             latency_s=self.profiler.propagation_s(),
+            queue_known=queue_known,
+            bound=bound,
         )
         if sample is not None:
             self.profiler.observe_upload(now, sample[0], sample[1])
@@ -1216,10 +1251,13 @@ class SpinnDevice:
         assert error.request_id is not None
         sent = self._sent.pop(error.request_id, None)
         if sent is not None:
-            # A refusal (BUSY) is answered on arrival: it clocks the uplink like a RESULT.
-            # A cancelled or expired request's answer comes when the CANCEL or the deadline
-            # arrived, which says nothing about its upload (spinn.runtime.uplink).
-            self._time_upload(sent, _now(), 0.0 if error.code is ErrorCode.BUSY else None)
+            # A refusal (BUSY, a bad tensor or split) is answered on arrival: it clocks the
+            # uplink like a RESULT. A cancelled or expired request is answered when the
+            # CANCEL reaches it or a worker picks it up: a bound (spinn.runtime.uplink).
+            if error.code in _ANSWERED_ON_ARRIVAL:
+                self._time_upload(sent, _now(), 0.0)
+            elif error.code is ErrorCode.CANCELLED:
+                self._time_upload(sent, _now(), 0.0, bound=True)
         fid = self.tracker.abandon(error.request_id)
         if error.code in (ErrorCode.CANCELLED, ErrorCode.BUSY):
             # Expected under load and after CANCEL; the frame finishes locally.

@@ -4,9 +4,10 @@ DESIGN.md part 4 estimates the bandwidth ``B`` from measured transfers.  A
 device cannot see when its bytes leave the last buffer on the path (a kernel
 socket buffer or a shaping middlebox absorbs them at once), but it sees when
 the server answers each request.  Request ``i`` is sent at ``s_i`` and
-answered (RESULT or ERROR) at ``a_i``; the server held it ``R_i`` (its
-reported queue wait and compute time) and ``L`` is the round-trip latency.
-Its last byte therefore left the bottleneck at
+answered (RESULT or ERROR) at ``a_i``; the server held it ``R_i`` (RESULT's
+``held_ms``: queue wait, unpacking and compute) and ``L`` is the propagation
+round trip (the recent minimum RTT).  Its last byte therefore left the
+bottleneck at
 
     f_i = a_i − R_i − L
 
@@ -24,13 +25,28 @@ previous *answer* ``a_{i−1}``: on a long path every request of a pipelined
 stream is sent before the previous answer arrives, although the uplink is idle
 between them.
 
-A request refused at once (BUSY) was held ``R = 0``.  One whose holding time
-is unknown (cancelled, expired: ``server_s=None``) gives no sample, and its
-``f`` is only bounded, ``f ≤ a − L``: a request sent before that bound may
-have waited behind it for an unknown time, so it gives no sample either.
+An error in ``f`` is a delay (an event loop that read the frame or the answer
+late), never an advance.  A delay of several answers at once bunches their
+``f`` together: the first reads long and the others near 0.  Samples are
+therefore summed until they hold ``min_bytes`` *and* span ``min_span_s``, so
+the near-zero ones join a sample that also holds a real upload, and B's
+median filter drops that one high sample.
 
-Small requests are summed until ``min_bytes`` so that each sample handed to
-the bandwidth estimator is large enough to time.
+A request refused on arrival (BUSY, a bad tensor or split) was held ``R = 0``.
+A cancelled one (``bound=True``) is answered when its CANCEL, which crossed the
+link after it, reaches the server, or later when a worker picks it up: ``a − L``
+is only a bound on its ``f``.  It gives the upload's upper bound as a sample (a
+low rate, which B's max filter discards while the link answers; where the
+device wins every race, they are all B learns, and B then follows the link
+down) and does not move ``f_{i−1}`` on.  The next request is then timed from
+the one before and its upload reads the cancelled one's bytes too: low again.
+An answer that arrives before an earlier request's (several server workers)
+reads a longer upload, and that earlier request then none: low again.
+
+A server that reports its compute time but not ``held_ms`` hides its queue
+wait in the upload (``queue_known=False``): such answers are timed only when
+the request left after the previous answer came back, so no queue of this
+device's own requests can be ahead of it.
 """
 
 from __future__ import annotations
@@ -39,9 +55,6 @@ from dataclasses import dataclass
 
 __all__ = ["UploadTimer"]
 
-# Below this an upload time is noise (event-loop scheduling), not a transfer.
-_RESOLUTION_S = 1e-6
-
 
 @dataclass(slots=True)
 class UploadTimer:
@@ -49,12 +62,13 @@ class UploadTimer:
 
     min_bytes: int = 4096
     """Samples below this are accumulated with the next ones."""
+    min_span_s: float = 0.002
+    """…and so are samples shorter than this (see the module's notes on bunching)."""
     uplink_free_at: float | None = None
     """``f`` of the latest answered request: when its last byte left the bottleneck (None
     after a reconnect: nothing is queued ahead of the next request)."""
-    unknown_until: float | None = None
-    """Bound on ``f`` of requests answered with an unknown holding time: a request sent
-    before it may have queued behind one of them."""
+    last_answer_at: float | None = None
+    """When the latest answer arrived (None after a reconnect)."""
     _bytes: int = 0
     _seconds: float = 0.0
 
@@ -66,32 +80,35 @@ class UploadTimer:
         nbytes: int,
         server_s: float | None,
         latency_s: float,
+        queue_known: bool = True,
+        bound: bool = False,
     ) -> tuple[int, float] | None:
         """A request of ``nbytes`` sent at ``sent_at`` was answered at ``now`` after the
-        server held it ``server_s`` (queue wait and compute; 0 for a refusal, None when
-        unknown).
+        server held it ``server_s`` (0 for a refusal on arrival, None when unknown; its
+        queue wait included unless ``queue_known`` is False). With ``bound`` the answer
+        may have come late (a cancelled request): its upload is an upper bound.
 
-        Returns an upload sample ``(bytes, seconds)`` once enough bytes were timed, else
-        None (always None when ``server_s`` is None).
+        Returns an upload sample ``(bytes, seconds)`` once enough was timed, else None
+        (always None when ``server_s`` is None).
         """
+        prev_answer = self.last_answer_at
+        self.last_answer_at = now if prev_answer is None else max(prev_answer, now)
         if server_s is None:
-            bound = now - latency_s
-            self.unknown_until = (
-                bound if self.unknown_until is None else max(self.unknown_until, bound)
-            )
             return None
         through = now - latency_s - server_s
         prev = self.uplink_free_at
-        self.uplink_free_at = through if prev is None else max(prev, through)
-        if self.unknown_until is not None and sent_at < self.unknown_until:
-            return None  # it may have queued behind a request whose time is unknown
+        if not bound:
+            self.uplink_free_at = through if prev is None else max(prev, through)
+        if not queue_known and prev_answer is not None and sent_at < prev_answer:
+            return None  # its own earlier requests may have queued ahead of it
         upload = through - (sent_at if prev is None else max(sent_at, prev))
-        if upload <= _RESOLUTION_S or nbytes <= 0:
-            # Compute-bound or faster than the clock resolves: nothing to learn here.
+        if upload < 0.0 or nbytes <= 0:
+            # Through before the previous one (answers out of order, or that one read
+            # late): its bytes were timed with it.
             return None
         self._bytes += nbytes
         self._seconds += upload
-        if self._bytes < self.min_bytes:
+        if self._bytes < self.min_bytes or self._seconds < self.min_span_s:
             return None
         sample = (self._bytes, self._seconds)
         self._bytes, self._seconds = 0, 0.0
@@ -99,5 +116,5 @@ class UploadTimer:
 
     def reset(self) -> None:
         """A new connection: nothing is queued ahead of the next request."""
-        self.uplink_free_at = self.unknown_until = None
+        self.uplink_free_at = self.last_answer_at = None
         self._bytes, self._seconds = 0, 0.0
