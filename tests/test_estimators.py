@@ -79,6 +79,8 @@ def test_bandwidth_from_padded_pings() -> None:
         assert est.observe_probe(float(i), 125_000, 0.12, 0.02) == pytest.approx(10e6)
     assert est.bandwidth_bps == pytest.approx(10e6)
     assert est.observe_probe(6.0, 125_000, 0.02, 0.02) is None  # unresolvable
+    # 16 KB through a shaper's burst at once: 0.26 ms more is jitter, not 500 Mbit/s.
+    assert est.observe_probe(6.5, 16_384, 0.04026, 0.04) is None
     assert est.samples == 5
 
 
