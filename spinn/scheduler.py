@@ -70,6 +70,11 @@ class SchedulerConfig:
     """The current decision is kept while it stays within ``hysteresis`` × the tie
     tolerances of the optimum on every ranked metric (and feasible): noise in the
     estimates does not make the choice flap."""
+    min_dwell_s: float = 1.0
+    """A new decision is kept at least this long unless it becomes invalid (the server
+    went down) or breaks a hard limit: on a busy machine the estimates swing by more than
+    the hysteresis band from one frame to the next, and without it the choice changed ten
+    times a second among near-equal candidates (split 0, 1 and 2 on loopback)."""
     response_bytes: int = 256
     """Size of a RESULT on the wire (exit index, top-k, timings), for the download time."""
     codec: str | None = None
@@ -89,6 +94,8 @@ class SchedulerConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"SchedulerConfig.{name} must be in [0, 1), got {v!r}")
+        if not self.min_dwell_s >= 0.0:
+            raise ValueError(f"SchedulerConfig.min_dwell_s must be >= 0, got {self.min_dwell_s!r}")
         if self.hysteresis < 1.0:
             raise ValueError(f"SchedulerConfig.hysteresis must be >= 1, got {self.hysteresis!r}")
         if self.response_bytes < 0:
@@ -604,6 +611,18 @@ class Scheduler:
             violations=() if ok else _violations(self.sla, pred, s, t),
         )
 
+    def _dwelling(self, now: float, pred: Predictions, best_ok: bool) -> bool:
+        """Whether the current decision is younger than ``min_dwell_s`` and still valid
+        and within every hard limit (when anything is)."""
+        if self.current is None or self._current_t is None or not self.history:
+            return False
+        if now - self.history[-1][0] >= self.config.min_dwell_s:
+            return False
+        s, t = self.current.split, self._current_t
+        if not pred.valid[s, t]:
+            return False
+        return not (best_ok and violation(self.sla, pred)[s, t] > 0)
+
     def _keep_current(self, pred: Predictions, best_ok: bool) -> bool:
         """Whether the current decision is still within the hysteresis band."""
         if self.current is None or self._current_t is None:
@@ -633,7 +652,9 @@ class Scheduler:
         if self.current is not None and (s, t) == (self.current.split, self._current_t):
             self.current_choice = self._choice(pred, s, t, ok)
             return self.current
-        if self.current is not None and self._keep_current(pred, ok):
+        if self.current is not None and (
+            self._dwelling(now, pred, ok) or self._keep_current(pred, ok)
+        ):
             assert self._current_t is not None
             self.current_choice = self._choice(pred, self.current.split, self._current_t, ok)
             return self.current
@@ -702,6 +723,7 @@ class NeurosurgeonPolicy:
             rel_tolerance=0.0,
             accuracy_tolerance=0.0,
             hysteresis=1.0,
+            min_dwell_s=0.0,
             response_bytes=base.response_bytes,
             codec=base.codec,
             local_race=False,

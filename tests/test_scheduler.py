@@ -467,6 +467,30 @@ def test_hysteresis_band_is_wider_than_tie_tolerance() -> None:
     assert len(steady.history) == 1
 
 
+def test_a_new_decision_dwells_unless_it_becomes_invalid() -> None:
+    """Estimates that swing past the hysteresis band several times a second change the
+    decision at most once per ``min_dwell_s``; a server going down changes it at once."""
+    p = scenario_profile()
+    flappy = Scheduler(p, LATENCY_FIRST, SchedulerConfig(hysteresis=1.0, min_dwell_s=0.0))
+    dwelling = Scheduler(p, LATENCY_FIRST, SchedulerConfig(hysteresis=1.0, min_dwell_s=1.0))
+    bws = np.geomspace(0.05, 1000, 400)
+    splits = [flappy.choose(est(b)).split for b in bws]
+    s_max = p.num_stages
+    k = next(i for i in range(1, len(bws)) if s_max != splits[i] != splits[i - 1] != s_max)
+    low, high = bws[k - 1], bws[k]
+    for i in range(40):  # 4 s at 10 decisions a second, across the boundary each time
+        b = low if i % 2 else high
+        flappy.decide(0.1 * i, est(b))
+        dwelling.decide(0.1 * i, est(b))
+    assert len(flappy.history) == 40
+    assert 2 <= len(dwelling.history) <= 5
+    last = dwelling.history[-1][0]
+    down = dwelling.decide(last + 0.05, est(high, server_up=False))
+    assert down.split == p.num_stages and dwelling.history[-1][0] == last + 0.05
+    with pytest.raises(ValueError, match="min_dwell_s"):
+        SchedulerConfig(min_dwell_s=-1.0)
+
+
 def test_no_early_exit_variant_and_split_restriction() -> None:
     p = scenario_profile()
     no_ee = Scheduler(p, LATENCY_FIRST, early_exits=False)
