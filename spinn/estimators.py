@@ -531,6 +531,7 @@ class OnlineProfiler:
         self.device = DeviceScaleEstimator(c.alpha)
         self.server = ServerTimeEstimator(c.alpha)
         self.overhead = OverheadEstimator(c.alpha)
+        self.offload_overhead = OverheadEstimator(c.alpha)
         self.busy = DeviceBusyEstimator(c.busy_window)
         self.server_up = True
 
@@ -572,6 +573,17 @@ class OnlineProfiler:
         stages = self.profile.exit_stages[exit_index] + 1
         compute = self.device.scale * self.profile.device_time_ms(stages)
         self.overhead.observe(now, latency_ms, compute)
+
+    def observe_offload(self, now: float, split: int, elapsed_ms: float) -> None:
+        """An input was uploaded at ``split`` ``elapsed_ms`` after its arrival (waits for a
+        compute slot excluded): beyond the stages before the split (``SF · T_offline``) it
+        is per-input overhead, preprocessing and packing. ``O`` comes from the device's own
+        answers; this stands in while there are none, as in a stream the server answers
+        alone (server-only or split without early exits), where ``O`` stayed 0."""
+        if not 0 <= split <= self.profile.num_stages:
+            raise ValueError(f"split {split} out of range 0..{self.profile.num_stages}")
+        compute = self.device.scale * self.profile.device_time_ms(split)
+        self.offload_overhead.observe(now, elapsed_ms, compute)
 
     def observe_call(
         self,
@@ -675,7 +687,11 @@ class OnlineProfiler:
             server_scale=self.server.scale,
             server_queue=self.server.queue,
             server_up=self.server_up,
-            frame_overhead_ms=self.overhead.overhead_ms,
+            frame_overhead_ms=(
+                self.overhead.overhead_ms
+                if self.overhead.samples
+                else self.offload_overhead.overhead_ms
+            ),
             busy_scale=self.busy.scale,
             head_overhead_ms=self.busy.head_overhead_ms,
             step_overhead_ms=self.busy.step_overhead_ms,

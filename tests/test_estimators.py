@@ -216,6 +216,22 @@ def test_estimates_validation() -> None:
         Estimates(bandwidth_bps=1e6, latency_s=0.01, server_queue=-1)
 
 
+def test_overhead_from_uploads_stands_in_until_the_device_answers() -> None:
+    """A stream the server answers alone has no local answers to measure O from: the
+    time from arrival to upload beyond the stages before the split stands in, until the
+    device answers an input itself."""
+    prof = synthetic_profile(random.Random(5), num_stages=6, num_exits=3, num_thresholds=5)
+    op = OnlineProfiler(prof)
+    for i in range(10):
+        op.observe_offload(float(i), 2, prof.device_time_ms(2) + 1.5)  # SF = 1
+    assert op.snapshot(10.0).frame_overhead_ms == pytest.approx(1.5)
+    stages = prof.exit_stages[0] + 1
+    op.observe_answer(11.0, 0, prof.device_time_ms(stages) + 0.4)
+    assert op.snapshot(11.0).frame_overhead_ms == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="split 9"):
+        op.observe_offload(12.0, 9, 1.0)
+
+
 def test_overhead_estimator() -> None:
     est = OverheadEstimator()
     assert est.overhead_ms == 0.0

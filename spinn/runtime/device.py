@@ -926,7 +926,7 @@ class SpinnDevice:
     async def _process_frame(self, frame: Frame) -> None:
         loop = asyncio.get_running_loop()
         fid = frame.index
-        now = _now()
+        now = begun = _now()
         estimates = self.profiler.snapshot(now)
         decision = self.policy.decide(now, estimates)
         if decision.reason != self._decision.reason or decision.split != self._decision.split:
@@ -973,6 +973,13 @@ class SpinnDevice:
             if self._link.up:
                 self._offload(fid, plan, packed, estimates)
                 self._upload_work(pack_ms)
+                # Arrival to upload, beyond the stages: the per-input overhead O of an
+                # uploaded input (docs/SCHEDULER.md), less the head's wait for its slot.
+                waited = self._slot_wait_s.get(fid, 0.0)
+                with contextlib.suppress(ValueError):
+                    self.profiler.observe_offload(
+                        now, plan.split, max(0.0, _now() - begun - waited) * 1e3
+                    )
             else:
                 self.tracker.server_unavailable(fid)
         # Without a configured server (device-only run) the rest is plain local compute.
