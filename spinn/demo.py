@@ -36,8 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--frames", type=int, default=2000, help="frames to stream (2000)")
     parser.add_argument("--rate", type=float, default=150.0, help="frames per second (150)")
-    parser.add_argument("--split", type=int, help="split point (default: the middle one)")
-    parser.add_argument("--thr", type=float, default=0.8, help="exit threshold (0.8)")
+    parser.add_argument(
+        "--policy",
+        default="spinn",
+        choices=("spinn", "fixed", "device-only", "server-only", "neurosurgeon", "spinn-no-ee"),
+        help="how split and threshold are chosen (default spinn: the scheduler, whose "
+        "choice the live line shows; fixed: --split/--thr)",
+    )
+    parser.add_argument(
+        "--split", type=int, help="split point of --policy fixed (default: the middle one)"
+    )
+    parser.add_argument(
+        "--thr", type=float, default=0.8, help="exit threshold of --policy fixed (0.8)"
+    )
     parser.add_argument("--checkpoint", type=Path, help="checkpoint (default: the shipped model)")
     args = parser.parse_args(argv)
 
@@ -93,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 device = subprocess.Popen(
                     [python, str(ROOT / "spinn_device.py"), "--server", f"127.0.0.1:{port}",
                      "--dataset", "fashion-mnist:test", "--limit", str(args.frames),
-                     "--rate", str(args.rate), "--thr", str(args.thr), "--out", str(answers),
+                     "--rate", str(args.rate), "--policy", args.policy, "--thr", str(args.thr),
+                     "--out", str(answers),
                      "--quiet", *split, *model],
                     stderr=subprocess.PIPE, env=env, cwd=ROOT, process_group=0,
                 )  # fmt: skip
