@@ -48,7 +48,11 @@ def test_summary_counts_accuracy_and_rates() -> None:
         now, split=2, thr_conf=0.8, bandwidth_bps=24e6, latency_s=0.04, server_up=True
     )
     assert "split 2" in line and "24.0 Mbit/s" in line and "L 40.0 ms" in line
-    assert "offload  75.0%" in line
+    assert "offload  75.0%" in line and "server up" in line
+    common = {"split": 2, "thr_conf": 0.8, "bandwidth_bps": 24e6, "latency_s": 0.04}
+    assert "server DOWN" in s.status_line(now, server_up=False, **common)  # type: ignore[arg-type]
+    # A device-only run has no server to be down.
+    assert "no server" in s.status_line(now, server_up=None, **common)  # type: ignore[arg-type]
 
 
 def test_summary_without_labels_has_no_accuracy() -> None:

@@ -793,6 +793,10 @@ class SpinnDevice:
             # error ends the run: none is left without its answer.
             while frames:
                 await asyncio.gather(*frames)
+            if status is not None:
+                # The last periodic line can be up to an interval old (frames 0 on a
+                # short run): the final one shows what the summary below counts.
+                self._show_status(status)
             self._check_fatal()
         finally:
             for t in frames:
@@ -1341,18 +1345,21 @@ class SpinnDevice:
     async def _status_loop(self, status: Status) -> None:
         while True:
             await asyncio.sleep(self.config.status_interval_s)
-            now = _now()
-            est = self.profiler.snapshot(now)
-            status(
-                self.stats.status_line(
-                    now,
-                    split=self._decision.split,
-                    thr_conf=self._decision.thr_conf,
-                    bandwidth_bps=est.bandwidth_bps,
-                    latency_s=est.latency_s,
-                    server_up=self._link is not None and self._link.up,
-                )
+            self._show_status(status)
+
+    def _show_status(self, status: Status) -> None:
+        now = _now()
+        est = self.profiler.snapshot(now)
+        status(
+            self.stats.status_line(
+                now,
+                split=self._decision.split,
+                thr_conf=self._decision.thr_conf,
+                bandwidth_bps=est.bandwidth_bps,
+                latency_s=est.latency_s,
+                server_up=None if self._link is None else self._link.up,
             )
+        )
 
 
 class _ClosedInHandshake(ConnectionError):

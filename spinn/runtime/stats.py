@@ -46,6 +46,9 @@ def _fmt_ms(ms: float) -> str:
     return f"{ms:6.1f}" if math.isfinite(ms) else f"{'-':>6}"
 
 
+_SERVER_STATE = {True: "server up", False: "server DOWN", None: "no server"}
+
+
 @dataclass(slots=True)
 class DeviceStats:
     """Counts and latencies of a device run; feeds the status line and the summary."""
@@ -105,9 +108,10 @@ class DeviceStats:
         thr_conf: float,
         bandwidth_bps: float,
         latency_s: float,
-        server_up: bool,
+        server_up: bool | None,
     ) -> str:
-        """One line for stderr: fps, p50/p95, split, thr, B, L, offload and cancel rates."""
+        """One line for stderr: fps, p50/p95, split, thr, B, L, offload and cancel rates;
+        ``server_up`` None: no server configured (a device-only run)."""
         self._trim(now)
         recent = [lat for _, lat in self._recent]
         n = max(self.frames, 1)
@@ -116,7 +120,7 @@ class DeviceStats:
             f" | p50 {_fmt_ms(percentile(recent, 50))} ms p95 {_fmt_ms(percentile(recent, 95))} ms"
             f" | split {split} thr {thr_conf:.2f}"
             f" | B {_fmt_rate(bandwidth_bps)} L {latency_s * 1e3:.1f} ms"
-            f" | server {'up' if server_up else 'DOWN'}"
+            f" | {_SERVER_STATE[server_up]}"
             f" | offload {100.0 * self.offloaded / n:5.1f}%"
             f" cancel {100.0 * self.cancels / max(self.offloaded, 1):5.1f}%"
             f" fallback {self.by_where[Where.FALLBACK.value]}"
