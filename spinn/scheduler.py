@@ -308,9 +308,14 @@ class Predictor:
             path = np.where(self.remote[:, None, :], remote_ms, local_ms)
         rates = self.rates[None, :, :]
         overhead = est.frame_overhead_ms  # per input, whichever path answers
-        with np.errstate(invalid="ignore"):
-            # 0 · ∞ (an exit nobody reaches on an unusable link) contributes nothing.
-            latency = np.where(rates > 0, rates * path, 0.0).sum(axis=-1) + overhead
+
+        def per_input(ms: FloatArray) -> FloatArray:
+            """The mean over exits of a time per exit, plus the per-input overhead."""
+            with np.errstate(invalid="ignore"):
+                # 0 · ∞ (an exit nobody reaches on an unusable link) contributes nothing.
+                return np.where(rates > 0, rates * ms, 0.0).sum(axis=-1) + overhead
+
+        latency = per_input(path)
         if self.config.local_race:
             # The device computes until the answer arrives, whichever side gives it.
             device_cost = latency
@@ -373,10 +378,13 @@ class Predictor:
                 cut = np.minimum(v[:, None, :], np.maximum(0.0, until_cancel))
             # An input leaves the window when its first answer arrives: the local one
             # after its wait when the device wins, else the server's.
-            in_window = np.where(
-                self.remote[:, None, :], np.where(won, local_ms + wait[:, :, None], remote_ms),
-                local_ms,
-            )  # fmt: skip
+            held = per_input(
+                np.where(
+                    self.remote[:, None, :],
+                    np.where(won, local_ms + wait[:, :, None], remote_ms),
+                    local_ms,
+                )
+            )
             won_rates = np.where(won, rates, 0.0)
             lost_rates = self.remote_rates - won_rates
             device_busy = d_head + (won_rates * race).sum(axis=-1)
@@ -384,15 +392,13 @@ class Predictor:
                 (lost_rates * v[:, None, :]).sum(axis=-1) + (won_rates * cut).sum(axis=-1)
             )
         else:
-            in_window = path
+            held = latency  # no race: an input is held for its path
             device_busy = d_head
             server_busy = share * srv_cost
         period = np.maximum(np.maximum(device_busy, uplink), server_busy)
         # The window: N inputs in flight, each held until its answer, finish at most N per
         # holding time (Little's law). On a long path it binds before any stage does:
         # server-only over a 40 ms RTT runs at 4 per 45 ms, whatever the server's speed.
-        with np.errstate(invalid="ignore"):
-            held = np.where(rates > 0, rates * in_window, 0.0).sum(axis=-1) + overhead
         window = held / self.config.max_in_flight
         period = np.maximum(period, window)
         with np.errstate(divide="ignore"):
