@@ -349,11 +349,10 @@ class _Link:
                     "server %s:%d unreachable (%s); next try in %.2f s", host, port, exc, delay
                 )
                 hint = self._misconfiguration_hint(exc)
-                if hint is not None and hint not in self._hints_given:
+                if hint is not None:
                     # These read like a restarting server, so the device keeps retrying
                     # (and answering locally) but says once what the likely cause is.
-                    self._hints_given.add(hint)
-                    log.warning("server %s:%d %s", host, port, hint)
+                    self._hint_once(host, port, hint)
                 await asyncio.sleep(delay)
                 continue
             self.rotation.connected()
@@ -366,18 +365,18 @@ class _Link:
                 self.welcome.server_name if self.welcome else "?",
                 "" if self.welcome and self.welcome.reports_compute_time else "NOT ",
             )
-            unmeasured = (
-                "does not report its compute time and --probe-bytes is 0: the bandwidth is "
-                "not measured (its estimate stays at the prior)"
-            )  # uploads are timed only against a reported server time (runtime.uplink)
             if (
                 self.config.probe_bytes == 0
                 and self.welcome is not None
                 and not self.welcome.reports_compute_time
-                and unmeasured not in self._hints_given
             ):
-                self._hints_given.add(unmeasured)
-                log.warning("server %s:%d %s", host, port, unmeasured)
+                # Uploads are timed only against a reported server time (runtime.uplink).
+                self._hint_once(
+                    host,
+                    port,
+                    "does not report its compute time and --probe-bytes is 0: the bandwidth "
+                    "is not measured (its estimate stays at the prior)",
+                )
             reason = "link closed"
             try:
                 reason = await self._serve(reader)
@@ -387,6 +386,12 @@ class _Link:
                 self.rotation.connection_lost()
             if self.fatal is not None:
                 return
+
+    def _hint_once(self, host: str, port: int, hint: str) -> None:
+        """Log ``hint`` about the server at ``host:port`` as a warning, the first time only."""
+        if hint not in self._hints_given:
+            self._hints_given.add(hint)
+            log.warning("server %s:%d %s", host, port, hint)
 
     def _misconfiguration_hint(self, exc: BaseException) -> str | None:
         """The likely cause of a failed connect that a wrong flag on either end explains."""
@@ -1190,6 +1195,7 @@ class SpinnDevice:
         sent = self._sent.pop(result.request_id, None)
         if sent is not None:
             elapsed = now - sent.sent_at
+            response_bytes = 64 + 16 * len(result.classes)
             with contextlib.suppress(ValueError):
                 self.profiler.observe_result(
                     now,
@@ -1198,7 +1204,7 @@ class SpinnDevice:
                     compute_ms=result.compute_ms,
                     elapsed_s=elapsed,
                     request_bytes=sent.nbytes,
-                    response_bytes=64 + 16 * len(result.classes),
+                    response_bytes=response_bytes,
                 )
             # Both figures are kept so a run can compare them (the summary prints both).
             est = self.profiler.snapshot(now)
@@ -1207,7 +1213,7 @@ class SpinnDevice:
                     ServerTimeEstimator.infer_compute_ms(
                         elapsed,
                         sent.nbytes,
-                        64 + 16 * len(result.classes),
+                        response_bytes,
                         self.profiler.propagation_s(),
                         max(est.bandwidth_bps, 1.0),
                     )
