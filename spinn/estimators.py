@@ -217,13 +217,10 @@ class LatencyEstimator:
         if window < 1:
             raise ValueError(f"latency window must be >= 1, got {window}")
         self._f = _Filtered(alpha)
-        self.min_rtt_s: float | None = None
-        """Smallest RTT seen on this link so far."""
         self._recent: deque[float] = deque(maxlen=window)
 
     def observe_rtt(self, now: float, rtt_s: float) -> None:
         rtt = _check_sample("rtt", rtt_s)
-        self.min_rtt_s = rtt if self.min_rtt_s is None else min(self.min_rtt_s, rtt)
         self._recent.append(rtt)
         self._f.update(now, rtt)
 

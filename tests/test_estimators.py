@@ -84,7 +84,7 @@ def test_bandwidth_from_padded_pings() -> None:
     assert est.samples == 5
 
 
-def test_latency_and_min_rtt() -> None:
+def test_latency_and_propagation() -> None:
     rng = random.Random(2)
     est = LatencyEstimator(alpha=0.3)
     for i, rtt in enumerate(_noisy(rng, 0.04, 25)):
@@ -95,7 +95,7 @@ def test_latency_and_min_rtt() -> None:
     for i, rtt in enumerate(_noisy(rng, 0.001, 25)):
         est.observe_rtt(40.0 + i, rtt)
     assert est.latency_s == pytest.approx(0.001, rel=0.15)
-    assert est.min_rtt_s is not None and est.min_rtt_s < 0.0011
+    assert est.propagation_s is not None and est.propagation_s < 0.0011
     with pytest.raises(ValueError, match="rtt"):
         est.observe_rtt(1.0, float("nan"))
 
@@ -108,7 +108,6 @@ def test_propagation_is_the_minimum_recent_rtt() -> None:
     assert est.propagation_s == 0.010
     est.observe_rtt(4.0, 0.040)  # 0.010 leaves the window
     assert est.propagation_s == 0.020
-    assert est.min_rtt_s == 0.010
     with pytest.raises(ValueError, match="window"):
         LatencyEstimator(window=0)
 
