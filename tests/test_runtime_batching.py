@@ -222,9 +222,9 @@ def test_server_batches_devices_equal_unbatched_and_honours_cancel(checkpoint: P
 
 def test_batching_and_device_flags_are_checked() -> None:
     assert ServerConfig().batch_max == 1 and ServerConfig().device == "auto"
-    with pytest.raises(ValueError, match="batch_max"):
+    with pytest.raises(ValueError, match="--batch-max"):
         ServerConfig(batch_max=0)
-    with pytest.raises(ValueError, match="batch_wait_ms"):
+    with pytest.raises(ValueError, match="--batch-wait-ms"):
         ServerConfig(batch_wait_ms=-1)
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         ServerConfig(device="tpu")

@@ -84,5 +84,5 @@ def test_metrics_count_requests_cancels_errors_and_compute(checkpoint: Path) -> 
 
 def test_metrics_are_off_by_default_and_bad_port_is_named() -> None:
     assert ServerConfig().metrics_port is None
-    with pytest.raises(ValueError, match="metrics_port"):
+    with pytest.raises(ValueError, match="--metrics-port"):
         ServerConfig(metrics_port=70000)

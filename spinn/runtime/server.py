@@ -67,6 +67,7 @@ from protocol import (
     Welcome,
 )
 from protocol.auth import NONCE_SIZE, server_proof
+from protocol.messages import MAX_STRING
 from protocol.packing import CODECS, unpack
 from spinn.profile import NO_EARLY_EXIT
 from spinn.runtime.accel import DEVICE_CHOICES, resolve_device
@@ -110,6 +111,16 @@ class ListenError(OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+_MAX_OUTSTANDING = ConnectionConfig().max_outstanding
+"""Unanswered INFERs one connection may hold: ``--max-in-flight`` cannot exceed it."""
+
+
+def _flag(field: str) -> str:
+    """The command-line flag of a ServerConfig field named like it (idle_timeout_s ->
+    --idle-timeout), for error messages that tell the operator what to fix."""
+    return "--" + field.removesuffix("_s").replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -188,22 +199,26 @@ class ServerConfig:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
         if not 1.0 <= self.slowdown <= 1000.0:
-            raise ValueError(f"slowdown must be in [1, 1000], got {self.slowdown}")
+            raise ValueError(f"--slowdown must be in [1, 1000], got {self.slowdown}")
         if not 1 <= self.batch_max <= 1024:
-            raise ValueError(f"batch_max must be in 1..1024, got {self.batch_max}")
+            raise ValueError(f"--batch-max must be in 1..1024, got {self.batch_max}")
         if not 0.0 <= self.batch_wait_ms <= 1000.0:
-            raise ValueError(f"batch_wait_ms must be in [0, 1000], got {self.batch_wait_ms}")
+            raise ValueError(f"--batch-wait-ms must be in [0, 1000], got {self.batch_wait_ms}")
         if self.device not in DEVICE_CHOICES and not self.device.startswith("cuda:"):
             raise ValueError(
                 f"unknown device {self.device!r}; choose one of {', '.join(DEVICE_CHOICES)}"
             )
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
+            raise ValueError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
         # Named by their flag where the field name would not tell which flag to fix.
-        if self.max_queue_per_connection < 1:
-            raise ValueError(f"--max-in-flight must be >= 1, got {self.max_queue_per_connection}")
+        outstanding = _MAX_OUTSTANDING
+        if not 1 <= self.max_queue_per_connection <= outstanding:
+            raise ValueError(
+                f"--max-in-flight must be in 1..{outstanding} (unanswered requests a "
+                f"connection may hold), got {self.max_queue_per_connection}"
+            )
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if self.torch_threads < 1:
@@ -214,14 +229,14 @@ class ServerConfig:
             raise ValueError(f"--grace must be >= 0, got {self.shutdown_grace_s}")
         for name in ("max_queued", "max_connections", "max_tensor_elements"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.max_frame_bytes is not None and not 1024 <= self.max_frame_bytes <= 2**32 - 1:
             raise ValueError(
-                f"max_frame_bytes must be in [1024, 2**32 - 1], got {self.max_frame_bytes}"
+                f"--max-frame-bytes must be in [1024, 2**32 - 1], got {self.max_frame_bytes}"
             )
         for name in ("handshake_timeout_s", "idle_timeout_s"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ValueError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -298,6 +313,20 @@ class _Peer:
             self.bye_sent = True
         # The frame as buffers, the bulk bytes last as given: no join copy (PROTOCOL.md §4.1).
         self.writer.writelines(self.conn.send_parts(event))  # type: ignore[arg-type]
+
+
+def _error(code: ErrorCode, message: str, request_id: int | None = None) -> Error:
+    """An ERROR whose message fits the protocol's string limit (PROTOCOL.md §3): messages
+    may quote what the peer sent, and a long quote must not cost the peer its answer."""
+    if len(message) > MAX_STRING:
+        message = message[: MAX_STRING - 1] + "…"
+    return Error(code, message, request_id)
+
+
+def _quoted(value: object, limit: int = 80) -> str:
+    """repr of a peer-supplied value for a message, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class SpinnServer:
@@ -432,6 +461,7 @@ class SpinnServer:
 
     async def close(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), say BYE, close."""
+        self._stopping.set()  # from here on INFERs are answered BUSY (``_busy_reason``)
         if self._server is not None:
             self._server.close()
         tasks = [t for p in self._peers for t in p.tasks]
@@ -441,7 +471,7 @@ class SpinnServer:
             for peer in self._peers:
                 for job in peer.jobs.values():
                     job.cancelled.set()
-                    peer.send(Error(ErrorCode.BUSY, "server shutting down", job.request_id))
+                    peer.send(_error(ErrorCode.BUSY, "server shutting down", job.request_id))
             for t in pending:
                 t.cancel()
         for peer in list(self._peers):
@@ -477,7 +507,7 @@ class SpinnServer:
             self.stats.connections_refused += 1
             log.warning("device %s refused: %d connections open", peer.name, len(self._peers))
             with contextlib.suppress(ProtocolError, ConnectionError, OSError):
-                peer.send(Error(ErrorCode.BUSY, f"server full ({len(self._peers)} devices)"))
+                peer.send(_error(ErrorCode.BUSY, f"server full ({len(self._peers)} devices)"))
                 writer.close()
             return
         self._peers.add(peer)
@@ -502,7 +532,9 @@ class SpinnServer:
                 peer.conn.receive_data(data)
                 self._drain_events(peer)
                 self.stats.overhead_ms_total += (time.perf_counter() - t0) * 1e3
-                await writer.drain()
+                if not await self._drained(peer):
+                    reason = self._not_reading(peer)
+                    break
             if peer.bye_received and not peer.closing:
                 reason = await self._answer_then_bye(peer)
         except ProtocolError as exc:
@@ -514,9 +546,15 @@ class SpinnServer:
             log.warning("device %s: %s", peer.name, reason)
             self.stats.errors_sent += 1
             with contextlib.suppress(ProtocolError, ConnectionError):
-                peer.send(Error(code, str(exc)))
+                peer.send(_error(code, str(exc)))
         except (ConnectionError, OSError) as exc:
             reason = f"connection lost: {exc}"
+        except Exception as exc:  # a bug here costs this connection, not the server
+            log.exception("device %s: internal error", peer.name)
+            reason = f"internal error: {exc}"
+            self.stats.errors_sent += 1
+            with contextlib.suppress(ProtocolError, ConnectionError, OSError):
+                peer.send(_error(ErrorCode.INTERNAL, f"internal server error: {exc}"))
         finally:
             peer.closing = True
             for job in peer.jobs.values():
@@ -539,13 +577,30 @@ class SpinnServer:
             for job in list(peer.jobs.values()):
                 job.cancelled.set()
                 peer.jobs.pop(job.request_id, None)
-                peer.send(Error(ErrorCode.CANCELLED, "device said BYE", job.request_id))
+                peer.send(_error(ErrorCode.CANCELLED, "device said BYE", job.request_id))
             for task in pending:
                 task.cancel()
         peer.send(Bye("answered all requests"))
         with contextlib.suppress(ConnectionError, OSError):
-            await peer.writer.drain()
+            if not await self._drained(peer):
+                return self._not_reading(peer)
         return "BYE"
+
+    async def _drained(self, peer: _Peer) -> bool:
+        """Wait until the peer's answers are in the kernel; False if it has not read them
+        within the idle timeout (a device that stopped reading would otherwise hold its
+        connection slot forever)."""
+        try:
+            await asyncio.wait_for(peer.writer.drain(), self.config.idle_timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def _not_reading(self, peer: _Peer) -> str:
+        """Drop a peer that stopped reading; returns the reason for the log."""
+        peer.closing = True
+        peer.writer.transport.abort()  # its unsent answers cannot be delivered anyway
+        return f"not reading its answers for {self.config.idle_timeout_s:g} s"
 
     def _read_timeout(self, peer: _Peer, accepted_at: float) -> float:
         """Seconds the next read may take: what is left of the handshake, or idle time."""
@@ -562,7 +617,7 @@ class SpinnServer:
             reason = f"no complete frame for {self.config.idle_timeout_s:g} s"
         self.stats.connections_refused += 1
         with contextlib.suppress(ProtocolError, ConnectionError, OSError):
-            peer.send(Error(ErrorCode.PROTOCOL, f"timeout: {reason}"))
+            peer.send(_error(ErrorCode.PROTOCOL, f"timeout: {reason}"))
         return f"timeout: {reason}"
 
     def _drain_events(self, peer: _Peer) -> None:
@@ -605,8 +660,9 @@ class SpinnServer:
         meta = self.meta
         problems = []
         if hello.model_id != meta.model_id:
-            problems.append(f"model id {hello.model_id!r} != served {meta.model_id!r}")
-        if hello.weights_sha256 != meta.weights_sha256:
+            problems.append(f"model id {_quoted(hello.model_id)} != served {meta.model_id!r}")
+        # "" is a device that does not know its weights' hash (PROTOCOL.md §5.1).
+        if hello.weights_sha256 and hello.weights_sha256 != meta.weights_sha256:
             problems.append(
                 f"weights sha256 {hello.weights_sha256[:16]}… != served {meta.weights_sha256[:16]}…"
             )
@@ -614,7 +670,7 @@ class SpinnServer:
             message = "model mismatch: " + "; ".join(problems)
             log.warning("device %s refused: %s", peer.name, message)
             self.stats.errors_sent += 1
-            peer.send(Error(ErrorCode.MODEL_MISMATCH, message))
+            peer.send(_error(ErrorCode.MODEL_MISMATCH, message))
             peer.closing = True
             return
         codecs = tuple(c for c in hello.codecs if c in CODECS)
@@ -622,12 +678,12 @@ class SpinnServer:
             # WELCOME's codecs must be a non-empty subset of HELLO's: without one in common
             # the answer is a fatal ERROR(BAD_TENSOR) (PROTOCOL.md §5.2).
             message = (
-                f"no tensor codec in common: device offers {list(hello.codecs)}, "
+                f"no tensor codec in common: device offers {_quoted(list(hello.codecs), 400)}, "
                 f"server accepts {list(CODECS)}"
             )
             log.warning("device %s refused: %s", peer.name, message)
             self.stats.errors_sent += 1
-            peer.send(Error(ErrorCode.BAD_TENSOR, message))
+            peer.send(_error(ErrorCode.BAD_TENSOR, message))
             peer.closing = True
             return
         peer.send(
@@ -664,7 +720,7 @@ class SpinnServer:
             self.stats.busy_sent += 1
             self.stats.errors_sent += 1
             log.debug("device %s request %d: busy: %s", peer.name, rid, busy)
-            peer.send(Error(ErrorCode.BUSY, busy, rid))
+            peer.send(_error(ErrorCode.BUSY, busy, rid))
             return
         # The packed tensor carries the batch dimension (PROTOCOL.md, INFER): batch 1.
         expected = (1, *self.model.split_shape(infer.split))
@@ -680,7 +736,9 @@ class SpinnServer:
         try:
             activation = unpack(infer.tensor, self.config.max_tensor_elements)
         except ProtocolError as exc:
-            self._request_error(peer, ErrorCode.BAD_TENSOR, f"tensor does not decode: {exc}", rid)
+            # TOO_LARGE stays TOO_LARGE (a zstd frame declaring more than the shape, §6.6).
+            code = getattr(exc, "code", ErrorCode.BAD_TENSOR)
+            self._request_error(peer, code, f"tensor does not decode: {exc}", rid)
             return
         # No softmax exceeds 1, so a threshold above it leaves only the final exit.
         thr = float(infer.thr_conf) if infer.early_exits else NO_EARLY_EXIT
@@ -704,6 +762,9 @@ class SpinnServer:
         refused now: answering BUSY at once lets the device finish it locally without
         waiting out its deadline (paper §4.4; PROTOCOL.md §8, BUSY).
         """
+        if self._stopping.is_set():
+            # Past the shutdown's snapshot of tasks: it would be neither awaited nor cancelled.
+            return "server shutting down"
         if len(peer.jobs) >= self.config.max_queue_per_connection:
             return f"{len(peer.jobs)} requests already queued for this device"
         if self._queued >= self.config.max_queued:
@@ -736,7 +797,7 @@ class SpinnServer:
         # An ERROR with a request id answers that request; the connection stays usable.
         self.stats.errors_sent += 1
         log.warning("device %s request %d: %s", peer.name, rid, message)
-        peer.send(Error(code, message, rid))
+        peer.send(_error(code, message, rid))
 
     async def _run_job(self, peer: _Peer, job: _Job) -> None:
         loop = asyncio.get_running_loop()
@@ -755,12 +816,12 @@ class SpinnServer:
             # Cancelled: no RESULT.  ERROR(CANCELLED) closes the request in both state
             # machines (each INFER is answered exactly once, by RESULT or ERROR).
             why = "past its deadline" if job.expired else "cancelled by the device"
-            peer.send(Error(ErrorCode.CANCELLED, why, job.request_id))
+            peer.send(_error(ErrorCode.CANCELLED, why, job.request_id))
             return
         t0 = time.perf_counter()
         report = self.config.report_compute
-        peer.send(
-            Result(
+        try:
+            result = Result(
                 job.request_id,
                 outcome.exit_index,
                 outcome.classes,
@@ -768,7 +829,10 @@ class SpinnServer:
                 outcome.compute_ms if report else None,
                 (time.monotonic() - job.received_at) * 1e3 if report else None,
             )
-        )
+        except ValueError as exc:  # e.g. NaN probabilities from an activation that overflows
+            self._request_error(peer, ErrorCode.INTERNAL, f"no valid result: {exc}", job.request_id)
+            return
+        peer.send(result)
         self.stats.overhead_ms_total += (time.perf_counter() - t0) * 1e3
 
     def _dequeue(self, job: _Job, wait_ms: float | None) -> None:

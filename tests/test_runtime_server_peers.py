@@ -1,0 +1,140 @@
+"""The server against peers that misbehave in ways a well-formed frame allows: every
+INFER still gets exactly one answer, and a stuck peer cannot keep its slot."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+
+from protocol import (
+    PROTOCOL_VERSION,
+    Connection,
+    Error,
+    ErrorCode,
+    Hello,
+    Infer,
+    Ping,
+    Result,
+    Role,
+    pack,
+)
+from protocol.messages import MAX_STRING
+from protocol.packing import PackedTensor
+from spinn.runtime.server import SpinnServer
+from tests._runtime_support import RawClient, hello, sample_input, serve
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_an_activation_that_overflows_the_model_is_answered_internal(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        await hello(client, server)
+        # Legal float32, but the convolutions overflow to inf and the softmax to NaN.
+        huge = np.full((1, 1, 28, 28), 3e38, np.float32)
+        client.send(Infer(1, 0, 0.5, pack(huge, "float32")))
+        error = await client.next()
+        assert isinstance(error, Error) and error.code is ErrorCode.INTERNAL, error
+        assert error.request_id == 1 and "nan" in error.message
+        client.send(Infer(2, 0, 0.5, pack(sample_input(1).numpy(), "float32")))
+        assert isinstance(await client.next(), Result)  # the connection still serves
+        client.close()
+
+    serve(checkpoint, body)
+
+
+def test_an_empty_weights_hash_means_unknown_and_is_welcomed(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        client.send(Hello(PROTOCOL_VERSION, server.meta.model_id, "", ("float32",)))
+        welcome = await client.next()
+        assert not isinstance(welcome, Error), welcome
+        assert welcome.weights_sha256 == server.meta.weights_sha256  # type: ignore[attr-defined]
+        client.close()
+
+    serve(checkpoint, body)
+
+
+def test_a_long_peer_string_still_gets_its_error(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        client.send(Hello(PROTOCOL_VERSION, "m" * MAX_STRING, "ab" * 32, ("float32",)))
+        error = await client.next()
+        assert isinstance(error, Error) and error.code is ErrorCode.MODEL_MISMATCH, error
+        assert len(error.message) <= MAX_STRING and server.meta.model_id in error.message
+        client.close()
+        client = await RawClient.open(port)
+        client.send(Hello(PROTOCOL_VERSION, server.meta.model_id, "", ("c" * 1200,) * 40))
+        error = await client.next()
+        assert isinstance(error, Error) and error.code is ErrorCode.BAD_TENSOR, error
+        assert "no tensor codec in common" in error.message
+        client.close()
+
+    server = serve(checkpoint, body)
+    assert server.stats.errors_sent == 2
+
+
+def test_a_zstd_frame_declaring_too_much_is_too_large(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        await hello(client, server)
+        body_bytes = zstandard.ZstdCompressor().compress(bytes(2 * 28 * 28 * 4))
+        tensor = PackedTensor("float32", True, (1, 1, 28, 28), 1.0, 0, body_bytes)
+        client.send(Infer(1, 0, 0.5, tensor))
+        error = await client.next()
+        assert isinstance(error, Error) and error.code is ErrorCode.TOO_LARGE, error
+        assert error.request_id == 1
+        client.close()
+
+    serve(checkpoint, body)
+
+
+def test_a_peer_that_stops_reading_is_dropped_after_the_idle_timeout(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        client = RawClient(reader, writer, Connection(Role.DEVICE))
+        await hello(client, server)
+        # Pings, their pongs never read: megabytes of answers back up in the server.
+        ping = client.conn.send(Ping(0, 0.0))
+        for _ in range(100):
+            writer.write(ping * 4000)  # the same seq: each is answered before the next
+            await asyncio.sleep(0)
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if not server._peers:
+                break
+        assert not server._peers, "a peer that never reads must not keep its connection"
+        writer.transport.abort()
+
+    serve(checkpoint, body, idle_timeout_s=1.0)
+
+
+def test_an_infer_during_shutdown_is_answered_busy(checkpoint: Path) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        await hello(client, server)
+        x = pack(sample_input(2).numpy(), "float32")
+        client.send(Infer(1, 0, 1.0, x))
+        while not server.stats.requests:  # request 1 is running when the shutdown begins
+            await asyncio.sleep(0.001)
+        closing = asyncio.create_task(server.close())
+        await asyncio.sleep(0.01)  # close() has begun
+        client.send(Infer(2, 0, 1.0, x))
+        # At once, not after the grace period: no new work is taken on once stopping.
+        late = await client.next()
+        assert isinstance(late, Error) and late.code is ErrorCode.BUSY, late
+        assert late.request_id == 2 and "shutting down" in late.message
+        first = await client.next()  # its RESULT, or BUSY if it outlasts the grace period
+        assert isinstance(first, Result | Error) and first.request_id == 1, first
+        await closing
+        client.close()
+
+    serve(checkpoint, body, shutdown_grace_s=2.0, slowdown=1000.0)
