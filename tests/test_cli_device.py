@@ -69,7 +69,10 @@ def test_sla_flags_unread_by_the_policy_are_warned_about(
         (["--dataset", "fashion-mnist", "--server", "localhost"], "expected HOST:PORT"),
         (["--dataset", "fashion-mnist", "--server", "h:99999"], "port must be in 1..65535"),
         (["--dataset", "fashion-mnist", "--thr", "1.5"], "expected a number in [0, 1]"),
-        (["--dataset", "fashion-mnist", "--max-in-flight", "0"], "max_in_flight must be >= 1"),
+        (["--dataset", "fashion-mnist", "--max-in-flight", "0"], "--max-in-flight must be >= 1"),
+        (["--dataset", "fashion-mnist", "--deadline-factor", "inf"], "--deadline-factor must be"),
+        (["--dataset", "fashion-mnist", "--deadline-factor", "nan"], "--deadline-factor must be"),
+        (["--dataset", "fashion-mnist", "--limit", "-1"], "--limit must be >= 0"),
         (["--dataset", "fashion-mnist", "--codec", "jpeg"], "unknown codec 'jpeg'"),
         (["--thr", "0.5"], "one of the arguments --camera --video --images --dataset"),
         (

@@ -29,6 +29,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import os
 import random
 import secrets
 import signal
@@ -186,24 +188,27 @@ class DeviceConfig:
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+            raise ValueError(f"--max-in-flight must be >= 1, got {self.max_in_flight}")
         if self.torch_threads < 1:
             raise ValueError(f"--torch-threads must be >= 1, got {self.torch_threads}")
         if not self.status_interval_s >= 0:
             raise ValueError(f"--status-interval must be >= 0, got {self.status_interval_s}")
         if self.codec not in CODECS:
-            raise ValueError(f"unknown codec {self.codec!r}; choose one of {', '.join(CODECS)}")
+            raise ValueError(
+                f"--codec: unknown codec {self.codec!r}; choose one of {', '.join(CODECS)}"
+            )
         if self.limit is not None and self.limit < 0:
-            raise ValueError(f"limit must be >= 0, got {self.limit}")
-        if self.deadline_factor < 1:
-            raise ValueError(f"deadline_factor must be >= 1, got {self.deadline_factor}")
+            raise ValueError(f"--limit must be >= 0, got {self.limit}")
+        # Finite: the deadline it scales goes on the wire, which carries no inf or nan.
+        if not (math.isfinite(self.deadline_factor) and 1 <= self.deadline_factor <= 1e6):
+            raise ValueError(f"--deadline-factor must be in [1, 1e6], got {self.deadline_factor}")
         if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
         if not 1.0 <= self.slowdown <= 1000.0:
-            raise ValueError(f"slowdown must be in [1, 1000], got {self.slowdown}")
+            raise ValueError(f"--slowdown must be in [1, 1000], got {self.slowdown}")
         if not 0 <= self.probe_bytes <= _MAX_PROBE_BYTES:
             raise ValueError(
-                f"probe_bytes must be in [0, {_MAX_PROBE_BYTES}], got {self.probe_bytes}"
+                f"--probe-bytes must be in [0, {_MAX_PROBE_BYTES}], got {self.probe_bytes}"
             )
         if (self.tls_cert is not None or self.tls_key is not None) and not self.use_tls:
             raise ValueError("--tls-cert/--tls-key need --tls or --tls-ca")
@@ -740,6 +745,8 @@ class SpinnDevice:
         """Frames taken from the source (each gets one answer or one error record)."""
         self.errors = 0
         """Frames answered with an error record instead of a classification."""
+        self._output_error: OSError | None = None
+        """Why the answers could not be written (a closed pipe): the run stops on it."""
 
     # -- public -----------------------------------------------------------------
 
@@ -764,12 +771,17 @@ class SpinnDevice:
             link_task.add_done_callback(_log_task_failure)
         deadline_task = asyncio.create_task(self._deadline_loop())
         deadline_task.add_done_callback(_log_task_failure)
-        status_task = asyncio.create_task(self._status_loop(status)) if status else None
+        status_task = (
+            asyncio.create_task(self._status_loop(status))
+            if status is not None and self.config.status_interval_s > 0  # 0: final line only
+            else None
+        )
         window = asyncio.Semaphore(self.config.max_in_flight)
         frames: set[asyncio.Task[None]] = set()
         pacer = Pacer(self.config.rate_fps)
         iterator = iter(source)
         count = 0
+        source_error: Exception | None = None
         try:
             if self._link is not None:
                 await self._await_first_connect()
@@ -781,7 +793,14 @@ class SpinnDevice:
                     # Checked before a frame is read, so none is read and left unanswered.
                     window.release()
                     break
-                frame = await loop.run_in_executor(self._io, next, iterator, None)
+                try:
+                    frame = await loop.run_in_executor(self._io, next, iterator, None)
+                except Exception as exc:
+                    # The frames already read are still answered before the error ends
+                    # the run (raised below, after them).
+                    source_error = exc
+                    window.release()
+                    break
                 if frame is None:
                     window.release()
                     break
@@ -803,6 +822,10 @@ class SpinnDevice:
                 # short run): the final one shows what the summary below counts.
                 self._show_status(status)
             self._check_fatal()
+            if source_error is not None:
+                raise source_error
+            if self._output_error is not None:
+                raise DeviceError(f"cannot write the answers: {self._output_error}")
         finally:
             for t in frames:
                 t.cancel()
@@ -899,7 +922,7 @@ class SpinnDevice:
             record["label"] = frame.label
         if frame.origin:
             record["origin"] = frame.origin
-        self._emit(record)
+        self._write(record)
         if cancel is not None and self._link is not None:
             self._link.send(Cancel(cancel))
 
@@ -1191,7 +1214,27 @@ class SpinnDevice:
             with self.link_work():
                 self._link.send(Cancel(cancel))
 
+    def _implausible(self, result: Result) -> str | None:
+        """What makes this RESULT impossible for the model served, or None: such an answer
+        is refused like an ERROR for its request, and the frame finishes locally."""
+        exits = self.model.exit_stages
+        if not 0 <= result.exit_index < len(exits):
+            return f"exit {result.exit_index}, but the model has exits 0..{len(exits) - 1}"
+        sent = self._sent.get(result.request_id)
+        if sent is not None and exits[result.exit_index] < sent.split:
+            return f"exit {result.exit_index}, which lies before the split {sent.split}"
+        n = self.model.num_classes
+        if any(not 0 <= c < n for c in result.classes):
+            return f"classes {list(result.classes)}, but the model has classes 0..{n - 1}"
+        return None
+
     def _on_result(self, result: Result, now: float) -> None:
+        problem = self._implausible(result)
+        if problem is not None:
+            self._sent.pop(result.request_id, None)
+            log.warning("server answered request %d with %s", result.request_id, problem)
+            self._wake(self.tracker.abandon(result.request_id))
+            return
         sent = self._sent.pop(result.request_id, None)
         if sent is not None:
             elapsed = now - sent.sent_at
@@ -1281,8 +1324,13 @@ class SpinnDevice:
             log.debug("request %d: %s: %s", error.request_id, error.code.name, error.message)
         else:
             log.warning("server refused request %d: %s", error.request_id, error.message)
-        if fid is not None and fid in self._changed:
-            self._changed[fid].set()
+        self._wake(fid)
+
+    def _wake(self, frame_id: int | None) -> None:
+        """Wake the frame waiting on its request, if it still waits: it finishes locally."""
+        ev = None if frame_id is None else self._changed.get(frame_id)
+        if ev is not None:
+            ev.set()
 
     def _on_link_lost(self) -> None:
         self._sent.clear()
@@ -1320,7 +1368,20 @@ class SpinnDevice:
             record["label"] = label
         if frame is not None and frame.origin:
             record["origin"] = frame.origin
-        self._emit(record)
+        self._write(record)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        """Emit one answer record. A sink that fails (stdout piped into a program that
+        exited) stops the run, reported as the sink's failure: it is not the server link's
+        (whose handler would otherwise see an OSError) and no later answer could be seen."""
+        if self._output_error is not None:
+            return
+        try:
+            self._emit(record)
+        except OSError as exc:
+            self._output_error = exc
+            log.error("cannot write the answers (%s): stopping", exc)
+            self.request_stop()
 
     # -- timers ---------------------------------------------------------------------
 
@@ -1431,7 +1492,15 @@ async def run_device(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        sink.flush()
+        try:
+            sink.flush()
+        except OSError as exc:
+            if device._output_error is None:
+                raise DeviceError(f"cannot write the answers: {exc}") from exc
+        if device._output_error is not None and sink is sys.stdout:
+            # A closed pipe: nothing more can reach it, and the exit's flush must not
+            # print a second error.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if show_status and sys.stderr.isatty():
         sys.stderr.write("\n")
     sys.stderr.write("summary " + json.dumps(summary) + "\n")

@@ -1,0 +1,134 @@
+"""Every frame read gets one answer or one error record, whatever fails around it: the
+source, the sink the answers go to, or a server whose RESULT cannot be true."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import uvloop
+
+from protocol import (
+    NEED_DATA,
+    Connection,
+    ConnectionClosed,
+    Hello,
+    Infer,
+    Ping,
+    Pong,
+    Result,
+    Role,
+    Welcome,
+)
+from spinn.runtime.device import DeviceConfig, SpinnDevice
+from spinn.sources import ArraySource, Frame, SourceError
+from tests._runtime_support import by_frame, noise_frames
+
+pytestmark = pytest.mark.timeout(120)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Unplugged(ArraySource):
+    """A camera that fails after `good` frames (the edge of the system)."""
+
+    def __init__(self, good: int) -> None:
+        rng = np.random.default_rng(0)
+        super().__init__(rng.integers(0, 256, (good, 28, 28), dtype=np.uint8), name="unplugged")
+
+    def __iter__(self) -> Iterator[Frame]:
+        yield from super().__iter__()
+        raise SourceError("camera unplugged")
+
+
+def test_a_source_failing_mid_stream_still_answers_the_frames_read(checkpoint: Path) -> None:
+    device = SpinnDevice(
+        DeviceConfig(checkpoint=checkpoint, server=None, max_in_flight=4, status_interval_s=0)
+    )
+    records: list[dict[str, Any]] = []
+    with pytest.raises(SourceError, match="camera unplugged"):
+        uvloop.run(device.run(_Unplugged(6), records.append))
+    assert sorted(r["frame"] for r in records) == list(range(6))
+    assert device.frames_read == 6 and device.tracker.in_flight == 0
+
+
+def test_status_interval_zero_prints_the_final_line_only(checkpoint: Path) -> None:
+    device = SpinnDevice(DeviceConfig(checkpoint=checkpoint, server=None, status_interval_s=0))
+    lines: list[str] = []
+    uvloop.run(device.run(noise_frames(30), lambda r: None, lines.append))
+    assert len(lines) == 1
+
+
+async def _lying_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Welcomes any model, then answers every INFER from an exit and a class that do not
+    exist (a peer at the system's edge gone wrong)."""
+    conn = Connection(Role.SERVER)
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            data = await reader.read(1 << 16)
+            if not data:
+                return
+            conn.receive_data(data)
+        elif isinstance(event, ConnectionClosed):
+            return
+        elif isinstance(event, Hello):
+            welcome = Welcome(
+                event.version, event.model_id, event.weights_sha256, event.codecs, False
+            )
+            writer.write(conn.send(welcome))
+        elif isinstance(event, Ping):
+            writer.write(conn.send(Pong.reply_to(event, time.time())))
+        elif isinstance(event, Infer):
+            writer.write(conn.send(Result(event.request_id, 999, (123456,), (0.9,))))
+
+
+def test_an_impossible_result_is_refused_and_the_frame_finishes_locally(
+    checkpoint: Path,
+) -> None:
+    async def main() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        server = await asyncio.start_server(_lying_server, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        config = DeviceConfig(
+            checkpoint=checkpoint,
+            server=("127.0.0.1", port),
+            split=1,
+            thr_conf=1.0,
+            status_interval_s=0,
+        )
+        records: list[dict[str, Any]] = []
+        try:
+            summary = await SpinnDevice(config).run(noise_frames(8), records.append)
+        finally:
+            server.close()
+        return records, summary
+
+    records, summary = uvloop.run(main())
+    by_frame(records, 8)
+    assert {r["where"] for r in records} == {"fallback"}
+    assert all(r["exit"] != 999 and 0 <= r["class"] < 10 for r in records)
+    assert summary["answered_by"]["server"] == 0
+    assert summary["server_connects"] == 1, summary  # refused, not a link dropped over it
+
+
+def test_a_closed_stdout_stops_the_run_with_a_clear_error(checkpoint: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "spinn_device.py"), "--checkpoint", str(checkpoint),
+         "--dataset", "mnist", "--limit", "3000", "--device-only", "--no-status"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith("{")
+    proc.stdout.close()  # like `| head -1`
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 2, err
+    assert "cannot write the answers" in err and "Traceback" not in err
