@@ -40,6 +40,7 @@ def _fraction(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from protocol.packing import CODECS
     from spinn.runtime.device import DeviceConfig
     from spinn.runtime.server import DEFAULT_CHECKPOINT
 
@@ -126,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not keep computing locally while the server works",
     )
-    p.add_argument("--codec", default=d.codec, help=f"activation codec (default {d.codec})")
+    p.add_argument(
+        "--codec", default=d.codec, choices=CODECS, help=f"activation codec (default {d.codec})"
+    )
     p.add_argument(
         "--probe-bytes",
         type=int,

@@ -505,6 +505,10 @@ def decode_message(obj: object) -> Message:
         raise RemoteProtocolError(f"{mtype.name} is missing field(s) {sorted(missing)}")
     # Unknown keys are ignored for forward compatibility (PROTOCOL.md §9).
     kwargs = {name: fields[name] for name in _FIELDS[cls] if name in fields}
+    if None in kwargs.values():
+        # An optional field sent as nil is one omitted: its default applies (PROTOCOL.md §4).
+        required = _REQUIRED[cls]
+        kwargs = {k: v for k, v in kwargs.items() if v is not None or k in required}
     try:
         if cls is Infer:
             kwargs["tensor"] = _decode_tensor(kwargs["tensor"])

@@ -73,7 +73,8 @@ def test_sla_flags_unread_by_the_policy_are_warned_about(
         (["--dataset", "fashion-mnist", "--deadline-factor", "inf"], "--deadline-factor must be"),
         (["--dataset", "fashion-mnist", "--deadline-factor", "nan"], "--deadline-factor must be"),
         (["--dataset", "fashion-mnist", "--limit", "-1"], "--limit must be >= 0"),
-        (["--dataset", "fashion-mnist", "--codec", "jpeg"], "unknown codec 'jpeg'"),
+        (["--dataset", "fashion-mnist", "--codec", "jpeg"], "--codec: invalid choice: 'jpeg'"),
+        (["--dataset", "fashion-mnist", "--rate", "-1"], "--rate must be a finite number >= 0"),
         (["--thr", "0.5"], "one of the arguments --camera --video --images --dataset"),
         (
             ["--dataset", "fashion-mnist", "--device-only", "--torch-threads", "0"],

@@ -212,3 +212,13 @@ def test_error_fatal_flag() -> None:
 
 def test_version_constant() -> None:
     assert PROTOCOL_VERSION == 1
+
+
+def test_an_optional_field_sent_as_nil_takes_its_default() -> None:
+    # PROTOCOL.md §4: an optional field MAY be omitted or sent as nil.
+    fields = {"version": 1, "model_id": "m", "weights_sha256": "", "codecs": ["float32"]}
+    hello = decode_message([int(MessageType.HELLO), {**fields, "device_name": None}])
+    assert isinstance(hello, Hello) and hello.device_name == ""
+    # A required field stays required: nil is no value for it.
+    with pytest.raises(RemoteProtocolError, match="model_id"):
+        decode_message([int(MessageType.HELLO), {**fields, "model_id": None}])

@@ -197,6 +197,9 @@ class DeviceConfig:
             raise ValueError(
                 f"--codec: unknown codec {self.codec!r}; choose one of {', '.join(CODECS)}"
             )
+        if self.rate_fps is not None and not (math.isfinite(self.rate_fps) and self.rate_fps >= 0):
+            # Checked here as well as by the Pacer: before the model loads and tasks start.
+            raise ValueError(f"--rate must be a finite number >= 0, got {self.rate_fps}")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"--limit must be >= 0, got {self.limit}")
         # Finite: the deadline it scales goes on the wire, which carries no inf or nan.
