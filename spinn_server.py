@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-timeout",
         type=float,
         default=d.idle_timeout_s,
-        help=f"close a device with no complete frame for this long (default {d.idle_timeout_s:g})",
+        help="close a device that sends no complete frame for this long while none of its "
+        f"requests is outstanding (default {d.idle_timeout_s:g})",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")

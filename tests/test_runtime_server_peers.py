@@ -138,3 +138,32 @@ def test_an_infer_during_shutdown_is_answered_busy(checkpoint: Path) -> None:
         client.close()
 
     serve(checkpoint, body, shutdown_grace_s=2.0, slowdown=1000.0)
+
+
+def test_a_peer_waiting_on_a_busy_server_is_not_idle(checkpoint: Path) -> None:
+    """The idle timeout drops silent peers, not ones whose answers the server owes."""
+
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        await hello(client, server)
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        # Enough slowed-down work for one worker to outlast the idle timeout several times.
+        client.send(
+            *(Infer(rid, 0, 0.5, pack(sample_input(rid).numpy(), "float32")) for rid in range(10))
+        )
+        answers = [await client.next() for _ in range(10)]
+        waited = loop.time() - sent_at
+        assert all(isinstance(a, Result) for a in answers), [
+            a for a in answers if not isinstance(a, Result)
+        ]
+        assert waited > 3 * server.config.idle_timeout_s, (
+            f"only {waited:.2f} s: the test needs slower work"
+        )
+        # Answered and silent: now it is idle, and is closed after the timeout.
+        closing = await asyncio.wait_for(client.next(), 10 * server.config.idle_timeout_s)
+        assert isinstance(closing, Error) and "no complete frame" in closing.message, closing
+        assert loop.time() - sent_at - waited >= server.config.idle_timeout_s * 0.9
+        client.close()
+
+    serve(checkpoint, body, workers=1, slowdown=20.0, idle_timeout_s=0.2, batch_max=1)

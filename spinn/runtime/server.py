@@ -165,8 +165,10 @@ class ServerConfig:
     handshake_timeout_s: float = 10.0
     """TLS, HELLO and authentication must be done this long after accepting."""
     idle_timeout_s: float = 60.0
-    """A connection that delivers no complete frame for this long is closed: devices PING
-    every 0.5 s, while a slow-loris peer trickling a frame never completes one."""
+    """A connection that delivers no complete frame for this long, with none of its
+    requests outstanding, is closed: devices PING every 0.5 s, while a slow-loris peer
+    trickling a frame never completes one. A device waiting on its answers from a busy
+    server is not idle; the clock restarts when its last request is answered."""
     token_file: Path | None = None
     """Shared token (PROTOCOL.md §10); devices must prove it. None: no authentication."""
     tls_cert: Path | None = None
@@ -292,8 +294,9 @@ class _Peer:
         self.writer = writer
         self.conn = Connection(Role.SERVER, server.connection_config)
         self.jobs: dict[int, _Job] = {}
-        self.last_frame_at = time.monotonic()
-        """When the last complete frame arrived (idle timeout, ServerConfig)."""
+        self.last_active_at = time.monotonic()
+        """When the last complete frame arrived or the last outstanding request was
+        answered (idle timeout, ServerConfig)."""
         self.tasks: set[asyncio.Task[None]] = set()
         self.closing = False
         """Nothing more is sent or read (fatal error, disconnect, or both BYEs exchanged)."""
@@ -303,6 +306,12 @@ class _Peer:
         self.bye_sent = False
         peer = writer.get_extra_info("peername")
         self.name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+    def finished(self, request_id: int) -> None:
+        """A request is answered (or about to be): with none left, the idle clock restarts."""
+        self.jobs.pop(request_id, None)
+        if not self.jobs:
+            self.last_active_at = time.monotonic()
 
     def send(self, event: object) -> None:
         if self.closing or self.writer.is_closing():
@@ -524,6 +533,8 @@ class SpinnServer:
                 try:
                     data = await asyncio.wait_for(reader.read(_READ_CHUNK), timeout)
                 except TimeoutError:
+                    if self._read_timeout(peer, accepted_at) > 0:
+                        continue  # the peer's last request was answered meanwhile
                     reason = self._timed_out(peer)
                     break
                 if not data:
@@ -607,7 +618,14 @@ class SpinnServer:
         now = time.monotonic()
         if peer.conn.welcome is None:
             return max(0.0, accepted_at + self.config.handshake_timeout_s - now)
-        return max(0.0, peer.last_frame_at + self.config.idle_timeout_s - now)
+        if self._waiting_on_us(peer):  # look again a period later
+            return self.config.idle_timeout_s
+        return max(0.0, peer.last_active_at + self.config.idle_timeout_s - now)
+
+    @staticmethod
+    def _waiting_on_us(peer: _Peer) -> bool:
+        """Requests of the peer are outstanding: it is waiting on the server, not idle."""
+        return peer.conn.welcome is not None and bool(peer.jobs)
 
     def _timed_out(self, peer: _Peer) -> str:
         """Close a peer that stalled (slow loris); returns the reason for the log."""
@@ -627,7 +645,7 @@ class SpinnServer:
             event = peer.conn.next_event()
             if event is NEED_DATA:
                 return
-            peer.last_frame_at = time.monotonic()
+            peer.last_active_at = time.monotonic()
             if isinstance(event, Hello):
                 if self._token is not None:
                     # Authenticate before any model check (PROTOCOL.md §10); the state
@@ -808,10 +826,10 @@ class SpinnServer:
                 outcome = await loop.run_in_executor(self._executor, self._compute, job)
         except Exception as exc:  # a model failure answers this request only
             log.exception("request %d failed", job.request_id)
-            peer.jobs.pop(job.request_id, None)
+            peer.finished(job.request_id)
             self._request_error(peer, ErrorCode.INTERNAL, f"compute failed: {exc}", job.request_id)
             return
-        peer.jobs.pop(job.request_id, None)
+        peer.finished(job.request_id)
         if outcome is None:
             # Cancelled: no RESULT.  ERROR(CANCELLED) closes the request in both state
             # machines (each INFER is answered exactly once, by RESULT or ERROR).
