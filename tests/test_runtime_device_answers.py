@@ -65,6 +65,11 @@ def test_status_interval_zero_prints_the_final_line_only(checkpoint: Path) -> No
     assert len(lines) == 1
 
 
+def _welcome(hello: Hello) -> Welcome:
+    """A WELCOME to whatever model the device says it runs."""
+    return Welcome(hello.version, hello.model_id, hello.weights_sha256, hello.codecs, False)
+
+
 async def _lying_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Welcomes any model, then answers every INFER from an exit and a class that do not
     exist (a peer at the system's edge gone wrong)."""
@@ -79,10 +84,7 @@ async def _lying_server(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         elif isinstance(event, ConnectionClosed):
             return
         elif isinstance(event, Hello):
-            welcome = Welcome(
-                event.version, event.model_id, event.weights_sha256, event.codecs, False
-            )
-            writer.write(conn.send(welcome))
+            writer.write(conn.send(_welcome(event)))
         elif isinstance(event, Ping):
             writer.write(conn.send(Pong.reply_to(event, time.time())))
         elif isinstance(event, Infer):
@@ -132,3 +134,42 @@ def test_a_closed_stdout_stops_the_run_with_a_clear_error(checkpoint: Path) -> N
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 2, err
     assert "cannot write the answers" in err and "Traceback" not in err
+
+
+def test_a_server_that_drops_every_link_at_once_is_retried_with_backoff(
+    checkpoint: Path,
+) -> None:
+    accepted = 0
+
+    async def crash_looping(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Welcomes the device, then dies; restarted at once, again and again."""
+        nonlocal accepted
+        accepted += 1
+        conn = Connection(Role.SERVER)
+        while (data := await reader.read(1 << 16)) and not isinstance(
+            event := (conn.receive_data(data), conn.next_event())[1], Hello
+        ):
+            pass
+        if data:
+            writer.write(conn.send(_welcome(event)))
+            await writer.drain()
+        writer.close()
+
+    async def main() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        server = await asyncio.start_server(crash_looping, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        config = DeviceConfig(
+            checkpoint=checkpoint, server=("127.0.0.1", port), rate_fps=20.0, status_interval_s=0
+        )
+        records: list[dict[str, Any]] = []
+        try:
+            summary = await SpinnDevice(config).run(noise_frames(40), records.append)
+        finally:
+            server.close()
+        return records, summary
+
+    records, summary = uvloop.run(main())
+    by_frame(records, 40)  # two seconds of frames, each answered on the device
+    assert summary["answered_by"]["server"] == 0
+    # Backoff from 0.1 s doubling: a handful of tries in two seconds, not a tight loop.
+    assert 2 <= accepted <= 12, accepted

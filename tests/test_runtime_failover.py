@@ -8,7 +8,7 @@ import pytest
 
 import spinn_device
 from spinn.runtime.backoff import Backoff
-from spinn.runtime.failover import ServerRotation, parse_address, parse_addresses
+from spinn.runtime.failover import STABLE_LINK_S, ServerRotation, parse_address, parse_addresses
 
 A, B, C = ("10.0.0.1", 7878), ("10.0.0.2", 7878), ("::1", 7000)
 
@@ -44,22 +44,32 @@ def test_failover_tries_every_server_before_backing_off() -> None:
     assert rot.connect_failed() == 0.0
     second = rot.connect_failed()
     assert 0.1 <= second <= 0.2, "backoff grows round after round"
-    rot.connected()
+    assert rot.connection_lost(up_s=60.0) == 0.0, "a stable link is a success"
     assert rot.backoff.attempts == 0 and rot.failures_in_round == 0
 
 
 def test_lost_connection_moves_on_and_single_server_reconnects_to_itself() -> None:
     rot = _rotation(A, B)
-    rot.connected()
-    rot.connection_lost()
+    assert rot.connection_lost() == 0.0
     assert rot.current == B
     assert rot.connect_failed() == 0.0 and rot.current == A, "A is retried without waiting"
     single = _rotation(A)
-    single.connection_lost()
+    assert single.connection_lost(up_s=STABLE_LINK_S) == 0.0
     assert single.current == A
     assert single.connect_failed() > 0, "one server: every failure backs off as before"
     with pytest.raises(ValueError, match="at least one"):
         ServerRotation(())
+
+
+def test_a_server_that_drops_every_link_at_once_is_backed_off() -> None:
+    single = _rotation(A)
+    delays = [single.connection_lost(up_s=0.01) for _ in range(6)]
+    assert all(d > 0 for d in delays), delays
+    assert delays[-1] > 4 * delays[0], f"backoff grows: {delays}"
+    pair = _rotation(A, B)  # two crash-looping servers: a wait after each round of both
+    delays = [pair.connection_lost(up_s=0.01) for _ in range(6)]
+    assert delays[0::2] == [0.0] * 3 and all(d > 0 for d in delays[1::2]), delays
+    assert pair.connection_lost(up_s=STABLE_LINK_S) == 0.0 and pair.backoff.attempts == 0
 
 
 def test_device_cli_takes_several_servers() -> None:

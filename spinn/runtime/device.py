@@ -363,9 +363,9 @@ class _Link:
                     self._hint_once(host, port, hint)
                 await asyncio.sleep(delay)
                 continue
-            self.rotation.connected()
+            connected_at = _now()
             self.connects += 1
-            self.device.profiler.mark_server(_now(), True)
+            self.device.profiler.mark_server(connected_at, True)
             log.info(
                 "connected to %s:%d (%s), compute time %sreported",
                 host,
@@ -391,9 +391,14 @@ class _Link:
             finally:
                 # Always: a link left "up" after its reader ended would never reconnect.
                 self._drop(reason)
-                self.rotation.connection_lost()
+                up_s = _now() - connected_at
+                delay = self.rotation.connection_lost(up_s)
             if self.fatal is not None:
                 return
+            if delay > 0:
+                # It accepted, then dropped at once: a crash-looping server is backed off.
+                log.info("link to %s:%d lasted %.2f s; next try in %.2f s", host, port, up_s, delay)
+                await asyncio.sleep(delay)
 
     def _hint_once(self, host: str, port: int, hint: str) -> None:
         """Log ``hint`` about the server at ``host:port`` as a warning, the first time only."""
