@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--thr",
         type=_fraction,
-        default=d.thr_conf,
+        default=None,
         help=f"with --policy fixed: exit confidence threshold (default {d.thr_conf})",
     )
     p.add_argument(
@@ -202,7 +202,7 @@ def config_from_args(args: argparse.Namespace) -> DeviceConfig:
         server=None if args.device_only else servers[0],
         extra_servers=() if args.device_only else tuple(servers[1:]),
         split=args.split,
-        thr_conf=args.thr,
+        thr_conf=DeviceConfig.thr_conf if args.thr is None else args.thr,
         rate_fps=args.rate,
         limit=args.limit,
         max_in_flight=args.max_in_flight,
@@ -243,17 +243,29 @@ _SLA_READERS: dict[str, tuple[str, ...] | None] = {
 }
 
 
-def _warn_unused_sla(args: argparse.Namespace) -> None:
+def unread_flags(args: argparse.Namespace) -> list[str]:
+    """A warning for each group of flags given that the rest of the command line ignores."""
     from spinn.sla import sla_flags_given
 
+    warnings = []
     read = _SLA_READERS.get(args.policy, ())
     unread = [f for f in sla_flags_given(args) if read is not None and f not in read]
     if unread:
-        logging.getLogger("spinn.device").warning(
-            "%s ignored with --policy %s: the SLA acts with --policy spinn",
-            ", ".join(unread),
-            args.policy,
+        warnings.append(
+            f"{', '.join(unread)} ignored with --policy {args.policy}: the SLA acts with "
+            "--policy spinn"
         )
+    fixed = [f for f, v in (("--split", args.split), ("--thr", args.thr)) if v is not None]
+    if fixed and args.policy != "fixed":
+        warnings.append(
+            f"{', '.join(fixed)} ignored with --policy {args.policy}: the policy chooses "
+            "split and threshold; they act with --policy fixed"
+        )
+    if args.device_only and args.server:
+        warnings.append("--server ignored with --device-only: nothing is offloaded")
+    if args.data_dir and not (args.dataset or "").startswith("fashion-mnist"):
+        warnings.append("--data-dir ignored: it is where --dataset fashion-mnist is read from")
+    return warnings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    _warn_unused_sla(args)
+    for warning in unread_flags(args):
+        logging.getLogger("spinn.device").warning("%s", warning)
     import uvloop
 
     from spinn.checkpoint import CheckpointError, read_checkpoint

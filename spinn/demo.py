@@ -100,13 +100,16 @@ def main(argv: list[str] | None = None) -> int:
                     raise KeyboardInterrupt
                 wait_listening(port, server, 60.0)
                 awaiting_server = False
-                split = ["--split", str(args.split)] if args.split is not None else []
+                # The fixed policy's knobs; any other policy chooses them itself.
+                fixed = ["--thr", str(args.thr)] if args.policy == "fixed" else []
+                if args.policy == "fixed" and args.split is not None:
+                    fixed += ["--split", str(args.split)]
                 device = subprocess.Popen(
                     [python, str(ROOT / "spinn_device.py"), "--server", f"127.0.0.1:{port}",
                      "--dataset", "fashion-mnist:test", "--limit", str(args.frames),
-                     "--rate", str(args.rate), "--policy", args.policy, "--thr", str(args.thr),
+                     "--rate", str(args.rate), "--policy", args.policy,
                      "--out", str(answers),
-                     "--quiet", *split, *model],
+                     "--quiet", *fixed, *model],
                     stderr=subprocess.PIPE, env=env, cwd=ROOT, process_group=0,
                 )  # fmt: skip
                 if interrupted:

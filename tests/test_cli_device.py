@@ -64,6 +64,31 @@ def test_sla_flags_unread_by_the_policy_are_warned_about(
 
 
 @pytest.mark.parametrize(
+    ("extra", "warning"),
+    [
+        (
+            ["--policy", "spinn", "--split", "2", "--thr", "0.5"],
+            "--split, --thr ignored with --policy spinn: the policy chooses split and threshold",
+        ),
+        (["--policy", "fixed", "--split", "2", "--thr", "0.5"], None),
+        (["--device-only", "--server", "10.0.0.1:7878"], "--server ignored with --device-only"),
+        (["--data-dir", "/nowhere"], "--data-dir ignored"),
+    ],  # fmt: skip
+)
+def test_flags_the_rest_of_the_command_line_ignores_are_named(
+    extra: list[str], warning: str | None
+) -> None:
+    args = spinn_device.build_parser().parse_args(["--images", "somewhere", *extra])
+    warnings = spinn_device.unread_flags(args)
+    if warning is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warnings[0].startswith(warning), warnings
+    fashion = ["--dataset", "fashion-mnist", "--data-dir", "/nowhere"]
+    assert spinn_device.unread_flags(spinn_device.build_parser().parse_args(fashion)) == []
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--dataset", "fashion-mnist", "--server", "localhost"], "expected HOST:PORT"),

@@ -24,7 +24,15 @@ def test_parse_addresses_accepts_repeats_commas_and_ipv6() -> None:
 
 @pytest.mark.parametrize(
     ("text", "fault"),
-    [("nohost", "HOST:PORT"), (":80", "HOST:PORT"), ("h:x", "number"), ("h:0", "1..65535")],
+    [
+        ("nohost", "HOST:PORT"),
+        (":80", "HOST:PORT"),
+        ("h:x", "number"),
+        ("h:0", "1..65535"),
+        ("[::1:80", "brackets"),
+        ("::1:80", "brackets"),
+        ("h]:80", "brackets"),
+    ],  # fmt: skip
 )
 def test_parse_address_names_the_fault(text: str, fault: str) -> None:
     with pytest.raises(ValueError, match=fault):

@@ -36,7 +36,10 @@ def parse_address(value: str) -> Address:
         raise ValueError(f"port must be a number in {value!r}") from None
     if not 1 <= number <= 65535:
         raise ValueError(f"port must be in 1..65535, got {number} in {value!r}")
-    return host.strip("[]"), number
+    bracketed = host.startswith("[") and host.endswith("]")
+    if not bracketed and (":" in host or "[" in host or "]" in host):
+        raise ValueError(f"an IPv6 address goes in brackets, [ADDRESS]:PORT, got {value!r}")
+    return (host[1:-1] if bracketed else host), number
 
 
 def parse_addresses(values: str | list[str] | tuple[str, ...]) -> tuple[Address, ...]:

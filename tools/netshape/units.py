@@ -158,6 +158,8 @@ def parse_address(text: str) -> tuple[str, int]:
         raise ValueError(f"bad address {text!r}: expected HOST:PORT")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    elif ":" in host or "[" in host or "]" in host:
+        raise ValueError(f"bad address {text!r}: an IPv6 address goes in brackets, [::1]:PORT")
     try:
         port = int(port_text)
     except ValueError:
