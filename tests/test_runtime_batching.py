@@ -226,8 +226,11 @@ def test_batching_and_device_flags_are_checked() -> None:
         ServerConfig(batch_max=0)
     with pytest.raises(ValueError, match="--batch-wait-ms"):
         ServerConfig(batch_wait_ms=-1)
-    with pytest.raises(ValueError, match="unknown device 'tpu'"):
-        ServerConfig(device="tpu")
+    for bad in ("tpu", "cuda:abc", "cuda:", "cuda:-1"):
+        with pytest.raises(ValueError, match=f"unknown --device '{bad}'"):
+            ServerConfig(device=bad)
+        with pytest.raises(ValueError, match="cuda:N"):
+            resolve_device(bad)
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():

@@ -8,27 +8,37 @@ non-blocking copies (``spinn.runtime.batching.to_device``); compute runs under
 
 from __future__ import annotations
 
+import re
+
 import torch
 
-__all__ = ["DEVICE_CHOICES", "resolve_device"]
+__all__ = ["DEVICE_CHOICES", "check_device_name", "resolve_device"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 """Values of ``ServerConfig.device`` / ``--device``."""
 
 
+def check_device_name(name: str) -> None:
+    """ValueError unless ``name`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (N a number)."""
+    if name in DEVICE_CHOICES or re.fullmatch(r"cuda:[0-9]+", name):
+        return
+    raise ValueError(
+        f"unknown --device {name!r}; choose one of {', '.join(DEVICE_CHOICES)} or cuda:N"
+    )
+
+
 def resolve_device(name: str) -> torch.device:
     """The torch device for ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ValueError if unusable."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but torch sees no CUDA GPU")
-        device = torch.device(name)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) visible"
-            )
-        return device
-    raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but torch sees no CUDA GPU")
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) visible"
+        )
+    return device

@@ -70,7 +70,7 @@ from protocol.auth import NONCE_SIZE, server_proof
 from protocol.messages import MAX_STRING
 from protocol.packing import CODECS, unpack
 from spinn.profile import NO_EARLY_EXIT
-from spinn.runtime.accel import DEVICE_CHOICES, resolve_device
+from spinn.runtime.accel import check_device_name, resolve_device
 from spinn.runtime.batching import Batcher, run_batch, to_device
 from spinn.runtime.compute import configure_torch, make_executor, plan_workers
 from spinn.runtime.metrics import ServerMetrics
@@ -208,10 +208,7 @@ class ServerConfig:
             raise ValueError(f"--batch-max must be in 1..1024, got {self.batch_max}")
         if not 0.0 <= self.batch_wait_ms <= 1000.0:
             raise ValueError(f"--batch-wait-ms must be in [0, 1000], got {self.batch_wait_ms}")
-        if self.device not in DEVICE_CHOICES and not self.device.startswith("cuda:"):
-            raise ValueError(
-                f"unknown device {self.device!r}; choose one of {', '.join(DEVICE_CHOICES)}"
-            )
+        check_device_name(self.device)
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
         # Named by their flag where the field name would not tell which flag to fix.
