@@ -480,6 +480,7 @@ class SpinnServer:
                     peer.send(_error(ErrorCode.BUSY, "server shutting down", job.request_id))
             for t in pending:
                 t.cancel()
+        writers = [peer.writer for peer in self._peers]
         for peer in list(self._peers):
             if not peer.bye_sent:
                 with contextlib.suppress(ProtocolError):
@@ -487,6 +488,12 @@ class SpinnServer:
             peer.closing = True
             with contextlib.suppress(ConnectionError, OSError):
                 peer.writer.close()
+        if writers:
+            # Python 3.11's wait_closed() below does not wait for connections: the BYEs
+            # (and a TLS close_notify) are flushed here, bounded, before the loop ends.
+            flushed = asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(flushed, 1.0)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
