@@ -12,6 +12,7 @@ import pytest
 import zstandard
 
 from protocol import (
+    NEED_DATA,
     PROTOCOL_VERSION,
     Connection,
     Error,
@@ -167,3 +168,32 @@ def test_a_peer_waiting_on_a_busy_server_is_not_idle(checkpoint: Path) -> None:
         client.close()
 
     serve(checkpoint, body, workers=1, slowdown=20.0, idle_timeout_s=0.2, batch_max=1)
+
+
+def test_a_fatal_error_reaches_a_peer_with_bytes_still_unread(checkpoint: Path) -> None:
+    """The server closes after a fatal ERROR without resetting the connection, though the
+    peer sent more than was read: a reset may destroy the ERROR on its way."""
+
+    def peer(port: int, server: SpinnServer) -> tuple[list[object], str | None]:
+        conn = Connection(Role.DEVICE)
+        meta = server.meta
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(conn.send(Hello(PROTOCOL_VERSION, meta.model_id, "", ("float32",))))
+            # A frame of bytes that are no msgpack, then 2 MiB the server never reads.
+            sock.sendall(b"\x00\x00\x00\x04\xc1\xc1\xc1\xc1" + bytes(2 << 20))
+            received, failure = b"", None
+            try:
+                while chunk := sock.recv(1 << 16):
+                    received += chunk
+            except OSError as exc:
+                failure = repr(exc)
+        conn.receive_data(received)
+        return [type(e).__name__ for e in iter(conn.next_event, NEED_DATA)], failure
+
+    async def body(server: SpinnServer, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        events, failure = await loop.run_in_executor(None, peer, port, server)
+        assert events[:2] == ["Welcome", "Error"], events
+        assert failure is None, f"the connection was reset: {failure}"
+
+    serve(checkpoint, body)

@@ -93,6 +93,9 @@ log = logging.getLogger("spinn.server")
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "default" / "model.pt"
 _READ_CHUNK = 1 << 16
+_LINGER_S = 1.0
+_LINGER_BYTES = 4 << 20
+"""After a fatal ERROR, what a peer may still send before the close (``_linger``)."""
 _FRAME_HEADROOM = 64 * 1024
 """Bytes above the largest activation a frame may carry (msgpack envelope, PING padding)."""
 
@@ -329,6 +332,25 @@ def _error(code: ErrorCode, message: str, request_id: int | None = None) -> Erro
     return Error(code, message, request_id)
 
 
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Before closing on a fatal ERROR: half-close, then discard what the peer still sends
+    until it closes too (at most ``_LINGER_S`` and ``_LINGER_BYTES``). Closing a socket
+    with unread bytes resets the connection, and a reset can destroy the ERROR still in
+    flight; the peer would see "connection reset" instead of what it did wrong."""
+    if not writer.can_write_eof():  # TLS: close_notify ends the stream instead
+        return
+    loop = asyncio.get_running_loop()
+    end = loop.time() + _LINGER_S
+    with contextlib.suppress(TimeoutError, ConnectionError, OSError):
+        writer.write_eof()
+        discarded = 0
+        while discarded < _LINGER_BYTES:
+            data = await asyncio.wait_for(reader.read(_READ_CHUNK), max(0.0, end - loop.time()))
+            if not data:
+                return
+            discarded += len(data)
+
+
 def _quoted(value: object, limit: int = 80) -> str:
     """repr of a peer-supplied value for a message, cut to `limit` characters."""
     text = repr(value)
@@ -521,6 +543,7 @@ class SpinnServer:
             log.warning("device %s refused: %d connections open", peer.name, len(self._peers))
             with contextlib.suppress(ProtocolError, ConnectionError, OSError):
                 peer.send(_error(ErrorCode.BUSY, f"server full ({len(self._peers)} devices)"))
+                await _linger(reader, writer)
                 writer.close()
             return
         self._peers.add(peer)
@@ -530,6 +553,7 @@ class SpinnServer:
         # device shows up at INFO when it is welcomed.
         log.debug("device connected from %s", peer.name)
         reason = "closed by device"
+        fatal_error = False
         accepted_at = time.monotonic()
         try:
             while not peer.closing and not peer.bye_received:
@@ -562,6 +586,7 @@ class SpinnServer:
             self.stats.errors_sent += 1
             with contextlib.suppress(ProtocolError, ConnectionError):
                 peer.send(_error(code, str(exc)))
+                fatal_error = True
         except (ConnectionError, OSError) as exc:
             reason = f"connection lost: {exc}"
         except Exception as exc:  # a bug here costs this connection, not the server
@@ -570,6 +595,7 @@ class SpinnServer:
             self.stats.errors_sent += 1
             with contextlib.suppress(ProtocolError, ConnectionError, OSError):
                 peer.send(_error(ErrorCode.INTERNAL, f"internal server error: {exc}"))
+                fatal_error = True
         finally:
             peer.closing = True
             for job in peer.jobs.values():
@@ -577,6 +603,8 @@ class SpinnServer:
             self._peers.discard(peer)
             self.stats.connections -= 1
             with contextlib.suppress(ConnectionError, OSError):
+                if fatal_error:
+                    await _linger(reader, writer)
                 writer.close()
             level = logging.INFO if peer.conn.hello is not None else logging.DEBUG
             log.log(level, "device %s disconnected: %s", peer.name, reason)
