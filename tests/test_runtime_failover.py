@@ -78,6 +78,9 @@ def test_a_server_that_drops_every_link_at_once_is_backed_off() -> None:
     delays = [pair.connection_lost(up_s=0.01) for _ in range(6)]
     assert delays[0::2] == [0.0] * 3 and all(d > 0 for d in delays[1::2]), delays
     assert pair.connection_lost(up_s=STABLE_LINK_S) == 0.0 and pair.backoff.attempts == 0
+    single.connection_lost(up_s=0.01)
+    assert single.connection_lost(up_s=0.01, answers=1) == 0.0, "it answered: it works"
+    assert single.backoff.attempts == 0
 
 
 def test_device_cli_takes_several_servers() -> None:

@@ -272,6 +272,8 @@ class _Link:
         self.ping_seq = 0
         self.last_probe_at = -1e9
         self.connects = 0
+        self.answers_on_link = 0
+        """RESULTs and request ERRORs on the current link (``ServerRotation.connection_lost``)."""
         self.fatal: DeviceError | None = None
         self.ssl: ssl.SSLContext | None = None
         self._hints_given: set[str] = set()
@@ -364,6 +366,7 @@ class _Link:
                 await asyncio.sleep(delay)
                 continue
             connected_at = _now()
+            self.answers_on_link = 0
             self.connects += 1
             self.device.profiler.mark_server(connected_at, True)
             log.info(
@@ -392,12 +395,18 @@ class _Link:
                 # Always: a link left "up" after its reader ended would never reconnect.
                 self._drop(reason)
                 up_s = _now() - connected_at
-                delay = self.rotation.connection_lost(up_s)
+                delay = self.rotation.connection_lost(up_s, self.answers_on_link)
             if self.fatal is not None:
                 return
             if delay > 0:
-                # It accepted, then dropped at once: a crash-looping server is backed off.
-                log.info("link to %s:%d lasted %.2f s; next try in %.2f s", host, port, up_s, delay)
+                # Dropped at once, unanswered: a crash-looping server is backed off.
+                log.info(
+                    "link to %s:%d lasted %.2f s and answered nothing; next try in %.2f s",
+                    host,
+                    port,
+                    up_s,
+                    delay,
+                )
                 await asyncio.sleep(delay)
 
     def _hint_once(self, host: str, port: int, hint: str) -> None:
@@ -549,6 +558,7 @@ class _Link:
         now = _now()
         dev = self.device
         if isinstance(event, Result):
+            self.answers_on_link += 1
             dev._on_result(event, now)
         elif isinstance(event, Pong):
             sent = self.pings.pop(event.seq, None)
@@ -560,6 +570,7 @@ class _Link:
             self.send(Pong.reply_to(event, time.time()))
         elif isinstance(event, Error):
             if event.request_id is not None:
+                self.answers_on_link += 1
                 dev._on_request_error(event)
             else:
                 if event.code in _FATAL_CODES:

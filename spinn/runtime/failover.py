@@ -5,8 +5,9 @@ reconnects in the background.  With several servers an
 outage of one should cost one reconnect, not a backoff: the device moves straight on
 to the next address, and only waits (exponential backoff with jitter, ``Backoff``)
 once every address has failed in a row, so a fleet that is down entirely is not
-hammered. A link that drops within ``STABLE_LINK_S`` of connecting counts as a
-failure too: a crash-looping server is backed off, not reconnected in a tight loop.  Pure logic: no clock, no sockets; the jitter's randomness is in ``Backoff``.
+hammered. A link that drops within ``STABLE_LINK_S`` of connecting, having answered
+nothing, counts as a failure too: a crash-looping server is backed off, not
+reconnected in a tight loop.  Pure logic: no clock, no sockets; the jitter's randomness is in ``Backoff``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from spinn.runtime.backoff import Backoff
 __all__ = ["STABLE_LINK_S", "Address", "ServerRotation", "parse_address", "parse_addresses"]
 
 STABLE_LINK_S = 2.0
-"""A connection that lasts this long counts as a success (it resets the backoff)."""
+"""A connection that lasts this long counts as a success (it resets the backoff), as
+does one on which the server answered a request."""
 
 Address = tuple[str, int]
 """A server address: host and TCP port."""
@@ -62,8 +64,8 @@ class ServerRotation:
     index: int = 0
     """Position of ``current`` in ``addresses``."""
     failures_in_round: int = 0
-    """Consecutive failed connection attempts (refused, or links shorter than
-    ``STABLE_LINK_S``) since the last stable link or full round."""
+    """Consecutive failed connection attempts (refused, or links that ended unanswered
+    within ``STABLE_LINK_S``) since the last good link or full round."""
 
     def __post_init__(self) -> None:
         if not self.addresses:
@@ -87,17 +89,17 @@ class ServerRotation:
             return self.backoff.next_delay()
         return 0.0
 
-    def connection_lost(self, up_s: float = math.inf) -> float:
-        """An established connection to ``current`` ended after ``up_s`` seconds: try
-        the next address first.
+    def connection_lost(self, up_s: float = math.inf, answers: int = 0) -> float:
+        """An established connection to ``current`` ended after ``up_s`` seconds, in which
+        the server answered ``answers`` requests: try the next address first.
 
-        Returns the seconds to wait first. A link that lasted ``STABLE_LINK_S`` or more
-        was a success: the next outage starts afresh and the reconnect is immediate
-        (with one address, to the same server). A shorter one counts as a failed
-        attempt, so a server that accepts and then crashes again and again is retried
+        Returns the seconds to wait first. A link that answered a request or lasted
+        ``STABLE_LINK_S`` was a success: the next outage starts afresh and the reconnect
+        is immediate (with one address, to the same server). Any other counts as a failed
+        attempt, so a server that accepts and then crashes, again and again, is retried
         with backoff like one that refuses, not in a tight loop.
         """
-        if up_s >= STABLE_LINK_S:
+        if answers > 0 or up_s >= STABLE_LINK_S:
             self.index = (self.index + 1) % len(self.addresses)
             self.failures_in_round = 0
             self.backoff.reset()
