@@ -96,6 +96,8 @@ _READ_CHUNK = 1 << 16
 _LINGER_S = 1.0
 _LINGER_BYTES = 4 << 20
 """After a fatal ERROR, what a peer may still send before the close (``_linger``)."""
+_REFUSAL_LINGER_S = 0.2
+"""The same for a connection refused BUSY: it sent a HELLO at most."""
 _FRAME_HEADROOM = 64 * 1024
 """Bytes above the largest activation a frame may carry (msgpack envelope, PING padding)."""
 
@@ -332,16 +334,19 @@ def _error(code: ErrorCode, message: str, request_id: int | None = None) -> Erro
     return Error(code, message, request_id)
 
 
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _linger(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit_s: float = _LINGER_S
+) -> None:
     """Before closing on a fatal ERROR: half-close, then discard what the peer still sends
-    until it closes too (at most ``_LINGER_S`` and ``_LINGER_BYTES``). Closing a socket
+    until it closes too (at most ``limit_s`` and ``_LINGER_BYTES``). Closing a socket
     with unread bytes resets the connection, and a reset can destroy the ERROR still in
     flight; the peer would see "connection reset" instead of what it did wrong."""
-    if not writer.can_write_eof():  # TLS: close_notify ends the stream instead
+    if writer.is_closing() or not writer.can_write_eof():  # gone, or TLS (close_notify)
         return
     loop = asyncio.get_running_loop()
-    end = loop.time() + _LINGER_S
-    with contextlib.suppress(TimeoutError, ConnectionError, OSError):
+    end = loop.time() + limit_s
+    # RuntimeError: uvloop's write_eof() on a transport the peer has just reset.
+    with contextlib.suppress(TimeoutError, ConnectionError, OSError, RuntimeError):
         writer.write_eof()
         discarded = 0
         while discarded < _LINGER_BYTES:
@@ -543,7 +548,8 @@ class SpinnServer:
             log.warning("device %s refused: %d connections open", peer.name, len(self._peers))
             with contextlib.suppress(ProtocolError, ConnectionError, OSError):
                 peer.send(_error(ErrorCode.BUSY, f"server full ({len(self._peers)} devices)"))
-                await _linger(reader, writer)
+                # Briefly: a flood beyond the limit must not hold descriptors for long.
+                await _linger(reader, writer, _REFUSAL_LINGER_S)
                 writer.close()
             return
         self._peers.add(peer)
@@ -564,6 +570,7 @@ class SpinnServer:
                     if self._read_timeout(peer, accepted_at) > 0:
                         continue  # the peer's last request was answered meanwhile
                     reason = self._timed_out(peer)
+                    fatal_error = True  # a stalled frame's bytes may still be unread
                     break
                 if not data:
                     break
