@@ -46,11 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--split", type=int, help="split point of --policy fixed (default: the middle one)"
     )
-    parser.add_argument(
-        "--thr", type=float, default=0.8, help="exit threshold of --policy fixed (0.8)"
-    )
+    parser.add_argument("--thr", type=float, help="exit threshold of --policy fixed (default 0.8)")
     parser.add_argument("--checkpoint", type=Path, help="checkpoint (default: the shipped model)")
     args = parser.parse_args(argv)
+    # The fixed policy's knobs, passed on to the device; any other policy chooses them.
+    knobs = [f"{f}={v}" for f, v in (("--split", args.split), ("--thr", args.thr)) if v is not None]
+    if knobs and args.policy != "fixed":
+        print(f"note: {' '.join(knobs)} ignored: they act with --policy fixed", file=sys.stderr)
+        knobs = []
 
     port = free_port()
     python = sys.executable
@@ -100,16 +103,12 @@ def main(argv: list[str] | None = None) -> int:
                     raise KeyboardInterrupt
                 wait_listening(port, server, 60.0)
                 awaiting_server = False
-                # The fixed policy's knobs; any other policy chooses them itself.
-                fixed = ["--thr", str(args.thr)] if args.policy == "fixed" else []
-                if args.policy == "fixed" and args.split is not None:
-                    fixed += ["--split", str(args.split)]
                 device = subprocess.Popen(
                     [python, str(ROOT / "spinn_device.py"), "--server", f"127.0.0.1:{port}",
                      "--dataset", "fashion-mnist:test", "--limit", str(args.frames),
                      "--rate", str(args.rate), "--policy", args.policy,
                      "--out", str(answers),
-                     "--quiet", *fixed, *model],
+                     "--quiet", *knobs, *model],
                     stderr=subprocess.PIPE, env=env, cwd=ROOT, process_group=0,
                 )  # fmt: skip
                 if interrupted:

@@ -106,7 +106,7 @@ def test_parse_size_probability_address() -> None:
         parse_probability("1.5")
     assert parse_address("127.0.0.1:9000") == ("127.0.0.1", 9000)
     assert parse_address("[::1]:80") == ("::1", 80)
-    for bad in ("localhost", "host:http", "h:70000", ":80", "[::1:80", "::1:80"):
+    for bad in ("localhost", "host:http", "h:70000", ":80", "[::1:80", "::1:80", "[]:80"):
         with pytest.raises(ValueError, match="bad address"):
             parse_address(bad)
 

@@ -173,3 +173,36 @@ def test_a_server_that_drops_every_link_at_once_is_retried_with_backoff(
     assert summary["answered_by"]["server"] == 0
     # Backoff from 0.1 s doubling: a handful of tries in two seconds, not a tight loop.
     assert 2 <= accepted <= 12, accepted
+
+
+def test_the_end_of_a_run_does_not_wait_out_a_reconnect_backoff(
+    checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Welcomes and PONGs, never answers a request: the link ends unanswered."""
+        conn = Connection(Role.SERVER)
+        while data := await reader.read(1 << 16):
+            conn.receive_data(data)
+            while (event := conn.next_event()) is not NEED_DATA:
+                if isinstance(event, Hello):
+                    writer.write(conn.send(_welcome(event)))
+                elif isinstance(event, Ping):
+                    writer.write(conn.send(Pong.reply_to(event, time.time())))
+
+    async def main() -> None:
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        config = DeviceConfig(
+            checkpoint=checkpoint, server=("127.0.0.1", port), split=0, status_interval_s=0
+        )
+        device = SpinnDevice(config)
+        for _ in range(6):  # as after an outage at start-up: the backoff has grown
+            device._link.rotation.backoff.next_delay()
+        try:
+            await device.run(noise_frames(3), lambda r: None)
+        finally:
+            server.close()
+
+    with caplog.at_level("INFO", logger="spinn.device"):
+        uvloop.run(main())
+    assert not [r for r in caplog.records if "next try" in r.getMessage()]

@@ -396,7 +396,7 @@ class _Link:
                 self._drop(reason)
                 up_s = _now() - connected_at
                 delay = self.rotation.connection_lost(up_s, self.answers_on_link)
-            if self.fatal is not None:
+            if self.fatal is not None or self._stopping:
                 return
             if delay > 0:
                 # Dropped at once, unanswered: a crash-looping server is backed off.

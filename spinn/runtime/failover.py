@@ -39,9 +39,10 @@ def parse_address(value: str) -> Address:
     if not 1 <= number <= 65535:
         raise ValueError(f"port must be in 1..65535, got {number} in {value!r}")
     bracketed = host.startswith("[") and host.endswith("]")
-    if not bracketed and (":" in host or "[" in host or "]" in host):
+    inner = host[1:-1] if bracketed else host
+    if not inner or "[" in inner or "]" in inner or (":" in inner and not bracketed):
         raise ValueError(f"an IPv6 address goes in brackets, [ADDRESS]:PORT, got {value!r}")
-    return (host[1:-1] if bracketed else host), number
+    return inner, number
 
 
 def parse_addresses(values: str | list[str] | tuple[str, ...]) -> tuple[Address, ...]:

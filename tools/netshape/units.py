@@ -156,9 +156,10 @@ def parse_address(text: str) -> tuple[str, int]:
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
         raise ValueError(f"bad address {text!r}: expected HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
         host = host[1:-1]
-    elif ":" in host or "[" in host or "]" in host:
+    if not host or "[" in host or "]" in host or (":" in host and not bracketed):
         raise ValueError(f"bad address {text!r}: an IPv6 address goes in brackets, [::1]:PORT")
     try:
         port = int(port_text)
