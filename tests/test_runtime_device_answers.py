@@ -65,53 +65,64 @@ def test_status_interval_zero_prints_the_final_line_only(checkpoint: Path) -> No
     assert len(lines) == 1
 
 
-def _welcome(hello: Hello) -> Welcome:
-    """A WELCOME to whatever model the device says it runs."""
-    return Welcome(hello.version, hello.model_id, hello.weights_sha256, hello.codecs, False)
+def _edge_server(*, lie: bool = False, die: bool = False) -> Any:
+    """A server at the system's edge: it welcomes any model and answers PINGs, nothing
+    more. ``lie``: it answers every INFER from an exit and a class that do not exist.
+    ``die``: it closes right after its WELCOME (a server crashing at each start)."""
 
-
-async def _lying_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Welcomes any model, then answers every INFER from an exit and a class that do not
-    exist (a peer at the system's edge gone wrong)."""
-    conn = Connection(Role.SERVER)
-    while True:
-        event = conn.next_event()
-        if event is NEED_DATA:
-            data = await reader.read(1 << 16)
-            if not data:
-                return
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection(Role.SERVER)
+        while data := await reader.read(1 << 16):
             conn.receive_data(data)
-        elif isinstance(event, ConnectionClosed):
-            return
-        elif isinstance(event, Hello):
-            writer.write(conn.send(_welcome(event)))
-        elif isinstance(event, Ping):
-            writer.write(conn.send(Pong.reply_to(event, time.time())))
-        elif isinstance(event, Infer):
-            writer.write(conn.send(Result(event.request_id, 999, (123456,), (0.9,))))
+            while (event := conn.next_event()) is not NEED_DATA:
+                if isinstance(event, ConnectionClosed):
+                    return
+                if isinstance(event, Hello):
+                    welcome = Welcome(
+                        event.version, event.model_id, event.weights_sha256, event.codecs, False
+                    )
+                    writer.write(conn.send(welcome))
+                    if die:
+                        await writer.drain()
+                        writer.close()
+                        return
+                elif isinstance(event, Ping):
+                    writer.write(conn.send(Pong.reply_to(event, time.time())))
+                elif isinstance(event, Infer) and lie:
+                    writer.write(conn.send(Result(event.request_id, 999, (123456,), (0.9,))))
+
+    return handle
+
+
+def _run_against(
+    handler: Any, checkpoint: Path, frames: int, prepare: Any = None, **options: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run `frames` noise frames through a device connected to `handler` on loopback;
+    `prepare(device)` runs before the stream starts. The records and the summary."""
+
+    async def main() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        config = DeviceConfig(
+            checkpoint=checkpoint, server=("127.0.0.1", port), status_interval_s=0, **options
+        )
+        device = SpinnDevice(config)
+        if prepare is not None:
+            prepare(device)
+        records: list[dict[str, Any]] = []
+        try:
+            summary = await device.run(noise_frames(frames), records.append)
+        finally:
+            server.close()
+        return records, summary
+
+    return uvloop.run(main())
 
 
 def test_an_impossible_result_is_refused_and_the_frame_finishes_locally(
     checkpoint: Path,
 ) -> None:
-    async def main() -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        server = await asyncio.start_server(_lying_server, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        config = DeviceConfig(
-            checkpoint=checkpoint,
-            server=("127.0.0.1", port),
-            split=1,
-            thr_conf=1.0,
-            status_interval_s=0,
-        )
-        records: list[dict[str, Any]] = []
-        try:
-            summary = await SpinnDevice(config).run(noise_frames(8), records.append)
-        finally:
-            server.close()
-        return records, summary
-
-    records, summary = uvloop.run(main())
+    records, summary = _run_against(_edge_server(lie=True), checkpoint, 8, split=1, thr_conf=1.0)
     by_frame(records, 8)
     assert {r["where"] for r in records} == {"fallback"}
     assert all(r["exit"] != 999 and 0 <= r["class"] < 10 for r in records)
@@ -140,35 +151,15 @@ def test_a_server_that_drops_every_link_at_once_is_retried_with_backoff(
     checkpoint: Path,
 ) -> None:
     accepted = 0
+    crashing = _edge_server(die=True)
 
     async def crash_looping(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Welcomes the device, then dies; restarted at once, again and again."""
+        """Restarted at once after each crash, again and again."""
         nonlocal accepted
         accepted += 1
-        conn = Connection(Role.SERVER)
-        while (data := await reader.read(1 << 16)) and not isinstance(
-            event := (conn.receive_data(data), conn.next_event())[1], Hello
-        ):
-            pass
-        if data:
-            writer.write(conn.send(_welcome(event)))
-            await writer.drain()
-        writer.close()
+        await crashing(reader, writer)
 
-    async def main() -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        server = await asyncio.start_server(crash_looping, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        config = DeviceConfig(
-            checkpoint=checkpoint, server=("127.0.0.1", port), rate_fps=20.0, status_interval_s=0
-        )
-        records: list[dict[str, Any]] = []
-        try:
-            summary = await SpinnDevice(config).run(noise_frames(40), records.append)
-        finally:
-            server.close()
-        return records, summary
-
-    records, summary = uvloop.run(main())
+    records, summary = _run_against(crash_looping, checkpoint, 40, rate_fps=20.0)
     by_frame(records, 40)  # two seconds of frames, each answered on the device
     assert summary["answered_by"]["server"] == 0
     # Backoff from 0.1 s doubling: a handful of tries in two seconds, not a tight loop.
@@ -178,31 +169,11 @@ def test_a_server_that_drops_every_link_at_once_is_retried_with_backoff(
 def test_the_end_of_a_run_does_not_wait_out_a_reconnect_backoff(
     checkpoint: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Welcomes and PONGs, never answers a request: the link ends unanswered."""
-        conn = Connection(Role.SERVER)
-        while data := await reader.read(1 << 16):
-            conn.receive_data(data)
-            while (event := conn.next_event()) is not NEED_DATA:
-                if isinstance(event, Hello):
-                    writer.write(conn.send(_welcome(event)))
-                elif isinstance(event, Ping):
-                    writer.write(conn.send(Pong.reply_to(event, time.time())))
-
-    async def main() -> None:
-        server = await asyncio.start_server(silent, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        config = DeviceConfig(
-            checkpoint=checkpoint, server=("127.0.0.1", port), split=0, status_interval_s=0
-        )
-        device = SpinnDevice(config)
-        for _ in range(6):  # as after an outage at start-up: the backoff has grown
+    def grown_backoff(device: SpinnDevice) -> None:
+        for _ in range(6):  # as after an outage at start-up
             device._link.rotation.backoff.next_delay()
-        try:
-            await device.run(noise_frames(3), lambda r: None)
-        finally:
-            server.close()
 
+    # The edge server never answers a request: the link ends unanswered.
     with caplog.at_level("INFO", logger="spinn.device"):
-        uvloop.run(main())
+        _run_against(_edge_server(), checkpoint, 3, grown_backoff, split=0)
     assert not [r for r in caplog.records if "next try" in r.getMessage()]
