@@ -7,7 +7,8 @@ to the next address, and only waits (exponential backoff with jitter, ``Backoff`
 once every address has failed in a row, so a fleet that is down entirely is not
 hammered. A link that drops within ``STABLE_LINK_S`` of connecting, having answered
 nothing, counts as a failure too: a crash-looping server is backed off, not
-reconnected in a tight loop.  Pure logic: no clock, no sockets; the jitter's randomness is in ``Backoff``.
+reconnected in a tight loop.  Pure logic: no clock, no sockets; the jitter's
+randomness is in ``Backoff``.
 """
 
 from __future__ import annotations

@@ -657,14 +657,9 @@ class SpinnServer:
         now = time.monotonic()
         if peer.conn.welcome is None:
             return max(0.0, accepted_at + self.config.handshake_timeout_s - now)
-        if self._waiting_on_us(peer):  # look again a period later
+        if peer.jobs:  # waiting on the server, not idle: look again a period later
             return self.config.idle_timeout_s
         return max(0.0, peer.last_active_at + self.config.idle_timeout_s - now)
-
-    @staticmethod
-    def _waiting_on_us(peer: _Peer) -> bool:
-        """Requests of the peer are outstanding: it is waiting on the server, not idle."""
-        return peer.conn.welcome is not None and bool(peer.jobs)
 
     def _timed_out(self, peer: _Peer) -> str:
         """Close a peer that stalled (slow loris); returns the reason for the log."""
