@@ -158,6 +158,9 @@ class BandwidthEstimator:
         self._recent: list[float] = []
         self._samples = 0
         self.updated_at: float | None = None
+        self.floor_bps: float | None = None
+        """The largest rate a probe too fast to time implied (``observe_probe``): the
+        estimate until a transfer or a probe is timed, in place of the prior."""
         self.window = window
         self.min_transfer_bytes = min_transfer_bytes
         """Smaller uploads are ignored: their time is dominated by latency and socket
@@ -189,12 +192,19 @@ class BandwidthEstimator:
         small to resolve (the link is too fast for this probe size): below
         ``_PROBE_RESOLUTION_S`` it is the round trips' own jitter, or a shaper's burst
         let the padding through at once (24 Mbit/s with a 15 KB bucket: 16 KB of padding
-        added 0.26 ms and read 500 Mbit/s)."""
+        added 0.26 ms and read 500 Mbit/s).  Such a probe still says the link is at least
+        ``8n / _PROBE_RESOLUTION_S`` fast, burst aside: ``floor_bps`` keeps that figure
+        for as long as nothing was timed (loopback or a LAN, where no probe resolves and
+        the prior's 10 Mbit/s would stand forever)."""
         n = _check_sample("probe bytes", probe_bytes)
         rtt = _check_sample("probe rtt", rtt_s)
         base = _check_sample("base rtt", base_rtt_s)
         extra = rtt - base
-        if n <= 0 or extra < _PROBE_RESOLUTION_S:
+        if n <= 0:
+            return None
+        if extra < _PROBE_RESOLUTION_S:
+            floor = 8.0 * n / _PROBE_RESOLUTION_S
+            self.floor_bps = floor if self.floor_bps is None else max(self.floor_bps, floor)
             return None
         sample = 8.0 * n / extra
         self._update(now, sample)
@@ -202,8 +212,9 @@ class BandwidthEstimator:
 
     @property
     def bandwidth_bps(self) -> float | None:
-        """Current estimate, ``None`` before any measurement."""
-        return max(self._recent) if self._recent else None
+        """Current estimate: the window's maximum, else the floor of unresolved probes,
+        ``None`` before either."""
+        return max(self._recent) if self._recent else self.floor_bps
 
     @property
     def samples(self) -> int:

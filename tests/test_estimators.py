@@ -82,6 +82,23 @@ def test_bandwidth_from_padded_pings() -> None:
     # 16 KB through a shaper's burst at once: 0.26 ms more is jitter, not 500 Mbit/s.
     assert est.observe_probe(6.5, 16_384, 0.04026, 0.04) is None
     assert est.samples == 5
+    assert est.bandwidth_bps == pytest.approx(10e6), "a timed sample outranks a floor"
+
+
+def test_unresolved_probes_bound_bandwidth_from_below() -> None:
+    # Loopback: no probe adds 2 ms, so none is timed, yet each says B >= 8n / 2 ms.
+    est = BandwidthEstimator()
+    assert est.bandwidth_bps is None
+    assert est.observe_probe(0.0, 16_384, 0.0003, 0.0002) is None
+    assert est.bandwidth_bps == pytest.approx(8 * 16_384 / 0.002)
+    assert est.observe_probe(1.0, 4_096, 0.0003, 0.0002) is None
+    assert est.bandwidth_bps == pytest.approx(8 * 16_384 / 0.002), "the largest floor holds"
+    assert est.samples == 0
+    prof = synthetic_profile(random.Random(7), num_stages=6, num_exits=3, num_thresholds=5)
+    op = OnlineProfiler(prof)
+    op.observe_ping(0.0, 0.0002)
+    op.observe_ping(0.5, 0.0003, probe_bytes=16_384)
+    assert op.snapshot(1.0).bandwidth_bps == pytest.approx(8 * 16_384 / 0.002)
 
 
 def test_latency_and_propagation() -> None:

@@ -165,8 +165,12 @@ def test_4_inferred_server_time_within_25_percent_of_measured(tmp_path: Path) ->
         assert server.stop() == 0
     by_frame(device.records, n)
     stats = server.final_stats()
-    # Medians: a busy machine adds long-tailed scheduling delays to a few responses.
-    measured = stats["compute_ms_median"]
+    # The formula infers the time the server held each request: its compute plus the
+    # unpacking and the hand-offs between event loop and worker, which the server measures
+    # (held_ms) whether or not it reports it.  Medians: a busy machine adds long-tailed
+    # scheduling delays to a few responses.
+    measured = stats["held_ms_median"]
+    assert measured >= stats["compute_ms_median"]
     inferred = summary["server_time_ms"]["inferred_median"]
     assert summary["server_time_ms"]["reported_mean"] is None
     assert inferred == pytest.approx(measured, rel=0.25), (inferred, measured, summary)

@@ -85,11 +85,16 @@ def test_server_stats_line_rate() -> None:
 
 def test_server_compute_times_stay_bounded_and_give_the_recent_median() -> None:
     st = ServerStats()
-    # An old slow phase (100 ms) followed by a full window of 2..4 ms requests.
+    # An old slow phase (100 ms) followed by a full window of 2..4 ms requests, each
+    # held 1 ms longer than it computed.
     for _ in range(3 * COMPUTE_WINDOW):
         st.compute_ms.append(100.0)
+        st.held_ms.append(101.0)
     for i in range(COMPUTE_WINDOW):
         st.compute_ms.append(2.0 + 2.0 * i / (COMPUTE_WINDOW - 1))
-    assert len(st.compute_ms) == COMPUTE_WINDOW
+        st.held_ms.append(3.0 + 2.0 * i / (COMPUTE_WINDOW - 1))
+    assert len(st.compute_ms) == len(st.held_ms) == COMPUTE_WINDOW
     assert st.as_dict()["compute_ms_median"] == pytest.approx(3.0, abs=1e-3)
+    assert st.as_dict()["held_ms_median"] == pytest.approx(4.0, abs=1e-3)
     assert ServerStats().as_dict()["compute_ms_median"] is None
+    assert ServerStats().as_dict()["held_ms_median"] is None

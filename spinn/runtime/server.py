@@ -872,6 +872,7 @@ class SpinnServer:
             return
         t0 = time.perf_counter()
         report = self.config.report_compute
+        held_ms = (time.monotonic() - job.received_at) * 1e3
         try:
             result = Result(
                 job.request_id,
@@ -879,12 +880,13 @@ class SpinnServer:
                 outcome.classes,
                 outcome.probs,
                 outcome.compute_ms if report else None,
-                (time.monotonic() - job.received_at) * 1e3 if report else None,
+                held_ms if report else None,
             )
         except ValueError as exc:  # e.g. NaN probabilities from an activation that overflows
             self._request_error(peer, ErrorCode.INTERNAL, f"no valid result: {exc}", job.request_id)
             return
         peer.send(result)
+        self.stats.held_ms.append(held_ms)
         self.stats.overhead_ms_total += (time.perf_counter() - t0) * 1e3
 
     def _dequeue(self, job: _Job, wait_ms: float | None) -> None:

@@ -187,6 +187,11 @@ class ServerStats:
     )
     """Compute times of the last ``COMPUTE_WINDOW`` requests (the median in the final stats);
     bounded, unlike the totals, so memory does not grow with the server's uptime."""
+    held_ms: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=COMPUTE_WINDOW)
+    )
+    """Time from decoding each INFER to sending its RESULT, of the last ``COMPUTE_WINDOW``
+    answered requests: the server time a device infers when compute is not reported."""
     overhead_ms_total: float = 0.0
     """Framing + unpack + dispatch time on the event loop, over all requests."""
     _last_requests: int = 0
@@ -226,5 +231,6 @@ class ServerStats:
             "compute_ms_median": round(percentile(self.compute_ms, 50), 4)
             if self.compute_ms
             else None,
+            "held_ms_median": round(percentile(self.held_ms, 50), 4) if self.held_ms else None,
             "overhead_ms_total": round(self.overhead_ms_total, 3),
         }
