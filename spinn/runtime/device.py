@@ -35,7 +35,6 @@ import random
 import secrets
 import signal
 import ssl
-import statistics
 import sys
 import threading
 import time
@@ -76,7 +75,7 @@ from spinn.runtime.compute import ComputeSlots, configure_torch, make_executor, 
 from spinn.runtime.failover import ServerRotation
 from spinn.runtime.security import SecurityError, device_ssl_context, load_token
 from spinn.runtime.server import DEFAULT_CHECKPOINT
-from spinn.runtime.stats import DeviceStats
+from spinn.runtime.stats import DeviceStats, median_or_none
 from spinn.runtime.tracker import Answer, FramePhase, RequestTracker, request_deadline
 from spinn.runtime.uplink import UploadTimer
 from spinn.sla import SLA
@@ -881,8 +880,8 @@ class SpinnDevice:
         summary["server_time_ms"] = {
             "reported_mean": _mean(self._server_ms_reported),
             "inferred_mean": _mean(self._server_ms_inferred),
-            "reported_median": _median(self._server_ms_reported),
-            "inferred_median": _median(self._server_ms_inferred),
+            "reported_median": median_or_none(self._server_ms_reported),
+            "inferred_median": median_or_none(self._server_ms_inferred),
             "samples": len(self._server_ms_inferred),
         }
         summary["split"] = self._decision.split
@@ -1461,10 +1460,6 @@ def _log_frame_task_failure(task: asyncio.Task[None]) -> None:
     # _process answers every failure with an error record; anything reaching here is a bug.
     if not task.cancelled() and task.exception() is not None:
         log.error("frame task failed", exc_info=task.exception())
-
-
-def _median(values: list[float]) -> float | None:
-    return round(statistics.median(values), 4) if values else None
 
 
 def _mean(values: list[float]) -> float | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from spinn.runtime.tracker import Answer, Where
 
-__all__ = ["COMPUTE_WINDOW", "DeviceStats", "ServerStats", "percentile"]
+__all__ = ["COMPUTE_WINDOW", "DeviceStats", "ServerStats", "median_or_none", "percentile"]
 
 COMPUTE_WINDOW = 4096
 """Compute times kept by ``ServerStats`` for its median: the most recent requests only, so
@@ -30,6 +30,16 @@ def percentile(values: Sequence[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def median_or_none(values: Sequence[float]) -> float | None:
+    """The median of ``values`` to 4 decimals for a stats record; None if empty."""
+    return round(percentile(values, 50), 4) if values else None
+
+
+def _request_window() -> collections.deque[float]:
+    """A window of the last ``COMPUTE_WINDOW`` per-request times."""
+    return collections.deque(maxlen=COMPUTE_WINDOW)
 
 
 def _fmt_rate(bps: float) -> str:
@@ -182,14 +192,10 @@ class ServerStats:
     connections_refused: int = 0
     """Connections closed by a limit: too many, unauthenticated, handshake or idle timeout."""
     compute_ms_total: float = 0.0
-    compute_ms: collections.deque[float] = field(
-        default_factory=lambda: collections.deque(maxlen=COMPUTE_WINDOW)
-    )
+    compute_ms: collections.deque[float] = field(default_factory=_request_window)
     """Compute times of the last ``COMPUTE_WINDOW`` requests (the median in the final stats);
     bounded, unlike the totals, so memory does not grow with the server's uptime."""
-    held_ms: collections.deque[float] = field(
-        default_factory=lambda: collections.deque(maxlen=COMPUTE_WINDOW)
-    )
+    held_ms: collections.deque[float] = field(default_factory=_request_window)
     """Time from decoding each INFER to sending its RESULT, of the last ``COMPUTE_WINDOW``
     answered requests: the server time a device infers when compute is not reported."""
     overhead_ms_total: float = 0.0
@@ -228,9 +234,7 @@ class ServerStats:
             "busy_sent": self.busy_sent,
             "connections_refused": self.connections_refused,
             "compute_ms_total": round(self.compute_ms_total, 3),
-            "compute_ms_median": round(percentile(self.compute_ms, 50), 4)
-            if self.compute_ms
-            else None,
-            "held_ms_median": round(percentile(self.held_ms, 50), 4) if self.held_ms else None,
+            "compute_ms_median": median_or_none(self.compute_ms),
+            "held_ms_median": median_or_none(self.held_ms),
             "overhead_ms_total": round(self.overhead_ms_total, 3),
         }
