@@ -15,10 +15,15 @@
    the mask bits plus that of the int8 values, each tensor on its own). It is not a bound
    on zstd, which also exploits runs (it beats the yardstick where whole background areas
    are zero), but over all splits zstd lands at about it: the int8 values carry 6-7 bits
-   each, and that information, not the coder, is what keeps the ratio below 8x. Three
+   each, and that information, not the coder, is what keeps the ratio below 8x. Four
    other lossless codings of the same payloads measure how much a better zstd set-up could
    still gain (``--dict-images`` training images teach the dictionary): level 19, the
-   positions and the values in separate blocks, and a per-split trained dictionary.
+   positions and the values in separate blocks, the bitmask XOR the row above, and a
+   per-split trained dictionary. A last row leaves zstd: the bits an ideal coder would
+   spend with context tables (a mask bit given its channel and its left and upper
+   neighbours; a value given its channel and its count of non-zero neighbours) fitted per
+   split on the same training images: the ceiling of a table-driven entropy coder shipped
+   with the model, the lossless route to 8x these measurements point to.
 2. Loopback round trips of 1 MiB INFER frames answered by RESULT frames: the real framing
    (`protocol.Connection` in an asyncio BufferedProtocol on uvloop, both ends) against
    blocking ``sock.sendall``/``recv_into`` of exactly the same bytes, interleaved in the
@@ -211,12 +216,16 @@ def coder_headroom(acts: Activations, train: Activations) -> list[CoderVariant]:
     """Ratios of zstd set-ups the wire does not use, on the payloads `acts` sends.
 
     Level 19 instead of 1; the positions and the values in two zstd blocks, so that each
-    gets its own Huffman table instead of one fitted to their mixture; and per split a
+    gets its own Huffman table instead of one fitted to their mixture; the bitmask XOR the
+    row above in the same channel (zeros come in blobs, so this leaves fewer ones), with the
+    values in a frame of their own; and per split a
     zstd dictionary (8 KiB, its entropy tables carry what a small tensor cannot afford to
     send) trained on the same split's payloads for `train` images, which share no image
     with `acts`. All decode to the same bytes: none changes the information.
     """
     import zstandard
+
+    from protocol.packing import _SPARSE_HEADER, SPARSE_BITMASK
 
     def payloads(batch: np.ndarray) -> list[bytes | bytearray | memoryview]:
         return [pack(image[None], "sparse_int8", compress=False).payload for image in batch]
@@ -229,7 +238,24 @@ def coder_headroom(acts: Activations, train: Activations) -> list[CoderVariant]:
         parts = (z.compress(raw[:cut]), z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
         return len(parts[0]) + len(parts[1]) + len(z.compress(raw[cut:])) + len(z.flush())
 
-    names = ("zstd level 19", "zstd 1, positions and values in two blocks", "zstd 1 + dictionary")
+    def row_xor(raw: bytes | bytearray | memoryview, image: np.ndarray) -> int:
+        """The bitmask XOR the row above (one zstd frame), the values in a second frame."""
+        cut = _positions_end(raw, image.size)
+        if _SPARSE_HEADER.unpack_from(raw)[0] != SPARSE_BITMASK or image.ndim != 3:
+            return len(level1.compress(raw))
+        mask = image != 0
+        mask[:, 1:] ^= image[:, :-1] != 0  # a decoder undoes it with a cumulative XOR down
+        bits = np.packbits(mask.reshape(-1))
+        return len(level1.compress(bytes(raw[: _SPARSE_HEADER.size]) + bits.tobytes())) + len(
+            level1.compress(raw[cut:])
+        )
+
+    names = (
+        "zstd level 19",
+        "zstd 1, positions and values in two blocks",
+        "zstd 1, bitmask XOR the row above, two frames",
+        "zstd 1 + dictionary",
+    )
     packed: dict[str, list[int]] = {name: [] for name in names}  # per split: all its bytes
     raw_bytes: list[int] = []
     zeros: list[float] = []
@@ -238,24 +264,103 @@ def coder_headroom(acts: Activations, train: Activations) -> list[CoderVariant]:
         size = batch[0].size
         packed[names[0]].append(sum(len(level19.compress(t)) for t in tensors))
         packed[names[1]].append(sum(two_blocks(t, size) for t in tensors))
-        if names[2] in packed:
+        pairs = zip(tensors, batch, strict=True)
+        packed[names[2]].append(sum(row_xor(t, image) for t, image in pairs))
+        if names[3] in packed:
             try:
                 trained = zstandard.train_dictionary(8192, payloads(seen), level=1)
             except zstandard.ZstdError as exc:
                 print(f"  (no dictionary row: {len(seen)} training images are too few: {exc})")
-                del packed[names[2]]
+                del packed[names[3]]
             else:
                 with_dict = zstandard.ZstdCompressor(level=1, dict_data=trained)
-                packed[names[2]].append(sum(len(with_dict.compress(t)) for t in tensors))
+                packed[names[3]].append(sum(len(with_dict.compress(t)) for t in tensors))
         raw_bytes.append(batch.nbytes)
         zeros.append(acts.per_split[split][1])
+    return [CoderVariant(name, *_ratios(raw_bytes, sizes, zeros)) for name, sizes in packed.items()]
+
+
+def _ratios(
+    raw: Sequence[float], packed: Sequence[float], zeros: Sequence[float]
+) -> tuple[float, float | None]:
+    """Per-split bytes pooled like the headline ratio: (all splits, those with >= 50%
+    zeros, or None when there are none)."""
     half = [i for i, z in enumerate(zeros) if z >= 0.5]
-    out = []
-    for name, sizes in packed.items():
-        ratio = sum(raw_bytes) / sum(sizes)
-        half_ratio = sum(raw_bytes[i] for i in half) / sum(sizes[i] for i in half) if half else None
-        out.append(CoderVariant(name, ratio, half_ratio))
-    return out
+    half_ratio = sum(raw[i] for i in half) / sum(packed[i] for i in half) if half else None
+    return sum(raw) / sum(packed), half_ratio
+
+
+def _contexts(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(mask bits, their contexts, int8 levels, their contexts) of one C x H x W tensor.
+
+    A mask bit's context is its channel and the bits to its left and above, which a decoder
+    has already decoded in raster order; a value's context is its channel and how many of
+    its four neighbours are non-zero, which the decoder knows once it has the whole mask.
+    """
+    from protocol.packing import quantise
+
+    mask = image != 0
+    left = np.zeros_like(mask)
+    left[:, :, 1:] = mask[:, :, :-1]
+    up = np.zeros_like(mask)
+    up[:, 1:] = mask[:, :-1]
+    channel = np.broadcast_to(np.arange(image.shape[0])[:, None, None], mask.shape)
+    mask_ctx = channel * 4 + up * 2 + left
+    padded = np.pad(mask, ((0, 0), (1, 1), (1, 1))).astype(np.int64)
+    around = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
+    levels = quantise(image[mask])[0].astype(np.int64) + 128
+    value_ctx = (channel * 5 + around)[mask]
+    return mask.reshape(-1).astype(np.int64), mask_ctx.reshape(-1), levels, value_ctx
+
+
+def _cross_entropy_bits(
+    train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], alphabet: int
+) -> float:
+    """Bits to code test's (symbols, contexts) with per-context frequencies of train's,
+    add-half smoothed: what an arithmetic coder with those fixed tables would spend."""
+    symbols, contexts = train
+    n_ctx = int(max(contexts.max(initial=0), test[1].max(initial=0))) + 1
+    counts = np.bincount(contexts * alphabet + symbols, minlength=n_ctx * alphabet)
+    table = counts.reshape(n_ctx, alphabet) + 0.5
+    log_p = np.log2(table / table.sum(axis=1, keepdims=True))
+    return float(-log_p[test[1], test[0]].sum())
+
+
+def static_model_ceiling(
+    acts: Activations, train: Activations
+) -> tuple[float, float | None] | None:
+    """(ratio, ratio over the splits with >= 50% zeros) of an ideal coder whose context
+    tables are fitted per split on `train`'s tensors (see `_contexts`), pooled like the
+    headline ratio; None when the activations are not C x H x W.
+
+    This is no zstd set-up: it is the ceiling of a table-driven entropy coder (e.g. ANS)
+    with tables shipped beside the model, the kind of coder the 8x target would take.
+    """
+    from protocol.packing import _SPARSE_HEADER
+
+    if any(batch.ndim != 4 for batch in acts.batched):
+        return None
+    raw: list[int] = []
+    packed: list[float] = []  # bytes, per split
+    for batch, seen in zip(acts.batched, train.batched, strict=True):
+        fitted = [_contexts(image) for image in seen]
+        mask_model = (
+            np.concatenate([f[0] for f in fitted]),
+            np.concatenate([f[1] for f in fitted]),
+        )
+        value_model = (
+            np.concatenate([f[2] for f in fitted]),
+            np.concatenate([f[3] for f in fitted]),
+        )
+        total = 0.0
+        for image in batch:
+            m, m_ctx, v, v_ctx = _contexts(image)
+            total += _cross_entropy_bits(mask_model, (m, m_ctx), 2)
+            total += _cross_entropy_bits(value_model, (v, v_ctx), 256)
+            total += 8 * _SPARSE_HEADER.size  # layout and count, as sparse_int8 sends
+        raw.append(batch.nbytes)
+        packed.append(total / 8)
+    return _ratios(raw, packed, [zeros for _, zeros in acts.per_split.values()])
 
 
 # -- packing ---------------------------------------------------------------------------------
@@ -619,11 +724,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"  all splits: {pooled_ratio:.2f}x (order-0 yardstick {pooled_ideal:.2f}x); "
         + (f"splits with >= 50% zeros: {half_ratio:.2f}x" if half else "no split has >= 50% zeros")
     )
-    headroom = coder_headroom(acts, collect_activations(args.checkpoint, args.dict_images, "train"))
+    train = collect_activations(args.checkpoint, args.dict_images, "train")
+    headroom = coder_headroom(acts, train)
     print("  the same payloads, coded otherwise (lossless; not what is sent):")
     for v in headroom:
         half_part = f"; >= 50% zeros {v.half_sparse:.2f}x" if v.half_sparse is not None else ""
-        print(f"    {v.name:<45} all {v.ratio:.2f}x{half_part}")
+        print(f"    {v.name:<46} all {v.ratio:.2f}x{half_part}")
+    ceiling = static_model_ceiling(acts, train)
+    if ceiling is not None:
+        half_part = f"; >= 50% zeros {ceiling[1]:.2f}x" if ceiling[1] is not None else ""
+        print(
+            f"    {'ideal coder, context tables fitted on train':<46} all {ceiling[0]:.2f}x"
+            f"{half_part}  (no zstd: a table-driven entropy coder's ceiling)"
+        )
 
     # Loopback first: it needs both cores; packing is then pinned to one.
     passes = args.repeats
@@ -681,6 +794,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "headroom_best_ratio": round(max(v.ratio for v in headroom), 2),
         "headroom_best_half_sparse": max(
             (round(v.half_sparse, 2) for v in headroom if v.half_sparse is not None), default=None
+        ),
+        "static_model_ratio": round(ceiling[0], 2) if ceiling else None,
+        "static_model_half_sparse": (
+            round(ceiling[1], 2) if ceiling and ceiling[1] is not None else None
         ),
         "int8_bits_per_value": round(float(np.mean([c.value_bits for c in per_split])), 2),
         "sparse_ratio": round(sparse.ratio, 2),
