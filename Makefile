@@ -51,7 +51,7 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy protocol spinn/scheduler.py spinn/estimators.py
+	$(PY) -m mypy protocol spinn tools bench spinn_device.py spinn_server.py
 
 model: setup
 	$(PY) -m spinn train --arch resnet20 --width 8 --dataset fashion-mnist --epochs 6 --no-augment --threads 1 --seed 0 --out models/default/model.pt

@@ -110,7 +110,8 @@ class ListenError(OSError):
         """The error of binding ``host:port``, which ``flags`` set, that failed with ``exc``."""
         # asyncio's bind errors repeat the address inside strerror; the errno's text is
         # the reason alone. Resolver errors have negative codes and only their strerror.
-        reason = os.strerror(exc.errno) if (exc.errno or 0) > 0 else exc.strerror or str(exc)
+        code = exc.errno or 0
+        reason = os.strerror(code) if code > 0 else exc.strerror or str(exc)
         where = f"{host}:{port}" if port else f"{host}, any free port"
         return cls(exc.errno, f"cannot listen on {where} ({flags}): {reason}")
 
