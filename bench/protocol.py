@@ -144,13 +144,6 @@ class SplitCompression:
     ideal_bits: float  # their order-0 information, bits
 
 
-def _pooled(rows: Sequence[SplitCompression]) -> tuple[float, float]:
-    """(ratio, order-0 yardstick ratio) of `rows` together, weighted by their bytes like
-    the headline ratio (splits differ up to 4x in size)."""
-    raw = sum(c.raw_bytes for c in rows)
-    return raw / sum(c.packed_bytes for c in rows), 8 * raw / sum(c.ideal_bits for c in rows)
-
-
 def _entropy_bits(symbols: np.ndarray) -> float:
     """Total order-0 information of `symbols` in bits (empirical distribution)."""
     if symbols.size == 0:
@@ -194,12 +187,16 @@ def split_compression(acts: Activations) -> list[SplitCompression]:
 
 @dataclass(frozen=True)
 class CoderVariant:
-    """Another lossless coding of exactly the same sparse_int8 payloads, pooled like the
-    headline ratio: how much a better zstd set-up could still gain."""
+    """Another lossless coding of the information in the sparse_int8 payloads, pooled like
+    the headline ratio: how much a better coder could still gain."""
 
     name: str
     ratio: float
     half_sparse: float | None  # pooled over the splits with >= 50% zeros
+
+    def __str__(self) -> str:
+        half = f"; >= 50% zeros {self.half_sparse:.2f}x" if self.half_sparse is not None else ""
+        return f"{self.name:<46} all {self.ratio:.2f}x{half}"
 
 
 def _positions_end(raw: bytes | bytearray | memoryview, size: int) -> int:
@@ -240,9 +237,9 @@ def coder_headroom(acts: Activations, train: Activations) -> list[CoderVariant]:
 
     def row_xor(raw: bytes | bytearray | memoryview, image: np.ndarray) -> int:
         """The bitmask XOR the row above (one zstd frame), the values in a second frame."""
-        cut = _positions_end(raw, image.size)
         if _SPARSE_HEADER.unpack_from(raw)[0] != SPARSE_BITMASK or image.ndim != 3:
             return len(level1.compress(raw))
+        cut = _positions_end(raw, image.size)
         mask = image != 0
         mask[:, 1:] ^= image[:, :-1] != 0  # a decoder undoes it with a cumulative XOR down
         bits = np.packbits(mask.reshape(-1))
@@ -283,8 +280,8 @@ def coder_headroom(acts: Activations, train: Activations) -> list[CoderVariant]:
 def _ratios(
     raw: Sequence[float], packed: Sequence[float], zeros: Sequence[float]
 ) -> tuple[float, float | None]:
-    """Per-split bytes pooled like the headline ratio: (all splits, those with >= 50%
-    zeros, or None when there are none)."""
+    """Per-split bytes pooled, weighted by their bytes like the headline ratio (splits
+    differ up to 4x in size): (all splits, those with >= 50% zeros or None if none)."""
     half = [i for i, z in enumerate(zeros) if z >= 0.5]
     half_ratio = sum(raw[i] for i in half) / sum(packed[i] for i in half) if half else None
     return sum(raw) / sum(packed), half_ratio
@@ -326,12 +323,9 @@ def _cross_entropy_bits(
     return float(-log_p[test[1], test[0]].sum())
 
 
-def static_model_ceiling(
-    acts: Activations, train: Activations
-) -> tuple[float, float | None] | None:
-    """(ratio, ratio over the splits with >= 50% zeros) of an ideal coder whose context
-    tables are fitted per split on `train`'s tensors (see `_contexts`), pooled like the
-    headline ratio; None when the activations are not C x H x W.
+def static_model_ceiling(acts: Activations, train: Activations) -> CoderVariant | None:
+    """The ratios of an ideal coder whose context tables are fitted per split on `train`'s
+    tensors (see `_contexts`); None when the activations are not C x H x W.
 
     This is no zstd set-up: it is the ceiling of a table-driven entropy coder (e.g. ANS)
     with tables shipped beside the model, the kind of coder the 8x target would take.
@@ -360,7 +354,8 @@ def static_model_ceiling(
             total += 8 * _SPARSE_HEADER.size  # layout and count, as sparse_int8 sends
         raw.append(batch.nbytes)
         packed.append(total / 8)
-    return _ratios(raw, packed, [zeros for _, zeros in acts.per_split.values()])
+    zeros = [zeros for _, zeros in acts.per_split.values()]
+    return CoderVariant("ideal coder, context tables fitted on train", *_ratios(raw, packed, zeros))
 
 
 # -- packing ---------------------------------------------------------------------------------
@@ -717,26 +712,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{c.value_bits:15.2f} {c.order0_ratio:12.2f}x"
         )
     sparsity = float(np.mean([z for _, z in acts.per_split.values()]))
-    half = [c for c in per_split if c.zeros >= 0.5]
-    pooled_ratio, pooled_ideal = _pooled(per_split)
-    half_ratio = round(_pooled(half)[0], 2) if half else None
+    raw_bytes = [c.raw_bytes for c in per_split]
+    pooled_ratio, half_pooled = _ratios(
+        raw_bytes, [c.packed_bytes for c in per_split], [c.zeros for c in per_split]
+    )
+    pooled_ideal = 8 * sum(raw_bytes) / sum(c.ideal_bits for c in per_split)
+    half_ratio = round(half_pooled, 2) if half_pooled is not None else None
     print(
         f"  all splits: {pooled_ratio:.2f}x (order-0 yardstick {pooled_ideal:.2f}x); "
-        + (f"splits with >= 50% zeros: {half_ratio:.2f}x" if half else "no split has >= 50% zeros")
+        + (
+            f"splits with >= 50% zeros: {half_ratio:.2f}x"
+            if half_ratio is not None
+            else "no split has >= 50% zeros"
+        )
     )
     train = collect_activations(args.checkpoint, args.dict_images, "train")
     headroom = coder_headroom(acts, train)
     print("  the same payloads, coded otherwise (lossless; not what is sent):")
     for v in headroom:
-        half_part = f"; >= 50% zeros {v.half_sparse:.2f}x" if v.half_sparse is not None else ""
-        print(f"    {v.name:<46} all {v.ratio:.2f}x{half_part}")
+        print(f"    {v}")
     ceiling = static_model_ceiling(acts, train)
     if ceiling is not None:
-        half_part = f"; >= 50% zeros {ceiling[1]:.2f}x" if ceiling[1] is not None else ""
-        print(
-            f"    {'ideal coder, context tables fitted on train':<46} all {ceiling[0]:.2f}x"
-            f"{half_part}  (no zstd: a table-driven entropy coder's ceiling)"
-        )
+        print(f"    {ceiling}  (no zstd: a table-driven entropy coder's ceiling)")
 
     # Loopback first: it needs both cores; packing is then pinned to one.
     passes = args.repeats
@@ -795,9 +792,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "headroom_best_half_sparse": max(
             (round(v.half_sparse, 2) for v in headroom if v.half_sparse is not None), default=None
         ),
-        "static_model_ratio": round(ceiling[0], 2) if ceiling else None,
+        "static_model_ratio": round(ceiling.ratio, 2) if ceiling else None,
         "static_model_half_sparse": (
-            round(ceiling[1], 2) if ceiling and ceiling[1] is not None else None
+            round(ceiling.half_sparse, 2) if ceiling and ceiling.half_sparse is not None else None
         ),
         "int8_bits_per_value": round(float(np.mean([c.value_bits for c in per_split])), 2),
         "sparse_ratio": round(sparse.ratio, 2),
