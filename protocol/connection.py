@@ -36,7 +36,7 @@ from protocol.messages import (
     encode_message_parts,
     message_type,
 )
-from protocol.packing import CODECS, DEFAULT_MAX_ELEMENTS
+from protocol.packing import DEFAULT_MAX_ELEMENTS, DICT_CODEC, KNOWN_CODECS
 from protocol.state import AFTER_PEER_BYE, ALLOWED, ConnectionState, Role
 
 __all__ = [
@@ -392,8 +392,17 @@ class Connection:
         if not msg.codecs:
             raise err("WELCOME lists no codec; a server without a common codec sends ERROR")
         for codec in msg.codecs:
-            if codec not in self._hello.codecs or codec not in CODECS:
+            if codec not in self._hello.codecs or codec not in KNOWN_CODECS:
                 raise err(f"WELCOME codec {codec!r} was not offered by HELLO {self._hello.codecs}")
+        if DICT_CODEC in msg.codecs and (
+            not self._hello.dictionaries_sha256
+            or msg.dictionaries_sha256 != self._hello.dictionaries_sha256
+        ):
+            raise err(
+                f"WELCOME accepts {DICT_CODEC} but its dictionaries_sha256 "
+                f"{msg.dictionaries_sha256[:16]!r} is not the HELLO's "
+                f"{self._hello.dictionaries_sha256[:16]!r}"
+            )
         self._welcome = msg
         self._phase = ConnectionState.OPEN
         # Handshake done (and authenticated where required): full-size frames from now on.

@@ -138,6 +138,8 @@ class Hello:
     """Free-form name of the device, for logs."""
     auth_nonce: bytes = b""
     """Device nonce of the token handshake (PROTOCOL.md §10); empty: no authentication."""
+    dictionaries_sha256: str = ""
+    """sha256 of the device's zstd dictionary file (PROTOCOL.md §6.7); empty: none."""
 
     def __post_init__(self) -> None:
         _check_int("version", self.version, 0, 2**32 - 1)
@@ -147,6 +149,7 @@ class Hello:
         _check_str("device_name", self.device_name)
         if self.auth_nonce != b"":
             _check_bytes("auth_nonce", self.auth_nonce, MIN_NONCE_SIZE, MAX_NONCE_SIZE)
+        _check_sha("dictionaries_sha256", self.dictionaries_sha256)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +168,8 @@ class Welcome:
     """True when every RESULT carries `compute_ms`, the server-side compute time."""
     server_name: str = ""
     """Free-form name of the server, for logs."""
+    dictionaries_sha256: str = ""
+    """sha256 of the server's zstd dictionary file (PROTOCOL.md §6.7); empty: none."""
 
     def __post_init__(self) -> None:
         _check_int("version", self.version, 0, 2**32 - 1)
@@ -174,6 +179,7 @@ class Welcome:
         if type(self.reports_compute_time) is not bool:
             raise TypeError("reports_compute_time must be a bool")
         _check_str("server_name", self.server_name)
+        _check_sha("dictionaries_sha256", self.dictionaries_sha256)
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,6 +418,7 @@ _REQUIRED: Final[dict[type, frozenset[str]]] = {
 }
 _OMITTED_AT_DEFAULT: Final[dict[str, object]] = {
     "auth_nonce": b"",
+    "dictionaries_sha256": "",
     "early_exits": True,
     "held_ms": None,
 }

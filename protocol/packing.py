@@ -21,15 +21,20 @@ import math
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import zstandard
 
 from protocol.errors import ErrorCode, TensorError
 
+if TYPE_CHECKING:
+    from protocol.dictionaries import ZstdDictionaries
+
 __all__ = [
     "CODECS",
+    "DICT_CODEC",
+    "KNOWN_CODECS",
     "DEFAULT_MAX_ELEMENTS",
     "MAX_NDIM",
     "SPARSE_BITMASK",
@@ -45,10 +50,19 @@ __all__ = [
     "raw_payload_limit",
     "should_compress",
     "unpack",
+    "zdict_streams",
 ]
 
 CODECS: Final[tuple[str, ...]] = ("float32", "float16", "int8", "sparse_int8")
-"""Codec names, in the order a device lists them in HELLO (PROTOCOL.md §6.1)."""
+"""The self-contained codec names, in the order a device lists them in HELLO (§6.1)."""
+
+DICT_CODEC: Final = "sparse_int8_zdict"
+"""The codec that needs the model's zstd dictionaries at both ends (PROTOCOL.md §6.7):
+sparse_int8's information, the bitmask XOR the row above, each part coded with zstd and
+its split's trained dictionary. Negotiated only between peers holding the same set."""
+
+KNOWN_CODECS: Final[tuple[str, ...]] = (*CODECS, DICT_CODEC)
+"""Every codec name this implementation decodes."""
 
 MAX_NDIM: Final = 8
 """Most dimensions a packed tensor may declare (PROTOCOL.md §6)."""
@@ -78,10 +92,16 @@ costs dominate) on a shared 2-core machine, so conservative for larger payloads.
 ZSTD_DECOMPRESS_BPS: Final = 330e6
 """Calibrated zstd decompression speed, payload bytes per CPU-second (same measurement)."""
 
+_MAGICLESS: Final = zstandard.FORMAT_ZSTD1_MAGICLESS
 _SAMPLE_CHUNK: Final = 4096
 _SAMPLE_CHUNKS: Final = 4
 _MIN_COMPRESS_BYTES: Final = 64
 _SPARSE_HEADER = struct.Struct("<BI")
+_ZDICT_HEADER = struct.Struct("<HI")
+"""sparse_int8_zdict payload header: table (uint16), bytes of the bitmask frame (uint32)."""
+_ZDICT_GAIN: Final = 1.3
+"""Conservative size ratio of a sparse_int8 raw payload to its sparse_int8_zdict coding,
+for the compress-or-not decision (`python -m bench.protocol` measures about 1.4)."""
 _FLOAT16_MAX: Final = 65504.0
 _QUANT_MAX: Final = 2.0**126
 _MIN_SCALE: Final = 2.0**-126
@@ -153,8 +173,8 @@ class PackedTensor:
     """The codec's bytes (zstd-compressed when `compressed`)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.codec, str) or self.codec not in CODECS:
-            raise TensorError(f"unknown codec {self.codec!r}; expected one of {CODECS}")
+        if not isinstance(self.codec, str) or self.codec not in KNOWN_CODECS:
+            raise TensorError(f"unknown codec {self.codec!r}; expected one of {KNOWN_CODECS}")
         if not isinstance(self.compressed, bool):
             raise TensorError(f"compressed must be a bool, got {type(self.compressed).__name__}")
         shape = self.shape
@@ -179,6 +199,8 @@ class PackedTensor:
             raise TensorError(f"zero_point must be an int in [-128, 127], got {self.zero_point!r}")
         if self.codec in ("float32", "float16") and (scale != 1.0 or self.zero_point != 0):
             raise TensorError(f"codec {self.codec} requires scale 1.0 and zero_point 0")
+        if self.codec == DICT_CODEC and self.compressed:
+            raise TensorError(f"codec {DICT_CODEC} is coded with zstd already: compressed must be false")
         if not isinstance(self.payload, bytes):
             raise TensorError(f"payload must be bytes, got {type(self.payload).__name__}")
 
@@ -404,20 +426,80 @@ def _pack_sparse(flat: np.ndarray) -> tuple[bytes, float, int]:
     return b"".join(parts), scale, zero_point
 
 
+def _row_xor(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The bitmask as sparse_int8_zdict sends it: each bit XOR the one a row above (the
+    same index along the last axis, one less along the second-to-last), where there is one
+    (PROTOCOL.md §6.7). Zeros come in blobs, so this leaves far fewer set bits."""
+    if len(shape) < 2 or mask.size == 0 or shape[-2] < 2:
+        return mask
+    rows = mask.reshape(-1, shape[-2], shape[-1])
+    out = rows.copy()
+    np.not_equal(rows[:, 1:], rows[:, :-1], out=out[:, 1:])
+    return out.reshape(-1)
+
+
+def _zdict_parts(flat: np.ndarray, shape: tuple[int, ...]) -> tuple[Any, Any, float, int]:
+    """(packed XOR-ed bitmask, int8 values, scale, zero_point) of sparse_int8_zdict.
+
+    The positions are where the int8 level (PROTOCOL.md §6.4, over the whole tensor) is
+    not zero_point, i.e. where x̂ ≠ 0: a value below half a step is 0.0 on the way back
+    either way, and leaving it out of the positions costs nothing in accuracy.
+    """
+    q, scale, zero_point = _quantise_into(flat, None)
+    mask = q != zero_point
+    values = q.take(mask.nonzero()[0])
+    return np.packbits(_row_xor(mask, shape)), values, scale, zero_point
+
+
+def zdict_streams(array: np.ndarray) -> tuple[bytes, bytes]:
+    """(bitmask bytes, values bytes) that sparse_int8_zdict compresses for `array`: what
+    its dictionaries are trained on (`ZstdDictionaries.train`)."""
+    flat, shape = _as_float32(array)
+    bits, values, _, _ = _zdict_parts(flat, tuple(shape))
+    return bits.tobytes(), values.tobytes()
+
+
+def _pack_zdict(
+    flat: np.ndarray, shape: tuple[int, ...], dictionaries: ZstdDictionaries, table: int
+) -> tuple[bytes, float, int]:
+    mask_z, values_z = dictionaries.compressors(table)  # checks the table first
+    bits, values, scale, zero_point = _zdict_parts(flat, shape)
+    mask_frame = mask_z.compress(bits)
+    parts = (_ZDICT_HEADER.pack(table, len(mask_frame)), mask_frame, values_z.compress(values))
+    return b"".join(parts), scale, zero_point
+
+
 def pack(
     array: np.ndarray,
     codec: str = "sparse_int8",
     compress: bool | None = None,
     bandwidth_bps: float | None = None,
+    *,
+    dictionaries: ZstdDictionaries | None = None,
+    table: int = 0,
 ) -> PackedTensor:
     """Pack `array` with `codec`; zstd when `compress`, or when it pays off if None.
 
     With compress=None the decision is `should_compress(len(raw), bandwidth_bps)` with the
     ratio estimated on a sample of the raw payload (`estimate_zstd_ratio`); a compressed
     payload that turns out no smaller than the raw one is sent raw.
+
+    `DICT_CODEC` codes with `dictionaries`' table `table` (the split point); where zstd
+    does not pay off (compress=False, or a link too fast for it) the tensor goes out as
+    raw sparse_int8 instead, which every peer decodes.
     """
-    if codec not in CODECS:
-        raise ValueError(f"unknown codec {codec!r}; expected one of {CODECS}")
+    if codec == DICT_CODEC:
+        if dictionaries is None:
+            raise ValueError(f"codec {DICT_CODEC} needs the model's zstd dictionaries")
+        if compress is None and bandwidth_bps is not None:
+            # The int8 positions and values take about 5/8 of a byte per element at 50%
+            # zeros: enough to decide without packing twice.
+            estimate = (_as_float32(array)[0].size * 5) // 8
+            compress = should_compress(estimate, bandwidth_bps, ratio=_ZDICT_GAIN)
+        if compress is False:
+            return pack(array, "sparse_int8", compress=False)
+    elif codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; expected one of {KNOWN_CODECS}")
     if (
         type(array) is np.ndarray
         and array.dtype is _FLOAT32
@@ -433,6 +515,10 @@ def pack(
         # Otherwise every dimension is at most the element count: only an empty array can
         # declare a dimension the protocol refuses (PROTOCOL.md §6).
         raise ValueError(f"cannot pack shape {shape}: dimensions above {MAX_DIM}")
+    if codec == DICT_CODEC:
+        assert dictionaries is not None
+        payload, scale, zero_point = _pack_zdict(flat, shape, dictionaries, table)
+        return _trusted(codec, False, shape, scale, zero_point, payload)
     if codec == "sparse_int8":
         raw, scale, zero_point = _pack_sparse(flat)
     elif codec == "int8":
@@ -507,28 +593,43 @@ def raw_payload_limit(codec: str, numel: int) -> int:
     return _SPARSE_HEADER.size + 4 * numel + numel
 
 
-def _decompress(payload: bytes, limit: int) -> bytes:
-    # The zstd header is read first so that a frame declaring more than the shape allows is
-    # refused before any allocation (PROTOCOL.md §6.6: the frame must declare its size).
+def _decompress(
+    payload: bytes | memoryview,
+    limit: int,
+    dctx: zstandard.ZstdDecompressor | None = None,
+    exact: int | None = None,
+    what: str = "zstd frame",
+) -> bytes:
+    """The content of exactly one zstd frame, refused before any allocation when it
+    declares no size, more than `limit` bytes, or other than `exact` bytes (`dctx`: a
+    dictionary's magicless decompressor, PROTOCOL.md §6.7; None: plain frames, §6.6)."""
     try:
-        size = zstandard.frame_content_size(payload)
+        if dctx is None:
+            size = zstandard.frame_content_size(payload)
+        else:
+            size = zstandard.get_frame_parameters(payload, format=_MAGICLESS).content_size
+            if size == zstandard.CONTENTSIZE_UNKNOWN:
+                size = -1
     except zstandard.ZstdError as exc:
-        raise TensorError(f"compressed payload is not a zstd frame: {exc}") from None
+        raise TensorError(f"{what} is not a zstd frame: {exc}") from None
     if size < 0:
-        raise TensorError("zstd frame does not declare its content size")
+        raise TensorError(f"{what} does not declare its content size")
+    if exact is not None and size != exact:
+        raise TensorError(f"{what} declares {size} bytes; the tensor needs exactly {exact}")
     if size > limit:
         raise TensorError(
-            f"zstd frame declares {size} bytes; the shape allows at most {limit}",
+            f"{what} declares {size} bytes; the shape allows at most {limit}",
             ErrorCode.TOO_LARGE,
         )
     try:
-        dobj = _thread.decompressor.decompressobj(write_size=max(size, 1))
+        decompressor = _thread.decompressor if dctx is None else dctx
+        dobj = decompressor.decompressobj(write_size=max(size, 1))
         raw = dobj.decompress(payload)
     except zstandard.ZstdError as exc:
-        raise TensorError(f"corrupt zstd payload: {exc}") from None
+        raise TensorError(f"corrupt {what}: {exc}") from None
     if not dobj.eof or dobj.unused_data or len(raw) != size:
         raise TensorError(
-            f"zstd payload is truncated or has trailing bytes "
+            f"{what} is truncated or has trailing bytes "
             f"(decoded {len(raw)} of {size} bytes, {len(dobj.unused_data)} bytes left over)"
         )
     return raw
@@ -577,12 +678,47 @@ def _unpack_sparse(raw: bytes, out: np.ndarray, scale: float, zero_point: int) -
         out[index] = _dequantise(q, scale, zero_point)
 
 
-def unpack(packed: PackedTensor, max_elements: int = DEFAULT_MAX_ELEMENTS) -> np.ndarray:
+def _unpack_zdict(
+    raw: bytes, out: np.ndarray, packed: PackedTensor, dictionaries: ZstdDictionaries | None
+) -> None:
+    """Decode a sparse_int8_zdict payload into `out`, flat and all zeros (PROTOCOL.md §6.7)."""
+    n = out.size
+    hs = _ZDICT_HEADER.size
+    if len(raw) < hs:
+        raise TensorError(f"{DICT_CODEC} payload has {len(raw)} bytes; the header alone needs {hs}")
+    table, mask_frame = _ZDICT_HEADER.unpack_from(raw)
+    if dictionaries is None:
+        raise TensorError(f"{DICT_CODEC} tensor, but this receiver holds no zstd dictionaries")
+    mask_z, values_z = dictionaries.decompressors(table)
+    if hs + mask_frame > len(raw):
+        raise TensorError(
+            f"{DICT_CODEC} bitmask frame of {mask_frame} bytes overruns the {len(raw)}-byte payload"
+        )
+    view = memoryview(raw)
+    mask_len = (n + 7) >> 3
+    bits = _decompress(view[hs : hs + mask_frame], mask_len, mask_z, mask_len, "bitmask frame")
+    if n & 7 and bits[-1] & ((1 << (8 - (n & 7))) - 1):
+        raise TensorError(f"{DICT_CODEC} bitmask has bits set past the last element")
+    mask = np.unpackbits(np.frombuffer(bits, _UINT8), None, n).view(_BOOL)
+    shape = packed.shape
+    if len(shape) >= 2 and n and shape[-2] >= 2:
+        rows = mask.reshape(-1, shape[-2], shape[-1])
+        mask = np.bitwise_xor.accumulate(rows, axis=1).reshape(-1)  # undoes the row XOR
+    index = mask.nonzero()[0]
+    q = _decompress(view[hs + mask_frame :], index.size, values_z, index.size, "values frame")
+    out[index] = _dequantise(np.frombuffer(q, _INT8), packed.scale, packed.zero_point)
+
+
+def unpack(
+    packed: PackedTensor,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    dictionaries: ZstdDictionaries | None = None,
+) -> np.ndarray:
     """Decode `packed` into a float32 array of its shape, validating everything.
 
     Raises `TensorError` (never another exception) when the payload does not match the
     codec and shape; never allocates more than the declared shape allows, and refuses shapes
-    above `max_elements` before allocating anything.
+    above `max_elements` before allocating anything. `dictionaries` decode `DICT_CODEC`.
     """
     if not isinstance(packed, PackedTensor):
         raise TypeError(f"expected a PackedTensor, got {type(packed).__name__}")
@@ -595,6 +731,10 @@ def unpack(packed: PackedTensor, max_elements: int = DEFAULT_MAX_ELEMENTS) -> np
         )
     codec = packed.codec
     raw = packed.payload
+    if codec == DICT_CODEC:
+        out = np.zeros(shape, _FLOAT32)
+        _unpack_zdict(raw, out.ravel(), packed, dictionaries)
+        return out
     if packed.compressed:
         raw = _decompress(raw, raw_payload_limit(codec, n))
     if codec == "sparse_int8":

@@ -1,4 +1,4 @@
-"""``spinn train | evaluate | profile``: the offline part of SPINN from the command line.
+"""``spinn train | evaluate | profile | dictionaries``: the offline part of SPINN from the command line.
 
 Thin by design (docs/STYLE.md): argparse fills a configuration dataclass and makes one
 call into the library. Errors in flags, files or data end the command with exit status
@@ -13,7 +13,14 @@ import sys
 from collections.abc import Sequence
 
 from spinn.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
+from protocol.dictionaries import DictionaryError
 from spinn.data import DataError, ImageSet, load_dataset
+from spinn.dictionaries import (
+    DEFAULT_TRAIN_IMAGES,
+    dictionaries_path,
+    save_dictionaries,
+    train_dictionaries,
+)
 from spinn.evaluate import DEFAULT_THRESHOLDS, evaluate_model, format_table, write_outputs
 from spinn.models import ARCHITECTURES
 from spinn.profile import ProfileError
@@ -190,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=PROFILE_THRESHOLDS,
         help="comma-separated thr_conf grid in [0,1] (default: 0.3 ... 1.0)",
     )
+
+    d = sub.add_parser(
+        "dictionaries",
+        help="train the zstd dictionaries of the sparse_int8_zdict codec",
+        description="Run training images through the model and train, for every split, one "
+        "zstd dictionary for the activation's bitmask and one for its int8 values "
+        "(PROTOCOL.md 6.7). Device and server load the file beside the checkpoint "
+        "(model.pt -> model.zdict) and use the codec when both hold the same one.",
+    )
+    d.add_argument("checkpoint", help="checkpoint written by spinn train")
+    d.add_argument("--out", help="file to write (default: the checkpoint's name, suffix .zdict)")
+    _data_flags(d, "train")
+    d.set_defaults(limit=DEFAULT_TRAIN_IMAGES)
     return parser
 
 
@@ -281,18 +301,36 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dictionaries(args: argparse.Namespace) -> int:
+    model, meta, data = _load(args)
+    out = args.out or dictionaries_path(args.checkpoint)
+    dictionaries = train_dictionaries(model, data, meta.model_id)
+    save_dictionaries(dictionaries, out)
+    print(
+        f"wrote {out}: {len(dictionaries)} tables trained on {len(data)} {data.name} images, "
+        f"{len(dictionaries.to_bytes())} bytes, sha256 {dictionaries.sha256}"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    commands = {"train": _cmd_train, "evaluate": _cmd_evaluate, "profile": _cmd_profile}
+    commands = {
+        "train": _cmd_train,
+        "evaluate": _cmd_evaluate,
+        "profile": _cmd_profile,
+        "dictionaries": _cmd_dictionaries,
+    }
     try:
         return commands[args.command](args)
     except (
         CheckpointError,
         DataError,
+        DictionaryError,
         ProfileError,
         ProgressiveModelError,
         ValueError,
