@@ -56,6 +56,7 @@ lint: setup
 model: setup
 	$(PY) -m spinn train --arch resnet20 --width 8 --dataset fashion-mnist --epochs 6 --no-augment --threads 1 --seed 0 --out models/default/model.pt
 	$(PY) -m spinn evaluate models/default/model.pt --out models/default
+	$(PY) -m spinn dictionaries models/default/model.pt
 	$(PY) -m spinn profile models/default/model.pt --out models/default/profile.json
 
 bench: setup

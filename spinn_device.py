@@ -40,7 +40,7 @@ def _fraction(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from protocol.packing import CODECS
+    from protocol.packing import KNOWN_CODECS
     from spinn.runtime.device import DeviceConfig
     from spinn.runtime.server import DEFAULT_CHECKPOINT
 
@@ -128,7 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not keep computing locally while the server works",
     )
     p.add_argument(
-        "--codec", default=d.codec, choices=CODECS, help=f"activation codec (default {d.codec})"
+        "--codec",
+        default=d.codec,
+        choices=KNOWN_CODECS,
+        help=f"activation codec (default {d.codec}: sparse int8 + zstd with the per-split "
+        "dictionaries beside the checkpoint, model.zdict, when the server holds the same; "
+        "otherwise sparse_int8)",
+    )
+    p.add_argument(
+        "--zstd",
+        default=d.zstd,
+        choices=("auto", "always", "never"),
+        help="when to compress the activation: auto (default) when the transfer time it "
+        "saves at the measured bandwidth exceeds its own, always for the fewest bytes "
+        "(a metered link), never",
     )
     p.add_argument(
         "--probe-bytes",
@@ -209,6 +222,7 @@ def config_from_args(args: argparse.Namespace) -> DeviceConfig:
         probe_bytes=args.probe_bytes,
         continue_locally=not args.no_continue,
         codec=args.codec,
+        zstd=args.zstd,
         torch_threads=args.torch_threads,
         deadline_factor=args.deadline_factor,
         status_interval_s=args.status_interval,

@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="trust and import the model code the checkpoint names (a model trained with "
         "spinn train --arch package.module:callable; the module must be importable)",
     )
+    p.add_argument(
+        "--no-dictionaries",
+        action="store_true",
+        help="ignore the zstd dictionaries beside the checkpoint (model.zdict): devices then "
+        "pack with plain sparse_int8 instead of sparse_int8_zdict",
+    )
     p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
     p.add_argument(
         "--port", type=int, default=d.port, help=f"TCP port, 0 = any free (default {d.port})"
@@ -180,6 +186,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         checkpoint=args.checkpoint,
         allow_user_code=args.allow_user_code,
+        dictionaries=not args.no_dictionaries,
         host=args.host,
         port=args.port,
         workers=args.workers,
@@ -227,13 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     import uvloop
 
+    from protocol.dictionaries import DictionaryError
     from spinn.checkpoint import CheckpointError
     from spinn.runtime.security import SecurityError
     from spinn.runtime.server import run_server
 
     try:
         return uvloop.run(run_server(config))
-    except (CheckpointError, SecurityError, OSError) as exc:
+    except (CheckpointError, DictionaryError, SecurityError, OSError) as exc:
         # A bind error is a ListenError, which names the address and the flag that set it.
         print(f"spinn-server: {exc}", file=sys.stderr)
         return 2

@@ -106,7 +106,9 @@ class ConnectionConfig:
             raise ValueError(f"max_outstanding must be >= 1, got {self.max_outstanding}")
 
 
-def _unpackb(body: memoryview) -> object:
+def decode_msgpack(body: bytes | memoryview) -> object:
+    """One msgpack object from untrusted bytes, arrays as tuples: the one place the
+    protocol decodes msgpack (frames here, dictionary files in `protocol.dictionaries`)."""
     # strict_map_key and raw=False: keys must be text and text valid UTF-8; msgpack bounds
     # every declared length by the frame itself, so a hostile frame cannot force a large
     # allocation (msgpack-python "untrusted data" advice).
@@ -272,7 +274,7 @@ class Connection:
                 self._closed = True
                 return ConnectionClosed(clean)
             try:
-                obj = _unpackb(body)
+                obj = decode_msgpack(body)
             except Exception as exc:  # msgpack raises many types on garbage; all mean the same
                 raise RemoteProtocolError(
                     f"frame of {len(body)} bytes is not valid msgpack: {type(exc).__name__}: {exc}"

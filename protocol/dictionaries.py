@@ -91,7 +91,9 @@ class ZstdDictionaries:
         if not isinstance(model_id, str):
             raise DictionaryError(f"model_id must be a str, got {type(model_id).__name__}")
         if not 0 < len(tables) <= MAX_TABLES:
-            raise DictionaryError(f"a dictionary set holds 1..{MAX_TABLES} tables, got {len(tables)}")
+            raise DictionaryError(
+                f"a dictionary set holds 1..{MAX_TABLES} tables, got {len(tables)}"
+            )
         checked: list[tuple[bytes, bytes]] = []
         for i, pair in enumerate(tables):
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -140,18 +142,20 @@ class ZstdDictionaries:
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "dictionary file") -> ZstdDictionaries:
         """Parse a dictionary file, or raise `DictionaryError` saying what is wrong with it."""
+        from protocol.connection import decode_msgpack
+
         try:
-            raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+            raw = decode_msgpack(data)
         except Exception as exc:  # msgpack raises several types for garbage
             raise DictionaryError(f"{where}: not a msgpack dictionary file ({exc})") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
             raise DictionaryError(f"{where}: format is {got!r}; expected {FORMAT!r}")
         tables, model_id = raw.get("tables"), raw.get("model_id", "")
-        if not isinstance(tables, list):
+        if not isinstance(tables, tuple):
             raise DictionaryError(f"{where}: 'tables' must be a list of [bitmask, values] pairs")
         try:
-            made = cls([tuple(t) if isinstance(t, list) else t for t in tables], model_id)
+            made = cls(tables, model_id)
         except DictionaryError as exc:
             raise DictionaryError(f"{where}: {exc}") from None
         if made._data != bytes(data):
@@ -180,10 +184,8 @@ class ZstdDictionaries:
         for i, arrays in enumerate(samples):
             streams = [zdict_streams(a) for a in arrays]
             pair = []
-            for what, size, parts in (
-                ("bitmask", mask_size, [s[0] for s in streams]),
-                ("values", values_size, [s[1] for s in streams]),
-            ):
+            for what, size, index in (("bitmask", mask_size, 0), ("values", values_size, 1)):
+                parts: list[bytes | bytearray | memoryview] = [s[index] for s in streams]
                 try:
                     trained = zstandard.train_dictionary(
                         size, parts, level=ZSTD_LEVEL, threads=1, steps=4
@@ -204,9 +206,7 @@ class ZstdDictionaries:
                 f"{self.sha256[:16]}… has tables 0..{len(self.tables) - 1}"
             )
 
-    def compressors(
-        self, table: int
-    ) -> tuple[zstandard.ZstdCompressor, zstandard.ZstdCompressor]:
+    def compressors(self, table: int) -> tuple[zstandard.ZstdCompressor, zstandard.ZstdCompressor]:
         """(bitmask, values) compressors of `table`, this thread's."""
         cache = self._local.compressors
         got = cache.get(table)

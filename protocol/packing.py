@@ -200,7 +200,9 @@ class PackedTensor:
         if self.codec in ("float32", "float16") and (scale != 1.0 or self.zero_point != 0):
             raise TensorError(f"codec {self.codec} requires scale 1.0 and zero_point 0")
         if self.codec == DICT_CODEC and self.compressed:
-            raise TensorError(f"codec {DICT_CODEC} is coded with zstd already: compressed must be false")
+            raise TensorError(
+                f"codec {DICT_CODEC} is coded with zstd already: compressed must be false"
+            )
         if not isinstance(self.payload, bytes):
             raise TensorError(f"payload must be bytes, got {type(self.payload).__name__}")
 

@@ -12,12 +12,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from spinn.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
 from protocol.dictionaries import DictionaryError
+from spinn.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
 from spinn.data import DataError, ImageSet, load_dataset
 from spinn.dictionaries import (
     DEFAULT_TRAIN_IMAGES,
     dictionaries_path,
+    load_dictionaries,
     save_dictionaries,
     train_dictionaries,
 )
@@ -169,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="offline profile for the scheduler (spinn-profile/1 JSON)",
         description="Measure per split the activation shape and packed bytes per codec, per "
         "stage the device and server time (batch 1, median of repeats), and per threshold "
-        "the exit rates and accuracy; write the spinn-profile/1 JSON file.",
+        "the exit rates and accuracy; write the spinn-profile/1 JSON file. With the "
+        "dictionaries beside the checkpoint (spinn dictionaries), sparse_int8_zdict too.",
     )
     p.add_argument("checkpoint", help="checkpoint written by spinn train")
     p.add_argument("--out", required=True, help="profile JSON file to write")
@@ -291,7 +293,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         server_threads=args.server_threads,
         thresholds=tuple(sorted(set(args.thresholds))),
     )
-    prof = profile_model(model, meta, data, cfg)
+    dictionaries = load_dictionaries(args.checkpoint, meta.model_id, model.num_stages)
+    prof = profile_model(model, meta, data, cfg, dictionaries=dictionaries)
     prof.save(args.out)
     print(
         f"wrote {args.out}: {prof.num_stages} stages, device-only "

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from protocol.packing import CODECS, pack
+from protocol.dictionaries import ZstdDictionaries
+from protocol.packing import CODECS, DICT_CODEC, pack
 from spinn.checkpoint import CheckpointMeta
 from spinn.data import ImageSet
 from spinn.evaluate import collect_probs, sweep
@@ -93,10 +94,13 @@ def _split_activations(model: ProgressiveModel, x: Tensor) -> list[Tensor]:
     return acts
 
 
-def measure_split_bytes(model: ProgressiveModel, x: Tensor) -> list[dict[str, int]]:
-    """Median packed bytes per codec at every split 0..S-1 over the batch ``x``."""
+def measure_split_bytes(
+    model: ProgressiveModel, x: Tensor, dictionaries: ZstdDictionaries | None = None
+) -> list[dict[str, int]]:
+    """Median packed bytes per codec at every split 0..S-1 over the batch ``x``; with
+    `dictionaries`, sparse_int8_zdict's too (table = split)."""
     result = []
-    for act in _split_activations(model, x):
+    for split, act in enumerate(_split_activations(model, x)):
         arrays = [a.numpy() for a in act]
         sizes: dict[str, int] = {}
         for codec in CODECS:
@@ -104,6 +108,12 @@ def measure_split_bytes(model: ProgressiveModel, x: Tensor) -> list[dict[str, in
                 per_input = [pack(a, codec, compress=compress).nbytes for a in arrays]
                 key = f"{codec}+zstd" if compress else codec
                 sizes[key] = int(statistics.median(per_input))
+        if dictionaries is not None:
+            per_input = [
+                pack(a, DICT_CODEC, True, dictionaries=dictionaries, table=split).nbytes
+                for a in arrays
+            ]
+            sizes[DICT_CODEC] = int(statistics.median(per_input))
         result.append(sizes)
     return result
 
@@ -145,8 +155,10 @@ def profile_model(
     cfg: ProfilerConfig = ProfilerConfig(),  # noqa: B008 - frozen dataclass, safe default
     *,
     now: datetime | None = None,
+    dictionaries: ZstdDictionaries | None = None,
 ) -> Profile:
-    """Measure ``model`` on ``data`` and return its offline profile."""
+    """Measure ``model`` on ``data`` and return its offline profile (`dictionaries`: the
+    model's zstd dictionaries, to profile sparse_int8_zdict as well)."""
     model.eval()
     calib = data.head(cfg.calibration_size)
     if len(calib) == 0:
@@ -156,7 +168,7 @@ def profile_model(
             f"calibration images {calib.shape} do not match the model input {model.input_spec.shape}"
         )
     x_bytes = model.input_spec.preprocess(calib.images[: cfg.bytes_inputs])
-    split_bytes = measure_split_bytes(model, x_bytes)
+    split_bytes = measure_split_bytes(model, x_bytes, dictionaries)
     x_time = model.input_spec.preprocess(calib.images[: cfg.timing_inputs])
     device_ms = time_stages(
         model, x_time, threads=cfg.device_threads, repeats=cfg.repeats, warmup=cfg.warmup

@@ -67,7 +67,8 @@ from protocol import (
     Welcome,
 )
 from protocol.auth import NONCE_SIZE, device_proof
-from protocol.packing import CODECS, pack
+from protocol.dictionaries import DictionaryError, ZstdDictionaries
+from protocol.packing import DICT_CODEC, KNOWN_CODECS, PackedTensor, pack, unpack
 from spinn.estimators import OnlineProfiler, ServerTimeEstimator
 from spinn.policy import Decision, FixedPolicy, Policy
 from spinn.runtime.backoff import Backoff
@@ -86,6 +87,8 @@ __all__ = ["DeviceConfig", "DeviceError", "SpinnDevice", "run_device"]
 log = logging.getLogger("spinn.device")
 
 _READ_CHUNK = 1 << 16
+_ZSTD_MODES: dict[str, bool | None] = {"auto": None, "always": True, "never": False}
+"""DeviceConfig.zstd → pack's `compress` (None: the packer decides from the bandwidth)."""
 # uvloop's loop.time() ticks in milliseconds, too coarse for loopback round trips and
 # per-stage times; every `now` on the device comes from this clock instead.
 _now = time.perf_counter
@@ -138,8 +141,14 @@ class DeviceConfig:
     """Frames begun but not answered at most (bounds the pipelining window)."""
     continue_locally: bool = True
     """Keep computing after the split while the server works (first answer wins)."""
-    codec: str = "sparse_int8"
-    """Packing codec for activations (``protocol.packing.CODECS``)."""
+    codec: str = DICT_CODEC
+    """Packing codec for activations (``protocol.packing.KNOWN_CODECS``). The default,
+    sparse_int8_zdict, needs the zstd dictionaries beside the checkpoint and a server
+    holding the same ones; without either the device packs with sparse_int8."""
+    zstd: str = "auto"
+    """When to compress: ``auto`` when the transfer time it saves at the measured bandwidth
+    exceeds its own (paper §4.3), ``always`` for the fewest bytes (a metered link),
+    ``never``."""
     workers: int | None = 1
     """Device compute threads; a weak device computes one thing at a time."""
     torch_threads: int = 1
@@ -192,9 +201,11 @@ class DeviceConfig:
             raise ValueError(f"--torch-threads must be >= 1, got {self.torch_threads}")
         if not self.status_interval_s >= 0:
             raise ValueError(f"--status-interval must be >= 0, got {self.status_interval_s}")
-        if self.codec not in CODECS:
+        if self.zstd not in _ZSTD_MODES:
+            raise ValueError(f"--zstd must be one of {', '.join(_ZSTD_MODES)}, got {self.zstd!r}")
+        if self.codec not in KNOWN_CODECS:
             raise ValueError(
-                f"--codec: unknown codec {self.codec!r}; choose one of {', '.join(CODECS)}"
+                f"--codec: unknown codec {self.codec!r}; choose one of {', '.join(KNOWN_CODECS)}"
             )
         if self.rate_fps is not None and not (math.isfinite(self.rate_fps) and self.rate_fps >= 0):
             # Checked here as well as by the Pacer: before the model loads and tasks start.
@@ -290,6 +301,14 @@ class _Link:
         self._stopping = False
 
     @property
+    def codec(self) -> str:
+        """The codec to pack with now: the device's first that the server accepted (the
+        last one offered, plain sparse_int8 or the configured codec, while not connected)."""
+        offered = self.device.codecs
+        accepted = self.welcome.codecs if self.welcome is not None else ()
+        return next((c for c in offered if c in accepted), offered[-1])
+
+    @property
     def up(self) -> bool:
         # uvloop closes the transport on a peer reset before the read side sees the error:
         # a closing transport is down already, or a write to it raises RuntimeError.
@@ -369,11 +388,12 @@ class _Link:
             self.connects += 1
             self.device.profiler.mark_server(connected_at, True)
             log.info(
-                "connected to %s:%d (%s), compute time %sreported",
+                "connected to %s:%d (%s), compute time %sreported, packing with %s",
                 host,
                 port,
                 self.welcome.server_name if self.welcome else "?",
                 "" if self.welcome and self.welcome.reports_compute_time else "NOT ",
+                self.codec,
             )
             if (
                 self.config.probe_bytes == 0
@@ -458,10 +478,11 @@ class _Link:
                     PROTOCOL_VERSION,
                     meta.model_id,
                     meta.weights_sha256,
-                    (self.config.codec,),
+                    self.device.codecs,
                     self.config.device_name,
                     # A fresh nonce per connection (PROTOCOL.md §10).
                     auth_nonce=secrets.token_bytes(NONCE_SIZE) if self.token else b"",
+                    dictionaries_sha256=self.device.dictionaries_sha256,
                 )
             )
         )
@@ -680,6 +701,14 @@ class SpinnDevice:
             config.checkpoint, allow_user_code=config.allow_user_code
         )
         self.model.eval()
+        self.dictionaries = self._load_dictionaries()
+        self.codecs: tuple[str, ...] = (
+            (DICT_CODEC, "sparse_int8")
+            if self.dictionaries is not None
+            else ("sparse_int8" if config.codec == DICT_CODEC else config.codec,)
+        )
+        """Codecs offered in HELLO, preferred first; the last is what every server takes."""
+        self.dictionaries_sha256 = "" if self.dictionaries is None else self.dictionaries.sha256
         profile_path = config.profile or Path(config.checkpoint).with_name("profile.json")
         if not Path(profile_path).is_file():
             raise DeviceError(
@@ -706,7 +735,7 @@ class SpinnDevice:
                 # Upload sizes predicted with the codec this device packs with
                 # (docs/SCHEDULER.md, "Predicted versus measured"); a profile that did not
                 # measure it leaves the smallest profiled size.
-                codec: str | None = config.codec
+                codec: str | None = self.codecs[0]
                 if codec not in self.profile.codecs:
                     log.warning(
                         "codec %s not in the profile (%s): predicting with the smallest size",
@@ -1098,6 +1127,25 @@ class SpinnDevice:
         out = self._run_range(act, start, stop, plan)
         return out, (time.perf_counter() - t0) * 1e3
 
+    def _load_dictionaries(self) -> ZstdDictionaries | None:
+        """The dictionaries beside the checkpoint when the codec wants them, else None."""
+        if self.config.codec != DICT_CODEC:
+            return None
+        from spinn.dictionaries import dictionaries_path, load_dictionaries
+
+        try:
+            found = load_dictionaries(
+                self.config.checkpoint, self.meta.model_id, self.model.num_stages
+            )
+        except DictionaryError as exc:
+            raise DeviceError(f"--codec {DICT_CODEC}: {exc}") from None
+        if found is None:
+            log.info(
+                "no %s (make it with `spinn dictionaries`): packing with sparse_int8",
+                dictionaries_path(self.config.checkpoint),
+            )
+        return found
+
     def _run_head(
         self, frame: Frame, plan: _Plan, bandwidth_bps: float
     ) -> tuple[Any, torch.Tensor | None, Any, float, int, float]:
@@ -1114,7 +1162,14 @@ class SpinnDevice:
         pack_ms = 0.0
         if plan.split < plan.last and self._link is not None:
             t1 = time.perf_counter()
-            packed = pack(out.activation.numpy(), self.config.codec, bandwidth_bps=bandwidth_bps)
+            packed = pack(
+                out.activation.numpy(),
+                self._link.codec,
+                _ZSTD_MODES[self.config.zstd],
+                bandwidth_bps,
+                dictionaries=self.dictionaries,
+                table=plan.split,
+            )
             pack_ms = (time.perf_counter() - t1) * 1e3
         return None, out.activation, packed, stages_ms, out.stop, pack_ms
 
@@ -1133,8 +1188,13 @@ class SpinnDevice:
         with self.link_work():
             self._send_infer(fid, plan, packed, estimates)
 
-    def _send_infer(self, fid: int, plan: _Plan, packed: Any, estimates: Any) -> None:
+    def _send_infer(self, fid: int, plan: _Plan, packed: PackedTensor, estimates: Any) -> None:
         assert self._link is not None
+        if packed.codec == DICT_CODEC and self._link.codec != DICT_CODEC:
+            # Packed for a server that had the dictionaries; the link has since reconnected
+            # to one without them. Rare, and lossless: the same int8 levels, re-coded.
+            levels = unpack(packed, dictionaries=self.dictionaries)
+            packed = pack(levels, "sparse_int8", _ZSTD_MODES[self.config.zstd])
         rid = self.tracker.new_request_id()
         now = _now()
         server_ms = self.profile.server_time_ms(plan.split) * estimates.server_scale

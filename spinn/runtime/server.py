@@ -68,7 +68,7 @@ from protocol import (
 )
 from protocol.auth import NONCE_SIZE, server_proof
 from protocol.messages import MAX_STRING
-from protocol.packing import CODECS, unpack
+from protocol.packing import CODECS, DICT_CODEC, unpack
 from spinn.profile import NO_EARLY_EXIT
 from spinn.runtime.accel import check_device_name, resolve_device
 from spinn.runtime.batching import Batcher, run_batch, to_device
@@ -78,6 +78,7 @@ from spinn.runtime.security import load_token, server_ssl_context
 from spinn.runtime.stats import ServerStats
 
 if TYPE_CHECKING:
+    from protocol.dictionaries import ZstdDictionaries
     from spinn.progressive import ProgressiveModel
 
 __all__ = [
@@ -138,6 +139,9 @@ class ServerConfig:
     allow_user_code: bool = False
     """Import the module a checkpoint of a user model ('module:callable') names to rebuild
     it; off, such a checkpoint is refused (``spinn.checkpoint.load_checkpoint``)."""
+    dictionaries: bool = True
+    """Load the zstd dictionaries beside the checkpoint (``model.zdict``), when there, and
+    accept the sparse_int8_zdict codec from devices holding the same (PROTOCOL.md §6.7)."""
     host: str = "127.0.0.1"
     """Address to listen on."""
     port: int = 7878
@@ -377,6 +381,13 @@ class SpinnServer:
         )
         self.torch_device = resolve_device(config.device)
         self.model.to(self.torch_device).eval()
+        self.dictionaries: ZstdDictionaries | None = None
+        if config.dictionaries:
+            from spinn.dictionaries import load_dictionaries
+
+            self.dictionaries = load_dictionaries(
+                config.checkpoint, self.meta.model_id, self.model.num_stages
+            )
         self._token = None if config.token_file is None else load_token(config.token_file)
         self.max_frame_bytes = (
             frame_limit_for(self.model)
@@ -456,6 +467,8 @@ class SpinnServer:
             else "off",
             "" if self.config.report_compute else ", compute time NOT reported",
         )
+        if self.dictionaries is not None:
+            log.info("zstd dictionaries %r: sparse_int8_zdict accepted", self.dictionaries)
         log.info(
             "limits: %d device(s), frames up to %d bytes%s",
             self.config.max_connections,
@@ -726,7 +739,13 @@ class SpinnServer:
             peer.send(_error(ErrorCode.MODEL_MISMATCH, message))
             peer.closing = True
             return
-        codecs = tuple(c for c in hello.codecs if c in CODECS)
+        zdict = self.dictionaries
+        codecs = tuple(
+            c
+            for c in hello.codecs
+            if c in CODECS
+            or (c == DICT_CODEC and zdict is not None and hello.dictionaries_sha256 == zdict.sha256)
+        )
         if not codecs:
             # WELCOME's codecs must be a non-empty subset of HELLO's: without one in common
             # the answer is a fatal ERROR(BAD_TENSOR) (PROTOCOL.md §5.2).
@@ -747,6 +766,7 @@ class SpinnServer:
                 codecs,
                 self.config.report_compute,
                 self.config.server_name,
+                dictionaries_sha256="" if zdict is None else zdict.sha256,
             )
         )
         log.info("device %s (%s) welcomed", peer.name, hello.device_name or "unnamed")
@@ -787,7 +807,7 @@ class SpinnServer:
             )
             return
         try:
-            activation = unpack(infer.tensor, self.config.max_tensor_elements)
+            activation = unpack(infer.tensor, self.config.max_tensor_elements, self.dictionaries)
         except ProtocolError as exc:
             # TOO_LARGE stays TOO_LARGE (a zstd frame declaring more than the shape, §6.6).
             code = getattr(exc, "code", ErrorCode.BAD_TENSOR)
