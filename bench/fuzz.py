@@ -507,17 +507,31 @@ async def _attacker(port: int, rng: random.Random, corpus: list[bytes], stop: fl
 
 def _corpus(checkpoint: Path) -> list[bytes]:
     """Valid device streams for this model: HELLO, INFERs at a few splits, PING, BYE."""
+    from protocol.packing import DICT_CODEC
     from spinn.checkpoint import load_checkpoint
+    from spinn.dictionaries import load_dictionaries
 
     model, meta = load_checkpoint(checkpoint)
+    # With the model's zstd dictionaries the streams offer sparse_int8_zdict too, so the
+    # mutations reach the server's dictionary decoder (PROTOCOL.md §6.7).
+    zdict = load_dictionaries(checkpoint, meta.model_id, model.num_stages)
+    codecs = CODECS if zdict is None else (*CODECS, DICT_CODEC)
     hello = encode_frame(
-        encode_message(Hello(PROTOCOL_VERSION, meta.model_id, meta.weights_sha256, CODECS))
+        encode_message(
+            Hello(
+                PROTOCOL_VERSION,
+                meta.model_id,
+                meta.weights_sha256,
+                codecs,
+                dictionaries_sha256="" if zdict is None else zdict.sha256,
+            )
+        )
     )
     infers = []
     rng = np.random.default_rng(0)
-    for i, split in enumerate(range(min(model.num_stages, 4))):
+    for i, split in enumerate(range(min(model.num_stages, len(codecs)))):
         x = np.maximum(rng.standard_normal((1, *model.split_shape(split))), 0).astype(np.float32)
-        tensor = pack(x, CODECS[i % len(CODECS)])
+        tensor = pack(x, codecs[i], True, dictionaries=zdict, table=split)
         infers.append(encode_frame(encode_message(Infer(i, split, 0.5, tensor))))
     ping = encode_frame(encode_message(Ping(1, 0.0, b"\0" * 100)))
     bye = encode_frame(encode_message(Bye()))
