@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from protocol.dictionaries import ZstdDictionaries
+from protocol.packing import DICT_CODEC
 from spinn.cli import main
+from spinn.dictionaries import dictionaries_path
 
 
 def test_help_explains_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
@@ -17,7 +20,7 @@ def test_help_explains_every_subcommand(capsys: pytest.CaptureFixture[str]) -> N
         [sys.executable, "-m", "spinn", "--help"], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0
-    for name in ("train", "evaluate", "profile"):
+    for name in ("train", "evaluate", "profile", "dictionaries"):
         assert name in out.stdout
     for sub, flag in (("train", "--exits"), ("evaluate", "--thresholds"), ("profile", "--repeats")):
         with pytest.raises(SystemExit) as info:
@@ -76,6 +79,10 @@ def test_train_evaluate_profile_end_to_end(
     assert rc == 0
     assert "thr_conf" in capsys.readouterr().out
     assert (tmp_path / "evaluation.csv").exists() and (tmp_path / "evaluation.png").exists()
+    rc = main(["dictionaries", str(ckpt), "--dataset", "mnist", "--limit", "64"])
+    assert rc == 0
+    zdict = ZstdDictionaries.from_bytes(dictionaries_path(ckpt).read_bytes())
+    assert f"sha256 {zdict.sha256}" in capsys.readouterr().out
     prof = tmp_path / "profile.json"
     rc = main(
         [
@@ -99,6 +106,11 @@ def test_train_evaluate_profile_end_to_end(
     doc = json.loads(prof.read_text())
     assert doc["format"] == "spinn-profile/1" and doc["calibration_size"] == 40
     assert len(doc["exit_accuracy"]) == 3
+    # The dictionaries beside the checkpoint are profiled too, and pack smaller than zstd.
+    assert len(zdict) == doc["num_stages"]  # one table per split
+    sizes = [split["bytes"] for split in doc["splits"]]
+    assert all(DICT_CODEC in s for s in sizes)
+    assert sum(s[DICT_CODEC] for s in sizes) < sum(s["sparse_int8+zstd"] for s in sizes)
 
 
 def test_errors_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

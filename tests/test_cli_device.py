@@ -99,6 +99,7 @@ def test_flags_the_rest_of_the_command_line_ignores_are_named(
         (["--dataset", "fashion-mnist", "--deadline-factor", "nan"], "--deadline-factor must be"),
         (["--dataset", "fashion-mnist", "--limit", "-1"], "--limit must be >= 0"),
         (["--dataset", "fashion-mnist", "--codec", "jpeg"], "--codec: invalid choice: 'jpeg'"),
+        (["--dataset", "fashion-mnist", "--zstd", "maybe"], "--zstd: invalid choice: 'maybe'"),
         (["--dataset", "fashion-mnist", "--rate", "-1"], "--rate must be a finite number >= 0"),
         (["--thr", "0.5"], "one of the arguments --camera --video --images --dataset"),
         (
@@ -225,3 +226,12 @@ def test_video_source_stdout(
     assert spinn_device.main(argv) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
     assert sorted(json.loads(ln)["frame"] for ln in lines) == [0, 1, 2, 3]
+
+
+def test_codec_and_zstd_flags_fill_the_config() -> None:
+    parse = spinn_device.build_parser().parse_args
+    default = spinn_device.config_from_args(parse(["--dataset", "fashion-mnist"]))
+    assert (default.codec, default.zstd) == ("sparse_int8_zdict", "auto")
+    argv = ["--dataset", "fashion-mnist", "--codec", "int8", "--zstd", "always"]
+    config = spinn_device.config_from_args(parse(argv))
+    assert (config.codec, config.zstd) == ("int8", "always")

@@ -33,6 +33,9 @@ def test_flags_fill_the_config(checkpoint: Path) -> None:
     config = spinn_server.config_from_args(args)
     assert config.report_compute is False and config.workers == 3 and config.port == 0
     assert config.checkpoint == checkpoint
+    assert config.dictionaries is True
+    no_dicts = spinn_server.build_parser().parse_args(["--no-dictionaries"])
+    assert spinn_server.config_from_args(no_dicts).dictionaries is False
 
 
 def test_bad_values_are_named(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

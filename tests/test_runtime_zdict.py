@@ -62,3 +62,22 @@ def test_a_corrupt_file_is_refused_by_name(tmp_path: Path) -> None:
     dictionaries_path(checkpoint).write_bytes(b"not a dictionary file")
     with pytest.raises(DeviceError, match=r"model\.zdict: not a msgpack dictionary file"):
         SpinnDevice(DeviceConfig(checkpoint=checkpoint, server=None))
+
+
+def test_a_tensor_packed_for_the_dictionaries_is_recoded_for_a_link_without() -> None:
+    from protocol.dictionaries import ZstdDictionaries
+    from protocol.packing import pack, unpack
+    from spinn.checkpoint import load_checkpoint
+    from spinn.runtime.device import recode_for
+
+    model, _ = load_checkpoint(CHECKPOINT)
+    zdict = ZstdDictionaries.from_bytes(dictionaries_path(CHECKPOINT).read_bytes())
+    x = model.input_spec.preprocess(load_fashion_mnist("test").images[:1])
+    for k in range(5):
+        x = model.run_trunk(k, x)
+    packed = pack(x.detach().numpy(), DICT_CODEC, True, dictionaries=zdict, table=5)
+    assert recode_for(packed, DICT_CODEC, zdict) is packed
+    plain = recode_for(packed, "sparse_int8", zdict, "always")
+    assert plain.codec == "sparse_int8" and plain.compressed
+    # The same int8 levels, hence the same values on the server.
+    assert (unpack(plain) == unpack(packed, dictionaries=zdict)).all()

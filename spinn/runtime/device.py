@@ -82,7 +82,7 @@ from spinn.runtime.uplink import UploadTimer
 from spinn.sla import SLA
 from spinn.sources import Frame, FrameSource, Pacer, SourceError, preprocess
 
-__all__ = ["DeviceConfig", "DeviceError", "SpinnDevice", "run_device"]
+__all__ = ["DeviceConfig", "DeviceError", "SpinnDevice", "recode_for", "run_device"]
 
 log = logging.getLogger("spinn.device")
 
@@ -261,6 +261,18 @@ class _Plan:
     """Exit that always answers at the end of a truncated network."""
     wire_early_exits: bool = True
     """INFER's early_exits: False asks the server for its final exit only."""
+
+
+def recode_for(
+    packed: PackedTensor, codec: str, dictionaries: ZstdDictionaries | None, zstd: str = "auto"
+) -> PackedTensor:
+    """`packed` as the link's `codec` allows: a tensor packed with the dictionaries for a
+    server that had them, on a link since reconnected to one without, becomes sparse_int8.
+    Rare, and lossless: the same int8 levels, re-coded."""
+    if packed.codec != DICT_CODEC or codec == DICT_CODEC:
+        return packed
+    levels = unpack(packed, dictionaries=dictionaries)
+    return pack(levels, "sparse_int8", _ZSTD_MODES[zstd])
 
 
 class _Link:
@@ -1190,11 +1202,7 @@ class SpinnDevice:
 
     def _send_infer(self, fid: int, plan: _Plan, packed: PackedTensor, estimates: Any) -> None:
         assert self._link is not None
-        if packed.codec == DICT_CODEC and self._link.codec != DICT_CODEC:
-            # Packed for a server that had the dictionaries; the link has since reconnected
-            # to one without them. Rare, and lossless: the same int8 levels, re-coded.
-            levels = unpack(packed, dictionaries=self.dictionaries)
-            packed = pack(levels, "sparse_int8", _ZSTD_MODES[self.config.zstd])
+        packed = recode_for(packed, self._link.codec, self.dictionaries, self.config.zstd)
         rid = self.tracker.new_request_id()
         now = _now()
         server_ms = self.profile.server_time_ms(plan.split) * estimates.server_scale
