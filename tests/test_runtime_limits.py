@@ -285,9 +285,10 @@ def test_cancelled_and_abandoned_requests_leave_no_queue_count(
         body,
         max_queued=12,
         workers=1,
-        # 30x: a batch of 4 computes about as long as one request, and at 10x the three
-        # batches of a round finished inside the 0.3 s on a fast machine.
-        slowdown=30.0,
+        # 100x: a batch of 4 computes about as long as one request, and at 10x the three
+        # batches of a round finished inside the 0.3 s on a fast machine; the idle timeout,
+        # not the slowdown, bounds how long a round takes.
+        slowdown=100.0,
         idle_timeout_s=0.3,
         batch_max=batch_max,
         batch_wait_ms=0.0,

@@ -4,6 +4,7 @@ INFER still gets exactly one answer, and a stuck peer cannot keep its slot."""
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import struct
 from pathlib import Path
@@ -149,12 +150,22 @@ def test_a_peer_waiting_on_a_busy_server_is_not_idle(checkpoint: Path) -> None:
         client = await RawClient.open(port)
         await hello(client, server)
         loop = asyncio.get_running_loop()
+
+        def infer(rid: int) -> Infer:
+            return Infer(rid, 0, 0.5, pack(sample_input(rid).numpy(), "float32"))
+
+        # Time one answer on this machine, then queue enough slowed-down work for one
+        # worker to outlast the idle timeout several times however fast the machine is.
+        # The second answer is timed: the first may include warming up.
+        for rid in (1000, 1001):
+            started = loop.time()
+            client.send(infer(rid))
+            assert isinstance(await client.next(), Result)
+        one = max(loop.time() - started, 1e-3)
+        count = min(400, math.ceil(6 * server.config.idle_timeout_s / one) + 1)
         sent_at = loop.time()
-        # Enough slowed-down work for one worker to outlast the idle timeout several times.
-        client.send(
-            *(Infer(rid, 0, 0.5, pack(sample_input(rid).numpy(), "float32")) for rid in range(10))
-        )
-        answers = [await client.next() for _ in range(10)]
+        client.send(*(infer(rid) for rid in range(1, count + 1)))
+        answers = [await client.next() for _ in range(count)]
         waited = loop.time() - sent_at
         assert all(isinstance(a, Result) for a in answers), [
             a for a in answers if not isinstance(a, Result)
