@@ -121,6 +121,15 @@ def _reject_ext(code: int, data: bytes) -> object:
     raise ValueError(f"msgpack ext type {code} is not used by this protocol")
 
 
+def _check_fallback(what: str, codecs: tuple[str, ...], err: type[ProtocolError]) -> None:
+    """sparse_int8_zdict comes with sparse_int8, which it falls back to (PROTOCOL.md §5.1)."""
+    if DICT_CODEC in codecs and "sparse_int8" not in codecs:
+        raise err(
+            f"{what} {DICT_CODEC} without sparse_int8, which a tensor not worth compressing "
+            f"is sent as (§6.7): codecs {codecs}"
+        )
+
+
 class Connection:
     """One end of a SPINN protocol connection; see the module docstring."""
 
@@ -350,6 +359,7 @@ class Connection:
                 "(PROTOCOL.md §10: give the device the shared token)",
                 ErrorCode.UNAUTHENTICATED,
             )
+        _check_fallback("HELLO offers", msg.codecs, err)
         self._hello = msg
         self._phase = ConnectionState.AWAIT_WELCOME
 
@@ -396,6 +406,7 @@ class Connection:
         for codec in msg.codecs:
             if codec not in self._hello.codecs or codec not in KNOWN_CODECS:
                 raise err(f"WELCOME codec {codec!r} was not offered by HELLO {self._hello.codecs}")
+        _check_fallback("WELCOME accepts", msg.codecs, err)
         if DICT_CODEC in msg.codecs and (
             not self._hello.dictionaries_sha256
             or msg.dictionaries_sha256 != self._hello.dictionaries_sha256

@@ -55,6 +55,10 @@ ZSTD_LEVEL: Final = 1
 _ZSTD_MAGICLESS: Final = zstandard.FORMAT_ZSTD1_MAGICLESS
 
 
+_PROBE: Final = bytes(range(64))
+"""What each dictionary compresses and decompresses once when loaded."""
+
+
 class DictionaryError(ValueError):
     """A dictionary file or table set that cannot be used, and why."""
 
@@ -119,8 +123,19 @@ class ZstdDictionaries:
                 d = zstandard.ZstdCompressionDict(data)
                 try:
                     d.precompute_compress(compression_params=_params())
+                    # One round trip builds the decompression side here, once, rather
+                    # than in whichever threads first decode with it, and proves that it
+                    # parses there too (PROTOCOL.md §6.7.3).
+                    frame = zstandard.ZstdCompressor(
+                        dict_data=d, compression_params=_params()
+                    ).compress(_PROBE)
+                    back = zstandard.ZstdDecompressor(
+                        dict_data=d, format=_ZSTD_MAGICLESS
+                    ).decompress(frame)
                 except zstandard.ZstdError as exc:
                     raise DictionaryError(f"table {i}: bad {what} dictionary: {exc}") from None
+                if back != _PROBE:
+                    raise DictionaryError(f"table {i}: the {what} dictionary does not round-trip")
                 loaded.append(d)
             dicts.append((loaded[0], loaded[1]))
         self._dicts: tuple[tuple[zstandard.ZstdCompressionDict, ...], ...] = tuple(dicts)
@@ -140,8 +155,12 @@ class ZstdDictionaries:
         return self._data
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str = "dictionary file") -> ZstdDictionaries:
-        """Parse a dictionary file, or raise `DictionaryError` saying what is wrong with it."""
+    def from_bytes(
+        cls, data: bytes, where: str = "dictionary file", *, expect_tables: int | None = None
+    ) -> ZstdDictionaries:
+        """Parse a dictionary file, or raise `DictionaryError` saying what is wrong with it.
+        `expect_tables` (the model's split count) is checked before any table is loaded,
+        which costs tens of kilobytes each."""
         from protocol.connection import decode_msgpack
 
         try:
@@ -154,6 +173,10 @@ class ZstdDictionaries:
         tables, model_id = raw.get("tables"), raw.get("model_id", "")
         if not isinstance(tables, tuple):
             raise DictionaryError(f"{where}: 'tables' must be a list of [bitmask, values] pairs")
+        if expect_tables is not None and len(tables) != expect_tables:
+            raise DictionaryError(
+                f"{where}: {len(tables)} tables for a model of {expect_tables} splits"
+            )
         try:
             made = cls(tables, model_id)
         except DictionaryError as exc:

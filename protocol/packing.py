@@ -44,6 +44,7 @@ __all__ = [
     "ZSTD_DECOMPRESS_BPS",
     "ZSTD_LEVEL",
     "PackedTensor",
+    "as_sparse_int8",
     "estimate_zstd_ratio",
     "pack",
     "quantise",
@@ -92,7 +93,8 @@ costs dominate) on a shared 2-core machine, so conservative for larger payloads.
 ZSTD_DECOMPRESS_BPS: Final = 330e6
 """Calibrated zstd decompression speed, payload bytes per CPU-second (same measurement)."""
 
-_MAGICLESS: Final = zstandard.FORMAT_ZSTD1_MAGICLESS
+_ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
+"""The magic number a zstd frame starts with, which sparse_int8_zdict leaves out (§6.7)."""
 _SAMPLE_CHUNK: Final = 4096
 _SAMPLE_CHUNKS: Final = 4
 _MIN_COMPRESS_BYTES: Final = 64
@@ -406,14 +408,20 @@ def _check_finite(flat: np.ndarray, limit: float = math.inf) -> None:
 
 
 def _pack_sparse(flat: np.ndarray) -> tuple[bytes, float, int]:
-    n = flat.size
     # astype(bool) is x != 0 (NaN included, −0.0 excluded) at two thirds of the cost.
     mask = flat.astype(_BOOL)
     # nonzero() is branch-free; boolean indexing mispredicts on the random masks of ReLU
     # outputs and costs twice as much at batch 1 (compress() is nonzero() + take() inside).
     index = mask.nonzero()[0]
     values = flat.take(index)
-    nnz = values.size
+    q, scale, zero_point = _quantise_into(values, None, scratch=True)
+    return _sparse_payload(mask, index, q), scale, zero_point
+
+
+def _sparse_payload(mask: np.ndarray, index: np.ndarray, q: Any) -> bytes:
+    """The sparse_int8 payload of int8 levels `q` at the flat positions `index` (where the
+    bool `mask` is set): the bitmask or the index list, whichever is smaller (§6.5)."""
+    n, nnz = mask.size, index.size
     mask_len = (n + 7) >> 3
     width = 2 if n <= 0x10000 else 4
     positions: np.ndarray
@@ -423,9 +431,8 @@ def _pack_sparse(flat: np.ndarray) -> tuple[bytes, float, int]:
     else:
         layout = SPARSE_BITMASK
         positions = np.packbits(mask)
-    q, scale, zero_point = _quantise_into(values, None, scratch=True)
     parts: tuple[Any, ...] = (_SPARSE_HEADER.pack(layout, nnz), positions, q)  # buffers
-    return b"".join(parts), scale, zero_point
+    return b"".join(parts)
 
 
 def _row_xor(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -530,6 +537,20 @@ def pack(
         _check_finite(flat, _FLOAT16_MAX if codec == "float16" else math.inf)
         raw = flat.astype(_F2_LE if codec == "float16" else _F4_LE, copy=False).tobytes()
         scale, zero_point = 1.0, 0
+    return _with_zstd(codec, raw, compress, bandwidth_bps, shape, scale, zero_point)
+
+
+def _with_zstd(
+    codec: str,
+    raw: bytes,
+    compress: bool | None,
+    bandwidth_bps: float | None,
+    shape: tuple[int, ...],
+    scale: float,
+    zero_point: int,
+) -> PackedTensor:
+    """The tensor of `raw` payload bytes, zstd-compressed when `compress`, or when it pays
+    off at `bandwidth_bps` if None (`pack`)."""
     packed: bytes | None = None
     if compress is None:
         # Sampling costs tens of microseconds: skip it when the answer cannot depend on it
@@ -609,9 +630,9 @@ def _decompress(
         if dctx is None:
             size = zstandard.frame_content_size(payload)
         else:
-            size = zstandard.get_frame_parameters(payload, format=_MAGICLESS).content_size
-            if size == zstandard.CONTENTSIZE_UNKNOWN:
-                size = -1
+            # The header of a magicless frame is that of a frame after its magic number
+            # (at most 14 bytes): read with the magic put back, as every zstandard can.
+            size = zstandard.frame_content_size(_ZSTD_MAGIC + bytes(payload[:14]))
     except zstandard.ZstdError as exc:
         raise TensorError(f"{what} is not a zstd frame: {exc}") from None
     if size < 0:
@@ -680,11 +701,13 @@ def _unpack_sparse(raw: bytes, out: np.ndarray, scale: float, zero_point: int) -
         out[index] = _dequantise(q, scale, zero_point)
 
 
-def _unpack_zdict(
-    raw: bytes, out: np.ndarray, packed: PackedTensor, dictionaries: ZstdDictionaries | None
-) -> None:
-    """Decode a sparse_int8_zdict payload into `out`, flat and all zeros (PROTOCOL.md §6.7)."""
-    n = out.size
+def _zdict_levels(
+    packed: PackedTensor, dictionaries: ZstdDictionaries | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bool mask, flat positions, int8 levels there) of a sparse_int8_zdict tensor,
+    validated (PROTOCOL.md §6.7)."""
+    raw = packed.payload
+    n = math.prod(packed.shape)
     hs = _ZDICT_HEADER.size
     if len(raw) < hs:
         raise TensorError(f"{DICT_CODEC} payload has {len(raw)} bytes; the header alone needs {hs}")
@@ -709,7 +732,26 @@ def _unpack_zdict(
         mask = np.bitwise_xor.accumulate(rows.view(_UINT8), axis=1).view(_BOOL).reshape(-1)
     index = mask.nonzero()[0]
     q = _decompress(view[hs + mask_frame :], index.size, values_z, index.size, "values frame")
-    out[index] = _dequantise(np.frombuffer(q, _INT8), packed.scale, packed.zero_point)
+    return mask, index, np.frombuffer(q, _INT8)
+
+
+def as_sparse_int8(
+    packed: PackedTensor,
+    dictionaries: ZstdDictionaries | None,
+    compress: bool | None = None,
+    bandwidth_bps: float | None = None,
+) -> PackedTensor:
+    """`packed`, a sparse_int8_zdict tensor, re-coded as sparse_int8 for a peer without the
+    dictionaries: the same int8 levels, scale and zero point, so it decodes to the same
+    values bit for bit. zstd as in `pack`. Raises `TensorError` if `packed` does not decode."""
+    if packed.codec != DICT_CODEC:
+        raise ValueError(f"expected a {DICT_CODEC} tensor, got {packed.codec}")
+    mask, index, q = _zdict_levels(packed, dictionaries)
+    raw = _sparse_payload(mask, index, q)
+    shape = packed.shape
+    return _with_zstd(
+        "sparse_int8", raw, compress, bandwidth_bps, shape, packed.scale, packed.zero_point
+    )
 
 
 def unpack(
@@ -735,8 +777,9 @@ def unpack(
     codec = packed.codec
     raw = packed.payload
     if codec == DICT_CODEC:
+        _, index, q = _zdict_levels(packed, dictionaries)
         out = np.zeros(shape, _FLOAT32)
-        _unpack_zdict(raw, out.ravel(), packed, dictionaries)
+        out.ravel()[index] = _dequantise(q, packed.scale, packed.zero_point)
         return out
     if packed.compressed:
         raw = _decompress(raw, raw_payload_limit(codec, n))

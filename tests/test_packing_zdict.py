@@ -39,7 +39,7 @@ from protocol.dictionaries import FORMAT, DictionaryError, ZstdDictionaries
 from protocol.errors import TensorError
 from protocol.framing import encode_frame
 from protocol.messages import MessageType, decode_message, encode_message
-from protocol.packing import DICT_CODEC, PackedTensor, pack, unpack
+from protocol.packing import DICT_CODEC, PackedTensor, as_sparse_int8, pack, unpack
 from spinn.checkpoint import load_checkpoint
 from spinn.data import load_fashion_mnist
 from spinn.dictionaries import dictionaries_path
@@ -210,6 +210,32 @@ def test_random_tensors_decode_exactly_as_int8(
     q = np.frombuffer(plain.payload, np.int8)
     assert m == (q != plain.zero_point).astype(int).tolist()
     assert values == q[q != plain.zero_point].tobytes()
+
+
+@settings(max_examples=150, deadline=None)
+@given(arrays, st.sampled_from([False, True]))
+def test_recoded_as_sparse_int8_it_decodes_to_the_same_bits(
+    trained: ZstdDictionaries, x: np.ndarray, compress: bool
+) -> None:
+    packed = pack(x, DICT_CODEC, True, dictionaries=trained, table=1)
+    plain = as_sparse_int8(packed, trained, compress)
+    assert plain.codec == "sparse_int8" and not (plain.compressed and not compress)
+    assert (plain.scale, plain.zero_point) == (packed.scale, packed.zero_point)
+    # Bit for bit: re-quantising the decoded values instead differs by rounding now and then.
+    want = unpack(packed, dictionaries=trained)
+    np.testing.assert_array_equal(unpack(plain).view(np.uint32), want.view(np.uint32))
+    assert plain.nbytes <= pack(x, "sparse_int8", compress).nbytes + 8
+
+
+def test_recoding_refuses_other_codecs_and_broken_payloads(trained: ZstdDictionaries) -> None:
+    with pytest.raises(ValueError, match="expected a sparse_int8_zdict tensor"):
+        as_sparse_int8(pack(EXAMPLE, "sparse_int8"), trained)
+    packed = pack(EXAMPLE, DICT_CODEC, True, dictionaries=trained, table=0)
+    with pytest.raises(TensorError, match="holds no zstd dictionaries"):
+        as_sparse_int8(packed, None)
+    broken = PackedTensor(DICT_CODEC, False, (3, 4), packed.scale, packed.zero_point, b"\0" * 5)
+    with pytest.raises(TensorError, match="the header alone needs 6"):
+        as_sparse_int8(broken, trained)
 
 
 def test_beats_sparse_int8_with_zstd_where_half_is_zeros(
@@ -637,6 +663,28 @@ def test_with_the_same_dictionaries_the_codec_is_used(trained: ZstdDictionaries)
     [got] = pair.send(pair.device, infer)
     assert isinstance(got, Infer) and got == infer
     np.testing.assert_array_equal(unpack(got.tensor, dictionaries=trained), unpack(_int8(x)))
+
+
+def test_the_codec_is_offered_and_accepted_only_beside_sparse_int8() -> None:
+    alone = (DICT_CODEC, "int8")
+    pair = ConnectionPair()
+    hello = Hello(PROTOCOL_VERSION, "resnet20", SHA, alone, "dev", b"", DICT_SHA)
+    with pytest.raises(LocalProtocolError, match="without sparse_int8"):
+        pair.device.send(hello)
+    pair.server.receive_data(encode_frame(encode_message(hello)))
+    with pytest.raises(RemoteProtocolError, match="HELLO offers sparse_int8_zdict without"):
+        pair.server.next_event()
+    # A WELCOME taking the codec but not its fallback: the device could not send a tensor
+    # that zstd does not pay off for.
+    pair = ConnectionPair()
+    pair.send(pair.device, _hello(DICT_SHA))
+    welcome = _welcome(DICT_SHA, (DICT_CODEC,))
+    with pytest.raises(LocalProtocolError, match="WELCOME accepts sparse_int8_zdict without"):
+        pair.server.send(welcome)
+    pair.device.receive_data(encode_frame(encode_message(welcome)))
+    with pytest.raises(RemoteProtocolError, match="without sparse_int8") as info:
+        pair.device.next_event()
+    assert info.value.code is ErrorCode.PROTOCOL
 
 
 def test_other_dictionaries_are_fine_when_the_codec_is_left_out() -> None:
