@@ -81,15 +81,11 @@ def load_dictionaries(
         return None
     except OSError as exc:
         raise DictionaryError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    dictionaries = ZstdDictionaries.from_bytes(data, str(path))
+    dictionaries = ZstdDictionaries.from_bytes(data, str(path), expect_tables=num_stages)
     if dictionaries.model_id != model_id:
         raise DictionaryError(
             f"{path}: trained for model {dictionaries.model_id!r}, not {model_id!r}; "
             f"retrain it with spinn dictionaries"
-        )
-    if len(dictionaries) != num_stages:
-        raise DictionaryError(
-            f"{path}: {len(dictionaries)} tables for a model of {num_stages} splits"
         )
     log.debug("loaded %r from %s", dictionaries, path)
     return dictionaries

@@ -360,18 +360,16 @@ def run_in_process(
     """``source`` through a real device in this process, against a real server on loopback
     when ``serve`` (``connect=False``: no server configured at all, a device-only run).
     ``custom_policy`` is a policy object used instead of the one ``DeviceConfig.policy``
-    names; ``options`` go to ``DeviceConfig``."""
+    names; ``options`` go to ``DeviceConfig``, ``server_options`` to ``ServerConfig``."""
     records: list[dict[str, Any]] = []
 
     async def main() -> DeviceRun:
         port = free_port()
         server = None
         if serve:
-            server = SpinnServer(
-                ServerConfig(
-                    checkpoint=checkpoint, port=port, stats_interval_s=0, **(server_options or {})
-                )
-            )
+            # server_options may name another checkpoint (a server with other files).
+            fields = {"checkpoint": checkpoint, "port": port, "stats_interval_s": 0}
+            server = SpinnServer(ServerConfig(**{**fields, **(server_options or {})}))
             await server.start()
         config = DeviceConfig(
             checkpoint=checkpoint,

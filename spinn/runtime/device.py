@@ -38,7 +38,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +68,7 @@ from protocol import (
 )
 from protocol.auth import NONCE_SIZE, device_proof
 from protocol.dictionaries import DictionaryError, ZstdDictionaries
-from protocol.packing import DICT_CODEC, KNOWN_CODECS, PackedTensor, pack, unpack
+from protocol.packing import DICT_CODEC, KNOWN_CODECS, PackedTensor, as_sparse_int8, pack
 from spinn.estimators import OnlineProfiler, ServerTimeEstimator
 from spinn.policy import Decision, FixedPolicy, Policy
 from spinn.runtime.backoff import Backoff
@@ -82,7 +82,14 @@ from spinn.runtime.uplink import UploadTimer
 from spinn.sla import SLA
 from spinn.sources import Frame, FrameSource, Pacer, SourceError, preprocess
 
-__all__ = ["DeviceConfig", "DeviceError", "SpinnDevice", "recode_for", "run_device"]
+__all__ = [
+    "DeviceConfig",
+    "DeviceError",
+    "SpinnDevice",
+    "profiled_codec",
+    "recode_for",
+    "run_device",
+]
 
 log = logging.getLogger("spinn.device")
 
@@ -263,16 +270,27 @@ class _Plan:
     """INFER's early_exits: False asks the server for its final exit only."""
 
 
+def profiled_codec(codec: str, zstd: str, profiled: Sequence[str]) -> str | None:
+    """The entry of a profile (`spinn profile`, its codecs `profiled`) whose sizes are what
+    packing with `codec` under ``--zstd`` sends: compressed unless zstd is off, since where
+    upload time matters the packer compresses, and where it skips zstd, sending raw was
+    the faster of the two. Failing that the nearest entry the profile has; None if none."""
+    raw = "sparse_int8" if codec == DICT_CODEC else codec
+    names: tuple[str, ...] = (raw,)
+    if zstd != "never":
+        names = (codec, "sparse_int8+zstd", raw) if codec == DICT_CODEC else (f"{raw}+zstd", raw)
+    return next((n for n in names if n in profiled), None)
+
+
 def recode_for(
     packed: PackedTensor, codec: str, dictionaries: ZstdDictionaries | None, zstd: str = "auto"
 ) -> PackedTensor:
     """`packed` as the link's `codec` allows: a tensor packed with the dictionaries for a
     server that had them, on a link since reconnected to one without, becomes sparse_int8.
-    Rare, and lossless: the same int8 levels, re-coded."""
+    Rare, and lossless: the same int8 levels, re-coded (`as_sparse_int8`)."""
     if packed.codec != DICT_CODEC or codec == DICT_CODEC:
         return packed
-    levels = unpack(packed, dictionaries=dictionaries)
-    return pack(levels, "sparse_int8", _ZSTD_MODES[zstd])
+    return as_sparse_int8(packed, dictionaries, _ZSTD_MODES[zstd])
 
 
 class _Link:
@@ -747,14 +765,13 @@ class SpinnDevice:
                 # Upload sizes predicted with the codec this device packs with
                 # (docs/SCHEDULER.md, "Predicted versus measured"); a profile that did not
                 # measure it leaves the smallest profiled size.
-                codec: str | None = self.codecs[0]
-                if codec not in self.profile.codecs:
+                codec = profiled_codec(self.codecs[0], config.zstd, self.profile.codecs)
+                if codec is None:
                     log.warning(
                         "codec %s not in the profile (%s): predicting with the smallest size",
-                        codec,
+                        self.codecs[0],
                         ", ".join(self.profile.codecs),
                     )
-                    codec = None
                 try:
                     policy = make_policy(
                         config.policy,
@@ -1150,7 +1167,9 @@ class SpinnDevice:
                 self.config.checkpoint, self.meta.model_id, self.model.num_stages
             )
         except DictionaryError as exc:
-            raise DeviceError(f"--codec {DICT_CODEC}: {exc}") from None
+            raise DeviceError(
+                f"--codec {DICT_CODEC}: {exc} (or pack without it: --codec sparse_int8)"
+            ) from None
         if found is None:
             log.info(
                 "no %s (make it with `spinn dictionaries`): packing with sparse_int8",

@@ -67,6 +67,7 @@ from protocol import (
     Welcome,
 )
 from protocol.auth import NONCE_SIZE, server_proof
+from protocol.dictionaries import DictionaryError
 from protocol.messages import MAX_STRING
 from protocol.packing import CODECS, DICT_CODEC, unpack
 from spinn.profile import NO_EARLY_EXIT
@@ -385,9 +386,12 @@ class SpinnServer:
         if config.dictionaries:
             from spinn.dictionaries import load_dictionaries
 
-            self.dictionaries = load_dictionaries(
-                config.checkpoint, self.meta.model_id, self.model.num_stages
-            )
+            try:
+                self.dictionaries = load_dictionaries(
+                    config.checkpoint, self.meta.model_id, self.model.num_stages
+                )
+            except DictionaryError as exc:
+                raise DictionaryError(f"{exc} (or serve without it: --no-dictionaries)") from None
         self._token = None if config.token_file is None else load_token(config.token_file)
         self.max_frame_bytes = (
             frame_limit_for(self.model)
