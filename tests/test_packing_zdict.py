@@ -212,6 +212,22 @@ def test_random_tensors_decode_exactly_as_int8(
     assert values == q[q != plain.zero_point].tobytes()
 
 
+def test_a_tensor_too_large_for_the_integer_row_xor_decodes_the_same(
+    trained: ZstdDictionaries,
+) -> None:
+    from protocol.packing import _INT_XOR_MAX
+
+    rng = np.random.default_rng(3)
+    # Above the size whose row XOR is undone as one integer: numpy's accumulate does it.
+    x = np.maximum(rng.standard_normal((1, 10, 180, 160)), 0).astype(np.float32)
+    assert _INT_XOR_MAX < x.size
+    packed = pack(x, DICT_CODEC, True, dictionaries=trained, table=2)
+    np.testing.assert_array_equal(unpack(packed, dictionaries=trained), unpack(_int8(x)))
+    small = x[:, :, :20]
+    packed = pack(small, DICT_CODEC, True, dictionaries=trained, table=2)
+    np.testing.assert_array_equal(unpack(packed, dictionaries=trained), unpack(_int8(small)))
+
+
 @settings(max_examples=150, deadline=None)
 @given(arrays, st.sampled_from([False, True]))
 def test_recoded_as_sparse_int8_it_decodes_to_the_same_bits(
