@@ -122,7 +122,7 @@ def _reject_ext(code: int, data: bytes) -> object:
 
 
 def _check_fallback(what: str, codecs: tuple[str, ...], err: type[ProtocolError]) -> None:
-    """sparse_int8_zdict comes with sparse_int8, which it falls back to (PROTOCOL.md §5.1)."""
+    """sparse_int8_zdict comes with sparse_int8, which it falls back to (PROTOCOL.md §5.2)."""
     if DICT_CODEC in codecs and "sparse_int8" not in codecs:
         raise err(
             f"{what} {DICT_CODEC} without sparse_int8, which a tensor not worth compressing "
