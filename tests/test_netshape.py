@@ -425,6 +425,7 @@ def test_trace_csv_round_trip_and_errors(tmp_path: Path) -> None:
         ("time,up_rate,down_rate,delay\n", "lacks column\\(s\\) loss, outage"),
         (good + "1,lots,1mbit,0,0,\n", "line 3, column up_rate: bad rate 'lots'"),
         (good + "1,1mbit,1mbit,0,0,flood\n", "line 3, column outage: 'flood'"),
+        (good + "1,1mbit,1mbit,0,0,2\n", "line 3, column outage: '2' is not one of"),
         (good + "0,1mbit,1mbit,0,0,\n", "times must increase"),
         (good + "1,1mbit\n", "line 3: 2 cells"),
     ]
@@ -433,6 +434,15 @@ def test_trace_csv_round_trip_and_errors(tmp_path: Path) -> None:
         path.write_text(content)
         with pytest.raises(ValueError, match=needle):
             load_trace(path)
+
+
+def test_trace_numeric_outage_column() -> None:
+    # Measured traces flag outages as 0/1; 1 is a black hole (docs/NETSHAPE.md).
+    text = "time,up_rate,down_rate,delay,loss,outage\n0,5mbit,,0,0,0\n1,5mbit,,0,0,1\n2,,,0,0,0.0\n"
+    trace = load_trace(text.splitlines())
+    assert [p.outage for p in trace.points] == [None, "blackhole", None]
+    assert trace.at(1.5).outage == (("trace", 1, 0), "blackhole")
+    assert trace.at(2.5).outage is None
 
 
 def test_shipped_traces_are_what_the_generator_makes(tmp_path: Path) -> None:

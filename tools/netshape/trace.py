@@ -5,8 +5,10 @@ per change point. ``time`` is seconds since the start of the replay (strictly in
 first row >= 0); ``up_rate``/``down_rate`` are rates as :func:`parse_rate` reads them (a bare
 number is bit/s, empty or ``unlimited`` means no limit); ``delay`` is the one-way delay added
 in *each* direction (bare number = seconds); ``loss`` is the per-segment loss probability in
-each direction; ``outage`` is empty/``none`` or one of ``blackhole``, ``reset``, ``refuse``.
-Lines starting with ``#`` are comments.
+each direction; ``outage`` is empty/``none`` or one of ``blackhole``, ``reset``, ``refuse``,
+or the numeric flag measured traces carry: ``0`` = no outage, ``1`` = ``blackhole`` (a link
+that is down drops what is sent, the commonest measured outage). Lines starting with ``#`` are
+comments.
 
 Replay is a pure function of elapsed time: ``step`` holds each row until the next one,
 ``linear`` interpolates rates, delay and loss between rows (outages are always steps). When
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,17 +176,33 @@ def _parse_row(row: dict[str, str], where: str) -> TracePoint:
         loss = parse_probability(cell("loss") or "0")
     except ValueError as exc:
         raise ValueError(f"{where}, column loss: {exc}") from None
-    outage_text = cell("outage").lower()
-    outage: str | None
-    if outage_text in ("", "none", "0", "no"):
-        outage = None
-    elif outage_text in OUTAGE_MODES:
-        outage = outage_text
-    else:
-        raise ValueError(
-            f"{where}, column outage: {outage_text!r} is not one of none, {', '.join(OUTAGE_MODES)}"
-        )
+    try:
+        outage = _parse_outage(cell("outage"))
+    except ValueError as exc:
+        raise ValueError(f"{where}, column outage: {exc}") from None
     return TracePoint(time_s, rates[0], rates[1], delay, loss, outage)
+
+
+def _parse_outage(text: str) -> str | None:
+    """An outage cell: a mode name, empty/``none``, or the 0/1 flag of measured traces.
+
+    ``1`` means ``blackhole``: a measured trace records only that the link was down, and a
+    link that is down drops what is sent without a reset (docs/NETSHAPE.md, "Trace format").
+    """
+    word = text.lower()
+    if word in ("", "none", "no"):
+        return None
+    if word in OUTAGE_MODES:
+        return word
+    try:
+        flag = float(word)
+    except ValueError:
+        flag = math.nan
+    if flag == 0.0:
+        return None
+    if flag == 1.0:
+        return "blackhole"
+    raise ValueError(f"{text!r} is not one of none, {', '.join(OUTAGE_MODES)}, 0, 1")
 
 
 def load_trace(
