@@ -28,13 +28,15 @@ from protocol.messages import (
     Hello,
     Infer,
     Message,
+    MessageType,
     Ping,
     Pong,
     Result,
     Welcome,
-    decode_message,
+    decode_fields,
     encode_message_parts,
     message_type,
+    split_message,
 )
 from protocol.packing import DEFAULT_MAX_ELEMENTS, DICT_CODEC, KNOWN_CODECS
 from protocol.state import AFTER_PEER_BYE, ALLOWED, ConnectionState, Role
@@ -290,8 +292,12 @@ class Connection:
                 ) from None
             finally:
                 body.release()
-            event = decode_message(obj)
-            self._apply(event, self.role.peer, RemoteProtocolError)
+            # The state before the body (PROTOCOL.md §7.5): a message the peer may not send
+            # now is refused as such, whatever its fields hold.
+            mtype, fields = split_message(obj)
+            self._check_allowed(mtype, self.role.peer, RemoteProtocolError)
+            event = decode_fields(mtype, fields)
+            self._apply(event, self.role.peer, RemoteProtocolError, checked=True)
             return event
         except RemoteProtocolError as exc:
             self._fail(exc)
@@ -303,14 +309,8 @@ class Connection:
 
     # -- the state machine ---------------------------------------------------------------------
 
-    def _apply(
-        self, msg: Message, sender: Role, err: type[LocalProtocolError] | type[RemoteProtocolError]
-    ) -> None:
-        """Check that `sender` may send `msg` now, then record its effect.
-
-        All checks come before any mutation, so a refused local send changes nothing.
-        """
-        mtype = message_type(msg)
+    def _check_allowed(self, mtype: MessageType, sender: Role, err: type[ProtocolError]) -> None:
+        """Refuse a message of type `mtype` that `sender` may not send in this state."""
         if self._closed:
             raise err(f"{sender.value} sent {mtype.name} after the connection closed")
         allowed = ALLOWED[(self._phase, sender)]
@@ -321,6 +321,19 @@ class Connection:
                 allowed = allowed & AFTER_PEER_BYE
         if mtype not in allowed:
             raise err(f"{sender.value} may not send {mtype.name} in state {self.state.value}")
+
+    def _apply(
+        self,
+        msg: Message,
+        sender: Role,
+        err: type[LocalProtocolError] | type[RemoteProtocolError],
+        checked: bool = False,
+    ) -> None:
+        """Check that `sender` may send `msg` now (unless `checked` already), then record
+        its effect. All checks come before any mutation, so a refused send changes nothing.
+        """
+        if not checked:
+            self._check_allowed(message_type(msg), sender, err)
         # Most frequent first; the message classes are final, so the order changes nothing else.
         if isinstance(msg, Infer):
             self._on_infer(msg, err)
@@ -430,7 +443,11 @@ class Connection:
                 ErrorCode.TOO_LARGE,
             )
         if msg.tensor.codec not in self.codecs:
-            raise err(f"INFER uses codec {msg.tensor.codec!r}, not negotiated {self.codecs}")
+            # A tensor map fault, like an unknown codec (PROTOCOL.md §8: fatal BAD_TENSOR).
+            raise err(
+                f"INFER uses codec {msg.tensor.codec!r}, not negotiated {self.codecs}",
+                ErrorCode.BAD_TENSOR,
+            )
         numel = msg.tensor.numel
         if numel > self.config.max_tensor_elements:
             raise err(

@@ -41,6 +41,8 @@ __all__ = [
     "encode_message_parts",
     "message_type",
     "decode_message",
+    "split_message",
+    "decode_fields",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -87,6 +89,19 @@ def _float(obj: object, name: str, value: object, *, lo: float = -math.inf) -> f
         bound = "" if lo == -math.inf else f" >= {lo}"
         raise ValueError(f"{name} must be a finite number{bound}, got {value}")
     return value
+
+
+def _check_time(name: str, value: object) -> None:
+    """A PING's timestamp: int or float, kept as sent, because PONG echoes it unchanged
+    (PROTOCOL.md §5.7): an integer stays an integer, so the pinger gets back its bytes."""
+    if type(value) is int:
+        if not -(2**63) <= value <= MAX_ID:
+            raise ValueError(f"{name} must fit a msgpack integer, got {value}")
+        return
+    if type(value) is not float:
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
 
 
 def _check_str(name: str, value: object) -> None:
@@ -191,7 +206,8 @@ class Infer:
     split: int
     """Split point s: the tensor is the activation entering stage s (0 = the input)."""
     thr_conf: float
-    """Exit threshold in [0, 1] for the server-side exits (top-1 softmax ≥ thr_conf)."""
+    """Exit threshold in [0, 1] for the server-side exits (top-1 softmax ≥ thr_conf). A
+    peer MAY omit it when `early_exits` is false (it is unused then); decoded as 1.0."""
     tensor: PackedTensor
     """The packed activation at `split`, batch dimension included."""
     deadline_ms: float | None = None
@@ -290,7 +306,7 @@ class Ping:
 
     def __post_init__(self) -> None:
         _check_int("seq", self.seq)
-        _float(self, "sent_at", self.sent_at)
+        _check_time("sent_at", self.sent_at)
         if type(self.padding) is not bytes:
             raise TypeError(f"padding must be bytes, got {type(self.padding).__name__}")
 
@@ -302,7 +318,7 @@ class Pong:
     seq: int
     """The PING's sequence number."""
     sent_at: float
-    """The PING's `sent_at`, echoed unchanged."""
+    """The PING's `sent_at`, echoed unchanged (an integer stays an integer)."""
     received_at: float
     """Answerer's clock in seconds when the PING was received."""
     padding_len: int = 0
@@ -310,7 +326,7 @@ class Pong:
 
     def __post_init__(self) -> None:
         _check_int("seq", self.seq)
-        _float(self, "sent_at", self.sent_at)
+        _check_time("sent_at", self.sent_at)
         _float(self, "received_at", self.received_at)
         _check_int("padding_len", self.padding_len, 0, 2**32 - 1)
 
@@ -494,8 +510,16 @@ def decode_message(obj: object) -> Message:
     """Build a message from a decoded msgpack object ``[type, {fields}]``.
 
     Raises `RemoteProtocolError` naming what was wrong: shape of the frame, unknown type,
-    missing or mistyped field, out-of-range value.
+    missing or mistyped field, out-of-range value. `split_message` then `decode_fields`
+    are the two steps, for a receiver that checks the type against its state in between
+    (PROTOCOL.md §7.5: the state is checked before the body).
     """
+    mtype, fields = split_message(obj)
+    return decode_fields(mtype, fields)
+
+
+def split_message(obj: object) -> tuple[MessageType, dict[str, Any]]:
+    """The type tag and the field map of a decoded body ``[type, {fields}]``, unchecked."""
     if not isinstance(obj, (list, tuple)) or len(obj) != 2:
         raise RemoteProtocolError("frame body must be a msgpack array [type, fields]")
     tag, fields = obj
@@ -506,7 +530,15 @@ def decode_message(obj: object) -> Message:
         raise RemoteProtocolError(f"unknown message type {tag}")
     if not isinstance(fields, dict):
         raise RemoteProtocolError(f"{mtype.name} fields must be a msgpack map")
+    return mtype, fields
+
+
+def decode_fields(mtype: MessageType, fields: dict[str, Any]) -> Message:
+    """The message of type `mtype` from its field map (PROTOCOL.md §4–5)."""
     cls = MESSAGE_CLASSES[mtype]
+    if cls is Infer and "thr_conf" not in fields and fields.get("early_exits") is False:
+        # §5.3: without early exits the threshold is unused, so a peer may leave it out.
+        fields = {**fields, "thr_conf": 1.0}
     if not _REQUIRED[cls] <= fields.keys():
         missing = _REQUIRED[cls] - fields.keys()
         raise RemoteProtocolError(f"{mtype.name} is missing field(s) {sorted(missing)}")

@@ -136,9 +136,40 @@ def test_held_ms_travels_only_when_set() -> None:
 
 
 def test_integral_floats_from_other_languages_are_accepted() -> None:
-    msg = decode_message([int(MessageType.PONG), {"seq": 1, "sent_at": 3, "received_at": 4}])
+    msg = decode_message([int(MessageType.PONG), {"seq": 1, "sent_at": 3.0, "received_at": 4}])
     assert msg == Pong(1, 3.0, 4.0)
-    assert isinstance(msg, Pong) and type(msg.sent_at) is float
+    assert isinstance(msg, Pong) and type(msg.received_at) is float
+
+
+def test_ping_time_is_echoed_as_sent() -> None:
+    # PROTOCOL.md §5.7: PONG echoes sent_at unchanged; an integer stays one on the wire.
+    for sent_at in (3, 2**63 - 1, -5, 1.25):
+        ping = decode_message([int(MessageType.PING), {"seq": 1, "sent_at": sent_at}])
+        assert isinstance(ping, Ping)
+        pong = Pong.reply_to(ping, received_at=7.0)
+        echoed = decode_message(msgpack.unpackb(encode_message(pong)))
+        assert isinstance(echoed, Pong)
+        assert type(echoed.sent_at) is type(sent_at) and echoed.sent_at == sent_at
+    with pytest.raises(RemoteProtocolError, match="sent_at must be a float"):
+        decode_message([int(MessageType.PING), {"seq": 1, "sent_at": True}])
+
+
+def test_thr_conf_may_be_left_out_without_early_exits() -> None:
+    # PROTOCOL.md §5.3: without early exits the threshold is unused.
+    tensor = {
+        "codec": "float32",
+        "compressed": False,
+        "shape": [1],
+        "scale": 1.0,
+        "zero_point": 0,
+        "payload": bytes(4),
+    }
+    infer = decode_message(
+        [3, {"request_id": 1, "split": 0, "early_exits": False, "tensor": tensor}]
+    )
+    assert isinstance(infer, Infer) and not infer.early_exits
+    with pytest.raises(RemoteProtocolError, match="thr_conf"):
+        decode_message([3, {"request_id": 1, "split": 0, "tensor": tensor}])
 
 
 @pytest.mark.parametrize(
