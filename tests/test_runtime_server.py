@@ -202,12 +202,16 @@ def test_running_request_stops_at_a_stage_boundary(checkpoint: Path) -> None:
         server._executor.shutdown()
 
 
-def test_eof_mid_frame_is_a_clean_disconnect(checkpoint: Path) -> None:
+def test_eof_mid_frame_is_told_then_closed(checkpoint: Path) -> None:
     async def body(server: SpinnServer, port: int) -> None:
         client = await RawClient.open(port)
         await hello(client, server)
         client.writer.write(b"\x00\x00\x10")  # a partial length prefix, then EOF
         client.writer.write_eof()
+        # PROTOCOL.md §3, §8.1 frame-truncated: a fatal ERROR the half-closed peer can read.
+        error = await client.next()
+        assert isinstance(error, Error) and error.fatal and error.code is ErrorCode.PROTOCOL
+        assert "stream ended inside a frame" in error.message, error
         assert await asyncio.wait_for(client.reader.read(), 5.0) == b""
         client.close()
         again = await RawClient.open(port)

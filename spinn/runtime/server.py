@@ -15,7 +15,9 @@ docs/PROTOCOL.md and DESIGN.md part 7:
 * Bad bytes from one peer: ERROR naming the fault, then only that peer is closed.
 * HELLO with no tensor codec in common: fatal ERROR(BAD_TENSOR) naming both lists (§5.2).
 * BYE from a device is a half-close (§7.3): its outstanding INFERs are still answered,
-  then the server sends its own BYE and closes.
+  then the server sends its own BYE and closes; a frame after it is refused (fatal ERROR).
+* A fatal ERROR from a device ends its connection at once; a frame cut off by the end of
+  the stream is answered with a fatal ERROR before the close (PROTOCOL.md §8.1).
 * Limits with safe defaults (``ServerConfig``): connections, requests queued per
   device and in total, frame and tensor sizes, handshake and idle timeouts. An overloaded
   server answers ERROR(BUSY) at once, so the device finishes locally instead of waiting.
@@ -54,6 +56,7 @@ from protocol import (
     Cancel,
     Challenge,
     Connection,
+    ConnectionClosed,
     ConnectionConfig,
     Error,
     ErrorCode,
@@ -591,6 +594,10 @@ class SpinnServer:
                     fatal_error = True  # a stalled frame's bytes may still be unread
                     break
                 if not data:
+                    # A frame cut off by the end of the stream is a violation the peer is
+                    # told about (§7.4), over its half-closed connection.
+                    peer.conn.receive_data(b"")
+                    self._drain_events(peer)
                     break
                 t0 = time.perf_counter()
                 peer.conn.receive_data(data)
@@ -600,7 +607,7 @@ class SpinnServer:
                     reason = self._not_reading(peer)
                     break
             if peer.bye_received and not peer.closing:
-                reason = await self._answer_then_bye(peer)
+                reason = await self._answer_then_bye(peer, reader)
         except ProtocolError as exc:
             # One bad peer: tell it what was wrong, close it, keep serving the others.
             code = getattr(exc, "code", ErrorCode.PROTOCOL)
@@ -634,25 +641,49 @@ class SpinnServer:
             level = logging.INFO if peer.conn.hello is not None else logging.DEBUG
             log.log(level, "device %s disconnected: %s", peer.name, reason)
 
-    async def _answer_then_bye(self, peer: _Peer) -> str:
+    async def _answer_then_bye(self, peer: _Peer, reader: asyncio.StreamReader) -> str:
         """After the device's BYE: answer its outstanding INFERs, then send BYE (§7.3).
 
         Requests still unanswered after the idle timeout are cancelled and answered
         ERROR(CANCELLED), so a stalled compute cannot hold the connection open forever.
+        Meanwhile the stream is still read: a frame after the device's BYE is refused
+        with a fatal ERROR (raised from here), not left unanswered.
         """
         if peer.tasks:
-            _, pending = await asyncio.wait(set(peer.tasks), timeout=self.config.idle_timeout_s)
+            await self._answer_while_reading(peer, reader)
             for job in list(peer.jobs.values()):
                 job.cancelled.set()
                 peer.jobs.pop(job.request_id, None)
                 peer.send(_error(ErrorCode.CANCELLED, "device said BYE", job.request_id))
-            for task in pending:
+            for task in peer.tasks:
                 task.cancel()
         peer.send(Bye("answered all requests"))
         with contextlib.suppress(ConnectionError, OSError):
             if not await self._drained(peer):
                 return self._not_reading(peer)
         return "BYE"
+
+    async def _answer_while_reading(self, peer: _Peer, reader: asyncio.StreamReader) -> None:
+        """Wait (at most the idle timeout) for the outstanding requests, reading on."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.config.idle_timeout_s
+        reading: asyncio.Future[bytes] = asyncio.ensure_future(reader.read(_READ_CHUNK))
+        try:
+            while peer.tasks and not peer.closing and (left := end - loop.time()) > 0:
+                watched: set[asyncio.Future[object]] = {*peer.tasks, reading}
+                await asyncio.wait(watched, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if not reading.done():
+                    continue
+                data = reading.result()
+                if not data:
+                    # The device's TCP half-close after its BYE: legal, nothing more to read.
+                    reading = loop.create_future()
+                    continue
+                peer.conn.receive_data(data)
+                self._drain_events(peer)  # anything after BYE raises RemoteProtocolError
+                reading = asyncio.ensure_future(reader.read(_READ_CHUNK))
+        finally:
+            reading.cancel()
 
     async def _drained(self, peer: _Peer) -> bool:
         """Wait until the peer's answers are in the kernel; False if it has not read them
@@ -721,10 +752,20 @@ class SpinnServer:
                 peer.send(Pong(event.seq, event.sent_at, now, len(event.padding)))
             elif isinstance(event, Bye):
                 # A half-close (PROTOCOL.md §7.3): the device sends nothing more, but its
-                # outstanding INFERs are still answered before the server's BYE.
+                # outstanding INFERs are still answered before the server's BYE. Frames
+                # already buffered behind it are read on: the state machine refuses them.
                 peer.bye_received = True
+            elif isinstance(event, Error):
+                # Only a fatal ERROR reaches here (a device never answers a request): the
+                # connection is over (PROTOCOL.md §5.8), nothing is left to wait for.
+                log.warning(
+                    "device %s sent fatal ERROR %s: %s", peer.name, event.code.name, event.message
+                )
+                peer.closing = True
                 return
-            # Pong (answers to our pings) and others need no action here.
+            elif isinstance(event, ConnectionClosed):
+                return
+            # Pong (answers to our pings) needs no action here.
 
     def _on_hello(self, peer: _Peer, hello: Hello) -> None:
         meta = self.meta
