@@ -3,7 +3,8 @@
 ``make_progressive`` traces a CNN with torch.fx, counts the FLOPs of every graph node,
 lists the candidate split points (ReLU outputs where exactly one tensor crosses the
 cut: paper section 4.1, sparse activations compress well and a single crossing tensor
-is what one INFER message carries), places early exits where the backbone's cumulative
+is what one INFER message carries; where such a ReLU feeds only a pooling layer, the
+pooled output instead: still non-negative, and smaller), places early exits where the backbone's cumulative
 FLOPs reach the requested fractions (paper section 3.1: 15, 30, ..., 90%) snapped to the
 nearest candidate, and cuts the graph into stages, one per pair of consecutive
 candidates. Every split s then means: device runs stages [0, s), server runs [s, S).
@@ -118,6 +119,8 @@ class ExitHead(nn.Module):
         super().__init__()
         self.body: nn.Module
         if len(in_shape) == 3:
+            # Pooling a small map up to pool x pool would only copy values.
+            pool = min(pool, int(in_shape[1]), int(in_shape[2]))
             self.body = nn.Sequential(
                 nn.Conv2d(in_shape[0], hidden, 1, bias=False),
                 nn.BatchNorm2d(hidden),
@@ -465,13 +468,20 @@ def make_progressive(
         open_nodes.add(n)
         open_nodes = {m for m in open_nodes if last_use[m] > i}
         # Exactly one tensor crosses a cut after n: n itself (paper section 4.1).
-        if (
-            n is not final
-            and _is_relu(n, modules)
-            and open_nodes == {n}
-            and _shape_of(n) is not None
-        ):
+        if n is final or open_nodes != {n} or _shape_of(n) is None:
+            continue
+        if _is_relu(n, modules):
             candidates.append(n)
+        elif (
+            candidates
+            and _is_pool(n, modules)
+            and n.args
+            and n.args[0] is candidates[-1]
+            and len(candidates[-1].users) == 1
+        ):
+            # Pooling a ReLU output keeps it non-negative and (max-pool) sparse, and
+            # shrinks it: cut after the pooling instead, so that split sends fewer values.
+            candidates[-1] = n
     if not candidates:
         raise ProgressiveModelError(
             "the model has no candidate split point: no ReLU output where exactly one tensor "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -47,7 +48,14 @@ def test_bench_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
     assert figures["dictionaries"] == bench.SHIPPED
     assert figures["zdict_ratio_min"] <= figures["zdict_ratio"] <= figures["zdict_ratio_max"]
     assert figures["zdict_ratio"] > figures["sparse_zstd_ratio"]
-    assert figures["zdict_ratio_min"] > figures["sparse_zstd_ratio_min"]
+    # Per split (the table's rows: split, shape, zeros, sparse+zstd, zdict, ...), on every
+    # feature map. The last split is the 32-value vector after the global pooling: there a
+    # few bytes of frame header decide, and plain zstd may win.
+    rows = [r.split() for r in lines if re.match(r"\s+\d+ \d+x\d+x\d+ ", r)]
+    assert len(rows) == 10
+    for split, shape, _, plain, zdict, *_ in rows:
+        if not shape.endswith("x1x1"):
+            assert float(zdict.rstrip("x")) > float(plain.rstrip("x")), split
     half, zdict_half = figures["sparse_zstd_ratio_half_sparse"], figures["zdict_ratio_half_sparse"]
     assert (half is None) == (zdict_half is None)
     assert half is None or zdict_half > half

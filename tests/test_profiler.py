@@ -47,9 +47,14 @@ def test_profile_is_valid_and_consistent(tmp_path_factory: pytest.TempPathFactor
         assert sp.bytes["float32"] == 4 * sp.numel
         assert sp.bytes["float16"] == 2 * sp.numel
         assert sp.bytes["int8"] == sp.numel
-        if s > 0:
+        if 0 < s < model.num_stages and model.split_names[s] != "pool":
             # ReLU outputs are sparse: the sparse codec beats dense int8 there.
             assert sp.bytes["sparse_int8"] < sp.bytes["int8"]
+    # The global average pooling's output is dense but small: the cut after it sends
+    # fewer bytes than the ReLU output it pools would have.
+    last = model.num_stages - 1
+    assert model.split_names[last] == "pool"
+    assert prof.splits[last].bytes["int8"] < prof.splits[last - 1].bytes["sparse_int8"]
     assert all(t > 0 for t in prof.stage_device_ms + prof.stage_server_ms)
     ev = evaluate_model(model, data.head(60), model_id=meta.model_id, thresholds=[0.5, 0.9])
     assert prof.exit_accuracy == pytest.approx(ev.exit_accuracy)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from spinn.models import ARCHITECTURES, build_backbone
 from spinn.progressive import (
+    ExitHead,
     InputSpec,
     ProgressiveModel,
     ProgressiveModelError,
@@ -21,7 +22,7 @@ GREY = InputSpec(channels=1, height=28, width=28, mean=(0.286,), std=(0.353,))
 RGB = InputSpec(channels=3, height=32, width=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 # Narrow widths keep the suite fast on two cores; the graph structure (and so every
 # split point) does not depend on width.
-WIDTHS = {"resnet20": 16, "resnet56": 4, "mobilenet_v2": 0.25, "vgg16_bn": 0.125}
+WIDTHS = {"resnet18": 8, "resnet20": 16, "resnet56": 4, "mobilenet_v2": 0.25, "vgg16_bn": 0.125}
 
 
 @functools.cache
@@ -90,8 +91,25 @@ def test_resnet20_split_points_are_block_outputs() -> None:
     assert model.split_shape(4) == (16, 28, 28)
     assert model.split_shape(5) == (32, 14, 14)
     assert model.split_shape(8) == (64, 7, 7)
+    # The last block's ReLU feeds only the global pooling: the cut moves after it.
+    assert model.split_names[10] == "pool"
+    assert model.split_shape(10) == (64, 1, 1)
     assert model.split_shape(11) == (10,)
-    assert all(name.startswith(("relu", "layers")) for name in model.split_names[1:-1])
+    assert all(name.startswith(("relu", "layers")) for name in model.split_names[1:-2])
+
+
+def test_resnet18_camera_input_cuts_after_the_stem_pooling() -> None:
+    camera = InputSpec(channels=3, height=96, width=96, mean=(0.5,) * 3, std=(0.25,) * 3)
+    backbone, model = _build("resnet18", camera)
+    # Stem ReLU -> max-pool: the first cut follows the pooling, at a quarter of the
+    # input's values per side squared (8 x 24 x 24 = 4,608 against 27,648 input values).
+    assert model.split_names[1] == "maxpool"
+    assert model.split_shape(1) == (8, 24, 24)
+    assert model.split_shape(3) == (8, 24, 24)
+    assert model.split_shape(5) == (16, 12, 12)
+    assert model.split_names[-2] == "pool"
+    assert model.num_stages == 10
+    _check_invariant(backbone, model, camera)
 
 
 def test_flops_match_shape_based_count() -> None:
@@ -205,8 +223,42 @@ def test_functional_user_model_splits() -> None:
             act, early = model.device_part(split)(x)
             for got, want in zip(early + model.server_part(split)(act), full, strict=True):
                 torch.testing.assert_close(got, want)
-    # Pooling is counted: one FLOP per pooled input element (8 x 28 x 28).
-    assert model.stage_flops[1] >= 8 * 28 * 28
+    # Both ReLUs feed a pooling layer only: the cuts follow the pooling, so the
+    # first split sends 8 x 14 x 14 values, not 8 x 28 x 28.
+    assert model.split_shapes[1:3] == [(8, 14, 14), (16, 1, 1)]
+    assert model.split_names[1:3] == ["max_pool2d", "adaptive_avg_pool2d"]
+    # Pooling is counted: one FLOP per pooled input element (8 x 28 x 28), in the
+    # stage that ends with it.
+    conv1 = 2 * 8 * 28 * 28 * 9
+    assert model.stage_flops[0] >= conv1 + 8 * 28 * 28
+
+
+class _PoolWithSideUse(nn.Module):
+    """A ReLU output that is pooled and also used later: the cut stays at the ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.c1(x))
+        pooled = F.max_pool2d(y, 2)
+        both = torch.cat([pooled.mean(dim=(2, 3)), y.mean(dim=(2, 3))], dim=1)
+        return self.fc(both)
+
+
+def test_pool_cut_needs_the_relu_to_feed_only_the_pooling() -> None:
+    model = make_progressive(_PoolWithSideUse().eval(), GREY, exit_fractions=())
+    assert model.split_names[1:-1] == ["relu"]
+    assert model.split_shape(1) == (8, 28, 28)
+
+
+def test_exit_head_on_a_pooled_vector_does_not_upsample() -> None:
+    head = ExitHead((16, 1, 1), 10, hidden=32, pool=4)
+    linear = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    assert linear[0].in_features == 32
+    assert head(torch.randn(2, 16, 1, 1)).shape == (2, 10)
 
 
 def test_input_spec_validation_and_preprocess() -> None:
