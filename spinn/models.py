@@ -2,7 +2,7 @@
 
 torchvision does not import beside the pinned torch here (docs/DESIGN.md, "Data and
 models"), so the paper's backbones are written out: CIFAR-style ResNet-20/56 (He et al.
-2016, section 4.2), MobileNetV2 (Sandler et al. 2018, CIFAR variant with a stride-1
+2016, section 4.2), an ImageNet-style ResNet-18 for camera-sized input, MobileNetV2 (Sandler et al. 2018, CIFAR variant with a stride-1
 stem) and VGG16 with batch norm. Each builder takes keyword-only ``in_channels``,
 ``num_classes`` and ``width`` so a 1x28x28 Fashion-MNIST input and a 3x32x32 CIFAR
 input both work.
@@ -25,6 +25,7 @@ __all__ = [
     "build_backbone",
     "load_callable",
     "mobilenet_v2",
+    "resnet18",
     "resnet20",
     "resnet56",
     "vgg16_bn",
@@ -98,6 +99,49 @@ def resnet20(*, in_channels: int = 3, num_classes: int = 10, width: int = 16) ->
 def resnet56(*, in_channels: int = 3, num_classes: int = 10, width: int = 16) -> CifarResNet:
     """ResNet-56 (3 x 9 basic blocks), the paper's CIFAR backbone."""
     return CifarResNet(9, in_channels=in_channels, num_classes=num_classes, width=width)
+
+
+class ImageNetResNet(nn.Module):
+    """ResNet for camera-sized images (He et al. 2016, table 1): a 7x7 stride-2 stem and a
+    3x3 stride-2 max-pool shrink the input 4x per side before the basic blocks, so the
+    activations after the first stages hold fewer values than the input frame."""
+
+    def __init__(
+        self, blocks: tuple[int, ...], *, in_channels: int, num_classes: int, width: int
+    ) -> None:
+        super().__init__()
+        if width < 1 or not blocks or min(blocks) < 1:
+            raise ValueError(f"ResNet needs width >= 1 and blocks >= 1, got {width}, {blocks}")
+        self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        layers: list[nn.Module] = []
+        in_planes = width
+        for group, count in enumerate(blocks):
+            planes = width * 2**group
+            for i in range(count):
+                layers.append(BasicBlock(in_planes, planes, 2 if group > 0 and i == 0 else 1))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(in_planes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layers(x)
+        return self.fc(self.flatten(self.pool(x)))
+
+
+def resnet18(*, in_channels: int = 3, num_classes: int = 10, width: int = 64) -> ImageNetResNet:
+    """ResNet-18 (4 x 2 basic blocks, widths w, 2w, 4w, 8w) with the ImageNet stem."""
+    return ImageNetResNet(
+        (2, 2, 2, 2), in_channels=in_channels, num_classes=num_classes, width=width
+    )
 
 
 class InvertedResidual(nn.Module):
@@ -212,6 +256,7 @@ def vgg16_bn(*, in_channels: int = 3, num_classes: int = 10, width: float = 1.0)
 
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": resnet18,
     "resnet20": resnet20,
     "resnet56": resnet56,
     "mobilenet_v2": mobilenet_v2,

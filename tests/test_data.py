@@ -15,12 +15,14 @@ from spinn.data import (
     FASHION_MNIST_DIR,
     FASHION_MNIST_MEAN,
     DataError,
+    ImageSet,
     load_dataset,
     load_fashion_mnist,
     load_image_folder,
     load_mnist_5k,
     load_npz,
     read_idx,
+    render_camera_frames,
 )
 
 needs_fashion = pytest.mark.skipif(
@@ -48,6 +50,36 @@ def test_fashion_mnist_train_split_and_dispatch() -> None:
     assert len(data) == 60_000
     with pytest.raises(DataError, match="'train' or 'test'"):
         load_fashion_mnist("val")
+
+
+@needs_fashion
+def test_camera_frames_are_deterministic_rgb_with_the_real_labels() -> None:
+    grey = load_fashion_mnist("test")
+    frames = load_dataset("fashion-mnist-camera", "test")
+    assert frames.shape == (3, 96, 96) and len(frames) == 10_000
+    assert torch.equal(frames.labels, grey.labels)
+    assert frames.class_names == FASHION_MNIST_CLASSES
+    # A frame depends on its image and index alone: rendering it on its own gives the
+    # same bytes as rendering the whole split in chunks.
+    again = render_camera_frames(grey.images[1500:1502], np.array([1500, 1501]))
+    assert torch.equal(again, frames.images[1500:1502])
+    other = render_camera_frames(grey.images[1500:1501], np.array([7]))
+    assert not torch.equal(other[0], frames.images[1500])
+    # Colour and noise: the channels differ, and no frame is flat.
+    f = frames.images[:64].to(torch.float32)
+    assert (f[:, 0] - f[:, 1]).abs().mean() > 5
+    assert f.flatten(1).std(dim=1).min() > 5
+    with pytest.raises(DataError, match=r"\(N, 1, 28, 28\)"):
+        render_camera_frames(frames.images[:1], np.array([0]))
+
+
+def test_mean_std_in_chunks_matches_torch() -> None:
+    images = torch.randint(0, 256, (2500, 2, 3, 3), dtype=torch.uint8)
+    data = ImageSet(images, torch.zeros(2500, dtype=torch.int64), ("a",), "random")
+    mean, std = data.mean_std()
+    x = images.to(torch.float64) / 255.0
+    torch.testing.assert_close(torch.tensor(mean, dtype=torch.float64), x.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(torch.tensor(std, dtype=torch.float64), x.std(dim=(0, 2, 3)))
 
 
 def test_fashion_mnist_missing_dir_says_how_to_install(tmp_path: Path) -> None:

@@ -30,6 +30,8 @@ def test_resnet_depths() -> None:
     # ResNet-6n+2: 6n 3x3 convs in the blocks plus the stem.
     assert convs(build_backbone("resnet20", in_channels=1, num_classes=10)) == 19
     assert convs(build_backbone("resnet56", in_channels=1, num_classes=10)) == 55
+    # ResNet-18: 16 3x3 convs in 8 basic blocks; its stem is one 7x7 convolution.
+    assert convs(build_backbone("resnet18", in_channels=3, num_classes=10)) == 16
 
 
 def test_width_changes_parameter_count() -> None:
@@ -40,8 +42,8 @@ def test_width_changes_parameter_count() -> None:
 
 
 def test_unknown_architecture_names_the_choices() -> None:
-    with pytest.raises(ValueError, match="unknown architecture 'resnet18'.*resnet20"):
-        build_backbone("resnet18", in_channels=1, num_classes=10)
+    with pytest.raises(ValueError, match="unknown architecture 'resnet19'.*resnet20"):
+        build_backbone("resnet19", in_channels=1, num_classes=10)
 
 
 def test_user_model_via_module_callable(monkeypatch: pytest.MonkeyPatch) -> None:
