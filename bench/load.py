@@ -78,6 +78,7 @@ def activations(checkpoint: Path, split: int, count: int, codec: str) -> list[Pa
 
     from spinn.checkpoint import load_checkpoint
     from spinn.data import load_fashion_mnist
+    from spinn.exits import ExitRule
     from spinn.inference import run_stages
 
     torch.set_num_threads(1)
@@ -87,7 +88,7 @@ def activations(checkpoint: Path, split: int, count: int, codec: str) -> list[Pa
     out = []
     for i in range(count):
         x = model.input_spec.preprocess(data.images[i])
-        act = run_stages(model, x, 0, split, 2.0, check_exits=False).activation
+        act = run_stages(model, x, 0, split, ExitRule(None)).activation
         assert act is not None
         out.append(pack(act.numpy(), codec))
     return out

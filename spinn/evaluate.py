@@ -4,8 +4,8 @@ For each ``thr_conf`` the sweep reports the share of inputs leaving at each exit
 share that would still be running at a given split (the upload rate when the device
 runs the stages before it, as in the threshold table of ``seeds/000_...``), and the
 overall accuracy. Every exit is evaluated once per input (``inference.exit_probs``) and
-the exit rule (``inference.apply_threshold``) is then applied per threshold, so the sweep
-agrees exactly with input-by-input progressive execution.
+the exit rule (``spinn.exits``, through ``inference.apply_threshold``) is then applied per
+threshold, so the sweep agrees exactly with input-by-input progressive execution.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from spinn.data import ImageSet
+from spinn.exits import ExitRule
 from spinn.inference import apply_threshold, exit_probs
 from spinn.progressive import ProgressiveModel
 
@@ -108,7 +109,7 @@ def sweep(
     full = cost[-1]
     rows = []
     for thr in sorted(set(float(t) for t in thresholds)):
-        exit_index, label = apply_threshold(probs, thr)
+        exit_index, label = apply_threshold(probs, ExitRule.from_threshold(thr))
         counts = torch.bincount(exit_index, minlength=model.num_exits).double() / n
         answered_on_device = sum(float(counts[e]) for e in device_exits)
         rows.append(

@@ -1,23 +1,23 @@
 """Progressive execution with exit checks, shared by device, server, evaluation and profiler.
 
-The exit rule (docs/DESIGN.md part 1, paper section 3.1): the first exit whose top-1
-softmax probability is >= ``thr_conf`` answers; if none does, the final exit answers.
-``iter_stages`` runs a stage range on one input and yields after every stage so the
-caller can stop at a stage boundary (the server cancels there, paper section 4.4; the
+The exit rule (docs/DESIGN.md part 1, paper section 3.1; ``spinn.exits``): the first exit
+whose top-1 softmax probability is >= ``thr_conf`` answers; if none does, the final exit
+answers. ``iter_stages`` runs a stage range on one input and yields after every stage so
+the caller can stop at a stage boundary (the server cancels there, paper section 4.4; the
 device interleaves with I/O). ``run_stages`` drives it to the end. ``exit_probs`` and
 ``apply_threshold`` are the batched form used offline: every exit is evaluated once and
-any number of thresholds are then applied to the stored probabilities.
+any number of exit rules are then applied to the stored probabilities.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from spinn.exits import ExitRule, answering
 from spinn.progressive import ProgressiveModel
 
 __all__ = [
@@ -25,26 +25,10 @@ __all__ = [
     "StageStep",
     "StagesOutcome",
     "apply_threshold",
-    "check_thr_conf",
     "exit_probs",
     "iter_stages",
     "run_stages",
 ]
-
-
-def check_thr_conf(thr_conf: float) -> float:
-    """Validate a confidence threshold: a number >= 0.
-
-    A threshold above 1 is never reached by a softmax probability, so only the final
-    exit answers: the "no early exit" setting (``spinn.profile.NO_EARLY_EXIT``).
-    """
-    thr = float(thr_conf)
-    if not thr >= 0.0 or math.isinf(thr):
-        raise ValueError(
-            f"thr_conf must be a finite number >= 0 (a probability; > 1 disables early "
-            f"exits), got {thr_conf!r}"
-        )
-    return thr
 
 
 @dataclass(frozen=True)
@@ -118,31 +102,33 @@ def iter_stages(
     x: Tensor,
     start: int,
     stop: int,
-    thr_conf: float,
+    rule: ExitRule,
     *,
-    check_exits: bool = True,
+    final_exit: int | None = None,
 ) -> Iterator[StageStep]:
     """Run stages [start, stop) on one input, yielding after each stage.
 
-    Stops after the first stage whose exit answers. The final exit (after stage S-1)
-    always answers. With ``check_exits=False`` early-exit heads are skipped entirely.
+    Stops after the first stage whose exit answers under ``rule``. ``final_exit`` (default
+    the backbone's own, E-1) always answers: a smaller one truncates the network there.
+    Heads of exits that cannot answer (early exits off) are not run.
     Runs under ``torch.inference_mode``; put the model in eval mode first.
     """
-    thr = check_thr_conf(thr_conf)
     if not 0 <= start <= stop <= model.num_stages:
         raise ValueError(f"stage range [{start}, {stop}) invalid for {model.num_stages} stages")
+    final = model.num_exits - 1 if final_exit is None else final_exit
+    if not 0 <= final < model.num_exits:
+        raise ValueError(f"final exit {final} outside 0..{model.num_exits - 1}")
     with torch.inference_mode():
         act = _as_batch(model, x, start)
-    final_exit = model.num_exits - 1
     for k in range(start, stop):
         with torch.inference_mode():
             act = model.run_trunk(k, act)
             e = model.exit_at_stage(k)
             answer = None
-            if e is not None and (check_exits or e == final_exit):
-                probs = torch.softmax(model.run_exit(e, act)[0].float(), dim=0)
-                if e == final_exit or float(probs.max()) >= thr:
-                    answer = ExitAnswer(exit=e, stage=k, probs=probs)
+            if e is not None and rule.runs_head(e, final):
+                probs = torch.softmax(model.run_exit(e, act).float(), dim=1)
+                if bool(answering(e, final, probs, rule)[0]):
+                    answer = ExitAnswer(exit=e, stage=k, probs=probs[0])
         yield StageStep(stage=k, activation=act, answer=answer)
         if answer is not None:
             return
@@ -153,16 +139,16 @@ def run_stages(
     x: Tensor,
     start: int,
     stop: int,
-    thr_conf: float,
+    rule: ExitRule,
     *,
-    check_exits: bool = True,
+    final_exit: int | None = None,
 ) -> StagesOutcome:
     """Run stages [start, stop) on one input: an exit's answer, or the activation at stop."""
     act: Tensor | None = None
     if start == stop:
         with torch.inference_mode():
             act = _as_batch(model, x, start)
-    for step in iter_stages(model, x, start, stop, thr_conf, check_exits=check_exits):
+    for step in iter_stages(model, x, start, stop, rule, final_exit=final_exit):
         if step.answer is not None:
             return StagesOutcome(answer=step.answer, activation=None, stop=step.stage + 1)
         act = step.activation
@@ -175,18 +161,17 @@ def exit_probs(model: ProgressiveModel, x: Tensor) -> Tensor:
         return torch.stack([torch.softmax(z.float(), dim=1) for z in model(x)])
 
 
-def apply_threshold(probs: Tensor, thr_conf: float) -> tuple[Tensor, Tensor]:
+def apply_threshold(probs: Tensor, rule: ExitRule) -> tuple[Tensor, Tensor]:
     """Apply the exit rule to stored probabilities (E, N, C).
 
-    Returns ``(exit_index, label)``, each of shape (N,): the first exit whose top-1
-    probability is >= thr_conf (the final exit if none), and that exit's top-1 class.
+    Returns ``(exit_index, label)``, each of shape (N,): the first exit that answers under
+    ``rule`` (the final exit if no early one does), and that exit's top-1 class.
     """
-    thr = check_thr_conf(thr_conf)
     if probs.dim() != 3:
         raise ValueError(f"probs must be (exits, batch, classes), got {tuple(probs.shape)}")
-    conf, labels = probs.max(dim=2)  # (E, N)
-    confident = conf >= thr
-    confident[-1] = True  # the final exit always answers
+    final = probs.shape[0] - 1
+    confident = torch.stack([answering(e, final, probs[e], rule) for e in range(final + 1)])
     exit_index = confident.to(torch.int8).argmax(dim=0)  # first True along exits
+    labels = probs.max(dim=2).indices  # (E, N)
     label = labels.gather(0, exit_index.long().unsqueeze(0))[0]
     return exit_index.long(), label

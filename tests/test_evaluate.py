@@ -11,6 +11,7 @@ from torch import nn
 
 from spinn.data import ImageSet, load_mnist_5k
 from spinn.evaluate import evaluate_model, format_table, sweep, write_outputs
+from spinn.exits import ExitRule
 from spinn.inference import run_stages
 from spinn.models import build_backbone
 from spinn.progressive import InputSpec, ProgressiveModel, make_progressive
@@ -75,7 +76,7 @@ def test_evaluation_matches_input_by_input_execution() -> None:
         correct = 0
         for i in range(len(data)):
             x = model.input_spec.preprocess(data.images[i])
-            out = run_stages(model, x, 0, model.num_stages, row.thr_conf)
+            out = run_stages(model, x, 0, model.num_stages, ExitRule(row.thr_conf))
             assert out.answer is not None
             counts[out.answer.exit] += 1
             correct += int(out.answer.label == int(data.labels[i]))

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from spinn.exits import ExitRule
 from spinn.inference import (
     apply_threshold,
     exit_probs,
@@ -47,7 +48,7 @@ def _thresholds(model: ProgressiveModel, x: torch.Tensor) -> list[float]:
 def test_full_range_always_answers_and_matches_forward() -> None:
     model = _model()
     x = _inputs(1)
-    out = run_stages(model, x, 0, model.num_stages, 1.0, check_exits=False)
+    out = run_stages(model, x, 0, model.num_stages, ExitRule(None))
     assert out.answered and out.activation is None
     assert out.answer is not None and out.answer.exit == model.num_exits - 1
     assert out.stop == model.num_stages
@@ -59,7 +60,9 @@ def test_full_range_always_answers_and_matches_forward() -> None:
 
 def test_threshold_zero_answers_at_first_exit() -> None:
     model = _model()
-    out = run_stages(model, _inputs(1)[0], 0, model.num_stages, 0.0)  # unbatched input works
+    out = run_stages(
+        model, _inputs(1)[0], 0, model.num_stages, ExitRule(0.0)
+    )  # unbatched input works
     assert out.answer is not None
     assert out.answer.exit == 0
     assert out.answer.stage == model.exit_stages[0]
@@ -71,9 +74,9 @@ def test_per_input_execution_agrees_with_batched_rule() -> None:
     x = _inputs(16)
     probs = exit_probs(model, x)
     for thr in _thresholds(model, x):
-        exit_index, labels = apply_threshold(probs, thr)
+        exit_index, labels = apply_threshold(probs, ExitRule(thr))
         for i in range(len(x)):
-            out = run_stages(model, x[i : i + 1], 0, model.num_stages, thr)
+            out = run_stages(model, x[i : i + 1], 0, model.num_stages, ExitRule(thr))
             assert out.answer is not None
             assert out.answer.exit == int(exit_index[i])
             assert out.answer.label == int(labels[i])
@@ -83,17 +86,17 @@ def test_per_input_execution_agrees_with_batched_rule() -> None:
 def test_device_then_server_equals_local(split: int) -> None:
     model = _model()
     x = _inputs(8)
-    for thr in _thresholds(model, x)[1:4]:
+    for rule in map(ExitRule, _thresholds(model, x)[1:4]):
         for i in range(len(x)):
-            local = run_stages(model, x[i], 0, model.num_stages, thr)
-            dev = run_stages(model, x[i], 0, split, thr)
+            local = run_stages(model, x[i], 0, model.num_stages, rule)
+            dev = run_stages(model, x[i], 0, split, rule)
             if dev.answered:
                 assert dev.answer is not None and local.answer is not None
                 assert dev.answer.exit == local.answer.exit
                 continue
             assert dev.activation is not None and dev.stop == split
             assert tuple(dev.activation.shape) == (1, *model.split_shape(split))
-            srv = run_stages(model, dev.activation, split, model.num_stages, thr)
+            srv = run_stages(model, dev.activation, split, model.num_stages, rule)
             assert srv.answer is not None and local.answer is not None
             assert srv.answer.exit == local.answer.exit
             torch.testing.assert_close(srv.answer.probs, local.answer.probs)
@@ -101,31 +104,31 @@ def test_device_then_server_equals_local(split: int) -> None:
 
 def test_generator_can_stop_at_a_stage_boundary() -> None:
     model = _model()
-    steps = iter_stages(model, _inputs(1), 0, model.num_stages, 1.0)
+    steps = iter_stages(model, _inputs(1), 0, model.num_stages, ExitRule(1.0))
     first = next(steps)
     second = next(steps)
     assert (first.stage, second.stage) == (0, 1)
     assert tuple(second.activation.shape[1:]) == model.split_shape(2)
     steps.close()  # the caller cancels: no more stages run
-    all_steps = list(iter_stages(model, _inputs(1), 0, model.num_stages, 1.0, check_exits=False))
+    all_steps = list(iter_stages(model, _inputs(1), 0, model.num_stages, ExitRule(None)))
     assert [s.stage for s in all_steps] == list(range(model.num_stages))
     assert all(s.answer is None for s in all_steps[:-1])
     assert all_steps[-1].answer is not None  # the final exit still answers
 
 
-def test_check_exits_false_skips_early_exits() -> None:
+def test_no_early_exit_rule_skips_early_exits() -> None:
     model = _model()
-    out = run_stages(model, _inputs(1), 0, 5, 0.0, check_exits=False)
+    out = run_stages(model, _inputs(1), 0, 5, ExitRule(None))
     assert not out.answered and out.stop == 5
     assert out.activation is not None
-    empty = run_stages(model, out.activation, 5, 5, 0.5)
+    empty = run_stages(model, out.activation, 5, 5, ExitRule(0.5))
     assert not empty.answered and empty.stop == 5
     torch.testing.assert_close(empty.activation, out.activation)
 
 
 def test_topk_is_sorted() -> None:
     model = _model()
-    out = run_stages(model, _inputs(1), 0, model.num_stages, 1.0)
+    out = run_stages(model, _inputs(1), 0, model.num_stages, ExitRule(1.0))
     assert out.answer is not None
     top = out.answer.topk(3)
     assert len(top) == 3 and top[0][0] == out.answer.label
@@ -136,15 +139,15 @@ def test_topk_is_sorted() -> None:
 def test_errors_name_the_problem() -> None:
     model = _model()
     x = _inputs(1)
-    for bad in (-0.1, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="thr_conf must be a finite number >= 0"):
-            run_stages(model, x, 0, 3, bad)
+    rule = ExitRule(0.5)
     with pytest.raises(ValueError, match="stage range"):
-        run_stages(model, x, 4, 2, 0.5)
+        run_stages(model, x, 4, 2, rule)
     with pytest.raises(ValueError, match="activation at split 2 must have shape"):
-        run_stages(model, x, 2, 5, 0.5)
+        run_stages(model, x, 2, 5, rule)
+    with pytest.raises(ValueError, match="final exit 9 outside"):
+        run_stages(model, x, 0, 5, rule, final_exit=9)
     with pytest.raises(ValueError, match="exits, batch, classes"):
-        apply_threshold(torch.zeros(3, 4), 0.5)
+        apply_threshold(torch.zeros(3, 4), rule)
 
 
 def test_apply_threshold_first_confident_exit() -> None:
@@ -156,20 +159,40 @@ def test_apply_threshold_first_confident_exit() -> None:
             [[0.3, 0.7], [0.6, 0.4]],
         ]
     )
-    exit_index, labels = apply_threshold(probs, 0.8)
+    exit_index, labels = apply_threshold(probs, ExitRule(0.8))
     assert exit_index.tolist() == [1, 2]
     assert labels.tolist() == [1, 0]
-    exit_index, labels = apply_threshold(probs, 0.5)
+    exit_index, labels = apply_threshold(probs, ExitRule(0.5))
     assert exit_index.tolist() == [0, 0]
 
 
-def test_threshold_above_one_disables_early_exits() -> None:
+def test_no_early_exit_rule_answers_at_the_final_exit_only() -> None:
     model = _model()
     x = _inputs(6)
     probs = exit_probs(model, x)
     assert float(probs[:-1].max()) == 1.0  # some early exit saturates in float32
-    exit_index, _ = apply_threshold(probs, 2.0)
-    assert exit_index.tolist() == [model.num_exits - 1] * 6
-    for i in range(6):
-        out = run_stages(model, x[i], 0, model.num_stages, 2.0)
-        assert out.answer is not None and out.answer.exit == model.num_exits - 1
+    for rule in (ExitRule(None), ExitRule.from_threshold(2.0)):
+        exit_index, _ = apply_threshold(probs, rule)
+        assert exit_index.tolist() == [model.num_exits - 1] * 6
+        for i in range(6):
+            out = run_stages(model, x[i], 0, model.num_stages, rule)
+            assert out.answer is not None and out.answer.exit == model.num_exits - 1
+    # Threshold 1 is a probability a saturated softmax reaches: early exits stay on.
+    exit_index, _ = apply_threshold(probs, ExitRule(1.0))
+    assert int(exit_index.min()) < model.num_exits - 1
+
+
+def test_a_truncated_network_answers_at_its_final_exit() -> None:
+    model = _model()
+    x = _inputs(8)
+    probs = exit_probs(model, x)
+    for final in range(model.num_exits - 1):
+        last = model.exit_stages[final] + 1
+        for rule in (ExitRule(None), ExitRule(0.9)):
+            # The exits up to the truncation, as if the backbone ended there.
+            exit_index, _ = apply_threshold(probs[: final + 1], rule)
+            for i in range(len(x)):
+                out = run_stages(model, x[i], 0, model.num_stages, rule, final_exit=final)
+                assert out.answer is not None and out.stop <= last
+                assert out.answer.exit == int(exit_index[i]) <= final
+                torch.testing.assert_close(out.answer.probs, probs[out.answer.exit, i])

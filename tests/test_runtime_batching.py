@@ -18,6 +18,7 @@ import uvloop
 
 from protocol import Cancel, Error, ErrorCode, Infer, Result, pack
 from spinn.checkpoint import load_checkpoint
+from spinn.exits import ExitRule
 from spinn.inference import run_stages
 from spinn.profile import NO_EARLY_EXIT
 from spinn.progressive import ProgressiveModel
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.timeout(60)
 def _activations(model: torch.nn.Module, split: int, n: int, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     xs = [torch.randn(1, 1, 28, 28, generator=g) for _ in range(n)]
-    acts = [run_stages(model, x, 0, split, 1.0, check_exits=False).activation for x in xs]
+    acts = [run_stages(model, x, 0, split, ExitRule(None)).activation for x in xs]
     return [a for a in acts if a is not None]
 
 
@@ -45,18 +46,18 @@ def test_batched_answers_equal_unbatched_at_several_splits(checkpoint: Path, dev
     dev = resolve_device(device)
     model.to(dev)
     # Mixed thresholds: some samples leave at early exits, others run to the final one.
-    thrs = [0.0, 0.15, 0.3, 1.0, 0.12, 0.5, 2.0, 0.2]
+    rules = [ExitRule.from_threshold(t) for t in (0.0, 0.15, 0.3, 1.0, 0.12, 0.5, 2.0, 0.2)]
     exits_seen = set()
     # Server-only, before and after the first early exit, and the last stage alone.
     for split in (0, 2, 6, model.num_stages - 1):
-        acts = _activations(model.cpu(), split, len(thrs), seed=split)
+        acts = _activations(model.cpu(), split, len(rules), seed=split)
         model.to(dev)
         x = to_device([a.numpy() for a in acts], dev)
-        answers = run_batch(model, x, split, thrs)
-        for act, thr, got in zip(acts, thrs, answers, strict=True):
-            want = run_stages(model, act.to(dev), split, model.num_stages, thr).answer
+        answers = run_batch(model, x, split, rules)
+        for act, rule, got in zip(acts, rules, answers, strict=True):
+            want = run_stages(model, act.to(dev), split, model.num_stages, rule).answer
             assert got is not None and want is not None
-            assert got.exit_index == want.exit, (split, thr)
+            assert got.exit_index == want.exit, (split, rule)
             torch.testing.assert_close(got.probs, want.probs.cpu(), rtol=1e-4, atol=1e-5)
             assert got.stages_run == want.stage - split + 1
             exits_seen.add(got.exit_index)
@@ -73,12 +74,12 @@ def test_run_batch_drops_cancelled_samples_at_stage_boundaries(checkpoint: Path)
         asked.append(i)
         return i == 1 or (i == 3 and asked.count(3) >= 2)
 
-    answers = run_batch(model, x, 0, [2.0] * 4, cancelled)  # thr 2: only the final exit
+    answers = run_batch(model, x, 0, [ExitRule(None)] * 4, cancelled)  # only the final exit
     assert answers[1] is None and answers[3] is None
     assert answers[0] is not None and answers[2] is not None
     assert asked.count(1) == 1 and asked.count(3) == 2, "stopped at the next boundary"
-    with pytest.raises(ValueError, match="thresholds"):
-        run_batch(model, x, 0, [0.5])
+    with pytest.raises(ValueError, match="batch of 4 activations but 1 exit rules"):
+        run_batch(model, x, 0, [ExitRule(0.5)])
 
 
 def _count_exit_head_calls(model: ProgressiveModel) -> list[int]:
@@ -107,11 +108,12 @@ def test_run_batch_skips_exit_heads_no_sample_can_leave_at(
     model.eval()
     acts = _activations(model, 0, len(thrs), seed=11)
     calls = _count_exit_head_calls(model)
-    answers = run_batch(model, to_device([a.numpy() for a in acts], torch.device("cpu")), 0, thrs)
+    rules = [ExitRule.from_threshold(t) for t in thrs]
+    answers = run_batch(model, to_device([a.numpy() for a in acts], torch.device("cpu")), 0, rules)
     ran = len(calls) if heads_run is None else heads_run
     assert calls == [1] * ran + [0] * (len(calls) - ran), "the first heads ran, once each"
-    for act, thr, got in zip(acts, thrs, answers, strict=True):
-        want = run_stages(model, act, 0, model.num_stages, thr, check_exits=thr <= 1.0).answer
+    for act, rule, got in zip(acts, rules, answers, strict=True):
+        want = run_stages(model, act, 0, model.num_stages, rule).answer
         assert got is not None and want is not None
         assert got.exit_index == want.exit and got.stages_run == want.stage + 1
         torch.testing.assert_close(got.probs, want.probs, rtol=1e-4, atol=1e-5)
@@ -144,7 +146,7 @@ def test_server_batch_without_early_exits_runs_no_exit_head(checkpoint: Path) ->
     assert count == 1 and total == len(acts), "the three requests in one forward pass"
     assert calls == [[0] * (model.num_exits - 1)], "no early-exit head ran"
     for i, act in enumerate(acts):
-        want = run_stages(model, act, 0, model.num_stages, 0.0, check_exits=False).answer
+        want = run_stages(model, act, 0, model.num_stages, ExitRule(None)).answer
         assert want is not None and results[i].exit_index == want.exit == model.num_exits - 1
         assert results[i].classes == tuple(c for c, _ in want.topk(3))
 
@@ -204,7 +206,7 @@ def test_server_batches_devices_equal_unbatched_and_honours_cancel(checkpoint: P
     assert isinstance(cancelled, Error) and cancelled.code is ErrorCode.CANCELLED
     assert server.stats.cancelled_queued == 1 and server.stats.computed == 5
     for (n, rid), event in got.items():
-        want = run_stages(model, acts[n * 3 + rid], split, model.num_stages, thr).answer
+        want = run_stages(model, acts[n * 3 + rid], split, model.num_stages, ExitRule(thr)).answer
         assert isinstance(event, Result) and want is not None
         assert event.exit_index == want.exit
         assert event.classes == tuple(c for c, _ in want.topk(3))

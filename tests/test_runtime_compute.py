@@ -1,12 +1,20 @@
-"""Executor sizing and the priority slots that let uploads overlap compute."""
+"""Executor sizing, the priority slots that let uploads overlap compute, and the
+emulated slower processor."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+from pathlib import Path
 
 import pytest
+import torch
 
-from spinn.runtime.compute import ComputeSlots, plan_workers
+from spinn.checkpoint import load_checkpoint
+from spinn.exits import ExitRule
+from spinn.inference import run_stages
+from spinn.runtime import compute
+from spinn.runtime.compute import ComputeSlots, plan_workers, slow_down
 
 
 def test_plan_workers_never_oversubscribes() -> None:
@@ -90,3 +98,42 @@ def test_acquire_says_whether_it_queued() -> None:
             assert queued is False
 
     asyncio.run(main())
+
+
+class _Clock:
+    """perf_counter advancing 1 s per reading; sleep records what it was asked."""
+
+    def __init__(self) -> None:
+        self._ticks = itertools.count()
+        self.slept: list[float] = []
+
+    def perf_counter(self) -> float:
+        return float(next(self._ticks))
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+
+def test_slow_down_waits_in_proportion_after_every_stage_and_exit_head(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, _ = load_checkpoint(checkpoint)
+    model.eval()
+    x = torch.zeros(1, *model.input_spec.shape)
+    want = run_stages(model, x, 0, model.num_stages, ExitRule(0.0)).answer
+    clock = _Clock()
+    monkeypatch.setattr(compute, "time", clock)
+    slow_down(model, 1.0)
+    run_stages(model, x, 0, model.num_stages, ExitRule(None))
+    assert clock.slept == [], "factor 1 leaves the model alone"
+    slow_down(model, 4.0)
+    run_stages(model, x, 0, model.num_stages, ExitRule(None))
+    # Each module took 1 s on the clock: 3 s more after each of the S stages, no head run.
+    assert clock.slept == [3.0] * model.num_stages
+    clock.slept.clear()
+    got = run_stages(model, x, 0, model.num_stages, ExitRule(0.0)).answer
+    assert got is not None and want is not None and got.exit == want.exit == 0
+    assert clock.slept == [3.0] * (model.exit_stages[0] + 2), "the stages and the first head"
+    torch.testing.assert_close(got.probs, want.probs)  # slower, never different
+    with pytest.raises(ValueError, match=r"slowdown must be in \[1, 1000\]"):
+        slow_down(model, 0.5)

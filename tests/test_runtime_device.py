@@ -13,6 +13,7 @@ import uvloop
 from protocol.packing import CODECS, pack
 from spinn.checkpoint import load_checkpoint
 from spinn.estimators import Estimates
+from spinn.exits import ExitRule
 from spinn.policy import Decision, FixedPolicy
 from spinn.procs import free_port
 from spinn.profile import NO_EARLY_EXIT
@@ -191,8 +192,9 @@ def test_no_early_exit_asks_the_server_for_its_final_exit(checkpoint: Path) -> N
     # thr_conf travels capped at 1, which a saturated softmax reaches: the flag is what
     # keeps the server's early exits silent (PROTOCOL.md §5.3).
     plan = device._plan(Decision(1, NO_EARLY_EXIT))
-    assert (plan.wire_thr, plan.check_exits, plan.wire_early_exits) == (1.0, False, False)
-    assert device._plan(Decision(1, 0.7)).wire_early_exits
+    assert (plan.wire_thr, plan.rule, plan.wire_early_exits) == (1.0, ExitRule(None), False)
+    plan = device._plan(Decision(1, 0.7))
+    assert (plan.wire_thr, plan.rule, plan.wire_early_exits) == (0.7, ExitRule(0.7), True)
     records = run_in_process(
         checkpoint,
         noise_frames(12),

@@ -16,6 +16,7 @@ import torch
 
 from spinn.checkpoint import load_checkpoint
 from spinn.data import load_fashion_mnist
+from spinn.exits import ExitRule
 from spinn.inference import run_stages
 from spinn.procs import free_port
 from tests._runtime_support import (
@@ -61,7 +62,7 @@ def test_1_every_frame_once_and_accuracy_matches_offline(
     offline = []
     for i in range(n):
         x = model.input_spec.preprocess(data.images[i])
-        out = run_stages(model, x, 0, model.num_stages, thr)
+        out = run_stages(model, x, 0, model.num_stages, ExitRule(thr))
         offline.append(out.answer.label)
     labels = data.labels.tolist()
     offline_acc = sum(p == y for p, y in zip(offline, labels, strict=True)) / n

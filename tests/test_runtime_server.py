@@ -23,6 +23,7 @@ from protocol import (
     pack,
 )
 from spinn.checkpoint import load_checkpoint
+from spinn.exits import ExitRule
 from spinn.inference import run_stages
 from spinn.runtime.server import ServerConfig, SpinnServer, _Job
 from tests._runtime_support import RawClient, hello, sample_input, serve
@@ -40,7 +41,7 @@ def test_infer_matches_offline_execution_from_every_split(checkpoint: Path) -> N
         assert welcome.reports_compute_time and welcome.codecs == ("float32",)
         x = sample_input(1)
         for split in range(model.num_stages):
-            act = run_stages(model, x, 0, split, 1.0, check_exits=False).activation
+            act = run_stages(model, x, 0, split, ExitRule(None)).activation
             assert act is not None
             client.send(Infer(split + 1, split, 0.6, pack(act.numpy(), "float32")))
         for _ in range(model.num_stages):
@@ -52,8 +53,8 @@ def test_infer_matches_offline_execution_from_every_split(checkpoint: Path) -> N
     server = serve(checkpoint, body, top_k=3)
     x = sample_input(1)
     for split in range(model.num_stages):
-        act = run_stages(model, x, 0, split, 1.0, check_exits=False).activation
-        offline = run_stages(model, act, split, model.num_stages, 0.6)
+        act = run_stages(model, x, 0, split, ExitRule(None)).activation
+        offline = run_stages(model, act, split, model.num_stages, ExitRule(0.6))
         assert offline.answer is not None
         got = results[split + 1]
         assert got.exit_index == offline.answer.exit
@@ -189,12 +190,12 @@ def test_running_request_stops_at_a_stage_boundary(checkpoint: Path) -> None:
     try:
         act = sample_input(6)[0].numpy()
         # Check 1 is at dequeue; checks 2.. follow each stage: set at check 4 = after stage 3.
-        job = _Job(1, 0, 1.0, act, cancelled=_SetAfter(4))
+        job = _Job(1, 0, ExitRule(1.0), act, cancelled=_SetAfter(4))
         server._queued = 1
         assert server._compute(job) is None
         assert server.stats.cancelled_running == 1
         assert server.stats.stages_run == 3 and server.stats.computed == 0
-        full = _Job(2, 0, 1.0, act)
+        full = _Job(2, 0, ExitRule(1.0), act)
         server._queued = 1
         outcome = server._compute(full)
         assert outcome is not None and outcome.stages_run == server.model.num_stages

@@ -5,8 +5,8 @@ Two parts, after STYLE.md habit 4:
 
 * ``run_batch`` (worker thread, torch only): stages ``[split, S)`` on a batch of
   activations with **per-sample** exit decisions.  After each exit head, the samples
-  whose top-1 softmax reaches their own request's ``thr_conf`` are answered and leave the
-  batch (DESIGN.md part 1, exit policy); the rest go on.  After every stage the samples
+  its exit answers under their own request's exit rule (``spinn.exits``) are answered and
+  leave the batch (DESIGN.md part 1, exit policy); the rest go on.  After every stage the samples
   whose request was cancelled leave too (DESIGN.md part 7: a running request stops at
   the next stage boundary).  Eval-mode layers treat samples independently, so a batched
   answer equals the unbatched one up to float rounding (tests/test_runtime_batching.py).
@@ -28,6 +28,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
+from spinn.exits import ExitRule, answering
 from spinn.progressive import ProgressiveModel
 
 __all__ = ["Batcher", "SampleAnswer", "run_batch", "to_device"]
@@ -70,28 +71,24 @@ def run_batch(
     model: ProgressiveModel,
     x: torch.Tensor,
     split: int,
-    thr_conf: Sequence[float],
+    rules: Sequence[ExitRule],
     cancelled: Callable[[int], bool] = lambda i: False,
-    *,
-    slowdown: float = 1.0,
 ) -> list[SampleAnswer | None]:
     """Stages ``[split, S)`` on the batch ``x``; one answer per sample, None if cancelled.
 
-    ``cancelled(i)`` is asked after every stage for each sample still running.  An early
-    exit's head runs only while some sample left has ``thr_conf <= 1``.
-    ``slowdown`` > 1 emulates a slower server as ``ServerConfig.slowdown`` does.
+    ``rules[i]`` is sample i's exit rule. ``cancelled(i)`` is asked after every stage for
+    each sample still running.  An early exit's head runs only while some sample left
+    could answer there (``ExitRule.runs_head``), as on the unbatched path.
     """
     n = x.shape[0]
-    if n != len(thr_conf):
-        raise ValueError(f"batch of {n} activations but {len(thr_conf)} thresholds")
+    if n != len(rules):
+        raise ValueError(f"batch of {n} activations but {len(rules)} exit rules")
     if not 0 <= split < model.num_stages:
         raise ValueError(f"split {split} outside 0..{model.num_stages - 1}")
     answers: list[SampleAnswer | None] = [None] * n
     live = list(range(n))
-    thr_list = [float(t) for t in thr_conf]
-    thr = torch.tensor(thr_list, device=x.device)
     final_exit = model.num_exits - 1
-    t0 = t_stage = time.perf_counter()
+    t0 = time.perf_counter()
     act = x
     with torch.inference_mode():
         for k in range(split, model.num_stages):
@@ -99,16 +96,10 @@ def run_batch(
             stages = k - split + 1
             e = model.exit_at_stage(k)
             keep = torch.ones(len(live), dtype=torch.bool)
-            # No softmax exceeds 1: when every sample left has a threshold above 1 (no
-            # early exits, NO_EARLY_EXIT) none can leave at an early exit, so its head is
-            # not run, as ``check_exits=False`` does on the unbatched path.
-            if e is not None and (e == final_exit or min(thr_list[i] for i in live) <= 1.0):
+            if e is not None and any(rules[i].runs_head(e, final_exit) for i in live):
                 probs = torch.softmax(model.run_exit(e, act).float(), dim=1)
-                if e == final_exit:
-                    done = keep.clone()
-                else:
-                    # Each sample against its own request's threshold (DESIGN.md part 1).
-                    done = (probs.max(dim=1).values >= thr[live]).cpu()
+                # Each sample under its own request's rule (DESIGN.md part 1).
+                done = answering(e, final_exit, probs, [rules[i] for i in live]).cpu()
                 if bool(done.any()):
                     probs_cpu = probs[done.to(probs.device)].cpu()
                     now = time.perf_counter()
@@ -116,9 +107,6 @@ def run_batch(
                     for j in torch.nonzero(done).flatten().tolist():
                         answers[live[j]] = SampleAnswer(e, next(rows), stages, now - t0)
                     keep &= ~done
-            if slowdown > 1.0:
-                time.sleep((slowdown - 1.0) * (time.perf_counter() - t_stage))
-                t_stage = time.perf_counter()
             for j, i in enumerate(live):
                 if keep[j] and cancelled(i):
                     keep[j] = False  # stops at this stage boundary (DESIGN.md part 7)

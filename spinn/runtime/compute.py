@@ -1,4 +1,5 @@
-"""Model compute off the event loop: thread budget, executor, priority slots.
+"""Model compute off the event loop: thread budget, executor, priority slots, and the
+emulated slower processor of the benchmarks (``slow_down``).
 
 DESIGN.md part 7: I/O runs on asyncio, model compute in an executor pool.  On
 a machine with ``C`` cores a pool of ``W`` workers each using ``T`` torch
@@ -13,13 +14,19 @@ import asyncio
 import heapq
 import itertools
 import os
+import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 import torch
+from torch import nn
 
-__all__ = ["ComputeSlots", "configure_torch", "make_executor", "plan_workers"]
+from spinn.progressive import ProgressiveModel
+
+__all__ = ["ComputeSlots", "configure_torch", "make_executor", "plan_workers", "slow_down"]
 
 
 def plan_workers(
@@ -112,3 +119,32 @@ class ComputeSlots:
             yield queued
         finally:
             self.release()
+
+
+def slow_down(model: ProgressiveModel, factor: float) -> None:
+    """Make ``model`` compute as a processor ``factor``× slower would: after each stage and
+    each exit head the calling thread waits (factor − 1)× the time that module took.
+
+    Emulation for benchmarks and tests (``--slowdown`` of the device and the server;
+    bench/paper.py's weaker device and loaded server): the worker stays busy for the whole
+    span, so compute times, queues and the online profiler see a slower processor, while
+    the production loops carry no trace of it.  Forward hooks, so the model's structure
+    and weights stay as loaded; 1 leaves the model alone.
+    """
+    if not 1.0 <= factor <= 1000.0:
+        raise ValueError(f"slowdown must be in [1, 1000], got {factor}")
+    if factor == 1.0:
+        return
+    started = threading.local()  # per worker thread: the pool shares the modules
+
+    def before(module: nn.Module, args: Any) -> None:
+        started.t = time.perf_counter()
+
+    def after(module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.is_cuda:
+            torch.cuda.synchronize(output.device)  # the time the GPU took, not the launch
+        time.sleep((factor - 1.0) * (time.perf_counter() - started.t))
+
+    for module in (*model.stages, *model.exit_heads):
+        module.register_forward_pre_hook(before)
+        module.register_forward_hook(after)

@@ -70,9 +70,16 @@ from protocol.auth import NONCE_SIZE, device_proof
 from protocol.dictionaries import DictionaryError, ZstdDictionaries
 from protocol.packing import DICT_CODEC, KNOWN_CODECS, PackedTensor, as_sparse_int8, pack
 from spinn.estimators import OnlineProfiler, ServerTimeEstimator
+from spinn.exits import ExitRule
 from spinn.policy import Decision, FixedPolicy, Policy
 from spinn.runtime.backoff import Backoff
-from spinn.runtime.compute import ComputeSlots, configure_torch, make_executor, plan_workers
+from spinn.runtime.compute import (
+    ComputeSlots,
+    configure_torch,
+    make_executor,
+    plan_workers,
+    slow_down,
+)
 from spinn.runtime.failover import ServerRotation
 from spinn.runtime.security import SecurityError, device_ssl_context, load_token
 from spinn.runtime.server import DEFAULT_CHECKPOINT
@@ -187,8 +194,9 @@ class DeviceConfig:
     device_name: str = "spinn-device"
     """Name sent in HELLO."""
     slowdown: float = 1.0
-    """Emulate a weaker device: after each stage range the worker waits (K−1)× the time it
-    took, so device compute takes K× as long (bench/paper.py, one machine for both ends)."""
+    """Emulate a weaker device: after each stage and exit head the worker waits (K−1)× the
+    time it took (``spinn.runtime.compute.slow_down``), so device compute takes K× as long
+    (bench/paper.py, one machine for both ends)."""
     tls: bool = False
     """Speak TLS to the server, verifying its certificate and host name (implied by
     ``tls_ca``); without ``tls_ca`` the system's trusted CAs verify it."""
@@ -258,12 +266,10 @@ class _Plan:
     """Device runs stages [0, split)."""
     last: int
     """Stages end here: S, or after the forced exit of a truncated network."""
-    thr: float
-    """Threshold for the device's exit checks (capped at 1)."""
+    rule: ExitRule
+    """The device's exit rule (the policy's threshold, ``ExitRule.from_threshold``)."""
     wire_thr: float
     """Threshold sent in INFER."""
-    check_exits: bool
-    """False when the policy disabled early exits (thr_conf > 1)."""
     forced_exit: int | None
     """Exit that always answers at the end of a truncated network."""
     wire_early_exits: bool = True
@@ -731,6 +737,7 @@ class SpinnDevice:
             config.checkpoint, allow_user_code=config.allow_user_code
         )
         self.model.eval()
+        slow_down(self.model, config.slowdown)  # emulation only (DeviceConfig.slowdown)
         self.dictionaries = self._load_dictionaries()
         self.codecs: tuple[str, ...] = (
             (DICT_CODEC, "sparse_int8")
@@ -1017,19 +1024,17 @@ class SpinnDevice:
                 # Edgent's right-sized network (spinn.policy.Decision.final_exit) ends here.
                 last = self.model.exit_stages[forced] + 1
         split = min(max(decision.split, 0), last)
-        # thr_conf > 1 means "no early exits" (spinn.policy.Decision).
-        check_exits = decision.thr_conf <= 1.0
-        thr = min(decision.thr_conf, 1.0)
-        wire_thr = thr
-        # A softmax can saturate to exactly 1.0, so thr 1 alone would not keep the server's
-        # early exits silent: INFER says so explicitly (PROTOCOL.md §5.3).
-        wire_early_exits = check_exits
+        rule = ExitRule.from_threshold(decision.thr_conf)
+        # INFER carries a probability and says "no early exit" with its own flag
+        # (PROTOCOL.md §5.3): a softmax can saturate to exactly 1.0, so no threshold would.
+        wire_thr = 1.0 if rule.thr_conf is None else rule.thr_conf
+        wire_early_exits = rule.early_exits
         if forced is not None and split < last:
             exits_after = [e for e, k in enumerate(self.model.exit_stages) if k >= split]
             if exits_after and exits_after[0] == forced:
                 # The truncation exit is the server's first: threshold 0 makes it answer.
                 wire_thr, wire_early_exits = 0.0, True
-        return _Plan(split, last, thr, wire_thr, check_exits, forced, wire_early_exits)
+        return _Plan(split, last, rule, wire_thr, forced, wire_early_exits)
 
     async def _process_frame(self, frame: Frame) -> None:
         loop = asyncio.get_running_loop()
@@ -1094,23 +1099,11 @@ class SpinnDevice:
         await self._continue(fid, activation, plan)
 
     def _run_range(self, act: torch.Tensor, start: int, stop: int, plan: _Plan) -> Any:
-        """Worker thread: stages [start, stop) with exit checks, and the forced exit at the
-        end of a truncated network."""
-        from spinn.inference import ExitAnswer, StagesOutcome, run_stages
+        """Worker thread: stages [start, stop) with exit checks; a truncated network's
+        forced exit always answers (``iter_stages``' ``final_exit``)."""
+        from spinn.inference import run_stages
 
-        t0 = time.perf_counter()
-        out = run_stages(self.model, act, start, stop, plan.thr, check_exits=plan.check_exits)
-        if self.config.slowdown > 1.0:
-            # The worker stays busy, as a slower processor would (DeviceConfig.slowdown).
-            time.sleep((self.config.slowdown - 1.0) * (time.perf_counter() - t0))
-        if out.answer is None and stop == plan.last and plan.forced_exit is not None:
-            assert out.activation is not None
-            with torch.inference_mode():
-                logits = self.model.run_exit(plan.forced_exit, out.activation)
-                probs = torch.softmax(logits[0].float(), dim=0)
-            answer = ExitAnswer(exit=plan.forced_exit, stage=plan.last - 1, probs=probs)
-            return StagesOutcome(answer=answer, activation=None, stop=stop)
-        return out
+        return run_stages(self.model, act, start, stop, plan.rule, final_exit=plan.forced_exit)
 
     @contextlib.asynccontextmanager
     async def _slot(self, fid: int, priority: int) -> AsyncIterator[bool]:

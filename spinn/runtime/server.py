@@ -73,10 +73,10 @@ from protocol.auth import NONCE_SIZE, server_proof
 from protocol.dictionaries import DictionaryError
 from protocol.messages import MAX_STRING
 from protocol.packing import CODECS, DICT_CODEC, unpack
-from spinn.profile import NO_EARLY_EXIT
+from spinn.exits import ExitRule
 from spinn.runtime.accel import check_device_name, resolve_device
 from spinn.runtime.batching import Batcher, run_batch, to_device
-from spinn.runtime.compute import configure_torch, make_executor, plan_workers
+from spinn.runtime.compute import configure_torch, make_executor, plan_workers, slow_down
 from spinn.runtime.metrics import ServerMetrics
 from spinn.runtime.security import load_token, server_ssl_context
 from spinn.runtime.stats import ServerStats
@@ -208,8 +208,9 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     """Address of the metrics endpoint: loopback unless the operator exposes it."""
     slowdown: float = 1.0
-    """Emulate a loaded or weaker server: after each stage the worker waits (K−1)× the time
-    it took; the reported compute time includes the wait (bench/paper.py, server load)."""
+    """Emulate a loaded or weaker server: after each stage and exit head the worker waits
+    (K−1)× the time it took (``spinn.runtime.compute.slow_down``); the reported compute time
+    includes the wait (bench/paper.py, server load)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -273,7 +274,7 @@ def frame_limit_for(model: ProgressiveModel) -> int:
 class _Job:
     request_id: int
     split: int
-    thr_conf: float
+    rule: ExitRule
     activation: np.ndarray
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     accepted_at: float = dataclasses.field(default_factory=time.monotonic)
@@ -385,6 +386,7 @@ class SpinnServer:
         )
         self.torch_device = resolve_device(config.device)
         self.model.to(self.torch_device).eval()
+        slow_down(self.model, config.slowdown)  # emulation only (ServerConfig.slowdown)
         self.dictionaries: ZstdDictionaries | None = None
         if config.dictionaries:
             from spinn.dictionaries import load_dictionaries
@@ -858,9 +860,8 @@ class SpinnServer:
             code = getattr(exc, "code", ErrorCode.BAD_TENSOR)
             self._request_error(peer, code, f"tensor does not decode: {exc}", rid)
             return
-        # No softmax exceeds 1, so a threshold above it leaves only the final exit.
-        thr = float(infer.thr_conf) if infer.early_exits else NO_EARLY_EXIT
-        job = _Job(rid, infer.split, thr, activation, received_at=received_at)
+        rule = ExitRule.from_wire(infer.thr_conf, infer.early_exits)
+        job = _Job(rid, infer.split, rule, activation, received_at=received_at)
         if infer.deadline_ms is not None:
             job.expires_at = time.monotonic() + infer.deadline_ms / 1e3
         peer.jobs[rid] = job
@@ -1007,17 +1008,8 @@ class SpinnServer:
         t0 = time.perf_counter()
         stages = 0
         x = to_device([job.activation], self.torch_device)
-        t_stage = t0
-        # No early exit can answer above 1: skip their heads (the final exit always runs).
-        check_exits = job.thr_conf <= 1.0
-        stop = self.model.num_stages
-        for step in iter_stages(
-            self.model, x, job.split, stop, job.thr_conf, check_exits=check_exits
-        ):
+        for step in iter_stages(self.model, x, job.split, self.model.num_stages, job.rule):
             stages += 1
-            if self.config.slowdown > 1.0:
-                time.sleep((self.config.slowdown - 1.0) * (time.perf_counter() - t_stage))
-                t_stage = time.perf_counter()
             if step.answer is not None:
                 compute_ms = (time.perf_counter() - t0) * 1e3
                 top = step.answer.topk(self.config.top_k)
@@ -1057,9 +1049,8 @@ class SpinnServer:
                 self.model,
                 x,
                 live[0].split,
-                [job.thr_conf for job in live],
+                [job.rule for job in live],
                 lambda i: live[i].cancelled.is_set(),
-                slowdown=self.config.slowdown,
             )
             self.metrics.batch_size.observe(len(live))
             for job, answer in zip(live, answers, strict=True):
