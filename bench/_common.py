@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["ROOT", "ensure_profile", "pin_one_core"]
+if TYPE_CHECKING:
+    from protocol.description import Description
+
+__all__ = ["ROOT", "ensure_profile", "pin_one_core", "stub_description"]
 
 ROOT = Path(__file__).resolve().parents[1]
 """The repository root: the benchmarks start spinn_server.py and netshape from here."""
@@ -38,3 +42,24 @@ def ensure_profile(checkpoint: Path, profile_path: Path, workdir: Path) -> Path:
     out = workdir / "profile.json"
     prof.save(out)
     return out
+
+
+def stub_description() -> Description:
+    """A WELCOME description for the in-memory servers of benchmarks and tests that serve
+    no model (PROTOCOL.md §5.12 requires one from version 2): one 1×1×1 input, two splits."""
+    from protocol.description import Description
+
+    return Description(
+        input_shape=(1, 1, 1),
+        input_mean=(0.0,),
+        input_std=(1.0,),
+        classes=("a", "b"),
+        split_shapes=((1, 1, 1), (4,)),
+        max_batch=1,
+        max_frame_bytes=2**26,
+        max_tensor_elements=2**24,
+        max_in_flight=1024,
+        max_outstanding=1024,
+        handshake_timeout_s=10.0,
+        idle_timeout_s=60.0,
+    )

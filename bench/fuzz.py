@@ -44,6 +44,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench._common import stub_description
 from protocol import (
     CODECS,
     NEED_DATA,
@@ -278,7 +279,15 @@ def _valid_messages(draw: st.DrawFn) -> list[Message]:
     rid = draw(st.integers(0, 2**64 - 1))
     return [
         Hello(PROTOCOL_VERSION, draw(st.text(max_size=10)), "", (codec,), "fuzz"),
-        Welcome(PROTOCOL_VERSION, "m", "", (codec,), draw(st.booleans()), "srv"),
+        Welcome(
+            PROTOCOL_VERSION,
+            "m",
+            "",
+            (codec,),
+            draw(st.booleans()),
+            "srv",
+            description=stub_description(),
+        ),
         Infer(rid, draw(st.integers(0, 9)), draw(st.floats(0, 1)), tensor, 5.0),
         Result(rid, 1, (3, 1), (0.75, 0.25), 1.5),
         Cancel(rid),

@@ -61,7 +61,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from bench._common import pin_one_core
+from bench._common import pin_one_core, stub_description
 from protocol import (
     CODECS,
     NEED_DATA,
@@ -519,7 +519,9 @@ def _handshake_pair() -> tuple[Connection, Connection, list[bytes]]:
     hello = device.send(Hello(PROTOCOL_VERSION, "bench", "", CODECS))
     server.receive_data(hello)
     server.next_event()
-    welcome = server.send(Welcome(PROTOCOL_VERSION, "bench", "", CODECS, True))
+    welcome = server.send(
+        Welcome(PROTOCOL_VERSION, "bench", "", CODECS, True, description=stub_description())
+    )
     device.receive_data(welcome)
     device.next_event()
     return device, server, [hello, welcome]
@@ -601,7 +603,13 @@ async def _framed_server_main(listener: socket.socket) -> None:
     def on_event(event: object) -> None:
         assert proto.transport is not None
         if isinstance(event, Hello):
-            proto.transport.write(conn.send(Welcome(PROTOCOL_VERSION, "bench", "", CODECS, True)))
+            proto.transport.write(
+                conn.send(
+                    Welcome(
+                        PROTOCOL_VERSION, "bench", "", CODECS, True, description=stub_description()
+                    )
+                )
+            )
         elif isinstance(event, Infer):
             answer = Result(event.request_id, exit_index, classes, probs, compute_ms)
             proto.transport.write(conn.send(answer))

@@ -20,7 +20,7 @@ from protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, Remote
 from protocol.framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER, FrameDecoder
 from protocol.messages import (
     MESSAGE_CLASSES,
-    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
     Auth,
     Bye,
     Challenge,
@@ -361,9 +361,10 @@ class Connection:
         # so an id that is no longer outstanding is legal.
 
     def _on_hello(self, msg: Hello, err: type[ProtocolError]) -> None:
-        if msg.version != PROTOCOL_VERSION:
+        if msg.version not in SUPPORTED_VERSIONS:
             raise err(
-                f"HELLO has protocol version {msg.version}; this end speaks {PROTOCOL_VERSION}",
+                f"HELLO has protocol version {msg.version}; this end speaks "
+                f"{' and '.join(map(str, SUPPORTED_VERSIONS))}",
                 ErrorCode.VERSION,
             )
         if self.config.auth_token is not None and not msg.auth_nonce:
@@ -414,6 +415,8 @@ class Connection:
                 f"WELCOME has protocol version {msg.version}; HELLO had {self._hello.version}",
                 ErrorCode.VERSION,
             )
+        if msg.version >= 2 and msg.description is None:
+            raise err("WELCOME of version 2 carries no description (PROTOCOL.md §5.12)")
         if not msg.codecs:
             raise err("WELCOME lists no codec; a server without a common codec sends ERROR")
         for codec in msg.codecs:

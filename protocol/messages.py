@@ -16,11 +16,13 @@ from typing import Any, Final, TypeAlias
 import msgpack
 
 from protocol.auth import MAX_NONCE_SIZE, MIN_NONCE_SIZE, PROOF_SIZE
+from protocol.description import Description
 from protocol.errors import ErrorCode, RemoteProtocolError, TensorError
 from protocol.packing import PackedTensor
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
     "MAX_ID",
     "MAX_STRING",
     "MessageType",
@@ -45,8 +47,12 @@ __all__ = [
     "decode_fields",
 ]
 
-PROTOCOL_VERSION: Final = 1
-"""The protocol version this package speaks; HELLO and WELCOME must carry it (§9)."""
+PROTOCOL_VERSION: Final = 2
+"""The protocol version this package speaks and a device sends in HELLO (§9)."""
+
+SUPPORTED_VERSIONS: Final = (1, 2)
+"""Versions a server accepts in HELLO and answers in kind (PROTOCOL.md §9): version 1 is
+version 2 without WELCOME's description."""
 
 MAX_ID: Final = 2**64 - 1
 """Largest request id or ping sequence number (unsigned 64-bit)."""
@@ -142,9 +148,10 @@ class Hello:
     """Device → server, first frame: what the device speaks and which model it runs."""
 
     version: int
-    """Protocol version of the device; must equal the server's (`PROTOCOL_VERSION`)."""
+    """Protocol version of the device (`PROTOCOL_VERSION`); one the server speaks."""
     model_id: str
-    """Identifier of the progressive model (checkpoint `model_id`)."""
+    """Identifier of the progressive model (checkpoint `model_id`); from version 2, empty
+    asks for whatever model the server serves (WELCOME names and describes it)."""
     weights_sha256: str
     """sha256 of the model weights, 64 lowercase hex digits (empty: unknown)."""
     codecs: tuple[str, ...]
@@ -185,6 +192,8 @@ class Welcome:
     """Free-form name of the server, for logs."""
     dictionaries_sha256: str = ""
     """sha256 of the server's zstd dictionary file (PROTOCOL.md §6.7); empty: none."""
+    description: Description | None = None
+    """The model and limits of the server (PROTOCOL.md §5.12); required from version 2."""
 
     def __post_init__(self) -> None:
         _check_int("version", self.version, 0, 2**32 - 1)
@@ -195,6 +204,10 @@ class Welcome:
             raise TypeError("reports_compute_time must be a bool")
         _check_str("server_name", self.server_name)
         _check_sha("dictionaries_sha256", self.dictionaries_sha256)
+        if isinstance(self.description, dict):
+            object.__setattr__(self, "description", Description.from_wire(self.description))
+        if self.description is not None and not isinstance(self.description, Description):
+            raise TypeError(f"description must be a map, got {type(self.description).__name__}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,6 +450,7 @@ _OMITTED_AT_DEFAULT: Final[dict[str, object]] = {
     "dictionaries_sha256": "",
     "early_exits": True,
     "held_ms": None,
+    "description": None,
 }
 """Optional fields added after version 1 was first written, left out at their default, so
 that a message not using them is byte for byte what an older peer sends and expects."""
@@ -488,6 +502,8 @@ def encode_message_parts(message: Message) -> tuple[bytes, bytes]:
             "zero_point": t.zero_point,
             "payload": b"",
         }
+    elif isinstance(message, Welcome) and message.description is not None:
+        fields["description"] = message.description.to_wire()
     elif isinstance(message, Ping):
         blob = fields["padding"]  # the last field: its placeholder ends the head
         fields["padding"] = b""

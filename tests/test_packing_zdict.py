@@ -25,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from bench._common import stub_description
 from protocol import (
     PROTOCOL_VERSION,
     ConnectionState,
@@ -641,6 +642,7 @@ def _welcome(dictionaries_sha256: str, codecs: tuple[str, ...] = ZDICT_CODECS) -
         True,
         "srv",
         dictionaries_sha256=dictionaries_sha256,
+        description=stub_description(),
     )
 
 
@@ -723,7 +725,7 @@ def test_the_field_travels_only_when_set() -> None:
     plain = Hello(PROTOCOL_VERSION, "resnet20", "", ("sparse_int8", "int8"))
     assert encode_frame(encode_message(plain)).hex() == (
         "000000549201"
-        "85a776657273696f6e01a86d6f64656c5f6964a8726573"
+        "85a776657273696f6e02a86d6f64656c5f6964a8726573"
         "6e65743230ae776569676874735f736861323536a0a6636f646563"
         "7392ab7370617273655f696e7438a4696e7438ab6465766963655f6e"
         "616d65a0"

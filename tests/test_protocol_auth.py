@@ -8,6 +8,7 @@ import hmac
 import numpy as np
 import pytest
 
+from bench._common import stub_description
 from protocol import (
     PROTOCOL_VERSION,
     Auth,
@@ -87,7 +88,7 @@ def _hello(nonce: bytes = DN) -> Hello:
 
 
 def _welcome() -> Welcome:
-    return Welcome(PROTOCOL_VERSION, "m", "", ("int8",), True)
+    return Welcome(PROTOCOL_VERSION, "m", "", ("int8",), True, description=stub_description())
 
 
 def test_token_handshake_opens_the_connection_and_lifts_the_frame_limit() -> None:

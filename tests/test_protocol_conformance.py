@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import zstandard
 
+from bench._common import stub_description
 from protocol import (
     PROTOCOL_VERSION,
     Connection,
@@ -546,7 +547,9 @@ def _open_server_connection(config: ConnectionConfig | None = None) -> Connectio
         )
     )
     conn.next_event()
-    conn.send(Welcome(PROTOCOL_VERSION, "m", "", ("float32",), True))
+    conn.send(
+        Welcome(PROTOCOL_VERSION, "m", "", ("float32",), True, description=stub_description())
+    )
     return conn
 
 
@@ -575,6 +578,7 @@ def _challenge_proof() -> Seen:
                     "weights_sha256": "",
                     "codecs": ["float32"],
                     "reports_compute_time": True,
+                    "description": stub_description().to_wire(),
                 },
             ]
         )
@@ -598,11 +602,14 @@ def _welcome_codecs() -> Seen:
                     "weights_sha256": "",
                     "codecs": ["float16"],
                     "reports_compute_time": True,
+                    "description": stub_description().to_wire(),
                 },
             ]
         )
     )
-    return _remote_error(conn)
+    seen = _remote_error(conn)
+    assert seen.error is not None and "'float16' was not offered" in seen.error["message"]
+    return seen
 
 
 @scenario("answer-unknown")
@@ -618,6 +625,7 @@ def _answer_unknown() -> Seen:
                     "weights_sha256": "",
                     "codecs": ["float32"],
                     "reports_compute_time": True,
+                    "description": stub_description().to_wire(),
                 },
             ]
         )

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench._common import stub_description
 from protocol import (
     CODECS,
     NEED_DATA,
@@ -69,7 +70,9 @@ class ConnectionPair:
 
     def handshake(self, codecs: tuple[str, ...] = CODECS) -> None:
         assert self.send(self.device, Hello(PROTOCOL_VERSION, "resnet20", SHA, codecs, "dev"))
-        welcome = Welcome(PROTOCOL_VERSION, "resnet20", SHA, codecs, True, "srv")
+        welcome = Welcome(
+            PROTOCOL_VERSION, "resnet20", SHA, codecs, True, "srv", description=stub_description()
+        )
         assert self.send(self.server, welcome) == [welcome]
 
 
@@ -87,7 +90,17 @@ def test_full_conversation() -> None:
     assert d.state is s.state is ConnectionState.AWAIT_HELLO
     pair.send(d, Hello(PROTOCOL_VERSION, "resnet20", SHA, CODECS))
     assert d.state is s.state is ConnectionState.AWAIT_WELCOME
-    pair.send(s, Welcome(PROTOCOL_VERSION, "resnet20", SHA, ("sparse_int8",), True))
+    pair.send(
+        s,
+        Welcome(
+            PROTOCOL_VERSION,
+            "resnet20",
+            SHA,
+            ("sparse_int8",),
+            True,
+            description=stub_description(),
+        ),
+    )
     assert d.state is s.state is ConnectionState.OPEN
     assert d.codecs == s.codecs == ("sparse_int8",)
     [infer] = pair.send(d, _infer(1))
@@ -148,9 +161,9 @@ def test_roles_are_enforced() -> None:
 
 def test_version_mismatch() -> None:
     server = Connection(Role.SERVER)
-    wire = [1, {"version": 2, "model_id": "m", "weights_sha256": "", "codecs": ["int8"]}]
+    wire = [1, {"version": 3, "model_id": "m", "weights_sha256": "", "codecs": ["int8"]}]
     server.receive_data(encode_frame(msgpack.packb(wire)))
-    with pytest.raises(RemoteProtocolError, match="version 2") as info:
+    with pytest.raises(RemoteProtocolError, match="version 3; this end speaks 1 and 2") as info:
         server.next_event()
     assert info.value.code is ErrorCode.VERSION
     with pytest.raises(LocalProtocolError, match="version") as local:
@@ -162,9 +175,13 @@ def test_welcome_must_choose_offered_codecs() -> None:
     pair = ConnectionPair()
     pair.send(pair.device, Hello(PROTOCOL_VERSION, "m", "", ("int8",)))
     with pytest.raises(LocalProtocolError, match="not offered"):
-        pair.server.send(Welcome(PROTOCOL_VERSION, "m", "", ("float32",), False))
+        pair.server.send(
+            Welcome(PROTOCOL_VERSION, "m", "", ("float32",), False, description=stub_description())
+        )
     with pytest.raises(LocalProtocolError, match="no codec"):
-        pair.server.send(Welcome(PROTOCOL_VERSION, "m", "", (), False))
+        pair.server.send(
+            Welcome(PROTOCOL_VERSION, "m", "", (), False, description=stub_description())
+        )
     # A fatal ERROR is how a server refuses the handshake (e.g. another model).
     refusal = Error(ErrorCode.MODEL_MISMATCH, "serving resnet56")
     assert pair.send(pair.server, refusal) == [refusal]
@@ -192,7 +209,9 @@ def test_peer_exceeding_limits_is_remote_error() -> None:
     pair.handshake()
     lax_device = Connection(Role.DEVICE)  # a peer with larger limits than the server
     lax_device.send(Hello(PROTOCOL_VERSION, "m", "", CODECS))
-    lax_device._welcome = Welcome(PROTOCOL_VERSION, "m", "", CODECS, True)
+    lax_device._welcome = Welcome(
+        PROTOCOL_VERSION, "m", "", CODECS, True, description=stub_description()
+    )
     lax_device._phase = ConnectionState.OPEN
     pair.server.receive_data(lax_device.send(Infer(1, 1, 0.5, pack(np.zeros(500)))))
     with pytest.raises(RemoteProtocolError, match="limit is 200") as info:
@@ -461,7 +480,11 @@ def test_over_a_real_socket_pair() -> None:
         activation = _tensor((1, 8, 16, 16))
         dev_sock.sendmsg(device.send_parts(Hello(PROTOCOL_VERSION, "m", SHA, CODECS)))
         assert isinstance(pump(srv_sock, server), Hello)
-        srv_sock.sendall(server.send(Welcome(PROTOCOL_VERSION, "m", SHA, CODECS, False)))
+        srv_sock.sendall(
+            server.send(
+                Welcome(PROTOCOL_VERSION, "m", SHA, CODECS, False, description=stub_description())
+            )
+        )
         assert isinstance(pump(dev_sock, device), Welcome)
         dev_sock.sendmsg(device.send_parts(Infer(3, 2, 0.9, pack(activation))))
         infer = pump(srv_sock, server)

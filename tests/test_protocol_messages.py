@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.messages import (
     PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
     Bye,
     Cancel,
     Error,
@@ -242,7 +243,7 @@ def test_error_fatal_flag() -> None:
 
 
 def test_version_constant() -> None:
-    assert PROTOCOL_VERSION == 1
+    assert PROTOCOL_VERSION == 2 and SUPPORTED_VERSIONS == (1, 2)
 
 
 def test_an_optional_field_sent_as_nil_takes_its_default() -> None:

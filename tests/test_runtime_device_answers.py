@@ -4,6 +4,7 @@ source, the sink the answers go to, or a server whose RESULT cannot be true."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 import time
@@ -27,7 +28,9 @@ from protocol import (
     Role,
     Welcome,
 )
-from spinn.runtime.device import DeviceConfig, SpinnDevice
+from spinn.checkpoint import load_checkpoint
+from spinn.description import describe
+from spinn.runtime.device import DeviceConfig, DeviceError, SpinnDevice
 from spinn.sources import ArraySource, Frame, SourceError
 from tests._runtime_support import by_frame, noise_frames
 
@@ -65,10 +68,27 @@ def test_status_interval_zero_prints_the_final_line_only(checkpoint: Path) -> No
     assert len(lines) == 1
 
 
-def _edge_server(*, lie: bool = False, die: bool = False) -> Any:
-    """A server at the system's edge: it welcomes any model and answers PINGs, nothing
-    more. ``lie``: it answers every INFER from an exit and a class that do not exist.
-    ``die``: it closes right after its WELCOME (a server crashing at each start)."""
+def _edge_server(
+    checkpoint: Path, *, lie: bool = False, die: bool = False, classes: tuple[str, ...] = ()
+) -> Any:
+    """A server at the system's edge: it welcomes any model, describing it as
+    ``checkpoint``, and answers PINGs, nothing more. ``lie``: it answers every INFER from
+    an exit and a class that do not exist. ``die``: it closes right after its WELCOME (a
+    server crashing at each start). ``classes``: it names the classes so (a misdescription)."""
+    model, meta = load_checkpoint(checkpoint)
+    description = describe(
+        model,
+        meta,
+        max_batch=1,
+        max_frame_bytes=2**26,
+        max_tensor_elements=2**24,
+        max_in_flight=256,
+        max_outstanding=1024,
+        handshake_timeout_s=10.0,
+        idle_timeout_s=60.0,
+    )
+    if classes:
+        description = dataclasses.replace(description, classes=classes)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(Role.SERVER)
@@ -79,7 +99,12 @@ def _edge_server(*, lie: bool = False, die: bool = False) -> Any:
                     return
                 if isinstance(event, Hello):
                     welcome = Welcome(
-                        event.version, event.model_id, event.weights_sha256, event.codecs, False
+                        event.version,
+                        event.model_id,
+                        event.weights_sha256,
+                        event.codecs,
+                        False,
+                        description=description,
                     )
                     writer.write(conn.send(welcome))
                     if die:
@@ -122,7 +147,9 @@ def _run_against(
 def test_an_impossible_result_is_refused_and_the_frame_finishes_locally(
     checkpoint: Path,
 ) -> None:
-    records, summary = _run_against(_edge_server(lie=True), checkpoint, 8, split=1, thr_conf=1.0)
+    records, summary = _run_against(
+        _edge_server(checkpoint, lie=True), checkpoint, 8, split=1, thr_conf=1.0
+    )
     by_frame(records, 8)
     assert {r["where"] for r in records} == {"fallback"}
     assert all(r["exit"] != 999 and 0 <= r["class"] < 10 for r in records)
@@ -151,7 +178,7 @@ def test_a_server_that_drops_every_link_at_once_is_retried_with_backoff(
     checkpoint: Path,
 ) -> None:
     accepted = 0
-    crashing = _edge_server(die=True)
+    crashing = _edge_server(checkpoint, die=True)
 
     async def crash_looping(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Restarted at once after each crash, again and again."""
@@ -175,5 +202,14 @@ def test_the_end_of_a_run_does_not_wait_out_a_reconnect_backoff(
 
     # The edge server never answers a request: the link ends unanswered.
     with caplog.at_level("INFO", logger="spinn.device"):
-        _run_against(_edge_server(), checkpoint, 3, grown_backoff, split=0)
+        _run_against(_edge_server(checkpoint), checkpoint, 3, grown_backoff, split=0)
     assert not [r for r in caplog.records if "next try" in r.getMessage()]
+
+
+def test_a_server_describing_another_model_is_refused_naming_the_difference(
+    checkpoint: Path,
+) -> None:
+    # PROTOCOL.md §5.12: same model id and weights, but other class names in WELCOME.
+    wrong = tuple(f"not-c{i}" for i in range(10))
+    with pytest.raises(DeviceError, match=r"classes: server \['not-c0'"):
+        _run_against(_edge_server(checkpoint, classes=wrong), checkpoint, 3, split=1)

@@ -68,7 +68,9 @@ from protocol import (
 )
 from protocol.auth import NONCE_SIZE, device_proof
 from protocol.dictionaries import DictionaryError, ZstdDictionaries
+from protocol.messages import MAX_STRING
 from protocol.packing import DICT_CODEC, KNOWN_CODECS, PackedTensor, as_sparse_int8, pack
+from spinn.description import mismatches
 from spinn.estimators import OnlineProfiler, ServerTimeEstimator
 from spinn.exits import ExitRule
 from spinn.policy import Decision, FixedPolicy, Policy
@@ -526,12 +528,28 @@ class _Link:
             welcome = await asyncio.wait_for(
                 self._handshake(reader, writer, conn), self.config.connect_timeout_s
             )
+            self._check_description(welcome, writer, conn)
         except BaseException:
             writer.close()
             raise
         self.conn, self.writer, self.welcome = conn, writer, welcome
         self.pings.clear()
         return reader
+
+    def _check_description(
+        self, welcome: Welcome, writer: asyncio.StreamWriter, conn: Connection
+    ) -> None:
+        """Refuse a server whose self-description (PROTOCOL.md §5.12) disagrees with this
+        device's checkpoint, naming each difference: the same model id and weights with
+        another input, class list or split shapes would answer wrongly without an error."""
+        if welcome.description is None:  # a version-1 server says nothing more
+            return
+        problems = mismatches(welcome.description, self.device.model, self.device.meta)
+        if problems:
+            message = "server describes its model unlike this checkpoint: " + "; ".join(problems)
+            with contextlib.suppress(ProtocolError, OSError):
+                writer.write(conn.send(Error(ErrorCode.MODEL_MISMATCH, message[:MAX_STRING])))
+            raise DeviceError(message)
 
     async def _handshake(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection

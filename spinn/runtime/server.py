@@ -45,7 +45,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -73,6 +73,7 @@ from protocol.auth import NONCE_SIZE, server_proof
 from protocol.dictionaries import DictionaryError
 from protocol.messages import MAX_STRING
 from protocol.packing import CODECS, DICT_CODEC, unpack
+from spinn.description import describe
 from spinn.exits import ExitRule
 from spinn.runtime.accel import check_device_name, resolve_device
 from spinn.runtime.batching import Batcher, run_batch, to_device
@@ -409,6 +410,18 @@ class SpinnServer:
             max_tensor_elements=config.max_tensor_elements,
             auth_token=self._token,
         )
+        self.description = describe(
+            self.model,
+            self.meta,
+            max_batch=1,  # INFER carries one input (PROTOCOL.md §5.3)
+            max_frame_bytes=self.max_frame_bytes,
+            max_tensor_elements=config.max_tensor_elements,
+            max_in_flight=config.max_queue_per_connection,
+            max_outstanding=self.connection_config.max_outstanding,
+            handshake_timeout_s=config.handshake_timeout_s,
+            idle_timeout_s=config.idle_timeout_s,
+        )
+        """What WELCOME of version 2 says about this server (PROTOCOL.md §5.12)."""
         self._ssl: ssl.SSLContext | None = None
         if config.tls_cert is not None and config.tls_key is not None:
             self._ssl = server_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca)
@@ -672,7 +685,7 @@ class SpinnServer:
         reading: asyncio.Future[bytes] = asyncio.ensure_future(reader.read(_READ_CHUNK))
         try:
             while peer.tasks and not peer.closing and (left := end - loop.time()) > 0:
-                watched: set[asyncio.Future[object]] = {*peer.tasks, reading}
+                watched: set[asyncio.Future[Any]] = {*peer.tasks, reading}
                 await asyncio.wait(watched, timeout=left, return_when=asyncio.FIRST_COMPLETED)
                 if not reading.done():
                     continue
@@ -772,7 +785,8 @@ class SpinnServer:
     def _on_hello(self, peer: _Peer, hello: Hello) -> None:
         meta = self.meta
         problems = []
-        if hello.model_id != meta.model_id:
+        # From version 2 an empty model id asks for the served model (PROTOCOL.md §5.1).
+        if hello.model_id != meta.model_id and (hello.model_id or hello.version < 2):
             problems.append(f"model id {_quoted(hello.model_id)} != served {meta.model_id!r}")
         # "" is a device that does not know its weights' hash (PROTOCOL.md §5.1).
         if hello.weights_sha256 and hello.weights_sha256 != meta.weights_sha256:
@@ -814,6 +828,7 @@ class SpinnServer:
                 self.config.report_compute,
                 self.config.server_name,
                 dictionaries_sha256="" if zdict is None else zdict.sha256,
+                description=self.description if hello.version >= 2 else None,
             )
         )
         log.info("device %s (%s) welcomed", peer.name, hello.device_name or "unnamed")
