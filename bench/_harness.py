@@ -37,6 +37,7 @@ import numpy as np
 
 from bench._common import ROOT, ensure_profile
 from spinn.estimators import Estimates
+from spinn.exits import ExitRule
 from spinn.policy import Decision, Policy
 from spinn.procs import free_port, stop_process, wait_listening
 from spinn.profile import Profile
@@ -397,7 +398,7 @@ def config_accuracy(profile: Profile, d: DecisionRecord) -> float:
     its last exit, no early exit means the final exit alone."""
     if d.final_exit is not None:
         return profile.exit_accuracy[d.final_exit]
-    if d.thr_conf > 1.0:
+    if not ExitRule.from_threshold(d.thr_conf).early_exits:
         return profile.exit_accuracy[-1]
     return profile.accuracy(d.thr_conf)
 

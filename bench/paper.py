@@ -49,6 +49,7 @@ from bench._harness import (
     Testbed,
     measure,
 )
+from spinn.exits import ExitRule
 from spinn.policy import FixedPolicy, Policy
 from spinn.profile import NO_EARLY_EXIT, Profile
 from spinn.scheduler import make_policy, split_name
@@ -244,7 +245,7 @@ class Bench:
 def _thr(thr: Any) -> str:
     if thr is None:
         return "-"
-    return "no-exit" if float(thr) > 1.0 else f"{float(thr):.2f}"
+    return f"{float(thr):.2f}" if ExitRule.from_threshold(float(thr)).early_exits else "no-exit"
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -870,7 +871,7 @@ def headline(
     final = e6["final_exit_accuracy"]
 
     def acc(thr: float) -> float:
-        if thr > 1.0:
+        if not ExitRule.from_threshold(thr).early_exits:
             return float(final)
         key = min(acc_at, key=lambda k: abs(k - thr))
         return float(acc_at[key])

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from spinn.estimators import Estimates
+from spinn.exits import ExitRule
 from spinn.policy import Decision, Policy
 from spinn.profile import NO_EARLY_EXIT, Profile
 from spinn.sla import SLA, Metric
@@ -116,7 +117,7 @@ def split_name(split: int, num_stages: int) -> str:
 
 
 def _thr_name(thr: float) -> str:
-    return "no early exit" if thr > 1.0 else f"thr {thr:.2f}"
+    return f"thr {thr:.2f}" if ExitRule.from_threshold(thr).early_exits else "no early exit"
 
 
 @dataclass(frozen=True, slots=True)
