@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from spinn.estimators import Estimates
+from spinn.exits import ExitRule
 
 __all__ = ["Decision", "FixedPolicy", "Policy"]
 
@@ -25,7 +26,9 @@ class Decision:
     """Split point s: the device runs stages [0, s), the server [s, S); 0 = server-only,
     S = device-only."""
     thr_conf: float
-    """An exit answers when its top-1 softmax ≥ thr_conf; > 1 disables early exits."""
+    """An exit answers when its top-1 softmax ≥ thr_conf; > 1 disables early exits
+    (``spinn.profile.NO_EARLY_EXIT``): the profile's and the scheduler's number, which
+    ``exit_rule`` reads."""
     reason: str = ""
     """Why this decision was taken (logged and shown in the device status line)."""
     final_exit: int | None = None
@@ -41,6 +44,11 @@ class Decision:
         fe = self.final_exit
         if fe is not None and (isinstance(fe, bool) or not isinstance(fe, int) or fe < 0):
             raise ValueError(f"Decision.final_exit must be None or an integer >= 0, got {fe!r}")
+
+    @property
+    def exit_rule(self) -> ExitRule:
+        """The exit rule ``thr_conf`` means (``ExitRule.from_threshold``)."""
+        return ExitRule.from_threshold(self.thr_conf)
 
 
 @runtime_checkable

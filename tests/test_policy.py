@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from spinn.estimators import Estimates
+from spinn.exits import ExitRule
 from spinn.policy import Decision, FixedPolicy, Policy
+from spinn.profile import NO_EARLY_EXIT
 
 
 def test_fixed_policy_ignores_estimates() -> None:
@@ -29,3 +31,9 @@ def test_fixed_policy_ignores_estimates() -> None:
 def test_decision_validation(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ValueError, match=f"Decision.{field}"):
         Decision(**kwargs)  # type: ignore[arg-type]
+
+
+def test_decision_threshold_reads_as_an_exit_rule() -> None:
+    assert Decision(2, 0.7).exit_rule == ExitRule(0.7)
+    assert Decision(2, 1.0).exit_rule == ExitRule(1.0)
+    assert Decision(2, NO_EARLY_EXIT).exit_rule == ExitRule(None)

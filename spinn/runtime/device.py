@@ -269,7 +269,7 @@ class _Plan:
     last: int
     """Stages end here: S, or after the forced exit of a truncated network."""
     rule: ExitRule
-    """The device's exit rule (the policy's threshold, ``ExitRule.from_threshold``)."""
+    """The device's exit rule (``Decision.exit_rule``)."""
     wire_thr: float
     """Threshold sent in INFER."""
     forced_exit: int | None
@@ -1042,7 +1042,7 @@ class SpinnDevice:
                 # Edgent's right-sized network (spinn.policy.Decision.final_exit) ends here.
                 last = self.model.exit_stages[forced] + 1
         split = min(max(decision.split, 0), last)
-        rule = ExitRule.from_threshold(decision.thr_conf)
+        rule = decision.exit_rule
         # INFER carries a probability and says "no early exit" with its own flag
         # (PROTOCOL.md §5.3): a softmax can saturate to exactly 1.0, so no threshold would.
         wire_thr = 1.0 if rule.thr_conf is None else rule.thr_conf
