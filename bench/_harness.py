@@ -41,6 +41,7 @@ from spinn.exits import ExitRule
 from spinn.policy import Decision, Policy
 from spinn.procs import free_port, stop_process, wait_listening
 from spinn.profile import Profile
+from spinn.progressive import InputSpec
 from spinn.sources import Frame
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "Testbed",
     "TimedSource",
     "config_accuracy",
+    "frames_for",
     "load_frames",
     "measure",
     "pin_cores",
@@ -127,7 +129,8 @@ class Testbed:
     device_slowdown: float
     cores: Cores
     images: np.ndarray
-    """Frames replayed by every run (uint8, N×H×W), with their ``labels``."""
+    """Frames replayed by every run, in the model's input size (uint8, N×H×W for a grey
+    model, N×H×W×3 for an RGB one: what its camera would give), with their ``labels``."""
     labels: np.ndarray
 
     @classmethod
@@ -142,7 +145,8 @@ class Testbed:
         snapshot = workdir / "snapshot.pt"
         shutil.copyfile(checkpoint, snapshot)
         checkpoint = snapshot
-        model_id = load_checkpoint(checkpoint)[1].model_id
+        model, meta = load_checkpoint(checkpoint)
+        model_id = meta.model_id
         prof_file = ensure_profile(checkpoint, profile_path, workdir)
         profile = Profile.load(prof_file)
         if profile.model_id != model_id:
@@ -153,6 +157,7 @@ class Testbed:
         path = workdir / "device_profile.json"
         profile.save(path)
         images, labels = load_frames()
+        images = frames_for(images, model.input_spec)
         return cls(checkpoint, profile, path, device_slowdown, pin_cores(), images, labels)
 
 
@@ -163,6 +168,28 @@ def load_frames() -> tuple[np.ndarray, np.ndarray]:
     src = dataset_source("fashion-mnist:test")
     assert src.labels is not None
     return src.images, src.labels
+
+
+def frames_for(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Grey N×H×W frames as a camera of the model's input size would give them: resized
+    and, for an RGB model, with the grey replicated into three channels, exactly as
+    ``spinn.sources.preprocess`` would do on the device (so answers are the same either
+    way; the device then spends no time resizing, as with a camera of the right size)."""
+    import cv2
+
+    n, h, w = images.shape
+    if (h, w) == (spec.height, spec.width) and spec.channels == 1:
+        return images
+    shape = (n, spec.height, spec.width) + ((3,) if spec.channels == 3 else ())
+    out = np.empty(shape, dtype=np.uint8)
+    shrink = h > spec.height or w > spec.width
+    for i in range(n):
+        img = images[i]
+        if (h, w) != (spec.height, spec.width):
+            img = cv2.resize(img, (spec.width, spec.height),
+                             interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)  # fmt: skip
+        out[i] = np.repeat(img[:, :, None], 3, axis=2) if spec.channels == 3 else img
+    return out
 
 
 class TimedSource:

@@ -43,10 +43,12 @@ from typing import Any
 
 from bench._common import ROOT
 from bench._harness import (
+    DecisionRecord,
     RunResult,
     ServerProcess,
     Shaper,
     Testbed,
+    config_accuracy,
     measure,
 )
 from spinn.exits import ExitRule
@@ -107,6 +109,8 @@ class Plan:
     eval_images: int
     startup_s: float = 2.0
     """Uncounted device-only run first: torch's and the thread pools' lazy start-up."""
+    sla_run_s: float = 6.0
+    """Length of each paced run of experiment 3 (latency under an SLA)."""
 
 
 QUICK = Plan(
@@ -128,7 +132,8 @@ QUICK = Plan(
     step_levels_mbit=(100, 0.2, 50, 1),
     failure_probs=(0.1, 0.3, 0.5),
     failure_run_s=6.0,
-    eval_images=2000,
+    # 2500 test images: a configuration's accuracy (about 93%) to ±1 point at 95%.
+    eval_images=2500,
 )
 FULL = Plan(
     name="full",
@@ -153,6 +158,7 @@ FULL = Plan(
     failure_probs=(0.1, 0.2, 0.3, 0.4, 0.5),
     failure_run_s=15.0,
     eval_images=10000,
+    sla_run_s=12.0,
 )
 FG_4G = Network("4G 24 Mbit/s", 24, "20ms")
 FG_5G = Network("5G 250 Mbit/s", 250, "0.5ms")
@@ -298,6 +304,30 @@ def oracle_grid(profile: Profile, acc_floor: float, size: int) -> list[tuple[int
     return [(s, t) for s in splits for t in thrs]
 
 
+def measure_oracle(
+    b: Bench, label: str, port: int, grid: Sequence[tuple[int, float]], fps: dict[str, float]
+) -> dict[tuple[int, float], float]:
+    """Inferences/s of every fixed ⟨split, thr⟩ of ``grid``, each measured; device-only and
+    server-only are the baselines' runs already made (``fps``)."""
+    s_count = b.profile.num_stages
+    oracle: dict[tuple[int, float], float] = {
+        (s_count, NO_EARLY_EXIT): fps["device-only"],
+        (0, NO_EARLY_EXIT): fps["server-only"],
+    }
+    for s, t in grid:
+        if (s, t) not in oracle:
+            oracle[(s, t)] = b.run(label, port, f"fixed {s}/{_thr(t)}", FixedPolicy(s, t)).fps
+    return oracle
+
+
+def middle_split_wins(oracle: dict[tuple[int, float], float], s_count: int) -> bool:
+    """Whether a split strictly inside the network beat both ends, each end at its best
+    measured threshold (the middle regime of the paper's Fig. 7)."""
+    inner = [v for (s, _t), v in oracle.items() if 0 < s < s_count]
+    ends = [v for (s, _t), v in oracle.items() if s in (0, s_count)]
+    return bool(inner and ends and max(inner) > max(ends))
+
+
 def experiment1(b: Bench, server: ServerProcess) -> dict[str, Any]:
     print("== experiment 1: throughput versus bandwidth (Fig. 7)", flush=True)
     s_count = b.profile.num_stages
@@ -311,14 +341,7 @@ def experiment1(b: Bench, server: ServerProcess) -> dict[str, Any]:
             # shared machine's load drifts, and runs close in time compare fairly.
             results = {n: b.run(net.label, shaper.port, n, b.policy(n)) for n in POLICIES}
             fps = {n: r.fps for n, r in results.items()}
-            oracle: dict[tuple[int, float], float] = {
-                (s_count, NO_EARLY_EXIT): fps["device-only"],
-                (0, NO_EARLY_EXIT): fps["server-only"],
-            }
-            for s, t in grid:
-                if (s, t) not in oracle:
-                    r = b.run(net.label, shaper.port, f"fixed {s}/{_thr(t)}", FixedPolicy(s, t))
-                    oracle[(s, t)] = r.fps
+            oracle = measure_oracle(b, net.label, shaper.port, grid, fps)
             best_cfg = max(oracle, key=lambda k: oracle[k])
             best_base = max(BASELINES, key=lambda n: fps[n])
             sp = results["spinn"]
@@ -330,9 +353,14 @@ def experiment1(b: Bench, server: ServerProcess) -> dict[str, Any]:
                     "fps": {k: round(v, 2) for k, v in fps.items()},
                     "oracle_fps": round(oracle[best_cfg], 2),
                     "oracle": f"{split_name(best_cfg[0], s_count)} {_thr(best_cfg[1])}",
+                    "grid_fps": {f"{k[0]}/{_thr(k[1])}": round(v, 2) for k, v in oracle.items()},
+                    "middle": middle_split_wins(oracle, s_count),
                     "best_baseline": best_base,
                     "spinn_vs_best_baseline": fps["spinn"] / max(fps[best_base], 1e-9),
                     "spinn_vs_oracle": fps["spinn"] / max(oracle[best_cfg], 1e-9),
+                    "server_ms_per_inference": {
+                        n: r.server_ms_per_inference for n, r in results.items()
+                    },
                     "spinn_split": split_name(sp.row()["split_mode"] or 0, s_count),
                     "spinn_thr": _thr(sp.row()["thr_mode"]),
                     "spinn_cfg_accuracy": sp.expected_accuracy,
@@ -396,6 +424,8 @@ def experiment2(b: Bench) -> dict[str, Any]:
     print("== experiment 2: throughput versus server load (Fig. 8)", flush=True)
     names = ("spinn", "neurosurgeon", "edgent", "server-only", "device-only")
     net = FG_5G
+    s_count = b.profile.num_stages
+    grid = oracle_grid(b.profile, b.acc_floor, b.plan.oracle_grid)
     rows: list[dict[str, Any]] = []
     for g in b.plan.server_slowdowns:
         with (
@@ -405,18 +435,50 @@ def experiment2(b: Bench) -> dict[str, Any]:
             fps: dict[str, float] = {}
             for name in names:
                 fps[name] = b.run(f"server ×{g:g}", shaper.port, name, b.policy(name)).fps
-            rows.append({"server_slowdown": g, "fps": fps})
+            oracle = measure_oracle(b, f"server ×{g:g}", shaper.port, grid, fps)
+            best_cfg = max(oracle, key=lambda k: oracle[k])
+            best_base = max((n for n in names if n != "spinn"), key=lambda n: fps[n])
+            rows.append(
+                {
+                    "server_slowdown": g,
+                    "fps": fps,
+                    "oracle_fps": round(oracle[best_cfg], 2),
+                    "oracle": f"{split_name(best_cfg[0], s_count)} {_thr(best_cfg[1])}",
+                    "best_baseline": best_base,
+                    "spinn_vs_best_baseline": fps["spinn"] / max(fps[best_base], 1e-9),
+                    "spinn_vs_oracle": fps["spinn"] / max(oracle[best_cfg], 1e-9),
+                }
+            )
     order = names
     text = b.header(
         "# Experiment 2 — throughput (inferences/s) versus server load (Fig. 8)",
         server="as in the first column",
     ) + (
         f"\nNetwork {net.label} (RTT {2 * _ms(net.delay):g} ms). The server is slowed ×G "
-        "(each stage takes G× as long, reported compute time included).\n\n"
+        "(each stage takes G× as long, reported compute time included). Oracle: the best "
+        f"of the fixed ⟨split, thr⟩ grid of experiment 1 ({len(grid)} points), each "
+        "measured under the same load.\n\n"
         + md_table(
-            ["server slowdown", *order],
-            [[f"×{r['server_slowdown']:g}", *[f"{r['fps'][p]:.1f}" for p in order]] for r in rows],
-        )
+            [
+                "server slowdown",
+                *order,
+                "oracle",
+                "oracle ⟨split, thr⟩",
+                "SPINN / best baseline",
+                "SPINN / oracle",
+            ],
+            [
+                [
+                    f"×{r['server_slowdown']:g}",
+                    *[f"{r['fps'][p]:.1f}" for p in order],
+                    f"{r['oracle_fps']:.1f}",
+                    r["oracle"],
+                    f"{r['spinn_vs_best_baseline']:.2f} (vs {r['best_baseline']})",
+                    f"{r['spinn_vs_oracle']:.2f}",
+                ]
+                for r in rows
+            ],
+        )  # fmt: skip
     )
     _write(b.out / "exp2_server_load.md", text)
     plt = _plt()
@@ -436,18 +498,70 @@ def experiment2(b: Bench) -> dict[str, Any]:
 # -- experiment 3: latency SLA ----------------------------------------------------------
 
 
-def experiment3(b: Bench, server: ServerProcess) -> dict[str, Any]:
+def tested_accuracy(run: RunResult, e6: dict[str, Any] | None, profile: Profile) -> float:
+    """Test-set accuracy of the configurations a run's frames ran with (frame-weighted):
+    experiment 6's evaluation on ``e6['images']`` test images when it ran, the profile's
+    calibration accuracy otherwise."""
+    steady = [d for d in run.decisions if d.t >= run.t0] or run.decisions
+    if not steady:
+        return float("nan")
+    if e6 is None:
+        return statistics.fmean(config_accuracy(profile, d) for d in steady)
+    exits, at = e6["exit_accuracy"], e6["accuracy_at"]
+
+    def acc(d: DecisionRecord) -> float:
+        if d.final_exit is not None:
+            return float(exits[d.final_exit])
+        if d.thr_conf > 1.0:
+            return float(exits[-1])
+        return float(at[min(at, key=lambda k: abs(k - d.thr_conf))])
+
+    return statistics.fmean(acc(d) for d in steady)
+
+
+def accuracy_half_width(acc: float, n: int) -> float:
+    """Half-width of the 95% confidence interval of an accuracy measured on n images."""
+    return 1.96 * math.sqrt(max(acc * (1 - acc), 0.0) / n) if n > 0 else math.inf
+
+
+def sla_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Experiment 3's verdicts: SPINN meets the limit wherever any policy does; among the
+    policies that meet it SPINN is the most accurate; its accuracy gain over Edgent at the
+    tightest limit any policy met (points)."""
+    feasible = [r for r in rows if any(x["met"] for x in r["results"].values())]
+    met_where_feasible = all(r["results"]["spinn"]["met"] for r in feasible)
+    most_accurate = all(
+        r["results"]["spinn"]["met"]
+        and r["results"]["spinn"]["test_accuracy"] + 1e-9
+        >= max(x["test_accuracy"] for x in r["results"].values() if x["met"])
+        for r in feasible
+    )
+    gain = None
+    if feasible:
+        tight = min(feasible, key=lambda r: r["sla_ms"])["results"]
+        gain = 100 * (tight["spinn"]["test_accuracy"] - tight["edgent"]["test_accuracy"])
+    return {
+        "feasible_rows": len(feasible),
+        "met_where_feasible": met_where_feasible,
+        "spinn_most_accurate_where_met": most_accurate,
+        "accuracy_gain_vs_edgent_pts": gain,
+    }
+
+
+def experiment3(
+    b: Bench, server: ServerProcess, e6: dict[str, Any] | None = None
+) -> dict[str, Any]:
     print("== experiment 3: accuracy and server time under a latency SLA (Fig. 9)", flush=True)
     net = FG_4G
     rate = b.plan.paced_fps
     rows: list[dict[str, Any]] = []
     with Shaper(b.tb, server.port, rate=net.rate, delay=net.delay) as shaper:
         neuro = b.run(net.label, shaper.port, "neurosurgeon", b.policy("neurosurgeon"),
-                      rate_fps=rate)  # fmt: skip
+                      rate_fps=rate, duration_s=b.plan.sla_run_s)  # fmt: skip
         # Measured in the same setting as the policies (the first run after a change of
         # setting is often slow on this shared machine: neurosurgeon goes first).
         dev = b.run(net.label, shaper.port, "device-only", b.policy("device-only"),
-                    rate_fps=rate)  # fmt: skip
+                    rate_fps=rate, duration_s=b.plan.sla_run_s)  # fmt: skip
         # The median: a busy shared machine puts a few slow frames into any run.
         b.device_only_ms = dev.latency_ms_p50
         for f in b.plan.sla_fractions:
@@ -460,24 +574,37 @@ def experiment3(b: Bench, server: ServerProcess) -> dict[str, Any]:
             res = {"neurosurgeon": neuro}
             for name in ("spinn", "spinn-no-ee", "edgent"):
                 res[name] = b.run(f"SLA {100 * f:.0f}% = {limit:.0f} ms", shaper.port, name,
-                                  b.policy(name, sla), rate_fps=rate)  # fmt: skip
+                                  b.policy(name, sla), rate_fps=rate,
+                                  duration_s=b.plan.sla_run_s)  # fmt: skip
             rows.append(
                 {
                     "fraction": f,
                     "sla_ms": limit,
-                    "results": {k: v.row() for k, v in res.items()},
+                    "results": {
+                        k: {
+                            **v.row(),
+                            "test_accuracy": tested_accuracy(v, e6, b.profile),
+                            "met": v.latency_ms_mean <= limit,
+                        }
+                        for k, v in res.items()
+                    },
                 }
             )
+    n_test = e6["images"] if e6 else 0
+    summary = sla_summary(rows)
     order = ("spinn", "spinn-no-ee", "edgent", "neurosurgeon")
     table = []
     for r in rows:
         for p in order:
             x = r["results"][p]
+            hw = accuracy_half_width(x["test_accuracy"], n_test)
             table.append([
-                f"{100 * r['fraction']:.0f}% ({r['sla_ms']:.0f} ms)", p,
-                f"{100 * x['expected_accuracy']:.1f}", f"{100 * x['accuracy']:.1f}",
+                f"{100 * r['fraction']:.0f}% ({r['sla_ms']:.1f} ms)", p,
+                f"{100 * x['test_accuracy']:.1f} ± {100 * hw:.1f}" if n_test else
+                f"{100 * x['test_accuracy']:.1f}",
+                f"{100 * x['accuracy']:.1f} ({x['frames']})",
                 f"{x['server_ms_per_inference']:.2f}", f"{x['latency_ms_mean']:.1f}",
-                "yes" if x["latency_ms_mean"] <= r["sla_ms"] else "no",
+                "yes" if x["met"] else "no",
                 f"{split_name(x['split_mode'] or 0, b.profile.num_stages)} {_thr(x['thr_mode'])}",
             ])  # fmt: skip
     text = b.header("# Experiment 3 — accuracy and server time under a latency SLA (Fig. 9)") + (
@@ -485,14 +612,26 @@ def experiment3(b: Bench, server: ServerProcess) -> dict[str, Any]:
         f"{b.device_only_ms:.1f} ms (median). SLA = fraction × that. SPINN: max accuracy, "
         "then min server time, within the SLA (least-violating when nothing meets it); "
         "Edgent: its latency target = the SLA; Neurosurgeon ignores the SLA (minimum "
-        "latency). 'cfg accuracy' = test accuracy of the configuration used (profile); "
-        "'measured' = on the replayed frames.\n\n"
+        "latency). 'accuracy' = test accuracy of the configurations the frames ran with "
+        + (
+            f"(experiment 6, {n_test} test images; ± = 95% interval)"
+            if n_test
+            else "(calibration set of the profile)"
+        )
+        + "; 'on the run's frames' = correct answers among the replayed frames (their "
+        "number in brackets: a few dozen, several points of noise). 'SLA met' = mean "
+        f"latency within the limit. SPINN meets the limit wherever any policy does: "
+        f"{'yes' if summary['met_where_feasible'] else '**no**'}; SPINN the most accurate of "
+        "the policies that meet it: "
+        f"{'yes' if summary['spinn_most_accurate_where_met'] else '**no**'}; accuracy gain "
+        "over Edgent at the tightest limit any policy met: "
+        f"{_opt(summary['accuracy_gain_vs_edgent_pts'])} points.\n\n"
         + md_table(
             [
                 "SLA",
                 "policy",
-                "cfg accuracy %",
-                "measured %",
+                "accuracy %",
+                "on the run's frames %",
                 "server ms / inference",
                 "latency ms",
                 "SLA met",
@@ -506,7 +645,7 @@ def experiment3(b: Bench, server: ServerProcess) -> dict[str, Any]:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     x = [100 * r["fraction"] for r in rows]
     for p in order:
-        a1.plot(x, [100 * r["results"][p]["expected_accuracy"] for r in rows], "o-", label=p)
+        a1.plot(x, [100 * r["results"][p]["test_accuracy"] for r in rows], "o-", label=p)
         a2.plot(x, [r["results"][p]["server_ms_per_inference"] for r in rows], "o-", label=p)
     a1.set_ylabel("accuracy of the chosen configuration (%)")
     a2.set_ylabel("server time per inference (ms)")
@@ -516,7 +655,7 @@ def experiment3(b: Bench, server: ServerProcess) -> dict[str, Any]:
         a.legend(fontsize=8)
     fig.suptitle(f"Latency SLA, {net.label}, device ×{b.device_slowdown:g}")
     _save_figure(fig, b.out / "exp3_latency_sla.png")
-    return {"rows": rows, "device_only_ms": b.device_only_ms}
+    return {"rows": rows, "device_only_ms": b.device_only_ms, **summary}
 
 
 # -- experiment 4: varying network ------------------------------------------------------
@@ -815,13 +954,19 @@ def experiment6(b: Bench) -> dict[str, Any]:
     model, meta = load_checkpoint(b.tb.checkpoint)
     data = load_fashion_mnist("test")
     n = min(b.plan.eval_images, len(data))
-    data = dataclasses.replace(data, images=data.images[:n], labels=data.labels[:n])
+    # The frames every run replays, in the model's input size (bench._harness.frames_for).
+    frames = torch.from_numpy(b.tb.images[:n])
+    frames = frames[:, None] if frames.dim() == 3 else frames.permute(0, 3, 1, 2)
+    data = dataclasses.replace(
+        data, images=frames.contiguous(), labels=torch.from_numpy(b.tb.labels[:n]).long()
+    )
     torch.set_num_threads(1)
     thresholds = [t for t in b.profile.thr_grid if t <= 1.0]
     ev = evaluate_model(model, data, model_id=meta.model_id, thresholds=thresholds)
     write_outputs(ev, b.out / "exp6_thresholds")
     return {
         "final_exit_accuracy": ev.exit_accuracy[-1],
+        "exit_accuracy": list(ev.exit_accuracy),
         "accuracy_at": {round(r.thr_conf, 4): r.accuracy for r in ev.rows},
         "images": n,
     }
@@ -861,12 +1006,38 @@ def _machine() -> dict[str, str]:
     }
 
 
+def server_cost_ratio(e1: dict[str, Any]) -> float | None:
+    """Largest server time per inference of server-only over SPINN's, among the networks
+    where SPINN offloaded at all (its accuracy is within the floor of the final exit, as
+    the throughput SLA asks: equal accuracy); None where it never did."""
+    ratios = [
+        r["server_ms_per_inference"]["server-only"] / r["server_ms_per_inference"]["spinn"]
+        for r in e1["rows"]
+        if r.get("server_ms_per_inference", {}).get("spinn", 0) > 0
+    ]
+    return round(max(ratios), 2) if ratios else None
+
+
+def middle_regime(e1: dict[str, Any]) -> tuple[bool, list[float] | None]:
+    """Whether a split strictly inside the network beat both ends at some bandwidth, and
+    the range of bandwidths (Mbit/s) where it did, as measured."""
+    mbit = [r["mbit"] for r in e1["rows"] if r.get("middle")]
+    return bool(mbit), ([min(mbit), max(mbit)] if mbit else None)
+
+
 def headline(
-    e1: dict[str, Any], e4: dict[str, Any], e6: dict[str, Any], frames_lost: int
+    e1: dict[str, Any],
+    e4: dict[str, Any],
+    e6: dict[str, Any],
+    frames_lost: int,
+    e2: dict[str, Any] | None = None,
+    e3: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The figures of the last JSON line."""
-    ratios = [r["spinn_vs_best_baseline"] for r in e1["rows"]]
-    oracle = [r["spinn_vs_oracle"] for r in e1["rows"]]
+    """The figures of the last JSON line.  Ratios against the baselines and the oracle
+    are over the rows of experiments 1 and 2 (when it ran)."""
+    rows = [*e1["rows"], *(e2["rows"] if e2 else [])]
+    ratios = [r["spinn_vs_best_baseline"] for r in rows]
+    oracle = [r["spinn_vs_oracle"] for r in rows if "spinn_vs_oracle" in r]
     acc_at = e6["accuracy_at"]
     final = e6["final_exit_accuracy"]
 
@@ -883,13 +1054,21 @@ def headline(
         for r in e1["rows"]
         if r["spinn_thresholds"]
     ]
+    middle, middle_mbit = middle_regime(e1)
+    gain = e3.get("accuracy_gain_vs_edgent_pts") if e3 else None
     return {
         "spinn_vs_best_baseline_max": round(max(ratios), 3),
         "spinn_vs_best_baseline_min": round(min(ratios), 3),
         "spinn_vs_oracle_median": round(statistics.median(oracle), 3),
+        "spinn_vs_oracle_min": round(min(oracle), 3),
         "settle_seconds_median": (
             None if e4["settle_median"] is None else round(e4["settle_median"], 3)
         ),
+        "middle_regime": middle,
+        "middle_regime_mbit": middle_mbit,
+        "sla_met_where_feasible": e3.get("met_where_feasible") if e3 else None,
+        "sla_accuracy_gain_vs_edgent_pts": None if gain is None else round(gain, 2),
+        "server_cost_ratio_vs_server_only": server_cost_ratio(e1),
         "frames_lost": frames_lost,
         "accuracy_drop_vs_final_exit": round(100 * max(drops), 2) if drops else None,
     }
@@ -911,6 +1090,15 @@ def write_readme(
         ("SPINN never clearly below the best baseline (min ratio ≥ 0.95)",
          figures["spinn_vs_best_baseline_min"] >= 0.95),
         ("SPINN up to 2× the best baseline (paper)", figures["spinn_vs_best_baseline_max"] >= 2.0),
+        ("SPINN within 0.9 of the oracle in every row of experiments 1 and 2",
+         figures["spinn_vs_oracle_min"] >= 0.9),
+        ("decision settled within 1 s (median) after a step of the network",
+         figures["settle_seconds_median"] is not None
+         and figures["settle_seconds_median"] <= 1.0),
+        ("SPINN meets the latency limit wherever any policy does",
+         bool(figures["sla_met_where_feasible"])),
+        ("SPINN the most accurate of the policies that meet the latency limit",
+         bool(e3.get("spinn_most_accurate_where_met"))),
         ("no frame lost", figures["frames_lost"] == 0),
         ("accuracy drop at the chosen thresholds < 1 point",
          figures["accuracy_drop_vs_final_exit"] is not None
@@ -969,7 +1157,11 @@ def write_readme(
         f"{e2_rows[-1]['fps']['neurosurgeon']:.1f}/s, server-only "
         f"{e2_rows[-1]['fps']['server-only']:.1f}/s.",
         "3. [Latency SLA](exp3_latency_sla.md) ([plot](exp3_latency_sla.png)): device-only "
-        f"latency {e3['device_only_ms']:.1f} ms.",
+        f"latency {e3['device_only_ms']:.1f} ms; SPINN's accuracy over Edgent's at the "
+        f"tightest limit any policy met: {_opt(figures['sla_accuracy_gain_vs_edgent_pts'])} "
+        "points (paper: +20.7); server time per inference of server-only over SPINN's "
+        f"(experiment 1, best network): {_opt(figures['server_cost_ratio_vs_server_only'])}× "
+        "(paper: up to 6.8×).",
         "4. [Varying network](exp4_varying_network.md) ([plot](exp4_varying_network.png)): "
         f"median settling time {_opt(figures['settle_seconds_median'])} s over the "
         f"{e4['steps_changed']} of {len(e4['settle'])} steps that changed the decision "
@@ -1072,7 +1264,7 @@ def run_all(
         e6 = experiment6(b) if 6 in only else None
         with ServerProcess(tb) as server:
             e1 = experiment1(b, server) if 1 in only else None
-            e3 = experiment3(b, server) if 3 in only else None
+            e3 = experiment3(b, server, e6) if 3 in only else None
             e4 = experiment4(b, server, workdir) if 4 in only else None
             e5 = experiment5(b, server) if 5 in only else None
         e2 = experiment2(b) if 2 in only else None
@@ -1082,7 +1274,7 @@ def run_all(
                 raw[key] = _jsonable(val)
         figures: dict[str, Any] = {"frames_lost": b.frames_lost}
         if e1 and e4 and e6:
-            figures = headline(e1, e4, e6, b.frames_lost)
+            figures = headline(e1, e4, e6, b.frames_lost, e2, e3)
         raw["figures"] = figures
         raw["machine"] = {**b.machine, "load_avg_end": _machine()["load_avg"]}
         _write(out / "raw.json", json.dumps(raw, indent=1) + "\n")
@@ -1122,6 +1314,72 @@ def _slowdown(text: str) -> float:
     return k
 
 
+MODELS_DIR = ROOT / "models"
+
+
+def shipped_workloads(models_dir: Path = MODELS_DIR) -> list[tuple[str, Path]]:
+    """Every model shipped under ``models/`` (a directory with a ``model.pt``), the
+    default one first: the workloads a run covers unless told otherwise."""
+    found = sorted(d.name for d in models_dir.iterdir() if (d / "model.pt").is_file())
+    found.sort(key=lambda name: name != "default")
+    return [(name, models_dir / name / "model.pt") for name in found]
+
+
+def parse_workloads(text: str, models_dir: Path = MODELS_DIR) -> list[tuple[str, Path]]:
+    """``--workloads``: comma-separated names of models under ``models/`` or paths of
+    checkpoints, each as (name, checkpoint)."""
+    out: list[tuple[str, Path]] = []
+    for token in (t.strip() for t in text.split(",")):
+        if not token:
+            continue
+        named = models_dir / token / "model.pt"
+        if named.is_file():
+            out.append((token, named))
+        elif Path(token).is_file():
+            path = Path(token)
+            out.append((path.parent.name or path.stem, path))
+        else:
+            known = ", ".join(n for n, _ in shipped_workloads(models_dir)) or "none"
+            raise argparse.ArgumentTypeError(
+                f"--workloads: {token!r} is neither a model under {models_dir} (known: "
+                f"{known}) nor a checkpoint file"
+            )
+    names = [n for n, _ in out]
+    if not out or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"--workloads: expected distinct model names or checkpoints, got {text!r}"
+        )
+    return out
+
+
+# How each headline figure of several workloads combines into the top-level one: the
+# worst case of each target, the largest of the "up to" figures.
+_COMBINE: dict[str, Callable[[list[Any]], Any]] = {
+    "spinn_vs_best_baseline_max": max,
+    "spinn_vs_best_baseline_min": min,
+    "spinn_vs_oracle_median": min,
+    "spinn_vs_oracle_min": min,
+    "settle_seconds_median": max,
+    "middle_regime": any,
+    "sla_met_where_feasible": all,
+    "sla_accuracy_gain_vs_edgent_pts": min,
+    "server_cost_ratio_vs_server_only": max,
+    "frames_lost": sum,
+    "accuracy_drop_vs_final_exit": max,
+}
+
+
+def combine(per_workload: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Top-level figures over several workloads (``_COMBINE``); a figure missing from
+    some workload (None) combines over the others."""
+    out: dict[str, Any] = {}
+    for key, how in _COMBINE.items():
+        vals = [f[key] for f in per_workload.values() if f.get(key) is not None]
+        if vals:
+            out[key] = how(vals)
+    return out
+
+
 def main(argv: list[str] | None = None, *, plan_hook: Callable[[Plan], Plan] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.paper", description=(__doc__ or "").splitlines()[0]
@@ -1129,26 +1387,51 @@ def main(argv: list[str] | None = None, *, plan_hook: Callable[[Plan], Plan] | N
     parser.add_argument("--quick", action="store_true", help="reduced sweep (a few minutes)")
     parser.add_argument("--device-slowdown", type=_slowdown, default=5.0, metavar="K",
                         help="each device stage takes K× its time (default 5)")  # fmt: skip
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--model", "--checkpoint", dest="checkpoint", type=Path, default=None,
+                        help="one checkpoint to run (default: the workloads below)")  # fmt: skip
+    parser.add_argument("--workloads", type=parse_workloads, default=None,
+                        help="comma-separated models under models/ (directory names, e.g. "
+                        "default,camera) or checkpoint paths (default: every model shipped "
+                        "under models/, the default one first)")  # fmt: skip
     parser.add_argument("--profile", type=Path, default=None,
-                        help="offline profile (default: beside the checkpoint; measured here "
-                        "when missing)")  # fmt: skip
+                        help="offline profile of --model (default: beside the checkpoint; "
+                        "measured here when missing)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="results directory")
     parser.add_argument("--only", type=_experiments, default=[1, 2, 3, 4, 5, 6],
                         help="comma-separated experiments to run, e.g. 1,6")  # fmt: skip
     args = parser.parse_args(argv)
-    if not args.checkpoint.is_file():
-        parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    if args.checkpoint is not None and args.workloads is not None:
+        parser.error("--model and --workloads: give one or the other")
+    if args.checkpoint is not None:
+        if not args.checkpoint.is_file():
+            parser.error(f"--model {args.checkpoint}: no such file")
+        workloads = [(args.checkpoint.parent.name, args.checkpoint)]
+    else:
+        workloads = args.workloads or shipped_workloads()
+        if not workloads:
+            parser.error(f"no model under {MODELS_DIR}: give --model")
+        if args.profile is not None and len(workloads) > 1:
+            parser.error("--profile goes with one model only")
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
     for name in ("spinn", "bench"):
         logging.getLogger(name).setLevel(logging.ERROR)
     plan = QUICK if args.quick else FULL
     if plan_hook is not None:
         plan = plan_hook(plan)
-    profile = args.profile or args.checkpoint.with_name("profile.json")
-    figures = run_all(plan, args.out, args.checkpoint, profile, args.device_slowdown, args.only)
-    print(json.dumps({"bench": "paper", "plan": plan.name,
-                      "device_slowdown": args.device_slowdown, **figures}))  # fmt: skip
+    per_workload: dict[str, dict[str, Any]] = {}
+    for name, checkpoint in workloads:
+        profile = args.profile or checkpoint.with_name("profile.json")
+        # The shipped default model's results stay where they always were; every other
+        # workload gets a directory of its own beside them.
+        out = args.out if len(workloads) == 1 or name == "default" else args.out / name
+        print(f"== workload {name}: {checkpoint}", flush=True)
+        per_workload[name] = run_all(plan, out, checkpoint, profile, args.device_slowdown,
+                                     args.only)  # fmt: skip
+    head = {"bench": "paper", "plan": plan.name, "device_slowdown": args.device_slowdown}
+    if len(per_workload) == 1:
+        print(json.dumps({**head, **next(iter(per_workload.values()))}))
+    else:
+        print(json.dumps({**head, **combine(per_workload), "workloads": per_workload}))
     return 0
 
 

@@ -76,6 +76,12 @@ class SchedulerConfig:
     went down) or breaks a hard limit: on a busy machine the estimates swing by more than
     the hysteresis band from one frame to the next, and without it the choice changed ten
     times a second among near-equal candidates (split 0, 1 and 2 on loopback)."""
+    replan_interval_s: float = 0.05
+    """Between full re-plans the current decision is returned as it is, unless the server's
+    reachability changed.  A re-plan costs about 0.3 ms of the device's event loop; made
+    for every input, it took 17% of the device's core at 600 inputs/s (5G, server-only,
+    thr 0.75: 0.28 ms median × 1671 calls in 3 s).  The estimates move per measurement,
+    not per input, so 20 re-plans a second follow them as closely."""
     response_bytes: int = 256
     """Size of a RESULT on the wire (exit index, top-k, timings), for the download time."""
     codec: str | None = None
@@ -95,6 +101,10 @@ class SchedulerConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"SchedulerConfig.{name} must be in [0, 1), got {v!r}")
+        if not self.replan_interval_s >= 0.0:
+            raise ValueError(
+                f"SchedulerConfig.replan_interval_s must be >= 0, got {self.replan_interval_s!r}"
+            )
         if not self.min_dwell_s >= 0.0:
             raise ValueError(f"SchedulerConfig.min_dwell_s must be >= 0, got {self.min_dwell_s!r}")
         if self.hysteresis < 1.0:
@@ -590,6 +600,8 @@ class Scheduler:
         self._estimates_at_change: Estimates | None = None
         self.history: list[tuple[float, Decision]] = []
         """Every change of decision with its time, the first included."""
+        self._planned: tuple[float, bool] | None = None
+        """Time and server reachability of the last full re-plan."""
 
     def predict(self, estimates: Estimates) -> Predictions:
         pred = self.predictor.predict(estimates)
@@ -623,8 +635,8 @@ class Scheduler:
         and within every hard limit (when anything is)."""
         if self.current is None or self._current_t is None or not self.history:
             return False
-        if now - self.history[-1][0] >= self.config.min_dwell_s:
-            return False
+        if not 0.0 <= now - self.history[-1][0] < self.config.min_dwell_s:
+            return False  # dwelt long enough, or a new time base
         s, t = self.current.split, self._current_t
         if not pred.valid[s, t]:
             return False
@@ -654,6 +666,14 @@ class Scheduler:
         return bool(pool[s, t])
 
     def decide(self, now: float, estimates: Estimates) -> Decision:
+        if (
+            self.current is not None
+            and self._planned is not None
+            and 0.0 <= now - self._planned[0] < self.config.replan_interval_s
+            and estimates.server_up == self._planned[1]
+        ):
+            return self.current
+        self._planned = (now, estimates.server_up)
         pred = self.predict(estimates)
         s, t, ok = choose(pred, self.sla, self.config)
         if self.current is not None and (s, t) == (self.current.split, self._current_t):
@@ -731,6 +751,7 @@ class NeurosurgeonPolicy:
             accuracy_tolerance=0.0,
             hysteresis=1.0,
             min_dwell_s=0.0,
+            replan_interval_s=0.0,
             response_bytes=base.response_bytes,
             codec=base.codec,
             local_race=False,

@@ -6,6 +6,7 @@ compute, real server and netshape processes on loopback) with runs of about a se
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -21,6 +22,7 @@ from bench._harness import (
     ServerProcess,
     Shaper,
     Testbed,
+    frames_for,
     measure,
     scaled_device_profile,
 )
@@ -128,10 +130,114 @@ def test_headline_figures() -> None:
     assert fig["spinn_vs_best_baseline_max"] == 1.5
     assert fig["spinn_vs_best_baseline_min"] == 0.8
     assert fig["spinn_vs_oracle_median"] == pytest.approx(0.8)
+    assert fig["spinn_vs_oracle_min"] == pytest.approx(0.7)
     assert fig["settle_seconds_median"] == 1.25
     assert fig["frames_lost"] == 0
+    assert fig["middle_regime"] is False and fig["middle_regime_mbit"] is None
+    assert fig["sla_met_where_feasible"] is None
+    assert fig["server_cost_ratio_vs_server_only"] is None
     # Worst condition: all frames at 0.5 -> 2 points below the final exit.
     assert fig["accuracy_drop_vs_final_exit"] == pytest.approx(2.0)
+    # Experiment 2's rows count in the ratios; experiment 1's give the middle regime and
+    # the server-cost ratio, experiment 3 the SLA verdicts.
+    e1["rows"][0].update(
+        mbit=1.0, middle=True, server_ms_per_inference={"spinn": 0.5, "server-only": 2.0}
+    )
+    e1["rows"][1].update(
+        mbit=10.0, middle=True, server_ms_per_inference={"spinn": 0.0, "server-only": 2.0}
+    )
+    e2 = {"rows": [{"spinn_vs_best_baseline": 2.5, "spinn_vs_oracle": 0.6}]}
+    e3 = {"met_where_feasible": False, "accuracy_gain_vs_edgent_pts": 3.456}
+    fig = paper.headline(e1, {"settle_median": None}, e6, 0, e2, e3)
+    assert fig["spinn_vs_best_baseline_max"] == 2.5
+    assert fig["spinn_vs_oracle_min"] == pytest.approx(0.6)
+    assert fig["settle_seconds_median"] is None
+    assert fig["middle_regime"] is True and fig["middle_regime_mbit"] == [1.0, 10.0]
+    assert fig["server_cost_ratio_vs_server_only"] == 4.0
+    assert fig["sla_met_where_feasible"] is False
+    assert fig["sla_accuracy_gain_vs_edgent_pts"] == 3.46
+
+
+def test_middle_split_wins_against_both_ends_at_their_best() -> None:
+    grid = {(0, 2.0): 100.0, (0, 0.5): 150.0, (5, 0.5): 140.0, (11, 0.5): 90.0}
+    assert not paper.middle_split_wins(grid, 11)
+    assert paper.middle_split_wins({**grid, (5, 2.0): 151.0}, 11)
+    assert not paper.middle_split_wins({(0, 2.0): 1.0, (11, 2.0): 2.0}, 11)
+
+
+def _sla_row(ms: float, **runs: tuple[float, bool]) -> dict[str, object]:
+    return {"sla_ms": ms,
+            "results": {k: {"test_accuracy": a, "met": m} for k, (a, m) in runs.items()}}  # fmt: skip
+
+
+def test_sla_summary() -> None:
+    rows = [
+        _sla_row(5.0, spinn=(0.84, False), edgent=(0.84, False)),  # nobody meets it
+        _sla_row(16.0, spinn=(0.93, True), edgent=(0.915, True), other=(0.92, True)),
+        _sla_row(27.0, spinn=(0.93, True), edgent=(0.934, True)),
+    ]
+    out = paper.sla_summary(rows)
+    assert out["feasible_rows"] == 2
+    assert out["met_where_feasible"] is True
+    # Edgent is more accurate at the loosest limit.
+    assert out["spinn_most_accurate_where_met"] is False
+    assert out["accuracy_gain_vs_edgent_pts"] == pytest.approx(1.5)
+    rows[1]["results"]["spinn"]["met"] = False  # type: ignore[index]
+    assert paper.sla_summary(rows)["met_where_feasible"] is False
+    assert paper.sla_summary(rows[:1])["accuracy_gain_vs_edgent_pts"] is None
+    assert paper.accuracy_half_width(0.93, 2500) == pytest.approx(0.01, abs=1e-3)
+
+
+def test_workloads_by_name_or_path(tmp_path: Path) -> None:
+    for name in ("camera", "default", "zeta"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.pt").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    assert [n for n, _ in paper.shipped_workloads(tmp_path)] == ["default", "camera", "zeta"]
+    got = paper.parse_workloads("default, camera", tmp_path)
+    assert got == [("default", tmp_path / "default" / "model.pt"),
+                   ("camera", tmp_path / "camera" / "model.pt")]  # fmt: skip
+    path = str(tmp_path / "zeta" / "model.pt")
+    assert paper.parse_workloads(path, tmp_path) == [("zeta", Path(path))]
+    for text, words in (("nope", "'nope' is neither"), ("default,default", "distinct"),
+                        (",", "distinct"), ("empty", "known: default, camera, zeta")):  # fmt: skip
+        with pytest.raises(argparse.ArgumentTypeError, match=words):
+            paper.parse_workloads(text, tmp_path)
+
+
+def test_combine_takes_the_worst_case_of_each_target() -> None:
+    a = {"spinn_vs_oracle_min": 0.95, "spinn_vs_best_baseline_max": 1.2, "middle_regime": False,
+         "sla_met_where_feasible": True, "settle_seconds_median": 0.5, "frames_lost": 1,
+         "sla_accuracy_gain_vs_edgent_pts": None}  # fmt: skip
+    b = {"spinn_vs_oracle_min": 0.85, "spinn_vs_best_baseline_max": 1.9, "middle_regime": True,
+         "sla_met_where_feasible": False, "settle_seconds_median": 2.0, "frames_lost": 2,
+         "sla_accuracy_gain_vs_edgent_pts": 4.0}  # fmt: skip
+    out = paper.combine({"default": a, "camera": b})
+    assert out["spinn_vs_oracle_min"] == 0.85
+    assert out["spinn_vs_best_baseline_max"] == 1.9
+    assert out["middle_regime"] is True
+    assert out["sla_met_where_feasible"] is False
+    assert out["settle_seconds_median"] == 2.0
+    assert out["frames_lost"] == 3
+    assert out["sla_accuracy_gain_vs_edgent_pts"] == 4.0
+
+
+def test_frames_for_the_model_input_match_the_device_preprocessing() -> None:
+    import numpy as np
+    import torch
+
+    from spinn.progressive import InputSpec
+    from spinn.sources import preprocess
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
+    rgb96 = InputSpec(3, 96, 96, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    frames = frames_for(grey, rgb96)
+    assert frames.shape == (3, 96, 96, 3) and frames.dtype == np.uint8
+    for i in range(3):
+        assert torch.equal(preprocess(frames[i], rgb96), preprocess(grey[i], rgb96))
+    same = InputSpec(1, 28, 28, (0.5,), (0.25,))
+    assert frames_for(grey, same) is grey
 
 
 def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
@@ -139,6 +245,9 @@ def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
         (["--only", "7"], "experiments are 1-6"),
         (["--device-slowdown", "0.5"], "--device-slowdown must be in [1, 1000]"),
         (["--checkpoint", "/nonexistent/model.pt"], "no such file"),
+        (["--model", "/nonexistent/model.pt"], "no such file"),
+        (["--workloads", "no-such-model"], "is neither a model"),
+        (["--model", __file__, "--workloads", "default"], "one or the other"),
     ):
         with pytest.raises(SystemExit):
             paper.main(argv)

@@ -491,6 +491,32 @@ def test_a_new_decision_dwells_unless_it_becomes_invalid() -> None:
         SchedulerConfig(min_dwell_s=-1.0)
 
 
+def test_replans_at_its_cadence_and_at_once_when_the_server_goes() -> None:
+    """Between re-plans (``replan_interval_s``) the current decision stands whatever the
+    estimates say; a change of the server's reachability re-plans at once."""
+    p = scenario_profile()
+    cfg = SchedulerConfig(replan_interval_s=0.05, min_dwell_s=0.0)
+    sched = Scheduler(p, LATENCY_FIRST, cfg)
+    fast = sched.decide(10.0, est(1000, lat_ms=1))
+    slow_choice = sched.choose(est(0.01, lat_ms=1))
+    assert slow_choice.split != fast.split
+    # A collapse of B within the interval is seen at the next re-plan, not before.
+    assert sched.decide(10.03, est(0.01, lat_ms=1)) is fast
+    assert sched.decide(10.049, est(0.01, lat_ms=1)) is fast
+    moved = sched.decide(10.05, est(0.01, lat_ms=1))
+    assert moved.split == slow_choice.split
+    # The server going down does not wait for the cadence.
+    down = sched.decide(10.06, est(1000, lat_ms=1, server_up=False))
+    assert down.split == p.num_stages
+    # A clock that went backwards (a new time base) re-plans too.
+    assert sched.decide(1.0, est(1000, lat_ms=1)).split == fast.split
+    every_call = Scheduler(p, LATENCY_FIRST, replace(cfg, replan_interval_s=0.0))
+    every_call.decide(10.0, est(1000, lat_ms=1))
+    assert every_call.decide(10.0, est(0.01, lat_ms=1)).split == slow_choice.split
+    with pytest.raises(ValueError, match="replan_interval_s"):
+        SchedulerConfig(replan_interval_s=-0.1)
+
+
 def test_no_early_exit_variant_and_split_restriction() -> None:
     p = scenario_profile()
     no_ee = Scheduler(p, LATENCY_FIRST, early_exits=False)
