@@ -29,6 +29,7 @@ from spinn.profile import (
 )
 from spinn.scheduler import (
     POLICY_NAMES,
+    Choice,
     DeviceOnlyPolicy,
     EdgentPolicy,
     NeurosurgeonPolicy,
@@ -186,7 +187,10 @@ estimates = st.builds(
     upload_busy_ms=st.sampled_from([0.0, 0.4]),
 )
 configs = st.builds(
-    SchedulerConfig, local_race=st.booleans(), max_in_flight=st.sampled_from([1, 4])
+    SchedulerConfig,
+    local_race=st.booleans(),
+    max_in_flight=st.sampled_from([1, 4]),
+    latency_margin=st.sampled_from([0.0, 0.1, 0.3]),
 )
 
 
@@ -222,8 +226,11 @@ def brute_force(pred: Predictions, sla: SLA, cfg: SchedulerConfig) -> tuple[int,
     def viol(c: tuple[int, int]) -> float:
         p = pred.at(*c)
         total = 0.0
+        lat_limit = None
+        if sla.max_latency_ms is not None:
+            lat_limit = sla.max_latency_ms / (1 + cfg.latency_margin)
         checks = [
-            (sla.max_latency_ms, p.latency_ms, +1),
+            (lat_limit, p.latency_ms, +1),
             (sla.min_throughput, p.throughput, -1),
             (sla.max_server_cost_ms, p.server_cost_ms, +1),
             (sla.max_device_cost_ms, p.device_cost_ms, +1),
@@ -319,13 +326,27 @@ def test_slower_server_moves_split_later() -> None:
 def test_tight_latency_limit_lowers_threshold() -> None:
     p = scenario_profile()
     down = {"server_up": False}
-    loose = Scheduler(p, SLA(max_latency_ms=100, rank=(Metric.ACCURACY,))).choose(est(1, **down))
-    mid = Scheduler(p, SLA(max_latency_ms=20, rank=(Metric.ACCURACY,))).choose(est(1, **down))
-    tight = Scheduler(p, SLA(max_latency_ms=15, rank=(Metric.ACCURACY,))).choose(est(1, **down))
+    exact = SchedulerConfig(latency_margin=0.0)
+
+    def thr(limit_ms: float, cfg: SchedulerConfig = exact) -> Choice:
+        sla = SLA(max_latency_ms=limit_ms, rank=(Metric.ACCURACY,))
+        return Scheduler(p, sla, cfg).choose(est(1, **down))
+
+    loose, mid, tight = thr(100), thr(20), thr(15)
     assert loose.thr_conf >= 1.0  # 24 ms device-only, no exit needed
     assert mid.thr_conf == 0.9  # 18.4 ms
     assert tight.thr_conf == 0.5  # 13.6 ms
     assert all(c.feasible for c in (loose, mid, tight))
+    # With the default margin of 10% the limit is a promise: 18.4 ms is too close to 20.
+    assert SchedulerConfig().latency_margin == 0.1
+    assert thr(20, SchedulerConfig()).thr_conf == 0.5
+    assert thr(20.3, SchedulerConfig()).thr_conf == 0.9  # 18.4 × 1.1 = 20.24
+    # Nothing clears the margin but something meets the limit: the fastest, still within.
+    fastest = thr(10.5, SchedulerConfig())
+    assert not fastest.feasible and fastest.prediction.latency_ms == 10.0
+    assert any("latency" in v for v in fastest.violations)
+    with pytest.raises(ValueError, match="latency_margin"):
+        SchedulerConfig(latency_margin=1.0)
 
 
 def test_infeasible_picks_least_violating_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
