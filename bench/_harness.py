@@ -53,6 +53,7 @@ __all__ = [
     "Testbed",
     "TimedSource",
     "config_accuracy",
+    "frames_dataset",
     "frames_for",
     "load_frames",
     "measure",
@@ -132,6 +133,8 @@ class Testbed:
     """Frames replayed by every run, in the model's input size (uint8, N×H×W for a grey
     model, N×H×W×3 for an RGB one: what its camera would give), with their ``labels``."""
     labels: np.ndarray
+    dataset: str = "fashion-mnist"
+    """Whose test split ``images`` are (``frames_dataset``)."""
 
     @classmethod
     def prepare(
@@ -156,39 +159,56 @@ class Testbed:
         profile = scaled_device_profile(profile, device_slowdown)
         path = workdir / "device_profile.json"
         profile.save(path)
-        images, labels = load_frames()
+        dataset = frames_dataset(meta.recipe)
+        images, labels = load_frames(dataset)
         images = frames_for(images, model.input_spec)
-        return cls(checkpoint, profile, path, device_slowdown, pin_cores(), images, labels)
+        return cls(checkpoint, profile, path, device_slowdown, pin_cores(), images, labels, dataset)
 
 
-def load_frames() -> tuple[np.ndarray, np.ndarray]:
-    """The Fashion-MNIST test set as the device's camera would see it (uint8 H×W)."""
+# The datasets a checkpoint's recipe may name whose test split the runs replay.
+FRAME_DATASETS = ("fashion-mnist", "fashion-mnist-camera")
+
+
+def frames_dataset(recipe: dict[str, Any]) -> str:
+    """The dataset whose test split a model's runs replay: the one it was trained on
+    (``recipe['dataset']``) when it is one of ``FRAME_DATASETS``, else Fashion-MNIST."""
+    name = recipe.get("test_dataset") or recipe.get("dataset")
+    return name if name in FRAME_DATASETS else "fashion-mnist"
+
+
+def load_frames(dataset: str = "fashion-mnist") -> tuple[np.ndarray, np.ndarray]:
+    """A dataset's test split as the device's camera would see it (uint8 H×W or H×W×3)."""
     from spinn.sources import dataset_source
 
-    src = dataset_source("fashion-mnist:test")
+    src = dataset_source(f"{dataset}:test")
     assert src.labels is not None
     return src.images, src.labels
 
 
 def frames_for(images: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """Grey N×H×W frames as a camera of the model's input size would give them: resized
-    and, for an RGB model, with the grey replicated into three channels, exactly as
-    ``spinn.sources.preprocess`` would do on the device (so answers are the same either
-    way; the device then spends no time resizing, as with a camera of the right size)."""
+    """Frames (N×H×W grey or N×H×W×3 RGB) as a camera of the model's input size would
+    give them: converted and resized exactly as ``spinn.sources.preprocess`` would do on
+    the device (so answers are the same either way; the device then spends no time on
+    it, as with a camera of the right size).  Frames that fit already are returned."""
     import cv2
 
-    n, h, w = images.shape
-    if (h, w) == (spec.height, spec.width) and spec.channels == 1:
+    n, h, w = images.shape[:3]
+    rgb = images.ndim == 4
+    if (h, w) == (spec.height, spec.width) and rgb == (spec.channels == 3):
         return images
     shape = (n, spec.height, spec.width) + ((3,) if spec.channels == 3 else ())
     out = np.empty(shape, dtype=np.uint8)
     shrink = h > spec.height or w > spec.width
     for i in range(n):
         img = images[i]
+        if rgb and spec.channels == 1:
+            img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+        elif not rgb and spec.channels == 3:
+            img = np.repeat(img[:, :, None], 3, axis=2)
         if (h, w) != (spec.height, spec.width):
             img = cv2.resize(img, (spec.width, spec.height),
                              interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)  # fmt: skip
-        out[i] = np.repeat(img[:, :, None], 3, axis=2) if spec.channels == 3 else img
+        out[i] = img
     return out
 
 

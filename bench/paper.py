@@ -244,7 +244,8 @@ class Bench:
             f"{self.device_slowdown:g}× its time), server slowdown {server}; "
             f"{self.tb.cores.describe()}; plan "
             f"`{self.plan.name}`; model `{self.profile.model_id}` (final exit "
-            f"{100 * self.final_acc:.1f}% on the calibration set).\n"
+            f"{100 * self.final_acc:.1f}% on the calibration set), frames of "
+            f"`{self.tb.dataset}:test` ({'×'.join(map(str, self.tb.images.shape[1:]))}).\n"
         )
 
 
@@ -1195,8 +1196,8 @@ def write_readme(
         "",
         "* Every run: a fresh device runtime (`spinn.runtime.device`, this process) with the "
         "policy under test, connected through a `tools.netshape` process to one "
-        "`spinn_server.py` process (1 worker, 1 torch thread), replaying Fashion-MNIST test "
-        "images; per-frame answers are timestamped as they are written.",
+        "`spinn_server.py` process (1 worker, 1 torch thread), replaying the test images "
+        f"of `{b.tb.dataset}`; per-frame answers are timestamped as they are written.",
         f"* Throughput: answers per second after a warm-up of {b.plan.warmup_s:g} s "
         f"(estimates settle, the pipeline fills) in unpaced runs of {b.plan.run_s:g} s, "
         "4 frames in flight at most. Latency runs are paced: experiment 5 at "
@@ -1207,9 +1208,10 @@ def write_readme(
         f"configurations on the {e6['images']} test images of experiment 6 (±1 point at "
         "95% from 2500 images on); 'measured' = correct answers among the replayed frames "
         "(a few dozen to a few hundred frames: several points of noise).",
-        "* Frames are the Fashion-MNIST test images in the model's input size (resized, "
-        "grey replicated into RGB for an RGB model), as a camera of that size would give "
-        "them (`bench._harness.frames_for`).",
+        "* Frames: the test split of the dataset the model was trained on (its recipe; "
+        "Fashion-MNIST, or Fashion-MNIST rendered as 3×96×96 camera frames), in the "
+        "model's input size, as a camera of that size would give them "
+        "(`bench._harness.frames_for`).",
         "* Server time per inference = mean compute time reported in RESULTs × share of "
         "frames offloaded (cancelled requests not counted).",
         "* One run in each process is discarded first (lazy start-up of torch and thread "

@@ -22,6 +22,7 @@ from bench._harness import (
     ServerProcess,
     Shaper,
     Testbed,
+    frames_dataset,
     frames_for,
     measure,
     scaled_device_profile,
@@ -238,6 +239,13 @@ def test_frames_for_the_model_input_match_the_device_preprocessing() -> None:
         assert torch.equal(preprocess(frames[i], rgb96), preprocess(grey[i], rgb96))
     same = InputSpec(1, 28, 28, (0.5,), (0.25,))
     assert frames_for(grey, same) is grey
+    assert frames_for(frames, rgb96) is frames
+    small_grey = frames_for(frames, InputSpec(1, 32, 32, (0.5,), (0.25,)))
+    assert small_grey.shape == (3, 32, 32)
+    # The runs replay the test split of the dataset the model was trained on.
+    assert frames_dataset({"dataset": "fashion-mnist-camera"}) == "fashion-mnist-camera"
+    assert frames_dataset({"dataset": "x.npz"}) == "fashion-mnist"
+    assert frames_dataset({}) == "fashion-mnist"
 
 
 def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
