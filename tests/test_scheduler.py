@@ -512,6 +512,30 @@ def test_a_new_decision_dwells_unless_it_becomes_invalid() -> None:
         SchedulerConfig(min_dwell_s=-1.0)
 
 
+def test_a_decisive_change_does_not_wait_out_the_dwell() -> None:
+    """Within the dwell the current decision yields only to an optimum far outside the
+    hysteresis band (``dwell_band``): a collapse of the link is followed at once, a swing
+    of a few percent is not."""
+    p = scenario_profile()
+    cfg = SchedulerConfig(min_dwell_s=1.0, replan_interval_s=0.0)
+    sla = SLA(rank=(Metric.THROUGHPUT,))
+    sched = Scheduler(p, sla, cfg)
+    fast = sched.decide(0.0, est(1000, lat_ms=1))
+    assert fast.split <= 1
+    # Just after the change: a 30% swing of B moves nothing.
+    assert sched.decide(0.1, est(700, lat_ms=1)) is fast
+    slow = sched.decide(0.2, est(0.01, lat_ms=1))
+    assert slow.split == p.num_stages and len(sched.history) == 2
+    assert sched.history[-1][0] == 0.2
+    # Without the override the same collapse would have waited for the dwell to end.
+    stubborn = Scheduler(p, sla, replace(cfg, dwell_band=1e6))
+    stubborn.decide(0.0, est(1000, lat_ms=1))
+    assert stubborn.decide(0.2, est(0.01, lat_ms=1)).split <= 1
+    assert stubborn.decide(1.0, est(0.01, lat_ms=1)).split == p.num_stages
+    with pytest.raises(ValueError, match="dwell_band"):
+        SchedulerConfig(dwell_band=0.5)
+
+
 def test_replans_at_its_cadence_and_at_once_when_the_server_goes() -> None:
     """Between re-plans (``replan_interval_s``) the current decision stands whatever the
     estimates say; a change of the server's reachability re-plans at once."""
