@@ -294,7 +294,15 @@ class CaptureSource:
         self._capture = cv2.VideoCapture(target)
         if not self._capture.isOpened():
             self._capture.release()
-            raise SourceError(f"--{kind}: OpenCV cannot open {target!r}")
+            hint = ""
+            if kind == "camera" and isinstance(target, int):
+                hint = (
+                    ": no camera at that index, or it is busy or not permitted (Linux: "
+                    "`ls /dev/video*` lists cameras, and the user needs the video group). "
+                    "Try another index or a stream URL, or feed frames from --video FILE, "
+                    "--images DIR or --dataset fashion-mnist"
+                )
+            raise SourceError(f"--{kind}: OpenCV cannot open {target!r}{hint}")
 
     def __iter__(self) -> Iterator[Frame]:
         i = 0

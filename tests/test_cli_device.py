@@ -235,3 +235,30 @@ def test_codec_and_zstd_flags_fill_the_config() -> None:
     argv = ["--dataset", "fashion-mnist", "--codec", "int8", "--zstd", "always"]
     config = spinn_device.config_from_args(parse(argv))
     assert (config.codec, config.zstd) == ("int8", "always")
+
+
+@pytest.mark.parametrize("flags", [["--device-only"], ["--device-only", "--policy", "device-only"]])
+def test_device_only_reports_the_last_split(
+    flags: list[str], checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from spinn.checkpoint import load_checkpoint
+
+    stages = load_checkpoint(checkpoint)[0].num_stages
+    out = tmp_path / "answers.jsonl"
+    argv = ["--checkpoint", str(checkpoint), *flags, "--no-status", "--images",
+            str(_one_image(tmp_path)), "--out", str(out)]  # fmt: skip
+    assert spinn_device.main(argv) == 0
+    # Every stage ran here: the split is S, not the middle one a server would get.
+    assert [json.loads(line)["split"] for line in out.read_text().splitlines()] == [stages]
+    summary = json.loads(capsys.readouterr().err.split("summary ", 1)[1].splitlines()[0])
+    assert summary["split"] == stages
+
+
+def test_missing_camera_names_the_next_step(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--checkpoint", str(checkpoint), "--device-only", "--no-status", "--camera", "97"]
+    assert spinn_device.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "OpenCV cannot open 97: no camera at that index" in err
+    assert "--video FILE, --images DIR or --dataset fashion-mnist" in err

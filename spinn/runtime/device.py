@@ -142,7 +142,8 @@ class DeviceConfig:
     """Further server addresses: on an outage the device fails over to the next one
     (``spinn.runtime.failover``)."""
     split: int | None = None
-    """Fixed split for ``FixedPolicy``; None = the middle split ``S // 2``."""
+    """Fixed split for ``FixedPolicy``; None = the middle split ``S // 2`` (``S`` without
+    a server)."""
     thr_conf: float = 0.8
     """Fixed exit threshold for ``FixedPolicy``."""
     policy: str = "fixed"
@@ -777,6 +778,8 @@ class SpinnDevice:
             )
         self.num_stages = self.model.num_stages
         split = self.num_stages // 2 if config.split is None else config.split
+        if config.server is None and config.split is None:
+            split = self.num_stages  # no server: every stage runs here (device-only)
         if not 0 <= split <= self.num_stages:
             raise DeviceError(f"--split must be in 0..{self.num_stages}, got {split}")
         if not 0.0 <= config.thr_conf <= 1.0:
