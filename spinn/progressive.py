@@ -12,7 +12,9 @@ candidates. Every split s then means: device runs stages [0, s), server runs [s,
 
 from __future__ import annotations
 
+import linecache
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -76,7 +78,9 @@ class InputSpec:
         """uint8 images (N, C, H, W) or (C, H, W) in [0, 255] -> normalised float32 input."""
         if images.shape[-3:] != self.shape:
             raise ValueError(f"images of shape {tuple(images.shape)} do not match {self.shape}")
-        x = images.to(torch.float32) / 255.0
+        # Contiguous: a channels-last batch would give channels-last activations, and a
+        # backbone that flattens with .view cannot read those.
+        x = images.contiguous().to(torch.float32) / 255.0
         mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
         return (x - mean) / std
@@ -356,14 +360,62 @@ def _module_flops(module: nn.Module, x: Tensor) -> float:
     return float(counter.get_total_flops())
 
 
+def _tracer_of(backbone: nn.Module) -> fx.Tracer:
+    """The backbone's own ``fx_tracer`` (a torch.fx.Tracer subclass or instance), else
+    torch.fx's default tracer. A custom tracer's ``is_leaf_module`` keeps a submodule
+    whose forward cannot be traced (control flow on tensor values) as one call."""
+    custom = getattr(backbone, "fx_tracer", None)
+    if custom is None:
+        return fx.Tracer()
+    if isinstance(custom, type) and issubclass(custom, fx.Tracer):
+        return custom()
+    if isinstance(custom, fx.Tracer):
+        return custom
+    raise ProgressiveModelError(
+        f"{type(backbone).__name__}.fx_tracer must be a torch.fx.Tracer subclass or "
+        f"instance, got {type(custom).__name__}"
+    )
+
+
+def _failure_site(backbone: nn.Module, exc: BaseException) -> str:
+    """Where in the user's code tracing failed: the innermost frame outside torch."""
+    torch_dir = os.path.dirname(torch.__file__)
+    names = {id(m): name for name, m in backbone.named_modules()}
+    site = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame, line = tb.tb_frame, tb.tb_lineno
+        filename = frame.f_code.co_filename
+        if not filename.startswith(torch_dir) and filename != __file__:
+            owner = frame.f_locals.get("self")
+            where = f"{os.path.basename(filename)} line {line}"
+            text = linecache.getline(filename, line).strip()
+            if text:
+                where += f": `{text}`"
+            if isinstance(owner, nn.Module):
+                name = names.get(id(owner))
+                module = f" (module {name!r})" if name else ""
+                where = f"{type(owner).__name__}.{frame.f_code.co_name}{module}, {where}"
+            site = where
+        tb = tb.tb_next
+    return site
+
+
 def _trace(backbone: nn.Module) -> fx.GraphModule:
+    tracer = _tracer_of(backbone)
     try:
-        return fx.symbolic_trace(backbone)
+        graph = tracer.trace(backbone)
     except Exception as exc:  # torch.fx raises many types (TraceError, TypeError, ...)
+        site = _failure_site(backbone, exc)
         raise ProgressiveModelError(
-            f"torch.fx cannot trace {type(backbone).__name__}: {exc}. Make control flow "
-            "independent of tensor values, or wrap such code with torch.fx.wrap"
+            f"torch.fx cannot trace {type(backbone).__name__}: {exc}"
+            + (f" (in {site})" if site else "")
+            + ". Make control flow independent of tensor values, or keep that code out "
+            "of the trace: for a submodule, set fx_tracer on the model to a "
+            "torch.fx.Tracer subclass whose is_leaf_module returns True for it; for a free "
+            "function, torch.fx.wrap (it does not apply to methods)"
         ) from exc
+    return fx.GraphModule(tracer.root, graph, type(backbone).__name__)
 
 
 def _shape_of(node: fx.Node) -> tuple[int, ...] | None:

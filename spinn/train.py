@@ -101,9 +101,9 @@ class TrainConfig:
     threads: int = 2
     """torch intra-op threads (recorded; part of determinism)."""
     limit_train: int | None = None
-    """Use only the first N training images (quick runs and tests)."""
+    """Train on N images drawn with ``seed``, every class in its share (``ImageSet.sample``)."""
     limit_test: int | None = None
-    """Use only the first N test images for the per-epoch evaluation."""
+    """Evaluate each epoch on N test images drawn the same way."""
     resume: bool = False
     """Continue from the resume file beside ``out`` if it exists."""
     keep_resume: bool = False
@@ -193,7 +193,10 @@ def _load_data(cfg: TrainConfig) -> tuple[ImageSet, ImageSet]:
         test_set = load_dataset(cfg.dataset, "test", **kw)
     if test_set.shape != train_set.shape:
         raise ValueError(f"train images {train_set.shape} and test images {test_set.shape} differ")
-    return train_set.head(cfg.limit_train), test_set.head(cfg.limit_test)
+    return (
+        train_set.sample(cfg.limit_train, seed=cfg.seed),
+        test_set.sample(cfg.limit_test, seed=cfg.seed),
+    )
 
 
 def _input_spec(cfg: TrainConfig, data: ImageSet) -> InputSpec:
@@ -251,8 +254,12 @@ def train(
     progress: bool = True,
     on_epoch: Callable[[int, list[float]], None] | None = None,
     stop_after_epochs: int | None = None,
+    on_model: Callable[[ProgressiveModel], None] | None = None,
 ) -> tuple[ProgressiveModel, CheckpointMeta]:
     """Train, writing ``cfg.out`` after every epoch; returns the final model and metadata.
+
+    ``on_model`` sees the progressive model once it is built, before the first epoch
+    (``spinn train`` prints where the splits and exits fell).
 
     ``stop_after_epochs`` ends the run early (as an interruption would) after that many
     epochs of this call, leaving the resume file in place.
@@ -274,6 +281,8 @@ def train(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = mcfg.build().train()
+    if on_model is not None:
+        on_model(model)
     costs = exit_cost_fractions(model)
     steps_per_epoch = (len(train_set) + cfg.batch_size - 1) // cfg.batch_size
     opt = _make_optimizer(cfg, model)

@@ -272,3 +272,55 @@ def test_input_spec_validation_and_preprocess() -> None:
     with pytest.raises(ValueError, match="do not match"):
         GREY.preprocess(torch.zeros(1, 3, 28, 28, dtype=torch.uint8))
     assert InputSpec.from_dict(GREY.to_dict()) == GREY
+
+
+class _Gate(nn.Module):
+    """Control flow on tensor values: torch.fx cannot trace through this forward."""
+
+    def forward(self, y: Tensor) -> Tensor:
+        if y.sum() > 0:
+            y = y * 2
+        return y
+
+
+class _GatedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.gate = _Gate()
+        self.c2 = nn.Conv2d(4, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.gate(F.relu(self.c1(x)))
+        return self.fc(F.relu(self.c2(y)).mean(dim=(2, 3)))
+
+
+class _GateLeaf(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _Gate) or super().is_leaf_module(m, module_qualified_name)
+
+
+def test_untraceable_submodule_is_named_with_the_way_out() -> None:
+    with pytest.raises(ProgressiveModelError) as info:
+        make_progressive(_GatedNet(), GREY)
+    message = str(info.value)
+    # Where tracing failed, then the tools that apply: a leaf module or torch.fx.wrap.
+    assert "_Gate.forward (module 'gate')" in message
+    assert "`if y.sum() > 0:`" in message
+    assert "fx_tracer" in message and "is_leaf_module" in message
+    assert "torch.fx.wrap" in message and "does not apply to methods" in message
+
+
+def test_a_models_own_tracer_keeps_a_submodule_whole() -> None:
+    torch.manual_seed(0)
+    net = _GatedNet().eval()
+    net.fx_tracer = _GateLeaf  # type: ignore[assignment]
+    model = make_progressive(net, GREY, exit_fractions=(0.3,)).eval()
+    assert "gate" in [n.name for n in model.stages[1].graph.nodes]  # type: ignore[union-attr]
+    x = torch.randn(2, *GREY.shape)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[-1], net(x))
+        for split in range(model.num_stages + 1):
+            act, early = model.device_part(split)(x)
+            assert len(early + model.server_part(split)(act)) == model.num_exits
