@@ -162,6 +162,36 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"largest activation in elements (default {d.max_tensor_elements})",
     )
     lim.add_argument(
+        "--max-handshakes",
+        type=int,
+        default=d.max_handshakes,
+        help="connections in the handshake at once, in a pool apart from the devices'; when"
+        " it is full the oldest silent one (or the oldest past 1 s) is closed, else the new"
+        " one is shed with BUSY"
+        f" (default {d.max_handshakes})",
+    )
+    lim.add_argument(
+        "--max-handshakes-per-address",
+        type=int,
+        default=d.max_handshakes_per_address,
+        help="connections in the handshake at once from one source address (default: no limit)",
+    )
+    lim.add_argument(
+        "--max-ping-rate",
+        type=float,
+        default=d.max_ping_rate,
+        help="PINGs a second per connection, bursts of twice this; above, a fatal ERROR"
+        f" TOO_LARGE (default {d.max_ping_rate:g})",
+    )
+    lim.add_argument(
+        "--max-unknown-cancel-rate",
+        type=float,
+        default=d.max_unknown_cancel_rate,
+        help="CANCELs of request ids the server does not hold, a second per connection,"
+        f" bursts of twice this; above, a fatal ERROR TOO_LARGE (default"
+        f" {d.max_unknown_cancel_rate:g})",
+    )
+    lim.add_argument(
         "--handshake-timeout",
         type=float,
         default=d.handshake_timeout_s,
@@ -212,6 +242,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_frame_bytes=args.max_frame_bytes,
         max_tensor_elements=args.max_tensor_elements,
         handshake_timeout_s=args.handshake_timeout,
+        max_handshakes=args.max_handshakes,
+        max_handshakes_per_address=args.max_handshakes_per_address,
+        max_ping_rate=args.max_ping_rate,
+        max_unknown_cancel_rate=args.max_unknown_cancel_rate,
         idle_timeout_s=args.idle_timeout,
     )
 

@@ -331,6 +331,43 @@ async def _server_full(server: SpinnServer, port: int) -> Seen:
     return seen
 
 
+@scenario("handshake-pool-full", max_handshakes=1)
+async def _handshake_pool_full(server: SpinnServer, port: int) -> Seen:
+    # The one stranger has spoken (a byte of a frame) and is not past its grace.
+    first = await Peer.open(port)
+    first.send(b"\x00")
+    for _ in range(200):
+        if not server._strangers._silent:
+            break
+        await asyncio.sleep(0.01)
+    seen = await fatal_after(port, server, welcome=False)
+    first.writer.close()
+    return seen
+
+
+@scenario("handshake-evicted", max_handshakes=1)
+async def _handshake_evicted(server: SpinnServer, port: int) -> Seen:
+    silent = await Peer.open(port)
+    for _ in range(200):
+        if server.stats.handshakes == 1:
+            break
+        await asyncio.sleep(0.01)
+    newcomer = await Peer.open(port)  # the silent one makes room for it
+    error = await silent.error()
+    await silent.closed()
+    silent.writer.close()
+    newcomer.writer.close()
+    return Seen(error, open_after=False)
+
+
+@scenario("tls-on-plain-port")
+async def _tls_on_plain_port(server: SpinnServer, port: int) -> Seen:
+    # The first bytes of a TLS 1.2/1.3 ClientHello record.
+    return await fatal_after(
+        port, server, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", welcome=False
+    )
+
+
 @scenario("handshake-timeout", handshake_timeout_s=0.3)
 async def _handshake_timeout(server: SpinnServer, port: int) -> Seen:
     return await fatal_after(port, server, welcome=False)
@@ -476,6 +513,18 @@ async def _compute_failed(server: SpinnServer, port: int) -> Seen:
     # A finite input so large that the network overflows: no valid probabilities.
     x = np.full((1, 1, 28, 28), 3e38, np.float32)
     return await request_error(port, server, infer(1, tensor=tensor(x)))
+
+
+@scenario("ping-rate", max_ping_rate=5.0)
+async def _ping_rate(server: SpinnServer, port: int) -> Seen:
+    pings = [frame([PING, {"seq": seq, "sent_at": 1.0}]) for seq in range(30)]
+    return await fatal_after(port, server, *pings)
+
+
+@scenario("cancel-rate", max_unknown_cancel_rate=5.0)
+async def _cancel_rate(server: SpinnServer, port: int) -> Seen:
+    cancels = [frame([CANCEL, {"request_id": 1000 + i}]) for i in range(30)]
+    return await fatal_after(port, server, *cancels)
 
 
 @scenario("ping-seq")

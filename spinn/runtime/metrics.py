@@ -53,6 +53,31 @@ class _StatsCollector(Collector):
             "Connections closed by a limit (too many, unauthenticated, timeouts).",
             s.connections_refused,
         )
+        yield GaugeMetricFamily(
+            "spinn_server_handshakes",
+            "Connections in the handshake now (a pool of their own, --max-handshakes).",
+            value=s.handshakes,
+        )
+        handshakes = CounterMetricFamily(
+            "spinn_server_handshakes_closed",
+            "Connections closed before their handshake completed: shed (pool full), timed "
+            "out, or evicted to make room in a full pool.",
+            labels=["reason"],
+        )
+        handshakes.add_metric(["shed"], s.handshakes_shed)
+        handshakes.add_metric(["timed_out"], s.handshakes_timed_out)
+        handshakes.add_metric(["evicted"], s.handshakes_evicted)
+        yield handshakes
+        yield CounterMetricFamily(
+            "spinn_server_rate_limited",
+            "Connections closed for PINGs or unknown-id CANCELs above their rate.",
+            s.rate_limited,
+        )
+        yield CounterMetricFamily(
+            "spinn_server_cancels_unknown",
+            "CANCELs of request ids the server did not hold (answered already, or never sent).",
+            s.cancels_unknown,
+        )
         yield CounterMetricFamily("spinn_server_requests", "INFER requests accepted.", s.requests)
         yield CounterMetricFamily(
             "spinn_server_results", "Requests computed to a RESULT.", s.computed
@@ -61,7 +86,9 @@ class _StatsCollector(Collector):
             "spinn_server_stages", "Network stages run over all requests.", s.stages_run
         )
         yield CounterMetricFamily(
-            "spinn_server_cancels_received", "CANCEL messages received.", s.cancels_received
+            "spinn_server_cancels_received",
+            "CANCELs of a request the server held (queued or running).",
+            s.cancels_received,
         )
         dropped = CounterMetricFamily(
             "spinn_server_requests_dropped",

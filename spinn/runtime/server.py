@@ -21,6 +21,10 @@ docs/PROTOCOL.md and DESIGN.md part 7:
 * Limits with safe defaults (``ServerConfig``): connections, requests queued per
   device and in total, frame and tensor sizes, handshake and idle timeouts. An overloaded
   server answers ERROR(BUSY) at once, so the device finishes locally instead of waiting.
+* Fair under hostile load (``spinn.runtime.admission``, docs/RUNTIME.md "Hostile peers"):
+  connections still in the handshake have their own bounded pool and never hold a device
+  slot; each connection handles a bounded number of frames per event-loop turn; PINGs
+  and CANCELs of unknown ids are rate-limited; compute slots go round-robin by device.
 * Optional TLS (``tls_cert``/``tls_key``, client certificates with ``tls_client_ca``) and
   shared-token authentication (``token_file``, PROTOCOL.md §10).
 * SIGINT/SIGTERM: stop accepting, finish in-flight requests (bounded by a
@@ -76,6 +80,7 @@ from protocol.packing import CODECS, DICT_CODEC, unpack
 from spinn.description import describe
 from spinn.exits import ExitRule
 from spinn.runtime.accel import check_device_name, resolve_device
+from spinn.runtime.admission import FairSlots, HandshakePool, LogLimiter, TokenBucket
 from spinn.runtime.batching import Batcher, run_batch, to_device
 from spinn.runtime.compute import configure_torch, make_executor, plan_workers, slow_down
 from spinn.runtime.metrics import ServerMetrics
@@ -106,6 +111,17 @@ _REFUSAL_LINGER_S = 0.2
 """The same for a connection refused BUSY: it sent a HELLO at most."""
 _FRAME_HEADROOM = 64 * 1024
 """Bytes above the largest activation a frame may carry (msgpack envelope, PING padding)."""
+_FRAMES_PER_TURN = 64
+"""Frames one connection may have handled before it yields the event loop to the others:
+a peer that sends thousands of small frames in one read cannot hold the loop for all."""
+_HANDSHAKE_GRACE_S = 1.0
+"""A stranger this old may be closed to make room in a full handshake pool even if it has
+spoken (a device's handshake takes a round trip or two): at most half the handshake
+timeout. One that has sent nothing may be closed at any age (``HandshakePool``)."""
+_MISCONFIG_LOG_S = 60.0
+"""One log line per peer address and misconfiguration in this interval."""
+_TLS_RECORD = b"\x16\x03"
+"""First bytes of a TLS handshake record (a ClientHello): content type 22, version 3.x."""
 
 
 class ListenError(OSError):
@@ -168,7 +184,23 @@ class ServerConfig:
     max_queued: int = 512
     """Requests queued or running over all devices; beyond that INFER gets ERROR(BUSY)."""
     max_connections: int = 256
-    """Devices connected at once; one more gets a fatal ERROR(BUSY) and is closed."""
+    """Devices connected at once (through the handshake); one more gets a fatal
+    ERROR(BUSY) and is closed. Connections still in the handshake never take these slots."""
+    max_handshakes: int = 128
+    """Connections in the handshake at once (HELLO, authentication), in a pool of their
+    own. When it is full, room is made by closing the oldest that has sent nothing, else
+    the oldest that has had a second; with neither, the new connection is shed at once:
+    fatal ERROR(BUSY) (``spinn.runtime.admission.HandshakePool``)."""
+    max_handshakes_per_address: int | None = None
+    """Connections in the handshake at once from one source address; None: no limit (a
+    fleet behind one NAT address would otherwise be limited as one peer)."""
+    max_ping_rate: float = 50.0
+    """PINGs a connection may send a second (bursts of twice this); above, a fatal
+    ERROR(TOO_LARGE). A device pings every 0.5 s."""
+    max_unknown_cancel_rate: float = 200.0
+    """CANCELs for request ids the server does not hold (already answered, or never
+    sent) a connection may send a second (bursts of twice this); above, a fatal
+    ERROR(TOO_LARGE). A device cancels only what it sent."""
     max_frame_bytes: int | None = None
     """Largest frame accepted, which bounds each connection's receive buffer (and so the
     server's memory: about ``max_connections`` × this). None (default): derived from the
@@ -177,7 +209,7 @@ class ServerConfig:
     shipped model). Larger frames: fatal ERROR(TOO_LARGE)."""
     max_tensor_elements: int = 2**22
     """Largest activation an INFER may declare, in elements (16 MiB as float32)."""
-    handshake_timeout_s: float = 10.0
+    handshake_timeout_s: float = 5.0
     """TLS, HELLO and authentication must be done this long after accepting."""
     idle_timeout_s: float = 60.0
     """A connection that delivers no complete frame for this long, with none of its
@@ -242,7 +274,15 @@ class ServerConfig:
             raise ValueError(f"--stats-interval must be >= 0, got {self.stats_interval_s}")
         if not self.shutdown_grace_s >= 0:
             raise ValueError(f"--grace must be >= 0, got {self.shutdown_grace_s}")
-        for name in ("max_queued", "max_connections", "max_tensor_elements"):
+        if self.max_handshakes_per_address is not None and self.max_handshakes_per_address < 1:
+            raise ValueError(
+                "--max-handshakes-per-address must be >= 1 (or unset), got "
+                f"{self.max_handshakes_per_address}"
+            )
+        for name in ("max_ping_rate", "max_unknown_cancel_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        for name in ("max_queued", "max_connections", "max_handshakes", "max_tensor_elements"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.max_frame_bytes is not None and not 1024 <= self.max_frame_bytes <= 2**32 - 1:
@@ -288,6 +328,8 @@ class _Job:
     dequeued: bool = False
     """The job left the server's queue count; set on the event loop only, so that each job
     is counted out exactly once whether it started or was cancelled unrun."""
+    peer: _Peer | None = None
+    """The connection that sent it (its measured queue wait, ``_dequeue``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +347,18 @@ class _Peer:
     def __init__(self, server: SpinnServer, writer: asyncio.StreamWriter) -> None:
         self.server = server
         self.writer = writer
+        now = time.monotonic()
+        self.accepted_at = now
+        config = server.config
+        self.pings = TokenBucket(config.max_ping_rate, 2 * config.max_ping_rate, now)
+        self.unknown_cancels = TokenBucket(
+            config.max_unknown_cancel_rate, 2 * config.max_unknown_cancel_rate, now
+        )
+        self.wait_ewma_ms = 0.0
+        """Recent time this device's requests spent queued (BUSY admission, per device:
+        a neighbour's flood must not make its requests look late)."""
+        self.closed_by_server: str | None = None
+        """Why the server closed this connection from outside its read loop (eviction)."""
         self.conn = Connection(Role.SERVER, server.connection_config)
         self.jobs: dict[int, _Job] = {}
         self.last_active_at = time.monotonic()
@@ -319,6 +373,8 @@ class _Peer:
         self.bye_sent = False
         peer = writer.get_extra_info("peername")
         self.name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        """The source address alone (per-address limits, rate-limited logs)."""
 
     def finished(self, request_id: int) -> None:
         """A request is answered (or about to be): with none left, the idle clock restarts."""
@@ -441,13 +497,23 @@ class SpinnServer:
             )
         self._server: asyncio.Server | None = None
         self._peers: set[_Peer] = set()
+        """Every open connection: in the handshake, or devices."""
+        self._devices: set[_Peer] = set()
+        """Connections through the handshake (``max_connections`` slots)."""
+        self._strangers: HandshakePool[_Peer] = HandshakePool(
+            config.max_handshakes,
+            config.max_handshakes_per_address,
+            min(_HANDSHAKE_GRACE_S, config.handshake_timeout_s / 2),
+        )
+        """Connections not yet through the handshake, in a pool of their own."""
+        self._slots: FairSlots[_Peer] = FairSlots(self.workers)
+        """Compute slots, round-robin by device (without batching)."""
+        self._misconfig_log = LogLimiter(_MISCONFIG_LOG_S)
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queued = 0
         """Requests accepted and not yet started or dropped; read and written only on the
         event loop (BUSY admission, ``_busy_reason``), so no update is ever lost."""
-        self._wait_ewma_ms = 0.0
-        """Recent time requests spent queued before their compute began (BUSY admission)."""
         self._lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------
@@ -577,13 +643,10 @@ class SpinnServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = _Peer(self, writer)
-        if len(self._peers) >= self.config.max_connections:
-            # Refused before any state or model work: the device finishes locally and
-            # retries with backoff (PROTOCOL.md §8, BUSY).
-            self.stats.connections_refused += 1
-            log.warning("device %s refused: %d connections open", peer.name, len(self._peers))
+        refusal = self._admit(peer)
+        if refusal is not None:
             with contextlib.suppress(ProtocolError, ConnectionError, OSError):
-                peer.send(_error(ErrorCode.BUSY, f"server full ({len(self._peers)} devices)"))
+                peer.send(_error(ErrorCode.BUSY, refusal))
                 # Briefly: a flood beyond the limit must not hold descriptors for long.
                 await _linger(reader, writer, _REFUSAL_LINGER_S)
                 writer.close()
@@ -596,7 +659,8 @@ class SpinnServer:
         log.debug("device connected from %s", peer.name)
         reason = "closed by device"
         fatal_error = False
-        accepted_at = time.monotonic()
+        accepted_at = peer.accepted_at
+        first = True
         try:
             while not peer.closing and not peer.bye_received:
                 timeout = self._read_timeout(peer, accepted_at)
@@ -613,22 +677,38 @@ class SpinnServer:
                     # told about (§7.4), over its half-closed connection.
                     peer.conn.receive_data(b"")
                     self._drain_events(peer)
+                    reason = peer.closed_by_server or reason
                     break
+                if first and data.startswith(_TLS_RECORD):
+                    # The length prefix of these bytes would read as a frame of ~370 MB;
+                    # say what they are instead (PROTOCOL.md §2).
+                    reason = self._tls_on_plain_port(peer)
+                    fatal_error = True
+                    break
+                if first:
+                    self._strangers.heard(peer)
+                    first = False
                 t0 = time.perf_counter()
                 peer.conn.receive_data(data)
-                self._drain_events(peer)
+                # A bounded number of frames per turn, then the other connections' turn.
+                while self._drain_events(peer):
+                    self.stats.overhead_ms_total += (time.perf_counter() - t0) * 1e3
+                    await asyncio.sleep(0)
+                    t0 = time.perf_counter()
                 self.stats.overhead_ms_total += (time.perf_counter() - t0) * 1e3
                 if not await self._drained(peer):
                     reason = self._not_reading(peer)
                     break
             if peer.bye_received and not peer.closing:
                 reason = await self._answer_then_bye(peer, reader)
+            elif peer.closing and peer.closed_by_server:
+                reason = peer.closed_by_server
         except ProtocolError as exc:
             # One bad peer: tell it what was wrong, close it, keep serving the others.
             code = getattr(exc, "code", ErrorCode.PROTOCOL)
             if code is ErrorCode.UNAUTHENTICATED:
                 self.stats.connections_refused += 1
-            reason = f"protocol error ({code.name}): {exc}"
+            reason = f"closed by the server: protocol error ({code.name}): {exc}"
             log.warning("device %s: %s", peer.name, reason)
             self.stats.errors_sent += 1
             with contextlib.suppress(ProtocolError, ConnectionError):
@@ -638,7 +718,7 @@ class SpinnServer:
             reason = f"connection lost: {exc}"
         except Exception as exc:  # a bug here costs this connection, not the server
             log.exception("device %s: internal error", peer.name)
-            reason = f"internal error: {exc}"
+            reason = f"closed by the server: internal error: {exc}"
             self.stats.errors_sent += 1
             with contextlib.suppress(ProtocolError, ConnectionError, OSError):
                 peer.send(_error(ErrorCode.INTERNAL, f"internal server error: {exc}"))
@@ -648,6 +728,9 @@ class SpinnServer:
             for job in peer.jobs.values():
                 job.cancelled.set()
             self._peers.discard(peer)
+            self._devices.discard(peer)
+            self._strangers.leave(peer)
+            self.stats.handshakes = len(self._strangers)
             self.stats.connections -= 1
             with contextlib.suppress(ConnectionError, OSError):
                 if fatal_error:
@@ -655,6 +738,59 @@ class SpinnServer:
                 writer.close()
             level = logging.INFO if peer.conn.hello is not None else logging.DEBUG
             log.log(level, "device %s disconnected: %s", peer.name, reason)
+
+    def _admit(self, peer: _Peer) -> str | None:
+        """Admission of a new connection, before any state or model work: why it is
+        refused, or None. Device slots are taken at WELCOME (``_on_hello``); here only a
+        full server and the handshake pool refuse (``HandshakePool``)."""
+        refusal: str | None = None
+        if len(self._devices) >= self.config.max_connections:
+            # The device finishes locally and retries with backoff (PROTOCOL.md §8, BUSY).
+            self.stats.connections_refused += 1
+            refusal = f"server full ({len(self._devices)} devices)"
+            log.warning("device %s refused: %d devices connected", peer.name, len(self._devices))
+        else:
+            admit = self._strangers.admit(peer, peer.address, time.monotonic())
+            if not admit.admitted:
+                self.stats.handshakes_shed += 1
+                refusal = f"server busy: {admit.reason}; retry later"
+                # DEBUG: under a flood there is one per connection, by design.
+                log.debug("connection from %s shed: %s", peer.name, admit.reason)
+            elif admit.evict is not None:
+                self._evict(admit.evict)
+            self.stats.handshakes = len(self._strangers)
+        return refusal
+
+    def _evict(self, stranger: _Peer) -> None:
+        """Close a connection that has not finished its handshake, to admit a newer one."""
+        self.stats.handshakes_evicted += 1
+        wait_s = time.monotonic() - stranger.accepted_at
+        reason = (
+            f"closed by the server: no handshake after {wait_s:.2f} s while the handshake "
+            f"pool ({self.config.max_handshakes}) was full"
+        )
+        stranger.closed_by_server = reason
+        with contextlib.suppress(ProtocolError, ConnectionError, OSError):
+            stranger.send(_error(ErrorCode.PROTOCOL, f"timeout: {reason}"))
+        stranger.closing = True
+        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+            stranger.writer.close()
+
+    def _tls_on_plain_port(self, peer: _Peer) -> str:
+        """A TLS ClientHello reached this plain port: log it once per address and minute,
+        answer a fatal ERROR and close. The TLS client reads the ERROR's bytes as no TLS
+        record at all, which it reports as such (the device names the likely cause)."""
+        self.stats.connections_refused += 1
+        message = (
+            "TLS handshake on a plain port: the device uses TLS (--tls/--tls-ca) and this "
+            "server does not (--tls-cert/--tls-key)"
+        )
+        if self._misconfig_log.allow((peer.address, "tls-on-plain"), time.monotonic()):
+            log.warning("device %s: %s", peer.name, message)
+        with contextlib.suppress(ProtocolError, ConnectionError, OSError):
+            peer.send(_error(ErrorCode.PROTOCOL, message))
+        peer.closing = True
+        return f"closed by the server: {message}"
 
     async def _answer_then_bye(self, peer: _Peer, reader: asyncio.StreamReader) -> str:
         """After the device's BYE: answer its outstanding INFERs, then send BYE (§7.3).
@@ -676,7 +812,7 @@ class SpinnServer:
         with contextlib.suppress(ConnectionError, OSError):
             if not await self._drained(peer):
                 return self._not_reading(peer)
-        return "BYE"
+        return "closed after BYE from the device and the server's BYE"
 
     async def _answer_while_reading(self, peer: _Peer, reader: asyncio.StreamReader) -> None:
         """Wait (at most the idle timeout) for the outstanding requests, reading on."""
@@ -714,7 +850,7 @@ class SpinnServer:
         """Drop a peer that stopped reading; returns the reason for the log."""
         peer.closing = True
         peer.writer.transport.abort()  # its unsent answers cannot be delivered anyway
-        return f"not reading its answers for {self.config.idle_timeout_s:g} s"
+        return f"closed by the server: not reading its answers for {self.config.idle_timeout_s:g} s"
 
     def _read_timeout(self, peer: _Peer, accepted_at: float) -> float:
         """Seconds the next read may take: what is left of the handshake, or idle time."""
@@ -729,20 +865,26 @@ class SpinnServer:
         """Close a peer that stalled (slow loris); returns the reason for the log."""
         if peer.conn.welcome is None:
             reason = f"no handshake within {self.config.handshake_timeout_s:g} s"
+            self.stats.handshakes_timed_out += 1
         else:
             reason = f"no complete frame for {self.config.idle_timeout_s:g} s"
         self.stats.connections_refused += 1
         with contextlib.suppress(ProtocolError, ConnectionError, OSError):
             peer.send(_error(ErrorCode.PROTOCOL, f"timeout: {reason}"))
-        return f"timeout: {reason}"
+        return f"closed by the server: timeout: {reason}"
 
-    def _drain_events(self, peer: _Peer) -> None:
+    def _drain_events(self, peer: _Peer) -> bool:
+        """Handle the peer's complete frames, at most ``_FRAMES_PER_TURN``; True if the
+        budget ran out with frames perhaps still buffered (the caller yields, then calls
+        again), False once every complete frame is handled."""
         from protocol import NEED_DATA
 
-        while not peer.closing:
+        for _ in range(_FRAMES_PER_TURN):
+            if peer.closing:
+                return False
             event = peer.conn.next_event()
             if event is NEED_DATA:
-                return
+                return False
             peer.last_active_at = time.monotonic()
             if isinstance(event, Hello):
                 if self._token is not None:
@@ -763,6 +905,8 @@ class SpinnServer:
             elif isinstance(event, Cancel):
                 self._on_cancel(peer, event)
             elif isinstance(event, Ping):
+                if not peer.pings.take(peer.last_active_at):
+                    self._over_rate(peer, "PINGs", self.config.max_ping_rate)
                 now = time.time()
                 peer.send(Pong(event.seq, event.sent_at, now, len(event.padding)))
             elif isinstance(event, Bye):
@@ -777,10 +921,20 @@ class SpinnServer:
                     "device %s sent fatal ERROR %s: %s", peer.name, event.code.name, event.message
                 )
                 peer.closing = True
-                return
+                return False
             elif isinstance(event, ConnectionClosed):
-                return
+                return False
             # Pong (answers to our pings) needs no action here.
+        return not peer.closing
+
+    def _over_rate(self, peer: _Peer, what: str, rate: float) -> None:
+        """A control frame above its rate: a fatal ERROR(TOO_LARGE) naming the limit."""
+        self.stats.rate_limited += 1
+        raise ProtocolError(
+            f"more than {rate:g} {what} a second (bursts of {2 * rate:g}): the server's "
+            "limit for this connection",
+            ErrorCode.TOO_LARGE,
+        )
 
     def _on_hello(self, peer: _Peer, hello: Hello) -> None:
         meta = self.meta
@@ -799,6 +953,7 @@ class SpinnServer:
             self.stats.errors_sent += 1
             peer.send(_error(ErrorCode.MODEL_MISMATCH, message))
             peer.closing = True
+            peer.closed_by_server = f"closed by the server: {message}"
             return
         zdict = self.dictionaries
         codecs = tuple(
@@ -818,7 +973,20 @@ class SpinnServer:
             self.stats.errors_sent += 1
             peer.send(_error(ErrorCode.BAD_TENSOR, message))
             peer.closing = True
+            peer.closed_by_server = f"closed by the server: {message}"
             return
+        if len(self._devices) >= self.config.max_connections:
+            # Many strangers finished their handshakes at once: the slots are full now.
+            self.stats.connections_refused += 1
+            message = f"server full ({len(self._devices)} devices)"
+            log.warning("device %s refused: %s", peer.name, message)
+            peer.send(_error(ErrorCode.BUSY, message))
+            peer.closing = True
+            peer.closed_by_server = f"closed by the server: {message}"
+            return
+        self._strangers.leave(peer)
+        self.stats.handshakes = len(self._strangers)
+        self._devices.add(peer)
         peer.send(
             Welcome(
                 hello.version,
@@ -876,7 +1044,7 @@ class SpinnServer:
             self._request_error(peer, code, f"tensor does not decode: {exc}", rid)
             return
         rule = ExitRule.from_wire(infer.thr_conf, infer.early_exits)
-        job = _Job(rid, infer.split, rule, activation, received_at=received_at)
+        job = _Job(rid, infer.split, rule, activation, received_at=received_at, peer=peer)
         if infer.deadline_ms is not None:
             job.expires_at = time.monotonic() + infer.deadline_ms / 1e3
         peer.jobs[rid] = job
@@ -903,29 +1071,54 @@ class SpinnServer:
             return f"{len(peer.jobs)} requests already queued for this device"
         if self._queued >= self.config.max_queued:
             return f"{self._queued} requests queued on the server"
+        if self._queued >= self.config.max_queued * 3 // 4 and peer.jobs:
+            # A busy server: each device may hold its share of the queue, so that one
+            # flooding device cannot fill it for its neighbours.
+            holders = sum(1 for p in self._devices if p.jobs)
+            share = max(1, self.config.max_queued // max(1, holders))
+            if len(peer.jobs) >= share:
+                return (
+                    f"{len(peer.jobs)} requests queued for this device, its share of a busy "
+                    f"server ({self._queued} queued for {holders} devices)"
+                )
         if infer.deadline_ms is not None and self.stats.computed >= 10:
             mean_ms = self.stats.compute_ms_total / self.stats.computed
-            # The requests waiting ahead of it, shared by the workers, then its own compute.
-            # The measured recent wait covers what the count misses (running requests,
-            # workers slowed by a busy machine); the larger of the two is used. An empty
-            # queue means no wait, which also lets the measurement recover after a burst.
-            measured_ms = self._wait_ewma_ms if self._queued else 0.0
-            # With batching, a forward pass answers up to batch_max queued requests at once.
-            per_pass = max(1, min(self._queued, self.config.batch_max))
-            ahead_ms = self._queued * mean_ms / (self.workers * per_pass)
+            # The requests served before it, shared by the workers, then its own compute:
+            # without batching, compute slots go round-robin by device (``FairSlots``), so
+            # only a share of what others queued is ahead of it. The measured recent wait of
+            # this device's requests covers what the count misses (running requests, workers
+            # slowed by a busy machine); the larger of the two is used. Nothing queued for
+            # it means no wait, which also lets the measurement recover after a burst.
+            measured_ms = peer.wait_ewma_ms if peer.jobs else 0.0
+            if self._batcher is None:
+                ahead = self._slots.ahead(peer)
+                per_pass = 1
+            else:
+                # With batching, a forward pass answers up to batch_max queued requests.
+                ahead = self._queued
+                per_pass = max(1, min(self._queued, self.config.batch_max))
+            ahead_ms = ahead * mean_ms / (self.workers * per_pass)
             done_ms = max(ahead_ms, measured_ms) + mean_ms
             if done_ms > infer.deadline_ms:
                 return (
-                    f"answer expected in about {done_ms:.0f} ms ({self._queued} queued), past "
+                    f"answer expected in about {done_ms:.0f} ms ({ahead} queued ahead), past "
                     f"the request's deadline of {infer.deadline_ms:.0f} ms"
                 )
         return None
 
     def _on_cancel(self, peer: _Peer, cancel: Cancel) -> None:
-        self.stats.cancels_received += 1
         job = peer.jobs.get(cancel.request_id)
         if job is not None:
+            self.stats.cancels_received += 1
             job.cancelled.set()
+            return
+        # Already answered (the RESULT crossed the CANCEL), or never sent: nothing to do,
+        # at O(1), counted apart and rate-limited (a flood of them is not a device).
+        self.stats.cancels_unknown += 1
+        if not peer.unknown_cancels.take(peer.last_active_at):
+            self._over_rate(
+                peer, "CANCELs of unknown requests", self.config.max_unknown_cancel_rate
+            )
 
     def _request_error(self, peer: _Peer, code: ErrorCode, message: str, rid: int) -> None:
         # An ERROR with a request id answers that request; the connection stays usable.
@@ -939,7 +1132,11 @@ class SpinnServer:
             if self._batcher is not None:
                 outcome = await self._batcher.submit(job.split, job)
             else:
-                outcome = await loop.run_in_executor(self._executor, self._compute, job)
+                await self._slots.acquire(peer)
+                try:
+                    outcome = await loop.run_in_executor(self._executor, self._compute, job)
+                finally:
+                    self._slots.release()
         except Exception as exc:  # a model failure answers this request only
             log.exception("request %d failed", job.request_id)
             peer.finished(job.request_id)
@@ -983,8 +1180,8 @@ class SpinnServer:
             return
         job.dequeued = True
         self._queued -= 1
-        if wait_ms is not None:
-            self._wait_ewma_ms += 0.2 * (wait_ms - self._wait_ewma_ms)
+        if wait_ms is not None and job.peer is not None:
+            job.peer.wait_ewma_ms += 0.2 * (wait_ms - job.peer.wait_ewma_ms)
 
     def _task_done(self, job: _Job, _task: asyncio.Task[None]) -> None:
         self._dequeue(job, None)

@@ -186,11 +186,26 @@ class ServerStats:
     expired_unrun: int = 0
     """Requests dropped unrun because their deadline_ms had passed."""
     cancels_received: int = 0
+    """CANCELs of a request the server held (queued or running)."""
     errors_sent: int = 0
     busy_sent: int = 0
     """Requests refused with ERROR(BUSY): the server was overloaded."""
     connections_refused: int = 0
     """Connections closed by a limit: too many, unauthenticated, handshake or idle timeout."""
+    handshakes: int = 0
+    """Connections in the handshake now (their own pool, ``ServerConfig.max_handshakes``)."""
+    handshakes_shed: int = 0
+    """Connections refused at once because the handshake pool (or an address's share of
+    it) was full."""
+    handshakes_timed_out: int = 0
+    """Connections closed for not finishing the handshake within its timeout."""
+    handshakes_evicted: int = 0
+    """Connections closed before their timeout, to make room in a full handshake pool."""
+    cancels_unknown: int = 0
+    """CANCELs for request ids the connection does not hold (answered already, or never
+    sent): counted apart from ``cancels_received``, which stopped a request."""
+    rate_limited: int = 0
+    """Connections closed for sending PINGs or unknown-id CANCELs above their rate."""
     compute_ms_total: float = 0.0
     compute_ms: collections.deque[float] = field(default_factory=_request_window)
     """Compute times of the last ``COMPUTE_WINDOW`` requests (the median in the final stats);
@@ -217,6 +232,7 @@ class ServerStats:
             f" mean_compute_ms={mean:.2f} cancels={self.cancels_received}"
             f" (queued {self.cancelled_queued}, running {self.cancelled_running})"
             f" expired={self.expired_unrun}"
+            f" handshakes={self.handshakes} shed={self.handshakes_shed}"
         )
 
     def as_dict(self) -> dict[str, object]:
@@ -233,6 +249,11 @@ class ServerStats:
             "errors_sent": self.errors_sent,
             "busy_sent": self.busy_sent,
             "connections_refused": self.connections_refused,
+            "handshakes_shed": self.handshakes_shed,
+            "handshakes_timed_out": self.handshakes_timed_out,
+            "handshakes_evicted": self.handshakes_evicted,
+            "cancels_unknown": self.cancels_unknown,
+            "rate_limited": self.rate_limited,
             "compute_ms_total": round(self.compute_ms_total, 3),
             "compute_ms_median": median_or_none(self.compute_ms),
             "held_ms_median": median_or_none(self.held_ms),
