@@ -193,6 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sec.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS")
     sec.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
+    sec.add_argument(
+        "--misconfig-tries",
+        type=int,
+        default=d.misconfig_tries,
+        help="give up (exit status 2, frames read still answered) after the handshake failed"
+        " this many times in a row the same misconfigured way, e.g. TLS on one end only"
+        f" (default {d.misconfig_tries})",
+    )
+    sec.add_argument(
+        "--retry-forever",
+        action="store_true",
+        help="keep retrying a server that looks misconfigured, answering locally meanwhile",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     add_sla_arguments(p)
@@ -234,6 +247,8 @@ def config_from_args(args: argparse.Namespace) -> DeviceConfig:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         token_file=args.token_file,
+        misconfig_tries=args.misconfig_tries,
+        retry_forever=args.retry_forever,
     )
 
 

@@ -229,7 +229,8 @@ def test_tls_and_token_on_both_cli_ends(
         untrusting = refused("--tls-ca", str(certs["other_pem"]), "--limit", "5",
                              "--token-file", str(token))  # fmt: skip
         # No device certificate: the server drops it in the TLS handshake, which reads like a
-        # restarting server, so the device answers locally but says what is likely wrong.
+        # restarting server, so the device answers locally and says what is likely wrong;
+        # after the same failure --misconfig-tries times in a row it gives up (status 2).
         caplog.clear()
         uncertified = spinn_device.main(["--server", f"127.0.0.1:{port}", "--no-status",
                                          "--dataset", "fashion-mnist:test", "--checkpoint",
@@ -249,7 +250,8 @@ def test_tls_and_token_on_both_cli_ends(
     # A server whose certificate the device cannot verify is never used: a clear exit.
     assert untrusting[0] == 2, untrusting[1][-2000:]
     assert "not trusted" in untrusting[1], untrusting[1][-2000:]
-    assert uncertified == 0, uncertified_log[-2000:]
+    assert uncertified == 2, uncertified_log[-2000:]
     assert "give this device one with --tls-cert/--tls-key" in uncertified_log, uncertified_log
+    assert "failed this way 5 times in a row" in uncertified_log, uncertified_log
     log = server.log.read_text()
     assert "TLS on with client certificates, token authentication on" in log

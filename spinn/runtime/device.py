@@ -211,6 +211,12 @@ class DeviceConfig:
     """PEM private key of ``tls_cert``."""
     token_file: Path | None = None
     """Shared token proved in the handshake (PROTOCOL.md §10); None: no authentication."""
+    misconfig_tries: int = 5
+    """Connection attempts that fail the same misconfigured way in a row (TLS on one end
+    only, client certificates) before the device gives up: the frames already read are
+    answered, then the run ends with an error (exit status 2), as a token mismatch does."""
+    retry_forever: bool = False
+    """Keep retrying a server that looks misconfigured (answering locally meanwhile)."""
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -241,6 +247,8 @@ class DeviceConfig:
             raise ValueError(
                 f"--probe-bytes must be in [0, {_MAX_PROBE_BYTES}], got {self.probe_bytes}"
             )
+        if self.misconfig_tries < 1:
+            raise ValueError(f"--misconfig-tries must be >= 1, got {self.misconfig_tries}")
         if (self.tls_cert is not None or self.tls_key is not None) and not self.use_tls:
             raise ValueError("--tls-cert/--tls-key need --tls or --tls-ca")
 
@@ -327,6 +335,10 @@ class _Link:
         self.ssl: ssl.SSLContext | None = None
         self._hints_given: set[str] = set()
         """Misconfiguration warnings already logged (``_misconfiguration_hint``), each once."""
+        self._same_failures: tuple[str, int] = ("", 0)
+        """The last connect failure's misconfiguration hint, and how many in a row."""
+        self._close_reason: str | None = None
+        """Why the device itself closed the current link (read when the reader ends)."""
         self.token: bytes | None = None
         try:
             if self.config.use_tls:
@@ -370,7 +382,7 @@ class _Link:
             data = self.conn.send(event)
             self.writer.write(data)
         except (RuntimeError, OSError, ProtocolError) as exc:
-            log.warning("write to the server failed (%s): dropping the link", exc)
+            self._close_reason = f"closed by the device: write failed ({_describe(exc)})"
             self._abort()
             return 0
         return len(data)
@@ -413,15 +425,26 @@ class _Link:
                 # whole round failed (spinn.runtime.failover).
                 delay = self.rotation.connect_failed()
                 log.info(
-                    "server %s:%d unreachable (%s); next try in %.2f s", host, port, exc, delay
+                    "server %s:%d unreachable (%s); next try in %.2f s",
+                    host,
+                    port,
+                    _describe(exc, self.config.connect_timeout_s),
+                    delay,
                 )
                 hint = self._misconfiguration_hint(exc)
                 if hint is not None:
                     # These read like a restarting server, so the device keeps retrying
-                    # (and answering locally) but says once what the likely cause is.
+                    # (and answering locally) but says once what the likely cause is...
                     self._hint_once(host, port, hint)
+                    # ...and gives up when it keeps failing the same way (unless told not
+                    # to): the frames already read are still answered (``SpinnDevice.run``).
+                    if self._misconfigured(host, port, hint):
+                        return
+                else:
+                    self._same_failures = ("", 0)
                 await asyncio.sleep(delay)
                 continue
+            self._same_failures = ("", 0)
             connected_at = _now()
             self.answers_on_link = 0
             self.connects += 1
@@ -466,6 +489,21 @@ class _Link:
                     delay,
                 )
                 await asyncio.sleep(delay)
+
+    def _misconfigured(self, host: str, port: int, hint: str) -> bool:
+        """Count a connect failure explained by ``hint``; True (and ``fatal`` set) when it
+        is the ``misconfig_tries``-th in a row and the device does not retry forever."""
+        last, count = self._same_failures
+        count = count + 1 if last == hint else 1
+        self._same_failures = (hint, count)
+        if self.config.retry_forever or count < self.config.misconfig_tries:
+            return False
+        self.fatal = DeviceError(
+            f"server {host}:{port} {hint} (the handshake failed this way {count} times in a "
+            "row; --retry-forever keeps trying)"
+        )
+        self.device._wake_all()
+        return True
 
     def _hint_once(self, host: str, port: int, hint: str) -> None:
         """Log ``hint`` about the server at ``host:port`` as a warning, the first time only."""
@@ -535,6 +573,7 @@ class _Link:
             raise
         self.conn, self.writer, self.welcome = conn, writer, welcome
         self.pings.clear()
+        self._close_reason = None
         return reader
 
     def _check_description(
@@ -609,7 +648,7 @@ class _Link:
                             return why
                 data = await reader.read(_READ_CHUNK)
                 if not data:
-                    return "server closed the connection"
+                    return self._close_reason or "server closed the connection"
                 with dev.link_work():
                     self.conn.receive_data(data)
         except ProtocolError as exc:
@@ -618,9 +657,9 @@ class _Link:
                 self.writer.write(Connection(Role.DEVICE).send(Error(exc.code, str(exc))))
             return f"bad data from server: {exc}"
         except (ConnectionError, OSError) as exc:
-            return f"connection lost: {exc}"
+            return self._close_reason or f"connection lost: {_describe(exc)}"
         except asyncio.CancelledError:
-            return "link closed"
+            return self._close_reason or "link closed by the device"
         except Exception as exc:
             # A bug in handling one message must not leave the link up and unread: drop it
             # and reconnect (the frames it owed finish locally).
@@ -679,8 +718,9 @@ class _Link:
                     est.bandwidth_bps, 1.0
                 )
                 if now - oldest > allowance:
-                    log.warning(
-                        "no PONG for %.2f s: treating the server as unreachable", now - oldest
+                    self._close_reason = (
+                        f"closed by the device: no PONG for {now - oldest:.2f} s (allowed "
+                        f"{allowance:.2f} s), the server is taken as unreachable"
                     )
                     self._abort()
                     return
@@ -1546,6 +1586,15 @@ class SpinnDevice:
                 server_up=None if self._link is None else self._link.up,
             )
         )
+
+
+def _describe(exc: BaseException, timeout_s: float | None = None) -> str:
+    """An exception for a log line: never empty (a timeout has no message of its own)."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        within = f" within {timeout_s:g} s" if timeout_s is not None else ""
+        return f"no answer{within} (connect and handshake)"
+    text = str(exc)
+    return text if text else type(exc).__name__
 
 
 class _ClosedInHandshake(ConnectionError):
