@@ -36,7 +36,7 @@ import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgpack
 import numpy as np
@@ -72,7 +72,7 @@ from protocol import (
 )
 from protocol.framing import FrameDecoder, encode_frame
 from protocol.messages import Message, decode_message, encode_message
-from protocol.packing import PackedTensor
+from protocol.packing import IMAGE_CODEC, PackedTensor
 
 __all__ = [
     "ALLOC_SLACK",
@@ -265,16 +265,27 @@ _FIELD_NAMES = (
 ).split()
 
 
+_CODECS: Final = (*CODECS, IMAGE_CODEC)
+"""The self-contained codecs the strategies draw from: the activation codecs and the
+split-0 pixels (PROTOCOL.md §6.8), so mutations reach every decoder but the dictionary one
+(which needs the model's dictionaries: the socket corpus covers it)."""
+
+
 def _small_tensor(seed: int, codec: str, compress: bool) -> PackedTensor:
     rng = np.random.default_rng(seed)
     shape = (1, int(rng.integers(1, 4)), int(rng.integers(1, 9)), int(rng.integers(1, 9)))
+    if codec == IMAGE_CODEC:
+        # Noise, or a smooth ramp (the gradient filter wins on it when zstd runs).
+        ramp = np.cumsum(rng.integers(0, 3, shape), axis=-1) + np.arange(shape[-2])[:, None]
+        noise = rng.integers(0, 256, shape)
+        return pack((ramp if seed % 2 else noise).astype(np.uint8), codec, compress=compress)
     x = np.maximum(rng.standard_normal(shape).astype(np.float32), 0.0)
     return pack(x, codec, compress=compress)
 
 
 def _valid_messages(draw: st.DrawFn) -> list[Message]:
     seed = draw(st.integers(0, 2**16))
-    codec = draw(st.sampled_from(CODECS))
+    codec = draw(st.sampled_from(_CODECS))
     tensor = _small_tensor(seed, codec, draw(st.booleans()))
     rid = draw(st.integers(0, 2**64 - 1))
     return [
@@ -339,7 +350,7 @@ def message_objects(draw: st.DrawFn) -> object:
 @st.composite
 def device_stream(draw: st.DrawFn) -> bytes:
     """The bytes a device sends (HELLO, INFERs, CANCELs, PINGs, BYE), then mutated."""
-    codec = draw(st.sampled_from(CODECS))
+    codec = draw(st.sampled_from(_CODECS))
     out = [encode_frame(encode_message(Hello(PROTOCOL_VERSION, "m", "", (codec,))))]
     for i in range(draw(st.integers(0, 4))):
         kind = draw(st.integers(0, 3))
@@ -362,7 +373,7 @@ def packed_tensors(draw: st.DrawFn) -> dict[str, Any]:
     """Fields of a PackedTensor as a peer could send them: valid ones mutated, zstd frames
     that lie about their size, and plain noise in every field."""
     kind = draw(st.integers(0, 3))
-    codec = draw(st.sampled_from(CODECS))
+    codec = draw(st.sampled_from(_CODECS))
     shape: Any = draw(st.lists(st.integers(0, 40), max_size=4).map(tuple))
     if kind == 0:  # a real tensor, payload mutated
         valid = _small_tensor(draw(st.integers(0, 999)), codec, draw(st.booleans()))
@@ -389,7 +400,7 @@ def packed_tensors(draw: st.DrawFn) -> dict[str, Any]:
         payload = draw(st.binary(max_size=300))
         compressed = draw(st.booleans())
     return {
-        "codec": codec if kind != 3 else draw(st.sampled_from(CODECS) | msgpack_values),
+        "codec": codec if kind != 3 else draw(st.sampled_from(_CODECS) | msgpack_values),
         "compressed": compressed if kind != 3 else draw(msgpack_values),
         "shape": shape if kind != 3 else draw(msgpack_values),
         "scale": draw(st.floats(allow_nan=True, allow_infinity=True) | st.just(1.0)),
@@ -525,6 +536,7 @@ def _corpus(checkpoint: Path) -> list[bytes]:
     # mutations reach the server's dictionary decoder (PROTOCOL.md §6.7).
     zdict = load_dictionaries(checkpoint, meta.model_id, model.num_stages)
     codecs = CODECS if zdict is None else (*CODECS, DICT_CODEC)
+    codecs = (IMAGE_CODEC, *codecs)  # split 0 goes as pixels (PROTOCOL.md §6.8)
     hello = encode_frame(
         encode_message(
             Hello(
@@ -540,6 +552,8 @@ def _corpus(checkpoint: Path) -> list[bytes]:
     rng = np.random.default_rng(0)
     for i, split in enumerate(range(min(model.num_stages, len(codecs)))):
         x = np.maximum(rng.standard_normal((1, *model.split_shape(split))), 0).astype(np.float32)
+        if codecs[i] == IMAGE_CODEC:
+            x = (x * 64).clip(0, 255).astype(np.uint8)
         tensor = pack(x, codecs[i], True, dictionaries=zdict, table=split)
         infers.append(encode_frame(encode_message(Infer(i, split, 0.5, tensor))))
     ping = encode_frame(encode_message(Ping(1, 0.0, b"\0" * 100)))

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 __all__ = [
     "CODECS",
     "DICT_CODEC",
+    "IMAGE_CODEC",
+    "IMAGE_FILTER_GRADIENT",
+    "IMAGE_FILTER_NONE",
     "KNOWN_CODECS",
     "DEFAULT_MAX_ELEMENTS",
     "MAX_NDIM",
@@ -63,8 +66,20 @@ DICT_CODEC: Final = "sparse_int8_zdict"
 sparse_int8's information, the bitmask XOR the row above, each part coded with zstd and
 its split's trained dictionary. Negotiated only between peers holding the same set."""
 
-KNOWN_CODECS: Final[tuple[str, ...]] = (*CODECS, DICT_CODEC)
+IMAGE_CODEC: Final = "uint8_image"
+"""The split-0 codec (PROTOCOL.md §6.8): the input frame's uint8 pixels, losslessly, as a
+real client would send them, instead of the preprocessed float input. The receiver
+normalises them as the model's input spec says. Valid only at split 0."""
+
+KNOWN_CODECS: Final[tuple[str, ...]] = (*CODECS, DICT_CODEC, IMAGE_CODEC)
 """Every codec name this implementation decodes."""
+
+IMAGE_FILTER_NONE: Final = 0
+"""uint8_image filter byte: the pixels as they are (PROTOCOL.md §6.8)."""
+IMAGE_FILTER_GRADIENT: Final = 1
+"""uint8_image filter byte: each pixel minus its left and upper neighbours plus the upper
+left one, mod 256 (PNG's idea, decodable by two cumulative sums): smooth images become
+mostly small numbers, which zstd codes in far fewer bytes (PROTOCOL.md §6.8)."""
 
 MAX_NDIM: Final = 8
 """Most dimensions a packed tensor may declare (PROTOCOL.md §6)."""
@@ -105,6 +120,8 @@ _ZDICT_HEADER = struct.Struct("<HI")
 _ZDICT_GAIN: Final = 1.3
 """Conservative size ratio of a sparse_int8 raw payload to its sparse_int8_zdict coding,
 for the compress-or-not decision (`python -m bench.protocol` measures about 1.4)."""
+_UNSCALED: Final = ("float32", "float16", IMAGE_CODEC)
+"""Codecs whose tensor map carries scale 1.0 and zero_point 0 (nothing is quantised)."""
 _FLOAT16_MAX: Final = 65504.0
 _QUANT_MAX: Final = 2.0**126
 _MIN_SCALE: Final = 2.0**-126
@@ -200,7 +217,7 @@ class PackedTensor:
             raise TensorError(f"scale must be a float in [2**-126, 2**120], got {scale!r}")
         if type(self.zero_point) is not int or not -128 <= self.zero_point <= 127:
             raise TensorError(f"zero_point must be an int in [-128, 127], got {self.zero_point!r}")
-        if self.codec in ("float32", "float16") and (scale != 1.0 or self.zero_point != 0):
+        if self.codec in _UNSCALED and (scale != 1.0 or self.zero_point != 0):
             raise TensorError(f"codec {self.codec} requires scale 1.0 and zero_point 0")
         if self.codec == DICT_CODEC and self.compressed:
             raise TensorError(
@@ -497,7 +514,13 @@ def pack(
     `DICT_CODEC` codes with `dictionaries`' table `table` (the split point); where zstd
     does not pay off (compress=False, or a link too fast for it) the tensor goes out as
     raw sparse_int8 instead, which every peer decodes.
+
+    `IMAGE_CODEC` packs uint8 pixels (the input frame, shape (1, C, H, W)) losslessly;
+    any other dtype is refused. Compressed, it is the smaller of the plain and the
+    gradient-filtered pixels (PROTOCOL.md §6.8).
     """
+    if codec == IMAGE_CODEC:
+        return _pack_image(array, compress, bandwidth_bps)
     if codec == DICT_CODEC:
         if dictionaries is None:
             raise ValueError(f"codec {DICT_CODEC} needs the model's zstd dictionaries")
@@ -539,6 +562,60 @@ def pack(
         raw = flat.astype(_F2_LE if codec == "float16" else _F4_LE, copy=False).tobytes()
         scale, zero_point = 1.0, 0
     return _with_zstd(codec, raw, compress, bandwidth_bps, shape, scale, zero_point)
+
+
+def _gradient(pixels: np.ndarray) -> np.ndarray:
+    """The gradient filter of PROTOCOL.md §6.8 over the last two axes of uint8 `pixels`:
+    p − left − up + up-left, mod 256 (uint8 arithmetic wraps), zeros outside the image."""
+    along_w = np.diff(pixels, axis=-1, prepend=np.uint8(0))
+    return np.diff(along_w, axis=-2, prepend=np.uint8(0))
+
+
+def _undo_gradient(filtered: np.ndarray) -> np.ndarray:
+    """The pixels of `_gradient`'s output: cumulative sums mod 256 down and across."""
+    rows = np.cumsum(filtered, axis=-2, dtype=_UINT8)
+    return np.cumsum(rows, axis=-1, dtype=_UINT8)
+
+
+def _pack_image(
+    array: np.ndarray, compress: bool | None, bandwidth_bps: float | None
+) -> PackedTensor:
+    """`pack` for `IMAGE_CODEC`: the filter byte and the pixels, zstd as §6.6 decides it
+    on the plain pixels; when it compresses, the gradient-filtered pixels too, and the
+    smaller frame goes (on smooth, upscaled or camera images the filter saves ~40%)."""
+    arr = np.asarray(array)
+    if arr.dtype != _UINT8:
+        raise ValueError(f"codec {IMAGE_CODEC} packs uint8 pixels; got an array of {arr.dtype}")
+    if arr.ndim > MAX_NDIM:
+        raise ValueError(f"cannot pack {arr.ndim} dimensions; at most {MAX_NDIM} allowed")
+    arr = np.asarray(arr, order="C")  # ascontiguousarray would make a 0-d array 1-d
+    shape = arr.shape
+    if arr.size == 0 and shape and max(shape) > MAX_DIM:
+        raise ValueError(f"cannot pack shape {shape}: dimensions above {MAX_DIM}")
+    raw = b"".join((bytes((IMAGE_FILTER_NONE,)), arr.reshape(-1).data))
+    packed = _with_zstd(IMAGE_CODEC, raw, compress, bandwidth_bps, shape, 1.0, 0)
+    if packed.compressed and arr.ndim >= 2:
+        filtered = b"".join((bytes((IMAGE_FILTER_GRADIENT,)), _gradient(arr).reshape(-1).data))
+        smaller = _thread.compressor.compress(filtered)
+        if len(smaller) < packed.nbytes:
+            return _trusted(IMAGE_CODEC, True, shape, 1.0, 0, smaller)
+    return packed
+
+
+def _unpack_image(raw: bytes, shape: tuple[int, ...], n: int) -> np.ndarray:
+    """The pixels of a uint8_image raw payload, validated (PROTOCOL.md §6.8), as float32."""
+    _expect_len(IMAGE_CODEC, raw, 1 + n)
+    kind = raw[0]
+    pixels = np.frombuffer(raw, _UINT8, n, 1).reshape(shape)
+    if kind == IMAGE_FILTER_GRADIENT:
+        if len(shape) < 2:
+            raise TensorError(
+                f"{IMAGE_CODEC} gradient filter needs at least 2 dimensions, shape is {shape}"
+            )
+        pixels = _undo_gradient(pixels)
+    elif kind != IMAGE_FILTER_NONE:
+        raise TensorError(f"{IMAGE_CODEC} has unknown filter byte {kind}")
+    return pixels.astype(_FLOAT32)
 
 
 def _with_zstd(
@@ -613,6 +690,8 @@ def raw_payload_limit(codec: str, numel: int) -> int:
         return 2 * numel
     if codec == "int8":
         return numel
+    if codec == IMAGE_CODEC:
+        return 1 + numel  # the filter byte, one byte per pixel
     # sparse_int8: header + the largest index list (uint32 each) + one int8 per element.
     return _SPARSE_HEADER.size + 4 * numel + numel
 
@@ -798,6 +877,8 @@ def unpack(
     Raises `TensorError` (never another exception) when the payload does not match the
     codec and shape; never allocates more than the declared shape allows, and refuses shapes
     above `max_elements` before allocating anything. `dictionaries` decode `DICT_CODEC`.
+    `IMAGE_CODEC` decodes to the pixel values 0..255; the model input is their
+    normalisation, which the receiver applies with its model's input spec (§6.8).
     """
     if not isinstance(packed, PackedTensor):
         raise TypeError(f"expected a PackedTensor, got {type(packed).__name__}")
@@ -817,6 +898,8 @@ def unpack(
         return out
     if packed.compressed:
         raw = _decompress(raw, raw_payload_limit(codec, n))
+    if codec == IMAGE_CODEC:
+        return _unpack_image(raw, shape, n)
     if codec == "sparse_int8":
         out = np.zeros(shape, _FLOAT32)
         _unpack_sparse(raw, out.ravel(), packed.scale, packed.zero_point)  # a view: C order

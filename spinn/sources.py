@@ -35,6 +35,7 @@ __all__ = [
     "camera_target",
     "dataset_source",
     "folder_class",
+    "input_pixels",
     "preprocess",
 ]
 
@@ -94,10 +95,20 @@ def _to_rgb_or_gray(image: np.ndarray, origin: str) -> np.ndarray:
 def preprocess(image: np.ndarray, spec: InputSpec) -> torch.Tensor:
     """Model input (C×H×W float32) from a uint8 frame, as the checkpoint's input spec says.
 
-    Converts channels (RGB→gray by ITU-R BT.601 luma, gray→RGB by replication)
-    and resizes here; scaling and per-channel normalisation are the input
-    spec's own ``preprocess``, the one training used, so device frames and
-    training images see the same arithmetic.
+    Channels and size come from :func:`input_pixels`; scaling and per-channel
+    normalisation are the input spec's own ``preprocess``, the one training used, so
+    device frames and training images see the same arithmetic.
+    """
+    return spec.preprocess(torch.from_numpy(input_pixels(image, spec)))
+
+
+def input_pixels(image: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """The frame as the model's input pixels: C×H×W ``uint8``, contiguous.
+
+    Converts channels (RGB→gray by ITU-R BT.601 luma, gray→RGB by replication) and
+    resizes (area averaging when shrinking, bilinear when enlarging). What split 0 sends
+    with ``uint8_image`` (PROTOCOL.md §6.8): the server normalises these pixels as
+    :func:`preprocess` does.
     """
     import cv2
 
@@ -124,7 +135,7 @@ def preprocess(image: np.ndarray, spec: InputSpec) -> torch.Tensor:
             interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR,
         )
     chw = img[None, :, :] if img.ndim == 2 else img.transpose(2, 0, 1)
-    return spec.preprocess(torch.from_numpy(np.ascontiguousarray(chw)))
+    return np.ascontiguousarray(chw)
 
 
 class ArraySource:
