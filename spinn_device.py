@@ -40,8 +40,7 @@ def _fraction(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from protocol.packing import KNOWN_CODECS
-    from spinn.runtime.device import DeviceConfig
+    from spinn.runtime.device import ACTIVATION_CODECS, DeviceConfig
     from spinn.runtime.server import DEFAULT_CHECKPOINT
 
     d = DeviceConfig()
@@ -131,10 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--codec",
         default=d.codec,
-        choices=KNOWN_CODECS,
+        choices=ACTIVATION_CODECS,
         help=f"activation codec (default {d.codec}: sparse int8 + zstd with the per-split "
         "dictionaries beside the checkpoint, model.zdict, when the server holds the same; "
         "otherwise sparse_int8)",
+    )
+    p.add_argument(
+        "--no-image-codec",
+        action="store_true",
+        help="at split 0 send the preprocessed float input with --codec instead of the "
+        "frame's uint8 pixels (uint8_image, PROTOCOL.md §6.8), as a device without that "
+        "codec does",
     )
     p.add_argument(
         "--zstd",
@@ -236,6 +242,7 @@ def config_from_args(args: argparse.Namespace) -> DeviceConfig:
         probe_bytes=args.probe_bytes,
         continue_locally=not args.no_continue,
         codec=args.codec,
+        image_codec=not args.no_image_codec,
         zstd=args.zstd,
         torch_threads=args.torch_threads,
         deadline_factor=args.deadline_factor,

@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ignore the zstd dictionaries beside the checkpoint (model.zdict): devices then "
         "pack with plain sparse_int8 instead of sparse_int8_zdict",
     )
+    p.add_argument(
+        "--no-image-codec",
+        action="store_true",
+        help="do not accept the frame's uint8 pixels at split 0 (uint8_image, PROTOCOL.md "
+        "§6.8): devices then send the preprocessed float input there",
+    )
     p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
     p.add_argument(
         "--port", type=int, default=d.port, help=f"TCP port, 0 = any free (default {d.port})"
@@ -217,6 +223,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         checkpoint=args.checkpoint,
         allow_user_code=args.allow_user_code,
         dictionaries=not args.no_dictionaries,
+        image_codec=not args.no_image_codec,
         host=args.host,
         port=args.port,
         workers=args.workers,

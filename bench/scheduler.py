@@ -162,13 +162,17 @@ def end_to_end(
     profile = Profile.load(profile_file)
     # Upload sizes of the codec the device packs with (DeviceConfig.codec) and its in-flight
     # window, as the device's own scheduler predicts them (spinn.runtime.device).
-    from spinn.runtime.device import DeviceConfig, profiled_codec
+    from spinn.runtime.device import DeviceConfig, profiled_codec, profiled_input_codec
 
     device_defaults = DeviceConfig(checkpoint=checkpoint)
     codec = profiled_codec(device_defaults.codec, device_defaults.zstd, profile.codecs)
     sched = Scheduler(
         profile,
-        config=SchedulerConfig(codec=codec, max_in_flight=device_defaults.max_in_flight),
+        config=SchedulerConfig(
+            codec=codec,
+            input_codec=profiled_input_codec(device_defaults, profile),
+            max_in_flight=device_defaults.max_in_flight,
+        ),
     )
     pred_of = sched.predictor
     s_count = profile.num_stages

@@ -2,7 +2,7 @@
 
 On a calibration set it measures, for every split s = 0..S-1, what crosses the
 network (shape, and the packed bytes per codec of ``protocol.packing`` on real
-activations, median per input); for every stage, the device and server time of the
+activations, median per input, and at split 0 those of the frame's pixels as well); for every stage, the device and server time of the
 stage plus its exit head (batch 1, median of repeated runs, with the thread count
 used); and for a grid of thresholds, the share of inputs leaving at each exit and the
 accuracy. The result is a ``spinn.profile.Profile``: the scheduler and the runtime read
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from protocol.dictionaries import ZstdDictionaries
-from protocol.packing import CODECS, DICT_CODEC, pack
+from protocol.packing import CODECS, DICT_CODEC, IMAGE_CODEC, pack
 from spinn.checkpoint import CheckpointMeta
 from spinn.data import ImageSet
 from spinn.evaluate import collect_probs, sweep
@@ -98,10 +98,15 @@ def _split_activations(model: ProgressiveModel, x: Tensor) -> list[Tensor]:
 
 
 def measure_split_bytes(
-    model: ProgressiveModel, x: Tensor, dictionaries: ZstdDictionaries | None = None
+    model: ProgressiveModel,
+    x: Tensor,
+    dictionaries: ZstdDictionaries | None = None,
+    pixels: np.ndarray | None = None,
 ) -> list[dict[str, int]]:
     """Median packed bytes per codec at every split 0..S-1 over the batch ``x``; with
-    `dictionaries`, sparse_int8_zdict's too (table = split)."""
+    `dictionaries`, sparse_int8_zdict's too (table = split); with `pixels` (the uint8
+    images ``x`` was made from, N×C×H×W), what split 0 sends as the frame's pixels:
+    ``uint8_image`` and ``uint8_image+zstd`` (PROTOCOL.md §6.8)."""
     result = []
     for split, act in enumerate(_split_activations(model, x)):
         arrays = [a.numpy() for a in act]
@@ -117,6 +122,11 @@ def measure_split_bytes(
                 for a in arrays
             ]
             sizes[DICT_CODEC] = int(statistics.median(per_input))
+        if split == 0 and pixels is not None:
+            for compress in (False, True):
+                per_input = [pack(p[None], IMAGE_CODEC, compress).nbytes for p in pixels]
+                key = f"{IMAGE_CODEC}+zstd" if compress else IMAGE_CODEC
+                sizes[key] = int(statistics.median(per_input))
         result.append(sizes)
     return result
 
@@ -170,9 +180,10 @@ def profile_model(
         raise ValueError(
             f"calibration images {calib.shape} do not match the model input {model.input_spec.shape}"
         )
-    x_bytes = model.input_spec.preprocess(calib.images[: cfg.bytes_inputs])
+    pixels = calib.images[: cfg.bytes_inputs]
+    x_bytes = model.input_spec.preprocess(pixels)
     log.info("profile 1/4: packing %d inputs at %d splits", len(x_bytes), model.num_stages)
-    split_bytes = measure_split_bytes(model, x_bytes, dictionaries)
+    split_bytes = measure_split_bytes(model, x_bytes, dictionaries, pixels.numpy())
     x_time = model.input_spec.preprocess(calib.images[: cfg.timing_inputs])
     runs = cfg.warmup + cfg.repeats
     log.info("profile 2/4: timing %d stages x %d runs, device threads", model.num_stages, runs)

@@ -101,6 +101,9 @@ class SchedulerConfig:
     codec: str | None = None
     """Packing codec whose profiled sizes give the upload; ``None``: the smallest one
     profiled at each split (what the adaptive packer achieves)."""
+    input_codec: str | None = None
+    """Profile entry whose size gives the upload at split 0, where the device sends the
+    frame's pixels (``uint8_image+zstd``, PROTOCOL.md §6.8); ``None``: ``codec``'s."""
     local_race: bool = True
     """The device keeps computing locally after uploading and the first answer wins
     (DESIGN.md part 7): remote latency is raced against the local path, and the device
@@ -135,6 +138,12 @@ class SchedulerConfig:
             raise ValueError(
                 f"SchedulerConfig.max_in_flight must be >= 1, got {self.max_in_flight}"
             )
+
+    def upload_bytes(self, profile: Profile, split: int) -> int:
+        """Predicted bytes uploaded at ``split``: the input codec's at split 0, else the
+        codec's (``Profile.packed_bytes``)."""
+        codec = self.input_codec if split == 0 and self.input_codec is not None else self.codec
+        return profile.packed_bytes(split, codec)
 
 
 def split_name(split: int, num_stages: int) -> str:
@@ -280,9 +289,7 @@ class Predictor:
         self.srv_path_ms: FloatArray = np.where(
             self.remote, srv_cum[x + 1][None, :] - srv_cum[:, None], 0.0
         )
-        self.bits = np.array(
-            [8.0 * p.packed_bytes(s, self.config.codec) for s in range(s_count)] + [0.0]
-        )
+        self.bits = np.array([8.0 * self.config.upload_bytes(p, s) for s in range(s_count)] + [0.0])
         self.response_bits = 8.0 * self.config.response_bytes
         # Offline parts of the per-candidate sums, (S+1, T).
         self.remote_rates: FloatArray = self.rates[None, :, :] * self.remote[:, None, :]
@@ -785,6 +792,7 @@ class NeurosurgeonPolicy:
             replan_interval_s=0.0,
             response_bytes=base.response_bytes,
             codec=base.codec,
+            input_codec=base.input_codec,
             local_race=False,
         )
         self._scheduler = Scheduler(
@@ -819,9 +827,7 @@ class EdgentPolicy:
         self.latency_target_ms = latency_target_ms
         cfg = config or SchedulerConfig()
         p = profile
-        self._bits = np.array(
-            [8.0 * p.packed_bytes(s, cfg.codec) for s in range(p.num_stages)] + [0.0]
-        )
+        self._bits = np.array([8.0 * cfg.upload_bytes(p, s) for s in range(p.num_stages)] + [0.0])
         self._response_bits = 8.0 * cfg.response_bytes
         # Candidates (s, e): split s ≤ x_e offloads the stages [s, x_e]; the device-only
         # version of exit e is recorded as split S.

@@ -69,11 +69,21 @@ from protocol import (
 from protocol.auth import NONCE_SIZE, device_proof
 from protocol.dictionaries import DictionaryError, ZstdDictionaries
 from protocol.messages import MAX_STRING
-from protocol.packing import DICT_CODEC, KNOWN_CODECS, PackedTensor, as_sparse_int8, pack
+from protocol.packing import (
+    DICT_CODEC,
+    IMAGE_CODEC,
+    KNOWN_CODECS,
+    PackedTensor,
+    as_sparse_int8,
+    pack,
+    unpack,
+)
 from spinn.description import mismatches
 from spinn.estimators import OnlineProfiler, ServerTimeEstimator
 from spinn.exits import ExitRule
 from spinn.policy import Decision, FixedPolicy, Policy
+from spinn.profile import Profile
+from spinn.progressive import InputSpec
 from spinn.runtime.backoff import Backoff
 from spinn.runtime.compute import (
     ComputeSlots,
@@ -89,13 +99,15 @@ from spinn.runtime.stats import DeviceStats, median_or_none
 from spinn.runtime.tracker import Answer, FramePhase, RequestTracker, request_deadline
 from spinn.runtime.uplink import UploadTimer
 from spinn.sla import SLA
-from spinn.sources import Frame, FrameSource, Pacer, SourceError, preprocess
+from spinn.sources import Frame, FrameSource, Pacer, SourceError, input_pixels
 
 __all__ = [
+    "ACTIVATION_CODECS",
     "DeviceConfig",
     "DeviceError",
     "SpinnDevice",
     "profiled_codec",
+    "profiled_input_codec",
     "recode_for",
     "run_device",
 ]
@@ -104,6 +116,8 @@ log = logging.getLogger("spinn.device")
 
 _READ_CHUNK = 1 << 16
 _ZSTD_MODES: dict[str, bool | None] = {"auto": None, "always": True, "never": False}
+ACTIVATION_CODECS = tuple(c for c in KNOWN_CODECS if c != IMAGE_CODEC)
+"""The ``--codec`` choices: every codec but the split-0 one."""
 """DeviceConfig.zstd → pack's `compress` (None: the packer decides from the bandwidth)."""
 # uvloop's loop.time() ticks in milliseconds, too coarse for loopback round trips and
 # per-stage times; every `now` on the device comes from this clock instead.
@@ -162,6 +176,10 @@ class DeviceConfig:
     """Packing codec for activations (``protocol.packing.KNOWN_CODECS``). The default,
     sparse_int8_zdict, needs the zstd dictionaries beside the checkpoint and a server
     holding the same ones; without either the device packs with sparse_int8."""
+    image_codec: bool = True
+    """At split 0 send the frame's pixels (uint8_image, PROTOCOL.md §6.8) to a server that
+    accepts them, as a real client would; off, or to a server without the codec, the
+    preprocessed float input goes with ``codec``."""
     zstd: str = "auto"
     """When to compress: ``auto`` when the transfer time it saves at the measured bandwidth
     exceeds its own (paper §4.3), ``always`` for the fewest bytes (a metered link),
@@ -227,9 +245,10 @@ class DeviceConfig:
             raise ValueError(f"--status-interval must be >= 0, got {self.status_interval_s}")
         if self.zstd not in _ZSTD_MODES:
             raise ValueError(f"--zstd must be one of {', '.join(_ZSTD_MODES)}, got {self.zstd!r}")
-        if self.codec not in KNOWN_CODECS:
+        if self.codec not in KNOWN_CODECS or self.codec == IMAGE_CODEC:
+            # uint8_image is the split-0 codec, offered beside this one (image_codec).
             raise ValueError(
-                f"--codec: unknown codec {self.codec!r}; choose one of {', '.join(KNOWN_CODECS)}"
+                f"--codec: unknown codec {self.codec!r}; choose one of {', '.join(ACTIVATION_CODECS)}"
             )
         if self.rate_fps is not None and not (math.isfinite(self.rate_fps) and self.rate_fps >= 0):
             # Checked here as well as by the Pacer: before the model loads and tasks start.
@@ -299,12 +318,33 @@ def profiled_codec(codec: str, zstd: str, profiled: Sequence[str]) -> str | None
     return next((n for n in names if n in profiled), None)
 
 
+def profiled_input_codec(config: DeviceConfig, profile: Profile) -> str | None:
+    """The profile entry whose size is what split 0 sends: the frame's pixels
+    (``uint8_image``, zstd as `profiled_codec`), or None when the device sends the float
+    input there (``image_codec`` off) or the profile has no such entry."""
+    if not config.image_codec:
+        return None
+    return profiled_codec(IMAGE_CODEC, config.zstd, tuple(profile.splits[0].bytes))
+
+
 def recode_for(
-    packed: PackedTensor, codec: str, dictionaries: ZstdDictionaries | None, zstd: str = "auto"
+    packed: PackedTensor,
+    codec: str,
+    dictionaries: ZstdDictionaries | None,
+    zstd: str = "auto",
+    *,
+    accepted: Sequence[str] = (),
+    input_spec: InputSpec | None = None,
 ) -> PackedTensor:
-    """`packed` as the link's `codec` allows: a tensor packed with the dictionaries for a
-    server that had them, on a link since reconnected to one without, becomes sparse_int8.
-    Rare, and lossless: the same int8 levels, re-coded (`as_sparse_int8`)."""
+    """`packed` as the link allows (`codec`: its activation codec, `accepted`: every codec
+    it took). Both rare, after a reconnection to a different server: a tensor packed with
+    the dictionaries for a server that had them becomes sparse_int8, lossless (the same
+    int8 levels, `as_sparse_int8`); pixels for a server without uint8_image become the
+    float input, normalised by `input_spec` as the server would have (PROTOCOL.md §6.8)."""
+    if packed.codec == IMAGE_CODEC and IMAGE_CODEC not in accepted:
+        assert input_spec is not None
+        x = input_spec.preprocess(torch.from_numpy(unpack(packed))).numpy()
+        return pack(x, codec, _ZSTD_MODES[zstd], dictionaries=dictionaries, table=0)
     if packed.codec != DICT_CODEC or codec == DICT_CODEC:
         return packed
     return as_sparse_int8(packed, dictionaries, _ZSTD_MODES[zstd])
@@ -358,6 +398,11 @@ class _Link:
         offered = self.device.codecs
         accepted = self.welcome.codecs if self.welcome is not None else ()
         return next((c for c in offered if c in accepted), offered[-1])
+
+    @property
+    def sends_pixels(self) -> bool:
+        """Whether split 0 goes as the frame's pixels: the server accepted uint8_image."""
+        return self.welcome is not None and IMAGE_CODEC in self.welcome.codecs
 
     @property
     def up(self) -> bool:
@@ -555,7 +600,7 @@ class _Link:
                     PROTOCOL_VERSION,
                     meta.model_id,
                     meta.weights_sha256,
-                    self.device.codecs,
+                    self.device.offered_codecs,
                     self.config.device_name,
                     # A fresh nonce per connection (PROTOCOL.md §10).
                     auth_nonce=secrets.token_bytes(NONCE_SIZE) if self.token else b"",
@@ -787,7 +832,6 @@ class SpinnDevice:
 
     def __init__(self, config: DeviceConfig, *, policy: Policy | None = None) -> None:
         from spinn.checkpoint import load_checkpoint
-        from spinn.profile import Profile
 
         self.config = config
         workers, threads = plan_workers(config.workers, config.torch_threads)
@@ -803,7 +847,9 @@ class SpinnDevice:
             if self.dictionaries is not None
             else ("sparse_int8" if config.codec == DICT_CODEC else config.codec,)
         )
-        """Codecs offered in HELLO, preferred first; the last is what every server takes."""
+        """Activation codecs, preferred first; the last is what every server takes."""
+        self.offered_codecs = (*self.codecs, IMAGE_CODEC) if config.image_codec else self.codecs
+        """Codecs offered in HELLO: the activation codecs, then the split-0 pixels (§6.8)."""
         self.dictionaries_sha256 = "" if self.dictionaries is None else self.dictionaries.sha256
         profile_path = config.profile or Path(config.checkpoint).with_name("profile.json")
         if not Path(profile_path).is_file():
@@ -840,13 +886,15 @@ class SpinnDevice:
                         self.codecs[0],
                         ", ".join(self.profile.codecs),
                     )
+                scheduler_config = SchedulerConfig(
+                    codec=codec,
+                    input_codec=profiled_input_codec(config, self.profile),
+                    # The in-flight window decides the race under load (docs/SCHEDULER.md).
+                    max_in_flight=config.max_in_flight,
+                )
                 try:
                     policy = make_policy(
-                        config.policy,
-                        self.profile,
-                        config.sla or SLA(),
-                        # The in-flight window decides the race under load (docs/SCHEDULER.md).
-                        SchedulerConfig(codec=codec, max_in_flight=config.max_in_flight),
+                        config.policy, self.profile, config.sla or SLA(), scheduler_config
                     )
                 except ValueError as exc:
                     raise DeviceError(f"--policy {config.policy}: {exc}") from exc
@@ -1235,8 +1283,11 @@ class SpinnDevice:
         self, frame: Frame, plan: _Plan, bandwidth_bps: float
     ) -> tuple[Any, torch.Tensor | None, Any, float, int, float]:
         """Worker thread: preprocess, stages [0, split), pack if the frame goes out; the
-        stage and packing times in ms."""
-        x = preprocess(frame.image, self.model.input_spec)
+        stage and packing times in ms. At split 0 the frame's pixels go out as they are
+        where the server takes them (PROTOCOL.md §6.8), as a real client's would."""
+        spec = self.model.input_spec
+        pixels = input_pixels(frame.image, spec)
+        x = spec.preprocess(torch.from_numpy(pixels))
         t0 = time.perf_counter()
         out = self._run_range(x, 0, plan.split, plan)
         stages_ms = (time.perf_counter() - t0) * 1e3
@@ -1247,14 +1298,18 @@ class SpinnDevice:
         pack_ms = 0.0
         if plan.split < plan.last and self._link is not None:
             t1 = time.perf_counter()
-            packed = pack(
-                out.activation.numpy(),
-                self._link.codec,
-                _ZSTD_MODES[self.config.zstd],
-                bandwidth_bps,
-                dictionaries=self.dictionaries,
-                table=plan.split,
-            )
+            zstd = _ZSTD_MODES[self.config.zstd]
+            if plan.split == 0 and self._link.sends_pixels:
+                packed = pack(pixels[None], IMAGE_CODEC, zstd, bandwidth_bps)
+            else:
+                packed = pack(
+                    out.activation.numpy(),
+                    self._link.codec,
+                    zstd,
+                    bandwidth_bps,
+                    dictionaries=self.dictionaries,
+                    table=plan.split,
+                )
             pack_ms = (time.perf_counter() - t1) * 1e3
         return None, out.activation, packed, stages_ms, out.stop, pack_ms
 
@@ -1275,7 +1330,15 @@ class SpinnDevice:
 
     def _send_infer(self, fid: int, plan: _Plan, packed: PackedTensor, estimates: Any) -> None:
         assert self._link is not None
-        packed = recode_for(packed, self._link.codec, self.dictionaries, self.config.zstd)
+        welcome = self._link.welcome
+        packed = recode_for(
+            packed,
+            self._link.codec,
+            self.dictionaries,
+            self.config.zstd,
+            accepted=welcome.codecs if welcome is not None else (),
+            input_spec=self.model.input_spec,
+        )
         rid = self.tracker.new_request_id()
         now = _now()
         server_ms = self.profile.server_time_ms(plan.split) * estimates.server_scale

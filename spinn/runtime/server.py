@@ -9,7 +9,8 @@ docs/PROTOCOL.md and DESIGN.md part 7:
   otherwise ERROR(MODEL_MISMATCH) naming both, and the connection closes.
 * INFER runs stages ``[split, S)`` with the server-side exits checked against
   the request's ``thr_conf``; RESULT carries exit, top-k and (unless disabled)
-  the compute time.
+  the compute time. At split 0 a ``uint8_image`` tensor is the frame's pixels, made
+  the model input by the checkpoint's input spec (§6.8).
 * CANCEL: a queued request never runs; a running one stops at the next stage
   boundary; no RESULT is sent for it.
 * Bad bytes from one peer: ERROR naming the fault, then only that peer is closed.
@@ -76,7 +77,7 @@ from protocol import (
 from protocol.auth import NONCE_SIZE, server_proof
 from protocol.dictionaries import DictionaryError
 from protocol.messages import MAX_STRING
-from protocol.packing import CODECS, DICT_CODEC, unpack
+from protocol.packing import CODECS, DICT_CODEC, IMAGE_CODEC, unpack
 from spinn.description import describe
 from spinn.exits import ExitRule
 from spinn.runtime.accel import check_device_name, resolve_device
@@ -163,6 +164,10 @@ class ServerConfig:
     dictionaries: bool = True
     """Load the zstd dictionaries beside the checkpoint (``model.zdict``), when there, and
     accept the sparse_int8_zdict codec from devices holding the same (PROTOCOL.md §6.7)."""
+    image_codec: bool = True
+    """Accept uint8_image at split 0: the frame's pixels, which the server normalises with
+    the model's input spec (PROTOCOL.md §6.8). Off, devices send the float input there, as
+    to a server that does not know the codec."""
     host: str = "127.0.0.1"
     """Address to listen on."""
     port: int = 7878
@@ -960,6 +965,7 @@ class SpinnServer:
             c
             for c in hello.codecs
             if c in CODECS
+            or (c == IMAGE_CODEC and self.config.image_codec)
             or (c == DICT_CODEC and zdict is not None and hello.dictionaries_sha256 == zdict.sha256)
         )
         if not codecs:
@@ -967,7 +973,7 @@ class SpinnServer:
             # the answer is a fatal ERROR(BAD_TENSOR) (PROTOCOL.md §5.2).
             message = (
                 f"no tensor codec in common: device offers {_quoted(list(hello.codecs), 400)}, "
-                f"server accepts {list(CODECS)}"
+                f"server accepts {[*CODECS, *([IMAGE_CODEC] if self.config.image_codec else [])]}"
             )
             log.warning("device %s refused: %s", peer.name, message)
             self.stats.errors_sent += 1
@@ -1025,6 +1031,15 @@ class SpinnServer:
             log.debug("device %s request %d: busy: %s", peer.name, rid, busy)
             peer.send(_error(ErrorCode.BUSY, busy, rid))
             return
+        if infer.tensor.codec == IMAGE_CODEC and infer.split != 0:
+            self._request_error(
+                peer,
+                ErrorCode.BAD_SPLIT,
+                f"{IMAGE_CODEC} is the input frame's pixels, valid at split 0 only, "
+                f"not at split {infer.split} (PROTOCOL.md §6.8)",
+                rid,
+            )
+            return
         # The packed tensor carries the batch dimension (PROTOCOL.md, INFER): batch 1.
         expected = (1, *self.model.split_shape(infer.split))
         if tuple(infer.tensor.shape) != expected:
@@ -1043,6 +1058,9 @@ class SpinnServer:
             code = getattr(exc, "code", ErrorCode.BAD_TENSOR)
             self._request_error(peer, code, f"tensor does not decode: {exc}", rid)
             return
+        if infer.tensor.codec == IMAGE_CODEC:
+            # The pixels become the model input exactly as on the device (§6.8).
+            activation = self.model.input_spec.preprocess(torch.from_numpy(activation)).numpy()
         rule = ExitRule.from_wire(infer.thr_conf, infer.early_exits)
         job = _Job(rid, infer.split, rule, activation, received_at=received_at, peer=peer)
         if infer.deadline_ms is not None:
