@@ -38,10 +38,17 @@
    throughput, ``framing_vs_raw``; and with one in flight, where each round trip waits for
    the previous and so also times the fixed per-message cost (encode, decode, two event-loop
    wake-ups): ``framing_vs_raw_serial``. Target: framed throughput ≥ 70% of raw.
+3. Split 0, the input frame (PROTOCOL.md §6.8): median bytes per image of ``uint8_image``
+   (the frame's pixels, zstd with the smaller filtering: what is sent), against the
+   normalised float input in every codec (what split 0 sent before; with the shipped
+   table 0 of ``sparse_int8_zdict`` where it fits), the raw pixels and PNG, on the first
+   ``--images`` Fashion-MNIST test images: 1×28×28 grey as the default model takes them,
+   and 3×96×96 RGB frames made from them as a device makes a camera model's input.
 
 The last line is one JSON object with ``sparse_zstd_ratio``, ``zdict_ratio``,
 ``zdict_ratio_half_sparse``, ``pack_mb_s``, ``unpack_mb_s``, ``framing_vs_raw`` and the
-other figures printed above; ``dictionaries`` says where the zstd dictionaries came from.
+other figures printed above; ``dictionaries`` says where the zstd dictionaries came from;
+``input_bytes`` holds the split-0 figures per frame size.
 """
 
 from __future__ import annotations
@@ -78,7 +85,15 @@ from protocol import (
     unpack,
 )
 from protocol.dictionaries import DictionaryError, ZstdDictionaries
-from protocol.packing import DICT_CODEC, ZSTD_COMPRESS_BPS, ZSTD_DECOMPRESS_BPS, PackedTensor
+from protocol.packing import (
+    DICT_CODEC,
+    IMAGE_CODEC,
+    IMAGE_FILTER_GRADIENT,
+    IMAGE_FILTER_NONE,
+    ZSTD_COMPRESS_BPS,
+    ZSTD_DECOMPRESS_BPS,
+    PackedTensor,
+)
 
 DEFAULT_CHECKPOINT = "models/default/model.pt"
 FRAME_PAYLOAD = 2**20  # float32 payload bytes of each loopback INFER: a 1 MiB frame
@@ -487,6 +502,109 @@ def measure_codec(
     )
 
 
+# -- split 0: the input frame ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputBytes:
+    """Median bytes per image of split 0's encodings, for one frame size."""
+
+    name: str  # e.g. "1x28x28"
+    pixels: int  # C·H·W: the raw frame, one byte a pixel
+    before: dict[str, int]  # the normalised float input, per codec (what split 0 sent)
+    image: dict[str, int]  # uint8_image: "raw", "zstd" (what is sent), per filter, and PNG
+
+    @property
+    def sent(self) -> int:
+        """What split 0 sends now: uint8_image as the packer picks it, zstd on."""
+        return self.image["zstd"]
+
+
+def input_frames(images: int) -> list[tuple[Any, np.ndarray]]:
+    """(input spec, uint8 N×C×H×W frames) of the first Fashion-MNIST test images at two
+    sizes: as the default model takes them (1×28×28 grey), and as a 3×96×96 RGB model would
+    from the same frames (grey replicated, enlarged bilinearly: ``spinn.sources``)."""
+    from spinn.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
+    from spinn.progressive import InputSpec
+    from spinn.sources import input_pixels
+
+    grey = load_fashion_mnist("test").head(images).images.numpy()
+    mean, std = (FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,)
+    small = InputSpec(1, 28, 28, mean, std)
+    camera = InputSpec(3, 96, 96, mean * 3, std * 3)
+    rgb = np.stack([input_pixels(g[0], camera) for g in grey])
+    return [(small, grey), (camera, rgb)]
+
+
+def _png_bytes(frame: np.ndarray) -> int:
+    """Smallest PNG of a C×H×W frame over deflate levels 1..9 (OpenCV's encoder)."""
+    import cv2
+
+    hwc = frame[0] if frame.shape[0] == 1 else frame.transpose(1, 2, 0)[:, :, ::-1]  # BGR
+    hwc = np.ascontiguousarray(hwc)
+    return min(
+        len(cv2.imencode(".png", hwc, [cv2.IMWRITE_PNG_COMPRESSION, level])[1])
+        for level in range(1, 10)
+    )
+
+
+def measure_input(
+    spec: Any, frames: np.ndarray, dictionaries: ZstdDictionaries | None
+) -> InputBytes:
+    """Split 0's bytes per image (medians): the normalised float input in every codec,
+    as split 0 sent it before uint8_image (with `dictionaries`' table 0 where they fit
+    the frame), and the pixels with uint8_image, per filter, and as PNG for comparison."""
+    import torch
+    import zstandard
+
+    def median(sizes: list[int]) -> int:
+        return int(statistics.median(sizes))
+
+    x = spec.preprocess(torch.from_numpy(frames)).numpy()
+    floats = [np.ascontiguousarray(x[i : i + 1]) for i in range(len(x))]
+    before = {
+        f"{c}+zstd" if z else c: median([pack(a, c, z).nbytes for a in floats])
+        for c in CODECS
+        for z in (False, True)
+    }
+    if dictionaries is not None and spec.shape == (1, 28, 28):
+        before[DICT_CODEC] = median(
+            [pack(a, DICT_CODEC, True, dictionaries=dictionaries, table=0).nbytes for a in floats]
+        )
+    zstd = zstandard.ZstdCompressor(level=1, write_content_size=True)
+    pixels = [f[None] for f in frames]
+    gradient = [np.diff(np.diff(p, axis=-1, prepend=0), axis=-2, prepend=0) for p in pixels]
+    image = {
+        "raw": median([pack(p, IMAGE_CODEC, False).nbytes for p in pixels]),
+        "zstd": median([pack(p, IMAGE_CODEC, True).nbytes for p in pixels]),
+        f"filter {IMAGE_FILTER_NONE}+zstd": median(
+            [len(zstd.compress(bytes([IMAGE_FILTER_NONE]) + p.tobytes())) for p in pixels]
+        ),
+        f"filter {IMAGE_FILTER_GRADIENT}+zstd": median(
+            [
+                len(zstd.compress(bytes([IMAGE_FILTER_GRADIENT]) + g.astype(np.uint8).tobytes()))
+                for g in gradient
+            ]
+        ),
+        "png": median([_png_bytes(f) for f in frames]),
+    }
+    return InputBytes("x".join(map(str, spec.shape)), int(frames[0].size), before, image)
+
+
+def print_input(rows: Sequence[InputBytes]) -> None:
+    """The split-0 table: bytes per image, and how many times fewer than float32 and than
+    the raw frame (PROTOCOL.md §6.8)."""
+    print("\nsplit 0, the input frame: median bytes per image (x fewer than float32 / raw pixels)")
+    for r in rows:
+        f32 = r.before["float32"]
+        print(f"  {r.name} ({r.pixels} pixels, float32 input {f32} B):")
+        entries = [(f"float input, {k}", v) for k, v in r.before.items() if k != "float32"]
+        entries += [(f"{IMAGE_CODEC}, {k}", v) for k, v in r.image.items()]
+        for label, n in entries:
+            mark = "  <- sent" if label == f"{IMAGE_CODEC}, zstd" else ""
+            print(f"    {label:<36} {n:7d} B {f32 / n:6.2f}x {r.pixels / n:6.2f}x{mark}")
+
+
 def zstd_speeds(arrays: Sequence[np.ndarray], repeats: int) -> tuple[float, float]:
     """Measured zstd speeds on sparse_int8 payloads, bytes/s: (compress, decompress)."""
     import zstandard
@@ -865,6 +983,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tables=list(acts.per_split),
     )
     c_bps, d_bps = zstd_speeds(acts.arrays, args.repeats)
+    inputs = [measure_input(spec, f, dictionaries) for spec, f in input_frames(args.images)]
 
     kib = sum(a.nbytes for a in acts.arrays) / len(acts.arrays) / 1024
     big_kib = sum(a.nbytes for a in acts.batched) / len(acts.batched) / 1024
@@ -897,6 +1016,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"{args.window:<10} {raw_win:22.0f} {framed_win:16.0f} {ratio_win:11.0%}  (throughput)")
     print(f"{1:<10} {raw_seq:22.0f} {framed_seq:16.0f} {ratio_seq:11.0%}  (serial round trips)")
+    print_input(inputs)
 
     sparse = next(r for r in rows if r.codec == "sparse_int8" and not r.zstd)
     sparse_z = next(r for r in rows if r.codec == "sparse_int8" and r.zstd)
@@ -943,6 +1063,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "zdict_pack_mb_s": round(zdict.pack_mb_s, 1),
         "zdict_unpack_mb_s": round(zdict.unpack_mb_s, 1),
         "dictionaries": acts.dictionaries_origin,
+        # Split 0 (PROTOCOL.md §6.8), bytes per image: what is sent (uint8_image), the raw
+        # frame, and the normalised float input split 0 sent before, per frame size.
+        "input_bytes": {
+            r.name: {"sent": r.sent, "pixels": r.pixels, **r.before, **r.image} for r in inputs
+        },
     }
     print(json.dumps(figures))
     return 0

@@ -34,6 +34,9 @@ def test_bench_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
     ):
         assert figures[key] > 0, key
     assert figures["window"] == 2
+    assert set(figures["input_bytes"]) == {"1x28x28", "3x96x96"}
+    for sizes in figures["input_bytes"].values():
+        assert 0 < sizes["sent"] < sizes["pixels"] < sizes["float32"]
     assert 0 < figures["int8_bits_per_value"] <= 8.0
     assert figures["sparse_zstd_ratio_min"] <= figures["sparse_zstd_ratio"]
     assert figures["sparse_zstd_ratio"] <= figures["sparse_zstd_ratio_max"]
@@ -65,6 +68,24 @@ def test_bench_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
     if zdict_half is not None:
         verdict = "met" if zdict_half >= bench.HALF_SPARSE_TARGET else "missed"
         assert target[0].endswith(f" {zdict_half:.2f}x, {verdict}")
+
+
+def test_split_0_rows_measure_the_frame_against_the_float_input() -> None:
+    rows = [bench.measure_input(spec, f, None) for spec, f in bench.input_frames(6)]
+    small, camera = rows
+    assert (small.name, small.pixels, camera.name, camera.pixels) == (
+        "1x28x28",
+        784,
+        "3x96x96",
+        27648,
+    )
+    for r in rows:
+        assert r.before["float32"] == 4 * r.pixels and r.image["raw"] == 1 + r.pixels
+        # What is sent is the smaller of the two filterings, below the raw frame.
+        assert r.sent == min(r.image["filter 0+zstd"], r.image["filter 1+zstd"]) < r.pixels
+    # The enlarged frames are smooth: the gradient filter and zstd beat the float input's
+    # best lossy coding and PNG by far (PROTOCOL.md §6.8).
+    assert camera.sent < 0.7 * min(camera.before["int8+zstd"], camera.image["png"])
 
 
 @pytest.mark.parametrize("weights", ["random", "trained"])
