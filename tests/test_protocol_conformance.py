@@ -440,6 +440,21 @@ async def _split(server: SpinnServer, port: int) -> Seen:
     return await request_error(port, server, infer(1, split=server.model.num_stages))
 
 
+@scenario("image-split")
+async def _image_split(server: SpinnServer, port: int) -> Seen:
+    # The frame's pixels are valid at split 0 only, whatever their shape (PROTOCOL.md §6.8).
+    pixels = pack(np.zeros((1, 1, 28, 28), np.uint8), "uint8_image", compress=False)
+    image = tensor(codec=pixels.codec, payload=pixels.payload, shape=list(pixels.shape))
+    peer = await Peer.open(port)
+    await peer.welcome(server, codecs=["float32", "uint8_image"])
+    peer.send(infer(1, split=1, tensor=image))
+    error = await peer.error()
+    assert "split 0 only" in error["message"], error  # not the shape check's answer
+    open_after = await peer.still_open()
+    peer.writer.close()
+    return Seen(error, open_after)
+
+
 @scenario("queue-full", workers=1, slowdown=20.0, max_queue_per_connection=1)
 async def _queue_full(server: SpinnServer, port: int) -> Seen:
     seen = await request_error(port, server, infer(1), infer(2))

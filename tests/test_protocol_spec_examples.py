@@ -17,7 +17,7 @@ from protocol import PROTOCOL_VERSION, Cancel, Connection, Hello, Role, pack, un
 from protocol.dictionaries import ZstdDictionaries
 from protocol.framing import encode_frame
 from protocol.messages import encode_message
-from protocol.packing import DICT_CODEC, PackedTensor
+from protocol.packing import DICT_CODEC, IMAGE_CODEC, PackedTensor
 from spinn.dictionaries import dictionaries_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +45,8 @@ def example_blocks() -> list[bytes]:
 BLOCKS = example_blocks()
 
 
-def test_there_are_the_four_examples() -> None:
-    assert len(BLOCKS) == 4 and all(BLOCKS), [len(b) for b in BLOCKS]
+def test_there_are_the_six_examples() -> None:
+    assert len(BLOCKS) == 6 and all(BLOCKS), [len(b) for b in BLOCKS]
 
 
 def test_cancel_frame() -> None:
@@ -82,3 +82,19 @@ def test_sparse_int8_zdict_payload() -> None:
         payload = struct.pack("<H", table) + BLOCKS[3][2:]
         other = PackedTensor(DICT_CODEC, False, (3, 4), packed.scale, -128, payload)
         np.testing.assert_array_equal(unpack(other, dictionaries=shipped), unpack(plain))
+
+
+def test_uint8_image_payloads() -> None:
+    pixels = np.array([[[[10, 12, 14], [11, 13, 5]]]], np.uint8)
+    plain, gradient = BLOCKS[4], BLOCKS[5]
+    assert pack(pixels, IMAGE_CODEC, compress=False).payload == plain
+    for payload in (plain, gradient):
+        decoded = unpack(PackedTensor(IMAGE_CODEC, False, pixels.shape, 1.0, 0, payload))
+        np.testing.assert_array_equal(decoded, pixels)
+    # The gradient as the example works it out, pixel by pixel.
+    assert gradient == bytes([1, 10, 12 - 10, 14 - 12, 11 - 10, 13 - 11 - 12 + 10, 246])
+    # The model input's bit patterns, as the table states them (6.8's formula in float32).
+    x = (pixels.astype(np.float32) / np.float32(255) - np.float32(0.286)) / np.float32(0.353)
+    text = SPEC.read_text()
+    for row in x[0, 0]:
+        assert " ".join(f"{v:08x}" for v in row.view(np.uint32)) in text
