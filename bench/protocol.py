@@ -43,7 +43,8 @@
    normalised float input in every codec (what split 0 sent before; with the shipped
    table 0 of ``sparse_int8_zdict`` where it fits), the raw pixels and PNG, on the first
    ``--images`` Fashion-MNIST test images: 1×28×28 grey as the default model takes them,
-   and 3×96×96 RGB frames made from them as a device makes a camera model's input.
+   the camera workload's 3×96×96 RGB frames rendered from them (colour, sensor noise), and
+   the same images plainly enlarged to 3×96×96 RGB (smooth, noise-free).
 
 The last line is one JSON object with ``sparse_zstd_ratio``, ``zdict_ratio``,
 ``zdict_ratio_half_sparse``, ``pack_mb_s``, ``unpack_mb_s``, ``framing_vs_raw`` and the
@@ -509,7 +510,7 @@ def measure_codec(
 class InputBytes:
     """Median bytes per image of split 0's encodings, for one frame size."""
 
-    name: str  # e.g. "1x28x28"
+    name: str  # e.g. "1x28x28", "3x96x96 camera"
     pixels: int  # C·H·W: the raw frame, one byte a pixel
     before: dict[str, int]  # the normalised float input, per codec (what split 0 sent)
     image: dict[str, int]  # uint8_image: "raw", "zstd" (what is sent), per filter, and PNG
@@ -520,20 +521,35 @@ class InputBytes:
         return self.image["zstd"]
 
 
-def input_frames(images: int) -> list[tuple[Any, np.ndarray]]:
-    """(input spec, uint8 N×C×H×W frames) of the first Fashion-MNIST test images at two
-    sizes: as the default model takes them (1×28×28 grey), and as a 3×96×96 RGB model would
-    from the same frames (grey replicated, enlarged bilinearly: ``spinn.sources``)."""
-    from spinn.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
+def input_frames(images: int) -> list[tuple[str, Any, np.ndarray]]:
+    """(name, input spec, uint8 N×C×H×W frames) of the first Fashion-MNIST test images:
+    as the default model takes them (1×28×28 grey); as the camera workload's 3×96×96 RGB
+    frames (``spinn.data.render_camera_frames``: tinted, on a gradient, sensor noise); and
+    plainly enlarged to 3×96×96 RGB as a device makes a camera model's input from a grey
+    frame (grey replicated, bilinear: ``spinn.sources``), noise-free."""
+    import torch
+
+    from spinn.data import (
+        FASHION_MNIST_MEAN,
+        FASHION_MNIST_STD,
+        load_fashion_mnist,
+        render_camera_frames,
+    )
     from spinn.progressive import InputSpec
     from spinn.sources import input_pixels
 
-    grey = load_fashion_mnist("test").head(images).images.numpy()
+    test = load_fashion_mnist("test").head(images)
+    grey = test.images.numpy()
     mean, std = (FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,)
     small = InputSpec(1, 28, 28, mean, std)
     camera = InputSpec(3, 96, 96, mean * 3, std * 3)
-    rgb = np.stack([input_pixels(g[0], camera) for g in grey])
-    return [(small, grey), (camera, rgb)]
+    rendered = render_camera_frames(test.images, torch.arange(len(test)).numpy()).numpy()
+    enlarged = np.stack([input_pixels(g[0], camera) for g in grey])
+    return [
+        ("1x28x28", small, grey),
+        ("3x96x96 camera", camera, rendered),
+        ("3x96x96 upscaled", camera, enlarged),
+    ]
 
 
 def _png_bytes(frame: np.ndarray) -> int:
@@ -549,7 +565,7 @@ def _png_bytes(frame: np.ndarray) -> int:
 
 
 def measure_input(
-    spec: Any, frames: np.ndarray, dictionaries: ZstdDictionaries | None
+    name: str, spec: Any, frames: np.ndarray, dictionaries: ZstdDictionaries | None
 ) -> InputBytes:
     """Split 0's bytes per image (medians): the normalised float input in every codec,
     as split 0 sent it before uint8_image (with `dictionaries`' table 0 where they fit
@@ -588,7 +604,7 @@ def measure_input(
         ),
         "png": median([_png_bytes(f) for f in frames]),
     }
-    return InputBytes("x".join(map(str, spec.shape)), int(frames[0].size), before, image)
+    return InputBytes(name, int(frames[0].size), before, image)
 
 
 def print_input(rows: Sequence[InputBytes]) -> None:
@@ -983,7 +999,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tables=list(acts.per_split),
     )
     c_bps, d_bps = zstd_speeds(acts.arrays, args.repeats)
-    inputs = [measure_input(spec, f, dictionaries) for spec, f in input_frames(args.images)]
+    inputs = [measure_input(*frames, dictionaries) for frames in input_frames(args.images)]
 
     kib = sum(a.nbytes for a in acts.arrays) / len(acts.arrays) / 1024
     big_kib = sum(a.nbytes for a in acts.batched) / len(acts.batched) / 1024

@@ -34,7 +34,7 @@ def test_bench_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
     ):
         assert figures[key] > 0, key
     assert figures["window"] == 2
-    assert set(figures["input_bytes"]) == {"1x28x28", "3x96x96"}
+    assert set(figures["input_bytes"]) == {"1x28x28", "3x96x96 camera", "3x96x96 upscaled"}
     for sizes in figures["input_bytes"].values():
         assert 0 < sizes["sent"] < sizes["pixels"] < sizes["float32"]
     assert 0 < figures["int8_bits_per_value"] <= 8.0
@@ -71,21 +71,24 @@ def test_bench_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_split_0_rows_measure_the_frame_against_the_float_input() -> None:
-    rows = [bench.measure_input(spec, f, None) for spec, f in bench.input_frames(6)]
-    small, camera = rows
-    assert (small.name, small.pixels, camera.name, camera.pixels) == (
-        "1x28x28",
-        784,
-        "3x96x96",
-        27648,
-    )
+    rows = [bench.measure_input(*frames, None) for frames in bench.input_frames(6)]
+    assert [(r.name, r.pixels) for r in rows] == [
+        ("1x28x28", 784),
+        ("3x96x96 camera", 27648),
+        ("3x96x96 upscaled", 27648),
+    ]
     for r in rows:
         assert r.before["float32"] == 4 * r.pixels and r.image["raw"] == 1 + r.pixels
-        # What is sent is the smaller of the two filterings, below the raw frame.
+        # What is sent is the smaller of the two filterings, below the raw frame; lossless,
+        # and at most about what the float input's lossy int8 coding took.
         assert r.sent == min(r.image["filter 0+zstd"], r.image["filter 1+zstd"]) < r.pixels
-    # The enlarged frames are smooth: the gradient filter and zstd beat the float input's
-    # best lossy coding and PNG by far (PROTOCOL.md §6.8).
-    assert camera.sent < 0.7 * min(camera.before["int8+zstd"], camera.image["png"])
+        assert r.sent <= 1.05 * r.before["int8+zstd"]
+    # On camera-sized frames well below it.
+    assert all(r.sent < 0.8 * r.before["int8+zstd"] for r in rows[1:])
+    # Enlarged frames are smooth: the gradient filter beats the plain pixels and PNG by
+    # far there (PROTOCOL.md §6.8).
+    upscaled = rows[2]
+    assert upscaled.sent < 0.7 * min(upscaled.image["filter 0+zstd"], upscaled.image["png"])
 
 
 @pytest.mark.parametrize("weights", ["random", "trained"])
