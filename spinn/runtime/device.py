@@ -11,7 +11,9 @@ Per frame (DESIGN.md part 7, "execution engine"):
 2. The device runs stages ``[0, split)`` checking each exit; a confident exit
    answers locally.
 3. Otherwise the activation is packed (codec, zstd decided by the packer from
-   the live bandwidth) and sent as INFER with a deadline from the estimates.
+   the live bandwidth) and sent as INFER with a deadline from the estimates. At
+   split 0 that is the frame itself: its uint8 pixels (``uint8_image``,
+   PROTOCOL.md §6.8) where the server accepts them, whatever the policy.
 4. The device keeps computing ``[split, S)`` locally while the server works.
    The first answer wins; a local win CANCELs the request.  Stages of new
    frames take priority over continuations (uploads overlap compute).
