@@ -12,6 +12,7 @@ from protocol import PROTOCOL_VERSION, Error, ErrorCode, Hello, Infer, Result, W
 from protocol.packing import DICT_CODEC, IMAGE_CODEC, PackedTensor, pack, unpack
 from spinn.checkpoint import load_checkpoint
 from spinn.data import load_fashion_mnist
+from spinn.exits import ExitRule
 from spinn.inference import run_stages
 from spinn.profile import Profile
 from spinn.runtime.device import DeviceConfig, profiled_input_codec, recode_for
@@ -115,7 +116,7 @@ def test_the_server_takes_pixels_at_split_0_only_and_refuses_bad_ones() -> None:
     result = answers[3]
     assert isinstance(result, Result)
     x = model.input_spec.preprocess(torch.from_numpy(image))
-    offline = run_stages(model, x, 0, model.num_stages, 1.0)
+    offline = run_stages(model, x, 0, model.num_stages, ExitRule.from_wire(1.0, True))
     assert offline.answer is not None
     assert result.exit_index == offline.answer.exit
     assert result.classes == tuple(c for c, _ in offline.answer.topk(3))
