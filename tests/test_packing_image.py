@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from bench._common import stub_description
 from protocol import PROTOCOL_VERSION, Connection, Hello, Infer, Role, Welcome
 from protocol.errors import ErrorCode, LocalProtocolError, TensorError
 from protocol.packing import (
@@ -193,7 +194,10 @@ def _handshake(device_codecs: tuple[str, ...], server_codecs: tuple[str, ...]) -
     server = Connection(Role.SERVER)
     server.receive_data(device.send(Hello(PROTOCOL_VERSION, "m", "", device_codecs)))
     server.next_event()
-    device.receive_data(server.send(Welcome(PROTOCOL_VERSION, "m", "", server_codecs, True)))
+    welcome = Welcome(
+        PROTOCOL_VERSION, "m", "", server_codecs, True, description=stub_description()
+    )
+    device.receive_data(server.send(welcome))
     device.next_event()
     return device
 
