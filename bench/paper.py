@@ -113,6 +113,9 @@ class Plan:
     """Length of each paced run of experiment 3 (latency under an SLA)."""
 
 
+# Sized so that two workloads (the default model and the camera one) stay within 15
+# minutes on the shared 2-core machine: 1000 Mbit/s behaves as 5G here (both
+# server-bound), and the paced SLA runs are shorter than the full plan's.
 QUICK = Plan(
     name="quick",
     run_s=3.0,
@@ -121,7 +124,6 @@ QUICK = Plan(
         Network("1 Mbit/s", 1, "5ms"),
         Network("4G 24 Mbit/s", 24, "20ms"),
         Network("5G 250 Mbit/s", 250, "0.5ms"),
-        Network("1000 Mbit/s", 1000, "0.5ms"),
     ),
     oracle_grid=2,
     server_slowdowns=(1, 4, 10),
@@ -134,6 +136,7 @@ QUICK = Plan(
     failure_run_s=6.0,
     # 2500 test images: a configuration's accuracy (about 93%) to ±1 point at 95%.
     eval_images=2500,
+    sla_run_s=6.0,
 )
 FULL = Plan(
     name="full",
@@ -528,7 +531,7 @@ def accuracy_half_width(acc: float, n: int) -> float:
 def sla_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Experiment 3's verdicts: SPINN meets the limit wherever any policy does; among the
     policies that meet it SPINN is the most accurate; its accuracy gain over Edgent at the
-    tightest limit any policy met (points)."""
+    tightest limit both met (points; None where they never both did)."""
     feasible = [r for r in rows if any(x["met"] for x in r["results"].values())]
     met_where_feasible = all(r["results"]["spinn"]["met"] for r in feasible)
     most_accurate = all(
@@ -537,9 +540,12 @@ def sla_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         >= max(x["test_accuracy"] for x in r["results"].values() if x["met"])
         for r in feasible
     )
+    # Accuracy is compared where both kept the promise: an Edgent that missed the limit
+    # bought its accuracy with latency it was not allowed.
+    both = [r for r in rows if r["results"]["spinn"]["met"] and r["results"]["edgent"]["met"]]
     gain = None
-    if feasible:
-        tight = min(feasible, key=lambda r: r["sla_ms"])["results"]
+    if both:
+        tight = min(both, key=lambda r: r["sla_ms"])["results"]
         gain = 100 * (tight["spinn"]["test_accuracy"] - tight["edgent"]["test_accuracy"])
     return {
         "feasible_rows": len(feasible),
@@ -631,7 +637,7 @@ def experiment3(
         f"{'yes' if summary['met_where_feasible'] else '**no**'}; SPINN the most accurate of "
         "the policies that meet it: "
         f"{'yes' if summary['spinn_most_accurate_where_met'] else '**no**'}; accuracy gain "
-        "over Edgent at the tightest limit any policy met: "
+        "over Edgent at the tightest limit both met: "
         f"{_opt(summary['accuracy_gain_vs_edgent_pts'])} points.\n\n"
         + md_table(
             [
@@ -1165,7 +1171,7 @@ def write_readme(
         f"{e2_rows[-1]['fps']['server-only']:.1f}/s.",
         "3. [Latency SLA](exp3_latency_sla.md) ([plot](exp3_latency_sla.png)): device-only "
         f"latency {e3['device_only_ms']:.1f} ms; SPINN's accuracy over Edgent's at the "
-        f"tightest limit any policy met: {_opt(figures['sla_accuracy_gain_vs_edgent_pts'])} "
+        f"tightest limit both met: {_opt(figures['sla_accuracy_gain_vs_edgent_pts'])} "
         "points (paper: +20.7); server time per inference of server-only over SPINN's "
         f"(experiment 1, best network): {_opt(figures['server_cost_ratio_vs_server_only'])}× "
         "(paper: up to 6.8×).",
