@@ -72,7 +72,7 @@ from protocol import (
 )
 from protocol.framing import FrameDecoder, encode_frame
 from protocol.messages import Message, decode_message, encode_message
-from protocol.packing import IMAGE_CODEC, PackedTensor
+from protocol.packing import IMAGE_CODEC, LOSSY_CODEC, PackedTensor
 
 __all__ = [
     "ALLOC_SLACK",
@@ -265,9 +265,9 @@ _FIELD_NAMES = (
 ).split()
 
 
-_CODECS: Final = (*CODECS, IMAGE_CODEC)
+_CODECS: Final = (*CODECS, IMAGE_CODEC, LOSSY_CODEC)
 """The self-contained codecs the strategies draw from: the activation codecs and the
-split-0 pixels (PROTOCOL.md §6.8), so mutations reach every decoder but the dictionary one
+split-0 pixels (PROTOCOL.md §6.8), the lossy sparse_uintb (§6.9, at a random width), so mutations reach every decoder but the dictionary one
 (which needs the model's dictionaries: the socket corpus covers it)."""
 
 
@@ -280,6 +280,8 @@ def _small_tensor(seed: int, codec: str, compress: bool) -> PackedTensor:
         noise = rng.integers(0, 256, shape)
         return pack((ramp if seed % 2 else noise).astype(np.uint8), codec, compress=compress)
     x = np.maximum(rng.standard_normal(shape).astype(np.float32), 0.0)
+    if codec == LOSSY_CODEC:
+        return pack(x, codec, compress=compress, bits=int(rng.integers(1, 9)))
     return pack(x, codec, compress=compress)
 
 
@@ -535,7 +537,7 @@ def _corpus(checkpoint: Path) -> list[bytes]:
     # With the model's zstd dictionaries the streams offer sparse_int8_zdict too, so the
     # mutations reach the server's dictionary decoder (PROTOCOL.md §6.7).
     zdict = load_dictionaries(checkpoint, meta.model_id, model.num_stages)
-    codecs = CODECS if zdict is None else (*CODECS, DICT_CODEC)
+    codecs = (*CODECS, LOSSY_CODEC) if zdict is None else (*CODECS, LOSSY_CODEC, DICT_CODEC)
     codecs = (IMAGE_CODEC, *codecs)  # split 0 goes as pixels (PROTOCOL.md §6.8)
     hello = encode_frame(
         encode_message(

@@ -39,6 +39,8 @@ __all__ = [
     "IMAGE_FILTER_GRADIENT",
     "IMAGE_FILTER_NONE",
     "KNOWN_CODECS",
+    "LOSSY_BITS",
+    "LOSSY_CODEC",
     "DEFAULT_MAX_ELEMENTS",
     "MAX_NDIM",
     "SPARSE_BITMASK",
@@ -71,7 +73,17 @@ IMAGE_CODEC: Final = "uint8_image"
 real client would send them, instead of the preprocessed float input. The receiver
 normalises them as the model's input spec says. Valid only at split 0."""
 
-KNOWN_CODECS: Final[tuple[str, ...]] = (*CODECS, DICT_CODEC, IMAGE_CODEC)
+
+LOSSY_CODEC: Final = "sparse_uintb"
+"""The sparse codec of fewer than 8 bits a value (PROTOCOL.md §6.9): the bitmask of
+sparse_int8 plus an unsigned b-bit code of each non-zero, b = 1..8 named in the payload.
+ReLU outputs are non-negative, so no level goes to negative values. Lossier than int8
+(2**b levels), chosen per split where the model's accuracy allows it (`spinn profile`)."""
+
+LOSSY_BITS: Final = range(1, 9)
+"""The code widths sparse_uintb allows (bits a non-zero value)."""
+
+KNOWN_CODECS: Final[tuple[str, ...]] = (*CODECS, DICT_CODEC, IMAGE_CODEC, LOSSY_CODEC)
 """Every codec name this implementation decodes."""
 
 IMAGE_FILTER_NONE: Final = 0
@@ -219,6 +231,8 @@ class PackedTensor:
             raise TensorError(f"zero_point must be an int in [-128, 127], got {self.zero_point!r}")
         if self.codec in _UNSCALED and (scale != 1.0 or self.zero_point != 0):
             raise TensorError(f"codec {self.codec} requires scale 1.0 and zero_point 0")
+        if self.codec == LOSSY_CODEC and self.zero_point != 0:
+            raise TensorError(f"codec {LOSSY_CODEC} requires zero_point 0")
         if self.codec == DICT_CODEC and self.compressed:
             raise TensorError(
                 f"codec {DICT_CODEC} is coded with zstd already: compressed must be false"
@@ -496,6 +510,48 @@ def _pack_zdict(
     return b"".join(parts), scale, zero_point
 
 
+def _uintb_codes(codes: np.ndarray, bits: int) -> bytes:
+    """uint8 `codes` below 2**bits, each as `bits` bits, most significant first, packed
+    end to end (PROTOCOL.md §6.8); the last byte's padding bits are 0."""
+    if bits == 8:
+        return codes.tobytes()
+    return np.packbits(np.unpackbits(codes[:, None], axis=1)[:, 8 - bits :]).tobytes()
+
+
+def _pack_uintb(flat: np.ndarray, bits: int) -> tuple[bytes, float]:
+    """(sparse_uintb payload, scale) of a contiguous 1-D float32 array (PROTOCOL.md §6.8).
+
+    scale = hi / 2**bits, level q = rint(x / scale) in [0, 2**bits]: the positions are the
+    elements with q ≥ 1 (x̂ ≠ 0), each coded as q − 1 in `bits` bits, so every element is
+    within scale/2 of its value and 2**bits non-zero levels use all the codes.
+    """
+    hi = 0.0
+    if flat.size:
+        vmin, lo, hi = _range(flat)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"cannot pack non-finite values (nan or inf) with {LOSSY_CODEC}")
+        if vmin < 0.0:
+            raise ValueError(
+                f"{LOSSY_CODEC} codes non-negative values (ReLU outputs) only; "
+                f"the tensor's minimum is {vmin:g}"
+            )
+        if hi > _MAX_SCALE:
+            # Keeps scale = hi / 2**bits within a tensor's bounds (below 2**120).
+            raise ValueError(f"values up to {hi:g} exceed {LOSSY_CODEC}'s range 2**120")
+    mask_len = (flat.size + 7) >> 3
+    if not hi:
+        return _SPARSE_HEADER.pack(bits, 0) + bytes(mask_len), 1.0
+    scale = max(_f32(hi / (1 << bits)), _F32_TINY)
+    # float32 quotient then rint (half to even), as §6.8 specifies: hi / scale is 2**bits
+    # to within float32 rounding, so no level exceeds 2**bits and no clamp is needed.
+    levels = np.rint(np.divide(flat, np.float32(scale)))
+    mask = levels.astype(_BOOL)
+    index = mask.nonzero()[0]
+    codes = (levels.take(index) - 1.0).astype(_UINT8)
+    parts = (_SPARSE_HEADER.pack(bits, index.size), np.packbits(mask), _uintb_codes(codes, bits))
+    return b"".join(parts), scale
+
+
 def pack(
     array: np.ndarray,
     codec: str = "sparse_int8",
@@ -504,6 +560,7 @@ def pack(
     *,
     dictionaries: ZstdDictionaries | None = None,
     table: int = 0,
+    bits: int | None = None,
 ) -> PackedTensor:
     """Pack `array` with `codec`; zstd when `compress`, or when it pays off if None.
 
@@ -518,9 +575,17 @@ def pack(
     `IMAGE_CODEC` packs uint8 pixels (the input frame, shape (1, C, H, W)) losslessly;
     any other dtype is refused. Compressed, it is the smaller of the plain and the
     gradient-filtered pixels (PROTOCOL.md §6.8).
+    `LOSSY_CODEC` codes each non-zero in `bits` bits (default 8; one of `LOSSY_BITS`), and
+    only non-negative values; `bits` is refused with any other codec.
     """
     if codec == IMAGE_CODEC:
         return _pack_image(array, compress, bandwidth_bps)
+    if bits is not None and codec != LOSSY_CODEC:
+        raise ValueError(f"bits={bits} is for codec {LOSSY_CODEC} only, not {codec!r}")
+    if codec == LOSSY_CODEC and (bits is None or type(bits) is not int or bits not in LOSSY_BITS):
+        if bits is not None:
+            raise ValueError(f"{LOSSY_CODEC} codes 1 to 8 bits a value, got bits={bits!r}")
+        bits = 8
     if codec == DICT_CODEC:
         if dictionaries is None:
             raise ValueError(f"codec {DICT_CODEC} needs the model's zstd dictionaries")
@@ -531,7 +596,7 @@ def pack(
             compress = should_compress(estimate, bandwidth_bps, ratio=_ZDICT_GAIN)
         if compress is False:
             return pack(array, "sparse_int8", compress=False)
-    elif codec not in CODECS:
+    elif codec not in CODECS and codec != LOSSY_CODEC:
         raise ValueError(f"unknown codec {codec!r}; expected one of {KNOWN_CODECS}")
     if (
         type(array) is np.ndarray
@@ -554,6 +619,10 @@ def pack(
         return _trusted(codec, False, shape, scale, zero_point, payload)
     if codec == "sparse_int8":
         raw, scale, zero_point = _pack_sparse(flat)
+    elif codec == LOSSY_CODEC:
+        assert bits is not None
+        raw, scale = _pack_uintb(flat, bits)
+        zero_point = 0
     elif codec == "int8":
         q, scale, zero_point = _quantise_into(flat, None)
         raw = q.tobytes()
@@ -692,6 +761,9 @@ def raw_payload_limit(codec: str, numel: int) -> int:
         return numel
     if codec == IMAGE_CODEC:
         return 1 + numel  # the filter byte, one byte per pixel
+    if codec == LOSSY_CODEC:
+        # header + bitmask + 8 bits per element at most.
+        return _SPARSE_HEADER.size + ((numel + 7) >> 3) + numel
     # sparse_int8: header + the largest index list (uint32 each) + one int8 per element.
     return _SPARSE_HEADER.size + 4 * numel + numel
 
@@ -779,6 +851,44 @@ def _unpack_sparse(raw: bytes, out: np.ndarray, scale: float, zero_point: int) -
             )
         q = np.frombuffer(raw, _INT8, nnz, hs + width * nnz)
         out[index] = _dequantise(q, scale, zero_point)
+
+
+def _unpack_uintb(raw: bytes, out: np.ndarray, scale: float) -> None:
+    """Decode a sparse_uintb payload into `out`, flat and all zeros (PROTOCOL.md §6.8)."""
+    n = out.size
+    hs = _SPARSE_HEADER.size
+    if len(raw) < hs:
+        raise TensorError(
+            f"{LOSSY_CODEC} payload has {len(raw)} bytes; the header alone needs {hs}"
+        )
+    bits, nnz = _SPARSE_HEADER.unpack_from(raw)
+    if bits not in LOSSY_BITS:
+        raise TensorError(f"{LOSSY_CODEC} declares {bits} bits a value; 1 to 8 allowed")
+    if nnz > n:
+        raise TensorError(f"{LOSSY_CODEC} declares {nnz} non-zeros for {n} elements")
+    if scale > 2.0 ** (127 - bits):
+        # The top level, 2**bits·scale, must stay a finite float32.
+        raise TensorError(f"{LOSSY_CODEC} scale {scale!r} exceeds 2**{127 - bits} at {bits} bits")
+    mask_len = (n + 7) >> 3
+    code_bits = nnz * bits
+    _expect_len(LOSSY_CODEC, raw, hs + mask_len + ((code_bits + 7) >> 3))
+    if n & 7 and raw[hs + mask_len - 1] & ((1 << (8 - (n & 7))) - 1):
+        raise TensorError(f"{LOSSY_CODEC} bitmask has bits set past the last element")
+    if code_bits & 7 and raw[-1] & ((1 << (8 - (code_bits & 7))) - 1):
+        raise TensorError(f"{LOSSY_CODEC} codes have padding bits set after the last value")
+    mask = np.unpackbits(np.frombuffer(raw, _UINT8, mask_len, hs), None, n).view(_BOOL)
+    index = mask.nonzero()[0]
+    if index.size != nnz:
+        raise TensorError(f"{LOSSY_CODEC} bitmask has {index.size} bits set; header says {nnz}")
+    codes = np.frombuffer(raw, _UINT8, len(raw) - hs - mask_len, hs + mask_len)
+    if bits != 8:
+        split = np.unpackbits(codes, None, code_bits).reshape(nnz, bits)
+        codes = np.packbits(split, axis=1).reshape(nnz) >> (8 - bits)
+    values = codes.astype(_FLOAT32)
+    np.add(values, _LEVEL_F32[129], values)  # code c is level c + 1
+    operand = _thread.scale
+    operand[()] = scale
+    out[index] = np.multiply(values, operand, values)
 
 
 _INT_XOR_MAX: Final = 1 << 18
@@ -903,6 +1013,10 @@ def unpack(
     if codec == "sparse_int8":
         out = np.zeros(shape, _FLOAT32)
         _unpack_sparse(raw, out.ravel(), packed.scale, packed.zero_point)  # a view: C order
+        return out
+    if codec == LOSSY_CODEC:
+        out = np.zeros(shape, _FLOAT32)
+        _unpack_uintb(raw, out.ravel(), packed.scale)
         return out
     if codec == "int8":
         _expect_len(codec, raw, n)

@@ -68,10 +68,18 @@ class ConnectionPair:
                 break
         return events
 
-    def handshake(self, codecs: tuple[str, ...] = CODECS) -> None:
+    def handshake(
+        self, codecs: tuple[str, ...] = CODECS, accept: tuple[str, ...] | None = None
+    ) -> None:
         assert self.send(self.device, Hello(PROTOCOL_VERSION, "resnet20", SHA, codecs, "dev"))
         welcome = Welcome(
-            PROTOCOL_VERSION, "resnet20", SHA, codecs, True, "srv", description=stub_description()
+            PROTOCOL_VERSION,
+            "resnet20",
+            SHA,
+            codecs if accept is None else accept,
+            True,
+            "srv",
+            description=stub_description(),
         )
         assert self.send(self.server, welcome) == [welcome]
 
@@ -499,3 +507,21 @@ def test_over_a_real_socket_pair() -> None:
         srv_sock.shutdown(socket.SHUT_WR)
         assert pump(dev_sock, device) == Bye()
         assert pump(dev_sock, device) == ConnectionClosed(clean=True)
+
+
+def test_sparse_uintb_only_where_the_server_accepted_it() -> None:
+    # A server that does not know the lossy codec (PROTOCOL.md §6.8) leaves it out of
+    # WELCOME; the device's connection then refuses to send it, and the server's refuses
+    # to receive it.
+    pair = ConnectionPair()
+    pair.handshake(codecs=("sparse_uintb", "sparse_int8"), accept=("sparse_int8",))
+    lossy = Infer(1, 1, 0.5, pack(np.ones((1, 4), np.float32), "sparse_uintb", bits=3))
+    with pytest.raises(LocalProtocolError, match="not negotiated"):
+        pair.device.send(lossy)
+    pair.server.receive_data(encode_frame(encode_message(lossy)))
+    with pytest.raises(RemoteProtocolError, match="not negotiated"):
+        pair.server.next_event()
+    accepted = ConnectionPair()
+    accepted.handshake(codecs=("sparse_uintb", "sparse_int8"))
+    [event] = accepted.send(accepted.device, lossy)
+    assert event == lossy

@@ -15,6 +15,7 @@ from hypothesis.extra import numpy as hnp
 from protocol.errors import ErrorCode, TensorError
 from protocol.packing import (
     CODECS,
+    LOSSY_CODEC,
     SPARSE_BITMASK,
     SPARSE_INDEX_U16,
     SPARSE_INDEX_U32,
@@ -285,7 +286,7 @@ def test_packed_tensor_validates_fields() -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    st.sampled_from(CODECS),
+    st.sampled_from((*CODECS, LOSSY_CODEC)),
     st.booleans(),
     st.lists(st.integers(0, 6), max_size=3).map(tuple),
     st.binary(max_size=64),
@@ -294,7 +295,7 @@ def test_random_payloads_never_crash_unpack(
     codec: str, compressed: bool, shape: tuple[int, ...], payload: bytes
 ) -> None:
     scale = 1.0
-    zp = 0 if codec in ("float32", "float16") else 3
+    zp = 0 if codec in ("float32", "float16", LOSSY_CODEC) else 3
     t = PackedTensor(codec, compressed, shape, scale, zp, payload)
     try:
         y = unpack(t)
@@ -309,3 +310,103 @@ def test_unknown_bandwidth_compresses_without_sampling() -> None:
     assert pack(x, compress=None, bandwidth_bps=None).compressed
     tiny = pack(np.zeros(4, np.float32), "float32", compress=None)
     assert not tiny.compressed, "below the minimum size zstd is never tried"
+
+
+# sparse_uintb (PROTOCOL.md §6.8): the non-zeros of a non-negative tensor in b bits each.
+
+non_negative = hnp.arrays(
+    np.float32,
+    hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=9),
+    elements=st.one_of(st.just(0.0), st.floats(0.0, 2.0**120, width=32)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(non_negative, st.integers(1, 8), st.booleans())
+def test_sparse_uintb_error_at_most_half_a_step(x: np.ndarray, bits: int, compress: bool) -> None:
+    packed = pack(x, LOSSY_CODEC, compress, bits=bits)
+    y = unpack(packed)
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert packed.zero_point == 0
+    _assert_within_half_step(x, y, packed.scale)
+    assert np.all(y[x == 0] == 0), "zeros stay exactly zero"
+    if x.size and x.max() > 0:
+        # The step is the range over 2**bits levels (to float32 rounding, or the smallest
+        # normal float32 for tiny ranges).
+        assert packed.scale <= max(float(x.max()) / 2**bits * (1 + 2 * F32_EPS), 2.0**-126)
+    assert len(np.unique(y)) <= 2**bits + 1
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_sparse_uintb_sizes_on_a_relu_activation(bits: int) -> None:
+    x = _relu_activation(11)
+    packed = pack(x, LOSSY_CODEC, compress=False, bits=bits)
+    nnz = struct.unpack_from("<BI", packed.payload)[1]
+    assert packed.payload[0] == bits
+    assert packed.nbytes == 5 + (x.size + 7) // 8 + (nnz * bits + 7) // 8
+    assert nnz <= np.count_nonzero(x)
+    if bits <= 4:
+        assert 10 * packed.nbytes <= x.nbytes, "at most 4 bits: 10x below float32"
+    assert packed.nbytes <= pack(x, "sparse_int8", compress=False).nbytes
+    _assert_within_half_step(x, unpack(packed), packed.scale)
+
+
+def test_sparse_uintb_refuses_what_it_cannot_code() -> None:
+    with pytest.raises(ValueError, match="non-negative"):
+        pack(np.array([1.0, -0.5], np.float32), LOSSY_CODEC, bits=4)
+    with pytest.raises(ValueError, match="non-finite"):
+        pack(np.array([1.0, np.inf], np.float32), LOSSY_CODEC, bits=4)
+    with pytest.raises(ValueError, match="non-finite"):
+        pack(np.array([np.nan, 1.0], np.float32), LOSSY_CODEC, bits=4)
+    with pytest.raises(ValueError, match="2\\*\\*120"):
+        pack(np.array([2.0**121], np.float32), LOSSY_CODEC, bits=1)
+    top = unpack(pack(np.array([2.0**120], np.float32), LOSSY_CODEC, bits=8))
+    assert top.item() == 2.0**120
+    for bits in (0, 9, 4.0, True):
+        with pytest.raises(ValueError, match="1 to 8 bits"):
+            pack(np.ones(3, np.float32), LOSSY_CODEC, bits=bits)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="only"):
+        pack(np.ones(3, np.float32), "int8", bits=4)
+    # Negative zero is zero; all zeros and empty tensors code to nothing.
+    y = unpack(pack(np.array([-0.0, 2.0], np.float32), LOSSY_CODEC, bits=2))
+    np.testing.assert_array_equal(y, [0.0, 2.0])
+    for x in (np.zeros((2, 3), np.float32), np.zeros((0, 4), np.float32)):
+        packed = pack(x, LOSSY_CODEC, compress=False, bits=3)
+        assert packed.scale == 1.0
+        np.testing.assert_array_equal(unpack(packed), x)
+    assert pack(np.ones(2, np.float32), LOSSY_CODEC).payload[0] == 8, "8 bits by default"
+
+
+def test_corrupt_sparse_uintb_payloads_are_rejected() -> None:
+    x = _relu_activation(4, (1, 2, 5, 5))  # 50 elements: the mask has 6 pad bits
+    good = pack(x, LOSSY_CODEC, compress=False, bits=3)
+    raw = bytes(good.payload)
+    bits, nnz = struct.unpack_from("<BI", raw)
+    assert (nnz * bits) % 8, "the codes end inside a byte: padding bits to corrupt"
+
+    def bad(payload: bytes, match: str, scale: float = good.scale) -> None:
+        t = _tensor(LOSSY_CODEC, good.shape, payload, scale=scale, zero_point=0)
+        with pytest.raises(TensorError, match=match):
+            unpack(t)
+
+    bad(raw[:3], "header")
+    bad(bytes([0]) + raw[1:], "0 bits")
+    bad(bytes([9]) + raw[1:], "9 bits")
+    bad(struct.pack("<BI", 3, 51) + raw[5:], "51 non-zeros")
+    bad(raw[:-1], "payload has")
+    bad(raw + b"\x00", "payload has")
+    padded = bytearray(raw)
+    padded[5 + 6] |= 0x01  # a bit past element 50
+    bad(bytes(padded), "past the last element")
+    padded = bytearray(raw)
+    padded[-1] |= 0x01  # a padding bit after the last code
+    bad(bytes(padded), "padding bits")
+    # One position less in the header, the codes one shorter: the bitmask disagrees.
+    short = struct.pack("<BI", 3, nnz - 1) + raw[5 : 5 + 7] + bytes((3 * (nnz - 1) + 7) // 8)
+    bad(short, "bits set")
+    with pytest.raises(TensorError, match="zero_point 0"):
+        _tensor(LOSSY_CODEC, good.shape, raw, scale=good.scale, zero_point=3)
+    # At 8 bits the top level is 256·scale: finite up to scale 2**119 only.
+    eight = pack(x, LOSSY_CODEC, compress=False, bits=8).payload
+    bad(eight, "exceeds 2\\*\\*119", scale=2.0**120)
+    assert np.isfinite(unpack(_tensor(LOSSY_CODEC, good.shape, eight, scale=2.0**119))).all()

@@ -17,7 +17,7 @@ from protocol import PROTOCOL_VERSION, Cancel, Connection, Hello, Role, pack, un
 from protocol.dictionaries import ZstdDictionaries
 from protocol.framing import encode_frame
 from protocol.messages import encode_message
-from protocol.packing import DICT_CODEC, IMAGE_CODEC, PackedTensor
+from protocol.packing import DICT_CODEC, IMAGE_CODEC, LOSSY_CODEC, PackedTensor
 from spinn.dictionaries import dictionaries_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +45,8 @@ def example_blocks() -> list[bytes]:
 BLOCKS = example_blocks()
 
 
-def test_there_are_the_six_examples() -> None:
-    assert len(BLOCKS) == 6 and all(BLOCKS), [len(b) for b in BLOCKS]
+def test_there_are_the_seven_examples() -> None:
+    assert len(BLOCKS) == 7 and all(BLOCKS), [len(b) for b in BLOCKS]
 
 
 def test_cancel_frame() -> None:
@@ -98,3 +98,13 @@ def test_uint8_image_payloads() -> None:
     text = SPEC.read_text()
     for row in x[0, 0]:
         assert " ".join(f"{v:08x}" for v in row.view(np.uint32)) in text
+
+
+def test_sparse_uintb_payload() -> None:
+    x = np.array([[[0, 1.0, 0.1], [3.0, 0, 2.5]]], np.float32)
+    packed = pack(x, LOSSY_CODEC, compress=False, bits=3)
+    assert packed.payload == BLOCKS[6]
+    assert packed.scale == 0.375 and packed.zero_point == 0
+    # The decoded tensor the example states, exactly: (c + 1)·scale.
+    y = unpack(PackedTensor(LOSSY_CODEC, False, (1, 2, 3), 0.375, 0, BLOCKS[6]))
+    np.testing.assert_array_equal(y, [[[0, 1.125, 0], [3.0, 0, 2.625]]])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from protocol import (
     PROTOCOL_VERSION,
@@ -21,6 +22,7 @@ from protocol import (
     Pong,
     Result,
     pack,
+    unpack,
 )
 from spinn.checkpoint import load_checkpoint
 from spinn.exits import ExitRule
@@ -275,3 +277,35 @@ def test_bye_answers_outstanding_requests_then_says_bye(checkpoint: Path) -> Non
 
     server = serve(checkpoint, body, workers=1)
     assert server.stats.computed == 3 and server.stats.connections == 0
+
+
+def test_sparse_uintb_is_accepted_and_decoded_within_half_a_step(checkpoint: Path) -> None:
+    # The lossy codec (PROTOCOL.md §6.8) over a real socket: offered beside sparse_int8,
+    # accepted, and answered as the offline model answers the decoded activation.
+    model, _ = load_checkpoint(checkpoint)
+    split = 2
+    act = run_stages(model, sample_input(3), 0, split, ExitRule(None)).activation
+    assert act is not None
+    packed = pack(act.numpy(), "sparse_uintb", compress=True, bits=4)
+    got: list[object] = []
+
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        meta = server.meta
+        codecs = ("sparse_uintb", "sparse_int8")
+        client.send(Hello(PROTOCOL_VERSION, meta.model_id, meta.weights_sha256, codecs))
+        welcome = await client.next()
+        got.append(welcome)
+        client.send(Infer(1, split, 0.0, packed, early_exits=False))
+        got.append(await client.next())
+        client.close()
+
+    serve(checkpoint, body, top_k=3)
+    welcome, result = got
+    assert welcome.codecs == ("sparse_uintb", "sparse_int8")  # type: ignore[attr-defined]
+    assert isinstance(result, Result), result
+    decoded = torch.from_numpy(unpack(packed))
+    assert (decoded - act).abs().max().item() <= packed.scale / 2 * (1 + 1e-5)
+    offline = run_stages(model, decoded, split, model.num_stages, ExitRule(None))
+    assert offline.answer is not None
+    assert result.classes == tuple(c for c, _ in offline.answer.topk(3))

@@ -77,7 +77,7 @@ from protocol import (
 from protocol.auth import NONCE_SIZE, server_proof
 from protocol.dictionaries import DictionaryError
 from protocol.messages import MAX_STRING
-from protocol.packing import CODECS, DICT_CODEC, IMAGE_CODEC, unpack
+from protocol.packing import CODECS, DICT_CODEC, IMAGE_CODEC, LOSSY_CODEC, unpack
 from spinn.description import describe
 from spinn.exits import ExitRule
 from spinn.runtime.accel import check_device_name, resolve_device
@@ -966,6 +966,7 @@ class SpinnServer:
             for c in hello.codecs
             if c in CODECS
             or (c == IMAGE_CODEC and self.config.image_codec)
+            or c == LOSSY_CODEC
             or (c == DICT_CODEC and zdict is not None and hello.dictionaries_sha256 == zdict.sha256)
         )
         if not codecs:
@@ -973,7 +974,7 @@ class SpinnServer:
             # the answer is a fatal ERROR(BAD_TENSOR) (PROTOCOL.md §5.2).
             message = (
                 f"no tensor codec in common: device offers {_quoted(list(hello.codecs), 400)}, "
-                f"server accepts {[*CODECS, *([IMAGE_CODEC] if self.config.image_codec else [])]}"
+                f"server accepts {[*CODECS, LOSSY_CODEC, *([IMAGE_CODEC] if self.config.image_codec else [])]}"
             )
             log.warning("device %s refused: %s", peer.name, message)
             self.stats.errors_sent += 1
