@@ -75,6 +75,7 @@ from protocol.packing import (
     DICT_CODEC,
     IMAGE_CODEC,
     KNOWN_CODECS,
+    LOSSY_CODEC,
     PackedTensor,
     as_sparse_int8,
     pack,
@@ -118,8 +119,9 @@ log = logging.getLogger("spinn.device")
 
 _READ_CHUNK = 1 << 16
 _ZSTD_MODES: dict[str, bool | None] = {"auto": None, "always": True, "never": False}
-ACTIVATION_CODECS = tuple(c for c in KNOWN_CODECS if c != IMAGE_CODEC)
-"""The ``--codec`` choices: every codec but the split-0 one."""
+ACTIVATION_CODECS = tuple(c for c in KNOWN_CODECS if c not in (IMAGE_CODEC, LOSSY_CODEC))
+"""The ``--codec`` choices: every codec but the split-0 one and the lossy sparse_uintb,
+whose width a split needs from the profile."""
 """DeviceConfig.zstd → pack's `compress` (None: the packer decides from the bandwidth)."""
 # uvloop's loop.time() ticks in milliseconds, too coarse for loopback round trips and
 # per-stage times; every `now` on the device comes from this clock instead.
@@ -247,7 +249,7 @@ class DeviceConfig:
             raise ValueError(f"--status-interval must be >= 0, got {self.status_interval_s}")
         if self.zstd not in _ZSTD_MODES:
             raise ValueError(f"--zstd must be one of {', '.join(_ZSTD_MODES)}, got {self.zstd!r}")
-        if self.codec not in KNOWN_CODECS or self.codec == IMAGE_CODEC:
+        if self.codec not in ACTIVATION_CODECS:
             # uint8_image is the split-0 codec, offered beside this one (image_codec).
             raise ValueError(
                 f"--codec: unknown codec {self.codec!r}; choose one of {', '.join(ACTIVATION_CODECS)}"
