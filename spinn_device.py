@@ -40,8 +40,8 @@ def _fraction(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from spinn.pretrained import DEFAULT_CHECKPOINT
     from spinn.runtime.device import ACTIVATION_CODECS, DeviceConfig
-    from spinn.runtime.server import DEFAULT_CHECKPOINT
 
     d = DeviceConfig()
     p = argparse.ArgumentParser(

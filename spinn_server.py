@@ -18,7 +18,8 @@ __all__ = ["build_parser", "config_from_args", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from spinn.runtime.server import DEFAULT_CHECKPOINT, ServerConfig
+    from spinn.pretrained import DEFAULT_CHECKPOINT
+    from spinn.runtime.server import ServerConfig
 
     d = ServerConfig()
     p = argparse.ArgumentParser(

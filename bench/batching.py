@@ -93,7 +93,7 @@ def _measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from spinn.runtime.server import DEFAULT_CHECKPOINT
+    from spinn.pretrained import DEFAULT_CHECKPOINT
 
     p = argparse.ArgumentParser(prog="python -m bench.batching", description=__doc__)
     p.add_argument("--concurrency", default="1,4,16,64", help="devices per level (1,4,16,64)")

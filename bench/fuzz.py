@@ -668,7 +668,7 @@ def socket_fuzz(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from spinn.runtime.server import DEFAULT_CHECKPOINT
+    from spinn.pretrained import DEFAULT_CHECKPOINT
 
     p = argparse.ArgumentParser(prog="python -m bench.fuzz", description=__doc__)
     p.add_argument("--seconds", type=float, default=60.0, help="in-process fuzzing time")

@@ -222,7 +222,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from spinn.runtime.server import DEFAULT_CHECKPOINT
+    from spinn.pretrained import DEFAULT_CHECKPOINT
 
     p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__)
     p.add_argument("--devices", type=int, default=50, help="concurrent devices (default 50)")

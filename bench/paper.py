@@ -53,13 +53,14 @@ from bench._harness import (
 )
 from spinn.exits import ExitRule
 from spinn.policy import FixedPolicy, Policy
+from spinn.pretrained import DEFAULT_CHECKPOINT as _DEFAULT_CHECKPOINT
 from spinn.profile import NO_EARLY_EXIT, Profile
 from spinn.scheduler import make_policy, split_name
 from spinn.sla import SLA, Metric
 
 __all__ = ["BASELINES", "Plan", "main", "run_all"]
 
-DEFAULT_CHECKPOINT = ROOT / "models" / "default" / "model.pt"
+DEFAULT_CHECKPOINT = _DEFAULT_CHECKPOINT
 DEFAULT_RESULTS = ROOT / "bench" / "results"
 
 # The policies SPINN is compared with (docs/SCHEDULER.md, "Baselines").

@@ -95,8 +95,9 @@ from protocol.packing import (
     ZSTD_DECOMPRESS_BPS,
     PackedTensor,
 )
+from spinn.pretrained import DEFAULT_CHECKPOINT as _DEFAULT_CHECKPOINT
 
-DEFAULT_CHECKPOINT = "models/default/model.pt"
+DEFAULT_CHECKPOINT = str(_DEFAULT_CHECKPOINT)
 FRAME_PAYLOAD = 2**20  # float32 payload bytes of each loopback INFER: a 1 MiB frame
 SOCKET_BUFFER = 4 * 2**20
 SHIPPED = "shipped"  # the dictionaries beside the checkpoint (spinn/dictionaries.py)

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from spinn.checkpoint import load_checkpoint
-    from spinn.runtime.server import DEFAULT_CHECKPOINT
+    from spinn.pretrained import DEFAULT_CHECKPOINT
 
     model, _ = load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT)
     mid = args.split if args.split is not None else model.num_stages // 2

@@ -40,12 +40,13 @@ from typing import Any
 from bench._common import ROOT, ensure_profile, pin_one_core
 from spinn.estimators import Estimates
 from spinn.policy import Decision
+from spinn.pretrained import DEFAULT_CHECKPOINT as _DEFAULT_CHECKPOINT
 from spinn.procs import free_port, stop_process, wait_listening
 from spinn.profile import NO_EARLY_EXIT, Profile, synthetic_profile
 from spinn.scheduler import Predictor, Scheduler, SchedulerConfig, split_name
 from spinn.sla import SLA, Metric
 
-DEFAULT_PROFILE = Path("models/default/profile.json")
+DEFAULT_PROFILE = _DEFAULT_CHECKPOINT.with_name("profile.json")
 WARMUP_FRAMES = 60
 """Frames of the unmeasured first run that warms torch, the runtime and the server."""
 
@@ -94,7 +95,7 @@ def time_decisions(
 
 # -- end to end -------------------------------------------------------------------------
 
-DEFAULT_CHECKPOINT = Path("models/default/model.pt")
+DEFAULT_CHECKPOINT = _DEFAULT_CHECKPOINT
 
 # (name, netshape flags): loopback as is, the paper's 4G setting (24 Mbit/s, 40 ms RTT)
 # and a slow uplink.

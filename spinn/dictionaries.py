@@ -1,7 +1,7 @@
 """The model's zstd dictionaries for the ``sparse_int8_zdict`` codec: train, save, load.
 
 The file sits beside the checkpoint with the suffix ``.zdict`` (``models/default/model.pt``
-→ ``models/default/model.zdict``); device and server each load the one beside the model
+→ ``…/model.zdict``); device and server each load the one beside the model
 they run and offer the codec only when it is there, and HELLO/WELCOME compare the two
 files' sha256 (PROTOCOL.md §6.7). Table ``s`` holds the dictionaries of split ``s``,
 trained on that split's activations of training images, batch 1, as the device sends them.

@@ -34,6 +34,7 @@ import uvloop
 from protocol import NEED_DATA, PROTOCOL_VERSION, Connection, Hello, Welcome
 from spinn.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
 from spinn.policy import Policy
+from spinn.pretrained import DEFAULT_CHECKPOINT
 from spinn.procs import free_port, stop_process, wait_listening
 from spinn.profile import Profile
 from spinn.progressive import InputSpec
@@ -65,7 +66,7 @@ PYTHON = str(ROOT / ".venv" / "bin" / "python")
 
 # The shipped model, which the process launchers run unless told otherwise;
 # SPINN_TEST_CHECKPOINT runs the same tests against another one.
-CHECKPOINT = Path(os.environ.get("SPINN_TEST_CHECKPOINT", ROOT / "models/default/model.pt"))
+CHECKPOINT = Path(os.environ.get("SPINN_TEST_CHECKPOINT", DEFAULT_CHECKPOINT))
 
 
 # Files (and the global torch RNG state after building) of each seed already built in this

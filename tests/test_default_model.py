@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from spinn.checkpoint import CheckpointMeta, load_checkpoint, read_checkpoint, weights_sha256
 from spinn.data import FASHION_MNIST_DIR, load_fashion_mnist
 from spinn.evaluate import collect_probs
+from spinn.pretrained import DEFAULT_CHECKPOINT
 from spinn.profile import Profile
 from spinn.progressive import ProgressiveModel
 
-ROOT = Path(__file__).resolve().parent.parent / "models" / "default"
+ROOT = DEFAULT_CHECKPOINT.parent
 CHECKPOINT = ROOT / "model.pt"
 
 

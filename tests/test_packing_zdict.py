@@ -44,12 +44,12 @@ from protocol.packing import DICT_CODEC, PackedTensor, as_sparse_int8, pack, unp
 from spinn.checkpoint import load_checkpoint
 from spinn.data import load_fashion_mnist
 from spinn.dictionaries import dictionaries_path
+from spinn.pretrained import DEFAULT_CHECKPOINT
 from spinn.progressive import ProgressiveModel
-from tests._runtime_support import ROOT
 from tests.test_protocol_connection import SHA, ConnectionPair
 from tests.test_protocol_packing import _assert_within_half_step
 
-DEFAULT_MODEL = ROOT / "models/default/model.pt"
+DEFAULT_MODEL = DEFAULT_CHECKPOINT
 TEST_IMAGES = 32
 TRAIN_IMAGES = 64
 TRAINED_SPLITS = (1, 5, 8)

@@ -19,6 +19,7 @@ from protocol.framing import encode_frame
 from protocol.messages import encode_message
 from protocol.packing import DICT_CODEC, IMAGE_CODEC, LOSSY_CODEC, PackedTensor
 from spinn.dictionaries import dictionaries_path
+from spinn.pretrained import DEFAULT_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "docs" / "PROTOCOL.md"
@@ -71,9 +72,7 @@ def test_sparse_int8_payload() -> None:
 
 def test_sparse_int8_zdict_payload() -> None:
     x = np.array([[0, 1.5, 3.0, 0], [0, 1.5, 3.0, 0.25], [0, 0, 3.0, 0.25]], np.float32)
-    shipped = ZstdDictionaries.from_bytes(
-        dictionaries_path(ROOT / "models" / "default" / "model.pt").read_bytes()
-    )
+    shipped = ZstdDictionaries.from_bytes(dictionaries_path(DEFAULT_CHECKPOINT).read_bytes())
     packed = pack(x, DICT_CODEC, dictionaries=shipped, table=5)
     assert packed.payload == BLOCKS[3]
     # "these bytes decode with any dictionary": every table of the shipped file.

@@ -85,6 +85,7 @@ from spinn.description import mismatches
 from spinn.estimators import OnlineProfiler, ServerTimeEstimator
 from spinn.exits import ExitRule
 from spinn.policy import Decision, FixedPolicy, Policy
+from spinn.pretrained import DEFAULT_CHECKPOINT
 from spinn.profile import Profile
 from spinn.progressive import InputSpec
 from spinn.runtime.backoff import Backoff
@@ -97,7 +98,6 @@ from spinn.runtime.compute import (
 )
 from spinn.runtime.failover import ServerRotation
 from spinn.runtime.security import SecurityError, device_ssl_context, load_token
-from spinn.runtime.server import DEFAULT_CHECKPOINT
 from spinn.runtime.stats import DeviceStats, median_or_none
 from spinn.runtime.tracker import Answer, FramePhase, RequestTracker, request_deadline
 from spinn.runtime.uplink import UploadTimer

@@ -80,6 +80,7 @@ from protocol.messages import MAX_STRING
 from protocol.packing import CODECS, DICT_CODEC, IMAGE_CODEC, LOSSY_CODEC, unpack
 from spinn.description import describe
 from spinn.exits import ExitRule
+from spinn.pretrained import DEFAULT_CHECKPOINT
 from spinn.runtime.accel import check_device_name, resolve_device
 from spinn.runtime.admission import FairSlots, HandshakePool, LogLimiter, TokenBucket
 from spinn.runtime.batching import Batcher, run_batch, to_device
@@ -93,7 +94,6 @@ if TYPE_CHECKING:
     from spinn.progressive import ProgressiveModel
 
 __all__ = [
-    "DEFAULT_CHECKPOINT",
     "ListenError",
     "ServerConfig",
     "SpinnServer",
@@ -103,7 +103,6 @@ __all__ = [
 
 log = logging.getLogger("spinn.server")
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "default" / "model.pt"
 _READ_CHUNK = 1 << 16
 _LINGER_S = 1.0
 _LINGER_BYTES = 4 << 20
