@@ -13,11 +13,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import Final, Literal, TypeAlias
 
-import msgpack
-
 from protocol.auth import MIN_TOKEN_SIZE, device_proof, proofs_equal, server_proof
 from protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
-from protocol.framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER, FrameDecoder
+from protocol.framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER, FrameDecoder, decode_msgpack
 from protocol.messages import (
     MESSAGE_CLASSES,
     SUPPORTED_VERSIONS,
@@ -38,8 +36,8 @@ from protocol.messages import (
     message_type,
     split_message,
 )
-from protocol.packing import DEFAULT_MAX_ELEMENTS, DICT_CODEC, KNOWN_CODECS
 from protocol.state import AFTER_PEER_BYE, ALLOWED, ConnectionState, Role
+from protocol.tensor import DEFAULT_MAX_ELEMENTS, DICT_CODEC, KNOWN_CODECS
 
 __all__ = [
     "NEED_DATA",
@@ -106,21 +104,6 @@ class ConnectionConfig:
             raise ValueError(f"max_tensor_elements must be >= 1, got {self.max_tensor_elements}")
         if self.max_outstanding < 1:
             raise ValueError(f"max_outstanding must be >= 1, got {self.max_outstanding}")
-
-
-def decode_msgpack(body: bytes | memoryview) -> object:
-    """One msgpack object from untrusted bytes, arrays as tuples: the one place the
-    protocol decodes msgpack (frames here, dictionary files in `protocol.dictionaries`)."""
-    # strict_map_key and raw=False: keys must be text and text valid UTF-8; msgpack bounds
-    # every declared length by the frame itself, so a hostile frame cannot force a large
-    # allocation (msgpack-python "untrusted data" advice).
-    return msgpack.unpackb(
-        body, use_list=False, raw=False, strict_map_key=True, ext_hook=_reject_ext
-    )
-
-
-def _reject_ext(code: int, data: bytes) -> object:
-    raise ValueError(f"msgpack ext type {code} is not used by this protocol")
 
 
 def _check_fallback(what: str, codecs: tuple[str, ...], err: type[ProtocolError]) -> None:

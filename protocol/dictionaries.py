@@ -22,27 +22,19 @@ from collections.abc import Sequence
 from typing import Final
 
 import msgpack
-import numpy as np
 import zstandard
 
 from protocol.errors import TensorError
+from protocol.framing import decode_msgpack
 
 __all__ = [
     "FORMAT",
-    "MASK_DICT_SIZE",
-    "VALUES_DICT_SIZE",
     "DictionaryError",
     "ZstdDictionaries",
 ]
 
 FORMAT: Final = "spinn-zdict/1"
 """`format` value of a dictionary file (PROTOCOL.md §6.7)."""
-
-MASK_DICT_SIZE: Final = 2048
-"""Bytes of a trained bitmask dictionary: its entropy tables are what matters, and the
-XOR-ed bitmask has few repeats worth keeping as content."""
-VALUES_DICT_SIZE: Final = 4096
-"""Bytes of a trained values dictionary (16 KiB measured no better on the default model)."""
 
 MAX_TABLES: Final = 2**16
 """The payload names its table in a uint16."""
@@ -161,8 +153,6 @@ class ZstdDictionaries:
         """Parse a dictionary file, or raise `DictionaryError` saying what is wrong with it.
         `expect_tables` (the model's split count) is checked before any table is loaded,
         which costs tens of kilobytes each."""
-        from protocol.connection import decode_msgpack
-
         try:
             raw = decode_msgpack(data)
         except Exception as exc:  # msgpack raises several types for garbage
@@ -186,41 +176,6 @@ class ZstdDictionaries:
             # disagree on its hash (PROTOCOL.md §6.7: the canonical encoding).
             raise DictionaryError(f"{where}: not in canonical form (extra keys or encoding)")
         return made
-
-    @classmethod
-    def train(
-        cls,
-        samples: Sequence[Sequence[np.ndarray]],
-        model_id: str = "",
-        *,
-        mask_size: int = MASK_DICT_SIZE,
-        values_size: int = VALUES_DICT_SIZE,
-    ) -> ZstdDictionaries:
-        """Train table i on the activations `samples[i]` (batch 1 each, as they are sent).
-
-        Raises `DictionaryError` when a table has too few or too small samples for zstd's
-        trainer (a few hundred tensors are plenty; see `spinn dictionaries`).
-        """
-        from protocol.packing import zdict_streams
-
-        tables = []
-        for i, arrays in enumerate(samples):
-            streams = [zdict_streams(a) for a in arrays]
-            pair = []
-            for what, size, index in (("bitmask", mask_size, 0), ("values", values_size, 1)):
-                parts: list[bytes | bytearray | memoryview] = [s[index] for s in streams]
-                try:
-                    trained = zstandard.train_dictionary(
-                        size, parts, level=ZSTD_LEVEL, threads=1, steps=4
-                    )
-                except zstandard.ZstdError as exc:
-                    raise DictionaryError(
-                        f"table {i}: cannot train the {what} dictionary on {len(parts)} "
-                        f"samples ({exc}); give it more activations"
-                    ) from None
-                pair.append(trained.as_bytes())
-            tables.append((pair[0], pair[1]))
-        return cls(tables, model_id)
 
     def _check(self, table: int) -> None:
         if not 0 <= table < len(self.tables):

@@ -12,9 +12,18 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+import msgpack
+
 from protocol.errors import ErrorCode, RemoteProtocolError
 
-__all__ = ["FRAME_HEADER", "HEADER_SIZE", "DEFAULT_MAX_FRAME_SIZE", "FrameDecoder", "encode_frame"]
+__all__ = [
+    "FRAME_HEADER",
+    "HEADER_SIZE",
+    "DEFAULT_MAX_FRAME_SIZE",
+    "FrameDecoder",
+    "decode_msgpack",
+    "encode_frame",
+]
 
 HEADER_SIZE: Final = 4
 """Bytes of the length prefix."""
@@ -213,3 +222,18 @@ class FrameDecoder:
         self._start = begin + length
         self._check_header()
         return memoryview(self._buf)[begin : begin + length]
+
+
+def decode_msgpack(body: bytes | memoryview) -> object:
+    """One msgpack object from untrusted bytes, arrays as tuples: the one place the
+    protocol decodes msgpack (frames in `protocol.connection`, dictionary files in `protocol.dictionaries`)."""
+    # strict_map_key and raw=False: keys must be text and text valid UTF-8; msgpack bounds
+    # every declared length by the frame itself, so a hostile frame cannot force a large
+    # allocation (msgpack-python "untrusted data" advice).
+    return msgpack.unpackb(
+        body, use_list=False, raw=False, strict_map_key=True, ext_hook=_reject_ext
+    )
+
+
+def _reject_ext(code: int, data: bytes) -> object:
+    raise ValueError(f"msgpack ext type {code} is not used by this protocol")

@@ -18,7 +18,7 @@ import msgpack
 from protocol.auth import MAX_NONCE_SIZE, MIN_NONCE_SIZE, PROOF_SIZE
 from protocol.description import Description
 from protocol.errors import ErrorCode, RemoteProtocolError, TensorError
-from protocol.packing import PackedTensor
+from protocol.tensor import PackedTensor
 
 __all__ = [
     "PROTOCOL_VERSION",

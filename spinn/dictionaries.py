@@ -11,22 +11,29 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 import torch
+import zstandard
 
-from protocol.dictionaries import DictionaryError, ZstdDictionaries
+from protocol.dictionaries import ZSTD_LEVEL, DictionaryError, ZstdDictionaries
+from protocol.packing import zdict_streams
 from spinn.data import ImageSet
 from spinn.progressive import ProgressiveModel
 
 __all__ = [
     "DEFAULT_TRAIN_IMAGES",
+    "MASK_DICT_SIZE",
     "SUFFIX",
+    "VALUES_DICT_SIZE",
     "dictionaries_path",
     "load_dictionaries",
     "save_dictionaries",
     "train_dictionaries",
+    "train_tables",
 ]
 
 log = logging.getLogger(__name__)
@@ -34,6 +41,11 @@ log = logging.getLogger(__name__)
 SUFFIX = ".zdict"
 DEFAULT_TRAIN_IMAGES = 1024
 """Training images per split: 512 already train tables within 1% of these."""
+MASK_DICT_SIZE: Final = 2048
+"""Bytes of a trained bitmask dictionary: its entropy tables are what matters, and the
+XOR-ed bitmask has few repeats worth keeping as content."""
+VALUES_DICT_SIZE: Final = 4096
+"""Bytes of a trained values dictionary (16 KiB measured no better on the default model)."""
 
 
 def dictionaries_path(checkpoint: str | os.PathLike[str]) -> Path:
@@ -58,7 +70,7 @@ def train_dictionaries(
             log.info("dictionaries: %d/%d images through the model",
                      min(start + batch, len(data)), len(data))  # fmt: skip
     log.info("dictionaries: training %d tables (bitmask and values per split)", model.num_stages)
-    return ZstdDictionaries.train(per_split, model_id)
+    return train_tables(per_split, model_id)
 
 
 def save_dictionaries(dictionaries: ZstdDictionaries, path: str | os.PathLike[str]) -> None:
@@ -92,3 +104,36 @@ def load_dictionaries(
         )
     log.debug("loaded %r from %s", dictionaries, path)
     return dictionaries
+
+
+def train_tables(
+    samples: Sequence[Sequence[np.ndarray]],
+    model_id: str = "",
+    *,
+    mask_size: int = MASK_DICT_SIZE,
+    values_size: int = VALUES_DICT_SIZE,
+) -> ZstdDictionaries:
+    """Train table i on the activations `samples[i]` (batch 1 each, as they are sent):
+    zstd's trainer on the bitmask and values contents of PROTOCOL.md §6.7.1.
+
+    Raises `DictionaryError` when a table has too few or too small samples for zstd's
+    trainer (a few hundred tensors are plenty; see `spinn dictionaries`).
+    """
+    tables = []
+    for i, arrays in enumerate(samples):
+        streams = [zdict_streams(a) for a in arrays]
+        pair = []
+        for what, size, index in (("bitmask", mask_size, 0), ("values", values_size, 1)):
+            parts: list[bytes | bytearray | memoryview] = [s[index] for s in streams]
+            try:
+                trained = zstandard.train_dictionary(
+                    size, parts, level=ZSTD_LEVEL, threads=1, steps=4
+                )
+            except zstandard.ZstdError as exc:
+                raise DictionaryError(
+                    f"table {i}: cannot train the {what} dictionary on {len(parts)} "
+                    f"samples ({exc}); give it more activations"
+                ) from None
+            pair.append(trained.as_bytes())
+        tables.append((pair[0], pair[1]))
+    return ZstdDictionaries(tables, model_id)
