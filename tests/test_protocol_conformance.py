@@ -617,6 +617,19 @@ def _open_server_connection(config: ConnectionConfig | None = None) -> Connectio
     return conn
 
 
+def welcome_frame(codec: str) -> bytes:
+    """A version-2 WELCOME accepting `codec`, written by hand."""
+    fields = {
+        "version": PROTOCOL_VERSION,
+        "model_id": "m",
+        "weights_sha256": "",
+        "codecs": [codec],
+        "reports_compute_time": True,
+        "description": stub_description().to_wire(),
+    }
+    return frame([WELCOME, fields])
+
+
 def _remote_error(conn: Connection) -> Seen:
     with pytest.raises(RemoteProtocolError) as info:
         conn.next_event()
@@ -632,21 +645,7 @@ def _challenge_proof() -> Seen:
     seen = _remote_error(conn)
     # A WELCOME without CHALLENGE, to a device with a token: the same refusal.
     other = _device_after_hello(token)
-    other.receive_data(
-        frame(
-            [
-                WELCOME,
-                {
-                    "version": PROTOCOL_VERSION,
-                    "model_id": "m",
-                    "weights_sha256": "",
-                    "codecs": ["float32"],
-                    "reports_compute_time": True,
-                    "description": stub_description().to_wire(),
-                },
-            ]
-        )
-    )
+    other.receive_data(welcome_frame("float32"))
     other_seen = _remote_error(other)
     assert seen.error is not None and other_seen.error is not None
     assert other_seen.error["code"] == seen.error["code"], other_seen
@@ -656,21 +655,7 @@ def _challenge_proof() -> Seen:
 @scenario("welcome-codecs")
 def _welcome_codecs() -> Seen:
     conn = _device_after_hello()
-    conn.receive_data(
-        frame(
-            [
-                WELCOME,
-                {
-                    "version": PROTOCOL_VERSION,
-                    "model_id": "m",
-                    "weights_sha256": "",
-                    "codecs": ["float16"],
-                    "reports_compute_time": True,
-                    "description": stub_description().to_wire(),
-                },
-            ]
-        )
-    )
+    conn.receive_data(welcome_frame("float16"))
     seen = _remote_error(conn)
     assert seen.error is not None and "'float16' was not offered" in seen.error["message"]
     return seen
@@ -679,21 +664,7 @@ def _welcome_codecs() -> Seen:
 @scenario("answer-unknown")
 def _answer_unknown() -> Seen:
     conn = _device_after_hello()
-    conn.receive_data(
-        frame(
-            [
-                WELCOME,
-                {
-                    "version": PROTOCOL_VERSION,
-                    "model_id": "m",
-                    "weights_sha256": "",
-                    "codecs": ["float32"],
-                    "reports_compute_time": True,
-                    "description": stub_description().to_wire(),
-                },
-            ]
-        )
-    )
+    conn.receive_data(welcome_frame("float32"))
     assert isinstance(conn.next_event(), Welcome)
     conn.receive_data(encode_frame_of(Result(7, 0, (1,), (1.0,))))
     return _remote_error(conn)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -78,22 +79,22 @@ def test_a_version_1_device_gets_a_version_1_welcome(checkpoint: Path) -> None:
     serve(checkpoint, body)
 
 
-def test_the_description_round_trips_and_refuses_nonsense(checkpoint: Path) -> None:
+def _described(checkpoint: Path) -> tuple[Any, Any, Description]:
+    """The checkpoint's model, metadata and description with round limits."""
     from spinn.checkpoint import load_checkpoint
     from spinn.description import describe
 
     model, meta = load_checkpoint(checkpoint)
+    limits = {"max_frame_bytes": 1 << 20, "max_tensor_elements": 1 << 22}
     d = describe(
-        model,
-        meta,
-        max_batch=1,
-        max_frame_bytes=1 << 20,
-        max_tensor_elements=1 << 22,
-        max_in_flight=256,
-        max_outstanding=1024,
-        handshake_timeout_s=10,
-        idle_timeout_s=60,
-    )
+        model, meta, max_batch=1, max_in_flight=256, max_outstanding=1024,
+        handshake_timeout_s=10, idle_timeout_s=60, **limits,
+    )  # fmt: skip
+    return model, meta, d
+
+
+def test_the_description_round_trips_and_refuses_nonsense(checkpoint: Path) -> None:
+    model, meta, d = _described(checkpoint)
     welcome = Welcome(2, meta.model_id, "", ("float32",), True, description=d)
     wire = msgpack.unpackb(encode_message(welcome), use_list=False, raw=False)
     assert decode_message(wire) == welcome
@@ -116,21 +117,7 @@ def test_the_description_round_trips_and_refuses_nonsense(checkpoint: Path) -> N
 
 
 def test_the_device_names_each_mismatch(checkpoint: Path) -> None:
-    from spinn.checkpoint import load_checkpoint
-    from spinn.description import describe
-
-    model, meta = load_checkpoint(checkpoint)
-    d = describe(
-        model,
-        meta,
-        max_batch=1,
-        max_frame_bytes=1 << 20,
-        max_tensor_elements=1 << 22,
-        max_in_flight=256,
-        max_outstanding=1024,
-        handshake_timeout_s=10,
-        idle_timeout_s=60,
-    )
+    model, meta, d = _described(checkpoint)
     shapes = list(d.split_shapes)
     shapes[2] = (99, 1, 1)
     wrong = dataclasses.replace(d, input_std=(0.5,), split_shapes=tuple(shapes), preprocess="x")
