@@ -561,9 +561,11 @@ def _undo_gradient(filtered: np.ndarray) -> np.ndarray:
 def _pack_image(
     array: np.ndarray, compress: bool | None, bandwidth_bps: float | None
 ) -> PackedTensor:
-    """`pack` for `IMAGE_CODEC`: the filter byte and the pixels, zstd as §6.6 decides it
-    on the plain pixels; when it compresses, the gradient-filtered pixels too, and the
-    smaller frame goes (on smooth, upscaled or camera images the filter saves ~40%)."""
+    """`pack` for `IMAGE_CODEC`: the filter byte and the pixels. zstd codes both the plain
+    and the gradient-filtered pixels and the smaller frame goes, when §6.6's rule says it
+    pays with the ratio that frame reached (on camera frames the filter's ratio is what
+    makes zstd pay at all: sensor noise leaves the plain pixels at ~1.1); otherwise the
+    plain pixels go uncompressed."""
     arr = np.asarray(array)
     if arr.dtype != _UINT8:
         raise ValueError(f"codec {IMAGE_CODEC} packs uint8 pixels; got an array of {arr.dtype}")
@@ -574,13 +576,31 @@ def _pack_image(
     if arr.size == 0 and shape and max(shape) > MAX_DIM:
         raise ValueError(f"cannot pack shape {shape}: dimensions above {MAX_DIM}")
     raw = b"".join((bytes((IMAGE_FILTER_NONE,)), arr.reshape(-1).data))
-    packed = _with_zstd(IMAGE_CODEC, raw, compress, bandwidth_bps, shape, 1.0, 0)
-    if packed.compressed and arr.ndim >= 2:
+    plain = _trusted(IMAGE_CODEC, False, shape, 1.0, 0, raw)
+    if compress is None:
+        # As `_with_zstd`: no coding where even removing every byte would not pay.
+        compress = len(raw) >= _MIN_COMPRESS_BYTES and (
+            bandwidth_bps is None or should_compress(len(raw), bandwidth_bps, ratio=math.inf)
+        )
+        if not compress:
+            return plain
+        compress = None if bandwidth_bps is not None else True
+    elif not compress:
+        return plain
+    # An input frame is coded whole, each way: a few tens of KiB at most, and the ratio
+    # the frame reaches is the one the decision needs.
+    frames = [_thread.compressor.compress(raw)]
+    if arr.ndim >= 2:
         filtered = b"".join((bytes((IMAGE_FILTER_GRADIENT,)), _gradient(arr).reshape(-1).data))
-        smaller = _thread.compressor.compress(filtered)
-        if len(smaller) < packed.nbytes:
-            return _trusted(IMAGE_CODEC, True, shape, 1.0, 0, smaller)
-    return packed
+        frames.append(_thread.compressor.compress(filtered))
+    best = min(frames, key=len)
+    if len(best) >= len(raw):
+        return plain
+    if compress is None:
+        assert bandwidth_bps is not None
+        if not should_compress(len(raw), bandwidth_bps, ratio=len(raw) / len(best)):
+            return plain
+    return _trusted(IMAGE_CODEC, True, shape, 1.0, 0, best)
 
 
 def _unpack_image(raw: bytes, shape: tuple[int, ...], n: int) -> np.ndarray:

@@ -23,9 +23,10 @@ from protocol.packing import (
     PackedTensor,
     pack,
     raw_payload_limit,
+    should_compress,
     unpack,
 )
-from spinn.data import FASHION_MNIST_DIR, load_fashion_mnist
+from spinn.data import FASHION_MNIST_DIR, load_fashion_mnist, render_camera_frames
 from spinn.progressive import InputSpec
 from spinn.sources import input_pixels
 
@@ -212,3 +213,22 @@ def test_negotiated_like_any_codec() -> None:
     with pytest.raises(LocalProtocolError, match="not negotiated"):
         device.send(Infer(1, 0, 0.5, pixels))
     device.send(Infer(1, 0, 0.5, pack(EXAMPLE.astype(np.float32), "sparse_int8")))
+
+
+@pytest.mark.skipif(
+    not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
+def test_the_zstd_decision_uses_the_better_filtering() -> None:
+    # Camera frames with sensor noise: the plain pixels compress ~1.1x, too little to pay
+    # at 200 Mbit/s (PROTOCOL.md §6.6); the gradient-filtered ones ~1.7x, which pays.
+    test = load_fashion_mnist("test").head(4)
+    frames = render_camera_frames(test.images, np.arange(4)).numpy()
+    for f in frames:
+        plain = len(zstandard.ZstdCompressor(level=1).compress(b"\0" + f.tobytes()))
+        assert not should_compress(f.size + 1, 2e8, ratio=(f.size + 1) / plain)
+        packed = pack(f[None], IMAGE_CODEC, None, 2e8)
+        assert packed.compressed and packed.nbytes < 0.7 * f.size
+        assert zstandard.ZstdDecompressor().decompress(packed.payload)[0] == IMAGE_FILTER_GRADIENT
+        # A link so fast that even removing every byte would not pay: the pixels as they are.
+        assert not pack(f[None], IMAGE_CODEC, None, 1e11).compressed
