@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from protocol.description import Description
 
-__all__ = ["ROOT", "ensure_profile", "pin_one_core", "stub_description"]
+__all__ = [
+    "FRAME_DATASETS",
+    "ROOT",
+    "ensure_profile",
+    "frames_dataset",
+    "pin_one_core",
+    "stub_description",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 """The repository root: the benchmarks start spinn_server.py and netshape from here."""
@@ -26,18 +34,34 @@ def pin_one_core() -> int | None:
         return None
 
 
+# The datasets a checkpoint's recipe may name whose test split the benchmarks replay.
+FRAME_DATASETS = ("fashion-mnist", "fashion-mnist-camera")
+
+
+def frames_dataset(recipe: Mapping[str, Any]) -> str:
+    """The dataset whose test split a model's benchmark runs replay: the one it was trained
+    on (``recipe['dataset']``) when it is one of ``FRAME_DATASETS``, else Fashion-MNIST."""
+    name = recipe.get("test_dataset") or recipe.get("dataset")
+    return name if name in FRAME_DATASETS else "fashion-mnist"
+
+
 def ensure_profile(checkpoint: Path, profile_path: Path, workdir: Path) -> Path:
-    """The checkpoint's profile; measured here (small calibration) when none ships."""
+    """The checkpoint's profile; measured here (small calibration, on the test split of
+    the dataset the model was trained on) when none ships."""
     if profile_path.exists():
         return profile_path
+    from spinn import data
     from spinn.checkpoint import load_checkpoint
-    from spinn.data import load_fashion_mnist
     from spinn.profiler import ProfilerConfig, profile_model
 
     print(f"{profile_path} missing: profiling {checkpoint} on 1000 test images")
     model, meta = load_checkpoint(checkpoint)
+    if frames_dataset(meta.recipe) == "fashion-mnist-camera":
+        calibration = data.load_fashion_mnist_camera("test", limit=1000)
+    else:
+        calibration = data.load_fashion_mnist("test")
     prof = profile_model(
-        model, meta, load_fashion_mnist("test"), ProfilerConfig(calibration_size=1000, repeats=15)
+        model, meta, calibration, ProfilerConfig(calibration_size=1000, repeats=15)
     )
     out = workdir / "profile.json"
     prof.save(out)

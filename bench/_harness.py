@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from bench._common import ROOT, ensure_profile
+from bench._common import ROOT, ensure_profile, frames_dataset
 from spinn.estimators import Estimates
 from spinn.exits import ExitRule
 from spinn.policy import Decision, Policy
@@ -163,17 +163,6 @@ class Testbed:
         images, labels = load_frames(dataset)
         images = frames_for(images, model.input_spec)
         return cls(checkpoint, profile, path, device_slowdown, pin_cores(), images, labels, dataset)
-
-
-# The datasets a checkpoint's recipe may name whose test split the runs replay.
-FRAME_DATASETS = ("fashion-mnist", "fashion-mnist-camera")
-
-
-def frames_dataset(recipe: dict[str, Any]) -> str:
-    """The dataset whose test split a model's runs replay: the one it was trained on
-    (``recipe['dataset']``) when it is one of ``FRAME_DATASETS``, else Fashion-MNIST."""
-    name = recipe.get("test_dataset") or recipe.get("dataset")
-    return name if name in FRAME_DATASETS else "fashion-mnist"
 
 
 def load_frames(dataset: str = "fashion-mnist") -> tuple[np.ndarray, np.ndarray]:
