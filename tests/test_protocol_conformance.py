@@ -203,9 +203,9 @@ async def fatal_after(port: int, server: SpinnServer, *frames: bytes, welcome: b
     return Seen(error, open_after=False)
 
 
-async def request_error(port: int, server: SpinnServer, *frames: bytes) -> Seen:
+async def request_error(port: int, server: SpinnServer, *frames: bytes, **hello_extra: Any) -> Seen:
     peer = await Peer.open(port)
-    await peer.welcome(server)
+    await peer.welcome(server, **hello_extra)
     peer.send(*frames)
     error = await peer.error()
     open_after = await peer.still_open()
@@ -445,14 +445,10 @@ async def _image_split(server: SpinnServer, port: int) -> Seen:
     # The frame's pixels are valid at split 0 only, whatever their shape (PROTOCOL.md §6.8).
     pixels = pack(np.zeros((1, 1, 28, 28), np.uint8), "uint8_image", compress=False)
     image = tensor(codec=pixels.codec, payload=pixels.payload, shape=list(pixels.shape))
-    peer = await Peer.open(port)
-    await peer.welcome(server, codecs=["float32", "uint8_image"])
-    peer.send(infer(1, split=1, tensor=image))
-    error = await peer.error()
-    assert "split 0 only" in error["message"], error  # not the shape check's answer
-    open_after = await peer.still_open()
-    peer.writer.close()
-    return Seen(error, open_after)
+    codecs = ["float32", "uint8_image"]
+    seen = await request_error(port, server, infer(1, split=1, tensor=image), codecs=codecs)
+    assert seen.error is not None and "split 0 only" in seen.error["message"]  # not "shape"
+    return seen
 
 
 @scenario("queue-full", workers=1, slowdown=20.0, max_queue_per_connection=1)
