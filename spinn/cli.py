@@ -28,7 +28,7 @@ from spinn.dictionaries import (
 from spinn.evaluate import DEFAULT_THRESHOLDS, evaluate_model, format_table, write_outputs
 from spinn.models import ARCHITECTURES
 from spinn.profile import Profile, ProfileError
-from spinn.profiler import PROFILE_THRESHOLDS, ProfilerConfig, profile_model
+from spinn.profiler import LOSSY_BOUND_PTS, PROFILE_THRESHOLDS, ProfilerConfig, profile_model
 from spinn.progressive import DEFAULT_EXIT_FRACTIONS, ProgressiveModel, ProgressiveModelError
 from spinn.summary import format_summary, placement_warnings, preferred_codec, summarize
 from spinn.train import TrainConfig, train
@@ -211,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=PROFILE_THRESHOLDS,
         help="comma-separated thr_conf grid in [0,1] (default: 0.3 ... 1.0)",
     )
+    p.add_argument(
+        "--lossy-bound",
+        type=float,
+        default=LOSSY_BOUND_PTS,
+        help="accuracy drop in points a split's sparse_uintb width may cost; the fewest "
+        f"bits within it are recorded; negative: none (default: {LOSSY_BOUND_PTS})",
+    )
+    p.add_argument(
+        "--lossy-inputs",
+        type=int,
+        default=1000,
+        help="inputs on which each split's sparse_uintb width is chosen (default: 1000)",
+    )
 
     d = sub.add_parser(
         "dictionaries",
@@ -376,6 +389,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         device_threads=args.device_threads,
         server_threads=args.server_threads,
         thresholds=tuple(sorted(set(args.thresholds))),
+        lossy_inputs=args.lossy_inputs,
+        lossy_bound_pts=None if args.lossy_bound < 0 else args.lossy_bound,
     )
     dictionaries = load_dictionaries(args.checkpoint, meta.model_id, model.num_stages)
     prof = profile_model(model, meta, data, cfg, dictionaries=dictionaries)

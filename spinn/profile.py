@@ -28,6 +28,7 @@ from typing import Any
 
 __all__ = [
     "FORMAT",
+    "LossyChoice",
     "NO_EARLY_EXIT",
     "Profile",
     "ProfileError",
@@ -52,6 +53,19 @@ class ProfileError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class LossyChoice:
+    """The sparse_uintb precision of one split (PROTOCOL.md §6.9.1): the fewest bits a
+    non-zero whose accuracy drop on the calibration set stays within the bound."""
+
+    bits: int
+    """Bits a non-zero value, 1..8."""
+    accuracy_drop_pts: float
+    """Measured drop at that width, in points: the largest over the exits after the split."""
+    bound_pts: float
+    """The bound it was chosen within, in points."""
+
+
+@dataclass(frozen=True, slots=True)
 class SplitProfile:
     """What crosses the network at one split point."""
 
@@ -63,6 +77,9 @@ class SplitProfile:
     """Number of elements of the activation (product of ``shape``)."""
     bytes: Mapping[str, int]
     """Packed size per packing codec name, median over the calibration inputs."""
+    lossy: LossyChoice | None = None
+    """The split's sparse_uintb width, or None: none within the bound, a negative
+    activation, or a profile made before the codec (an optional field of the file)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +136,7 @@ def _split_from(name: str, value: Any, expected_split: int) -> SplitProfile:
             "shape": value.shape,
             "numel": value.numel,
             "bytes": value.bytes,
+            "lossy": value.lossy,
         }
     elif isinstance(value, Mapping):
         raw = value
@@ -144,7 +162,53 @@ def _split_from(name: str, value: Any, expected_split: int) -> SplitProfile:
         _as_str(f"{name}.bytes key", k): _as_int(f"{name}.bytes[{k!r}]", v, 1)
         for k, v in codecs.items()
     }
-    return SplitProfile(split=split, shape=shape, numel=numel, bytes=sizes)
+    return SplitProfile(
+        split=split, shape=shape, numel=numel, bytes=sizes, lossy=_lossy_from(name, raw)
+    )
+
+
+def _lossy_from(name: str, raw: Mapping[str, Any]) -> LossyChoice | None:
+    value = raw.get("lossy")
+    if value is None:
+        return None
+    if isinstance(value, LossyChoice):
+        value = {
+            "bits": value.bits,
+            "accuracy_drop_pts": value.accuracy_drop_pts,
+            "bound_pts": value.bound_pts,
+        }
+    if not isinstance(value, Mapping):
+        raise _fail(f"{name}.lossy", f"expected an object or null, got {value!r}")
+    for key in ("bits", "accuracy_drop_pts", "bound_pts"):
+        if key not in value:
+            raise _fail(f"{name}.lossy.{key}", "missing")
+    bits = _as_int(f"{name}.lossy.bits", value["bits"], 1)
+    if bits > 8:
+        raise _fail(f"{name}.lossy.bits", f"must be in 1..8, got {bits}")
+    return LossyChoice(
+        bits=bits,
+        accuracy_drop_pts=_as_float(
+            f"{name}.lossy.accuracy_drop_pts", value["accuracy_drop_pts"], 0.0, 100.0
+        ),
+        bound_pts=_as_float(f"{name}.lossy.bound_pts", value["bound_pts"], 0.0, 100.0),
+    )
+
+
+def _split_dict(s: SplitProfile) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "split": s.split,
+        "shape": list(s.shape),
+        "numel": s.numel,
+        "bytes": dict(s.bytes),
+    }
+    if s.lossy is not None:
+        # Only when there is one: a profile without lossy widths reads as before.
+        out["lossy"] = {
+            "bits": s.lossy.bits,
+            "accuracy_drop_pts": s.lossy.accuracy_drop_pts,
+            "bound_pts": s.lossy.bound_pts,
+        }
+    return out
 
 
 def _threshold_from(name: str, value: Any, num_exits: int) -> ThresholdProfile:
@@ -400,10 +464,7 @@ class Profile:
             "arch": self.arch,
             "num_stages": self.num_stages,
             "exit_stages": list(self.exit_stages),
-            "splits": [
-                {"split": s.split, "shape": list(s.shape), "numel": s.numel, "bytes": dict(s.bytes)}
-                for s in self.splits
-            ],
+            "splits": [_split_dict(s) for s in self.splits],
             "stage_device_ms": list(self.stage_device_ms),
             "stage_server_ms": list(self.stage_server_ms),
             "exit_accuracy": list(self.exit_accuracy),

@@ -11,10 +11,11 @@ only that file plus live measurements.
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -23,16 +24,19 @@ import torch
 from torch import Tensor
 
 from protocol.dictionaries import ZstdDictionaries
-from protocol.packing import CODECS, DICT_CODEC, IMAGE_CODEC, pack
+from protocol.packing import CODECS, DICT_CODEC, IMAGE_CODEC, LOSSY_CODEC, pack, unpack
 from spinn.checkpoint import CheckpointMeta
 from spinn.data import ImageSet
 from spinn.evaluate import collect_probs, sweep
-from spinn.profile import Profile, SplitProfile, ThresholdProfile
+from spinn.profile import LossyChoice, Profile, SplitProfile, ThresholdProfile
 from spinn.progressive import ProgressiveModel
 
 __all__ = [
+    "LOSSY_BITS_TRIED",
+    "LOSSY_BOUND_PTS",
     "PROFILE_THRESHOLDS",
     "ProfilerConfig",
+    "choose_lossy_bits",
     "codec_names",
     "measure_split_bytes",
     "profile_model",
@@ -46,6 +50,12 @@ PROFILE_THRESHOLDS: tuple[float, ...] = (
     0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99,
     1.0,
 )  # fmt: skip
+
+LOSSY_BOUND_PTS = 0.5
+"""Default bound on the accuracy drop (points) of a split's sparse_uintb precision."""
+
+LOSSY_BITS_TRIED: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+"""The widths tried per split, fewest first: the first within the bound is kept."""
 
 
 @dataclass(frozen=True)
@@ -70,9 +80,20 @@ class ProfilerConfig:
     thread stalls at every parallel region when the cores are shared)."""
     thresholds: tuple[float, ...] = PROFILE_THRESHOLDS
     """thr_conf grid for exit rates and accuracy."""
+    lossy_inputs: int = 1000
+    """Calibration inputs on which each split's sparse_uintb width is chosen."""
+    lossy_bound_pts: float | None = LOSSY_BOUND_PTS
+    """Largest accuracy drop (points, on the calibration set) a split's sparse_uintb width
+    may cost (PROTOCOL.md §6.9.1); None: no lossy precision is chosen."""
 
     def __post_init__(self) -> None:
-        for name in ("calibration_size", "bytes_inputs", "timing_inputs", "repeats"):
+        for name in (
+            "calibration_size",
+            "bytes_inputs",
+            "timing_inputs",
+            "repeats",
+            "lossy_inputs",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"profiler {name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
@@ -81,6 +102,10 @@ class ProfilerConfig:
             raise ValueError("profiler thread counts must be >= 1")
         if not self.thresholds or any(not 0.0 <= t <= 1.0 for t in self.thresholds):
             raise ValueError(f"profiler thresholds must lie in [0, 1], got {self.thresholds}")
+        if self.lossy_bound_pts is not None and not 0.0 <= self.lossy_bound_pts <= 100.0:
+            raise ValueError(
+                f"profiler lossy bound must be in [0, 100] points, got {self.lossy_bound_pts}"
+            )
 
 
 def codec_names() -> list[str]:
@@ -102,11 +127,13 @@ def measure_split_bytes(
     x: Tensor,
     dictionaries: ZstdDictionaries | None = None,
     pixels: np.ndarray | None = None,
+    lossy_bits: Sequence[int | None] = (),
 ) -> list[dict[str, int]]:
     """Median packed bytes per codec at every split 0..S-1 over the batch ``x``; with
     `dictionaries`, sparse_int8_zdict's too (table = split); with `pixels` (the uint8
     images ``x`` was made from, N×C×H×W), what split 0 sends as the frame's pixels:
-    ``uint8_image`` and ``uint8_image+zstd`` (PROTOCOL.md §6.8)."""
+    ``uint8_image`` and ``uint8_image+zstd`` (PROTOCOL.md §6.8); where `lossy_bits`
+    gives split s a width, ``sparse_uintb`` and ``sparse_uintb+zstd`` at it (§6.9)."""
     result = []
     for split, act in enumerate(_split_activations(model, x)):
         arrays = [a.numpy() for a in act]
@@ -122,6 +149,12 @@ def measure_split_bytes(
                 for a in arrays
             ]
             sizes[DICT_CODEC] = int(statistics.median(per_input))
+        bits = lossy_bits[split] if split < len(lossy_bits) else None
+        if bits is not None:
+            for compress in (False, True):
+                per_input = [pack(a, LOSSY_CODEC, compress, bits=bits).nbytes for a in arrays]
+                key = f"{LOSSY_CODEC}+zstd" if compress else LOSSY_CODEC
+                sizes[key] = int(statistics.median(per_input))
         if split == 0 and pixels is not None:
             for compress in (False, True):
                 per_input = [pack(p[None], IMAGE_CODEC, compress).nbytes for p in pixels]
@@ -129,6 +162,80 @@ def measure_split_bytes(
                 sizes[key] = int(statistics.median(per_input))
         result.append(sizes)
     return result
+
+
+def _exit_predictions(model: ProgressiveModel, act: Tensor, split: int) -> Tensor:
+    """Top-1 class of every exit read at a stage ≥ `split` for the batch `act` entering
+    stage `split`: (exits after the split, N)."""
+    preds = []
+    with torch.inference_mode():
+        for k in range(split, model.num_stages):
+            act = model.run_trunk(k, act)
+            e = model.exit_at_stage(k)
+            if e is not None:
+                preds.append(model.run_exit(e, act).argmax(dim=1))
+    return torch.stack(preds)
+
+
+def _through_codec(act: Tensor, bits: int) -> Tensor:
+    """`act` (a batch) as the server decodes it, each input packed alone with sparse_uintb
+    at `bits` (batch 1 on the wire: the scale is per input)."""
+    decoded = [unpack(pack(a[None].numpy(), LOSSY_CODEC, False, bits=bits)) for a in act]
+    return torch.from_numpy(np.concatenate(decoded))
+
+
+def choose_lossy_bits(
+    model: ProgressiveModel,
+    x: Tensor,
+    labels: Tensor,
+    split: int,
+    bound_pts: float,
+    *,
+    bits_tried: tuple[int, ...] = LOSSY_BITS_TRIED,
+    batch_size: int = 500,
+) -> LossyChoice | None:
+    """The fewest bits whose sparse_uintb coding of the activation entering `split` costs
+    at most `bound_pts` points of accuracy on (`x`, `labels`), or None (a negative
+    activation, which the codec cannot carry, or no width within the bound).
+
+    The drop is the largest over the exits the server may answer from (those read at a
+    stage ≥ split), each exit's accuracy with the decoded activation against the float
+    one on the same inputs: whatever the threshold, an answer comes from one of them.
+    """
+    if split == 0 or split >= model.num_stages:
+        return None
+    chunks = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            act = x[i : i + batch_size]
+            for k in range(split):
+                act = model.run_trunk(k, act)
+            chunks.append(act)
+    acts = torch.cat(chunks)
+    if bool((acts < 0).any()):
+        return None
+    n = len(labels)
+
+    def exit_accuracy(batch: Callable[[Tensor], Tensor]) -> Tensor:
+        hits = sum(
+            (
+                _exit_predictions(model, batch(acts[i : i + batch_size]), split)
+                == labels[i : i + batch_size]
+            )
+            .double()
+            .sum(dim=1)
+            for i in range(0, n, batch_size)
+        )
+        assert isinstance(hits, Tensor)
+        return hits / n
+
+    reference = exit_accuracy(lambda a: a)
+    for bits in sorted(bits_tried):
+        coded = exit_accuracy(functools.partial(_through_codec, bits=bits))
+        drop_pts = max(0.0, 100.0 * float((reference - coded).max()))
+        if drop_pts <= bound_pts:
+            return LossyChoice(bits, round(drop_pts, 4), bound_pts)
+    return None
 
 
 def time_stages(
@@ -180,10 +287,23 @@ def profile_model(
         raise ValueError(
             f"calibration images {calib.shape} do not match the model input {model.input_spec.shape}"
         )
+    lossy: list[LossyChoice | None] = [None] * model.num_stages
+    if cfg.lossy_bound_pts is not None:
+        head = calib.head(cfg.lossy_inputs)
+        log.info(
+            "profile 0/4: sparse_uintb widths within %g points on %d inputs",
+            cfg.lossy_bound_pts,
+            len(head),
+        )
+        x_lossy = model.input_spec.preprocess(head.images)
+        for s in range(1, model.num_stages):
+            lossy[s] = choose_lossy_bits(model, x_lossy, head.labels, s, cfg.lossy_bound_pts)
     pixels = calib.images[: cfg.bytes_inputs]
     x_bytes = model.input_spec.preprocess(pixels)
     log.info("profile 1/4: packing %d inputs at %d splits", len(x_bytes), model.num_stages)
-    split_bytes = measure_split_bytes(model, x_bytes, dictionaries, pixels.numpy())
+    split_bytes = measure_split_bytes(
+        model, x_bytes, dictionaries, pixels.numpy(), [None if c is None else c.bits for c in lossy]
+    )
     x_time = model.input_spec.preprocess(calib.images[: cfg.timing_inputs])
     runs = cfg.warmup + cfg.repeats
     log.info("profile 2/4: timing %d stages x %d runs, device threads", model.num_stages, runs)
@@ -204,6 +324,7 @@ def profile_model(
             shape=model.split_shape(s),
             numel=int(np.prod(model.split_shape(s))),
             bytes=split_bytes[s],
+            lossy=lossy[s],
         )
         for s in range(model.num_stages)
     )

@@ -14,6 +14,7 @@ import pytest
 from spinn.profile import (
     FORMAT,
     NO_EARLY_EXIT,
+    LossyChoice,
     Profile,
     ProfileError,
     synthetic_profile,
@@ -171,3 +172,38 @@ def test_synthetic_profiles_validate_and_round_trip(tmp_path: Path) -> None:
         for thr in prof.thr_grid:
             reach = [prof.reach_prob(s, thr) for s in range(prof.num_stages + 1)]
             assert all(b <= a + 1e-12 for a, b in zip(reach, reach[1:], strict=False))
+
+
+def test_lossy_width_per_split_round_trips_and_old_profiles_still_load(tmp_path: Path) -> None:
+    # A profile made before sparse_uintb has no "lossy" entries: it loads with none.
+    old = Profile.from_dict(small_doc())
+    assert all(sp.lossy is None for sp in old.splits)
+    doc = small_doc()
+    doc["splits"][2]["lossy"] = {"bits": 3, "accuracy_drop_pts": 0.2, "bound_pts": 0.5}
+    doc["splits"][3]["lossy"] = None  # null reads as none, and is not written back
+    prof = Profile.from_dict(doc)
+    assert prof.splits[2].lossy == LossyChoice(bits=3, accuracy_drop_pts=0.2, bound_pts=0.5)
+    assert prof.splits[3].lossy is None
+    path = tmp_path / "profile.json"
+    prof.save(path)
+    assert Profile.load(path) == prof
+    written = json.loads(path.read_text())["splits"]
+    assert written[2]["lossy"]["bits"] == 3 and "lossy" not in written[3]
+    assert Profile.from_dict(prof.to_dict()).to_dict() == prof.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("lossy", "message"),
+    [
+        ({"bits": 9, "accuracy_drop_pts": 0.1, "bound_pts": 0.5}, r"splits\[1\]\.lossy\.bits"),
+        ({"bits": 0, "accuracy_drop_pts": 0.1, "bound_pts": 0.5}, r"splits\[1\]\.lossy\.bits"),
+        ({"bits": 4, "bound_pts": 0.5}, r"lossy\.accuracy_drop_pts: missing"),
+        ({"bits": 4, "accuracy_drop_pts": -1, "bound_pts": 0.5}, "accuracy_drop_pts"),
+        ([4], r"splits\[1\]\.lossy: expected an object"),
+    ],
+)
+def test_bad_lossy_width_is_named(lossy: object, message: str) -> None:
+    doc = small_doc()
+    doc["splits"][1]["lossy"] = lossy
+    with pytest.raises(ProfileError, match=message):
+        Profile.from_dict(doc)

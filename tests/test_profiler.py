@@ -10,15 +10,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from protocol.packing import CODECS
+from protocol.packing import CODECS, pack, unpack
 from spinn.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
-from spinn.data import load_mnist_5k
+from spinn.data import FASHION_MNIST_DIR, load_dataset, load_mnist_5k
 from spinn.evaluate import evaluate_model
 from spinn.profile import Profile
-from spinn.profiler import ProfilerConfig, codec_names, profile_model, time_stages
-from spinn.progressive import InputSpec
+from spinn.profiler import (
+    LOSSY_BITS_TRIED,
+    ProfilerConfig,
+    choose_lossy_bits,
+    codec_names,
+    profile_model,
+    time_stages,
+)
+from spinn.progressive import InputSpec, ProgressiveModel
 
 SPEC = InputSpec(channels=1, height=28, width=28, mean=(0.13,), std=(0.31,))
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "default" / "model.pt"
 CONFIG = ModelConfig(arch="resnet20", input_spec=SPEC, num_classes=10, arch_options={"width": 4})
 
 
@@ -95,3 +103,62 @@ def test_calibration_shape_mismatch(tmp_path: Path) -> None:
     rgb = type(rgb)(rgb.images.repeat(1, 3, 1, 1), rgb.labels, rgb.class_names, "rgb")
     with pytest.raises(ValueError, match="do not match the model input"):
         profile_model(model, meta, rgb, ProfilerConfig(repeats=1))
+
+
+@pytest.fixture(scope="module")
+def shipped() -> tuple[ProgressiveModel, torch.Tensor, torch.Tensor]:
+    """The shipped model and 300 of its test images (preprocessed) with their labels."""
+    model, meta = load_checkpoint(DEFAULT_CHECKPOINT)
+    spec = model.input_spec
+    data = load_dataset("fashion-mnist", "test", channels=1, size=(spec.height, spec.width))
+    head = data.head(300)
+    return model, spec.preprocess(head.images), head.labels
+
+
+def _drop_pts(
+    model: ProgressiveModel, x: torch.Tensor, y: torch.Tensor, split: int, bits: int
+) -> float:
+    """The accuracy drop of PROTOCOL.md §6.9.1, computed plainly: every input's activation
+    through sparse_uintb alone, the largest drop over the exits after the split."""
+    with torch.inference_mode():
+        act = x
+        for k in range(split):
+            act = model.run_trunk(k, act)
+        coded = torch.cat(
+            [
+                torch.from_numpy(unpack(pack(a[None].numpy(), "sparse_uintb", bits=bits)))
+                for a in act
+            ]
+        )
+        drops = []
+        for k in range(split, model.num_stages):
+            act, coded = model.run_trunk(k, act), model.run_trunk(k, coded)
+            e = model.exit_at_stage(k)
+            if e is not None:
+                right = (model.run_exit(e, act).argmax(1) == y).sum().item()
+                right_coded = (model.run_exit(e, coded).argmax(1) == y).sum().item()
+                drops.append(100.0 * (right - right_coded) / len(y))
+    return max(0.0, max(drops))
+
+
+@pytest.mark.skipif(
+    not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
+@pytest.mark.parametrize(("split", "bound"), [(8, 0.5), (4, 1.0)])
+def test_lossy_width_is_the_fewest_bits_within_the_bound(
+    shipped: tuple[ProgressiveModel, torch.Tensor, torch.Tensor], split: int, bound: float
+) -> None:
+    model, x, y = shipped
+    choice = choose_lossy_bits(model, x, y, split, bound)
+    assert choice is not None and choice.bound_pts == bound
+    assert choice.accuracy_drop_pts == pytest.approx(
+        _drop_pts(model, x, y, split, choice.bits), abs=1e-4
+    )
+    assert choice.accuracy_drop_pts <= bound
+    if choice.bits > min(LOSSY_BITS_TRIED):
+        assert _drop_pts(model, x, y, split, choice.bits - 1) > bound, "one bit fewer is over"
+    # Split 0 carries the normalised input, which is negative: the codec cannot.
+    assert choose_lossy_bits(model, x, y, 0, bound) is None
+    # A bound of 100 points allows the fewest bits tried.
+    assert choose_lossy_bits(model, x, y, split, 100.0).bits == min(LOSSY_BITS_TRIED)  # type: ignore[union-attr]

@@ -119,9 +119,8 @@ log = logging.getLogger("spinn.device")
 
 _READ_CHUNK = 1 << 16
 _ZSTD_MODES: dict[str, bool | None] = {"auto": None, "always": True, "never": False}
-ACTIVATION_CODECS = tuple(c for c in KNOWN_CODECS if c not in (IMAGE_CODEC, LOSSY_CODEC))
-"""The ``--codec`` choices: every codec but the split-0 one and the lossy sparse_uintb,
-whose width a split needs from the profile."""
+ACTIVATION_CODECS = tuple(c for c in KNOWN_CODECS if c != IMAGE_CODEC)
+"""The ``--codec`` choices: every codec but the split-0 one."""
 """DeviceConfig.zstd → pack's `compress` (None: the packer decides from the bandwidth)."""
 # uvloop's loop.time() ticks in milliseconds, too coarse for loopback round trips and
 # per-stage times; every `now` on the device comes from this clock instead.
@@ -849,6 +848,10 @@ class SpinnDevice:
         self.codecs: tuple[str, ...] = (
             (DICT_CODEC, "sparse_int8")
             if self.dictionaries is not None
+            # sparse_uintb where the server takes it, at each split's profiled width
+            # (PROTOCOL.md §6.9.1), else sparse_int8, which every server takes.
+            else (LOSSY_CODEC, "sparse_int8")
+            if config.codec == LOSSY_CODEC
             else ("sparse_int8" if config.codec == DICT_CODEC else config.codec,)
         )
         """Activation codecs, preferred first; the last is what every server takes."""
@@ -884,7 +887,9 @@ class SpinnDevice:
                 # (docs/SCHEDULER.md, "Predicted versus measured"); a profile that did not
                 # measure it leaves the smallest profiled size.
                 codec = profiled_codec(self.codecs[0], config.zstd, self.profile.codecs)
-                if codec is None:
+                # sparse_uintb is profiled only at the splits with a width, where it is the
+                # smallest size measured: None predicts with it there.
+                if codec is None and self.codecs[0] != LOSSY_CODEC:
                     log.warning(
                         "codec %s not in the profile (%s): predicting with the smallest size",
                         self.codecs[0],
@@ -1305,6 +1310,8 @@ class SpinnDevice:
             zstd = _ZSTD_MODES[self.config.zstd]
             if plan.split == 0 and self._link.sends_pixels:
                 packed = pack(pixels[None], IMAGE_CODEC, zstd, bandwidth_bps)
+            elif self._link.codec == LOSSY_CODEC:
+                packed = self._pack_lossy(out.activation.numpy(), plan.split, zstd, bandwidth_bps)
             else:
                 packed = pack(
                     out.activation.numpy(),
@@ -1316,6 +1323,19 @@ class SpinnDevice:
                 )
             pack_ms = (time.perf_counter() - t1) * 1e3
         return None, out.activation, packed, stages_ms, out.stop, pack_ms
+
+    def _pack_lossy(
+        self, activation: Any, split: int, zstd: bool | None, bandwidth_bps: float
+    ) -> PackedTensor:
+        """sparse_uintb at the split's profiled width (PROTOCOL.md §6.9.1); sparse_int8 at a
+        split without one, or for a tensor the codec cannot carry (a negative value)."""
+        lossy = self.profile.splits[split].lossy
+        if lossy is not None:
+            try:
+                return pack(activation, LOSSY_CODEC, zstd, bandwidth_bps, bits=lossy.bits)
+            except ValueError:
+                pass
+        return pack(activation, "sparse_int8", zstd, bandwidth_bps)
 
     @contextlib.contextmanager
     def link_work(self) -> Iterator[None]:

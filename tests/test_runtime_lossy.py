@@ -1,0 +1,81 @@
+"""sparse_uintb between a real device and server on loopback (PROTOCOL.md §6.9).
+
+The device offers the lossy codec beside sparse_int8 and packs each split at the width
+its profile records (§6.9.1); a split without one goes as sparse_int8.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from protocol.packing import LOSSY_CODEC, pack, unpack
+from spinn.checkpoint import load_checkpoint
+from spinn.data import load_fashion_mnist
+from spinn.exits import ExitRule
+from spinn.inference import run_stages
+from spinn.sources import ArraySource
+from tests._runtime_support import CHECKPOINT, by_frame, run_in_process
+
+pytestmark = pytest.mark.timeout(120)
+
+N = 24
+SPLIT = 5
+# Every frame answered by the server from its final exit (no early exit at 1.0 here).
+FIXED = {"policy": "fixed", "split": SPLIT, "thr_conf": 1.0, "continue_locally": False}
+
+
+def _images() -> ArraySource:
+    data = load_fashion_mnist("test").head(N)
+    return ArraySource(data.images[:, 0].numpy(), data.labels.numpy(), name="fashion-mnist")
+
+
+def _copy_with_width(tmp_path: Path, bits: int | None) -> Path:
+    """The default checkpoint and its profile, split 5's sparse_uintb width set to
+    `bits` (None: none), and no dictionaries (the device would prefer them)."""
+    tmp_path.mkdir(parents=True)
+    checkpoint = tmp_path / "model.pt"
+    shutil.copy(CHECKPOINT, checkpoint)
+    doc = json.loads(CHECKPOINT.with_name("profile.json").read_text())
+    entry = doc["splits"][SPLIT]
+    entry.pop("lossy", None)
+    if bits is not None:
+        entry["lossy"] = {"bits": bits, "accuracy_drop_pts": 0.0, "bound_pts": 0.5}
+    (tmp_path / "profile.json").write_text(json.dumps(doc))
+    return checkpoint
+
+
+def test_each_split_crosses_at_its_profiled_width(tmp_path: Path) -> None:
+    lossy = run_in_process(_copy_with_width(tmp_path / "a", 3), _images(), zstd="never",
+                           codec=LOSSY_CODEC, **FIXED)  # fmt: skip
+    plain = run_in_process(_copy_with_width(tmp_path / "b", None), _images(), zstd="never",
+                           codec=LOSSY_CODEC, **FIXED)  # fmt: skip
+    assert lossy.device.codecs == (LOSSY_CODEC, "sparse_int8")
+    coded, uncoded = by_frame(lossy.records, N), by_frame(plain.records, N)
+    assert {r["where"] for r in coded} == {"server"} == {r["where"] for r in uncoded}
+    # What each frame's activation packs to at 3 bits, and with sparse_int8 where split 5
+    # has no width: the bytes the device sent, to the framing's few bytes a message.
+    model, _ = load_checkpoint(CHECKPOINT)
+    data = load_fashion_mnist("test").head(N)
+    expected_classes = []
+    for i, (with_width, without) in enumerate(zip(coded, uncoded, strict=True)):
+        x = model.input_spec.preprocess(data.images[i : i + 1])
+        act = run_stages(model, x, 0, SPLIT, ExitRule(None)).activation
+        assert act is not None
+        three = pack(act.numpy(), LOSSY_CODEC, False, bits=3)
+        eight = pack(act.numpy(), "sparse_int8", False)
+        overhead = with_width["bytes_sent"] - three.nbytes
+        assert 0 < overhead == without["bytes_sent"] - eight.nbytes < 200
+        decoded = torch.from_numpy(unpack(three))
+        out = run_stages(model, decoded, SPLIT, model.num_stages, ExitRule(1.0))
+        assert out.answer is not None
+        expected_classes.append(out.answer.label)
+    # The server answered from the 3-bit activation: its classes are the offline model's
+    # on the decoded tensor.
+    agree = np.mean([r["class"] == c for r, c in zip(coded, expected_classes, strict=True)])
+    assert agree >= 23 / 24, agree
