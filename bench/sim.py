@@ -1,0 +1,607 @@
+"""A discrete-event simulator of SPINN: ``python -m bench.sim``.
+
+Runs whole experiments in virtual time (``bench._simcore``): each device's real policy and
+``OnlineProfiler``, netshape's link model and traces, and modelled compute (the offline
+profile's stage times × a scale, with seeded noise, plus per-call overheads).  It does
+**not** run ``spinn.runtime``'s device and server, which are asyncio adapters; the
+simulator's ``SimDevice``/``SimServer`` mirror their behaviour and are where pure runtime
+cores would plug in.  Deterministic for a seed.
+
+Three parts, each printed:
+
+1. **Experiment 1** (``bench.paper``'s throughput-versus-bandwidth grid, every policy):
+   inferences/s and mean latency per row, simulated.
+2. **Validation** against the real runtime on the same grid: ``--validate`` runs
+   ``bench.paper``'s experiment-1 rows in quick form with the real harness here (a real
+   server behind netshape on loopback, the real device runtime; about two minutes), or
+   ``--real FILE`` reads the figures such a run saved (``--save-real FILE``) or a
+   ``bench.paper`` ``raw.json`` (throughput only).  The models' constants (stage scale,
+   per-call overheads, server scale, the path's own round trip) come from two real
+   calibration runs that are not rows of the grid (``calibrate``); nothing is fitted per
+   row, and misses print as they are, with the decision each side's policy took.
+3. **A fleet**: ``--fleet-devices`` devices on netshape's shipped traces, each varied by a
+   seeded phase, rate and delay scale and compute speed, against N servers with dynamic
+   batching; tail latency, server utilisation, and the fewest servers that keep the
+   fleet's p95 latency within the SLA.
+
+The last line is one JSON object: ``sim_vs_real_throughput_error_median``,
+``sim_vs_real_latency_error_median`` (null without real figures), ``sim_speedup``
+(simulated seconds per wall-clock second of experiment 1's one-device runs, the
+comparison's included), ``fleet_sim_speedup`` (the same for the whole fleet) and the fleet
+figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench._common import ROOT
+from bench._simcore import (
+    DeviceModel,
+    EventLoop,
+    LinkSpec,
+    ServerModel,
+    SimDevice,
+    SimServer,
+    figures,
+)
+from spinn.estimators import Estimates
+from spinn.policy import Decision, Policy
+from spinn.profile import Profile
+from spinn.scheduler import Scheduler, SchedulerConfig, make_policy
+from spinn.sla import SLA, Metric
+from tools.netshape.trace import load_trace
+from tools.netshape.units import parse_duration
+
+__all__ = [
+    "FLEET_TRACES",
+    "FleetPlan",
+    "calibrate",
+    "compare",
+    "load_real",
+    "main",
+    "paper_policy",
+    "run_fleet",
+    "run_real",
+    "servers_needed",
+    "simulate_row",
+]
+
+TRACES_DIR = ROOT / "tools" / "netshape" / "traces"
+FLEET_TRACES = ("4g", "5g", "fluctuating", "outages")
+REAL_FORMAT = "spinn-sim-real/1"
+
+
+def _paper() -> Any:
+    """``bench.paper`` (imported on use: it pulls in the real harness)."""
+    import bench.paper as paper
+
+    return paper
+
+
+def paper_policy(name: str, profile: Profile, device_slowdown: float) -> Policy:
+    """The policy ``bench.paper``'s experiment 1 runs under ``name``: most inferences/s
+    within ``ACCURACY_SLACK`` of the final exit; Edgent's target the device-only latency."""
+    paper = _paper()
+    sla = SLA(
+        min_accuracy=profile.exit_accuracy[-1] - paper.ACCURACY_SLACK,
+        rank=(Metric.THROUGHPUT, Metric.ACCURACY),
+    )
+    if name == "edgent":
+        sla = dataclasses.replace(
+            sla, max_latency_ms=device_slowdown * profile.device_time_ms(profile.num_stages)
+        )
+    return make_policy(name, profile, sla)
+
+
+def _codec(profile: Profile) -> str | None:
+    """What the device sends by default: the dictionary codec's sizes when profiled."""
+    return "sparse_int8_zdict" if "sparse_int8_zdict" in profile.codecs else None
+
+
+def simulate_row(
+    profile: Profile,
+    policy_name: str,
+    mbit: float,
+    delay_s: float,
+    *,
+    device: DeviceModel,
+    server: ServerModel,
+    device_slowdown: float,
+    run_s: float,
+    warmup_s: float,
+    seed: int,
+) -> dict[str, Any]:
+    """One unpaced run of experiment 1, as ``bench._harness.measure`` counts it."""
+    loop = EventLoop()
+    srv = SimServer(loop, profile, server, seed)
+    dev = SimDevice(0, loop, profile, paper_policy(policy_name, profile, device_slowdown),
+                    device, LinkSpec(mbit * 1e6, delay_s), srv, seed, stop_s=run_s)  # fmt: skip
+    loop.run(run_s)
+    fig = figures(dev.answers, warmup_s, run_s)
+    loop.drain(run_s + 60.0)
+    fig["lost"] = dev.frames_begun - len({a.frame for a in dev.answers})
+    modes = Counter((a.split, a.thr_conf) for a in dev.answers if a.answered >= warmup_s)
+    fig["chose"] = _chose(*modes.most_common(1)[0][0]) if modes else "-"
+    fig["offload_rate"] = dev.uploads / max(dev.frames_begun, 1)
+    fig["events"] = loop.events
+    return fig
+
+
+# -- the real side ----------------------------------------------------------------------
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class _LastEstimates:
+    """Wraps a policy and keeps the last estimates the device handed it."""
+
+    def __init__(self, inner: Policy) -> None:
+        self.inner = inner
+        self.last: Estimates | None = None
+
+    def decide(self, now: float, estimates: Estimates) -> Decision:
+        self.last = estimates
+        return self.inner.decide(now, estimates)
+
+
+def calibrate(tb: Any, run_s: float, warmup_s: float) -> dict[str, float]:
+    """The device and server models from two real runs that are not rows of the grid,
+    both against the real server through an unshaped netshape (the grid's conditions less
+    the shaping): an unpaced device-only run (the device's busy time per input: stage
+    scale ``SFb`` and head overhead ``H``, docs/SCHEDULER.md) and an unpaced server-only
+    run (the race's step overhead ``c``, the work per upload ``K``, the server's reported
+    compute against its profile, and the round trip of a bare PING, which every message
+    pays on top of the shaped link: event-loop turns at both ends, the proxy's forwarding;
+    docs/SCHEDULER.md, "a per-request cost on the uplink")."""
+    from bench._harness import ServerProcess, Shaper, measure
+
+    prof = tb.profile
+    slow = tb.device_slowdown
+    dev = _LastEstimates(paper_policy("device-only", prof, slow))
+    srv_pol = _LastEstimates(paper_policy("server-only", prof, slow))
+    with ServerProcess(tb) as srv, Shaper(tb, srv.port) as shaper:
+        r_dev = measure(tb, shaper.port, "calibration", dev, duration_s=run_s,
+                        warmup_s=warmup_s)  # fmt: skip
+        r_srv = measure(tb, shaper.port, "calibration", srv_pol, duration_s=run_s,
+                        warmup_s=warmup_s)  # fmt: skip
+    if dev.last is None or srv_pol.last is None:
+        raise RuntimeError("calibration runs took no decision")
+    e_dev, e_srv = dev.last, srv_pol.last
+    reported = (r_srv.summary.get("server_time_ms") or {}).get("reported_mean") or 0.0
+    cal = {
+        "stage_scale": e_dev.busy_scale or e_dev.device_scale,
+        "head_ms": e_dev.head_overhead_ms or e_dev.frame_overhead_ms,
+        "step_ms": e_srv.step_overhead_ms,
+        "upload_ms": e_srv.upload_busy_ms,
+        "server_scale": reported / prof.server_time_ms(0) if reported else 1.0,
+        "path_rtt_ms": 1e3 * e_srv.latency_s,
+        "device_only_fps": r_dev.fps,
+        "server_only_unshaped_fps": r_srv.fps,
+    }
+    print("real calibration: " + ", ".join(f"{k} {v:.3f}" for k, v in cal.items()), flush=True)
+    return cal
+
+
+def run_real(checkpoint: Path, profile_path: Path, device_slowdown: float) -> dict[str, Any]:
+    """``bench.paper``'s experiment-1 rows in quick form with the real harness, after its
+    uncounted warm-up run and the two calibration runs (``calibrate``)."""
+    import tempfile
+
+    from bench._harness import ServerProcess, Shaper, Testbed, measure
+
+    paper = _paper()
+    plan = paper.QUICK
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="spinn-sim-") as tmp:
+        tb = Testbed.prepare(checkpoint, profile_path, device_slowdown, Path(tmp))
+        prof = tb.profile
+        only_device = paper_policy("device-only", prof, device_slowdown)
+        measure(tb, None, "warm-up", only_device, duration_s=plan.startup_s, warmup_s=0.0)
+        calibration = calibrate(tb, plan.run_s, plan.warmup_s)
+        with ServerProcess(tb) as srv, Shaper(tb, srv.port) as shaper:
+            for net in plan.networks:
+                shaper.set(net.rate, net.delay)
+                for name in paper.POLICIES:
+                    r = measure(tb, shaper.port, name, paper_policy(name, prof, device_slowdown),
+                                duration_s=plan.run_s, warmup_s=plan.warmup_s)  # fmt: skip
+                    rows.append({"network": net.label, "mbit": net.mbit,
+                                 "delay_s": parse_duration(net.delay), "policy": name,
+                                 "fps": r.fps, "latency_ms_mean": r.latency_ms_mean,
+                                 "latency_ms_p95": r.latency_ms_p95,
+                                 "offload_rate": r.offload_rate, "lost": r.lost,
+                                 "chose": _chose(r.row()["split_mode"], r.row()["thr_mode"])})  # fmt: skip
+                    print(f"real {net.label:14s} {name:13s} {r.fps:7.1f}/s "
+                          f"lat {r.latency_ms_mean:6.1f} ms", flush=True)  # fmt: skip
+    return {"format": REAL_FORMAT, "commit": _commit(), "model_id": prof.model_id,
+            "device_slowdown": device_slowdown, "run_s": plan.run_s, "warmup_s": plan.warmup_s,
+            "calibration": calibration, "rows": rows}  # fmt: skip
+
+
+def load_real(path: Path) -> dict[str, Any]:
+    """Real figures: this module's own file, or ``bench.paper``'s ``raw.json``
+    (experiment 1's throughputs; no latencies, no calibration)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--real {path}: {exc}") from None
+    if isinstance(doc, dict) and doc.get("format") == REAL_FORMAT:
+        return doc
+    if isinstance(doc, dict) and isinstance(doc.get("exp1"), dict):
+        paper = _paper()
+        plan = paper.QUICK if doc.get("plan") == "quick" else paper.FULL
+        rows = [
+            {"network": r["network"], "mbit": r["mbit"], "delay_s": r["rtt_ms"] / 2e3,
+             "policy": name, "fps": fps, "latency_ms_mean": None}
+            for r in doc["exp1"]["rows"] for name, fps in r["fps"].items()
+        ]  # fmt: skip
+        return {"format": "bench.paper raw.json", "commit": doc.get("machine", {}).get("commit"),
+                "device_slowdown": float(doc.get("device_slowdown", 5.0)), "run_s": plan.run_s,
+                "warmup_s": plan.warmup_s, "calibration": None, "rows": rows}  # fmt: skip
+    raise SystemExit(f"--real {path}: neither {REAL_FORMAT} nor bench.paper's raw.json")
+
+
+def calibrated(device: DeviceModel, server: ServerModel, cal: dict[str, float]
+               ) -> tuple[DeviceModel, ServerModel]:  # fmt: skip
+    """The models with a real calibration's figures (``calibrate``)."""
+    return (
+        dataclasses.replace(device, stage_scale=cal["stage_scale"], head_ms=cal["head_ms"],
+                            step_ms=cal["step_ms"], upload_ms=cal["upload_ms"],
+                            path_s=cal.get("path_rtt_ms", 0.0) / 2e3),
+        dataclasses.replace(server, scale=cal["server_scale"]),
+    )  # fmt: skip
+
+
+def _chose(split: int | None, thr: float | None) -> str:
+    """A decision in a few characters: split and threshold ('-' for no early exit)."""
+    if split is None or thr is None:
+        return "-"
+    return f"s{split}/" + (f"{thr:.2f}" if thr <= 1.0 else "-")
+
+
+def _rel(sim: float, real: float | None) -> float | None:
+    if real is None or not math.isfinite(real) or real <= 0 or not math.isfinite(sim):
+        return None
+    return abs(sim - real) / real
+
+
+def compare(real: dict[str, Any], profile: Profile, device: DeviceModel, server: ServerModel,
+            seed: int) -> dict[str, Any]:  # fmt: skip
+    """Simulate every real row with the same plan; per-row and median relative errors."""
+    cal = real.get("calibration")
+    if cal:
+        device, server = calibrated(device, server, cal)
+    out_rows = []
+    print(f"\n== sim vs real ({real['format']}, commit {real.get('commit')}); device: stage "
+          f"×{device.stage_scale:.3f}, head {device.head_ms:.2f} ms, step {device.step_ms:.2f} ms, "
+          f"upload {device.upload_ms:.2f} ms, path {2e3 * device.path_s:.2f} ms RTT; server "
+          f"×{server.scale:.3f}")  # fmt: skip
+    print(f"{'network':14s} {'policy':13s} {'real/s':>8s} {'sim/s':>8s} {'err':>6s} "
+          f"{'real ms':>8s} {'sim ms':>8s} {'err':>6s}  {'real chose':>9s} {'sim chose':>9s}")  # fmt: skip
+    for r in real["rows"]:
+        s = simulate_row(profile, r["policy"], r["mbit"], r["delay_s"], device=device,
+                         server=server, device_slowdown=real["device_slowdown"],
+                         run_s=real["run_s"], warmup_s=real["warmup_s"], seed=seed)  # fmt: skip
+        e_t, e_l = _rel(s["fps"], r["fps"]), _rel(s["latency_ms_mean"], r["latency_ms_mean"])
+        out_rows.append({**r, "sim_fps": s["fps"], "sim_latency_ms_mean": s["latency_ms_mean"],
+                         "sim_chose": s["chose"], "throughput_error": e_t,
+                         "latency_error": e_l})  # fmt: skip
+        rl = r["latency_ms_mean"]
+        print(f"{r['network']:14s} {r['policy']:13s} {r['fps']:8.1f} {s['fps']:8.1f} "
+              f"{_pct(e_t):>6s} {'-' if rl is None else f'{rl:8.1f}':>8s} "
+              f"{s['latency_ms_mean']:8.1f} {_pct(e_l):>6s}  {r.get('chose', '-'):>9s} "
+              f"{s['chose']:>9s}")  # fmt: skip
+    thr = [r["throughput_error"] for r in out_rows if r["throughput_error"] is not None]
+    lat = [r["latency_error"] for r in out_rows if r["latency_error"] is not None]
+    med_t = statistics.median(thr) if thr else None
+    med_l = statistics.median(lat) if lat else None
+    print(f"median relative error: throughput {_pct(med_t)}, latency {_pct(med_l)} "
+          f"(target <= 15%)")  # fmt: skip
+    return {"rows": out_rows, "throughput_error_median": med_t, "latency_error_median": med_l}
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+# -- the fleet --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetPlan:
+    """A fleet: its devices, their cameras and links, the servers' model."""
+
+    devices: int = 1000
+    fps: float = 15.0
+    """Each device's camera rate (paced; a frame waits for the window, counted from arrival)."""
+    seconds: float = 4.0
+    warmup_s: float = 1.0
+    device_slowdown: float = 10.0
+    """Each device's stages take this × the profiled time (then × a per-device log-normal)."""
+    speed_sigma: float = 0.3
+    rate_sigma: float = 0.5
+    """Sigma of the log-normal scale of a device's trace rates."""
+    server: ServerModel = ServerModel(workers=1, batch_max=16, batch_wait_s=0.002)
+    """One worker thread on one core per server, as ``bench.paper``'s server (whose
+    compute the calibration measures), with dynamic batching on."""
+    replan_interval_s: float = 1.0
+    """The fleet's schedulers re-plan once a second (the default 50 ms costs a device
+    0.3 ms of compute each time; a thousand of them would cost the simulation its speed)."""
+
+
+def run_fleet(profile: Profile, plan: FleetPlan, servers: int, device: DeviceModel,
+              max_latency_ms: float, seed: int) -> dict[str, Any]:  # fmt: skip
+    """One fleet run: every device with its own trace variation, policy and profiler."""
+    rng = random.Random(seed)
+    traces = [load_trace(TRACES_DIR / f"{name}.csv", loop=True) for name in FLEET_TRACES]
+    loop = EventLoop()
+    srvs = [SimServer(loop, profile, plan.server, seed * 1000 + j) for j in range(servers)]
+    sla = SLA(max_latency_ms=max_latency_ms, min_accuracy=profile.exit_accuracy[-1] - 0.01,
+              rank=(Metric.LATENCY, Metric.ACCURACY))  # fmt: skip
+    base_prof = dataclasses.replace(
+        profile, stage_device_ms=tuple(plan.device_slowdown * t for t in profile.stage_device_ms)
+    )
+    dmodel = dataclasses.replace(device, codec=_codec(profile), snapshot_interval_s=0.1)
+    cfg = SchedulerConfig(codec=dmodel.codec, max_in_flight=dmodel.max_in_flight,
+                          replan_interval_s=plan.replan_interval_s)  # fmt: skip
+    devs = []
+    for i in range(plan.devices):
+        trace = traces[i % len(traces)]
+        spec = LinkSpec(None, 0.0, trace=trace, trace_offset_s=rng.uniform(0, trace.duration_s),
+                        rate_scale=math.exp(rng.gauss(0, plan.rate_sigma)))  # fmt: skip
+        speed = math.exp(rng.gauss(0, plan.speed_sigma))
+        # The device's own offline profile is of its own speed (its vendor profiled it).
+        prof = dataclasses.replace(
+            base_prof, stage_device_ms=tuple(speed * t for t in base_prof.stage_device_ms)
+        )
+        devs.append(SimDevice(i, loop, prof, Scheduler(prof, sla, cfg), dmodel, spec,
+                              srvs[i % servers], seed * 100003 + i, rate_fps=plan.fps,
+                              start_s=rng.uniform(0, 1 / plan.fps), stop_s=plan.seconds))  # fmt: skip
+    loop.run(plan.seconds)
+    answers = [a for d in devs for a in d.answers if a.arrived >= plan.warmup_s]
+    fig = figures(answers, plan.warmup_s, math.inf)
+    fig["fps"] = fig["answered"] / (plan.seconds - plan.warmup_s)
+    busy = sum(s.busy_s for s in srvs)
+    fig["server_utilisation"] = busy / (servers * plan.server.workers * plan.seconds)
+    fig["mean_batch"] = sum(s.batched for s in srvs) / max(1, sum(s.batches for s in srvs))
+    fig["offload_rate"] = sum(d.uploads for d in devs) / max(1, sum(d.frames_begun for d in devs))
+    fig["events"] = loop.events
+    fig["servers"] = servers
+    loop.drain(plan.seconds + 60.0)
+    begun = sum(d.frames_begun for d in devs)
+    fig["lost"] = begun - len({(a.device, a.frame) for d in devs for a in d.answers})
+    return fig
+
+
+def servers_needed(profile: Profile, plan: FleetPlan, device: DeviceModel, sla_p95_ms: float,
+                   max_latency_ms: float, seed: int, limit: int,
+                   start: int = 1) -> tuple[int | None, list[dict[str, Any]]]:  # fmt: skip
+    """The fewest servers whose fleet p95 meets ``sla_p95_ms``: doubling from ``start``,
+    then bisection (p95 falls with more servers, up to the seeded noise)."""
+    runs: dict[int, dict[str, Any]] = {}
+
+    def p95(n: int) -> float:
+        if n not in runs:
+            runs[n] = run_fleet(profile, plan, n, device, max_latency_ms, seed)
+            f = runs[n]
+            print(f"fleet {plan.devices} devices, {n:4d} servers: p50 {f['p50_ms']:6.1f} "
+                  f"p95 {f['p95_ms']:6.1f} p99 {f['p99_ms']:6.1f} ms, utilisation "
+                  f"{100 * f['server_utilisation']:5.1f}%, offload {100 * f['offload_rate']:4.1f}%, "
+                  f"batch {f['mean_batch']:.2f}, lost {f['lost']}", flush=True)  # fmt: skip
+        return float(runs[n]["p95_ms"])
+
+    lo, hi = 0, max(1, start)  # lo: fails (0 servers always does), hi: to be tried
+    while p95(hi) > sla_p95_ms:
+        if hi >= limit:
+            return None, [runs[k] for k in sorted(runs)]
+        lo, hi = hi, min(limit, hi * 2)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if p95(mid) <= sla_p95_ms:
+            hi = mid
+        else:
+            lo = mid
+    return hi, [runs[k] for k in sorted(runs)]
+
+
+# -- the command line -------------------------------------------------------------------
+
+
+def _positive(kind: type, name: str) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: not a number: {text!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text}")
+        return v
+
+    return parse
+
+
+def _load_profile(args: argparse.Namespace) -> tuple[Path, Profile]:
+    checkpoint = args.model / "model.pt" if args.model.is_dir() else args.model
+    path = args.profile or checkpoint.with_name("profile.json")
+    try:
+        return checkpoint, Profile.load(path)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--profile {path}: {exc}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.sim",
+                                     description=(__doc__ or "").splitlines()[0])  # fmt: skip
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "default",
+                        help="model directory or checkpoint (default models/default)")  # fmt: skip
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="offline profile (default: profile.json beside the model)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device-slowdown", type=_positive(float, "--device-slowdown"),
+                        default=5.0, help="experiment 1's device slowdown (bench.paper's)")  # fmt: skip
+    parser.add_argument("--validate", action="store_true",
+                        help="run bench.paper's experiment-1 rows (quick) on the real runtime "
+                        "here first and compare (about two minutes)")  # fmt: skip
+    parser.add_argument("--real", type=Path, default=None,
+                        help="real figures to compare with: a --save-real file or bench.paper's "
+                        "raw.json")  # fmt: skip
+    parser.add_argument("--save-real", type=Path, default=None,
+                        help="write the --validate run's real figures here")  # fmt: skip
+    parser.add_argument("--fleet-devices", type=_positive(int, "--fleet-devices"), default=1000)
+    parser.add_argument("--fleet-seconds", type=_positive(float, "--fleet-seconds"), default=3.0)
+    parser.add_argument("--fleet-fps", type=_positive(float, "--fleet-fps"), default=10.0)
+    parser.add_argument("--max-servers", type=_positive(int, "--max-servers"), default=256)
+    parser.add_argument("--sla-p95-ms", type=_positive(float, "--sla-p95-ms"), default=None,
+                        help="the fleet's SLA: p95 latency at most this (default: 1.1 × the "
+                        "p95 with one server per ten devices)")  # fmt: skip
+    parser.add_argument("--run-s", type=_positive(float, "--run-s"), default=None,
+                        help="length of each simulated experiment-1 run (default: bench.paper's "
+                        "quick plan)")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.validate and args.real is not None:
+        parser.error("--validate and --real: give one or the other")
+    if args.save_real is not None and not args.validate:
+        parser.error("--save-real goes with --validate")
+    checkpoint, raw_profile = _load_profile(args)
+    paper = _paper()
+    device = DeviceModel(codec=_codec(raw_profile))
+    server = ServerModel()
+    slow = args.device_slowdown
+    profile = dataclasses.replace(
+        raw_profile, stage_device_ms=tuple(slow * t for t in raw_profile.stage_device_ms)
+    )
+    sim_s = 0.0
+    wall = 0.0
+
+    real = None
+    if args.validate:
+        real = run_real(checkpoint, args.profile or checkpoint.with_name("profile.json"), slow)
+        if args.save_real is not None:
+            args.save_real.write_text(json.dumps(real, indent=1) + "\n", encoding="utf-8")
+    elif args.real is not None:
+        real = load_real(args.real)
+        if abs(real["device_slowdown"] - slow) > 1e-9:
+            profile = dataclasses.replace(raw_profile, stage_device_ms=tuple(
+                real["device_slowdown"] * t for t in raw_profile.stage_device_ms))  # fmt: skip
+
+    # 1. experiment 1, simulated.
+    plan = paper.QUICK
+    run_s = args.run_s or plan.run_s
+    warm = min(plan.warmup_s, run_s / 2)
+    print(f"== experiment 1, simulated: model {profile.model_id}, device ×{slow:g}, "
+          f"{run_s:g} s runs")  # fmt: skip
+    print(f"{'network':14s} " + " ".join(f"{p:>13s}" for p in paper.POLICIES))
+    lost = 0
+    for net in plan.networks:
+        cells = []
+        for name in paper.POLICIES:
+            t0 = time.perf_counter()
+            f = simulate_row(profile, name, net.mbit, parse_duration(net.delay), device=device,
+                             server=server, device_slowdown=slow, run_s=run_s, warmup_s=warm,
+                             seed=args.seed)  # fmt: skip
+            wall += time.perf_counter() - t0
+            sim_s += run_s
+            lost += f["lost"]
+            cells.append(f"{f['fps']:6.1f}/{f['latency_ms_mean']:5.1f}ms")
+        print(f"{net.label:14s} " + " ".join(f"{c:>13s}" for c in cells))
+
+    # 2. against the real runtime.
+    cmp = None
+    if real is not None:
+        t0 = time.perf_counter()
+        cmp = compare(real, profile, device, server, args.seed)
+        wall += time.perf_counter() - t0
+        sim_s += real["run_s"] * len(real["rows"])
+
+    # 3. the fleet.
+    fplan = FleetPlan(devices=args.fleet_devices, fps=args.fleet_fps, seconds=args.fleet_seconds,
+                      warmup_s=min(1.0, args.fleet_seconds / 4))  # fmt: skip
+    fleet_latency_limit = (
+        2.0 * fplan.device_slowdown * raw_profile.device_time_ms(raw_profile.num_stages)
+    )
+    print(f"\n== fleet: {fplan.devices} devices at {fplan.fps:g} frames/s on traces "
+          f"{', '.join(FLEET_TRACES)} (seeded phase, rate ×lognormal({fplan.rate_sigma}), speed "
+          f"×lognormal({fplan.speed_sigma})), device ×{fplan.device_slowdown:g}; servers of "
+          f"{fplan.server.workers} workers, batches ≤ {fplan.server.batch_max} "
+          f"(cost 1 + {fplan.server.batch_cost}·(n−1)), scheduler SLA latency ≤ "
+          f"{fleet_latency_limit:.1f} ms")  # fmt: skip
+    t0 = time.perf_counter()
+    sla_p95 = args.sla_p95_ms
+    fleet_runs: list[dict[str, Any]] = []
+    if sla_p95 is None:
+        ample = max(1, fplan.devices // 10)
+        ref = run_fleet(raw_profile, fplan, ample, device, fleet_latency_limit, args.seed)
+        fleet_runs.append(ref)
+        sla_p95 = 1.1 * ref["p95_ms"]
+        # Fewer servers than their busy share at that size would be saturated: start there.
+        start = max(1, math.floor(ample * ref["server_utilisation"]))
+        print(f"reference: {ample} servers give p95 {ref['p95_ms']:.1f} ms at "
+              f"{100 * ref['server_utilisation']:.1f}% utilisation; SLA p95 ≤ "
+              f"{sla_p95:.1f} ms")  # fmt: skip
+    else:
+        start = 1
+    needed, runs = servers_needed(raw_profile, fplan, device, sla_p95, fleet_latency_limit,
+                                  args.seed, args.max_servers, start)  # fmt: skip
+    fleet_runs += runs
+    fleet_wall = time.perf_counter() - t0
+    fleet_sim_s = fplan.seconds * len(fleet_runs)
+    at = next((r for r in runs if r["servers"] == needed), runs[-1])
+    lost += sum(r["lost"] for r in fleet_runs)
+    print(f"servers needed for p95 ≤ {sla_p95:.1f} ms: {needed}; there p50/p95/p99 "
+          f"{at['p50_ms']:.1f}/{at['p95_ms']:.1f}/{at['p99_ms']:.1f} ms, utilisation "
+          f"{100 * at['server_utilisation']:.1f}%")  # fmt: skip
+    speedup = sim_s / max(wall, 1e-9)
+    fleet_speedup = fleet_sim_s / max(fleet_wall, 1e-9)
+    print(f"experiment 1 (one device per run): simulated {sim_s:.0f} s in {wall:.1f} s of wall "
+          f"time, ×{speedup:.1f}; fleet: {fleet_sim_s:.0f} s of {fplan.devices} devices in "
+          f"{fleet_wall:.1f} s, ×{fleet_speedup:.2f} ({fleet_speedup * fplan.devices:.0f} "
+          f"device-seconds per second); frames lost {lost}")  # fmt: skip
+    out = {
+        "bench": "sim",
+        "model_id": profile.model_id,
+        "sim_vs_real_throughput_error_median": None
+        if cmp is None
+        else _round(cmp["throughput_error_median"]),
+        "sim_vs_real_latency_error_median": None
+        if cmp is None
+        else _round(cmp["latency_error_median"]),
+        "sim_speedup": round(speedup, 1),
+        "fleet_sim_speedup": round(fleet_speedup, 3),
+        "fleet_devices": fplan.devices,
+        "fleet_servers_needed": needed,
+        "fleet_sla_p95_ms": round(sla_p95, 2),
+        "fleet_p50_ms": _round(at["p50_ms"]),
+        "fleet_p95_ms": _round(at["p95_ms"]),
+        "fleet_p99_ms": _round(at["p99_ms"]),
+        "fleet_server_utilisation": _round(at["server_utilisation"]),
+        "frames_lost": lost,
+    }
+    print(json.dumps(out))
+    return 0
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(x, 4)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The simulator (bench.sim, bench._simcore): deterministic, conserving, links at their rate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import sim
+from bench._simcore import (
+    DeviceModel,
+    EventLoop,
+    Link,
+    LinkSpec,
+    ServerModel,
+    SimDevice,
+    SimServer,
+    exit_for,
+)
+from spinn.profile import NO_EARLY_EXIT, Profile
+from spinn.scheduler import make_policy
+from tools.netshape.trace import load_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = Profile.load(ROOT / "models" / "default" / "profile.json")
+# A device 20× slower than the profiled one: the server wins races over a 20 ms RTT.
+SLOW = dataclasses.replace(PROFILE, stage_device_ms=tuple(20 * t for t in PROFILE.stage_device_ms))
+
+
+def _row(seed: int) -> dict[str, Any]:
+    return sim.simulate_row(PROFILE, "spinn", 24, 0.02, device=DeviceModel(), server=ServerModel(),
+                            device_slowdown=5.0, run_s=0.6, warmup_s=0.2, seed=seed)  # fmt: skip
+
+
+def test_same_seed_same_history() -> None:
+    a, b = _row(3), _row(3)
+    assert a == b
+    assert a["answered"] > 0
+    # The seed matters: compute noise and exit draws change with it.
+    assert _row(4)["latency_ms_mean"] != a["latency_ms_mean"]
+
+
+def test_fleet_same_seed_same_figures() -> None:
+    plan = sim.FleetPlan(devices=12, fps=10.0, seconds=1.0, warmup_s=0.2)
+    a = sim.run_fleet(PROFILE, plan, 2, DeviceModel(), 30.0, seed=1)
+    b = sim.run_fleet(PROFILE, plan, 2, DeviceModel(), 30.0, seed=1)
+    assert a == b
+    assert a["lost"] == 0 and a["answered"] > 0
+
+
+def test_link_moves_bytes_at_its_rate() -> None:
+    loop = EventLoop()
+    link = Link(loop, LinkSpec(8e6, 0.01), random.Random(0), up=True)
+    arrivals: list[float] = []
+    finish = 0.0
+    for _ in range(100):
+        finish = link.send(10_000, lambda: arrivals.append(loop.now))
+    loop.run(10.0)
+    # 100 × 10 kB = 8 Mbit at 8 Mbit/s: one second on the wire, then the one-way delay.
+    assert finish == pytest.approx(1.0)
+    assert arrivals[-1] == pytest.approx(1.01)
+    assert arrivals == sorted(arrivals) and len(arrivals) == 100
+
+
+def test_trace_rate_and_outage_are_followed() -> None:
+    trace = load_trace(["time,up_rate,down_rate,delay,loss,outage",
+                        "0,1000000,1000000,0.005,0,", "1,1000000,1000000,0.005,0,blackhole",
+                        "2,1000000,1000000,0.005,0,"])  # fmt: skip
+    loop = EventLoop()
+    link = Link(loop, LinkSpec(None, 0.0, trace=trace), random.Random(0), up=True)
+    got: list[float] = []
+    assert link.send(12_500, lambda: got.append(loop.now)) == pytest.approx(0.1)
+    loop.run(1.5)
+    link.send(100, lambda: got.append(loop.now))  # sent inside the black hole: lost
+    loop.run(5.0)
+    assert got == [pytest.approx(0.105)]
+    assert link.dropped == 1
+
+
+def test_every_frame_answered_once_through_outages() -> None:
+    trace = load_trace(["time,up_rate,down_rate,delay,loss,outage",
+                        "0,20000000,20000000,0.01,0.01,", "0.5,20000000,20000000,0.01,0,blackhole",
+                        "3.5,20000000,20000000,0.01,0,", "5,20000000,20000000,0.01,0,"],
+                       loop=True)  # fmt: skip
+    loop = EventLoop()
+    server = SimServer(loop, PROFILE, ServerModel(batch_max=4), seed=0)
+    devices = [
+        SimDevice(
+            i,
+            loop,
+            SLOW,
+            make_policy(policy, SLOW),
+            DeviceModel(),
+            LinkSpec(None, 0.0, trace=trace, trace_offset_s=0.1 * i),
+            server,
+            seed=i,
+            rate_fps=rate,
+            stop_s=4.5,
+        )  # fmt: skip
+        for i, (policy, rate) in enumerate(
+            [("server-only", None), ("spinn", 40.0), ("server-only", 20.0), ("device-only", None)]
+        )
+    ]
+    loop.drain(60.0)
+    for d in devices:
+        counts = Counter(a.frame for a in d.answers)
+        assert d.frames_begun > 0
+        assert set(counts) == set(range(d.frames_begun))
+        assert max(counts.values()) == 1
+    where = Counter(a.where for d in devices for a in d.answers)
+    assert where["server"] > 0 and where["fallback"] > 0
+
+
+def test_lower_threshold_never_exits_later() -> None:
+    rng = random.Random(0)
+    grid = [t for t in PROFILE.thr_grid if t <= 1.0]
+    for _ in range(200):
+        u = rng.random()
+        exits = [exit_for(PROFILE, u, t, None) for t in grid]
+        assert exits == sorted(exits)
+        assert exit_for(PROFILE, u, NO_EARLY_EXIT, None) == PROFILE.num_exits - 1
+        assert exit_for(PROFILE, u, NO_EARLY_EXIT, 1) == 1
+
+
+def test_cli_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--fleet-devices", "8", "--fleet-seconds", "0.8", "--fleet-fps", "10",
+            "--run-s", "0.3", "--max-servers", "4"]  # fmt: skip
+    assert sim.main(argv) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["fleet_devices"] == 8
+    assert last["sim_vs_real_throughput_error_median"] is None
+    assert last["sim_speedup"] > 0
+    assert last["frames_lost"] == 0
+    assert 1 <= last["fleet_servers_needed"] <= 4
+
+
+def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        sim.main(["--fleet-devices", "0"])
+    assert "--fleet-devices must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--real"):
+        sim.main(["--real", "/nonexistent/real.json"])
