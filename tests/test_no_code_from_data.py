@@ -72,7 +72,7 @@ def test_no_code_runs_from_data(path: Path) -> None:
             assert _keyword(call, "allow_pickle") is False, f"{where}: np.load may unpickle"
         elif name in ("msgpack.unpackb", "msgpack.Unpacker", "msgpack.loads"):
             # Peer bytes are decoded in one place, with text keys and no ext types.
-            assert path == ROOT / "protocol" / "connection.py", f"{where}: decode via protocol"
+            assert path == ROOT / "protocol" / "framing.py", f"{where}: decode via protocol"
             assert _keyword(call, "strict_map_key") is True, f"{where}: strict_map_key"
             assert any(kw.arg == "ext_hook" for kw in call.keywords), f"{where}: ext_hook"
         elif (
