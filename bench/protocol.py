@@ -45,11 +45,21 @@
    ``--images`` Fashion-MNIST test images: 1×28×28 grey as the default model takes them,
    the camera workload's 3×96×96 RGB frames rendered from them (colour, sensor noise), and
    the same images plainly enlarged to 3×96×96 RGB (smooth, noise-free).
+4. The lossy ``sparse_uintb`` (PROTOCOL.md §6.9) at the widths the checkpoint's profile
+   records per split (``spinn profile``: the fewest bits within 0.5 points of accuracy on
+   the calibration set), on the last ``--lossy-images`` test images of the model's own
+   dataset, held out from that calibration: bytes against float32 over splits 1..S-1
+   (sparse_int8 where a split has no width; zstd where it is smaller), target ≥ 10×; and
+   the accuracy it costs, the largest drop over the splits and the exits after each,
+   target ≤ 0.5 points. For the checkpoint, and for the shipped camera model
+   (``models/camera``) when there is one.
 
 The last line is one JSON object with ``sparse_zstd_ratio``, ``zdict_ratio``,
 ``zdict_ratio_half_sparse``, ``pack_mb_s``, ``unpack_mb_s``, ``framing_vs_raw`` and the
 other figures printed above; ``dictionaries`` says where the zstd dictionaries came from;
-``input_bytes`` holds the split-0 figures per frame size.
+``input_bytes`` holds the split-0 figures per frame size; ``lossy_ratio``,
+``lossy_accuracy_drop_pts`` and ``lossy_bits`` (per split 1..S-1) those of part 4, and
+``lossy_camera_*`` the same for the camera model.
 """
 
 from __future__ import annotations
@@ -91,11 +101,13 @@ from protocol.packing import (
     IMAGE_CODEC,
     IMAGE_FILTER_GRADIENT,
     IMAGE_FILTER_NONE,
+    LOSSY_CODEC,
     ZSTD_COMPRESS_BPS,
     ZSTD_DECOMPRESS_BPS,
     PackedTensor,
 )
 from spinn.pretrained import DEFAULT_CHECKPOINT as _DEFAULT_CHECKPOINT
+from spinn.pretrained import MODELS_DIR
 
 DEFAULT_CHECKPOINT = str(_DEFAULT_CHECKPOINT)
 FRAME_PAYLOAD = 2**20  # float32 payload bytes of each loopback INFER: a 1 MiB frame
@@ -103,6 +115,8 @@ SOCKET_BUFFER = 4 * 2**20
 SHIPPED = "shipped"  # the dictionaries beside the checkpoint (spinn/dictionaries.py)
 TRAINED = "trained in bench"  # none usable there: trained here on training images
 HALF_SPARSE_TARGET = 8.0  # x smaller than float32 on the splits with >= 50% zeros
+LOSSY_RATIO_TARGET = 10.0  # x smaller than float32 over splits 1..S-1, sparse_uintb
+LOSSY_DROP_TARGET_PTS = 0.5  # accuracy points it may cost on held-out images
 
 
 # -- activations -----------------------------------------------------------------------------
@@ -622,6 +636,99 @@ def print_input(rows: Sequence[InputBytes]) -> None:
             print(f"    {label:<36} {n:7d} B {f32 / n:6.2f}x {r.pixels / n:6.2f}x{mark}")
 
 
+@dataclass(frozen=True)
+class LossySplit:
+    """What sparse_uintb sends at one split, on held-out images (PROTOCOL.md §6.9)."""
+
+    split: int
+    bits: int | None
+    """The profile's width; None: the device sends sparse_int8 there."""
+    float32_bytes: int
+    sent_bytes: int
+    """Summed over the images, zstd where it makes the payload smaller (``compress=True``)."""
+    drop_pts: float | None
+    """Accuracy lost, the largest over the exits after the split (None: no width)."""
+
+
+@dataclass(frozen=True)
+class LossyFigures:
+    checkpoint: str
+    images: str
+    splits: list[LossySplit]
+
+    @property
+    def ratio(self) -> float:
+        return sum(r.float32_bytes for r in self.splits) / sum(r.sent_bytes for r in self.splits)
+
+    @property
+    def drop_pts(self) -> float | None:
+        drops = [r.drop_pts for r in self.splits if r.drop_pts is not None]
+        return max(drops) if drops else None
+
+
+def measure_lossy(checkpoint: str, images: int) -> LossyFigures:
+    """sparse_uintb on `checkpoint` at the widths its profile records (`spinn profile`),
+    on the last `images` of the test split of the model's own dataset: held out from the
+    calibration that chose the widths (the profiler takes the first images). Splits
+    1..S-1, each input packed alone as the device packs it; split 0 is the input frame,
+    which goes as uint8_image (§6.8), not this codec."""
+    from pathlib import Path
+
+    import torch
+
+    from bench._common import frames_dataset
+    from spinn import data
+    from spinn.checkpoint import load_checkpoint
+    from spinn.profile import Profile
+    from spinn.profiler import lossy_accuracy_drop_pts
+
+    model, meta = load_checkpoint(checkpoint)
+    profile = Profile.load(Path(checkpoint).with_name("profile.json"))
+    test = data.load_fashion_mnist("test")
+    held_out = slice(len(test) - images, len(test))
+    images_set = test.subset(held_out)
+    if frames_dataset(meta.recipe) == "fashion-mnist-camera":
+        frames = data.render_camera_frames(images_set.images, np.arange(len(test))[held_out])
+        images_set = data.ImageSet(frames, images_set.labels, images_set.class_names, "camera")
+    name = f"{images_set.name} test images {held_out.start}..{held_out.stop - 1}"
+    x = model.input_spec.preprocess(images_set.images)
+    rows = []
+    with torch.inference_mode():
+        act = x
+        for split in range(1, model.num_stages):
+            act = model.run_trunk(split - 1, act)
+            lossy = profile.splits[split].lossy
+            arrays = [a[None].numpy() for a in act]
+            if lossy is None:
+                sent = sum(pack(a, "sparse_int8", True).nbytes for a in arrays)
+                drop = None
+            else:
+                sent = sum(pack(a, LOSSY_CODEC, True, bits=lossy.bits).nbytes for a in arrays)
+                drop = lossy_accuracy_drop_pts(model, x, images_set.labels, split, lossy.bits)
+            bits = None if lossy is None else lossy.bits
+            rows.append(LossySplit(split, bits, sum(a.nbytes for a in arrays), sent, drop))
+    return LossyFigures(checkpoint, name, rows)
+
+
+def print_lossy(figures: LossyFigures) -> None:
+    print(f"\nsparse_uintb at the profile's widths, {figures.checkpoint}, {figures.images}")
+    print(f"  {'split':>5} {'bits':>5} {'x smaller':>10} {'accuracy drop':>14}")
+    for r in figures.splits:
+        bits = "-" if r.bits is None else str(r.bits)
+        drop = "sparse_int8" if r.drop_pts is None else f"{r.drop_pts:.2f} pts"
+        print(f"  {r.split:5d} {bits:>5} {r.float32_bytes / r.sent_bytes:9.1f}x {drop:>14}")
+    drop_pts = figures.drop_pts
+    ratio_verdict = "met" if figures.ratio >= LOSSY_RATIO_TARGET else "missed"
+    print(f"  all splits: {figures.ratio:.1f}x smaller than float32 "
+          f"(target >= {LOSSY_RATIO_TARGET:g}x, {ratio_verdict})")  # fmt: skip
+    if drop_pts is None:
+        print("  accuracy drop: not measured, the profile records no width")
+    else:
+        verdict = "met" if drop_pts <= LOSSY_DROP_TARGET_PTS else "missed"
+        print(f"  largest accuracy drop {drop_pts:.2f} points "
+              f"(target <= {LOSSY_DROP_TARGET_PTS:g}, {verdict})")  # fmt: skip
+
+
 def zstd_speeds(arrays: Sequence[np.ndarray], repeats: int) -> tuple[float, float]:
     """Measured zstd speeds on sparse_int8 payloads, bytes/s: (compress, decompress)."""
     import zstandard
@@ -911,6 +1018,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="Fashion-MNIST training images the headroom rows' zstd dictionaries learn from, "
         "and sparse_int8_zdict's where none ship beside the checkpoint",
     )
+    parser.add_argument(
+        "--lossy-images",
+        type=int,
+        default=2000,
+        help="held-out test images (the last of the split) sparse_uintb's ratio and accuracy "
+        "drop are measured on, for the checkpoint and the shipped camera model if there is one",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="passes; the best is reported")
     parser.add_argument("--frames", type=int, default=60, help="1 MiB round trips per pass")
     parser.add_argument(
@@ -922,6 +1036,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.images, args.repeats, args.frames, args.window, args.dict_images) < 1:
         parser.error("--images, --dict-images, --repeats, --frames and --window must be >= 1")
+    if not 1 <= args.lossy_images <= 10_000:
+        parser.error("--lossy-images must be in 1..10000 (the test split's size)")
 
     try:
         acts = collect_activations(args.checkpoint, args.images, dict_images=args.dict_images)
@@ -1034,6 +1150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{args.window:<10} {raw_win:22.0f} {framed_win:16.0f} {ratio_win:11.0%}  (throughput)")
     print(f"{1:<10} {raw_seq:22.0f} {framed_seq:16.0f} {ratio_seq:11.0%}  (serial round trips)")
     print_input(inputs)
+    # After the timed runs: the accuracy runs use both cores' worth of torch.
+    lossy = [measure_lossy(args.checkpoint, args.lossy_images)]
+    camera = MODELS_DIR / "camera" / "model.pt"
+    if camera.exists() and camera.with_name("profile.json").exists():
+        lossy.append(measure_lossy(str(camera), args.lossy_images))
+    for measured in lossy:
+        print_lossy(measured)
 
     sparse = next(r for r in rows if r.codec == "sparse_int8" and not r.zstd)
     sparse_z = next(r for r in rows if r.codec == "sparse_int8" and r.zstd)
@@ -1086,6 +1209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             r.name: {"sent": r.sent, "pixels": r.pixels, **r.before, **r.image} for r in inputs
         },
     }
+    # sparse_uintb (PROTOCOL.md §6.9) at the profile's widths, held-out images: the
+    # checkpoint's, then the camera model's where it ships.
+    for key, lossy_figures in zip(("", "_camera"), lossy, strict=False):
+        drop_pts = lossy_figures.drop_pts
+        figures[f"lossy{key}_ratio"] = round(lossy_figures.ratio, 2)
+        figures[f"lossy{key}_accuracy_drop_pts"] = None if drop_pts is None else round(drop_pts, 2)
+        figures[f"lossy{key}_bits"] = [r.bits for r in lossy_figures.splits]
     print(json.dumps(figures))
     return 0
 

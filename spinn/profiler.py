@@ -11,7 +11,6 @@ only that file plus live measurements.
 
 from __future__ import annotations
 
-import functools
 import logging
 import statistics
 import time
@@ -38,6 +37,7 @@ __all__ = [
     "ProfilerConfig",
     "choose_lossy_bits",
     "codec_names",
+    "lossy_accuracy_drop_pts",
     "measure_split_bytes",
     "profile_model",
     "time_stages",
@@ -184,6 +184,56 @@ def _through_codec(act: Tensor, bits: int) -> Tensor:
     return torch.from_numpy(np.concatenate(decoded))
 
 
+def _split_inputs(model: ProgressiveModel, x: Tensor, split: int, batch_size: int) -> Tensor:
+    """The activations entering stage `split` for the inputs `x`."""
+    chunks = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            act = x[i : i + batch_size]
+            for k in range(split):
+                act = model.run_trunk(k, act)
+            chunks.append(act)
+    return torch.cat(chunks)
+
+
+def _exit_accuracy(
+    model: ProgressiveModel,
+    acts: Tensor,
+    labels: Tensor,
+    split: int,
+    bits: int | None,
+    batch_size: int,
+) -> Tensor:
+    """Accuracy of every exit after `split` from `acts`, each input through sparse_uintb
+    at `bits` first (None: as they are)."""
+    right = []
+    for i in range(0, len(labels), batch_size):
+        batch = acts[i : i + batch_size]
+        if bits is not None:
+            batch = _through_codec(batch, bits)
+        predicted = _exit_predictions(model, batch, split)
+        right.append((predicted == labels[i : i + batch_size]).sum(dim=1))
+    return torch.stack(right).sum(dim=0).double() / len(labels)
+
+
+def lossy_accuracy_drop_pts(
+    model: ProgressiveModel,
+    x: Tensor,
+    labels: Tensor,
+    split: int,
+    bits: int,
+    *,
+    batch_size: int = 500,
+) -> float:
+    """Accuracy lost (points, ≥ 0) on (`x`, `labels`) when the activation entering `split`
+    crosses as sparse_uintb at `bits`: the largest drop over the exits after the split,
+    each exit against itself on the float activation (PROTOCOL.md §6.9.1)."""
+    acts = _split_inputs(model, x, split, batch_size)
+    reference = _exit_accuracy(model, acts, labels, split, None, batch_size)
+    coded = _exit_accuracy(model, acts, labels, split, bits, batch_size)
+    return max(0.0, 100.0 * float((reference - coded).max()))
+
+
 def choose_lossy_bits(
     model: ProgressiveModel,
     x: Tensor,
@@ -198,40 +248,18 @@ def choose_lossy_bits(
     at most `bound_pts` points of accuracy on (`x`, `labels`), or None (a negative
     activation, which the codec cannot carry, or no width within the bound).
 
-    The drop is the largest over the exits the server may answer from (those read at a
-    stage ≥ split), each exit's accuracy with the decoded activation against the float
-    one on the same inputs: whatever the threshold, an answer comes from one of them.
+    The drop is that of `lossy_accuracy_drop_pts`: the largest over the exits the server
+    may answer from (those read at a stage ≥ split), since whatever the threshold, an
+    answer comes from one of them.
     """
     if split == 0 or split >= model.num_stages:
         return None
-    chunks = []
-    with torch.inference_mode():
-        for i in range(0, len(x), batch_size):
-            act = x[i : i + batch_size]
-            for k in range(split):
-                act = model.run_trunk(k, act)
-            chunks.append(act)
-    acts = torch.cat(chunks)
+    acts = _split_inputs(model, x, split, batch_size)
     if bool((acts < 0).any()):
         return None
-    n = len(labels)
-
-    def exit_accuracy(batch: Callable[[Tensor], Tensor]) -> Tensor:
-        hits = sum(
-            (
-                _exit_predictions(model, batch(acts[i : i + batch_size]), split)
-                == labels[i : i + batch_size]
-            )
-            .double()
-            .sum(dim=1)
-            for i in range(0, n, batch_size)
-        )
-        assert isinstance(hits, Tensor)
-        return hits / n
-
-    reference = exit_accuracy(lambda a: a)
+    reference = _exit_accuracy(model, acts, labels, split, None, batch_size)
     for bits in sorted(bits_tried):
-        coded = exit_accuracy(functools.partial(_through_codec, bits=bits))
+        coded = _exit_accuracy(model, acts, labels, split, bits, batch_size)
         drop_pts = max(0.0, 100.0 * float((reference - coded).max()))
         if drop_pts <= bound_pts:
             return LossyChoice(bits, round(drop_pts, 4), bound_pts)

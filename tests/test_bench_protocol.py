@@ -16,7 +16,8 @@ from bench import protocol as bench
 @pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_bench_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
-    args = "--images 2 --dict-images 20 --repeats 1 --frames 3 --window 2".split()
+    args = "--images 2 --dict-images 20 --repeats 1 --frames 3 --window 2 --lossy-images 40"
+    args = args.split()
     assert bench.main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     figures = json.loads(lines[-1])
@@ -62,6 +63,12 @@ def test_bench_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
     half, zdict_half = figures["sparse_zstd_ratio_half_sparse"], figures["zdict_ratio_half_sparse"]
     assert (half is None) == (zdict_half is None)
     assert half is None or zdict_half > half
+    # sparse_uintb at the shipped profile's widths, splits 1..S-1 (PROTOCOL.md §6.9).
+    assert len(figures["lossy_bits"]) == 10
+    assert figures["lossy_ratio"] > 1.0
+    drop = figures["lossy_accuracy_drop_pts"]
+    assert (drop is None) == all(b is None for b in figures["lossy_bits"])
+    assert drop is None or drop >= 0.0
     # The verdict on the 8x target follows the measured ratio, whichever it is.
     target = [line.strip() for line in lines if line.strip().startswith("target >=")]
     assert len(target) == 1
@@ -136,3 +143,29 @@ def test_cross_entropy_counts_the_bits_of_fitted_tables() -> None:
 def test_bench_rejects_bad_arguments() -> None:
     with pytest.raises(SystemExit):
         bench.main(["--frames", "0"])
+
+
+def test_lossy_rows_follow_the_profile_widths(tmp_path: Path) -> None:
+    # A copy of the shipped model whose profile gives split 8 a width of 2 bits, and none
+    # elsewhere: split 8 alone crosses as sparse_uintb, smaller than sparse_int8 there.
+    shipped = Path(bench.DEFAULT_CHECKPOINT)
+    shutil.copy(shipped, tmp_path / "model.pt")
+    doc = json.loads(shipped.with_name("profile.json").read_text())
+    for entry in doc["splits"]:
+        entry.pop("lossy", None)
+    (tmp_path / "profile.json").write_text(json.dumps(doc))
+    plain = bench.measure_lossy(str(tmp_path / "model.pt"), 30)
+    doc["splits"][8]["lossy"] = {"bits": 2, "accuracy_drop_pts": 0.0, "bound_pts": 0.5}
+    (tmp_path / "profile.json").write_text(json.dumps(doc))
+    lossy = bench.measure_lossy(str(tmp_path / "model.pt"), 30)
+    assert "test images 9970..9999" in lossy.images
+    assert [r.split for r in lossy.splits] == list(range(1, 11))
+    assert [r.bits for r in lossy.splits] == [None] * 7 + [2, None, None]
+    assert plain.drop_pts is None and lossy.drop_pts is not None and lossy.drop_pts >= 0.0
+    for with_width, without in zip(lossy.splits, plain.splits, strict=True):
+        assert with_width.float32_bytes == without.float32_bytes
+        if with_width.bits is None:
+            assert with_width.sent_bytes == without.sent_bytes
+        else:
+            assert with_width.sent_bytes < 0.6 * without.sent_bytes
+    assert lossy.ratio > plain.ratio

@@ -20,6 +20,7 @@ from spinn.profiler import (
     ProfilerConfig,
     choose_lossy_bits,
     codec_names,
+    lossy_accuracy_drop_pts,
     profile_model,
     time_stages,
 )
@@ -156,6 +157,9 @@ def test_lossy_width_is_the_fewest_bits_within_the_bound(
         _drop_pts(model, x, y, split, choice.bits), abs=1e-4
     )
     assert choice.accuracy_drop_pts <= bound
+    assert lossy_accuracy_drop_pts(model, x, y, split, choice.bits) == pytest.approx(
+        _drop_pts(model, x, y, split, choice.bits)
+    )
     if choice.bits > min(LOSSY_BITS_TRIED):
         assert _drop_pts(model, x, y, split, choice.bits - 1) > bound, "one bit fewer is over"
     # Split 0 carries the normalised input, which is negative: the codec cannot.
