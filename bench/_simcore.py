@@ -427,6 +427,7 @@ class SimDevice:
         self._jobs: list[tuple[int, int, _Frame, int]] = []
         self._seq = itertools.count()
         self._busy = False
+        self._in_work = False
         self._busy_until = -1.0
         self._frames: dict[int, _Frame] = {}
         self._rids = itertools.count(1)
@@ -534,12 +535,23 @@ class SimDevice:
 
     def _work(self) -> None:
         """The worker is free: run the most urgent live job (``ComputeSlots`` order)."""
+        if self._in_work:
+            return  # a frame admitted from inside this loop: the loop picks its job up
+        self._in_work = True
+        try:
+            self._work_next()
+        finally:
+            self._in_work = False
+
+    def _work_next(self) -> None:
         now = self.loop.now
         while self._jobs:
             _, seq, f, stage = heapq.heappop(self._jobs)
             if seq != f.job_seq:
                 continue  # superseded by a re-prioritised entry
-            queued = self._busy_until >= now  # handed straight from the previous call
+            # Queued for the slot (ComputeSlots.acquire): it waited while the previous
+            # call ran and was handed the worker straight from it.
+            queued = self._busy_until >= now and f.pushed_at < now
             f.slot_wait_s += now - f.pushed_at
             if f.answered:
                 self._finish(f)  # the continuation finds its frame answered and returns
