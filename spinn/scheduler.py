@@ -104,6 +104,10 @@ class SchedulerConfig:
     input_codec: str | None = None
     """Profile entry whose size gives the upload at split 0, where the device sends the
     frame's pixels (``uint8_image+zstd``, PROTOCOL.md §6.8); ``None``: ``codec``'s."""
+    lossy: bool = False
+    """The device sends ``sparse_uintb`` at each split's profiled width (PROTOCOL.md
+    §6.9.1): a split's smaller upload (``codec``'s sizes) comes with its measured accuracy
+    drop, charged on the inputs uploaded there, so that the split is chosen against it."""
     local_race: bool = True
     """The device keeps computing locally after uploading and the first answer wins
     (DESIGN.md part 7): remote latency is raced against the local path, and the device
@@ -299,6 +303,12 @@ class Predictor:
             axis=-1
         )
         self.accuracy: FloatArray = np.broadcast_to(acc, (s_count + 1, len(thresholds)))
+        if self.config.lossy:
+            # The drop was measured on every input at each exit after the split; the
+            # inputs uploaded there (a share `offload`) are the ones that can lose it.
+            drop = [0.0 if sp.lossy is None else sp.lossy.accuracy_drop_pts for sp in p.splits]
+            drops = np.array([*drop, 0.0]) / 100.0  # device-only uploads nothing
+            self.accuracy = self.accuracy - drops[:, None] * self.offload
         self.is_device_only: BoolArray = splits == s_count
         self.num_exits = n_exits
 

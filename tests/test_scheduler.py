@@ -34,6 +34,7 @@ from spinn.scheduler import (
     EdgentPolicy,
     NeurosurgeonPolicy,
     Predictions,
+    Predictor,
     Scheduler,
     SchedulerConfig,
     ServerOnlyPolicy,
@@ -733,3 +734,17 @@ def test_sla_examples_in_the_docs_load(tmp_path: Path) -> None:
         path.write_text(body)
         sla = SLA.load(path)
         assert sla.rank  # every example states a ranking
+
+
+def test_lossy_uploads_are_charged_their_accuracy_drop() -> None:
+    # The shipped profile records a sparse_uintb width per split (PROTOCOL.md §6.9.1):
+    # with the device sending it, each split's predicted accuracy loses that width's
+    # measured drop on the share of inputs uploaded there; split 0 and device-only none.
+    p = Profile.load(Path(__file__).resolve().parents[1] / "models" / "default" / "profile.json")
+    assert any(sp.lossy is not None and sp.lossy.accuracy_drop_pts > 0 for sp in p.splits)
+    plain = Predictor(p, SchedulerConfig())
+    lossy = Predictor(p, SchedulerConfig(lossy=True))
+    for s in range(p.num_stages + 1):
+        width = p.splits[s].lossy if s < p.num_stages else None
+        drop = 0.0 if width is None else width.accuracy_drop_pts / 100
+        np.testing.assert_allclose(plain.accuracy[s] - lossy.accuracy[s], drop * plain.offload[s])

@@ -898,6 +898,7 @@ class SpinnDevice:
                 scheduler_config = SchedulerConfig(
                     codec=codec,
                     input_codec=profiled_input_codec(config, self.profile),
+                    lossy=self.codecs[0] == LOSSY_CODEC,
                     # The in-flight window decides the race under load (docs/SCHEDULER.md).
                     max_in_flight=config.max_in_flight,
                 )
