@@ -1384,6 +1384,7 @@ _COMBINE: dict[str, Callable[[list[Any]], Any]] = {
     "spinn_vs_oracle_min": min,
     "settle_seconds_median": max,
     "middle_regime": any,
+    "middle_regime_mbit": lambda spans: [min(a for a, _ in spans), max(b for _, b in spans)],
     "sla_met_where_feasible": all,
     "sla_accuracy_gain_vs_edgent_pts": min,
     "server_cost_ratio_vs_server_only": max,
@@ -1394,12 +1395,11 @@ _COMBINE: dict[str, Callable[[list[Any]], Any]] = {
 
 def combine(per_workload: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Top-level figures over several workloads (``_COMBINE``); a figure missing from
-    some workload (None) combines over the others."""
+    some workload (None) combines over the others, and is None where every one lacks it."""
     out: dict[str, Any] = {}
     for key, how in _COMBINE.items():
         vals = [f[key] for f in per_workload.values() if f.get(key) is not None]
-        if vals:
-            out[key] = how(vals)
+        out[key] = how(vals) if vals else None
     return out
 
 

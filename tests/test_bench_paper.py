@@ -215,7 +215,10 @@ def test_combine_takes_the_worst_case_of_each_target() -> None:
     b = {"spinn_vs_oracle_min": 0.85, "spinn_vs_best_baseline_max": 1.9, "middle_regime": True,
          "sla_met_where_feasible": False, "settle_seconds_median": 2.0, "frames_lost": 2,
          "sla_accuracy_gain_vs_edgent_pts": 4.0}  # fmt: skip
+    a["middle_regime_mbit"], b["middle_regime_mbit"] = [1, 3], [10, 24]
     out = paper.combine({"default": a, "camera": b})
+    assert out["middle_regime_mbit"] == [1, 24]
+    assert out["server_cost_ratio_vs_server_only"] is None  # in neither
     assert out["spinn_vs_oracle_min"] == 0.85
     assert out["spinn_vs_best_baseline_max"] == 1.9
     assert out["middle_regime"] is True
