@@ -245,6 +245,7 @@ class Answer:
     unreachable or late)."""
     exit: int
     split: int
+    """The decision's split (a truncated network may end before it)."""
     thr_conf: float
 
     @property
@@ -259,6 +260,9 @@ class _Frame:
     started: float
     u: float
     split: int = 0
+    """Where the device splits: the decision's split, cut at a truncated network's end."""
+    decided: int = 0
+    """The decision's split, as the policy gave it."""
     last: int = 0
     exit: int = 0
     thr: float = 2.0
@@ -486,6 +490,7 @@ class SimDevice:
             last = self.profile.exit_stages[forced] + 1
         else:
             forced = None
+        f.decided = d.split
         f.split = min(max(d.split, 0), last)
         f.last = last
         f.thr = d.thr_conf
@@ -515,7 +520,7 @@ class SimDevice:
         f.answered = True
         f.awaiting = False
         self.answers.append(
-            Answer(f.fid, self.index, f.arrived, self.loop.now, where, f.exit, f.split, f.thr)
+            Answer(f.fid, self.index, f.arrived, self.loop.now, where, f.exit, f.decided, f.thr)
         )
 
     # -- the compute worker ---------------------------------------------------------------
