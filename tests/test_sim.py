@@ -145,3 +145,23 @@ def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--fleet-devices must be > 0" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--real"):
         sim.main(["--real", "/nonexistent/real.json"])
+
+
+def test_real_figures_from_bench_paper(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = {
+        "plan": "quick",
+        "device_slowdown": 5.0,
+        "exp1": {"rows": [{"network": "4G", "mbit": 24, "rtt_ms": 40.0,
+                           "fps": {"device-only": 60.0, "server-only": 80.0}}]},
+    }  # fmt: skip
+    path = tmp_path / "raw.json"
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    argv = ["--real", str(path), "--fleet-devices", "4", "--fleet-seconds", "0.5",
+            "--run-s", "0.2", "--max-servers", "2"]  # fmt: skip
+    assert sim.main(argv) == 0
+    out = capsys.readouterr().out
+    last = json.loads(out.strip().splitlines()[-1])
+    # bench.paper keeps throughputs only: a throughput error, no latency error.
+    assert last["sim_vs_real_throughput_error_median"] is not None
+    assert last["sim_vs_real_latency_error_median"] is None
+    assert "4G" in out and "server-only" in out
