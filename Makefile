@@ -11,13 +11,14 @@ FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 APT_PACKAGES := dataset-fashion-mnist haproxy openssl
 MODEL := models/default/model.pt
 
-.PHONY: setup demo test lint model bench clean help
+.PHONY: setup demo test lint model model-camera bench clean help
 
 help:
 	@echo "make demo   - set up, start a server and a device on loopback, stream real images"
 	@echo "make test   - set up and run the test suite"
 	@echo "make lint   - ruff and mypy"
 	@echo "make model  - retrain the shipped default model and its profile (slow)"
+	@echo "make model-camera - retrain the camera-scale model (3x96x96) and its profile (slower)"
 	@echo "make bench  - run the benchmarks"
 
 setup: $(VENV)/.stamp-installed $(VENV)/.stamp-apt
@@ -58,6 +59,12 @@ model: setup
 	$(PY) -m spinn evaluate models/default/model.pt --out models/default
 	$(PY) -m spinn dictionaries models/default/model.pt
 	$(PY) -m spinn profile models/default/model.pt --out models/default/profile.json
+
+model-camera: setup
+	$(PY) -m spinn train --arch resnet18 --width 16 --dataset fashion-mnist-camera --epochs 4 --threads 1 --seed 0 --out models/camera/model.pt
+	$(PY) -m spinn evaluate models/camera/model.pt --dataset fashion-mnist-camera --out models/camera
+	$(PY) -m spinn dictionaries models/camera/model.pt --dataset fashion-mnist-camera
+	$(PY) -m spinn profile models/camera/model.pt --dataset fashion-mnist-camera --out models/camera/profile.json
 
 bench: setup
 	$(PY) -m bench.paper
