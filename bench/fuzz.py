@@ -1,6 +1,8 @@
 """Fuzzing of the wire protocol: the decoders in-process, then a live server over sockets.
 
-``python -m bench.fuzz [--seconds 60] [--socket-seconds 30]``
+``python -m bench.fuzz [--seconds 60] [--socket-seconds 30]``;
+``python -m bench.fuzz --engine atheris [--runs 1000000]`` for coverage-guided fuzzing
+instead (``bench.fuzz_atheris``: its targets, corpus and crash regressions).
 
 1. Property-based fuzzing (hypothesis) of every decoder that reads peer bytes: the frame
    decoder, the message decoder (``protocol.messages.decode_message``) on random and
@@ -667,6 +669,30 @@ def socket_fuzz(
     return result
 
 
+def _main_atheris(args: argparse.Namespace) -> int:
+    from bench.fuzz_atheris import TARGETS, run_atheris
+
+    targets = args.targets.split(",") if args.targets else list(TARGETS)
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown:
+        print(f"unknown target(s) {unknown}; choose from {list(TARGETS)}", file=sys.stderr)
+        return 2
+    print(f"atheris: {len(targets)} targets, {args.runs} inputs each", flush=True)
+    result = run_atheris(args.runs, args.target_seconds, targets, args.log)
+    short = {k: v for k, v in result["inputs_tried"].items() if v < args.runs}
+    figures = {
+        "engine": "atheris",
+        "inputs_tried": result["inputs_tried"],
+        "inputs_tried_min": min(result["inputs_tried"].values()),
+        "targets_short_of_runs": sorted(short),
+        "crashes": result["crashes"],
+        "crash_inputs": result["crash_inputs"],
+        "seconds": result["seconds"],
+    }
+    print(json.dumps(figures))
+    return 0 if result["crashes"] == 0 and not short else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     from spinn.pretrained import DEFAULT_CHECKPOINT
 
@@ -676,7 +702,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attackers", type=int, default=8, help="concurrent hostile clients")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--engine",
+        choices=("hypothesis", "atheris"),
+        default="hypothesis",
+        help="hypothesis: property-based, then the socket fuzz (default); atheris: "
+        "coverage-guided (bench.fuzz_atheris), --runs inputs per target",
+    )
+    p.add_argument("--runs", type=int, default=1_000_000, help="atheris: inputs per target")
+    p.add_argument(
+        "--target-seconds", type=float, default=3600.0, help="atheris: most time per target"
+    )
+    p.add_argument("--targets", help="atheris: comma-separated targets (default: all)")
+    p.add_argument("--log", type=Path, help="atheris: libFuzzer's output of each target")
     args = p.parse_args(argv)
+    if args.engine == "atheris":
+        return _main_atheris(args)
     print(f"in-process fuzzing for {args.seconds:.0f} s")
     tried = run_for(args.seconds)
     print(f"{tried} inputs, no crash, no escape other than ProtocolError")
