@@ -233,6 +233,7 @@ class ServerStats:
             f" (queued {self.cancelled_queued}, running {self.cancelled_running})"
             f" expired={self.expired_unrun}"
             f" handshakes={self.handshakes} shed={self.handshakes_shed}"
+            f" evicted={self.handshakes_evicted}"
         )
 
     def as_dict(self) -> dict[str, object]:
