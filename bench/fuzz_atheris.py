@@ -56,7 +56,7 @@ from protocol import (
 from protocol.dictionaries import ZstdDictionaries
 from protocol.framing import FrameDecoder, encode_frame
 from protocol.messages import Message, _decode_tensor, decode_message
-from protocol.packing import KNOWN_CODECS
+from protocol.packing import IMAGE_CODEC, KNOWN_CODECS, LOSSY_CODEC
 
 __all__ = [
     "CORPUS",
@@ -280,13 +280,19 @@ def seeds(target: str) -> list[bytes]:
     codec = target.removeprefix("tensor_")
     out = []
     infers = [m for m in map(_message, up) if isinstance(m, Infer)]
-    for infer in infers[:6]:
+    for i, infer in enumerate(infers[:6]):
         activation = unpack(infer.tensor, 1 << 24, _dictionaries())
         for compress in (False, True):
-            tensor = pack(
-                activation, codec, compress, dictionaries=_dictionaries(), table=infer.split
-            )
-            out.append(_tensor_map(tensor))
+            options: dict[str, Any] = {"dictionaries": _dictionaries(), "table": infer.split}
+            array = activation
+            if codec == IMAGE_CODEC:
+                # Pixels: the session's activations, scaled into 0..255 as uint8.
+                scale = 255.0 / max(float(activation.max()), 1e-6)
+                array = (activation * scale).astype(np.uint8)
+                options = {}
+            elif codec == LOSSY_CODEC:
+                options = {"bits": (2, 4, 8)[i % 3]}
+            out.append(_tensor_map(pack(array, codec, compress, **options)))
     return out
 
 
