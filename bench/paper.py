@@ -19,6 +19,11 @@ written into every result.
    second; progressive model versus the single-exit model with the same splitting.
 6. The shipped model's accuracy/threshold table.
 
+Beside them, from the offline profile alone: the residual rate (uploaded bytes per input ÷
+the raw image's bytes) within 1 and 5 points of the final exit's accuracy,
+``residual_rate_1pt`` and ``residual_rate_5pt`` (``bench.protocol.residual_rates``: the
+least over the co-inference configurations, sparse_uintb where the profile has widths).
+
 Results: ``bench/results/`` (one Markdown table and one PNG per experiment, README.md).
 The last line printed is one JSON object with the headline figures.
 """
@@ -51,6 +56,7 @@ from bench._harness import (
     config_accuracy,
     measure,
 )
+from bench.protocol import residual_rates
 from spinn.exits import ExitRule
 from spinn.policy import FixedPolicy, Policy
 from spinn.pretrained import DEFAULT_CHECKPOINT as _DEFAULT_CHECKPOINT
@@ -1298,6 +1304,9 @@ def run_all(
         figures: dict[str, Any] = {"frames_lost": b.frames_lost}
         if e1 and e4 and e6:
             figures = headline(e1, e4, e6, b.frames_lost, e2, e3)
+        # Uploaded bytes per input ÷ the image's within 1 and 5 points of accuracy, from
+        # the profile (bench.protocol.residual_rates; sparse_uintb where it has widths).
+        figures.update(residual_rates(tb.profile))
         raw["figures"] = figures
         raw["machine"] = {**b.machine, "load_avg_end": _machine()["load_avg"]}
         _write(out / "raw.json", json.dumps(raw, indent=1) + "\n")
@@ -1378,6 +1387,8 @@ def parse_workloads(text: str, models_dir: Path = MODELS_DIR) -> list[tuple[str,
 # How each headline figure of several workloads combines into the top-level one: the
 # worst case of each target, the largest of the "up to" figures.
 _COMBINE: dict[str, Callable[[list[Any]], Any]] = {
+    "residual_rate_1pt": max,
+    "residual_rate_5pt": max,
     "spinn_vs_best_baseline_max": max,
     "spinn_vs_best_baseline_min": min,
     "spinn_vs_oracle_median": min,

@@ -108,6 +108,7 @@ from protocol.packing import (
 )
 from spinn.pretrained import DEFAULT_CHECKPOINT as _DEFAULT_CHECKPOINT
 from spinn.pretrained import MODELS_DIR
+from spinn.profile import Profile
 
 DEFAULT_CHECKPOINT = str(_DEFAULT_CHECKPOINT)
 FRAME_PAYLOAD = 2**20  # float32 payload bytes of each loopback INFER: a 1 MiB frame
@@ -727,6 +728,47 @@ def print_lossy(figures: LossyFigures) -> None:
         verdict = "met" if drop_pts <= LOSSY_DROP_TARGET_PTS else "missed"
         print(f"  largest accuracy drop {drop_pts:.2f} points "
               f"(target <= {LOSSY_DROP_TARGET_PTS:g}, {verdict})")  # fmt: skip
+
+
+RESIDUAL_BOUNDS_PTS = (1.0, 5.0)
+"""Accuracy-loss bounds of the residual rates (points below the final exit's accuracy)."""
+
+
+def residual_rates(profile: Profile) -> dict[str, float | None]:
+    """Residual rate (uploaded bytes per input ÷ the raw image's bytes) at each accuracy-loss
+    bound, from the offline profile: the least over the co-inference configurations (split
+    0..S-1 with some input uploaded; device-only uploads nothing and is not one, nor is a
+    threshold at which the device's exits answer every input) whose predicted accuracy is within
+    the bound of the final exit's, each a threshold and a precision. The upload is the
+    split's smallest lossless coding (at split 0 the frame's pixels where profiled), or
+    ``sparse_uintb+zstd`` at the split's profiled width (PROTOCOL.md §6.9), times the share
+    of inputs that reach the split; the lossy one loses its measured drop on that share,
+    as the scheduler predicts it. The raw image is one byte per input value
+    (``splits[0].numel``)."""
+    from spinn.profile import NO_EARLY_EXIT
+
+    reference = profile.exit_accuracy[-1]
+    image_bytes = profile.splits[0].numel
+    candidates: list[tuple[float, float]] = []  # (accuracy, bytes per input)
+    for split in range(profile.num_stages):
+        sizes = profile.splits[split].bytes
+        lossless = min(v for k, v in sizes.items() if not k.startswith(LOSSY_CODEC))
+        lossy = profile.splits[split].lossy
+        for thr in (*profile.thr_grid, NO_EARLY_EXIT):
+            reach = profile.reach_prob(split, thr)
+            if reach <= 0.0:
+                continue  # every input answered on the device: device-only in effect
+            accuracy = profile.accuracy(thr)
+            candidates.append((accuracy, reach * lossless))
+            if lossy is not None and f"{LOSSY_CODEC}+zstd" in sizes:
+                lost = reach * lossy.accuracy_drop_pts / 100
+                candidates.append((accuracy - lost, reach * sizes[f"{LOSSY_CODEC}+zstd"]))
+    out: dict[str, float | None] = {}
+    for bound in RESIDUAL_BOUNDS_PTS:
+        within = [b for a, b in candidates if a >= reference - bound / 100 - 1e-12]
+        key = f"residual_rate_{bound:g}pt"
+        out[key] = round(min(within) / image_bytes, 6) if within else None
+    return out
 
 
 def zstd_speeds(arrays: Sequence[np.ndarray], repeats: int) -> tuple[float, float]:
