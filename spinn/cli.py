@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from protocol.dictionaries import DictionaryError
+from protocol.tensor import IMAGE_CODEC
 from spinn.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
 from spinn.data import DATASET_NAMES, DataError, ImageSet, load_dataset
 from spinn.dictionaries import (
@@ -297,6 +298,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pixel_bytes(profile: Profile) -> list[int]:
+    """Split 0's profiled bytes as pixels (uint8_image, with or without zstd)."""
+    sizes = profile.splits[0].bytes
+    return [n for c, n in sizes.items() if c.split("+")[0] == IMAGE_CODEC]
+
+
 def _print_placement(
     model: ProgressiveModel,
     requested: Sequence[float],
@@ -310,6 +317,11 @@ def _print_placement(
     codec = None if profile is None else preferred_codec(profile)
     rows = summarize(model, accuracy=accuracy, profile=profile, codec=codec)
     input_bytes = None if profile is None else profile.packed_bytes(0, codec)
+    pixels = [] if profile is None else _pixel_bytes(profile)
+    if pixels:
+        # Split 0 sends the frame's pixels to a server that takes them (PROTOCOL.md §6.8).
+        input_bytes = min(pixels)
+        notes = [*notes, f"split 0 sends the frame's pixels ({IMAGE_CODEC}): {input_bytes} bytes"]
     print(format_summary(model, rows, input_bytes=input_bytes, codec=codec))
     for note in notes:
         print(note)

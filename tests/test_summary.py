@@ -69,4 +69,8 @@ def test_inspect_the_shipped_model(capsys: pytest.CaptureFixture[str]) -> None:
     accuracy = meta.metrics["test_exit_accuracy"]
     for e, k in enumerate(model.exit_stages):
         assert stages[k][-1] == f"{100 * accuracy[e]:.2f}"
+    # The input row shows what split 0 sends: the frame's pixels (PROTOCOL.md §6.8).
+    pixels = min(n for c, n in profile.splits[0].bytes.items() if c.startswith("uint8_image"))
+    assert lines[2].split()[-1] == str(pixels)
+    assert f"split 0 sends the frame's pixels (uint8_image): {pixels} bytes" in out
     assert err == ""
