@@ -124,6 +124,14 @@ def reference(
     # Under a saturating stream a continuation waits behind the other in-flight inputs'
     # ones, a period each (the period without race work).
     wait = (cfg.max_in_flight - 1) * max(d_head, uplink, share * server_cost)
+    # The device races only in the time its heads leave idle: not where it is the
+    # bottleneck with every race lost.
+    held_lost = e.frame_overhead_ms + sum(
+        rates[i] * (remote_of[i] if i in remote_of else e.device_scale * p.device_time_ms(x + 1))
+        for i, x in enumerate(p.exit_stages)
+        if rates[i] > 0
+    )
+    spare = max(d_head, uplink, share * server_cost, held_lost / cfg.max_in_flight) > d_head
     d_race = s_lost = s_won_cut = 0.0
     # An input holds its in-flight slot until its first answer under that stream.
     held = e.frame_overhead_ms + sum(
@@ -134,7 +142,7 @@ def reference(
     for i, remote in remote_of.items():
         x = p.exit_stages[i]
         local = e.device_scale * p.device_time_ms(x + 1)
-        won = cfg.local_race and local + wait <= remote
+        won = cfg.local_race and spare and local + wait <= remote
         held += rates[i] * (local + wait if won else remote)
         if won:
             # Won locally: the device runs stages [s, x] too, one call each; the server
