@@ -166,23 +166,24 @@ class Attack:
             await asyncio.wait_for(w.drain(), 5.0)
             await asyncio.sleep(0)
 
-    async def loris_before(self, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        for byte in self.hello:
+    async def _trickle(
+        self, reader: asyncio.StreamReader, w: asyncio.StreamWriter, data: bytes
+    ) -> None:
+        """Slow loris: ``data`` a byte every half second, until the server closes."""
+        for byte in data:
             if self.stop.is_set() or reader.at_eof():
                 return
             w.write(bytes([byte]))
             await asyncio.wait_for(w.drain(), 5.0)
             await asyncio.sleep(0.5)
 
+    async def loris_before(self, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await self._trickle(reader, w, self.hello)
+
     async def loris_after(self, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(self.hello)
         await asyncio.wait_for(reader.read(1 << 16), 5.0)
-        for byte in self.infer:
-            if self.stop.is_set() or reader.at_eof():
-                return
-            w.write(bytes([byte]))
-            await asyncio.wait_for(w.drain(), 5.0)
-            await asyncio.sleep(0.5)
+        await self._trickle(reader, w, self.infer)
 
     async def oversized(self, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write((0xFFFFFFF0).to_bytes(4, "big") + b"\0" * 4096)

@@ -31,7 +31,7 @@ import pytest
 import torch
 import uvloop
 
-from protocol import NEED_DATA, PROTOCOL_VERSION, Connection, Hello, Welcome
+from protocol import NEED_DATA, PROTOCOL_VERSION, Connection, ConnectionClosed, Hello, Welcome
 from spinn.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
 from spinn.policy import Policy
 from spinn.pretrained import DEFAULT_CHECKPOINT
@@ -59,6 +59,7 @@ __all__ = [
     "run_in_process",
     "sample_input",
     "serve",
+    "until_closed",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,6 +181,16 @@ def serve(
         return server
 
     return uvloop.run(main())
+
+
+async def until_closed(client: RawClient, timeout: float = 5.0) -> list[object]:
+    """Events from the server until it closes the connection."""
+    events: list[object] = []
+    while True:
+        event = await client.next(timeout)
+        if isinstance(event, ConnectionClosed):
+            return events
+        events.append(event)
 
 
 async def hello(client: RawClient, server: SpinnServer) -> Welcome:

@@ -16,20 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protocol import Cancel, ConnectionClosed, Error, ErrorCode, Infer, Ping, Pong, Result, pack
+from protocol import Cancel, Error, ErrorCode, Infer, Ping, Pong, Result, pack
 from spinn.runtime.server import SpinnServer
 from tests._runtime_support import RawClient, hello, serve
+from tests._runtime_support import until_closed as _until_closed
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def _until_closed(client: RawClient, timeout: float = 5.0) -> list[object]:
-    events: list[object] = []
-    while True:
-        event = await client.next(timeout)
-        if isinstance(event, ConnectionClosed):
-            return events
-        events.append(event)
 
 
 def _infer(server: SpinnServer, rid: int, deadline_ms: float | None = None) -> Infer:

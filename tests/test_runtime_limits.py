@@ -18,7 +18,6 @@ from protocol import (
     PROTOCOL_VERSION,
     Bye,
     Cancel,
-    ConnectionClosed,
     Error,
     ErrorCode,
     Hello,
@@ -32,18 +31,9 @@ from protocol.framing import encode_frame
 from protocol.messages import encode_message
 from spinn.runtime.server import ServerConfig, SpinnServer, frame_limit_for
 from tests._runtime_support import RawClient, by_frame, hello, noise_frames, run_in_process, serve
+from tests._runtime_support import until_closed as _until_closed
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def _until_closed(client: RawClient, timeout: float = 5.0) -> list[object]:
-    """Events until the server closes the connection."""
-    events: list[object] = []
-    while True:
-        event = await client.next(timeout)
-        if isinstance(event, ConnectionClosed):
-            return events
-        events.append(event)
 
 
 def _infer(
