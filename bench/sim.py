@@ -13,7 +13,7 @@ Three parts, each printed:
    inferences/s and mean latency per row, simulated.
 2. **Validation** against the real runtime on the same grid: ``--validate`` runs
    ``bench.paper``'s experiment-1 rows in quick form with the real harness here (a real
-   server behind netshape on loopback, the real device runtime; about two minutes), or
+   server behind netshape on loopback, the real device runtime; about five minutes), or
    ``--real FILE`` reads the figures such a run saved (``--save-real FILE``) or a
    ``bench.paper`` ``raw.json`` (throughput only).  The models' constants (stage scale,
    per-call overheads, server scale, the path's own round trip) come from real
@@ -293,10 +293,8 @@ def _rel(sim: float, real: float | None) -> float | None:
 
 def compare(real: dict[str, Any], profile: Profile, device: DeviceModel, server: ServerModel,
             seed: int) -> dict[str, Any]:  # fmt: skip
-    """Simulate every real row with the same plan; per-row and median relative errors."""
-    cal = real.get("calibration")
-    if cal:
-        device, server = calibrated(device, server, cal)
+    """Simulate every real row with the same plan and models (calibrated, ``main``);
+    per-row and median relative errors."""
     out_rows = []
     print(f"\n== sim vs real ({real['format']}, commit {real.get('commit')}); device: stage "
           f"×{device.stage_scale:.3f}, head {device.head_ms:.2f} ms, step {device.step_ms:.2f} ms, "
@@ -485,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         default=5.0, help="experiment 1's device slowdown (bench.paper's)")  # fmt: skip
     parser.add_argument("--validate", action="store_true",
                         help="run bench.paper's experiment-1 rows (quick) on the real runtime "
-                        "here first and compare (about two minutes)")  # fmt: skip
+                        "here first and compare (about five minutes)")  # fmt: skip
     parser.add_argument("--real", type=Path, default=None,
                         help="real figures to compare with: a --save-real file or bench.paper's "
                         "raw.json")  # fmt: skip
@@ -528,8 +526,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.real is not None:
         real = load_real(args.real)
         if abs(real["device_slowdown"] - slow) > 1e-9:
+            slow = real["device_slowdown"]
             profile = dataclasses.replace(raw_profile, stage_device_ms=tuple(
-                real["device_slowdown"] * t for t in raw_profile.stage_device_ms))  # fmt: skip
+                slow * t for t in raw_profile.stage_device_ms))  # fmt: skip
+    fleet_device = device
+    if real is not None and real.get("calibration"):
+        # Experiment 1 and the comparison run with the machine's measured constants; the
+        # fleet's devices keep the stated ones (their profile is their own).
+        device, server = calibrated(device, server, real["calibration"])
 
     # 1. experiment 1, simulated.
     plan = paper.QUICK
@@ -577,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fleet_runs: list[dict[str, Any]] = []
     if sla_p95 is None:
         ample = max(1, fplan.devices // 10)
-        ref = run_fleet(raw_profile, fplan, ample, device, fleet_latency_limit, args.seed)
+        ref = run_fleet(raw_profile, fplan, ample, fleet_device, fleet_latency_limit, args.seed)
         fleet_runs.append(ref)
         sla_p95 = 1.1 * ref["p95_ms"]
         # Fewer servers than their busy share at that size would be saturated: start there.
@@ -587,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{sla_p95:.1f} ms")  # fmt: skip
     else:
         start = 1
-    needed, runs = servers_needed(raw_profile, fplan, device, sla_p95, fleet_latency_limit,
+    needed, runs = servers_needed(raw_profile, fplan, fleet_device, sla_p95, fleet_latency_limit,
                                   args.seed, args.max_servers, start,
                                   args.max_utilisation)  # fmt: skip
     fleet_runs += runs
