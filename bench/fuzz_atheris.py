@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import pickle
 import re
 import shutil
 import subprocess
@@ -167,7 +168,7 @@ def _device_sends() -> tuple[Message, ...]:
     return tuple(out)
 
 
-def _device(welcomed: bool) -> Connection:
+def _build_device(welcomed: bool) -> Connection:
     up, down = session_frames()
     conn = Connection(Role.DEVICE, CONFIG)
     conn.send(_message(up[0]))  # the HELLO
@@ -176,6 +177,21 @@ def _device(welcomed: bool) -> Connection:
         conn.next_event()  # the WELCOME
         for message in _device_sends():
             conn.send(message)
+    return conn
+
+
+@functools.cache
+def _welcomed_device_state() -> bytes:
+    return pickle.dumps(_build_device(True), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _device(welcomed: bool) -> Connection:
+    """A device's connection; the welcomed one is a copy of one built once (building it
+    sends some fifty messages, which would cost more than the input it is fed)."""
+    if not welcomed:
+        return _build_device(False)
+    conn = pickle.loads(_welcomed_device_state())
+    assert isinstance(conn, Connection)
     return conn
 
 
@@ -374,7 +390,7 @@ def _child(target: str, libfuzzer_args: list[str]) -> None:
     fn = TARGETS[target]
     session_frames()
     _dictionaries()
-    _device_sends()
+    _welcomed_device_state()
     atheris.Setup([sys.argv[0], *libfuzzer_args], fn)
     atheris.Fuzz()
 
