@@ -69,6 +69,9 @@ def test_bench_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
     drop = figures["lossy_accuracy_drop_pts"]
     assert (drop is None) == all(b is None for b in figures["lossy_bits"])
     assert drop is None or drop >= 0.0
+    if (bench.MODELS_DIR / "camera" / "model.pt").exists():  # the camera model, measured too
+        assert figures["lossy_camera_ratio"] > 1.0
+        assert figures["lossy_camera_bits"] and figures["lossy_camera_accuracy_drop_pts"] >= 0
     # The verdict on the 8x target follows the measured ratio, whichever it is.
     target = [line.strip() for line in lines if line.strip().startswith("target >=")]
     assert len(target) == 1
