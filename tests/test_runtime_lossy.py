@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from protocol.packing import LOSSY_CODEC, pack, unpack
+from protocol.packing import IMAGE_CODEC, LOSSY_CODEC, pack, unpack
 from spinn.checkpoint import load_checkpoint
 from spinn.data import load_fashion_mnist
 from spinn.exits import ExitRule
 from spinn.inference import run_stages
+from spinn.runtime.device import recode_for
 from spinn.sources import ArraySource
 from tests._runtime_support import CHECKPOINT, by_frame, run_in_process
 
@@ -79,3 +80,24 @@ def test_each_split_crosses_at_its_profiled_width(tmp_path: Path) -> None:
     # on the decoded tensor.
     agree = np.mean([r["class"] == c for r, c in zip(coded, expected_classes, strict=True)])
     assert agree >= 23 / 24, agree
+
+
+def test_a_lossy_tensor_is_recoded_for_a_link_without_the_codec() -> None:
+    # After a reconnection to a server that does not take sparse_uintb, a tensor packed
+    # for the old link goes as sparse_int8 of the values it decodes to; pixels at split 0
+    # for a server without uint8_image go as the float input, never sparse_uintb.
+    model, _ = load_checkpoint(CHECKPOINT)
+    data = load_fashion_mnist("test").head(1)
+    x = model.input_spec.preprocess(data.images)
+    act = run_stages(model, x, 0, SPLIT, ExitRule(None)).activation
+    assert act is not None
+    packed = pack(act.numpy(), LOSSY_CODEC, True, bits=4)
+    assert recode_for(packed, LOSSY_CODEC, None, accepted=(LOSSY_CODEC,)) is packed
+    plain = recode_for(packed, "sparse_int8", None, accepted=("sparse_int8",))
+    assert plain.codec == "sparse_int8"
+    np.testing.assert_allclose(unpack(plain), unpack(packed), atol=plain.scale / 2 * 1.001)
+    pixels = pack(data.images.numpy().astype(np.uint8), IMAGE_CODEC, True)
+    floats = recode_for(pixels, LOSSY_CODEC, None, accepted=(LOSSY_CODEC, "sparse_int8"),
+                        input_spec=model.input_spec)  # fmt: skip
+    assert floats.codec == "sparse_int8"
+    np.testing.assert_allclose(unpack(floats), x.numpy(), atol=floats.scale / 2 * 1.001)

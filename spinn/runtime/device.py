@@ -343,11 +343,17 @@ def recode_for(
     it took). Both rare, after a reconnection to a different server: a tensor packed with
     the dictionaries for a server that had them becomes sparse_int8, lossless (the same
     int8 levels, `as_sparse_int8`); pixels for a server without uint8_image become the
-    float input, normalised by `input_spec` as the server would have (PROTOCOL.md §6.8)."""
+    float input, normalised by `input_spec` as the server would have (PROTOCOL.md §6.8);
+    sparse_uintb for a server without it becomes sparse_int8 of the values it decodes to
+    (§6.9: a second rounding, of at most half an int8 step)."""
     if packed.codec == IMAGE_CODEC and IMAGE_CODEC not in accepted:
         assert input_spec is not None
         x = input_spec.preprocess(torch.from_numpy(unpack(packed))).numpy()
-        return pack(x, codec, _ZSTD_MODES[zstd], dictionaries=dictionaries, table=0)
+        # The normalised input is negative in places: never sparse_uintb.
+        float_codec = "sparse_int8" if codec == LOSSY_CODEC else codec
+        return pack(x, float_codec, _ZSTD_MODES[zstd], dictionaries=dictionaries, table=0)
+    if packed.codec == LOSSY_CODEC and codec != LOSSY_CODEC:
+        return pack(unpack(packed), "sparse_int8", _ZSTD_MODES[zstd])
     if packed.codec != DICT_CODEC or codec == DICT_CODEC:
         return packed
     return as_sparse_int8(packed, dictionaries, _ZSTD_MODES[zstd])
