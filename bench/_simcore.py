@@ -26,6 +26,7 @@ Pure device/server cores of the runtime would replace these two classes one for 
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -443,6 +444,7 @@ class SimDevice:
         self.uploads = 0
         self.decisions: list[tuple[float, int, float]] = []
         self._snap: tuple[float, Estimates] | None = None
+        self._cum_rates: dict[float, list[float]] = {}
         self._cum = [0.0]
         for t in profile.stage_device_ms:
             self._cum.append(self._cum[-1] + t)
@@ -494,8 +496,18 @@ class SimDevice:
         f.split = min(max(d.split, 0), last)
         f.last = last
         f.thr = d.thr_conf
-        f.exit = exit_for(self.profile, f.u, d.thr_conf, forced)
+        f.exit = self._exit_for(f.u, d.thr_conf, forced)
         self._push(f, 0, 0)
+
+    def _exit_for(self, u: float, thr_conf: float, final_exit: int | None) -> int:
+        """``exit_for`` with the cumulative rates kept per threshold (called per frame)."""
+        cum = self._cum_rates.get(thr_conf)
+        if cum is None:
+            cum = list(itertools.accumulate(self.profile.exit_rate(thr_conf)))
+            cum[-1] = math.inf  # the final exit always answers
+            self._cum_rates[thr_conf] = cum
+        e = bisect.bisect_right(cum, u)
+        return e if final_exit is None else min(e, final_exit)
 
     def _cum_device(self, stages: int) -> float:
         """``Profile.device_time_ms`` without its argument checks (called per frame)."""

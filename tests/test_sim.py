@@ -165,3 +165,14 @@ def test_real_figures_from_bench_paper(tmp_path: Path, capsys: pytest.CaptureFix
     assert last["sim_vs_real_throughput_error_median"] is not None
     assert last["sim_vs_real_latency_error_median"] is None
     assert "4G" in out and "server-only" in out
+
+
+def test_device_exit_draws_match_exit_for() -> None:
+    loop = EventLoop()
+    dev = SimDevice(0, loop, PROFILE, make_policy("device-only", PROFILE), DeviceModel(), None,
+                    None, seed=0, stop_s=0.0)  # fmt: skip
+    rng = random.Random(1)
+    for _ in range(500):
+        u, thr = rng.random(), rng.choice([*PROFILE.thr_grid, NO_EARLY_EXIT])
+        fe = rng.choice([None, 2])
+        assert dev._exit_for(u, thr, fe) == exit_for(PROFILE, u, thr, fe)
