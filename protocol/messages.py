@@ -336,17 +336,23 @@ class Pong:
     """Answerer's clock in seconds when the PING was received."""
     padding_len: int = 0
     """Length of the PING's padding, so the pinger can compute a bandwidth."""
+    received_bytes: int | None = None
+    """Bytes the answerer had read from this connection when it took `received_at`: through
+    the end of the read that completed the PING (PROTOCOL.md §5.7). None: not reported."""
 
     def __post_init__(self) -> None:
         _check_int("seq", self.seq)
         _check_time("sent_at", self.sent_at)
         _float(self, "received_at", self.received_at)
         _check_int("padding_len", self.padding_len, 0, 2**32 - 1)
+        if self.received_bytes is not None:
+            _check_int("received_bytes", self.received_bytes)
 
     @classmethod
-    def reply_to(cls, ping: Ping, received_at: float) -> Pong:
-        """The PONG answering `ping`, received at `received_at` on the answerer's clock."""
-        return cls(ping.seq, ping.sent_at, received_at, len(ping.padding))
+    def reply_to(cls, ping: Ping, received_at: float, received_bytes: int | None = None) -> Pong:
+        """The PONG answering `ping`, received at `received_at` on the answerer's clock
+        (after `received_bytes` of the connection, when given)."""
+        return cls(ping.seq, ping.sent_at, received_at, len(ping.padding), received_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -451,6 +457,7 @@ _OMITTED_AT_DEFAULT: Final[dict[str, object]] = {
     "early_exits": True,
     "held_ms": None,
     "description": None,
+    "received_bytes": None,
 }
 """Optional fields added after version 1 was first written, left out at their default, so
 that a message not using them is byte for byte what an older peer sends and expects."""

@@ -142,6 +142,8 @@ class RawClient:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection
     ):
         self.reader, self.writer, self.conn = reader, writer, conn
+        self.sent_bytes = 0
+        """Bytes written so far (what the server's PONG ``received_bytes`` counts)."""
 
     @classmethod
     async def open(cls, port: int) -> RawClient:
@@ -151,7 +153,9 @@ class RawClient:
         return cls(reader, writer, Connection(Role.DEVICE))
 
     def send(self, *events: object) -> None:
-        self.writer.write(b"".join(self.conn.send(e) for e in events))  # type: ignore[arg-type]
+        data = b"".join(self.conn.send(e) for e in events)  # type: ignore[arg-type]
+        self.sent_bytes += len(data)
+        self.writer.write(data)
 
     async def next(self, timeout: float = 5.0) -> object:
         while True:

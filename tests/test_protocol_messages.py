@@ -80,7 +80,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
     results(),
     st.builds(Cancel, ids),
     st.builds(Ping, ids, finite, st.binary(max_size=300)),
-    st.builds(Pong, ids, finite, finite, st.integers(0, 2**32 - 1)),
+    st.builds(Pong, ids, finite, finite, st.integers(0, 2**32 - 1), st.one_of(st.none(), ids)),
     st.builds(Error, st.sampled_from(ErrorCode), text, st.one_of(st.none(), ids)),
     st.builds(Bye, text),
 )
@@ -134,6 +134,17 @@ def test_held_ms_travels_only_when_set() -> None:
     assert _roundtrip(held) == held
     with pytest.raises(RemoteProtocolError, match="held_ms"):
         decode_message([int(MessageType.RESULT), dict(body[1], held_ms=-1.0)])
+
+
+def test_received_bytes_travels_only_when_set() -> None:
+    plain = Pong(1, 3.0, 4.0, 10)
+    body = msgpack.unpackb(encode_message(plain), raw=False)
+    assert "received_bytes" not in body[1], "a PONG without it is what an older peer sends"
+    counted = Pong.reply_to(Ping(1, 3.0, b"x" * 10), 4.0, received_bytes=123_456)
+    assert msgpack.unpackb(encode_message(counted), raw=False)[1]["received_bytes"] == 123_456
+    assert _roundtrip(counted) == counted
+    with pytest.raises(RemoteProtocolError, match="received_bytes"):
+        decode_message([int(MessageType.PONG), dict(body[1], received_bytes=-1)])
 
 
 def test_integral_floats_from_other_languages_are_accepted() -> None:

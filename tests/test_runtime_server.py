@@ -98,6 +98,11 @@ def test_no_report_compute_leaves_compute_time_out(checkpoint: Path) -> None:
         client.send(Ping(1, 123.5, b"\0" * 1000))
         pong = await client.next()
         assert isinstance(pong, Pong) and pong.sent_at == 123.5 and pong.padding_len == 1000
+        # Every byte read so far, HELLO to this PING: the device times probe trains by it.
+        assert pong.received_bytes == client.sent_bytes
+        client.send(Ping(2, 124.0, b"\0" * 70_000), Ping(3, 124.0))
+        pongs = [await client.next(), await client.next()]
+        assert [p.received_bytes for p in pongs if isinstance(p, Pong)][-1] == client.sent_bytes
         client.close()
 
     serve(checkpoint, body, report_compute=False)

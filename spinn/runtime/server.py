@@ -375,6 +375,8 @@ class _Peer:
         """The device sent BYE: nothing more is read; outstanding INFERs are still answered,
         then the server's own BYE is sent (PROTOCOL.md §7.3)."""
         self.bye_sent = False
+        self.received_bytes = 0
+        """Bytes read from the connection so far: PONG's ``received_bytes``."""
         peer = writer.get_extra_info("peername")
         self.name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
@@ -693,6 +695,7 @@ class SpinnServer:
                     self._strangers.heard(peer)
                     first = False
                 t0 = time.perf_counter()
+                peer.received_bytes += len(data)
                 peer.conn.receive_data(data)
                 # A bounded number of frames per turn, then the other connections' turn.
                 while self._drain_events(peer):
@@ -911,8 +914,9 @@ class SpinnServer:
             elif isinstance(event, Ping):
                 if not peer.pings.take(peer.last_active_at):
                     self._over_rate(peer, "PINGs", self.config.max_ping_rate)
-                now = time.time()
-                peer.send(Pong(event.seq, event.sent_at, now, len(event.padding)))
+                # With the bytes read so far, the device times its probe trains at the
+                # granularity of the reads (PROTOCOL.md §5.7, spinn.estimators).
+                peer.send(Pong.reply_to(event, time.time(), peer.received_bytes))
             elif isinstance(event, Bye):
                 # A half-close (PROTOCOL.md §7.3): the device sends nothing more, but its
                 # outstanding INFERs are still answered before the server's BYE. Frames
