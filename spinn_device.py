@@ -154,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--probe-bytes",
         type=int,
         default=d.probe_bytes,
-        help="padding of the PINGs that probe the uplink's bandwidth, sent when idle or "
-        f"every {d.probe_max_age_s:g} s (default {d.probe_bytes}); 0 sends none, e.g. on a "
-        "metered link: the bandwidth is then measured from uploads alone",
+        help="largest padding of the PINGs that probe the uplink's bandwidth in trains "
+        f"taking {d.probe_share * 100:g}%% of the link (default {d.probe_bytes}); 0 sends none, "
+        "e.g. on a metered link: the bandwidth is then measured from uploads alone",
     )
     p.add_argument(
         "--torch-threads",

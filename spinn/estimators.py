@@ -33,7 +33,9 @@ throughput, which follows the mean, slow calls included (docs/SCHEDULER.md).
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from spinn.profile import Profile
@@ -50,6 +52,8 @@ __all__ = [
     "OnlineProfilerConfig",
     "OverheadEstimator",
     "ServerTimeEstimator",
+    "TRAIN_CONFIRM_REL",
+    "train_dispersion",
 ]
 
 
@@ -62,6 +66,12 @@ def _check_sample(name: str, value: float, *, positive: bool = False) -> float:
     if value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
     return float(value)
+
+
+def _median(values: Sequence[float] | deque[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
 class EWMA:
@@ -137,6 +147,76 @@ class _Filtered:
 
 # A probe's padding must add at least this to the round trip to be timed.
 _PROBE_RESOLUTION_S = 0.002
+# A probe train's second half must spread over at least this at the server to be timed:
+# its arrival times carry the server's read and event-loop jitter (about 1 ms on a loaded
+# two-core host, docs/SCHEDULER.md "Bandwidth from probe trains").
+_TRAIN_RESOLUTION_S = 0.002
+TRAIN_CONFIRM_REL = 0.3
+"""A train sample further than this (relative) from the estimate asks for a confirming
+train soon; two that agree within it, on the same side of all older ones, are a step."""
+
+
+def train_dispersion(
+    arrivals: Sequence[tuple[int, float]], train_bytes: int
+) -> tuple[int, float] | None:
+    """The timed part of a probe train: ``(bytes, seconds)``, the bytes that arrived after
+    its first third and the time they took at the rate fitted to their arrivals.
+
+    ``arrivals`` holds, for each frame of a train of ``train_bytes`` sent back to back and
+    in the order sent, a stream offset and the time the bytes up to it had reached the
+    server: the server's count of bytes read when the frame was complete (PONG
+    ``received_bytes``: the end of the read that completed it), or, from a server that
+    does not report it, the running total of the frames' sizes.  Any origin and any clock
+    will do, as long as they are the same for the whole train.
+
+    Packet-train dispersion (Dovrolis, Ramanathan and Moore, INFOCOM 2001): once the
+    bottleneck is busy, bytes leave it at its rate.  The first third is left out: a
+    shaper lets its burst through at once (netshape: 5 ms of the rate on an idle link,
+    docs/NETSHAPE.md, a sixth of a train sized for 30 ms).  The rate is the least-squares
+    slope of offset over time from the cut to the last arrival, so that one read the
+    server took late (it reads the train fast before it and slow after) moves it less
+    than it moves the two end points.  Offsets at the reads' ends make the cut exact: a
+    frame's end falls anywhere inside the shaper's chunk (1500 B at 1 Mbit/s), and timing
+    from it counted up to a chunk too many bytes (1 Mbit/s read as 1.9).
+
+    ``None`` for an empty train; ``(bytes, 0.0)`` when the timed part arrived at once
+    (in the read of the cut, or faster than the clocks can tell)."""
+    if train_bytes <= 1 or not arrivals:
+        return None
+    prev = -math.inf
+    for off, t in arrivals:
+        _check_sample("train arrival time", t)
+        if _check_sample("train offset", off) < prev:
+            raise ValueError(f"train offsets must not decrease, got {off} after {prev}")
+        prev = off
+    last_off = arrivals[-1][0]
+    cut = next(i for i, (off, _) in enumerate(arrivals) if 3 * (last_off - off) <= 2 * train_bytes)
+    timed = arrivals[cut:]
+    nbytes = int(last_off - timed[0][0])
+    if nbytes <= 0:
+        return train_bytes * 2 // 3, 0.0
+    mean_t = statistics.fmean(t for _, t in timed)
+    mean_o = statistics.fmean(o for o, _ in timed)
+    var = sum((t - mean_t) ** 2 for _, t in timed)
+    cov = sum((t - mean_t) * (o - mean_o) for o, t in timed)
+    if var <= 0.0 or cov <= 0.0:
+        return nbytes, 0.0  # a clock stepped backwards mid-train, or all at once
+    return nbytes, nbytes * var / cov
+
+
+def _stepped(samples: deque[float]) -> bool:
+    """Whether the last two samples lie within ``TRAIN_CONFIRM_REL`` of each other and
+    both further than that from every older one, on the same side: the rate stepped."""
+    if len(samples) < 3:
+        return False
+    a, b = samples[-1], samples[-2]
+    if abs(a - b) > TRAIN_CONFIRM_REL * min(a, b):
+        return False
+    older = list(samples)[:-2]
+    lo, hi = min(a, b), max(a, b)
+    return all(hi < o / (1 + TRAIN_CONFIRM_REL) for o in older) or all(
+        lo > o * (1 + TRAIN_CONFIRM_REL) for o in older
+    )
 
 
 class BandwidthEstimator:
@@ -151,11 +231,24 @@ class BandwidthEstimator:
     two samples, a drop once the faster samples have left the window (``window + 1``).
     """
 
-    def __init__(self, min_transfer_bytes: int = 4096, window: int = 8) -> None:
+    def __init__(
+        self, min_transfer_bytes: int = 4096, window: int = 8, train_window: int = 5
+    ) -> None:
         if window < 1:
             raise ValueError(f"bandwidth window must be >= 1 sample, got {window}")
+        if train_window < 1:
+            raise ValueError(f"bandwidth train window must be >= 1 train, got {train_window}")
         self._median = MedianOf3()
         self._recent: list[float] = []
+        self._trains: deque[float] = deque(maxlen=train_window)
+        self.train_samples = 0
+        """Probe trains observed (``observe_train``), bounds included."""
+        self._bounds: deque[bool] = deque(maxlen=train_window)
+        """Per train sample: whether it is only a lower bound (the train was untimed)."""
+        self._train_estimate: float | None = None
+        self.needs_confirmation = False
+        """The latest train sample lay more than 30% from the estimate before it: a step
+        change, or an outlier; the next train should come soon to tell which."""
         self._samples = 0
         self.updated_at: float | None = None
         self.floor_bps: float | None = None
@@ -210,10 +303,80 @@ class BandwidthEstimator:
         self._update(now, sample)
         return sample
 
+    def observe_train(
+        self, now: float, arrivals: Sequence[tuple[int, float]], train_bytes: int
+    ) -> float | None:
+        """A probe train of ``train_bytes``: per frame, in the order sent, a stream offset
+        and the server's time when the bytes up to it had arrived (``train_dispersion``).  Its second half's rate is a sample; one that
+        arrived within ``_TRAIN_RESOLUTION_S`` was too small for the link and says only
+        that the link is at least ``8·bytes / _TRAIN_RESOLUTION_S`` fast: that bound is
+        the sample, so the next train, sized from the estimate, is larger (about 7× for a
+        train of 30 ms at the estimate) until one is timed.  Returns the sample, ``None``
+        for a train without a second half.
+
+        While trains are timed they alone make the estimate, the median of the last
+        ``train_window`` samples: unlike an upload's, a train's timing holds neither the
+        server's time nor a per-request cost, and its frames are back to back whether the
+        link is idle or busy.  It errs both ways (a server read late at the cut reads fast,
+        one late at the end slow: ±30% on the loaded two-core host), so a median suits it.
+        A step shows after two trains: when the last two agree with each other and lie on
+        the same side of all older ones (``_stepped``), the older ones are dropped."""
+        spread = train_dispersion(arrivals, train_bytes)
+        if spread is None:
+            return None
+        nbytes, seconds = spread
+        sample = 8.0 * nbytes / max(seconds, _TRAIN_RESOLUTION_S)
+        if not math.isfinite(sample):
+            raise ValueError(f"train of {nbytes} bytes gives no finite rate")
+        before = self._train_estimate
+        bound = seconds < _TRAIN_RESOLUTION_S
+        if not bound:
+            # A timed train outranks the bounds: one below it said no more than it (the
+            # ramp from the prior to a fast link leaves a trail of them), and one above it
+            # was a train that fitted in a shaper's burst (netshape lets 5 ms of the rate
+            # through at once: 300 kB at 500 Mbit/s, whose bound reads 800 Mbit/s).
+            kept = [v for v, b in zip(self._trains, self._bounds, strict=True) if not b]
+            self._trains = deque(kept, maxlen=self._trains.maxlen)
+            self._bounds = deque((False for _ in kept), maxlen=self._bounds.maxlen)
+        self._trains.append(sample)
+        self._bounds.append(bound)
+        if _stepped(self._trains):
+            # The last two agree with each other and not with the rest: a step.
+            while len(self._trains) > 2:
+                self._trains.popleft()
+                self._bounds.popleft()
+        self._train_estimate = _median(self._trains)
+        # The first train replaced the prior, and an untimed one is only a bound: both
+        # want a second train soon, as does a sample far from the estimate.
+        self.needs_confirmation = (
+            before is None
+            or abs(sample - before) > TRAIN_CONFIRM_REL * before
+            or (bound and sample > before)
+        )
+        self._samples += 1
+        self.train_samples += 1
+        self.updated_at = now
+        return sample
+
+    @staticmethod
+    def train_sample(
+        arrivals: Sequence[tuple[int, float]], train_bytes: int
+    ) -> tuple[float, bool] | None:
+        """What a train shows: ``(rate, timed)``, its timed part's rate, or with ``timed``
+        False the least rate it implies (it arrived within ``_TRAIN_RESOLUTION_S``: the
+        link is faster than the train can tell); ``None`` for an empty train."""
+        spread = train_dispersion(arrivals, train_bytes)
+        if spread is None:
+            return None
+        nbytes, seconds = spread
+        return 8.0 * nbytes / max(seconds, _TRAIN_RESOLUTION_S), seconds >= _TRAIN_RESOLUTION_S
+
     @property
     def bandwidth_bps(self) -> float | None:
-        """Current estimate: the window's maximum, else the floor of unresolved probes,
-        ``None`` before either."""
+        """Current estimate: the median of the recent trains; without trains the upload and
+        probe window's maximum, else the floor of unresolved probes, ``None`` before any."""
+        if self._train_estimate is not None:
+            return self._train_estimate
         return max(self._recent) if self._recent else self.floor_bps
 
     @property
@@ -222,18 +385,30 @@ class BandwidthEstimator:
 
 
 class LatencyEstimator:
-    """Round-trip latency ``L`` (seconds) from bare PING round trips."""
+    """Round-trip latency ``L`` (seconds) from bare PING round trips: the lower quartile
+    of the last ``median_window`` (the second smallest of five).
 
-    def __init__(self, alpha: float = 0.3, window: int = 16) -> None:
-        if window < 1:
-            raise ValueError(f"latency window must be >= 1, got {window}")
-        self._f = _Filtered(alpha)
+    A round trip errs only upwards: an event-loop turn at either end, or bytes queued
+    ahead of the PING in a buffer on the path (the device's own uploads, on a busy
+    uplink).  The second smallest of five ignores up to three such delays in five, and
+    one round trip that came back too fast (a clock step); it follows a drop of the path's
+    delay after two PINGs and a rise after four.  (An EWMA behind a median of three, as
+    for the other estimators, carried the slow first PING of a connection, 30 ms on a
+    20 ms path, for seconds, and every queueing delay in part.)"""
+
+    def __init__(self, window: int = 16, median_window: int = 5) -> None:
+        if window < 1 or median_window < 1:
+            raise ValueError(f"latency window must be >= 1, got {window}, {median_window}")
         self._recent: deque[float] = deque(maxlen=window)
+        self._median_window = median_window
+        self._samples = 0
+        self.updated_at: float | None = None
 
     def observe_rtt(self, now: float, rtt_s: float) -> None:
         rtt = _check_sample("rtt", rtt_s)
         self._recent.append(rtt)
-        self._f.update(now, rtt)
+        self._samples += 1
+        self.updated_at = now
 
     @property
     def propagation_s(self) -> float | None:
@@ -245,11 +420,14 @@ class LatencyEstimator:
 
     @property
     def latency_s(self) -> float | None:
-        return self._f.value
+        if not self._recent:
+            return None
+        last = sorted(list(self._recent)[-self._median_window :])
+        return last[(len(last) - 1) // 4]
 
     @property
     def samples(self) -> int:
-        return self._f.samples
+        return self._samples
 
 
 class _ScaleFactor:
@@ -521,7 +699,11 @@ class OnlineProfilerConfig:
     min_transfer_bytes: int = 4096
     """Uploads below this size do not feed the bandwidth estimate."""
     bandwidth_window: int = 8
-    """B is the maximum of the last this-many (median-filtered) samples."""
+    """Without probe trains, B is the maximum of the last this-many (median-filtered)
+    upload and probe samples."""
+    train_window: int = 5
+    """With probe trains, B is the median of the last this-many train samples (the last
+    two alone after a step)."""
     busy_window: int = 64
     """The device's busy time per call is the mean over this many recent calls
     (``DeviceBusyEstimator``)."""
@@ -534,8 +716,10 @@ class OnlineProfiler:
         self.profile = profile
         self.config = config or OnlineProfilerConfig()
         c = self.config
-        self.bandwidth = BandwidthEstimator(c.min_transfer_bytes, c.bandwidth_window)
-        self.latency = LatencyEstimator(c.alpha)
+        self.bandwidth = BandwidthEstimator(
+            c.min_transfer_bytes, c.bandwidth_window, c.train_window
+        )
+        self.latency = LatencyEstimator()
         self.device = DeviceScaleEstimator(c.alpha)
         self.server = ServerTimeEstimator(c.alpha)
         self.overhead = OverheadEstimator(c.alpha)

@@ -19,6 +19,7 @@ from spinn.estimators import (
     OnlineProfilerConfig,
     OverheadEstimator,
     ServerTimeEstimator,
+    train_dispersion,
 )
 from spinn.profile import synthetic_profile
 
@@ -103,7 +104,8 @@ def test_unresolved_probes_bound_bandwidth_from_below() -> None:
 
 def test_latency_and_propagation() -> None:
     rng = random.Random(2)
-    est = LatencyEstimator(alpha=0.3)
+    est = LatencyEstimator()
+    assert est.latency_s is None
     for i, rtt in enumerate(_noisy(rng, 0.04, 25)):
         est.observe_rtt(float(i), rtt)
     assert est.latency_s == pytest.approx(0.04, rel=0.05)
@@ -138,7 +140,7 @@ def test_inferred_server_time_uses_propagation_not_the_noisy_average() -> None:
     rng = random.Random(8)
     for i in range(16):
         op.observe_ping(float(i), 0.002 + rng.uniform(0.0, 0.02))
-    assert op.snapshot(16.0).latency_s > 0.006
+    assert op.snapshot(16.0).latency_s > 0.004
     assert op.propagation_s() == pytest.approx(0.002, abs=0.002)
     split, exit_index = 2, prof.num_exits - 1
     offline = prof.server_time_ms(split, prof.exit_stages[exit_index] + 1)
@@ -325,3 +327,143 @@ def test_online_profiler_device_busy() -> None:
         Estimates(bandwidth_bps=1e6, latency_s=0.01, head_overhead_ms=float("nan"))
     with pytest.raises(ValueError, match="upload_busy_ms"):
         Estimates(bandwidth_bps=1e6, latency_s=0.01, upload_busy_ms=-1.0)
+
+
+def test_latency_is_the_lower_quartile_of_five() -> None:
+    """Round trips err upwards only (event loops, bytes queued ahead): three delayed ones
+    in five leave L at the path's round trip; a drop of the path's delay shows after two
+    round trips, a rise after four."""
+    est = LatencyEstimator()
+    est.observe_rtt(0.0, 0.060)  # a connection's slow first PING
+    est.observe_rtt(0.1, 0.020)
+    assert est.latency_s == pytest.approx(0.020)
+    for i, rtt in enumerate((0.145, 0.021, 0.090, 0.150, 0.020)):
+        est.observe_rtt(1.0 + i, rtt)  # queued behind uploads three times in five
+    assert est.latency_s == pytest.approx(0.0205, abs=0.0006)
+    for i in range(5):
+        est.observe_rtt(5.0 + i, 0.021)
+    for i in range(3):
+        est.observe_rtt(10.0 + i, 0.040)
+    assert est.latency_s == pytest.approx(0.021, abs=0.001), "not after three"
+    est.observe_rtt(13.0, 0.040)
+    assert est.latency_s == pytest.approx(0.040)
+    est.observe_rtt(14.0, 0.001)  # a round trip read too fast (a clock step) is ignored
+    assert est.latency_s == pytest.approx(0.040)
+
+
+def _train(
+    rate_bps: float,
+    nbytes: int,
+    *,
+    burst: int,
+    chunk: int,
+    t0: float = 0.0,
+    late: dict[int, float] | None = None,
+) -> list[tuple[int, float]]:
+    """Arrivals of a train of ``nbytes`` through a token bucket of ``rate_bps`` that lets
+    ``burst`` bytes through at once and releases ``chunk`` bytes at a time; one point per
+    read, the server reading read ``i`` ``late[i]`` s late."""
+    out, off, t = [], min(burst, nbytes), t0
+    out.append((off, t + (late or {}).get(0, 0.0)))
+    while off < nbytes:
+        n = min(chunk, nbytes - off)
+        off += n
+        t += 8 * n / rate_bps
+        out.append((off, t + (late or {}).get(len(out), 0.0)))
+    return out  # fmt: skip
+
+
+def test_train_dispersion_times_the_train_after_its_burst() -> None:
+    # 24 Mbit/s with netshape's 5 ms burst: 15 kB at once, then 15 kB chunks at the rate.
+    arrivals = _train(24e6, 90_000, burst=15_000, chunk=15_000)
+    nbytes, seconds = train_dispersion(arrivals, 90_000)
+    assert nbytes == 60_000
+    assert 8 * nbytes / seconds == pytest.approx(24e6, rel=1e-6)
+    # Timed from the first read, the burst's bytes would read 20% fast.
+    first = 8 * (90_000 - arrivals[0][0]) / (arrivals[-1][1] - arrivals[0][1])
+    assert first == pytest.approx(24e6)  # here the burst is one chunk: no harm
+    big_burst = _train(24e6, 90_000, burst=30_000, chunk=15_000)
+    first = 8 * (90_000 - 15_000) / (big_burst[-1][1] - big_burst[0][1])
+    assert first > 1.2 * 24e6
+    assert 8 * (r := train_dispersion(big_burst, 90_000))[0] / r[1] == pytest.approx(24e6)
+    # Offsets in any origin: the server's count of bytes read since the connection began.
+    shifted = [(off + 1_234_567, t + 50.0) for off, t in arrivals]
+    assert train_dispersion(shifted, 90_000) == (nbytes, pytest.approx(seconds))
+
+
+def test_train_dispersion_fits_a_slope_through_a_late_read() -> None:
+    # The server read the cut's chunk 4 ms late (a loaded host): the end points alone
+    # would read the rate 2x fast; the fitted slope stays within 30%.
+    arrivals = _train(24e6, 150_000, burst=15_000, chunk=15_000, late={3: 0.004})
+    nbytes, seconds = train_dispersion(arrivals, 150_000)
+    cut = next(p for p in arrivals if 3 * (150_000 - p[0]) <= 2 * 150_000)
+    ends = 8 * (150_000 - cut[0]) / (arrivals[-1][1] - cut[1])
+    assert 8 * nbytes / seconds == pytest.approx(24e6, rel=0.3)
+    assert abs(8 * nbytes / seconds - 24e6) < abs(ends - 24e6)
+
+
+def test_train_dispersion_edge_cases() -> None:
+    # All in one read: faster than the train can tell, (bytes, 0).
+    assert train_dispersion([(5_000, 1.0), (10_000, 1.0)], 10_000) == (5_000, 0.0)
+    assert train_dispersion([(10_000, 1.0)] * 4, 10_000) == (6_666, 0.0)
+    assert train_dispersion([], 10_000) is None
+    # A clock that stepped back mid-train: no spread, never a negative one.
+    assert train_dispersion([(2_000, 1.0), (6_000, 1.0), (10_000, 0.5)], 10_000)[1] == 0.0
+    with pytest.raises(ValueError, match="decrease"):
+        train_dispersion([(6_000, 1.0), (5_000, 1.1)], 10_000)
+    with pytest.raises(ValueError, match="train arrival time"):
+        train_dispersion([(6_000, float("nan"))], 10_000)
+    assert BandwidthEstimator.train_sample([(5_000, 1.0), (10_000, 1.0)], 10_000) == (
+        pytest.approx(8 * 5_000 / 0.002),
+        False,
+    )
+    rate, timed = BandwidthEstimator.train_sample(
+        _train(1e6, 12_000, burst=1500, chunk=1500), 12_000
+    )
+    assert timed and rate == pytest.approx(1e6)
+
+
+def test_bandwidth_from_trains_median_steps_and_bounds() -> None:
+    est = BandwidthEstimator()
+    t = 0.0
+
+    def feed(rate: float, nbytes: int, **kw: object) -> float | None:
+        nonlocal t
+        t += 1.0
+        burst = max(1500, int(rate * 0.005 / 8))
+        return est.observe_train(t, _train(rate, nbytes, burst=burst, chunk=burst, **kw), nbytes)
+
+    # From the prior (10 Mbit/s: a 37.5 kB train) on a 500 Mbit/s link: the train passes
+    # within the shaper's burst, a bound (7.5 MB/s) that grows the next train.
+    assert feed(500e6, 37_500) == pytest.approx(8 * 25_000 / 0.002)
+    assert est.needs_confirmation and est.train_samples == 1
+    feed(500e6, 300_000)  # still a bound, larger
+    assert est.bandwidth_bps == pytest.approx(0.5 * (100e6 + 8 * 200_000 / 0.002))
+    feed(500e6, 1_900_000)  # timed: the bounds below it go
+    assert est.bandwidth_bps == pytest.approx(500e6, rel=1e-6)
+    for _ in range(4):
+        feed(500e6, 1_900_000)
+    assert not est.needs_confirmation
+    # One outlier (a server stall read as a slow train) is outvoted by the median.
+    feed(50e6, 1_900_000)
+    assert est.needs_confirmation
+    assert est.bandwidth_bps == pytest.approx(500e6, rel=1e-6)
+    # A step: the second train that agrees with it replaces the older ones.
+    feed(500e6, 1_900_000)
+    feed(24e6, 60_000)
+    assert est.bandwidth_bps == pytest.approx(500e6, rel=1e-6)
+    feed(26e6, 100_000)
+    assert est.bandwidth_bps == pytest.approx(25e6, rel=0.01)
+    # Trains outrank uploads: a 3 Mbit/s upload sample does not move B.
+    est.observe_transfer(t, 100_000, 8 * 100_000 / 3e6)
+    assert est.bandwidth_bps == pytest.approx(25e6, rel=0.01)
+    with pytest.raises(ValueError, match="train window"):
+        BandwidthEstimator(train_window=0)
+
+
+def test_online_profiler_feeds_trains() -> None:
+    prof = synthetic_profile(random.Random(7), num_stages=6, num_exits=3, num_thresholds=5)
+    op = OnlineProfiler(prof)
+    assert op.snapshot(0.0).bandwidth_bps == OnlineProfilerConfig().initial_bandwidth_bps
+    op.bandwidth.observe_train(1.0, _train(5e6, 20_000, burst=3_125, chunk=3_125), 20_000)
+    assert op.snapshot(1.0).bandwidth_bps == pytest.approx(5e6)

@@ -3,9 +3,12 @@ answers whose server time is unknown."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from spinn.runtime.uplink import UploadTimer
+from spinn.estimators import BandwidthEstimator
+from spinn.runtime.uplink import ProbeTrains, UploadTimer
 
 RATE = 200e3 / 8  # 200 kbit/s in bytes per second
 L = 0.02
@@ -156,3 +159,103 @@ def test_reset_forgets_the_previous_connection() -> None:
     upload = 8000 / RATE
     got = timer.answered(sent_at=1.0, now=1.0 + upload + L, nbytes=8000, server_s=0.0, latency_s=L)
     assert got is not None and got[0] / got[1] == pytest.approx(RATE, rel=1e-9)
+
+
+# -- probe trains (ProbeTrains) -----------------------------------------------------------
+
+
+def _arrivals(rate_bps: float, nbytes: int, t0: float) -> list[tuple[int, float]]:
+    """A train through a shaper with netshape's burst (5 ms of the rate, >= 1500 B),
+    released in burst-sized chunks at the rate; one point per chunk (server read)."""
+    burst = max(1500, int(rate_bps * 0.005 / 8))
+    off, t = min(burst, nbytes), t0
+    out = [(off, t)]
+    while off < nbytes:
+        n = min(burst, nbytes - off)
+        off, t = off + n, t + 8 * n / rate_bps
+        out.append((off, t))
+    return out
+
+
+def _simulate(
+    trains: ProbeTrains, est: BandwidthEstimator, rate_at: Any, until: float, t: float = 0.0
+) -> tuple[list[tuple[float, float]], int]:
+    """Run the probing loop on an injected clock over a link whose rate is ``rate_at(t)``
+    and a 20 ms round trip: returns (time, estimate) after each train and the bytes sent."""
+    trace, sent = [], 0
+    while t < until:
+        t = max(t, trains.due_at(t, est.bandwidth_bps or 10e6))
+        if t >= until:
+            break
+        assert trains.due(t, est.bandwidth_bps or 10e6)
+        frames = trains.frames(est.bandwidth_bps or 10e6)
+        nbytes = sum(frames) + 20 * len(frames)
+        trains.sent(t, nbytes)
+        sent += nbytes
+        assert not trains.due(t, 1e6) and trains.due_at(t, 1e6) == float("inf")
+        arrivals = _arrivals(rate_at(t), nbytes, t + 0.01)
+        t = arrivals[-1][1] + 0.01
+        trains.train_answered(t, est, arrivals, nbytes, 10e6)
+        trace.append((t, est.bandwidth_bps or 10e6))
+    return trace, sent
+
+
+def test_probe_trains_size_and_scout() -> None:
+    trains = ProbeTrains()
+    # At 500 Mbit/s a full train is 30 ms of the link (1.9 MB): its scout is 16x smaller.
+    assert sum(trains.frames(500e6)) == pytest.approx(500e6 * 0.03 / 8 / 16, abs=4)
+    trains.scouting = False
+    full = trains.frames(500e6)
+    assert sum(full) == pytest.approx(500e6 * 0.03 / 8, abs=64)
+    assert max(full) <= trains.max_frame_padding and len(full) == 31
+    # At 1 Mbit/s 30 ms is below the smallest train: no scout, four frames of 1.5 kB.
+    trains = ProbeTrains()
+    assert trains.frames(1e6) == [1536] * 4 and not trains.scouting
+    trains = ProbeTrains(scouting=False)
+    assert trains.frames(1e12) == [59_919] * 35  # capped at 2 MiB
+    with pytest.raises(ValueError, match="share"):
+        ProbeTrains(share=0.0)
+
+
+@pytest.mark.parametrize("rate", [0.5e6, 24e6, 500e6])
+def test_probe_trains_converge_within_budget(rate: float) -> None:
+    trains, est = ProbeTrains(), BandwidthEstimator()
+    trace, _ = _simulate(trains, est, lambda t: rate, 3.0)
+    # From the prior (10 Mbit/s), within 30% in about a second.
+    settled = next(t for t, b in trace if abs(b / rate - 1) <= 0.3)
+    assert settled < (1.0 if rate > 1e6 else 2.0), trace
+    assert est.bandwidth_bps == pytest.approx(rate, rel=0.05)
+    # Steady state: the trains take at most the share (3%) of the link.
+    t0 = trace[-1][0]
+    _, sent = _simulate(trains, est, lambda t: rate, t0 + 60.0, t0)
+    assert 0.01 < 8 * sent / (rate * 60.0) <= trains.share * 1.05
+
+
+@pytest.mark.parametrize(("before", "after"), [(250e6, 24e6), (24e6, 250e6), (100e6, 0.5e6)])
+def test_probe_trains_follow_a_step(before: float, after: float) -> None:
+    trains, est = ProbeTrains(), BandwidthEstimator()
+    trace, _ = _simulate(trains, est, lambda t: before, 5.0)
+    assert est.bandwidth_bps == pytest.approx(before, rel=0.05)
+    step = trace[-1][0] + 0.37
+    trace, _ = _simulate(
+        trains, est, lambda t: before if t < step else after, step + 5, step - 0.37
+    )
+    back = next(t for t, b in trace if t > step and abs(b / after - 1) <= 0.3)
+    # A drop is seen by the next scout (every 0.3 s); a rise by the next full train,
+    # which the budget spaces by about a second; each is confirmed 0.1 s later.
+    assert back - step < (1.0 if after < before else 1.5), trace
+    assert est.bandwidth_bps == pytest.approx(after, rel=0.05)
+
+
+def test_probe_trains_budget_and_reset() -> None:
+    trains = ProbeTrains()
+    est = BandwidthEstimator()
+    assert trains.due(0.0, 10e6)
+    trains.frames(10e6)
+    trains.sent(0.0, 6_300)
+    trains.reset(0.5)
+    assert not trains.in_flight and trains.scouting and trains.due(0.5, 10e6)
+    # A train whose answers time nothing new leaves the plan consistent.
+    trains.sent(0.5, 6_300)
+    rate, timed = trains.train_answered(0.6, est, [(6_300, 1.0)], 6_300, 10e6)
+    assert not timed and rate > 10e6

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -100,7 +101,7 @@ from spinn.runtime.failover import ServerRotation
 from spinn.runtime.security import SecurityError, device_ssl_context, load_token
 from spinn.runtime.stats import DeviceStats, median_or_none
 from spinn.runtime.tracker import Answer, FramePhase, RequestTracker, request_deadline
-from spinn.runtime.uplink import UploadTimer
+from spinn.runtime.uplink import ProbeTrains, UploadTimer
 from spinn.sla import SLA
 from spinn.sources import Frame, FrameSource, Pacer, SourceError, input_pixels
 
@@ -128,8 +129,8 @@ _now = time.perf_counter
 _FATAL_CODES = (ErrorCode.MODEL_MISMATCH, ErrorCode.VERSION, ErrorCode.UNAUTHENTICATED)
 # A probe's padding crosses the link while everything queued behind it waits.
 _MAX_PROBE_BYTES = 1 << 20
-# Bare round trips measured before the first bandwidth probe.
-_PINGS_BEFORE_PROBES = 3
+# Bare PINGs sent 0.1 s apart on a new connection, before the regular interval.
+_QUICK_PINGS = 4
 # Request errors the server sends as soon as the INFER arrives (PROTOCOL.md §8).
 _ANSWERED_ON_ARRIVAL = (ErrorCode.BUSY, ErrorCode.BAD_TENSOR, ErrorCode.BAD_SPLIT)
 # OpenSSL's reasons for a reply that is no TLS record at all: a server without TLS.
@@ -194,11 +195,12 @@ class DeviceConfig:
     top_k: int = 5
     """Classes reported per frame."""
     ping_interval_s: float = 0.5
-    """Period of PING probes while connected (latency L; bandwidth B when padded)."""
-    probe_bytes: int = 16384
-    """Padding of a bandwidth probe PING; 0 sends none (B then comes from uploads alone)."""
-    probe_max_age_s: float = 3.0
-    """A padded probe is sent when idle, or at least this often while busy."""
+    """Period of bare PINGs while connected (latency L, and a dead link noticed)."""
+    probe_bytes: int = 61_440
+    """Padding of the largest PING of a bandwidth probe train (``uplink.ProbeTrains``);
+    0 sends no trains (B then comes from uploads alone)."""
+    probe_share: float = 0.03
+    """Fraction of the link the probe trains take at the estimated bandwidth."""
     ping_timeout_s: float = 1.5
     """Unanswered PING this long (plus the time queued bytes need at B) = link dead."""
     deadline_factor: float = 3.0
@@ -271,6 +273,8 @@ class DeviceConfig:
             )
         if self.misconfig_tries < 1:
             raise ValueError(f"--misconfig-tries must be >= 1, got {self.misconfig_tries}")
+        if not 0.0 < self.probe_share <= 0.5:
+            raise ValueError(f"probe_share must be in (0, 0.5], got {self.probe_share}")
         if (self.tls_cert is not None or self.tls_key is not None) and not self.use_tls:
             raise ValueError("--tls-cert/--tls-key need --tls or --tls-ca")
 
@@ -375,8 +379,21 @@ class _Link:
         )
         self.rotation = ServerRotation(self.config.server_addresses, self.backoff)
         self.pings: dict[int, tuple[float, int]] = {}
+        """Unanswered PINGs: when sent, and their padding."""
         self.ping_seq = 0
-        self.last_probe_at = -1e9
+        self.trains = ProbeTrains(
+            max_frame_padding=max(1, self.config.probe_bytes), share=self.config.probe_share
+        )
+        self.train: dict[int, int] = {}
+        """The probe train in flight: its PINGs' seq → size on the wire, in the order sent."""
+        self.train_arrivals: dict[int, tuple[int | None, float]] = {}
+        """Per answered PING of the train: the server's bytes read and clock when it arrived
+        (PONG ``received_bytes`` and ``received_at``)."""
+        self.clean_pings: set[int] = set()
+        """Bare PINGs sent with no probe train ahead of them: only these time L."""
+        self.probe_bytes_sent = 0
+        """Bytes of probe trains written (framed), for the summary's probe overhead."""
+        self._wake_pinger = asyncio.Event()
         self.connects = 0
         self.answers_on_link = 0
         """RESULTs and request ERRORs on the current link (``ServerRotation.connection_lost``)."""
@@ -730,10 +747,11 @@ class _Link:
             dev._on_result(event, now)
         elif isinstance(event, Pong):
             sent = self.pings.pop(event.seq, None)
-            if sent is not None:
-                dev.profiler.observe_ping(now, now - sent[0], sent[1])
-                if sent[1]:
-                    self.last_probe_at = now
+            if sent is not None and event.seq in self.train:
+                self._train_answered(event, now)
+            elif sent is not None and event.seq in self.clean_pings:
+                self.clean_pings.discard(event.seq)
+                dev.profiler.observe_ping(now, now - sent[0])
         elif isinstance(event, Ping):
             self.send(Pong.reply_to(event, time.time()))
         elif isinstance(event, Error):
@@ -758,8 +776,62 @@ class _Link:
             log.exception("ping loop failed: dropping the link")
             self._abort()
 
+    def _train_answered(self, pong: Pong, now: float) -> None:
+        self.train_arrivals[pong.seq] = (pong.received_bytes, pong.received_at)
+        if len(self.train_arrivals) < len(self.train):
+            return
+        answers = [self.train_arrivals[seq] for seq in self.train]
+        total = sum(self.train.values())
+        if all(n is not None for n, _ in answers):
+            arrivals = [(int(n or 0), t) for n, t in answers]
+        else:
+            # A server that does not count its reads: the frames' ends, a chunk coarser.
+            arrivals = list(
+                zip(itertools.accumulate(self.train.values()), (t for _, t in answers), strict=True)
+            )
+        self.train.clear()
+        self.train_arrivals.clear()
+        profiler = self.device.profiler
+        try:
+            rate, timed = self.trains.train_answered(
+                now, profiler.bandwidth, arrivals, total, profiler.config.initial_bandwidth_bps
+            )
+        except ValueError as exc:  # offsets that go backwards: a server to ignore
+            log.warning("probe train not timed: %s", exc)
+            bw = profiler.snapshot(now).bandwidth_bps
+            self.trains.answered(now, bw, timed=True, confirm=False)  # round over
+            return
+        after = profiler.snapshot(now).bandwidth_bps
+        log.debug(
+            "probe train of %d bytes: %s %.3g bit/s; B %.3g bit/s",
+            total,
+            "timed at" if timed else "at least",
+            rate,
+            after,
+        )
+        self._wake_pinger.set()
+
+    def _send_train(self, now: float) -> None:
+        """Write a probe train: padded PINGs back to back (``uplink.ProbeTrains``)."""
+        est = self.device.profiler.snapshot(now)
+        total = 0
+        with self.device.link_work():
+            for padding in self.trains.frames(est.bandwidth_bps):
+                self.ping_seq += 1
+                self.pings[self.ping_seq] = (now, padding)
+                size = self.send(Ping(self.ping_seq, now, bytes(padding)))
+                if size == 0:
+                    return  # the link went down: _drop resets the trains
+                self.train[self.ping_seq] = size
+                total += size
+        self.probe_bytes_sent += total
+        self.trains.sent(now, total)
+
     async def _ping_loop_inner(self) -> None:
         cfg = self.config
+        next_bare = _now()
+        bare_sent = 0
+        self.trains.reset(next_bare)
         while self.up:
             now = _now()
             if self.pings:
@@ -778,24 +850,30 @@ class _Link:
                     )
                     self._abort()
                     return
-            probe = 0
-            idle = self.device.tracker.awaiting_server == 0
-            # Bare and padded pings alternate: a probe's timing is read against the bare
-            # round trip (L), which therefore must be measured first and kept fresh; the
-            # first PING of a connection is slow (both ends warm up), so a few are taken.
-            may_probe = (
-                cfg.probe_bytes > 0
-                and self.ping_seq % 2 == 1
-                and self.device.profiler.latency.samples >= _PINGS_BEFORE_PROBES
-            )
-            if may_probe and (idle or now - self.last_probe_at > cfg.probe_max_age_s):
-                probe = cfg.probe_bytes
-                self.last_probe_at = now
-            self.ping_seq += 1
-            self.pings[self.ping_seq] = (now, probe)
-            with self.device.link_work():
-                self.send(Ping(self.ping_seq, now, b"\0" * probe))
-            await asyncio.sleep(cfg.ping_interval_s)
+            if now >= next_bare:
+                self.ping_seq += 1
+                self.pings[self.ping_seq] = (now, 0)
+                if not self.trains.in_flight:
+                    # One sent behind a train's padding would time the train, not L.
+                    self.clean_pings.add(self.ping_seq)
+                with self.device.link_work():
+                    self.send(Ping(self.ping_seq, now, b""))
+                bare_sent += 1
+                # The first few come quicker: L is a median of five (and the first round
+                # trip of a connection is slow).
+                quick = bare_sent < _QUICK_PINGS
+                next_bare = now + (min(0.1, cfg.ping_interval_s) if quick else cfg.ping_interval_s)
+            wake = next_bare
+            # Trains begin once a bare PING came back: the first round trip of a
+            # connection is slow (both ends warm up).
+            if cfg.probe_bytes > 0 and self.device.profiler.latency.samples:
+                bw = self.device.profiler.snapshot(now).bandwidth_bps
+                if self.trains.due(now, bw):
+                    self._send_train(now)
+                wake = min(wake, self.trains.due_at(now, bw))
+            self._wake_pinger.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_pinger.wait(), max(0.0, wake - _now()))
 
     def _abort(self) -> None:
         if self.writer is not None:
@@ -808,6 +886,10 @@ class _Link:
                 self.writer.close()
         self.conn, self.writer, self.welcome = None, None, None
         self.pings.clear()
+        self.train.clear()
+        self.train_arrivals.clear()
+        self.clean_pings.clear()
+        self.trains.reset(_now())
         self.device.profiler.mark_server(_now(), False)
         if self._stopping:
             log.info("server link closed: %s", reason)
@@ -1064,6 +1146,9 @@ class SpinnDevice:
             # Uploads and probes timed; 0: bandwidth_bps is still the prior.
             "bandwidth_samples": self.profiler.bandwidth.samples,
             "latency_ms": round(est.latency_s * 1e3, 3),
+            # Bytes of bandwidth probe trains written (framed), for their overhead.
+            "probe_bytes": 0 if self._link is None else self._link.probe_bytes_sent,
+            "probe_trains": self.profiler.bandwidth.train_samples,
             "device_scale": round(est.device_scale, 4),
             "server_scale": round(est.server_scale, 4),
         }

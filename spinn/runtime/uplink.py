@@ -47,13 +47,22 @@ A server that reports its compute time but not ``held_ms`` hides its queue
 wait in the upload (``queue_known=False``): such answers are timed only when
 the request left after the previous answer came back, so no queue of this
 device's own requests can be ahead of it.
+
+Where uploads are few or small the answers time nothing (an INFER under 1 KiB crosses a
+500 Mbit/s link in 16 µs), so the device also sends **probe trains** (``ProbeTrains``):
+padded PINGs back to back, whose arrival times at the server (PONG ``received_at``) give
+the link's rate by dispersion (``spinn.estimators.train_dispersion``).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["UploadTimer"]
+from spinn.estimators import TRAIN_CONFIRM_REL, BandwidthEstimator
+
+__all__ = ["ProbeTrains", "UploadTimer"]
 
 
 @dataclass(slots=True)
@@ -118,3 +127,200 @@ class UploadTimer:
         """A new connection: nothing is queued ahead of the next request."""
         self.uplink_free_at = self.last_answer_at = None
         self._bytes, self._seconds = 0, 0.0
+
+
+@dataclass(slots=True)
+class ProbeTrains:
+    """When to send a bandwidth probe train and how large, from the live estimate B.
+
+    A full train lasts ``train_s`` at B, so that the part of it that is timed (all but
+    its first third, ``spinn.estimators.train_dispersion``) spreads over 20 ms at the
+    server, well above the server's read jitter and a shaper's 5 ms burst, whatever the
+    rate.
+
+    Rounds begin with a **scout**, a train ``scout_ratio`` times smaller (at least
+    ``min_bytes``), every ``scout_interval_s``: at the estimated rate it passes within
+    the resolution; if it is timed, the link is far slower than B says (a drop), and its
+    sample goes in at once with a confirming round after it.  The full train follows an
+    untimed scout only when the budget allows, and never a timed one: sized for the old
+    rate, 30 ms of a 100 Mbit/s link would hold a 0.2 Mbit/s link for 15 s.  At rates
+    where a full train is no larger than two scouts, rounds are full trains alone.
+
+    The trains' cost is kept to ``share`` of the link by a budget in seconds of link time:
+    it grows by ``share`` per second (up to one round's worth), and each train, once
+    answered, is charged its bytes at the estimate it left (an untimed train, which passed
+    within the resolution, costs little).  A full train goes when the budget is out of
+    debt.  A round whose sample disagrees with the estimate (``needs_confirmation``: a
+    step, or an outlier) is followed by a confirming round (scout and full train)
+    ``confirm_gap_s`` later whatever the budget, at most ``max_confirms`` in a row (an
+    untimed full train that raised the bound is not counted): B follows a step about as
+    soon as a round sees it, and the debt the confirmations ran up delays the full trains
+    after them.
+
+    Pure: the runtime passes ``now`` and B and sends what ``frames`` returns.
+    """
+
+    max_frame_padding: int = 61_440
+    """Padding of the largest PING of a train: a server accepts frames of 64 KiB above its
+    largest activation (``spinn.runtime.server.frame_limit_for``)."""
+    train_s: float = 0.03
+    """Duration of a full train at the estimated B."""
+    share: float = 0.03
+    """Fraction of the link the trains (scouts included) take, at the estimated B."""
+    min_bytes: int = 6144
+    """Smallest train: four frames above a shaper's one-packet burst of 1500 B."""
+    max_bytes: int = 2 << 20
+    """Largest train (2 MiB: 34 ms at 500 Mbit/s)."""
+    min_frames: int = 4
+    """Frames per train at least, so that its second half holds two of them."""
+    scout_ratio: int = 16
+    """A scout is this much smaller than the full train."""
+    confirm_gap_s: float = 0.1
+    """Wait between the answer to one train and a confirming one."""
+    scout_interval_s: float = 0.3
+    """Wait between rounds: a scout goes out this often (a thirtieth of the full train's
+    link time: 0.6% of the link), the full train only when the budget allows."""
+    max_confirms: int = 2
+    """Confirming rounds in a row at most, before the budget decides again."""
+    next_at: float = 0.0
+    """Not before this."""
+    in_flight: bool = False
+    """A train was sent and not all of its PINGs were answered yet."""
+    scouting: bool = True
+    """The next (or the in-flight) train is a round's scout."""
+    confirming: int = 0
+    """Confirming rounds since the budget last decided (0: a regular round)."""
+    credit_s: float = 0.0
+    """The budget: link time the trains may still take (negative: in debt)."""
+    credit_at: float | None = None
+    """When the budget was last brought up to date."""
+    sent_bytes: int = 0
+    """Bytes of the train in flight on the wire."""
+    confirm_bps: float | None = None
+    """The rate the round to be confirmed showed: the confirming round is sized for it
+    (after a drop to 0.5 Mbit/s, a scout sized for the old 100 Mbit/s takes 0.4 s)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.share <= 1.0:
+            raise ValueError(f"probe share must be in (0, 1], got {self.share}")
+        if not self.train_s > 0.0:
+            raise ValueError(f"probe train duration must be > 0 s, got {self.train_s}")
+        if self.max_frame_padding < 1 or self.min_frames < 2 or self.scout_ratio < 1:
+            raise ValueError("probe trains need frames of >= 1 byte, >= 2 frames, a ratio >= 1")
+
+    def _full_bytes(self, bandwidth_bps: float) -> int:
+        return int(min(max(bandwidth_bps * self.train_s / 8.0, self.min_bytes), self.max_bytes))
+
+    def _accrue(self, now: float, bandwidth_bps: float) -> None:
+        full = self._full_bytes(bandwidth_bps)
+        cap = 8.0 * (full + full // self.scout_ratio) / max(bandwidth_bps, 1.0)
+        if self.credit_at is None:
+            self.credit_s = cap  # a new link: the first round goes at once
+        else:
+            self.credit_s = min(cap, self.credit_s + self.share * max(0.0, now - self.credit_at))
+        self.credit_at = now
+
+    def due(self, now: float, bandwidth_bps: float) -> bool:
+        """Whether to send the train ``frames`` returns now."""
+        # The tolerance absorbs the rounding of the budget's repayment time.
+        return not self.in_flight and now >= self.due_at(now, bandwidth_bps) - 1e-9
+
+    def due_at(self, now: float, bandwidth_bps: float) -> float:
+        """When the next train will be due (``inf`` while one is in flight)."""
+        if self.in_flight:
+            return math.inf
+        if self.scouting and self.confirming == 0 and not self._has_scout(bandwidth_bps):
+            # No scout at this rate: each round is a full train, when the budget allows.
+            self._accrue(now, bandwidth_bps)
+            return max(self.next_at, now + max(0.0, -self.credit_s) / self.share)
+        return self.next_at
+
+    def _has_scout(self, bandwidth_bps: float) -> bool:
+        return self._full_bytes(bandwidth_bps) >= 2 * self.min_bytes
+
+    def frames(self, bandwidth_bps: float) -> list[int]:
+        """The padding of each PING of the next train, for a link of ``bandwidth_bps`` (a
+        confirming round's for the rate of the sample it confirms)."""
+        if self.confirming and self.confirm_bps is not None:
+            bandwidth_bps = self.confirm_bps
+        total = self._full_bytes(bandwidth_bps)
+        if self.scouting and self._has_scout(bandwidth_bps):
+            total = max(self.min_bytes, total // self.scout_ratio)
+        else:
+            self.scouting = False  # the full train is as small as a scout: no scout
+        n = max(self.min_frames, math.ceil(total / self.max_frame_padding))
+        return [math.ceil(total / n)] * n
+
+    def sent(self, now: float, nbytes: int) -> None:
+        """The train ``frames`` returned was written at ``now``, ``nbytes`` on the wire."""
+        self.in_flight = True
+        self.sent_bytes = nbytes
+
+    def answered(self, now: float, bandwidth_bps: float, *, timed: bool, confirm: bool) -> None:
+        """Every PING of the train was answered at ``now``; ``bandwidth_bps`` is the estimate
+        after it, or the rate the train itself showed if higher (what it is charged at).
+        ``timed``: its rate was resolved; ``confirm``: its sample disagreed with the
+        estimate (for an untimed scout: it showed the link faster than the estimate)."""
+        self.in_flight = False
+        self._accrue(now, bandwidth_bps)
+        self.credit_s -= 8.0 * self.sent_bytes / max(bandwidth_bps, 1.0)
+        self.sent_bytes = 0
+        self.next_at = now + self.confirm_gap_s
+        if self.scouting and not timed:
+            if self.confirming == 0 and self.credit_s < 0.0 and not confirm:
+                # The link is at least as fast as B says, and the budget has no room for
+                # the full train: the next scout, a while later.
+                self.next_at = now + self.scout_interval_s
+                return
+            self.scouting = False
+            self.next_at = now  # the full train, at once
+            return
+        # A timed scout found the link far slower than B: confirmed like a step.
+        timed_scout, self.scouting = self.scouting, True
+        if confirm and not timed:
+            # An untimed full train raised the bound: the next is larger (costing little,
+            # it is not counted against max_confirms).
+            self.confirming = max(1, self.confirming)
+        elif (confirm or timed_scout) and self.confirming < self.max_confirms:
+            self.confirming += 1
+        else:
+            self.confirming = 0
+            self.next_at = now + self.scout_interval_s
+
+    def train_answered(
+        self,
+        now: float,
+        bandwidth: BandwidthEstimator,
+        arrivals: Sequence[tuple[int, float]],
+        train_bytes: int,
+        prior_bps: float,
+    ) -> tuple[float, bool]:
+        """Every PING of the train in flight was answered at ``now`` (its ``arrivals``, as
+        ``spinn.estimators.train_dispersion`` takes them): feed ``bandwidth`` (whose
+        estimate is ``prior_bps`` until it has one) and plan the next train.  Returns what
+        the train showed, ``(rate, timed)`` (``timed`` False: a least rate)."""
+        before = bandwidth.bandwidth_bps or prior_bps
+        sample = BandwidthEstimator.train_sample(arrivals, train_bytes)
+        rate, timed = sample if sample is not None else (before, False)
+        if sample is not None and (timed or not self.scouting):
+            bandwidth.observe_train(now, arrivals, train_bytes)
+            confirm = bandwidth.needs_confirmation
+        else:
+            # An untimed scout is no sample; but if even it shows the link faster than B,
+            # the full train goes whatever the budget.
+            confirm = rate > (1.0 + TRAIN_CONFIRM_REL) * before
+        # Charged at the rate the train itself showed when that is higher: a low estimate
+        # must not make the trains that would correct it look dear.
+        after = bandwidth.bandwidth_bps or prior_bps
+        self.answered(now, max(after, rate), timed=timed, confirm=confirm)
+        if self.confirming and confirm:
+            self.confirm_bps = rate
+        return rate, timed
+
+    def reset(self, now: float) -> None:
+        """The link was lost: the train's answers will not come; start afresh."""
+        self.in_flight = False
+        self.scouting = True
+        self.confirming = 0
+        self.sent_bytes = 0
+        self.next_at = now
