@@ -151,6 +151,8 @@ _PROBE_RESOLUTION_S = 0.002
 # its arrival times carry the server's read and event-loop jitter (about 1 ms on a loaded
 # two-core host, docs/SCHEDULER.md "Bandwidth from probe trains").
 _TRAIN_RESOLUTION_S = 0.002
+# A timed train this many times slower than B replaces the estimate at once.
+_TRAIN_DROP_RATIO = 4.0
 TRAIN_CONFIRM_REL = 0.3
 """A train sample further than this (relative) from the estimate asks for a confirming
 train soon; two that agree within it, on the same side of all older ones, are a step."""
@@ -338,6 +340,13 @@ class BandwidthEstimator:
             kept = [v for v, b in zip(self._trains, self._bounds, strict=True) if not b]
             self._trains = deque(kept, maxlen=self._trains.maxlen)
             self._bounds = deque((False for _ in kept), maxlen=self._bounds.maxlen)
+        if not bound and before is not None and sample * _TRAIN_DROP_RATIO < before:
+            # A collapse is believed at once: a link taken for four times faster than it
+            # is fills with uploads, each behind the last, and the confirming train then
+            # waits behind them all (loopback to 200 kbit/s: seconds). A server stall
+            # read as a slow train costs one confirming round of a low B instead.
+            self._trains.clear()
+            self._bounds.clear()
         self._trains.append(sample)
         self._bounds.append(bound)
         if _stepped(self._trains):

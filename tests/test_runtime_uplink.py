@@ -202,8 +202,10 @@ def _simulate(
 
 def test_probe_trains_size_and_scout() -> None:
     trains = ProbeTrains()
-    # At 500 Mbit/s a full train is 30 ms of the link (1.9 MB): its scout is 16x smaller.
-    assert sum(trains.frames(500e6)) == pytest.approx(500e6 * 0.03 / 8 / 16, abs=4)
+    # At 500 Mbit/s a full train is 30 ms of the link (1.9 MB); its scout is 16x smaller,
+    # but no more than 32 kB (at 24 Mbit/s, 5.6 kB would be: 6 kB, the smallest train).
+    assert sum(trains.frames(500e6)) == 32_768
+    assert sum(ProbeTrains().frames(24e6)) == 6_144
     trains.scouting = False
     full = trains.frames(500e6)
     assert sum(full) == pytest.approx(500e6 * 0.03 / 8, abs=64)
@@ -241,9 +243,10 @@ def test_probe_trains_follow_a_step(before: float, after: float) -> None:
         trains, est, lambda t: before if t < step else after, step + 5, step - 0.37
     )
     back = next(t for t, b in trace if t > step and abs(b / after - 1) <= 0.3)
-    # A drop is seen by the next scout (every 0.3 s); a rise by the next full train,
-    # which the budget spaces by about a second; each is confirmed 0.1 s later.
-    assert back - step < (1.0 if after < before else 1.5), trace
+    # A drop is seen by the next scout (every 0.3 s) and confirmed 0.1 s later; a rise
+    # only by the next full train, which the budget spaces by about a second, and then
+    # the larger trains it calls for.
+    assert back - step < (1.0 if after < before else 2.5), trace
     assert est.bandwidth_bps == pytest.approx(after, rel=0.05)
 
 
@@ -259,3 +262,19 @@ def test_probe_trains_budget_and_reset() -> None:
     trains.sent(0.5, 6_300)
     rate, timed = trains.train_answered(0.6, est, [(6_300, 1.0)], 6_300, 10e6)
     assert not timed and rate > 10e6
+
+
+def test_probe_trains_pause_full_trains_on_a_link_too_fast_to_time() -> None:
+    # Loopback: every train passes at once. B climbs as a bound up to what the largest
+    # train can tell, then only scouts go out (every 0.3 s) until the hold is over.
+    trains, est = ProbeTrains(), BandwidthEstimator()
+    trace, _ = _simulate(trains, est, lambda t: 1e12, 3.0)
+    assert est.bandwidth_bps is not None and est.bandwidth_bps > 5e9
+    t0 = trace[-1][0]
+    trace, sent = _simulate(trains, est, lambda t: 1e12, t0 + 5.0, t0)
+    assert len(trace) >= 14 and sent <= len(trace) * 34_000
+    # …and a drop to 200 kbit/s shows within a few seconds, the scout being capped.
+    step = trace[-1][0]
+    trace, _ = _simulate(trains, est, lambda t: 0.2e6, step + 4.0, step)
+    assert est.bandwidth_bps == pytest.approx(0.2e6, rel=0.05)
+    assert next(t for t, b in trace if b < 0.26e6) - step < 2.5

@@ -391,6 +391,8 @@ class _Link:
         (PONG ``received_bytes`` and ``received_at``)."""
         self.clean_pings: set[int] = set()
         """Bare PINGs sent with no probe train ahead of them: only these time L."""
+        self.heard_at = 0.0
+        """When the server last sent anything (the dead-link check)."""
         self.probe_bytes_sent = 0
         """Bytes of probe trains written (framed), for the summary's probe overhead."""
         self._wake_pinger = asyncio.Event()
@@ -720,6 +722,7 @@ class _Link:
                 data = await reader.read(_READ_CHUNK)
                 if not data:
                     return self._close_reason or "server closed the connection"
+                self.heard_at = _now()
                 with dev.link_work():
                     self.conn.receive_data(data)
         except ProtocolError as exc:
@@ -829,7 +832,7 @@ class _Link:
 
     async def _ping_loop_inner(self) -> None:
         cfg = self.config
-        next_bare = _now()
+        next_bare = self.heard_at = _now()
         bare_sent = 0
         self.trains.reset(next_bare)
         while self.up:
@@ -843,10 +846,13 @@ class _Link:
                 allowance = cfg.ping_timeout_s + 8.0 * (self.unanswered_bytes() + probing) / max(
                     est.bandwidth_bps, 1.0
                 )
-                if now - oldest > allowance:
+                # A link that keeps answering is alive, however slow: after a drop, bytes
+                # queued at the old rate (uploads, a probe) hold the PINGs back for long.
+                if now - oldest > allowance and now - self.heard_at > cfg.ping_timeout_s:
                     self._close_reason = (
                         f"closed by the device: no PONG for {now - oldest:.2f} s (allowed "
-                        f"{allowance:.2f} s), the server is taken as unreachable"
+                        f"{allowance:.2f} s) and nothing heard for "
+                        f"{now - self.heard_at:.2f} s, the server is taken as unreachable"
                     )
                     self._abort()
                     return

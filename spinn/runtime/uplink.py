@@ -144,7 +144,9 @@ class ProbeTrains:
     sample goes in at once with a confirming round after it.  The full train follows an
     untimed scout only when the budget allows, and never a timed one: sized for the old
     rate, 30 ms of a 100 Mbit/s link would hold a 0.2 Mbit/s link for 15 s.  At rates
-    where a full train is no larger than two scouts, rounds are full trains alone.
+    where a full train is no larger than two scouts, rounds are full trains alone.  On a
+    link faster than the largest train can time (loopback, a LAN), full trains pause for
+    ``saturated_hold_s`` after one.
 
     The trains' cost is kept to ``share`` of the link by a budget in seconds of link time:
     it grows by ``share`` per second (up to one round's worth), and each train, once
@@ -174,7 +176,16 @@ class ProbeTrains:
     min_frames: int = 4
     """Frames per train at least, so that its second half holds two of them."""
     scout_ratio: int = 16
-    """A scout is this much smaller than the full train."""
+    """A scout is this much smaller than the full train…"""
+    max_scout_bytes: int = 32_768
+    """…and at most this large: sized for loopback, a scout of 128 kB would hold a link
+    that dropped to 200 kbit/s for 5 s. A scout is timed where it outlasts the shaper's
+    burst and the resolution (about 8 ms of the new rate): a drop to a quarter of B or
+    below, and any drop below 30 Mbit/s, shows at the next scout."""
+    saturated_hold_s: float = 10.0
+    """After the largest train passed untimed, full trains pause this long."""
+    full_after: float = 0.0
+    """No full train before this (``saturated_hold_s``)."""
     confirm_gap_s: float = 0.1
     """Wait between the answer to one train and a confirming one."""
     scout_interval_s: float = 0.3
@@ -245,7 +256,7 @@ class ProbeTrains:
             bandwidth_bps = self.confirm_bps
         total = self._full_bytes(bandwidth_bps)
         if self.scouting and self._has_scout(bandwidth_bps):
-            total = max(self.min_bytes, total // self.scout_ratio)
+            total = max(self.min_bytes, min(total // self.scout_ratio, self.max_scout_bytes))
         else:
             self.scouting = False  # the full train is as small as a scout: no scout
         n = max(self.min_frames, math.ceil(total / self.max_frame_padding))
@@ -264,10 +275,16 @@ class ProbeTrains:
         self.in_flight = False
         self._accrue(now, bandwidth_bps)
         self.credit_s -= 8.0 * self.sent_bytes / max(bandwidth_bps, 1.0)
+        if not (timed or self.scouting) and self.sent_bytes >= self.max_bytes:
+            # The largest train passed within the resolution: the link is faster than any
+            # train can tell (loopback, a LAN). Larger ones only load both ends; scouts
+            # still watch for a drop.
+            self.full_after = now + self.saturated_hold_s
         self.sent_bytes = 0
         self.next_at = now + self.confirm_gap_s
         if self.scouting and not timed:
-            if self.confirming == 0 and self.credit_s < 0.0 and not confirm:
+            held = self.credit_s < 0.0 or now < self.full_after
+            if self.confirming == 0 and held and not confirm:
                 # The link is at least as fast as B says, and the budget has no room for
                 # the full train: the next scout, a while later.
                 self.next_at = now + self.scout_interval_s
