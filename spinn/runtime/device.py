@@ -129,6 +129,8 @@ _now = time.perf_counter
 _FATAL_CODES = (ErrorCode.MODEL_MISMATCH, ErrorCode.VERSION, ErrorCode.UNAUTHENTICATED)
 # A probe's padding crosses the link while everything queued behind it waits.
 _MAX_PROBE_BYTES = 1 << 20
+# Bytes of a PING frame besides its padding (msgpack envelope; a generous bound).
+_PING_ENVELOPE = 128
 # Bare PINGs sent 0.1 s apart on a new connection, before the regular interval.
 _QUICK_PINGS = 4
 # Request errors the server sends as soon as the INFER arrives (PROTOCOL.md §8).
@@ -647,6 +649,15 @@ class _Link:
         self.conn, self.writer, self.welcome = conn, writer, welcome
         self.pings.clear()
         self._close_reason = None
+        # A probe PING within the server's frame limit where it states one (PROTOCOL.md
+        # §5.12); --probe-bytes' default fits any server's (64 KiB above its activations).
+        limit = None if welcome.description is None else welcome.description.max_frame_bytes
+        padding = (
+            self.config.probe_bytes
+            if limit is None
+            else min(self.config.probe_bytes, limit - _PING_ENVELOPE)
+        )
+        self.trains.max_frame_padding = max(1, padding)
         return reader
 
     def _check_description(
@@ -828,7 +839,7 @@ class _Link:
                 self.train[self.ping_seq] = size
                 total += size
         self.probe_bytes_sent += total
-        self.trains.sent(now, total)
+        self.trains.sent(now, total, len(self.train))
 
     async def _ping_loop_inner(self) -> None:
         cfg = self.config

@@ -174,7 +174,18 @@ class ProbeTrains:
     max_bytes: int = 2 << 20
     """Largest train (2 MiB: 34 ms at 500 Mbit/s)."""
     min_frames: int = 4
-    """Frames per train at least, so that its second half holds two of them."""
+    """PINGs per full train at least, so that its timed part holds three of them…"""
+    scout_frames: int = 3
+    """…and per scout, two."""
+    max_ping_rate: float = 30.0
+    """PINGs a second the trains send at most on average (a server allows 50, in bursts
+    of 100, PROTOCOL.md §8; the bare PINGs take two)…"""
+    max_ping_burst: float = 60.0
+    """…and at once."""
+    ping_credit: float = 60.0
+    """PINGs the trains may send now."""
+    ping_at: float | None = None
+    """When ``ping_credit`` was last brought up to date."""
     scout_ratio: int = 16
     """A scout is this much smaller than the full train…"""
     max_scout_bytes: int = 32_768
@@ -216,8 +227,10 @@ class ProbeTrains:
             raise ValueError(f"probe share must be in (0, 1], got {self.share}")
         if not self.train_s > 0.0:
             raise ValueError(f"probe train duration must be > 0 s, got {self.train_s}")
-        if self.max_frame_padding < 1 or self.min_frames < 2 or self.scout_ratio < 1:
-            raise ValueError("probe trains need frames of >= 1 byte, >= 2 frames, a ratio >= 1")
+        if self.max_frame_padding < 1 or min(self.min_frames, self.scout_frames) < 2:
+            raise ValueError("probe trains need PINGs of >= 1 byte of padding, >= 2 a train")
+        if self.scout_ratio < 1 or not 0.0 < self.max_ping_rate <= self.max_ping_burst:
+            raise ValueError("probe trains need a scout ratio >= 1 and 0 < PING rate <= burst")
 
     def _full_bytes(self, bandwidth_bps: float) -> int:
         return int(min(max(bandwidth_bps * self.train_s / 8.0, self.min_bytes), self.max_bytes))
@@ -240,32 +253,57 @@ class ProbeTrains:
         """When the next train will be due (``inf`` while one is in flight)."""
         if self.in_flight:
             return math.inf
+        at = self.next_at
         if self.scouting and self.confirming == 0 and not self._has_scout(bandwidth_bps):
             # No scout at this rate: each round is a full train, when the budget allows.
             self._accrue(now, bandwidth_bps)
-            return max(self.next_at, now + max(0.0, -self.credit_s) / self.share)
-        return self.next_at
+            at = max(at, now + max(0.0, -self.credit_s) / self.share)
+        # PINGs are rate-limited at the server: the train waits for its PINGs' credit.
+        n = len(self._plan(bandwidth_bps)[1])
+        self._accrue_pings(now)
+        if self.ping_credit < n:
+            at = max(at, now + (n - self.ping_credit) / self.max_ping_rate)
+        return at
 
     def _has_scout(self, bandwidth_bps: float) -> bool:
         return self._full_bytes(bandwidth_bps) >= 2 * self.min_bytes
 
-    def frames(self, bandwidth_bps: float) -> list[int]:
-        """The padding of each PING of the next train, for a link of ``bandwidth_bps`` (a
-        confirming round's for the rate of the sample it confirms)."""
+    def _accrue_pings(self, now: float) -> None:
+        if self.ping_at is not None:
+            elapsed = max(0.0, now - self.ping_at)
+            self.ping_credit = min(
+                self.max_ping_burst, self.ping_credit + elapsed * self.max_ping_rate
+            )
+        self.ping_at = now
+
+    def _plan(self, bandwidth_bps: float) -> tuple[bool, list[int]]:
+        """Whether the next train is a scout, and its PINGs' padding."""
         if self.confirming and self.confirm_bps is not None:
             bandwidth_bps = self.confirm_bps
         total = self._full_bytes(bandwidth_bps)
-        if self.scouting and self._has_scout(bandwidth_bps):
+        # Never more PINGs than three quarters of a burst the server allows.
+        total = min(total, int(0.75 * self.max_ping_burst) * self.max_frame_padding)
+        scout = self.scouting and self._has_scout(bandwidth_bps)
+        if scout:
             total = max(self.min_bytes, min(total // self.scout_ratio, self.max_scout_bytes))
-        else:
-            self.scouting = False  # the full train is as small as a scout: no scout
-        n = max(self.min_frames, math.ceil(total / self.max_frame_padding))
-        return [math.ceil(total / n)] * n
+        least = self.scout_frames if scout else self.min_frames
+        n = max(least, math.ceil(total / self.max_frame_padding))
+        return scout, [math.ceil(total / n)] * n
 
-    def sent(self, now: float, nbytes: int) -> None:
-        """The train ``frames`` returned was written at ``now``, ``nbytes`` on the wire."""
+    def frames(self, bandwidth_bps: float) -> list[int]:
+        """The padding of each PING of the next train, for a link of ``bandwidth_bps`` (a
+        confirming round's for the rate of the sample it confirms)."""
+        # A full train as small as a scout goes without one.
+        self.scouting, sizes = self._plan(bandwidth_bps)
+        return sizes
+
+    def sent(self, now: float, nbytes: int, pings: int) -> None:
+        """The train ``frames`` returned was written at ``now``: ``pings`` PINGs,
+        ``nbytes`` on the wire."""
         self.in_flight = True
         self.sent_bytes = nbytes
+        self._accrue_pings(now)
+        self.ping_credit -= pings
 
     def answered(self, now: float, bandwidth_bps: float, *, timed: bool, confirm: bool) -> None:
         """Every PING of the train was answered at ``now``; ``bandwidth_bps`` is the estimate
