@@ -13,7 +13,8 @@ few seconds and reads the estimates the device handed its policy for every frame
 Per run: the median relative error of B against the shaped rate and of L against the
 shaped RTT plus the loopback floor (the median L of an unshaped run: both event loops and
 the proxy), after a warm-up; and the probe trains' bytes over what the link could carry in
-the run (``probe_overhead``).  Then step runs: the rate changes half-way through a
+the run, start-up included.  ``probe_overhead`` is the trains' share once started: the
+difference between a short and a three times longer device-only run, per rate.  Then step runs: the rate changes half-way through a
 middle-split run, and ``settle_s`` is the time from the step until B stays within 30% of
 the new rate for the rest of the run (``None``: never).
 
@@ -63,6 +64,8 @@ class Plan:
     step_rtt_ms: float
     step_half_s: float
     """Each step run holds each rate this long."""
+    overhead_rates_mbit: tuple[float, ...]
+    """Rates whose steady probe overhead is measured (``steady_overhead``)."""
 
 
 FULL = Plan(
@@ -74,6 +77,7 @@ FULL = Plan(
     steps_mbit=((24, 250), (250, 24), (50, 1), (1, 50), (500, 5)),
     step_rtt_ms=20,
     step_half_s=3.0,
+    overhead_rates_mbit=(0.5, 24, 500),
 )
 QUICK = Plan(
     "quick",
@@ -84,6 +88,7 @@ QUICK = Plan(
     steps_mbit=((250, 24),),
     step_rtt_ms=20,
     step_half_s=2.0,
+    overhead_rates_mbit=(1,),
 )
 
 
@@ -164,6 +169,21 @@ def run_case(
     case.trains = int(est.get("probe_trains", 0))
     case.frames = len(trace.points)
     return case
+
+
+def steady_overhead(
+    tb: Testbed, server: ServerProcess, rate_mbit: float, rtt_ms: float, short_s: float
+) -> float:
+    """The probe trains' share of the link once started: the probe bytes of a device-only
+    run of ``3 × short_s`` less those of one of ``short_s``, over what the link carried
+    in the difference (the start-up, from the prior to the link's rate, cancels out)."""
+    policy = _policies(tb)["device-only"]
+    sent = []
+    with Shaper(tb, server.port, rate=f"{rate_mbit:g}mbit", delay=f"{rtt_ms / 2:g}ms") as sh:
+        for duration in (short_s, 3 * short_s):
+            _, summary, _ = _run(tb, sh, policy, duration)
+            sent.append(float(summary.get("estimates", {}).get("probe_bytes", 0)))
+    return 8.0 * (sent[1] - sent[0]) / (rate_mbit * 1e6 * 2 * short_s)
 
 
 def settle_time(
@@ -261,6 +281,11 @@ def run(plan: Plan, checkpoint: Path, device_slowdown: float) -> dict[str, Any]:
                             )
                 print_table(rows, rtt, floor_ms)
                 cases += rows
+            print("\nprobe trains' share of the link once started (device-only)")
+            steady = {}
+            for rate in plan.overhead_rates_mbit:
+                steady[rate] = steady_overhead(tb, server, rate, plan.step_rtt_ms, plan.run_s)
+                print(f"{rate:g} Mbit/s: {steady[rate]:.1%}", flush=True)
             print(f"\nsteps (middle split, RTT {plan.step_rtt_ms:g} ms)")
             for before, after in plan.steps_mbit:
                 s = run_step(tb, server, before, after, plan, policies["middle"])
@@ -291,8 +316,11 @@ def run(plan: Plan, checkpoint: Path, device_slowdown: float) -> dict[str, Any]:
             else round(statistics.median(x if x is not None else math.inf for x in settles), 3)
         ),
         "steps_settled": f"{len(settled)}/{len(settles)}",
-        "probe_overhead": round(max(c.probe_overhead for c in cases), 4),
-        "probe_overhead_median": round(statistics.median(c.probe_overhead for c in cases), 4),
+        # Once started; the runs' own figures include the start-up from the prior.
+        "probe_overhead": round(max(steady.values()), 4),
+        "probe_overhead_steady": {f"{r:g}": round(v, 4) for r, v in steady.items()},
+        "probe_overhead_run_max": round(max(c.probe_overhead for c in cases), 4),
+        "probe_overhead_run_median": round(statistics.median(c.probe_overhead for c in cases), 4),
         "cases": [
             {
                 "rate_mbit": c.rate_mbit,
