@@ -145,8 +145,8 @@ class ProbeTrains:
     untimed scout only when the budget allows, and never a timed one: sized for the old
     rate, 30 ms of a 100 Mbit/s link would hold a 0.2 Mbit/s link for 15 s.  At rates
     where a full train is no larger than two scouts, rounds are full trains alone.  On a
-    link faster than the largest train can time (loopback, a LAN), full trains pause for
-    ``saturated_hold_s`` after one.
+    link of 1 Gbit/s or more, or one faster than the largest train can time (loopback, a
+    LAN), full trains pause for ``saturated_hold_s`` after one.
 
     The trains' cost is kept to ``share`` of the link by a budget in seconds of link time:
     it grows by ``share`` per second (up to one round's worth), and each train, once
@@ -193,8 +193,10 @@ class ProbeTrains:
     that dropped to 200 kbit/s for 5 s. A scout is timed where it outlasts the shaper's
     burst and the resolution (about 8 ms of the new rate): a drop to a quarter of B or
     below, and any drop below 30 Mbit/s, shows at the next scout."""
+    saturated_bps: float = 1e9
+    """A full train that shows this rate or more…"""
     saturated_hold_s: float = 10.0
-    """After the largest train passed untimed, full trains pause this long."""
+    """…or the largest train passing untimed pauses the full trains this long."""
     full_after: float = 0.0
     """No full train before this (``saturated_hold_s``)."""
     confirm_gap_s: float = 0.1
@@ -313,9 +315,13 @@ class ProbeTrains:
         self.in_flight = False
         self._accrue(now, bandwidth_bps)
         self.credit_s -= 8.0 * self.sent_bytes / max(bandwidth_bps, 1.0)
-        if not (timed or self.scouting) and self.sent_bytes >= self.max_bytes:
-            # The largest train passed within the resolution: the link is faster than any
-            # train can tell (loopback, a LAN). Larger ones only load both ends; scouts
+        if not self.scouting and (
+            bandwidth_bps >= self.saturated_bps or (not timed and self.sent_bytes >= self.max_bytes)
+        ):
+            # The link is faster than matters (the largest activation crosses 1 Gbit/s in
+            # 0.2 ms), or than the largest train can tell: loopback, a LAN. Full trains
+            # only load both ends there (2 MiB of PINGs through the server's event loop
+            # delayed RESULTs past their deadline on the loaded two-core host); scouts
             # still watch for a drop.
             self.full_after = now + self.saturated_hold_s
         self.sent_bytes = 0
