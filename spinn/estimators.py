@@ -153,6 +153,9 @@ _PROBE_RESOLUTION_S = 0.002
 _TRAIN_RESOLUTION_S = 0.002
 # A timed train this many times slower than B replaces the estimate at once.
 _TRAIN_DROP_RATIO = 4.0
+# An upload this long is no per-request cost (about 0.5 ms): its rate is the link's, or
+# less (docs/SCHEDULER.md, "Bandwidth from probe trains").
+_UPLOAD_COLLAPSE_S = 0.02
 TRAIN_CONFIRM_REL = 0.3
 """A train sample further than this (relative) from the estimate asks for a confirming
 train soon; two that agree within it, on the same side of all older ones, are a step."""
@@ -243,6 +246,8 @@ class BandwidthEstimator:
         self._median = MedianOf3()
         self._recent: list[float] = []
         self._trains: deque[float] = deque(maxlen=train_window)
+        self._long_uploads: deque[float] = deque(maxlen=3)
+        """Uploads that took ``_UPLOAD_COLLAPSE_S`` or more: they can tell a collapse."""
         self.train_samples = 0
         """Probe trains observed (``observe_train``), bounds included."""
         self._bounds: deque[bool] = deque(maxlen=train_window)
@@ -276,6 +281,22 @@ class BandwidthEstimator:
             return None
         sample = 8.0 * n / t
         self._update(now, sample)
+        if self._train_estimate is not None and t >= _UPLOAD_COLLAPSE_S:
+            # Trains make B; but uploads that took long and read a quarter of it or less
+            # (the last three such) are a collapse the trains cannot see in time: their
+            # PINGs queue behind the very uploads that flood the link. The fastest of the
+            # three stands for B: an upload errs slow (a cancelled one's time is a bound).
+            self._long_uploads.append(sample)
+            slow = max(self._long_uploads)
+            full = len(self._long_uploads) == self._long_uploads.maxlen
+            if full and slow * _TRAIN_DROP_RATIO < self._train_estimate:
+                self._long_uploads.clear()
+                self._trains.clear()
+                self._bounds.clear()
+                self._trains.append(slow)
+                self._bounds.append(False)
+                self._train_estimate = slow
+                self.needs_confirmation = True
         return sample
 
     def observe_probe(

@@ -474,3 +474,23 @@ def test_online_profiler_feeds_trains() -> None:
     assert op.snapshot(0.0).bandwidth_bps == OnlineProfilerConfig().initial_bandwidth_bps
     op.bandwidth.observe_train(1.0, _train(5e6, 20_000, burst=3_125, chunk=3_125), 20_000)
     assert op.snapshot(1.0).bandwidth_bps == pytest.approx(5e6)
+
+
+def test_long_slow_uploads_tell_a_collapse_the_trains_cannot_see() -> None:
+    """After loopback dropped to 200 kbit/s, uploads sent at the old rate flood the link
+    and the trains' PINGs queue behind them: three uploads in a row that took long and
+    read a quarter of B or less replace it at once. Short ones, which read the per-request
+    cost on any fast link (10-65 Mbit/s on loopback), never do."""
+    est = BandwidthEstimator()
+    est.observe_train(0.0, [(100_000, 0.0), (2_000_000, 0.004)], 2_100_000)
+    fast = est.bandwidth_bps
+    assert fast is not None and fast > 1e9
+    for i in range(10):
+        est.observe_transfer(1.0 + i, 4_200, 0.0008)  # 42 Mbit/s: a per-request cost
+    assert est.bandwidth_bps == fast
+    est.observe_transfer(20.0, 4_200, 0.17)  # stalled answers: not yet
+    est.observe_transfer(20.1, 4_200, 1.7)
+    assert est.bandwidth_bps == fast
+    est.observe_transfer(20.2, 4_200, 0.168)  # three: the fastest of them stands for B
+    assert est.bandwidth_bps == pytest.approx(8 * 4_200 / 0.168)
+    assert est.needs_confirmation
