@@ -176,3 +176,23 @@ def test_device_exit_draws_match_exit_for() -> None:
         u, thr = rng.random(), rng.choice([*PROFILE.thr_grid, NO_EARLY_EXIT])
         fe = rng.choice([None, 2])
         assert dev._exit_for(u, thr, fe) == exit_for(PROFILE, u, thr, fe)
+
+
+def test_real_run_without_answers_is_left_out(tmp_path: Path) -> None:
+    rows = [
+        {"network": "4G", "mbit": 24, "delay_s": 0.02, "policy": "server-only", "fps": 80.0,
+         "latency_ms_mean": 50.0},
+        {"network": "4G", "mbit": 24, "delay_s": 0.02, "policy": "device-only", "fps": 0.0,
+         "latency_ms_mean": 25.0},
+    ]  # fmt: skip
+    real = {"format": sim.REAL_FORMAT, "device_slowdown": 5.0, "run_s": 0.6, "warmup_s": 0.2,
+            "calibration": None, "rows": rows}  # fmt: skip
+    path = tmp_path / "real.json"
+    path.write_text(json.dumps(real), encoding="utf-8")
+    slow = dataclasses.replace(
+        PROFILE, stage_device_ms=tuple(5 * t for t in PROFILE.stage_device_ms)
+    )
+    out = sim.compare(sim.load_real(path), slow, DeviceModel(), ServerModel(), seed=0)
+    stalled = out["rows"][1]
+    assert stalled["throughput_error"] is None and stalled["latency_error"] is None
+    assert out["throughput_error_median"] == out["rows"][0]["throughput_error"]
