@@ -31,6 +31,7 @@ The last line printed is one JSON object with the headline figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -41,7 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1279,7 +1280,8 @@ def run_all(
     """Run the experiments; returns the headline figures (and writes everything)."""
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="spinn-bench-") as tmp:
+    # Testbed.prepare pins this process to one core; the next workload pins afresh.
+    with _affinity_restored(), tempfile.TemporaryDirectory(prefix="spinn-bench-") as tmp:
         workdir = Path(tmp)
         tb = Testbed.prepare(checkpoint, profile_path, device_slowdown, workdir)
         b = Bench(tb, plan, out, device_slowdown)
@@ -1314,6 +1316,18 @@ def run_all(
             write_readme(b, figures, e1, e2, e3, e4, e5, e6, time.monotonic() - started)
         print(f"{b.runs} runs in {(time.monotonic() - started) / 60:.1f} min; results in {out}")
     return figures
+
+
+@contextlib.contextmanager
+def _affinity_restored() -> Iterator[None]:
+    """This process's CPU affinity as it was, afterwards: a second workload found itself
+    on one core and ran device, server and proxy there ("not pinned")."""
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        yield
+    finally:
+        if cores is not None:
+            os.sched_setaffinity(0, cores)
 
 
 def _jsonable(x: Any) -> Any:

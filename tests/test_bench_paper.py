@@ -305,7 +305,10 @@ def test_run_all_tiny(small: tuple[Path, Path], tmp_path: Path, restore_affinity
         startup_s=0.3,
     )
     out = tmp_path / "results"
+    before = os.sched_getaffinity(0)
     figures = paper.run_all(tiny, out, ckpt, prof, 2.0, only=(1, 6))
+    # The next workload pins afresh: the run gives back the cores it took.
+    assert os.sched_getaffinity(0) == before
     # Without experiment 4 no headline; the residual rates come from the profile alone.
     rates = residual_rates(Profile.load(prof))
     assert figures == {"frames_lost": 0, **rates}
