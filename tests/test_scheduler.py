@@ -541,6 +541,17 @@ def test_a_decisive_change_does_not_wait_out_the_dwell() -> None:
     stubborn.decide(0.0, est(1000, lat_ms=1))
     assert stubborn.decide(0.2, est(0.01, lat_ms=1)).split <= 1
     assert stubborn.decide(1.0, est(0.01, lat_ms=1)).split == p.num_stages
+    # A move of the threshold alone waits out the dwell however large: the device only,
+    # accuracy first under a latency limit, the device three times faster.
+    only_device = Scheduler(
+        p, SLA(max_latency_ms=12, rank=(Metric.ACCURACY,)), cfg, splits=[p.num_stages]
+    )
+    low = only_device.decide(0.0, est(1, device_scale=1.0))
+    assert low.thr_conf < 0.9
+    assert only_device.decide(0.5, est(1, device_scale=0.3)) is low
+    assert only_device.decide(1.0, est(1, device_scale=0.3)).thr_conf > low.thr_conf
+    # A limit the current threshold breaks does not wait.
+    assert only_device.decide(1.1, est(1, device_scale=1.0)).thr_conf == low.thr_conf
     with pytest.raises(ValueError, match="dwell_band"):
         SchedulerConfig(dwell_band=0.5)
 
