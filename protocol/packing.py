@@ -424,14 +424,14 @@ def _pack_zdict(
 
 def _uintb_codes(codes: np.ndarray, bits: int) -> bytes:
     """uint8 `codes` below 2**bits, each as `bits` bits, most significant first, packed
-    end to end (PROTOCOL.md §6.8); the last byte's padding bits are 0."""
+    end to end (PROTOCOL.md §6.9); the last byte's padding bits are 0."""
     if bits == 8:
         return codes.tobytes()
     return np.packbits(np.unpackbits(codes[:, None], axis=1)[:, 8 - bits :]).tobytes()
 
 
 def _pack_uintb(flat: np.ndarray, bits: int) -> tuple[bytes, float]:
-    """(sparse_uintb payload, scale) of a contiguous 1-D float32 array (PROTOCOL.md §6.8).
+    """(sparse_uintb payload, scale) of a contiguous 1-D float32 array (PROTOCOL.md §6.9).
 
     scale = hi / 2**bits, level q = rint(x / scale) in [0, 2**bits]: the positions are the
     elements with q ≥ 1 (x̂ ≠ 0), each coded as q − 1 in `bits` bits, so every element is
@@ -454,13 +454,14 @@ def _pack_uintb(flat: np.ndarray, bits: int) -> tuple[bytes, float]:
     if not hi:
         return _SPARSE_HEADER.pack(bits, 0) + bytes(mask_len), 1.0
     scale = max(_f32(hi / (1 << bits)), _F32_TINY)
-    # float32 quotient then rint (half to even), as §6.8 specifies: hi / scale is 2**bits
+    # float32 quotient then rint (half to even), as §6.9 specifies: hi / scale is 2**bits
     # to within float32 rounding, so no level exceeds 2**bits and no clamp is needed.
     levels = np.rint(np.divide(flat, np.float32(scale)))
     mask = levels.astype(_BOOL)
     index = mask.nonzero()[0]
     codes = (levels.take(index) - 1.0).astype(_UINT8)
-    parts = (_SPARSE_HEADER.pack(bits, index.size), np.packbits(mask), _uintb_codes(codes, bits))
+    mask_bits = np.packbits(mask).tobytes()
+    parts = (_SPARSE_HEADER.pack(bits, index.size), mask_bits, _uintb_codes(codes, bits))
     return b"".join(parts), scale
 
 
@@ -786,7 +787,7 @@ def _unpack_sparse(raw: bytes, out: np.ndarray, scale: float, zero_point: int) -
 
 
 def _unpack_uintb(raw: bytes, out: np.ndarray, scale: float) -> None:
-    """Decode a sparse_uintb payload into `out`, flat and all zeros (PROTOCOL.md §6.8)."""
+    """Decode a sparse_uintb payload into `out`, flat and all zeros (PROTOCOL.md §6.9)."""
     n = out.size
     hs = _SPARSE_HEADER.size
     if len(raw) < hs:
