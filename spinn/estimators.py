@@ -8,7 +8,7 @@ Conventions, used the same way by the scheduler (docs/SCHEDULER.md):
 
 * Bandwidth ``B`` is in **bits** per second (``bandwidth_bps``).
 * Latency ``L`` is the **round-trip** propagation latency (``latency_s``): the RTT of a
-  bare PING.  A remote inference therefore costs ``upload + L + server + download`` with
+  bare PING (the lower quartile of the last five, ``LatencyEstimator``).  A remote inference therefore costs ``upload + L + server + download`` with
   ``L`` counted once, and the server time inferred from a response (DESIGN.md part 4,
   ``T_server = T_response − (L + D_response/B)``) reads ``T_response`` as the time from the
   end of the upload to the arrival of the RESULT; since the device times from the start
@@ -17,15 +17,17 @@ Conventions, used the same way by the scheduler (docs/SCHEDULER.md):
   (``T_real⟨s⟩ / T_offline⟨s⟩``, applied to every split), ``server_scale`` the same for the
   server part (so it absorbs server load when the server does not report compute time).
 
-Robustness: each estimator passes its raw samples through a median-of-3 pre-filter before
-the EWMA.  One outlier is never the median of three samples, so a single spike (a GC
+Robustness: the scale and overhead estimators pass their raw samples through a median-of-3
+pre-filter before the EWMA.  One outlier is never the median of three samples, so a single spike (a GC
 pause, a retransmission) never reaches the EWMA (it sees a normal neighbour instead),
 while a real step change
 shows through after two samples and the EWMA then converges geometrically
 (error × (1 − alpha) per sample).  The window starts filled with the first sample, so
 the first sample is taken as is and the second cannot be an outlier on its own either.
-Bandwidth keeps the median-of-3 but replaces the EWMA by a windowed maximum
-(``BandwidthEstimator``), because its samples err in one direction only.  The device's
+Bandwidth is the median of the last five probe trains (``BandwidthEstimator``,
+``train_dispersion``), or without trains a windowed maximum of upload samples, which err
+in one direction only; latency a low quantile of round trips, which err upwards.  The
+device's
 busy time (``DeviceBusyEstimator``) is a plain windowed mean instead: it feeds the
 throughput, which follows the mean, slow calls included (docs/SCHEDULER.md).
 """
@@ -151,11 +153,13 @@ _PROBE_RESOLUTION_S = 0.002
 # its arrival times carry the server's read and event-loop jitter (about 1 ms on a loaded
 # two-core host, docs/SCHEDULER.md "Bandwidth from probe trains").
 _TRAIN_RESOLUTION_S = 0.002
-# A timed train this many times slower than B replaces the estimate at once.
-_TRAIN_DROP_RATIO = 4.0
-# An upload this long is no per-request cost (about 0.5 ms): its rate is the link's, or
-# less (docs/SCHEDULER.md, "Bandwidth from probe trains").
-_UPLOAD_COLLAPSE_S = 0.02
+# A timed train this many times slower than B replaces the estimate at once (a server
+# that read a train late made a 100 Mbit/s link read 24 on the loaded two-core host).
+_TRAIN_DROP_RATIO = 8.0
+# An upload this long is neither a per-request cost (about 0.5 ms) nor, mostly, an answer
+# the loaded device read late (20 ms happened three times in a row): its rate is the
+# link's, or less (docs/SCHEDULER.md, "Bandwidth from probe trains").
+_UPLOAD_COLLAPSE_S = 0.1
 TRAIN_CONFIRM_REL = 0.3
 """A train sample further than this (relative) from the estimate asks for a confirming
 train soon; two that agree within it, on the same side of all older ones, are a step."""
@@ -225,9 +229,10 @@ def _stepped(samples: deque[float]) -> bool:
 
 
 class BandwidthEstimator:
-    """Uplink bandwidth ``B`` in bit/s from upload transfers and PING padding probes.
+    """Uplink bandwidth ``B`` in bit/s from probe trains (``observe_train``), or, until one
+    is timed, from upload transfers and single padded PINGs.
 
-    A measured transfer time is the wire time *plus* whatever queueing and scheduling
+    Without trains: a measured transfer time is the wire time *plus* whatever queueing and scheduling
     delay the measurement could not subtract, never less, so a single sample
     underestimates B, badly so for small payloads on a busy host.  As in BBR's
     bottleneck-bandwidth filter (Cardwell et al., ACM Queue 2016), the estimate is the
@@ -282,7 +287,7 @@ class BandwidthEstimator:
         sample = 8.0 * n / t
         self._update(now, sample)
         if self._train_estimate is not None and t >= _UPLOAD_COLLAPSE_S:
-            # Trains make B; but uploads that took long and read a quarter of it or less
+            # Trains make B; but uploads that took long and read an eighth of it or less
             # (the last three such) are a collapse the trains cannot see in time: their
             # PINGs queue behind the very uploads that flood the link. The fastest of the
             # three stands for B: an upload errs slow (a cancelled one's time is a bound).
@@ -362,7 +367,7 @@ class BandwidthEstimator:
             self._trains = deque(kept, maxlen=self._trains.maxlen)
             self._bounds = deque((False for _ in kept), maxlen=self._bounds.maxlen)
         if not bound and before is not None and sample * _TRAIN_DROP_RATIO < before:
-            # A collapse is believed at once: a link taken for four times faster than it
+            # A collapse is believed at once: a link taken for eight times faster than it
             # is fills with uploads, each behind the last, and the confirming train then
             # waits behind them all (loopback to 200 kbit/s: seconds). A server stall
             # read as a slow train costs one confirming round of a low B instead.

@@ -448,8 +448,12 @@ def test_bandwidth_from_trains_median_steps_and_bounds() -> None:
     feed(300e6, 1_900_000)
     assert est.needs_confirmation
     assert est.bandwidth_bps == pytest.approx(500e6, rel=1e-6)
-    # A collapse (a tenth) is believed at once: a link taken for faster than it is fills
-    # with uploads. Had it been a stall, the next two trains restore B.
+    # A fourth is not believed at once…
+    feed(120e6, 1_900_000)
+    assert est.bandwidth_bps == pytest.approx(500e6, rel=1e-6)
+    feed(500e6, 1_900_000)
+    # …a collapse (a tenth) is: a link taken for faster than it is fills with uploads.
+    # Had it been a stall, the next two trains restore B.
     feed(50e6, 1_900_000)
     assert est.bandwidth_bps == pytest.approx(50e6, rel=1e-6) and est.needs_confirmation
     feed(500e6, 1_900_000)
@@ -488,7 +492,10 @@ def test_long_slow_uploads_tell_a_collapse_the_trains_cannot_see() -> None:
     for i in range(10):
         est.observe_transfer(1.0 + i, 4_200, 0.0008)  # 42 Mbit/s: a per-request cost
     assert est.bandwidth_bps == fast
-    est.observe_transfer(20.0, 4_200, 0.17)  # stalled answers: not yet
+    for i in range(3):
+        est.observe_transfer(10.0 + i, 4_200, 0.025)  # answers read late: too short to tell
+    assert est.bandwidth_bps == fast
+    est.observe_transfer(20.0, 4_200, 0.17)  # long ones: not yet
     est.observe_transfer(20.1, 4_200, 1.7)
     assert est.bandwidth_bps == fast
     est.observe_transfer(20.2, 4_200, 0.168)  # three: the fastest of them stands for B
