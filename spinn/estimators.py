@@ -156,10 +156,11 @@ _TRAIN_RESOLUTION_S = 0.002
 # A timed train this many times slower than B replaces the estimate at once (a server
 # that read a train late made a 100 Mbit/s link read 24 on the loaded two-core host).
 _TRAIN_DROP_RATIO = 8.0
-# An upload this long is neither a per-request cost (about 0.5 ms) nor, mostly, an answer
-# the loaded device read late (20 ms happened three times in a row): its rate is the
-# link's, or less (docs/SCHEDULER.md, "Bandwidth from probe trains").
-_UPLOAD_COLLAPSE_S = 0.1
+# Uploads this long each are neither a per-request cost (about 0.5 ms) nor, mostly, an
+# answer the loaded device read late: their rate is the link's, or less (docs/SCHEDULER.md,
+# "Bandwidth from probe trains"). Counted per upload: a sample of eight small uploads held
+# eight answers' delays, and 20 ms in all read 24 Mbit/s as 0.4.
+_UPLOAD_COLLAPSE_S = 0.05
 TRAIN_CONFIRM_REL = 0.3
 """A train sample further than this (relative) from the estimate asks for a confirming
 train soon; two that agree within it, on the same side of all older ones, are a step."""
@@ -277,16 +278,19 @@ class BandwidthEstimator:
         self._recent.append(self._median.update(sample))
         del self._recent[: -self.window]
 
-    def observe_transfer(self, now: float, nbytes: int, seconds: float) -> float | None:
-        """An upload of ``nbytes`` that took ``seconds`` on the wire (latency excluded).
-        Returns the sample used, or ``None`` when the transfer was too small to measure."""
+    def observe_transfer(
+        self, now: float, nbytes: int, seconds: float, uploads: int = 1
+    ) -> float | None:
+        """``uploads`` uploads of ``nbytes`` in all that took ``seconds`` on the wire
+        (latency excluded). Returns the sample used, or ``None`` when the transfer was too
+        small to measure."""
         n = _check_sample("transfer bytes", nbytes)
         t = _check_sample("transfer seconds", seconds)
         if n < self.min_transfer_bytes or t <= 0.0:
             return None
         sample = 8.0 * n / t
         self._update(now, sample)
-        if self._train_estimate is not None and t >= _UPLOAD_COLLAPSE_S:
+        if self._train_estimate is not None and t >= _UPLOAD_COLLAPSE_S * max(uploads, 1):
             # Trains make B; but uploads that took long and read an eighth of it or less
             # (the last three such) are a collapse the trains cannot see in time: their
             # PINGs queue behind the very uploads that flood the link. The fastest of the
@@ -764,9 +768,9 @@ class OnlineProfiler:
 
     # -- network ------------------------------------------------------------------------
 
-    def observe_upload(self, now: float, nbytes: int, seconds: float) -> None:
-        """An INFER of ``nbytes`` took ``seconds`` to leave the device."""
-        self.bandwidth.observe_transfer(now, nbytes, seconds)
+    def observe_upload(self, now: float, nbytes: int, seconds: float, uploads: int = 1) -> None:
+        """``uploads`` INFERs of ``nbytes`` in all took ``seconds`` to leave the device."""
+        self.bandwidth.observe_transfer(now, nbytes, seconds, uploads)
 
     def observe_ping(self, now: float, rtt_s: float, probe_bytes: int = 0) -> None:
         """A PONG arrived ``rtt_s`` after its PING; ``probe_bytes`` of padding crossed the

@@ -494,6 +494,7 @@ def test_long_slow_uploads_tell_a_collapse_the_trains_cannot_see() -> None:
     assert est.bandwidth_bps == fast
     for i in range(3):
         est.observe_transfer(10.0 + i, 4_200, 0.025)  # answers read late: too short to tell
+        est.observe_transfer(11.0 + i, 4_200, 0.12, uploads=8)  # eight answers' delays
     assert est.bandwidth_bps == fast
     est.observe_transfer(20.0, 4_200, 0.17)  # long ones: not yet
     est.observe_transfer(20.1, 4_200, 1.7)

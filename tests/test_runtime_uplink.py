@@ -283,3 +283,12 @@ def test_probe_trains_pause_full_trains_on_a_link_too_fast_to_time() -> None:
     trace, _ = _simulate(trains, est, lambda t: 0.2e6, step + 4.0, step)
     assert est.bandwidth_bps == pytest.approx(0.2e6, rel=0.05)
     assert next(t for t, b in trace if b < 0.26e6) - step < 2.5
+
+
+def test_samples_say_how_many_uploads_they_hold() -> None:
+    timer = UploadTimer()
+    for i in range(4):
+        sent = i * 1.0
+        answer = sent + 1500 / RATE + L + HELD
+        timer.answered(sent_at=sent, now=answer, nbytes=1500, server_s=HELD, latency_s=L)
+    assert timer.sample_uploads == 3  # 4500 B: three uploads of 1500

@@ -1660,7 +1660,8 @@ class SpinnDevice:
             bound=bound,
         )
         if sample is not None:
-            self.profiler.observe_upload(now, sample[0], sample[1])
+            uploads = self._upload_timer.sample_uploads
+            self.profiler.observe_upload(now, sample[0], sample[1], uploads)
 
     def _on_request_error(self, error: Error) -> None:
         assert error.request_id is not None

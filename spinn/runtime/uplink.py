@@ -78,8 +78,11 @@ class UploadTimer:
     after a reconnect: nothing is queued ahead of the next request)."""
     last_answer_at: float | None = None
     """When the latest answer arrived (None after a reconnect)."""
+    sample_uploads: int = 0
+    """Uploads the last sample returned holds (their timing errors add up)."""
     _bytes: int = 0
     _seconds: float = 0.0
+    _count: int = 0
 
     def answered(
         self,
@@ -117,16 +120,18 @@ class UploadTimer:
             return None
         self._bytes += nbytes
         self._seconds += upload
+        self._count += 1
         if self._bytes < self.min_bytes or self._seconds < self.min_span_s:
             return None
         sample = (self._bytes, self._seconds)
+        self.sample_uploads, self._count = self._count, 0
         self._bytes, self._seconds = 0, 0.0
         return sample
 
     def reset(self) -> None:
         """A new connection: nothing is queued ahead of the next request."""
         self.uplink_free_at = self.last_answer_at = None
-        self._bytes, self._seconds = 0, 0.0
+        self._bytes, self._seconds, self._count = 0, 0.0, 0
 
 
 @dataclass(slots=True)
