@@ -57,6 +57,24 @@ class BasicBlock(nn.Module):
         return self.relu2(out + self.shortcut(x))
 
 
+def _basic_groups(in_planes: int, plan: list[tuple[int, int]]) -> tuple[nn.Sequential, int]:
+    """Basic blocks of (planes, count) per group, each group after the first opening with
+    stride 2; the blocks in one Sequential, and the channels they end with."""
+    layers: list[nn.Module] = []
+    for group, (planes, count) in enumerate(plan):
+        for i in range(count):
+            layers.append(BasicBlock(in_planes, planes, 2 if group > 0 and i == 0 else 1))
+            in_planes = planes
+    return nn.Sequential(*layers), in_planes
+
+
+def _init_convs(model: nn.Module) -> None:
+    """He initialisation of every convolution (He et al. 2015, fan-out)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
 class CifarResNet(nn.Module):
     """ResNet for small images: 3 groups of ``depth_blocks`` basic blocks, widths w, 2w, 4w."""
 
@@ -71,20 +89,12 @@ class CifarResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
-        layers: list[nn.Module] = []
-        in_planes = width
-        for group, planes in enumerate((width, 2 * width, 4 * width)):
-            for i in range(depth_blocks):
-                stride = 2 if group > 0 and i == 0 else 1
-                layers.append(BasicBlock(in_planes, planes, stride))
-                in_planes = planes
-        self.layers = nn.Sequential(*layers)
+        plan = [(width * 2**group, depth_blocks) for group in range(3)]
+        self.layers, planes = _basic_groups(width, plan)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
-        self.fc = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.fc = nn.Linear(planes, num_classes)
+        _init_convs(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -117,20 +127,12 @@ class ImageNetResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        layers: list[nn.Module] = []
-        in_planes = width
-        for group, count in enumerate(blocks):
-            planes = width * 2**group
-            for i in range(count):
-                layers.append(BasicBlock(in_planes, planes, 2 if group > 0 and i == 0 else 1))
-                in_planes = planes
-        self.layers = nn.Sequential(*layers)
+        plan = [(width * 2**group, count) for group, count in enumerate(blocks)]
+        self.layers, planes = _basic_groups(width, plan)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
-        self.fc = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.fc = nn.Linear(planes, num_classes)
+        _init_convs(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
