@@ -33,6 +33,14 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Histogram buckets of batch sizes (requests per forward pass)."""
 
 
+def _by_reason(name: str, documentation: str, **counts: int) -> CounterMetricFamily:
+    """One counter family with a ``reason`` label per keyword."""
+    family = CounterMetricFamily(name, documentation, labels=["reason"])
+    for reason, count in counts.items():
+        family.add_metric([reason], count)
+    return family
+
+
 class _StatsCollector(Collector):
     """Counters and gauges read from ``ServerStats`` at scrape time."""
 
@@ -58,16 +66,14 @@ class _StatsCollector(Collector):
             "Connections in the handshake now (a pool of their own, --max-handshakes).",
             value=s.handshakes,
         )
-        handshakes = CounterMetricFamily(
+        yield _by_reason(
             "spinn_server_handshakes_closed",
             "Connections closed before their handshake completed: shed (pool full), timed "
             "out, or evicted to make room in a full pool.",
-            labels=["reason"],
+            shed=s.handshakes_shed,
+            timed_out=s.handshakes_timed_out,
+            evicted=s.handshakes_evicted,
         )
-        handshakes.add_metric(["shed"], s.handshakes_shed)
-        handshakes.add_metric(["timed_out"], s.handshakes_timed_out)
-        handshakes.add_metric(["evicted"], s.handshakes_evicted)
-        yield handshakes
         yield CounterMetricFamily(
             "spinn_server_rate_limited",
             "Connections closed for PINGs or unknown-id CANCELs above their rate.",
@@ -90,16 +96,14 @@ class _StatsCollector(Collector):
             "CANCELs of a request the server held (queued or running).",
             s.cancels_received,
         )
-        dropped = CounterMetricFamily(
+        yield _by_reason(
             "spinn_server_requests_dropped",
             "Requests not answered with a RESULT: cancelled before or while running "
             "(DESIGN.md part 7), or past their deadline_ms unrun.",
-            labels=["reason"],
+            cancelled_queued=s.cancelled_queued,
+            cancelled_running=s.cancelled_running,
+            expired=s.expired_unrun,
         )
-        dropped.add_metric(["cancelled_queued"], s.cancelled_queued)
-        dropped.add_metric(["cancelled_running"], s.cancelled_running)
-        dropped.add_metric(["expired"], s.expired_unrun)
-        yield dropped
         yield GaugeMetricFamily(
             "spinn_server_queue_depth",
             "Requests accepted and not yet started (queued for compute or a batch).",
