@@ -275,13 +275,7 @@ class _Server:
         return max(settled) - settled[0] if settled else 0.0
 
     def stop(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 30.0, sig)
         self._fh.close()
 
     def shed(self) -> dict[str, int]:

@@ -34,10 +34,13 @@ def wait_listening(port: int, proc: subprocess.Popen[Any], timeout_s: float) -> 
     raise RuntimeError(f"nothing listens on port {port} after {timeout_s:.0f} s")
 
 
-def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> int:
-    """SIGTERM (graceful shutdown), SIGKILL after ``timeout_s``; the exit status."""
+def stop_process(
+    proc: subprocess.Popen[Any], timeout_s: float = 10.0, sig: int = signal.SIGTERM
+) -> int:
+    """``sig`` (default SIGTERM, a graceful shutdown), SIGKILL after ``timeout_s``; the
+    exit status."""
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         try:
             proc.wait(timeout_s)
         except subprocess.TimeoutExpired:

@@ -233,15 +233,9 @@ class Server:
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         """Send ``sig`` (SIGKILL after 30 s); the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        status = stop_process(self.proc, 30.0, sig)
         self._fh.close()
-        return int(self.proc.returncode)
+        return status
 
     def final_stats(self) -> dict[str, Any]:
         """The stats line the server logs as it exits."""
