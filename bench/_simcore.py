@@ -209,6 +209,9 @@ class DeviceModel:
     of a thousand devices is most of the simulation's time."""
     codec: str | None = None
     """Codec whose profiled sizes are uploaded (None: the smallest profiled)."""
+    input_codec: str | None = None
+    """Profile entry whose size is uploaded at split 0, where the runtime sends the frame's
+    pixels (``uint8_image+zstd``, PROTOCOL.md §6.8); None: ``codec``'s."""
     ping_interval_s: float = 0.5
     probe_bytes: int = 16384
     ping_timeout_s: float = 1.5
@@ -649,7 +652,10 @@ class SimDevice:
     def _upload(self, f: _Frame) -> None:
         assert self.server is not None
         now = self.loop.now
-        nbytes = self.profile.packed_bytes(f.split, self.model.codec) + INFER_HEADER_BYTES
+        codec = self.model.codec
+        if f.split == 0 and self.model.input_codec is not None:
+            codec = self.model.input_codec
+        nbytes = self.profile.packed_bytes(f.split, codec) + INFER_HEADER_BYTES
         est = self._snapshot(now)
         rid = next(self._rids)
         unanswered = sum(n for n, _, _ in self._sent.values())

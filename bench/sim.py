@@ -113,6 +113,11 @@ def _codec(profile: Profile) -> str | None:
     return "sparse_int8_zdict" if "sparse_int8_zdict" in profile.codecs else None
 
 
+def _input_codec(profile: Profile) -> str | None:
+    """What the device sends at split 0 by default: the frame's pixels, compressed."""
+    return "uint8_image+zstd" if "uint8_image+zstd" in profile.splits[0].bytes else None
+
+
 def simulate_row(
     profile: Profile,
     policy_name: str,
@@ -370,7 +375,8 @@ def run_fleet(profile: Profile, plan: FleetPlan, servers: int, device: DeviceMod
     base_prof = dataclasses.replace(
         profile, stage_device_ms=tuple(plan.device_slowdown * t for t in profile.stage_device_ms)
     )
-    dmodel = dataclasses.replace(device, codec=_codec(profile), snapshot_interval_s=0.1)
+    dmodel = dataclasses.replace(device, codec=_codec(profile), input_codec=_input_codec(profile),
+                                 snapshot_interval_s=0.1)  # fmt: skip
     cfg = SchedulerConfig(codec=dmodel.codec, max_in_flight=dmodel.max_in_flight,
                           replan_interval_s=plan.replan_interval_s)  # fmt: skip
     devs = []
@@ -514,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--save-real goes with --validate")
     checkpoint, raw_profile = _load_profile(args)
     paper = _paper()
-    device = DeviceModel(codec=_codec(raw_profile))
+    device = DeviceModel(codec=_codec(raw_profile), input_codec=_input_codec(raw_profile))
     server = ServerModel()
     slow = args.device_slowdown
     profile = dataclasses.replace(

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import numpy.typing as npt
 
+from protocol.tensor import LOSSY_CODEC
 from spinn.estimators import Estimates
 from spinn.exits import ExitRule
 from spinn.policy import Decision, Policy
@@ -101,7 +102,8 @@ class SchedulerConfig:
     """Size of a RESULT on the wire (exit index, top-k, timings), for the download time."""
     codec: str | None = None
     """Packing codec whose profiled sizes give the upload; ``None``: the smallest one
-    profiled at each split (what the adaptive packer achieves)."""
+    profiled at each split (what the adaptive packer achieves), lossless unless ``lossy``
+    (a device sends ``sparse_uintb`` only when told to, PROTOCOL.md §6.9)."""
     input_codec: str | None = None
     """Profile entry whose size gives the upload at split 0, where the device sends the
     frame's pixels (``uint8_image+zstd``, PROTOCOL.md §6.8); ``None``: ``codec``'s."""
@@ -148,6 +150,15 @@ class SchedulerConfig:
         """Predicted bytes uploaded at ``split``: the input codec's at split 0, else the
         codec's (``Profile.packed_bytes``)."""
         codec = self.input_codec if split == 0 and self.input_codec is not None else self.codec
+        if codec is None and not self.lossy and split < profile.num_stages:
+            # The smallest lossless size: the lossy codec's sizes (up to 3× smaller on the
+            # camera model) predicted uploads that a lossless device never sends, and
+            # chose splits whose real uploads saturated a 1 Mbit/s link.
+            lossless = [
+                n for k, n in profile.splits[split].bytes.items() if not k.startswith(LOSSY_CODEC)
+            ]
+            if lossless:
+                return min(lossless)
         return profile.packed_bytes(split, codec)
 
 

@@ -767,3 +767,26 @@ def test_lossy_uploads_are_charged_their_accuracy_drop() -> None:
         width = p.splits[s].lossy if s < p.num_stages else None
         drop = 0.0 if width is None else width.accuracy_drop_pts / 100
         np.testing.assert_allclose(plain.accuracy[s] - lossy.accuracy[s], drop * plain.offload[s])
+
+
+def test_default_sizes_are_lossless_unless_the_device_sends_lossy() -> None:
+    # The camera profile records sparse_uintb sizes up to 3x below the lossless ones. A
+    # device that packs losslessly (the default) must be predicted with what it sends: the
+    # smallest lossless entry at each split (the frame's pixels at split 0); only a lossy
+    # device gets the sparse_uintb sizes.
+    root = Path(__file__).resolve().parents[1]
+    p = Profile.load(root / "models" / "camera" / "profile.json")
+    plain, lossy = SchedulerConfig(), SchedulerConfig(lossy=True)
+    saw_smaller = False
+    for s in range(p.num_stages):
+        sizes = p.splits[s].bytes
+        lossless = min(n for k, n in sizes.items() if not k.startswith("sparse_uintb"))
+        assert plain.upload_bytes(p, s) == lossless
+        assert lossy.upload_bytes(p, s) == min(sizes.values())
+        saw_smaller |= lossy.upload_bytes(p, s) < lossless
+    assert saw_smaller
+    assert plain.upload_bytes(p, 0) == p.splits[0].bytes["uint8_image+zstd"]
+    assert plain.upload_bytes(p, p.num_stages) == 0
+    # A named codec is taken as it is.
+    named = SchedulerConfig(codec="sparse_uintb+zstd")
+    assert named.upload_bytes(p, 4) == p.splits[4].bytes["sparse_uintb+zstd"]

@@ -13,6 +13,9 @@ import pytest
 
 from bench import sim
 from bench._simcore import (
+    CANCEL_BYTES,
+    INFER_HEADER_BYTES,
+    PING_BYTES,
     DeviceModel,
     EventLoop,
     Link,
@@ -22,6 +25,7 @@ from bench._simcore import (
     SimServer,
     exit_for,
 )
+from spinn.policy import FixedPolicy
 from spinn.profile import NO_EARLY_EXIT, Profile
 from spinn.scheduler import make_policy
 from tools.netshape.trace import load_trace
@@ -196,3 +200,31 @@ def test_real_run_without_answers_is_left_out(tmp_path: Path) -> None:
     stalled = out["rows"][1]
     assert stalled["throughput_error"] is None and stalled["latency_error"] is None
     assert out["throughput_error_median"] == out["rows"][0]["throughput_error"]
+
+
+def test_split_zero_uploads_the_input_codec() -> None:
+    # The runtime sends the frame's pixels at split 0 (PROTOCOL.md §6.8): the simulated
+    # device uploads that entry's size there, and the codec's at the other splits.
+    camera = Profile.load(ROOT / "models" / "camera" / "profile.json")
+
+    def uploaded(split: int, model: DeviceModel) -> float:
+        loop = EventLoop()
+        srv = SimServer(loop, camera, ServerModel(), 0)
+        dev = SimDevice(0, loop, camera, FixedPolicy(split, NO_EARLY_EXIT), model,
+                        LinkSpec(100e6, 0.001), srv, 0, stop_s=0.3)  # fmt: skip
+        loop.run(0.3)
+        loop.drain(5.0)
+        assert dev.uploads > 0
+        # One PING went out at the start (the next is 10 s away); uploads carry the rest,
+        # and a CANCEL per race the device won.
+        return (dev.uplink.bytes_sent - PING_BYTES) / dev.uploads
+
+    model = DeviceModel(codec=sim._codec(camera), input_codec=sim._input_codec(camera),
+                        ping_interval_s=10.0)  # fmt: skip
+    pixels = camera.splits[0].bytes["uint8_image+zstd"]
+    assert sim._input_codec(camera) == "uint8_image+zstd"
+    per_upload = uploaded(0, model)
+    assert per_upload == pytest.approx(pixels + INFER_HEADER_BYTES, abs=CANCEL_BYTES)
+    without = uploaded(0, dataclasses.replace(model, input_codec=None))
+    zdict = camera.splits[0].bytes["sparse_int8_zdict"]
+    assert without == pytest.approx(zdict + INFER_HEADER_BYTES, abs=CANCEL_BYTES)
