@@ -37,7 +37,6 @@ import numpy as np
 
 from bench._common import ROOT, ensure_profile, frames_dataset
 from spinn.estimators import Estimates
-from spinn.exits import ExitRule
 from spinn.policy import Decision, Policy
 from spinn.procs import free_port, stop_process, wait_listening
 from spinn.profile import Profile
@@ -332,7 +331,7 @@ class DecisionRecord:
 
     t: float
     split: int
-    thr_conf: float
+    thr_conf: float | None
     final_exit: int | None
     bandwidth_bps: float
     server_scale: float
@@ -434,7 +433,7 @@ def config_accuracy(profile: Profile, d: DecisionRecord) -> float:
     its last exit, no early exit means the final exit alone."""
     if d.final_exit is not None:
         return profile.exit_accuracy[d.final_exit]
-    if not ExitRule.from_threshold(d.thr_conf).early_exits:
+    if d.thr_conf is None:  # no early exit
         return profile.exit_accuracy[-1]
     return profile.accuracy(d.thr_conf)
 

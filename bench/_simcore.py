@@ -168,7 +168,7 @@ class Link:
         return finish
 
 
-def exit_for(profile: Profile, u: float, thr_conf: float, final_exit: int | None) -> int:
+def exit_for(profile: Profile, u: float, thr_conf: float | None, final_exit: int | None) -> int:
     """The exit that answers an input whose draw is ``u`` in [0, 1): the first exit whose
     cumulative rate at ``thr_conf`` exceeds ``u`` (the profile's exit rates, Profile look-up
     rule), cut at ``final_exit`` (Edgent's truncated network always answers there)."""
@@ -250,7 +250,8 @@ class Answer:
     exit: int
     split: int
     """The decision's split (a truncated network may end before it)."""
-    thr_conf: float
+    thr_conf: float | None
+    """None: no early exit."""
 
     @property
     def latency_ms(self) -> float:
@@ -269,7 +270,8 @@ class _Frame:
     """The decision's split, as the policy gave it."""
     last: int = 0
     exit: int = 0
-    thr: float = 2.0
+    thr: float | None = None
+    """The decision's threshold; None: no early exit."""
     answered: bool = False
     offloaded: bool = False
     awaiting: bool = False
@@ -445,9 +447,9 @@ class SimDevice:
         self._ping_seq = itertools.count(1)
         self.server_up = server is not None and link is not None
         self.uploads = 0
-        self.decisions: list[tuple[float, int, float]] = []
+        self.decisions: list[tuple[float, int, float | None]] = []
         self._snap: tuple[float, Estimates] | None = None
-        self._cum_rates: dict[float, list[float]] = {}
+        self._cum_rates: dict[float | None, list[float]] = {}
         self._cum = [0.0]
         for t in profile.stage_device_ms:
             self._cum.append(self._cum[-1] + t)
@@ -502,7 +504,7 @@ class SimDevice:
         f.exit = self._exit_for(f.u, d.thr_conf, forced)
         self._push(f, 0, 0)
 
-    def _exit_for(self, u: float, thr_conf: float, final_exit: int | None) -> int:
+    def _exit_for(self, u: float, thr_conf: float | None, final_exit: int | None) -> int:
         """``exit_for`` with the cumulative rates kept per threshold (called per frame)."""
         cum = self._cum_rates.get(thr_conf)
         if cum is None:

@@ -58,10 +58,9 @@ from bench._harness import (
     measure,
 )
 from bench.protocol import residual_rates
-from spinn.exits import ExitRule
 from spinn.policy import FixedPolicy, Policy
 from spinn.pretrained import DEFAULT_CHECKPOINT as _DEFAULT_CHECKPOINT
-from spinn.profile import NO_EARLY_EXIT, Profile
+from spinn.profile import Profile
 from spinn.scheduler import make_policy, split_name
 from spinn.sla import SLA, Metric
 
@@ -262,10 +261,8 @@ class Bench:
         )
 
 
-def _thr(thr: Any) -> str:
-    if thr is None:
-        return "-"
-    return f"{float(thr):.2f}" if ExitRule.from_threshold(float(thr)).early_exits else "no-exit"
+def _thr(thr: float | None) -> str:
+    return "no-exit" if thr is None else f"{float(thr):.2f}"
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -299,18 +296,18 @@ def _write(path: Path, text: str) -> None:
 # -- experiment 1: throughput versus bandwidth -----------------------------------------
 
 
-def oracle_grid(profile: Profile, acc_floor: float, size: int) -> list[tuple[int, float]]:
+def oracle_grid(profile: Profile, acc_floor: float, size: int) -> list[tuple[int, float | None]]:
     """Fixed ⟨split, thr_conf⟩ candidates the oracle measures.  Thresholds are those that
     keep the accuracy floor SPINN is held to (an oracle trading accuracy for speed would
     not be the same problem)."""
     s_count = profile.num_stages
-    ok = [t for t in profile.thr_grid if t <= 1.0 and profile.accuracy(t) >= acc_floor]
-    thrs: list[float] = []
+    ok = [t for t in profile.thr_grid if profile.accuracy(t) >= acc_floor]
+    thrs: list[float | None] = []
     if ok:
         thrs.append(ok[0])
         if size >= 3 and len(ok) > 2:
             thrs.append(ok[len(ok) // 2])
-    thrs.append(NO_EARLY_EXIT)
+    thrs.append(None)  # no early exit
     splits = [0, s_count // 2, s_count]
     if size >= 3:
         first = profile.exit_stages[0] + 1
@@ -319,14 +316,18 @@ def oracle_grid(profile: Profile, acc_floor: float, size: int) -> list[tuple[int
 
 
 def measure_oracle(
-    b: Bench, label: str, port: int, grid: Sequence[tuple[int, float]], fps: dict[str, float]
-) -> dict[tuple[int, float], float]:
+    b: Bench,
+    label: str,
+    port: int,
+    grid: Sequence[tuple[int, float | None]],
+    fps: dict[str, float],
+) -> dict[tuple[int, float | None], float]:
     """Inferences/s of every fixed ⟨split, thr⟩ of ``grid``, each measured; device-only and
     server-only are the baselines' runs already made (``fps``)."""
     s_count = b.profile.num_stages
-    oracle: dict[tuple[int, float], float] = {
-        (s_count, NO_EARLY_EXIT): fps["device-only"],
-        (0, NO_EARLY_EXIT): fps["server-only"],
+    oracle: dict[tuple[int, float | None], float] = {
+        (s_count, None): fps["device-only"],
+        (0, None): fps["server-only"],
     }
     for s, t in grid:
         if (s, t) not in oracle:
@@ -334,7 +335,7 @@ def measure_oracle(
     return oracle
 
 
-def middle_split_wins(oracle: dict[tuple[int, float], float], s_count: int) -> bool:
+def middle_split_wins(oracle: dict[tuple[int, float | None], float], s_count: int) -> bool:
     """Whether a split strictly inside the network beat both ends, each end at its best
     measured threshold (the middle regime of the paper's Fig. 7)."""
     inner = [v for (s, _t), v in oracle.items() if 0 < s < s_count]
@@ -526,9 +527,10 @@ def tested_accuracy(run: RunResult, e6: dict[str, Any] | None, profile: Profile)
     def acc(d: DecisionRecord) -> float:
         if d.final_exit is not None:
             return float(exits[d.final_exit])
-        if d.thr_conf > 1.0:
+        thr = d.thr_conf
+        if thr is None:
             return float(exits[-1])
-        return float(at[min(at, key=lambda k: abs(k - d.thr_conf))])
+        return float(at[min(at, key=lambda k: abs(k - thr))])
 
     return statistics.fmean(acc(d) for d in steady)
 
@@ -767,7 +769,7 @@ def experiment4(b: Bench, server: ServerProcess, workdir: Path) -> dict[str, Any
         return {
             "t": ts,
             "split": [float(d.split) for d in run.decisions],
-            "thr": [min(d.thr_conf, 1.05) for d in run.decisions],
+            "thr": [1.05 if d.thr_conf is None else d.thr_conf for d in run.decisions],
             "est_mbit": [d.bandwidth_bps / 1e6 for d in run.decisions],
             "fps_t": [i + 0.5 for i in range(horizon)],
             "fps": [float(c) for c in bins],
@@ -880,9 +882,9 @@ def experiment5(b: Bench, server: ServerProcess) -> dict[str, Any]:
     # after the first early exit and offload what the device did not answer; the
     # progressive one at the lowest threshold within 1 point of the final exit.
     split = min(b.profile.exit_stages[0] + 1, b.profile.num_stages - 1)
-    ok = [t for t in b.profile.thr_grid if t <= 1.0 and b.profile.accuracy(t) >= b.acc_floor]
-    thr = ok[0] if ok else NO_EARLY_EXIT
-    models = (("progressive", thr), ("single-exit", NO_EARLY_EXIT))
+    ok = [t for t in b.profile.thr_grid if b.profile.accuracy(t) >= b.acc_floor]
+    thr = ok[0] if ok else None
+    models: tuple[tuple[str, float | None], ...] = (("progressive", thr), ("single-exit", None))
     rows: list[dict[str, Any]] = []
     for i, p in enumerate((0.0, *b.plan.failure_probs)):
         # One black hole slot per second, each with probability p (seeded: both models
@@ -984,8 +986,7 @@ def experiment6(b: Bench) -> dict[str, Any]:
         data, images=frames.contiguous(), labels=torch.from_numpy(b.tb.labels[:n]).long()
     )
     torch.set_num_threads(1)
-    thresholds = [t for t in b.profile.thr_grid if t <= 1.0]
-    ev = evaluate_model(model, data, model_id=meta.model_id, thresholds=thresholds)
+    ev = evaluate_model(model, data, model_id=meta.model_id, thresholds=b.profile.thr_grid)
     write_outputs(ev, b.out / "exp6_thresholds")
     return {
         "final_exit_accuracy": ev.exit_accuracy[-1],
@@ -1064,8 +1065,8 @@ def headline(
     acc_at = e6["accuracy_at"]
     final = e6["final_exit_accuracy"]
 
-    def acc(thr: float) -> float:
-        if not ExitRule.from_threshold(thr).early_exits:
+    def acc(thr: float | None) -> float:
+        if thr is None:  # no early exit
             return float(final)
         key = min(acc_at, key=lambda k: abs(k - thr))
         return float(acc_at[key])

@@ -745,8 +745,6 @@ def residual_rates(profile: Profile) -> dict[str, float | None]:
     of inputs that reach the split; the lossy one loses its measured drop on that share,
     as the scheduler predicts it. The raw image is one byte per input value
     (``splits[0].numel``)."""
-    from spinn.profile import NO_EARLY_EXIT
-
     reference = profile.exit_accuracy[-1]
     image_bytes = profile.splits[0].numel
     candidates: list[tuple[float, float]] = []  # (accuracy, bytes per input)
@@ -754,7 +752,7 @@ def residual_rates(profile: Profile) -> dict[str, float | None]:
         sizes = profile.splits[split].bytes
         lossless = min(v for k, v in sizes.items() if not k.startswith(LOSSY_CODEC))
         lossy = profile.splits[split].lossy
-        for thr in (*profile.thr_grid, NO_EARLY_EXIT):
+        for thr in (*profile.thr_grid, None):  # None: no early exit
             reach = profile.reach_prob(split, thr)
             if reach <= 0.0:
                 continue  # every input answered on the device: device-only in effect

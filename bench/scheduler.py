@@ -42,7 +42,7 @@ from spinn.estimators import Estimates
 from spinn.policy import Decision
 from spinn.pretrained import DEFAULT_CHECKPOINT as _DEFAULT_CHECKPOINT
 from spinn.procs import free_port, stop_process, wait_listening
-from spinn.profile import NO_EARLY_EXIT, Profile, synthetic_profile
+from spinn.profile import Profile, synthetic_profile
 from spinn.scheduler import Predictor, Scheduler, SchedulerConfig, split_name
 from spinn.sla import SLA, Metric
 
@@ -110,7 +110,7 @@ class RecordingPolicy:
     """A fixed decision that keeps every ``Estimates`` the device hands it: the scheduler's
     predictions are then made from exactly what the scheduler would have seen."""
 
-    def __init__(self, split: int, thr_conf: float) -> None:
+    def __init__(self, split: int, thr_conf: float | None) -> None:
         self.decision = Decision(split, thr_conf, reason="bench")
         self.seen: list[Estimates] = []
 
@@ -124,7 +124,7 @@ def _run_device(
     profile: Path,
     port: int,
     split: int,
-    thr: float,
+    thr: float | None,
     frames: int,
     rate: float | None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[Estimates]]:
@@ -179,7 +179,9 @@ def end_to_end(
     s_count = profile.num_stages
     grid = [t for t in profile.thr_grid if t <= 0.9] or list(profile.thr_grid)
     thr_mid = grid[len(grid) // 2]
-    configs = [(s_count, thr_mid), (0, NO_EARLY_EXIT), (s_count // 2, thr_mid), (1, grid[-1])]
+    configs: list[tuple[int, float | None]] = [
+        (s_count, thr_mid), (0, None), (s_count // 2, thr_mid), (1, grid[-1])
+    ]  # fmt: skip
     server_port = free_port()
     python = sys.executable
     server = subprocess.Popen(
@@ -321,8 +323,8 @@ def _predict_across(
         )
 
 
-def _thr_label(thr: float) -> str:
-    return "no-exit" if thr > 1 else f"thr {thr:.2f}"
+def _thr_label(thr: float | None) -> str:
+    return "no-exit" if thr is None else f"thr {thr:.2f}"
 
 
 def decision_part(profile_path: Path, calls: int, seed: int) -> dict[str, object]:

@@ -286,9 +286,9 @@ def calibrated(device: DeviceModel, server: ServerModel, cal: dict[str, float]
 
 def _chose(split: int | None, thr: float | None) -> str:
     """A decision in a few characters: split and threshold ('-' for no early exit)."""
-    if split is None or thr is None:
+    if split is None:
         return "-"
-    return f"s{split}/" + (f"{thr:.2f}" if thr <= 1.0 else "-")
+    return f"s{split}/" + ("-" if thr is None else f"{thr:.2f}")
 
 
 def _rel(sim: float, real: float | None) -> float | None:

@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"device: {summary['frames']} frames, {summary['fps']} fps, latency p50 "
         f"{latency['p50']} ms p95 {latency['p95']} ms, answered by {summary['answered_by']}, "
-        f"split {summary['split']} thr {summary['thr_conf']}"
+        f"split {summary['split']} "
+        + ("no early exit" if summary["thr_conf"] is None else f"thr {summary['thr_conf']}")
     )
     if "accuracy" in summary:
         print(f"accuracy against the labels: {100 * float(summary['accuracy']):.2f}%")

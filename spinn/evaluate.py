@@ -100,7 +100,8 @@ def sweep(
     thresholds: Sequence[float],
     split: int,
 ) -> list[ThresholdRow]:
-    """The threshold table for stored probabilities (E, N, C) and labels (N,)."""
+    """The threshold table for stored probabilities (E, N, C) and labels (N,); each
+    threshold a probability in [0, 1]."""
     if not 0 <= split <= model.num_stages:
         raise ValueError(f"split {split} out of range 0..{model.num_stages}")
     n = probs.shape[1]
@@ -109,7 +110,7 @@ def sweep(
     full = cost[-1]
     rows = []
     for thr in sorted(set(float(t) for t in thresholds)):
-        exit_index, label = apply_threshold(probs, ExitRule.from_threshold(thr))
+        exit_index, label = apply_threshold(probs, ExitRule(thr))
         counts = torch.bincount(exit_index, minlength=model.num_exits).double() / n
         answered_on_device = sum(float(counts[e]) for e in device_exits)
         rows.append(

@@ -11,10 +11,10 @@ and the server (``spinn.inference.iter_stages``), the server's batches
 ``final_exit`` of ``iter_stages``).  So they agree on every input, including a
 probability that equals the threshold: it is compared exactly, in float64.
 
-The policy and the offline profile speak of thresholds as one number, where any value
-above 1 (``spinn.profile.NO_EARLY_EXIT``) means no early exit, and INFER carries a
-threshold and an ``early_exits`` flag (PROTOCOL.md §5.3); ``ExitRule.from_threshold``
-and ``ExitRule.from_wire`` map those forms at the edge.
+Inside the library a threshold is ``float | None`` throughout, None meaning no early exit:
+the policy's ``Decision.thr_conf``, the scheduler's candidates and the offline profile's
+look-ups.  Only INFER says it differently, as a probability and an ``early_exits`` flag
+(PROTOCOL.md §5.3); ``ExitRule.to_wire`` and ``ExitRule.from_wire`` convert at that edge.
 """
 
 from __future__ import annotations
@@ -53,25 +53,26 @@ class ExitRule:
         object.__setattr__(self, "thr_conf", float(thr))
 
     @classmethod
-    def from_threshold(cls, thr_conf: float) -> ExitRule:
-        """The rule a policy's threshold means (``spinn.policy.Decision.thr_conf``): a
-        number >= 0, where above 1 no softmax probability reaches it, so early exits are
-        off (``spinn.profile.NO_EARLY_EXIT``)."""
-        if isinstance(thr_conf, bool) or not isinstance(thr_conf, int | float):
-            raise ValueError(f"thr_conf must be a number, got {thr_conf!r}")
-        thr = float(thr_conf)
-        if not thr >= 0.0 or math.isinf(thr):
-            raise ValueError(
-                f"thr_conf must be a finite number >= 0 (a probability; > 1 disables early "
-                f"exits), got {thr_conf!r}"
-            )
-        return cls(None if thr > 1.0 else thr)
+    def none(cls) -> ExitRule:
+        """No early exit: only the final exit answers (Neurosurgeon's and the single-exit
+        baselines' setting)."""
+        return cls(None)
 
     @classmethod
     def from_wire(cls, thr_conf: float, early_exits: bool) -> ExitRule:
         """The rule an INFER asks for: its ``thr_conf`` unless ``early_exits`` is false
         (PROTOCOL.md §5.3)."""
         return cls(thr_conf if early_exits else None)
+
+    def to_wire(self) -> tuple[float, bool]:
+        """INFER's ``(thr_conf, early_exits)`` for this rule (PROTOCOL.md §5.3).  "No early
+        exit" is the flag, not a threshold: a softmax can saturate to exactly 1.0, so no
+        probability would say it; the threshold sent with it is 1.0 and ignored."""
+        return (1.0, False) if self.thr_conf is None else (self.thr_conf, True)
+
+    def describe(self) -> str:
+        """The rule in words for logs and tables: ``thr 0.80`` or ``no early exit``."""
+        return "no early exit" if self.thr_conf is None else f"thr {self.thr_conf:.2f}"
 
     @property
     def early_exits(self) -> bool:

@@ -8,7 +8,6 @@ before each input (or on a timer) and uses the returned ``Decision``.  The SPINN
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -25,10 +24,9 @@ class Decision:
     split: int
     """Split point s: the device runs stages [0, s), the server [s, S); 0 = server-only,
     S = device-only."""
-    thr_conf: float
-    """An exit answers when its top-1 softmax ≥ thr_conf; > 1 disables early exits
-    (``spinn.profile.NO_EARLY_EXIT``): the profile's and the scheduler's number, which
-    ``exit_rule`` reads."""
+    thr_conf: float | None
+    """An early exit answers when its top-1 softmax ≥ thr_conf, a probability in [0, 1];
+    None: early exits are off, only the final exit answers (``exit_rule``)."""
     reason: str = ""
     """Why this decision was taken (logged and shown in the device status line)."""
     final_exit: int | None = None
@@ -38,17 +36,19 @@ class Decision:
     def __post_init__(self) -> None:
         if isinstance(self.split, bool) or not isinstance(self.split, int) or self.split < 0:
             raise ValueError(f"Decision.split must be an integer >= 0, got {self.split!r}")
-        thr = self.thr_conf
-        if isinstance(thr, bool) or not isinstance(thr, int | float) or math.isnan(thr) or thr < 0:
-            raise ValueError(f"Decision.thr_conf must be a number >= 0, got {thr!r}")
+        try:
+            rule = ExitRule(self.thr_conf)
+        except ValueError as exc:
+            raise ValueError(f"Decision.{exc}") from None
+        object.__setattr__(self, "thr_conf", rule.thr_conf)
         fe = self.final_exit
         if fe is not None and (isinstance(fe, bool) or not isinstance(fe, int) or fe < 0):
             raise ValueError(f"Decision.final_exit must be None or an integer >= 0, got {fe!r}")
 
     @property
     def exit_rule(self) -> ExitRule:
-        """The exit rule ``thr_conf`` means (``ExitRule.from_threshold``)."""
-        return ExitRule.from_threshold(self.thr_conf)
+        """The exit rule ``thr_conf`` means."""
+        return ExitRule(self.thr_conf)
 
 
 @runtime_checkable
@@ -63,7 +63,7 @@ class Policy(Protocol):
 class FixedPolicy:
     """Always the same ⟨split, thr_conf⟩, whatever the estimates (``--split``/``--thr``)."""
 
-    def __init__(self, split: int, thr_conf: float) -> None:
+    def __init__(self, split: int, thr_conf: float | None) -> None:
         self.decision = Decision(split, thr_conf, reason="fixed")
 
     def decide(self, now: float, estimates: Estimates) -> Decision:

@@ -9,9 +9,9 @@ estimates.
 Threshold look-up rule.  The profile holds exit rates and accuracy on a grid of
 ``thr_conf`` values.  A threshold that is not on the grid resolves to the nearest grid
 point *at or above* it (within ``1e-9``): a higher threshold means fewer early exits, so
-the prediction errs towards more compute and more offloading, never fewer.  A threshold
-above the highest grid point, in particular any ``thr_conf > 1`` (``NO_EARLY_EXIT``),
-resolves to "no early exit": every input reaches the final exit, whose accuracy is
+the prediction errs towards more compute and more offloading, never fewer.  ``None``
+(no early exit, ``spinn.exits.ExitRule.none``), and a threshold above the highest grid
+point, resolve to "no early exit": every input reaches the final exit, whose accuracy is
 ``exit_accuracy[-1]``.
 """
 
@@ -29,7 +29,6 @@ from typing import Any
 __all__ = [
     "FORMAT",
     "LossyChoice",
-    "NO_EARLY_EXIT",
     "Profile",
     "ProfileError",
     "SplitProfile",
@@ -38,11 +37,6 @@ __all__ = [
 ]
 
 FORMAT = "spinn-profile/1"
-
-NO_EARLY_EXIT = 2.0
-"""A ``thr_conf`` above 1: a softmax probability never reaches it, so no early exit
-answers and every input runs to the backbone's own classifier (Neurosurgeon's and the
-single-exit baselines' setting)."""
 
 _GRID_EPS = 1e-9
 _RATE_SUM_TOL = 1e-3
@@ -378,38 +372,46 @@ class Profile:
 
     # -- thresholds ---------------------------------------------------------------------
 
-    def threshold_index(self, thr_conf: float) -> int | None:
+    def threshold_index(self, thr_conf: float | None) -> int | None:
         """Index of the grid point used for ``thr_conf`` (nearest at or above); ``None``
-        when ``thr_conf`` lies above the grid, meaning "no early exit"."""
-        if not isinstance(thr_conf, numbers.Real) or math.isnan(thr_conf):
-            raise ValueError(f"thr_conf must be a number, got {thr_conf!r}")
+        for no early exit: ``thr_conf`` None, or above the grid."""
+        if thr_conf is None:
+            return None
+        if (
+            isinstance(thr_conf, bool)
+            or not isinstance(thr_conf, numbers.Real)
+            or not 0.0 <= thr_conf <= 1.0  # NaN fails too
+        ):
+            raise ValueError(
+                f"thr_conf must be a probability in [0, 1] (None: no early exit), got {thr_conf!r}"
+            )
         for i, t in enumerate(self.thresholds):
             if t.thr_conf >= thr_conf - _GRID_EPS:
                 return i
         return None
 
-    def exit_rate(self, thr_conf: float) -> tuple[float, ...]:
+    def exit_rate(self, thr_conf: float | None) -> tuple[float, ...]:
         """Share of inputs answered at each exit at ``thr_conf`` (see the look-up rule)."""
         i = self.threshold_index(thr_conf)
         if i is None:
             return tuple(0.0 for _ in self.exit_stages[:-1]) + (1.0,)
         return self.thresholds[i].exit_rate
 
-    def accuracy(self, thr_conf: float) -> float:
+    def accuracy(self, thr_conf: float | None) -> float:
         """Top-1 accuracy at ``thr_conf`` (see the look-up rule)."""
         i = self.threshold_index(thr_conf)
         if i is None:
             return self.exit_accuracy[-1]
         return self.thresholds[i].accuracy
 
-    def survival(self, stage: int, thr_conf: float) -> float:
+    def survival(self, stage: int, thr_conf: float | None) -> float:
         """Probability that an input is still running when stage ``stage`` starts, i.e.
         that no exit read after an earlier stage answered it."""
         rates = self.exit_rate(thr_conf)
         answered = sum(r for x, r in zip(self.exit_stages, rates, strict=True) if x < stage)
         return min(1.0, max(0.0, 1.0 - answered))
 
-    def reach_prob(self, split: int, thr_conf: float) -> float:
+    def reach_prob(self, split: int, thr_conf: float | None) -> float:
         """Probability that no device-side exit (one read before ``split``) answered, i.e.
         that the input is uploaded.  0 at split S, 1 at split 0."""
         self._check_split(split)
@@ -417,14 +419,14 @@ class Profile:
             return 0.0
         return self.survival(split, thr_conf)
 
-    def expected_device_ms(self, split: int, thr_conf: float) -> float:
+    def expected_device_ms(self, split: int, thr_conf: float | None) -> float:
         """Expected offline device time of the device part: stage k of [0, split) runs only
         for inputs that no earlier exit answered (continued local compute after the
         upload is not included; the scheduler models that race)."""
         self._check_split(split)
         return sum(self.stage_device_ms[k] * self.survival(k, thr_conf) for k in range(split))
 
-    def expected_server_ms(self, split: int, thr_conf: float) -> float:
+    def expected_server_ms(self, split: int, thr_conf: float | None) -> float:
         """Expected offline server time per *uploaded* input: the server evaluates the
         exits after the split against the same threshold and stops at the one that
         answers.  0 at split S."""

@@ -26,7 +26,7 @@ from protocol.tensor import LOSSY_CODEC
 from spinn.estimators import Estimates
 from spinn.exits import ExitRule
 from spinn.policy import Decision, Policy
-from spinn.profile import NO_EARLY_EXIT, Profile
+from spinn.profile import Profile
 from spinn.sla import SLA, Metric
 
 __all__ = [
@@ -171,16 +171,13 @@ def split_name(split: int, num_stages: int) -> str:
     return f"split {split}"
 
 
-def _thr_name(thr: float) -> str:
-    return f"thr {thr:.2f}" if ExitRule.from_threshold(thr).early_exits else "no early exit"
-
-
 @dataclass(frozen=True, slots=True)
 class Prediction:
     """The five metrics of one candidate under one set of estimates."""
 
     split: int
-    thr_conf: float
+    thr_conf: float | None
+    """The candidate's threshold; None: no early exit."""
     latency_ms: float
     """Expected end-to-end latency per input."""
     throughput: float
@@ -218,9 +215,10 @@ class Prediction:
 @dataclass(frozen=True)
 class Predictions:
     """Metrics of every candidate: arrays of shape (S+1, T), row = split, column =
-    threshold index into ``thr_values``."""
+    threshold index into ``thresholds``."""
 
-    thr_values: FloatArray
+    thresholds: tuple[float | None, ...]
+    """The threshold of each column; None: no early exit."""
     latency_ms: FloatArray
     throughput: FloatArray
     server_cost_ms: FloatArray
@@ -240,7 +238,7 @@ class Predictions:
     def at(self, split: int, t: int) -> Prediction:
         return Prediction(
             split=split,
-            thr_conf=float(self.thr_values[t]),
+            thr_conf=self.thresholds[t],
             latency_ms=float(self.latency_ms[split, t]),
             throughput=float(self.throughput[split, t]),
             server_cost_ms=float(self.server_cost_ms[split, t]),
@@ -275,19 +273,20 @@ class Predictor:
         self,
         profile: Profile,
         config: SchedulerConfig | None = None,
-        thresholds: Sequence[float] | None = None,
+        thresholds: Sequence[float | None] | None = None,
     ) -> None:
         self.profile = profile
         self.config = config or SchedulerConfig()
         p = profile
         s_count, n_exits = p.num_stages, p.num_exits
         if thresholds is None:
-            thresholds = (*p.thr_grid, NO_EARLY_EXIT)
+            thresholds = (*p.thr_grid, None)  # None: the no-early-exit column
         if not thresholds:
             raise ValueError("the threshold grid is empty")
-        self.thr_values: FloatArray = np.asarray(thresholds, dtype=np.float64)
-        self.rates: FloatArray = np.array([p.exit_rate(t) for t in thresholds])  # (T, E)
-        acc = np.array([p.accuracy(t) for t in thresholds])  # (T,)
+        # Each a probability, or None: no early exit (ExitRule checks which).
+        self.thresholds: tuple[float | None, ...] = tuple(ExitRule(t).thr_conf for t in thresholds)
+        self.rates: FloatArray = np.array([p.exit_rate(t) for t in self.thresholds])  # (T, E)
+        acc = np.array([p.accuracy(t) for t in self.thresholds])  # (T,)
         splits = np.arange(s_count + 1)
         x = np.asarray(p.exit_stages)
         dev_cum = np.array([p.device_time_ms(k) for k in range(s_count + 1)])
@@ -326,7 +325,7 @@ class Predictor:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.profile.num_stages + 1, len(self.thr_values))
+        return (self.profile.num_stages + 1, len(self.thresholds))
 
     def predict(self, est: Estimates) -> Predictions:
         """Every candidate's metrics under ``est`` (formulas: docs/SCHEDULER.md).
@@ -478,7 +477,7 @@ class Predictor:
         if not est.server_up:
             valid &= self.is_device_only[:, None]
         return Predictions(
-            thr_values=self.thr_values,
+            thresholds=self.thresholds,
             latency_ms=latency,
             throughput=throughput,
             server_cost_ms=srv_cost,
@@ -492,10 +491,16 @@ class Predictor:
             window_ms=window,
         )
 
-    def threshold_index(self, thr_conf: float) -> int:
-        """Grid column of ``thr_conf`` (nearest at or above, else the last column)."""
-        idx = np.flatnonzero(self.thr_values >= thr_conf - 1e-9)
-        return int(idx[0]) if idx.size else len(self.thr_values) - 1
+    def threshold_index(self, thr_conf: float | None) -> int:
+        """Grid column of ``thr_conf`` (nearest at or above, else the last column); None
+        (no early exit): its own column, else the last."""
+        if thr_conf is None:
+            none = [t for t, thr in enumerate(self.thresholds) if thr is None]
+            return none[0] if none else len(self.thresholds) - 1
+        for t, thr in enumerate(self.thresholds):
+            if thr is not None and thr >= thr_conf - 1e-9:
+                return t
+        return len(self.thresholds) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,7 +509,8 @@ class Choice:
 
     split: int
     thr_index: int
-    thr_conf: float
+    thr_conf: float | None
+    """None: no early exit."""
     feasible: bool
     """False when no candidate met every hard limit (least-violating fallback)."""
     prediction: Prediction
@@ -651,7 +657,7 @@ class Scheduler:
         self.sla = sla or SLA()
         self.config = config or SchedulerConfig()
         self.name = name
-        thresholds = None if early_exits else (NO_EARLY_EXIT,)
+        thresholds = None if early_exits else (None,)
         self.predictor = Predictor(profile, self.config, thresholds)
         self._allowed: BoolArray | None = None
         if splits is not None:
@@ -691,7 +697,7 @@ class Scheduler:
         return Choice(
             split=s,
             thr_index=t,
-            thr_conf=float(pred.thr_values[t]),
+            thr_conf=pred.thresholds[t],
             feasible=ok,
             prediction=pred.at(s, t),
             violations=() if ok else _violations(self.sla, pred, s, t, self.config.latency_margin),
@@ -765,7 +771,8 @@ class Scheduler:
             self.current_choice = self._choice(pred, self.current.split, self._current_t, ok)
             return self.current
         choice = self._choice(pred, s, t, ok)
-        new_desc = f"{split_name(s, self.profile.num_stages)}, {_thr_name(choice.thr_conf)}"
+        new_rule = ExitRule(choice.thr_conf)
+        new_desc = f"{split_name(s, self.profile.num_stages)}, {new_rule.describe()}"
         if self.current is None or self._estimates_at_change is None:
             reason = f"initial: {new_desc}"
         else:
@@ -777,7 +784,7 @@ class Scheduler:
                     f"{split_name(s, self.profile.num_stages)}"
                 )
             if old.thr_conf != choice.thr_conf:
-                parts.append(f"{_thr_name(old.thr_conf)} → {_thr_name(choice.thr_conf)}")
+                parts.append(f"{old.exit_rule.describe()} → {new_rule.describe()}")
             reason = f"{_driver(self._estimates_at_change, estimates)}: {', '.join(parts)}"
         p = choice.prediction
         reason += (
@@ -798,7 +805,7 @@ class DeviceOnlyPolicy:
     """Baseline: everything on the device (split S); early exits off unless a threshold
     is given (the paper's device-only baseline runs the original single-exit network)."""
 
-    def __init__(self, profile: Profile, thr_conf: float = NO_EARLY_EXIT) -> None:
+    def __init__(self, profile: Profile, thr_conf: float | None = None) -> None:
         self.decision = Decision(profile.num_stages, thr_conf, reason="device-only baseline")
 
     def decide(self, now: float, estimates: Estimates) -> Decision:
@@ -810,7 +817,7 @@ class ServerOnlyPolicy:
     without early exits by default.  It does not avoid a down server: the runtime's local
     fallback answers then, as it would for any offloading policy."""
 
-    def __init__(self, profile: Profile, thr_conf: float = NO_EARLY_EXIT) -> None:
+    def __init__(self, profile: Profile, thr_conf: float | None = None) -> None:
         self.decision = Decision(0, thr_conf, reason="server-only baseline")
 
     def decide(self, now: float, estimates: Estimates) -> Decision:
@@ -819,7 +826,7 @@ class ServerOnlyPolicy:
 
 class NeurosurgeonPolicy:
     """Baseline (Kang et al., ASPLOS'17): the single split with the lowest predicted
-    latency, early exits off (``thr_conf = NO_EARLY_EXIT``), re-chosen from the live
+    latency, early exits off (``thr_conf = None``), re-chosen from the live
     bandwidth, latency and server load.  Its latency model is its own: device part, then
     upload, then server part, with no local race."""
 
@@ -913,7 +920,7 @@ class EdgentPolicy:
             f"edgent: {split_name(s, self.profile.num_stages)}, exit {e} "
             f"(offline-predicted {lat[i]:.1f} ms){note}"
         )
-        return Decision(s, NO_EARLY_EXIT, reason, final_exit=final_exit)
+        return Decision(s, None, reason, final_exit=final_exit)
 
 
 POLICY_NAMES = (

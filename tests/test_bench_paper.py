@@ -29,7 +29,7 @@ from bench._harness import (
 )
 from bench.protocol import residual_rates
 from spinn.policy import FixedPolicy
-from spinn.profile import NO_EARLY_EXIT, Profile
+from spinn.profile import Profile
 from tools.netshape import load_trace
 
 pytestmark = pytest.mark.timeout(120)
@@ -74,9 +74,9 @@ def test_oracle_grid_keeps_the_accuracy_floor(small: tuple[Path, Path]) -> None:
     s_count = prof.num_stages
     grid = paper.oracle_grid(prof, 0.05, 2)
     assert {s for s, _ in grid} == {0, s_count // 2, s_count}
-    assert {t for _, t in grid} == {0.0, NO_EARLY_EXIT}
+    assert {t for _, t in grid} == {0.0, None}
     # A floor no threshold meets leaves only "no early exit".
-    assert {t for _, t in paper.oracle_grid(prof, 0.5, 3)} == {NO_EARLY_EXIT}
+    assert {t for _, t in paper.oracle_grid(prof, 0.5, 3)} == {None}
     assert len(paper.oracle_grid(prof, 0.05, 3)) > len(grid)
 
 

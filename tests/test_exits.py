@@ -19,7 +19,6 @@ from spinn.checkpoint import load_checkpoint
 from spinn.evaluate import sweep
 from spinn.exits import ExitRule, answering
 from spinn.inference import apply_threshold, exit_probs, run_stages
-from spinn.profile import NO_EARLY_EXIT
 from spinn.progressive import ProgressiveModel
 from spinn.runtime.batching import run_batch
 
@@ -28,21 +27,29 @@ def test_rule_holds_a_probability_or_none() -> None:
     assert ExitRule(0.5).thr_conf == 0.5 and ExitRule(0.5).early_exits
     assert ExitRule(1).thr_conf == 1.0 and isinstance(ExitRule(1).thr_conf, float)
     assert ExitRule(None).thr_conf is None and not ExitRule(None).early_exits
-    for bad in (-0.1, 1.5, NO_EARLY_EXIT, math.nan, math.inf, True, "0.5"):
+    for bad in (-0.1, 1.5, 2.0, math.nan, math.inf, True, "0.5"):
         with pytest.raises(ValueError, match=r"thr_conf must be a probability in \[0, 1\]"):
             ExitRule(bad)  # type: ignore[arg-type]
 
 
-def test_policy_threshold_maps_above_one_to_no_early_exit() -> None:
-    assert ExitRule.from_threshold(0.0) == ExitRule(0.0)
-    assert ExitRule.from_threshold(1.0) == ExitRule(1.0)  # a saturated softmax reaches it
-    assert ExitRule.from_threshold(math.nextafter(1.0, 2.0)) == ExitRule(None)
-    assert ExitRule.from_threshold(NO_EARLY_EXIT) == ExitRule(None)
-    for bad in (-0.1, math.nan, math.inf):
-        with pytest.raises(ValueError, match="thr_conf must be a finite number >= 0"):
-            ExitRule.from_threshold(bad)
-    with pytest.raises(ValueError, match="thr_conf must be a number"):
-        ExitRule.from_threshold(True)
+def test_no_early_exit_is_its_own_rule_not_a_threshold() -> None:
+    assert ExitRule.none() == ExitRule(None) and not ExitRule.none().early_exits
+    # No number stands for it: above 1 is an error, and 1 is a probability a saturated
+    # softmax reaches, so early exits stay on.
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        ExitRule(math.nextafter(1.0, 2.0))
+    assert ExitRule(1.0).early_exits
+    assert ExitRule.none().describe() == "no early exit"
+    assert ExitRule(0.8).describe() == "thr 0.80"
+
+
+def test_wire_form_round_trips_and_says_no_early_exit_with_the_flag() -> None:
+    # PROTOCOL.md §5.3: INFER carries a probability and an early_exits flag.
+    assert ExitRule.none().to_wire() == (1.0, False)
+    assert ExitRule(0.3).to_wire() == (0.3, True)
+    assert ExitRule(1.0).to_wire() == (1.0, True)
+    for rule in (ExitRule.none(), ExitRule(0.0), ExitRule(0.3), ExitRule(1.0)):
+        assert ExitRule.from_wire(*rule.to_wire()) == rule
 
 
 def test_wire_flag_turns_early_exits_off_whatever_the_threshold() -> None:
@@ -136,12 +143,19 @@ def test_sweep_exit_rates_are_what_the_runtime_answers(checkpoint: Path) -> None
     probs = exit_probs(model, x)
     labels = torch.zeros(len(x), dtype=torch.long)
     thresholds = [r.thr_conf for r in _rules(probs) if r.thr_conf is not None]
-    rows = sweep(model, probs, labels, [*thresholds, NO_EARLY_EXIT], split=0)
+    rows = sweep(model, probs, labels, thresholds, split=0)
+    assert [r.thr_conf for r in rows] == sorted(set(thresholds))
     for row in rows:
-        answers = run_batch(model, x, 0, [ExitRule.from_threshold(row.thr_conf)] * len(x))
+        answers = run_batch(model, x, 0, [ExitRule(row.thr_conf)] * len(x))
         counts = [0] * model.num_exits
         for a in answers:
             assert a is not None
             counts[a.exit_index] += 1
         assert list(row.exit_rate) == [c / len(x) for c in counts], row.thr_conf
-    assert rows[-1].thr_conf == NO_EARLY_EXIT and rows[-1].exit_rate[-1] == 1.0
+    # No early exit: the sweep's rule and the runtime's send every input to the final exit.
+    exit_index, _ = apply_threshold(probs, ExitRule.none())
+    assert exit_index.tolist() == [model.num_exits - 1] * len(x)
+    for a in run_batch(model, x, 0, [ExitRule.none()] * len(x)):
+        assert a is not None and a.exit_index == model.num_exits - 1
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        sweep(model, probs, labels, [2.0], split=0)  # no threshold stands for "none"

@@ -7,7 +7,6 @@ import pytest
 from spinn.estimators import Estimates
 from spinn.exits import ExitRule
 from spinn.policy import Decision, FixedPolicy, Policy
-from spinn.profile import NO_EARLY_EXIT
 
 
 def test_fixed_policy_ignores_estimates() -> None:
@@ -25,6 +24,7 @@ def test_fixed_policy_ignores_estimates() -> None:
         ({"split": -1, "thr_conf": 0.5}, "split"),
         ({"split": 1.5, "thr_conf": 0.5}, "split"),
         ({"split": 1, "thr_conf": float("nan")}, "thr_conf"),
+        ({"split": 1, "thr_conf": 2.0}, "thr_conf"),  # "no early exit" is None, not a number
         ({"split": 1, "thr_conf": 0.5, "final_exit": -2}, "final_exit"),
     ],
 )
@@ -36,4 +36,4 @@ def test_decision_validation(kwargs: dict[str, object], field: str) -> None:
 def test_decision_threshold_reads_as_an_exit_rule() -> None:
     assert Decision(2, 0.7).exit_rule == ExitRule(0.7)
     assert Decision(2, 1.0).exit_rule == ExitRule(1.0)
-    assert Decision(2, NO_EARLY_EXIT).exit_rule == ExitRule(None)
+    assert Decision(2, None).exit_rule == ExitRule.none()

@@ -13,7 +13,6 @@ import pytest
 
 from spinn.profile import (
     FORMAT,
-    NO_EARLY_EXIT,
     LossyChoice,
     Profile,
     ProfileError,
@@ -86,12 +85,14 @@ def test_threshold_lookup_resolves_at_or_above() -> None:
     assert prof.exit_rate(0.0) == (0.7, 0.3)  # below the grid -> lowest point
     assert prof.exit_rate(0.8 + 1e-12) == (0.4, 0.6)  # float noise stays on the point
     assert prof.accuracy(0.85) == 0.895
-    # Above the grid, and any thr_conf > 1: no early exit, the final exit's accuracy.
+    # None (no early exit), and above the grid: the final exit alone, its accuracy.
     assert prof.exit_rate(0.95) == (0.0, 1.0)
-    assert prof.exit_rate(NO_EARLY_EXIT) == (0.0, 1.0)
-    assert prof.accuracy(NO_EARLY_EXIT) == 0.9
-    with pytest.raises(ValueError, match="thr_conf"):
-        prof.accuracy(math.nan)
+    assert prof.exit_rate(None) == (0.0, 1.0)
+    assert prof.accuracy(None) == 0.9
+    assert prof.threshold_index(None) is None
+    for bad in (math.nan, 2.0, -0.1, True):
+        with pytest.raises(ValueError, match="thr_conf"):
+            prof.accuracy(bad)
 
 
 def test_reach_and_expected_times() -> None:
@@ -101,7 +102,7 @@ def test_reach_and_expected_times() -> None:
     assert prof.reach_prob(2, 0.5) == pytest.approx(0.3)
     assert prof.reach_prob(4, 0.5) == 0.0
     assert prof.expected_device_ms(4, 0.5) == pytest.approx(1.0 + 2.0 + 0.3 * (3.0 + 4.0))
-    assert prof.expected_device_ms(4, NO_EARLY_EXIT) == pytest.approx(10.0)
+    assert prof.expected_device_ms(4, None) == pytest.approx(10.0)
     # Uploaded at split 1, the server exits after stage 1 for 70% of inputs.
     assert prof.expected_server_ms(1, 0.5) == pytest.approx(0.2 + 0.3 * (0.3 + 0.4))
     assert prof.expected_server_ms(2, 0.5) == pytest.approx(0.7)

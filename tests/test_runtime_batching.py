@@ -20,7 +20,6 @@ from protocol import Cancel, Error, ErrorCode, Infer, Result, pack
 from spinn.checkpoint import load_checkpoint
 from spinn.exits import ExitRule
 from spinn.inference import run_stages
-from spinn.profile import NO_EARLY_EXIT
 from spinn.progressive import ProgressiveModel
 from spinn.runtime.accel import resolve_device
 from spinn.runtime.batching import Batcher, run_batch, to_device
@@ -46,7 +45,7 @@ def test_batched_answers_equal_unbatched_at_several_splits(checkpoint: Path, dev
     dev = resolve_device(device)
     model.to(dev)
     # Mixed thresholds: some samples leave at early exits, others run to the final one.
-    rules = [ExitRule.from_threshold(t) for t in (0.0, 0.15, 0.3, 1.0, 0.12, 0.5, 2.0, 0.2)]
+    rules = [ExitRule(t) for t in (0.0, 0.15, 0.3, 1.0, 0.12, 0.5, None, 0.2)]
     exits_seen = set()
     # Server-only, before and after the first early exit, and the last stage alone.
     for split in (0, 2, 6, model.num_stages - 1):
@@ -94,21 +93,21 @@ def _count_exit_head_calls(model: ProgressiveModel) -> list[int]:
     ("thrs", "heads_run"),  # heads_run: the first heads that run; None: all of them
     [
         # No sample can leave early: no early-exit head runs, only the final exit answers.
-        ([NO_EARLY_EXIT, 2.0, 1.5], 0),
+        ([None, None, None], 0),
         # The sample with threshold 0 leaves at the first exit; the rest cannot leave early.
-        ([2.0, 0.0, NO_EARLY_EXIT], 1),
+        ([None, 0.0, None], 1),
         # A softmax can reach 1.0 exactly, so threshold 1 keeps every head running.
-        ([1.0, NO_EARLY_EXIT], None),
+        ([1.0, None], None),
     ],
 )
 def test_run_batch_skips_exit_heads_no_sample_can_leave_at(
-    checkpoint: Path, thrs: list[float], heads_run: int | None
+    checkpoint: Path, thrs: list[float | None], heads_run: int | None
 ) -> None:
     model, _ = load_checkpoint(checkpoint)
     model.eval()
     acts = _activations(model, 0, len(thrs), seed=11)
     calls = _count_exit_head_calls(model)
-    rules = [ExitRule.from_threshold(t) for t in thrs]
+    rules = [ExitRule(t) for t in thrs]
     answers = run_batch(model, to_device([a.numpy() for a in acts], torch.device("cpu")), 0, rules)
     ran = len(calls) if heads_run is None else heads_run
     assert calls == [1] * ran + [0] * (len(calls) - ran), "the first heads ran, once each"

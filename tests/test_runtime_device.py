@@ -16,7 +16,6 @@ from spinn.estimators import Estimates
 from spinn.exits import ExitRule
 from spinn.policy import Decision, FixedPolicy
 from spinn.procs import free_port
-from spinn.profile import NO_EARLY_EXIT
 from spinn.runtime.device import DeviceConfig, DeviceError, SpinnDevice
 from spinn.runtime.server import ServerConfig, SpinnServer
 from tests._runtime_support import by_frame, make_small_checkpoint, noise_frames, run_in_process
@@ -149,7 +148,7 @@ class _Truncated:
     """Edgent-style decision: the network ends at ``exit``, no early exits before it."""
 
     def __init__(self, split: int, exit: int) -> None:
-        self.decision = Decision(split, NO_EARLY_EXIT, "truncated", final_exit=exit)
+        self.decision = Decision(split, None, "truncated", final_exit=exit)
 
     def decide(self, now: float, estimates: Estimates) -> Decision:
         return self.decision
@@ -189,16 +188,16 @@ def test_truncated_network_answers_at_its_exit_locally_and_remotely(checkpoint: 
 def test_no_early_exit_asks_the_server_for_its_final_exit(checkpoint: Path) -> None:
     model, _ = load_checkpoint(checkpoint)
     device = SpinnDevice(DeviceConfig(checkpoint=checkpoint, server=None))
-    # thr_conf travels capped at 1, which a saturated softmax reaches: the flag is what
-    # keeps the server's early exits silent (PROTOCOL.md §5.3).
-    plan = device._plan(Decision(1, NO_EARLY_EXIT))
+    # "No early exit" travels as the flag, with thr_conf 1, which a saturated softmax
+    # reaches: the flag keeps the server's early exits silent (PROTOCOL.md §5.3).
+    plan = device._plan(Decision(1, None))
     assert (plan.wire_thr, plan.rule, plan.wire_early_exits) == (1.0, ExitRule(None), False)
     plan = device._plan(Decision(1, 0.7))
     assert (plan.wire_thr, plan.rule, plan.wire_early_exits) == (0.7, ExitRule(0.7), True)
     records = run_in_process(
         checkpoint,
         noise_frames(12),
-        custom_policy=FixedPolicy(1, NO_EARLY_EXIT),
+        custom_policy=FixedPolicy(1, None),
         continue_locally=False,
     ).records
     by_frame(records, 12)
@@ -330,7 +329,7 @@ class _AbortLinkAt:
             link = self.device._link
             assert link is not None and link.writer is not None
             link.writer.transport.abort()
-        return Decision(2, NO_EARLY_EXIT, "test")
+        return Decision(2, None, "test")
 
 
 def test_a_reset_link_finishes_the_frame_as_fallback_and_reconnects(checkpoint: Path) -> None:

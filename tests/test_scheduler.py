@@ -5,7 +5,6 @@ the baselines."""
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import math
@@ -21,7 +20,6 @@ from hypothesis import strategies as st
 from spinn.estimators import Estimates
 from spinn.policy import Decision, Policy
 from spinn.profile import (
-    NO_EARLY_EXIT,
     Profile,
     SplitProfile,
     ThresholdProfile,
@@ -208,15 +206,15 @@ configs = st.builds(
 def test_predictions_match_scalar_reference(p: Profile, e: Estimates, cfg: SchedulerConfig) -> None:
     pred = Scheduler(p, config=cfg).predict(e)
     for s in range(p.num_stages + 1):
-        for t, thr in enumerate(pred.thr_values):
-            ref = reference(p, s, float(thr), e, cfg)
+        for t, thr in enumerate(pred.thresholds):
+            ref = reference(p, s, thr, e, cfg)
             got = pred.at(s, t)
             for key, value in ref.items():
                 assert getattr(got, key) == pytest.approx(value, rel=1e-9, abs=1e-9), (key, s, t)
             # Independent route through the Profile's own derived quantities.
-            assert got.offload_rate == pytest.approx(p.reach_prob(s, float(thr)), abs=1e-9)
+            assert got.offload_rate == pytest.approx(p.reach_prob(s, thr), abs=1e-9)
             assert got.server_cost_ms == pytest.approx(
-                e.server_scale * p.reach_prob(s, float(thr)) * p.expected_server_ms(s, float(thr)),
+                e.server_scale * p.reach_prob(s, thr) * p.expected_server_ms(s, thr),
                 rel=1e-9,
                 abs=1e-9,
             )
@@ -586,7 +584,7 @@ def test_no_early_exit_variant_and_split_restriction() -> None:
     p = scenario_profile()
     no_ee = Scheduler(p, LATENCY_FIRST, early_exits=False)
     c = no_ee.choose(est(20))
-    assert c.thr_conf == NO_EARLY_EXIT and c.prediction.accuracy == 0.93
+    assert c.thr_conf is None and c.prediction.accuracy == 0.93
     only = Scheduler(p, LATENCY_FIRST, splits=[2, 3])
     assert only.choose(est(1000)).split in (2, 3)
     with pytest.raises(ValueError, match="split 9"):
@@ -598,9 +596,7 @@ def test_no_early_exit_variant_and_split_restriction() -> None:
 
 def test_fixed_baselines() -> None:
     p = scenario_profile()
-    assert DeviceOnlyPolicy(p).decide(0, est(1)) == Decision(
-        6, NO_EARLY_EXIT, "device-only baseline"
-    )
+    assert DeviceOnlyPolicy(p).decide(0, est(1)) == Decision(6, None, "device-only baseline")
     assert ServerOnlyPolicy(p).decide(0, est(1, server_up=False)).split == 0
     for name in POLICY_NAMES:
         pol = make_policy(name, p, SLA(max_latency_ms=30))
@@ -627,7 +623,7 @@ def test_neurosurgeon_is_best_single_split_for_latency_without_exits() -> None:
     for bw in (0.05, 1, 5, 20, 100, 1000):
         e = est(bw)
         d = pol.decide(0.0, e)
-        assert d.thr_conf == NO_EARLY_EXIT
+        assert d.thr_conf is None
         best = min(_neurosurgeon_latency(p, s, e) for s in range(7))
         assert _neurosurgeon_latency(p, d.split, e) == pytest.approx(best, rel=1e-9), bw
         chosen.add(d.split)
@@ -714,7 +710,7 @@ def test_every_candidate_is_reachable_grid_shape() -> None:
     pred = Scheduler(p).predict(est(10))
     assert pred.latency_ms.shape == (21, 21)
     assert np.isfinite(pred.latency_ms).all()
-    assert list(itertools.chain(pred.thr_values[-1:])) == [NO_EARLY_EXIT]
+    assert pred.thresholds == (*p.thr_grid, None)  # the last column: no early exit
 
 
 def test_dead_link_predictions_stay_finite_or_infinite_never_nan() -> None:

@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from spinn.exits import ExitRule
 from spinn.runtime.tracker import Answer, Where
 
 __all__ = ["COMPUTE_WINDOW", "DeviceStats", "ServerStats", "median_or_none", "percentile"]
@@ -115,7 +116,7 @@ class DeviceStats:
         now: float,
         *,
         split: int,
-        thr_conf: float,
+        thr_conf: float | None,
         bandwidth_bps: float,
         latency_s: float,
         server_up: bool | None,
@@ -128,7 +129,7 @@ class DeviceStats:
         return (
             f"frames {self.frames:6d} | {self.live_fps(now):6.1f} fps"
             f" | p50 {_fmt_ms(percentile(recent, 50))} ms p95 {_fmt_ms(percentile(recent, 95))} ms"
-            f" | split {split} thr {thr_conf:.2f}"
+            f" | split {split} {ExitRule(thr_conf).describe()}"
             f" | B {_fmt_rate(bandwidth_bps)} L {latency_s * 1e3:.1f} ms"
             f" | {_SERVER_STATE[server_up]}"
             f" | offload {100.0 * self.offloaded / n:5.1f}%"

@@ -75,8 +75,8 @@ class Answer:
     """Bytes put on the wire for this frame (framed INFER; 0 if not offloaded)."""
     split: int
     """Split used for this frame."""
-    thr_conf: float
-    """Exit threshold used for this frame."""
+    thr_conf: float | None
+    """Exit threshold used for this frame; None: no early exit."""
     request_id: int | None
     """Request id of the INFER, if one was sent."""
 
@@ -96,7 +96,7 @@ class _Record:
     frame_id: int
     started_at: float
     split: int
-    thr_conf: float
+    thr_conf: float | None
     phase: FramePhase = FramePhase.LOCAL
     request_id: int | None = None
     sent_at: float | None = None
@@ -156,7 +156,7 @@ class RequestTracker:
 
     # -- frames -----------------------------------------------------------------
 
-    def begin(self, frame_id: int, now: float, split: int, thr_conf: float) -> None:
+    def begin(self, frame_id: int, now: float, split: int, thr_conf: float | None) -> None:
         """A frame enters the device pipeline.  Frame ids must increase."""
         if frame_id <= self._last_frame_id:
             raise TrackerError(f"frame {frame_id} began after frame {self._last_frame_id}")
