@@ -1,0 +1,566 @@
+"""DeviceCore driven by a fake clock and scripted events: no sockets, threads or model.
+
+Each test plays what the asyncio adapter would feed in (``now`` and the events) and
+checks the actions that come back, as h11's and aioquic's own tests drive their cores.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from protocol import Bye, Cancel, Error, ErrorCode, Infer, Ping, Pong, Result
+from protocol.packing import pack
+from spinn.estimators import Estimates
+from spinn.policy import Decision, FixedPolicy, Policy
+from spinn.pretrained import DEFAULT_CHECKPOINT
+from spinn.profile import NO_EARLY_EXIT, Profile
+from spinn.runtime.device import DeviceConfig
+from spinn.runtime.device_core import (
+    SERVER_BUDGET_SHARE,
+    Action,
+    CancelCompute,
+    CloseLink,
+    ComputeCall,
+    DeviceCore,
+    DeviceError,
+    Fatal,
+    FrameDone,
+    LocalExit,
+    Log,
+    ModelShape,
+    Publish,
+    Reconnect,
+    RunHead,
+    RunStages,
+    Send,
+    SendInfer,
+    SendProbeTrain,
+)
+from spinn.runtime.tracker import FramePhase
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = Profile.load(Path(DEFAULT_CHECKPOINT).with_name("profile.json"))
+MODEL = ModelShape(
+    num_stages=PROFILE.num_stages,
+    exit_stages=tuple(PROFILE.exit_stages),
+    num_classes=10,
+    class_names=tuple(f"c{i}" for i in range(10)),
+)
+LAST_EXIT = len(MODEL.exit_stages) - 1
+PACKED = pack(np.ones((1, 4, 7, 7), dtype=np.float32), "sparse_int8")
+CORE_MODULES = ("device_core", "tracker", "uplink", "failover", "backoff", "stats")
+
+
+def make_core(
+    split: int = 2, thr: float = NO_EARLY_EXIT, policy: Policy | None = None, **config: Any
+) -> DeviceCore:
+    cfg = DeviceConfig(**{"status_interval_s": 0, **config})
+    return DeviceCore(cfg, profile=PROFILE, policy=policy or FixedPolicy(split, thr), model=MODEL)
+
+
+def call(now: float, *, queued: bool = False, waited_s: float = 0.0) -> ComputeCall:
+    return ComputeCall(
+        worker=1, started=now - 0.001, ended=now, link_busy_ms=0.0, queued=queued, waited_s=waited_s
+    )
+
+
+def only(actions: list[Action], kind: type) -> list[Any]:
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def records(actions: list[Action]) -> list[dict[str, Any]]:
+    return [a.record for a in only(actions, Publish)]
+
+
+def connected(core: DeviceCore, now: float = 0.0) -> list[Action]:
+    return core.link_up(now, server_name="test", codec="sparse_int8")
+
+
+def offload(core: DeviceCore, fid: int, now: float, nbytes: int = 500) -> tuple[int, list[Action]]:
+    """Frame ``fid`` arrives and its head runs to the split: returns its request id and
+    the actions after the INFER was written."""
+    head = core.frame_arrived(now, fid, link_up=True)
+    assert only(head, RunHead) and only(head, RunHead)[0].pack
+    acts = core.head_done(
+        now + 0.001,
+        fid,
+        call(now + 0.001),
+        answer=None,
+        activation=f"act{fid}",
+        packed=PACKED,
+        stages_ms=1.0,
+        reached=2,
+        pack_ms=0.1,
+        link_up=True,
+    )
+    (infer,) = only(acts, SendInfer)
+    assert infer.frame_id == fid and isinstance(infer.message, Infer)
+    rid = infer.message.request_id
+    return rid, core.infer_written(now + 0.002, fid, rid, nbytes, 0.0)
+
+
+def result(rid: int, exit_index: int = LAST_EXIT, cls: int = 3) -> Result:
+    return Result(rid, exit_index, (cls,), (0.9,), compute_ms=1.0, held_ms=1.5)
+
+
+# -- purity ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CORE_MODULES)
+def test_core_modules_import_no_io_clock_thread_or_torch(name: str) -> None:
+    tree = ast.parse((ROOT / "spinn" / "runtime" / f"{name}.py").read_text())
+    banned = {"asyncio", "socket", "threading", "time", "torch", "uvloop", "concurrent"}
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    assert not found & banned, f"spinn.runtime.{name} imports {sorted(found & banned)}"
+
+
+def test_importing_the_core_loads_no_event_loop_socket_or_torch() -> None:
+    code = (
+        "import sys, spinn.runtime.device_core\n"
+        "print(sorted(m for m in ('asyncio', 'socket', 'torch', 'uvloop') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+# -- frames answered on the device -------------------------------------------------------
+
+
+def test_a_confident_head_answers_on_the_device() -> None:
+    core = make_core(split=3, thr=0.5, server=None)
+    (run,) = core.frame_arrived(0.0, 0, label=4)
+    assert isinstance(run, RunHead) and run.plan.split == 3 and not run.pack
+    acts = core.head_done(
+        0.01,
+        0,
+        call(0.01),
+        answer=LocalExit(0, (4, 1), (0.8, 0.1)),
+        activation=None,
+        packed=None,
+        stages_ms=5.0,
+        reached=1,
+        pack_ms=0.0,
+        link_up=False,
+    )
+    (rec,) = records(acts)
+    assert rec["where"] == "device" and rec["class"] == 4 and rec["class_name"] == "c4"
+    assert rec["label"] == 4 and rec["bytes_sent"] == 0 and rec["latency_ms"] == 10.0
+    assert acts[-1] == FrameDone(0)
+    assert core.profiler.device.samples == 1 and core.profiler.overhead.samples == 1
+
+
+def test_device_only_frames_run_their_stages_one_by_one_to_the_end() -> None:
+    core = make_core(split=2, server=None)
+    core.frame_arrived(0.0, 0)
+    acts = core.head_done(
+        0.01,
+        0,
+        call(0.01),
+        answer=None,
+        activation="a2",
+        packed=None,
+        stages_ms=1.0,
+        reached=2,
+        pack_ms=0.0,
+        link_up=False,
+    )
+    (run,) = only(acts, RunStages)
+    assert (run.start, run.stop, run.priority, run.activation) == (2, 3, 0, "a2")
+    acts = core.stages_done(
+        0.02, 0, call(0.02), answer=None, activation="a3", stop=3, stages_ms=1.0
+    )
+    (run,) = only(acts, RunStages)
+    assert (run.start, run.activation) == (3, "a3")
+
+
+# -- the race ----------------------------------------------------------------------------
+
+
+def test_server_wins_the_race_and_the_local_stage_is_cancelled() -> None:
+    core = make_core()
+    connected(core)
+    rid, acts = offload(core, 0, 1.0)
+    (run,) = only(acts, RunStages)
+    assert run.priority == 1 and run.start == 2  # a race continuation yields to new heads
+    acts = core.receive(1.01, result(rid))
+    (rec,) = records(acts)
+    assert rec["where"] == "server" and rec["bytes_sent"] == 500 and rec["split"] == 2
+    assert CancelCompute(0) in acts and not only(acts, FrameDone)
+    # The stage was queued: the adapter skips it, and the frame is done.
+    assert core.compute_skipped(1.02, 0) == [FrameDone(0)]
+    assert core.tracker.cancels == 0
+
+
+def test_device_wins_the_race_and_cancels_the_request() -> None:
+    core = make_core()
+    connected(core)
+    rid, _ = offload(core, 0, 1.0)
+    acts = core.stages_done(
+        1.01,
+        0,
+        call(1.01),
+        answer=LocalExit(LAST_EXIT, (7,), (0.99,)),
+        activation=None,
+        stop=3,
+        stages_ms=1.0,
+    )
+    assert records(acts)[0]["where"] == "device"
+    assert Send(Cancel(rid)) in acts and acts[-1] == FrameDone(0)
+    assert core.tracker.cancels == 1
+    # A RESULT that crossed the CANCEL answers nothing, but still times the link.
+    assert not records(core.receive(1.02, result(rid)))
+    assert core.profiler.server.samples == 1
+
+
+def test_without_continue_locally_the_frame_waits_for_the_server() -> None:
+    core = make_core(continue_locally=False)
+    connected(core)
+    rid, acts = offload(core, 0, 1.0)
+    assert not only(acts, RunStages)
+    acts = core.receive(1.01, result(rid))
+    assert records(acts)[0]["where"] == "server" and acts[-1] == FrameDone(0)
+    assert not only(acts, CancelCompute)
+
+
+def test_the_deadline_expires_and_the_frame_finishes_locally_as_fallback() -> None:
+    core = make_core(continue_locally=False)
+    connected(core)
+    rid, _ = offload(core, 0, 1.0)
+    deadline = core.tracker.next_deadline()
+    assert deadline is not None and deadline > 1.0
+    assert core.next_timer(1.0) is not None and core.next_timer(1.0) <= deadline
+    assert not only(core.timer(deadline - 1e-6), RunStages)
+    acts = core.timer(deadline)
+    assert Send(Cancel(rid)) in acts
+    assert any("missed its deadline" in a.msg for a in only(acts, Log))
+    (run,) = only(acts, RunStages)
+    assert run.priority == 0  # the server will not answer: urgent
+    acts = core.stages_done(
+        deadline + 0.01,
+        0,
+        call(deadline + 0.01),
+        answer=LocalExit(LAST_EXIT, (2,), (0.5,)),
+        activation=None,
+        stop=3,
+        stages_ms=1.0,
+    )
+    assert records(acts)[0]["where"] == "fallback" and acts[-1] == FrameDone(0)
+    assert not only(acts, Send)  # expired: cancelled already
+    assert core.tracker.expired == 1
+    # The late RESULT is stale.
+    assert not records(core.receive(deadline + 0.02, result(rid)))
+
+
+def test_the_server_budget_is_a_share_of_the_deadline() -> None:
+    core = make_core()
+    connected(core)
+    core.frame_arrived(1.0, 0, link_up=True)
+    acts = core.head_done(
+        1.0,
+        0,
+        call(1.0),
+        answer=None,
+        activation=None,
+        packed=PACKED,
+        stages_ms=1.0,
+        reached=2,
+        pack_ms=0.0,
+        link_up=True,
+    )
+    infer = only(acts, SendInfer)[0].message
+    core.infer_written(1.0, 0, infer.request_id, 300, 0.0)
+    deadline = core.tracker.next_deadline()
+    assert deadline is not None
+    assert infer.deadline_ms == pytest.approx(1e3 * (deadline - 1.0) * SERVER_BUDGET_SHARE)
+    assert infer.early_exits is False and infer.thr_conf == 1.0  # NO_EARLY_EXIT on the wire
+
+
+def test_link_loss_hands_offloaded_frames_to_the_device() -> None:
+    core = make_core(continue_locally=False)
+    connected(core)
+    rid0, _ = offload(core, 0, 1.0)
+    rid1, _ = offload(core, 1, 1.1)
+    acts = core.link_down(1.2, "connection lost: reset")
+    assert sorted(r.frame_id for r in only(acts, RunStages)) == [0, 1]
+    assert any("server link down" in a.msg for a in only(acts, Log))
+    (reconnect,) = only(acts, Reconnect)
+    assert reconnect.delay_s > 0  # up 0.2 s, nothing answered: backed off
+    assert core.tracker.lost == 2 and not core.profiler.server_up
+    # A frame decided while the link is down is fallback from the start.
+    (head,) = only(core.frame_arrived(1.3, 2, link_up=False), RunHead)
+    assert core.tracker.phase(2) is FramePhase.ABANDONED
+    acts = core.head_done(
+        1.31,
+        2,
+        call(1.31),
+        answer=None,
+        activation=None,
+        packed=PACKED,
+        stages_ms=1.0,
+        reached=2,
+        pack_ms=0.0,
+        link_up=False,
+    )
+    assert not only(acts, SendInfer) and only(acts, RunStages)[0].priority == 0
+    acts = core.stages_done(
+        1.32,
+        2,
+        call(1.32),
+        answer=LocalExit(LAST_EXIT, (1,), (0.6,)),
+        activation=None,
+        stop=3,
+        stages_ms=1.0,
+    )
+    assert records(acts)[0]["where"] == "fallback"
+
+
+def test_a_write_on_a_dead_link_is_fallback_not_offloaded() -> None:
+    core = make_core(continue_locally=False)
+    connected(core)
+    rid, acts = offload(core, 0, 1.0, nbytes=0)
+    assert core.tracker.phase(0) is FramePhase.ABANDONED
+    assert only(acts, RunStages)[0].priority == 0
+    assert core.tracker.next_deadline() is None
+
+
+def test_request_errors_and_implausible_results_finish_the_frame_locally(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    core = make_core(continue_locally=False)
+    connected(core)
+    rid, _ = offload(core, 0, 1.0)
+    acts = core.receive(1.01, Error(ErrorCode.BUSY, "full", request_id=rid))
+    assert only(acts, RunStages) and only(acts, Log)[0].level == logging.DEBUG
+    rid, _ = offload(core, 1, 1.1)
+    # Exit 0 lies before split 2: no such RESULT can come from the model served.
+    acts = core.receive(1.11, result(rid, exit_index=0))
+    (warn,) = only(acts, Log)
+    assert warn.level == logging.WARNING and "before the split 2" in warn.msg % warn.args
+    assert only(acts, RunStages) and not records(acts)
+    assert core.implausible(Result(9, 0, (10,), (0.5,))) == (
+        "classes [10], but the model has classes 0..9"
+    )
+    assert "model has exits" in (core.implausible(Result(9, 99, (1,), (0.5,))) or "")
+
+
+def test_a_compute_failure_is_one_error_record_and_cancels_the_request() -> None:
+    core = make_core()
+    connected(core)
+    rid, _ = offload(core, 0, 1.0)
+    acts = core.frame_failed(1.01, 0, "ValueError: bad")
+    (rec,) = records(acts)
+    assert rec == {"frame": 0, "where": "error", "error": "ValueError: bad"}
+    assert Send(Cancel(rid)) in acts and acts[-1] == FrameDone(0) and core.errors == 1
+    acts = core.frame_arrived(2.0, 1, label=3, origin="x.png", error="cannot decode")
+    assert records(acts) == [
+        {
+            "frame": 1,
+            "where": "error",
+            "error": "SourceError: cannot decode",
+            "label": 3,
+            "origin": "x.png",
+        }
+    ]
+    assert core.summary(2.0)["errors"] == 2 and core.summary(2.0)["unanswered"] == 0
+
+
+# -- the policy call -----------------------------------------------------------------------
+
+
+class _Script:
+    """Decides from a script: one decision per call."""
+
+    def __init__(self, decisions: list[Decision]) -> None:
+        self.decisions = decisions
+        self.seen: list[float] = []
+
+    def decide(self, now: float, estimates: Estimates) -> Decision:
+        self.seen.append(now)
+        return self.decisions[min(len(self.seen) - 1, len(self.decisions) - 1)]
+
+
+def test_a_decision_is_logged_when_it_changes_not_per_frame() -> None:
+    a, b = Decision(2, 0.8, "spinn"), Decision(4, 0.8, "spinn")
+    policy = _Script([a, a, a, b, b, a])
+    core = make_core(policy=policy, server=None)
+    logged = []
+    for fid in range(5):
+        logged += [x.msg % x.args for x in only(core.frame_arrived(fid, fid), Log)]
+    assert logged == ["decision: split 4 thr 0.80 (spinn)", "decision: split 2 thr 0.80 (spinn)"]
+    assert policy.seen == [0.0, 0, 1, 2, 3, 4]  # the constructor's, then one per frame
+    assert core.summary(5.0)["split"] == 2
+
+
+def test_plans_say_no_early_exit_and_truncation_on_the_wire() -> None:
+    core = make_core(server=None)
+    plan = core.plan(Decision(1, NO_EARLY_EXIT))
+    assert (plan.wire_thr, plan.rule.thr_conf, plan.wire_early_exits) == (1.0, None, False)
+    plan = core.plan(Decision(1, 0.7))
+    assert (plan.wire_thr, plan.wire_early_exits, plan.last) == (0.7, True, MODEL.num_stages)
+    # Truncated after exit 1, whose stage the server runs first: threshold 0 answers there.
+    plan = core.plan(Decision(MODEL.exit_stages[0] + 1, 0.7, final_exit=1))
+    assert plan.last == MODEL.exit_stages[1] + 1 and plan.forced_exit == 1
+    assert (plan.wire_thr, plan.wire_early_exits) == (0.0, True)
+    with pytest.raises(DeviceError, match="exit 99"):
+        core.plan(Decision(1, 0.5, final_exit=99))
+
+
+# -- the link: PINGs, probes, dead links, reconnects -----------------------------------------
+
+
+def _pong(ping: Ping, at: float, received_bytes: int | None = None) -> Pong:
+    return Pong.reply_to(ping, at, received_bytes)
+
+
+def test_pings_time_the_latency_and_a_silent_link_is_closed() -> None:
+    core = make_core(probe_bytes=0, ping_timeout_s=1.5, ping_interval_s=0.5)
+    (first,) = [a.message for a in only(connected(core, 10.0), Send)]
+    assert isinstance(first, Ping) and first.padding == b""
+    core.heard(10.02)
+    core.receive(10.02, _pong(first, 10.01))
+    assert core.profiler.latency.samples == 1
+    # The first few PINGs come 0.1 s apart.
+    assert core.next_timer(10.02) == pytest.approx(10.1)
+    (second,) = [a.message for a in only(core.timer(10.1), Send)]
+    # Unanswered, but the server was heard from recently: alive.
+    core.heard(11.5)
+    assert not only(core.timer(11.65), CloseLink)
+    acts = core.timer(13.1)
+    (close,) = only(acts, CloseLink)
+    assert "no PONG" in close.reason and core.next_timer(13.2) is None  # pings stop
+    acts = core.link_down(13.2, close.reason)
+    assert only(acts, Reconnect)[0].delay_s == 0.0  # the link lasted over 2 s: at once
+
+
+def test_probe_trains_go_once_latency_is_known_and_measure_the_bandwidth() -> None:
+    core = make_core(probe_bytes=4096)
+    (ping,) = [a.message for a in only(connected(core, 0.0), Send)]
+    assert not only(core.timer(0.0), SendProbeTrain)  # no L yet
+    core.receive(0.001, _pong(ping, 0.0005))
+    acts = core.timer(0.002)
+    (train,) = only(acts, SendProbeTrain)
+    assert len(train.pings) >= 3 and all(len(p.padding) > 0 for p in train.pings)
+    sizes = [len(p.padding) + 40 for p in train.pings]
+    core.train_written(sizes)
+    assert core.probe_bytes_sent == sum(sizes)
+    before = core.profiler.bandwidth.train_samples
+    # The server read them 20 ms apart: far slower than the prior B, a timed sample.
+    total = 0
+    for i, (p, size) in enumerate(zip(train.pings, sizes, strict=True)):
+        total += size
+        core.receive(0.1 + i * 0.02, _pong(p, 5.0 + i * 0.02, total))
+    assert core.profiler.bandwidth.train_samples == before + 1
+    assert core.summary(0.1)["estimates"]["probe_bytes"] == sum(sizes)
+
+
+def test_a_train_cut_short_by_the_link_is_void() -> None:
+    core = make_core(probe_bytes=4096)
+    (ping,) = [a.message for a in only(connected(core, 0.0), Send)]
+    core.receive(0.001, _pong(ping, 0.0005))
+    (train,) = only(core.timer(0.002), SendProbeTrain)
+    core.train_written([100, 0])
+    assert core.probe_bytes_sent == 0
+
+
+def test_reconnects_back_off_and_a_repeated_misconfiguration_is_fatal() -> None:
+    core = make_core(misconfig_tries=3, extra_servers=(("10.0.0.2", 7878),))
+    assert core.server_address == ("127.0.0.1", 7878)
+    acts = core.connect_failed(0.0, "refused")
+    assert only(acts, Reconnect) == [Reconnect(0.0)]  # the next server, at once
+    assert core.server_address == ("10.0.0.2", 7878)
+    acts = core.connect_failed(0.1, "refused")
+    assert only(acts, Reconnect)[0].delay_s > 0  # a whole round failed: backoff
+    hint = "closes connections during the handshake"
+    warnings = []
+    for i in range(3):
+        acts = core.connect_failed(1.0 + i, "closed", hint)
+        warnings += [a for a in only(acts, Log) if a.level == logging.WARNING]
+    assert len(warnings) == 1  # said once
+    (fatal,) = only(acts, Fatal)
+    assert hint in fatal.message and "3 times in a row" in fatal.message
+    assert not only(acts, Reconnect)
+
+
+def test_a_server_error_or_bye_closes_the_link() -> None:
+    core = make_core()
+    connected(core)
+    acts = core.receive(0.1, Error(ErrorCode.MODEL_MISMATCH, "other model"))
+    assert only(acts, Fatal) and only(acts, CloseLink)
+    connected(core, 1.0)
+    acts = core.receive(1.1, Bye("restart"))
+    assert only(acts, CloseLink) == [CloseLink("server said bye (restart)")]
+    acts = core.receive(1.2, Ping(7, 1.0))
+    (pong,) = [a.message for a in only(acts, Send)]
+    assert isinstance(pong, Pong) and pong.seq == 7
+
+
+def test_a_compute_busy_time_counts_the_workers_gap_less_link_work() -> None:
+    core = make_core(server=None)
+    for fid, now in enumerate((1.0, 1.01)):
+        core.frame_arrived(now, fid)
+        c = ComputeCall(
+            worker=5,
+            started=now + 0.002,
+            ended=now + 0.005,
+            link_busy_ms=fid * 1.0,
+            queued=True,
+            waited_s=0.0,
+        )
+        core.head_done(
+            now + 0.005,
+            fid,
+            c,
+            answer=LocalExit(0, (1,), (0.9,)),
+            activation=None,
+            packed=None,
+            stages_ms=3.0,
+            reached=1,
+            pack_ms=0.0,
+            link_up=False,
+        )
+    # Overheads beyond the 3 ms of stages: none in the first call; in the second, the 7 ms
+    # gap after the first less 1 ms of link work in it. Their mean:
+    assert core.profiler.busy.head_overhead_ms == pytest.approx(3.0)
+
+
+def test_status_and_summary_come_from_the_core() -> None:
+    core = make_core(server=None)
+    core.frame_arrived(0.0, 0)
+    core.head_done(
+        0.01,
+        0,
+        call(0.01),
+        answer=LocalExit(0, (1,), (0.9,)),
+        activation=None,
+        packed=None,
+        stages_ms=1.0,
+        reached=1,
+        pack_ms=0.0,
+        link_up=False,
+    )
+    summary = core.summary(1.0)
+    assert summary["frames"] == 1 and summary["frames_read"] == 1
+    assert summary["server_connects"] == 0 and summary["split"] == 2
+    assert "split" in core.status_line(1.0, None)
+
+
+def test_config_is_only_read(tmp_path: Path) -> None:
+    cfg = DeviceConfig(server=None)
+    core = DeviceCore(cfg, profile=PROFILE, policy=FixedPolicy(1, 0.5), model=MODEL)
+    assert core.config is cfg and replace(cfg) == cfg
