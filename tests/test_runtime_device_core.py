@@ -22,7 +22,7 @@ from protocol.packing import pack
 from spinn.estimators import Estimates
 from spinn.policy import Decision, FixedPolicy, Policy
 from spinn.pretrained import DEFAULT_CHECKPOINT
-from spinn.profile import NO_EARLY_EXIT, Profile
+from spinn.profile import Profile
 from spinn.runtime.device import DeviceConfig
 from spinn.runtime.device_core import (
     SERVER_BUDGET_SHARE,
@@ -61,7 +61,7 @@ CORE_MODULES = ("device_core", "tracker", "uplink", "failover", "backoff", "stat
 
 
 def make_core(
-    split: int = 2, thr: float = NO_EARLY_EXIT, policy: Policy | None = None, **config: Any
+    split: int = 2, thr: float | None = None, policy: Policy | None = None, **config: Any
 ) -> DeviceCore:
     cfg = DeviceConfig(**{"status_interval_s": 0, **config})
     return DeviceCore(cfg, profile=PROFILE, policy=policy or FixedPolicy(split, thr), model=MODEL)
@@ -288,7 +288,7 @@ def test_the_server_budget_is_a_share_of_the_deadline() -> None:
     deadline = core.tracker.next_deadline()
     assert deadline is not None
     assert infer.deadline_ms == pytest.approx(1e3 * (deadline - 1.0) * SERVER_BUDGET_SHARE)
-    assert infer.early_exits is False and infer.thr_conf == 1.0  # NO_EARLY_EXIT on the wire
+    assert infer.early_exits is False and infer.thr_conf == 1.0  # no early exit, on the wire
 
 
 def test_link_loss_hands_offloaded_frames_to_the_device() -> None:
@@ -409,7 +409,7 @@ def test_a_decision_is_logged_when_it_changes_not_per_frame() -> None:
 
 def test_plans_say_no_early_exit_and_truncation_on_the_wire() -> None:
     core = make_core(server=None)
-    plan = core.plan(Decision(1, NO_EARLY_EXIT))
+    plan = core.plan(Decision(1, None))
     assert (plan.wire_thr, plan.rule.thr_conf, plan.wire_early_exits) == (1.0, None, False)
     plan = core.plan(Decision(1, 0.7))
     assert (plan.wire_thr, plan.wire_early_exits, plan.last) == (0.7, True, MODEL.num_stages)

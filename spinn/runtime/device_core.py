@@ -432,15 +432,12 @@ class DeviceCore:
                 last = self.model.exit_stages[forced] + 1
         split = min(max(decision.split, 0), last)
         rule = decision.exit_rule
-        # INFER carries a probability and says "no early exit" with its own flag
-        # (PROTOCOL.md §5.3): a softmax can saturate to exactly 1.0, so no threshold would.
-        wire_thr = 1.0 if rule.thr_conf is None else rule.thr_conf
-        wire_early_exits = rule.early_exits
+        wire_thr, wire_early_exits = rule.to_wire()  # the protocol's form (PROTOCOL.md §5.3)
         if forced is not None and split < last:
             exits_after = [e for e, k in enumerate(self.model.exit_stages) if k >= split]
             if exits_after and exits_after[0] == forced:
                 # The truncation exit is the server's first: threshold 0 makes it answer.
-                wire_thr, wire_early_exits = 0.0, True
+                wire_thr, wire_early_exits = ExitRule(0.0).to_wire()
         return Plan(split, last, rule, wire_thr, forced, wire_early_exits)
 
     def frame_arrived(
@@ -467,9 +464,9 @@ class DeviceCore:
         if decision.reason != self.decision.reason or decision.split != self.decision.split:
             self._log(
                 logging.INFO,
-                "decision: split %d thr %.2f (%s)",
+                "decision: split %d %s (%s)",
                 decision.split,
-                decision.thr_conf,
+                decision.exit_rule.describe(),
                 decision.reason,
             )
         self.decision = decision
