@@ -48,6 +48,17 @@ def _count(name: str, value: object, lo: int = 1) -> None:
         raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
 
 
+def _rate(rate_name: str, burst_name: str, rate: object, burst: object) -> None:
+    if (rate is None) != (burst is None):
+        raise ValueError(f"{rate_name} and {burst_name} go together, got {rate!r} and {burst!r}")
+    if rate is None:
+        return
+    if type(rate) not in (int, float) or not 0 < rate < math.inf:  # type: ignore[operator]
+        raise ValueError(f"{rate_name} must be a positive number a second, got {rate!r}")
+    if type(burst) not in (int, float) or not 1 <= burst < math.inf:  # type: ignore[operator]
+        raise ValueError(f"{burst_name} must be a number >= 1, got {burst!r}")
+
+
 def _seconds(name: str, value: object) -> float:
     if type(value) not in (int, float) or not 0 < value < math.inf:  # type: ignore[operator]
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
@@ -86,6 +97,16 @@ class Description:
     """Seconds without a complete frame, with no request outstanding, before the close."""
     ping_is_activity: bool = True
     """A PING (any complete frame) restarts the idle clock."""
+    max_ping_rate: float | None = None
+    """PINGs a connection may send a second, on average (a token bucket that starts full);
+    above, a fatal TOO_LARGE. None: not stated."""
+    max_ping_burst: float | None = None
+    """PINGs the bucket holds: how many may come at once (with ``max_ping_rate``)."""
+    max_unknown_cancel_rate: float | None = None
+    """CANCELs of request ids the server does not hold that a connection may send a second,
+    on average; above, a fatal TOO_LARGE. None: not stated."""
+    max_unknown_cancel_burst: float | None = None
+    """Such CANCELs the bucket holds (with ``max_unknown_cancel_rate``)."""
     input_dtype: str = "uint8"
     """Type of the raw pixels `PREPROCESS` starts from."""
     input_range: tuple[int, int] = (0, 255)
@@ -122,6 +143,9 @@ class Description:
         set_(self, "idle_timeout_s", _seconds("idle_timeout_s", self.idle_timeout_s))
         if type(self.ping_is_activity) is not bool:
             raise TypeError("ping_is_activity must be a bool")
+        for what in ("ping", "unknown_cancel"):
+            rate, burst = f"max_{what}_rate", f"max_{what}_burst"
+            _rate(rate, burst, getattr(self, rate), getattr(self, burst))
         for name in ("input_dtype", "preprocess"):
             value = getattr(self, name)
             if type(value) is not str or len(value) > _MAX_STRING:
@@ -140,10 +164,13 @@ class Description:
         return len(self.split_shapes)
 
     def to_wire(self) -> dict[str, Any]:
-        """The msgpack map of WELCOME's ``description`` (lists for tuples)."""
+        """The msgpack map of WELCOME's ``description`` (lists for tuples; an optional
+        field that is None is left out)."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
+            if value is None:
+                continue
             if f.name == "split_shapes":
                 value = [list(s) for s in value]
             elif isinstance(value, tuple):

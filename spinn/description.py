@@ -30,8 +30,13 @@ def describe(
     max_outstanding: int,
     handshake_timeout_s: float,
     idle_timeout_s: float,
+    max_ping_rate: float | None = None,
+    max_ping_burst: float | None = None,
+    max_unknown_cancel_rate: float | None = None,
+    max_unknown_cancel_burst: float | None = None,
 ) -> Description:
-    """The description of a server of ``model`` with these limits."""
+    """The description of a server of ``model`` with these limits (the rates of control
+    frames: None, not stated)."""
     spec = meta.input_spec
     return Description(
         input_shape=spec.shape,
@@ -46,6 +51,10 @@ def describe(
         max_outstanding=max_outstanding,
         handshake_timeout_s=handshake_timeout_s,
         idle_timeout_s=idle_timeout_s,
+        max_ping_rate=max_ping_rate,
+        max_ping_burst=max_ping_burst,
+        max_unknown_cancel_rate=max_unknown_cancel_rate,
+        max_unknown_cancel_burst=max_unknown_cancel_burst,
     )
 
 

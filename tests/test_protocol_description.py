@@ -4,6 +4,7 @@ get what version 1 says (§9)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,12 @@ import msgpack
 import numpy as np
 import pytest
 
-from protocol import Error, ErrorCode, Hello, Infer, Result, Welcome, pack
+from protocol import Error, ErrorCode, Hello, Infer, Ping, Pong, Result, Welcome, pack
 from protocol.description import PREPROCESS, Description
 from protocol.messages import decode_message, encode_message
 from spinn.description import mismatches
 from spinn.runtime.server import SpinnServer
-from tests._runtime_support import RawClient, sample_input, serve
+from tests._runtime_support import RawClient, hello, sample_input, serve, until_closed
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,6 +44,9 @@ def test_welcome_describes_the_model_and_the_limits(checkpoint: Path) -> None:
         assert d.max_in_flight == config.max_queue_per_connection
         assert d.max_batch == 1 and d.ping_is_activity
         assert (d.handshake_timeout_s, d.idle_timeout_s) == (3.0, 7.0)
+        # The control frames' token buckets (PROTOCOL.md §8.2), as the server enforces them.
+        assert (d.max_ping_rate, d.max_ping_burst) == (config.max_ping_rate, 2 * 4.0)
+        assert (d.max_unknown_cancel_rate, d.max_unknown_cancel_burst) == (150.0, 300.0)
         # What it says is enough to be served: the formula applied to raw pixels, split 0.
         pixels = np.random.default_rng(0).integers(0, 256, (1, 28, 28), np.uint8)
         mean = np.float32(d.input_mean[0])
@@ -56,7 +60,35 @@ def test_welcome_describes_the_model_and_the_limits(checkpoint: Path) -> None:
         assert isinstance(error, Error) and error.code is ErrorCode.BAD_SPLIT
         client.close()
 
-    serve(checkpoint, body, handshake_timeout_s=3.0, idle_timeout_s=7.0)
+    serve(
+        checkpoint,
+        body,
+        handshake_timeout_s=3.0,
+        idle_timeout_s=7.0,
+        max_ping_rate=4.0,
+        max_unknown_cancel_rate=150.0,
+    )
+
+
+def test_a_client_within_the_described_ping_burst_is_served_and_one_more_is_not(
+    checkpoint: Path,
+) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        client = await RawClient.open(port)
+        d = (await hello(client, server)).description
+        assert d is not None and d.max_ping_burst is not None
+        burst = int(d.max_ping_burst)
+        client.send(*(Ping(seq, 0.0) for seq in range(burst)))  # the whole bucket at once
+        for _ in range(burst):
+            assert isinstance(await client.next(), Pong)
+        client.send(Ping(burst, 0.0))  # a few ms refill far less than one token
+        events = await until_closed(client)
+        assert len(events) == 1, events
+        error = events[0]
+        assert isinstance(error, Error) and error.code is ErrorCode.TOO_LARGE and error.fatal
+        assert f"more than {d.max_ping_rate:g} PINGs a second" in error.message
+
+    serve(checkpoint, body, max_ping_rate=1.5)
 
 
 def test_a_version_1_device_gets_a_version_1_welcome(checkpoint: Path) -> None:
@@ -86,9 +118,11 @@ def _described(checkpoint: Path) -> tuple[Any, Any, Description]:
 
     model, meta = load_checkpoint(checkpoint)
     limits = {"max_frame_bytes": 1 << 20, "max_tensor_elements": 1 << 22}
+    rates = {"max_ping_rate": 50, "max_ping_burst": 100, "max_unknown_cancel_rate": 200.0,
+             "max_unknown_cancel_burst": 400.0}  # fmt: skip
     d = describe(
         model, meta, max_batch=1, max_in_flight=256, max_outstanding=1024,
-        handshake_timeout_s=10, idle_timeout_s=60, **limits,
+        handshake_timeout_s=10, idle_timeout_s=60, **limits, **rates,
     )  # fmt: skip
     return model, meta, d
 
@@ -107,6 +141,10 @@ def test_the_description_round_trips_and_refuses_nonsense(checkpoint: Path) -> N
         ("classes", [], "classes"),
         ("max_batch", 0, "max_batch"),
         ("idle_timeout_s", -1.0, "idle_timeout_s"),
+        ("max_ping_rate", 0, "max_ping_rate must be a positive number"),
+        ("max_ping_rate", None, "go together"),
+        ("max_unknown_cancel_burst", 0.5, "max_unknown_cancel_burst must be a number >= 1"),
+        ("max_unknown_cancel_rate", True, "max_unknown_cancel_rate"),
     ]:
         with pytest.raises((TypeError, ValueError), match=match):
             Description.from_wire({**fields, key: bad})
@@ -114,6 +152,22 @@ def test_the_description_round_trips_and_refuses_nonsense(checkpoint: Path) -> N
         Description.from_wire({k: v for k, v in fields.items() if k != "split_shapes"})
     # Unknown keys are ignored (§9), defaults apply to the optional ones.
     assert Description.from_wire({**fields, "later": 1}) == d
+    # A server that states no rates leaves their keys out (an older version-2 server).
+    quiet = dataclasses.replace(
+        d,
+        max_ping_rate=None,
+        max_ping_burst=None,
+        max_unknown_cancel_rate=None,
+        max_unknown_cancel_burst=None,
+    )
+    assert not {k for k in quiet.to_wire() if k.endswith(("_rate", "_burst"))}
+    rates = (
+        "max_ping_rate",
+        "max_ping_burst",
+        "max_unknown_cancel_rate",
+        "max_unknown_cancel_burst",
+    )
+    assert Description.from_wire({k: v for k, v in fields.items() if k not in rates}) == quiet
 
 
 def test_the_device_names_each_mismatch(checkpoint: Path) -> None:
@@ -125,3 +179,11 @@ def test_the_device_names_each_mismatch(checkpoint: Path) -> None:
     assert [line.split(":")[0] for line in found] == ["input_std", "split_shapes", "preprocess"]
     assert found[1] == "split_shapes: split 2 server [99, 1, 1], checkpoint [8, 28, 28]"
     assert sample_input(0).shape[1:] == d.input_shape
+
+
+def test_the_specification_lists_every_field_of_the_description() -> None:
+    # PROTOCOL.md §5.12's table and the code agree, the optional rates included.
+    spec = (Path(__file__).resolve().parents[1] / "docs" / "PROTOCOL.md").read_text()
+    section = spec.split("### 5.12", 1)[1].split("\n## ", 1)[0]
+    keys = re.findall(r"^\| `(\w+)` \|", section, flags=re.MULTILINE)
+    assert sorted(keys) == sorted(f.name for f in dataclasses.fields(Description)), keys

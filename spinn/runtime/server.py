@@ -120,6 +120,10 @@ spoken (a device's handshake takes a round trip or two): at most half the handsh
 timeout. One that has sent nothing may be closed at any age (``HandshakePool``)."""
 _MISCONFIG_LOG_S = 60.0
 """One log line per peer address and misconfiguration in this interval."""
+_BURST_S = 2.0
+"""A control frame's token bucket holds this many seconds of its rate: PINGs and CANCELs
+of unknown ids may come in bursts of twice their rate (PROTOCOL.md §8.2)."""
+
 _TLS_RECORD = b"\x16\x03"
 """First bytes of a TLS handshake record (a ClientHello): content type 22, version 3.x."""
 
@@ -354,9 +358,9 @@ class _Peer:
         now = time.monotonic()
         self.accepted_at = now
         config = server.config
-        self.pings = TokenBucket(config.max_ping_rate, 2 * config.max_ping_rate, now)
+        self.pings = TokenBucket(config.max_ping_rate, _BURST_S * config.max_ping_rate, now)
         self.unknown_cancels = TokenBucket(
-            config.max_unknown_cancel_rate, 2 * config.max_unknown_cancel_rate, now
+            config.max_unknown_cancel_rate, _BURST_S * config.max_unknown_cancel_rate, now
         )
         self.wait_ewma_ms = 0.0
         """Recent time this device's requests spent queued (BUSY admission, per device:
@@ -482,6 +486,10 @@ class SpinnServer:
             max_outstanding=self.connection_config.max_outstanding,
             handshake_timeout_s=config.handshake_timeout_s,
             idle_timeout_s=config.idle_timeout_s,
+            max_ping_rate=config.max_ping_rate,
+            max_ping_burst=_BURST_S * config.max_ping_rate,
+            max_unknown_cancel_rate=config.max_unknown_cancel_rate,
+            max_unknown_cancel_burst=_BURST_S * config.max_unknown_cancel_rate,
         )
         """What WELCOME of version 2 says about this server (PROTOCOL.md §5.12)."""
         self._ssl: ssl.SSLContext | None = None
@@ -939,7 +947,7 @@ class SpinnServer:
         """A control frame above its rate: a fatal ERROR(TOO_LARGE) naming the limit."""
         self.stats.rate_limited += 1
         raise ProtocolError(
-            f"more than {rate:g} {what} a second (bursts of {2 * rate:g}): the server's "
+            f"more than {rate:g} {what} a second (bursts of {_BURST_S * rate:g}): the server's "
             "limit for this connection",
             ErrorCode.TOO_LARGE,
         )
