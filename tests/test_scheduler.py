@@ -129,7 +129,7 @@ def reference(
         for i, x in enumerate(p.exit_stages)
         if rates[i] > 0
     )
-    spare = max(d_head, uplink, share * server_cost, held_lost / cfg.max_in_flight) > d_head
+    idle = max(d_head, uplink, share * server_cost, held_lost / cfg.max_in_flight) - d_head
     d_race = s_lost = s_won_cut = 0.0
     # An input holds its in-flight slot until its first answer under that stream.
     held = e.frame_overhead_ms + sum(
@@ -137,23 +137,39 @@ def reference(
         for i, x in enumerate(p.exit_stages)
         if i not in remote_of
     )
+    # The continuation's wait is uniform on [0, 2·wait]: the device wins when it is under
+    # the gap (a step at gap >= 0 without a wait)...
+    odds: dict[int, tuple[float, float, float]] = {}
     for i, remote in remote_of.items():
         x = p.exit_stages[i]
         local = e.device_scale * p.device_time_ms(x + 1)
-        won = cfg.local_race and spare and local + wait <= remote
-        held += rates[i] * (local + wait if won else remote)
-        if won:
-            # Won locally: the device runs stages [s, x] too, one call each; the server
-            # works until the CANCEL arrives.
-            d_race += rates[i] * (
-                sfb * (p.device_time_ms(x + 1) - p.device_time_ms(s))
-                + (x + 1 - s) * e.step_overhead_ms
-            )
-            started = e.device_scale * p.device_time_ms(s) + up + e.server_queue * w
-            cut = max(0.0, local + wait - started)
-            s_won_cut += rates[i] * min(srv[i], cut)
+        gap = remote - local
+        if not cfg.local_race:
+            won, u = 0.0, 0.0
+        elif wait > 0:
+            won, u = min(max(gap / (2 * wait), 0.0), 1.0), min(max(gap, 0.0), 2 * wait) / 2
         else:
-            s_lost += rates[i] * srv[i]
+            won, u = (1.0 if gap >= 0 else 0.0), 0.0
+        # Won locally: the device runs stages [s, x] too, one call each.
+        race = (
+            sfb * (p.device_time_ms(x + 1) - p.device_time_ms(s)) + (x + 1 - s) * e.step_overhead_ms
+        )
+        odds[i] = (won, u, race)
+    # ...in the time its heads leave idle at most.
+    wanted = sum(rates[i] * won * race for i, (won, _u, race) in odds.items())
+    room = max(idle, 0.0) / wanted if wanted > idle else 1.0
+    for i, remote in remote_of.items():
+        x = p.exit_stages[i]
+        local = e.device_scale * p.device_time_ms(x + 1)
+        won, u, race = odds[i]
+        won *= room
+        held += rates[i] * ((won * (local + u) if won else 0.0) + (1 - won) * remote)
+        d_race += rates[i] * won * race
+        # The server works until the CANCEL arrives.
+        started = e.device_scale * p.device_time_ms(s) + up + e.server_queue * w
+        cut = max(0.0, local + u - started)
+        s_won_cut += rates[i] * won * min(srv[i], cut)
+        s_lost += rates[i] * (1 - won) * srv[i]
     device_busy = d_head + d_race
     server_busy = share * (s_lost + s_won_cut)
     period = max(device_busy, uplink, server_busy, held / cfg.max_in_flight)
@@ -392,18 +408,19 @@ def test_throughput_counts_the_race_the_device_wins() -> None:
     arrives (docs/SCHEDULER.md, "throughput")."""
     p = scenario_profile()
     sched = Scheduler(p, config=SchedulerConfig(response_bytes=0))
-    e = est(10.0, lat_ms=60.0, busy_scale=1.5, head_overhead_ms=0.5, step_overhead_ms=0.2,
+    e = est(10.0, lat_ms=80.0, busy_scale=1.5, head_overhead_ms=0.5, step_overhead_ms=0.2,
             upload_busy_ms=0.1)  # fmt: skip
     t = sched.predictor.threshold_index(0.0)  # exits (0.8, 0.15, 0.05) after stages 1, 3, 5
     got = sched.predict(e).at(0, t)
     up = 12_000 * 8 / 10e6 * 1000  # 9.6 ms
-    # The period without race work is the upload (9.6 ms): a continuation waits 3 of them,
-    # and local (8, 16, 24 ms) + 28.8 ms still beats the 70 ms round trip for every exit.
-    # Stages 0..x_e at 4 ms x 1.5, x_e + 1 race calls of 0.2 ms, then head and upload work.
+    # The period without race work is the upload (9.6 ms): a continuation waits 3 of them
+    # on average, up to 57.6 ms, and local (8, 16, 24 ms) + 57.6 ms still beats the 90 ms
+    # round trip for every exit. Stages 0..x_e at 4 ms x 1.5, x_e + 1 race calls of
+    # 0.2 ms, then head and upload work.
     device = sum(r * (1.5 * 4.0 * (x + 1) + 0.2 * (x + 1)) for r, x in
                  zip((0.8, 0.15, 0.05), (1, 3, 5), strict=True)) + 0.5 + 0.1  # fmt: skip
-    # Server work until the CANCEL: the local answer's time (SF = 1) after the wait, less
-    # the upload: the whole server path V_e = 0.4 ms per stage, for every exit.
+    # Server work until the CANCEL: the local answer's time (SF = 1) after the mean wait,
+    # less the upload: the whole server path V_e = 0.4 ms per stage, for every exit.
     server = sum(r * min(0.4 * (x + 1), max(0.0, 4.0 * (x + 1) + 3 * up - up)) for r, x in
                  zip((0.8, 0.15, 0.05), (1, 3, 5), strict=True))  # fmt: skip
     assert server == pytest.approx(sum(r * 0.4 * (x + 1) for r, x in
@@ -412,12 +429,17 @@ def test_throughput_counts_the_race_the_device_wins() -> None:
     assert got.server_busy_ms == pytest.approx(server)
     assert got.throughput == pytest.approx(1000 / max(device, up, server))
     # At 20 ms the idle device still wins every race (the latency), but under a saturating
-    # stream its continuations queue behind 3 others: the server answers, the device only
-    # uploads.
+    # stream its continuations queue behind up to 3 others: it wins an exit only with the
+    # odds that its wait (uniform on [0, 57.6 ms]) is under the gap to the round trip.
     near = replace(e, latency_s=0.02)
     assert sched.predict(near).at(0, t).latency_ms < 30.0
     got = sched.predict(near).at(0, t)
-    assert got.device_busy_ms == pytest.approx(0.5 + 0.1)
+    odds = [(up + 20.0 + 0.4 * (x + 1) - 4.0 * (x + 1)) / (6 * up) for x in (1, 3, 5)]
+    race = sum(r * o * (1.5 * 4.0 * (x + 1) + 0.2 * (x + 1)) for r, o, x in
+               zip((0.8, 0.15, 0.05), odds, (1, 3, 5), strict=True))  # fmt: skip
+    assert 0.0 < min(odds) < max(odds) < 1.0
+    assert got.device_busy_ms == pytest.approx(0.5 + 0.1 + race)
+    # The server is through each input before the CANCEL arrives.
     assert got.server_busy_ms == pytest.approx(got.server_cost_ms)
     one = Scheduler(p, config=SchedulerConfig(response_bytes=0, max_in_flight=1))
     assert one.predict(near).at(0, t).device_busy_ms == pytest.approx(device)
@@ -786,3 +808,38 @@ def test_default_sizes_are_lossless_unless_the_device_sends_lossy() -> None:
     # A named codec is taken as it is.
     named = SchedulerConfig(codec="sparse_uintb+zstd")
     assert named.upload_bytes(p, 4) == p.splits[4].bytes["sparse_uintb+zstd"]
+
+
+def test_race_odds_are_a_ramp_not_a_step() -> None:
+    # The continuation's wait is uniform on [0, 2·wait]: odds gap / (2·wait), its mean
+    # wait when it wins min(gap, 2·wait) / 2; no wait is the step at gap >= 0.
+    from spinn.scheduler import race_odds
+
+    gap = np.array([-5.0, 0.0, 5.0, 10.0, 20.0, 40.0, np.inf])
+    won, u = race_odds(gap, np.full(gap.shape, 10.0))
+    np.testing.assert_allclose(won, [0.0, 0.0, 0.25, 0.5, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(u, [0.0, 0.0, 2.5, 5.0, 10.0, 10.0, 10.0])
+    won, u = race_odds(gap, np.zeros(gap.shape))
+    np.testing.assert_allclose(won, [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(u, 0.0)
+    # An unusable link (its period ∞): odds, not NaN.
+    won, _ = race_odds(np.array([np.inf, 3.0]), np.array([np.inf, np.inf]))
+    assert ((won >= 0) & (won <= 1)).all()
+
+
+def test_predicted_throughput_moves_smoothly_with_the_round_trip() -> None:
+    # A few percent of change in L moves the predicted throughput by a few percent at
+    # most: under the step race whole exits changed sides at once (the decision flapped
+    # between thresholds on the noise of L and the server time).
+    p = scenario_profile()
+    pred = Predictor(p, SchedulerConfig(response_bytes=0))
+    rows = []
+    for lat in np.arange(20.0, 80.0, 0.25):
+        e = est(10.0, lat_ms=float(lat), busy_scale=1.5, head_overhead_ms=0.5,
+                step_overhead_ms=0.2, upload_busy_ms=0.1)  # fmt: skip
+        rows.append(pred.predict(e).throughput[:-1])  # every offloading split
+    fps = np.array(rows)
+    jumps = np.abs(np.diff(fps, axis=0)) / fps[:-1]
+    assert jumps.max() < 0.02
+    # …and yet it moves: the device takes over the race as the round trip grows.
+    assert abs(fps[-1] - fps[0]).max() > 0.1 * fps[0].max()
