@@ -11,6 +11,7 @@ fails `test_every_row_has_a_scenario`.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from protocol import (
 from protocol.auth import server_proof
 from protocol.messages import encode_message
 from spinn.runtime.server import SpinnServer
-from tests._runtime_support import sample_input, serve
+from tests._runtime_support import make_certs, sample_input, serve
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -368,6 +369,15 @@ async def _tls_on_plain_port(server: SpinnServer, port: int) -> Seen:
     )
 
 
+@scenario("plain-on-tls-port", tls=True)
+async def _plain_on_tls_port(server: SpinnServer, port: int) -> Seen:
+    peer = await Peer.open(port)
+    peer.send(frame([HELLO, hello_fields(server)]))
+    assert await peer.next(5.0) is None  # closed, nothing sent: no ERROR before TLS
+    peer.writer.close()
+    return Seen(None, open_after=False)
+
+
 @scenario("handshake-timeout", handshake_timeout_s=0.3)
 async def _handshake_timeout(server: SpinnServer, port: int) -> Seen:
     return await fatal_after(port, server, welcome=False)
@@ -694,6 +704,11 @@ def test_row(row: Row, checkpoint: Path, tmp_path: Path) -> None:
         token.write_bytes(b"k" * 32 + b"\n")
         token.chmod(0o600)
         options["token_file"] = token
+    if options.pop("tls", False):
+        if shutil.which("openssl") is None:
+            pytest.skip("openssl missing")
+        certs = make_certs(tmp_path)
+        options.update(tls_cert=certs["server_pem"], tls_key=certs["server_key"])
     seen: Seen
     if not asyncio.iscoroutinefunction(fn):
         seen = cast(Callable[[], Seen], fn)()
@@ -706,7 +721,7 @@ def test_row(row: Row, checkpoint: Path, tmp_path: Path) -> None:
 
         serve(checkpoint, body, **options)
         seen = result[0]
-    if row.code is None:  # peer-fatal: nothing is sent back
+    if row.code is None:  # peer-fatal, plain-on-tls-port: nothing is sent back
         assert seen.error is None
         return
     assert seen.error is not None

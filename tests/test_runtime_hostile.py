@@ -3,22 +3,40 @@
 Each test shows one rule of docs/RUNTIME.md, "Hostile peers": strangers have their own
 pool and never take a device slot; a flooding connection is closed at its rate limit and
 cannot push a neighbour's request behind its own; a TLS ClientHello on a plain port is
-named as such, once per address.
+named as such, once per address, and plain bytes on a TLS port too; a TLS handshake in
+progress is a stranger like any other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from protocol import Cancel, Error, ErrorCode, Infer, Ping, Pong, Result, pack
+from protocol import (
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Cancel,
+    Connection,
+    Error,
+    ErrorCode,
+    Hello,
+    Infer,
+    Ping,
+    Pong,
+    Result,
+    Role,
+    Welcome,
+    pack,
+)
 from spinn.runtime.server import SpinnServer
-from tests._runtime_support import RawClient, hello, serve
+from tests._runtime_support import RawClient, hello, needs_openssl, serve
 from tests._runtime_support import until_closed as _until_closed
 
 pytestmark = pytest.mark.timeout(60)
@@ -219,3 +237,146 @@ def test_a_tls_client_on_a_plain_port_is_named_once(
     assert "the device uses TLS (--tls/--tls-ca) and this server does not" in lines[0]
     assert server.stats.connections_refused == 3
     assert not [r for r in caplog.records if "TOO_LARGE" in r.getMessage()]
+
+
+class _TlsByHand:
+    """A TLS client driven by hand over a plain connection (``ssl.MemoryBIO``), so that a
+    test chooses how its ClientHello travels, or stops right after it."""
+
+    def __init__(self, ca: Path, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        context = ssl.create_default_context(cafile=str(ca))
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="127.0.0.1")
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, ca: Path, port: int) -> _TlsByHand:
+        return cls(ca, *await asyncio.open_connection("127.0.0.1", port))
+
+    def client_hello(self) -> bytes:
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.tls.do_handshake()
+        return self.outgoing.read()
+
+    async def _pull(self) -> None:
+        data = await asyncio.wait_for(self.reader.read(1 << 16), 5.0)
+        if not data:
+            raise ConnectionError("closed by the server")
+        self.incoming.write(data)
+
+    async def finish_handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.writer.write(self.outgoing.read())
+                await self._pull()
+        self.writer.write(self.outgoing.read())
+
+    async def exchange(self, message: object) -> object:
+        """Send ``message`` inside TLS; the server's next message."""
+        conn = Connection(Role.DEVICE)
+        self.tls.write(conn.send(message))  # type: ignore[arg-type]
+        self.writer.write(self.outgoing.read())
+        while (event := conn.next_event()) is NEED_DATA:
+            try:
+                conn.receive_data(self.tls.read(1 << 16))
+            except ssl.SSLWantReadError:
+                await self._pull()
+        return event
+
+
+def _tls(certs: dict[str, Path]) -> dict[str, Any]:
+    return {"tls_cert": certs["server_pem"], "tls_key": certs["server_key"]}
+
+
+def _hello(server: SpinnServer) -> Hello:
+    return Hello(PROTOCOL_VERSION, server.meta.model_id, server.meta.weights_sha256, ("float32",))
+
+
+@needs_openssl
+def test_plain_bytes_on_a_tls_port_are_named_once_and_closed(
+    certs: dict[str, Path], checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "spinn.server")
+
+    async def body(server: SpinnServer, port: int) -> None:
+        for _ in range(3):  # a plain device retrying
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(Connection(Role.DEVICE).send(_hello(server)))
+            # Closed with nothing sent: a plain device reads it as a TLS server's close.
+            assert await asyncio.wait_for(reader.read(1 << 16), 5.0) == b""
+            writer.close()
+        # The port still speaks TLS to a TLS client.
+        device = await _TlsByHand.open(certs["ca_pem"], port)
+        device.writer.write(device.client_hello())
+        await device.finish_handshake()
+        assert isinstance(await device.exchange(_hello(server)), Welcome)
+        device.writer.close()
+
+    server = serve(checkpoint, body, **_tls(certs))
+    lines = [r.getMessage() for r in caplog.records if "on a TLS port" in r.getMessage()]
+    assert lines == [
+        "plain (non-TLS) bytes on a TLS port from 127.0.0.1: the device does not use TLS "
+        "(--tls/--tls-ca) and this server does (--tls-cert/--tls-key)"
+    ], lines
+    assert server.stats.connections_refused == 3
+
+
+@needs_openssl
+def test_a_client_hello_a_byte_at_a_time_still_gets_tls(
+    certs: dict[str, Path], checkpoint: Path
+) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        device = await _TlsByHand.open(certs["ca_pem"], port)
+        hello_record = device.client_hello()
+        # The server looks at the first two bytes, then hands what it read to TLS.
+        for piece in (hello_record[:1], hello_record[1:2], hello_record[2:40], hello_record[40:]):
+            device.writer.write(piece)
+            await device.writer.drain()
+            await asyncio.sleep(0.05)
+        await device.finish_handshake()
+        assert isinstance(await device.exchange(_hello(server)), Welcome)
+        device.writer.close()
+
+    serve(checkpoint, body, **_tls(certs))
+
+
+@needs_openssl
+def test_tls_handshakes_are_strangers_in_the_pool_under_its_deadline(
+    certs: dict[str, Path], checkpoint: Path
+) -> None:
+    async def body(server: SpinnServer, port: int) -> None:
+        # Two clients send their ClientHello and never finish the TLS handshake.
+        stalled = [await _TlsByHand.open(certs["ca_pem"], port) for _ in range(2)]
+        for client in stalled:
+            client.writer.write(client.client_hello())
+        for _ in range(200):
+            if server.stats.handshakes == 2 and not server._strangers._silent:
+                break
+            await asyncio.sleep(0.01)
+        assert server.stats.handshakes == 2  # in the pool, which is now full
+        # A newcomer is shed at once; no ERROR can be read before TLS, so it is closed.
+        context = ssl.create_default_context(cafile=str(certs["ca_pem"]))
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=context), 5.0)
+        assert server.stats.handshakes_shed == 1
+        # At the handshake deadline the stalled ones are closed as any stranger is.
+        for client in stalled:
+            while await asyncio.wait_for(client.reader.read(1 << 16), 3.0):
+                pass  # the server's half of the TLS handshake, then the close
+        assert server.stats.handshakes_timed_out == 2
+        for _ in range(100):
+            if server.stats.handshakes == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert server.stats.handshakes == 0
+        # And a TLS device is served.
+        device = await _TlsByHand.open(certs["ca_pem"], port)
+        device.writer.write(device.client_hello())
+        await device.finish_handshake()
+        assert isinstance(await device.exchange(_hello(server)), Welcome)
+        device.writer.close()
+
+    serve(checkpoint, body, max_handshakes=2, handshake_timeout_s=1.0, **_tls(certs))

@@ -50,7 +50,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -433,6 +433,21 @@ async def _linger(
             discarded += len(data)
 
 
+def _replay(transport: asyncio.BaseTransport, plain: object, data: bytes) -> None:
+    """Give ``data``, read before a TLS upgrade, to the TLS protocol that now holds
+    ``transport`` (unless the upgrade failed before it got there: ``plain`` still does)."""
+    protocol = transport.get_protocol()
+    if protocol is plain or not hasattr(protocol, "buffer_updated"):
+        return  # both asyncio's and uvloop's TLS protocols are buffered protocols
+    view = memoryview(data)
+    while view:
+        buffer = protocol.get_buffer(len(view))  # type: ignore[attr-defined]
+        n = min(len(buffer), len(view))
+        buffer[:n] = view[:n]
+        protocol.buffer_updated(n)  # type: ignore[attr-defined]
+        view = view[n:]
+
+
 def _quoted(value: object, limit: int = 80) -> str:
     """repr of a peer-supplied value for a message, cut to `limit` characters."""
     text = repr(value)
@@ -548,8 +563,9 @@ class SpinnServer:
                 self.config.host,
                 self.config.port,
                 limit=_READ_CHUNK,
-                ssl=self._ssl,
-                ssl_handshake_timeout=self.config.handshake_timeout_s if self._ssl else None,
+                # Plain TCP even with TLS: ``_start_tls`` looks at the first bytes, so that
+                # plain bytes on a TLS port are named, and a TLS handshake in progress is a
+                # stranger in the handshake pool under its deadline.
             )
         except OSError as exc:
             raise ListenError.at("--host/--port", self.config.host, self.config.port, exc) from exc
@@ -660,9 +676,10 @@ class SpinnServer:
         refusal = self._admit(peer)
         if refusal is not None:
             with contextlib.suppress(ProtocolError, ConnectionError, OSError):
-                peer.send(_error(ErrorCode.BUSY, refusal))
-                # Briefly: a flood beyond the limit must not hold descriptors for long.
-                await _linger(reader, writer, _REFUSAL_LINGER_S)
+                if self._ssl is None:  # on a TLS port no ERROR can be read before TLS
+                    peer.send(_error(ErrorCode.BUSY, refusal))
+                    # Briefly: a flood beyond the limit must not hold descriptors for long.
+                    await _linger(reader, writer, _REFUSAL_LINGER_S)
                 writer.close()
             return
         self._peers.add(peer)
@@ -674,8 +691,12 @@ class SpinnServer:
         reason = "closed by device"
         fatal_error = False
         accepted_at = peer.accepted_at
-        first = True
+        first = self._ssl is None  # the first bytes on a plain port may be a ClientHello
         try:
+            if self._ssl is not None:
+                refused = await self._start_tls(peer, reader)
+                if refused is not None:
+                    reason, peer.closing = refused, True
             while not peer.closing and not peer.bye_received:
                 timeout = self._read_timeout(peer, accepted_at)
                 try:
@@ -785,11 +806,66 @@ class SpinnServer:
             f"pool ({self.config.max_handshakes}) was full"
         )
         stranger.closed_by_server = reason
-        with contextlib.suppress(ProtocolError, ConnectionError, OSError):
-            stranger.send(_error(ErrorCode.PROTOCOL, f"timeout: {reason}"))
+        if self._ssl is None or stranger.writer.get_extra_info("ssl_object") is not None:
+            # (Not in the middle of a TLS handshake, where plain bytes would be garbage.)
+            with contextlib.suppress(ProtocolError, ConnectionError, OSError):
+                stranger.send(_error(ErrorCode.PROTOCOL, f"timeout: {reason}"))
         stranger.closing = True
         with contextlib.suppress(ConnectionError, OSError, RuntimeError):
             stranger.writer.close()
+
+    async def _start_tls(self, peer: _Peer, reader: asyncio.StreamReader) -> str | None:
+        """TLS on an accepted connection: its first bytes are looked at, a TLS ClientHello
+        is handed to the TLS layer, anything else is named and closed (PROTOCOL.md §2).
+        Meanwhile the connection is a stranger in the handshake pool, under the handshake
+        deadline (docs/RUNTIME.md, "Hostile peers"). None once TLS is up, else why it was
+        closed."""
+        assert self._ssl is not None
+        writer = peer.writer
+        limit_s = self.config.handshake_timeout_s
+        deadline = peer.accepted_at + limit_s
+        first = b""
+        try:
+            while len(first) < len(_TLS_RECORD):
+                left_s = deadline - time.monotonic()
+                data = await asyncio.wait_for(reader.read(_READ_CHUNK), max(0.0, left_s))
+                if not data:
+                    return peer.closed_by_server or "closed by device"
+                first += data
+                self._strangers.heard(peer)
+            # From here on the TLS layer reads; nothing more goes to the plain reader.
+            raw = cast(asyncio.Transport, writer.transport)  # a stream socket: it reads too
+            plain_protocol = raw.get_protocol()
+            raw.pause_reading()
+            if not first.startswith(_TLS_RECORD) or len(first) >= _READ_CHUNK:
+                return self._plain_on_tls_port(peer)
+            left_s = deadline - time.monotonic()
+            upgrade = asyncio.ensure_future(
+                writer.start_tls(self._ssl, ssl_handshake_timeout=max(left_s, 0.0) + 1.0)
+            )
+            # Its first step puts the TLS protocol on the paused transport; the bytes read
+            # already go into it there, before the transport reads on (FIFO callbacks).
+            asyncio.get_running_loop().call_soon(_replay, raw, plain_protocol, first)
+            await asyncio.wait_for(upgrade, max(0.0, left_s))
+        except TimeoutError:
+            self.stats.handshakes_timed_out += 1
+            self.stats.connections_refused += 1
+            return f"closed by the server: timeout: no handshake within {limit_s:g} s"
+        except (ssl.SSLError, ConnectionError, OSError) as exc:
+            return peer.closed_by_server or f"TLS handshake failed: {exc}"
+        return None
+
+    def _plain_on_tls_port(self, peer: _Peer) -> str:
+        """Plain bytes reached this TLS port: log it once per address and minute and close,
+        with nothing sent (a plain device reads the close as a TLS server's, and says so)."""
+        self.stats.connections_refused += 1
+        message = (
+            "the device does not use TLS (--tls/--tls-ca) and this server does "
+            "(--tls-cert/--tls-key)"
+        )
+        if self._misconfig_log.allow((peer.address, "plain-on-tls"), time.monotonic()):
+            log.warning("plain (non-TLS) bytes on a TLS port from %s: %s", peer.address, message)
+        return f"closed by the server: plain (non-TLS) bytes on a TLS port: {message}"
 
     def _tls_on_plain_port(self, peer: _Peer) -> str:
         """A TLS ClientHello reached this plain port: log it once per address and minute,
