@@ -13,10 +13,10 @@ import uvloop
 from protocol.packing import CODECS, pack
 from spinn.checkpoint import load_checkpoint
 from spinn.estimators import Estimates
-from spinn.exits import ExitRule
 from spinn.policy import Decision, FixedPolicy
 from spinn.procs import free_port
 from spinn.runtime.device import DeviceConfig, DeviceError, SpinnDevice
+from spinn.runtime.device_core import ComputeCall
 from spinn.runtime.server import ServerConfig, SpinnServer
 from tests._runtime_support import by_frame, make_small_checkpoint, noise_frames, run_in_process
 
@@ -186,14 +186,10 @@ def test_truncated_network_answers_at_its_exit_locally_and_remotely(checkpoint: 
 
 
 def test_no_early_exit_asks_the_server_for_its_final_exit(checkpoint: Path) -> None:
-    model, _ = load_checkpoint(checkpoint)
-    device = SpinnDevice(DeviceConfig(checkpoint=checkpoint, server=None))
     # "No early exit" travels as the flag, with thr_conf 1, which a saturated softmax
-    # reaches: the flag keeps the server's early exits silent (PROTOCOL.md §5.3).
-    plan = device._plan(Decision(1, None))
-    assert (plan.wire_thr, plan.rule, plan.wire_early_exits) == (1.0, ExitRule(None), False)
-    plan = device._plan(Decision(1, 0.7))
-    assert (plan.wire_thr, plan.rule, plan.wire_early_exits) == (0.7, ExitRule(0.7), True)
+    # reaches: the flag keeps the server's early exits silent (PROTOCOL.md §5.3; the plan
+    # itself: test_runtime_device_core.py).
+    model, _ = load_checkpoint(checkpoint)
     records = run_in_process(
         checkpoint,
         noise_frames(12),
@@ -373,12 +369,25 @@ def test_offload_on_a_dead_link_hands_the_frame_to_the_device(checkpoint: Path) 
     async def main() -> FramePhase | None:
         # A server is configured but never connected: every write reports 0 bytes.
         config = DeviceConfig(checkpoint=checkpoint, server=("127.0.0.1", free_port()))
-        device = SpinnDevice(config)
-        device.tracker.begin(0, 0.0, 2, 1.0)
-        plan = device._plan(Decision(2, 1.0, "test"))
-        estimates = device.profiler.snapshot(0.0)
+        device = SpinnDevice(config, policy=FixedPolicy(2, None))
+        core = device.core
+        device.act(core.frame_arrived(0.0, 0, link_up=True))
         packed = pack(np.ones((1, 4, 7, 7), dtype=np.float32), "sparse_int8")
-        device._offload(0, plan, packed, estimates)
+        call = ComputeCall(1, 0.0, 0.001, 0.0, queued=False, waited_s=0.0)
+        actions = core.head_done(
+            0.001,
+            0,
+            call,
+            answer=None,
+            activation=None,
+            packed=packed,
+            stages_ms=1.0,
+            reached=2,
+            pack_ms=0.0,
+            link_up=True,
+        )  # the core offloads: the link went down since the adapter looked
+        assert [type(a).__name__ for a in actions] == ["SendInfer"]
+        device.act(actions)
         return device.tracker.phase(0)
 
     assert uvloop.run(main()) is FramePhase.ABANDONED

@@ -198,7 +198,7 @@ def test_the_end_of_a_run_does_not_wait_out_a_reconnect_backoff(
 ) -> None:
     def grown_backoff(device: SpinnDevice) -> None:
         for _ in range(6):  # as after an outage at start-up
-            device._link.rotation.backoff.next_delay()
+            device.core.rotation.backoff.next_delay()
 
     # The edge server never answers a request: the link ends unanswered.
     with caplog.at_level("INFO", logger="spinn.device"):

@@ -29,19 +29,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import math
 import os
-import random
 import secrets
 import signal
 import ssl
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,18 +52,13 @@ from protocol import (
     PROTOCOL_VERSION,
     Auth,
     Bye,
-    Cancel,
     Challenge,
     Connection,
     ConnectionConfig,
     Error,
     ErrorCode,
     Hello,
-    Infer,
-    Ping,
-    Pong,
     ProtocolError,
-    Result,
     Role,
     Welcome,
 )
@@ -83,13 +76,11 @@ from protocol.packing import (
     unpack,
 )
 from spinn.description import mismatches
-from spinn.estimators import OnlineProfiler, ServerTimeEstimator
-from spinn.exits import ExitRule
-from spinn.policy import Decision, FixedPolicy, Policy
+from spinn.estimators import OnlineProfiler
+from spinn.policy import FixedPolicy, Policy
 from spinn.pretrained import DEFAULT_CHECKPOINT
 from spinn.profile import Profile
 from spinn.progressive import InputSpec
-from spinn.runtime.backoff import Backoff
 from spinn.runtime.compute import (
     ComputeSlots,
     configure_torch,
@@ -97,13 +88,34 @@ from spinn.runtime.compute import (
     plan_workers,
     slow_down,
 )
-from spinn.runtime.failover import ServerRotation
+from spinn.runtime.device_core import (
+    FATAL_CODES,
+    SERVER_BUDGET_SHARE,
+    Action,
+    ArmTimer,
+    CancelCompute,
+    CloseLink,
+    ComputeCall,
+    DeviceCore,
+    DeviceError,
+    Fatal,
+    FrameDone,
+    LocalExit,
+    Log,
+    ModelShape,
+    Plan,
+    Publish,
+    Reconnect,
+    RunHead,
+    RunStages,
+    Send,
+    SendInfer,
+    SendProbeTrain,
+)
 from spinn.runtime.security import SecurityError, device_ssl_context, load_token
-from spinn.runtime.stats import DeviceStats, median_or_none
-from spinn.runtime.tracker import Answer, FramePhase, RequestTracker, request_deadline
-from spinn.runtime.uplink import ProbeTrains, UploadTimer
+from spinn.runtime.tracker import RequestTracker
 from spinn.sla import SLA
-from spinn.sources import Frame, FrameSource, Pacer, SourceError, input_pixels
+from spinn.sources import Frame, FrameSource, Pacer, input_pixels
 
 __all__ = [
     "ACTIVATION_CODECS",
@@ -126,23 +138,12 @@ ACTIVATION_CODECS = tuple(c for c in KNOWN_CODECS if c != IMAGE_CODEC)
 # uvloop's loop.time() ticks in milliseconds, too coarse for loopback round trips and
 # per-stage times; every `now` on the device comes from this clock instead.
 _now = time.perf_counter
-_FATAL_CODES = (ErrorCode.MODEL_MISMATCH, ErrorCode.VERSION, ErrorCode.UNAUTHENTICATED)
 # A probe's padding crosses the link while everything queued behind it waits.
 _MAX_PROBE_BYTES = 1 << 20
-# Bytes of a PING frame besides its padding (msgpack envelope; a generous bound).
-_PING_ENVELOPE = 128
-# Bare PINGs sent 0.1 s apart on a new connection, before the regular interval.
-_QUICK_PINGS = 4
-# Request errors the server sends as soon as the INFER arrives (PROTOCOL.md §8).
-_ANSWERED_ON_ARRIVAL = (ErrorCode.BUSY, ErrorCode.BAD_TENSOR, ErrorCode.BAD_SPLIT)
 # OpenSSL's reasons for a reply that is no TLS record at all: a server without TLS.
 _NOT_TLS_REASONS = frozenset(
     {"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"}
 )
-
-
-class DeviceError(RuntimeError):
-    """The device cannot run: bad configuration or a server that refuses this model."""
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,10 @@ class DeviceConfig:
     answered, then the run ends with an error (exit status 2), as a token mismatch does."""
     retry_forever: bool = False
     """Keep retrying a server that looks misconfigured (answering locally meanwhile)."""
+    server_budget_share: float = SERVER_BUDGET_SHARE
+    """Share of a request's deadline granted to the server as INFER's ``deadline_ms``
+    (``spinn.runtime.device_core.SERVER_BUDGET_SHARE``): counted from receipt, it leaves
+    the upload's part out, so the server drops a request the device will have answered."""
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -275,6 +280,10 @@ class DeviceConfig:
             )
         if self.misconfig_tries < 1:
             raise ValueError(f"--misconfig-tries must be >= 1, got {self.misconfig_tries}")
+        if not 0.0 < self.server_budget_share <= 1.0:
+            raise ValueError(
+                f"server_budget_share must be in (0, 1], got {self.server_budget_share}"
+            )
         if not 0.0 < self.probe_share <= 0.5:
             raise ValueError(f"probe_share must be in (0, 0.5], got {self.probe_share}")
         if (self.tls_cert is not None or self.tls_key is not None) and not self.use_tls:
@@ -289,30 +298,6 @@ class DeviceConfig:
     def use_tls(self) -> bool:
         """Whether the link speaks TLS."""
         return self.tls or self.tls_ca is not None
-
-
-@dataclass(slots=True)
-class _Sent:
-    frame_id: int
-    split: int
-    nbytes: int
-    sent_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    split: int
-    """Device runs stages [0, split)."""
-    last: int
-    """Stages end here: S, or after the forced exit of a truncated network."""
-    rule: ExitRule
-    """The device's exit rule (``Decision.exit_rule``)."""
-    wire_thr: float
-    """Threshold sent in INFER."""
-    forced_exit: int | None
-    """Exit that always answers at the end of a truncated network."""
-    wire_early_exits: bool = True
-    """INFER's early_exits: False asks the server for its final exit only."""
 
 
 def profiled_codec(codec: str, zstd: str, profiled: Sequence[str]) -> str | None:
@@ -365,8 +350,56 @@ def recode_for(
     return as_sparse_int8(packed, dictionaries, _ZSTD_MODES[zstd])
 
 
+def _make_policy(
+    config: DeviceConfig,
+    profile: Profile,
+    codecs: tuple[str, ...],
+    num_stages: int,
+    policy: Policy | None,
+) -> Policy:
+    """The policy the configuration names (``policy`` given: that one), its split and
+    threshold checked against the model."""
+    split = num_stages // 2 if config.split is None else config.split
+    if config.server is None and config.split is None:
+        split = num_stages  # no server: every stage runs here (device-only)
+    if not 0 <= split <= num_stages:
+        raise DeviceError(f"--split must be in 0..{num_stages}, got {split}")
+    if not 0.0 <= config.thr_conf <= 1.0:
+        raise DeviceError(f"--thr must be in [0, 1], got {config.thr_conf}")
+    if policy is not None:
+        return policy
+    if config.policy == "fixed":
+        return FixedPolicy(split, config.thr_conf)
+    from spinn.scheduler import SchedulerConfig, make_policy
+
+    # Upload sizes predicted with the codec this device packs with (docs/SCHEDULER.md,
+    # "Predicted versus measured"); a profile that did not measure it leaves the smallest
+    # profiled size.
+    codec = profiled_codec(codecs[0], config.zstd, profile.codecs)
+    # sparse_uintb is profiled only at the splits with a width, where it is the smallest
+    # size measured: None predicts with it there.
+    if codec is None and codecs[0] != LOSSY_CODEC:
+        log.warning(
+            "codec %s not in the profile (%s): predicting with the smallest size",
+            codecs[0],
+            ", ".join(profile.codecs),
+        )
+    scheduler_config = SchedulerConfig(
+        codec=codec,
+        input_codec=profiled_input_codec(config, profile),
+        lossy=codecs[0] == LOSSY_CODEC,
+        # The in-flight window decides the race under load (docs/SCHEDULER.md).
+        max_in_flight=config.max_in_flight,
+    )
+    try:
+        return make_policy(config.policy, profile, config.sla or SLA(), scheduler_config)
+    except ValueError as exc:
+        raise DeviceError(f"--policy {config.policy}: {exc}") from exc
+
+
 class _Link:
-    """The device's connection to the server: connect, handshake, read, ping, reconnect."""
+    """The device's connection to the server: connect, handshake, read, write. What to do
+    on each event (PINGs, reconnect delays, dead links) is the core's."""
 
     def __init__(self, device: SpinnDevice) -> None:
         self.device = device
@@ -374,41 +407,14 @@ class _Link:
         self.conn: Connection | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.welcome: Welcome | None = None
-        self.backoff = Backoff(
-            self.config.reconnect_base_s,
-            self.config.reconnect_cap_s,
-            random.Random(self.config.seed),
-        )
-        self.rotation = ServerRotation(self.config.server_addresses, self.backoff)
-        self.pings: dict[int, tuple[float, int]] = {}
-        """Unanswered PINGs: when sent, and their padding."""
-        self.ping_seq = 0
-        self.trains = ProbeTrains(
-            max_frame_padding=max(1, self.config.probe_bytes), share=self.config.probe_share
-        )
-        self.train: dict[int, int] = {}
-        """The probe train in flight: its PINGs' seq → size on the wire, in the order sent."""
-        self.train_arrivals: dict[int, tuple[int | None, float]] = {}
-        """Per answered PING of the train: the server's bytes read and clock when it arrived
-        (PONG ``received_bytes`` and ``received_at``)."""
-        self.clean_pings: set[int] = set()
-        """Bare PINGs sent with no probe train ahead of them: only these time L."""
-        self.heard_at = 0.0
-        """When the server last sent anything (the dead-link check)."""
-        self.probe_bytes_sent = 0
-        """Bytes of probe trains written (framed), for the summary's probe overhead."""
-        self._wake_pinger = asyncio.Event()
-        self.connects = 0
-        self.answers_on_link = 0
-        """RESULTs and request ERRORs on the current link (``ServerRotation.connection_lost``)."""
         self.fatal: DeviceError | None = None
+        self.reconnect_delay = 0.0
+        """The core's latest ``Reconnect`` delay."""
         self.ssl: ssl.SSLContext | None = None
-        self._hints_given: set[str] = set()
-        """Misconfiguration warnings already logged (``_misconfiguration_hint``), each once."""
-        self._same_failures: tuple[str, int] = ("", 0)
-        """The last connect failure's misconfiguration hint, and how many in a row."""
         self._close_reason: str | None = None
         """Why the device itself closed the current link (read when the reader ends)."""
+        self._reading = False
+        """Inside the reader's dispatch: a close request ends the read loop there."""
         self.token: bytes | None = None
         try:
             if self.config.use_tls:
@@ -468,123 +474,68 @@ class _Link:
             return 0
         return int(self.writer.transport.get_write_buffer_size())
 
-    def unanswered_bytes(self) -> int:
-        """Bytes ahead of a new message on the way to the server: the local write buffer
-        plus the INFERs the server has not answered (they may sit in any buffer on the
-        path, e.g. a shaping middlebox, and a PING queues behind them)."""
-        return self.queued_bytes() + sum(s.nbytes for s in self.device._sent.values())
+    def close_link(self, reason: str) -> None:
+        """The core's ``CloseLink``: end this connection (the reader reports ``reason``)."""
+        self._close_reason = reason
+        if not self._reading:
+            self._abort()
 
     async def run(self) -> None:
-        """Keep a connection up until closed; reconnect with backoff after each loss."""
-        assert self.config.server is not None
+        """Keep a connection up until closed; reconnect when the core says."""
+        core = self.device.core
         while not self._stopping:
-            host, port = self.rotation.current
+            host, port = core.server_address
             log.debug("connecting to %s:%d", host, port)
             try:
                 reader = await self._connect(host, port)
             except DeviceError as exc:
-                self.fatal = exc
-                self.device._wake_all()
+                self._fail(exc)
                 return
             except ssl.SSLCertVerificationError as exc:
                 # Not a passing fault: this server cannot be trusted until reconfigured.
-                self.fatal = DeviceError(f"TLS: server {host}:{port} not trusted: {exc}")
-                self.device._wake_all()
+                self._fail(DeviceError(f"TLS: server {host}:{port} not trusted: {exc}"))
                 return
             except Exception as exc:
                 # Anything but a refusal of this device is an unreachable server: retry.
                 # An unexpected kind is logged in full, but never ends the reconnect loop.
                 if not isinstance(exc, OSError | ProtocolError):
                     log.exception("unexpected error while connecting")
-                # Several servers: the next one is tried at once; backoff only after a
-                # whole round failed (spinn.runtime.failover).
-                delay = self.rotation.connect_failed()
-                log.info(
-                    "server %s:%d unreachable (%s); next try in %.2f s",
-                    host,
-                    port,
-                    _describe(exc, self.config.connect_timeout_s),
-                    delay,
-                )
-                hint = self._misconfiguration_hint(exc)
-                if hint is not None:
-                    # These read like a restarting server, so the device keeps retrying
-                    # (and answering locally) but says once what the likely cause is...
-                    self._hint_once(host, port, hint)
-                    # ...and gives up when it keeps failing the same way (unless told not
-                    # to): the frames already read are still answered (``SpinnDevice.run``).
-                    if self._misconfigured(host, port, hint):
-                        return
-                else:
-                    self._same_failures = ("", 0)
-                await asyncio.sleep(delay)
+                why = _describe(exc, self.config.connect_timeout_s)
+                self.device.act(core.connect_failed(_now(), why, self._misconfiguration_hint(exc)))
+                if self.fatal is not None:
+                    return
+                await asyncio.sleep(self.reconnect_delay)
                 continue
-            self._same_failures = ("", 0)
-            connected_at = _now()
-            self.answers_on_link = 0
-            self.connects += 1
-            self.device.profiler.mark_server(connected_at, True)
-            log.info(
-                "connected to %s:%d (%s), compute time %sreported, packing with %s",
-                host,
-                port,
-                self.welcome.server_name if self.welcome else "?",
-                "" if self.welcome and self.welcome.reports_compute_time else "NOT ",
-                self.codec,
-            )
-            if (
-                self.config.probe_bytes == 0
-                and self.welcome is not None
-                and not self.welcome.reports_compute_time
-            ):
-                # Uploads are timed only against a reported server time (runtime.uplink).
-                self._hint_once(
-                    host,
-                    port,
-                    "does not report its compute time and --probe-bytes is 0: the bandwidth "
-                    "is not measured (its estimate stays at the prior)",
+            welcome = self.welcome
+            assert welcome is not None
+            limit = None if welcome.description is None else welcome.description.max_frame_bytes
+            self.device.act(
+                core.link_up(
+                    _now(),
+                    server_name=welcome.server_name,
+                    reports_compute_time=welcome.reports_compute_time,
+                    codec=self.codec,
+                    max_frame_bytes=limit,
                 )
+            )
             reason = "link closed"
             try:
                 reason = await self._serve(reader)
             finally:
                 # Always: a link left "up" after its reader ended would never reconnect.
-                self._drop(reason)
-                up_s = _now() - connected_at
-                delay = self.rotation.connection_lost(up_s, self.answers_on_link)
+                if self.writer is not None:
+                    with contextlib.suppress(Exception):
+                        self.writer.close()
+                self.conn, self.writer, self.welcome = None, None, None
+                self.device.act(core.link_down(_now(), reason, stopping=self._stopping))
             if self.fatal is not None or self._stopping:
                 return
-            if delay > 0:
-                # Dropped at once, unanswered: a crash-looping server is backed off.
-                log.info(
-                    "link to %s:%d lasted %.2f s and answered nothing; next try in %.2f s",
-                    host,
-                    port,
-                    up_s,
-                    delay,
-                )
-                await asyncio.sleep(delay)
+            if self.reconnect_delay > 0:
+                await asyncio.sleep(self.reconnect_delay)
 
-    def _misconfigured(self, host: str, port: int, hint: str) -> bool:
-        """Count a connect failure explained by ``hint``; True (and ``fatal`` set) when it
-        is the ``misconfig_tries``-th in a row and the device does not retry forever."""
-        last, count = self._same_failures
-        count = count + 1 if last == hint else 1
-        self._same_failures = (hint, count)
-        if self.config.retry_forever or count < self.config.misconfig_tries:
-            return False
-        self.fatal = DeviceError(
-            f"server {host}:{port} {hint} (the handshake failed this way {count} times in a "
-            "row; --retry-forever keeps trying)"
-        )
-        self.device._wake_all()
-        return True
-
-    def _hint_once(self, host: str, port: int, hint: str) -> None:
-        """Log ``hint`` about the server at ``host:port`` as a warning, the first time only."""
-        if hint not in self._hints_given:
-            self._hints_given.add(hint)
-            log.warning("server %s:%d %s", host, port, hint)
+    def _fail(self, exc: DeviceError) -> None:
+        self.fatal = exc
+        self.device.request_stop()
 
     def _misconfiguration_hint(self, exc: BaseException) -> str | None:
         """The likely cause of a failed connect that a wrong flag on either end explains."""
@@ -647,17 +598,7 @@ class _Link:
             writer.close()
             raise
         self.conn, self.writer, self.welcome = conn, writer, welcome
-        self.pings.clear()
         self._close_reason = None
-        # A probe PING within the server's frame limit where it states one (PROTOCOL.md
-        # §5.12); --probe-bytes' default fits any server's (64 KiB above its activations).
-        limit = None if welcome.description is None else welcome.description.max_frame_bytes
-        padding = (
-            self.config.probe_bytes
-            if limit is None
-            else min(self.config.probe_bytes, limit - _PING_ENVELOPE)
-        )
-        self.trains.max_frame_padding = max(1, padding)
         return reader
 
     def _check_description(
@@ -710,30 +651,33 @@ class _Link:
                 writer.write(conn.send(Auth(proof)))
                 continue
             if isinstance(event, Error):
-                if event.code in _FATAL_CODES:
+                if event.code in FATAL_CODES:
                     raise DeviceError(f"server refused this device: {event.message}")
                 raise ConnectionError(f"server error {event.code.name}: {event.message}")
             raise ConnectionError(f"unexpected {type(event).__name__} during the handshake")
 
     async def _serve(self, reader: asyncio.StreamReader) -> str:
         """Read until the connection ends; returns why."""
-        ping_task = asyncio.create_task(self._ping_loop())
+        assert self.conn is not None and self.writer is not None
+        dev = self.device
         try:
-            assert self.conn is not None and self.writer is not None
-            dev = self.device
             while True:
                 with dev.link_work():
-                    while True:
-                        event = self.conn.next_event()
-                        if event is NEED_DATA:
-                            break
-                        why = self._dispatch(event)
-                        if why is not None:
-                            return why
+                    self._reading = True
+                    try:
+                        while self._close_reason is None:
+                            event = self.conn.next_event()
+                            if event is NEED_DATA:
+                                break
+                            dev.act(dev.core.receive(_now(), event, wall_time=time.time()))
+                    finally:
+                        self._reading = False
+                if self._close_reason is not None:
+                    return self._close_reason
                 data = await reader.read(_READ_CHUNK)
                 if not data:
                     return self._close_reason or "server closed the connection"
-                self.heard_at = _now()
+                dev.core.heard(_now())
                 with dev.link_work():
                     self.conn.receive_data(data)
         except ProtocolError as exc:
@@ -750,169 +694,11 @@ class _Link:
             # and reconnect (the frames it owed finish locally).
             log.exception("unexpected error on the server link")
             return f"internal error: {exc!r}"
-        finally:
-            ping_task.cancel()
-
-    def _dispatch(self, event: Any) -> str | None:
-        now = _now()
-        dev = self.device
-        if isinstance(event, Result):
-            self.answers_on_link += 1
-            dev._on_result(event, now)
-        elif isinstance(event, Pong):
-            sent = self.pings.pop(event.seq, None)
-            if sent is not None and event.seq in self.train:
-                self._train_answered(event, now)
-            elif sent is not None and event.seq in self.clean_pings:
-                self.clean_pings.discard(event.seq)
-                dev.profiler.observe_ping(now, now - sent[0])
-        elif isinstance(event, Ping):
-            self.send(Pong.reply_to(event, time.time()))
-        elif isinstance(event, Error):
-            if event.request_id is not None:
-                self.answers_on_link += 1
-                dev._on_request_error(event)
-            else:
-                if event.code in _FATAL_CODES:
-                    self.fatal = DeviceError(f"server refused this device: {event.message}")
-                return f"server error {event.code.name}: {event.message}"
-        elif isinstance(event, Bye):
-            return f"server said bye ({event.reason})"
-        return None
-
-    async def _ping_loop(self) -> None:
-        try:
-            await self._ping_loop_inner()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # Without PINGs a dead link would go unnoticed: drop it so it reconnects.
-            log.exception("ping loop failed: dropping the link")
-            self._abort()
-
-    def _train_answered(self, pong: Pong, now: float) -> None:
-        self.train_arrivals[pong.seq] = (pong.received_bytes, pong.received_at)
-        if len(self.train_arrivals) < len(self.train):
-            return
-        answers = [self.train_arrivals[seq] for seq in self.train]
-        total = sum(self.train.values())
-        if all(n is not None for n, _ in answers):
-            arrivals = [(int(n or 0), t) for n, t in answers]
-        else:
-            # A server that does not count its reads: the frames' ends, a chunk coarser.
-            arrivals = list(
-                zip(itertools.accumulate(self.train.values()), (t for _, t in answers), strict=True)
-            )
-        self.train.clear()
-        self.train_arrivals.clear()
-        profiler = self.device.profiler
-        try:
-            rate, timed = self.trains.train_answered(
-                now, profiler.bandwidth, arrivals, total, profiler.config.initial_bandwidth_bps
-            )
-        except ValueError as exc:  # offsets that go backwards: a server to ignore
-            log.warning("probe train not timed: %s", exc)
-            bw = profiler.snapshot(now).bandwidth_bps
-            self.trains.answered(now, bw, timed=True, confirm=False)  # round over
-            return
-        after = profiler.snapshot(now).bandwidth_bps
-        log.debug(
-            "probe train of %d bytes: %s %.3g bit/s; B %.3g bit/s",
-            total,
-            "timed at" if timed else "at least",
-            rate,
-            after,
-        )
-        self._wake_pinger.set()
-
-    def _send_train(self, now: float) -> None:
-        """Write a probe train: padded PINGs back to back (``uplink.ProbeTrains``)."""
-        est = self.device.profiler.snapshot(now)
-        total = 0
-        with self.device.link_work():
-            for padding in self.trains.frames(est.bandwidth_bps):
-                self.ping_seq += 1
-                self.pings[self.ping_seq] = (now, padding)
-                size = self.send(Ping(self.ping_seq, now, bytes(padding)))
-                if size == 0:
-                    return  # the link went down: _drop resets the trains
-                self.train[self.ping_seq] = size
-                total += size
-        self.probe_bytes_sent += total
-        self.trains.sent(now, total, len(self.train))
-
-    async def _ping_loop_inner(self) -> None:
-        cfg = self.config
-        next_bare = self.heard_at = _now()
-        bare_sent = 0
-        self.trains.reset(next_bare)
-        while self.up:
-            now = _now()
-            if self.pings:
-                oldest = min(sent for sent, _ in self.pings.values())
-                est = self.device.profiler.snapshot(now)
-                # Bytes queued before the PING delay it, and the padding of probes in
-                # flight: allow for them at the live B.
-                probing = sum(padding for _, padding in self.pings.values())
-                allowance = cfg.ping_timeout_s + 8.0 * (self.unanswered_bytes() + probing) / max(
-                    est.bandwidth_bps, 1.0
-                )
-                # A link that keeps answering is alive, however slow: after a drop, bytes
-                # queued at the old rate (uploads, a probe) hold the PINGs back for long.
-                if now - oldest > allowance and now - self.heard_at > cfg.ping_timeout_s:
-                    self._close_reason = (
-                        f"closed by the device: no PONG for {now - oldest:.2f} s (allowed "
-                        f"{allowance:.2f} s) and nothing heard for "
-                        f"{now - self.heard_at:.2f} s, the server is taken as unreachable"
-                    )
-                    self._abort()
-                    return
-            if now >= next_bare:
-                self.ping_seq += 1
-                self.pings[self.ping_seq] = (now, 0)
-                if not self.trains.in_flight:
-                    # One sent behind a train's padding would time the train, not L.
-                    self.clean_pings.add(self.ping_seq)
-                with self.device.link_work():
-                    self.send(Ping(self.ping_seq, now, b""))
-                bare_sent += 1
-                # The first few come quicker: L is a median of five (and the first round
-                # trip of a connection is slow).
-                quick = bare_sent < _QUICK_PINGS
-                next_bare = now + (min(0.1, cfg.ping_interval_s) if quick else cfg.ping_interval_s)
-            wake = next_bare
-            # Trains begin once a bare PING came back: the first round trip of a
-            # connection is slow (both ends warm up).
-            if cfg.probe_bytes > 0 and self.device.profiler.latency.samples:
-                bw = self.device.profiler.snapshot(now).bandwidth_bps
-                if self.trains.due(now, bw):
-                    self._send_train(now)
-                wake = min(wake, self.trains.due_at(now, bw))
-            self._wake_pinger.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_pinger.wait(), max(0.0, wake - _now()))
 
     def _abort(self) -> None:
         if self.writer is not None:
             with contextlib.suppress(Exception):
                 self.writer.transport.abort()
-
-    def _drop(self, reason: str) -> None:
-        if self.writer is not None:
-            with contextlib.suppress(Exception):
-                self.writer.close()
-        self.conn, self.writer, self.welcome = None, None, None
-        self.pings.clear()
-        self.train.clear()
-        self.train_arrivals.clear()
-        self.clean_pings.clear()
-        self.trains.reset(_now())
-        self.device.profiler.mark_server(_now(), False)
-        if self._stopping:
-            log.info("server link closed: %s", reason)
-        else:
-            log.warning("server link down: %s", reason)
-        self.device._on_link_lost()
 
     async def close(self) -> None:
         """Say BYE and stop reconnecting."""
@@ -936,7 +722,9 @@ Status = Callable[[str], None]
 
 
 class SpinnDevice:
-    """Runs frames through the progressive model, offloading to the server per the policy."""
+    """Runs frames through the progressive model, offloading to the server per the policy:
+    the asyncio adapter of ``DeviceCore`` (reads frames, runs compute in the executor,
+    moves messages, feeds the core ``now`` and events, and carries out its actions)."""
 
     def __init__(self, config: DeviceConfig, *, policy: Policy | None = None) -> None:
         from spinn.checkpoint import load_checkpoint
@@ -974,93 +762,69 @@ class SpinnDevice:
                 f"profile {profile_path} is for model {self.profile.model_id!r}, "
                 f"checkpoint is {self.meta.model_id!r}"
             )
-        self.num_stages = self.model.num_stages
-        split = self.num_stages // 2 if config.split is None else config.split
-        if config.server is None and config.split is None:
-            split = self.num_stages  # no server: every stage runs here (device-only)
-        if not 0 <= split <= self.num_stages:
-            raise DeviceError(f"--split must be in 0..{self.num_stages}, got {split}")
-        if not 0.0 <= config.thr_conf <= 1.0:
-            raise DeviceError(f"--thr must be in [0, 1], got {config.thr_conf}")
-        if policy is None:
-            if config.policy == "fixed":
-                policy = FixedPolicy(split, config.thr_conf)
-            else:
-                from spinn.scheduler import SchedulerConfig, make_policy
-
-                # Upload sizes predicted with the codec this device packs with
-                # (docs/SCHEDULER.md, "Predicted versus measured"); a profile that did not
-                # measure it leaves the smallest profiled size.
-                codec = profiled_codec(self.codecs[0], config.zstd, self.profile.codecs)
-                # sparse_uintb is profiled only at the splits with a width, where it is the
-                # smallest size measured: None predicts with it there.
-                if codec is None and self.codecs[0] != LOSSY_CODEC:
-                    log.warning(
-                        "codec %s not in the profile (%s): predicting with the smallest size",
-                        self.codecs[0],
-                        ", ".join(self.profile.codecs),
-                    )
-                scheduler_config = SchedulerConfig(
-                    codec=codec,
-                    input_codec=profiled_input_codec(config, self.profile),
-                    lossy=self.codecs[0] == LOSSY_CODEC,
-                    # The in-flight window decides the race under load (docs/SCHEDULER.md).
-                    max_in_flight=config.max_in_flight,
-                )
-                try:
-                    policy = make_policy(
-                        config.policy, self.profile, config.sla or SLA(), scheduler_config
-                    )
-                except ValueError as exc:
-                    raise DeviceError(f"--policy {config.policy}: {exc}") from exc
-        self.policy: Policy = policy
-        self.profiler = OnlineProfiler(self.profile)
-        if config.server is None:
-            self.profiler.mark_server(0.0, False)
-        self.tracker = RequestTracker()
-        self.stats = DeviceStats()
+        self.core = DeviceCore(
+            config,
+            profile=self.profile,
+            policy=_make_policy(config, self.profile, self.codecs, self.model.num_stages, policy),
+            model=ModelShape(
+                self.model.num_stages,
+                tuple(self.model.exit_stages),
+                self.model.num_classes,
+                tuple(self.meta.class_names or ()),
+            ),
+            # The busy-time accounting reads one worker's gaps between calls as hand-off
+            # work; with several workers the gaps overlap and no longer sum to busy time.
+            measure_busy=workers == 1,
+            server_budget_share=config.server_budget_share,
+        )
         self.slots = ComputeSlots(workers)
-        # The busy-time accounting reads one worker's gaps between calls as hand-off work;
-        # with several workers the gaps overlap and the sum is no longer the device's time.
-        self._measure_busy = workers == 1
         self._executor: ThreadPoolExecutor = make_executor(workers, "spinn-device")
         self._io: ThreadPoolExecutor = make_executor(1, "spinn-source")
         self._link = _Link(self) if config.server is not None else None
-        self._sent: dict[int, _Sent] = {}
-        """INFERs the server has not answered (RESULT or ERROR) yet, answered or not here."""
-        self._upload_timer = UploadTimer()
-        self._server_ms_reported: list[float] = []
-        self._server_ms_inferred: list[float] = []
-        self._changed: dict[int, asyncio.Event] = {}
-        self._labels: dict[int, Frame] = {}
-        self._job_end: dict[int, tuple[float, float]] = {}
-        """Per worker thread: when its last compute call ended, and ``_link_busy_ms`` then
-        (``_worker_call``)."""
+        self._queues: dict[int, asyncio.Queue[Action]] = {}
+        """Per frame in flight: the compute actions (and its end) its task carries out."""
+        self._cancelled: set[int] = set()
+        """Frames whose queued computation is not to run (``CancelCompute``)."""
         self._link_busy_ms = 0.0
-        """Event-loop time spent on the server link so far (sending INFERs and CANCELs,
-        reading and handling what the server sent), in ms."""
-        self._link_ms_at_upload = 0.0
-        """``_link_busy_ms`` at the last upload (``_upload_work``)."""
-        self._slot_wait_s: dict[int, float] = {}
-        """Per frame in flight: time spent waiting for a compute slot (queueing, not the
-        per-input overhead ``OnlineProfiler.observe_answer`` measures)."""
+        """Event-loop time spent on the server link so far (sending, reading and handling
+        messages), in ms: measured here, accounted by the core."""
         self._emit: Emit = lambda record: None
-        self._decision: Decision = self.policy.decide(0.0, self.profiler.snapshot(0.0))
         self._stop = asyncio.Event()
-        self._deadline_wake = asyncio.Event()
-        self.frames_read = 0
-        """Frames taken from the source (each gets one answer or one error record)."""
-        self.errors = 0
-        """Frames answered with an error record instead of a classification."""
+        self._timer_wake = asyncio.Event()
         self._output_error: OSError | None = None
         """Why the answers could not be written (a closed pipe): the run stops on it."""
 
     # -- public -----------------------------------------------------------------
 
     @property
+    def policy(self) -> Policy:
+        """The policy deciding ⟨split, thr_conf⟩ per frame."""
+        return self.core.policy
+
+    @property
+    def profiler(self) -> OnlineProfiler:
+        """The online estimates (B, L, SF, server time) the policy reads."""
+        return self.core.profiler
+
+    @property
+    def tracker(self) -> RequestTracker:
+        """Frames in flight and their requests."""
+        return self.core.tracker
+
+    @property
+    def frames_read(self) -> int:
+        """Frames taken from the source (each gets one answer or one error record)."""
+        return self.core.frames_read
+
+    @property
+    def errors(self) -> int:
+        """Frames answered with an error record instead of a classification."""
+        return self.core.errors
+
+    @property
     def server_connects(self) -> int:
         """Successful (re)connections so far."""
-        return 0 if self._link is None else self._link.connects
+        return self.core.connects
 
     def request_stop(self) -> None:
         """Stop reading the source; frames in flight are still answered."""
@@ -1073,11 +837,11 @@ class SpinnDevice:
         loop = asyncio.get_running_loop()
         if emit is not None:
             self._emit = emit
+        timer_task = asyncio.create_task(self._timer_loop())
+        timer_task.add_done_callback(_log_task_failure)
         link_task = asyncio.create_task(self._link.run()) if self._link else None
         if link_task is not None:
             link_task.add_done_callback(_log_task_failure)
-        deadline_task = asyncio.create_task(self._deadline_loop())
-        deadline_task.add_done_callback(_log_task_failure)
         status_task = (
             asyncio.create_task(self._status_loop(status))
             if status is not None and self.config.status_interval_s > 0  # 0: final line only
@@ -1115,7 +879,6 @@ class SpinnDevice:
                 if wait > 0:
                     await asyncio.sleep(wait)
                 count += 1
-                self.frames_read = count
                 task = asyncio.create_task(self._process(frame, window))
                 frames.add(task)
                 task.add_done_callback(frames.discard)
@@ -1138,7 +901,7 @@ class SpinnDevice:
                 t.cancel()
             if status_task is not None:
                 status_task.cancel()
-            deadline_task.cancel()
+            timer_task.cancel()
             if self._link is not None:
                 await self._link.close()
             if link_task is not None:
@@ -1148,37 +911,62 @@ class SpinnDevice:
             source.close()
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._io.shutdown(wait=False, cancel_futures=True)
-        summary = self.stats.summary(_now())
-        summary["cancels"] = self.tracker.cancels
-        summary["deadline_expired"] = self.tracker.expired
-        summary["lost_connection_frames"] = self.tracker.lost
-        summary["server_connects"] = self.server_connects
-        summary["frames_read"] = self.frames_read
-        summary["errors"] = self.errors
-        # Frames begun and never answered: 0 unless the run was interrupted.
-        summary["unanswered"] = self.tracker.in_flight
-        est = self.profiler.snapshot(_now())
-        summary["estimates"] = {
-            "bandwidth_bps": round(est.bandwidth_bps, 1),
-            # Uploads and probes timed; 0: bandwidth_bps is still the prior.
-            "bandwidth_samples": self.profiler.bandwidth.samples,
-            "latency_ms": round(est.latency_s * 1e3, 3),
-            # Bytes of bandwidth probe trains written (framed), for their overhead.
-            "probe_bytes": 0 if self._link is None else self._link.probe_bytes_sent,
-            "probe_trains": self.profiler.bandwidth.train_samples,
-            "device_scale": round(est.device_scale, 4),
-            "server_scale": round(est.server_scale, 4),
-        }
-        summary["server_time_ms"] = {
-            "reported_mean": _mean(self._server_ms_reported),
-            "inferred_mean": _mean(self._server_ms_inferred),
-            "reported_median": median_or_none(self._server_ms_reported),
-            "inferred_median": median_or_none(self._server_ms_inferred),
-            "samples": len(self._server_ms_inferred),
-        }
-        summary["split"] = self._decision.split
-        summary["thr_conf"] = self._decision.thr_conf
-        return summary
+        return self.core.summary(_now())
+
+    # -- actions ------------------------------------------------------------------
+
+    def act(self, actions: list[Action]) -> None:
+        """Carry out the core's actions, in order."""
+        for action in actions:
+            if isinstance(action, RunHead | RunStages | FrameDone):
+                queue = self._queues.get(action.frame_id)
+                if queue is not None:
+                    queue.put_nowait(action)
+            elif isinstance(action, Publish):
+                self._write(action.record)
+            elif isinstance(action, Send):
+                with self.link_work():
+                    if self._link is not None:
+                        self._link.send(action.message)
+            elif isinstance(action, SendInfer):
+                with self.link_work():
+                    nbytes = 0 if self._link is None else self._link.send(action.message)
+                rid = action.message.request_id
+                self.act(
+                    self.core.infer_written(
+                        _now(), action.frame_id, rid, nbytes, self._link_busy_ms
+                    )
+                )
+            elif isinstance(action, SendProbeTrain):
+                sizes: list[int] = []
+                with self.link_work():
+                    for ping in action.pings:
+                        sizes.append(0 if self._link is None else self._link.send(ping))
+                        if sizes[-1] == 0:
+                            break
+                self.core.train_written(sizes)
+            elif isinstance(action, CancelCompute):
+                self._cancelled.add(action.frame_id)
+            elif isinstance(action, Log):
+                log.log(action.level, action.msg, *action.args)
+            elif isinstance(action, ArmTimer):
+                self._timer_wake.set()
+            elif isinstance(action, CloseLink):
+                if self._link is not None:
+                    self._link.close_link(action.reason)
+            elif isinstance(action, Fatal):
+                if self._link is not None:
+                    self._link.fatal = DeviceError(action.message)
+                self.request_stop()
+            elif isinstance(action, Reconnect):
+                if self._link is not None:
+                    self._link.reconnect_delay = action.delay_s
+
+    def _link_up(self) -> bool:
+        return self._link is not None and self._link.up
+
+    def _queued_bytes(self) -> int:
+        return 0 if self._link is None else self._link.queued_bytes()
 
     # -- frames -------------------------------------------------------------------
 
@@ -1198,180 +986,182 @@ class SpinnDevice:
             raise self._link.fatal
 
     async def _process(self, frame: Frame, window: asyncio.Semaphore) -> None:
+        """One frame: hand it to the core, then run what the core asks until it is done."""
+        fid = frame.index
+        queue: asyncio.Queue[Action] = asyncio.Queue()
+        self._queues[fid] = queue
         try:
-            if frame.error:
-                # The source could not read it: its answer is this error record.
-                log.warning("frame %d: %s", frame.index, frame.error)
-                self._fail_frame(frame, SourceError(frame.error))
-                return
-            await self._process_frame(frame)
-        except Exception as exc:
-            # Every input gets exactly one answer or an explicit error record: a frame whose
-            # processing raised (bad image, a bug) is reported, never silently dropped.
-            log.exception("frame %d failed", frame.index)
-            self._fail_frame(frame, exc)
+            try:
+                self.act(
+                    self.core.frame_arrived(
+                        _now(),
+                        fid,
+                        label=frame.label,
+                        origin=frame.origin,
+                        error=frame.error or None,
+                        link_up=self._link_up(),
+                    )
+                )
+            except Exception as exc:
+                self._failed(frame, exc)
+            while True:
+                action = await queue.get()
+                if isinstance(action, FrameDone):
+                    return
+                try:
+                    await self._compute(frame, action)
+                except Exception as exc:
+                    self._failed(frame, exc)
         finally:
-            self._changed.pop(frame.index, None)
-            self._labels.pop(frame.index, None)
-            self._slot_wait_s.pop(frame.index, None)
+            self._queues.pop(fid, None)
+            self._cancelled.discard(fid)
             window.release()
 
-    def _fail_frame(self, frame: Frame, exc: BaseException) -> None:
-        """Publish the error record of a frame that cannot be answered."""
-        fid = frame.index
-        if self.tracker.is_answered(fid):
-            return  # answered already; the failure came after (e.g. writing a CANCEL)
-        cancel = self.tracker.fail(fid)
-        self.errors += 1
-        record: dict[str, Any] = {
-            "frame": fid,
-            "where": "error",
-            "error": f"{type(exc).__name__}: {exc}",
-        }
-        if frame.label is not None:
-            record["label"] = frame.label
-        if frame.origin:
-            record["origin"] = frame.origin
-        self._write(record)
-        if cancel is not None and self._link is not None:
-            self._link.send(Cancel(cancel))
+    def _failed(self, frame: Frame, exc: Exception) -> None:
+        # Every input gets exactly one answer or an explicit error record: a frame whose
+        # processing raised (bad image, a bug) is reported, never silently dropped.
+        log.error("frame %d failed", frame.index, exc_info=exc)
+        error = f"{type(exc).__name__}: {exc}"
+        self.act(
+            self.core.frame_failed(
+                _now(), frame.index, error, label=frame.label, origin=frame.origin
+            )
+        )
 
-    def _plan(self, decision: Decision) -> _Plan:
-        """What one decision means for one frame's execution."""
-        last = self.num_stages
-        forced = decision.final_exit
-        if forced is not None:
-            if not 0 <= forced < self.model.num_exits:
-                raise DeviceError(
-                    f"policy chose exit {forced}; the model has {self.model.num_exits}"
-                )
-            if forced == self.model.num_exits - 1:
-                forced = None
-            else:
-                # Edgent's right-sized network (spinn.policy.Decision.final_exit) ends here.
-                last = self.model.exit_stages[forced] + 1
-        split = min(max(decision.split, 0), last)
-        rule = decision.exit_rule
-        wire_thr, wire_early_exits = rule.to_wire()  # the protocol's form (PROTOCOL.md §5.3)
-        if forced is not None and split < last:
-            exits_after = [e for e, k in enumerate(self.model.exit_stages) if k >= split]
-            if exits_after and exits_after[0] == forced:
-                # The truncation exit is the server's first: threshold 0 makes it answer.
-                wire_thr, wire_early_exits = ExitRule(0.0).to_wire()
-        return _Plan(split, last, rule, wire_thr, forced, wire_early_exits)
-
-    async def _process_frame(self, frame: Frame) -> None:
+    async def _compute(self, frame: Frame, action: Action) -> None:
+        """Run a ``RunHead`` or ``RunStages`` in a compute slot and report it to the core."""
         loop = asyncio.get_running_loop()
         fid = frame.index
-        now = begun = _now()
-        estimates = self.profiler.snapshot(now)
-        decision = self.policy.decide(now, estimates)
-        if decision.reason != self._decision.reason or decision.split != self._decision.split:
-            log.info(
-                "decision: split %d thr %.2f (%s)",
-                decision.split,
-                decision.thr_conf,
-                decision.reason,
-            )
-        self._decision = decision
-        plan = self._plan(decision)
-        self.tracker.begin(fid, now, plan.split, decision.thr_conf)
-        self._labels[fid] = frame
-        self._changed[fid] = asyncio.Event()
-        if self._link is not None and not self._link.up:
-            # Decided while the server is unreachable (the policy saw server_up=False):
-            # whatever answers this frame is the device standing in for the server.
-            self.tracker.server_unavailable(fid)
-
-        self._slot_wait_s[fid] = 0.0
-        async with self._slot(fid, 0) as queued:
-            head, call = await loop.run_in_executor(
-                self._executor,
-                self._worker_call,
-                self._run_head,
-                frame,
-                plan,
-                estimates.bandwidth_bps,
-            )
-        answer, activation, packed, stages_ms, reached, pack_ms = head
-        now = _now()
-        self.profiler.observe_device(now, reached, stages_ms)
-        if queued and self._measure_busy:
-            # The device's busy time under a saturating stream, hand-off gap included
-            # (spinn.estimators.DeviceBusyEstimator; docs/SCHEDULER.md, "device busy time").
-            self.profiler.observe_call(
-                now, head=True, call_ms=call, stages_ms=stages_ms, stages=reached, pack_ms=pack_ms
-            )
-        if answer is not None:
-            self._local(fid, answer)
-            return
-        assert activation is not None
-        if self._link is not None and self.tracker.phase(fid) is FramePhase.LOCAL:
-            if self._link.up:
-                self._offload(fid, plan, packed, estimates)
-                self._upload_work(pack_ms)
-                # Arrival to upload, beyond the stages: the per-input overhead O of an
-                # uploaded input (docs/SCHEDULER.md), less the head's wait for its slot.
-                waited = self._slot_wait_s.get(fid, 0.0)
-                with contextlib.suppress(ValueError):
-                    self.profiler.observe_offload(
-                        now, plan.split, max(0.0, _now() - begun - waited) * 1e3
-                    )
+        t0 = _now()
+        priority = action.priority if isinstance(action, RunStages) else 0
+        async with self.slots.slot(priority) as queued:
+            waited = _now() - t0
+            if fid in self._cancelled:
+                self.act(self.core.compute_skipped(_now(), fid))
+                return
+            if isinstance(action, RunHead):
+                head, timing = await loop.run_in_executor(
+                    self._executor, self._worker_call, self._run_head, frame, action
+                )
             else:
-                self.tracker.server_unavailable(fid)
-        # Without a configured server (device-only run) the rest is plain local compute.
-        await self._continue(fid, activation, plan)
+                assert isinstance(action, RunStages)
+                step, timing = await loop.run_in_executor(
+                    self._executor, self._worker_call, self._run_stages, action
+                )
+        now = _now()
+        call = ComputeCall(*timing, queued=queued, waited_s=waited)
+        if not isinstance(action, RunHead):
+            answer, activation, stop, stages_ms = step
+            self.act(
+                self.core.stages_done(
+                    now,
+                    fid,
+                    call,
+                    answer=answer,
+                    activation=activation,
+                    stop=stop,
+                    stages_ms=stages_ms,
+                )
+            )
+            return
+        answer, activation, packed, stages_ms, reached, pack_ms = head
+        if packed is not None and self._link is not None:
+            with self.link_work():
+                welcome = self._link.welcome
+                packed = recode_for(
+                    packed,
+                    self._link.codec,
+                    self.dictionaries,
+                    self.config.zstd,
+                    accepted=welcome.codecs if welcome is not None else (),
+                    input_spec=self.model.input_spec,
+                )
+        self.act(
+            self.core.head_done(
+                now,
+                fid,
+                call,
+                answer=answer,
+                activation=activation,
+                packed=packed,
+                stages_ms=stages_ms,
+                reached=reached,
+                pack_ms=pack_ms,
+                link_up=self._link_up(),
+                queued_bytes=self._queued_bytes(),
+            )
+        )
 
-    def _run_range(self, act: torch.Tensor, start: int, stop: int, plan: _Plan) -> Any:
+    # -- worker threads ------------------------------------------------------------
+
+    def _worker_call(
+        self, fn: Callable[..., _T], *args: Any
+    ) -> tuple[_T, tuple[int, float, float, float]]:
+        """Worker thread: ``fn(*args)``, and which worker ran it, when, and the link's busy
+        time when it ended (``ComputeCall``: the core turns them into busy time)."""
+        start = time.perf_counter()
+        try:
+            result = fn(*args)
+        finally:
+            end = time.perf_counter()
+        return result, (threading.get_ident(), start, end, self._link_busy_ms)
+
+    def _exit(self, answer: Any) -> LocalExit | None:
+        if answer is None:
+            return None
+        top = answer.topk(self.config.top_k)
+        return LocalExit(answer.exit, tuple(c for c, _ in top), tuple(p for _, p in top))
+
+    def _run_range(self, act: torch.Tensor, start: int, stop: int, plan: Plan) -> Any:
         """Worker thread: stages [start, stop) with exit checks; a truncated network's
         forced exit always answers (``iter_stages``' ``final_exit``)."""
         from spinn.inference import run_stages
 
         return run_stages(self.model, act, start, stop, plan.rule, final_exit=plan.forced_exit)
 
-    @contextlib.asynccontextmanager
-    async def _slot(self, fid: int, priority: int) -> AsyncIterator[bool]:
-        """A compute slot for frame ``fid``; the wait for it is recorded apart.  Yields
-        whether the call queued for it (``ComputeSlots.acquire``)."""
-        t0 = _now()
-        async with self.slots.slot(priority) as queued:
-            if fid in self._slot_wait_s:
-                self._slot_wait_s[fid] += _now() - t0
-            yield queued
-
-    def _worker_call(self, fn: Callable[..., _T], *args: Any) -> tuple[_T, float]:
-        """Worker thread: ``fn(*args)`` and the call's busy time in ms: its own run time plus
-        the gap since this worker's previous call ended, less the event loop's link work in
-        that span (counted per upload instead, ``_upload_work``).  The caller keeps the
-        figure only when the call had queued for its slot, i.e. the worker was handed it
-        straight from the previous call and the gap was hand-off work, not idleness
-        (``spinn.estimators.DeviceBusyEstimator``)."""
-        ident = threading.get_ident()
-        start = time.perf_counter()
-        try:
-            result = fn(*args)
-        finally:
-            end = time.perf_counter()
-            link = self._link_busy_ms
-            prev_end, prev_link = self._job_end.get(ident, (start, link))
-            self._job_end[ident] = (end, link)
-        return result, max(0.0, (end - prev_end) * 1e3 - (link - prev_link))
-
-    def _upload_work(self, pack_ms: float) -> None:
-        """One upload went out: its packing plus the link work since the previous upload
-        is the device's busy time per upload (docs/SCHEDULER.md, "device busy time")."""
-        link = self._link_busy_ms
-        with contextlib.suppress(ValueError):
-            self.profiler.observe_upload_work(_now(), pack_ms + link - self._link_ms_at_upload)
-        self._link_ms_at_upload = link
-
-    def _run_range_timed(
-        self, act: torch.Tensor, start: int, stop: int, plan: _Plan
-    ) -> tuple[Any, float]:
-        """Worker thread: ``_run_range`` and its compute time in ms (no hand-off waits)."""
+    def _run_stages(self, action: RunStages) -> tuple[LocalExit | None, Any, int, float]:
+        """Worker thread: one ``RunStages``; its answer or activation, and its time in ms."""
         t0 = time.perf_counter()
-        out = self._run_range(act, start, stop, plan)
-        return out, (time.perf_counter() - t0) * 1e3
+        out = self._run_range(action.activation, action.start, action.stop, action.plan)
+        ms = (time.perf_counter() - t0) * 1e3
+        return self._exit(out.answer), out.activation, out.stop, ms
+
+    def _run_head(
+        self, frame: Frame, action: RunHead
+    ) -> tuple[LocalExit | None, torch.Tensor | None, Any, float, int, float]:
+        """Worker thread: preprocess, stages [0, split), pack if the frame goes out; the
+        stage and packing times in ms. At split 0 the frame's pixels go out as they are
+        where the server takes them (PROTOCOL.md §6.8), as a real client's would."""
+        plan, bandwidth_bps = action.plan, action.bandwidth_bps
+        spec = self.model.input_spec
+        pixels = input_pixels(frame.image, spec)
+        x = spec.preprocess(torch.from_numpy(pixels))
+        t0 = time.perf_counter()
+        out = self._run_range(x, 0, plan.split, plan)
+        stages_ms = (time.perf_counter() - t0) * 1e3
+        if out.answer is not None:
+            return self._exit(out.answer), None, None, stages_ms, out.stop, 0.0
+        assert out.activation is not None
+        packed = None
+        pack_ms = 0.0
+        if action.pack and self._link is not None:
+            t1 = time.perf_counter()
+            zstd = _ZSTD_MODES[self.config.zstd]
+            if plan.split == 0 and self._link.sends_pixels:
+                packed = pack(pixels[None], IMAGE_CODEC, zstd, bandwidth_bps)
+            elif self._link.codec == LOSSY_CODEC:
+                packed = self._pack_lossy(out.activation.numpy(), plan.split, zstd, bandwidth_bps)
+            else:
+                packed = pack(
+                    out.activation.numpy(),
+                    self._link.codec,
+                    zstd,
+                    bandwidth_bps,
+                    dictionaries=self.dictionaries,
+                    table=plan.split,
+                )
+            pack_ms = (time.perf_counter() - t1) * 1e3
+        return None, out.activation, packed, stages_ms, out.stop, pack_ms
 
     def _load_dictionaries(self) -> ZstdDictionaries | None:
         """The dictionaries beside the checkpoint when the codec wants them, else None."""
@@ -1394,42 +1184,6 @@ class SpinnDevice:
             )
         return found
 
-    def _run_head(
-        self, frame: Frame, plan: _Plan, bandwidth_bps: float
-    ) -> tuple[Any, torch.Tensor | None, Any, float, int, float]:
-        """Worker thread: preprocess, stages [0, split), pack if the frame goes out; the
-        stage and packing times in ms. At split 0 the frame's pixels go out as they are
-        where the server takes them (PROTOCOL.md §6.8), as a real client's would."""
-        spec = self.model.input_spec
-        pixels = input_pixels(frame.image, spec)
-        x = spec.preprocess(torch.from_numpy(pixels))
-        t0 = time.perf_counter()
-        out = self._run_range(x, 0, plan.split, plan)
-        stages_ms = (time.perf_counter() - t0) * 1e3
-        if out.answer is not None:
-            return out.answer, None, None, stages_ms, out.stop, 0.0
-        assert out.activation is not None
-        packed = None
-        pack_ms = 0.0
-        if plan.split < plan.last and self._link is not None:
-            t1 = time.perf_counter()
-            zstd = _ZSTD_MODES[self.config.zstd]
-            if plan.split == 0 and self._link.sends_pixels:
-                packed = pack(pixels[None], IMAGE_CODEC, zstd, bandwidth_bps)
-            elif self._link.codec == LOSSY_CODEC:
-                packed = self._pack_lossy(out.activation.numpy(), plan.split, zstd, bandwidth_bps)
-            else:
-                packed = pack(
-                    out.activation.numpy(),
-                    self._link.codec,
-                    zstd,
-                    bandwidth_bps,
-                    dictionaries=self.dictionaries,
-                    table=plan.split,
-                )
-            pack_ms = (time.perf_counter() - t1) * 1e3
-        return None, out.activation, packed, stages_ms, out.stop, pack_ms
-
     def _pack_lossy(
         self, activation: Any, split: int, zstd: bool | None, bandwidth_bps: float
     ) -> PackedTensor:
@@ -1447,281 +1201,12 @@ class SpinnDevice:
     def link_work(self) -> Iterator[None]:
         """Times event-loop work on the server link (sending, reading and handling
         messages): part of the device's busy time per upload, not of the compute calls'
-        gaps (``_worker_call``, ``_upload_work``; docs/SCHEDULER.md, "device busy time")."""
+        gaps (docs/SCHEDULER.md, "device busy time")."""
         t0 = time.perf_counter()
         try:
             yield
         finally:
             self._link_busy_ms += (time.perf_counter() - t0) * 1e3
-
-    def _offload(self, fid: int, plan: _Plan, packed: Any, estimates: Any) -> None:
-        with self.link_work():
-            self._send_infer(fid, plan, packed, estimates)
-
-    def _send_infer(self, fid: int, plan: _Plan, packed: PackedTensor, estimates: Any) -> None:
-        assert self._link is not None
-        welcome = self._link.welcome
-        packed = recode_for(
-            packed,
-            self._link.codec,
-            self.dictionaries,
-            self.config.zstd,
-            accepted=welcome.codecs if welcome is not None else (),
-            input_spec=self.model.input_spec,
-        )
-        rid = self.tracker.new_request_id()
-        now = _now()
-        server_ms = self.profile.server_time_ms(plan.split) * estimates.server_scale
-        deadline = request_deadline(
-            now,
-            upload_bytes=self._link.unanswered_bytes() + packed.nbytes,
-            download_bytes=64 + 16 * self.config.top_k,
-            bandwidth_bps=max(estimates.bandwidth_bps, 1.0),
-            latency_s=estimates.latency_s,
-            server_time_s=server_ms / 1e3,
-            margin_factor=self.config.deadline_factor,
-            margin_s=self.config.deadline_margin_s,
-        )
-        # deadline_ms lets the server drop a request the device will have answered itself;
-        # counted from receipt, so the upload's share of the budget is left out of it.
-        server_budget_ms = 1e3 * (deadline - now) * 0.5
-        nbytes = self._link.send(
-            Infer(
-                rid,
-                plan.split,
-                plan.wire_thr,
-                packed,
-                deadline_ms=server_budget_ms,
-                early_exits=plan.wire_early_exits,
-            )
-        )
-        if nbytes == 0:
-            # The link died between the decision and the write (H1: a reset seen by the
-            # transport first): the device stands in for the server, answered as fallback.
-            self.tracker.server_unavailable(fid)
-            return
-        self.tracker.offloaded(fid, rid, now, deadline, nbytes)
-        self._sent[rid] = _Sent(fid, plan.split, nbytes, now)
-        self._deadline_wake.set()
-
-    async def _continue(self, fid: int, activation: torch.Tensor, plan: _Plan) -> None:
-        """Stages [split, last) on the device, until an answer exists (DESIGN.md part 7)."""
-        loop = asyncio.get_running_loop()
-        act = activation
-        k = plan.split
-        while k < plan.last:
-            if self.tracker.is_answered(fid):
-                return
-            phase = self.tracker.phase(fid)
-            if phase is FramePhase.OFFLOADED and not self.config.continue_locally:
-                self._changed[fid].clear()
-                await self._changed[fid].wait()
-                continue
-            # A frame the server will not answer is urgent; a race continuation is not.
-            priority = 1 if phase is FramePhase.OFFLOADED else 0
-            async with self._slot(fid, priority) as queued:
-                if self.tracker.is_answered(fid):
-                    return
-                (out, ms), call = await loop.run_in_executor(
-                    self._executor, self._worker_call, self._run_range_timed, act, k, k + 1, plan
-                )
-            # The race's stages keep SF measured where the head is short or empty (split 0;
-            # docs/SCHEDULER.md, "what the predictions do not see").
-            now = _now()
-            self.profiler.observe_device(now, out.stop, ms, start=k)
-            if queued and self._measure_busy:
-                self.profiler.observe_call(
-                    now, head=False, call_ms=call, stages_ms=ms, stages=out.stop, start=k
-                )
-            if out.answer is not None:
-                self._local(fid, out.answer)
-                return
-            act = out.activation
-            k += 1
-        raise RuntimeError(f"frame {fid}: no exit answered after the last stage")
-
-    # -- answers ---------------------------------------------------------------------
-
-    def _local(self, fid: int, exit_answer: Any) -> None:
-        now = _now()
-        top = exit_answer.topk(self.config.top_k)
-        answer, cancel = self.tracker.local_answer(
-            fid, now, exit_answer.exit, tuple(c for c, _ in top), tuple(p for _, p in top)
-        )
-        if answer is not None:
-            # The whole answer came from the device: latency less the scaled stage times is
-            # the per-input overhead the predictions add (docs/SCHEDULER.md).
-            # Waits for a compute slot are queueing behind other frames, which the
-            # predictions exclude (a paced input does not wait): they are left out.
-            waited = self._slot_wait_s.get(fid, 0.0)
-            with contextlib.suppress(ValueError):
-                self.profiler.observe_answer(
-                    now, answer.exit_index, max(0.0, answer.latency_s - waited) * 1e3
-                )
-            self._publish(answer, now)
-        # The answer is out before the CANCEL is written: a failing write can only lose the
-        # CANCEL (the server then answers a request nobody awaits), never the answer.
-        if cancel is not None and self._link is not None:
-            # Its _Sent record stays: a RESULT that crossed the CANCEL still measures the link.
-            with self.link_work():
-                self._link.send(Cancel(cancel))
-
-    def _implausible(self, result: Result) -> str | None:
-        """What makes this RESULT impossible for the model served, or None: such an answer
-        is refused like an ERROR for its request, and the frame finishes locally."""
-        exits = self.model.exit_stages
-        if not 0 <= result.exit_index < len(exits):
-            return f"exit {result.exit_index}, but the model has exits 0..{len(exits) - 1}"
-        sent = self._sent.get(result.request_id)
-        if sent is not None and exits[result.exit_index] < sent.split:
-            return f"exit {result.exit_index}, which lies before the split {sent.split}"
-        n = self.model.num_classes
-        if any(not 0 <= c < n for c in result.classes):
-            return f"classes {list(result.classes)}, but the model has classes 0..{n - 1}"
-        return None
-
-    def _on_result(self, result: Result, now: float) -> None:
-        problem = self._implausible(result)
-        if problem is not None:
-            self._sent.pop(result.request_id, None)
-            log.warning("server answered request %d with %s", result.request_id, problem)
-            self._wake(self.tracker.abandon(result.request_id))
-            return
-        sent = self._sent.pop(result.request_id, None)
-        if sent is not None:
-            elapsed = now - sent.sent_at
-            response_bytes = 64 + 16 * len(result.classes)
-            with contextlib.suppress(ValueError):
-                self.profiler.observe_result(
-                    now,
-                    sent.split,
-                    result.exit_index,
-                    compute_ms=result.compute_ms,
-                    elapsed_s=elapsed,
-                    request_bytes=sent.nbytes,
-                    response_bytes=response_bytes,
-                )
-            # Both figures are kept so a run can compare them (the summary prints both).
-            est = self.profiler.snapshot(now)
-            if self.profiler.latency.samples:  # L is still the prior before the first PONG
-                self._server_ms_inferred.append(
-                    ServerTimeEstimator.infer_compute_ms(
-                        elapsed,
-                        sent.nbytes,
-                        response_bytes,
-                        self.profiler.propagation_s(),
-                        max(est.bandwidth_bps, 1.0),
-                    )
-                )
-            if result.compute_ms is not None:
-                self._server_ms_reported.append(result.compute_ms)
-            # Upload time from the answer time (spinn.runtime.uplink), less the time the
-            # server held the request: all of it (held_ms), else its compute alone (a server
-            # that does not send held_ms: its queue wait is then unknown). Without either
-            # the server time hides in it: PING probes only.
-            held_ms = result.compute_ms if result.held_ms is None else result.held_ms
-            self._time_upload(
-                sent,
-                now,
-                None if held_ms is None else held_ms / 1e3,
-                queue_known=result.held_ms is not None,
-            )
-        answer = self.tracker.server_result(
-            result.request_id, now, result.exit_index, result.classes, result.probs
-        )
-        if answer is not None:
-            self._publish(answer, now)
-            ev = self._changed.get(answer.frame_id)
-            if ev is not None:
-                ev.set()
-
-    def _time_upload(
-        self,
-        sent: _Sent,
-        now: float,
-        server_s: float | None,
-        *,
-        queue_known: bool = True,
-        bound: bool = False,
-    ) -> None:
-        if not self.profiler.latency.samples:
-            return  # L is still the prior: nothing to subtract yet
-        # L is the propagation RTT: queueing in front of the uplink is upload time.
-        sample = self._upload_timer.answered(
-            sent_at=sent.sent_at,
-            now=now,
-            nbytes=sent.nbytes,
-            server_s=server_s,
-            latency_s=self.profiler.propagation_s(),
-            queue_known=queue_known,
-            bound=bound,
-        )
-        if sample is not None:
-            uploads = self._upload_timer.sample_uploads
-            self.profiler.observe_upload(now, sample[0], sample[1], uploads)
-
-    def _on_request_error(self, error: Error) -> None:
-        assert error.request_id is not None
-        sent = self._sent.pop(error.request_id, None)
-        if sent is not None:
-            # A refusal (BUSY, a bad tensor or split) is answered on arrival: it clocks the
-            # uplink like a RESULT. A cancelled or expired request is answered when the
-            # CANCEL reaches it or a worker picks it up: a bound (spinn.runtime.uplink).
-            if error.code in _ANSWERED_ON_ARRIVAL:
-                self._time_upload(sent, _now(), 0.0)
-            elif error.code is ErrorCode.CANCELLED:
-                self._time_upload(sent, _now(), 0.0, bound=True)
-        fid = self.tracker.abandon(error.request_id)
-        if error.code in (ErrorCode.CANCELLED, ErrorCode.BUSY):
-            # Expected under load and after CANCEL; the frame finishes locally.
-            log.debug("request %d: %s: %s", error.request_id, error.code.name, error.message)
-        else:
-            log.warning("server refused request %d: %s", error.request_id, error.message)
-        self._wake(fid)
-
-    def _wake(self, frame_id: int | None) -> None:
-        """Wake the frame waiting on its request, if it still waits: it finishes locally."""
-        ev = None if frame_id is None else self._changed.get(frame_id)
-        if ev is not None:
-            ev.set()
-
-    def _on_link_lost(self) -> None:
-        self._sent.clear()
-        self._upload_timer.reset()
-        for fid in self.tracker.server_lost():
-            ev = self._changed.get(fid)
-            if ev is not None:
-                ev.set()
-
-    def _wake_all(self) -> None:
-        for ev in self._changed.values():
-            ev.set()
-        self._stop.set()
-
-    def _publish(self, answer: Answer, now: float) -> None:
-        frame = self._labels.get(answer.frame_id)
-        label = frame.label if frame is not None else None
-        self.stats.record(answer, now, label)
-        self.stats.cancels = self.tracker.cancels
-        record: dict[str, Any] = {
-            "frame": answer.frame_id,
-            "class": answer.classes[0],
-            "confidence": round(answer.probs[0], 6),
-            "exit": answer.exit_index,
-            "where": answer.where.value,
-            "latency_ms": round(answer.latency_s * 1e3, 3),
-            "bytes_sent": answer.bytes_sent,
-            "split": answer.split,
-            "thr_conf": answer.thr_conf,
-        }
-        names = self.meta.class_names
-        if names and 0 <= answer.classes[0] < len(names):
-            record["class_name"] = names[answer.classes[0]]
-        if label is not None:
-            record["label"] = label
-        if frame is not None and frame.origin:
-            record["origin"] = frame.origin
-        self._write(record)
 
     def _write(self, record: dict[str, Any]) -> None:
         """Emit one answer record. A sink that fails (stdout piped into a program that
@@ -1738,29 +1223,19 @@ class SpinnDevice:
 
     # -- timers ---------------------------------------------------------------------
 
-    async def _deadline_loop(self) -> None:
+    async def _timer_loop(self) -> None:
+        """Calls the core's ``timer`` when it is due (deadlines, PINGs, probe trains)."""
         while True:
-            nxt = self.tracker.next_deadline()
-            self._deadline_wake.clear()
-            timeout = None if nxt is None else max(0.0, nxt - _now())
+            at = self.core.next_timer(_now())
+            self._timer_wake.clear()
+            timeout = None if at is None else max(0.0, at - _now())
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._deadline_wake.wait(), timeout)
+                await asyncio.wait_for(self._timer_wake.wait(), timeout)
             try:
-                self._expire_requests()
+                self.act(self.core.timer(_now(), self._queued_bytes()))
             except Exception:
                 # One failure must not end deadline fallbacks for the rest of the run.
-                log.exception("deadline check failed")
-
-    def _expire_requests(self) -> None:
-        for exp in self.tracker.expire(_now()):
-            log.info("request %d missed its deadline: finishing locally", exp.request_id)
-            # Wake the frame before the (guarded) CANCEL write, so it finishes locally even
-            # if the write fails.
-            ev = self._changed.get(exp.frame_id)
-            if ev is not None:
-                ev.set()
-            if self._link is not None:
-                self._link.send(Cancel(exp.request_id))
+                log.exception("timer failed")
 
     async def _status_loop(self, status: Status) -> None:
         while True:
@@ -1768,18 +1243,7 @@ class SpinnDevice:
             self._show_status(status)
 
     def _show_status(self, status: Status) -> None:
-        now = _now()
-        est = self.profiler.snapshot(now)
-        status(
-            self.stats.status_line(
-                now,
-                split=self._decision.split,
-                thr_conf=self._decision.thr_conf,
-                bandwidth_bps=est.bandwidth_bps,
-                latency_s=est.latency_s,
-                server_up=None if self._link is None else self._link.up,
-            )
-        )
+        status(self.core.status_line(_now(), None if self._link is None else self._link.up))
 
 
 def _describe(exc: BaseException, timeout_s: float | None = None) -> str:
@@ -1804,10 +1268,6 @@ def _log_frame_task_failure(task: asyncio.Task[None]) -> None:
     # _process answers every failure with an error record; anything reaching here is a bug.
     if not task.cancelled() and task.exception() is not None:
         log.error("frame task failed", exc_info=task.exception())
-
-
-def _mean(values: list[float]) -> float | None:
-    return round(sum(values) / len(values), 4) if values else None
 
 
 def _stderr_status() -> Status:

@@ -57,7 +57,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SERVER_BUDGET_SHARE",
+    "FATAL_CODES",
     "Action",
+    "ArmTimer",
     "CancelCompute",
     "CloseLink",
     "ComputeCall",
@@ -269,6 +271,11 @@ class Fatal:
 
 
 @dataclass(frozen=True, slots=True)
+class ArmTimer:
+    """The next timer may be earlier than the one armed: ask ``next_timer`` again."""
+
+
+@dataclass(frozen=True, slots=True)
 class Reconnect:
     """Connect to ``DeviceCore.server_address`` after ``delay_s`` seconds."""
 
@@ -287,6 +294,7 @@ Action = (
     | Log
     | CloseLink
     | Fatal
+    | ArmTimer
     | Reconnect
 )
 
@@ -413,6 +421,8 @@ class DeviceCore:
         self._hints_given: set[str] = set()
         self._same_failures: tuple[str, int] = ("", 0)
         self._actions: list[Action] = []
+        self._rearm = False
+        """Something moved the next timer earlier (``ArmTimer``)."""
 
     # -- frames -------------------------------------------------------------------------
 
@@ -547,6 +557,7 @@ class DeviceCore:
         else:
             self.tracker.offloaded(frame_id, request_id, sent_at, deadline, nbytes)
             self._sent[request_id] = _Sent(frame_id, frame.plan.split, nbytes, sent_at)
+            self._rearm = True  # a new deadline
         # One upload: its packing plus the link work since the previous upload is the
         # device's busy time per upload (docs/SCHEDULER.md, "device busy time").
         with contextlib.suppress(ValueError):
@@ -927,6 +938,7 @@ class DeviceCore:
             padding = min(padding, max_frame_bytes - _PING_ENVELOPE)
         self._trains.max_frame_padding = max(1, padding)
         self._ping = _Pinger(next_bare=now, heard_at=now, active=True)
+        self._rearm = True
         self._trains.reset(now)
         self._ping_step(now, 0)
         return self._drain()
@@ -1155,6 +1167,7 @@ class DeviceCore:
             )
         p.train.clear()
         p.train_arrivals.clear()
+        self._rearm = True  # the next train is planned from this one
         profiler = self.profiler
         try:
             rate, timed = self._trains.train_answered(
@@ -1228,6 +1241,9 @@ class DeviceCore:
         self._actions.append(Log(level, msg, args))
 
     def _drain(self) -> list[Action]:
+        if self._rearm:
+            self._rearm = False
+            self._actions.append(ArmTimer())
         out, self._actions = self._actions, []
         return out
 
