@@ -717,7 +717,7 @@ class SpinnServer:
                 if first and data.startswith(_TLS_RECORD):
                     # The length prefix of these bytes would read as a frame of ~370 MB;
                     # say what they are instead (PROTOCOL.md §2).
-                    reason = self._tls_on_plain_port(peer)
+                    reason = self._wrong_port(peer, tls_device=True)
                     fatal_error = True
                     break
                 if first:
@@ -838,7 +838,7 @@ class SpinnServer:
             plain_protocol = raw.get_protocol()
             raw.pause_reading()
             if not first.startswith(_TLS_RECORD) or len(first) >= _READ_CHUNK:
-                return self._plain_on_tls_port(peer)
+                return self._wrong_port(peer, tls_device=False)
             left_s = deadline - time.monotonic()
             upgrade = asyncio.ensure_future(
                 writer.start_tls(self._ssl, ssl_handshake_timeout=max(left_s, 0.0) + 1.0)
@@ -855,33 +855,27 @@ class SpinnServer:
             return peer.closed_by_server or f"TLS handshake failed: {exc}"
         return None
 
-    def _plain_on_tls_port(self, peer: _Peer) -> str:
-        """Plain bytes reached this TLS port: log it once per address and minute and close,
-        with nothing sent (a plain device reads the close as a TLS server's, and says so)."""
+    def _wrong_port(self, peer: _Peer, tls_device: bool) -> str:
+        """TLS on one end only (PROTOCOL.md §8.1, ``tls-on-plain-port`` and
+        ``plain-on-tls-port``): logged once per address and minute, then closed. A TLS
+        client on a plain port gets a fatal ERROR first, which it reads as no TLS record at
+        all; on a TLS port nothing is sent (nothing can be read there before TLS), and a
+        plain device reads the close as a TLS server's. Either device names the cause."""
         self.stats.connections_refused += 1
-        message = (
-            "the device does not use TLS (--tls/--tls-ca) and this server does "
-            "(--tls-cert/--tls-key)"
+        if tls_device:
+            what, uses, does = "TLS handshake on a plain port", "uses", "does not"
+        else:
+            what, uses, does = "plain (non-TLS) bytes on a TLS port", "does not use", "does"
+        why = (
+            f"the device {uses} TLS (--tls/--tls-ca) and this server {does} (--tls-cert/--tls-key)"
         )
-        if self._misconfig_log.allow((peer.address, "plain-on-tls"), time.monotonic()):
-            log.warning("plain (non-TLS) bytes on a TLS port from %s: %s", peer.address, message)
-        return f"closed by the server: plain (non-TLS) bytes on a TLS port: {message}"
-
-    def _tls_on_plain_port(self, peer: _Peer) -> str:
-        """A TLS ClientHello reached this plain port: log it once per address and minute,
-        answer a fatal ERROR and close. The TLS client reads the ERROR's bytes as no TLS
-        record at all, which it reports as such (the device names the likely cause)."""
-        self.stats.connections_refused += 1
-        message = (
-            "TLS handshake on a plain port: the device uses TLS (--tls/--tls-ca) and this "
-            "server does not (--tls-cert/--tls-key)"
-        )
-        if self._misconfig_log.allow((peer.address, "tls-on-plain"), time.monotonic()):
-            log.warning("device %s: %s", peer.name, message)
-        with contextlib.suppress(ProtocolError, ConnectionError, OSError):
-            peer.send(_error(ErrorCode.PROTOCOL, message))
+        if self._misconfig_log.allow((peer.address, what), time.monotonic()):
+            log.warning("%s from %s: %s", what, peer.address, why)
+        if tls_device:
+            with contextlib.suppress(ProtocolError, ConnectionError, OSError):
+                peer.send(_error(ErrorCode.PROTOCOL, f"{what}: {why}"))
         peer.closing = True
-        return f"closed by the server: {message}"
+        return f"closed by the server: {what}: {why}"
 
     async def _answer_then_bye(self, peer: _Peer, reader: asyncio.StreamReader) -> str:
         """After the device's BYE: answer its outstanding INFERs, then send BYE (§7.3).
