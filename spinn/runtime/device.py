@@ -992,13 +992,17 @@ class SpinnDevice:
         self._queues[fid] = queue
         try:
             try:
+                now = _now()
+                # The link is looked at once the decision is taken (the policy saw it).
+                decision = None if frame.error else self.core.decide(now)
                 self.act(
                     self.core.frame_arrived(
-                        _now(),
+                        now,
                         fid,
                         label=frame.label,
                         origin=frame.origin,
                         error=frame.error or None,
+                        decision=decision,
                         link_up=self._link_up(),
                     )
                 )

@@ -450,26 +450,9 @@ class DeviceCore:
                 wire_thr, wire_early_exits = ExitRule(0.0).to_wire()
         return Plan(split, last, rule, wire_thr, forced, wire_early_exits)
 
-    def frame_arrived(
-        self,
-        now: float,
-        frame_id: int,
-        *,
-        label: int | None = None,
-        origin: str | None = None,
-        error: str | None = None,
-        link_up: bool = False,
-    ) -> list[Action]:
-        """A frame enters (``error``: the source could not read it; ``link_up``: the server
-        is connected and writable now). Raises DeviceError where the policy's decision
-        cannot run (``plan``): report that frame with ``frame_failed``."""
-        self.frames_read += 1
-        if error is not None:
-            # The source could not read it: its answer is this error record.
-            self._log(logging.WARNING, "frame %d: %s", frame_id, error)
-            self._fail(frame_id, f"SourceError: {error}", label, origin)
-            self._actions.append(FrameDone(frame_id))
-            return self._drain()
+    def decide(self, now: float) -> Decision:
+        """The policy's ⟨split, thr_conf⟩ for the next frame, from the live estimates; a
+        change of split or reason is logged (with the next actions)."""
         decision = self.policy.decide(now, self.profiler.snapshot(now))
         if decision.reason != self.decision.reason or decision.split != self.decision.split:
             self._log(
@@ -480,6 +463,32 @@ class DeviceCore:
                 decision.reason,
             )
         self.decision = decision
+        return decision
+
+    def frame_arrived(
+        self,
+        now: float,
+        frame_id: int,
+        *,
+        label: int | None = None,
+        origin: str | None = None,
+        error: str | None = None,
+        decision: Decision | None = None,
+        link_up: bool = False,
+    ) -> list[Action]:
+        """A frame enters (``error``: the source could not read it). ``decision``: what
+        ``decide`` gave for it (None: decided here); ``link_up``: whether the server was
+        connected and writable once it was decided. Raises DeviceError where the decision
+        cannot run (``plan``): report that frame with ``frame_failed``."""
+        self.frames_read += 1
+        if error is not None:
+            # The source could not read it: its answer is this error record.
+            self._log(logging.WARNING, "frame %d: %s", frame_id, error)
+            self._fail(frame_id, f"SourceError: {error}", label, origin)
+            self._actions.append(FrameDone(frame_id))
+            return self._drain()
+        if decision is None:
+            decision = self.decide(now)
         plan = self.plan(decision)
         self.tracker.begin(frame_id, now, plan.split, decision.thr_conf)
         self._frames[frame_id] = _Frame(frame_id, now, plan, label, origin)
