@@ -161,6 +161,9 @@ _TRAIN_DROP_RATIO = 8.0
 # "Bandwidth from probe trains"). Counted per upload: a sample of eight small uploads held
 # eight answers' delays, and 20 ms in all read 24 Mbit/s as 0.4.
 _UPLOAD_COLLAPSE_S = 0.05
+# Uploads this many times faster than B, three in a row, raise it to the slowest of them:
+# an upload errs slow (its time holds a per-request cost), so they say the link rose.
+_UPLOAD_RISE_RATIO = 4.0
 TRAIN_CONFIRM_REL = 0.3
 """A train sample further than this (relative) from the estimate asks for a confirming
 train soon; two that agree within it, on the same side of all older ones, are a step."""
@@ -254,6 +257,8 @@ class BandwidthEstimator:
         self._trains: deque[float] = deque(maxlen=train_window)
         self._long_uploads: deque[float] = deque(maxlen=3)
         """Uploads that took ``_UPLOAD_COLLAPSE_S`` or more: they can tell a collapse."""
+        self._fast_uploads: deque[float] = deque(maxlen=3)
+        """Upload samples in a row that read ``_UPLOAD_RISE_RATIO`` × B or more."""
         self.train_samples = 0
         """Probe trains observed (``observe_train``), bounds included."""
         self._bounds: deque[bool] = deque(maxlen=train_window)
@@ -290,6 +295,8 @@ class BandwidthEstimator:
             return None
         sample = 8.0 * n / t
         self._update(now, sample)
+        if self._train_estimate is not None:
+            self._rise(sample)
         if self._train_estimate is not None and t >= _UPLOAD_COLLAPSE_S * max(uploads, 1):
             # Trains make B; but uploads that took long and read an eighth of it or less
             # (the last three such) are a collapse the trains cannot see in time: their
@@ -307,6 +314,30 @@ class BandwidthEstimator:
                 self._train_estimate = slow
                 self.needs_confirmation = True
         return sample
+
+    def _rise(self, sample: float) -> None:
+        """Uploads that read far above the trains' B, three in a row, raise B to the slowest
+        of them and ask the trains to confirm. After a drop to a low rate the trains are
+        small and rare (their budget is a share of the link at B: at 0.2 Mbit/s one 6 KiB
+        train every 8 s, more after the confirmations' debt), and the step trace's rise
+        from 0.2 to 50 Mbit/s went unseen for the 12 s the run had left; the uploads that
+        keep going out show it within a second. An upload errs slow (a per-request cost,
+        an answer read late), so B stays at or below the link."""
+        assert self._train_estimate is not None
+        if sample < _UPLOAD_RISE_RATIO * self._train_estimate:
+            self._fast_uploads.clear()
+            return
+        self._fast_uploads.append(sample)
+        if len(self._fast_uploads) < (self._fast_uploads.maxlen or 0):
+            return
+        rose = min(self._fast_uploads)
+        self._fast_uploads.clear()
+        self._trains.clear()
+        self._bounds.clear()
+        self._trains.append(rose)
+        self._bounds.append(False)
+        self._train_estimate = rose
+        self.needs_confirmation = True
 
     def observe_probe(
         self, now: float, probe_bytes: int, rtt_s: float, base_rtt_s: float

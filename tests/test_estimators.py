@@ -502,3 +502,28 @@ def test_long_slow_uploads_tell_a_collapse_the_trains_cannot_see() -> None:
     est.observe_transfer(20.2, 4_200, 0.168)  # three: the fastest of them stands for B
     assert est.bandwidth_bps == pytest.approx(8 * 4_200 / 0.168)
     assert est.needs_confirmation
+
+
+def test_fast_uploads_tell_a_rise_the_rare_trains_would_see_late() -> None:
+    """After a drop to 0.2 Mbit/s the trains are small and rare (a share of the link at
+    B); when the link rises to 50 Mbit/s, the uploads that keep going out read far above
+    B: three in a row raise it to the slowest of them (an upload errs slow) and ask the
+    trains to confirm. Fewer, or a streak broken by a slow one, leave B alone."""
+    est = BandwidthEstimator()
+    est.observe_train(0.0, [(0, 0.0), (2_000, 0.05), (4_000, 0.1), (6_000, 0.15)], 6_000)
+    low = est.bandwidth_bps
+    assert low == pytest.approx(8 * 4_000 / 0.1)  # 0.32 Mbit/s, timed
+    est.needs_confirmation = False
+    est.observe_transfer(1.0, 4_200, 8 * 4_200 / 3e6)  # 3 Mbit/s: ×9
+    est.observe_transfer(1.1, 4_200, 8 * 4_200 / 4e6)
+    est.observe_transfer(1.2, 4_200, 8 * 4_200 / 0.5e6)  # the streak is broken
+    est.observe_transfer(1.3, 4_200, 8 * 4_200 / 5e6)
+    est.observe_transfer(1.4, 4_200, 8 * 4_200 / 6e6)
+    assert est.bandwidth_bps == low and not est.needs_confirmation
+    est.observe_transfer(1.5, 4_200, 8 * 4_200 / 2e6)  # three in a row: the slowest, 2
+    assert est.bandwidth_bps == pytest.approx(2e6)
+    assert est.needs_confirmation
+    # Uploads near B (their per-request cost reads a little slow) never raise it.
+    for i in range(10):
+        est.observe_transfer(2.0 + i, 4_200, 8 * 4_200 / 1.8e6)
+    assert est.bandwidth_bps == pytest.approx(2e6)

@@ -292,3 +292,31 @@ def test_samples_say_how_many_uploads_they_hold() -> None:
         answer = sent + 1500 / RATE + L + HELD
         timer.answered(sent_at=sent, now=answer, nbytes=1500, server_s=HELD, latency_s=L)
     assert timer.sample_uploads == 3  # 4500 B: three uploads of 1500
+
+
+def test_a_rise_the_uploads_showed_is_confirmed_at_once() -> None:
+    # After a drop to 0.2 Mbit/s and its confirmations, the budget is in debt for many
+    # seconds at the low rate. The uploads then show the link rose (BandwidthEstimator
+    # raises B to 2 Mbit/s): the trains confirm it at once, and the debt, bytes counted
+    # in link time at B, shrinks ten times.
+    trains, est = ProbeTrains(), BandwidthEstimator()
+    trace, _ = _simulate(trains, est, lambda t: 0.2e6, 6.0)
+    assert est.bandwidth_bps == pytest.approx(0.2e6, rel=0.05)
+    t = trace[-1][0]
+    trains.credit_s = -0.5  # the confirmations' debt: 16 s of budget at 3%
+    assert trains.due_at(t, 0.2e6) > t + 10.0
+    for i in range(3):
+        est.observe_transfer(t, 4_200, 8 * 4_200 / (2e6 + i * 1e5))
+    assert est.bandwidth_bps == pytest.approx(2e6)
+    assert trains.due(t + 0.01, est.bandwidth_bps)
+    assert trains.credit_s == pytest.approx(-0.05)
+    # The confirming train, sized for the new B, finds the real rate (50 Mbit/s).
+    trace, _ = _simulate(trains, est, lambda t: 50e6, t + 3.0, t + 0.01)
+    assert est.bandwidth_bps == pytest.approx(50e6, rel=0.3)
+    assert trace[0][0] < t + 0.2
+    # A B that did not rise leaves the plan as it was.
+    quiet = ProbeTrains()
+    quiet.due_at(0.0, 1e6)
+    quiet.next_at, quiet.credit_s = 5.0, -0.1
+    assert quiet.due_at(0.1, 1.2e6) >= 5.0 and quiet.confirming == 0
+    assert quiet.credit_s == pytest.approx(-0.1 + quiet.share * 0.1)  # repaid, not forgiven
