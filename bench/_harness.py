@@ -454,10 +454,11 @@ def measure(
     ``duration_s`` of frames; ``port`` None runs device-only without a server."""
     import uvloop
 
-    from spinn.runtime.device import DeviceConfig, run_device
+    from spinn.runtime.config import DeviceConfig
+    from spinn.runtime.device import run_device
 
     recording = _Recording(policy)
-    cfg = DeviceConfig(
+    cfg = DeviceConfig.from_fields(
         checkpoint=testbed.checkpoint,
         profile=testbed.profile_path,
         server=None if port is None else ("127.0.0.1", port),

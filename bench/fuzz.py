@@ -577,14 +577,15 @@ async def _socket_fuzz(
     import io
 
     from bench._common import ensure_profile
-    from spinn.runtime.device import DeviceConfig, run_device
+    from spinn.runtime.config import DeviceConfig
+    from spinn.runtime.device import run_device
     from spinn.sources import dataset_source
 
     corpus = _corpus(checkpoint)
     rng = random.Random(seed)
     frames = max(30, int(seconds * 20))
     workdir = Path(tempfile.mkdtemp(prefix="spinn-fuzz-"))
-    config = DeviceConfig(
+    config = DeviceConfig.from_fields(
         checkpoint=checkpoint,
         profile=ensure_profile(checkpoint, checkpoint.with_name("profile.json"), workdir),
         server=("127.0.0.1", port),

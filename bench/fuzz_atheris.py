@@ -316,11 +316,12 @@ def seeds(target: str) -> list[bytes]:
 
 
 async def _record(frames: int) -> tuple[bytes, bytes]:
-    from spinn.runtime.device import DeviceConfig, SpinnDevice
-    from spinn.runtime.server import ServerConfig, SpinnServer
+    from spinn.runtime.config import DeviceConfig, ServerConfig
+    from spinn.runtime.device import SpinnDevice
+    from spinn.runtime.server import SpinnServer
     from spinn.sources import dataset_source
 
-    server = SpinnServer(ServerConfig(port=0, stats_interval_s=0, workers=1))
+    server = SpinnServer(ServerConfig.from_fields(port=0, stats_interval_s=0, workers=1))
     await server.start()
     up, down = bytearray(), bytearray()
 
@@ -342,7 +343,7 @@ async def _record(frames: int) -> tuple[bytes, bytes]:
     # Every frame offloaded at a few splits, continued locally (so some are cancelled),
     # with PINGs and bandwidth probes: the kinds of frame a real session carries.
     device = SpinnDevice(
-        DeviceConfig(
+        DeviceConfig.from_fields(
             server=("127.0.0.1", port),
             thr_conf=1.0,
             split=2,

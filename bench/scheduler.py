@@ -130,11 +130,12 @@ def _run_device(
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[Estimates]]:
     import uvloop
 
-    from spinn.runtime.device import DeviceConfig, run_device
+    from spinn.runtime.config import DeviceConfig
+    from spinn.runtime.device import run_device
     from spinn.sources import dataset_source
 
     policy = RecordingPolicy(split, thr)
-    cfg = DeviceConfig(
+    cfg = DeviceConfig.from_fields(
         checkpoint=checkpoint,
         profile=profile,
         server=("127.0.0.1", port),
@@ -161,18 +162,19 @@ def end_to_end(
     """Predicted vs measured latency and throughput per (network, split, thr_conf)."""
     profile_file = ensure_profile(checkpoint, profile_path, workdir)
     profile = Profile.load(profile_file)
-    # Upload sizes of the codec the device packs with (DeviceConfig.codec) and its in-flight
+    # Upload sizes of the codec the device packs with (LinkConfig.codec) and its in-flight
     # window, as the device's own scheduler predicts them (spinn.runtime.device).
-    from spinn.runtime.device import DeviceConfig, profiled_codec, profiled_input_codec
+    from spinn.runtime.config import DeviceConfig
+    from spinn.runtime.device import profiled_codec, profiled_input_codec
 
-    device_defaults = DeviceConfig(checkpoint=checkpoint)
-    codec = profiled_codec(device_defaults.codec, device_defaults.zstd, profile.codecs)
+    device_defaults = DeviceConfig.from_fields(checkpoint=checkpoint)
+    codec = profiled_codec(device_defaults.link.codec, device_defaults.link.zstd, profile.codecs)
     sched = Scheduler(
         profile,
         config=SchedulerConfig(
             codec=codec,
             input_codec=profiled_input_codec(device_defaults, profile),
-            max_in_flight=device_defaults.max_in_flight,
+            max_in_flight=device_defaults.source.max_in_flight,
         ),
     )
     pred_of = sched.predictor

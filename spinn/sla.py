@@ -11,12 +11,11 @@ comes from command-line flags or from a TOML or JSON file (docs/SCHEDULER.md, "S
     rank = ["accuracy", "server_cost"]
 
 Metrics not named in ``rank`` follow it in the default order, so every decision is
-fully determined.
+fully determined. The command-line flags of an SLA are in ``spinn.runtime.flags``.
 """
 
 from __future__ import annotations
 
-import argparse
 import enum
 import json
 import math
@@ -31,9 +30,6 @@ __all__ = [
     "SLA",
     "Metric",
     "SLAError",
-    "add_sla_arguments",
-    "sla_flags_given",
-    "sla_from_args",
 ]
 
 
@@ -201,74 +197,3 @@ class SLA:
         fields: dict[str, Any] = {k: getattr(self, k) for k in (*_LIMIT_KEYS, "rank")}
         fields.update(changes)
         return SLA(**fields)
-
-
-def add_sla_arguments(parser: argparse.ArgumentParser) -> None:
-    """The SLA flags shared by the CLIs; flags override the values of ``--sla FILE``."""
-    g = parser.add_argument_group(
-        "service-level agreement (docs/SCHEDULER.md)",
-        "Hard limits drop the split and threshold choices predicted to break them; the "
-        "ranking picks among the rest. No limit is set unless given.",
-    )
-    g.add_argument(
-        "--sla", metavar="FILE", help="SLA file (.toml or .json) of these keys; flags override it"
-    )
-    g.add_argument(
-        "--max-latency-ms",
-        type=float,
-        metavar="MS",
-        help="limit: expected end-to-end latency per input at most MS",
-    )
-    g.add_argument(
-        "--min-throughput",
-        type=float,
-        metavar="PER_S",
-        help="limit: sustained inferences per second at least PER_S",
-    )
-    g.add_argument(
-        "--max-server-cost-ms",
-        type=float,
-        metavar="MS",
-        help="limit: expected server compute per input at most MS",
-    )
-    g.add_argument(
-        "--max-device-cost-ms",
-        type=float,
-        metavar="MS",
-        help="limit: expected device compute per input at most MS",
-    )
-    g.add_argument(
-        "--min-accuracy",
-        type=float,
-        metavar="FRACTION",
-        help="limit: accuracy on the profile's calibration set at least FRACTION (0..1)",
-    )
-    g.add_argument(
-        "--rank",
-        metavar="M1,M2,...",
-        help="metrics in order of importance, the rest following in the default order ("
-        + ",".join(m.value for m in DEFAULT_RANK)
-        + ")",
-    )
-
-
-def sla_flags_given(ns: argparse.Namespace) -> tuple[str, ...]:
-    """The ``add_sla_arguments`` flags set in ``ns``, as typed (``--sla`` included)."""
-    names = ("sla", *_LIMIT_KEYS, "rank")
-    return tuple("--" + n.replace("_", "-") for n in names if getattr(ns, n, None) is not None)
-
-
-def sla_from_args(ns: argparse.Namespace) -> SLA:
-    """The SLA given by ``add_sla_arguments`` flags (file first, flags on top)."""
-    sla = SLA.load(ns.sla) if getattr(ns, "sla", None) else SLA()
-    changes: dict[str, Any] = {}
-    for key in _LIMIT_KEYS:
-        value = getattr(ns, key, None)
-        if value is not None:
-            changes[key] = value
-    if getattr(ns, "rank", None):
-        changes["rank"] = _parse_rank(ns.rank)
-    try:
-        return sla.replace(**changes)
-    except SLAError as exc:
-        raise SLAError(f"flag {exc}") from None

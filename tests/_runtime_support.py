@@ -38,8 +38,9 @@ from spinn.pretrained import DEFAULT_CHECKPOINT
 from spinn.procs import free_port, stop_process, wait_listening
 from spinn.profile import Profile
 from spinn.progressive import InputSpec
-from spinn.runtime.device import DeviceConfig, SpinnDevice
-from spinn.runtime.server import ServerConfig, SpinnServer
+from spinn.runtime.config import DeviceConfig, ServerConfig
+from spinn.runtime.device import SpinnDevice
+from spinn.runtime.server import SpinnServer
 from spinn.sources import ArraySource, FrameSource
 
 __all__ = [
@@ -173,7 +174,7 @@ def serve(
     checkpoint: Path, body: Callable[[SpinnServer, int], Awaitable[None]], **options: object
 ) -> SpinnServer:
     """Run ``body(server, port)`` against a server started in this process; the closed server."""
-    config = ServerConfig(checkpoint=checkpoint, port=0, stats_interval_s=0, **options)  # type: ignore[arg-type]
+    config = ServerConfig.from_fields(checkpoint=checkpoint, port=0, stats_interval_s=0, **options)  # type: ignore[arg-type]
 
     async def main() -> SpinnServer:
         server = SpinnServer(config)
@@ -369,7 +370,7 @@ def run_in_process(
 ) -> DeviceRun:
     """``source`` through a real device in this process, against a real server on loopback
     when ``serve`` (``connect=False``: no server configured at all, a device-only run).
-    ``custom_policy`` is a policy object used instead of the one ``DeviceConfig.policy``
+    ``custom_policy`` is a policy object used instead of the one ``PolicyConfig.policy``
     names; ``options`` go to ``DeviceConfig``, ``server_options`` to ``ServerConfig``."""
     records: list[dict[str, Any]] = []
 
@@ -379,9 +380,9 @@ def run_in_process(
         if serve:
             # server_options may name another checkpoint (a server with other files).
             fields = {"checkpoint": checkpoint, "port": port, "stats_interval_s": 0}
-            server = SpinnServer(ServerConfig(**{**fields, **(server_options or {})}))
+            server = SpinnServer(ServerConfig.from_fields(**{**fields, **(server_options or {})}))
             await server.start()
-        config = DeviceConfig(
+        config = DeviceConfig.from_fields(
             checkpoint=checkpoint,
             server=("127.0.0.1", port) if connect else None,
             status_interval_s=0,

@@ -30,7 +30,7 @@ def test_help_explains_policy_split_and_each_sla_flag(
     with pytest.raises(SystemExit):
         spinn_device.main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "(default: fixed)" in out and "act only with spinn" in out
+    assert "(default fixed)" in out and "act only with spinn" in out
     assert "S is the model's number of stages (default: S // 2)" in out
     for flag in ("--max-latency-ms MS", "--min-throughput PER_S", "--max-server-cost-ms MS",
                  "--max-device-cost-ms MS", "--min-accuracy FRACTION", "--rank M1,M2,..."):  # fmt: skip
@@ -109,6 +109,19 @@ def test_flags_the_rest_of_the_command_line_ignores_are_named(
         (
             ["--dataset", "fashion-mnist", "--status-interval", "-1"],
             "--status-interval must be >= 0, got -1",
+        ),
+        # Errors the configuration raises name fields; the command line names the flags.
+        (
+            ["--dataset", "fashion-mnist", "--probe-bytes", "-1"],
+            "--probe-bytes must be in [0, 1048576], got -1",
+        ),
+        (
+            ["--dataset", "fashion-mnist", "--misconfig-tries", "0"],
+            "--misconfig-tries must be >= 1, got 0",
+        ),
+        (
+            ["--dataset", "fashion-mnist", "--tls-cert", "c.pem", "--tls-key", "k.pem"],
+            "--tls-cert/--tls-key need --tls or --tls-ca",
         ),
     ],
 )
@@ -231,10 +244,10 @@ def test_video_source_stdout(
 def test_codec_and_zstd_flags_fill_the_config() -> None:
     parse = spinn_device.build_parser().parse_args
     default = spinn_device.config_from_args(parse(["--dataset", "fashion-mnist"]))
-    assert (default.codec, default.zstd) == ("sparse_int8_zdict", "auto")
+    assert (default.link.codec, default.link.zstd) == ("sparse_int8_zdict", "auto")
     argv = ["--dataset", "fashion-mnist", "--codec", "int8", "--zstd", "always"]
     config = spinn_device.config_from_args(parse(argv))
-    assert (config.codec, config.zstd) == ("int8", "always")
+    assert (config.link.codec, config.link.zstd) == ("int8", "always")
 
 
 @pytest.mark.parametrize("flags", [["--device-only"], ["--device-only", "--policy", "device-only"]])

@@ -31,11 +31,11 @@ def test_flags_fill_the_config(checkpoint: Path) -> None:
         ["--checkpoint", str(checkpoint), "--port", "0", "--no-report-compute", "--workers", "3"]
     )
     config = spinn_server.config_from_args(args)
-    assert config.report_compute is False and config.workers == 3 and config.port == 0
-    assert config.checkpoint == checkpoint
-    assert config.dictionaries is True
+    assert config.compute.report_compute is False and config.compute.workers == 3
+    assert config.operations.port == 0 and config.compute.checkpoint == checkpoint
+    assert config.compute.dictionaries is True
     no_dicts = spinn_server.build_parser().parse_args(["--no-dictionaries"])
-    assert spinn_server.config_from_args(no_dicts).dictionaries is False
+    assert spinn_server.config_from_args(no_dicts).compute.dictionaries is False
 
 
 def test_bad_values_are_named(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -64,6 +64,12 @@ def test_bad_values_are_named(capsys: pytest.CaptureFixture[str], tmp_path: Path
         (["--max-frame-bytes", "10"], "--max-frame-bytes must be in [1024"),
         (["--grace", "-1"], "--grace must be >= 0, got -1"),
         (["--stats-interval", "-1"], "--stats-interval must be >= 0, got -1"),
+        (["--port", "70000"], "--port must be in 0..65535, got 70000"),
+        (["--batch-max", "0"], "--batch-max must be in 1..1024, got 0"),
+        (["--device", "tpu"], "--device: unknown 'tpu'; choose one of auto, cpu, cuda or cuda:N"),
+        (["--max-ping-rate", "0"], "--max-ping-rate must be > 0, got 0.0"),
+        (["--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
+        (["--tls-client-ca", "ca.pem"], "--tls-client-ca needs --tls-cert and --tls-key"),
     ],
 )
 def test_bad_flags_are_named_before_the_model_loads(

@@ -441,7 +441,7 @@ async def _codec_not_agreed(server: SpinnServer, port: int) -> Seen:
 
 @scenario("tensor-elements")
 async def _tensor_elements(server: SpinnServer, port: int) -> Seen:
-    n = server.config.max_tensor_elements + 1
+    n = server.config.limits.max_tensor_elements + 1
     return await fatal_after(port, server, infer(1, tensor=tensor(shape=[1, n], payload=b"")))
 
 

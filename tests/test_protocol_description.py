@@ -40,12 +40,12 @@ def test_welcome_describes_the_model_and_the_limits(checkpoint: Path) -> None:
         assert d.split_shapes == tuple(model.split_shape(s) for s in range(model.num_stages))
         assert d.preprocess == PREPROCESS and (d.input_dtype, d.input_range) == ("uint8", (0, 255))
         assert d.max_frame_bytes == server.max_frame_bytes
-        assert d.max_tensor_elements == config.max_tensor_elements
-        assert d.max_in_flight == config.max_queue_per_connection
+        assert d.max_tensor_elements == config.limits.max_tensor_elements
+        assert d.max_in_flight == config.limits.max_queue_per_connection
         assert d.max_batch == 1 and d.ping_is_activity
         assert (d.handshake_timeout_s, d.idle_timeout_s) == (3.0, 7.0)
         # The control frames' token buckets (PROTOCOL.md §8.2), as the server enforces them.
-        assert (d.max_ping_rate, d.max_ping_burst) == (config.max_ping_rate, 2 * 4.0)
+        assert (d.max_ping_rate, d.max_ping_burst) == (config.limits.max_ping_rate, 2 * 4.0)
         assert (d.max_unknown_cancel_rate, d.max_unknown_cancel_burst) == (150.0, 300.0)
         # What it says is enough to be served: the formula applied to raw pixels, split 0.
         pixels = np.random.default_rng(0).integers(0, 256, (1, 28, 28), np.uint8)

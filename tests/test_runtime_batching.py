@@ -23,7 +23,8 @@ from spinn.inference import run_stages
 from spinn.progressive import ProgressiveModel
 from spinn.runtime.accel import resolve_device
 from spinn.runtime.batching import Batcher, run_batch, to_device
-from spinn.runtime.server import ServerConfig, SpinnServer
+from spinn.runtime.config import ConfigError, ServerComputeConfig
+from spinn.runtime.server import SpinnServer
 from tests._runtime_support import RawClient, hello, serve
 
 pytestmark = pytest.mark.timeout(60)
@@ -222,14 +223,14 @@ def test_server_batches_devices_equal_unbatched_and_honours_cancel(checkpoint: P
 
 
 def test_batching_and_device_flags_are_checked() -> None:
-    assert ServerConfig().batch_max == 1 and ServerConfig().device == "auto"
-    with pytest.raises(ValueError, match="--batch-max"):
-        ServerConfig(batch_max=0)
-    with pytest.raises(ValueError, match="--batch-wait-ms"):
-        ServerConfig(batch_wait_ms=-1)
+    assert ServerComputeConfig().batch_max == 1 and ServerComputeConfig().device == "auto"
+    with pytest.raises(ConfigError, match=r"^compute\.batch_max must be in 1\.\.1024, got 0"):
+        ServerComputeConfig(batch_max=0)
+    with pytest.raises(ConfigError, match=r"^compute\.batch_wait_ms must be in \[0, 1000\]"):
+        ServerComputeConfig(batch_wait_ms=-1)
     for bad in ("tpu", "cuda:abc", "cuda:", "cuda:-1"):
-        with pytest.raises(ValueError, match=f"unknown --device '{bad}'"):
-            ServerConfig(device=bad)
+        with pytest.raises(ConfigError, match=f"^compute.device: unknown '{bad}'"):
+            ServerComputeConfig(device=bad)
         with pytest.raises(ValueError, match="cuda:N"):
             resolve_device(bad)
     assert resolve_device("cpu").type == "cpu"
@@ -246,8 +247,12 @@ def test_server_cli_fills_batching_device_and_metrics_fields() -> None:
     args = parser.parse_args(["--batch-max", "16", "--batch-wait-ms", "0.5", "--device", "cpu",
                               "--metrics-port", "9100"])  # fmt: skip
     config = spinn_server.config_from_args(args)
-    assert (config.batch_max, config.batch_wait_ms, config.device) == (16, 0.5, "cpu")
-    assert (config.metrics_port, config.metrics_host) == (9100, "127.0.0.1")
+    assert (config.compute.batch_max, config.compute.batch_wait_ms, config.compute.device) == (
+        16,
+        0.5,
+        "cpu",
+    )
+    assert (config.operations.metrics_port, config.operations.metrics_host) == (9100, "127.0.0.1")
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit) as exc:
             spinn_server.main(["--device", "cuda"])

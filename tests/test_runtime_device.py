@@ -15,9 +15,10 @@ from spinn.checkpoint import load_checkpoint
 from spinn.estimators import Estimates
 from spinn.policy import Decision, FixedPolicy
 from spinn.procs import free_port
-from spinn.runtime.device import DeviceConfig, DeviceError, SpinnDevice
+from spinn.runtime.config import DeviceConfig, ServerConfig
+from spinn.runtime.device import DeviceError, SpinnDevice
 from spinn.runtime.device_core import ComputeCall
-from spinn.runtime.server import ServerConfig, SpinnServer
+from spinn.runtime.server import SpinnServer
 from tests._runtime_support import by_frame, make_small_checkpoint, noise_frames, run_in_process
 
 pytestmark = pytest.mark.timeout(90)
@@ -83,10 +84,14 @@ def test_model_mismatch_stops_the_device_with_a_clear_error(
 
     async def main() -> None:
         port = free_port()
-        server = SpinnServer(ServerConfig(checkpoint=checkpoint, port=port, stats_interval_s=0))
+        server = SpinnServer(
+            ServerConfig.from_fields(checkpoint=checkpoint, port=port, stats_interval_s=0)
+        )
         await server.start()
         try:
-            device = SpinnDevice(DeviceConfig(checkpoint=other, server=("127.0.0.1", port)))
+            device = SpinnDevice(
+                DeviceConfig.from_fields(checkpoint=other, server=("127.0.0.1", port))
+            )
             await device.run(noise_frames(5))
         finally:
             await server.close()
@@ -97,7 +102,7 @@ def test_model_mismatch_stops_the_device_with_a_clear_error(
 
 def test_bad_split_is_refused_at_construction(checkpoint: Path) -> None:
     with pytest.raises(DeviceError, match="--split must be in 0..11"):
-        SpinnDevice(DeviceConfig(checkpoint=checkpoint, split=12, server=None))
+        SpinnDevice(DeviceConfig.from_fields(checkpoint=checkpoint, split=12, server=None))
 
 
 def test_server_killed_mid_stream_falls_back_then_reconnects(checkpoint: Path) -> None:
@@ -106,11 +111,11 @@ def test_server_killed_mid_stream_falls_back_then_reconnects(checkpoint: Path) -
 
     async def main() -> dict[str, Any]:
         port = free_port()
-        cfg = ServerConfig(checkpoint=checkpoint, port=port, stats_interval_s=0)
+        cfg = ServerConfig.from_fields(checkpoint=checkpoint, port=port, stats_interval_s=0)
         server = SpinnServer(cfg)
         await server.start()
         device = SpinnDevice(
-            DeviceConfig(
+            DeviceConfig.from_fields(
                 checkpoint=checkpoint,
                 server=("127.0.0.1", port),
                 split=2,
@@ -209,7 +214,7 @@ def test_scheduler_baseline_policies_plug_in_by_name(checkpoint: Path) -> None:
     records, summary = run.records, run.summary
     assert {r["split"] for r in records} == {0} and summary["offloaded"] == 10
     with pytest.raises(DeviceError, match="edgent"):
-        SpinnDevice(DeviceConfig(checkpoint=checkpoint, server=None, policy="edgent"))
+        SpinnDevice(DeviceConfig.from_fields(checkpoint=checkpoint, server=None, policy="edgent"))
 
 
 def test_local_answers_feed_overhead_and_race_stages_feed_device_scale(checkpoint: Path) -> None:
@@ -218,7 +223,7 @@ def test_local_answers_feed_overhead_and_race_stages_feed_device_scale(checkpoin
     records: list[dict[str, Any]] = []
 
     async def main() -> SpinnDevice:
-        config = DeviceConfig(
+        config = DeviceConfig.from_fields(
             checkpoint=checkpoint, server=None, status_interval_s=0, split=0, thr_conf=0.5
         )
         device = SpinnDevice(config)
@@ -241,14 +246,16 @@ def test_scheduler_policy_predicts_with_the_device_codec(checkpoint: Path) -> No
     from spinn.scheduler import Scheduler
 
     device = SpinnDevice(
-        DeviceConfig(checkpoint=checkpoint, server=None, policy="spinn", codec="float32")
+        DeviceConfig.from_fields(
+            checkpoint=checkpoint, server=None, policy="spinn", codec="float32"
+        )
     )
     assert "float32" in device.profile.codecs
     assert isinstance(device.policy, Scheduler) and device.policy.config.codec == "float32"
     # A codec the profile did not measure falls back to the smallest profiled size.
     missing = next(c for c in CODECS if c not in device.profile.codecs)
     device = SpinnDevice(
-        DeviceConfig(checkpoint=checkpoint, server=None, policy="spinn", codec=missing)
+        DeviceConfig.from_fields(checkpoint=checkpoint, server=None, policy="spinn", codec=missing)
     )
     assert isinstance(device.policy, Scheduler) and device.policy.config.codec is None
 
@@ -333,11 +340,13 @@ def test_a_reset_link_finishes_the_frame_as_fallback_and_reconnects(checkpoint: 
 
     async def main() -> dict[str, Any]:
         port = free_port()
-        server = SpinnServer(ServerConfig(checkpoint=checkpoint, port=port, stats_interval_s=0))
+        server = SpinnServer(
+            ServerConfig.from_fields(checkpoint=checkpoint, port=port, stats_interval_s=0)
+        )
         await server.start()
         policy = _AbortLinkAt(6)
         device = SpinnDevice(
-            DeviceConfig(
+            DeviceConfig.from_fields(
                 checkpoint=checkpoint,
                 server=("127.0.0.1", port),
                 status_interval_s=0,
@@ -368,7 +377,7 @@ def test_offload_on_a_dead_link_hands_the_frame_to_the_device(checkpoint: Path) 
 
     async def main() -> FramePhase | None:
         # A server is configured but never connected: every write reports 0 bytes.
-        config = DeviceConfig(checkpoint=checkpoint, server=("127.0.0.1", free_port()))
+        config = DeviceConfig.from_fields(checkpoint=checkpoint, server=("127.0.0.1", free_port()))
         device = SpinnDevice(config, policy=FixedPolicy(2, None))
         core = device.core
         device.act(core.frame_arrived(0.0, 0, link_up=True))

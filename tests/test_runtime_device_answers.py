@@ -30,7 +30,8 @@ from protocol import (
 )
 from spinn.checkpoint import load_checkpoint
 from spinn.description import describe
-from spinn.runtime.device import DeviceConfig, DeviceError, SpinnDevice
+from spinn.runtime.config import DeviceConfig
+from spinn.runtime.device import DeviceError, SpinnDevice
 from spinn.sources import ArraySource, Frame, SourceError
 from tests._runtime_support import by_frame, noise_frames
 
@@ -52,7 +53,9 @@ class _Unplugged(ArraySource):
 
 def test_a_source_failing_mid_stream_still_answers_the_frames_read(checkpoint: Path) -> None:
     device = SpinnDevice(
-        DeviceConfig(checkpoint=checkpoint, server=None, max_in_flight=4, status_interval_s=0)
+        DeviceConfig.from_fields(
+            checkpoint=checkpoint, server=None, max_in_flight=4, status_interval_s=0
+        )
     )
     records: list[dict[str, Any]] = []
     with pytest.raises(SourceError, match="camera unplugged"):
@@ -62,7 +65,9 @@ def test_a_source_failing_mid_stream_still_answers_the_frames_read(checkpoint: P
 
 
 def test_status_interval_zero_prints_the_final_line_only(checkpoint: Path) -> None:
-    device = SpinnDevice(DeviceConfig(checkpoint=checkpoint, server=None, status_interval_s=0))
+    device = SpinnDevice(
+        DeviceConfig.from_fields(checkpoint=checkpoint, server=None, status_interval_s=0)
+    )
     lines: list[str] = []
     uvloop.run(device.run(noise_frames(30), lambda r: None, lines.append))
     assert len(lines) == 1
@@ -128,7 +133,7 @@ def _run_against(
     async def main() -> tuple[list[dict[str, Any]], dict[str, Any]]:
         server = await asyncio.start_server(handler, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        config = DeviceConfig(
+        config = DeviceConfig.from_fields(
             checkpoint=checkpoint, server=("127.0.0.1", port), status_interval_s=0, **options
         )
         device = SpinnDevice(config)

@@ -23,7 +23,7 @@ from spinn.estimators import Estimates
 from spinn.policy import Decision, FixedPolicy, Policy
 from spinn.pretrained import DEFAULT_CHECKPOINT
 from spinn.profile import Profile
-from spinn.runtime.device import DeviceConfig
+from spinn.runtime.config import DeviceConfig
 from spinn.runtime.device_core import (
     SERVER_BUDGET_SHARE,
     Action,
@@ -63,7 +63,7 @@ CORE_MODULES = ("device_core", "tracker", "uplink", "failover", "backoff", "stat
 def make_core(
     split: int = 2, thr: float | None = None, policy: Policy | None = None, **config: Any
 ) -> DeviceCore:
-    cfg = DeviceConfig(**{"status_interval_s": 0, **config})
+    cfg = DeviceConfig.from_fields(**{"status_interval_s": 0, **config})
     return DeviceCore(cfg, profile=PROFILE, policy=policy or FixedPolicy(split, thr), model=MODEL)
 
 
@@ -561,6 +561,6 @@ def test_status_and_summary_come_from_the_core() -> None:
 
 
 def test_config_is_only_read(tmp_path: Path) -> None:
-    cfg = DeviceConfig(server=None)
+    cfg = DeviceConfig.from_fields(server=None)
     core = DeviceCore(cfg, profile=PROFILE, policy=FixedPolicy(1, 0.5), model=MODEL)
     assert core.config is cfg and replace(cfg) == cfg

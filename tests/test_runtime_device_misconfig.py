@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import uvloop
 
-from spinn.runtime.device import DeviceConfig, DeviceError, SpinnDevice
-from spinn.runtime.server import ServerConfig, SpinnServer
+from spinn.runtime.config import DeviceConfig, ServerConfig
+from spinn.runtime.device import DeviceError, SpinnDevice
+from spinn.runtime.server import SpinnServer
 from tests._runtime_support import by_frame, needs_openssl, noise_frames, run_in_process
 
 pytestmark = pytest.mark.timeout(90)
@@ -92,7 +93,7 @@ def test_a_device_failing_the_same_way_gives_up_and_answers_what_it_read(
 
     async def main() -> tuple[SpinnDevice, str]:
         server = SpinnServer(
-            ServerConfig(
+            ServerConfig.from_fields(
                 checkpoint=checkpoint,
                 port=0,
                 stats_interval_s=0,
@@ -101,7 +102,7 @@ def test_a_device_failing_the_same_way_gives_up_and_answers_what_it_read(
         )
         await server.start()
         device = SpinnDevice(
-            DeviceConfig(
+            DeviceConfig.from_fields(
                 checkpoint=checkpoint,
                 server=("127.0.0.1", server.port),
                 status_interval_s=0,

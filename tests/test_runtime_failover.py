@@ -90,8 +90,8 @@ def test_device_cli_takes_several_servers() -> None:
          "--server", "[::1]:7000"]
     )  # fmt: skip
     config = spinn_device.config_from_args(args)
-    assert config.server == A and config.extra_servers == (B, C)
-    assert config.server_addresses == (A, B, C)
+    assert config.link.server == A and config.link.extra_servers == (B, C)
+    assert config.link.server_addresses == (A, B, C)
     default = spinn_device.config_from_args(parser.parse_args(["--dataset", "x"]))
     assert default.server_addresses == (("127.0.0.1", 7878),)
     with pytest.raises(SystemExit):

@@ -15,7 +15,8 @@ from spinn.data import load_fashion_mnist
 from spinn.exits import ExitRule
 from spinn.inference import run_stages
 from spinn.profile import Profile
-from spinn.runtime.device import DeviceConfig, profiled_input_codec, recode_for
+from spinn.runtime.config import DeviceConfig
+from spinn.runtime.device import profiled_input_codec, recode_for
 from spinn.scheduler import SchedulerConfig
 from spinn.sources import ArraySource
 from tests._runtime_support import CHECKPOINT, RawClient, by_frame, run_in_process, serve
@@ -136,15 +137,17 @@ def test_pixels_packed_for_a_link_that_lost_the_codec_go_as_float_input() -> Non
 
 def test_the_scheduler_predicts_split_0_with_the_pixels_size() -> None:
     profile = Profile.load(CHECKPOINT.with_name("profile.json"))
-    config = DeviceConfig(checkpoint=CHECKPOINT)
+    config = DeviceConfig.from_fields(checkpoint=CHECKPOINT)
     input_codec = profiled_input_codec(config, profile)
     assert input_codec == f"{IMAGE_CODEC}+zstd"
     assert (
-        profiled_input_codec(DeviceConfig(checkpoint=CHECKPOINT, image_codec=False), profile)
+        profiled_input_codec(
+            DeviceConfig.from_fields(checkpoint=CHECKPOINT, image_codec=False), profile
+        )
         is None
     )
     assert (
-        profiled_input_codec(DeviceConfig(checkpoint=CHECKPOINT, zstd="never"), profile)
+        profiled_input_codec(DeviceConfig.from_fields(checkpoint=CHECKPOINT, zstd="never"), profile)
         == IMAGE_CODEC
     )
     sched = SchedulerConfig(codec=DICT_CODEC, input_codec=input_codec)

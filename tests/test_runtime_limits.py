@@ -29,7 +29,8 @@ from protocol import (
 )
 from protocol.framing import encode_frame
 from protocol.messages import encode_message
-from spinn.runtime.server import ServerConfig, SpinnServer, frame_limit_for
+from spinn.runtime.config import ConfigError, LimitsConfig, SecurityConfig, ServerConfig
+from spinn.runtime.server import SpinnServer, frame_limit_for
 from tests._runtime_support import RawClient, by_frame, hello, noise_frames, run_in_process, serve
 from tests._runtime_support import until_closed as _until_closed
 
@@ -45,14 +46,14 @@ def _infer(
 
 
 def test_limits_are_validated() -> None:
-    with pytest.raises(ValueError, match="--max-connections"):
-        ServerConfig(max_connections=0)
-    with pytest.raises(ValueError, match="--max-frame-bytes"):
-        ServerConfig(max_frame_bytes=10)
-    with pytest.raises(ValueError, match="--idle-timeout"):
-        ServerConfig(idle_timeout_s=0)
-    with pytest.raises(ValueError, match="go together"):
-        ServerConfig(tls_cert=Path("a.pem"))
+    with pytest.raises(ConfigError, match=r"^limits\.max_connections must be >= 1, got 0"):
+        LimitsConfig(max_connections=0)
+    with pytest.raises(ConfigError, match=r"^limits\.max_frame_bytes must be in \[1024"):
+        LimitsConfig(max_frame_bytes=10)
+    with pytest.raises(ConfigError, match=r"^limits\.idle_timeout_s must be > 0, got 0"):
+        LimitsConfig(idle_timeout_s=0)
+    with pytest.raises(ConfigError, match=r"^security\.tls_cert and security\.tls_key go together"):
+        SecurityConfig(tls_cert=Path("a.pem"))
 
 
 def test_connection_beyond_the_limit_gets_busy_then_a_slot_frees(checkpoint: Path) -> None:
@@ -320,11 +321,13 @@ def test_default_frame_limit_follows_the_model(checkpoint: Path) -> None:
         assert isinstance(events[-1], Error) and events[-1].code is ErrorCode.TOO_LARGE
 
     server = serve(checkpoint, body)
-    assert server.config.max_frame_bytes is None
+    assert server.config.limits.max_frame_bytes is None
 
 
 def test_explicit_frame_limit_overrides_the_model(checkpoint: Path) -> None:
-    server = SpinnServer(ServerConfig(checkpoint=checkpoint, port=0, max_frame_bytes=3 * 2**20))
+    server = SpinnServer(
+        ServerConfig.from_fields(checkpoint=checkpoint, port=0, max_frame_bytes=3 * 2**20)
+    )
     try:
         assert server.max_frame_bytes == 3 * 2**20
         assert server.connection_config.max_frame_size == 3 * 2**20

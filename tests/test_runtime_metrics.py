@@ -11,7 +11,8 @@ import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
 from protocol import Cancel, Error, ErrorCode, Infer, Result, pack
-from spinn.runtime.server import ServerConfig, SpinnServer
+from spinn.runtime.config import ConfigError, OperationsConfig, ServerConfig
+from spinn.runtime.server import SpinnServer
 from tests._runtime_support import RawClient, hello, sample_input
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,7 +35,7 @@ async def _scrape(port: int) -> str:
 
 
 def test_metrics_count_requests_cancels_errors_and_compute(checkpoint: Path) -> None:
-    config = ServerConfig(checkpoint=checkpoint, port=0, stats_interval_s=0, workers=1,
+    config = ServerConfig.from_fields(checkpoint=checkpoint, port=0, stats_interval_s=0, workers=1,
                           metrics_port=0)  # fmt: skip
     scraped: dict[str, str] = {}
 
@@ -83,6 +84,6 @@ def test_metrics_count_requests_cancels_errors_and_compute(checkpoint: Path) -> 
 
 
 def test_metrics_are_off_by_default_and_bad_port_is_named() -> None:
-    assert ServerConfig().metrics_port is None
-    with pytest.raises(ValueError, match="--metrics-port"):
-        ServerConfig(metrics_port=70000)
+    assert ServerConfig().operations.metrics_port is None
+    with pytest.raises(ConfigError, match=r"^operations\.metrics_port must be in 0\.\.65535"):
+        OperationsConfig(metrics_port=70000)

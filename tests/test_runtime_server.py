@@ -27,7 +27,8 @@ from protocol import (
 from spinn.checkpoint import load_checkpoint
 from spinn.exits import ExitRule
 from spinn.inference import run_stages
-from spinn.runtime.server import ServerConfig, SpinnServer, _Job
+from spinn.runtime.config import ServerConfig
+from spinn.runtime.server import SpinnServer, _Job
 from tests._runtime_support import RawClient, hello, sample_input, serve
 
 pytestmark = pytest.mark.timeout(60)
@@ -193,7 +194,7 @@ class _SetAfter(threading.Event):
 
 
 def test_running_request_stops_at_a_stage_boundary(checkpoint: Path) -> None:
-    server = SpinnServer(ServerConfig(checkpoint=checkpoint, port=0))
+    server = SpinnServer(ServerConfig.from_fields(checkpoint=checkpoint, port=0))
     try:
         act = sample_input(6)[0].numpy()
         # Check 1 is at dequeue; checks 2.. follow each stage: set at check 4 = after stage 3.

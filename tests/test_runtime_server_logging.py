@@ -10,7 +10,8 @@ import pytest
 import uvloop
 
 from protocol import PROTOCOL_VERSION, Bye, Hello, Welcome
-from spinn.runtime.server import ServerConfig, SpinnServer
+from spinn.runtime.config import ServerConfig
+from spinn.runtime.server import SpinnServer
 from tests._runtime_support import RawClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -20,7 +21,9 @@ def test_health_checks_stay_below_info_and_devices_do_not(
     checkpoint: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def main() -> None:
-        server = SpinnServer(ServerConfig(checkpoint=checkpoint, port=0, stats_interval_s=0))
+        server = SpinnServer(
+            ServerConfig.from_fields(checkpoint=checkpoint, port=0, stats_interval_s=0)
+        )
         await server.start()
         try:
             # A TCP health check: connect, say nothing, close.

@@ -162,7 +162,7 @@ def test_a_peer_waiting_on_a_busy_server_is_not_idle(checkpoint: Path) -> None:
             client.send(infer(rid))
             assert isinstance(await client.next(), Result)
         one = max(loop.time() - started, 1e-3)
-        count = min(400, math.ceil(6 * server.config.idle_timeout_s / one) + 1)
+        count = min(400, math.ceil(6 * server.config.limits.idle_timeout_s / one) + 1)
         sent_at = loop.time()
         client.send(*(infer(rid) for rid in range(1, count + 1)))
         answers = [await client.next() for _ in range(count)]
@@ -170,13 +170,13 @@ def test_a_peer_waiting_on_a_busy_server_is_not_idle(checkpoint: Path) -> None:
         assert all(isinstance(a, Result) for a in answers), [
             a for a in answers if not isinstance(a, Result)
         ]
-        assert waited > 3 * server.config.idle_timeout_s, (
+        assert waited > 3 * server.config.limits.idle_timeout_s, (
             f"only {waited:.2f} s: the test needs slower work"
         )
         # Answered and silent: now it is idle, and is closed after the timeout.
-        closing = await asyncio.wait_for(client.next(), 10 * server.config.idle_timeout_s)
+        closing = await asyncio.wait_for(client.next(), 10 * server.config.limits.idle_timeout_s)
         assert isinstance(closing, Error) and "no complete frame" in closing.message, closing
-        assert loop.time() - sent_at - waited >= server.config.idle_timeout_s * 0.5
+        assert loop.time() - sent_at - waited >= server.config.limits.idle_timeout_s * 0.5
         client.close()
 
     serve(checkpoint, body, workers=1, slowdown=20.0, idle_timeout_s=0.2, batch_max=1)

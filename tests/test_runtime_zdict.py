@@ -15,8 +15,9 @@ from protocol.dictionaries import DictionaryError, ZstdDictionaries
 from protocol.packing import DICT_CODEC
 from spinn.data import load_fashion_mnist
 from spinn.dictionaries import dictionaries_path, load_dictionaries
-from spinn.runtime.device import DeviceConfig, DeviceError, SpinnDevice, profiled_codec, recode_for
-from spinn.runtime.server import ServerConfig, SpinnServer
+from spinn.runtime.config import DeviceConfig, ServerConfig
+from spinn.runtime.device import DeviceError, SpinnDevice, profiled_codec, recode_for
+from spinn.runtime.server import SpinnServer
 from spinn.sources import ArraySource
 from tests._runtime_support import CHECKPOINT, by_frame, run_in_process
 
@@ -128,18 +129,20 @@ def test_unusable_files_are_refused_by_name_with_the_way_out(tmp_path: Path) -> 
     for name, (data, match) in cases.items():
         checkpoint = _beside_a_copy(tmp_path / name.replace(" ", "-"), data)
         with pytest.raises(DeviceError, match=f"{match}.*--codec sparse_int8"):
-            SpinnDevice(DeviceConfig(checkpoint=checkpoint, server=None))
+            SpinnDevice(DeviceConfig.from_fields(checkpoint=checkpoint, server=None))
         with pytest.raises(DictionaryError, match=f"{match}.*--no-dictionaries"):
-            SpinnServer(ServerConfig(checkpoint=checkpoint))
+            SpinnServer(ServerConfig.from_fields(checkpoint=checkpoint))
         # Either end runs without the file when told to.
         assert (
             SpinnDevice(
-                DeviceConfig(checkpoint=checkpoint, server=None, codec="sparse_int8")
+                DeviceConfig.from_fields(checkpoint=checkpoint, server=None, codec="sparse_int8")
             ).dictionaries
             is None
         )
         assert (
-            SpinnServer(ServerConfig(checkpoint=checkpoint, dictionaries=False)).dictionaries
+            SpinnServer(
+                ServerConfig.from_fields(checkpoint=checkpoint, dictionaries=False)
+            ).dictionaries
             is None
         )
 
@@ -174,6 +177,8 @@ def test_the_scheduler_predicts_with_the_sizes_of_what_is_sent() -> None:
     assert profiled_codec("int8", "auto", ("int8",)) == "int8"
     assert profiled_codec("int8", "auto", ("float32",)) is None
     for zstd, expected in (("auto", DICT_CODEC), ("never", "sparse_int8")):
-        config = DeviceConfig(checkpoint=CHECKPOINT, server=None, zstd=zstd, policy="spinn")
+        config = DeviceConfig.from_fields(
+            checkpoint=CHECKPOINT, server=None, zstd=zstd, policy="spinn"
+        )
         device = SpinnDevice(config)
         assert device.policy.config.codec == expected  # type: ignore[attr-defined]

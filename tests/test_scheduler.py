@@ -4,7 +4,6 @@ the baselines."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -38,7 +37,7 @@ from spinn.scheduler import (
     ServerOnlyPolicy,
     make_policy,
 )
-from spinn.sla import SLA, Metric, SLAError, add_sla_arguments, sla_from_args
+from spinn.sla import SLA, Metric, SLAError
 
 # -- a small hand-made profile for the scenarios -------------------------------------------
 
@@ -672,7 +671,7 @@ def test_edgent_meets_target_ignores_server_load_adapts_to_bandwidth() -> None:
 # -- SLA ----------------------------------------------------------------------------------
 
 
-def test_sla_files_and_flags(tmp_path: Path) -> None:
+def test_sla_files(tmp_path: Path) -> None:
     toml = tmp_path / "sla.toml"
     toml.write_text(
         "# latency ≤ 80 ms; then maximise accuracy; then minimise server cost\n"
@@ -685,12 +684,6 @@ def test_sla_files_and_flags(tmp_path: Path) -> None:
     js = tmp_path / "sla.json"
     js.write_text(json.dumps({"min_accuracy": 0.9, "min_throughput": 30, "rank": ["latency"]}))
     assert SLA.load(js) == SLA(min_accuracy=0.9, min_throughput=30, rank=(Metric.LATENCY,))
-
-    parser = argparse.ArgumentParser()
-    add_sla_arguments(parser)
-    ns = parser.parse_args(["--sla", str(toml), "--max-latency-ms", "50", "--rank", "latency"])
-    assert sla_from_args(ns) == SLA(max_latency_ms=50, rank=(Metric.LATENCY,))
-    assert sla_from_args(parser.parse_args([])) == SLA()
 
 
 @pytest.mark.parametrize(

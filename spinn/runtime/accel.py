@@ -8,23 +8,11 @@ non-blocking copies (``spinn.runtime.batching.to_device``); compute runs under
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-__all__ = ["DEVICE_CHOICES", "check_device_name", "resolve_device"]
+from spinn.runtime.config import check_device_name
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-"""Values of ``ServerConfig.device`` / ``--device``."""
-
-
-def check_device_name(name: str) -> None:
-    """ValueError unless ``name`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (N a number)."""
-    if name in DEVICE_CHOICES or re.fullmatch(r"cuda:[0-9]+", name):
-        return
-    raise ValueError(
-        f"unknown --device {name!r}; choose one of {', '.join(DEVICE_CHOICES)} or cuda:N"
-    )
+__all__ = ["resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import secrets
 import signal
@@ -41,7 +40,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,7 +66,6 @@ from protocol.messages import MAX_STRING
 from protocol.packing import (
     DICT_CODEC,
     IMAGE_CODEC,
-    KNOWN_CODECS,
     LOSSY_CODEC,
     PackedTensor,
     as_sparse_int8,
@@ -78,7 +75,6 @@ from protocol.packing import (
 from spinn.description import mismatches
 from spinn.estimators import OnlineProfiler
 from spinn.policy import FixedPolicy, Policy
-from spinn.pretrained import DEFAULT_CHECKPOINT
 from spinn.profile import Profile
 from spinn.progressive import InputSpec
 from spinn.runtime.compute import (
@@ -88,9 +84,9 @@ from spinn.runtime.compute import (
     plan_workers,
     slow_down,
 )
+from spinn.runtime.config import ZSTD_MODES, DeviceConfig
 from spinn.runtime.device_core import (
     FATAL_CODES,
-    SERVER_BUDGET_SHARE,
     Action,
     ArmTimer,
     CancelCompute,
@@ -118,8 +114,6 @@ from spinn.sla import SLA
 from spinn.sources import Frame, FrameSource, Pacer, input_pixels
 
 __all__ = [
-    "ACTIVATION_CODECS",
-    "DeviceConfig",
     "DeviceError",
     "SpinnDevice",
     "profiled_codec",
@@ -131,173 +125,13 @@ __all__ = [
 log = logging.getLogger("spinn.device")
 
 _READ_CHUNK = 1 << 16
-_ZSTD_MODES: dict[str, bool | None] = {"auto": None, "always": True, "never": False}
-ACTIVATION_CODECS = tuple(c for c in KNOWN_CODECS if c != IMAGE_CODEC)
-"""The ``--codec`` choices: every codec but the split-0 one."""
-"""DeviceConfig.zstd → pack's `compress` (None: the packer decides from the bandwidth)."""
 # uvloop's loop.time() ticks in milliseconds, too coarse for loopback round trips and
 # per-stage times; every `now` on the device comes from this clock instead.
 _now = time.perf_counter
-# A probe's padding crosses the link while everything queued behind it waits.
-_MAX_PROBE_BYTES = 1 << 20
 # OpenSSL's reasons for a reply that is no TLS record at all: a server without TLS.
 _NOT_TLS_REASONS = frozenset(
     {"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"}
 )
-
-
-@dataclass(frozen=True)
-class DeviceConfig:
-    """Everything the device needs; the CLI only fills this in."""
-
-    checkpoint: Path = DEFAULT_CHECKPOINT
-    """Checkpoint of the progressive model (must match the server's)."""
-    allow_user_code: bool = False
-    """Import the module a checkpoint of a user model ('module:callable') names to rebuild
-    it; off, such a checkpoint is refused (``spinn.checkpoint.load_checkpoint``)."""
-    profile: Path | None = None
-    """Offline profile; None = ``profile.json`` beside the checkpoint."""
-    server: tuple[str, int] | None = ("127.0.0.1", 7878)
-    """Server address; None runs device-only and never connects."""
-    extra_servers: tuple[tuple[str, int], ...] = ()
-    """Further server addresses: on an outage the device fails over to the next one
-    (``spinn.runtime.failover``)."""
-    split: int | None = None
-    """Fixed split for ``FixedPolicy``; None = the middle split ``S // 2`` (``S`` without
-    a server)."""
-    thr_conf: float = 0.8
-    """Fixed exit threshold for ``FixedPolicy``."""
-    policy: str = "fixed"
-    """``fixed`` (split/thr_conf above) or a name of ``spinn.scheduler.POLICY_NAMES``."""
-    sla: SLA | None = None
-    """Service-level agreement for the scheduler policies (None = the SLA defaults)."""
-    rate_fps: float | None = None
-    """Frame rate of the source replay; None or 0 = as fast as possible."""
-    limit: int | None = None
-    """Stop after this many frames."""
-    max_in_flight: int = 4
-    """Frames begun but not answered at most (bounds the pipelining window)."""
-    continue_locally: bool = True
-    """Keep computing after the split while the server works (first answer wins)."""
-    codec: str = DICT_CODEC
-    """Packing codec for activations (``protocol.packing.KNOWN_CODECS``). The default,
-    sparse_int8_zdict, needs the zstd dictionaries beside the checkpoint and a server
-    holding the same ones; without either the device packs with sparse_int8."""
-    image_codec: bool = True
-    """At split 0 send the frame's pixels (uint8_image, PROTOCOL.md §6.8) to a server that
-    accepts them, as a real client would; off, or to a server without the codec, the
-    preprocessed float input goes with ``codec``."""
-    zstd: str = "auto"
-    """When to compress: ``auto`` when the transfer time it saves at the measured bandwidth
-    exceeds its own (paper §4.3), ``always`` for the fewest bytes (a metered link),
-    ``never``."""
-    workers: int | None = 1
-    """Device compute threads; a weak device computes one thing at a time."""
-    torch_threads: int = 1
-    """Torch intra-op threads per device worker."""
-    top_k: int = 5
-    """Classes reported per frame."""
-    ping_interval_s: float = 0.5
-    """Period of bare PINGs while connected (latency L, and a dead link noticed)."""
-    probe_bytes: int = 61_440
-    """Padding of the largest PING of a bandwidth probe train (``uplink.ProbeTrains``);
-    0 sends no trains (B then comes from uploads alone)."""
-    probe_share: float = 0.03
-    """Fraction of the link the probe trains take at the estimated bandwidth."""
-    ping_timeout_s: float = 1.5
-    """Unanswered PING this long (plus the time queued bytes need at B) = link dead."""
-    deadline_factor: float = 3.0
-    """A RESULT is awaited ``factor ×`` its expected time (2L + bytes/B + server time)…"""
-    deadline_margin_s: float = 0.1
-    """…plus this, before the frame is finished locally as ``fallback``."""
-    connect_timeout_s: float = 2.0
-    """TCP connect plus handshake must complete within this."""
-    reconnect_base_s: float = 0.1
-    """First reconnect delay scale (exponential backoff with jitter)."""
-    reconnect_cap_s: float = 2.0
-    """Longest reconnect delay before jitter."""
-    status_interval_s: float = 0.5
-    """Period of the live status line; 0 disables it."""
-    seed: int = 0
-    """Seed of the reconnect jitter."""
-    device_name: str = "spinn-device"
-    """Name sent in HELLO."""
-    slowdown: float = 1.0
-    """Emulate a weaker device: after each stage and exit head the worker waits (K−1)× the
-    time it took (``spinn.runtime.compute.slow_down``), so device compute takes K× as long
-    (bench/paper.py, one machine for both ends)."""
-    tls: bool = False
-    """Speak TLS to the server, verifying its certificate and host name (implied by
-    ``tls_ca``); without ``tls_ca`` the system's trusted CAs verify it."""
-    tls_ca: Path | None = None
-    """PEM CA file that signed the server's certificate."""
-    tls_cert: Path | None = None
-    """PEM certificate of this device, for servers that require client certificates."""
-    tls_key: Path | None = None
-    """PEM private key of ``tls_cert``."""
-    token_file: Path | None = None
-    """Shared token proved in the handshake (PROTOCOL.md §10); None: no authentication."""
-    misconfig_tries: int = 5
-    """Connection attempts that fail the same misconfigured way in a row (TLS on one end
-    only, client certificates) before the device gives up: the frames already read are
-    answered, then the run ends with an error (exit status 2), as a token mismatch does."""
-    retry_forever: bool = False
-    """Keep retrying a server that looks misconfigured (answering locally meanwhile)."""
-    server_budget_share: float = SERVER_BUDGET_SHARE
-    """Share of a request's deadline granted to the server as INFER's ``deadline_ms``
-    (``spinn.runtime.device_core.SERVER_BUDGET_SHARE``): counted from receipt, it leaves
-    the upload's part out, so the server drops a request the device will have answered."""
-
-    def __post_init__(self) -> None:
-        if self.max_in_flight < 1:
-            raise ValueError(f"--max-in-flight must be >= 1, got {self.max_in_flight}")
-        if self.torch_threads < 1:
-            raise ValueError(f"--torch-threads must be >= 1, got {self.torch_threads}")
-        if not self.status_interval_s >= 0:
-            raise ValueError(f"--status-interval must be >= 0, got {self.status_interval_s}")
-        if self.zstd not in _ZSTD_MODES:
-            raise ValueError(f"--zstd must be one of {', '.join(_ZSTD_MODES)}, got {self.zstd!r}")
-        if self.codec not in ACTIVATION_CODECS:
-            # uint8_image is the split-0 codec, offered beside this one (image_codec).
-            raise ValueError(
-                f"--codec: unknown codec {self.codec!r}; choose one of {', '.join(ACTIVATION_CODECS)}"
-            )
-        if self.rate_fps is not None and not (math.isfinite(self.rate_fps) and self.rate_fps >= 0):
-            # Checked here as well as by the Pacer: before the model loads and tasks start.
-            raise ValueError(f"--rate must be a finite number >= 0, got {self.rate_fps}")
-        if self.limit is not None and self.limit < 0:
-            raise ValueError(f"--limit must be >= 0, got {self.limit}")
-        # Finite: the deadline it scales goes on the wire, which carries no inf or nan.
-        if not (math.isfinite(self.deadline_factor) and 1 <= self.deadline_factor <= 1e6):
-            raise ValueError(f"--deadline-factor must be in [1, 1e6], got {self.deadline_factor}")
-        if self.top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
-        if not 1.0 <= self.slowdown <= 1000.0:
-            raise ValueError(f"--slowdown must be in [1, 1000], got {self.slowdown}")
-        if not 0 <= self.probe_bytes <= _MAX_PROBE_BYTES:
-            raise ValueError(
-                f"--probe-bytes must be in [0, {_MAX_PROBE_BYTES}], got {self.probe_bytes}"
-            )
-        if self.misconfig_tries < 1:
-            raise ValueError(f"--misconfig-tries must be >= 1, got {self.misconfig_tries}")
-        if not 0.0 < self.server_budget_share <= 1.0:
-            raise ValueError(
-                f"server_budget_share must be in (0, 1], got {self.server_budget_share}"
-            )
-        if not 0.0 < self.probe_share <= 0.5:
-            raise ValueError(f"probe_share must be in (0, 0.5], got {self.probe_share}")
-        if (self.tls_cert is not None or self.tls_key is not None) and not self.use_tls:
-            raise ValueError("--tls-cert/--tls-key need --tls or --tls-ca")
-
-    @property
-    def server_addresses(self) -> tuple[tuple[str, int], ...]:
-        """Every configured server address, ``server`` first (empty when device-only)."""
-        return () if self.server is None else (self.server, *self.extra_servers)
-
-    @property
-    def use_tls(self) -> bool:
-        """Whether the link speaks TLS."""
-        return self.tls or self.tls_ca is not None
 
 
 def profiled_codec(codec: str, zstd: str, profiled: Sequence[str]) -> str | None:
@@ -316,9 +150,9 @@ def profiled_input_codec(config: DeviceConfig, profile: Profile) -> str | None:
     """The profile entry whose size is what split 0 sends: the frame's pixels
     (``uint8_image``, zstd as `profiled_codec`), or None when the device sends the float
     input there (``image_codec`` off) or the profile has no such entry."""
-    if not config.image_codec:
+    if not config.link.image_codec:
         return None
-    return profiled_codec(IMAGE_CODEC, config.zstd, tuple(profile.splits[0].bytes))
+    return profiled_codec(IMAGE_CODEC, config.link.zstd, tuple(profile.splits[0].bytes))
 
 
 def recode_for(
@@ -342,12 +176,12 @@ def recode_for(
         x = input_spec.preprocess(torch.from_numpy(unpack(packed))).numpy()
         # The normalised input is negative in places: never sparse_uintb.
         float_codec = "sparse_int8" if codec == LOSSY_CODEC else codec
-        return pack(x, float_codec, _ZSTD_MODES[zstd], dictionaries=dictionaries, table=0)
+        return pack(x, float_codec, ZSTD_MODES[zstd], dictionaries=dictionaries, table=0)
     if packed.codec == LOSSY_CODEC and codec != LOSSY_CODEC:
-        return pack(unpack(packed), "sparse_int8", _ZSTD_MODES[zstd])
+        return pack(unpack(packed), "sparse_int8", ZSTD_MODES[zstd])
     if packed.codec != DICT_CODEC or codec == DICT_CODEC:
         return packed
-    return as_sparse_int8(packed, dictionaries, _ZSTD_MODES[zstd])
+    return as_sparse_int8(packed, dictionaries, ZSTD_MODES[zstd])
 
 
 def _make_policy(
@@ -359,23 +193,23 @@ def _make_policy(
 ) -> Policy:
     """The policy the configuration names (``policy`` given: that one), its split and
     threshold checked against the model."""
-    split = num_stages // 2 if config.split is None else config.split
-    if config.server is None and config.split is None:
+    split = num_stages // 2 if config.policy.split is None else config.policy.split
+    if config.link.server is None and config.policy.split is None:
         split = num_stages  # no server: every stage runs here (device-only)
     if not 0 <= split <= num_stages:
         raise DeviceError(f"--split must be in 0..{num_stages}, got {split}")
-    if not 0.0 <= config.thr_conf <= 1.0:
-        raise DeviceError(f"--thr must be in [0, 1], got {config.thr_conf}")
+    if not 0.0 <= config.policy.thr_conf <= 1.0:
+        raise DeviceError(f"--thr must be in [0, 1], got {config.policy.thr_conf}")
     if policy is not None:
         return policy
-    if config.policy == "fixed":
-        return FixedPolicy(split, config.thr_conf)
+    if config.policy.policy == "fixed":
+        return FixedPolicy(split, config.policy.thr_conf)
     from spinn.scheduler import SchedulerConfig, make_policy
 
     # Upload sizes predicted with the codec this device packs with (docs/SCHEDULER.md,
     # "Predicted versus measured"); a profile that did not measure it leaves the smallest
     # profiled size.
-    codec = profiled_codec(codecs[0], config.zstd, profile.codecs)
+    codec = profiled_codec(codecs[0], config.link.zstd, profile.codecs)
     # sparse_uintb is profiled only at the splits with a width, where it is the smallest
     # size measured: None predicts with it there.
     if codec is None and codecs[0] != LOSSY_CODEC:
@@ -389,12 +223,14 @@ def _make_policy(
         input_codec=profiled_input_codec(config, profile),
         lossy=codecs[0] == LOSSY_CODEC,
         # The in-flight window decides the race under load (docs/SCHEDULER.md).
-        max_in_flight=config.max_in_flight,
+        max_in_flight=config.source.max_in_flight,
     )
     try:
-        return make_policy(config.policy, profile, config.sla or SLA(), scheduler_config)
+        return make_policy(
+            config.policy.policy, profile, config.policy.sla or SLA(), scheduler_config
+        )
     except ValueError as exc:
-        raise DeviceError(f"--policy {config.policy}: {exc}") from exc
+        raise DeviceError(f"--policy {config.policy.policy}: {exc}") from exc
 
 
 class _Link:
@@ -417,11 +253,11 @@ class _Link:
         """Inside the reader's dispatch: a close request ends the read loop there."""
         self.token: bytes | None = None
         try:
-            if self.config.use_tls:
+            if self.config.link.use_tls:
                 cfg = self.config
-                self.ssl = device_ssl_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
-            if self.config.token_file is not None:
-                self.token = load_token(self.config.token_file)
+                self.ssl = device_ssl_context(cfg.link.tls_ca, cfg.link.tls_cert, cfg.link.tls_key)
+            if self.config.link.token_file is not None:
+                self.token = load_token(self.config.link.token_file)
         except SecurityError as exc:
             raise DeviceError(str(exc)) from None
         self._closing = False
@@ -500,7 +336,7 @@ class _Link:
                 # An unexpected kind is logged in full, but never ends the reconnect loop.
                 if not isinstance(exc, OSError | ProtocolError):
                     log.exception("unexpected error while connecting")
-                why = _describe(exc, self.config.connect_timeout_s)
+                why = _describe(exc, self.config.link.connect_timeout_s)
                 self.device.act(core.connect_failed(_now(), why, self._misconfiguration_hint(exc)))
                 if self.fatal is not None:
                     return
@@ -553,7 +389,7 @@ class _Link:
                 "closes connections during the handshake: is the server using TLS? If so, "
                 "start the device with --tls or --tls-ca"
             )
-        if self.config.tls_cert is None:
+        if self.config.link.tls_cert is None:
             # A server that requires client certificates ends the TLS session of a device
             # without one right after the handshake; under uvloop that reads as a plain close.
             return (
@@ -571,7 +407,7 @@ class _Link:
                 ssl=self.ssl,
                 server_hostname=host if self.ssl is not None else None,
             ),
-            self.config.connect_timeout_s,
+            self.config.link.connect_timeout_s,
         )
         conn = Connection(Role.DEVICE, ConnectionConfig(auth_token=self.token))
         meta = self.device.meta
@@ -582,7 +418,7 @@ class _Link:
                     meta.model_id,
                     meta.weights_sha256,
                     self.device.offered_codecs,
-                    self.config.device_name,
+                    self.config.link.device_name,
                     # A fresh nonce per connection (PROTOCOL.md §10).
                     auth_nonce=secrets.token_bytes(NONCE_SIZE) if self.token else b"",
                     dictionaries_sha256=self.device.dictionaries_sha256,
@@ -591,7 +427,7 @@ class _Link:
         )
         try:
             welcome = await asyncio.wait_for(
-                self._handshake(reader, writer, conn), self.config.connect_timeout_s
+                self._handshake(reader, writer, conn), self.config.link.connect_timeout_s
             )
             self._check_description(welcome, writer, conn)
         except BaseException:
@@ -730,13 +566,13 @@ class SpinnDevice:
         from spinn.checkpoint import load_checkpoint
 
         self.config = config
-        workers, threads = plan_workers(config.workers, config.torch_threads)
+        workers, threads = plan_workers(config.compute.workers, config.compute.torch_threads)
         configure_torch(threads)
         self.model, self.meta = load_checkpoint(
-            config.checkpoint, allow_user_code=config.allow_user_code
+            config.compute.checkpoint, allow_user_code=config.compute.allow_user_code
         )
         self.model.eval()
-        slow_down(self.model, config.slowdown)  # emulation only (DeviceConfig.slowdown)
+        slow_down(self.model, config.compute.slowdown)  # emulation only
         self.dictionaries = self._load_dictionaries()
         self.codecs: tuple[str, ...] = (
             (DICT_CODEC, "sparse_int8")
@@ -744,14 +580,18 @@ class SpinnDevice:
             # sparse_uintb where the server takes it, at each split's profiled width
             # (PROTOCOL.md §6.9.1), else sparse_int8, which every server takes.
             else (LOSSY_CODEC, "sparse_int8")
-            if config.codec == LOSSY_CODEC
-            else ("sparse_int8" if config.codec == DICT_CODEC else config.codec,)
+            if config.link.codec == LOSSY_CODEC
+            else ("sparse_int8" if config.link.codec == DICT_CODEC else config.link.codec,)
         )
         """Activation codecs, preferred first; the last is what every server takes."""
-        self.offered_codecs = (*self.codecs, IMAGE_CODEC) if config.image_codec else self.codecs
+        self.offered_codecs = (
+            (*self.codecs, IMAGE_CODEC) if config.link.image_codec else self.codecs
+        )
         """Codecs offered in HELLO: the activation codecs, then the split-0 pixels (§6.8)."""
         self.dictionaries_sha256 = "" if self.dictionaries is None else self.dictionaries.sha256
-        profile_path = config.profile or Path(config.checkpoint).with_name("profile.json")
+        profile_path = config.policy.profile or Path(config.compute.checkpoint).with_name(
+            "profile.json"
+        )
         if not Path(profile_path).is_file():
             raise DeviceError(
                 f"offline profile {profile_path} not found (make one with `spinn profile`)"
@@ -775,12 +615,12 @@ class SpinnDevice:
             # The busy-time accounting reads one worker's gaps between calls as hand-off
             # work; with several workers the gaps overlap and no longer sum to busy time.
             measure_busy=workers == 1,
-            server_budget_share=config.server_budget_share,
+            server_budget_share=config.policy.server_budget_share,
         )
         self.slots = ComputeSlots(workers)
         self._executor: ThreadPoolExecutor = make_executor(workers, "spinn-device")
         self._io: ThreadPoolExecutor = make_executor(1, "spinn-source")
-        self._link = _Link(self) if config.server is not None else None
+        self._link = _Link(self) if config.link.server is not None else None
         self._queues: dict[int, asyncio.Queue[Action]] = {}
         """Per frame in flight: the compute actions (and its end) its task carries out."""
         self._cancelled: set[int] = set()
@@ -844,12 +684,12 @@ class SpinnDevice:
             link_task.add_done_callback(_log_task_failure)
         status_task = (
             asyncio.create_task(self._status_loop(status))
-            if status is not None and self.config.status_interval_s > 0  # 0: final line only
+            if status is not None and self.config.output.status_interval_s > 0  # 0: final line only
             else None
         )
-        window = asyncio.Semaphore(self.config.max_in_flight)
+        window = asyncio.Semaphore(self.config.source.max_in_flight)
         frames: set[asyncio.Task[None]] = set()
-        pacer = Pacer(self.config.rate_fps)
+        pacer = Pacer(self.config.source.rate_fps)
         iterator = iter(source)
         count = 0
         source_error: Exception | None = None
@@ -857,7 +697,7 @@ class SpinnDevice:
             if self._link is not None:
                 await self._await_first_connect()
             while not self._stop.is_set():
-                if self.config.limit is not None and count >= self.config.limit:
+                if self.config.source.limit is not None and count >= self.config.source.limit:
                     break
                 await window.acquire()
                 if self._link is not None and self._link.fatal is not None:
@@ -973,7 +813,7 @@ class SpinnDevice:
     async def _await_first_connect(self) -> None:
         """Give the first connection a moment so a healthy server is used from frame 0."""
         assert self._link is not None
-        deadline = _now() + self.config.connect_timeout_s
+        deadline = _now() + self.config.link.connect_timeout_s
         while not self._link.up and self._link.fatal is None:
             if _now() > deadline:
                 log.warning("server not reachable yet: starting locally, offload resumes later")
@@ -1076,7 +916,7 @@ class SpinnDevice:
                     packed,
                     self._link.codec,
                     self.dictionaries,
-                    self.config.zstd,
+                    self.config.link.zstd,
                     accepted=welcome.codecs if welcome is not None else (),
                     input_spec=self.model.input_spec,
                 )
@@ -1113,7 +953,7 @@ class SpinnDevice:
     def _exit(self, answer: Any) -> LocalExit | None:
         if answer is None:
             return None
-        top = answer.topk(self.config.top_k)
+        top = answer.topk(self.config.output.top_k)
         return LocalExit(answer.exit, tuple(c for c, _ in top), tuple(p for _, p in top))
 
     def _run_range(self, act: torch.Tensor, start: int, stop: int, plan: Plan) -> Any:
@@ -1150,7 +990,7 @@ class SpinnDevice:
         pack_ms = 0.0
         if action.pack and self._link is not None:
             t1 = time.perf_counter()
-            zstd = _ZSTD_MODES[self.config.zstd]
+            zstd = ZSTD_MODES[self.config.link.zstd]
             if plan.split == 0 and self._link.sends_pixels:
                 packed = pack(pixels[None], IMAGE_CODEC, zstd, bandwidth_bps)
             elif self._link.codec == LOSSY_CODEC:
@@ -1169,13 +1009,13 @@ class SpinnDevice:
 
     def _load_dictionaries(self) -> ZstdDictionaries | None:
         """The dictionaries beside the checkpoint when the codec wants them, else None."""
-        if self.config.codec != DICT_CODEC:
+        if self.config.link.codec != DICT_CODEC:
             return None
         from spinn.dictionaries import dictionaries_path, load_dictionaries
 
         try:
             found = load_dictionaries(
-                self.config.checkpoint, self.meta.model_id, self.model.num_stages
+                self.config.compute.checkpoint, self.meta.model_id, self.model.num_stages
             )
         except DictionaryError as exc:
             raise DeviceError(
@@ -1184,7 +1024,7 @@ class SpinnDevice:
         if found is None:
             log.info(
                 "no %s (make it with `spinn dictionaries`): packing with sparse_int8",
-                dictionaries_path(self.config.checkpoint),
+                dictionaries_path(self.config.compute.checkpoint),
             )
         return found
 
@@ -1243,7 +1083,7 @@ class SpinnDevice:
 
     async def _status_loop(self, status: Status) -> None:
         while True:
-            await asyncio.sleep(self.config.status_interval_s)
+            await asyncio.sleep(self.config.output.status_interval_s)
             self._show_status(status)
 
     def _show_status(self, status: Status) -> None:

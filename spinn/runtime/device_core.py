@@ -47,13 +47,14 @@ from spinn.exits import ExitRule
 from spinn.policy import Decision, Policy
 from spinn.profile import Profile
 from spinn.runtime.backoff import Backoff
+from spinn.runtime.config import SERVER_BUDGET_SHARE
 from spinn.runtime.failover import ServerRotation
 from spinn.runtime.stats import DeviceStats, median_or_none
 from spinn.runtime.tracker import Answer, FramePhase, RequestTracker, request_deadline
 from spinn.runtime.uplink import ProbeTrains, UploadTimer
 
 if TYPE_CHECKING:
-    from spinn.runtime.device import DeviceConfig
+    from spinn.runtime.config import DeviceConfig
 
 __all__ = [
     "SERVER_BUDGET_SHARE",
@@ -80,11 +81,6 @@ __all__ = [
     "SendProbeTrain",
 ]
 
-SERVER_BUDGET_SHARE = 0.5
-"""Share of a request's deadline (from now) the INFER grants the server as ``deadline_ms``
-(PROTOCOL.md §5.3). The server counts it from receipt, so the upload's part of the device's
-budget must be left out of it: the server then drops a request the device will have
-answered itself by the time a RESULT could come back."""
 
 # Bytes of a PING frame besides its padding (msgpack envelope; a generous bound).
 _PING_ENVELOPE = 128
@@ -375,7 +371,7 @@ class DeviceCore:
         self.policy = policy
         self.model = model
         self.server_budget_share = server_budget_share
-        self.has_server = config.server is not None
+        self.has_server = config.link.server is not None
         self.profiler = OnlineProfiler(profile)
         if not self.has_server:
             self.profiler.mark_server(0.0, False)
@@ -408,13 +404,15 @@ class DeviceCore:
         self._ping = _Pinger()
         self._ping_seq = 0
         self._trains = ProbeTrains(
-            max_frame_padding=max(1, config.probe_bytes), share=config.probe_share
+            max_frame_padding=max(1, config.link.probe_bytes), share=config.link.probe_share
         )
         backoff = Backoff(
-            config.reconnect_base_s, config.reconnect_cap_s, random.Random(config.seed)
+            config.link.reconnect_base_s,
+            config.link.reconnect_cap_s,
+            random.Random(config.link.seed),
         )
         self.rotation: ServerRotation | None = (
-            ServerRotation(config.server_addresses, backoff) if self.has_server else None
+            ServerRotation(config.link.server_addresses, backoff) if self.has_server else None
         )
         self._connected_at = 0.0
         self._answers_on_link = 0
@@ -667,7 +665,7 @@ class DeviceCore:
             self._actions.append(FrameDone(fid))
             return
         phase = self.tracker.phase(fid)
-        if phase is FramePhase.OFFLOADED and not self.config.continue_locally:
+        if phase is FramePhase.OFFLOADED and not self.config.policy.continue_locally:
             return  # the server's answer, or its failure, moves the frame on
         # A frame the server will not answer is urgent; a race continuation is not.
         priority = 1 if phase is FramePhase.OFFLOADED else 0
@@ -706,12 +704,12 @@ class DeviceCore:
         deadline = request_deadline(
             now,
             upload_bytes=unanswered + packed.nbytes,
-            download_bytes=64 + 16 * self.config.top_k,
+            download_bytes=64 + 16 * self.config.output.top_k,
             bandwidth_bps=max(est.bandwidth_bps, 1.0),
             latency_s=est.latency_s,
             server_time_s=server_ms / 1e3,
-            margin_factor=self.config.deadline_factor,
-            margin_s=self.config.deadline_margin_s,
+            margin_factor=self.config.policy.deadline_factor,
+            margin_s=self.config.policy.deadline_margin_s,
         )
         self._writing = (rid, now, deadline)
         message = Infer(
@@ -934,7 +932,7 @@ class DeviceCore:
             "" if reports_compute_time else "NOT ",
             codec,
         )
-        if self.config.probe_bytes == 0 and not reports_compute_time:
+        if self.config.link.probe_bytes == 0 and not reports_compute_time:
             # Uploads are timed only against a reported server time (runtime.uplink).
             self._hint_once(
                 "does not report its compute time and --probe-bytes is 0: the bandwidth "
@@ -942,7 +940,7 @@ class DeviceCore:
             )
         # A probe PING within the server's frame limit where it states one; --probe-bytes'
         # default fits any server's (64 KiB above its activations).
-        padding = self.config.probe_bytes
+        padding = self.config.link.probe_bytes
         if max_frame_bytes is not None:
             padding = min(padding, max_frame_bytes - _PING_ENVELOPE)
         self._trains.max_frame_padding = max(1, padding)
@@ -1040,7 +1038,7 @@ class DeviceCore:
             last, count = self._same_failures
             count = count + 1 if last == hint else 1
             self._same_failures = (hint, count)
-            if not self.config.retry_forever and count >= self.config.misconfig_tries:
+            if not self.config.link.retry_forever and count >= self.config.link.misconfig_tries:
                 self._fatal = True
                 self._actions.append(
                     Fatal(
@@ -1066,7 +1064,7 @@ class DeviceCore:
         at = self.tracker.next_deadline()
         if self._ping.active:
             wake = self._ping.next_bare
-            if self.config.probe_bytes > 0 and self.profiler.latency.samples:
+            if self.config.link.probe_bytes > 0 and self.profiler.latency.samples:
                 bw = self.profiler.snapshot(now).bandwidth_bps
                 wake = min(wake, self._trains.due_at(now, bw))
             at = wake if at is None else min(at, wake)
@@ -1098,12 +1096,12 @@ class DeviceCore:
             # allow for them at the live B.
             probing = sum(padding for _, padding in p.pings.values())
             unanswered = queued_bytes + sum(s.nbytes for s in self._sent.values())
-            allowance = cfg.ping_timeout_s + 8.0 * (unanswered + probing) / max(
+            allowance = cfg.link.ping_timeout_s + 8.0 * (unanswered + probing) / max(
                 est.bandwidth_bps, 1.0
             )
             # A link that keeps answering is alive, however slow: after a drop, bytes queued
             # at the old rate (uploads, a probe) hold the PINGs back for long.
-            if now - oldest > allowance and now - p.heard_at > cfg.ping_timeout_s:
+            if now - oldest > allowance and now - p.heard_at > cfg.link.ping_timeout_s:
                 self._close(
                     f"closed by the device: no PONG for {now - oldest:.2f} s (allowed "
                     f"{allowance:.2f} s) and nothing heard for "
@@ -1119,10 +1117,12 @@ class DeviceCore:
             self._actions.append(Send(Ping(self._ping_seq, now, b"")))
             p.bare_sent += 1
             quick = p.bare_sent < _QUICK_PINGS
-            p.next_bare = now + (min(0.1, cfg.ping_interval_s) if quick else cfg.ping_interval_s)
+            p.next_bare = now + (
+                min(0.1, cfg.link.ping_interval_s) if quick else cfg.link.ping_interval_s
+            )
         # Trains begin once a bare PING came back: the first round trip of a connection is
         # slow (both ends warm up).
-        if cfg.probe_bytes > 0 and self.profiler.latency.samples and p.train_pending is None:
+        if cfg.link.probe_bytes > 0 and self.profiler.latency.samples and p.train_pending is None:
             bw = self.profiler.snapshot(now).bandwidth_bps
             if self._trains.due(now, bw):
                 pings = []

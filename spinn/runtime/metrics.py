@@ -6,7 +6,7 @@ the server already keeps for its stats line (``ServerStats``) are read at scrape
 by a collector, so there is one count of each thing; what has no counterpart there
 (per-request compute and queue-wait histograms, batch sizes, errors by code) is
 observed here directly.  The HTTP endpoint (``prometheus_client``'s own server) is off
-unless ``ServerConfig.metrics_port`` is set, and binds loopback by default: the metrics
+unless ``OperationsConfig.metrics_port`` is set, and binds loopback by default: the metrics
 reveal load, so exposing them is the operator's choice.
 """
 

@@ -49,7 +49,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -80,11 +79,11 @@ from protocol.messages import MAX_STRING
 from protocol.packing import CODECS, DICT_CODEC, IMAGE_CODEC, LOSSY_CODEC, unpack
 from spinn.description import describe
 from spinn.exits import ExitRule
-from spinn.pretrained import DEFAULT_CHECKPOINT
-from spinn.runtime.accel import check_device_name, resolve_device
+from spinn.runtime.accel import resolve_device
 from spinn.runtime.admission import FairSlots, HandshakePool, LogLimiter, TokenBucket
 from spinn.runtime.batching import Batcher, run_batch, to_device
 from spinn.runtime.compute import configure_torch, make_executor, plan_workers, slow_down
+from spinn.runtime.config import ServerConfig
 from spinn.runtime.metrics import ServerMetrics
 from spinn.runtime.security import load_token, server_ssl_context
 from spinn.runtime.stats import ServerStats
@@ -95,7 +94,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ListenError",
-    "ServerConfig",
     "SpinnServer",
     "frame_limit_for",
     "run_server",
@@ -145,169 +143,8 @@ class ListenError(OSError):
         return str(self.strerror)
 
 
-_MAX_OUTSTANDING = ConnectionConfig().max_outstanding
-"""Unanswered INFERs one connection may hold: ``--max-in-flight`` cannot exceed it."""
-
-
-def _flag(field: str) -> str:
-    """The command-line flag of a ServerConfig field named like it (idle_timeout_s ->
-    --idle-timeout), for error messages that tell the operator what to fix."""
-    return "--" + field.removesuffix("_s").replace("_", "-")
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Everything the server needs; the CLI only fills this in."""
-
-    checkpoint: Path = DEFAULT_CHECKPOINT
-    """Checkpoint whose server part is served (default: the shipped model)."""
-    allow_user_code: bool = False
-    """Import the module a checkpoint of a user model ('module:callable') names to rebuild
-    it; off, such a checkpoint is refused (``spinn.checkpoint.load_checkpoint``)."""
-    dictionaries: bool = True
-    """Load the zstd dictionaries beside the checkpoint (``model.zdict``), when there, and
-    accept the sparse_int8_zdict codec from devices holding the same (PROTOCOL.md §6.7)."""
-    image_codec: bool = True
-    """Accept uint8_image at split 0: the frame's pixels, which the server normalises with
-    the model's input spec (PROTOCOL.md §6.8). Off, devices send the float input there, as
-    to a server that does not know the codec."""
-    host: str = "127.0.0.1"
-    """Address to listen on."""
-    port: int = 7878
-    """TCP port; 0 picks a free one (see ``SpinnServer.port``)."""
-    workers: int | None = None
-    """Compute threads; None = cores // torch_threads, so the pool never oversubscribes."""
-    torch_threads: int = 1
-    """Torch intra-op threads per worker (batch-1 requests gain little from more)."""
-    report_compute: bool = True
-    """Send the compute time in RESULT; off makes devices infer it (DESIGN.md part 4)."""
-    top_k: int = 5
-    """Classes returned per RESULT."""
-    stats_interval_s: float = 10.0
-    """Period of the stats log line; 0 disables it."""
-    shutdown_grace_s: float = 5.0
-    """On SIGINT/SIGTERM, how long in-flight requests may still finish."""
-    max_queue_per_connection: int = 256
-    """Requests one device may have queued or running; beyond that INFER gets ERROR(BUSY)."""
-    max_queued: int = 512
-    """Requests queued or running over all devices; beyond that INFER gets ERROR(BUSY)."""
-    max_connections: int = 256
-    """Devices connected at once (through the handshake); one more gets a fatal
-    ERROR(BUSY) and is closed. Connections still in the handshake never take these slots."""
-    max_handshakes: int = 128
-    """Connections in the handshake at once (HELLO, authentication), in a pool of their
-    own. When it is full, room is made by closing the oldest that has sent nothing, else
-    the oldest that has had a second; with neither, the new connection is shed at once:
-    fatal ERROR(BUSY) (``spinn.runtime.admission.HandshakePool``)."""
-    max_handshakes_per_address: int | None = None
-    """Connections in the handshake at once from one source address; None: no limit (a
-    fleet behind one NAT address would otherwise be limited as one peer)."""
-    max_ping_rate: float = 50.0
-    """PINGs a connection may send a second (bursts of twice this); above, a fatal
-    ERROR(TOO_LARGE). A device pings every 0.5 s."""
-    max_unknown_cancel_rate: float = 200.0
-    """CANCELs for request ids the server does not hold (already answered, or never
-    sent) a connection may send a second (bursts of twice this); above, a fatal
-    ERROR(TOO_LARGE). A device cancels only what it sent."""
-    max_frame_bytes: int | None = None
-    """Largest frame accepted, which bounds each connection's receive buffer (and so the
-    server's memory: about ``max_connections`` × this). None (default): derived from the
-    served model by ``frame_limit_for`` — the largest float32 activation at any split plus
-    a quarter and 64 KiB for the message envelope and PING probes (≈ 95 KiB for the
-    shipped model). Larger frames: fatal ERROR(TOO_LARGE)."""
-    max_tensor_elements: int = 2**22
-    """Largest activation an INFER may declare, in elements (16 MiB as float32)."""
-    handshake_timeout_s: float = 5.0
-    """TLS, HELLO and authentication must be done this long after accepting."""
-    idle_timeout_s: float = 60.0
-    """A connection that delivers no complete frame for this long, with none of its
-    requests outstanding, is closed: devices PING every 0.5 s, while a slow-loris peer
-    trickling a frame never completes one. A device waiting on its answers from a busy
-    server is not idle; the clock restarts when its last request is answered."""
-    token_file: Path | None = None
-    """Shared token (PROTOCOL.md §10); devices must prove it. None: no authentication."""
-    tls_cert: Path | None = None
-    """PEM certificate (chain) of the server; with ``tls_key`` the server speaks TLS."""
-    tls_key: Path | None = None
-    """PEM private key of ``tls_cert``."""
-    tls_client_ca: Path | None = None
-    """CA that must have signed the devices' certificates (mutual TLS); None: not required."""
-    server_name: str = "spinn-server"
-    """Name sent in WELCOME."""
-    batch_max: int = 1
-    """Dynamic batching (``spinn.runtime.batching``): most requests for one split run as
-    one forward pass. 1 (default) = off: each request runs alone, as before."""
-    batch_wait_ms: float = 2.0
-    """With batching, how long the oldest request of a split may wait for others while a
-    worker is free; while all workers are busy, batches fill up regardless."""
-    device: str = "auto"
-    """Torch device of the server's compute: ``cpu``, ``cuda`` (``cuda:N``) or ``auto``
-    (CUDA when torch sees a GPU; ``spinn.runtime.accel``)."""
-    metrics_port: int | None = None
-    """Port of the Prometheus ``/metrics`` endpoint (``spinn.runtime.metrics``); None: off,
-    0: a free one (see ``SpinnServer.metrics_port``)."""
-    metrics_host: str = "127.0.0.1"
-    """Address of the metrics endpoint: loopback unless the operator exposes it."""
-    slowdown: float = 1.0
-    """Emulate a loaded or weaker server: after each stage and exit head the worker waits
-    (K−1)× the time it took (``spinn.runtime.compute.slow_down``); the reported compute time
-    includes the wait (bench/paper.py, server load)."""
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
-        if self.top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
-        if not 1.0 <= self.slowdown <= 1000.0:
-            raise ValueError(f"--slowdown must be in [1, 1000], got {self.slowdown}")
-        if not 1 <= self.batch_max <= 1024:
-            raise ValueError(f"--batch-max must be in 1..1024, got {self.batch_max}")
-        if not 0.0 <= self.batch_wait_ms <= 1000.0:
-            raise ValueError(f"--batch-wait-ms must be in [0, 1000], got {self.batch_wait_ms}")
-        check_device_name(self.device)
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
-        # Named by their flag where the field name would not tell which flag to fix.
-        outstanding = _MAX_OUTSTANDING
-        if not 1 <= self.max_queue_per_connection <= outstanding:
-            raise ValueError(
-                f"--max-in-flight must be in 1..{outstanding} (unanswered requests a "
-                f"connection may hold), got {self.max_queue_per_connection}"
-            )
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
-        if self.torch_threads < 1:
-            raise ValueError(f"--torch-threads must be >= 1, got {self.torch_threads}")
-        if not self.stats_interval_s >= 0:
-            raise ValueError(f"--stats-interval must be >= 0, got {self.stats_interval_s}")
-        if not self.shutdown_grace_s >= 0:
-            raise ValueError(f"--grace must be >= 0, got {self.shutdown_grace_s}")
-        if self.max_handshakes_per_address is not None and self.max_handshakes_per_address < 1:
-            raise ValueError(
-                "--max-handshakes-per-address must be >= 1 (or unset), got "
-                f"{self.max_handshakes_per_address}"
-            )
-        for name in ("max_ping_rate", "max_unknown_cancel_rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
-        for name in ("max_queued", "max_connections", "max_handshakes", "max_tensor_elements"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        if self.max_frame_bytes is not None and not 1024 <= self.max_frame_bytes <= 2**32 - 1:
-            raise ValueError(
-                f"--max-frame-bytes must be in [1024, 2**32 - 1], got {self.max_frame_bytes}"
-            )
-        for name in ("handshake_timeout_s", "idle_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("--tls-cert and --tls-key go together")
-        if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-
-
 def frame_limit_for(model: ProgressiveModel) -> int:
-    """Default frame limit of a server of ``model`` (``ServerConfig.max_frame_bytes``).
+    """Default frame limit of a server of ``model`` (``LimitsConfig.max_frame_bytes``).
 
     float32 is the largest codec (``sparse_int8`` is at most ~1.13 bytes per element and
     zstd is used only when it shrinks the payload, PROTOCOL.md §6), so no honest INFER for
@@ -358,9 +195,13 @@ class _Peer:
         now = time.monotonic()
         self.accepted_at = now
         config = server.config
-        self.pings = TokenBucket(config.max_ping_rate, _BURST_S * config.max_ping_rate, now)
+        self.pings = TokenBucket(
+            config.limits.max_ping_rate, _BURST_S * config.limits.max_ping_rate, now
+        )
         self.unknown_cancels = TokenBucket(
-            config.max_unknown_cancel_rate, _BURST_S * config.max_unknown_cancel_rate, now
+            config.limits.max_unknown_cancel_rate,
+            _BURST_S * config.limits.max_unknown_cancel_rate,
+            now,
         )
         self.wait_ewma_ms = 0.0
         """Recent time this device's requests spent queued (BUSY admission, per device:
@@ -461,34 +302,36 @@ class SpinnServer:
         from spinn.checkpoint import load_checkpoint
 
         self.config = config
-        self.workers, threads = plan_workers(config.workers, config.torch_threads)
+        self.workers, threads = plan_workers(config.compute.workers, config.compute.torch_threads)
         configure_torch(threads)
         self.model, self.meta = load_checkpoint(
-            config.checkpoint, allow_user_code=config.allow_user_code
+            config.compute.checkpoint, allow_user_code=config.compute.allow_user_code
         )
-        self.torch_device = resolve_device(config.device)
+        self.torch_device = resolve_device(config.compute.device)
         self.model.to(self.torch_device).eval()
-        slow_down(self.model, config.slowdown)  # emulation only (ServerConfig.slowdown)
+        slow_down(self.model, config.compute.slowdown)  # emulation only
         self.dictionaries: ZstdDictionaries | None = None
-        if config.dictionaries:
+        if config.compute.dictionaries:
             from spinn.dictionaries import load_dictionaries
 
             try:
                 self.dictionaries = load_dictionaries(
-                    config.checkpoint, self.meta.model_id, self.model.num_stages
+                    config.compute.checkpoint, self.meta.model_id, self.model.num_stages
                 )
             except DictionaryError as exc:
                 raise DictionaryError(f"{exc} (or serve without it: --no-dictionaries)") from None
-        self._token = None if config.token_file is None else load_token(config.token_file)
+        self._token = (
+            None if config.security.token_file is None else load_token(config.security.token_file)
+        )
         self.max_frame_bytes = (
             frame_limit_for(self.model)
-            if config.max_frame_bytes is None
-            else config.max_frame_bytes
+            if config.limits.max_frame_bytes is None
+            else config.limits.max_frame_bytes
         )
         """The frame limit in force: the configured one, or the model's (``frame_limit_for``)."""
         self.connection_config = ConnectionConfig(
             max_frame_size=self.max_frame_bytes,
-            max_tensor_elements=config.max_tensor_elements,
+            max_tensor_elements=config.limits.max_tensor_elements,
             auth_token=self._token,
         )
         self.description = describe(
@@ -496,33 +339,35 @@ class SpinnServer:
             self.meta,
             max_batch=1,  # INFER carries one input (PROTOCOL.md §5.3)
             max_frame_bytes=self.max_frame_bytes,
-            max_tensor_elements=config.max_tensor_elements,
-            max_in_flight=config.max_queue_per_connection,
+            max_tensor_elements=config.limits.max_tensor_elements,
+            max_in_flight=config.limits.max_queue_per_connection,
             max_outstanding=self.connection_config.max_outstanding,
-            handshake_timeout_s=config.handshake_timeout_s,
-            idle_timeout_s=config.idle_timeout_s,
-            max_ping_rate=config.max_ping_rate,
-            max_ping_burst=_BURST_S * config.max_ping_rate,
-            max_unknown_cancel_rate=config.max_unknown_cancel_rate,
-            max_unknown_cancel_burst=_BURST_S * config.max_unknown_cancel_rate,
+            handshake_timeout_s=config.limits.handshake_timeout_s,
+            idle_timeout_s=config.limits.idle_timeout_s,
+            max_ping_rate=config.limits.max_ping_rate,
+            max_ping_burst=_BURST_S * config.limits.max_ping_rate,
+            max_unknown_cancel_rate=config.limits.max_unknown_cancel_rate,
+            max_unknown_cancel_burst=_BURST_S * config.limits.max_unknown_cancel_rate,
         )
         """What WELCOME of version 2 says about this server (PROTOCOL.md §5.12)."""
         self._ssl: ssl.SSLContext | None = None
-        if config.tls_cert is not None and config.tls_key is not None:
-            self._ssl = server_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+        if config.security.tls_cert is not None and config.security.tls_key is not None:
+            self._ssl = server_ssl_context(
+                config.security.tls_cert, config.security.tls_key, config.security.tls_client_ca
+            )
         self.stats = ServerStats()
         self.metrics = ServerMetrics(self.stats, lambda: self._queued)
         self.metrics_port: int | None = None
-        """Bound port of the metrics endpoint, when ``config.metrics_port`` is set."""
+        """Bound port of the metrics endpoint, when ``config.operations.metrics_port`` is set."""
         self._executor: ThreadPoolExecutor = make_executor(self.workers, "spinn-server")
         self._batcher: Batcher[_Job, _Outcome | None] | None = None
-        if config.batch_max > 1:
+        if config.compute.batch_max > 1:
             self._batcher = Batcher(
                 self._compute_batch,
                 self._executor,
                 self.workers,
-                config.batch_max,
-                config.batch_wait_ms / 1e3,
+                config.compute.batch_max,
+                config.compute.batch_wait_ms / 1e3,
             )
         self._server: asyncio.Server | None = None
         self._peers: set[_Peer] = set()
@@ -530,9 +375,9 @@ class SpinnServer:
         self._devices: set[_Peer] = set()
         """Connections through the handshake (``max_connections`` slots)."""
         self._strangers: HandshakePool[_Peer] = HandshakePool(
-            config.max_handshakes,
-            config.max_handshakes_per_address,
-            min(_HANDSHAKE_GRACE_S, config.handshake_timeout_s / 2),
+            config.limits.max_handshakes,
+            config.limits.max_handshakes_per_address,
+            min(_HANDSHAKE_GRACE_S, config.limits.handshake_timeout_s / 2),
         )
         """Connections not yet through the handshake, in a pool of their own."""
         self._slots: FairSlots[_Peer] = FairSlots(self.workers)
@@ -560,52 +405,58 @@ class SpinnServer:
         try:
             self._server = await asyncio.start_server(
                 self._handle,
-                self.config.host,
-                self.config.port,
+                self.config.operations.host,
+                self.config.operations.port,
                 limit=_READ_CHUNK,
                 # Plain TCP even with TLS: ``_start_tls`` looks at the first bytes, so that
                 # plain bytes on a TLS port are named, and a TLS handshake in progress is a
                 # stranger in the handshake pool under its deadline.
             )
         except OSError as exc:
-            raise ListenError.at("--host/--port", self.config.host, self.config.port, exc) from exc
+            raise ListenError.at(
+                "--host/--port", self.config.operations.host, self.config.operations.port, exc
+            ) from exc
         log.info(
             "serving %s (model %s, sha256 %s…) on %s:%d with %d worker(s) × %d torch thread(s)"
             " on %s, batching %s%s",
             self.meta.arch,
             self.meta.model_id,
             self.meta.weights_sha256[:12],
-            self.config.host,
+            self.config.operations.host,
             self.port,
             self.workers,
             torch.get_num_threads(),
             self.torch_device,
-            f"up to {self.config.batch_max} waiting {self.config.batch_wait_ms:g} ms"
+            f"up to {self.config.compute.batch_max} waiting {self.config.compute.batch_wait_ms:g} ms"
             if self._batcher
             else "off",
-            "" if self.config.report_compute else ", compute time NOT reported",
+            "" if self.config.compute.report_compute else ", compute time NOT reported",
         )
         if self.dictionaries is not None:
             log.info("zstd dictionaries %r: sparse_int8_zdict accepted", self.dictionaries)
         log.info(
             "limits: %d device(s), frames up to %d bytes%s",
-            self.config.max_connections,
+            self.config.limits.max_connections,
             self.max_frame_bytes,
-            " (from the model)" if self.config.max_frame_bytes is None else "",
+            " (from the model)" if self.config.limits.max_frame_bytes is None else "",
         )
-        if self.config.metrics_port is not None:
-            host, port = self.config.metrics_host, self.config.metrics_port
+        if self.config.operations.metrics_port is not None:
+            host, port = self.config.operations.metrics_host, self.config.operations.metrics_port
             try:
                 self.metrics_port = self.metrics.serve(host, port)
             except OSError as exc:
                 self._server.close()
                 raise ListenError.at("--metrics-host/--metrics-port", host, port, exc) from exc
-            log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
+            log.info(
+                "metrics on http://%s:%d/metrics",
+                self.config.operations.metrics_host,
+                self.metrics_port,
+            )
         if self._ssl is not None or self._token is not None:
             log.info(
                 "security: TLS %s%s, token authentication %s",
                 "on" if self._ssl else "off",
-                " with client certificates" if self.config.tls_client_ca else "",
+                " with client certificates" if self.config.security.tls_client_ca else "",
                 "on" if self._token else "off",
             )
 
@@ -632,7 +483,7 @@ class SpinnServer:
         tasks = [t for p in self._peers for t in p.tasks]
         if tasks:
             log.info("shutting down: %d request(s) in flight", len(tasks))
-            _, pending = await asyncio.wait(tasks, timeout=self.config.shutdown_grace_s)
+            _, pending = await asyncio.wait(tasks, timeout=self.config.operations.shutdown_grace_s)
             for peer in self._peers:
                 for job in peer.jobs.values():
                     job.cancelled.set()
@@ -661,12 +512,12 @@ class SpinnServer:
         log.info("final stats %s", json.dumps(self.stats.as_dict(), sort_keys=True))
 
     async def _stats_loop(self) -> None:
-        if self.config.stats_interval_s <= 0:
+        if self.config.operations.stats_interval_s <= 0:
             return
         loop = asyncio.get_running_loop()
         self.stats.line(loop.time(), self._queued)
         while True:
-            await asyncio.sleep(self.config.stats_interval_s)
+            await asyncio.sleep(self.config.operations.stats_interval_s)
             log.info("%s", self.stats.line(loop.time(), self._queued))
 
     # -- one connection ---------------------------------------------------------
@@ -780,7 +631,7 @@ class SpinnServer:
         refused, or None. Device slots are taken at WELCOME (``_on_hello``); here only a
         full server and the handshake pool refuse (``HandshakePool``)."""
         refusal: str | None = None
-        if len(self._devices) >= self.config.max_connections:
+        if len(self._devices) >= self.config.limits.max_connections:
             # The device finishes locally and retries with backoff (PROTOCOL.md §8, BUSY).
             self.stats.connections_refused += 1
             refusal = f"server full ({len(self._devices)} devices)"
@@ -803,7 +654,7 @@ class SpinnServer:
         wait_s = time.monotonic() - stranger.accepted_at
         reason = (
             f"closed by the server: no handshake after {wait_s:.2f} s while the handshake "
-            f"pool ({self.config.max_handshakes}) was full"
+            f"pool ({self.config.limits.max_handshakes}) was full"
         )
         stranger.closed_by_server = reason
         if self._ssl is None or stranger.writer.get_extra_info("ssl_object") is not None:
@@ -822,7 +673,7 @@ class SpinnServer:
         closed."""
         assert self._ssl is not None
         writer = peer.writer
-        limit_s = self.config.handshake_timeout_s
+        limit_s = self.config.limits.handshake_timeout_s
         deadline = peer.accepted_at + limit_s
         first = b""
         try:
@@ -902,7 +753,7 @@ class SpinnServer:
     async def _answer_while_reading(self, peer: _Peer, reader: asyncio.StreamReader) -> None:
         """Wait (at most the idle timeout) for the outstanding requests, reading on."""
         loop = asyncio.get_running_loop()
-        end = loop.time() + self.config.idle_timeout_s
+        end = loop.time() + self.config.limits.idle_timeout_s
         reading: asyncio.Future[bytes] = asyncio.ensure_future(reader.read(_READ_CHUNK))
         try:
             while peer.tasks and not peer.closing and (left := end - loop.time()) > 0:
@@ -926,7 +777,7 @@ class SpinnServer:
         within the idle timeout (a device that stopped reading would otherwise hold its
         connection slot forever)."""
         try:
-            await asyncio.wait_for(peer.writer.drain(), self.config.idle_timeout_s)
+            await asyncio.wait_for(peer.writer.drain(), self.config.limits.idle_timeout_s)
         except TimeoutError:
             return False
         return True
@@ -935,24 +786,24 @@ class SpinnServer:
         """Drop a peer that stopped reading; returns the reason for the log."""
         peer.closing = True
         peer.writer.transport.abort()  # its unsent answers cannot be delivered anyway
-        return f"closed by the server: not reading its answers for {self.config.idle_timeout_s:g} s"
+        return f"closed by the server: not reading its answers for {self.config.limits.idle_timeout_s:g} s"
 
     def _read_timeout(self, peer: _Peer, accepted_at: float) -> float:
         """Seconds the next read may take: what is left of the handshake, or idle time."""
         now = time.monotonic()
         if peer.conn.welcome is None:
-            return max(0.0, accepted_at + self.config.handshake_timeout_s - now)
+            return max(0.0, accepted_at + self.config.limits.handshake_timeout_s - now)
         if peer.jobs:  # waiting on the server, not idle: look again a period later
-            return self.config.idle_timeout_s
-        return max(0.0, peer.last_active_at + self.config.idle_timeout_s - now)
+            return self.config.limits.idle_timeout_s
+        return max(0.0, peer.last_active_at + self.config.limits.idle_timeout_s - now)
 
     def _timed_out(self, peer: _Peer) -> str:
         """Close a peer that stalled (slow loris); returns the reason for the log."""
         if peer.conn.welcome is None:
-            reason = f"no handshake within {self.config.handshake_timeout_s:g} s"
+            reason = f"no handshake within {self.config.limits.handshake_timeout_s:g} s"
             self.stats.handshakes_timed_out += 1
         else:
-            reason = f"no complete frame for {self.config.idle_timeout_s:g} s"
+            reason = f"no complete frame for {self.config.limits.idle_timeout_s:g} s"
         self.stats.connections_refused += 1
         with contextlib.suppress(ProtocolError, ConnectionError, OSError):
             peer.send(_error(ErrorCode.PROTOCOL, f"timeout: {reason}"))
@@ -991,7 +842,7 @@ class SpinnServer:
                 self._on_cancel(peer, event)
             elif isinstance(event, Ping):
                 if not peer.pings.take(peer.last_active_at):
-                    self._over_rate(peer, "PINGs", self.config.max_ping_rate)
+                    self._over_rate(peer, "PINGs", self.config.limits.max_ping_rate)
                 # With the bytes read so far, the device times its probe trains at the
                 # granularity of the reads (PROTOCOL.md §5.7, spinn.estimators).
                 peer.send(Pong.reply_to(event, time.time(), peer.received_bytes))
@@ -1046,7 +897,7 @@ class SpinnServer:
             c
             for c in hello.codecs
             if c in CODECS
-            or (c == IMAGE_CODEC and self.config.image_codec)
+            or (c == IMAGE_CODEC and self.config.compute.image_codec)
             or c == LOSSY_CODEC
             or (c == DICT_CODEC and zdict is not None and hello.dictionaries_sha256 == zdict.sha256)
         )
@@ -1055,7 +906,7 @@ class SpinnServer:
             # the answer is a fatal ERROR(BAD_TENSOR) (PROTOCOL.md §5.2).
             message = (
                 f"no tensor codec in common: device offers {_quoted(list(hello.codecs), 400)}, "
-                f"server accepts {[*CODECS, LOSSY_CODEC, *([IMAGE_CODEC] if self.config.image_codec else [])]}"
+                f"server accepts {[*CODECS, LOSSY_CODEC, *([IMAGE_CODEC] if self.config.compute.image_codec else [])]}"
             )
             log.warning("device %s refused: %s", peer.name, message)
             self.stats.errors_sent += 1
@@ -1063,7 +914,7 @@ class SpinnServer:
             peer.closing = True
             peer.closed_by_server = f"closed by the server: {message}"
             return
-        if len(self._devices) >= self.config.max_connections:
+        if len(self._devices) >= self.config.limits.max_connections:
             # Many strangers finished their handshakes at once: the slots are full now.
             self.stats.connections_refused += 1
             message = f"server full ({len(self._devices)} devices)"
@@ -1081,8 +932,8 @@ class SpinnServer:
                 meta.model_id,
                 meta.weights_sha256,
                 codecs,
-                self.config.report_compute,
-                self.config.server_name,
+                self.config.compute.report_compute,
+                self.config.operations.server_name,
                 dictionaries_sha256="" if zdict is None else zdict.sha256,
                 description=self.description if hello.version >= 2 else None,
             )
@@ -1134,7 +985,9 @@ class SpinnServer:
             )
             return
         try:
-            activation = unpack(infer.tensor, self.config.max_tensor_elements, self.dictionaries)
+            activation = unpack(
+                infer.tensor, self.config.limits.max_tensor_elements, self.dictionaries
+            )
         except ProtocolError as exc:
             # TOO_LARGE stays TOO_LARGE (a zstd frame declaring more than the shape, §6.6).
             code = getattr(exc, "code", ErrorCode.BAD_TENSOR)
@@ -1167,15 +1020,15 @@ class SpinnServer:
         if self._stopping.is_set():
             # Past the shutdown's snapshot of tasks: it would be neither awaited nor cancelled.
             return "server shutting down"
-        if len(peer.jobs) >= self.config.max_queue_per_connection:
+        if len(peer.jobs) >= self.config.limits.max_queue_per_connection:
             return f"{len(peer.jobs)} requests already queued for this device"
-        if self._queued >= self.config.max_queued:
+        if self._queued >= self.config.limits.max_queued:
             return f"{self._queued} requests queued on the server"
-        if self._queued >= self.config.max_queued * 3 // 4 and peer.jobs:
+        if self._queued >= self.config.limits.max_queued * 3 // 4 and peer.jobs:
             # A busy server: each device may hold its share of the queue, so that one
             # flooding device cannot fill it for its neighbours.
             holders = sum(1 for p in self._devices if p.jobs)
-            share = max(1, self.config.max_queued // max(1, holders))
+            share = max(1, self.config.limits.max_queued // max(1, holders))
             if len(peer.jobs) >= share:
                 return (
                     f"{len(peer.jobs)} requests queued for this device, its share of a busy "
@@ -1196,7 +1049,7 @@ class SpinnServer:
             else:
                 # With batching, a forward pass answers up to batch_max queued requests.
                 ahead = self._queued
-                per_pass = max(1, min(self._queued, self.config.batch_max))
+                per_pass = max(1, min(self._queued, self.config.compute.batch_max))
             ahead_ms = ahead * mean_ms / (self.workers * per_pass)
             done_ms = max(ahead_ms, measured_ms) + mean_ms
             if done_ms > infer.deadline_ms:
@@ -1217,7 +1070,7 @@ class SpinnServer:
         self.stats.cancels_unknown += 1
         if not peer.unknown_cancels.take(peer.last_active_at):
             self._over_rate(
-                peer, "CANCELs of unknown requests", self.config.max_unknown_cancel_rate
+                peer, "CANCELs of unknown requests", self.config.limits.max_unknown_cancel_rate
             )
 
     def _request_error(self, peer: _Peer, code: ErrorCode, message: str, rid: int) -> None:
@@ -1250,7 +1103,7 @@ class SpinnServer:
             peer.send(_error(ErrorCode.CANCELLED, why, job.request_id))
             return
         t0 = time.perf_counter()
-        report = self.config.report_compute
+        report = self.config.compute.report_compute
         held_ms = (time.monotonic() - job.received_at) * 1e3
         try:
             result = Result(
@@ -1324,7 +1177,7 @@ class SpinnServer:
             stages += 1
             if step.answer is not None:
                 compute_ms = (time.perf_counter() - t0) * 1e3
-                top = step.answer.topk(self.config.top_k)
+                top = step.answer.topk(self.config.compute.top_k)
                 with self._lock:
                     self.stats.computed += 1
                     self.stats.stages_run += stages
@@ -1371,7 +1224,7 @@ class SpinnServer:
                         self.stats.cancelled_running += 1
                     continue
                 compute_ms = answer.compute_s * 1e3
-                top = torch.topk(answer.probs, min(self.config.top_k, answer.probs.numel()))
+                top = torch.topk(answer.probs, min(self.config.compute.top_k, answer.probs.numel()))
                 with self._lock:
                     self.stats.computed += 1
                     self.stats.stages_run += answer.stages_run

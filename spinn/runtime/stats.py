@@ -194,7 +194,7 @@ class ServerStats:
     connections_refused: int = 0
     """Connections closed by a limit: too many, unauthenticated, handshake or idle timeout."""
     handshakes: int = 0
-    """Connections in the handshake now (their own pool, ``ServerConfig.max_handshakes``)."""
+    """Connections in the handshake now (their own pool, ``LimitsConfig.max_handshakes``)."""
     handshakes_shed: int = 0
     """Connections refused at once because the handshake pool (or an address's share of
     it) was full."""
