@@ -93,6 +93,6 @@ def test_device_cli_takes_several_servers() -> None:
     assert config.link.server == A and config.link.extra_servers == (B, C)
     assert config.link.server_addresses == (A, B, C)
     default = spinn_device.config_from_args(parser.parse_args(["--dataset", "x"]))
-    assert default.server_addresses == (("127.0.0.1", 7878),)
+    assert default.link.server_addresses == (("127.0.0.1", 7878),)
     with pytest.raises(SystemExit):
         parser.parse_args(["--dataset", "x", "--server", "10.0.0.1:99999"])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -299,13 +300,22 @@ class OutputConfig:
 _C = TypeVar("_C")
 
 
+def _groups(cls: type[Any]) -> dict[str, Callable[..., Any]]:
+    """Group name → its class, for a configuration made of groups."""
+    out: dict[str, Callable[..., Any]] = {}
+    for group in dataclasses.fields(cls):
+        assert callable(group.default_factory), group.name
+        out[group.name] = group.default_factory
+    return out
+
+
 def _group_of(cls: type[Any]) -> dict[str, str]:
     """Field name → the group holding it, for a configuration made of groups."""
     out: dict[str, str] = {}
-    for group in dataclasses.fields(cls):
-        for f in dataclasses.fields(group.default_factory()):  # type: ignore[misc]
+    for name, group in _groups(cls).items():
+        for f in dataclasses.fields(group()):
             assert f.name not in out, f"{cls.__name__}: field {f.name} in two groups"
-            out[f.name] = group.name
+            out[f.name] = name
     return out
 
 
@@ -317,7 +327,7 @@ def _from_fields(cls: type[_C], fields: dict[str, Any]) -> _C:
     kwargs: dict[str, dict[str, Any]] = {}
     for name, value in fields.items():
         kwargs.setdefault(groups[name], {})[name] = value
-    types = {g.name: g.default_factory for g in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    types = _groups(cls)
     return cls(**{g: types[g](**kw) for g, kw in kwargs.items()})
 
 
@@ -555,8 +565,8 @@ ServerConfig._GROUP_OF = _group_of(ServerConfig)
 def config_fields(cls: type[DeviceConfig] | type[ServerConfig]) -> dict[str, Any]:
     """Every field of a configuration by its path (``link.probe_bytes``) → its default."""
     out: dict[str, Any] = {}
-    for group in dataclasses.fields(cls):
-        instance = group.default_factory()  # type: ignore[misc]
+    for name, group in _groups(cls).items():
+        instance = group()
         for f in dataclasses.fields(instance):
-            out[f"{group.name}.{f.name}"] = getattr(instance, f.name)
+            out[f"{name}.{f.name}"] = getattr(instance, f.name)
     return out

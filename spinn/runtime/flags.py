@@ -149,7 +149,9 @@ def _show(value: Any) -> str:
 def _add(target: Any, flag: Flag, defaults: Mapping[str, Any]) -> None:
     # {default}: the flag's own field; {group.field}: another field's default.
     def value(m: re.Match[str]) -> str:
-        found = defaults[flag.field if m.group(1) == "default" else m.group(1)]
+        path = flag.field if m.group(1) == "default" else m.group(1)
+        assert path is not None, flag.names
+        found = defaults[path]
         return format(found, m.group(2)) if m.group(2) else _show(found)
 
     text = re.sub(r"\{([\w.]+)(?::([^}]*))?\}", value, flag.help)
