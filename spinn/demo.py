@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from spinn.procs import free_port, stop_process, wait_listening
+from spinn.runtime.config import PolicyConfig
 
 __all__ = ["main"]
 
@@ -46,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--split", type=int, help="split point of --policy fixed (default: the middle one)"
     )
-    parser.add_argument("--thr", type=float, help="exit threshold of --policy fixed (default 0.8)")
+    parser.add_argument(
+        "--thr",
+        type=float,
+        help=f"exit threshold of --policy fixed (default {PolicyConfig.thr_conf})",
+    )
     parser.add_argument("--checkpoint", type=Path, help="checkpoint (default: the shipped model)")
     args = parser.parse_args(argv)
     # The fixed policy's knobs, passed on to the device; any other policy chooses them.
