@@ -117,7 +117,7 @@ class SchedulerConfig:
     (DESIGN.md part 7): remote latency is raced against the local path, and the device
     stays busy until the answer arrives."""
     max_in_flight: int = 4
-    """Inputs the device keeps begun but unanswered (``DeviceConfig.max_in_flight``): under
+    """Inputs the device keeps begun but unanswered (``SourceConfig.max_in_flight``): under
     a saturating stream a local continuation waits behind those of the others, which
     decides who wins the race in the throughput prediction."""
 
