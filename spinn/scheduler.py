@@ -87,6 +87,14 @@ class SchedulerConfig:
     a real change of the network (B 100 → 0.2 Mbit/s makes server-only several times
     slower than the device) is followed at the next re-plan instead of up to
     ``min_dwell_s`` later."""
+    dwell_bandwidth_ratio: float = 1.5
+    """The dwell holds a decision against the noise of the compute estimates, not against
+    the network: once B has moved by this factor or more (either way) since the decision
+    was taken, the dwell is over. B moves only when the probe trains confirm a step (a
+    median of trains), or at a collapse or a rise; on the step trace the rise from 0.2
+    to 50 Mbit/s was followed by split 1 at B = 11 Mbit/s, and server-only (38% faster at
+    52 Mbit/s, inside the dwell's band) waited out the dwell: 1.1 s to settle where 0.1
+    would do."""
     replan_interval_s: float = 0.05
     """Between full re-plans the current decision is returned as it is, unless the server's
     reachability changed.  A re-plan costs about 0.3 ms of the device's event loop; made
@@ -136,6 +144,11 @@ class SchedulerConfig:
             )
         if not self.min_dwell_s >= 0.0:
             raise ValueError(f"SchedulerConfig.min_dwell_s must be >= 0, got {self.min_dwell_s!r}")
+        if not self.dwell_bandwidth_ratio > 1.0:
+            raise ValueError(
+                "SchedulerConfig.dwell_bandwidth_ratio must be > 1, "
+                f"got {self.dwell_bandwidth_ratio!r}"
+            )
         if self.dwell_band < 1.0:
             raise ValueError(f"SchedulerConfig.dwell_band must be >= 1, got {self.dwell_band!r}")
         if self.hysteresis < 1.0:
@@ -735,14 +748,22 @@ class Scheduler:
             violations=() if ok else _violations(self.sla, pred, s, t, self.config.latency_margin),
         )
 
-    def _dwelling(self, now: float, pred: Predictions, best_ok: bool, best_split: int) -> bool:
-        """Whether the current decision is younger than ``min_dwell_s``, still valid,
-        within every hard limit (when anything is) and, when the optimum is at another
-        split, within the dwell's wide band of it (``dwell_band``)."""
+    def _dwelling(
+        self, now: float, pred: Predictions, best_ok: bool, best_split: int, est: Estimates
+    ) -> bool:
+        """Whether the current decision is younger than ``min_dwell_s``, taken at about
+        this B (``dwell_bandwidth_ratio``), still valid, within every hard limit (when
+        anything is) and, when the optimum is at another split, within the dwell's wide
+        band of it (``dwell_band``)."""
         if self.current is None or self._current_t is None or not self.history:
             return False
         if not 0.0 <= now - self.history[-1][0] < self.config.min_dwell_s:
             return False  # dwelt long enough, or a new time base
+        then = self._estimates_at_change
+        if then is not None and then.bandwidth_bps > 0 and est.bandwidth_bps > 0:
+            moved = est.bandwidth_bps / then.bandwidth_bps
+            if max(moved, 1.0 / moved) >= self.config.dwell_bandwidth_ratio:
+                return False  # the network moved: not noise
         # A move of the threshold alone waits out the dwell: on the step trace the
         # predicted throughputs of server-only at thr 0.85 and 0.90 swapped places by more
         # than the wide band within 0.05-0.3 s (4.63 → 4.91 s, 6.01 → 6.06 s), with the
@@ -797,7 +818,7 @@ class Scheduler:
             self.current_choice = self._choice(pred, s, t, ok)
             return self.current
         if self.current is not None and (
-            self._dwelling(now, pred, ok, s) or self._keep_current(pred, ok)
+            self._dwelling(now, pred, ok, s, estimates) or self._keep_current(pred, ok)
         ):
             assert self._current_t is not None
             self.current_choice = self._choice(pred, self.current.split, self._current_t, ok)

@@ -556,7 +556,7 @@ def test_a_decisive_change_does_not_wait_out_the_dwell() -> None:
     assert slow.split == p.num_stages and len(sched.history) == 2
     assert sched.history[-1][0] == 0.2
     # Without the override the same collapse would have waited for the dwell to end.
-    stubborn = Scheduler(p, sla, replace(cfg, dwell_band=1e6))
+    stubborn = Scheduler(p, sla, replace(cfg, dwell_band=1e6, dwell_bandwidth_ratio=1e6))
     stubborn.decide(0.0, est(1000, lat_ms=1))
     assert stubborn.decide(0.2, est(0.01, lat_ms=1)).split <= 1
     assert stubborn.decide(1.0, est(0.01, lat_ms=1)).split == p.num_stages
@@ -573,6 +573,40 @@ def test_a_decisive_change_does_not_wait_out_the_dwell() -> None:
     assert only_device.decide(1.1, est(1, device_scale=1.0)).thr_conf == low.thr_conf
     with pytest.raises(ValueError, match="dwell_band"):
         SchedulerConfig(dwell_band=0.5)
+
+
+def test_a_move_of_b_ends_the_dwell() -> None:
+    """The dwell holds against the noise of the compute estimates; once B has moved by
+    ``dwell_bandwidth_ratio`` since the decision, an optimum inside the dwell's wide band
+    (but out of the hysteresis band) is taken at once."""
+    p = scenario_profile()
+    cfg = SchedulerConfig(min_dwell_s=1.0, replan_interval_s=0.0)
+    sla = SLA(rank=(Metric.THROUGHPUT,))
+    probe = Scheduler(p, sla, replace(cfg, min_dwell_s=0.0))
+    bws = np.geomspace(0.1, 1000, 300)
+    found = None
+    for b1 in bws:
+        b2 = 1.6 * b1
+        first, second = probe.choose(est(b1)), probe.choose(est(b2))
+        if first.split == second.split:
+            continue
+        fps = probe.predict(est(b2)).throughput
+        kept = fps[first.split, first.thr_index] / fps[second.split, second.thr_index]
+        if 1 / 1.5 < kept < 1 / 1.12:  # inside the dwell's band, out of the hysteresis
+            found = (b1, b2, first, second)
+            break
+    assert found is not None
+    b1, b2, first, second = found
+    sched = Scheduler(p, sla, cfg)
+    assert sched.decide(0.0, est(b1)).split == first.split
+    assert sched.decide(0.1, est(b2)).split == second.split
+    # Without the rule the same move waits out the dwell.
+    held = Scheduler(p, sla, replace(cfg, dwell_bandwidth_ratio=1e6))
+    held.decide(0.0, est(b1))
+    assert held.decide(0.1, est(b2)).split == first.split
+    assert held.decide(1.0, est(b2)).split == second.split
+    with pytest.raises(ValueError, match="dwell_bandwidth_ratio"):
+        SchedulerConfig(dwell_bandwidth_ratio=1.0)
 
 
 def test_replans_at_its_cadence_and_at_once_when_the_server_goes() -> None:
