@@ -564,3 +564,23 @@ def test_config_is_only_read(tmp_path: Path) -> None:
     cfg = DeviceConfig.from_fields(server=None)
     core = DeviceCore(cfg, profile=PROFILE, policy=FixedPolicy(1, 0.5), model=MODEL)
     assert core.config is cfg and replace(cfg) == cfg
+
+
+def test_a_ping_behind_queued_uploads_does_not_time_the_latency() -> None:
+    """A bare PING that goes out behind uploads still on the uplink (at B) measures the
+    uplink's queue, not L: it is left out, and the next one, once they are answered,
+    counts."""
+    core = make_core(probe_bytes=0, ping_interval_s=0.5)
+    (first,) = [a.message for a in only(connected(core, 0.0), Send)]
+    core.receive(0.011, _pong(first, 0.005))
+    assert core.profiler.latency.samples == 1
+    # 200 kB at the prior B (10 Mbit/s) hold the uplink for 160 ms.
+    rid, _ = offload(core, 0, 0.05, nbytes=200_000)
+    (behind,) = [a.message for a in only(core.timer(0.1), Send)]
+    assert isinstance(behind, Ping)
+    core.receive(0.16, _pong(behind, 0.15))
+    assert core.profiler.latency.samples == 1
+    core.receive(0.17, result(rid))
+    (clear,) = [a.message for a in only(core.timer(0.2), Send)]
+    core.receive(0.211, _pong(clear, 0.205))
+    assert core.profiler.latency.samples == 2

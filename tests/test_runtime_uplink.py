@@ -320,3 +320,16 @@ def test_a_rise_the_uploads_showed_is_confirmed_at_once() -> None:
     quiet.next_at, quiet.credit_s = 5.0, -0.1
     assert quiet.due_at(0.1, 1.2e6) >= 5.0 and quiet.confirming == 0
     assert quiet.credit_s == pytest.approx(-0.1 + quiet.share * 0.1)  # repaid, not forgiven
+
+
+def test_uplink_wait_is_a_fifo_draining_at_b() -> None:
+    from spinn.runtime.uplink import uplink_wait_s
+
+    # 10 kB at 1 Mbit/s: 80 ms each. Two written at 0 and 0.01: the link is free at 0.16.
+    sent = [(0.01, 10_000), (0.0, 10_000)]
+    assert uplink_wait_s(0.05, sent, 1e6) == pytest.approx(0.11)
+    assert uplink_wait_s(0.2, sent, 1e6) == 0.0
+    # A gap: the later upload starts when written.
+    assert uplink_wait_s(1.0, [(0.0, 10_000), (0.95, 10_000)], 1e6) == pytest.approx(0.03)
+    assert uplink_wait_s(1.0, [], 1e6) == 0.0
+    assert uplink_wait_s(1.0, [(0.0, 10)], 0.0) == float("inf")

@@ -51,7 +51,7 @@ from spinn.runtime.config import SERVER_BUDGET_SHARE
 from spinn.runtime.failover import ServerRotation
 from spinn.runtime.stats import DeviceStats, median_or_none
 from spinn.runtime.tracker import Answer, FramePhase, RequestTracker, request_deadline
-from spinn.runtime.uplink import ProbeTrains, UploadTimer
+from spinn.runtime.uplink import ProbeTrains, UploadTimer, uplink_wait_s
 
 if TYPE_CHECKING:
     from spinn.runtime.config import DeviceConfig
@@ -87,6 +87,10 @@ _PING_ENVELOPE = 128
 # Bare PINGs sent 0.1 s apart on a new connection, before the regular interval: L is a
 # median of five, and the first round trip of a connection is slow.
 _QUICK_PINGS = 4
+# A bare PING times L only if the uploads ahead of it would hold it this long at most
+# (at B, spinn.runtime.uplink.uplink_wait_s), or this share of L if more.
+_CLEAN_QUEUE_S = 0.001
+_CLEAN_QUEUE_SHARE = 0.1
 # Request errors the server sends as soon as the INFER arrives (PROTOCOL.md §8).
 _ANSWERED_ON_ARRIVAL = (ErrorCode.BUSY, ErrorCode.BAD_TENSOR, ErrorCode.BAD_SPLIT)
 FATAL_CODES = (ErrorCode.MODEL_MISMATCH, ErrorCode.VERSION, ErrorCode.UNAUTHENTICATED)
@@ -1111,8 +1115,17 @@ class DeviceCore:
         if now >= p.next_bare:
             self._ping_seq += 1
             p.pings[self._ping_seq] = (now, 0)
-            if not self._trains.in_flight:
-                # One sent behind a train's padding would time the train, not L.
+            est = self.profiler.snapshot(now)
+            queued = uplink_wait_s(
+                now, ((x.sent_at, x.nbytes) for x in self._sent.values()), est.bandwidth_bps
+            )
+            if not self._trains.in_flight and queued <= max(
+                _CLEAN_QUEUE_S, _CLEAN_QUEUE_SHARE * est.latency_s
+            ):
+                # One sent behind a train's padding would time the train, not L; one sent
+                # behind uploads still on the link, the uplink's queue: at 0.2 Mbit/s with
+                # split 8's uploads L read 243 ms for an 11 ms path, and the device went
+                # device-only (no uploads left to show the link rising).
                 p.clean.add(self._ping_seq)
             self._actions.append(Send(Ping(self._ping_seq, now, b"")))
             p.bare_sent += 1

@@ -57,12 +57,25 @@ the link's rate by dispersion (``spinn.estimators.train_dispersion``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from spinn.estimators import TRAIN_CONFIRM_REL, BandwidthEstimator
 
-__all__ = ["ProbeTrains", "UploadTimer"]
+__all__ = ["ProbeTrains", "UploadTimer", "uplink_wait_s"]
+
+
+def uplink_wait_s(now: float, sent: Iterable[tuple[float, int]], bandwidth_bps: float) -> float:
+    """How long bytes written at ``now`` would wait behind ``sent`` (when each unanswered
+    upload was written, and its bytes), were the link a FIFO draining at
+    ``bandwidth_bps`` since: what a PING sent now would measure on top of the round trip.
+    The uploads an answer came back for are through and not in ``sent``."""
+    if bandwidth_bps <= 0:
+        return math.inf if any(n > 0 for _, n in sent) else 0.0
+    free = -math.inf
+    for at, nbytes in sorted(sent):
+        free = max(free, at) + 8.0 * nbytes / bandwidth_bps
+    return max(0.0, free - now)
 
 
 @dataclass(slots=True)
