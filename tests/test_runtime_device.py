@@ -101,7 +101,7 @@ def test_model_mismatch_stops_the_device_with_a_clear_error(
 
 
 def test_bad_split_is_refused_at_construction(checkpoint: Path) -> None:
-    with pytest.raises(DeviceError, match="--split must be in 0..11"):
+    with pytest.raises(DeviceError, match="policy.split must be in 0..11"):
         SpinnDevice(DeviceConfig.from_fields(checkpoint=checkpoint, split=12, server=None))
 
 

@@ -62,6 +62,10 @@ def test_each_switch_turns_its_field_from_the_default() -> None:
         (SERVER_FLAGS, "operations.shutdown_grace_s must be >= 0", "--grace must be >= 0"),
         (SERVER_FLAGS, "compute.device: unknown 'tpu'", "--device: unknown 'tpu'"),
         (SERVER_FLAGS, "a.limits.max_queued.b stays", "a.limits.max_queued.b stays"),
+        (SERVER_FLAGS, "or serve without them: compute.dictionaries off",
+         "or serve without them: --no-dictionaries"),
+        (SERVER_FLAGS, "compute.allow_user_code on", "--allow-user-code"),
+        (SERVER_FLAGS, "compute.allow_user_code off", "--allow-user-code off"),
     ],
 )  # fmt: skip
 def test_config_errors_are_translated_into_flags(

@@ -113,16 +113,16 @@ def test_mutual_tls_requires_a_device_certificate(certs: dict[str, Path]) -> Non
 
 
 @needs_openssl
-def test_bad_tls_files_name_the_flag(certs: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(SecurityError, match="--tls-cert/--tls-key"):
+def test_bad_tls_files_name_the_field(certs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(SecurityError, match="^security.tls_cert/security.tls_key: "):
         server_ssl_context(tmp_path / "nope.pem", certs["server_key"])
-    with pytest.raises(SecurityError, match="--tls-ca"):
+    with pytest.raises(SecurityError, match="^link.tls_ca: "):
         device_ssl_context(tmp_path / "nope.pem")
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate")
     with pytest.raises(SecurityError, match="cannot load"):
         server_ssl_context(garbage, certs["server_key"])
-    with pytest.raises(SecurityError, match="needs --tls-cert"):
+    with pytest.raises(SecurityError, match="link.tls_key needs link.tls_cert"):
         device_ssl_context(certs["ca_pem"], None, certs["device_key"])
 
 

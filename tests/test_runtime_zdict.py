@@ -128,9 +128,9 @@ def test_unusable_files_are_refused_by_name_with_the_way_out(tmp_path: Path) -> 
     }
     for name, (data, match) in cases.items():
         checkpoint = _beside_a_copy(tmp_path / name.replace(" ", "-"), data)
-        with pytest.raises(DeviceError, match=f"{match}.*--codec sparse_int8"):
+        with pytest.raises(DeviceError, match=f"{match}.*link.codec sparse_int8"):
             SpinnDevice(DeviceConfig.from_fields(checkpoint=checkpoint, server=None))
-        with pytest.raises(DictionaryError, match=f"{match}.*--no-dictionaries"):
+        with pytest.raises(DictionaryError, match=f"{match}.*compute.dictionaries off"):
             SpinnServer(ServerConfig.from_fields(checkpoint=checkpoint))
         # Either end runs without the file when told to.
         assert (

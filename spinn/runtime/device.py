@@ -197,9 +197,9 @@ def _make_policy(
     if config.link.server is None and config.policy.split is None:
         split = num_stages  # no server: every stage runs here (device-only)
     if not 0 <= split <= num_stages:
-        raise DeviceError(f"--split must be in 0..{num_stages}, got {split}")
+        raise DeviceError(f"policy.split must be in 0..{num_stages}, got {split}")
     if not 0.0 <= config.policy.thr_conf <= 1.0:
-        raise DeviceError(f"--thr must be in [0, 1], got {config.policy.thr_conf}")
+        raise DeviceError(f"policy.thr_conf must be in [0, 1], got {config.policy.thr_conf}")
     if policy is not None:
         return policy
     if config.policy.policy == "fixed":
@@ -230,7 +230,7 @@ def _make_policy(
             config.policy.policy, profile, config.policy.sla or SLA(), scheduler_config
         )
     except ValueError as exc:
-        raise DeviceError(f"--policy {config.policy.policy}: {exc}") from exc
+        raise DeviceError(f"policy.policy {config.policy.policy}: {exc}") from exc
 
 
 class _Link:
@@ -1019,7 +1019,7 @@ class SpinnDevice:
             )
         except DictionaryError as exc:
             raise DeviceError(
-                f"--codec {DICT_CODEC}: {exc} (or pack without it: --codec sparse_int8)"
+                f"link.codec {DICT_CODEC}: {exc} (or pack without it: link.codec sparse_int8)"
             ) from None
         if found is None:
             log.info(

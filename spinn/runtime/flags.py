@@ -125,13 +125,23 @@ class FlagTable:
         return self.config.from_fields(**values, **derived)
 
     def flag_text(self, message: str) -> str:
-        """``message`` with each configuration field it names replaced by its flag."""
-        names = {f.field: f.names[0] for f in self.flags if f.field is not None}
+        """``message`` with each configuration field it names replaced by its flag; a
+        switch's field followed by the state the switch sets (``compute.dictionaries off``)
+        is the switch alone (``--no-dictionaries``)."""
+        flags = {f.field: f for f in self.flags if f.field is not None}
+        defaults = config_fields(self.config)
         pattern = re.compile(
-            r"(?<![\w.])(" + "|".join(re.escape(p) for p in sorted(names, key=len, reverse=True))
-            + r")(?![\w])"
+            r"(?<![\w.])(" + "|".join(re.escape(p) for p in sorted(flags, key=len, reverse=True))
+            + r")(?![\w])( (?:on|off)\b)?"
         )  # fmt: skip
-        return pattern.sub(lambda m: names[m.group(1)], message)
+
+        def sub(m: re.Match[str]) -> str:
+            flag, state = flags[m.group(1)], m.group(2)
+            if state and flag.switch and (state == " on") != defaults.get(m.group(1), True):
+                return flag.names[0]
+            return flag.names[0] + (state or "")
+
+        return pattern.sub(sub, message)
 
 
 def _default_of(config: type[DeviceConfig] | type[ServerConfig], path: str) -> Any:

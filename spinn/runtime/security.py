@@ -72,9 +72,9 @@ def server_ssl_context(cert: Path, key: Path, client_ca: Path | None = None) -> 
     a certificate signed by it (mutual TLS)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load_chain(context, cert, key, "--tls-cert/--tls-key")
+    _load_chain(context, cert, key, "security.tls_cert/security.tls_key")
     if client_ca is not None:
-        _load_ca(context, client_ca, "--tls-client-ca")
+        _load_ca(context, client_ca, "security.tls_client_ca")
         context.verify_mode = ssl.CERT_REQUIRED
     return context
 
@@ -88,9 +88,9 @@ def device_ssl_context(
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if ca is not None:
-        _load_ca(context, ca, "--tls-ca")
+        _load_ca(context, ca, "link.tls_ca")
     if cert is not None:
-        _load_chain(context, cert, key, "--tls-cert/--tls-key")
+        _load_chain(context, cert, key, "link.tls_cert/link.tls_key")
     elif key is not None:
-        raise SecurityError("--tls-key needs --tls-cert")
+        raise SecurityError("link.tls_key needs link.tls_cert")
     return context

@@ -319,7 +319,9 @@ class SpinnServer:
                     config.compute.checkpoint, self.meta.model_id, self.model.num_stages
                 )
             except DictionaryError as exc:
-                raise DictionaryError(f"{exc} (or serve without it: --no-dictionaries)") from None
+                raise DictionaryError(
+                    f"{exc} (or serve without them: compute.dictionaries off)"
+                ) from None
         self._token = (
             None if config.security.token_file is None else load_token(config.security.token_file)
         )
@@ -414,7 +416,10 @@ class SpinnServer:
             )
         except OSError as exc:
             raise ListenError.at(
-                "--host/--port", self.config.operations.host, self.config.operations.port, exc
+                "operations.host/operations.port",
+                self.config.operations.host,
+                self.config.operations.port,
+                exc,
             ) from exc
         log.info(
             "serving %s (model %s, sha256 %s…) on %s:%d with %d worker(s) × %d torch thread(s)"
@@ -446,7 +451,9 @@ class SpinnServer:
                 self.metrics_port = self.metrics.serve(host, port)
             except OSError as exc:
                 self._server.close()
-                raise ListenError.at("--metrics-host/--metrics-port", host, port, exc) from exc
+                raise ListenError.at(
+                    "operations.metrics_host/operations.metrics_port", host, port, exc
+                ) from exc
             log.info(
                 "metrics on http://%s:%d/metrics",
                 self.config.operations.metrics_host,
