@@ -1,11 +1,12 @@
 """A discrete-event simulator of SPINN: ``python -m bench.sim``.
 
-Runs whole experiments in virtual time (``bench._simcore``): each device's real policy and
-``OnlineProfiler``, netshape's link model and traces, and modelled compute (the offline
-profile's stage times × a scale, with seeded noise, plus per-call overheads).  It does
-**not** run ``spinn.runtime``'s device and server, which are asyncio adapters; the
-simulator's ``SimDevice``/``SimServer`` mirror their behaviour and are where pure runtime
-cores would plug in.  Deterministic for a seed.
+Runs whole experiments in virtual time (``bench._simcore``): every device is the
+runtime's own ``DeviceCore`` (its policy, ``OnlineProfiler``, deadlines, race, PINGs and
+probe trains, dead-link check and reconnects), driven by a virtual clock and speaking
+protocol messages over netshape's link model and traces; compute is modelled (the offline
+profile's stage times × a scale, with seeded noise, plus per-call overheads), and so is
+the server (``SimServer``: per-split queues, workers, dynamic batching).  Deterministic
+for a seed.
 
 Three parts, each printed:
 
@@ -375,8 +376,7 @@ def run_fleet(profile: Profile, plan: FleetPlan, servers: int, device: DeviceMod
     base_prof = dataclasses.replace(
         profile, stage_device_ms=tuple(plan.device_slowdown * t for t in profile.stage_device_ms)
     )
-    dmodel = dataclasses.replace(device, codec=_codec(profile), input_codec=_input_codec(profile),
-                                 snapshot_interval_s=0.1)  # fmt: skip
+    dmodel = dataclasses.replace(device, codec=_codec(profile), input_codec=_input_codec(profile))
     cfg = SchedulerConfig(codec=dmodel.codec, max_in_flight=dmodel.max_in_flight,
                           replan_interval_s=plan.replan_interval_s)  # fmt: skip
     devs = []
