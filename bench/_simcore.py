@@ -43,6 +43,7 @@ from spinn.profile import Profile
 from spinn.runtime.device import DeviceConfig
 from spinn.runtime.device_core import (
     Action,
+    ArmTimer,
     CancelCompute,
     CloseLink,
     ComputeCall,
@@ -156,17 +157,30 @@ class Link:
         self._configs: dict[tuple[float, float], DirectionConfig] = {}
         self.bytes_sent = 0
         self.dropped = 0
+        self._held: tuple[float, float, tuple[float | None, float, float, bool]] | None = None
+        """A step trace's conditions and the span of time they hold for."""
 
     def conditions(self, now: float) -> tuple[float | None, float, float, bool]:
         """(rate bit/s or None, one-way delay, loss, outage) at ``now``."""
         s = self.spec
         if s.trace is None:
             return s.rate_bps, s.delay_s, s.loss, False
-        st = s.trace.at(now + s.trace_offset_s)
+        held = self._held
+        if held is not None and held[0] <= now < held[1]:
+            return held[2]
+        trace = s.trace
+        t = now + s.trace_offset_s
+        st = trace.at(t)
         rate = st.up_rate_bps if self.up else st.down_rate_bps
         if rate is not None:
             rate *= s.rate_scale
-        return rate, st.delay_s * s.delay_scale, st.loss, st.outage is not None
+        cond = (rate, st.delay_s * s.delay_scale, st.loss, st.outage is not None)
+        if trace.interpolation == "step":
+            # A step trace holds each row until the next: looked up once per row (a fleet's
+            # links send hundreds of thousands of messages).
+            begin, end = _step_span(trace, t)
+            self._held = (begin - s.trace_offset_s, end - s.trace_offset_s, cond)
+        return cond
 
     def _config(self, delay: float, loss: float) -> DirectionConfig:
         key = (delay, loss)
@@ -195,6 +209,23 @@ class Link:
             self.free_at = max(self.free_at, fate.resume_at)
         self.loop.at(fate.due + self.path_s, deliver, *args)
         return finish
+
+
+def _step_span(trace: Trace, t: float) -> tuple[float, float]:
+    """The span of replay time around ``t`` over which a step trace's row at ``t`` holds
+    (``Trace.at``'s rule: before the first row the first row holds; a looping trace
+    repeats with its last row's time as period; without looping the last row holds)."""
+    times = [p.time_s for p in trace.points]
+    base, local = 0.0, t
+    if trace.loop:
+        base = (t // trace.duration_s) * trace.duration_s
+        local = t - base
+    i = bisect.bisect_right(times, local) - 1
+    if i < 0:
+        return base, base + times[0]
+    if i + 1 < len(times):
+        return base + times[i], base + times[i + 1]
+    return base + times[i], math.inf  # the last row of a trace that does not loop
 
 
 def exit_for(profile: Profile, u: float, thr_conf: float | None, final_exit: int | None) -> int:
@@ -574,6 +605,7 @@ class SimDevice:
         self._packed: dict[int, PackedTensor] = {}
         self._timer_at: float | None = None
         self._depth = 0
+        self._rearm = False
         self._stopped = False
         self.connected = False
         self._epoch = 0
@@ -634,13 +666,13 @@ class SimDevice:
 
     def _act(self, actions: list[Action]) -> None:
         """Carry out the core's actions in order (each may return more), then re-arm its
-        timer (once per event: ``next_timer`` after the last of them)."""
+        timer where one asked (``ArmTimer``: ``next_timer`` once, after the last of them)."""
         self._depth += 1
         try:
             self._carry_out(actions)
         finally:
             self._depth -= 1
-        if not self._depth:
+        if not self._depth and self._rearm:
             self._arm()
 
     def _carry_out(self, actions: list[Action]) -> None:
@@ -674,11 +706,14 @@ class SimDevice:
             elif isinstance(a, Reconnect):
                 if not self._stopped:
                     self.loop.at(now + a.delay_s, self._connect)
+            elif isinstance(a, ArmTimer):
+                self._rearm = True
             elif isinstance(a, Fatal):
                 raise RuntimeError(f"simulated device {self.index}: {a.message}")
             # Log: not kept (the records and counters are the simulation's output).
 
     def _arm(self) -> None:
+        self._rearm = False
         if self._stopped:
             return
         at = self.core.next_timer(self.loop.now)
@@ -694,6 +729,7 @@ class SimDevice:
             # The run is over: the device stops (its PINGs with it).
             self._stopped = True
             return
+        self._rearm = True  # the timer's own work moves the next one
         self._act(self.core.timer(self.loop.now))
 
     def _over(self) -> bool:
