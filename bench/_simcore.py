@@ -26,7 +26,6 @@ What is real and what is modelled (docs/ARCHITECTURE.md, "Simulator"):
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import heapq
 import itertools
 import math
@@ -40,7 +39,7 @@ from protocol import Cancel, Error, ErrorCode, Infer, Ping, Pong, Result
 from protocol.tensor import PackedTensor
 from spinn.policy import Policy
 from spinn.profile import Profile
-from spinn.runtime.device import DeviceConfig
+from spinn.runtime.config import DeviceConfig, LinkConfig
 from spinn.runtime.device_core import (
     Action,
     ArmTimer,
@@ -93,7 +92,6 @@ _CLASS_NAMES = tuple(f"class {i}" for i in range(10))
 # What an answer says (its classes are not modelled: the exit is).
 _CLASSES = tuple(range(TOP_K))
 _PROBS = (0.9, 0.04, 0.03, 0.02, 0.01)
-_DEFAULT_CONFIG = DeviceConfig()
 
 
 class EventLoop:
@@ -270,7 +268,7 @@ class DeviceModel:
     """Profile entry whose size is uploaded at split 0, where the runtime sends the frame's
     pixels (``uint8_image+zstd``, PROTOCOL.md §6.8); None: ``codec``'s."""
     ping_interval_s: float = 0.5
-    probe_bytes: int = _DEFAULT_CONFIG.probe_bytes
+    probe_bytes: int = LinkConfig.probe_bytes
     """Padding of a probe train's PINGs (``DeviceConfig.probe_bytes``; 0: no trains)."""
     ping_timeout_s: float = 1.5
     deadline_factor: float = 3.0
@@ -279,8 +277,7 @@ class DeviceModel:
 
     def config(self, server: bool, seed: int) -> DeviceConfig:
         """The ``DeviceConfig`` a simulated device's core runs with."""
-        return dataclasses.replace(
-            _DEFAULT_CONFIG,
+        return DeviceConfig.from_fields(
             server=("sim", 1) if server else None,
             max_in_flight=self.max_in_flight,
             ping_interval_s=self.ping_interval_s,
@@ -290,6 +287,7 @@ class DeviceModel:
             deadline_margin_s=self.deadline_margin_s,
             connect_timeout_s=self.connect_timeout_s,
             top_k=TOP_K,
+            status_interval_s=0.0,
             seed=seed,
         )
 
