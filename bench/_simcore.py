@@ -269,7 +269,7 @@ class DeviceModel:
     pixels (``uint8_image+zstd``, PROTOCOL.md §6.8); None: ``codec``'s."""
     ping_interval_s: float = 0.5
     probe_bytes: int = LinkConfig.probe_bytes
-    """Padding of a probe train's PINGs (``DeviceConfig.probe_bytes``; 0: no trains)."""
+    """Padding of a probe train's PINGs (``LinkConfig.probe_bytes``; 0: no trains)."""
     ping_timeout_s: float = 1.5
     deadline_factor: float = 3.0
     deadline_margin_s: float = 0.1
