@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 from collections import Counter
 from pathlib import Path
@@ -245,3 +246,14 @@ def test_step_trace_conditions_held_per_row_match_the_trace() -> None:
             want = (1.5 * st.up_rate_bps if st.up_rate_bps else st.up_rate_bps, st.delay_s,
                     st.loss, st.outage is not None)  # fmt: skip
             assert link.conditions(t) == want, (name, t)
+
+
+def test_server_search_is_the_same_in_processes() -> None:
+    # Fleet runs side by side in forked processes give the figures one process gives.
+    plan = sim.FleetPlan(devices=8, fps=10.0, seconds=0.8, warmup_s=0.2)
+    args = (PROFILE, plan, DeviceModel(), math.inf, 30.0, 1, 4)
+    one = sim.servers_needed(*args, start=3, max_utilisation=0.02, jobs=1)
+    two = sim.servers_needed(*args, start=3, max_utilisation=0.02, jobs=2)
+    assert one[0] == two[0]
+    by_n = {f["servers"]: f for f in two[1]}
+    assert all(by_n[f["servers"]] == f for f in one[1])
