@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -88,13 +87,6 @@ class SchedulerConfig:
     a real change of the network (B 100 → 0.2 Mbit/s makes server-only several times
     slower than the device) is followed at the next re-plan instead of up to
     ``min_dwell_s`` later."""
-    noise_window_s: float = 1.0
-    """The hysteresis band of the first ranked metric widens to the spread the current
-    decision's own prediction of it showed over this long, up to the dwell's band
-    (``dwell_band``), for a challenger no better on the other metrics: on a loaded machine the compute estimates swing by more than the
-    band for seconds (device time ×1.9–2.7 at load average 10), and on the step trace
-    the decision moved between thresholds 0.80–0.97 of server-only once a second, as
-    each dwell ended. 0 turns it off."""
     dwell_bandwidth_ratio: float = 1.5
     """The dwell holds a decision against the noise of the compute estimates, not against
     the network: once B has moved by this factor or more (either way) since the decision
@@ -152,10 +144,6 @@ class SchedulerConfig:
             )
         if not self.min_dwell_s >= 0.0:
             raise ValueError(f"SchedulerConfig.min_dwell_s must be >= 0, got {self.min_dwell_s!r}")
-        if not self.noise_window_s >= 0.0:
-            raise ValueError(
-                f"SchedulerConfig.noise_window_s must be >= 0, got {self.noise_window_s!r}"
-            )
         if not self.dwell_bandwidth_ratio > 1.0:
             raise ValueError(
                 "SchedulerConfig.dwell_bandwidth_ratio must be > 1, "
@@ -732,9 +720,6 @@ class Scheduler:
         """Every change of decision with its time, the first included."""
         self._planned: tuple[float, bool] | None = None
         """Time and server reachability of the last full re-plan."""
-        self._seen: deque[tuple[float, float]] = deque()
-        """(time, predicted first ranked metric, as a cost) of the current decision at
-        each re-plan within ``noise_window_s``: its spread widens the band."""
 
     def predict(self, estimates: Estimates) -> Predictions:
         pred = self.predictor.predict(estimates)
@@ -789,57 +774,6 @@ class Scheduler:
         viol = violation(self.sla, pred, self.config.latency_margin)
         return bool(pred.valid[s, t]) and not (best_ok and viol[s, t] > 0)
 
-    def _watch_noise(self, now: float, pred: Predictions) -> None:
-        """Keeps the current decision's predicted first metric of each re-plan within
-        ``noise_window_s``."""
-        if self.current is None or self._current_t is None or self.config.noise_window_s <= 0:
-            return
-        cost = float(pred.cost(self.sla.order[0])[self.current.split, self._current_t])
-        seen = self._seen
-        while seen and not 0.0 <= now - seen[0][0] <= self.config.noise_window_s:
-            seen.popleft()  # too old, or a new time base
-        if math.isfinite(cost) and cost > 0:
-            seen.append((now, cost))
-
-    def _noise_widening(self) -> float:
-        """How much wider than the hysteresis band the current decision is kept: the
-        relative spread of its own predicted first metric over ``noise_window_s``, in
-        units of the band, between 1 and ``dwell_band``."""
-        seen = self._seen
-        if len(seen) < 2:
-            return 1.0
-        costs = [c for _, c in seen]
-        spread = max(costs) / min(costs) - 1.0
-        band = self.config.rel_tolerance * self.config.hysteresis
-        if band <= 0:
-            return 1.0  # no band to widen (Neurosurgeon)
-        return min(max(1.0, spread / band), self.config.dwell_band)
-
-    def _keep_through_noise(self, pred: Predictions, best_ok: bool, widen: float) -> bool:
-        """Whether the current decision is within ``widen`` times the hysteresis band of
-        the best on the first ranked metric (the noise its own prediction showed,
-        ``noise_window_s``) and, on the others, within the hysteresis band of the
-        candidates that are within the plain band on the first one: a challenger that
-        is only better on the first metric by less than the noise does not replace it."""
-        if widen <= 1.0 or self.current is None or self._current_t is None:
-            return False
-        s, t = self.current.split, self._current_t
-        if not pred.valid[s, t]:
-            return False
-        viol = violation(self.sla, pred, self.config.latency_margin)
-        if not best_ok or viol[s, t] > 0:
-            return False
-        pool = pred.valid & (viol <= 0)
-        first, *rest = self.sla.order
-        cost = pred.cost(first)
-        best = float(cost[pool].min())
-        hyst = self.config.hysteresis
-        if cost[s, t] > best + _tolerance(first, best, self.config, hyst * widen):
-            return False
-        near = pool & (cost <= best + _tolerance(first, best, self.config, hyst))
-        near[s, t] = True
-        return bool(lexicographic_pool(pred, near, rest, self.config, widen=hyst)[s, t])
-
     def _keep_current(
         self, pred: Predictions, best_ok: bool, widen: float = 1.0, first_only: bool = False
     ) -> bool:
@@ -879,15 +813,12 @@ class Scheduler:
             return self.current
         self._planned = (now, estimates.server_up)
         pred = self.predict(estimates)
-        self._watch_noise(now, pred)
         s, t, ok = choose(pred, self.sla, self.config)
         if self.current is not None and (s, t) == (self.current.split, self._current_t):
             self.current_choice = self._choice(pred, s, t, ok)
             return self.current
         if self.current is not None and (
-            self._dwelling(now, pred, ok, s, estimates)
-            or self._keep_current(pred, ok)
-            or self._keep_through_noise(pred, ok, self._noise_widening())
+            self._dwelling(now, pred, ok, s, estimates) or self._keep_current(pred, ok)
         ):
             assert self._current_t is not None
             self.current_choice = self._choice(pred, self.current.split, self._current_t, ok)
@@ -919,7 +850,6 @@ class Scheduler:
         log.info("%s %s", self.name, reason)
         self.current, self._current_t, self.current_choice = decision, t, choice
         self._estimates_at_change = estimates
-        self._seen.clear()
         self.history.append((now, decision))
         return decision
 
@@ -960,7 +890,6 @@ class NeurosurgeonPolicy:
             accuracy_tolerance=0.0,
             hysteresis=1.0,
             min_dwell_s=0.0,
-            noise_window_s=0.0,
             replan_interval_s=0.0,
             response_bytes=base.response_bytes,
             codec=base.codec,

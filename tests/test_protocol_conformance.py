@@ -338,7 +338,7 @@ async def _handshake_pool_full(server: SpinnServer, port: int) -> Seen:
     first = await Peer.open(port)
     first.send(b"\x00")
     for _ in range(200):
-        if not server._strangers._silent:
+        if not server.core.handshakes.silent:
             break
         await asyncio.sleep(0.01)
     seen = await fatal_after(port, server, welcome=False)

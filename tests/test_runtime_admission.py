@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from spinn.runtime.admission import FairSlots, HandshakePool, LogLimiter, TokenBucket
+from spinn.runtime.admission import HandshakePool, LogLimiter, TokenBucket
 
 
 def test_token_bucket_allows_the_burst_then_the_rate() -> None:
@@ -59,55 +57,6 @@ def test_handshake_pool_limits_each_address() -> None:
     assert pool.admit(4, "10.0.0.7", 0.0).admitted  # another address is not affected
     pool.leave(1)
     assert pool.admit(3, "10.0.0.9", 5.0).admitted
-
-
-def test_fair_slots_serve_connections_round_robin() -> None:
-    async def body() -> list[str]:
-        slots: FairSlots[str] = FairSlots(1)
-        order: list[str] = []
-        await slots.acquire("hold")  # the one slot is taken: everyone else waits
-
-        async def request(key: str, n: int) -> None:
-            await slots.acquire(key)
-            order.append(f"{key}{n}")
-            slots.release()
-
-        # A flooder queues six requests, then a neighbour queues two.
-        tasks = [asyncio.create_task(request("flood", n)) for n in range(6)]
-        await asyncio.sleep(0)
-        tasks += [asyncio.create_task(request("good", n)) for n in range(2)]
-        await asyncio.sleep(0)
-        assert slots.waiting() == 8 and slots.waiting("good") == 2
-        # A third device's next request would wait for one of each other's, plus none of its own.
-        assert slots.ahead("new") == 2
-        assert slots.ahead("good") == 2 + 3  # its own two, and three of the flooder's
-        slots.release()
-        await asyncio.gather(*tasks)
-        return order
-
-    order = asyncio.run(body())
-    # The neighbour's requests are served second and fourth, not after all six.
-    assert order[:4] == ["flood0", "good0", "flood1", "good1"], order
-    assert order[4:] == ["flood2", "flood3", "flood4", "flood5"]
-
-
-def test_fair_slots_pass_on_the_slot_of_a_cancelled_waiter() -> None:
-    async def body() -> None:
-        slots: FairSlots[str] = FairSlots(1)
-        await slots.acquire("a")
-        waiter = asyncio.create_task(slots.acquire("b"))
-        other = asyncio.create_task(slots.acquire("c"))
-        await asyncio.sleep(0)
-        waiter.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiter
-        assert slots.waiting() == 1
-        slots.release()
-        await asyncio.wait_for(other, 1.0)  # c got the slot; b's cancellation lost nothing
-        slots.release()
-        await asyncio.wait_for(slots.acquire("d"), 1.0)  # free again
-
-    asyncio.run(body())
 
 
 def test_log_limiter_once_per_key_and_interval() -> None:

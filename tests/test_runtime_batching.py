@@ -7,14 +7,10 @@ stage boundary; the batcher forms batches per split while workers are busy.
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-import uvloop
 
 from protocol import Cancel, Error, ErrorCode, Infer, Result, pack
 from spinn.checkpoint import load_checkpoint
@@ -22,7 +18,7 @@ from spinn.exits import ExitRule
 from spinn.inference import run_stages
 from spinn.progressive import ProgressiveModel
 from spinn.runtime.accel import resolve_device
-from spinn.runtime.batching import Batcher, run_batch, to_device
+from spinn.runtime.batching import run_batch, to_device
 from spinn.runtime.config import ConfigError, ServerComputeConfig
 from spinn.runtime.server import SpinnServer
 from tests._runtime_support import RawClient, hello, serve
@@ -151,34 +147,6 @@ def test_server_batch_without_early_exits_runs_no_exit_head(checkpoint: Path) ->
         assert results[i].classes == tuple(c for c, _ in want.topk(3))
 
 
-def test_batcher_fills_batches_per_split_while_workers_are_busy() -> None:
-    release = threading.Event()
-    batches: list[list[str]] = []
-
-    def run(jobs: list[str]) -> list[str]:
-        batches.append(jobs)
-        if jobs == ["a"]:
-            assert release.wait(10)
-        return [j.upper() for j in jobs]
-
-    async def main() -> list[str]:
-        with ThreadPoolExecutor(1) as pool:
-            batcher: Batcher[str, str] = Batcher(run, pool, workers=1, max_size=3, max_wait_s=0)
-            first = batcher.submit(0, "a")  # a free worker: runs at once, alone
-            rest = [batcher.submit(5, j) for j in "bcde"] + [batcher.submit(7, "f")]
-            assert batcher.pending == 5
-            release.set()
-            return list(await asyncio.gather(first, *rest))
-
-    results = uvloop.run(main())
-    assert results == ["A", "B", "C", "D", "E", "F"]
-    # The split-5 group holds the oldest request: its first max_size go first; then e,
-    # submitted before f, so the rest of split 5 before split 7 (FIFO across splits).
-    assert batches == [["a"], ["b", "c", "d"], ["e"], ["f"]]
-    with pytest.raises(ValueError, match="max_size"):
-        Batcher(run, ThreadPoolExecutor(1), workers=1, max_size=0, max_wait_s=0)
-
-
 def test_server_batches_devices_equal_unbatched_and_honours_cancel(checkpoint: Path) -> None:
     model, _ = load_checkpoint(checkpoint)
     model.eval()
@@ -257,25 +225,3 @@ def test_server_cli_fills_batching_device_and_metrics_fields() -> None:
         with pytest.raises(SystemExit) as exc:
             spinn_server.main(["--device", "cuda"])
         assert exc.value.code == 2
-
-
-def test_batcher_forgets_waiters_whose_future_was_cancelled() -> None:
-    release = threading.Event()
-    batches: list[list[str]] = []
-
-    def run(jobs: list[str]) -> list[str]:
-        batches.append(jobs)
-        assert release.wait(10)
-        return jobs
-
-    async def main() -> None:
-        with ThreadPoolExecutor(1) as pool:
-            batcher: Batcher[str, str] = Batcher(run, pool, workers=1, max_size=4, max_wait_s=0)
-            first = batcher.submit(1, "a")
-            gone, kept = batcher.submit(1, "b"), batcher.submit(1, "c")
-            gone.cancel()  # e.g. its request's task was cancelled at shutdown
-            release.set()
-            assert await first == "a" and await kept == "c"
-
-    uvloop.run(main())
-    assert batches == [["a"], ["c"]]

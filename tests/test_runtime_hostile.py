@@ -78,7 +78,7 @@ def test_a_full_handshake_pool_sheds_at_once_then_makes_room(checkpoint: Path) -
         for _, writer in lorises:
             writer.write(b"\0")
         for _ in range(100):
-            if not server._strangers._silent:
+            if not server.core.handshakes.silent:
                 break
             await asyncio.sleep(0.01)
         # They fill the pool and none is past its grace: a newcomer is shed at once with
@@ -207,7 +207,7 @@ def test_an_infer_flood_cannot_push_a_neighbour_past_its_deadline(checkpoint: Pa
         neighbour.send(_infer(server, 99, deadline_ms=deadline_ms))
         answer = await neighbour.next()
         assert isinstance(answer, Result) and answer.request_id == 99, answer
-        assert server._queued > 50, "the flood was answered before the neighbour"
+        assert server.core.queued > 50, "the flood was answered before the neighbour"
         flooder.close()
 
     serve(checkpoint, body, workers=1, slowdown=4.0, max_queue_per_connection=256)
@@ -353,7 +353,7 @@ def test_tls_handshakes_are_strangers_in_the_pool_under_its_deadline(
         for client in stalled:
             client.writer.write(client.client_hello())
         for _ in range(200):
-            if server.stats.handshakes == 2 and not server._strangers._silent:
+            if server.stats.handshakes == 2 and not server.core.handshakes.silent:
                 break
             await asyncio.sleep(0.01)
         assert server.stats.handshakes == 2  # in the pool, which is now full

@@ -228,7 +228,7 @@ def test_overloaded_server_makes_the_device_finish_locally(checkpoint: Path) -> 
 async def _until_queue_empty(server: SpinnServer, timeout: float = 5.0) -> None:
     """Wait (bounded) for the server's queue count to drain, as jobs finish in the workers."""
     end = time.monotonic() + timeout
-    while server._queued and time.monotonic() < end:
+    while server.core.queued and time.monotonic() < end:
         await asyncio.sleep(0.01)
 
 
@@ -248,7 +248,7 @@ def test_cancelled_and_abandoned_requests_leave_no_queue_count(
         assert answered == set(range(12))
         canceller.close()
         await _until_queue_empty(server)
-        assert server._queued == 0
+        assert server.core.queued == 0
         # Twice as many requests as the queue holds, over two devices that say BYE with
         # them queued: the slow worker cannot finish them within the idle timeout, so the
         # server cancels the rest unrun (PROTOCOL.md §7.3). Each time the full queue is
@@ -264,7 +264,7 @@ def test_cancelled_and_abandoned_requests_leave_no_queue_count(
             assert cancelled, f"round {round_}: every request ran; the test needs a slower worker"
             assert isinstance(events[-1], Bye)
             await _until_queue_empty(server)
-            assert server._queued == 0, f"round {round_}: {server._queued} left counted"
+            assert server.core.queued == 0, f"round {round_}: {server.core.queued} left counted"
         fresh = await RawClient.open(port)
         await hello(fresh, server)
         fresh.send(_infer(server, 1))
@@ -295,10 +295,10 @@ def test_shutdown_with_requests_queued_leaves_no_queue_count(checkpoint: Path) -
             if server.stats.requests == 8:
                 break
             await asyncio.sleep(0.01)
-        assert server._queued > 0
+        assert server.core.queued > 0
 
     server = serve(checkpoint, body, workers=1, slowdown=10.0, shutdown_grace_s=0.1)
-    assert server._queued == 0
+    assert server.core.queued == 0
 
 
 def test_default_frame_limit_follows_the_model(checkpoint: Path) -> None:
@@ -328,8 +328,5 @@ def test_explicit_frame_limit_overrides_the_model(checkpoint: Path) -> None:
     server = SpinnServer(
         ServerConfig.from_fields(checkpoint=checkpoint, port=0, max_frame_bytes=3 * 2**20)
     )
-    try:
-        assert server.max_frame_bytes == 3 * 2**20
-        assert server.connection_config.max_frame_size == 3 * 2**20
-    finally:
-        server._executor.shutdown()
+    assert server.max_frame_bytes == 3 * 2**20
+    assert server.connection_config.max_frame_size == 3 * 2**20

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,9 @@ from protocol import (
 from spinn.checkpoint import load_checkpoint
 from spinn.exits import ExitRule
 from spinn.inference import run_stages
-from spinn.runtime.config import ServerConfig
-from spinn.runtime.server import SpinnServer, _Job
+from spinn.runtime.batching import run_jobs
+from spinn.runtime.server import SpinnServer
+from spinn.runtime.server_core import Job, Outcome, RunBatch, Stopped
 from tests._runtime_support import RawClient, hello, sample_input, serve
 
 pytestmark = pytest.mark.timeout(60)
@@ -180,35 +180,38 @@ def test_cancel_of_a_queued_request_never_runs_it(checkpoint: Path) -> None:
     assert server.stats.stages_run == 2 * server.model.num_stages
 
 
-class _SetAfter(threading.Event):
-    """An event that reads as set from its n-th check on: cancels mid-request."""
+class _CancelledAfter(Job):
+    """A job that reads as cancelled from its n-th check on: cancels mid-request."""
 
-    def __init__(self, n: int) -> None:
-        super().__init__()
+    def __init__(self, n: int, *args: object) -> None:
         self.checks = 0
         self.n = n
+        super().__init__(*args)  # type: ignore[arg-type]
 
-    def is_set(self) -> bool:
+    @property  # type: ignore[override]
+    def cancelled(self) -> bool:
         self.checks += 1
         return self.checks >= self.n
 
+    @cancelled.setter
+    def cancelled(self, value: bool) -> None:
+        pass
+
 
 def test_running_request_stops_at_a_stage_boundary(checkpoint: Path) -> None:
-    server = SpinnServer(ServerConfig.from_fields(checkpoint=checkpoint, port=0))
-    try:
-        act = sample_input(6)[0].numpy()
-        # Check 1 is at dequeue; checks 2.. follow each stage: set at check 4 = after stage 3.
-        job = _Job(1, 0, ExitRule(1.0), act, cancelled=_SetAfter(4))
-        server._queued = 1
-        assert server._compute(job) is None
-        assert server.stats.cancelled_running == 1
-        assert server.stats.stages_run == 3 and server.stats.computed == 0
-        full = _Job(2, 0, ExitRule(1.0), act)
-        server._queued = 1
-        outcome = server._compute(full)
-        assert outcome is not None and outcome.stages_run == server.model.num_stages
-    finally:
-        server._executor.shutdown()
+    model, _ = load_checkpoint(checkpoint)
+    model.eval()
+    act = sample_input(6)[0].numpy()
+    cpu = torch.device("cpu")
+    # Check 1 is before it starts; checks 2.. follow each stage: set at check 4 = after stage 3.
+    job = _CancelledAfter(4, 1, 1, 0, ExitRule(1.0), act, 0.0)
+    (stopped,) = run_jobs(model, cpu, 3, RunBatch((job,), 0, batched=False))
+    assert stopped == Stopped(3)
+    full = Job(1, 2, 0, ExitRule(1.0), act, 0.0)
+    (outcome,) = run_jobs(model, cpu, 3, RunBatch((full,), 0, batched=False))
+    assert isinstance(outcome, Outcome) and outcome.stages_run == model.num_stages
+    before = Job(1, 3, 0, ExitRule(1.0), act, 0.0, cancelled=True)
+    assert run_jobs(model, cpu, 3, RunBatch((before,), 0, batched=False)) == [Stopped(None)]
 
 
 def test_eof_mid_frame_is_told_then_closed(checkpoint: Path) -> None:

@@ -112,9 +112,9 @@ def test_a_peer_that_stops_reading_is_dropped_after_the_idle_timeout(checkpoint:
             await asyncio.sleep(0)
         for _ in range(100):
             await asyncio.sleep(0.1)
-            if not server._peers:
+            if not server.core.connections:
                 break
-        assert not server._peers, "a peer that never reads must not keep its connection"
+        assert not server.core.connections, "a peer that never reads must not keep its connection"
         writer.transport.abort()
 
     serve(checkpoint, body, idle_timeout_s=1.0)

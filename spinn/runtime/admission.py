@@ -13,20 +13,20 @@ peers"); time comes in as ``now``, so each rule is tested without sleeping:
   own, while a device's connection, once it has spoken, is kept. An optional limit per
   source address keeps one address from filling the pool.
 * ``TokenBucket``: the rate limit of control frames (PING, CANCEL of an unknown id).
-* ``FairSlots``: compute slots taken round-robin by connection, so that a device flooding
-  INFERs waits behind its own requests, not in front of its neighbours'.
 * ``LogLimiter``: one log line per key per interval (misconfigured peers retry often).
+
+Who computes next, round-robin by connection, is the request queue's rule
+(``spinn.runtime.server_queue.FairQueue``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["Admit", "FairSlots", "HandshakePool", "LogLimiter", "TokenBucket"]
+__all__ = ["Admit", "HandshakePool", "LogLimiter", "TokenBucket"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -114,6 +114,11 @@ class HandshakePool(Generic[K]):
         self._by_address[address] += 1
         return Admit(True, evict)
 
+    @property
+    def silent(self) -> int:
+        """Members that have sent nothing yet."""
+        return len(self._silent)
+
     def heard(self, key: K) -> None:
         """``key`` sent its first bytes: it is no longer the first to be closed for room."""
         self._silent.pop(key, None)
@@ -129,77 +134,6 @@ class HandshakePool(Generic[K]):
         if not self._by_address[address]:
             del self._by_address[address]
         return True
-
-
-class FairSlots(Generic[K]):
-    """At most ``slots`` holders at once; waiters are served round-robin by key.
-
-    With one FIFO queue, a connection that queued a hundred requests puts all of them in
-    front of a neighbour's one; here each key with waiters gets a slot in turn, so a
-    request waits for at most one request of each other connection per free slot.
-    """
-
-    def __init__(self, slots: int) -> None:
-        if slots < 1:
-            raise ValueError(f"slots must be >= 1, got {slots}")
-        self._free = slots
-        self._waiting: dict[K, collections.deque[asyncio.Future[None]]] = {}
-        """Keys with waiters, in round-robin order (a served key moves to the back)."""
-
-    def waiting(self, key: K | None = None) -> int:
-        """Waiters of ``key`` (all keys when None)."""
-        if key is None:
-            return sum(len(q) for q in self._waiting.values())
-        queue = self._waiting.get(key)
-        return 0 if queue is None else len(queue)
-
-    def ahead(self, key: K) -> int:
-        """Waiters served before a new one of ``key``: its own, and at most that many plus
-        one of every other key (round-robin)."""
-        mine = self.waiting(key)
-        return mine + sum(
-            min(len(q), mine + 1) for other, q in self._waiting.items() if other != key
-        )
-
-    async def acquire(self, key: K) -> None:
-        """Wait for a slot (``release`` it afterwards)."""
-        if self._free > 0 and not self._waiting:
-            self._free -= 1
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(key, collections.deque()).append(future)
-        try:
-            await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                self.release()  # granted as it was cancelled: pass the slot on
-            else:
-                self._forget(key, future)
-            raise
-
-    def release(self) -> None:
-        """Give a slot back: to the next key's first waiter, or to the free count."""
-        while self._waiting:
-            key = next(iter(self._waiting))
-            queue = self._waiting.pop(key)
-            future = queue.popleft()
-            if queue:
-                self._waiting[key] = queue  # to the back of the round
-            if not future.done():
-                future.set_result(None)
-                return
-        self._free += 1
-
-    def _forget(self, key: K, future: asyncio.Future[None]) -> None:
-        queue = self._waiting.get(key)
-        if queue is None:
-            return
-        try:
-            queue.remove(future)
-        except ValueError:
-            return
-        if not queue:
-            del self._waiting[key]
 
 
 class LogLimiter:

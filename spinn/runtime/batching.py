@@ -1,7 +1,7 @@
-"""Dynamic batching on the server: requests for the same split, from any
-device, run as one forward pass and are answered one by one.
+"""The server's compute: a ``RunBatch`` of the server core, run in a worker thread.
 
-Two parts, after STYLE.md habit 4:
+Dynamic batching: requests for the same split, from any device, run as one forward pass
+and are answered one by one. Two parts, after STYLE.md habit 4:
 
 * ``run_batch`` (worker thread, torch only): stages ``[split, S)`` on a batch of
   activations with **per-sample** exit decisions.  After each exit head, the samples
@@ -10,31 +10,27 @@ Two parts, after STYLE.md habit 4:
   whose request was cancelled leave too (DESIGN.md part 7: a running request stops at
   the next stage boundary).  Eval-mode layers treat samples independently, so a batched
   answer equals the unbatched one up to float rounding (tests/test_runtime_batching.py).
-* ``Batcher`` (event loop): requests wait in one group per split.  A group is handed to
-  a free worker when it holds ``max_size`` requests or its oldest has waited
-  ``max_wait_s``; while every worker is busy groups keep filling, so batches grow with
-  the load by themselves (the way Triton's and TorchServe's dynamic batchers behave).
+* which requests wait and form a batch is the server core's (pure) decision
+  (``spinn.runtime.server_queue.SplitGroups``); ``run_jobs`` runs what it hands out,
+  one request alone or a batch, and stops a request whose ``cancelled`` flag the core
+  set at the next stage boundary.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
 
 from spinn.exits import ExitRule, answering
+from spinn.inference import iter_stages
 from spinn.progressive import ProgressiveModel
+from spinn.runtime.server_core import ComputeResult, Job, Outcome, RunBatch, Stopped
 
-__all__ = ["Batcher", "SampleAnswer", "run_batch", "to_device"]
-
-J = TypeVar("J")
-R = TypeVar("R")
+__all__ = ["SampleAnswer", "run_batch", "run_jobs", "to_device"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,103 +114,60 @@ def run_batch(
     return answers
 
 
-@dataclass(slots=True)
-class _Waiting(Generic[J]):
-    job: J
-    future: asyncio.Future[Any]
-    arrived_at: float
-    """Loop time of submission (the wait bound)."""
-    seq: int
-    """Submission order: the oldest request's group goes first (FIFO across splits)."""
+def run_jobs(
+    model: ProgressiveModel, device: torch.device, top_k: int, batch: RunBatch
+) -> list[ComputeResult]:
+    """Worker thread: stages ``[split, S)`` of the batch's jobs, one result per job.
 
-
-class Batcher(Generic[J, R]):
-    """Groups jobs by key and hands each group to a free worker as one batch.
-
-    ``run(jobs)`` is called in ``executor`` and returns one result per job, in order.
+    A job whose ``cancelled`` flag is set before it starts is ``Stopped(None)``; one
+    cancelled while it runs stops at the next stage boundary (DESIGN.md part 7). An
+    exception fails the whole batch (the core answers each request ERROR(INTERNAL)).
     """
+    if not batch.batched:
+        return [_run_one(model, device, top_k, job) for job in batch.jobs]
+    jobs = batch.jobs
+    results: list[ComputeResult] = [Stopped(None)] * len(jobs)
+    # Cancelled requests are removed before the forward pass.
+    live = [i for i, job in enumerate(jobs) if not job.cancelled]
+    if not live:
+        return results
+    x = to_device([jobs[i].activation for i in live], device)
+    answers = run_batch(
+        model, x, batch.split, [jobs[i].rule for i in live], lambda j: jobs[live[j]].cancelled
+    )
+    for i, answer in zip(live, answers, strict=True):
+        if answer is None:
+            results[i] = Stopped(0)
+            continue
+        top = torch.topk(answer.probs, min(top_k, answer.probs.numel()))
+        results[i] = Outcome(
+            answer.exit_index,
+            tuple(int(c) for c in top.indices),
+            tuple(float(p) for p in top.values),
+            answer.compute_s * 1e3,
+            answer.stages_run,
+        )
+    return results
 
-    def __init__(
-        self,
-        run: Callable[[list[J]], list[R]],
-        executor: Executor,
-        workers: int,
-        max_size: int,
-        max_wait_s: float,
-    ) -> None:
-        if max_size < 1 or workers < 1 or max_wait_s < 0:
-            raise ValueError(
-                f"Batcher needs max_size >= 1, workers >= 1, max_wait_s >= 0; got "
-                f"{max_size}, {workers}, {max_wait_s}"
+
+def _run_one(model: ProgressiveModel, device: torch.device, top_k: int, job: Job) -> ComputeResult:
+    """One request alone, checking its ``cancelled`` flag after every stage."""
+    if job.cancelled:
+        return Stopped(None)
+    t0 = time.perf_counter()
+    stages = 0
+    x = to_device([job.activation], device)
+    for step in iter_stages(model, x, job.split, model.num_stages, job.rule):
+        stages += 1
+        if step.answer is not None:
+            top = step.answer.topk(top_k)
+            return Outcome(
+                step.answer.exit,
+                tuple(c for c, _ in top),
+                tuple(p for _, p in top),
+                (time.perf_counter() - t0) * 1e3,
+                stages,
             )
-        self._run = run
-        self._executor = executor
-        self._free = workers
-        self.max_size = max_size
-        self.max_wait_s = max_wait_s
-        self._groups: dict[Any, list[_Waiting[J]]] = {}
-        self._seq = 0
-        self._timer: asyncio.TimerHandle | None = None
-
-    @property
-    def pending(self) -> int:
-        """Jobs waiting for a batch."""
-        return sum(len(g) for g in self._groups.values())
-
-    def submit(self, key: Any, job: J) -> asyncio.Future[R]:
-        """Queue ``job`` in the group ``key``; the future resolves to its result."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[R] = loop.create_future()
-        self._seq += 1
-        self._groups.setdefault(key, []).append(_Waiting(job, future, loop.time(), self._seq))
-        self._dispatch()
-        return future
-
-    def _dispatch(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        # A waiter whose future was cancelled (its task ended, e.g. at shutdown) is gone.
-        for key in [k for k, g in self._groups.items() if any(w.future.done() for w in g)]:
-            self._groups[key] = [w for w in self._groups[key] if not w.future.done()]
-            if not self._groups[key]:
-                del self._groups[key]
-        while self._free > 0 and self._groups:
-            ready = [
-                (g[0].seq, key)
-                for key, g in self._groups.items()
-                if len(g) >= self.max_size or now - g[0].arrived_at >= self.max_wait_s
-            ]
-            if not ready:
-                break
-            _, key = min(ready)  # the group of the oldest request goes first
-            group = self._groups[key]
-            batch, rest = group[: self.max_size], group[self.max_size :]
-            if rest:
-                self._groups[key] = rest
-            else:
-                del self._groups[key]
-            self._free -= 1
-            done = loop.run_in_executor(self._executor, self._run, [w.job for w in batch])
-            done.add_done_callback(lambda f, b=batch: self._finished(f, b))  # type: ignore[misc]
-        self._arm_timer(loop, now)
-
-    def _arm_timer(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._free > 0 and self._groups:
-            first = min(g[0].arrived_at for g in self._groups.values())
-            self._timer = loop.call_later(max(0.0, first + self.max_wait_s - now), self._dispatch)
-
-    def _finished(self, done: asyncio.Future[list[R]], batch: list[_Waiting[J]]) -> None:
-        self._free += 1
-        exc = done.exception() if not done.cancelled() else asyncio.CancelledError()
-        if exc is None:
-            for waiting, result in zip(batch, done.result(), strict=True):
-                if not waiting.future.done():
-                    waiting.future.set_result(result)
-        else:
-            for waiting in batch:
-                if not waiting.future.done():
-                    waiting.future.set_exception(exc)
-        self._dispatch()
+        if job.cancelled:
+            return Stopped(stages)  # at the stage boundary (DESIGN.md part 7)
+    raise RuntimeError(f"request {job.request_id}: no exit answered after the last stage")

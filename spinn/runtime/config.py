@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, TypeVar
 
 from protocol import ConnectionConfig
 from protocol.packing import DICT_CODEC, IMAGE_CODEC, KNOWN_CODECS
@@ -87,16 +87,6 @@ def check_device_name(name: str, path: str = "compute.device") -> None:
     raise ConfigError(
         f"{path}: unknown {name!r}; choose one of {', '.join(DEVICE_CHOICES)} or cuda:N"
     )
-
-
-def _check_compute(workers: int | None, torch_threads: int, slowdown: float) -> None:
-    """The checks of the fields both ends' ``compute`` groups have."""
-    if workers is not None and workers < 1:
-        raise _fail("compute.workers", f"must be >= 1, got {workers}")
-    if torch_threads < 1:
-        raise _fail("compute.torch_threads", f"must be >= 1, got {torch_threads}")
-    if not 1.0 <= slowdown <= 1000.0:
-        raise _fail("compute.slowdown", f"must be in [1, 1000], got {slowdown}")
 
 
 # -- the device ---------------------------------------------------------------------------
@@ -283,7 +273,12 @@ class DeviceComputeConfig:
     (bench/paper.py, one machine for both ends)."""
 
     def __post_init__(self) -> None:
-        _check_compute(self.workers, self.torch_threads, self.slowdown)
+        if self.workers is not None and self.workers < 1:
+            raise _fail("compute.workers", f"must be >= 1, got {self.workers}")
+        if self.torch_threads < 1:
+            raise _fail("compute.torch_threads", f"must be >= 1, got {self.torch_threads}")
+        if not 1.0 <= self.slowdown <= 1000.0:
+            raise _fail("compute.slowdown", f"must be in [1, 1000], got {self.slowdown}")
 
 
 @dataclass(frozen=True)
@@ -300,6 +295,9 @@ class OutputConfig:
             raise _fail("output.top_k", f"must be >= 1, got {self.top_k}")
         if not self.status_interval_s >= 0:
             raise _fail("output.status_interval_s", f"must be >= 0, got {self.status_interval_s}")
+
+
+_C = TypeVar("_C")
 
 
 def _groups(cls: type[Any]) -> dict[str, Callable[..., Any]]:
@@ -321,26 +319,20 @@ def _group_of(cls: type[Any]) -> dict[str, str]:
     return out
 
 
-class _Grouped:
-    """A configuration made of groups, each field name in exactly one of them."""
-
-    @classmethod
-    def from_fields(cls, **fields: Any) -> Self:
-        """The configuration with these fields, named without their group, and the defaults
-        elsewhere: ``DeviceConfig.from_fields(server=None)``."""
-        groups = _group_of(cls)
-        unknown = sorted(set(fields) - set(groups))
-        if unknown:
-            raise TypeError(f"{cls.__name__} has no field {', '.join(unknown)}")
-        kwargs: dict[str, dict[str, Any]] = {}
-        for name, value in fields.items():
-            kwargs.setdefault(groups[name], {})[name] = value
-        types = _groups(cls)
-        return cls(**{g: types[g](**kw) for g, kw in kwargs.items()})
+def _from_fields(cls: type[_C], fields: dict[str, Any]) -> _C:
+    groups = cls._GROUP_OF  # type: ignore[attr-defined]
+    unknown = sorted(set(fields) - set(groups))
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field {', '.join(unknown)}")
+    kwargs: dict[str, dict[str, Any]] = {}
+    for name, value in fields.items():
+        kwargs.setdefault(groups[name], {})[name] = value
+    types = _groups(cls)
+    return cls(**{g: types[g](**kw) for g, kw in kwargs.items()})
 
 
 @dataclass(frozen=True)
-class DeviceConfig(_Grouped):
+class DeviceConfig:
     """Everything the device needs, by concern; the CLI only fills this in."""
 
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -353,6 +345,17 @@ class DeviceConfig(_Grouped):
     """The model and its threads."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """What is reported."""
+
+    _GROUP_OF: ClassVar[dict[str, str]]
+
+    @classmethod
+    def from_fields(cls, **fields: Any) -> DeviceConfig:
+        """The configuration with these fields, named without their group (field names are
+        unique across groups), and the defaults elsewhere: ``from_fields(server=None)``."""
+        return _from_fields(cls, fields)
+
+
+DeviceConfig._GROUP_OF = _group_of(DeviceConfig)
 
 
 # -- the server ---------------------------------------------------------------------------
@@ -398,7 +401,10 @@ class ServerComputeConfig:
     includes the wait (bench/paper.py, server load)."""
 
     def __post_init__(self) -> None:
-        _check_compute(self.workers, self.torch_threads, self.slowdown)
+        if self.workers is not None and self.workers < 1:
+            raise _fail("compute.workers", f"must be >= 1, got {self.workers}")
+        if self.torch_threads < 1:
+            raise _fail("compute.torch_threads", f"must be >= 1, got {self.torch_threads}")
         if self.top_k < 1:
             raise _fail("compute.top_k", f"must be >= 1, got {self.top_k}")
         if not 1 <= self.batch_max <= 1024:
@@ -406,6 +412,8 @@ class ServerComputeConfig:
         if not 0.0 <= self.batch_wait_ms <= 1000.0:
             raise _fail("compute.batch_wait_ms", f"must be in [0, 1000], got {self.batch_wait_ms}")
         check_device_name(self.device)
+        if not 1.0 <= self.slowdown <= 1000.0:
+            raise _fail("compute.slowdown", f"must be in [1, 1000], got {self.slowdown}")
 
 
 @dataclass(frozen=True)
@@ -530,7 +538,7 @@ class OperationsConfig:
 
 
 @dataclass(frozen=True)
-class ServerConfig(_Grouped):
+class ServerConfig:
     """Everything the server needs, by concern; the CLI only fills this in."""
 
     compute: ServerComputeConfig = field(default_factory=ServerComputeConfig)
@@ -542,10 +550,16 @@ class ServerConfig(_Grouped):
     operations: OperationsConfig = field(default_factory=OperationsConfig)
     """Addresses, logs, metrics, shutdown."""
 
+    _GROUP_OF: ClassVar[dict[str, str]]
 
-# Each field name in one group only: from_fields and the flag table rely on it.
-_group_of(DeviceConfig)
-_group_of(ServerConfig)
+    @classmethod
+    def from_fields(cls, **fields: Any) -> ServerConfig:
+        """The configuration with these fields, named without their group (field names are
+        unique across groups), and the defaults elsewhere: ``from_fields(port=0)``."""
+        return _from_fields(cls, fields)
+
+
+ServerConfig._GROUP_OF = _group_of(ServerConfig)
 
 
 def config_fields(cls: type[DeviceConfig] | type[ServerConfig]) -> dict[str, Any]:

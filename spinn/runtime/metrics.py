@@ -144,6 +144,15 @@ class ServerMetrics:
         self._http: Any = None
         self._http_thread: threading.Thread | None = None
 
+    def observe(self, metric: str, value: float, label: str = "") -> None:
+        """One observation the server core recorded (``server_core.Record``): ``errors``
+        counts by ``label`` (the code); the histograms take ``value``."""
+        if metric == "errors":
+            self.errors.labels(label).inc(value)
+        else:
+            histogram: Histogram = getattr(self, metric)
+            histogram.observe(value)
+
     def serve(self, host: str, port: int) -> int:
         """Expose ``/metrics`` over HTTP on ``host:port`` (0: a free port); returns the port."""
         server, thread = start_http_server(port, addr=host, registry=self.registry)
