@@ -1,0 +1,321 @@
+"""The device's compute, as its worker threads run it: the model, packing, codecs.
+
+The asyncio adapter (``spinn.runtime.device``) runs ``DeviceModel.run_head`` and
+``run_stages`` in its executor for the core's ``RunHead`` and ``RunStages`` actions
+(``spinn.runtime.device_core``) and hands the results back to the core. Also here: what
+the device offers and packs with (its codecs, the zstd dictionaries, re-coding for a
+server that accepted less, PROTOCOL.md §6.7–6.9) and the policy its configuration names,
+predicting with the sizes of what it sends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from protocol.dictionaries import DictionaryError, ZstdDictionaries
+from protocol.packing import (
+    DICT_CODEC,
+    IMAGE_CODEC,
+    LOSSY_CODEC,
+    PackedTensor,
+    as_sparse_int8,
+    pack,
+    unpack,
+)
+from spinn.policy import FixedPolicy, Policy
+from spinn.profile import Profile
+from spinn.progressive import InputSpec
+from spinn.runtime.compute import slow_down
+from spinn.runtime.config import ZSTD_MODES
+from spinn.runtime.device_core import DeviceError, LocalExit, ModelShape, Plan, RunHead, RunStages
+from spinn.sla import SLA
+from spinn.sources import Frame, input_pixels
+
+if TYPE_CHECKING:
+    from spinn.runtime.config import DeviceConfig
+
+__all__ = [
+    "DeviceModel",
+    "LinkCodecs",
+    "make_policy",
+    "profiled_codec",
+    "profiled_input_codec",
+    "recode_for",
+]
+
+log = logging.getLogger("spinn.device")
+
+
+class LinkCodecs(Protocol):
+    """What the link says about packing: the codec the server accepted, and whether it
+    takes the frame's pixels at split 0."""
+
+    @property
+    def codec(self) -> str: ...
+
+    @property
+    def sends_pixels(self) -> bool: ...
+
+
+def profiled_codec(codec: str, zstd: str, profiled: Sequence[str]) -> str | None:
+    """The entry of a profile (`spinn profile`, its codecs `profiled`) whose sizes are what
+    packing with `codec` under ``--zstd`` sends: compressed unless zstd is off, since where
+    upload time matters the packer compresses, and where it skips zstd, sending raw was
+    the faster of the two. Failing that the nearest entry the profile has; None if none."""
+    raw = "sparse_int8" if codec == DICT_CODEC else codec
+    names: tuple[str, ...] = (raw,)
+    if zstd != "never":
+        names = (codec, "sparse_int8+zstd", raw) if codec == DICT_CODEC else (f"{raw}+zstd", raw)
+    return next((n for n in names if n in profiled), None)
+
+
+def profiled_input_codec(config: DeviceConfig, profile: Profile) -> str | None:
+    """The profile entry whose size is what split 0 sends: the frame's pixels
+    (``uint8_image``, zstd as `profiled_codec`), or None when the device sends the float
+    input there (``image_codec`` off) or the profile has no such entry."""
+    if not config.link.image_codec:
+        return None
+    return profiled_codec(IMAGE_CODEC, config.link.zstd, tuple(profile.splits[0].bytes))
+
+
+def recode_for(
+    packed: PackedTensor,
+    codec: str,
+    dictionaries: ZstdDictionaries | None,
+    zstd: str = "auto",
+    *,
+    accepted: Sequence[str] = (),
+    input_spec: InputSpec | None = None,
+) -> PackedTensor:
+    """`packed` as the link allows (`codec`: its activation codec, `accepted`: every codec
+    it took). Both rare, after a reconnection to a different server: a tensor packed with
+    the dictionaries for a server that had them becomes sparse_int8, lossless (the same
+    int8 levels, `as_sparse_int8`); pixels for a server without uint8_image become the
+    float input, normalised by `input_spec` as the server would have (PROTOCOL.md §6.8);
+    sparse_uintb for a server without it becomes sparse_int8 of the values it decodes to
+    (§6.9: a second rounding, of at most half an int8 step)."""
+    if packed.codec == IMAGE_CODEC and IMAGE_CODEC not in accepted:
+        assert input_spec is not None
+        x = input_spec.preprocess(torch.from_numpy(unpack(packed))).numpy()
+        # The normalised input is negative in places: never sparse_uintb.
+        float_codec = "sparse_int8" if codec == LOSSY_CODEC else codec
+        return pack(x, float_codec, ZSTD_MODES[zstd], dictionaries=dictionaries, table=0)
+    if packed.codec == LOSSY_CODEC and codec != LOSSY_CODEC:
+        return pack(unpack(packed), "sparse_int8", ZSTD_MODES[zstd])
+    if packed.codec != DICT_CODEC or codec == DICT_CODEC:
+        return packed
+    return as_sparse_int8(packed, dictionaries, ZSTD_MODES[zstd])
+
+
+def make_policy(
+    config: DeviceConfig,
+    profile: Profile,
+    codecs: tuple[str, ...],
+    num_stages: int,
+    policy: Policy | None,
+) -> Policy:
+    """The policy the configuration names (``policy`` given: that one), its split and
+    threshold checked against the model."""
+    split = num_stages // 2 if config.policy.split is None else config.policy.split
+    if config.link.server is None and config.policy.split is None:
+        split = num_stages  # no server: every stage runs here (device-only)
+    if not 0 <= split <= num_stages:
+        raise DeviceError(f"policy.split must be in 0..{num_stages}, got {split}")
+    if not 0.0 <= config.policy.thr_conf <= 1.0:
+        raise DeviceError(f"policy.thr_conf must be in [0, 1], got {config.policy.thr_conf}")
+    if policy is not None:
+        return policy
+    if config.policy.policy == "fixed":
+        return FixedPolicy(split, config.policy.thr_conf)
+    from spinn.scheduler import SchedulerConfig, make_policy
+
+    # Upload sizes predicted with the codec this device packs with (docs/SCHEDULER.md,
+    # "Predicted versus measured"); a profile that did not measure it leaves the smallest
+    # profiled size.
+    codec = profiled_codec(codecs[0], config.link.zstd, profile.codecs)
+    # sparse_uintb is profiled only at the splits with a width, where it is the smallest
+    # size measured: None predicts with it there.
+    if codec is None and codecs[0] != LOSSY_CODEC:
+        log.warning(
+            "codec %s not in the profile (%s): predicting with the smallest size",
+            codecs[0],
+            ", ".join(profile.codecs),
+        )
+    scheduler_config = SchedulerConfig(
+        codec=codec,
+        input_codec=profiled_input_codec(config, profile),
+        lossy=codecs[0] == LOSSY_CODEC,
+        # The in-flight window decides the race under load (docs/SCHEDULER.md).
+        max_in_flight=config.source.max_in_flight,
+    )
+    try:
+        return make_policy(
+            config.policy.policy, profile, config.policy.sla or SLA(), scheduler_config
+        )
+    except ValueError as exc:
+        raise DeviceError(f"policy.policy {config.policy.policy}: {exc}") from exc
+
+
+class DeviceModel:
+    """The checkpoint, its offline profile and zstd dictionaries, and the codecs the
+    device offers; runs the core's compute actions on a worker thread."""
+
+    def __init__(self, config: DeviceConfig) -> None:
+        from spinn.checkpoint import load_checkpoint
+
+        self.config = config
+        self.model, self.meta = load_checkpoint(
+            config.compute.checkpoint, allow_user_code=config.compute.allow_user_code
+        )
+        self.model.eval()
+        slow_down(self.model, config.compute.slowdown)  # emulation only
+        self.dictionaries = self._load_dictionaries()
+        self.codecs: tuple[str, ...] = (
+            (DICT_CODEC, "sparse_int8")
+            if self.dictionaries is not None
+            # sparse_uintb where the server takes it, at each split's profiled width
+            # (PROTOCOL.md §6.9.1), else sparse_int8, which every server takes.
+            else (LOSSY_CODEC, "sparse_int8")
+            if config.link.codec == LOSSY_CODEC
+            else ("sparse_int8" if config.link.codec == DICT_CODEC else config.link.codec,)
+        )
+        """Activation codecs, preferred first; the last is what every server takes."""
+        self.offered_codecs = (
+            (*self.codecs, IMAGE_CODEC) if config.link.image_codec else self.codecs
+        )
+        """Codecs offered in HELLO: the activation codecs, then the split-0 pixels (§6.8)."""
+        self.dictionaries_sha256 = "" if self.dictionaries is None else self.dictionaries.sha256
+        profile_path = config.policy.profile or Path(config.compute.checkpoint).with_name(
+            "profile.json"
+        )
+        if not Path(profile_path).is_file():
+            raise DeviceError(
+                f"offline profile {profile_path} not found (make one with `spinn profile`)"
+            )
+        self.profile = Profile.load(profile_path)
+        if self.profile.model_id != self.meta.model_id:
+            raise DeviceError(
+                f"profile {profile_path} is for model {self.profile.model_id!r}, "
+                f"checkpoint is {self.meta.model_id!r}"
+            )
+
+    @property
+    def shape(self) -> ModelShape:
+        """What the core needs to know of the model."""
+        return ModelShape(
+            self.model.num_stages,
+            tuple(self.model.exit_stages),
+            self.model.num_classes,
+            tuple(self.meta.class_names or ()),
+        )
+
+    def recode(
+        self, packed: PackedTensor, link: LinkCodecs, accepted: Sequence[str]
+    ) -> PackedTensor:
+        """``packed`` as the link takes it now (``recode_for``)."""
+        return recode_for(
+            packed,
+            link.codec,
+            self.dictionaries,
+            self.config.link.zstd,
+            accepted=accepted,
+            input_spec=self.model.input_spec,
+        )
+
+    def _exit(self, answer: Any) -> LocalExit | None:
+        """An exit's answer as the core takes it: its top-k classes."""
+        if answer is None:
+            return None
+        top = answer.topk(self.config.output.top_k)
+        return LocalExit(answer.exit, tuple(c for c, _ in top), tuple(p for _, p in top))
+
+    def _run_range(self, act: torch.Tensor, start: int, stop: int, plan: Plan) -> Any:
+        """Worker thread: stages [start, stop) with exit checks; a truncated network's
+        forced exit always answers (``iter_stages``' ``final_exit``)."""
+        from spinn.inference import run_stages
+
+        return run_stages(self.model, act, start, stop, plan.rule, final_exit=plan.forced_exit)
+
+    def run_stages(self, action: RunStages) -> tuple[LocalExit | None, Any, int, float]:
+        """Worker thread: one ``RunStages``; its answer or activation, and its time in ms."""
+        t0 = time.perf_counter()
+        out = self._run_range(action.activation, action.start, action.stop, action.plan)
+        ms = (time.perf_counter() - t0) * 1e3
+        return self._exit(out.answer), out.activation, out.stop, ms
+
+    def run_head(
+        self, frame: Frame, action: RunHead, link: LinkCodecs | None
+    ) -> tuple[LocalExit | None, torch.Tensor | None, Any, float, int, float]:
+        """Worker thread: preprocess, stages [0, split), pack if the frame goes out; the
+        stage and packing times in ms. At split 0 the frame's pixels go out as they are
+        where the server takes them (PROTOCOL.md §6.8), as a real client's would."""
+        plan, bandwidth_bps = action.plan, action.bandwidth_bps
+        spec = self.model.input_spec
+        pixels = input_pixels(frame.image, spec)
+        x = spec.preprocess(torch.from_numpy(pixels))
+        t0 = time.perf_counter()
+        out = self._run_range(x, 0, plan.split, plan)
+        stages_ms = (time.perf_counter() - t0) * 1e3
+        if out.answer is not None:
+            return self._exit(out.answer), None, None, stages_ms, out.stop, 0.0
+        assert out.activation is not None
+        packed = None
+        pack_ms = 0.0
+        if action.pack and link is not None:
+            t1 = time.perf_counter()
+            zstd = ZSTD_MODES[self.config.link.zstd]
+            if plan.split == 0 and link.sends_pixels:
+                packed = pack(pixels[None], IMAGE_CODEC, zstd, bandwidth_bps)
+            elif link.codec == LOSSY_CODEC:
+                packed = self._pack_lossy(out.activation.numpy(), plan.split, zstd, bandwidth_bps)
+            else:
+                packed = pack(
+                    out.activation.numpy(),
+                    link.codec,
+                    zstd,
+                    bandwidth_bps,
+                    dictionaries=self.dictionaries,
+                    table=plan.split,
+                )
+            pack_ms = (time.perf_counter() - t1) * 1e3
+        return None, out.activation, packed, stages_ms, out.stop, pack_ms
+
+    def _load_dictionaries(self) -> ZstdDictionaries | None:
+        """The dictionaries beside the checkpoint when the codec wants them, else None."""
+        if self.config.link.codec != DICT_CODEC:
+            return None
+        from spinn.dictionaries import dictionaries_path, load_dictionaries
+
+        try:
+            found = load_dictionaries(
+                self.config.compute.checkpoint, self.meta.model_id, self.model.num_stages
+            )
+        except DictionaryError as exc:
+            raise DeviceError(
+                f"link.codec {DICT_CODEC}: {exc} (or pack without it: link.codec sparse_int8)"
+            ) from None
+        if found is None:
+            log.info(
+                "no %s (make it with `spinn dictionaries`): packing with sparse_int8",
+                dictionaries_path(self.config.compute.checkpoint),
+            )
+        return found
+
+    def _pack_lossy(
+        self, activation: Any, split: int, zstd: bool | None, bandwidth_bps: float
+    ) -> PackedTensor:
+        """sparse_uintb at the split's profiled width (PROTOCOL.md §6.9.1); sparse_int8 at a
+        split without one, or for a tensor the codec cannot carry (a negative value)."""
+        lossy = self.profile.splits[split].lossy
+        if lossy is not None:
+            try:
+                return pack(activation, LOSSY_CODEC, zstd, bandwidth_bps, bits=lossy.bits)
+            except ValueError:
+                pass
+        return pack(activation, "sparse_int8", zstd, bandwidth_bps)
