@@ -47,7 +47,7 @@ def test_split_0_sends_the_pixels_and_the_server_answers_as_the_device_would() -
         CHECKPOINT, _images(), zstd="always", codec="float32", image_codec=False, **SERVER_ONLY
     )
     local = run_in_process(CHECKPOINT, _images(), connect=False, **SERVER_ONLY)
-    assert pixels.device.offered_codecs == (DICT_CODEC, "sparse_int8", IMAGE_CODEC)
+    assert pixels.device.compute.offered_codecs == (DICT_CODEC, "sparse_int8", IMAGE_CODEC)
     got, lossless, own = (
         by_frame(pixels.records, N),
         by_frame(floats.records, N),
@@ -71,7 +71,7 @@ def test_a_server_without_the_codec_gets_the_float_input() -> None:
     old_device = run_in_process(
         CHECKPOINT, _images(), zstd="always", image_codec=False, **SERVER_ONLY
     )
-    assert old_device.device.offered_codecs == (DICT_CODEC, "sparse_int8")
+    assert old_device.device.compute.offered_codecs == (DICT_CODEC, "sparse_int8")
     for run in (old_server, old_device):
         records = by_frame(run.records, N)
         assert {r["where"] for r in records} == {"server"}

@@ -56,7 +56,7 @@ def test_each_split_crosses_at_its_profiled_width(tmp_path: Path) -> None:
                            codec=LOSSY_CODEC, **FIXED)  # fmt: skip
     plain = run_in_process(_copy_with_width(tmp_path / "b", None), _images(), zstd="never",
                            codec=LOSSY_CODEC, **FIXED)  # fmt: skip
-    assert lossy.device.codecs == (LOSSY_CODEC, "sparse_int8")
+    assert lossy.device.compute.codecs == (LOSSY_CODEC, "sparse_int8")
     coded, uncoded = by_frame(lossy.records, N), by_frame(plain.records, N)
     assert {r["where"] for r in coded} == {"server"} == {r["where"] for r in uncoded}
     # What each frame's activation packs to at 3 bits, and with sparse_int8 where split 5

@@ -53,7 +53,7 @@ def test_dictionaries_are_negotiated_and_decode_like_sparse_int8() -> None:
     plain = run_in_process(
         CHECKPOINT, _images(), zstd="always", server_options={"dictionaries": False}, **FIXED
     )
-    assert zdict.device.codecs == (DICT_CODEC, "sparse_int8")
+    assert zdict.device.compute.codecs == (DICT_CODEC, "sparse_int8")
     assert zdict.server is not None and zdict.server.dictionaries is not None
     with_dicts, without = by_frame(zdict.records, N), by_frame(plain.records, N)
     assert {r["where"] for r in with_dicts} == {"server"} == {r["where"] for r in without}
@@ -66,7 +66,7 @@ def test_dictionaries_are_negotiated_and_decode_like_sparse_int8() -> None:
 
 def test_a_device_without_the_file_offers_plain_sparse_int8(tmp_path: Path) -> None:
     run = run_in_process(_beside_a_copy(tmp_path), _images(), zstd="always", **FIXED)
-    assert run.device.codecs == ("sparse_int8",) and run.device.dictionaries is None
+    assert run.device.compute.codecs == ("sparse_int8",) and run.device.compute.dictionaries is None
     assert {r["where"] for r in by_frame(run.records, N)} == {"server"}
 
 
@@ -101,9 +101,9 @@ def test_a_server_with_other_dictionaries_gets_plain_sparse_int8(tmp_path: Path)
         **FIXED,
     )
     assert run.server is not None and run.server.dictionaries is not None
-    assert run.device.dictionaries is not None
-    assert run.device.dictionaries.sha256 != run.server.dictionaries.sha256
-    assert run.device.codecs == (DICT_CODEC, "sparse_int8")
+    assert run.device.compute.dictionaries is not None
+    assert run.device.compute.dictionaries.sha256 != run.server.dictionaries.sha256
+    assert run.device.compute.codecs == (DICT_CODEC, "sparse_int8")
     # The server left the codec out of WELCOME: the very bytes of a server without any.
     without = run_in_process(
         CHECKPOINT, _images(), zstd="always", server_options={"dictionaries": False}, **FIXED
@@ -136,7 +136,7 @@ def test_unusable_files_are_refused_by_name_with_the_way_out(tmp_path: Path) -> 
         assert (
             SpinnDevice(
                 DeviceConfig.from_fields(checkpoint=checkpoint, server=None, codec="sparse_int8")
-            ).dictionaries
+            ).compute.dictionaries
             is None
         )
         assert (

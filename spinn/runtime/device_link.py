@@ -16,7 +16,8 @@ import logging
 import secrets
 import ssl
 import time
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from protocol import (
     NEED_DATA,
@@ -37,13 +38,12 @@ from protocol.auth import NONCE_SIZE, device_proof
 from protocol.messages import MAX_STRING
 from protocol.packing import IMAGE_CODEC
 from spinn.description import mismatches
-from spinn.runtime.device_core import FATAL_CODES, DeviceError
+from spinn.runtime.config import DeviceConfig
+from spinn.runtime.device_compute import DeviceModel
+from spinn.runtime.device_core import FATAL_CODES, Action, DeviceCore, DeviceError
 from spinn.runtime.security import SecurityError, device_ssl_context, load_token
 
-if TYPE_CHECKING:
-    from spinn.runtime.device import SpinnDevice
-
-__all__ = ["ServerLink", "clock"]
+__all__ = ["LinkOwner", "ServerLink", "clock"]
 
 log = logging.getLogger("spinn.device")
 
@@ -52,6 +52,25 @@ clock = time.perf_counter
 milliseconds, too coarse for loopback round trips and per-stage times."""
 _now = clock
 _READ_CHUNK = 1 << 16
+
+
+class LinkOwner(Protocol):
+    """What the link needs of the device it serves (``SpinnDevice``)."""
+
+    config: DeviceConfig
+    core: DeviceCore
+    compute: DeviceModel
+
+    def act(self, actions: list[Action]) -> None:
+        """Carry out the core's actions."""
+
+    def request_stop(self) -> None:
+        """Stop reading frames."""
+
+    def link_work(self) -> AbstractContextManager[None]:
+        """Time event-loop work on the link."""
+
+
 # OpenSSL's reasons for a reply that is no TLS record at all: a server without TLS.
 _NOT_TLS_REASONS = frozenset(
     {"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"}
@@ -62,7 +81,7 @@ class ServerLink:
     """The device's connection to the server: connect, handshake, read, write. What to do
     on each event (PINGs, reconnect delays, dead links) is the core's."""
 
-    def __init__(self, device: SpinnDevice) -> None:
+    def __init__(self, device: LinkOwner) -> None:
         self.device = device
         self.config = device.config
         self.conn: Connection | None = None
