@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -87,6 +88,23 @@ class SchedulerConfig:
     a real change of the network (B 100 → 0.2 Mbit/s makes server-only several times
     slower than the device) is followed at the next re-plan instead of up to
     ``min_dwell_s`` later."""
+    noise_window_s: float = 1.0
+    """The hysteresis band of the first ranked metric widens to the spread the current
+    decision's own prediction of it showed over this long, up to the dwell's band
+    (``dwell_band``), for a challenger no better on the other metrics: on a loaded machine the compute estimates swing by more than the
+    band for seconds (device time ×1.9–2.7 at load average 10), and on the step trace
+    the decision moved between thresholds 0.80–0.97 of server-only once a second, as
+    each dwell ended. 0 turns it off."""
+    smooth_s: float = 1.0
+    """The decisions are taken on predictions averaged over about this long (an
+    exponential average with this time constant, per candidate), started afresh when B
+    moves by ``dwell_bandwidth_ratio`` or the server's reachability changes: the compute
+    estimates swing for seconds on a loaded machine (device time ×1.9–4.3, server time
+    ×1.3–9 at load average 10), each candidate's prediction with its own sensitivity,
+    and a decision taken at one swing was out of the band at the next: on the step trace
+    the decision moved between thresholds 0.80–0.97 of server-only once a second, as
+    each dwell ended. The network estimates are filtered already (B moves at a step the
+    trains confirmed). 0 turns it off."""
     dwell_bandwidth_ratio: float = 1.5
     """The dwell holds a decision against the noise of the compute estimates, not against
     the network: once B has moved by this factor or more (either way) since the decision
@@ -144,6 +162,12 @@ class SchedulerConfig:
             )
         if not self.min_dwell_s >= 0.0:
             raise ValueError(f"SchedulerConfig.min_dwell_s must be >= 0, got {self.min_dwell_s!r}")
+        if not self.smooth_s >= 0.0:
+            raise ValueError(f"SchedulerConfig.smooth_s must be >= 0, got {self.smooth_s!r}")
+        if not self.noise_window_s >= 0.0:
+            raise ValueError(
+                f"SchedulerConfig.noise_window_s must be >= 0, got {self.noise_window_s!r}"
+            )
         if not self.dwell_bandwidth_ratio > 1.0:
             raise ValueError(
                 "SchedulerConfig.dwell_bandwidth_ratio must be > 1, "
@@ -655,6 +679,13 @@ def _violations(
     return tuple(out)
 
 
+def _ratio(a: float, b: float) -> float:
+    """How many times larger the larger of two rates is (∞ when one is not > 0)."""
+    if a <= 0 or b <= 0:
+        return 1.0 if a == b else math.inf
+    return max(a / b, b / a)
+
+
 def _driver(old: Estimates, new: Estimates) -> str:
     """The estimate that moved most since the last change, in words."""
     if old.server_up != new.server_up:
@@ -720,6 +751,12 @@ class Scheduler:
         """Every change of decision with its time, the first included."""
         self._planned: tuple[float, bool] | None = None
         """Time and server reachability of the last full re-plan."""
+        self._smooth: tuple[float, Estimates, Predictions] | None = None
+        """Time, the estimates it was started from and the averaged predictions
+        (``smooth_s``)."""
+        self._seen: deque[tuple[float, float]] = deque()
+        """(time, predicted first ranked metric, as a cost) of the current decision at
+        each re-plan within ``noise_window_s``: its spread widens the band."""
 
     def predict(self, estimates: Estimates) -> Predictions:
         pred = self.predictor.predict(estimates)
@@ -774,6 +811,95 @@ class Scheduler:
         viol = violation(self.sla, pred, self.config.latency_margin)
         return bool(pred.valid[s, t]) and not (best_ok and viol[s, t] > 0)
 
+    def _smoothed(self, now: float, pred: Predictions, est: Estimates) -> Predictions:
+        """``pred`` averaged over about ``smooth_s`` (an exponential average per candidate
+        and time-like metric), started afresh at a move of B or of the server's
+        reachability, or a new time base."""
+        tau = self.config.smooth_s
+        if tau <= 0:
+            return pred
+        last = self._smooth
+        if (
+            last is None
+            or not 0.0 <= now - last[0] < 10.0 * tau
+            or last[1].server_up != est.server_up
+            or _ratio(last[1].bandwidth_bps, est.bandwidth_bps) >= self.config.dwell_bandwidth_ratio
+        ):
+            self._smooth = (now, est, pred)
+            return pred
+        alpha = 1.0 - math.exp(-(now - last[0]) / tau)
+        old = last[2]
+
+        def blend(a: FloatArray, b: FloatArray) -> FloatArray:
+            with np.errstate(invalid="ignore"):
+                mixed = a + alpha * (b - a)
+            return np.where(np.isfinite(a) & np.isfinite(b), mixed, b)
+
+        avg = replace(
+            pred,
+            latency_ms=blend(old.latency_ms, pred.latency_ms),
+            throughput=blend(old.throughput, pred.throughput),
+            server_cost_ms=blend(old.server_cost_ms, pred.server_cost_ms),
+            device_cost_ms=blend(old.device_cost_ms, pred.device_cost_ms),
+            uplink_ms=blend(old.uplink_ms, pred.uplink_ms),
+            device_busy_ms=blend(old.device_busy_ms, pred.device_busy_ms),
+            server_busy_ms=blend(old.server_busy_ms, pred.server_busy_ms),
+            window_ms=blend(old.window_ms, pred.window_ms),
+        )
+        self._smooth = (now, last[1], avg)
+        return avg
+
+    def _watch_noise(self, now: float, pred: Predictions) -> None:
+        """Keeps the current decision's predicted first metric of each re-plan within
+        ``noise_window_s``."""
+        if self.current is None or self._current_t is None or self.config.noise_window_s <= 0:
+            return
+        cost = float(pred.cost(self.sla.order[0])[self.current.split, self._current_t])
+        seen = self._seen
+        while seen and not 0.0 <= now - seen[0][0] <= self.config.noise_window_s:
+            seen.popleft()  # too old, or a new time base
+        if math.isfinite(cost) and cost > 0:
+            seen.append((now, cost))
+
+    def _noise_widening(self) -> float:
+        """How much wider than the hysteresis band the current decision is kept: the
+        relative spread of its own predicted first metric over ``noise_window_s``, in
+        units of the band, between 1 and ``dwell_band``."""
+        seen = self._seen
+        if len(seen) < 2:
+            return 1.0
+        costs = [c for _, c in seen]
+        spread = max(costs) / min(costs) - 1.0
+        band = self.config.rel_tolerance * self.config.hysteresis
+        if band <= 0:
+            return 1.0  # no band to widen (Neurosurgeon)
+        return min(max(1.0, spread / band), self.config.dwell_band)
+
+    def _keep_through_noise(self, pred: Predictions, best_ok: bool, widen: float) -> bool:
+        """Whether the current decision is within ``widen`` times the hysteresis band of
+        the best on the first ranked metric (the noise its own prediction showed,
+        ``noise_window_s``) and, on the others, within the hysteresis band of the
+        candidates that are within the plain band on the first one: a challenger that
+        is only better on the first metric by less than the noise does not replace it."""
+        if widen <= 1.0 or self.current is None or self._current_t is None:
+            return False
+        s, t = self.current.split, self._current_t
+        if not pred.valid[s, t]:
+            return False
+        viol = violation(self.sla, pred, self.config.latency_margin)
+        if not best_ok or viol[s, t] > 0:
+            return False
+        pool = pred.valid & (viol <= 0)
+        first, *rest = self.sla.order
+        cost = pred.cost(first)
+        best = float(cost[pool].min())
+        hyst = self.config.hysteresis
+        if cost[s, t] > best + _tolerance(first, best, self.config, hyst * widen):
+            return False
+        near = pool & (cost <= best + _tolerance(first, best, self.config, hyst))
+        near[s, t] = True
+        return bool(lexicographic_pool(pred, near, rest, self.config, widen=hyst)[s, t])
+
     def _keep_current(
         self, pred: Predictions, best_ok: bool, widen: float = 1.0, first_only: bool = False
     ) -> bool:
@@ -812,13 +938,16 @@ class Scheduler:
         ):
             return self.current
         self._planned = (now, estimates.server_up)
-        pred = self.predict(estimates)
+        pred = self._smoothed(now, self.predict(estimates), estimates)
+        self._watch_noise(now, pred)
         s, t, ok = choose(pred, self.sla, self.config)
         if self.current is not None and (s, t) == (self.current.split, self._current_t):
             self.current_choice = self._choice(pred, s, t, ok)
             return self.current
         if self.current is not None and (
-            self._dwelling(now, pred, ok, s, estimates) or self._keep_current(pred, ok)
+            self._dwelling(now, pred, ok, s, estimates)
+            or self._keep_current(pred, ok)
+            or self._keep_through_noise(pred, ok, self._noise_widening())
         ):
             assert self._current_t is not None
             self.current_choice = self._choice(pred, self.current.split, self._current_t, ok)
@@ -850,6 +979,7 @@ class Scheduler:
         log.info("%s %s", self.name, reason)
         self.current, self._current_t, self.current_choice = decision, t, choice
         self._estimates_at_change = estimates
+        self._seen.clear()
         self.history.append((now, decision))
         return decision
 
@@ -890,6 +1020,8 @@ class NeurosurgeonPolicy:
             accuracy_tolerance=0.0,
             hysteresis=1.0,
             min_dwell_s=0.0,
+            noise_window_s=0.0,
+            smooth_s=0.0,
             replan_interval_s=0.0,
             response_bytes=base.response_bytes,
             codec=base.codec,

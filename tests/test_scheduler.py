@@ -4,6 +4,7 @@ the baselines."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -501,8 +502,10 @@ def test_replanning_with_hysteresis_and_reason(caplog: pytest.LogCaptureFixture)
 def test_hysteresis_band_is_wider_than_tie_tolerance() -> None:
     p = scenario_profile()
     # Without hysteresis the choice follows every flicker across a decision boundary.
-    flappy = Scheduler(p, LATENCY_FIRST, SchedulerConfig(hysteresis=1.0))
-    steady = Scheduler(p, LATENCY_FIRST)
+    # (Decided on the predictions of the moment: no averaging, no noise widening.)
+    instant = SchedulerConfig(smooth_s=0.0, noise_window_s=0.0)
+    flappy = Scheduler(p, LATENCY_FIRST, replace(instant, hysteresis=1.0))
+    steady = Scheduler(p, LATENCY_FIRST, instant)
     # Find a bandwidth where the optimum changes, then wobble ±2% around it.
     bws = np.geomspace(0.05, 1000, 400)
     splits = [flappy.choose(est(b)).split for b in bws]
@@ -520,8 +523,9 @@ def test_a_new_decision_dwells_unless_it_becomes_invalid() -> None:
     """Estimates that swing past the hysteresis band several times a second change the
     decision at most once per ``min_dwell_s``; a server going down changes it at once."""
     p = scenario_profile()
-    flappy = Scheduler(p, LATENCY_FIRST, SchedulerConfig(hysteresis=1.0, min_dwell_s=0.0))
-    dwelling = Scheduler(p, LATENCY_FIRST, SchedulerConfig(hysteresis=1.0, min_dwell_s=1.0))
+    instant = SchedulerConfig(hysteresis=1.0, smooth_s=0.0, noise_window_s=0.0)
+    flappy = Scheduler(p, LATENCY_FIRST, replace(instant, min_dwell_s=0.0))
+    dwelling = Scheduler(p, LATENCY_FIRST, replace(instant, min_dwell_s=1.0))
     bws = np.geomspace(0.05, 1000, 400)
     splits = [flappy.choose(est(b)).split for b in bws]
     s_max = p.num_stages
@@ -545,7 +549,7 @@ def test_a_decisive_change_does_not_wait_out_the_dwell() -> None:
     hysteresis band (``dwell_band``): a collapse of the link is followed at once, a swing
     of a few percent is not."""
     p = scenario_profile()
-    cfg = SchedulerConfig(min_dwell_s=1.0, replan_interval_s=0.0)
+    cfg = SchedulerConfig(min_dwell_s=1.0, replan_interval_s=0.0, smooth_s=0.0)
     sla = SLA(rank=(Metric.THROUGHPUT,))
     sched = Scheduler(p, sla, cfg)
     fast = sched.decide(0.0, est(1000, lat_ms=1))
@@ -580,7 +584,7 @@ def test_a_move_of_b_ends_the_dwell() -> None:
     ``dwell_bandwidth_ratio`` since the decision, an optimum inside the dwell's wide band
     (but out of the hysteresis band) is taken at once."""
     p = scenario_profile()
-    cfg = SchedulerConfig(min_dwell_s=1.0, replan_interval_s=0.0)
+    cfg = SchedulerConfig(min_dwell_s=1.0, replan_interval_s=0.0, smooth_s=0.0)
     sla = SLA(rank=(Metric.THROUGHPUT,))
     probe = Scheduler(p, sla, replace(cfg, min_dwell_s=0.0))
     bws = np.geomspace(0.1, 1000, 300)
@@ -870,3 +874,85 @@ def test_predicted_throughput_moves_smoothly_with_the_round_trip() -> None:
     assert jumps.max() < 0.02
     # …and yet it moves: the device takes over the race as the round trip grows.
     assert abs(fps[-1] - fps[0]).max() > 0.1 * fps[0].max()
+
+
+def test_the_band_widens_to_the_noise_of_the_current_prediction() -> None:
+    """Where the current decision's own predicted throughput swung by more than the
+    hysteresis band within the last second (a loaded machine's device time), a challenger
+    better on throughput by less than that swing, and no better on the rest, does not
+    replace it; without the widening (``noise_window_s = 0``) it does, and a decisive
+    change goes through either way."""
+    p = scenario_profile()
+    sla = SLA(rank=(Metric.THROUGHPUT,))
+    cfg = SchedulerConfig(min_dwell_s=0.0, replan_interval_s=0.0)
+    probe = Scheduler(p, sla, cfg, early_exits=False)
+
+    def run(noise_window_s: float, b1: float, ds: float, b2: float) -> Scheduler:
+        sched = Scheduler(p, sla, replace(cfg, noise_window_s=noise_window_s), early_exits=False)
+        for i in range(10):
+            sched.decide(0.05 * i, est(b1, device_scale=1.0 if i % 2 else ds))
+        assert len(sched.history) == 1
+        sched.decide(0.6, est(b2))
+        return sched
+
+    found = None
+    for b1, ds, f in itertools.product(np.geomspace(0.1, 1000, 120), (1.2, 1.3, 1.4, 1.5),
+                                       (1.05, 1.1, 1.2, 1.4, 2.0)):  # fmt: skip
+        first = probe.choose(est(b1))
+        if probe.choose(est(b1, device_scale=ds)).split != first.split:
+            continue
+        at = (first.split, first.thr_index)
+        swing = (
+            probe.predict(est(b1)).throughput[at]
+            / probe.predict(est(b1, device_scale=ds)).throughput[at]
+        )
+        second = probe.choose(est(b1 * f))
+        fps = probe.predict(est(b1 * f)).throughput
+        gain = fps[second.split, second.thr_index] / fps[at]
+        if second.split != first.split and 1.12 < gain < swing:
+            if len(run(1.0, b1, ds, b1 * f).history) == 1:
+                found = (b1, ds, b1 * f)
+                break
+    assert found is not None
+    b1, ds, b2 = found
+    assert len(run(0.0, b1, ds, b2).history) == 2  # the plain band lets it through
+    widened = run(1.0, b1, ds, b2)
+    # A collapse of the link is far outside any widened band.
+    assert widened.decide(0.7, est(0.001)).split == p.num_stages
+    with pytest.raises(ValueError, match="noise_window_s"):
+        SchedulerConfig(noise_window_s=-1.0)
+
+
+def test_decisions_are_taken_on_predictions_averaged_over_a_second() -> None:
+    """A swing of the compute estimates for one re-plan moves the averaged predictions a
+    twentieth of the way (``smooth_s`` 1 s, re-plans 50 ms apart): where it moves the
+    optimum of the moment out of the band, the decision stays. One that lasts seconds
+    moves it; a move of B by 1.5x starts the average afresh, and is followed at once."""
+    p = scenario_profile()
+    sla = SLA(rank=(Metric.THROUGHPUT,))
+    cfg = SchedulerConfig(min_dwell_s=0.0, replan_interval_s=0.0, noise_window_s=0.0)
+
+    def swing(smooth_s: float, b: float, ds: float, swung: int) -> Scheduler:
+        sched = Scheduler(p, sla, replace(cfg, smooth_s=smooth_s))
+        for i in range(20):
+            sched.decide(0.05 * i, est(b))
+        for i in range(swung):
+            sched.decide(1.0 + 0.05 * i, est(b, device_scale=ds))
+        return sched
+
+    found = None
+    for b, ds in itertools.product(np.geomspace(0.1, 1000, 100), (0.5, 0.7, 1.4, 2.0)):
+        moved = swing(0.0, b, ds, 1)
+        if len(moved.history) == 2 and len(swing(1.0, b, ds, 1).history) == 1:
+            lasting = swing(1.0, b, ds, 100)  # five seconds of it
+            if lasting.history[-1][1].split == moved.history[-1][1].split:
+                found = (b, ds, lasting)
+                break
+    assert found is not None
+    b, ds, sched = found
+    # A collapse of B is not averaged.
+    instant = Scheduler(p, sla, replace(cfg, smooth_s=0.0))
+    collapse = est(b / 1000, device_scale=ds)
+    assert sched.decide(6.05, collapse).split == instant.choose(collapse).split
+    with pytest.raises(ValueError, match="smooth_s"):
+        SchedulerConfig(smooth_s=-1.0)
