@@ -307,13 +307,18 @@ class BandwidthEstimator:
             full = len(self._long_uploads) == self._long_uploads.maxlen
             if full and slow * _TRAIN_DROP_RATIO < self._train_estimate:
                 self._long_uploads.clear()
-                self._trains.clear()
-                self._bounds.clear()
-                self._trains.append(slow)
-                self._bounds.append(False)
-                self._train_estimate = slow
-                self.needs_confirmation = True
+                self._replace_trains(slow)
         return sample
+
+    def _replace_trains(self, rate_bps: float) -> None:
+        """The uploads told a collapse or a rise: ``rate_bps`` is B until the trains,
+        asked to confirm, say otherwise."""
+        self._trains.clear()
+        self._bounds.clear()
+        self._trains.append(rate_bps)
+        self._bounds.append(False)
+        self._train_estimate = rate_bps
+        self.needs_confirmation = True
 
     def _rise(self, sample: float) -> None:
         """Uploads that read far above the trains' B, three in a row, raise B to the slowest
@@ -332,12 +337,7 @@ class BandwidthEstimator:
             return
         rose = min(self._fast_uploads)
         self._fast_uploads.clear()
-        self._trains.clear()
-        self._bounds.clear()
-        self._trains.append(rose)
-        self._bounds.append(False)
-        self._train_estimate = rose
-        self.needs_confirmation = True
+        self._replace_trains(rose)
 
     def observe_probe(
         self, now: float, probe_bytes: int, rtt_s: float, base_rtt_s: float
