@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from spinn.runtime.config import DeviceConfig
-    from spinn.sources import FrameSource
+    from spinn.runtime.sources import FrameSource
 
 __all__ = ["build_parser", "config_from_args", "main", "open_source"]
 
@@ -52,7 +52,12 @@ def config_from_args(args: argparse.Namespace) -> DeviceConfig:
 
 def open_source(args: argparse.Namespace, class_names: tuple[str, ...] = ()) -> FrameSource:
     """The frame source the flags name."""
-    from spinn.sources import CaptureSource, ImageFolderSource, camera_target, dataset_source
+    from spinn.runtime.sources import (
+        CaptureSource,
+        ImageFolderSource,
+        camera_target,
+        dataset_source,
+    )
 
     if args.camera is not None:
         return CaptureSource(camera_target(args.camera), kind="camera", limit=args.limit)
@@ -63,7 +68,7 @@ def open_source(args: argparse.Namespace, class_names: tuple[str, ...] = ()) -> 
     return dataset_source(args.dataset, limit=args.limit, data_dir=args.data_dir)
 
 
-# The SLA flags each policy reads (spinn.scheduler.make_policy), None: all; others read none.
+# The SLA flags each policy reads (spinn.decisions.baselines.make_policy), None: all; others read none.
 _SLA_READERS: dict[str, tuple[str, ...] | None] = {
     "spinn": None,
     "spinn-no-ee": None,
@@ -116,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("spinn.device").warning("%s", warning)
     import uvloop
 
-    from spinn.checkpoint import CheckpointError, read_checkpoint
-    from spinn.profile import ProfileError
+    from spinn.decisions.offline_profile import ProfileError
+    from spinn.model.checkpoint import CheckpointError, read_checkpoint
     from spinn.runtime.device import DeviceError, run_device
-    from spinn.sources import SourceError
+    from spinn.runtime.sources import SourceError
 
     try:
         meta = read_checkpoint(config.compute.checkpoint)["meta"]

@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     from protocol.dictionaries import DictionaryError
-    from spinn.checkpoint import CheckpointError
-    from spinn.runtime.security import SecurityError
+    from spinn.model.checkpoint import CheckpointError
+    from spinn.runtime.credentials import SecurityError
     from spinn.runtime.server import run_server
 
     try:

@@ -50,9 +50,9 @@ def ensure_profile(checkpoint: Path, profile_path: Path, workdir: Path) -> Path:
     the dataset the model was trained on) when none ships."""
     if profile_path.exists():
         return profile_path
-    from spinn import data
-    from spinn.checkpoint import load_checkpoint
-    from spinn.profiler import ProfilerConfig, profile_model
+    from spinn.model.checkpoint import load_checkpoint
+    from spinn.offline import data
+    from spinn.offline.profiling import ProfilerConfig, profile_model
 
     print(f"{profile_path} missing: profiling {checkpoint} on 1000 test images")
     model, meta = load_checkpoint(checkpoint)

@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 
 from bench._common import ROOT, ensure_profile, frames_dataset
-from spinn.estimators import Estimates
-from spinn.policy import Decision, Policy
-from spinn.procs import free_port, stop_process, wait_listening
-from spinn.profile import Profile
-from spinn.progressive import InputSpec
-from spinn.sources import Frame
+from spinn.decisions.offline_profile import Profile
+from spinn.decisions.online_estimates import Estimates
+from spinn.decisions.policy import Decision, Policy
+from spinn.model.progressive import InputSpec
+from spinn.runtime.processes import free_port, stop_process, wait_listening
+from spinn.runtime.sources import Frame
 
 __all__ = [
     "Cores",
@@ -141,7 +141,7 @@ class Testbed:
     ) -> Testbed:
         import shutil
 
-        from spinn.checkpoint import load_checkpoint
+        from spinn.model.checkpoint import load_checkpoint
 
         # A snapshot: the shipped model may be replaced (retrained) while the runs go on.
         snapshot = workdir / "snapshot.pt"
@@ -166,7 +166,7 @@ class Testbed:
 
 def load_frames(dataset: str = "fashion-mnist") -> tuple[np.ndarray, np.ndarray]:
     """A dataset's test split as the device's camera would see it (uint8 H×W or H×W×3)."""
-    from spinn.sources import dataset_source
+    from spinn.runtime.sources import dataset_source
 
     src = dataset_source(f"{dataset}:test")
     assert src.labels is not None
@@ -175,7 +175,7 @@ def load_frames(dataset: str = "fashion-mnist") -> tuple[np.ndarray, np.ndarray]
 
 def frames_for(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Frames (N×H×W grey or N×H×W×3 RGB) as a camera of the model's input size would
-    give them: converted and resized exactly as ``spinn.sources.preprocess`` would do on
+    give them: converted and resized exactly as ``spinn.runtime.sources.preprocess`` would do on
     the device (so answers are the same either way; the device then spends no time on
     it, as with a camera of the right size).  Frames that fit already are returned."""
     import cv2

@@ -5,7 +5,7 @@ servers, all pure (no real clock, no sockets, no threads; every draw from a seed
 What is real and what is modelled (docs/ARCHITECTURE.md, "Simulator"):
 
 * **Real, the project's own pure code**: each device's policy (``policy.decide(now,
-  estimates)``, the scheduler or a baseline), its ``OnlineProfiler`` fed with the
+  estimates)``, the scheduler or a baseline), its ``OnlineEstimates`` fed with the
   simulated observations the device runtime would make, the request deadline
   (``spinn.runtime.tracker.request_deadline``) and netshape's link pieces (trace replay,
   ``LinkSchedule`` for delay, jitter and loss).
@@ -36,9 +36,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from spinn.estimators import Estimates, OnlineProfiler, OnlineProfilerConfig
-from spinn.policy import Policy
-from spinn.profile import Profile
+from spinn.decisions.offline_profile import Profile
+from spinn.decisions.online_estimates import Estimates, OnlineEstimates, OnlineEstimatesConfig
+from spinn.decisions.policy import Policy
 from spinn.runtime.tracker import request_deadline
 from tools.netshape.config import DirectionConfig
 from tools.netshape.model import LinkSchedule
@@ -402,7 +402,7 @@ class SimDevice:
     """One device: frames through a window of ``max_in_flight``, one compute worker (heads
     and fallbacks at priority 0, race continuations at 1, as ``ComputeSlots``), uploads,
     the local race, CANCEL on a local win, deadlines, PINGs — the behaviour of
-    ``spinn.runtime.device`` (DESIGN.md part 7), feeding the same ``OnlineProfiler`` calls."""
+    ``spinn.runtime.device`` (DESIGN.md part 7), feeding the same ``OnlineEstimates`` calls."""
 
     def __init__(
         self,
@@ -418,7 +418,7 @@ class SimDevice:
         rate_fps: float | None = None,
         start_s: float = 0.0,
         stop_s: float = math.inf,
-        profiler_config: OnlineProfilerConfig | None = None,
+        profiler_config: OnlineEstimatesConfig | None = None,
     ) -> None:
         self.index = index
         self.loop = loop
@@ -427,7 +427,7 @@ class SimDevice:
         self.model = model
         self.server = server
         self.rng = random.Random(seed)
-        self.profiler = OnlineProfiler(profile, profiler_config)
+        self.profiler = OnlineEstimates(profile, profiler_config)
         self.rate_fps = rate_fps
         self.stop_s = stop_s
         self.answers: list[Answer] = []

@@ -29,7 +29,7 @@ from typing import Any
 
 from bench._common import ROOT
 from bench.load import _percentile, activations, run_load
-from spinn.procs import free_port, stop_process, wait_listening
+from spinn.runtime.processes import free_port, stop_process, wait_listening
 
 __all__ = ["main"]
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_max < 2:
         p.error("--batch-max must be >= 2 (1 is batching off, always measured)")
 
-    from spinn.checkpoint import load_checkpoint
+    from spinn.model.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(args.checkpoint)
     if not 0 <= args.split < model.num_stages:

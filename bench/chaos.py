@@ -48,8 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import ROOT
-from spinn.procs import free_port, stop_process, wait_listening
-from spinn.runtime.stats import percentile
+from spinn.runtime.processes import free_port, stop_process, wait_listening
+from spinn.runtime.run_summary import percentile
 
 __all__ = ["Attack", "main", "run_phase"]
 
@@ -224,7 +224,7 @@ def _frames(checkpoint: Path) -> tuple[bytes, bytes, bytes]:
     from protocol import PROTOCOL_VERSION, Bye, Hello, Infer, Ping, pack
     from protocol.framing import encode_frame
     from protocol.messages import encode_message
-    from spinn.checkpoint import load_checkpoint
+    from spinn.model.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(checkpoint)
     hello = encode_frame(

@@ -4,7 +4,7 @@ The real device runtime (this process) talks through ``tools/netshape`` (its own
 to a real ``spinn_server.py`` (its own process) on loopback, with the shipped model, as in
 ``bench.paper``.  For each shaped rate × round-trip time × policy it runs the device for a
 few seconds and reads the estimates the device handed its policy for every frame
-(``spinn.estimators.Estimates``: bandwidth B and round trip L):
+(``spinn.decisions.online_estimates.Estimates``: bandwidth B and round trip L):
 
 * **server-only**: split 0, every input uploaded (under 1 KiB each);
 * **middle split**: split 4 without early exits (about 4.4 KB per upload);
@@ -41,8 +41,8 @@ from typing import Any
 
 from bench._harness import ServerProcess, Shaper, Testbed, measure
 from bench.paper import DEFAULT_CHECKPOINT
-from spinn.estimators import Estimates
-from spinn.policy import Decision, FixedPolicy, Policy
+from spinn.decisions.online_estimates import Estimates
+from spinn.decisions.policy import Decision, FixedPolicy, Policy
 
 __all__ = ["Plan", "main", "run"]
 

@@ -532,8 +532,8 @@ async def _attacker(port: int, rng: random.Random, corpus: list[bytes], stop: fl
 def _corpus(checkpoint: Path) -> list[bytes]:
     """Valid device streams for this model: HELLO, INFERs at a few splits, PING, BYE."""
     from protocol.packing import DICT_CODEC
-    from spinn.checkpoint import load_checkpoint
-    from spinn.dictionaries import load_dictionaries
+    from spinn.model.checkpoint import load_checkpoint
+    from spinn.model.zdict_file import load_dictionaries
 
     model, meta = load_checkpoint(checkpoint)
     # With the model's zstd dictionaries the streams offer sparse_int8_zdict too, so the
@@ -579,7 +579,7 @@ async def _socket_fuzz(
     from bench._common import ensure_profile
     from spinn.runtime.config import DeviceConfig
     from spinn.runtime.device import run_device
-    from spinn.sources import dataset_source
+    from spinn.runtime.sources import dataset_source
 
     corpus = _corpus(checkpoint)
     rng = random.Random(seed)
@@ -637,7 +637,7 @@ def socket_fuzz(
     checkpoint: Path, seconds: float, attackers: int = 8, seed: int = 0, extra: tuple[str, ...] = ()
 ) -> dict[str, Any]:
     """Fuzz a live server process for ``seconds`` while a good device streams through it."""
-    from spinn.procs import free_port, wait_listening
+    from spinn.runtime.processes import free_port, wait_listening
 
     port = free_port()
     with tempfile.TemporaryFile("w+") as log:

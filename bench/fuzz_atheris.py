@@ -319,7 +319,7 @@ async def _record(frames: int) -> tuple[bytes, bytes]:
     from spinn.runtime.config import DeviceConfig, ServerConfig
     from spinn.runtime.device import SpinnDevice
     from spinn.runtime.server import SpinnServer
-    from spinn.sources import dataset_source
+    from spinn.runtime.sources import dataset_source
 
     server = SpinnServer(ServerConfig.from_fields(port=0, stats_interval_s=0, workers=1))
     await server.start()

@@ -50,7 +50,7 @@ from protocol import (
     Welcome,
     pack,
 )
-from spinn.procs import free_port, stop_process, wait_listening
+from spinn.runtime.processes import free_port, stop_process, wait_listening
 
 __all__ = ["LoadResult", "activations", "main", "run_load"]
 
@@ -76,10 +76,10 @@ def activations(checkpoint: Path, split: int, count: int, codec: str) -> list[Pa
     """Packed activations at ``split`` of ``count`` real test images, as a device sends."""
     import torch
 
-    from spinn.checkpoint import load_checkpoint
-    from spinn.data import load_fashion_mnist
-    from spinn.exits import ExitRule
-    from spinn.inference import run_stages
+    from spinn.model.checkpoint import load_checkpoint
+    from spinn.model.exits import ExitRule
+    from spinn.model.inference import run_stages
+    from spinn.offline.data import load_fashion_mnist
 
     torch.set_num_threads(1)
     model, _ = load_checkpoint(checkpoint)
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.devices < 1 or args.rate <= 0 or args.window < 1 or args.seconds <= 0:
         p.error("--devices, --rate, --window and --seconds must be positive")
 
-    from spinn.checkpoint import load_checkpoint
+    from spinn.model.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(args.checkpoint)
     if not 0 <= args.split < model.num_stages:

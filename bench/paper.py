@@ -21,7 +21,7 @@ written into every result.
 
 Beside them, from the offline profile alone: the residual rate (uploaded bytes per input ÷
 the raw image's bytes) within 1 and 5 points of the final exit's accuracy,
-``residual_rate_1pt`` and ``residual_rate_5pt`` (``bench.protocol.residual_rates``: the
+``residual_rate_1pt`` and ``residual_rate_5pt`` (``bench.wire.residual_rates``: the
 least over the co-inference configurations, sparse_uintb where the profile has widths).
 
 Results: ``bench/results/`` (one Markdown table and one PNG per experiment, README.md).
@@ -57,12 +57,13 @@ from bench._harness import (
     config_accuracy,
     measure,
 )
-from bench.protocol import residual_rates
-from spinn.policy import FixedPolicy, Policy
+from bench.wire import residual_rates
+from spinn.decisions.baselines import make_policy
+from spinn.decisions.offline_profile import Profile
+from spinn.decisions.policy import FixedPolicy, Policy
+from spinn.decisions.scheduler import split_name
+from spinn.decisions.sla import SLA, Metric
 from spinn.pretrained import DEFAULT_CHECKPOINT as _DEFAULT_CHECKPOINT
-from spinn.profile import Profile
-from spinn.scheduler import make_policy, split_name
-from spinn.sla import SLA, Metric
 
 __all__ = ["BASELINES", "Plan", "main", "run_all"]
 
@@ -972,9 +973,9 @@ def experiment6(b: Bench) -> dict[str, Any]:
     print("== experiment 6: accuracy/threshold table of the shipped model", flush=True)
     import torch
 
-    from spinn.checkpoint import load_checkpoint
-    from spinn.data import load_fashion_mnist
-    from spinn.evaluate import evaluate_model, write_outputs
+    from spinn.model.checkpoint import load_checkpoint
+    from spinn.offline.data import load_fashion_mnist
+    from spinn.offline.evaluate import evaluate_model, write_outputs
 
     model, meta = load_checkpoint(b.tb.checkpoint)
     data = load_fashion_mnist("test")
@@ -1308,7 +1309,7 @@ def run_all(
         if e1 and e4 and e6:
             figures = headline(e1, e4, e6, b.frames_lost, e2, e3)
         # Uploaded bytes per input ÷ the image's within 1 and 5 points of accuracy, from
-        # the profile (bench.protocol.residual_rates; sparse_uintb where it has widths).
+        # the profile (bench.wire.residual_rates; sparse_uintb where it has widths).
         figures.update(residual_rates(tb.profile))
         raw["figures"] = figures
         raw["machine"] = {**b.machine, "load_avg_end": _machine()["load_avg"]}

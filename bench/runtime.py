@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import ROOT
-from spinn.procs import free_port, wait_listening
+from spinn.runtime.processes import free_port, wait_listening
 
 
 def _run_device(
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, help="checkpoint (default: shipped model)")
     args = parser.parse_args(argv)
 
-    from spinn.checkpoint import load_checkpoint
+    from spinn.model.checkpoint import load_checkpoint
     from spinn.pretrained import DEFAULT_CHECKPOINT
 
     model, _ = load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT)

@@ -38,13 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import ROOT, ensure_profile, pin_one_core
-from spinn.estimators import Estimates
-from spinn.policy import Decision
+from spinn.decisions.offline_profile import Profile, synthetic_profile
+from spinn.decisions.online_estimates import Estimates
+from spinn.decisions.policy import Decision
+from spinn.decisions.scheduler import Predictor, Scheduler, SchedulerConfig, split_name
+from spinn.decisions.sla import SLA, Metric
 from spinn.pretrained import DEFAULT_CHECKPOINT as _DEFAULT_CHECKPOINT
-from spinn.procs import free_port, stop_process, wait_listening
-from spinn.profile import Profile, synthetic_profile
-from spinn.scheduler import Predictor, Scheduler, SchedulerConfig, split_name
-from spinn.sla import SLA, Metric
+from spinn.runtime.processes import free_port, stop_process, wait_listening
 
 DEFAULT_PROFILE = _DEFAULT_CHECKPOINT.with_name("profile.json")
 WARMUP_FRAMES = 60
@@ -132,7 +132,7 @@ def _run_device(
 
     from spinn.runtime.config import DeviceConfig
     from spinn.runtime.device import run_device
-    from spinn.sources import dataset_source
+    from spinn.runtime.sources import dataset_source
 
     policy = RecordingPolicy(split, thr)
     cfg = DeviceConfig.from_fields(

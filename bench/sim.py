@@ -1,7 +1,7 @@
 """A discrete-event simulator of SPINN: ``python -m bench.sim``.
 
 Runs whole experiments in virtual time (``bench._simcore``): each device's real policy and
-``OnlineProfiler``, netshape's link model and traces, and modelled compute (the offline
+``OnlineEstimates``, netshape's link model and traces, and modelled compute (the offline
 profile's stage times × a scale, with seeded noise, plus per-call overheads).  It does
 **not** run ``spinn.runtime``'s device and server, which are asyncio adapters; the
 simulator's ``SimDevice``/``SimServer`` mirror their behaviour and are where pure runtime
@@ -58,11 +58,12 @@ from bench._simcore import (
     SimServer,
     figures,
 )
-from spinn.estimators import Estimates
-from spinn.policy import Decision, Policy
-from spinn.profile import Profile
-from spinn.scheduler import Scheduler, SchedulerConfig, make_policy
-from spinn.sla import SLA, Metric
+from spinn.decisions.baselines import make_policy
+from spinn.decisions.offline_profile import Profile
+from spinn.decisions.online_estimates import Estimates
+from spinn.decisions.policy import Decision, Policy
+from spinn.decisions.scheduler import Scheduler, SchedulerConfig
+from spinn.decisions.sla import SLA, Metric
 from tools.netshape.trace import load_trace
 from tools.netshape.units import parse_duration
 

@@ -8,10 +8,11 @@ of it crosses the network per tensor (PROTOCOL.md §6.7). One table per split po
 bitmask and the values have their own dictionary each, because their byte statistics
 have nothing in common.
 
-The set is a file shipped beside the model (`spinn dictionaries` trains it); its sha256
-over the exact file bytes is what HELLO and WELCOME compare, so the codec is used only
-between peers holding the same set. This module is sans-I/O: it turns bytes into tables
-and back, and trains tables from arrays; reading the file is the caller's business.
+The set is a file shipped beside the model (`spinn dictionaries` trains it, in
+`spinn.offline.zdict_training`); its sha256 over the exact file bytes is what HELLO and
+WELCOME compare, so the codec is used only between peers holding the same set. This
+module is sans-I/O: it turns bytes into tables and back; reading the file is the
+caller's business.
 """
 
 from __future__ import annotations

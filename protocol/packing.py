@@ -94,7 +94,7 @@ ZSTD_LEVEL: Final = 1
 
 ZSTD_COMPRESS_BPS: Final = 150e6
 """Calibrated zstd level-1 compression speed in payload bytes per CPU-second: measured by
-`python -m bench.protocol` on batch-1 sparse_int8 payloads (a few KiB, where per-call
+`python -m bench.wire` on batch-1 sparse_int8 payloads (a few KiB, where per-call
 costs dominate) on a shared 2-core machine, so conservative for larger payloads."""
 
 ZSTD_DECOMPRESS_BPS: Final = 330e6
@@ -110,7 +110,7 @@ _ZDICT_HEADER = struct.Struct("<HI")
 """sparse_int8_zdict payload header: table (uint16), bytes of the bitmask frame (uint32)."""
 _ZDICT_GAIN: Final = 1.3
 """Conservative size ratio of a sparse_int8 raw payload to its sparse_int8_zdict coding,
-for the compress-or-not decision (`python -m bench.protocol` measures about 1.4)."""
+for the compress-or-not decision (`python -m bench.wire` measures about 1.4)."""
 """Codecs whose tensor map carries scale 1.0 and zero_point 0 (nothing is quantised)."""
 _FLOAT16_MAX: Final = 65504.0
 _QUANT_MAX: Final = 2.0**126
@@ -406,7 +406,7 @@ def _zdict_parts(flat: np.ndarray, shape: tuple[int, ...]) -> tuple[Any, Any, fl
 
 def zdict_streams(array: np.ndarray) -> tuple[bytes, bytes]:
     """(bitmask bytes, values bytes) that sparse_int8_zdict compresses for `array`: what
-    its dictionaries are trained on (`spinn.dictionaries.train_tables`)."""
+    its dictionaries are trained on (`spinn.offline.zdict_training.train_tables`)."""
     flat, shape = _as_float32(array)
     bits, values, _, _ = _zdict_parts(flat, tuple(shape))
     return bits.tobytes(), values.tobytes()

@@ -17,22 +17,22 @@ from pathlib import Path
 
 from protocol.dictionaries import DictionaryError
 from protocol.tensor import IMAGE_CODEC
-from spinn.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
-from spinn.data import DATASET_NAMES, DataError, ImageSet, load_dataset
-from spinn.dictionaries import (
-    DEFAULT_TRAIN_IMAGES,
-    dictionaries_path,
-    load_dictionaries,
-    save_dictionaries,
-    train_dictionaries,
+from spinn.decisions.offline_profile import Profile, ProfileError
+from spinn.model.backbones import ARCHITECTURES
+from spinn.model.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
+from spinn.model.progressive import DEFAULT_EXIT_FRACTIONS, ProgressiveModel, ProgressiveModelError
+from spinn.model.summary import format_summary, placement_warnings, preferred_codec, summarize
+from spinn.model.zdict_file import dictionaries_path, load_dictionaries, save_dictionaries
+from spinn.offline.data import DATASET_NAMES, DataError, ImageSet, load_dataset
+from spinn.offline.evaluate import DEFAULT_THRESHOLDS, evaluate_model, format_table, write_outputs
+from spinn.offline.profiling import (
+    LOSSY_BOUND_PTS,
+    PROFILE_THRESHOLDS,
+    ProfilerConfig,
+    profile_model,
 )
-from spinn.evaluate import DEFAULT_THRESHOLDS, evaluate_model, format_table, write_outputs
-from spinn.models import ARCHITECTURES
-from spinn.profile import Profile, ProfileError
-from spinn.profiler import LOSSY_BOUND_PTS, PROFILE_THRESHOLDS, ProfilerConfig, profile_model
-from spinn.progressive import DEFAULT_EXIT_FRACTIONS, ProgressiveModel, ProgressiveModelError
-from spinn.summary import format_summary, placement_warnings, preferred_codec, summarize
-from spinn.train import TrainConfig, train
+from spinn.offline.train import TrainConfig, train
+from spinn.offline.zdict_training import DEFAULT_TRAIN_IMAGES, train_dictionaries
 
 __all__ = ["build_parser", "main"]
 
@@ -313,7 +313,7 @@ def _print_placement(
     profile: Profile | None = None,
     notes: Sequence[str] = (),
 ) -> None:
-    """The stage table (spinn.summary) and ``notes`` on stdout, its warnings on stderr."""
+    """The stage table (spinn.model.summary) and ``notes`` on stdout, its warnings on stderr."""
     codec = None if profile is None else preferred_codec(profile)
     rows = summarize(model, accuracy=accuracy, profile=profile, codec=codec)
     input_bytes = None if profile is None else profile.packed_bytes(0, codec)

@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from spinn.procs import free_port, stop_process, wait_listening
 from spinn.runtime.config import PolicyConfig
+from spinn.runtime.processes import free_port, stop_process, wait_listening
 
 __all__ = ["main"]
 

@@ -32,16 +32,16 @@ import torch
 import uvloop
 
 from protocol import NEED_DATA, PROTOCOL_VERSION, Connection, ConnectionClosed, Hello, Welcome
-from spinn.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
-from spinn.policy import Policy
+from spinn.decisions.offline_profile import Profile
+from spinn.decisions.policy import Policy
+from spinn.model.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
+from spinn.model.progressive import InputSpec
 from spinn.pretrained import DEFAULT_CHECKPOINT
-from spinn.procs import free_port, stop_process, wait_listening
-from spinn.profile import Profile
-from spinn.progressive import InputSpec
 from spinn.runtime.config import DeviceConfig, ServerConfig
 from spinn.runtime.device import SpinnDevice
+from spinn.runtime.processes import free_port, stop_process, wait_listening
 from spinn.runtime.server import SpinnServer
-from spinn.sources import ArraySource, FrameSource
+from spinn.runtime.sources import ArraySource, FrameSource
 
 __all__ = [
     "CHECKPOINT",

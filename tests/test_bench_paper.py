@@ -27,9 +27,9 @@ from bench._harness import (
     measure,
     scaled_device_profile,
 )
-from bench.protocol import residual_rates
-from spinn.policy import FixedPolicy
-from spinn.profile import Profile
+from bench.wire import residual_rates
+from spinn.decisions.offline_profile import Profile
+from spinn.decisions.policy import FixedPolicy
 from tools.netshape import load_trace
 
 pytestmark = pytest.mark.timeout(120)
@@ -233,8 +233,8 @@ def test_frames_for_the_model_input_match_the_device_preprocessing() -> None:
     import numpy as np
     import torch
 
-    from spinn.progressive import InputSpec
-    from spinn.sources import preprocess
+    from spinn.model.progressive import InputSpec
+    from spinn.runtime.sources import preprocess
 
     rng = np.random.default_rng(0)
     grey = rng.integers(0, 256, size=(3, 28, 28), dtype=np.uint8)

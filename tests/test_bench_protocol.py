@@ -1,4 +1,4 @@
-"""Smoke test of bench/protocol.py: it runs end to end and ends with its JSON line."""
+"""Smoke test of bench/wire.py: it runs end to end and ends with its JSON line."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import protocol as bench
+from bench import wire as bench
 
 
 @pytest.mark.integration
@@ -21,7 +21,7 @@ def test_bench_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     figures = json.loads(lines[-1])
-    assert figures["bench"] == "protocol"
+    assert figures["bench"] == "wire"
     for key in (
         "sparse_zstd_ratio",
         "pack_mb_s",
@@ -175,7 +175,7 @@ def test_lossy_rows_follow_the_profile_widths(tmp_path: Path) -> None:
 
 
 def test_residual_rates_from_a_profile() -> None:
-    from spinn.profile import Profile
+    from spinn.decisions.offline_profile import Profile
 
     # Two stages, one early exit after stage 0; 100-value images; the final exit 90%.
     doc = {

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from spinn.checkpoint import CheckpointMeta, load_checkpoint, read_checkpoint, weights_sha256
-from spinn.data import FASHION_MNIST_DIR, load_fashion_mnist_camera
-from spinn.evaluate import collect_probs
+from spinn.decisions.offline_profile import Profile
+from spinn.model.checkpoint import CheckpointMeta, load_checkpoint, read_checkpoint, weights_sha256
+from spinn.model.progressive import ProgressiveModel
+from spinn.offline.data import FASHION_MNIST_DIR, load_fashion_mnist_camera
+from spinn.offline.evaluate import collect_probs
 from spinn.pretrained import MODELS_DIR
-from spinn.profile import Profile
-from spinn.progressive import ProgressiveModel
 
 ROOT = MODELS_DIR / "camera"
 CHECKPOINT = ROOT / "model.pt"

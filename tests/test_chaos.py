@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from spinn.procs import free_port
+from spinn.runtime.processes import free_port
 from tests._runtime_support import (
     Device,
     Server,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spinn.checkpoint import (
+from spinn.model.checkpoint import (
     CheckpointError,
     ModelConfig,
     load_checkpoint,
@@ -17,7 +17,7 @@ from spinn.checkpoint import (
     save_checkpoint,
     weights_sha256,
 )
-from spinn.progressive import InputSpec, ProgressiveModel
+from spinn.model.progressive import InputSpec, ProgressiveModel
 
 SPEC = InputSpec(channels=1, height=28, width=28, mean=(0.3,), std=(0.35,))
 CONFIG = ModelConfig(arch="resnet20", input_spec=SPEC, num_classes=4, arch_options={"width": 4})

@@ -12,7 +12,7 @@ import pytest
 from protocol.dictionaries import ZstdDictionaries
 from protocol.packing import DICT_CODEC
 from spinn.cli import main
-from spinn.dictionaries import dictionaries_path
+from spinn.model.zdict_file import dictionaries_path
 
 
 def test_help_explains_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:

@@ -254,7 +254,7 @@ def test_codec_and_zstd_flags_fill_the_config() -> None:
 def test_device_only_reports_the_last_split(
     flags: list[str], checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from spinn.checkpoint import load_checkpoint
+    from spinn.model.checkpoint import load_checkpoint
 
     stages = load_checkpoint(checkpoint)[0].num_stages
     out = tmp_path / "answers.jsonl"

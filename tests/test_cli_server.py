@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import spinn_server
-from spinn.procs import free_port, wait_listening
+from spinn.runtime.processes import free_port, wait_listening
 from tests._runtime_support import PYTHON, ROOT
 
 pytestmark = pytest.mark.timeout(90)

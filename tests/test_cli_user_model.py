@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import spinn_device
-from spinn.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
-from spinn.procs import free_port, stop_process, wait_listening
-from spinn.progressive import InputSpec
+from spinn.model.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
+from spinn.model.progressive import InputSpec
+from spinn.runtime.processes import free_port, stop_process, wait_listening
 from tests._runtime_support import PYTHON, ROOT, write_stub_profile
 
 pytestmark = pytest.mark.timeout(120)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from spinn.data import (
+from spinn.offline.data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
     FASHION_MNIST_MEAN,

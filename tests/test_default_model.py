@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from spinn.checkpoint import CheckpointMeta, load_checkpoint, read_checkpoint, weights_sha256
-from spinn.data import FASHION_MNIST_DIR, load_fashion_mnist
-from spinn.evaluate import collect_probs
+from spinn.decisions.offline_profile import Profile
+from spinn.model.checkpoint import CheckpointMeta, load_checkpoint, read_checkpoint, weights_sha256
+from spinn.model.progressive import ProgressiveModel
+from spinn.offline.data import FASHION_MNIST_DIR, load_fashion_mnist
+from spinn.offline.evaluate import collect_probs
 from spinn.pretrained import DEFAULT_CHECKPOINT
-from spinn.profile import Profile
-from spinn.progressive import ProgressiveModel
 
 ROOT = DEFAULT_CHECKPOINT.parent
 CHECKPOINT = ROOT / "model.pt"

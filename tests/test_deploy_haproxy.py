@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from spinn.procs import free_port, wait_listening
+from spinn.runtime.processes import free_port, wait_listening
 from tests._runtime_support import ROOT, Device, Server, by_frame, make_small_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]

@@ -1,4 +1,4 @@
-"""Tests for spinn.estimators: convergence, step tracking and outlier rejection on
+"""Tests for spinn.decisions.online_estimates: convergence, step tracking and outlier rejection on
 synthetic measurement streams (time injected, no sleeping)."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from spinn.estimators import (
+from spinn.decisions.offline_profile import synthetic_profile
+from spinn.decisions.online_estimates import (
     EWMA,
     BandwidthEstimator,
     DeviceBusyEstimator,
@@ -15,13 +16,12 @@ from spinn.estimators import (
     Estimates,
     LatencyEstimator,
     MedianOf3,
-    OnlineProfiler,
-    OnlineProfilerConfig,
+    OnlineEstimates,
+    OnlineEstimatesConfig,
     OverheadEstimator,
     ServerTimeEstimator,
     train_dispersion,
 )
-from spinn.profile import synthetic_profile
 
 
 def test_ewma_and_median() -> None:
@@ -96,7 +96,7 @@ def test_unresolved_probes_bound_bandwidth_from_below() -> None:
     assert est.bandwidth_bps == pytest.approx(8 * 16_384 / 0.002), "the largest floor holds"
     assert est.samples == 0
     prof = synthetic_profile(random.Random(7), num_stages=6, num_exits=3, num_thresholds=5)
-    op = OnlineProfiler(prof)
+    op = OnlineEstimates(prof)
     op.observe_ping(0.0, 0.0002)
     op.observe_ping(0.5, 0.0003, probe_bytes=16_384)
     assert op.snapshot(1.0).bandwidth_bps == pytest.approx(8 * 16_384 / 0.002)
@@ -136,7 +136,7 @@ def test_inferred_server_time_uses_propagation_not_the_noisy_average() -> None:
     propagation delay; the response time itself did not wait that long, so the inferred
     server time subtracts the minimum recent RTT and stays at the true compute time."""
     prof = synthetic_profile(random.Random(7), num_stages=6, num_exits=3, num_thresholds=5)
-    op = OnlineProfiler(prof)
+    op = OnlineEstimates(prof)
     rng = random.Random(8)
     for i in range(16):
         op.observe_ping(float(i), 0.002 + rng.uniform(0.0, 0.02))
@@ -191,7 +191,7 @@ def test_server_time_reported_and_inferred_agree() -> None:
 
 def test_online_profiler_snapshot() -> None:
     prof = synthetic_profile(random.Random(5), num_stages=6, num_exits=3, num_thresholds=5)
-    op = OnlineProfiler(prof, OnlineProfilerConfig(initial_bandwidth_bps=1e6))
+    op = OnlineEstimates(prof, OnlineEstimatesConfig(initial_bandwidth_bps=1e6))
     snap = op.snapshot(0.0)
     assert snap == Estimates(1e6, 0.02, 1.0, 1.0, 0.0, True, 0.0)
     for i in range(10):
@@ -239,7 +239,7 @@ def test_overhead_from_uploads_stands_in_until_the_device_answers() -> None:
     time from arrival to upload beyond the stages before the split stands in, until the
     device answers an input itself."""
     prof = synthetic_profile(random.Random(5), num_stages=6, num_exits=3, num_thresholds=5)
-    op = OnlineProfiler(prof)
+    op = OnlineEstimates(prof)
     for i in range(10):
         op.observe_offload(float(i), 2, prof.device_time_ms(2) + 1.5)  # SF = 1
     assert op.snapshot(10.0).frame_overhead_ms == pytest.approx(1.5)
@@ -301,7 +301,7 @@ def test_device_busy_is_a_mean_over_recent_calls() -> None:
 
 def test_online_profiler_device_busy() -> None:
     prof = synthetic_profile(random.Random(7), num_stages=6, num_exits=3, num_thresholds=5)
-    op = OnlineProfiler(prof)
+    op = OnlineEstimates(prof)
     snap = op.snapshot(0.0)
     assert snap.busy_scale is None and snap.head_overhead_ms is None
     for i in range(10):
@@ -474,8 +474,8 @@ def test_bandwidth_from_trains_median_steps_and_bounds() -> None:
 
 def test_online_profiler_feeds_trains() -> None:
     prof = synthetic_profile(random.Random(7), num_stages=6, num_exits=3, num_thresholds=5)
-    op = OnlineProfiler(prof)
-    assert op.snapshot(0.0).bandwidth_bps == OnlineProfilerConfig().initial_bandwidth_bps
+    op = OnlineEstimates(prof)
+    assert op.snapshot(0.0).bandwidth_bps == OnlineEstimatesConfig().initial_bandwidth_bps
     op.bandwidth.observe_train(1.0, _train(5e6, 20_000, burst=3_125, chunk=3_125), 20_000)
     assert op.snapshot(1.0).bandwidth_bps == pytest.approx(5e6)
 

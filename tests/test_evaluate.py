@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from spinn.data import ImageSet, load_mnist_5k
-from spinn.evaluate import evaluate_model, format_table, sweep, write_outputs
-from spinn.exits import ExitRule
-from spinn.inference import run_stages
-from spinn.models import build_backbone
-from spinn.progressive import InputSpec, ProgressiveModel, make_progressive
+from spinn.model.backbones import build_backbone
+from spinn.model.exits import ExitRule
+from spinn.model.inference import run_stages
+from spinn.model.progressive import InputSpec, ProgressiveModel, make_progressive
+from spinn.offline.data import ImageSet, load_mnist_5k
+from spinn.offline.evaluate import evaluate_model, format_table, sweep, write_outputs
 
 SPEC = InputSpec(channels=1, height=28, width=28, mean=(0.13,), std=(0.31,))
 

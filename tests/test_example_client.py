@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from spinn.data import FASHION_MNIST_DIR
+from spinn.offline.data import FASHION_MNIST_DIR
 from spinn.pretrained import DEFAULT_CHECKPOINT
 from spinn.runtime.server import SpinnServer
 from tests._runtime_support import ROOT, serve

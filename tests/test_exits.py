@@ -1,4 +1,4 @@
-"""The exit rule (spinn.exits) and the agreement of every place that applies it.
+"""The exit rule (spinn.model.exits) and the agreement of every place that applies it.
 
 The rule is pure: these tests need no sockets.  The agreement tests give the offline
 sweep (``apply_threshold``, ``evaluate.sweep``), the server's batches (``run_batch``) and
@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from spinn.checkpoint import load_checkpoint
-from spinn.evaluate import sweep
-from spinn.exits import ExitRule, answering
-from spinn.inference import apply_threshold, exit_probs, run_stages
-from spinn.progressive import ProgressiveModel
+from spinn.model.checkpoint import load_checkpoint
+from spinn.model.exits import ExitRule, answering
+from spinn.model.inference import apply_threshold, exit_probs, run_stages
+from spinn.model.progressive import ProgressiveModel
+from spinn.offline.evaluate import sweep
 from spinn.runtime.batching import run_batch
 
 

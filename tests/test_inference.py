@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from spinn.exits import ExitRule
-from spinn.inference import (
+from spinn.model.backbones import build_backbone
+from spinn.model.exits import ExitRule
+from spinn.model.inference import (
     apply_threshold,
     exit_probs,
     iter_stages,
     run_stages,
 )
-from spinn.models import build_backbone
-from spinn.progressive import InputSpec, ProgressiveModel, make_progressive
+from spinn.model.progressive import InputSpec, ProgressiveModel, make_progressive
 
 SPEC = InputSpec(channels=1, height=28, width=28, mean=(0.5,), std=(0.5,))
 

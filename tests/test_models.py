@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from spinn.models import ARCHITECTURES, build_backbone, load_callable
+from spinn.model.backbones import ARCHITECTURES, build_backbone, load_callable
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

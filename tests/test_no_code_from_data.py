@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spinn.checkpoint import CheckpointError, load_checkpoint
+from spinn.model.checkpoint import CheckpointError, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(

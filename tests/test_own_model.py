@@ -16,13 +16,13 @@ from PIL import Image
 
 import spinn_device
 import spinn_server
-from spinn.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
 from spinn.cli import main
-from spinn.data import ImageSet, load_image_folder
-from spinn.models import build_backbone
-from spinn.profile import Profile
-from spinn.progressive import InputSpec
-from spinn.train import TrainConfig, _load_data
+from spinn.decisions.offline_profile import Profile
+from spinn.model.backbones import build_backbone
+from spinn.model.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
+from spinn.model.progressive import InputSpec
+from spinn.offline.data import ImageSet, load_image_folder
+from spinn.offline.train import TrainConfig, _load_data
 
 pytestmark = pytest.mark.timeout(180)
 

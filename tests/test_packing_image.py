@@ -26,9 +26,9 @@ from protocol.packing import (
     should_compress,
     unpack,
 )
-from spinn.data import FASHION_MNIST_DIR, load_fashion_mnist, render_camera_frames
-from spinn.progressive import InputSpec
-from spinn.sources import input_pixels
+from spinn.model.progressive import InputSpec
+from spinn.offline.data import FASHION_MNIST_DIR, load_fashion_mnist, render_camera_frames
+from spinn.runtime.sources import input_pixels
 
 EXAMPLE = np.array([[[[10, 12, 14], [11, 13, 5]]]], np.uint8)
 """PROTOCOL.md §11: the grey 2×3 image of the uint8_image example."""

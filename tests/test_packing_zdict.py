@@ -41,11 +41,12 @@ from protocol.errors import TensorError
 from protocol.framing import encode_frame
 from protocol.messages import MessageType, decode_message, encode_message
 from protocol.packing import DICT_CODEC, PackedTensor, as_sparse_int8, pack, unpack
-from spinn.checkpoint import load_checkpoint
-from spinn.data import load_fashion_mnist
-from spinn.dictionaries import dictionaries_path, train_tables
+from spinn.model.checkpoint import load_checkpoint
+from spinn.model.progressive import ProgressiveModel
+from spinn.model.zdict_file import dictionaries_path
+from spinn.offline.data import load_fashion_mnist
+from spinn.offline.zdict_training import train_tables
 from spinn.pretrained import DEFAULT_CHECKPOINT
-from spinn.progressive import ProgressiveModel
 from tests.test_protocol_connection import SHA, ConnectionPair
 from tests.test_protocol_packing import _assert_within_half_step
 

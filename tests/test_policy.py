@@ -1,12 +1,12 @@
-"""Tests for spinn.policy: the decision value and the fixed policy."""
+"""Tests for spinn.decisions.policy: the decision value and the fixed policy."""
 
 from __future__ import annotations
 
 import pytest
 
-from spinn.estimators import Estimates
-from spinn.exits import ExitRule
-from spinn.policy import Decision, FixedPolicy, Policy
+from spinn.decisions.online_estimates import Estimates
+from spinn.decisions.policy import Decision, FixedPolicy, Policy
+from spinn.model.exits import ExitRule
 
 
 def test_fixed_policy_ignores_estimates() -> None:

@@ -1,4 +1,4 @@
-"""Tests for spinn.profile: validation, JSON round trip and the derived quantities."""
+"""Tests for spinn.decisions.offline_profile: validation, JSON round trip and the derived quantities."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from spinn.profile import (
+from spinn.decisions.offline_profile import (
     FORMAT,
     LossyChoice,
     Profile,

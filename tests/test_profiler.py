@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from protocol.packing import CODECS, pack, unpack
-from spinn.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
-from spinn.data import FASHION_MNIST_DIR, load_dataset, load_mnist_5k
-from spinn.evaluate import evaluate_model
-from spinn.profile import Profile
-from spinn.profiler import (
+from spinn.decisions.offline_profile import Profile
+from spinn.model.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
+from spinn.model.progressive import InputSpec, ProgressiveModel
+from spinn.offline.data import FASHION_MNIST_DIR, load_dataset, load_mnist_5k
+from spinn.offline.evaluate import evaluate_model
+from spinn.offline.profiling import (
     LOSSY_BITS_TRIED,
     ProfilerConfig,
     choose_lossy_bits,
@@ -24,7 +25,6 @@ from spinn.profiler import (
     profile_model,
     time_stages,
 )
-from spinn.progressive import InputSpec, ProgressiveModel
 
 SPEC = InputSpec(channels=1, height=28, width=28, mean=(0.13,), std=(0.31,))
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "default" / "model.pt"

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spinn.models import ARCHITECTURES, build_backbone
-from spinn.progressive import (
+from spinn.model.backbones import ARCHITECTURES, build_backbone
+from spinn.model.progressive import (
     ExitHead,
     InputSpec,
     ProgressiveModel,

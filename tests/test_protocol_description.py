@@ -15,8 +15,8 @@ import pytest
 from protocol import Error, ErrorCode, Hello, Infer, Ping, Pong, Result, Welcome, pack
 from protocol.description import PREPROCESS, Description
 from protocol.messages import decode_message, encode_message
-from spinn.description import mismatches
 from spinn.runtime.server import SpinnServer
+from spinn.runtime.server_description import mismatches
 from tests._runtime_support import RawClient, hello, sample_input, serve, until_closed
 
 pytestmark = pytest.mark.timeout(60)
@@ -113,8 +113,8 @@ def test_a_version_1_device_gets_a_version_1_welcome(checkpoint: Path) -> None:
 
 def _described(checkpoint: Path) -> tuple[Any, Any, Description]:
     """The checkpoint's model, metadata and description with round limits."""
-    from spinn.checkpoint import load_checkpoint
-    from spinn.description import describe
+    from spinn.model.checkpoint import load_checkpoint
+    from spinn.runtime.server_description import describe
 
     model, meta = load_checkpoint(checkpoint)
     limits = {"max_frame_bytes": 1 << 20, "max_tensor_elements": 1 << 22}

@@ -18,7 +18,7 @@ from protocol.dictionaries import ZstdDictionaries
 from protocol.framing import encode_frame
 from protocol.messages import encode_message
 from protocol.packing import DICT_CODEC, IMAGE_CODEC, LOSSY_CODEC, PackedTensor
-from spinn.dictionaries import dictionaries_path
+from spinn.model.zdict_file import dictionaries_path
 from spinn.pretrained import DEFAULT_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]

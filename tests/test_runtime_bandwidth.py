@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from spinn.procs import free_port
+from spinn.runtime.processes import free_port
 from tests._runtime_support import Device, Server, by_frame, netshape_process, stop_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

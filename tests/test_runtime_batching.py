@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from protocol import Cancel, Error, ErrorCode, Infer, Result, pack
-from spinn.checkpoint import load_checkpoint
-from spinn.exits import ExitRule
-from spinn.inference import run_stages
-from spinn.progressive import ProgressiveModel
+from spinn.model.checkpoint import load_checkpoint
+from spinn.model.exits import ExitRule
+from spinn.model.inference import run_stages
+from spinn.model.progressive import ProgressiveModel
 from spinn.runtime.accel import resolve_device
 from spinn.runtime.batching import run_batch, to_device
 from spinn.runtime.config import ConfigError, ServerComputeConfig

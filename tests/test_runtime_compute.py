@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from spinn.checkpoint import load_checkpoint
-from spinn.exits import ExitRule
-from spinn.inference import run_stages
+from spinn.model.checkpoint import load_checkpoint
+from spinn.model.exits import ExitRule
+from spinn.model.inference import run_stages
 from spinn.runtime import compute
 from spinn.runtime.compute import ComputeSlots, plan_workers, slow_down
 

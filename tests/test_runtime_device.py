@@ -11,13 +11,13 @@ import pytest
 import uvloop
 
 from protocol.packing import CODECS, pack
-from spinn.checkpoint import load_checkpoint
-from spinn.estimators import Estimates
-from spinn.policy import Decision, FixedPolicy
-from spinn.procs import free_port
+from spinn.decisions.online_estimates import Estimates
+from spinn.decisions.policy import Decision, FixedPolicy
+from spinn.model.checkpoint import load_checkpoint
 from spinn.runtime.config import DeviceConfig, ServerConfig
 from spinn.runtime.device import DeviceError, SpinnDevice
 from spinn.runtime.device_core import ComputeCall
+from spinn.runtime.processes import free_port
 from spinn.runtime.server import SpinnServer
 from tests._runtime_support import by_frame, make_small_checkpoint, noise_frames, run_in_process
 
@@ -243,7 +243,7 @@ def test_local_answers_feed_overhead_and_race_stages_feed_device_scale(checkpoin
 
 
 def test_scheduler_policy_predicts_with_the_device_codec(checkpoint: Path) -> None:
-    from spinn.scheduler import Scheduler
+    from spinn.decisions.scheduler import Scheduler
 
     device = SpinnDevice(
         DeviceConfig.from_fields(
@@ -269,7 +269,7 @@ class _MixedSource:
         self.n, self.bad = n, bad
 
     def __iter__(self) -> Any:
-        from spinn.sources import Frame
+        from spinn.runtime.sources import Frame
 
         rng = np.random.default_rng(0)
         for i in range(self.n):

@@ -28,11 +28,11 @@ from protocol import (
     Role,
     Welcome,
 )
-from spinn.checkpoint import load_checkpoint
-from spinn.description import describe
+from spinn.model.checkpoint import load_checkpoint
 from spinn.runtime.config import DeviceConfig
 from spinn.runtime.device import DeviceError, SpinnDevice
-from spinn.sources import ArraySource, Frame, SourceError
+from spinn.runtime.server_description import describe
+from spinn.runtime.sources import ArraySource, Frame, SourceError
 from tests._runtime_support import by_frame, noise_frames
 
 pytestmark = pytest.mark.timeout(120)

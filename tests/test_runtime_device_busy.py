@@ -1,4 +1,4 @@
-"""The device's busy-time accounting (spinn.estimators.DeviceBusyEstimator) on real runs:
+"""The device's busy-time accounting (spinn.decisions.online_estimates.DeviceBusyEstimator) on real runs:
 a saturating stream measures it, a paced one does not, and the worker's calls it sums
 never add up to more than the run's wall time (docs/SCHEDULER.md, "device busy time")."""
 

@@ -19,10 +19,10 @@ import pytest
 
 from protocol import Bye, Cancel, Error, ErrorCode, Infer, Ping, Pong, Result
 from protocol.packing import pack
-from spinn.estimators import Estimates
-from spinn.policy import Decision, FixedPolicy, Policy
+from spinn.decisions.offline_profile import Profile
+from spinn.decisions.online_estimates import Estimates
+from spinn.decisions.policy import Decision, FixedPolicy, Policy
 from spinn.pretrained import DEFAULT_CHECKPOINT
-from spinn.profile import Profile
 from spinn.runtime.config import DeviceConfig
 from spinn.runtime.device_core import (
     SERVER_BUDGET_SHARE,
@@ -57,7 +57,7 @@ MODEL = ModelShape(
 )
 LAST_EXIT = len(MODEL.exit_stages) - 1
 PACKED = pack(np.ones((1, 4, 7, 7), dtype=np.float32), "sparse_int8")
-CORE_MODULES = ("device_core", "tracker", "uplink", "failover", "backoff", "stats")
+CORE_MODULES = ("device_core", "tracker", "uplink", "failover", "backoff", "run_summary")
 
 
 def make_core(

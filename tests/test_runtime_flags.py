@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from spinn.decisions.sla import SLA, Metric
 from spinn.runtime.config import DeviceConfig, ServerConfig, config_fields
 from spinn.runtime.flags import (
     DEVICE_FLAGS,
@@ -16,7 +17,6 @@ from spinn.runtime.flags import (
     sla_flags_given,
     sla_from_args,
 )
-from spinn.sla import SLA, Metric
 
 
 @pytest.mark.parametrize("table", [DEVICE_FLAGS, SERVER_FLAGS], ids=["device", "server"])

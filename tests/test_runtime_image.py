@@ -10,15 +10,15 @@ import torch
 
 from protocol import PROTOCOL_VERSION, Error, ErrorCode, Hello, Infer, Result, Welcome
 from protocol.packing import DICT_CODEC, IMAGE_CODEC, PackedTensor, pack, unpack
-from spinn.checkpoint import load_checkpoint
-from spinn.data import load_fashion_mnist
-from spinn.exits import ExitRule
-from spinn.inference import run_stages
-from spinn.profile import Profile
+from spinn.decisions.offline_profile import Profile
+from spinn.decisions.scheduler import SchedulerConfig
+from spinn.model.checkpoint import load_checkpoint
+from spinn.model.exits import ExitRule
+from spinn.model.inference import run_stages
+from spinn.offline.data import load_fashion_mnist
 from spinn.runtime.config import DeviceConfig
 from spinn.runtime.device import profiled_input_codec, recode_for
-from spinn.scheduler import SchedulerConfig
-from spinn.sources import ArraySource
+from spinn.runtime.sources import ArraySource
 from tests._runtime_support import CHECKPOINT, RawClient, by_frame, run_in_process, serve
 
 pytestmark = pytest.mark.timeout(120)

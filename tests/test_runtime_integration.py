@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import torch
 
-from spinn.checkpoint import load_checkpoint
-from spinn.data import load_fashion_mnist
-from spinn.exits import ExitRule
-from spinn.inference import run_stages
-from spinn.procs import free_port
+from spinn.model.checkpoint import load_checkpoint
+from spinn.model.exits import ExitRule
+from spinn.model.inference import run_stages
+from spinn.offline.data import load_fashion_mnist
+from spinn.runtime.processes import free_port
 from tests._runtime_support import (
     CHECKPOINT,
     Device,

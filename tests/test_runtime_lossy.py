@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from protocol.packing import IMAGE_CODEC, LOSSY_CODEC, pack, unpack
-from spinn.checkpoint import load_checkpoint
-from spinn.data import load_fashion_mnist
-from spinn.exits import ExitRule
-from spinn.inference import run_stages
+from spinn.model.checkpoint import load_checkpoint
+from spinn.model.exits import ExitRule
+from spinn.model.inference import run_stages
+from spinn.offline.data import load_fashion_mnist
 from spinn.runtime.device import recode_for
-from spinn.sources import ArraySource
+from spinn.runtime.sources import ArraySource
 from tests._runtime_support import CHECKPOINT, by_frame, run_in_process
 
 pytestmark = pytest.mark.timeout(120)

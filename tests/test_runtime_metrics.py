@@ -1,4 +1,4 @@
-"""Prometheus metrics of the server, scraped over HTTP on loopback (spinn.runtime.metrics)."""
+"""Prometheus metrics of the server, scraped over HTTP on loopback (spinn.runtime.prometheus_metrics)."""
 
 from __future__ import annotations
 

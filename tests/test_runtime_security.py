@@ -36,7 +36,7 @@ from protocol import (
 from protocol.auth import device_proof
 from protocol.framing import FrameDecoder, encode_frame
 from protocol.messages import decode_message, encode_message
-from spinn.runtime.security import (
+from spinn.runtime.credentials import (
     SecurityError,
     device_ssl_context,
     load_token,
@@ -199,7 +199,7 @@ def test_tls_and_token_on_both_cli_ends(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     import spinn_device
-    from spinn.procs import free_port
+    from spinn.runtime.processes import free_port
 
     token = _write_token(tmp_path / "token", TOKEN.decode())
     wrong = _write_token(tmp_path / "wrong", "another-token-of-enough-bytes")

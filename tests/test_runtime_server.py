@@ -23,9 +23,9 @@ from protocol import (
     pack,
     unpack,
 )
-from spinn.checkpoint import load_checkpoint
-from spinn.exits import ExitRule
-from spinn.inference import run_stages
+from spinn.model.checkpoint import load_checkpoint
+from spinn.model.exits import ExitRule
+from spinn.model.inference import run_stages
 from spinn.runtime.batching import run_jobs
 from spinn.runtime.server import SpinnServer
 from spinn.runtime.server_core import Job, Outcome, RunBatch, Stopped

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from spinn.runtime.stats import COMPUTE_WINDOW, DeviceStats, ServerStats, percentile
+from spinn.runtime.run_summary import COMPUTE_WINDOW, DeviceStats, ServerStats, percentile
 from spinn.runtime.tracker import Answer, Where
 
 

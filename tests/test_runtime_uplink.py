@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from spinn.estimators import BandwidthEstimator
+from spinn.decisions.online_estimates import BandwidthEstimator
 from spinn.runtime.uplink import ProbeTrains, UploadTimer
 
 RATE = 200e3 / 8  # 200 kbit/s in bytes per second
@@ -77,7 +77,7 @@ def test_a_stall_that_bunches_answers_does_not_read_fast() -> None:
     their held times start together, so the first upload reads long and the next two near
     0. Those join the following upload in one sample, which B's median filter drops: the
     estimate never rises above the link rate (summed per request it read 4000 Mbit/s)."""
-    from spinn.estimators import BandwidthEstimator
+    from spinn.decisions.online_estimates import BandwidthEstimator
 
     rate, rtt, size, compute = 24e6 / 8, 0.04, 25_000, 0.002
     upload = size / rate

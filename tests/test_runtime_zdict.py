@@ -13,12 +13,12 @@ import pytest
 
 from protocol.dictionaries import DictionaryError, ZstdDictionaries
 from protocol.packing import DICT_CODEC
-from spinn.data import load_fashion_mnist
-from spinn.dictionaries import dictionaries_path, load_dictionaries
+from spinn.model.zdict_file import dictionaries_path, load_dictionaries
+from spinn.offline.data import load_fashion_mnist
 from spinn.runtime.config import DeviceConfig, ServerConfig
 from spinn.runtime.device import DeviceError, SpinnDevice, profiled_codec, recode_for
 from spinn.runtime.server import SpinnServer
-from spinn.sources import ArraySource
+from spinn.runtime.sources import ArraySource
 from tests._runtime_support import CHECKPOINT, by_frame, run_in_process
 
 pytestmark = pytest.mark.timeout(120)
@@ -72,7 +72,7 @@ def test_a_device_without_the_file_offers_plain_sparse_int8(tmp_path: Path) -> N
 
 def test_a_tensor_packed_for_the_dictionaries_is_recoded_for_a_link_without() -> None:
     from protocol.packing import pack, unpack
-    from spinn.checkpoint import load_checkpoint
+    from spinn.model.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(CHECKPOINT)
     zdict = _shipped()

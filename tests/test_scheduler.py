@@ -1,4 +1,4 @@
-"""Tests for spinn.scheduler and spinn.sla: predictions against a scalar reference, the
+"""Tests for spinn.decisions.scheduler and spinn.decisions.sla: predictions against a scalar reference, the
 choice against a brute-force lexicographic search, the design's scenarios, hysteresis and
 the baselines."""
 
@@ -17,28 +17,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spinn.estimators import Estimates
-from spinn.policy import Decision, Policy
-from spinn.profile import (
+from spinn.decisions.baselines import (
+    POLICY_NAMES,
+    DeviceOnlyPolicy,
+    EdgentPolicy,
+    NeurosurgeonPolicy,
+    ServerOnlyPolicy,
+    make_policy,
+)
+from spinn.decisions.offline_profile import (
     Profile,
     SplitProfile,
     ThresholdProfile,
     synthetic_profile,
 )
-from spinn.scheduler import (
-    POLICY_NAMES,
-    Choice,
-    DeviceOnlyPolicy,
-    EdgentPolicy,
-    NeurosurgeonPolicy,
-    Predictions,
-    Predictor,
-    Scheduler,
-    SchedulerConfig,
-    ServerOnlyPolicy,
-    make_policy,
-)
-from spinn.sla import SLA, Metric, SLAError
+from spinn.decisions.online_estimates import Estimates
+from spinn.decisions.policy import Decision, Policy
+from spinn.decisions.scheduler import Choice, Predictions, Predictor, Scheduler, SchedulerConfig
+from spinn.decisions.sla import SLA, Metric, SLAError
 
 # -- a small hand-made profile for the scenarios -------------------------------------------
 
@@ -375,7 +371,7 @@ def test_tight_latency_limit_lowers_threshold() -> None:
 def test_infeasible_picks_least_violating_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
     p = scenario_profile()
     sched = Scheduler(p, SLA(max_latency_ms=5, min_accuracy=0.9))
-    with caplog.at_level(logging.INFO, logger="spinn.scheduler"):
+    with caplog.at_level(logging.INFO, logger="spinn.decisions.scheduler"):
         d = sched.decide(0.0, est(1, server_up=False))
     # Device-only at thr 0.9 (18.4 ms) breaks the latency limit least while meeting the
     # accuracy floor only at a larger relative cost... both are weighed by relative excess.
@@ -479,7 +475,7 @@ def test_replanning_with_hysteresis_and_reason(caplog: pytest.LogCaptureFixture)
     p = scenario_profile()
     sched = Scheduler(p, LATENCY_FIRST)
     rng = random.Random(3)
-    with caplog.at_level(logging.INFO, logger="spinn.scheduler"):
+    with caplog.at_level(logging.INFO, logger="spinn.decisions.scheduler"):
         first = sched.decide(0.0, est(40))
         # Noise of ±10% on every estimate: the choice never flaps.
         for i in range(200):
@@ -844,7 +840,7 @@ def test_default_sizes_are_lossless_unless_the_device_sends_lossy() -> None:
 def test_race_odds_are_a_ramp_not_a_step() -> None:
     # The continuation's wait is uniform on [0, 2·wait]: odds gap / (2·wait), its mean
     # wait when it wins min(gap, 2·wait) / 2; no wait is the step at gap >= 0.
-    from spinn.scheduler import race_odds
+    from spinn.decisions.scheduler import race_odds
 
     gap = np.array([-5.0, 0.0, 5.0, 10.0, 20.0, 40.0, np.inf])
     won, u = race_odds(gap, np.full(gap.shape, 10.0))

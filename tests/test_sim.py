@@ -25,9 +25,9 @@ from bench._simcore import (
     SimServer,
     exit_for,
 )
-from spinn.policy import FixedPolicy
-from spinn.profile import Profile
-from spinn.scheduler import make_policy
+from spinn.decisions.baselines import make_policy
+from spinn.decisions.offline_profile import Profile
+from spinn.decisions.policy import FixedPolicy
 from tools.netshape.trace import load_trace
 
 ROOT = Path(__file__).resolve().parents[1]

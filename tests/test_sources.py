@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from spinn.progressive import InputSpec
-from spinn.sources import (
+from spinn.model.progressive import InputSpec
+from spinn.runtime.sources import (
     ArraySource,
     CaptureSource,
     ImageFolderSource,
@@ -98,7 +98,7 @@ def test_image_folder_labels_from_numeric_and_respelled_folders(
         (tmp_path / folder).mkdir()
         cv2.imwrite(str(tmp_path / folder / "a.png"), _rgb(8, 8, 0))
     cv2.imwrite(str(tmp_path / "loose.png"), _rgb(8, 8, 0))
-    with caplog.at_level("WARNING", logger="spinn.sources"):
+    with caplog.at_level("WARNING", logger="spinn.runtime.sources"):
         frames = list(ImageFolderSource(tmp_path, class_names=FASHION))
     labels = {Path(f.origin).parent.name: f.label for f in frames}
     assert labels == {"0": 0, "ankle_boot": 9, "cat": None, "dog": None, "12": None,

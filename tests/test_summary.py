@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from spinn.checkpoint import load_checkpoint
 from spinn.cli import main
-from spinn.models import build_backbone
-from spinn.profile import Profile
-from spinn.progressive import InputSpec, make_progressive
-from spinn.summary import placement_warnings, preferred_codec, stage_layers, summarize
+from spinn.decisions.offline_profile import Profile
+from spinn.model.backbones import build_backbone
+from spinn.model.checkpoint import load_checkpoint
+from spinn.model.progressive import InputSpec, make_progressive
+from spinn.model.summary import placement_warnings, preferred_codec, stage_layers, summarize
 from tests._runtime_support import CHECKPOINT as SHIPPED
 
 GREY = InputSpec(channels=1, height=28, width=28, mean=(0.286,), std=(0.353,))

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spinn.checkpoint import load_checkpoint
-from spinn.train import (
+from spinn.model.checkpoint import load_checkpoint
+from spinn.offline.train import (
     TrainConfig,
     augment,
     exit_cost_fractions,

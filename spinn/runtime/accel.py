@@ -3,7 +3,7 @@
 ``resolve_device("auto")`` picks CUDA when torch sees a GPU, else the CPU, so the same
 command line serves on both.  Activations reach the GPU through pinned host buffers with
 non-blocking copies (``spinn.runtime.batching.to_device``); compute runs under
-``torch.inference_mode`` (``spinn.inference``).
+``torch.inference_mode`` (``spinn.model.inference``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ and are answered one by one. Two parts, after STYLE.md habit 4:
 
 * ``run_batch`` (worker thread, torch only): stages ``[split, S)`` on a batch of
   activations with **per-sample** exit decisions.  After each exit head, the samples
-  its exit answers under their own request's exit rule (``spinn.exits``) are answered and
+  its exit answers under their own request's exit rule (``spinn.model.exits``) are answered and
   leave the batch (DESIGN.md part 1, exit policy); the rest go on.  After every stage the samples
   whose request was cancelled leave too (DESIGN.md part 7: a running request stops at
   the next stage boundary).  Eval-mode layers treat samples independently, so a batched
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spinn.exits import ExitRule, answering
-from spinn.inference import iter_stages
-from spinn.progressive import ProgressiveModel
+from spinn.model.exits import ExitRule, answering
+from spinn.model.inference import iter_stages
+from spinn.model.progressive import ProgressiveModel
 from spinn.runtime.server_core import ComputeResult, Job, Outcome, RunBatch, Stopped
 
 __all__ = ["SampleAnswer", "run_batch", "run_jobs", "to_device"]

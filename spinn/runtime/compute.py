@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spinn.progressive import ProgressiveModel
+from spinn.model.progressive import ProgressiveModel
 
 __all__ = ["ComputeSlots", "configure_torch", "make_executor", "plan_workers", "slow_down"]
 

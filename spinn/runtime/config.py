@@ -30,8 +30,8 @@ from typing import Any, ClassVar, TypeVar
 
 from protocol import ConnectionConfig
 from protocol.packing import DICT_CODEC, IMAGE_CODEC, KNOWN_CODECS
+from spinn.decisions.sla import SLA
 from spinn.pretrained import DEFAULT_CHECKPOINT
-from spinn.sla import SLA
 
 __all__ = [
     "ACTIVATION_CODECS",
@@ -215,7 +215,7 @@ class PolicyConfig:
     """How split and exit threshold are chosen, and when an offloaded frame is given up."""
 
     policy: str = "fixed"
-    """``fixed`` (split/thr_conf below) or a name of ``spinn.scheduler.POLICY_NAMES``."""
+    """``fixed`` (split/thr_conf below) or a name of ``spinn.decisions.baselines.POLICY_NAMES``."""
     sla: SLA | None = None
     """Service-level agreement for the scheduler policies (None = the SLA defaults)."""
     profile: Path | None = None
@@ -262,7 +262,7 @@ class DeviceComputeConfig:
     """Checkpoint of the progressive model (must match the server's)."""
     allow_user_code: bool = False
     """Import the module a checkpoint of a user model ('module:callable') names to rebuild
-    it; off, such a checkpoint is refused (``spinn.checkpoint.load_checkpoint``)."""
+    it; off, such a checkpoint is refused (``spinn.model.checkpoint.load_checkpoint``)."""
     workers: int | None = 1
     """Device compute threads; a weak device computes one thing at a time."""
     torch_threads: int = 1
@@ -370,7 +370,7 @@ class ServerComputeConfig:
     """Checkpoint whose server part is served (default: the shipped model)."""
     allow_user_code: bool = False
     """Import the module a checkpoint of a user model ('module:callable') names to rebuild
-    it; off, such a checkpoint is refused (``spinn.checkpoint.load_checkpoint``)."""
+    it; off, such a checkpoint is refused (``spinn.model.checkpoint.load_checkpoint``)."""
     dictionaries: bool = True
     """Load the zstd dictionaries beside the checkpoint (``model.zdict``), when there, and
     accept the sparse_int8_zdict codec from devices holding the same (PROTOCOL.md §6.7)."""
@@ -521,7 +521,7 @@ class OperationsConfig:
     shutdown_grace_s: float = 5.0
     """On SIGINT/SIGTERM, how long in-flight requests may still finish."""
     metrics_port: int | None = None
-    """Port of the Prometheus ``/metrics`` endpoint (``spinn.runtime.metrics``); None: off,
+    """Port of the Prometheus ``/metrics`` endpoint (``spinn.runtime.prometheus_metrics``); None: off,
     0: a free one (see ``SpinnServer.metrics_port``)."""
     metrics_host: str = "127.0.0.1"
     """Address of the metrics endpoint: loopback unless the operator exposes it."""

@@ -2,8 +2,8 @@
 
 A thin asyncio adapter (STYLE.md habit 4) over the pure parts: the
 :class:`~spinn.runtime.tracker.RequestTracker` (one answer per frame, the
-server/local race, deadlines), the :class:`~spinn.estimators.OnlineProfiler`
-(B, L, SF, server time) and a :class:`~spinn.policy.Policy` (split, thr_conf).
+server/local race, deadlines), the :class:`~spinn.decisions.online_estimates.OnlineEstimates`
+(B, L, SF, server time) and a :class:`~spinn.decisions.policy.Policy` (split, thr_conf).
 
 Per frame (DESIGN.md part 7, "execution engine"):
 
@@ -40,8 +40,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from spinn.estimators import OnlineProfiler
-from spinn.policy import Policy
+from spinn.decisions.online_estimates import OnlineEstimates
+from spinn.decisions.policy import Policy
 from spinn.runtime.compute import ComputeSlots, configure_torch, make_executor, plan_workers
 from spinn.runtime.config import DeviceConfig
 from spinn.runtime.device_compute import (
@@ -71,8 +71,8 @@ from spinn.runtime.device_core import (
     SendProbeTrain,
 )
 from spinn.runtime.device_link import ServerLink, clock
+from spinn.runtime.sources import Frame, FrameSource, Pacer
 from spinn.runtime.tracker import RequestTracker
-from spinn.sources import Frame, FrameSource, Pacer
 
 __all__ = [
     "DeviceError",
@@ -146,7 +146,7 @@ class SpinnDevice:
         return self.core.policy
 
     @property
-    def profiler(self) -> OnlineProfiler:
+    def profiler(self) -> OnlineEstimates:
         """The online estimates (B, L, SF, server time) the policy reads."""
         return self.core.profiler
 

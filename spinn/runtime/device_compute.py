@@ -28,14 +28,14 @@ from protocol.packing import (
     pack,
     unpack,
 )
-from spinn.policy import FixedPolicy, Policy
-from spinn.profile import Profile
-from spinn.progressive import InputSpec
+from spinn.decisions.offline_profile import Profile
+from spinn.decisions.policy import FixedPolicy, Policy
+from spinn.decisions.sla import SLA
+from spinn.model.progressive import InputSpec
 from spinn.runtime.compute import slow_down
 from spinn.runtime.config import ZSTD_MODES
 from spinn.runtime.device_core import DeviceError, LocalExit, ModelShape, Plan, RunHead, RunStages
-from spinn.sla import SLA
-from spinn.sources import Frame, input_pixels
+from spinn.runtime.sources import Frame, input_pixels
 
 if TYPE_CHECKING:
     from spinn.runtime.config import DeviceConfig
@@ -133,7 +133,8 @@ def make_policy(
         return policy
     if config.policy.policy == "fixed":
         return FixedPolicy(split, config.policy.thr_conf)
-    from spinn.scheduler import SchedulerConfig, make_policy
+    from spinn.decisions.baselines import make_policy
+    from spinn.decisions.scheduler import SchedulerConfig
 
     # Upload sizes predicted with the codec this device packs with (docs/SCHEDULER.md,
     # "Predicted versus measured"); a profile that did not measure it leaves the smallest
@@ -167,7 +168,7 @@ class DeviceModel:
     device offers; runs the core's compute actions on a worker thread."""
 
     def __init__(self, config: DeviceConfig) -> None:
-        from spinn.checkpoint import load_checkpoint
+        from spinn.model.checkpoint import load_checkpoint
 
         self.config = config
         self.model, self.meta = load_checkpoint(
@@ -238,7 +239,7 @@ class DeviceModel:
     def _run_range(self, act: torch.Tensor, start: int, stop: int, plan: Plan) -> Any:
         """Worker thread: stages [start, stop) with exit checks; a truncated network's
         forced exit always answers (``iter_stages``' ``final_exit``)."""
-        from spinn.inference import run_stages
+        from spinn.model.inference import run_stages
 
         return run_stages(self.model, act, start, stop, plan.rule, final_exit=plan.forced_exit)
 
@@ -290,7 +291,7 @@ class DeviceModel:
         """The dictionaries beside the checkpoint when the codec wants them, else None."""
         if self.config.link.codec != DICT_CODEC:
             return None
-        from spinn.dictionaries import dictionaries_path, load_dictionaries
+        from spinn.model.zdict_file import dictionaries_path, load_dictionaries
 
         try:
             found = load_dictionaries(

@@ -42,14 +42,14 @@ from typing import TYPE_CHECKING, Any
 
 from protocol import Bye, Cancel, Error, ErrorCode, Infer, Ping, Pong, Result
 from protocol.tensor import PackedTensor
-from spinn.estimators import OnlineProfiler, ServerTimeEstimator
-from spinn.exits import ExitRule
-from spinn.policy import Decision, Policy
-from spinn.profile import Profile
+from spinn.decisions.offline_profile import Profile
+from spinn.decisions.online_estimates import OnlineEstimates, ServerTimeEstimator
+from spinn.decisions.policy import Decision, Policy
+from spinn.model.exits import ExitRule
 from spinn.runtime.backoff import Backoff
 from spinn.runtime.config import SERVER_BUDGET_SHARE
 from spinn.runtime.failover import ServerRotation
-from spinn.runtime.stats import DeviceStats, median_or_none
+from spinn.runtime.run_summary import DeviceStats, median_or_none
 from spinn.runtime.tracker import Answer, FramePhase, RequestTracker, request_deadline
 from spinn.runtime.uplink import ProbeTrains, UploadTimer, uplink_wait_s
 
@@ -106,7 +106,7 @@ class DeviceError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class ModelShape:
-    """The parts of the progressive model the decisions read (``spinn.progressive``)."""
+    """The parts of the progressive model the decisions read (``spinn.model.progressive``)."""
 
     num_stages: int
     """S: valid splits are 0..S."""
@@ -376,7 +376,7 @@ class DeviceCore:
         self.model = model
         self.server_budget_share = server_budget_share
         self.has_server = config.link.server is not None
-        self.profiler = OnlineProfiler(profile)
+        self.profiler = OnlineEstimates(profile)
         if not self.has_server:
             self.profiler.mark_server(0.0, False)
         self.tracker = RequestTracker()
@@ -440,7 +440,7 @@ class DeviceCore:
             if forced == num_exits - 1:
                 forced = None
             else:
-                # Edgent's right-sized network (spinn.policy.Decision.final_exit) ends here.
+                # Edgent's right-sized network (spinn.decisions.policy.Decision.final_exit) ends here.
                 last = self.model.exit_stages[forced] + 1
         split = min(max(decision.split, 0), last)
         rule = decision.exit_rule
@@ -528,7 +528,7 @@ class DeviceCore:
         self.profiler.observe_device(now, reached, stages_ms)
         if call.queued and self.measure_busy:
             # The device's busy time under a saturating stream, hand-off gap included
-            # (spinn.estimators.DeviceBusyEstimator; docs/SCHEDULER.md, "device busy time").
+            # (spinn.decisions.online_estimates.DeviceBusyEstimator; docs/SCHEDULER.md, "device busy time").
             self.profiler.observe_call(
                 now,
                 head=True,
@@ -693,7 +693,7 @@ class DeviceCore:
         previous call ended, less the event loop's link work in that span (counted per
         upload instead). Kept only for calls that queued for their slot: the worker was
         handed it straight from the previous one, and the gap was hand-off work, not
-        idleness (``spinn.estimators.DeviceBusyEstimator``)."""
+        idleness (``spinn.decisions.online_estimates.DeviceBusyEstimator``)."""
         link = call.link_busy_ms
         prev_end, prev_link = self._job_end.get(call.worker, (call.started, link))
         self._job_end[call.worker] = (call.ended, link)

@@ -37,11 +37,11 @@ from protocol import (
 from protocol.auth import NONCE_SIZE, device_proof
 from protocol.messages import MAX_STRING
 from protocol.packing import IMAGE_CODEC
-from spinn.description import mismatches
 from spinn.runtime.config import DeviceConfig
+from spinn.runtime.credentials import SecurityError, device_ssl_context, load_token
 from spinn.runtime.device_compute import DeviceModel
 from spinn.runtime.device_core import FATAL_CODES, Action, DeviceCore, DeviceError
-from spinn.runtime.security import SecurityError, device_ssl_context, load_token
+from spinn.runtime.server_description import mismatches
 
 __all__ = ["LinkOwner", "ServerLink", "clock"]
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spinn.decisions.baselines import POLICY_NAMES
+from spinn.decisions.sla import DEFAULT_RANK, SLA, SLAError
 from spinn.pretrained import DEFAULT_CHECKPOINT
 from spinn.runtime.config import (
     ACTIVATION_CODECS,
@@ -26,8 +28,6 @@ from spinn.runtime.config import (
     ServerConfig,
     config_fields,
 )
-from spinn.scheduler import POLICY_NAMES
-from spinn.sla import DEFAULT_RANK, SLA, SLAError
 
 __all__ = [
     "DEVICE_FLAGS",
@@ -236,7 +236,7 @@ SLA_FLAGS = FlagGroup(
     "Hard limits drop the split and threshold choices predicted to break them; the ranking "
     "picks among the rest. No limit is set unless given.",
 )  # fmt: skip
-"""The SLA flags (``spinn.sla.SLA``): file first, each flag given on top of it."""
+"""The SLA flags (``spinn.decisions.sla.SLA``): file first, each flag given on top of it."""
 
 _SLA_KEYS = tuple(f.dest for f in SLA_FLAGS.flags if f.dest != "sla")
 

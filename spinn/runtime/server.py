@@ -35,13 +35,12 @@ import torch
 from protocol import ConnectionConfig, PackedTensor
 from protocol.dictionaries import DictionaryError
 from protocol.packing import IMAGE_CODEC, unpack
-from spinn.description import describe
 from spinn.runtime.accel import resolve_device
 from spinn.runtime.batching import run_jobs
 from spinn.runtime.compute import configure_torch, make_executor, plan_workers, slow_down
 from spinn.runtime.config import ServerConfig
-from spinn.runtime.metrics import ServerMetrics
-from spinn.runtime.security import load_token, server_ssl_context
+from spinn.runtime.credentials import load_token, server_ssl_context
+from spinn.runtime.prometheus_metrics import ServerMetrics
 from spinn.runtime.server_core import (
     BURST_S,
     Action,
@@ -55,10 +54,11 @@ from spinn.runtime.server_core import (
     ServerCore,
     StartTls,
 )
+from spinn.runtime.server_description import describe
 
 if TYPE_CHECKING:
     from protocol.dictionaries import ZstdDictionaries
-    from spinn.progressive import ProgressiveModel
+    from spinn.model.progressive import ProgressiveModel
 
 __all__ = [
     "ListenError",
@@ -170,7 +170,7 @@ class SpinnServer:
     """Asyncio server over a loaded progressive model."""
 
     def __init__(self, config: ServerConfig) -> None:
-        from spinn.checkpoint import load_checkpoint
+        from spinn.model.checkpoint import load_checkpoint
 
         self.config = config
         self.workers, threads = plan_workers(config.compute.workers, config.compute.torch_threads)
@@ -183,7 +183,7 @@ class SpinnServer:
         slow_down(self.model, config.compute.slowdown)  # emulation only
         self.dictionaries: ZstdDictionaries | None = None
         if config.compute.dictionaries:
-            from spinn.dictionaries import load_dictionaries
+            from spinn.model.zdict_file import load_dictionaries
 
             try:
                 self.dictionaries = load_dictionaries(

@@ -71,11 +71,11 @@ from protocol import (
 from protocol.auth import NONCE_SIZE, server_proof
 from protocol.messages import MAX_STRING, Message
 from protocol.tensor import CODECS, DICT_CODEC, IMAGE_CODEC, LOSSY_CODEC, PackedTensor
-from spinn.exits import ExitRule
+from spinn.model.exits import ExitRule
 from spinn.runtime.admission import HandshakePool, LogLimiter, TokenBucket
 from spinn.runtime.config import ServerConfig
+from spinn.runtime.run_summary import ServerStats
 from spinn.runtime.server_queue import FairQueue, SplitGroups
-from spinn.runtime.stats import ServerStats
 
 if TYPE_CHECKING:
     import numpy as np
@@ -251,7 +251,7 @@ class Log:
 @dataclass(frozen=True, slots=True)
 class Record:
     """An observation for a metric: ``errors`` (label: the code), ``compute_seconds``,
-    ``queue_wait_seconds``, ``batch_size`` (``spinn.runtime.metrics``)."""
+    ``queue_wait_seconds``, ``batch_size`` (``spinn.runtime.prometheus_metrics``)."""
 
     metric: str
     value: float = 1.0
@@ -703,7 +703,7 @@ class ServerCore:
                 if not peer.pings.take(now):
                     self._over_rate("PINGs", self.config.limits.max_ping_rate)
                 # With the bytes read so far, the device times its probe trains at the
-                # granularity of the reads (PROTOCOL.md §5.7, spinn.estimators).
+                # granularity of the reads (PROTOCOL.md §5.7, spinn.decisions.online_estimates).
                 self._send(peer, Pong.reply_to(event, now, peer.received_bytes), out)
             elif isinstance(event, Hello):
                 token = self.connection_config.auth_token

@@ -51,7 +51,7 @@ device's own requests can be ahead of it.
 Where uploads are few or small the answers time nothing (an INFER under 1 KiB crosses a
 500 Mbit/s link in 16 µs), so the device also sends **probe trains** (``ProbeTrains``):
 padded PINGs back to back, whose arrival times at the server (PONG ``received_at``) give
-the link's rate by dispersion (``spinn.estimators.train_dispersion``).
+the link's rate by dispersion (``spinn.decisions.online_estimates.train_dispersion``).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from spinn.estimators import TRAIN_CONFIRM_REL, BandwidthEstimator
+from spinn.decisions.online_estimates import TRAIN_CONFIRM_REL, BandwidthEstimator
 
 __all__ = ["ProbeTrains", "UploadTimer", "uplink_wait_s"]
 
@@ -152,7 +152,7 @@ class ProbeTrains:
     """When to send a bandwidth probe train and how large, from the live estimate B.
 
     A full train lasts ``train_s`` at B, so that the part of it that is timed (all but
-    its first third, ``spinn.estimators.train_dispersion``) spreads over 20 ms at the
+    its first third, ``spinn.decisions.online_estimates.train_dispersion``) spreads over 20 ms at the
     server, well above the server's read jitter and a shaper's 5 ms burst, whatever the
     rate.
 
@@ -395,7 +395,7 @@ class ProbeTrains:
         prior_bps: float,
     ) -> tuple[float, bool]:
         """Every PING of the train in flight was answered at ``now`` (its ``arrivals``, as
-        ``spinn.estimators.train_dispersion`` takes them): feed ``bandwidth`` (whose
+        ``spinn.decisions.online_estimates.train_dispersion`` takes them): feed ``bandwidth`` (whose
         estimate is ``prior_bps`` until it has one) and plan the next train.  Returns what
         the train showed, ``(rate, timed)`` (``timed`` False: a least rate)."""
         before = bandwidth.bandwidth_bps or prior_bps

@@ -3,7 +3,7 @@
 Read statically, like tests/test_import_cycles.py. In a core module every import counts,
 at module level or inside a function; in a module of ours that a core imports, what
 importing it runs counts (module level: a function's own import runs only if the core
-calls that function, as ``spinn.exits.answering``'s torch, which no core does). An import
+calls that function, as ``spinn.model.exits.answering``'s torch, which no core does). An import
 under ``if TYPE_CHECKING`` runs only for the type checker and never counts. Third-party
 libraries (numpy, msgpack, zstandard) are not followed: they are not ours to change.
 """
@@ -22,7 +22,7 @@ CORES = (
     "spinn.runtime.server_core",
     "spinn.runtime.server_queue",
     "spinn.runtime.admission",
-    "spinn.runtime.stats",
+    "spinn.runtime.run_summary",
 )
 """The modules that decide: they take ``now`` and events and return what to do."""
 BANNED = frozenset({"asyncio", "socket", "threading", "time", "torch"})

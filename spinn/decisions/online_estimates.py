@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from spinn.profile import Profile
+from spinn.decisions.offline_profile import Profile
 
 __all__ = [
     "EWMA",
@@ -50,8 +50,8 @@ __all__ = [
     "Estimates",
     "LatencyEstimator",
     "MedianOf3",
-    "OnlineProfiler",
-    "OnlineProfilerConfig",
+    "OnlineEstimates",
+    "OnlineEstimatesConfig",
     "OverheadEstimator",
     "ServerTimeEstimator",
     "TRAIN_CONFIRM_REL",
@@ -757,7 +757,7 @@ class Estimates:
 
 
 @dataclass(frozen=True, slots=True)
-class OnlineProfilerConfig:
+class OnlineEstimatesConfig:
     """Settings of the online profiler; defaults chosen for a few-per-second request rate."""
 
     alpha: float = 0.3
@@ -779,12 +779,12 @@ class OnlineProfilerConfig:
     (``DeviceBusyEstimator``)."""
 
 
-class OnlineProfiler:
+class OnlineEstimates:
     """Owns the estimators of one device's view and turns them into ``Estimates``."""
 
-    def __init__(self, profile: Profile, config: OnlineProfilerConfig | None = None) -> None:
+    def __init__(self, profile: Profile, config: OnlineEstimatesConfig | None = None) -> None:
         self.profile = profile
-        self.config = config or OnlineProfilerConfig()
+        self.config = config or OnlineEstimatesConfig()
         c = self.config
         self.bandwidth = BandwidthEstimator(
             c.min_transfer_bytes, c.bandwidth_window, c.train_window

@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from spinn.exits import ExitRule
+from spinn.model.exits import ExitRule
 from spinn.runtime.tracker import Answer, Where
 
 __all__ = ["COMPUTE_WINDOW", "DeviceStats", "ServerStats", "median_or_none", "percentile"]

@@ -2,7 +2,7 @@
 
 docs/ARCHITECTURE.md ("Policy").  The device runtime calls ``policy.decide(now, estimates)``
 before each input (or on a timer) and uses the returned ``Decision``.  The SPINN scheduler
-(``spinn.scheduler.Scheduler``), the baselines of the paper's evaluation and the fixed
+(``spinn.decisions.scheduler.Scheduler``), the baselines of the paper's evaluation and the fixed
 ``--split/--thr`` setting all implement the same protocol.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from spinn.estimators import Estimates
-from spinn.exits import ExitRule
+from spinn.decisions.online_estimates import Estimates
+from spinn.model.exits import ExitRule
 
 __all__ = ["Decision", "FixedPolicy", "Policy"]
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from spinn.profile import Profile
-from spinn.progressive import ProgressiveModel
+from spinn.decisions.offline_profile import Profile
+from spinn.model.progressive import ProgressiveModel
 
 __all__ = [
     "StageRow",

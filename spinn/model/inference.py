@@ -1,6 +1,6 @@
 """Progressive execution with exit checks, shared by device, server, evaluation and profiler.
 
-The exit rule (docs/DESIGN.md part 1, paper section 3.1; ``spinn.exits``): the first exit
+The exit rule (docs/DESIGN.md part 1, paper section 3.1; ``spinn.model.exits``): the first exit
 whose top-1 softmax probability is >= ``thr_conf`` answers; if none does, the final exit
 answers. ``iter_stages`` runs a stage range on one input and yields after every stage so
 the caller can stop at a stage boundary (the server cancels there, paper section 4.4; the
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from spinn.exits import ExitRule, answering
-from spinn.progressive import ProgressiveModel
+from spinn.model.exits import ExitRule, answering
+from spinn.model.progressive import ProgressiveModel
 
 __all__ = [
     "ExitAnswer",

@@ -21,8 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from spinn.models import build_backbone
-from spinn.progressive import DEFAULT_EXIT_FRACTIONS, InputSpec, ProgressiveModel, make_progressive
+from spinn.model.backbones import build_backbone
+from spinn.model.progressive import (
+    DEFAULT_EXIT_FRACTIONS,
+    InputSpec,
+    ProgressiveModel,
+    make_progressive,
+)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -47,7 +52,7 @@ class ModelConfig:
     """Everything the generator needs to rebuild the same progressive model."""
 
     arch: str
-    """Built-in architecture name (spinn.models.ARCHITECTURES) or 'module:callable'."""
+    """Built-in architecture name (spinn.model.backbones.ARCHITECTURES) or 'module:callable'."""
     input_spec: InputSpec
     """Input shape and normalisation."""
     num_classes: int

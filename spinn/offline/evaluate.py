@@ -4,7 +4,7 @@ For each ``thr_conf`` the sweep reports the share of inputs leaving at each exit
 share that would still be running at a given split (the upload rate when the device
 runs the stages before it, as in the threshold table of ``seeds/000_...``), and the
 overall accuracy. Every exit is evaluated once per input (``inference.exit_probs``) and
-the exit rule (``spinn.exits``, through ``inference.apply_threshold``) is then applied per
+the exit rule (``spinn.model.exits``, through ``inference.apply_threshold``) is then applied per
 threshold, so the sweep agrees exactly with input-by-input progressive execution.
 """
 
@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from spinn.data import ImageSet
-from spinn.exits import ExitRule
-from spinn.inference import apply_threshold, exit_probs
-from spinn.progressive import ProgressiveModel
+from spinn.model.exits import ExitRule
+from spinn.model.inference import apply_threshold, exit_probs
+from spinn.model.progressive import ProgressiveModel
+from spinn.offline.data import ImageSet
 
 __all__ = [
     "DEFAULT_THRESHOLDS",

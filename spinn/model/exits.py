@@ -5,9 +5,9 @@ exit always answers.  "No early exit" (Neurosurgeon's and the single-exit baseli
 setting) is its own rule, ``ExitRule(None)``, not a threshold no probability reaches.
 
 Every place that decides goes through ``answering``: progressive execution on the device
-and the server (``spinn.inference.iter_stages``), the server's batches
+and the server (``spinn.model.inference.iter_stages``), the server's batches
 (``spinn.runtime.batching.run_batch``), the offline threshold sweep
-(``spinn.inference.apply_threshold``) and the forced exit of a truncated network (the
+(``spinn.model.inference.apply_threshold``) and the forced exit of a truncated network (the
 ``final_exit`` of ``iter_stages``).  So they agree on every input, including a
 probability that equals the threshold: it is compared exactly, in float64.
 
@@ -97,7 +97,7 @@ def answering(
     ``probs`` is that exit's softmax, shape (N, classes); ``rule`` holds for every input,
     or one rule per input (a server batch mixes requests, each with its own threshold).
     ``final_exit`` always answers: the backbone's own classifier, or the last exit of a
-    truncated network (Edgent's right-sized model, ``spinn.policy.Decision.final_exit``).
+    truncated network (Edgent's right-sized model, ``spinn.decisions.policy.Decision.final_exit``).
     """
     import torch
 

@@ -1,6 +1,6 @@
 """Protocol benchmark: activation packing and framed loopback throughput.
 
-``python -m bench.protocol``
+``python -m bench.wire``
 
 1. Packing, on one core (CPU time of the thread), on ReLU activations of a real CNN: every candidate split point
    (ReLU outputs, PROTOCOL.md §6) of the shipped default model for Fashion-MNIST test
@@ -106,14 +106,14 @@ from protocol.packing import (
     ZSTD_DECOMPRESS_BPS,
     PackedTensor,
 )
+from spinn.decisions.offline_profile import Profile
 from spinn.pretrained import DEFAULT_CHECKPOINT as _DEFAULT_CHECKPOINT
 from spinn.pretrained import MODELS_DIR
-from spinn.profile import Profile
 
 DEFAULT_CHECKPOINT = str(_DEFAULT_CHECKPOINT)
 FRAME_PAYLOAD = 2**20  # float32 payload bytes of each loopback INFER: a 1 MiB frame
 SOCKET_BUFFER = 4 * 2**20
-SHIPPED = "shipped"  # the dictionaries beside the checkpoint (spinn/dictionaries.py)
+SHIPPED = "shipped"  # the dictionaries beside the checkpoint (spinn/model/zdict_file.py)
 TRAINED = "trained in bench"  # none usable there: trained here on training images
 HALF_SPARSE_TARGET = 8.0  # x smaller than float32 on the splits with >= 50% zeros
 LOSSY_RATIO_TARGET = 10.0  # x smaller than float32 over splits 1..S-1, sparse_uintb
@@ -154,20 +154,21 @@ def collect_activations(
     """
     import torch
 
-    from spinn.data import load_fashion_mnist
-    from spinn.dictionaries import dictionaries_path, load_dictionaries, train_dictionaries
-    from spinn.progressive import InputSpec, ProgressiveModel, make_progressive
+    from spinn.model.progressive import InputSpec, ProgressiveModel, make_progressive
+    from spinn.model.zdict_file import dictionaries_path, load_dictionaries
+    from spinn.offline.data import load_fashion_mnist
+    from spinn.offline.zdict_training import train_dictionaries
 
     torch.manual_seed(0)
     model: ProgressiveModel
     dictionaries: ZstdDictionaries | None = None
     try:
-        from spinn.checkpoint import load_checkpoint
+        from spinn.model.checkpoint import load_checkpoint
 
         model, meta = load_checkpoint(checkpoint)
         source = f"{checkpoint} ({meta.arch}, trained)"
     except Exception as exc:  # any failure: fall back to random weights, and say why
-        from spinn.models import resnet20
+        from spinn.model.backbones import resnet20
 
         data = load_fashion_mnist("train")
         mean, std = data.head(2000).mean_std()
@@ -540,19 +541,19 @@ class InputBytes:
 def input_frames(images: int) -> list[tuple[str, Any, np.ndarray]]:
     """(name, input spec, uint8 N×C×H×W frames) of the first Fashion-MNIST test images:
     as the default model takes them (1×28×28 grey); as the camera workload's 3×96×96 RGB
-    frames (``spinn.data.render_camera_frames``: tinted, on a gradient, sensor noise); and
+    frames (``spinn.offline.data.render_camera_frames``: tinted, on a gradient, sensor noise); and
     plainly enlarged to 3×96×96 RGB as a device makes a camera model's input from a grey
-    frame (grey replicated, bilinear: ``spinn.sources``), noise-free."""
+    frame (grey replicated, bilinear: ``spinn.runtime.sources``), noise-free."""
     import torch
 
-    from spinn.data import (
+    from spinn.model.progressive import InputSpec
+    from spinn.offline.data import (
         FASHION_MNIST_MEAN,
         FASHION_MNIST_STD,
         load_fashion_mnist,
         render_camera_frames,
     )
-    from spinn.progressive import InputSpec
-    from spinn.sources import input_pixels
+    from spinn.runtime.sources import input_pixels
 
     test = load_fashion_mnist("test").head(images)
     grey = test.images.numpy()
@@ -678,10 +679,10 @@ def measure_lossy(checkpoint: str, images: int) -> LossyFigures:
     import torch
 
     from bench._common import frames_dataset
-    from spinn import data
-    from spinn.checkpoint import load_checkpoint
-    from spinn.profile import Profile
-    from spinn.profiler import lossy_accuracy_drop_pts
+    from spinn.decisions.offline_profile import Profile
+    from spinn.model.checkpoint import load_checkpoint
+    from spinn.offline import data
+    from spinn.offline.profiling import lossy_accuracy_drop_pts
 
     model, meta = load_checkpoint(checkpoint)
     profile = Profile.load(Path(checkpoint).with_name("profile.json"))
@@ -1046,7 +1047,7 @@ def loopback(frames: int, repeats: int, window: int) -> tuple[float, float, floa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.protocol", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.wire", description=__doc__)
     parser.add_argument(
         "--checkpoint", default=DEFAULT_CHECKPOINT, help="model to take activations from"
     )
@@ -1202,7 +1203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sparse_z = next(r for r in rows if r.codec == "sparse_int8" and r.zstd)
     sparse_big = next(r for r in big if r.codec == "sparse_int8" and not r.zstd)
     figures = {
-        "bench": "protocol",
+        "bench": "wire",
         "activations": acts.source,
         "sparsity": round(sparsity, 3),
         "sparse_zstd_ratio": round(sparse_z.ratio, 2),

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from spinn.checkpoint import (
+from spinn.model.checkpoint import (
     CheckpointError,
     CheckpointMeta,
     ModelConfig,
@@ -33,14 +33,14 @@ from spinn.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from spinn.data import (
+from spinn.model.inference import exit_probs
+from spinn.model.progressive import DEFAULT_EXIT_FRACTIONS, InputSpec, ProgressiveModel
+from spinn.offline.data import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
     ImageSet,
     load_dataset,
 )
-from spinn.inference import exit_probs
-from spinn.progressive import DEFAULT_EXIT_FRACTIONS, InputSpec, ProgressiveModel
 
 __all__ = [
     "TrainConfig",

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 from protocol.description import PREPROCESS, Description
 
 if TYPE_CHECKING:
-    from spinn.checkpoint import CheckpointMeta
-    from spinn.progressive import ProgressiveModel
+    from spinn.model.checkpoint import CheckpointMeta
+    from spinn.model.progressive import ProgressiveModel
 
 __all__ = ["describe", "mismatches"]
 

@@ -5,7 +5,7 @@ network (shape, and the packed bytes per codec of ``protocol.packing`` on real
 activations, median per input, and at split 0 those of the frame's pixels as well); for every stage, the device and server time of the
 stage plus its exit head (batch 1, median of repeated runs, with the thread count
 used); and for a grid of thresholds, the share of inputs leaving at each exit and the
-accuracy. The result is a ``spinn.profile.Profile``: the scheduler and the runtime read
+accuracy. The result is a ``spinn.decisions.offline_profile.Profile``: the scheduler and the runtime read
 only that file plus live measurements.
 """
 
@@ -24,11 +24,11 @@ from torch import Tensor
 
 from protocol.dictionaries import ZstdDictionaries
 from protocol.packing import CODECS, DICT_CODEC, IMAGE_CODEC, LOSSY_CODEC, pack, unpack
-from spinn.checkpoint import CheckpointMeta
-from spinn.data import ImageSet
-from spinn.evaluate import collect_probs, sweep
-from spinn.profile import LossyChoice, Profile, SplitProfile, ThresholdProfile
-from spinn.progressive import ProgressiveModel
+from spinn.decisions.offline_profile import LossyChoice, Profile, SplitProfile, ThresholdProfile
+from spinn.model.checkpoint import CheckpointMeta
+from spinn.model.progressive import ProgressiveModel
+from spinn.offline.data import ImageSet
+from spinn.offline.evaluate import collect_probs, sweep
 
 __all__ = [
     "LOSSY_BITS_TRIED",

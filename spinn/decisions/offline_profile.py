@@ -10,7 +10,7 @@ Threshold look-up rule.  The profile holds exit rates and accuracy on a grid of
 ``thr_conf`` values.  A threshold that is not on the grid resolves to the nearest grid
 point *at or above* it (within ``1e-9``): a higher threshold means fewer early exits, so
 the prediction errs towards more compute and more offloading, never fewer.  ``None``
-(no early exit, ``spinn.exits.ExitRule.none``), and a threshold above the highest grid
+(no early exit, ``spinn.model.exits.ExitRule.none``), and a threshold above the highest grid
 point, resolve to "no early exit": every input reaches the final exit, whose accuracy is
 ``exit_accuracy[-1]``.
 """

@@ -7,7 +7,7 @@ stem) and VGG16 with batch norm. Each builder takes keyword-only ``in_channels``
 ``num_classes`` and ``width`` so a 1x28x28 Fashion-MNIST input and a 3x32x32 CIFAR
 input both work.
 
-ReLUs are modules called out of place: the splitter (spinn.progressive) finds split
+ReLUs are modules called out of place: the splitter (spinn.model.progressive) finds split
 points at ReLU outputs in the traced graph, and an in-place ReLU would let one stage
 overwrite a tensor another stage still reads.
 """
