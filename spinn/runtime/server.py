@@ -248,7 +248,7 @@ class SpinnServer:
         self.stats = self.core.stats
         self.metrics = ServerMetrics(self.stats, lambda: self.core.queued)
         self.metrics_port: int | None = None
-        """Bound port of the metrics endpoint, when ``config.metrics_port`` is set."""
+        """Bound port of the metrics endpoint, when ``config.operations.metrics_port`` is set."""
         self._clock = time.monotonic
         """The one clock of the server: every ``now`` the core sees comes from it."""
         self._executor: ThreadPoolExecutor | None = None
