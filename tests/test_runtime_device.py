@@ -193,7 +193,7 @@ def test_truncated_network_answers_at_its_exit_locally_and_remotely(checkpoint: 
 def test_no_early_exit_asks_the_server_for_its_final_exit(checkpoint: Path) -> None:
     # "No early exit" travels as the flag, with thr_conf 1, which a saturated softmax
     # reaches: the flag keeps the server's early exits silent (PROTOCOL.md §5.3; the plan
-    # itself: test_runtime_device_core.py).
+    # itself: tests/runtime/test_device_core.py).
     model, _ = load_checkpoint(checkpoint)
     records = run_in_process(
         checkpoint,

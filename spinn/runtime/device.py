@@ -1,28 +1,14 @@
 """The SPINN device: runs a frame stream across the device and the server.
 
-A thin asyncio adapter (STYLE.md habit 4) over the pure parts: the
-:class:`~spinn.runtime.tracker.RequestTracker` (one answer per frame, the
-server/local race, deadlines), the :class:`~spinn.decisions.online_estimates.OnlineEstimates`
-(B, L, SF, server time) and a :class:`~spinn.decisions.policy.Policy` (split, thr_conf).
-
-Per frame (DESIGN.md part 7, "execution engine"):
-
-1. ``policy.decide`` gives ⟨split, thr_conf⟩ from the live estimates.
-2. The device runs stages ``[0, split)`` checking each exit; a confident exit
-   answers locally.
-3. Otherwise the activation is packed (codec, zstd decided by the packer from
-   the live bandwidth) and sent as INFER with a deadline from the estimates. At
-   split 0 that is the frame itself: its uint8 pixels (``uint8_image``,
-   PROTOCOL.md §6.8) where the server accepts them, whatever the policy.
-4. The device keeps computing ``[split, S)`` locally while the server works.
-   The first answer wins; a local win CANCELs the request.  Stages of new
-   frames take priority over continuations (uploads overlap compute).
-5. A RESULT later than its deadline, an ERROR for the request or a lost
-   connection hands the frame to the local side: answered as ``fallback``.
-
-The link reconnects with exponential backoff and jitter and resumes offloading.
-It may run over TLS (``tls_ca``, optional client certificate) and prove a shared token
-in the handshake (``token_file``, PROTOCOL.md §10).
+The asyncio adapter (STYLE.md habit 4) of :class:`~spinn.runtime.device_core.DeviceCore`,
+which takes every decision (the policy's ⟨split, thr_conf⟩, the race between the
+server and the local stages and its CANCEL, deadlines and ``fallback``, PINGs and probe
+trains, dead links and reconnects; DESIGN.md part 7, "execution engine"). Here: frames
+are read from the source and paced within the ``max_in_flight`` window; the core's
+``RunHead``/``RunStages`` run in compute slots by priority on the executor
+(``spinn.runtime.device_compute``: preprocessing, stages, packing); messages move over
+``spinn.runtime.device_link``; the clock, the timer and the link's events are fed in,
+and the core's actions carried out in order.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ bandwidth B (``uplink.ProbeTrains``), upload times from answer times
 picks the server to connect to next (``failover.ServerRotation``).
 
 It imports nothing of asyncio, socket, threading, time or torch
-(``tests/runtime/test_device_core.py`` enforces it): the activations it hands back and
+(``tests/runtime/test_pure_cores.py`` enforces it): the activations it hands back and
 forth are opaque to it.
 """
 
@@ -453,8 +453,10 @@ class DeviceCore:
         return Plan(split, last, rule, wire_thr, forced, wire_early_exits)
 
     def decide(self, now: float) -> Decision:
-        """The policy's ⟨split, thr_conf⟩ for the next frame, from the live estimates; a
-        change of split or reason is logged (with the next actions)."""
+        """The policy's ⟨split, thr_conf⟩ for the next frame read, from the live estimates
+        (one call per frame: it counts the frame); a change of split or reason is logged
+        (with the next actions)."""
+        self.frames_read += 1
         decision = self.policy.decide(now, self.profiler.snapshot(now))
         if decision.reason != self.decision.reason or decision.split != self.decision.split:
             self._log(
@@ -482,9 +484,9 @@ class DeviceCore:
         ``decide`` gave for it (None: decided here); ``link_up``: whether the server was
         connected and writable once it was decided. Raises DeviceError where the decision
         cannot run (``plan``): report that frame with ``frame_failed``."""
-        self.frames_read += 1
         if error is not None:
             # The source could not read it: its answer is this error record.
+            self.frames_read += 1
             self._log(logging.WARNING, "frame %d: %s", frame_id, error)
             self._fail(frame_id, f"SourceError: {error}", label, origin)
             self._actions.append(FrameDone(frame_id))
