@@ -4,24 +4,23 @@ servers, all pure (no real clock, no sockets, no threads; every draw from a seed
 
 What is real and what is modelled (docs/ARCHITECTURE.md, "Simulator"):
 
-* **Real, the project's own pure code**: each device's policy (``policy.decide(now,
-  estimates)``, the scheduler or a baseline), its ``OnlineEstimates`` fed with the
-  simulated observations the device runtime would make, the request deadline
-  (``spinn.runtime.tracker.request_deadline``) and netshape's link pieces (trace replay,
-  ``LinkSchedule`` for delay, jitter and loss).
+* **Real, the runtime's own pure code**: each device is a ``spinn.runtime.device_core.
+  DeviceCore``, the same object the device runtime drives: its policy call and plan,
+  ``OnlineEstimates``, request deadlines, the race and its CANCEL, fallback, PINGs and
+  probe trains, the dead-link check and reconnects.  ``SimDevice`` feeds it the virtual
+  ``now`` and events (a frame arrived, a compute call finished, a message arrived, the link
+  came up or went down, its timer) and carries out every action it returns, as the
+  asyncio adapter does.  Messages are the protocol's own (``Infer``, ``Result``, ``Ping``,
+  ``Pong``, ``Cancel``, ``Error``); netshape's pure link pieces (trace replay,
+  ``LinkSchedule`` for delay, jitter and loss) carry them.
 * **Modelled**: compute (the profile's stage times × a scale, with seeded log-normal
   noise, plus per-call overheads), which exit answers an input (one uniform draw per input
   mapped through the profile's exit rates: the same input exits no later at a lower
-  threshold), the link's serialisation (FIFO at the trace's rate when a message starts)
-  and the server (FIFO per split, ``workers`` in parallel, dynamic batching with a
-  stated batch-time model).
-
-The device's and server's behaviour lives in ``SimDevice``/``SimServer`` methods that
-take the current time and emit messages through ``Link``; they mirror
-``spinn.runtime.device``/``server`` (window of ``max_in_flight`` frames, one compute
-worker with heads before race continuations, local race, CANCEL, deadline fallback,
-PINGs with padded probes) but are not those runtime classes, which are asyncio adapters.
-Pure device/server cores of the runtime would replace these two classes one for one.
+  threshold; the server's compute sees the same draw), the link's serialisation (FIFO at
+  the trace's rate when a message starts), message sizes (the profile's packed sizes plus
+  a header), and the server (``SimServer``: FIFO per split, ``workers`` in parallel,
+  dynamic batching with a stated batch-time model), spoken to in protocol messages per
+  connection, as a pure server core would be.
 """
 
 from __future__ import annotations
@@ -33,13 +32,33 @@ import math
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from protocol import Cancel, Error, ErrorCode, Infer, Ping, Pong, Result
+from protocol.tensor import PackedTensor
 from spinn.decisions.offline_profile import Profile
-from spinn.decisions.online_estimates import Estimates, OnlineEstimates, OnlineEstimatesConfig
 from spinn.decisions.policy import Policy
-from spinn.runtime.tracker import request_deadline
+from spinn.runtime.config import DeviceConfig, LinkConfig
+from spinn.runtime.device_core import (
+    Action,
+    ArmTimer,
+    CancelCompute,
+    CloseLink,
+    ComputeCall,
+    DeviceCore,
+    Fatal,
+    FrameDone,
+    LocalExit,
+    ModelShape,
+    Publish,
+    Reconnect,
+    RunHead,
+    RunStages,
+    Send,
+    SendInfer,
+    SendProbeTrain,
+)
 from tools.netshape.config import DirectionConfig
 from tools.netshape.model import LinkSchedule
 from tools.netshape.trace import Trace
@@ -58,12 +77,21 @@ __all__ = [
     "percentile",
 ]
 
-# Sizes on the wire (docs/PROTOCOL.md): an INFER's header around its tensor, a RESULT
-# (SchedulerConfig.response_bytes), a CANCEL and a bare PING/PONG.
+# Sizes on the wire (docs/PROTOCOL.md): an INFER's header around its tensor, a RESULT with
+# the top-k the device asks for (DeviceCore's own estimate, 64 + 16·k), an ERROR, a
+# CANCEL, a bare PING/PONG, the handshake's HELLO and WELCOME (a description).
+TOP_K = 5
 INFER_HEADER_BYTES = 48
-RESULT_BYTES = 256
+RESULT_BYTES = 64 + 16 * TOP_K
+ERROR_BYTES = 64
 CANCEL_BYTES = 16
 PING_BYTES = 32
+HELLO_BYTES = 256
+WELCOME_BYTES = 1024
+_CLASS_NAMES = tuple(f"class {i}" for i in range(10))
+# What an answer says (its classes are not modelled: the exit is).
+_CLASSES = tuple(range(TOP_K))
+_PROBS = (0.9, 0.04, 0.03, 0.02, 0.01)
 
 
 class EventLoop:
@@ -127,17 +155,30 @@ class Link:
         self._configs: dict[tuple[float, float], DirectionConfig] = {}
         self.bytes_sent = 0
         self.dropped = 0
+        self._held: tuple[float, float, tuple[float | None, float, float, bool]] | None = None
+        """A step trace's conditions and the span of time they hold for."""
 
     def conditions(self, now: float) -> tuple[float | None, float, float, bool]:
         """(rate bit/s or None, one-way delay, loss, outage) at ``now``."""
         s = self.spec
         if s.trace is None:
             return s.rate_bps, s.delay_s, s.loss, False
-        st = s.trace.at(now + s.trace_offset_s)
+        held = self._held
+        if held is not None and held[0] <= now < held[1]:
+            return held[2]
+        trace = s.trace
+        t = now + s.trace_offset_s
+        st = trace.at(t)
         rate = st.up_rate_bps if self.up else st.down_rate_bps
         if rate is not None:
             rate *= s.rate_scale
-        return rate, st.delay_s * s.delay_scale, st.loss, st.outage is not None
+        cond = (rate, st.delay_s * s.delay_scale, st.loss, st.outage is not None)
+        if trace.interpolation == "step":
+            # A step trace holds each row until the next: looked up once per row (a fleet's
+            # links send hundreds of thousands of messages).
+            begin, end = _step_span(trace, t)
+            self._held = (begin - s.trace_offset_s, end - s.trace_offset_s, cond)
+        return cond
 
     def _config(self, delay: float, loss: float) -> DirectionConfig:
         key = (delay, loss)
@@ -168,6 +209,23 @@ class Link:
         return finish
 
 
+def _step_span(trace: Trace, t: float) -> tuple[float, float]:
+    """The span of replay time around ``t`` over which a step trace's row at ``t`` holds
+    (``Trace.at``'s rule: before the first row the first row holds; a looping trace
+    repeats with its last row's time as period; without looping the last row holds)."""
+    times = [p.time_s for p in trace.points]
+    base, local = 0.0, t
+    if trace.loop:
+        base = (t // trace.duration_s) * trace.duration_s
+        local = t - base
+    i = bisect.bisect_right(times, local) - 1
+    if i < 0:
+        return base, base + times[0]
+    if i + 1 < len(times):
+        return base + times[i], base + times[i + 1]
+    return base + times[i], math.inf  # the last row of a trace that does not loop
+
+
 def exit_for(profile: Profile, u: float, thr_conf: float | None, final_exit: int | None) -> int:
     """The exit that answers an input whose draw is ``u`` in [0, 1): the first exit whose
     cumulative rate at ``thr_conf`` exceeds ``u`` (the profile's exit rates, Profile look-up
@@ -185,7 +243,8 @@ def exit_for(profile: Profile, u: float, thr_conf: float | None, final_exit: int
 
 @dataclass(frozen=True)
 class DeviceModel:
-    """Modelled compute of one device (ms are on the simulated device)."""
+    """Modelled compute of one device (ms are on the simulated device), and the device
+    settings the simulation gives its ``DeviceCore`` (``spinn.runtime.device.DeviceConfig``)."""
 
     stage_scale: float = 1.0
     """Real / profiled stage time (the profile given is already the device's)."""
@@ -196,27 +255,41 @@ class DeviceModel:
     step_ms: float = 0.1
     """Per call of the local race (one stage), outside the stage (``c``)."""
     upload_ms: float = 0.35
-    """Per upload: packing and the protocol work for it (``K``)."""
+    """Per upload: packing and the protocol work for it (``K``), inside the head's call."""
     noise: float = 0.1
     """Sigma of the log-normal noise on every call's time."""
     path_s: float = 0.0
     """One-way time every message pays beyond the link's rate and delay (both ends'
     network stacks and event loops, a proxy in the path)."""
     max_in_flight: int = 4
-    snapshot_interval_s: float = 0.0
-    """Reuse the profiler's snapshot for this long (0: a fresh one per frame, as the
-    runtime takes).  A fleet's schedulers re-plan once a second, and a snapshot per frame
-    of a thousand devices is most of the simulation's time."""
     codec: str | None = None
     """Codec whose profiled sizes are uploaded (None: the smallest profiled)."""
     input_codec: str | None = None
     """Profile entry whose size is uploaded at split 0, where the runtime sends the frame's
     pixels (``uint8_image+zstd``, PROTOCOL.md §6.8); None: ``codec``'s."""
     ping_interval_s: float = 0.5
-    probe_bytes: int = 16384
+    probe_bytes: int = LinkConfig.probe_bytes
+    """Padding of a probe train's PINGs (``LinkConfig.probe_bytes``; 0: no trains)."""
     ping_timeout_s: float = 1.5
     deadline_factor: float = 3.0
     deadline_margin_s: float = 0.1
+    connect_timeout_s: float = 2.0
+
+    def config(self, server: bool, seed: int) -> DeviceConfig:
+        """The ``DeviceConfig`` a simulated device's core runs with."""
+        return DeviceConfig.from_fields(
+            server=("sim", 1) if server else None,
+            max_in_flight=self.max_in_flight,
+            ping_interval_s=self.ping_interval_s,
+            probe_bytes=self.probe_bytes,
+            ping_timeout_s=self.ping_timeout_s,
+            deadline_factor=self.deadline_factor,
+            deadline_margin_s=self.deadline_margin_s,
+            connect_timeout_s=self.connect_timeout_s,
+            top_k=TOP_K,
+            status_interval_s=0.0,
+            seed=seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -243,10 +316,11 @@ class Answer:
     frame: int
     device: int
     arrived: float
+    """When the frame arrived (a paced camera's frame may wait for the window)."""
     answered: float
     where: str
     """'device' (a local exit or the local race), 'server', or 'fallback' (the server was
-    unreachable or late)."""
+    unreachable or late), as the core's answer record says."""
     exit: int
     split: int
     """The decision's split (a truncated network may end before it)."""
@@ -258,51 +332,57 @@ class Answer:
         return 1e3 * (self.answered - self.arrived)
 
 
-@dataclass
-class _Frame:
-    fid: int
-    arrived: float
-    started: float
-    u: float
-    split: int = 0
-    """Where the device splits: the decision's split, cut at a truncated network's end."""
-    decided: int = 0
-    """The decision's split, as the policy gave it."""
-    last: int = 0
-    exit: int = 0
-    thr: float | None = None
-    """The decision's threshold; None: no early exit."""
-    answered: bool = False
-    offloaded: bool = False
-    awaiting: bool = False
-    """Uploaded and neither answered nor given up on."""
-    next_stage: int = 0
-    job_seq: int = -1
-    """Sequence of the frame's live worker job; older entries in the heap are stale."""
-    slot_wait_s: float = 0.0
-    pushed_at: float = 0.0
-    running: bool = False
-    rid: int = -1
+# -- the server ---------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class _Hello:
+    """The handshake's HELLO (its content is not modelled, only its size and timing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Welcome:
+    """The handshake's WELCOME."""
+
+    server_name: str
+
+
+@dataclass(eq=False, slots=True)
 class _Request:
-    device: SimDevice
+    cid: int
     rid: int
-    fid: int
     split: int
     stop: int
     """Stages [split, stop) end at the answering exit."""
     exit: int
-    budget_s: float
-    """The INFER's ``deadline_ms``: the server drops the request after this long."""
-    deadline: float = math.inf
+    arrived: float
+    deadline: float
+    """The INFER's ``deadline_ms`` from its arrival: the server drops it after that."""
     cancelled: bool = False
-    arrived: float = 0.0
+    running: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class _Peer:
+    """One connection to the server."""
+
+    device: SimDevice
+    epoch: int
+    """The device's connection number: messages of an older connection are void."""
+    bytes_in: int = 0
+    """Bytes read from this connection (a PONG's ``received_bytes``)."""
+    requests: dict[int, _Request] = field(default_factory=dict)
 
 
 class SimServer:
-    """One server: requests grouped per split, ``workers`` running batches."""
+    """One server, spoken to in protocol messages over modelled links: requests grouped
+    per split, ``workers`` running dynamic batches, CANCEL and the INFER's deadline
+    answered ERROR(CANCELLED), PINGs answered PONG with the bytes read so far.
+
+    Its interface is a pure server's (``connect``/``receive``/``disconnect`` with the
+    connection's id; answers go out through the peer's downlink), so that a pure server
+    core would take its place one for one; the batching and the batch's cost are
+    modelled (``ServerModel``), the requests' answers come from the inputs' draws."""
 
     def __init__(self, loop: EventLoop, profile: Profile, model: ServerModel, seed: int) -> None:
         self.loop = loop
@@ -315,32 +395,75 @@ class SimServer:
         self.batches = 0
         self.batched = 0
         self._timer_at: float | None = None
-        self.requests: dict[tuple[int, int], _Request] = {}
+        self._peers: dict[int, _Peer] = {}
+        self._cids = itertools.count(1)
+        self._first_exit_at = [
+            next((e for e, k in enumerate(profile.exit_stages) if k >= s), profile.num_exits - 1)
+            for s in range(profile.num_stages + 1)
+        ]
 
-    def on_infer(self, req: _Request) -> None:
-        req.arrived = self.loop.now
-        req.deadline = req.arrived + req.budget_s
-        self.requests[(id(req.device), req.rid)] = req
-        self.groups.setdefault(req.split, deque()).append(req)
-        self._dispatch()
+    def connect(self, device: SimDevice, epoch: int) -> int:
+        """A device's HELLO arrived: a new connection (answered WELCOME)."""
+        cid = next(self._cids)
+        self._peers[cid] = _Peer(device, epoch)
+        self._send(cid, _Welcome("sim"), WELCOME_BYTES)
+        return cid
 
-    def on_cancel(self, device: SimDevice, rid: int) -> None:
-        req = self.requests.pop((id(device), rid), None)
-        if req is not None:
-            req.cancelled = True
+    def disconnect(self, cid: int) -> None:
+        """The connection ended: its requests are dropped unanswered."""
+        peer = self._peers.pop(cid, None)
+        if peer is not None:
+            for r in peer.requests.values():
+                r.cancelled = True
 
-    def on_ping(self, device: SimDevice, seq: int, padding: int) -> None:
-        device.downlink.send(PING_BYTES, device.on_pong, seq)
+    def receive(self, cid: int, message: Any, nbytes: int) -> None:
+        """A message from connection ``cid``, ``nbytes`` on the wire."""
+        peer = self._peers.get(cid)
+        if peer is None:
+            return  # the connection is gone
+        peer.bytes_in += nbytes
+        now = self.loop.now
+        if isinstance(message, Infer):
+            exit_ = max(
+                peer.device.input_exit(message.request_id), self._first_exit_at[message.split]
+            )
+            budget = math.inf if message.deadline_ms is None else message.deadline_ms / 1e3
+            stop = self.profile.exit_stages[exit_] + 1
+            req = _Request(cid, message.request_id, message.split, stop, exit_, now, now + budget)
+            peer.requests[req.rid] = req
+            self.groups.setdefault(req.split, deque()).append(req)
+            self._dispatch()
+        elif isinstance(message, Ping):
+            pong = Pong.reply_to(message, now, peer.bytes_in)
+            self._send(cid, pong, PING_BYTES)
+        elif isinstance(message, Cancel):
+            queued = peer.requests.get(message.request_id)
+            if queued is not None and not queued.cancelled:
+                queued.cancelled = True
+                if not queued.running:
+                    # A queued request never runs: answered at once.
+                    self._drop(queued, "cancelled by the device")
+
+    def _send(self, cid: int, message: Any, nbytes: int) -> None:
+        peer = self._peers.get(cid)
+        if peer is not None and peer.device.downlink is not None:
+            peer.device.downlink.send(nbytes, peer.device.deliver, peer.epoch, message)
+
+    def _drop(self, r: _Request, why: str) -> None:
+        peer = self._peers.get(r.cid)
+        if peer is not None and peer.requests.pop(r.rid, None) is not None:
+            self._send(r.cid, Error(ErrorCode.CANCELLED, why, r.rid), ERROR_BYTES)
 
     def _dispatch(self) -> None:
         now = self.loop.now
         m = self.model
         while self.free > 0:
-            # Drop what was cancelled or is past the device's deadline before it starts.
+            # What was cancelled or is past the device's deadline is dropped before it starts.
             for q in self.groups.values():
                 while q and (q[0].cancelled or q[0].deadline < now):
-                    self.requests.pop((id(q[0].device), q[0].rid), None)
-                    q.popleft()
+                    r = q.popleft()
+                    if not r.cancelled:
+                        self._drop(r, "past its deadline")
             ready = [q for q in self.groups.values() if q]
             if not ready:
                 return
@@ -354,9 +477,12 @@ class SimServer:
             batch: list[_Request] = []
             while q and len(batch) < m.batch_max:
                 r = q.popleft()
-                if not r.cancelled and r.deadline >= now:
-                    batch.append(r)
-                self.requests.pop((id(r.device), r.rid), None)
+                if r.cancelled:
+                    continue
+                if r.deadline < now:
+                    self._drop(r, "past its deadline")
+                    continue
+                batch.append(r)
             if batch:
                 self._run(batch)
 
@@ -369,40 +495,63 @@ class SimServer:
         self.free -= 1
         self.batches += 1
         self.batched += len(batch)
+        now = self.loop.now
         split = batch[0].split
         stop = max(r.stop for r in batch)
         noise = math.exp(self.rng.gauss(0.0, m.noise)) if m.noise else 1.0
-        t = self.loop.now + m.request_ms / 1e3
+        t = now + m.request_ms / 1e3
         done_at: dict[int, float] = {}
+        stage_ms = self.profile.stage_server_ms
         for k in range(split, stop):
             n = sum(1 for r in batch if r.stop > k)
-            t += (
-                m.scale
-                * noise
-                * self.profile.stage_server_ms[k]
-                * (1 + m.batch_cost * (n - 1))
-                / 1e3
-            )
+            t += m.scale * noise * stage_ms[k] * (1 + m.batch_cost * (n - 1)) / 1e3
             done_at[k + 1] = t
         for r in batch:
-            compute_ms = 1e3 * (done_at[r.stop] - self.loop.now)
-            self.loop.at(done_at[r.stop], self._answer, r, compute_ms)
-        self.busy_s += t - self.loop.now
+            r.running = True
+            self.loop.at(done_at[r.stop], self._answer, r, 1e3 * (done_at[r.stop] - now))
+        self.busy_s += t - now
         self.loop.at(t, self._worker_free)
 
     def _answer(self, r: _Request, compute_ms: float) -> None:
-        r.device.downlink.send(RESULT_BYTES, r.device.on_result, r.rid, r.exit, compute_ms)
+        peer = self._peers.get(r.cid)
+        if peer is None or peer.requests.pop(r.rid, None) is None:
+            return
+        if r.cancelled:
+            # A running request stops at a stage boundary: no RESULT (PROTOCOL.md §5.5).
+            self._send(r.cid, Error(ErrorCode.CANCELLED, "cancelled by the device", r.rid),
+                       ERROR_BYTES)  # fmt: skip
+            return
+        held_ms = 1e3 * (self.loop.now - r.arrived)
+        result = Result(r.rid, r.exit, _CLASSES, _PROBS, compute_ms=compute_ms, held_ms=held_ms)
+        self._send(r.cid, result, RESULT_BYTES)
 
     def _worker_free(self) -> None:
         self.free += 1
         self._dispatch()
 
 
+# -- the device ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    """One compute call asked for by the core."""
+
+    fid: int
+    action: RunHead | RunStages
+    pushed_at: float
+    queued: bool
+    """The worker was busy when it was asked for (``ComputeSlots.acquire`` queued)."""
+    skipped: bool = False
+
+
 class SimDevice:
-    """One device: frames through a window of ``max_in_flight``, one compute worker (heads
-    and fallbacks at priority 0, race continuations at 1, as ``ComputeSlots``), uploads,
-    the local race, CANCEL on a local win, deadlines, PINGs — the behaviour of
-    ``spinn.runtime.device`` (DESIGN.md part 7), feeding the same ``OnlineEstimates`` calls."""
+    """One device: the runtime's own ``DeviceCore`` (policy, online profiler, the plan,
+    deadlines, the race and its CANCEL, PINGs and probe trains, the dead-link check,
+    reconnects) on the virtual clock.  This class only carries out its actions as
+    ``spinn.runtime.device`` does: a window of ``max_in_flight`` frames, one compute
+    worker taking the most urgent call first (heads and fallbacks at priority 0, race
+    continuations at 1, as ``ComputeSlots``), modelled compute, the modelled link."""
 
     def __init__(
         self,
@@ -418,49 +567,70 @@ class SimDevice:
         rate_fps: float | None = None,
         start_s: float = 0.0,
         stop_s: float = math.inf,
-        profiler_config: OnlineEstimatesConfig | None = None,
     ) -> None:
         self.index = index
         self.loop = loop
         self.profile = profile
-        self.policy = policy
         self.model = model
-        self.server = server
+        self.server = server if link is not None else None
         self.rng = random.Random(seed)
-        self.profiler = OnlineEstimates(profile, profiler_config)
+        has_server = self.server is not None
+        shape = ModelShape(profile.num_stages, tuple(profile.exit_stages), len(_CLASS_NAMES))
+        self.core = DeviceCore(model.config(has_server, seed), profile=profile, policy=policy,
+                               model=shape)  # fmt: skip
         self.rate_fps = rate_fps
         self.stop_s = stop_s
         self.answers: list[Answer] = []
+        self.errors: list[dict[str, Any]] = []
         self.frames_begun = 0
         self.in_flight = 0
-        self.backlog: deque[_Frame] = deque()
-        self._jobs: list[tuple[int, int, _Frame, int]] = []
+        self.uploads = 0
+        self.infer_bytes = 0
+        """Bytes of the INFERs written (their tensors and headers)."""
+        self.backlog: deque[int] = deque()
+        self._arrived: dict[int, float] = {}
+        self._exit: dict[int, int] = {}
+        """Per frame in flight: the exit that answers it under its plan (its input's draw)."""
+        self._rid_exit: dict[int, int] = {}
+        """Per request on the link: its input's exit."""
+        self._jobs: list[tuple[int, int, _Job]] = []
+        self._queued: dict[int, _Job] = {}
         self._seq = itertools.count()
         self._busy = False
-        self._in_work = False
-        self._busy_until = -1.0
-        self._frames: dict[int, _Frame] = {}
-        self._rids = itertools.count(1)
-        self._sent: dict[int, tuple[int, int, float]] = {}
-        self._last_upload_finish = -math.inf
-        self._pings: dict[int, tuple[float, int]] = {}
-        self._ping_seq = itertools.count(1)
-        self.server_up = server is not None and link is not None
-        self.uploads = 0
-        self.decisions: list[tuple[float, int, float | None]] = []
-        self._snap: tuple[float, Estimates] | None = None
+        self._job_end = 0.0
+        self._cum = list(itertools.accumulate(profile.stage_device_ms, initial=0.0))
         self._cum_rates: dict[float | None, list[float]] = {}
-        self._cum = [0.0]
-        for t in profile.stage_device_ms:
-            self._cum.append(self._cum[-1] + t)
-        if server is not None and link is not None:
+        self._packed: dict[int, PackedTensor] = {}
+        self._timer_at: float | None = None
+        self._depth = 0
+        self._started = False
+        self._rearm = False
+        self._stopped = False
+        self.connected = False
+        self._epoch = 0
+        self._cid = 0
+        self.uplink: Link | None = None
+        self.downlink: Link | None = None
+        if self.server is not None and link is not None:
             self.uplink = Link(loop, link, random.Random(seed * 7 + 1), True, model.path_s)
             self.downlink = Link(loop, link, random.Random(seed * 7 + 2), False, model.path_s)
-            loop.at(start_s, self._ping)
-        # An unpaced stream fills the window at once (the runtime's source loop takes the
-        # next frame whenever a window slot is free); a camera delivers at its rate.
-        for _ in range(1 if rate_fps is not None else model.max_in_flight):
-            loop.at(start_s, self._next_frame)
+            loop.at(start_s, self._connect)
+            # The runtime gives the first connection a moment before its first frame
+            # (SpinnDevice._await_first_connect): frames start at the first WELCOME, or
+            # after the connect timeout.
+            loop.at(start_s + model.connect_timeout_s, self._start)
+        else:
+            loop.at(start_s, self._start)
+
+    def _start(self) -> None:
+        """The frames begin: an unpaced stream fills the window at once (the runtime's
+        source loop takes the next frame whenever a window slot is free); a camera
+        delivers at its rate."""
+        if self._started:
+            return
+        self._started = True
+        for _ in range(1 if self.rate_fps is not None else self.model.max_in_flight):
+            self._next_frame()
 
     # -- frames -------------------------------------------------------------------------
 
@@ -469,12 +639,13 @@ class SimDevice:
         now = self.loop.now
         if now >= self.stop_s:
             return
-        f = _Frame(self.frames_begun, now, now, self.rng.random())
+        fid = self.frames_begun
         self.frames_begun += 1
+        self._arrived[fid] = now
         if self.rate_fps is None:
-            self._begin(f)
+            self._begin(fid)
             return
-        self.backlog.append(f)
+        self.backlog.append(fid)
         self._admit()
         self.loop.at(now + 1.0 / self.rate_fps, self._next_frame)
 
@@ -482,27 +653,15 @@ class SimDevice:
         while self.backlog and self.in_flight < self.model.max_in_flight:
             self._begin(self.backlog.popleft())
 
-    def _begin(self, f: _Frame) -> None:
-        now = self.loop.now
+    def _begin(self, fid: int) -> None:
         self.in_flight += 1
-        f.started = now
-        self._frames[f.fid] = f
-        est = self._snapshot(now)
-        d = self.policy.decide(now, est)
-        if not self.decisions or self.decisions[-1][1:] != (d.split, d.thr_conf):
-            self.decisions.append((now, d.split, d.thr_conf))
-        last = self.profile.num_stages
-        forced = d.final_exit
-        if forced is not None and forced < self.profile.num_exits - 1:
-            last = self.profile.exit_stages[forced] + 1
-        else:
-            forced = None
-        f.decided = d.split
-        f.split = min(max(d.split, 0), last)
-        f.last = last
-        f.thr = d.thr_conf
-        f.exit = self._exit_for(f.u, d.thr_conf, forced)
-        self._push(f, 0, 0)
+        self._exit[fid] = -1  # drawn once its plan is known (RunHead)
+        self._act(self.core.frame_arrived(self.loop.now, fid, link_up=self.connected))
+
+    def input_exit(self, rid: int) -> int:
+        """The exit that answers request ``rid``'s input (the modelled server's compute
+        sees the same input as the device's)."""
+        return self._rid_exit.get(rid, self.profile.num_exits - 1)
 
     def _exit_for(self, u: float, thr_conf: float | None, final_exit: int | None) -> int:
         """``exit_for`` with the cumulative rates kept per threshold (called per frame)."""
@@ -514,40 +673,114 @@ class SimDevice:
         e = bisect.bisect_right(cum, u)
         return e if final_exit is None else min(e, final_exit)
 
-    def _cum_device(self, stages: int) -> float:
-        """``Profile.device_time_ms`` without its argument checks (called per frame)."""
-        return self._cum[stages]
+    # -- the core's actions ---------------------------------------------------------------
 
-    def _snapshot(self, now: float) -> Estimates:
-        cached = self._snap
-        if cached is None or now - cached[0] >= self.model.snapshot_interval_s:
-            cached = self._snap = (now, self.profiler.snapshot(now))
-        return cached[1]
+    def _act(self, actions: list[Action]) -> None:
+        """Carry out the core's actions in order (each may return more), then re-arm its
+        timer where one asked (``ArmTimer``: ``next_timer`` once, after the last of them)."""
+        self._depth += 1
+        try:
+            self._carry_out(actions)
+        finally:
+            self._depth -= 1
+        if not self._depth and self._rearm:
+            self._arm()
 
-    def _finish(self, f: _Frame) -> None:
+    def _carry_out(self, actions: list[Action]) -> None:
+        now = self.loop.now
+        for a in actions:
+            if isinstance(a, RunHead | RunStages):
+                self._submit(a)
+            elif isinstance(a, Publish):
+                self._publish(a.record)
+            elif isinstance(a, FrameDone):
+                self._frame_done(a.frame_id)
+            elif isinstance(a, Send):
+                self._send(a.message)
+            elif isinstance(a, SendInfer):
+                self._send_infer(a)
+            elif isinstance(a, CancelCompute):
+                job = self._queued.pop(a.frame_id, None)
+                if job is not None:
+                    job.skipped = True
+                    self._act(self.core.compute_skipped(now, a.frame_id))
+            elif isinstance(a, SendProbeTrain):
+                sizes = []
+                for ping in a.pings:
+                    n = PING_BYTES + len(ping.padding)
+                    if not self._send(ping, n):
+                        break
+                    sizes.append(n)
+                self.core.train_written(sizes)
+            elif isinstance(a, CloseLink):
+                self._link_lost(a.reason)
+            elif isinstance(a, Reconnect):
+                if not self._stopped:
+                    self.loop.at(now + a.delay_s, self._connect)
+            elif isinstance(a, ArmTimer):
+                self._rearm = True
+            elif isinstance(a, Fatal):
+                raise RuntimeError(f"simulated device {self.index}: {a.message}")
+            # Log: not kept (the records and counters are the simulation's output).
+
+    def _arm(self) -> None:
+        self._rearm = False
+        if self._stopped:
+            return
+        at = self.core.next_timer(self.loop.now)
+        if at is not None and (self._timer_at is None or at < self._timer_at):
+            self._timer_at = at
+            self.loop.at(at, self._on_timer, at)
+
+    def _on_timer(self, at: float) -> None:
+        if at != self._timer_at:
+            return  # re-armed earlier since
+        self._timer_at = None
+        if self._over():
+            # The run is over: the device stops (its PINGs with it).
+            self._stopped = True
+            return
+        self._rearm = True  # the timer's own work moves the next one
+        self._act(self.core.timer(self.loop.now))
+
+    def _over(self) -> bool:
+        """No frame will come and none is in flight."""
+        return self.loop.now >= self.stop_s and self.in_flight == 0 and not self.backlog
+
+    def _publish(self, record: dict[str, Any]) -> None:
+        fid = record["frame"]
+        if record["where"] == "error":
+            self.errors.append(record)
+            return
+        self.answers.append(Answer(fid, self.index, self._arrived[fid], self.loop.now,
+                                   record["where"], record["exit"], record["split"],
+                                   record["thr_conf"]))  # fmt: skip
+
+    def _frame_done(self, fid: int) -> None:
         """The frame's processing ended (the runtime releases its window slot here)."""
-        self._frames.pop(f.fid, None)
         self.in_flight -= 1
+        self._arrived.pop(fid, None)
+        self._exit.pop(fid, None)
         if self.rate_fps is None:
             self.loop.at(self.loop.now, self._next_frame)
         else:
             self._admit()
 
-    def _answer(self, f: _Frame, where: str) -> None:
-        f.answered = True
-        f.awaiting = False
-        self.answers.append(
-            Answer(f.fid, self.index, f.arrived, self.loop.now, where, f.exit, f.decided, f.thr)
-        )
-
     # -- the compute worker ---------------------------------------------------------------
 
-    def _push(self, f: _Frame, priority: int, stage: int) -> None:
-        seq = next(self._seq)
-        f.job_seq = seq
-        f.next_stage = stage
-        f.pushed_at = self.loop.now
-        heapq.heappush(self._jobs, (priority, seq, f, stage))
+    def _submit(self, action: RunHead | RunStages) -> None:
+        now = self.loop.now
+        fid = action.frame_id
+        if isinstance(action, RunHead):
+            plan = action.plan
+            thr = plan.rule.thr_conf
+            self._exit[fid] = self._exit_for(self.rng.random(), thr, plan.forced_exit)
+            priority = 0
+        else:
+            priority = action.priority
+        job = _Job(fid, action, now, self._busy)
+        self._queued[fid] = job
+        heapq.heappush(self._jobs, (priority, next(self._seq), job))
         if not self._busy:
             self._work()
 
@@ -556,201 +789,142 @@ class SimDevice:
         return math.exp(self.rng.gauss(0.0, s)) if s else 1.0
 
     def _work(self) -> None:
-        """The worker is free: run the most urgent live job (``ComputeSlots`` order)."""
-        if self._in_work:
-            return  # a frame admitted from inside this loop: the loop picks its job up
-        self._in_work = True
-        try:
-            self._work_next()
-        finally:
-            self._in_work = False
-
-    def _work_next(self) -> None:
+        """The worker is free: run the most urgent call asked for (``ComputeSlots`` order)."""
         now = self.loop.now
         while self._jobs:
-            _, seq, f, stage = heapq.heappop(self._jobs)
-            if seq != f.job_seq:
-                continue  # superseded by a re-prioritised entry
-            # Queued for the slot (ComputeSlots.acquire): it waited while the previous
-            # call ran and was handed the worker straight from it.
-            queued = self._busy_until >= now and f.pushed_at < now
-            f.slot_wait_s += now - f.pushed_at
-            if f.answered:
-                self._finish(f)  # the continuation finds its frame answered and returns
+            _, _, job = heapq.heappop(self._jobs)
+            if job.skipped:
                 continue
-            self._busy = True
-            f.running = True
+            del self._queued[job.fid]
             m = self.model
-            if stage == 0:
-                x = self.profile.exit_stages[f.exit]
-                stop = x + 1 if x < f.split else f.split
-                stages_ms = m.stage_scale * self._noise() * self._cum_device(stop)
-                upload = stop == f.split and f.split < f.last and self.server_up
-                call_ms = stages_ms + m.head_ms + (m.upload_ms if upload else 0.0)
-                self.loop.at(now + call_ms / 1e3, self._head_done, f, stop, stages_ms, call_ms,
-                             queued, upload)  # fmt: skip
+            a = job.action
+            x = self.profile.exit_stages[self._exit[job.fid]]
+            if isinstance(a, RunHead):
+                split = a.plan.split
+                stop = x + 1 if x < split else split
+                stages_ms = m.stage_scale * self._noise() * self._cum[stop]
+                pack_ms = m.upload_ms if a.pack and stop == split else 0.0
+                call_ms = stages_ms + m.head_ms + pack_ms
             else:
-                k = stage - 1
-                stages_ms = m.stage_scale * self._noise() * self.profile.stage_device_ms[k]
+                stop = a.stop
+                stop = x + 1 if a.start <= x < stop else stop
+                stages_ms = m.stage_scale * self._noise() * (self._cum[stop] - self._cum[a.start])
+                pack_ms = 0.0
                 call_ms = stages_ms + m.step_ms
-                self.loop.at(now + call_ms / 1e3, self._step_done, f, k, stages_ms, call_ms,
-                             queued)  # fmt: skip
-            self._busy_until = now + call_ms / 1e3
+            self._busy = True
+            end = now + call_ms / 1e3
+            self._job_end = end
+            self.loop.at(end, self._call_done, job, now, stop, stages_ms, pack_ms, x < stop)
             return
         self._busy = False
 
-    def _head_done(
-        self, f: _Frame, stop: int, stages_ms: float, call_ms: float, queued: bool, upload: bool
-    ) -> None:
+    def _call_done(self, job: _Job, started: float, stop: int, stages_ms: float,
+                   pack_ms: float, exited: bool) -> None:  # fmt: skip
         now = self.loop.now
-        p = self.profiler
-        f.running = False
-        if stop > 0:
-            p.observe_device(now, stop, stages_ms)
-        if queued:
-            p.observe_call(now, head=True, call_ms=call_ms - (self.model.upload_ms if upload else 0),
-                           stages_ms=stages_ms, stages=stop)  # fmt: skip
-        x = self.profile.exit_stages[f.exit]
-        if x < stop:
-            self._answer(f, "device")
-            p.observe_answer(now, f.exit, 1e3 * (now - f.started - f.slot_wait_s))
-            self._finish(f)
+        core = self.core
+        fid = job.fid
+        call = ComputeCall(0, started, now, 0.0, job.queued, started - job.pushed_at)
+        answer = LocalExit(self._exit[fid], _CLASSES, _PROBS) if exited else None
+        a = job.action
+        self._busy = False
+        if isinstance(a, RunHead):
+            packed = None if answer is not None or not a.pack else self._packed_at(a.plan.split)
+            actions = core.head_done(now, fid, call, answer=answer, activation=None,
+                                     packed=packed, stages_ms=stages_ms, reached=stop,
+                                     pack_ms=pack_ms, link_up=self.connected)  # fmt: skip
         else:
-            if not upload and f.split < f.last:
-                f.offloaded = True  # meant for the server, which is unreachable: fallback
-            if upload:
-                self._upload(f)
-                p.observe_upload_work(now, self.model.upload_ms)
-                p.observe_offload(now, f.split, 1e3 * (now - f.started - f.slot_wait_s))
-            # Stage indices in jobs are 1-based: job stage s+1 runs stage s.
-            self._push(f, 1 if f.awaiting else 0, f.split + 1)
-        self._work()
+            actions = core.stages_done(now, fid, call, answer=answer, activation=None, stop=stop,
+                                       stages_ms=stages_ms)  # fmt: skip
+        self._act(actions)
+        if not self._busy:
+            self._work()
 
-    def _step_done(self, f: _Frame, k: int, stages_ms: float, call_ms: float, queued: bool) -> None:
-        now = self.loop.now
-        p = self.profiler
-        f.running = False
-        p.observe_device(now, k + 1, stages_ms, start=k)
-        if queued:
-            p.observe_call(now, head=False, call_ms=call_ms, stages_ms=stages_ms, stages=k + 1,
-                           start=k)  # fmt: skip
-        if f.answered:
-            self._finish(f)
-        elif self.profile.exit_stages[f.exit] == k:
-            # A race won locally is the device's answer; a frame whose request expired or
-            # whose server was unreachable is a fallback (the device stood in).
-            where = "fallback" if f.offloaded and not f.awaiting else "device"
-            if f.awaiting:
-                self._cancel(f)
-            self._answer(f, where)
-            p.observe_answer(now, f.exit, 1e3 * (now - f.started - f.slot_wait_s))
-            self._finish(f)
-        else:
-            self._push(f, 1 if f.awaiting else 0, k + 2)
-        self._work()
+    def _packed_at(self, split: int) -> PackedTensor:
+        """A stand-in for the activation packed at ``split``: the profiled size, no content
+        (the draw of the input stands for it)."""
+        p = self._packed.get(split)
+        if p is None:
+            codec = self.model.codec
+            if split == 0 and self.model.input_codec is not None:
+                codec = self.model.input_codec
+            n = self.profile.packed_bytes(split, codec)
+            p = self._packed[split] = PackedTensor("int8", False, (n,), 1.0, 0, bytes(n))
+        return p
 
     # -- the link -------------------------------------------------------------------------
 
-    def _upload(self, f: _Frame) -> None:
-        assert self.server is not None
-        now = self.loop.now
-        codec = self.model.codec
-        if f.split == 0 and self.model.input_codec is not None:
-            codec = self.model.input_codec
-        nbytes = self.profile.packed_bytes(f.split, codec) + INFER_HEADER_BYTES
-        est = self._snapshot(now)
-        rid = next(self._rids)
-        unanswered = sum(n for n, _, _ in self._sent.values())
-        deadline = request_deadline(
-            now,
-            upload_bytes=unanswered + nbytes,
-            download_bytes=RESULT_BYTES,
-            bandwidth_bps=max(est.bandwidth_bps, 1.0),
-            latency_s=est.latency_s,
-            server_time_s=self.profile.server_time_ms(f.split) * est.server_scale / 1e3,
-            margin_factor=self.model.deadline_factor,
-            margin_s=self.model.deadline_margin_s,
-        )
-        stop = self.profile.exit_stages[f.exit] + 1
-        # deadline_ms: half the budget, counted from receipt (spinn.runtime.device).
-        req = _Request(self, rid, f.fid, f.split, stop, f.exit, 0.5 * (deadline - now))
-        finish = self.uplink.send(nbytes, self.server.on_infer, req)
-        self._sent[rid] = (nbytes, f.fid, now)
-        # The upload's own time: from when its bytes could start (after the previous
-        # upload's) to its last byte (spinn.runtime.uplink, ACK clocking).
-        p = self.profiler
-        p.observe_upload(now, nbytes, max(1e-9, finish - max(now, self._last_upload_finish)))
-        self._last_upload_finish = finish
-        f.offloaded = f.awaiting = True
-        f.rid = rid
-        self.uploads += 1
-        self.loop.at(deadline, self._expire, f, rid)
+    def _send(self, message: Any, nbytes: int = 0) -> bool:
+        """Write one message on the connection; False when there is none."""
+        if not self.connected or self.uplink is None or self.server is None:
+            return False
+        if not nbytes:
+            nbytes = CANCEL_BYTES if isinstance(message, Cancel) else PING_BYTES
+        self.uplink.send(nbytes, self.server.receive, self._cid, message, nbytes)
+        return True
 
-    def _cancel(self, f: _Frame) -> None:
-        assert self.server is not None
-        self._sent.pop(f.rid, None)
-        self.uplink.send(CANCEL_BYTES, self.server.on_cancel, self, f.rid)
+    def _send_infer(self, a: SendInfer) -> None:
+        msg = a.message
+        nbytes = 0
+        if self.connected:
+            nbytes = msg.tensor.nbytes + INFER_HEADER_BYTES
+            self._rid_exit[msg.request_id] = self._exit[a.frame_id]
+            self._send(msg, nbytes)
+            self.uploads += 1
+            self.infer_bytes += nbytes
+        self._act(self.core.infer_written(self.loop.now, a.frame_id, msg.request_id, nbytes, 0.0))
 
-    def on_result(self, rid: int, exit_index: int, compute_ms: float) -> None:
-        now = self.loop.now
-        sent = self._sent.pop(rid, None)
-        if sent is None:
-            return  # answered locally, cancelled or expired: the RESULT is late
-        _, fid, _ = sent
-        f = self._frames.get(fid)
-        self.profiler.observe_result(now, f.split if f else 0, exit_index, compute_ms=compute_ms)
-        self._mark_up(True)
-        if f is None or f.answered or not f.awaiting:
-            return
-        self._answer(f, "server")
-        # Its continuation, queued at priority 1, finds it answered and releases the slot.
-
-    def _expire(self, f: _Frame, rid: int) -> None:
-        if f.answered or f.rid != rid or not f.awaiting:
-            return
-        self._sent.pop(rid, None)
-        f.awaiting = False
-        # The frame is the device's now: its continuation becomes urgent (priority 0).
-        if not f.running and f.next_stage > 0:
-            self._push(f, 0, f.next_stage)
-
-    def _mark_up(self, up: bool) -> None:
-        if up != self.server_up:
-            self.server_up = up
-            self.profiler.mark_server(self.loop.now, up)
-            self._snap = None  # reachability is never served stale
-
-    def _ping(self) -> None:
-        now = self.loop.now
-        if now >= self.stop_s and not self._frames:
-            return
-        assert self.server is not None
-        m = self.model
-        if self._pings:
-            oldest = min(t for t, _ in self._pings.values())
-            if now - oldest > m.ping_timeout_s:
-                # No PONG: the link is taken down; every request waiting is the device's.
-                self._pings.clear()
-                self._mark_up(False)
-                for f in list(self._frames.values()):
-                    if f.awaiting:
-                        self._expire(f, f.rid)
-        seq = next(self._ping_seq)
-        idle = not self._sent
-        probe = (
-            m.probe_bytes if (seq % 2 == 0 and idle and self.profiler.latency.samples >= 3) else 0
-        )
-        self._pings[seq] = (now, probe)
-        self.uplink.send(PING_BYTES + probe, self.server.on_ping, self, seq, probe)
-        self.loop.at(now + m.ping_interval_s, self._ping)
-
-    def on_pong(self, seq: int) -> None:
-        sent = self._pings.pop(seq, None)
-        if sent is None:
+    def deliver(self, epoch: int, message: Any) -> None:
+        """A message from the server arrived (void if its connection is gone)."""
+        if epoch != self._epoch or self._stopped:
             return
         now = self.loop.now
-        self.profiler.observe_ping(now, now - sent[0], sent[1])
-        self._mark_up(True)
+        if isinstance(message, _Welcome):
+            self.connected = True
+            self._act(self.core.link_up(now, server_name=message.server_name,
+                                        codec=self.model.codec or ""))  # fmt: skip
+            self._start()
+            return
+        if not self.connected:
+            return
+        if isinstance(message, Result | Error) and message.request_id is not None:
+            self._rid_exit.pop(message.request_id, None)
+        self.core.heard(now)
+        self._act(self.core.receive(now, message, wall_time=now))
+
+    def _connect(self) -> None:
+        """Connect: HELLO out, WELCOME back (both through the link), or a timeout."""
+        if self._stopped or self.connected or self.server is None or self.uplink is None:
+            return
+        if self._over():
+            self._stopped = True
+            return
+        self._epoch += 1
+        epoch = self._epoch
+        self.uplink.send(HELLO_BYTES, self._hello_arrived, epoch)
+        self.loop.at(self.loop.now + self.model.connect_timeout_s, self._connect_timeout, epoch)
+
+    def _hello_arrived(self, epoch: int) -> None:
+        if epoch == self._epoch and self.server is not None:
+            self._cid = self.server.connect(self, epoch)
+
+    def _connect_timeout(self, epoch: int) -> None:
+        if epoch != self._epoch or self.connected or self._stopped:
+            return
+        self._epoch += 1  # a late WELCOME is void
+        if self.server is not None and self._cid:
+            self.server.disconnect(self._cid)
+        self._act(self.core.connect_failed(self.loop.now, "timed out"))
+
+    def _link_lost(self, reason: str) -> None:
+        """The core closed the link (the dead-link check, a server's ERROR or BYE)."""
+        if not self.connected:
+            return
+        self.connected = False
+        self._epoch += 1
+        if self.server is not None:
+            self.server.disconnect(self._cid)
+        self._rid_exit.clear()
+        self._act(self.core.link_down(self.loop.now, reason))
 
 
 def percentile(values: Sequence[float], q: float) -> float:

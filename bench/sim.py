@@ -1,11 +1,12 @@
 """A discrete-event simulator of SPINN: ``python -m bench.sim``.
 
-Runs whole experiments in virtual time (``bench._simcore``): each device's real policy and
-``OnlineEstimates``, netshape's link model and traces, and modelled compute (the offline
-profile's stage times × a scale, with seeded noise, plus per-call overheads).  It does
-**not** run ``spinn.runtime``'s device and server, which are asyncio adapters; the
-simulator's ``SimDevice``/``SimServer`` mirror their behaviour and are where pure runtime
-cores would plug in.  Deterministic for a seed.
+Runs whole experiments in virtual time (``bench._simcore``): every device is the
+runtime's own ``DeviceCore`` (its policy, ``OnlineEstimates``, deadlines, race, PINGs and
+probe trains, dead-link check and reconnects), driven by a virtual clock and speaking
+protocol messages over netshape's link model and traces; compute is modelled (the offline
+profile's stage times × a scale, with seeded noise, plus per-call overheads), and so is
+the server (``SimServer``: per-split queues, workers, dynamic batching).  Deterministic
+for a seed.
 
 Three parts, each printed:
 
@@ -23,13 +24,15 @@ Three parts, each printed:
 3. **A fleet**: ``--fleet-devices`` devices on netshape's shipped traces, each varied by a
    seeded phase, rate and delay scale and compute speed, against N servers with dynamic
    batching; tail latency, server utilisation, and the fewest servers that keep the
-   fleet's p95 latency within the SLA.
+   fleet's p95 latency within the SLA (a reference run with ample servers, then a search
+   from the servers its utilisation asks for; ``--jobs`` fleet runs side by side).
 
 The last line is one JSON object: ``sim_vs_real_throughput_error_median``,
 ``sim_vs_real_latency_error_median`` (null without real figures), ``sim_speedup``
 (simulated seconds per wall-clock second of experiment 1's one-device runs, the
-comparison's included), ``fleet_sim_speedup`` (the same for the whole fleet) and the fleet
-figures.
+comparison's included), ``fleet_sim_speedup`` (the same for the whole fleet search),
+``fleet_runs``, ``fleet_wall_s`` and ``fleet_cpu_s`` (the search's runs, wall-clock and
+CPU seconds, its processes' included) and the fleet figures.
 """
 
 from __future__ import annotations
@@ -38,13 +41,17 @@ import argparse
 import dataclasses
 import json
 import math
+import multiprocessing
+import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -373,11 +380,8 @@ def run_fleet(profile: Profile, plan: FleetPlan, servers: int, device: DeviceMod
     srvs = [SimServer(loop, profile, plan.server, seed * 1000 + j) for j in range(servers)]
     sla = SLA(max_latency_ms=max_latency_ms, min_accuracy=profile.exit_accuracy[-1] - 0.01,
               rank=(Metric.LATENCY, Metric.ACCURACY))  # fmt: skip
-    base_prof = dataclasses.replace(
-        profile, stage_device_ms=tuple(plan.device_slowdown * t for t in profile.stage_device_ms)
-    )
-    dmodel = dataclasses.replace(device, codec=_codec(profile), input_codec=_input_codec(profile),
-                                 snapshot_interval_s=0.1)  # fmt: skip
+    base_prof = profile.on_slower_device(plan.device_slowdown)
+    dmodel = dataclasses.replace(device, codec=_codec(profile), input_codec=_input_codec(profile))
     cfg = SchedulerConfig(codec=dmodel.codec, max_in_flight=dmodel.max_in_flight,
                           replan_interval_s=plan.replan_interval_s)  # fmt: skip
     devs = []
@@ -387,9 +391,7 @@ def run_fleet(profile: Profile, plan: FleetPlan, servers: int, device: DeviceMod
                         rate_scale=math.exp(rng.gauss(0, plan.rate_sigma)))  # fmt: skip
         speed = math.exp(rng.gauss(0, plan.speed_sigma))
         # The device's own offline profile is of its own speed (its vendor profiled it).
-        prof = dataclasses.replace(
-            base_prof, stage_device_ms=tuple(speed * t for t in base_prof.stage_device_ms)
-        )
+        prof = base_prof.on_slower_device(speed)
         devs.append(SimDevice(i, loop, prof, Scheduler(prof, sla, cfg), dmodel, spec,
                               srvs[i % servers], seed * 100003 + i, rate_fps=plan.fps,
                               start_s=rng.uniform(0, 1 / plan.fps), stop_s=plan.seconds))  # fmt: skip
@@ -409,35 +411,73 @@ def run_fleet(profile: Profile, plan: FleetPlan, servers: int, device: DeviceMod
     return fig
 
 
+def _run_fleet_args(args: tuple[Any, ...]) -> dict[str, Any]:
+    return run_fleet(*args)
+
+
+def _fleet_runs(args: list[tuple[Any, ...]], jobs: int) -> list[dict[str, Any]]:
+    """``run_fleet`` of each argument tuple, up to ``jobs`` side by side in forked
+    processes (each run is seeded: the same figures whichever process runs it)."""
+    if jobs <= 1 or len(args) <= 1:
+        return [run_fleet(*a) for a in args]
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=min(jobs, len(args)), mp_context=ctx) as pool:
+        return list(pool.map(_run_fleet_args, args))
+
+
 def servers_needed(profile: Profile, plan: FleetPlan, device: DeviceModel, sla_p95_ms: float,
                    max_latency_ms: float, seed: int, limit: int, start: int = 1,
-                   max_utilisation: float = 0.8) -> tuple[int | None, list[dict[str, Any]]]:  # fmt: skip
+                   max_utilisation: float = 0.8, *, jobs: int = 1,
+                   known: Sequence[dict[str, Any]] = ()) -> tuple[int | None, list[dict[str, Any]]]:  # fmt: skip
     """The fewest servers whose fleet p95 meets ``sla_p95_ms`` with every server at most
-    ``max_utilisation`` busy: doubling from ``start``, then bisection (both fall with more
-    servers, up to the seeded noise).  The utilisation bound matters because of the local
-    race (DESIGN.md part 7): a saturated server's queue grows, yet the devices answer
-    those inputs themselves, so the p95 alone barely shows an overloaded fleet."""
-    runs: dict[int, dict[str, Any]] = {}
+    ``max_utilisation`` busy (both fall with more servers, up to the seeded noise).  The
+    utilisation bound matters because of the local race (DESIGN.md part 7): a saturated
+    server's queue grows, yet the devices answer those inputs themselves, so the p95
+    alone barely shows an overloaded fleet.
 
-    def meets(n: int) -> bool:
-        p95(n)
-        f = runs[n]
-        return bool(f["p95_ms"] <= sla_p95_ms and f["server_utilisation"] <= max_utilisation)
+    The search starts at ``start`` (the caller's estimate, from a reference run): down one
+    server at a time while one fewer still meets the SLA, else up by doubling, then
+    bisection.  Going down, ``jobs`` candidates run side by side (the next ones down run
+    before it is known whether they are needed).  ``known``: runs made already
+    (``run_fleet``)."""
+    runs: dict[int, dict[str, Any]] = {f["servers"]: f for f in known}
 
-    def p95(n: int) -> float:
-        if n not in runs:
-            runs[n] = run_fleet(profile, plan, n, device, max_latency_ms, seed)
-            f = runs[n]
+    def run(ns: Sequence[int]) -> None:
+        todo = sorted({n for n in ns if 1 <= n <= limit and n not in runs}, reverse=True)
+        args = [(profile, plan, n, device, max_latency_ms, seed) for n in todo]
+        for n, f in zip(todo, _fleet_runs(args, jobs), strict=True):
+            runs[n] = f
             print(f"fleet {plan.devices} devices, {n:4d} servers: p50 {f['p50_ms']:6.1f} "
                   f"p95 {f['p95_ms']:6.1f} p99 {f['p99_ms']:6.1f} ms, utilisation "
                   f"{100 * f['server_utilisation']:5.1f}%, offload {100 * f['offload_rate']:4.1f}%, "
                   f"batch {f['mean_batch']:.2f}, lost {f['lost']}", flush=True)  # fmt: skip
-        return float(runs[n]["p95_ms"])
 
-    lo, hi = 0, max(1, start)  # lo: fails (0 servers always does), hi: to be tried
+    def meets(n: int) -> bool:
+        run([n])
+        f = runs[n]
+        return bool(f["p95_ms"] <= sla_p95_ms and f["server_utilisation"] <= max_utilisation)
+
+    def done(n: int | None) -> tuple[int | None, list[dict[str, Any]]]:
+        return n, [runs[k] for k in sorted(runs)]
+
+    def below(n: int) -> list[int]:
+        """The next ``jobs`` candidates not run yet from ``n`` down."""
+        return [k for k in range(n, 0, -1) if k not in runs][: max(1, jobs)]
+
+    n = min(max(1, start), limit)
+    run(below(n))
+    if meets(n):
+        while n > 1:
+            if n - 1 not in runs:
+                run(below(n - 1))
+            if not meets(n - 1):
+                break
+            n -= 1
+        return done(n)
+    lo, hi = n, n  # lo fails; hi: to be tried
     while not meets(hi):
         if hi >= limit:
-            return None, [runs[k] for k in sorted(runs)]
+            return done(None)
         lo, hi = hi, min(limit, hi * 2)
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -445,7 +485,7 @@ def servers_needed(profile: Profile, plan: FleetPlan, device: DeviceModel, sla_p
             hi = mid
         else:
             lo = mid
-    return hi, [runs[k] for k in sorted(runs)]
+    return done(hi)
 
 
 # -- the command line -------------------------------------------------------------------
@@ -511,6 +551,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-utilisation", type=_fraction, default=0.8,
                         help="the fleet's SLA also keeps every server at most this busy "
                         "(default 0.8: headroom for bursts)")  # fmt: skip
+    parser.add_argument("--jobs", type=_positive(int, "--jobs"), default=min(2, os.cpu_count() or 1),
+                        help="fleet runs side by side in processes (default: 2 where there are "
+                        "two cores; the figures are the same for any number)")  # fmt: skip
     parser.add_argument("--run-s", type=_positive(float, "--run-s"), default=None,
                         help="length of each simulated experiment-1 run (default: bench.paper's "
                         "quick plan)")  # fmt: skip
@@ -524,9 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = DeviceModel(codec=_codec(raw_profile), input_codec=_input_codec(raw_profile))
     server = ServerModel()
     slow = args.device_slowdown
-    profile = dataclasses.replace(
-        raw_profile, stage_device_ms=tuple(slow * t for t in raw_profile.stage_device_ms)
-    )
+    profile = raw_profile.on_slower_device(slow)
     sim_s = 0.0
     wall = 0.0
 
@@ -539,8 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         real = load_real(args.real)
         if abs(real["device_slowdown"] - slow) > 1e-9:
             slow = real["device_slowdown"]
-            profile = dataclasses.replace(raw_profile, stage_device_ms=tuple(
-                slow * t for t in raw_profile.stage_device_ms))  # fmt: skip
+            profile = raw_profile.on_slower_device(slow)
     fleet_device = device
     if real is not None and real.get("calibration"):
         # Experiment 1 and the comparison run with the machine's measured constants; the
@@ -589,6 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"(cost 1 + {fplan.server.batch_cost}·(n−1)), scheduler SLA latency ≤ "
           f"{fleet_latency_limit:.1f} ms")  # fmt: skip
     t0 = time.perf_counter()
+    cpu0 = _cpu_s()
     sla_p95 = args.sla_p95_ms
     fleet_runs: list[dict[str, Any]] = []
     if sla_p95 is None:
@@ -604,10 +645,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         start = 1
     needed, runs = servers_needed(raw_profile, fplan, fleet_device, sla_p95, fleet_latency_limit,
-                                  args.seed, args.max_servers, start,
-                                  args.max_utilisation)  # fmt: skip
-    fleet_runs += runs
+                                  args.seed, args.max_servers, start, args.max_utilisation,
+                                  jobs=args.jobs, known=fleet_runs)  # fmt: skip
+    fleet_runs = runs
     fleet_wall = time.perf_counter() - t0
+    fleet_cpu = _cpu_s() - cpu0
     fleet_sim_s = fplan.seconds * len(fleet_runs)
     at = next((r for r in runs if r["servers"] == needed), runs[-1])
     lost += sum(r["lost"] for r in fleet_runs)
@@ -619,8 +661,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     fleet_speedup = fleet_sim_s / max(fleet_wall, 1e-9)
     print(f"experiment 1 (one device per run): simulated {sim_s:.0f} s in {wall:.1f} s of wall "
           f"time, ×{speedup:.1f}; fleet: {fleet_sim_s:.0f} s of {fplan.devices} devices in "
-          f"{fleet_wall:.1f} s, ×{fleet_speedup:.2f} ({fleet_speedup * fplan.devices:.0f} "
-          f"device-seconds per second); frames lost {lost}")  # fmt: skip
+          f"{fleet_wall:.1f} s ({len(fleet_runs)} runs, {fleet_cpu:.1f} s of CPU), "
+          f"×{fleet_speedup:.2f} ({fleet_speedup * fplan.devices:.0f} device-seconds per "
+          f"second); frames lost {lost}")  # fmt: skip
     out = {
         "bench": "sim",
         "model_id": profile.model_id,
@@ -632,6 +675,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else _round(cmp["latency_error_median"]),
         "sim_speedup": round(speedup, 1),
         "fleet_sim_speedup": round(fleet_speedup, 3),
+        "fleet_runs": len(fleet_runs),
+        "fleet_wall_s": round(fleet_wall, 1),
+        "fleet_cpu_s": round(fleet_cpu, 1),
         "fleet_devices": fplan.devices,
         "fleet_servers_needed": needed,
         "fleet_sla_p95_ms": round(sla_p95, 2),
@@ -644,6 +690,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print(json.dumps(out))
     return 0
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and its finished children (the fleet's processes)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def _round(x: float | None) -> float | None:

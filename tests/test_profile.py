@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -208,3 +209,16 @@ def test_bad_lossy_width_is_named(lossy: object, message: str) -> None:
     doc["splits"][1]["lossy"] = lossy
     with pytest.raises(ProfileError, match=message):
         Profile.from_dict(doc)
+
+
+def test_on_slower_device_scales_the_device_stages_only() -> None:
+    prof = Profile.from_dict(small_doc())
+    slow = prof.on_slower_device(2.5)
+    again = dataclasses.replace(prof, stage_device_ms=tuple(2.5 * t for t in prof.stage_device_ms))
+    assert slow == again
+    assert slow.device_time_ms(prof.num_stages) == pytest.approx(
+        2.5 * prof.device_time_ms(prof.num_stages)
+    )
+    assert slow.server_time_ms(0) == prof.server_time_ms(0)
+    with pytest.raises(ValueError, match="slowdown"):
+        prof.on_slower_device(0.0)

@@ -17,6 +17,7 @@ point, resolve to "no early exit": every input reaches the final exit, whose acc
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import numbers
@@ -355,6 +356,17 @@ class Profile:
             raise ValueError(f"split {split} out of range 0..{self.num_stages}")
 
     # -- timings ------------------------------------------------------------------------
+
+    def on_slower_device(self, factor: float) -> Profile:
+        """This profile for a device ``factor``× as slow (every ``stage_device_ms`` scaled),
+        checking only what changes: a simulated fleet makes one per device."""
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"device slowdown must be a finite number > 0, got {factor!r}")
+        out = copy.copy(self)
+        dev = tuple(factor * t for t in self.stage_device_ms)
+        object.__setattr__(out, "stage_device_ms", dev)
+        object.__setattr__(out, "_cum_device", _prefix_sums(dev))
+        return out
 
     def device_time_ms(self, split: int) -> float:
         """Offline device time of stages [0, split) with their exit heads (no early exit)."""

@@ -938,12 +938,17 @@ class OnlineEstimates:
 
     # -- snapshot -----------------------------------------------------------------------
 
+    def bandwidth_bps(self) -> float:
+        """The live B alone (``snapshot(now).bandwidth_bps`` without building a snapshot:
+        a device asks for it on every event, to time its probe trains)."""
+        bw = self.bandwidth.bandwidth_bps
+        return self.config.initial_bandwidth_bps if bw is None else bw
+
     def snapshot(self, now: float) -> Estimates:
         """The current estimates (priors where nothing was measured yet)."""
-        bw = self.bandwidth.bandwidth_bps
         lat = self.latency.latency_s
         return Estimates(
-            bandwidth_bps=self.config.initial_bandwidth_bps if bw is None else bw,
+            bandwidth_bps=self.bandwidth_bps(),
             latency_s=self.config.initial_latency_s if lat is None else lat,
             device_scale=self.device.scale,
             server_scale=self.server.scale,

@@ -500,7 +500,7 @@ class DeviceCore:
             # Decided while the server is unreachable (the policy saw server_up=False):
             # whatever answers this frame is the device standing in for the server.
             self.tracker.server_unavailable(frame_id)
-        bandwidth = self.profiler.snapshot(now).bandwidth_bps
+        bandwidth = self.profiler.bandwidth_bps()
         pack = plan.split < plan.last and self.has_server
         self._actions.append(RunHead(frame_id, plan, bandwidth, pack))
         return self._drain()
@@ -1071,7 +1071,7 @@ class DeviceCore:
         if self._ping.active:
             wake = self._ping.next_bare
             if self.config.link.probe_bytes > 0 and self.profiler.latency.samples:
-                bw = self.profiler.snapshot(now).bandwidth_bps
+                bw = self.profiler.bandwidth_bps()
                 wake = min(wake, self._trains.due_at(now, bw))
             at = wake if at is None else min(at, wake)
         return at
@@ -1138,7 +1138,7 @@ class DeviceCore:
         # Trains begin once a bare PING came back: the first round trip of a connection is
         # slow (both ends warm up).
         if cfg.link.probe_bytes > 0 and self.profiler.latency.samples and p.train_pending is None:
-            bw = self.profiler.snapshot(now).bandwidth_bps
+            bw = self.profiler.bandwidth_bps()
             if self._trains.due(now, bw):
                 pings = []
                 for padding in self._trains.frames(bw):
