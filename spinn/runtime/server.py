@@ -20,29 +20,18 @@ import functools
 import itertools
 import json
 import logging
-import math
-import os
 import secrets
 import signal
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
-import numpy as np
-import torch
-
-from protocol import ConnectionConfig, PackedTensor
-from protocol.dictionaries import DictionaryError
-from protocol.packing import IMAGE_CODEC, unpack
-from spinn.runtime.accel import resolve_device
 from spinn.runtime.batching import run_jobs
-from spinn.runtime.compute import configure_torch, make_executor, plan_workers, slow_down
+from spinn.runtime.compute import make_executor
 from spinn.runtime.config import ServerConfig
-from spinn.runtime.credentials import load_token, server_ssl_context
 from spinn.runtime.prometheus_metrics import ServerMetrics
 from spinn.runtime.server_core import (
-    BURST_S,
     Action,
     Close,
     ComputeResult,
@@ -50,15 +39,10 @@ from spinn.runtime.server_core import (
     Record,
     RunBatch,
     Send,
-    ServedModel,
     ServerCore,
     StartTls,
 )
-from spinn.runtime.server_description import describe
-
-if TYPE_CHECKING:
-    from protocol.dictionaries import ZstdDictionaries
-    from spinn.model.progressive import ProgressiveModel
+from spinn.runtime.server_setup import ListenError, frame_limit_for, load_serving
 
 __all__ = [
     "ListenError",
@@ -72,38 +56,6 @@ log = logging.getLogger("spinn.server")
 _READ_CHUNK = 1 << 16
 _LINGER_BYTES = 4 << 20
 """After a fatal ERROR, what a peer may still send before the close (``_linger``)."""
-_FRAME_HEADROOM = 64 * 1024
-"""Bytes above the largest activation a frame may carry (msgpack envelope, PING padding)."""
-
-
-class ListenError(OSError):
-    """The server cannot listen on one of its addresses; the message names which one."""
-
-    @classmethod
-    def at(cls, flags: str, host: str, port: int, exc: OSError) -> ListenError:
-        """The error of binding ``host:port``, which ``flags`` set, that failed with ``exc``."""
-        # asyncio's bind errors repeat the address inside strerror; the errno's text is
-        # the reason alone. Resolver errors have negative codes and only their strerror.
-        code = exc.errno or 0
-        reason = os.strerror(code) if code > 0 else exc.strerror or str(exc)
-        where = f"{host}:{port}" if port else f"{host}, any free port"
-        return cls(exc.errno, f"cannot listen on {where} ({flags}): {reason}")
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-def frame_limit_for(model: ProgressiveModel) -> int:
-    """Default frame limit of a server of ``model`` (``LimitsConfig.max_frame_bytes``).
-
-    float32 is the largest codec (``sparse_int8`` is at most ~1.13 bytes per element and
-    zstd is used only when it shrinks the payload, PROTOCOL.md §6), so no honest INFER for
-    any split ``0 ≤ s < S`` exceeds 4 bytes per element of the largest activation plus
-    its envelope; the quarter and 64 KiB of headroom also fit the device's PING probes.
-    """
-    elements = max(math.prod(model.split_shape(s)) for s in range(model.num_stages))
-    limit = 4 * elements + elements + _FRAME_HEADROOM
-    return min(2**32 - 1, max(1024, limit))
 
 
 async def _linger(
@@ -170,76 +122,21 @@ class SpinnServer:
     """Asyncio server over a loaded progressive model."""
 
     def __init__(self, config: ServerConfig) -> None:
-        from spinn.model.checkpoint import load_checkpoint
-
         self.config = config
-        self.workers, threads = plan_workers(config.compute.workers, config.compute.torch_threads)
-        configure_torch(threads)
-        self.model, self.meta = load_checkpoint(
-            config.compute.checkpoint, allow_user_code=config.compute.allow_user_code
-        )
-        self.torch_device = resolve_device(config.compute.device)
-        self.model.to(self.torch_device).eval()
-        slow_down(self.model, config.compute.slowdown)  # emulation only
-        self.dictionaries: ZstdDictionaries | None = None
-        if config.compute.dictionaries:
-            from spinn.model.zdict_file import load_dictionaries
-
-            try:
-                self.dictionaries = load_dictionaries(
-                    config.compute.checkpoint, self.meta.model_id, self.model.num_stages
-                )
-            except DictionaryError as exc:
-                raise DictionaryError(
-                    f"{exc} (or serve without them: compute.dictionaries off)"
-                ) from None
-        self._token = (
-            None if config.security.token_file is None else load_token(config.security.token_file)
-        )
-        self.max_frame_bytes = (
-            frame_limit_for(self.model)
-            if config.limits.max_frame_bytes is None
-            else config.limits.max_frame_bytes
-        )
+        serving = self._serving = load_serving(config)
+        self.model, self.meta, self.torch_device = serving.model, serving.meta, serving.torch_device
+        self.workers, self.dictionaries = serving.workers, serving.dictionaries
+        self.max_frame_bytes = serving.max_frame_bytes
         """The frame limit in force: the configured one, or the model's (``frame_limit_for``)."""
-        self.connection_config = ConnectionConfig(
-            max_frame_size=self.max_frame_bytes,
-            max_tensor_elements=config.limits.max_tensor_elements,
-            auth_token=self._token,
-        )
-        self.description = describe(
-            self.model,
-            self.meta,
-            max_batch=1,  # INFER carries one input (PROTOCOL.md §5.3)
-            max_frame_bytes=self.max_frame_bytes,
-            max_tensor_elements=config.limits.max_tensor_elements,
-            max_in_flight=config.limits.max_queue_per_connection,
-            max_outstanding=self.connection_config.max_outstanding,
-            handshake_timeout_s=config.limits.handshake_timeout_s,
-            idle_timeout_s=config.limits.idle_timeout_s,
-            max_ping_rate=config.limits.max_ping_rate,
-            max_ping_burst=BURST_S * config.limits.max_ping_rate,
-            max_unknown_cancel_rate=config.limits.max_unknown_cancel_rate,
-            max_unknown_cancel_burst=BURST_S * config.limits.max_unknown_cancel_rate,
-        )
+        self.connection_config = serving.connection_config
+        self.description = serving.description
         """What WELCOME of version 2 says about this server (PROTOCOL.md §5.12)."""
-        self._ssl: ssl.SSLContext | None = None
-        if config.security.tls_cert is not None and config.security.tls_key is not None:
-            self._ssl = server_ssl_context(
-                config.security.tls_cert, config.security.tls_key, config.security.tls_client_ca
-            )
-        served = ServedModel(
-            self.meta.model_id,
-            self.meta.weights_sha256,
-            tuple(tuple(self.model.split_shape(s)) for s in range(self.model.num_stages)),
-            self.description,
-            None if self.dictionaries is None else self.dictionaries.sha256,
-        )
+        self._ssl = serving.ssl
         self.core = ServerCore(
             config,
-            served,
+            serving.served_model(),
             workers=self.workers,
-            decode=self._decode,
+            decode=serving.decode,
             connection_config=self.connection_config,
             random_bytes=secrets.token_bytes,
             tls=self._ssl is not None,
@@ -261,14 +158,6 @@ class SpinnServer:
         self._stopping = asyncio.Event()
         self._answered = asyncio.Event()
         """Set once shutdown has begun and no request is in flight."""
-
-    def _decode(self, tensor: PackedTensor) -> np.ndarray:
-        """An INFER's tensor as the activation (the core's ``decode``)."""
-        activation = unpack(tensor, self.config.limits.max_tensor_elements, self.dictionaries)
-        if tensor.codec == IMAGE_CODEC:
-            # The pixels become the model input exactly as on the device (§6.8).
-            activation = self.model.input_spec.preprocess(torch.from_numpy(activation)).numpy()
-        return activation
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -299,30 +188,6 @@ class SpinnServer:
                 self.config.operations.port,
                 exc,
             ) from exc
-        log.info(
-            "serving %s (model %s, sha256 %s…) on %s:%d with %d worker(s) × %d torch thread(s)"
-            " on %s, batching %s%s",
-            self.meta.arch,
-            self.meta.model_id,
-            self.meta.weights_sha256[:12],
-            self.config.operations.host,
-            self.port,
-            self.workers,
-            torch.get_num_threads(),
-            self.torch_device,
-            f"up to {self.config.compute.batch_max} waiting {self.config.compute.batch_wait_ms:g} ms"
-            if self.config.compute.batch_max > 1
-            else "off",
-            "" if self.config.compute.report_compute else ", compute time NOT reported",
-        )
-        if self.dictionaries is not None:
-            log.info("zstd dictionaries %r: sparse_int8_zdict accepted", self.dictionaries)
-        log.info(
-            "limits: %d device(s), frames up to %d bytes%s",
-            self.config.limits.max_connections,
-            self.max_frame_bytes,
-            " (from the model)" if self.config.limits.max_frame_bytes is None else "",
-        )
         if self.config.operations.metrics_port is not None:
             host, port = self.config.operations.metrics_host, self.config.operations.metrics_port
             try:
@@ -332,18 +197,7 @@ class SpinnServer:
                 raise ListenError.at(
                     "operations.metrics_host/operations.metrics_port", host, port, exc
                 ) from exc
-            log.info(
-                "metrics on http://%s:%d/metrics",
-                self.config.operations.metrics_host,
-                self.metrics_port,
-            )
-        if self._ssl is not None or self._token is not None:
-            log.info(
-                "security: TLS %s%s, token authentication %s",
-                "on" if self._ssl else "off",
-                " with client certificates" if self.config.security.tls_client_ca else "",
-                "on" if self._token else "off",
-            )
+        self._serving.log_started(log, self.port, self.metrics_port)
 
     def request_stop(self) -> None:
         """Ask ``serve_forever`` to shut down gracefully (signal-safe from the loop)."""

@@ -510,11 +510,9 @@ class ServerCore:
 
     def connection_lost(self, cid: int, cause: str, now: float) -> list[Action]:
         """Reading or writing the peer's stream failed (reset, broken pipe)."""
-        peer = self._peers.get(cid)
-        out: list[Action] = []
-        if peer is not None and not peer.closing:
-            self._close(peer, f"connection lost: {cause}", out)
-        return out
+        return self._guarded(
+            cid, lambda peer, out: self._close(peer, f"connection lost: {cause}", out)
+        )
 
     def connection_closed(self, cid: int, now: float) -> list[Action]:
         """The adapter has closed the connection: forget it, log why it ended."""
@@ -554,45 +552,54 @@ class ServerCore:
 
     def data_received(self, cid: int, data: bytes, now: float) -> list[Action]:
         """Bytes read from the peer; ``b""``: its stream ended."""
+        return self._guarded(cid, lambda peer, out: self._on_data(peer, data, now, out))
+
+    def resume(self, cid: int, now: float) -> list[Action]:
+        """The next turn of a peer whose frames did not fit in the last (``wants_turn``)."""
+        return self._guarded(cid, lambda peer, out: self._handle_frames(peer, now, out))
+
+    def _guarded(self, cid: int, step: Callable[[_Peer, list[Action]], None]) -> list[Action]:
+        """``step`` on an open peer; what it raises closes that peer only."""
         peer = self._peers.get(cid)
         out: list[Action] = []
         if peer is None or peer.closing:
             return out
         try:
-            if not data:
-                if peer.tls_pending:
-                    self._close(peer, peer.reason, out)
-                    return out
-                if peer.bye_received_at is not None:
-                    # The device's half-close after its BYE: legal, and its answers still
-                    # go out (the state machine, told of the end, would refuse them).
-                    return out
+            step(peer, out)
+        except ProtocolError as exc:
+            self._protocol_error(peer, exc, out)
+        except Exception as exc:  # a bug here costs this connection, not the server
+            self._internal_error(peer, exc, out)
+        return out
+
+    def _on_data(self, peer: _Peer, data: bytes, now: float, out: list[Action]) -> None:
+        if not data:
+            if peer.tls_pending:
+                self._close(peer, peer.reason, out)
+            elif peer.bye_received_at is None:
                 # A frame cut off by the end of the stream is a violation the peer is told
                 # about (§7.4), over its half-closed connection.
                 peer.conn.receive_data(b"")
                 self._handle_frames(peer, now, out)
                 if not peer.closing:
                     self._close(peer, peer.reason, out)
-                return out
-            if peer.tls_pending:
-                self._sniff(peer, data, now, out)
-                return out
-            if peer.first:
-                peer.first = False
-                if data.startswith(TLS_RECORD):
-                    # The length prefix of these bytes would read as a frame of ~370 MB;
-                    # say what they are instead (PROTOCOL.md §2).
-                    self._wrong_port(peer, True, now, out)
-                    return out
-                self.handshakes.heard(cid)
-            peer.received_bytes += len(data)
-            peer.conn.receive_data(data)
-            self._handle_frames(peer, now, out)
-        except ProtocolError as exc:
-            self._protocol_error(peer, exc, out)
-        except Exception as exc:  # a bug here costs this connection, not the server
-            self._internal_error(peer, exc, out)
-        return out
+            # After its BYE the device's half-close is legal, and its answers still go
+            # out (the state machine, told of the end, would refuse them).
+            return
+        if peer.tls_pending:
+            self._sniff(peer, data, now, out)
+            return
+        if peer.first:
+            peer.first = False
+            if data.startswith(TLS_RECORD):
+                # The length prefix of these bytes would read as a frame of ~370 MB; say
+                # what they are instead (PROTOCOL.md §2).
+                self._wrong_port(peer, True, now, out)
+                return
+            self.handshakes.heard(peer.cid)
+        peer.received_bytes += len(data)
+        peer.conn.receive_data(data)
+        self._handle_frames(peer, now, out)
 
     def _sniff(self, peer: _Peer, data: bytes, now: float, out: list[Action]) -> None:
         """On a TLS port, the first bytes: a TLS ClientHello is handed to the TLS layer,
@@ -618,25 +625,9 @@ class ServerCore:
 
     def tls_failed(self, cid: int, cause: str, now: float) -> list[Action]:
         """The TLS handshake failed (a bad certificate, a reset)."""
-        peer = self._peers.get(cid)
-        out: list[Action] = []
-        if peer is not None and not peer.closing:
-            self._close(peer, f"TLS handshake failed: {cause}", out)
-        return out
-
-    def resume(self, cid: int, now: float) -> list[Action]:
-        """The next turn of a peer whose frames did not fit in the last (``wants_turn``)."""
-        peer = self._peers.get(cid)
-        out: list[Action] = []
-        if peer is None or peer.closing:
-            return out
-        try:
-            self._handle_frames(peer, now, out)
-        except ProtocolError as exc:
-            self._protocol_error(peer, exc, out)
-        except Exception as exc:  # a bug here costs this connection, not the server
-            self._internal_error(peer, exc, out)
-        return out
+        return self._guarded(
+            cid, lambda peer, out: self._close(peer, f"TLS handshake failed: {cause}", out)
+        )
 
     def _protocol_error(self, peer: _Peer, exc: ProtocolError, out: list[Action]) -> None:
         """One bad peer: tell it what was wrong, close it, keep serving the others."""

@@ -182,7 +182,7 @@ class ProbeTrains:
 
     max_frame_padding: int = 61_440
     """Padding of the largest PING of a train: a server accepts frames of 64 KiB above its
-    largest activation (``spinn.runtime.server.frame_limit_for``)."""
+    largest activation (``spinn.runtime.server_setup.frame_limit_for``)."""
     train_s: float = 0.03
     """Duration of a full train at the estimated B."""
     share: float = 0.03
