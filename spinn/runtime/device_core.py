@@ -523,10 +523,7 @@ class DeviceCore:
         """The head of a frame ran: ``answer`` if an exit answered, else the activation at
         the split (``packed`` for the link, as the link's codec needs it now). ``link_up``
         and ``queued_bytes`` (written, not yet handed to the kernel) describe the link."""
-        frame = self._frames[frame_id]
-        frame.computing = False
-        call_ms = self._call_busy_ms(call)
-        frame.waited_s += call.waited_s
+        frame, call_ms = self._computed(frame_id, call)
         self.profiler.observe_device(now, reached, stages_ms)
         if call.queued and self.measure_busy:
             # The device's busy time under a saturating stream, hand-off gap included
@@ -599,10 +596,7 @@ class DeviceCore:
         stages_ms: float,
     ) -> list[Action]:
         """Stages of the local race ran (``RunStages``) up to ``stop``."""
-        frame = self._frames[frame_id]
-        frame.computing = False
-        call_ms = self._call_busy_ms(call)
-        frame.waited_s += call.waited_s
+        frame, call_ms = self._computed(frame_id, call)
         start = frame.stage
         # The race's stages keep SF measured where the head is short or empty (split 0;
         # docs/SCHEDULER.md, "what the predictions do not see").
@@ -689,6 +683,13 @@ class DeviceCore:
         frame = None if frame_id is None else self._frames.get(frame_id)
         if frame is not None and not frame.computing:
             self._next_step(0.0, frame)
+
+    def _computed(self, frame_id: int, call: ComputeCall) -> tuple[_Frame, float]:
+        """A computation of the frame came back: its record, and the call's busy time."""
+        frame = self._frames[frame_id]
+        frame.computing = False
+        frame.waited_s += call.waited_s
+        return frame, self._call_busy_ms(call)
 
     def _call_busy_ms(self, call: ComputeCall) -> float:
         """A call's busy time in ms: its own run time plus the gap since its worker's

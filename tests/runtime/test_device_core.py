@@ -70,6 +70,50 @@ def call(now: float, *, queued: bool = False, waited_s: float = 0.0) -> ComputeC
     )
 
 
+def head(
+    core: DeviceCore,
+    now: float,
+    fid: int,
+    *,
+    c: ComputeCall | None = None,
+    answer: LocalExit | None = None,
+    activation: Any = None,
+    packed: Any = PACKED,
+    stages_ms: float = 1.0,
+    reached: int = 2,
+    pack_ms: float = 0.0,
+    link_up: bool = True,
+) -> list[Action]:
+    """The head of frame ``fid`` ran (``DeviceCore.head_done``)."""
+    return core.head_done(
+        now,
+        fid,
+        c or call(now),
+        answer=answer,
+        activation=activation,
+        packed=packed,
+        stages_ms=stages_ms,
+        reached=reached,
+        pack_ms=pack_ms,
+        link_up=link_up,
+    )
+
+
+def step(
+    core: DeviceCore,
+    now: float,
+    fid: int,
+    *,
+    answer: LocalExit | None = None,
+    activation: Any = None,
+    stop: int = 3,
+) -> list[Action]:
+    """A stage of the race ran for frame ``fid`` (``DeviceCore.stages_done``)."""
+    return core.stages_done(
+        now, fid, call(now), answer=answer, activation=activation, stop=stop, stages_ms=1.0
+    )
+
+
 def only(actions: list[Action], kind: type) -> list[Any]:
     return [a for a in actions if isinstance(a, kind)]
 
@@ -85,20 +129,9 @@ def connected(core: DeviceCore, now: float = 0.0) -> list[Action]:
 def offload(core: DeviceCore, fid: int, now: float, nbytes: int = 500) -> tuple[int, list[Action]]:
     """Frame ``fid`` arrives and its head runs to the split: returns its request id and
     the actions after the INFER was written."""
-    head = core.frame_arrived(now, fid, link_up=True)
-    assert only(head, RunHead) and only(head, RunHead)[0].pack
-    acts = core.head_done(
-        now + 0.001,
-        fid,
-        call(now + 0.001),
-        answer=None,
-        activation=f"act{fid}",
-        packed=PACKED,
-        stages_ms=1.0,
-        reached=2,
-        pack_ms=0.1,
-        link_up=True,
-    )
+    arrived = core.frame_arrived(now, fid, link_up=True)
+    assert only(arrived, RunHead) and only(arrived, RunHead)[0].pack
+    acts = head(core, now + 0.001, fid, activation=f"act{fid}", pack_ms=0.1)
     (infer,) = only(acts, SendInfer)
     assert infer.frame_id == fid and isinstance(infer.message, Infer)
     rid = infer.message.request_id
@@ -116,16 +149,14 @@ def test_a_confident_head_answers_on_the_device() -> None:
     core = make_core(split=3, thr=0.5, server=None)
     (run,) = core.frame_arrived(0.0, 0, label=4)
     assert isinstance(run, RunHead) and run.plan.split == 3 and not run.pack
-    acts = core.head_done(
+    acts = head(
+        core,
         0.01,
         0,
-        call(0.01),
         answer=LocalExit(0, (4, 1), (0.8, 0.1)),
-        activation=None,
         packed=None,
         stages_ms=5.0,
         reached=1,
-        pack_ms=0.0,
         link_up=False,
     )
     (rec,) = records(acts)
@@ -138,23 +169,10 @@ def test_a_confident_head_answers_on_the_device() -> None:
 def test_device_only_frames_run_their_stages_one_by_one_to_the_end() -> None:
     core = make_core(split=2, server=None)
     core.frame_arrived(0.0, 0)
-    acts = core.head_done(
-        0.01,
-        0,
-        call(0.01),
-        answer=None,
-        activation="a2",
-        packed=None,
-        stages_ms=1.0,
-        reached=2,
-        pack_ms=0.0,
-        link_up=False,
-    )
+    acts = head(core, 0.01, 0, activation="a2", packed=None, link_up=False)
     (run,) = only(acts, RunStages)
     assert (run.start, run.stop, run.priority, run.activation) == (2, 3, 0, "a2")
-    acts = core.stages_done(
-        0.02, 0, call(0.02), answer=None, activation="a3", stop=3, stages_ms=1.0
-    )
+    acts = step(core, 0.02, 0, activation="a3")
     (run,) = only(acts, RunStages)
     assert (run.start, run.activation) == (3, "a3")
 
@@ -181,15 +199,7 @@ def test_device_wins_the_race_and_cancels_the_request() -> None:
     core = make_core()
     connected(core)
     rid, _ = offload(core, 0, 1.0)
-    acts = core.stages_done(
-        1.01,
-        0,
-        call(1.01),
-        answer=LocalExit(LAST_EXIT, (7,), (0.99,)),
-        activation=None,
-        stop=3,
-        stages_ms=1.0,
-    )
+    acts = step(core, 1.01, 0, answer=LocalExit(LAST_EXIT, (7,), (0.99,)))
     assert records(acts)[0]["where"] == "device"
     assert Send(Cancel(rid)) in acts and acts[-1] == FrameDone(0)
     assert core.tracker.cancels == 1
@@ -221,15 +231,7 @@ def test_the_deadline_expires_and_the_frame_finishes_locally_as_fallback() -> No
     assert any("missed its deadline" in a.msg for a in only(acts, Log))
     (run,) = only(acts, RunStages)
     assert run.priority == 0  # the server will not answer: urgent
-    acts = core.stages_done(
-        deadline + 0.01,
-        0,
-        call(deadline + 0.01),
-        answer=LocalExit(LAST_EXIT, (2,), (0.5,)),
-        activation=None,
-        stop=3,
-        stages_ms=1.0,
-    )
+    acts = step(core, deadline + 0.01, 0, answer=LocalExit(LAST_EXIT, (2,), (0.5,)))
     assert records(acts)[0]["where"] == "fallback" and acts[-1] == FrameDone(0)
     assert not only(acts, Send)  # expired: cancelled already
     assert core.tracker.expired == 1
@@ -241,18 +243,7 @@ def test_the_server_budget_is_a_share_of_the_deadline() -> None:
     core = make_core()
     connected(core)
     core.frame_arrived(1.0, 0, link_up=True)
-    acts = core.head_done(
-        1.0,
-        0,
-        call(1.0),
-        answer=None,
-        activation=None,
-        packed=PACKED,
-        stages_ms=1.0,
-        reached=2,
-        pack_ms=0.0,
-        link_up=True,
-    )
+    acts = head(core, 1.0, 0)
     infer = only(acts, SendInfer)[0].message
     core.infer_written(1.0, 0, infer.request_id, 300, 0.0)
     deadline = core.tracker.next_deadline()
@@ -273,30 +264,11 @@ def test_link_loss_hands_offloaded_frames_to_the_device() -> None:
     assert reconnect.delay_s > 0  # up 0.2 s, nothing answered: backed off
     assert core.tracker.lost == 2 and not core.profiler.server_up
     # A frame decided while the link is down is fallback from the start.
-    (head,) = only(core.frame_arrived(1.3, 2, link_up=False), RunHead)
+    assert only(core.frame_arrived(1.3, 2, link_up=False), RunHead)
     assert core.tracker.phase(2) is FramePhase.ABANDONED
-    acts = core.head_done(
-        1.31,
-        2,
-        call(1.31),
-        answer=None,
-        activation=None,
-        packed=PACKED,
-        stages_ms=1.0,
-        reached=2,
-        pack_ms=0.0,
-        link_up=False,
-    )
+    acts = head(core, 1.31, 2, link_up=False)
     assert not only(acts, SendInfer) and only(acts, RunStages)[0].priority == 0
-    acts = core.stages_done(
-        1.32,
-        2,
-        call(1.32),
-        answer=LocalExit(LAST_EXIT, (1,), (0.6,)),
-        activation=None,
-        stop=3,
-        stages_ms=1.0,
-    )
+    acts = step(core, 1.32, 2, answer=LocalExit(LAST_EXIT, (1,), (0.6,)))
     assert records(acts)[0]["where"] == "fallback"
 
 
@@ -493,16 +465,15 @@ def test_a_compute_busy_time_counts_the_workers_gap_less_link_work() -> None:
             queued=True,
             waited_s=0.0,
         )
-        core.head_done(
+        head(
+            core,
             now + 0.005,
             fid,
-            c,
+            c=c,
             answer=LocalExit(0, (1,), (0.9,)),
-            activation=None,
             packed=None,
             stages_ms=3.0,
             reached=1,
-            pack_ms=0.0,
             link_up=False,
         )
     # Overheads beyond the 3 ms of stages: none in the first call; in the second, the 7 ms
@@ -513,18 +484,7 @@ def test_a_compute_busy_time_counts_the_workers_gap_less_link_work() -> None:
 def test_status_and_summary_come_from_the_core() -> None:
     core = make_core(server=None)
     core.frame_arrived(0.0, 0)
-    core.head_done(
-        0.01,
-        0,
-        call(0.01),
-        answer=LocalExit(0, (1,), (0.9,)),
-        activation=None,
-        packed=None,
-        stages_ms=1.0,
-        reached=1,
-        pack_ms=0.0,
-        link_up=False,
-    )
+    head(core, 0.01, 0, answer=LocalExit(0, (1,), (0.9,)), packed=None, reached=1, link_up=False)
     summary = core.summary(1.0)
     assert summary["frames"] == 1 and summary["frames_read"] == 1
     assert summary["server_connects"] == 0 and summary["split"] == 2
