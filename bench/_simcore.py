@@ -5,22 +5,22 @@ servers, all pure (no real clock, no sockets, no threads; every draw from a seed
 What is real and what is modelled (docs/ARCHITECTURE.md, "Simulator"):
 
 * **Real, the runtime's own pure code**: each device is a ``spinn.runtime.device_core.
-  DeviceCore``, the same object the device runtime drives: its policy call and plan,
-  ``OnlineEstimates``, request deadlines, the race and its CANCEL, fallback, PINGs and
-  probe trains, the dead-link check and reconnects.  ``SimDevice`` feeds it the virtual
-  ``now`` and events (a frame arrived, a compute call finished, a message arrived, the link
-  came up or went down, its timer) and carries out every action it returns, as the
-  asyncio adapter does.  Messages are the protocol's own (``Infer``, ``Result``, ``Ping``,
-  ``Pong``, ``Cancel``, ``Error``); netshape's pure link pieces (trace replay,
-  ``LinkSchedule`` for delay, jitter and loss) carry them.
+  DeviceCore`` and each server a ``spinn.runtime.server_core.ServerCore``, the objects the
+  asyncio runtime drives: the policy call and plan, ``OnlineEstimates``, request
+  deadlines, the race and its CANCEL, fallback, PINGs and probe trains, the dead-link
+  check and reconnects on the device; the handshake, admission and BUSY, the queue,
+  dynamic batching, CANCEL and deadlines on the server.  ``SimDevice`` and ``SimServer``
+  are their adapters on the virtual clock: they feed them ``now`` and events and carry out
+  every action they return, as the asyncio adapters do.  Between them travel the
+  protocol's own frames (``protocol.Connection`` at the device's end), carried by
+  netshape's pure link pieces (trace replay, ``LinkSchedule`` for delay, jitter and loss).
 * **Modelled**: compute (the profile's stage times × a scale, with seeded log-normal
-  noise, plus per-call overheads), which exit answers an input (one uniform draw per input
-  mapped through the profile's exit rates: the same input exits no later at a lower
-  threshold; the server's compute sees the same draw), the link's serialisation (FIFO at
-  the trace's rate when a message starts), message sizes (the profile's packed sizes plus
-  a header), and the server (``SimServer``: FIFO per split, ``workers`` in parallel,
-  dynamic batching with a stated batch-time model), spoken to in protocol messages per
-  connection, as a pure server core would be.
+  noise, plus per-call overheads; a server batch of n costs ``1 + β(n − 1)`` times one
+  sample, β stated), which exit answers an input (one uniform draw per input mapped
+  through the profile's exit rates: the same input exits no later at a lower threshold;
+  the server's compute sees the same draw), the activations (the profiled packed size as
+  payload, no content), and the link's serialisation (FIFO at the trace's rate when a
+  message starts).
 """
 
 from __future__ import annotations
@@ -32,14 +32,23 @@ import math
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from protocol import Cancel, Error, ErrorCode, Infer, Ping, Pong, Result
+from protocol import (
+    NEED_DATA,
+    Connection,
+    ConnectionClosed,
+    Error,
+    Hello,
+    Result,
+    Role,
+    Welcome,
+)
 from protocol.tensor import PackedTensor
 from spinn.decisions.offline_profile import Profile
 from spinn.decisions.policy import Policy
-from spinn.runtime.config import DeviceConfig, LinkConfig
+from spinn.runtime.config import DeviceConfig, LinkConfig, ServerConfig
 from spinn.runtime.device_core import (
     Action,
     ArmTimer,
@@ -59,6 +68,9 @@ from spinn.runtime.device_core import (
     SendInfer,
     SendProbeTrain,
 )
+from spinn.runtime.server_core import Action as ServerAction
+from spinn.runtime.server_core import Close, Outcome, RunBatch, ServedModel, ServerCore, Stopped
+from spinn.runtime.server_core import Send as ServerSend
 from tools.netshape.config import DirectionConfig
 from tools.netshape.model import LinkSchedule
 from tools.netshape.trace import Trace
@@ -81,13 +93,12 @@ __all__ = [
 # the top-k the device asks for (DeviceCore's own estimate, 64 + 16·k), an ERROR, a
 # CANCEL, a bare PING/PONG, the handshake's HELLO and WELCOME (a description).
 TOP_K = 5
-INFER_HEADER_BYTES = 48
-RESULT_BYTES = 64 + 16 * TOP_K
 ERROR_BYTES = 64
-CANCEL_BYTES = 16
-PING_BYTES = 32
 HELLO_BYTES = 256
-WELCOME_BYTES = 1024
+FIN_BYTES = 40
+WIRE_CODEC = "sparse_int8"
+"""The codec the simulated INFERs name (their payload is the profiled size of the
+device's codec; the content is not modelled)."""
 _CLASS_NAMES = tuple(f"class {i}" for i in range(10))
 # What an answer says (its classes are not modelled: the exit is).
 _CLASSES = tuple(range(TOP_K))
@@ -336,198 +347,217 @@ class Answer:
 
 
 @dataclass(frozen=True, slots=True)
-class _Hello:
-    """The handshake's HELLO (its content is not modelled, only its size and timing)."""
-
-
-@dataclass(frozen=True, slots=True)
 class _Welcome:
-    """The handshake's WELCOME."""
+    """The handshake is through: WELCOME arrived at the device."""
 
     server_name: str
 
 
 @dataclass(eq=False, slots=True)
-class _Request:
-    cid: int
-    rid: int
-    split: int
-    stop: int
-    """Stages [split, stop) end at the answering exit."""
-    exit: int
-    arrived: float
-    deadline: float
-    """The INFER's ``deadline_ms`` from its arrival: the server drops it after that."""
-    cancelled: bool = False
-    running: bool = False
-
-
-@dataclass(eq=False, slots=True)
 class _Peer:
-    """One connection to the server."""
+    """One connection to the server, with the device end's protocol state machine (which
+    frames the device's messages and reads the server's bytes)."""
 
     device: SimDevice
     epoch: int
-    """The device's connection number: messages of an older connection are void."""
-    bytes_in: int = 0
-    """Bytes read from this connection (a PONG's ``received_bytes``)."""
-    requests: dict[int, _Request] = field(default_factory=dict)
+    """The device's connection number: bytes of an older connection are void."""
+    client: Connection
+    closed: bool = False
+
+
+def _stand_in(tensor: PackedTensor) -> Any:
+    """The server core's ``decode``: the activation's content is not modelled (the input's
+    draw stands for it, ``SimDevice.input_exit``)."""
+    return tensor
 
 
 class SimServer:
-    """One server, spoken to in protocol messages over modelled links: requests grouped
-    per split, ``workers`` running dynamic batches, CANCEL and the INFER's deadline
-    answered ERROR(CANCELLED), PINGs answered PONG with the bytes read so far.
+    """One server: the runtime's own ``ServerCore`` (handshake, admission and BUSY, the
+    queue, dynamic batching, CANCEL, deadlines, PONGs with the bytes read) on the virtual
+    clock, fed the bytes that reach it over each device's modelled link.  This class is
+    its adapter, as ``spinn.runtime.server`` is the asyncio one: it carries out the
+    actions (``Send`` through the device's downlink, ``Close``, ``RunBatch`` on modelled
+    workers) and calls the core's timers.  The batch's compute is modelled
+    (``ServerModel``), its answers come from the inputs' draws."""
 
-    Its interface is a pure server's (``connect``/``receive``/``disconnect`` with the
-    connection's id; answers go out through the peer's downlink), so that a pure server
-    core would take its place one for one; the batching and the batch's cost are
-    modelled (``ServerModel``), the requests' answers come from the inputs' draws."""
-
-    def __init__(self, loop: EventLoop, profile: Profile, model: ServerModel, seed: int) -> None:
+    def __init__(
+        self,
+        loop: EventLoop,
+        profile: Profile,
+        model: ServerModel,
+        seed: int,
+        *,
+        max_connections: int = 4096,
+    ) -> None:
         self.loop = loop
         self.profile = profile
         self.model = model
         self.rng = random.Random(seed)
-        self.groups: dict[int, deque[_Request]] = {}
-        self.free = model.workers
+        config = ServerConfig.from_fields(
+            batch_max=model.batch_max,
+            batch_wait_ms=1e3 * model.batch_wait_s,
+            report_compute=True,
+            server_name=f"sim-{seed}",
+            # A fleet's devices all connect to it (a deployment sizes these to its fleet).
+            max_connections=max_connections,
+            max_handshakes=max_connections,
+        )
+        served = ServedModel(
+            profile.model_id,
+            profile.weights_sha256,
+            tuple(tuple(profile.splits[s].shape) for s in range(profile.num_stages)),
+        )
+        self.core = ServerCore(config, served, workers=model.workers, decode=_stand_in)
+        # Version 1: a WELCOME without the server's description (the simulated device
+        # knows its model).
+        self.hello = Hello(1, profile.model_id, profile.weights_sha256, (WIRE_CODEC,), "sim")
         self.busy_s = 0.0
         self.batches = 0
         self.batched = 0
-        self._timer_at: float | None = None
         self._peers: dict[int, _Peer] = {}
         self._cids = itertools.count(1)
+        self._timers: dict[int, float] = {}
+        self._wake_at: float | None = None
         self._first_exit_at = [
             next((e for e, k in enumerate(profile.exit_stages) if k >= s), profile.num_exits - 1)
             for s in range(profile.num_stages + 1)
         ]
 
+    # -- what the devices call (at the time their bytes arrive) --------------------------
+
     def connect(self, device: SimDevice, epoch: int) -> int:
-        """A device's HELLO arrived: a new connection (answered WELCOME)."""
+        """A device's connection reached the server, its HELLO with it: a new connection."""
         cid = next(self._cids)
-        self._peers[cid] = _Peer(device, epoch)
-        self._send(cid, _Welcome("sim"), WELCOME_BYTES)
+        peer = _Peer(device, epoch, Connection(Role.DEVICE))
+        self._peers[cid] = peer
+        now = self.loop.now
+        self._act(self.core.connection_made(cid, (f"device-{device.index}", epoch), now))
+        self.receive(cid, peer.client.send(self.hello))
         return cid
 
-    def disconnect(self, cid: int) -> None:
-        """The connection ended: its requests are dropped unanswered."""
+    def frame(self, cid: int, message: Any) -> bytes:
+        """The bytes of ``message`` from the device on connection ``cid``, framed by the
+        device end's state machine (b"" for a connection gone)."""
+        peer = self._peers.get(cid)
+        if peer is None or peer.closed:
+            return b""
+        return peer.client.send(message)
+
+    def receive(self, cid: int, data: bytes) -> None:
+        """Bytes from connection ``cid`` arrived (b"": the device closed it)."""
+        if cid not in self._peers:
+            return
+        now = self.loop.now
+        self._act(self.core.data_received(cid, data, now))
+        while self.core.wants_turn(cid):
+            self._act(self.core.resume(cid, now))
+        self._arm_peer(cid)
+
+    # -- the core's actions ---------------------------------------------------------------
+
+    def _act(self, actions: list[ServerAction]) -> None:
+        for a in actions:
+            if isinstance(a, ServerSend):
+                self._send(a.cid, b"".join(a.data))
+            elif isinstance(a, RunBatch):
+                self._run(a)
+            elif isinstance(a, Close):
+                self._close(a.cid, a.reason)
+            # Log, Record: not kept (the counters are the simulation's output).
+        at = self.core.next_wakeup()
+        if at is not None and (self._wake_at is None or at < self._wake_at):
+            self._wake_at = at
+            self.loop.at(at, self._on_wakeup, at)
+
+    def _send(self, cid: int, data: bytes) -> None:
+        peer = self._peers.get(cid)
+        if peer is not None and not peer.closed and peer.device.downlink is not None:
+            peer.device.downlink.send(len(data), self._to_device, peer, data)
+
+    def _to_device(self, peer: _Peer, data: bytes) -> None:
+        """The server's bytes arrived at the device: its end's state machine reads them."""
+        client = peer.client
+        client.receive_data(data)
+        while True:
+            event = client.next_event()
+            if event is NEED_DATA or isinstance(event, ConnectionClosed):
+                return
+            if isinstance(event, Welcome):
+                peer.device.deliver(peer.epoch, _Welcome(event.server_name))
+            else:
+                peer.device.deliver(peer.epoch, event)
+
+    def _close(self, cid: int, reason: str) -> None:
+        """The core closes a connection: the device learns of it after the link's delay."""
         peer = self._peers.pop(cid, None)
+        self._timers.pop(cid, None)
         if peer is not None:
-            for r in peer.requests.values():
-                r.cancelled = True
+            peer.closed = True
+            if peer.device.downlink is not None:
+                peer.device.downlink.send(ERROR_BYTES, peer.device.server_closed, peer.epoch,
+                                          reason)  # fmt: skip
+        self._act(self.core.connection_closed(cid, self.loop.now))
 
-    def receive(self, cid: int, message: Any, nbytes: int) -> None:
-        """A message from connection ``cid``, ``nbytes`` on the wire."""
-        peer = self._peers.get(cid)
-        if peer is None:
-            return  # the connection is gone
-        peer.bytes_in += nbytes
-        now = self.loop.now
-        if isinstance(message, Infer):
-            exit_ = max(
-                peer.device.input_exit(message.request_id), self._first_exit_at[message.split]
-            )
-            budget = math.inf if message.deadline_ms is None else message.deadline_ms / 1e3
-            stop = self.profile.exit_stages[exit_] + 1
-            req = _Request(cid, message.request_id, message.split, stop, exit_, now, now + budget)
-            peer.requests[req.rid] = req
-            self.groups.setdefault(req.split, deque()).append(req)
-            self._dispatch()
-        elif isinstance(message, Ping):
-            pong = Pong.reply_to(message, now, peer.bytes_in)
-            self._send(cid, pong, PING_BYTES)
-        elif isinstance(message, Cancel):
-            queued = peer.requests.get(message.request_id)
-            if queued is not None and not queued.cancelled:
-                queued.cancelled = True
-                if not queued.running:
-                    # A queued request never runs: answered at once.
-                    self._drop(queued, "cancelled by the device")
-
-    def _send(self, cid: int, message: Any, nbytes: int) -> None:
-        peer = self._peers.get(cid)
-        if peer is not None and peer.device.downlink is not None:
-            peer.device.downlink.send(nbytes, peer.device.deliver, peer.epoch, message)
-
-    def _drop(self, r: _Request, why: str) -> None:
-        peer = self._peers.get(r.cid)
-        if peer is not None and peer.requests.pop(r.rid, None) is not None:
-            self._send(r.cid, Error(ErrorCode.CANCELLED, why, r.rid), ERROR_BYTES)
-
-    def _dispatch(self) -> None:
-        now = self.loop.now
+    def _run(self, batch: RunBatch) -> None:
+        """A worker runs the batch: stages [split, stop) of each job, a batch of n costing
+        (1 + batch_cost·(n − 1)) × one sample per stage."""
         m = self.model
-        while self.free > 0:
-            # What was cancelled or is past the device's deadline is dropped before it starts.
-            for q in self.groups.values():
-                while q and (q[0].cancelled or q[0].deadline < now):
-                    r = q.popleft()
-                    if not r.cancelled:
-                        self._drop(r, "past its deadline")
-            ready = [q for q in self.groups.values() if q]
-            if not ready:
-                return
-            q = min(ready, key=lambda g: g[0].arrived)
-            if len(q) < m.batch_max and now < q[0].arrived + m.batch_wait_s:
-                due = q[0].arrived + m.batch_wait_s
-                if self._timer_at is None or due < self._timer_at:
-                    self._timer_at = due
-                    self.loop.at(due, self._on_timer)
-                return
-            batch: list[_Request] = []
-            while q and len(batch) < m.batch_max:
-                r = q.popleft()
-                if r.cancelled:
-                    continue
-                if r.deadline < now:
-                    self._drop(r, "past its deadline")
-                    continue
-                batch.append(r)
-            if batch:
-                self._run(batch)
-
-    def _on_timer(self) -> None:
-        self._timer_at = None
-        self._dispatch()
-
-    def _run(self, batch: list[_Request]) -> None:
-        m = self.model
-        self.free -= 1
-        self.batches += 1
-        self.batched += len(batch)
         now = self.loop.now
-        split = batch[0].split
-        stop = max(r.stop for r in batch)
+        split = batch.split
+        stops = []
+        for job in batch.jobs:
+            peer = self._peers.get(job.cid)
+            drawn = peer.device.input_exit(job.request_id) if peer is not None else 0
+            exit_ = max(drawn, self._first_exit_at[split])
+            stops.append((exit_, self.profile.exit_stages[exit_] + 1))
+        stop = max(s for _, s in stops)
         noise = math.exp(self.rng.gauss(0.0, m.noise)) if m.noise else 1.0
-        t = now + m.request_ms / 1e3
-        done_at: dict[int, float] = {}
+        t = m.request_ms / 1e3
         stage_ms = self.profile.stage_server_ms
         for k in range(split, stop):
-            n = sum(1 for r in batch if r.stop > k)
+            n = sum(1 for _, s in stops if s > k)
             t += m.scale * noise * stage_ms[k] * (1 + m.batch_cost * (n - 1)) / 1e3
-            done_at[k + 1] = t
-        for r in batch:
-            r.running = True
-            self.loop.at(done_at[r.stop], self._answer, r, 1e3 * (done_at[r.stop] - now))
-        self.busy_s += t - now
-        self.loop.at(t, self._worker_free)
+        self.batches += 1
+        self.batched += len(batch.jobs)
+        self.busy_s += t
+        self.loop.at(now + t, self._batch_done, batch, stops, 1e3 * t)
 
-    def _answer(self, r: _Request, compute_ms: float) -> None:
-        peer = self._peers.get(r.cid)
-        if peer is None or peer.requests.pop(r.rid, None) is None:
-            return
-        if r.cancelled:
-            # A running request stops at a stage boundary: no RESULT (PROTOCOL.md §5.5).
-            self._send(r.cid, Error(ErrorCode.CANCELLED, "cancelled by the device", r.rid),
-                       ERROR_BYTES)  # fmt: skip
-            return
-        held_ms = 1e3 * (self.loop.now - r.arrived)
-        result = Result(r.rid, r.exit, _CLASSES, _PROBS, compute_ms=compute_ms, held_ms=held_ms)
-        self._send(r.cid, result, RESULT_BYTES)
+    def _batch_done(self, batch: RunBatch, stops: list[tuple[int, int]], ms: float) -> None:
+        results: list[Outcome | Stopped] = [
+            Stopped(stop - batch.split)
+            if job.cancelled
+            else Outcome(exit_, _CLASSES, _PROBS, ms, stop - batch.split)
+            for job, (exit_, stop) in zip(batch.jobs, stops, strict=True)
+        ]
+        self._act(self.core.compute_done(batch, results, None, self.loop.now))
 
-    def _worker_free(self) -> None:
-        self.free += 1
-        self._dispatch()
+    # -- timers ----------------------------------------------------------------------------
+
+    def _on_wakeup(self, at: float) -> None:
+        if at != self._wake_at:
+            return
+        self._wake_at = None
+        self._act(self.core.wakeup(self.loop.now))
+
+    def _arm_peer(self, cid: int) -> None:
+        at = self.core.deadline(cid, self.loop.now)
+        if at is not None and cid not in self._timers:
+            self._timers[cid] = at
+            self.loop.at(at, self._on_peer_timer, cid)
+
+    def _on_peer_timer(self, cid: int) -> None:
+        self._timers.pop(cid, None)
+        now = self.loop.now
+        at = self.core.deadline(cid, now)
+        if at is None:
+            return
+        if at > now:
+            self._timers[cid] = at  # the deadline moved on (the peer was active)
+            self.loop.at(at, self._on_peer_timer, cid)
+            return
+        self._act(self.core.timer_fired(cid, now))
+        if cid in self._peers:
+            self._arm_peer(cid)
 
 
 # -- the device ---------------------------------------------------------------------------
@@ -707,8 +737,8 @@ class SimDevice:
             elif isinstance(a, SendProbeTrain):
                 sizes = []
                 for ping in a.pings:
-                    n = PING_BYTES + len(ping.padding)
-                    if not self._send(ping, n):
+                    n = self._send(ping)
+                    if not n:
                         break
                     sizes.append(n)
                 self.core.train_written(sizes)
@@ -848,27 +878,27 @@ class SimDevice:
             if split == 0 and self.model.input_codec is not None:
                 codec = self.model.input_codec
             n = self.profile.packed_bytes(split, codec)
-            p = self._packed[split] = PackedTensor("int8", False, (n,), 1.0, 0, bytes(n))
+            shape = (1, *self.profile.splits[split].shape)
+            p = self._packed[split] = PackedTensor(WIRE_CODEC, False, shape, 1.0, 0, bytes(n))
         return p
 
     # -- the link -------------------------------------------------------------------------
 
-    def _send(self, message: Any, nbytes: int = 0) -> bool:
-        """Write one message on the connection; False when there is none."""
+    def _send(self, message: Any) -> int:
+        """Write one message on the connection: its framed size, 0 when there is none."""
         if not self.connected or self.uplink is None or self.server is None:
-            return False
-        if not nbytes:
-            nbytes = CANCEL_BYTES if isinstance(message, Cancel) else PING_BYTES
-        self.uplink.send(nbytes, self.server.receive, self._cid, message, nbytes)
-        return True
+            return 0
+        data = self.server.frame(self._cid, message)
+        if data:
+            self.uplink.send(len(data), self.server.receive, self._cid, data)
+        return len(data)
 
     def _send_infer(self, a: SendInfer) -> None:
         msg = a.message
-        nbytes = 0
         if self.connected:
-            nbytes = msg.tensor.nbytes + INFER_HEADER_BYTES
             self._rid_exit[msg.request_id] = self._exit[a.frame_id]
-            self._send(msg, nbytes)
+        nbytes = self._send(msg)
+        if nbytes:
             self.uploads += 1
             self.infer_bytes += nbytes
         self._act(self.core.infer_written(self.loop.now, a.frame_id, msg.request_id, nbytes, 0.0))
@@ -884,12 +914,25 @@ class SimDevice:
                                         codec=self.model.codec or ""))  # fmt: skip
             self._start()
             return
-        if not self.connected:
-            return
+        self.core.heard(now)
         if isinstance(message, Result | Error) and message.request_id is not None:
             self._rid_exit.pop(message.request_id, None)
-        self.core.heard(now)
+        if isinstance(message, Error) and message.request_id is None and not self.connected:
+            # Refused in the handshake (BUSY, a mismatch): the close that follows tells.
+            return
         self._act(self.core.receive(now, message, wall_time=now))
+
+    def server_closed(self, epoch: int, reason: str) -> None:
+        """The server closed the connection (its close reached the device)."""
+        if epoch != self._epoch or self._stopped:
+            return
+        self._epoch += 1
+        if self.connected:
+            self.connected = False
+            self._rid_exit.clear()
+            self._act(self.core.link_down(self.loop.now, reason))
+        else:
+            self._act(self.core.connect_failed(self.loop.now, reason))
 
     def _connect(self) -> None:
         """Connect: HELLO out, WELCOME back (both through the link), or a timeout."""
@@ -900,6 +943,7 @@ class SimDevice:
             return
         self._epoch += 1
         epoch = self._epoch
+        self._cid = 0
         self.uplink.send(HELLO_BYTES, self._hello_arrived, epoch)
         self.loop.at(self.loop.now + self.model.connect_timeout_s, self._connect_timeout, epoch)
 
@@ -907,12 +951,17 @@ class SimDevice:
         if epoch == self._epoch and self.server is not None:
             self._cid = self.server.connect(self, epoch)
 
+    def _hang_up(self) -> None:
+        """Close this end of the connection: the server reads its end (when it arrives)."""
+        if self._cid and self.server is not None and self.uplink is not None:
+            self.uplink.send(FIN_BYTES, self.server.receive, self._cid, b"")
+        self._cid = 0
+
     def _connect_timeout(self, epoch: int) -> None:
         if epoch != self._epoch or self.connected or self._stopped:
             return
         self._epoch += 1  # a late WELCOME is void
-        if self.server is not None and self._cid:
-            self.server.disconnect(self._cid)
+        self._hang_up()
         self._act(self.core.connect_failed(self.loop.now, "timed out"))
 
     def _link_lost(self, reason: str) -> None:
@@ -921,8 +970,7 @@ class SimDevice:
             return
         self.connected = False
         self._epoch += 1
-        if self.server is not None:
-            self.server.disconnect(self._cid)
+        self._hang_up()
         self._rid_exit.clear()
         self._act(self.core.link_down(self.loop.now, reason))
 

@@ -4,9 +4,9 @@ Runs whole experiments in virtual time (``bench._simcore``): every device is the
 runtime's own ``DeviceCore`` (its policy, ``OnlineEstimates``, deadlines, race, PINGs and
 probe trains, dead-link check and reconnects), driven by a virtual clock and speaking
 protocol messages over netshape's link model and traces; compute is modelled (the offline
-profile's stage times × a scale, with seeded noise, plus per-call overheads), and so is
-the server (``SimServer``: per-split queues, workers, dynamic batching).  Deterministic
-for a seed.
+profile's stage times × a scale, with seeded noise, plus per-call overheads); every server
+is the runtime's own ``ServerCore`` (handshake, admission, queue, dynamic batching) on
+modelled workers.  Deterministic for a seed.
 
 Three parts, each printed:
 
