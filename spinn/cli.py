@@ -27,9 +27,11 @@ from spinn.offline.data import DATASET_NAMES, DataError, ImageSet, load_dataset
 from spinn.offline.evaluate import DEFAULT_THRESHOLDS, evaluate_model, format_table, write_outputs
 from spinn.offline.profiling import (
     LOSSY_BOUND_PTS,
+    LOSSY_INPUTS,
     PROFILE_THRESHOLDS,
     ProfilerConfig,
     profile_model,
+    reprofile_precisions,
 )
 from spinn.offline.train import TrainConfig, train
 from spinn.offline.zdict_training import DEFAULT_TRAIN_IMAGES, train_dictionaries
@@ -216,14 +218,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--lossy-bound",
         type=float,
         default=LOSSY_BOUND_PTS,
-        help="accuracy drop in points a split's sparse_uintb width may cost; the fewest "
-        f"bits within it are recorded; negative: none (default: {LOSSY_BOUND_PTS})",
+        help="accuracy drop in points a split's sparse_uintb width may cost, with 95%% "
+        "confidence; the fewest bits within it are recorded; negative: none "
+        f"(default: {LOSSY_BOUND_PTS})",
     )
     p.add_argument(
         "--lossy-inputs",
         type=int,
-        default=1000,
-        help="inputs on which each split's sparse_uintb width is chosen (default: 1000)",
+        default=LOSSY_INPUTS,
+        help="the first inputs of the data set on which each split's sparse_uintb widths "
+        f"are measured (default: {LOSSY_INPUTS}; the test split's last 2,000 stay held out)",
+    )
+    p.add_argument(
+        "--precision-only",
+        action="store_true",
+        help="re-measure only the sparse_uintb widths of the profile already at --out, "
+        "keeping its timings, exit rates and other bytes",
     )
 
     d = sub.add_parser(
@@ -404,6 +414,15 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         lossy_inputs=args.lossy_inputs,
         lossy_bound_pts=None if args.lossy_bound < 0 else args.lossy_bound,
     )
+    if args.precision_only:
+        old = Profile.load(args.out)
+        if old.model_id != meta.model_id:
+            raise ProfileError(f"{args.out} profiles {old.model_id}, not {meta.model_id}")
+        prof = reprofile_precisions(model, old, data, cfg)
+        prof.save(args.out)
+        widths = ", ".join("-" if sp.lossy is None else str(sp.lossy.bits) for sp in prof.splits)
+        print(f"wrote {args.out}: sparse_uintb bits per split {widths}")
+        return 0
     dictionaries = load_dictionaries(args.checkpoint, meta.model_id, model.num_stages)
     prof = profile_model(model, meta, data, cfg, dictionaries=dictionaries)
     prof.save(args.out)

@@ -15,6 +15,7 @@ import pytest
 from spinn.decisions.offline_profile import (
     FORMAT,
     LossyChoice,
+    Precision,
     Profile,
     ProfileError,
     synthetic_profile,
@@ -222,3 +223,61 @@ def test_on_slower_device_scales_the_device_stages_only() -> None:
     assert slow.server_time_ms(0) == prof.server_time_ms(0)
     with pytest.raises(ValueError, match="slowdown"):
         prof.on_slower_device(0.0)
+
+
+def test_precisions_round_trip_and_a_lossy_only_profile_offers_its_one_width(
+    tmp_path: Path,
+) -> None:
+    doc = small_doc()
+    widths = [
+        {"bits": 2, "bytes": {"sparse_uintb": 9, "sparse_uintb+zstd": 7},
+         "accuracy_drop_pts": 1.5, "drop_bound_pts": 2.0},
+        {"bits": 3, "bytes": {"sparse_uintb": 12}, "accuracy_drop_pts": 0.1,
+         "drop_bound_pts": 0.4},
+    ]  # fmt: skip
+    doc["splits"][2]["precisions"] = widths
+    doc["splits"][2]["lossy"] = {
+        "bits": 3, "accuracy_drop_pts": 0.1, "bound_pts": 0.5, "drop_bound_pts": 0.4
+    }  # fmt: skip
+    doc["splits"][2]["bytes"]["sparse_uintb"] = 12
+    doc["precision_inputs"] = 8000
+    prof = Profile.from_dict(doc)
+    sp = prof.splits[2]
+    assert [w.bits for w in sp.precisions] == [2, 3] and sp.lossy_options() == sp.precisions
+    assert sp.precision(2) == Precision(2, {"sparse_uintb": 9, "sparse_uintb+zstd": 7}, 1.5, 2.0)
+    assert sp.lossy is not None and sp.lossy.drop_bound_pts == 0.4
+    with pytest.raises(ValueError, match="no sparse_uintb width 4"):
+        sp.precision(4)
+    # The lossless look-up never answers with a lossy size.
+    assert prof.packed_bytes(2) == min(v for k, v in sp.bytes.items() if k != "sparse_uintb")
+    assert prof.precision_inputs == 8000
+    path = tmp_path / "profile.json"
+    prof.save(path)
+    assert Profile.load(path) == prof
+    # A profile with only the chosen width (made before the widths were kept): it is the
+    # one option, at its measured drop.
+    del doc["splits"][2]["precisions"]
+    doc["splits"][2]["lossy"] = {"bits": 3, "accuracy_drop_pts": 0.1, "bound_pts": 0.5}
+    old = Profile.from_dict(doc).splits[2]
+    assert old.lossy_options() == (Precision(3, {"sparse_uintb": 12}, 0.1, 0.1),)
+
+
+@pytest.mark.parametrize(
+    ("widths", "message"),
+    [
+        ([{"bits": 3, "bytes": {"x": 1}, "accuracy_drop_pts": 0.1}], r"drop_bound_pts: missing"),
+        ([{"bits": 9, "bytes": {"x": 1}, "accuracy_drop_pts": 0.1, "drop_bound_pts": 0.2}],
+         r"precisions\[0\]\.bits"),
+        ([{"bits": 3, "bytes": {}, "accuracy_drop_pts": 0.1, "drop_bound_pts": 0.2}],
+         r"precisions\[0\]\.bytes"),
+        ([{"bits": 3, "bytes": {"x": 1}, "accuracy_drop_pts": 0.1, "drop_bound_pts": 0.2},
+          {"bits": 2, "bytes": {"x": 1}, "accuracy_drop_pts": 0.1, "drop_bound_pts": 0.2}],
+         "strictly ascending"),
+        ("3", r"splits\[1\]\.precisions: expected a list"),
+    ],
+)  # fmt: skip
+def test_bad_precisions_are_named(widths: object, message: str) -> None:
+    doc = small_doc()
+    doc["splits"][1]["precisions"] = widths
+    with pytest.raises(ProfileError, match=message):
+        Profile.from_dict(doc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from datetime import UTC, datetime
@@ -21,8 +22,11 @@ from spinn.offline.profiling import (
     ProfilerConfig,
     choose_lossy_bits,
     codec_names,
+    drop_with_bound,
     lossy_accuracy_drop_pts,
+    measure_precisions,
     profile_model,
+    reprofile_precisions,
     time_stages,
 )
 
@@ -142,6 +146,34 @@ def _drop_pts(
     return max(0.0, max(drops))
 
 
+def test_drop_bound_is_the_paired_differences_upper_confidence_bound() -> None:
+    # 1,000 inputs, two exits. Exit 0: 30 answers turned wrong, 10 turned right (drop 2
+    # points); exit 1: 5 turned wrong. The bound of each is mean + 1.645·sd/√N over the
+    # per-input differences (+1, −1 or 0); the larger is reported.
+    n = 1000
+    reference = torch.ones(2, n, dtype=torch.bool)
+    coded = reference.clone()
+    coded[0, :30] = False
+    reference[0, 30:40] = False
+    coded[1, :5] = False
+    drop, upper = drop_with_bound(reference, coded)
+    diff = torch.zeros(n, dtype=torch.float64)
+    diff[:30], diff[30:40] = 1.0, -1.0
+    expected = 100 * (diff.mean() + 1.645 * diff.std() / n**0.5).item()
+    assert drop == pytest.approx(2.0) and upper == pytest.approx(expected)
+    assert upper > drop + 0.5  # 40 changed answers in 1,000 leave a wide bound
+    # Nothing changed: no drop, no spread.
+    assert drop_with_bound(reference, reference) == (0.0, 0.0)
+    # The codec helping a little on average (10 answers turned wrong, 12 right): the drop
+    # reads 0, the bound stays above it.
+    helped = torch.ones(1, n, dtype=torch.bool)
+    helped[0, :12] = False
+    coded = torch.ones(1, n, dtype=torch.bool)
+    coded[0, 12:22] = False
+    drop, upper = drop_with_bound(helped, coded)
+    assert drop == 0.0 and upper > 0.5
+
+
 @pytest.mark.skipif(
     not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
     reason="Debian's dataset-fashion-mnist is not installed",
@@ -156,13 +188,49 @@ def test_lossy_width_is_the_fewest_bits_within_the_bound(
     assert choice.accuracy_drop_pts == pytest.approx(
         _drop_pts(model, x, y, split, choice.bits), abs=1e-4
     )
-    assert choice.accuracy_drop_pts <= bound
+    # Chosen on the upper confidence bound of the drop, not the drop alone.
+    assert choice.drop_bound_pts is not None
+    assert choice.accuracy_drop_pts <= choice.drop_bound_pts <= bound
     assert lossy_accuracy_drop_pts(model, x, y, split, choice.bits) == pytest.approx(
         _drop_pts(model, x, y, split, choice.bits)
     )
-    if choice.bits > min(LOSSY_BITS_TRIED):
-        assert _drop_pts(model, x, y, split, choice.bits - 1) > bound, "one bit fewer is over"
+    measured = measure_precisions(model, x, y, split, bound)
+    assert [b for b, _, _ in measured] == [b for b in LOSSY_BITS_TRIED if b <= choice.bits]
+    assert measured[-1] == (choice.bits, choice.accuracy_drop_pts, choice.drop_bound_pts)
+    assert all(upper > bound for _, _, upper in measured[:-1]), "fewer bits are over"
+    for bits, drop, _ in measured:
+        assert drop == pytest.approx(_drop_pts(model, x, y, split, bits), abs=1e-4)
     # Split 0 carries the normalised input, which is negative: the codec cannot.
     assert choose_lossy_bits(model, x, y, 0, bound) is None
     # A bound of 100 points allows the fewest bits tried.
     assert choose_lossy_bits(model, x, y, split, 100.0).bits == min(LOSSY_BITS_TRIED)  # type: ignore[union-attr]
+
+
+def test_precision_only_reprofile_keeps_everything_else(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # `spinn profile --precision-only`: the widths measured anew on the first inputs, their
+    # bytes and the choice within the bound; timings, exit rates and other bytes kept.
+    model, meta = load_checkpoint(_checkpoint(str(tmp_path_factory.mktemp("r"))))
+    data = load_mnist_5k("test")
+    cfg = ProfilerConfig(calibration_size=40, bytes_inputs=4, timing_inputs=2, repeats=2,
+                         warmup=0, lossy_inputs=40, lossy_bound_pts=None)  # fmt: skip
+    before = profile_model(model, meta, data, cfg)
+    assert all(not sp.precisions and sp.lossy is None for sp in before.splits)
+    assert before.precision_inputs == 0
+    after = reprofile_precisions(
+        model, before, data, dataclasses.replace(cfg, lossy_bound_pts=100.0, lossy_inputs=30)
+    )
+    assert after.precision_inputs == 30
+    assert after.stage_device_ms == before.stage_device_ms
+    assert after.thresholds == before.thresholds
+    for sp_before, sp in zip(before.splits, after.splits, strict=True):
+        lossless = {k: v for k, v in sp.bytes.items() if not k.startswith("sparse_uintb")}
+        assert lossless == sp_before.bytes
+        if sp.lossy is None:  # split 0 (negative input) and none else: any width is in 100
+            assert sp.split == 0 and not sp.precisions
+            continue
+        # A 100-point bound takes the fewest bits tried, measured alone.
+        assert sp.lossy.bits == min(LOSSY_BITS_TRIED) == sp.precisions[-1].bits
+        assert len(sp.precisions) == 1
+        assert sp.bytes["sparse_uintb+zstd"] == sp.precisions[0].bytes["sparse_uintb+zstd"]

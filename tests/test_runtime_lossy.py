@@ -1,7 +1,8 @@
 """sparse_uintb between a real device and server on loopback (PROTOCOL.md §6.9).
 
-The device offers the lossy codec beside sparse_int8 and packs each split at the width
-its profile records (§6.9.1); a split without one goes as sparse_int8.
+The device offers the lossy codec beside sparse_int8 and packs at the width its policy
+decides: the scheduler's choice of precision, or under a fixed split the width the
+profile records there (§6.9.1); a lossless decision goes as sparse_int8.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ import pytest
 import torch
 
 from protocol.packing import IMAGE_CODEC, LOSSY_CODEC, pack, unpack
+from spinn.decisions.offline_profile import Profile
+from spinn.decisions.online_estimates import Estimates
+from spinn.decisions.policy import Decision
+from spinn.decisions.scheduler import Scheduler, SchedulerConfig
+from spinn.decisions.sla import SLA, Metric
 from spinn.model.checkpoint import load_checkpoint
 from spinn.model.exits import ExitRule
 from spinn.model.inference import run_stages
@@ -80,6 +86,58 @@ def test_each_split_crosses_at_its_profiled_width(tmp_path: Path) -> None:
     # on the decoded tensor.
     agree = np.mean([r["class"] == c for r, c in zip(coded, expected_classes, strict=True)])
     assert agree >= 23 / 24, agree
+
+
+class _AtOneMbit:
+    """The scheduler as the device runs it, but planning for a 1 Mbit/s uplink whatever
+    loopback measures: the estimates are the system's edge, faked here."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    def decide(self, now: float, estimates: Estimates) -> Decision:
+        return self.scheduler.decide(now, Estimates(bandwidth_bps=1e6, latency_s=0.005))
+
+
+@pytest.mark.parametrize("bound_pts", [None, 0.5])
+def test_the_precision_the_scheduler_chooses_is_what_crosses(
+    tmp_path: Path, bound_pts: float | None
+) -> None:
+    # Split 5, no early exit, fastest first at 1 Mbit/s: the scheduler takes the fewest
+    # bits profiled there; within a 0.5-point loss bound, only a width whose drop bound is
+    # within it. Each frame's INFER carries exactly that width's packing.
+    checkpoint = _copy_with_width(tmp_path / "m", None)
+    profile = Profile.load(checkpoint.with_name("profile.json"))
+    widths = [w.bits for w in profile.splits[SPLIT].precisions]
+    assert len(widths) >= 2, "the shipped profile measures several widths at split 5"
+    floor = None if bound_pts is None else profile.exit_accuracy[-1] - bound_pts / 100
+    sla = SLA(min_accuracy=floor, rank=(Metric.LATENCY,))
+    # No local race, as the device runs (the race would answer every frame locally first).
+    config = SchedulerConfig(lossy=True, codec="sparse_int8+zstd", local_race=False)
+    scheduler = Scheduler(profile, sla, config, early_exits=False, splits=(SPLIT,))
+    chosen = scheduler.decide(0.0, Estimates(bandwidth_bps=1e6, latency_s=0.005)).bits
+    if bound_pts is None:
+        assert chosen == min(widths)
+    else:
+        assert chosen is not None and chosen > min(widths)
+        assert profile.splits[SPLIT].precision(chosen).drop_bound_pts <= bound_pts
+    run = run_in_process(checkpoint, _images(), zstd="never", codec=LOSSY_CODEC,
+                         continue_locally=False, custom_policy=_AtOneMbit(scheduler))  # fmt: skip
+    records = by_frame(run.records, N)
+    assert {r["where"] for r in records} == {"server"}
+    model, _ = load_checkpoint(CHECKPOINT)
+    data = load_fashion_mnist("test").head(N)
+    overheads = set()
+    for i, record in enumerate(records):
+        x = model.input_spec.preprocess(data.images[i : i + 1])
+        act = run_stages(model, x, 0, SPLIT, ExitRule(None)).activation
+        assert act is not None
+        overheads.add(
+            record["bytes_sent"] - pack(act.numpy(), LOSSY_CODEC, False, bits=chosen).nbytes
+        )
+    # One framing overhead for every frame (a message's few bytes): the payloads were the
+    # chosen width's, byte for byte in length.
+    assert len(overheads) == 1 and 0 < overheads.pop() < 200
 
 
 def test_a_lossy_tensor_is_recoded_for_a_link_without_the_codec() -> None:

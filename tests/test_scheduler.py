@@ -26,6 +26,7 @@ from spinn.decisions.baselines import (
     make_policy,
 )
 from spinn.decisions.offline_profile import (
+    Precision,
     Profile,
     SplitProfile,
     ThresholdProfile,
@@ -76,11 +77,21 @@ LATENCY_FIRST = SLA(rank=(Metric.LATENCY,))
 
 
 def reference(
-    p: Profile, s: int, thr: float, e: Estimates, cfg: SchedulerConfig
+    p: Profile,
+    s: int,
+    thr: float | None,
+    e: Estimates,
+    cfg: SchedulerConfig,
+    bits: int | None = None,
 ) -> dict[str, float]:
     rates = p.exit_rate(thr)
     bw, lat = e.bandwidth_bps, 1000 * e.latency_s
-    up = 0.0 if s == p.num_stages else 1000 * 8 * p.packed_bytes(s, cfg.codec) / bw
+    nbytes = p.packed_bytes(s, cfg.codec)
+    drop = 0.0
+    if bits is not None:  # the width's smaller size, its drop bound on the uploaded share
+        width = p.splits[s].precision(bits)
+        nbytes, drop = min(width.bytes.values()), width.drop_bound_pts / 100
+    up = 0.0 if s == p.num_stages else 1000 * 8 * nbytes / bw
     down = 1000 * 8 * cfg.response_bytes / bw
     offload = sum(r for x, r in zip(p.exit_stages, rates, strict=True) if x >= s)
     srv = {
@@ -178,18 +189,23 @@ def reference(
         "server_busy_ms": server_busy,
         "offload_rate": offload,
         "throughput": 1000 / period,
-        "accuracy": p.accuracy(thr),
+        "accuracy": p.accuracy(thr) - drop * offload,
     }
 
 
 profiles = st.builds(
-    lambda seed, s, e_frac, t: synthetic_profile(
-        random.Random(seed), num_stages=s, num_exits=max(1, round(e_frac * s)), num_thresholds=t
+    lambda seed, s, e_frac, t, widths: synthetic_profile(
+        random.Random(seed),
+        num_stages=s,
+        num_exits=max(1, round(e_frac * s)),
+        num_thresholds=t,
+        precisions=widths,
     ),
     st.integers(0, 10_000),
     st.integers(1, 9),
     st.floats(0.1, 1.0),
     st.integers(1, 7),
+    st.booleans(),
 )
 estimates = st.builds(
     Estimates,
@@ -210,6 +226,7 @@ configs = st.builds(
     local_race=st.booleans(),
     max_in_flight=st.sampled_from([1, 4]),
     latency_margin=st.sampled_from([0.0, 0.1, 0.3]),
+    lossy=st.booleans(),
 )
 
 
@@ -217,10 +234,15 @@ configs = st.builds(
 @given(profiles, estimates, configs)
 def test_predictions_match_scalar_reference(p: Profile, e: Estimates, cfg: SchedulerConfig) -> None:
     pred = Scheduler(p, config=cfg).predict(e)
-    for s in range(p.num_stages + 1):
+    rows = [(s, None) for s in range(p.num_stages + 1)]
+    if cfg.lossy:
+        rows += [(s, w.bits) for s, sp in enumerate(p.splits) for w in sp.precisions]
+    assert list(zip(pred.row_split, pred.row_bits, strict=True)) == [(s, b or 0) for s, b in rows]
+    for row, (s, bits) in enumerate(rows):
         for t, thr in enumerate(pred.thresholds):
-            ref = reference(p, s, thr, e, cfg)
-            got = pred.at(s, t)
+            ref = reference(p, s, thr, e, cfg, bits)
+            got = pred.at(row, t)
+            assert (got.split, got.bits) == (s, bits)
             for key, value in ref.items():
                 assert getattr(got, key) == pytest.approx(value, rel=1e-9, abs=1e-9), (key, s, t)
             # Independent route through the Profile's own derived quantities.
@@ -299,7 +321,8 @@ def test_choice_equals_brute_force(
     sched = Scheduler(p, sla, cfg)
     choice = sched.choose(e)
     pred = sched.predict(e)
-    assert (choice.split, choice.thr_index) == brute_force(pred, sla, cfg)
+    assert (choice.row, choice.thr_index) == brute_force(pred, sla, cfg)
+    assert (choice.split, choice.bits) == (pred.row_split[choice.row], pred.bits(choice.row))
     if not e.server_up:
         assert choice.split == p.num_stages
     # A minimum-accuracy limit is never broken when some valid candidate meets it.
@@ -800,38 +823,27 @@ def test_sla_examples_in_the_docs_load(tmp_path: Path) -> None:
         assert sla.rank  # every example states a ranking
 
 
-def test_lossy_uploads_are_charged_their_accuracy_drop() -> None:
-    # The shipped profile records a sparse_uintb width per split (PROTOCOL.md §6.9.1):
-    # with the device sending it, each split's predicted accuracy loses that width's
-    # measured drop on the share of inputs uploaded there; split 0 and device-only none.
-    p = Profile.load(Path(__file__).resolve().parents[1] / "models" / "default" / "profile.json")
-    assert any(sp.lossy is not None and sp.lossy.accuracy_drop_pts > 0 for sp in p.splits)
-    plain = Predictor(p, SchedulerConfig())
-    lossy = Predictor(p, SchedulerConfig(lossy=True))
-    for s in range(p.num_stages + 1):
-        width = p.splits[s].lossy if s < p.num_stages else None
-        drop = 0.0 if width is None else width.accuracy_drop_pts / 100
-        np.testing.assert_allclose(plain.accuracy[s] - lossy.accuracy[s], drop * plain.offload[s])
-
-
-def test_default_sizes_are_lossless_unless_the_device_sends_lossy() -> None:
+def test_uploads_are_lossless_unless_a_row_has_a_width() -> None:
     # The camera profile records sparse_uintb sizes up to 3x below the lossless ones. A
-    # device that packs losslessly (the default) must be predicted with what it sends: the
-    # smallest lossless entry at each split (the frame's pixels at split 0); only a lossy
-    # device gets the sparse_uintb sizes.
+    # split's own row is predicted with what a lossless device sends, the smallest
+    # lossless entry (the frame's pixels at split 0), with or without the precision axis;
+    # the sparse_uintb sizes are the width rows' only.
     root = Path(__file__).resolve().parents[1]
     p = Profile.load(root / "models" / "camera" / "profile.json")
-    plain, lossy = SchedulerConfig(), SchedulerConfig(lossy=True)
+    plain, lossy = Predictor(p, SchedulerConfig()), Predictor(p, SchedulerConfig(lossy=True))
     saw_smaller = False
     for s in range(p.num_stages):
         sizes = p.splits[s].bytes
         lossless = min(n for k, n in sizes.items() if not k.startswith("sparse_uintb"))
-        assert plain.upload_bytes(p, s) == lossless
-        assert lossy.upload_bytes(p, s) == min(sizes.values())
-        saw_smaller |= lossy.upload_bytes(p, s) < lossless
+        assert SchedulerConfig().upload_bytes(p, s) == lossless
+        assert plain.bits[s] == lossy.bits[s] == 8 * lossless
+        for width in p.splits[s].precisions:
+            row_bytes = lossy.bits[lossy.row(s, width.bits)] / 8
+            assert row_bytes == min(width.bytes.values())
+            saw_smaller |= row_bytes < lossless
     assert saw_smaller
-    assert plain.upload_bytes(p, 0) == p.splits[0].bytes["uint8_image+zstd"]
-    assert plain.upload_bytes(p, p.num_stages) == 0
+    assert SchedulerConfig().upload_bytes(p, 0) == p.splits[0].bytes["uint8_image+zstd"]
+    assert SchedulerConfig().upload_bytes(p, p.num_stages) == 0
     # A named codec is taken as it is.
     named = SchedulerConfig(codec="sparse_uintb+zstd")
     assert named.upload_bytes(p, 4) == p.splits[4].bytes["sparse_uintb+zstd"]
@@ -952,3 +964,100 @@ def test_decisions_are_taken_on_predictions_averaged_over_a_second() -> None:
     assert sched.decide(6.05, collapse).split == instant.choose(collapse).split
     with pytest.raises(ValueError, match="smooth_s"):
         SchedulerConfig(smooth_s=-1.0)
+
+
+# -- precision: ⟨split, threshold, precision⟩ chosen together (Opt-CoInfer) ------------------
+
+
+def lossy_profile() -> Profile:
+    """The scenario profile with sparse_uintb widths at split 2 (20 kB float32): fewer bits
+    send fewer bytes at a larger accuracy drop (its upper confidence bound, which the
+    scheduler charges, a little above the measured one)."""
+    p = scenario_profile()
+    widths = [  # bits, bytes, measured drop, its bound (points)
+        (2, 1_500, 4.0, 5.0),
+        (4, 3_000, 0.8, 1.2),
+        (6, 5_000, 0.1, 0.3),
+    ]
+    split = replace(
+        p.splits[2],
+        precisions=tuple(Precision(b, {"sparse_uintb": n}, d, u) for b, n, d, u in widths),
+    )
+    return replace(p, splits=(*p.splits[:2], split, *p.splits[3:]))
+
+
+LOSSY = SchedulerConfig(lossy=True, latency_margin=0.0, local_race=False)
+
+
+def split_2(p: Profile, sla: SLA) -> Scheduler:
+    """A scheduler of precisions alone: split 2, no early exit, no local race."""
+    return Scheduler(p, sla, LOSSY, early_exits=False, splits=(2,))
+
+
+def test_each_width_is_a_row_charged_its_drop_bound_on_the_uploaded_share() -> None:
+    p = lossy_profile()
+    plain, lossy = Predictor(p, SchedulerConfig()), Predictor(p, LOSSY)
+    assert plain.shape[0] == p.num_stages + 1  # no precision axis unless the device has it
+    assert lossy.shape[0] == p.num_stages + 1 + 3
+    for bits, nbytes, upper in ((2, 1_500, 5.0), (4, 3_000, 1.2), (6, 5_000, 0.3)):
+        row = lossy.row(2, bits)
+        assert lossy.bits[row] == 8 * nbytes and plain.bits[2] == 8 * 20_000
+        np.testing.assert_allclose(
+            lossy.accuracy[row], plain.accuracy[2] - upper / 100 * plain.offload[2]
+        )
+    with pytest.raises(ValueError, match="no candidate at split 3 with 4-bit"):
+        lossy.row(3, 4)
+
+
+def test_tight_latency_at_low_bandwidth_picks_a_lower_precision() -> None:
+    # Most accurate within a latency limit (Opt-CoInfer's first mode), split 2 only. At
+    # 100 Mbit/s the lossless 20 kB upload fits; at 4 Mbit/s it takes 40 ms, and within
+    # 20 ms the most accurate choice is the widest width that fits: 4 bits (3 kB, 6 ms;
+    # 8 ms of device stages, 1 ms RTT, 1.6 ms of server, 0.5 ms of answer), not 6 (5 kB).
+    p = lossy_profile()
+    sla = SLA(max_latency_ms=20, rank=(Metric.ACCURACY, Metric.LATENCY))
+    fast = split_2(p, sla).choose(est(100, lat_ms=1))
+    assert fast.feasible and (fast.split, fast.bits) == (2, None)
+    sched = split_2(p, sla)
+    slow = sched.choose(est(4, lat_ms=1))
+    assert slow.feasible and (slow.split, slow.bits) == (2, 4)
+    pred = sched.predict(est(4, lat_ms=1))
+    t = slow.thr_index
+    assert pred.at(sched.predictor.row(2, 6), t).latency_ms > 20 < pred.at(2, t).latency_ms
+
+
+def test_an_accuracy_bound_forbids_too_lossy_a_precision() -> None:
+    # Fastest within an accuracy-loss bound (Opt-CoInfer's second mode): at 1 Mbit/s the
+    # 2-bit upload is fastest, but its drop bound (5 points on the uploaded share) breaks
+    # a 2-point loss bound; the 4-bit one (1.2 points) is taken instead.
+    p = lossy_profile()
+    e = est(1, lat_ms=1)
+    free = split_2(p, SLA(rank=(Metric.LATENCY,))).choose(e)
+    assert free.bits == 2
+    reference = p.exit_accuracy[-1]
+    bound = SLA(min_accuracy=reference - 0.02, rank=(Metric.LATENCY,))
+    sched = split_2(p, bound)
+    bounded = sched.choose(e)
+    assert bounded.feasible and bounded.bits == 4
+    assert bounded.prediction.accuracy == pytest.approx(reference - 0.012)
+    assert sched.predict(e).at(sched.predictor.row(2, 2), 0).accuracy < reference - 0.02
+    # The decision carries the precision, and its reason says so.
+    decision = sched.decide(0.0, e)
+    assert decision.bits == bounded.bits
+    assert f"{bounded.bits}-bit" in decision.reason
+
+
+def test_shipped_profiles_offer_widths_within_their_bound() -> None:
+    # Each shipped model's profile: per split, the widths measured fewest bits first up to
+    # the one chosen, whose upper confidence bound of the drop is within the bound.
+    root = Path(__file__).resolve().parents[1] / "models"
+    for name in ("default", "camera"):
+        p = Profile.load(root / name / "profile.json")
+        assert p.precision_inputs >= 1000
+        chosen = [sp for sp in p.splits if sp.lossy is not None]
+        assert chosen, name
+        for sp in chosen:
+            assert sp.lossy is not None and sp.lossy.drop_bound_pts is not None
+            assert sp.lossy.drop_bound_pts <= sp.lossy.bound_pts
+            assert [w.bits for w in sp.precisions][-1] == sp.lossy.bits
+            assert all(w.drop_bound_pts > sp.lossy.bound_pts for w in sp.precisions[:-1])

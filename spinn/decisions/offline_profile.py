@@ -27,9 +27,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocol.packing import LOSSY_CODEC
+
 __all__ = [
     "FORMAT",
     "LossyChoice",
+    "Precision",
     "Profile",
     "ProfileError",
     "SplitProfile",
@@ -50,7 +53,8 @@ class ProfileError(ValueError):
 @dataclass(frozen=True, slots=True)
 class LossyChoice:
     """The sparse_uintb precision of one split (PROTOCOL.md §6.9.1): the fewest bits a
-    non-zero whose accuracy drop on the calibration set stays within the bound."""
+    non-zero whose accuracy drop on the calibration set stays within the bound (from
+    profiles with ``drop_bound_pts``: whose upper confidence bound of the drop does)."""
 
     bits: int
     """Bits a non-zero value, 1..8."""
@@ -58,6 +62,24 @@ class LossyChoice:
     """Measured drop at that width, in points: the largest over the exits after the split."""
     bound_pts: float
     """The bound it was chosen within, in points."""
+    drop_bound_pts: float | None = None
+    """One-sided 95 % upper confidence bound of the drop, in points (None: a profile made
+    before it, whose width was chosen on the measured drop alone)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Precision:
+    """One sparse_uintb width measured at a split: what it sends and what it costs."""
+
+    bits: int
+    """Bits a non-zero value, 1..8."""
+    bytes: Mapping[str, int]
+    """Packed size, ``sparse_uintb`` and ``sparse_uintb+zstd``, median over the inputs."""
+    accuracy_drop_pts: float
+    """Measured drop on the calibration set, points: the largest over the exits after
+    the split."""
+    drop_bound_pts: float
+    """Its one-sided 95 % upper confidence bound, points: what the scheduler charges."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +97,31 @@ class SplitProfile:
     lossy: LossyChoice | None = None
     """The split's sparse_uintb width, or None: none within the bound, a negative
     activation, or a profile made before the codec (an optional field of the file)."""
+    precisions: tuple[Precision, ...] = ()
+    """The sparse_uintb widths measured, fewest bits first, up to ``lossy``'s (every
+    width where none is within the bound): the precisions the scheduler may choose
+    besides lossless coding.  Empty where the codec cannot carry the activation, and in
+    profiles made before it (an optional field of the file)."""
+
+    def precision(self, bits: int) -> Precision:
+        """The measured width ``bits``; ValueError if it was not measured."""
+        for p in self.precisions:
+            if p.bits == bits:
+                return p
+        have = [p.bits for p in self.precisions]
+        raise ValueError(f"split {self.split}: no sparse_uintb width {bits} profiled; have {have}")
+
+    def lossy_options(self) -> tuple[Precision, ...]:
+        """The sparse_uintb widths a scheduler may choose here: ``precisions``; in a profile
+        made before them, the one width ``lossy`` records, at its measured drop."""
+        if self.precisions or self.lossy is None:
+            return self.precisions
+        sizes = {k: v for k, v in self.bytes.items() if k.startswith(LOSSY_CODEC)}
+        if not sizes:
+            return ()
+        drop = self.lossy.accuracy_drop_pts
+        upper = drop if self.lossy.drop_bound_pts is None else self.lossy.drop_bound_pts
+        return (Precision(self.lossy.bits, sizes, drop, upper),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +179,7 @@ def _split_from(name: str, value: Any, expected_split: int) -> SplitProfile:
             "numel": value.numel,
             "bytes": value.bytes,
             "lossy": value.lossy,
+            "precisions": value.precisions,
         }
     elif isinstance(value, Mapping):
         raw = value
@@ -158,8 +206,67 @@ def _split_from(name: str, value: Any, expected_split: int) -> SplitProfile:
         for k, v in codecs.items()
     }
     return SplitProfile(
-        split=split, shape=shape, numel=numel, bytes=sizes, lossy=_lossy_from(name, raw)
+        split=split,
+        shape=shape,
+        numel=numel,
+        bytes=sizes,
+        lossy=_lossy_from(name, raw),
+        precisions=_precisions_from(name, raw),
     )
+
+
+def _bits_from(name: str, value: Any) -> int:
+    bits = _as_int(name, value, 1)
+    if bits > 8:
+        raise _fail(name, f"must be in 1..8, got {bits}")
+    return bits
+
+
+def _precisions_from(name: str, raw: Mapping[str, Any]) -> tuple[Precision, ...]:
+    value = raw.get("precisions")
+    if value is None:
+        return ()
+    out = []
+    for i, item in enumerate(_as_seq(f"{name}.precisions", value)):
+        where = f"{name}.precisions[{i}]"
+        if isinstance(item, Precision):
+            item = _precision_dict(item)
+        if not isinstance(item, Mapping):
+            raise _fail(where, f"expected an object, got {item!r}")
+        for key in ("bits", "bytes", "accuracy_drop_pts", "drop_bound_pts"):
+            if key not in item:
+                raise _fail(f"{where}.{key}", "missing")
+        sizes = item["bytes"]
+        if not isinstance(sizes, Mapping) or not sizes:
+            raise _fail(f"{where}.bytes", f"expected a non-empty object, got {sizes!r}")
+        out.append(
+            Precision(
+                bits=_bits_from(f"{where}.bits", item["bits"]),
+                bytes={
+                    _as_str(f"{where}.bytes key", k): _as_int(f"{where}.bytes[{k!r}]", v, 1)
+                    for k, v in sizes.items()
+                },
+                accuracy_drop_pts=_as_float(
+                    f"{where}.accuracy_drop_pts", item["accuracy_drop_pts"], 0.0, 100.0
+                ),
+                drop_bound_pts=_as_float(
+                    f"{where}.drop_bound_pts", item["drop_bound_pts"], 0.0, 100.0
+                ),
+            )
+        )
+    bits = [p.bits for p in out]
+    if any(b <= a for a, b in zip(bits, bits[1:], strict=False)):
+        raise _fail(f"{name}.precisions", f"bits must be strictly ascending, got {bits}")
+    return tuple(out)
+
+
+def _precision_dict(p: Precision) -> dict[str, Any]:
+    return {
+        "bits": p.bits,
+        "bytes": dict(p.bytes),
+        "accuracy_drop_pts": p.accuracy_drop_pts,
+        "drop_bound_pts": p.drop_bound_pts,
+    }
 
 
 def _lossy_from(name: str, raw: Mapping[str, Any]) -> LossyChoice | None:
@@ -167,26 +274,34 @@ def _lossy_from(name: str, raw: Mapping[str, Any]) -> LossyChoice | None:
     if value is None:
         return None
     if isinstance(value, LossyChoice):
-        value = {
-            "bits": value.bits,
-            "accuracy_drop_pts": value.accuracy_drop_pts,
-            "bound_pts": value.bound_pts,
-        }
+        value = _lossy_dict(value)
     if not isinstance(value, Mapping):
         raise _fail(f"{name}.lossy", f"expected an object or null, got {value!r}")
     for key in ("bits", "accuracy_drop_pts", "bound_pts"):
         if key not in value:
             raise _fail(f"{name}.lossy.{key}", "missing")
-    bits = _as_int(f"{name}.lossy.bits", value["bits"], 1)
-    if bits > 8:
-        raise _fail(f"{name}.lossy.bits", f"must be in 1..8, got {bits}")
+    upper = value.get("drop_bound_pts")
     return LossyChoice(
-        bits=bits,
+        bits=_bits_from(f"{name}.lossy.bits", value["bits"]),
         accuracy_drop_pts=_as_float(
             f"{name}.lossy.accuracy_drop_pts", value["accuracy_drop_pts"], 0.0, 100.0
         ),
         bound_pts=_as_float(f"{name}.lossy.bound_pts", value["bound_pts"], 0.0, 100.0),
+        drop_bound_pts=None
+        if upper is None
+        else _as_float(f"{name}.lossy.drop_bound_pts", upper, 0.0, 100.0),
     )
+
+
+def _lossy_dict(c: LossyChoice) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "bits": c.bits,
+        "accuracy_drop_pts": c.accuracy_drop_pts,
+        "bound_pts": c.bound_pts,
+    }
+    if c.drop_bound_pts is not None:
+        out["drop_bound_pts"] = c.drop_bound_pts
+    return out
 
 
 def _split_dict(s: SplitProfile) -> dict[str, Any]:
@@ -196,13 +311,11 @@ def _split_dict(s: SplitProfile) -> dict[str, Any]:
         "numel": s.numel,
         "bytes": dict(s.bytes),
     }
+    # Only when there are some: a profile without lossy widths reads as before.
     if s.lossy is not None:
-        # Only when there is one: a profile without lossy widths reads as before.
-        out["lossy"] = {
-            "bits": s.lossy.bits,
-            "accuracy_drop_pts": s.lossy.accuracy_drop_pts,
-            "bound_pts": s.lossy.bound_pts,
-        }
+        out["lossy"] = _lossy_dict(s.lossy)
+    if s.precisions:
+        out["precisions"] = [_precision_dict(p) for p in s.precisions]
     return out
 
 
@@ -269,6 +382,10 @@ class Profile:
     """Torch threads used for the server timings."""
     created: str = ""
     """ISO-8601 time the profile was made."""
+    precision_inputs: int = 0
+    """Inputs the sparse_uintb widths were measured on: the first ones of the calibration
+    data set (0: none measured, or a profile made before it), so that a benchmark can
+    hold out others."""
     _cum_device: tuple[float, ...] = field(init=False, repr=False, compare=False)
     _cum_server: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
@@ -281,6 +398,7 @@ class Profile:
         _as_int("calibration_size", self.calibration_size, 1)
         _as_int("device_threads", self.device_threads, 1)
         _as_int("server_threads", self.server_threads, 1)
+        _as_int("precision_inputs", self.precision_inputs, 0)
 
         exits = tuple(
             _as_int(f"exit_stages[{i}]", x)
@@ -455,14 +573,15 @@ class Profile:
     # -- network ------------------------------------------------------------------------
 
     def packed_bytes(self, split: int, codec: str | None = None) -> int:
-        """Bytes uploaded at ``split`` with ``codec`` (``None``: the smallest codec
-        measured, which is what an adaptive packer approaches).  0 at split S."""
+        """Bytes uploaded at ``split`` with ``codec`` (``None``: the smallest lossless
+        codec measured, which is what an adaptive packer approaches; sparse_uintb's
+        widths are ``SplitProfile.lossy_options``).  0 at split S."""
         self._check_split(split)
         if split == self.num_stages:
             return 0
         sizes = self.splits[split].bytes
         if codec is None:
-            return min(sizes.values())
+            return min(v for k, v in sizes.items() if not k.startswith(LOSSY_CODEC))
         if codec not in sizes:
             raise ValueError(f"codec {codec!r} not profiled at split {split}; have {sorted(sizes)}")
         return sizes[codec]
@@ -490,6 +609,7 @@ class Profile:
             "device_threads": self.device_threads,
             "server_threads": self.server_threads,
             "created": self.created,
+            **({"precision_inputs": self.precision_inputs} if self.precision_inputs else {}),
         }
 
     @classmethod
@@ -513,7 +633,7 @@ class Profile:
             "thresholds",
             "calibration_size",
         )
-        optional = ("device_threads", "server_threads", "created")
+        optional = ("device_threads", "server_threads", "created", "precision_inputs")
         for key in required:
             if key not in doc:
                 raise _fail(key, "missing")
@@ -557,10 +677,13 @@ def synthetic_profile(
     num_stages: int = 20,
     num_exits: int = 7,
     num_thresholds: int = 20,
+    precisions: bool = False,
 ) -> Profile:
     """A plausible random profile for scheduler tests and benchmarks: stage times, activation
     sizes that shrink with depth, exit rates that fall as the threshold rises and exit
-    accuracies that grow with depth.  Deterministic for a given ``rng``."""
+    accuracies that grow with depth; with `precisions`, sparse_uintb widths at the splits
+    after the first, fewer bits sending fewer bytes at a larger drop.  Deterministic for a
+    given ``rng``."""
     if not 1 <= num_exits <= num_stages:
         raise ValueError(f"need 1 <= num_exits <= num_stages, got {num_exits}, {num_stages}")
     inner = sorted(rng.sample(range(num_stages - 1), num_exits - 1))
@@ -572,12 +695,26 @@ def synthetic_profile(
     for s in range(num_stages):
         shape = (numel,)
         raw = 4 * numel
+        lossless = max(1, int(raw * rng.uniform(0.05, 0.5)))
+        widths = []
+        if precisions and s > 0:
+            for bits in range(2, rng.randint(2, 8) + 1):
+                drop = rng.uniform(0.0, 3.0) / (bits - 1)
+                widths.append(
+                    {
+                        "bits": bits,
+                        "bytes": {LOSSY_CODEC: max(1, lossless * bits // 9)},
+                        "accuracy_drop_pts": drop,
+                        "drop_bound_pts": drop * rng.uniform(1.0, 1.5),
+                    }
+                )
         splits.append(
             {
                 "split": s,
                 "shape": list(shape),
                 "numel": numel,
-                "bytes": {"float32": raw, "sparse_zstd": max(1, int(raw * rng.uniform(0.05, 0.5)))},
+                "bytes": {"float32": raw, "sparse_zstd": lossless},
+                "precisions": widths,
             }
         )
         numel = max(1, int(numel * rng.uniform(0.4, 1.2)))

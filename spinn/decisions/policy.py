@@ -1,4 +1,4 @@
-"""The policy interface: who decides ⟨split, thr_conf⟩ for the next input.
+"""The policy interface: who decides ⟨split, thr_conf, precision⟩ for the next input.
 
 docs/ARCHITECTURE.md ("Policy").  The device runtime calls ``policy.decide(now, estimates)``
 before each input (or on a timer) and uses the returned ``Decision``.  The SPINN scheduler
@@ -19,7 +19,8 @@ __all__ = ["Decision", "FixedPolicy", "Policy"]
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """Where to split and how confident an exit must be: σ = ⟨split, thr_conf⟩."""
+    """Where to split, how confident an exit must be and how precisely the activation
+    crosses: σ = ⟨split, thr_conf, precision⟩."""
 
     split: int
     """Split point s: the device runs stages [0, s), the server [s, S); 0 = server-only,
@@ -32,6 +33,10 @@ class Decision:
     final_exit: int | None = None
     """When set, the network is truncated after this exit and it always answers (Edgent's
     right-sized model); ``None``: the threshold rule with the backbone's own final exit."""
+    bits: int | None = None
+    """The precision of the upload: the activation crosses as ``sparse_uintb`` at this
+    many bits a non-zero (PROTOCOL.md §6.9), where the server takes that codec; ``None``:
+    lossless coding (sparse_int8 and the like, or the frame's pixels at split 0)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.split, bool) or not isinstance(self.split, int) or self.split < 0:
@@ -44,6 +49,9 @@ class Decision:
         fe = self.final_exit
         if fe is not None and (isinstance(fe, bool) or not isinstance(fe, int) or fe < 0):
             raise ValueError(f"Decision.final_exit must be None or an integer >= 0, got {fe!r}")
+        b = self.bits
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8):
+            raise ValueError(f"Decision.bits must be None or an integer in 1..8, got {b!r}")
 
     @property
     def exit_rule(self) -> ExitRule:
@@ -61,13 +69,16 @@ class Policy(Protocol):
 
 
 class FixedPolicy:
-    """Always the same ⟨split, thr_conf⟩, whatever the estimates (``--split``/``--thr``)."""
+    """Always the same ⟨split, thr_conf, precision⟩, whatever the estimates
+    (``--split``/``--thr``; the precision: the split's profiled width where the device
+    sends sparse_uintb)."""
 
-    def __init__(self, split: int, thr_conf: float | None) -> None:
-        self.decision = Decision(split, thr_conf, reason="fixed")
+    def __init__(self, split: int, thr_conf: float | None, bits: int | None = None) -> None:
+        self.decision = Decision(split, thr_conf, reason="fixed", bits=bits)
 
     def decide(self, now: float, estimates: Estimates) -> Decision:
         return self.decision
 
     def __repr__(self) -> str:
-        return f"FixedPolicy(split={self.decision.split}, thr_conf={self.decision.thr_conf})"
+        d = self.decision
+        return f"FixedPolicy(split={d.split}, thr_conf={d.thr_conf}, bits={d.bits})"

@@ -1,11 +1,12 @@
-"""The SPINN scheduler: SLA-driven choice of ⟨split, thr_conf⟩, re-planned live.
+"""The SPINN scheduler: SLA-driven choice of ⟨split, thr_conf, precision⟩, re-planned live.
 
 DESIGN.md part 5; the formulas are written out in docs/SCHEDULER.md and repeated at the
 place they are computed (``Predictor.predict``).  The scheduler is pure: it reads the
 offline ``Profile`` once, precomputes every per-profile array, and then each decision is a
-handful of numpy operations over the whole grid of candidates (every split 0..S × every
-threshold of the profile's grid, plus "no early exit"), so a 21 × 21 grid decides in well
-under a millisecond.
+handful of numpy operations over the whole grid of candidates (every row × every
+threshold of the profile's grid, plus "no early exit"; a row is a split 0..S with its
+lossless coding, and, when the device sends ``sparse_uintb``, each split with each width
+the profile measured there), so a 21 × 21 grid decides in well under a millisecond.
 
 The baselines of the paper's evaluation (``spinn.decisions.baselines``) implement the same
 ``Policy`` protocol, so the runtime and the benchmarks swap them freely (``make_policy``).
@@ -22,8 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import numpy.typing as npt
 
-from protocol.tensor import LOSSY_CODEC
-from spinn.decisions.offline_profile import Profile
+from spinn.decisions.offline_profile import Precision, Profile
 from spinn.decisions.online_estimates import Estimates
 from spinn.decisions.policy import Decision
 from spinn.decisions.sla import SLA, Metric
@@ -121,16 +121,18 @@ class SchedulerConfig:
     response_bytes: int = 256
     """Size of a RESULT on the wire (exit index, top-k, timings), for the download time."""
     codec: str | None = None
-    """Packing codec whose profiled sizes give the upload; ``None``: the smallest one
-    profiled at each split (what the adaptive packer achieves), lossless unless ``lossy``
-    (a device sends ``sparse_uintb`` only when told to, PROTOCOL.md §6.9)."""
+    """Packing codec whose profiled sizes give the lossless upload; ``None``: the smallest
+    lossless one profiled at each split (what the adaptive packer achieves; sparse_uintb's
+    sizes are the precision rows', ``lossy``)."""
     input_codec: str | None = None
     """Profile entry whose size gives the upload at split 0, where the device sends the
     frame's pixels (``uint8_image+zstd``, PROTOCOL.md §6.8); ``None``: ``codec``'s."""
     lossy: bool = False
-    """The device sends ``sparse_uintb`` at each split's profiled width (PROTOCOL.md
-    §6.9.1): a split's smaller upload (``codec``'s sizes) comes with its measured accuracy
-    drop, charged on the inputs uploaded there, so that the split is chosen against it."""
+    """The device can send ``sparse_uintb`` (PROTOCOL.md §6.9): the precision is chosen
+    with the split and the threshold.  Each width the profile measured at a split is a
+    candidate row beside the split's lossless coding, its smaller upload (the width's
+    profiled bytes) coming with the upper confidence bound of its accuracy drop, charged
+    on the inputs uploaded there (docs/SCHEDULER.md, "Precision")."""
     local_race: bool = True
     """The device keeps computing locally after uploading and the first answer wins
     (DESIGN.md part 7): remote latency is raced against the local path, and the device
@@ -178,19 +180,19 @@ class SchedulerConfig:
             )
 
     def upload_bytes(self, profile: Profile, split: int) -> int:
-        """Predicted bytes uploaded at ``split``: the input codec's at split 0, else the
-        codec's (``Profile.packed_bytes``)."""
+        """Predicted bytes uploaded at ``split`` with lossless coding: the input codec's at
+        split 0, else the codec's (``Profile.packed_bytes``: the smallest lossless size
+        when None; the lossy codec's sizes, up to 3× smaller on the camera model, predicted
+        uploads that a lossless device never sends, and chose splits whose real uploads
+        saturated a 1 Mbit/s link)."""
         codec = self.input_codec if split == 0 and self.input_codec is not None else self.codec
-        if codec is None and not self.lossy and split < profile.num_stages:
-            # The smallest lossless size: the lossy codec's sizes (up to 3× smaller on the
-            # camera model) predicted uploads that a lossless device never sends, and
-            # chose splits whose real uploads saturated a 1 Mbit/s link.
-            lossless = [
-                n for k, n in profile.splits[split].bytes.items() if not k.startswith(LOSSY_CODEC)
-            ]
-            if lossless:
-                return min(lossless)
         return profile.packed_bytes(split, codec)
+
+    @staticmethod
+    def precision_bytes(precision: Precision) -> int:
+        """Predicted bytes uploaded at a sparse_uintb width: the smaller of its raw and
+        zstd sizes, which the adaptive packer approaches."""
+        return min(precision.bytes.values())
 
 
 def split_name(split: int, num_stages: int) -> str:
@@ -200,6 +202,10 @@ def split_name(split: int, num_stages: int) -> str:
     if split == num_stages:
         return "device-only"
     return f"split {split}"
+
+
+def _bits_name(bits: int | None) -> str:
+    return "lossless" if bits is None else f"{bits}-bit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +238,8 @@ class Prediction:
     window_ms: float = 0.0
     """Expected time an input holds its in-flight slot, divided by ``max_in_flight``: the
     throughput model's window bound (Little's law)."""
+    bits: int | None = None
+    """sparse_uintb width of the upload; None: lossless coding."""
 
     def metric(self, m: Metric) -> float:
         return {
@@ -245,8 +253,10 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Predictions:
-    """Metrics of every candidate: arrays of shape (S+1, T), row = split, column =
-    threshold index into ``thresholds``."""
+    """Metrics of every candidate: arrays of shape (R, T), column = threshold index into
+    ``thresholds``, row = a split with a precision (``row_split``, ``row_bits``): rows
+    0..S are the splits with lossless coding, so row s is split s; rows after them, when
+    the device sends sparse_uintb, a split at one profiled width each."""
 
     thresholds: tuple[float | None, ...]
     """The threshold of each column; None: no early exit."""
@@ -265,21 +275,30 @@ class Predictions:
     """Server time per input (queue share included), the throughput model's server stage."""
     window_ms: FloatArray
     """Time an input holds its in-flight slot / ``max_in_flight``: the window bound."""
+    row_split: npt.NDArray[np.int64]
+    """Split of each row."""
+    row_bits: npt.NDArray[np.int64]
+    """sparse_uintb width of each row, 0 for lossless coding."""
 
-    def at(self, split: int, t: int) -> Prediction:
+    def bits(self, row: int) -> int | None:
+        """The row's sparse_uintb width, None for lossless coding."""
+        return int(self.row_bits[row]) or None
+
+    def at(self, row: int, t: int) -> Prediction:
         return Prediction(
-            split=split,
+            split=int(self.row_split[row]),
             thr_conf=self.thresholds[t],
-            latency_ms=float(self.latency_ms[split, t]),
-            throughput=float(self.throughput[split, t]),
-            server_cost_ms=float(self.server_cost_ms[split, t]),
-            device_cost_ms=float(self.device_cost_ms[split, t]),
-            accuracy=float(self.accuracy[split, t]),
-            offload_rate=float(self.offload_rate[split, t]),
-            uplink_ms=float(self.uplink_ms[split, t]),
-            device_busy_ms=float(self.device_busy_ms[split, t]),
-            server_busy_ms=float(self.server_busy_ms[split, t]),
-            window_ms=float(self.window_ms[split, t]),
+            latency_ms=float(self.latency_ms[row, t]),
+            throughput=float(self.throughput[row, t]),
+            server_cost_ms=float(self.server_cost_ms[row, t]),
+            device_cost_ms=float(self.device_cost_ms[row, t]),
+            accuracy=float(self.accuracy[row, t]),
+            offload_rate=float(self.offload_rate[row, t]),
+            uplink_ms=float(self.uplink_ms[row, t]),
+            device_busy_ms=float(self.device_busy_ms[row, t]),
+            server_busy_ms=float(self.server_busy_ms[row, t]),
+            window_ms=float(self.window_ms[row, t]),
+            bits=self.bits(row),
         )
 
     def cost(self, m: Metric) -> FloatArray:
@@ -318,14 +337,21 @@ class Predictor:
         self.thresholds: tuple[float | None, ...] = tuple(ExitRule(t).thr_conf for t in thresholds)
         self.rates: FloatArray = np.array([p.exit_rate(t) for t in self.thresholds])  # (T, E)
         acc = np.array([p.accuracy(t) for t in self.thresholds])  # (T,)
-        splits = np.arange(s_count + 1)
+        # The rows: every split with lossless coding (row s = split s), then, when the
+        # device can send sparse_uintb, every split at every width measured there.
+        rows: list[tuple[int, Precision | None]] = [(s, None) for s in range(s_count + 1)]
+        if self.config.lossy:
+            rows += [(s, q) for s in range(s_count) for q in p.splits[s].lossy_options()]
+        self.row_split = np.array([s for s, _ in rows], dtype=np.int64)
+        self.row_bits = np.array([0 if q is None else q.bits for _, q in rows], dtype=np.int64)
+        splits = self.row_split
         x = np.asarray(p.exit_stages)
         dev_cum = np.array([p.device_time_ms(k) for k in range(s_count + 1)])
         srv_cum = np.array([p.server_time_ms(0, k) for k in range(s_count + 1)])
         # An exit read after stage x runs on the device iff x < split (ARCHITECTURE.md).
-        self.local: BoolArray = x[None, :] < splits[:, None]  # (S+1, E)
+        self.local: BoolArray = x[None, :] < splits[:, None]  # (R, E)
         self.remote: BoolArray = ~self.local
-        self.dev_split_ms: FloatArray = dev_cum  # device time of stages [0, s)
+        self.dev_split_ms: FloatArray = dev_cum[splits]  # device time of stages [0, s)
         # Stages the local race runs after split s to reach exit e (one call each).
         self.race_steps: FloatArray = np.where(
             self.remote, (x[None, :] + 1 - splits[:, None]).astype(np.float64), 0.0
@@ -333,30 +359,37 @@ class Predictor:
         self.dev_exit_ms: FloatArray = dev_cum[x + 1]  # device time up to exit e
         # Server time from the split to exit e (stages [s, x_e]), for exits after the split.
         self.srv_path_ms: FloatArray = np.where(
-            self.remote, srv_cum[x + 1][None, :] - srv_cum[:, None], 0.0
+            self.remote, srv_cum[x + 1][None, :] - srv_cum[splits][:, None], 0.0
         )
-        self.bits = np.array([8.0 * self.config.upload_bytes(p, s) for s in range(s_count)] + [0.0])
+        self.bits = np.array(
+            [
+                0.0
+                if s == s_count
+                else 8.0
+                * (self.config.upload_bytes(p, s) if q is None else self.config.precision_bytes(q))
+                for s, q in rows
+            ]
+        )
         self.response_bits = 8.0 * self.config.response_bytes
-        # Offline parts of the per-candidate sums, (S+1, T).
+        # Offline parts of the per-candidate sums, (R, T).
         self.remote_rates: FloatArray = self.rates[None, :, :] * self.remote[:, None, :]
         self.offload: FloatArray = self.remote_rates.sum(axis=-1)
         self.local_rates: FloatArray = self.rates[None, :, :] * self.local[:, None, :]
         self.srv_cost_offline: FloatArray = (self.remote_rates * self.srv_path_ms[:, None, :]).sum(
             axis=-1
         )
-        self.accuracy: FloatArray = np.broadcast_to(acc, (s_count + 1, len(thresholds)))
-        if self.config.lossy:
-            # The drop was measured on every input at each exit after the split; the
-            # inputs uploaded there (a share `offload`) are the ones that can lose it.
-            drop = [0.0 if sp.lossy is None else sp.lossy.accuracy_drop_pts for sp in p.splits]
-            drops = np.array([*drop, 0.0]) / 100.0  # device-only uploads nothing
-            self.accuracy = self.accuracy - drops[:, None] * self.offload
+        # A width's drop was measured on every input at each exit after the split; the
+        # inputs uploaded there (a share `offload`) are the ones that can lose it.  The
+        # upper confidence bound is charged: an accuracy limit is then met with the
+        # confidence the profile chose its widths with (spinn.offline.profiling.drop_with_bound).
+        drops = np.array([0.0 if q is None else q.drop_bound_pts / 100.0 for _, q in rows])
+        self.accuracy: FloatArray = acc[None, :] - drops[:, None] * self.offload
         self.is_device_only: BoolArray = splits == s_count
         self.num_exits = n_exits
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.profile.num_stages + 1, len(self.thresholds))
+        return (len(self.row_split), len(self.thresholds))
 
     def predict(self, est: Estimates) -> Predictions:
         """Every candidate's metrics under ``est`` (formulas: docs/SCHEDULER.md).
@@ -523,7 +556,17 @@ class Predictor:
             device_busy_ms=device_busy,
             server_busy_ms=server_busy,
             window_ms=window,
+            row_split=self.row_split,
+            row_bits=self.row_bits,
         )
+
+    def row(self, split: int, bits: int | None = None) -> int:
+        """The row of ``split`` at the sparse_uintb width ``bits`` (None: lossless);
+        ValueError if it is not a candidate."""
+        hit = np.flatnonzero((self.row_split == split) & (self.row_bits == (bits or 0)))
+        if not hit.size:
+            raise ValueError(f"no candidate at split {split} with {_bits_name(bits)} coding")
+        return int(hit[0])
 
     def threshold_index(self, thr_conf: float | None) -> int:
         """Grid column of ``thr_conf`` (nearest at or above, else the last column); None
@@ -578,6 +621,10 @@ class Choice:
     prediction: Prediction
     violations: tuple[str, ...] = ()
     """The limits the chosen candidate breaks, in words (empty when feasible)."""
+    row: int = -1
+    """Row of the candidate in ``Predictions`` (the split with its precision)."""
+    bits: int | None = None
+    """sparse_uintb width of the upload; None: lossless coding."""
 
 
 def _limit_arrays(
@@ -639,7 +686,7 @@ def lexicographic_pool(
 
 
 def choose(pred: Predictions, sla: SLA, config: SchedulerConfig) -> tuple[int, int, bool]:
-    """(split, threshold index, feasible): the lexicographic optimum among the feasible
+    """(row, threshold index, feasible): the lexicographic optimum among the feasible
     candidates, or among the least-violating ones if none is feasible.  Survivors of the
     tolerance filter are ranked by the exact last metric, then by grid order."""
     valid = pred.valid
@@ -734,10 +781,12 @@ class Scheduler:
             for s in splits:
                 if not 0 <= s <= profile.num_stages:
                     raise ValueError(f"split {s} out of range 0..{profile.num_stages}")
-                allowed[s, :] = True
+                allowed[self.predictor.row_split == s, :] = True
             self._allowed = allowed
         self.current: Decision | None = None
         self.current_choice: Choice | None = None
+        self._current_row: int | None = None
+        """Row of ``current`` in the predictions (its split with its precision)."""
         self._current_t: int | None = None
         self._estimates_at_change: Estimates | None = None
         self.history: list[tuple[float, Decision]] = []
@@ -768,14 +817,17 @@ class Scheduler:
         s, t, ok = choose(pred, self.sla, self.config)
         return self._choice(pred, s, t, ok)
 
-    def _choice(self, pred: Predictions, s: int, t: int, ok: bool) -> Choice:
+    def _choice(self, pred: Predictions, row: int, t: int, ok: bool) -> Choice:
+        margin = self.config.latency_margin
         return Choice(
-            split=s,
+            split=int(pred.row_split[row]),
             thr_index=t,
             thr_conf=pred.thresholds[t],
             feasible=ok,
-            prediction=pred.at(s, t),
-            violations=() if ok else _violations(self.sla, pred, s, t, self.config.latency_margin),
+            prediction=pred.at(row, t),
+            violations=() if ok else _violations(self.sla, pred, row, t, margin),
+            row=row,
+            bits=pred.bits(row),
         )
 
     def _dwelling(
@@ -785,7 +837,7 @@ class Scheduler:
         this B (``dwell_bandwidth_ratio``), still valid, within every hard limit (when
         anything is) and, when the optimum is at another split, within the dwell's wide
         band of it (``dwell_band``)."""
-        if self.current is None or self._current_t is None or not self.history:
+        if self.current is None or self._current_row is None or not self.history:
             return False
         if not 0.0 <= now - self.history[-1][0] < self.config.min_dwell_s:
             return False  # dwelt long enough, or a new time base
@@ -800,7 +852,8 @@ class Scheduler:
         # device time estimate swinging ×2.7–3.3.
         if best_split != self.current.split:
             return self._keep_current(pred, best_ok, self.config.dwell_band, first_only=True)
-        s, t = self.current.split, self._current_t
+        s, t = self._current_row, self._current_t
+        assert t is not None
         viol = violation(self.sla, pred, self.config.latency_margin)
         return bool(pred.valid[s, t]) and not (best_ok and viol[s, t] > 0)
 
@@ -845,9 +898,10 @@ class Scheduler:
     def _watch_noise(self, now: float, pred: Predictions) -> None:
         """Keeps the current decision's predicted first metric of each re-plan within
         ``noise_window_s``."""
-        if self.current is None or self._current_t is None or self.config.noise_window_s <= 0:
+        row, t = self._current_row, self._current_t
+        if row is None or t is None or self.config.noise_window_s <= 0:
             return
-        cost = float(pred.cost(self.sla.order[0])[self.current.split, self._current_t])
+        cost = float(pred.cost(self.sla.order[0])[row, t])
         seen = self._seen
         while seen and not 0.0 <= now - seen[0][0] <= self.config.noise_window_s:
             seen.popleft()  # too old, or a new time base
@@ -874,9 +928,9 @@ class Scheduler:
         ``noise_window_s``) and, on the others, within the hysteresis band of the
         candidates that are within the plain band on the first one: a challenger that
         is only better on the first metric by less than the noise does not replace it."""
-        if widen <= 1.0 or self.current is None or self._current_t is None:
+        if widen <= 1.0 or self._current_row is None or self._current_t is None:
             return False
-        s, t = self.current.split, self._current_t
+        s, t = self._current_row, self._current_t
         if not pred.valid[s, t]:
             return False
         viol = violation(self.sla, pred, self.config.latency_margin)
@@ -899,9 +953,9 @@ class Scheduler:
         """Whether the current decision is still within the hysteresis band (widened
         ``widen`` times more, on the first ranked metric alone with ``first_only``: the
         dwell's band)."""
-        if self.current is None or self._current_t is None:
+        if self._current_row is None or self._current_t is None:
             return False
-        s, t = self.current.split, self._current_t
+        s, t = self._current_row, self._current_t
         if not pred.valid[s, t]:
             return False
         viol = violation(self.sla, pred, self.config.latency_margin)
@@ -933,21 +987,24 @@ class Scheduler:
         self._planned = (now, estimates.server_up)
         pred = self._smoothed(now, self.predict(estimates), estimates)
         self._watch_noise(now, pred)
-        s, t, ok = choose(pred, self.sla, self.config)
-        if self.current is not None and (s, t) == (self.current.split, self._current_t):
-            self.current_choice = self._choice(pred, s, t, ok)
+        row, t, ok = choose(pred, self.sla, self.config)
+        s = int(pred.row_split[row])
+        if self.current is not None and (row, t) == (self._current_row, self._current_t):
+            self.current_choice = self._choice(pred, row, t, ok)
             return self.current
         if self.current is not None and (
             self._dwelling(now, pred, ok, s, estimates)
             or self._keep_current(pred, ok)
             or self._keep_through_noise(pred, ok, self._noise_widening())
         ):
-            assert self._current_t is not None
-            self.current_choice = self._choice(pred, self.current.split, self._current_t, ok)
+            assert self._current_row is not None and self._current_t is not None
+            self.current_choice = self._choice(pred, self._current_row, self._current_t, ok)
             return self.current
-        choice = self._choice(pred, s, t, ok)
+        choice = self._choice(pred, row, t, ok)
         new_rule = ExitRule(choice.thr_conf)
         new_desc = f"{split_name(s, self.profile.num_stages)}, {new_rule.describe()}"
+        if self.predictor.config.lossy and s < self.profile.num_stages:
+            new_desc += f", {_bits_name(choice.bits)}"
         if self.current is None or self._estimates_at_change is None:
             reason = f"initial: {new_desc}"
         else:
@@ -960,6 +1017,8 @@ class Scheduler:
                 )
             if old.thr_conf != choice.thr_conf:
                 parts.append(f"{old.exit_rule.describe()} → {new_rule.describe()}")
+            if old.bits != choice.bits:
+                parts.append(f"{_bits_name(old.bits)} → {_bits_name(choice.bits)}")
             reason = f"{_driver(self._estimates_at_change, estimates)}: {', '.join(parts)}"
         p = choice.prediction
         reason += (
@@ -968,9 +1027,10 @@ class Scheduler:
         )
         if not ok:
             reason += "; INFEASIBLE, least-violating: " + "; ".join(choice.violations)
-        decision = Decision(s, choice.thr_conf, reason)
+        decision = Decision(s, choice.thr_conf, reason, bits=choice.bits)
         log.info("%s %s", self.name, reason)
         self.current, self._current_t, self.current_choice = decision, t, choice
+        self._current_row = row
         self._estimates_at_change = estimates
         self._seen.clear()
         self.history.append((now, decision))

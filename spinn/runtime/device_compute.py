@@ -132,26 +132,30 @@ def make_policy(
     if policy is not None:
         return policy
     if config.policy.policy == "fixed":
-        return FixedPolicy(split, config.policy.thr_conf)
+        # With sparse_uintb, the split's profiled width (PROTOCOL.md §6.9.1).
+        width = profile.splits[split].lossy if split < num_stages else None
+        bits = width.bits if width is not None and codecs[0] == LOSSY_CODEC else None
+        return FixedPolicy(split, config.policy.thr_conf, bits)
     from spinn.decisions.baselines import make_policy
     from spinn.decisions.scheduler import SchedulerConfig
 
     # Upload sizes predicted with the codec this device packs with (docs/SCHEDULER.md,
     # "Predicted versus measured"); a profile that did not measure it leaves the smallest
-    # profiled size.
-    codec = profiled_codec(codecs[0], config.link.zstd, profile.codecs)
-    # sparse_uintb is profiled only at the splits with a width, where it is the smallest
-    # size measured: None predicts with it there.
-    if codec is None and codecs[0] != LOSSY_CODEC:
+    # profiled size. With sparse_uintb the scheduler chooses the precision: its lossless
+    # candidates are what the device sends without a width, sparse_int8.
+    lossy = codecs[0] == LOSSY_CODEC
+    lossless = codecs[-1] if lossy else codecs[0]
+    codec = profiled_codec(lossless, config.link.zstd, profile.codecs)
+    if codec is None:
         log.warning(
             "codec %s not in the profile (%s): predicting with the smallest size",
-            codecs[0],
+            lossless,
             ", ".join(profile.codecs),
         )
     scheduler_config = SchedulerConfig(
         codec=codec,
         input_codec=profiled_input_codec(config, profile),
-        lossy=codecs[0] == LOSSY_CODEC,
+        lossy=lossy,
         # The in-flight window decides the race under load (docs/SCHEDULER.md).
         max_in_flight=config.source.max_in_flight,
     )
@@ -180,8 +184,8 @@ class DeviceModel:
         self.codecs: tuple[str, ...] = (
             (DICT_CODEC, "sparse_int8")
             if self.dictionaries is not None
-            # sparse_uintb where the server takes it, at each split's profiled width
-            # (PROTOCOL.md §6.9.1), else sparse_int8, which every server takes.
+            # sparse_uintb where the server takes it, at the decision's width (PROTOCOL.md
+            # §6.9; none: lossless), else sparse_int8, which every server takes.
             else (LOSSY_CODEC, "sparse_int8")
             if config.link.codec == LOSSY_CODEC
             else ("sparse_int8" if config.link.codec == DICT_CODEC else config.link.codec,)
@@ -274,7 +278,7 @@ class DeviceModel:
             if plan.split == 0 and link.sends_pixels:
                 packed = pack(pixels[None], IMAGE_CODEC, zstd, bandwidth_bps)
             elif link.codec == LOSSY_CODEC:
-                packed = self._pack_lossy(out.activation.numpy(), plan.split, zstd, bandwidth_bps)
+                packed = self._pack_lossy(out.activation.numpy(), plan.bits, zstd, bandwidth_bps)
             else:
                 packed = pack(
                     out.activation.numpy(),
@@ -309,14 +313,13 @@ class DeviceModel:
         return found
 
     def _pack_lossy(
-        self, activation: Any, split: int, zstd: bool | None, bandwidth_bps: float
+        self, activation: Any, bits: int | None, zstd: bool | None, bandwidth_bps: float
     ) -> PackedTensor:
-        """sparse_uintb at the split's profiled width (PROTOCOL.md §6.9.1); sparse_int8 at a
-        split without one, or for a tensor the codec cannot carry (a negative value)."""
-        lossy = self.profile.splits[split].lossy
-        if lossy is not None:
+        """sparse_uintb at the decision's width (PROTOCOL.md §6.9); sparse_int8 for a
+        lossless decision, or for a tensor the codec cannot carry (a negative value)."""
+        if bits is not None:
             try:
-                return pack(activation, LOSSY_CODEC, zstd, bandwidth_bps, bits=lossy.bits)
+                return pack(activation, LOSSY_CODEC, zstd, bandwidth_bps, bits=bits)
             except ValueError:
                 pass
         return pack(activation, "sparse_int8", zstd, bandwidth_bps)

@@ -139,6 +139,8 @@ class Plan:
     """Exit that always answers at the end of a truncated network."""
     wire_early_exits: bool = True
     """INFER's early_exits: False asks the server for its final exit only."""
+    bits: int | None = None
+    """sparse_uintb width of the upload (``Decision.bits``); None: lossless."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,7 +452,7 @@ class DeviceCore:
             if exits_after and exits_after[0] == forced:
                 # The truncation exit is the server's first: threshold 0 makes it answer.
                 wire_thr, wire_early_exits = ExitRule(0.0).to_wire()
-        return Plan(split, last, rule, wire_thr, forced, wire_early_exits)
+        return Plan(split, last, rule, wire_thr, forced, wire_early_exits, decision.bits)
 
     def decide(self, now: float) -> Decision:
         """The policy's ⟨split, thr_conf⟩ for the next frame read, from the live estimates
