@@ -19,10 +19,12 @@ written into every result.
    second; progressive model versus the single-exit model with the same splitting.
 6. The shipped model's accuracy/threshold table.
 
-Beside them, from the offline profile alone: the residual rate (uploaded bytes per input ÷
-the raw image's bytes) within 1 and 5 points of the final exit's accuracy,
-``residual_rate_1pt`` and ``residual_rate_5pt`` (``bench.wire.residual_rates``: the
-least over the co-inference configurations, sparse_uintb where the profile has widths).
+Beside them, from the offline profile and the scheduler: the residual rate (uploaded bytes
+per input ÷ the raw image's bytes) within 1 and 5 points of the final exit's accuracy,
+``residual_rate_1pt`` and ``residual_rate_5pt`` (``residual_rates``): what the scheduler
+chooses, precision included, as the fastest co-inference configuration within the bound,
+on the plan's slowest link (1 Mbit/s, 10 ms RTT), with the device at ``--device-slowdown``
+and running at most half the network's compute for any input.
 
 Results: ``bench/results/`` (one Markdown table and one PNG per experiment, README.md).
 The last line printed is one JSON object with the headline figures.
@@ -57,15 +59,16 @@ from bench._harness import (
     config_accuracy,
     measure,
 )
-from bench.wire import residual_rates
 from spinn.decisions.baselines import make_policy
 from spinn.decisions.offline_profile import Profile
+from spinn.decisions.online_estimates import Estimates
 from spinn.decisions.policy import FixedPolicy, Policy
-from spinn.decisions.scheduler import split_name
+from spinn.decisions.scheduler import Scheduler, SchedulerConfig, choose, split_name
 from spinn.decisions.sla import SLA, Metric
+from spinn.model.exits import ExitRule
 from spinn.pretrained import DEFAULT_CHECKPOINT as _DEFAULT_CHECKPOINT
 
-__all__ = ["BASELINES", "Plan", "main", "run_all"]
+__all__ = ["BASELINES", "Plan", "main", "residual_rates", "run_all"]
 
 DEFAULT_CHECKPOINT = _DEFAULT_CHECKPOINT
 DEFAULT_RESULTS = ROOT / "bench" / "results"
@@ -1308,9 +1311,14 @@ def run_all(
         figures: dict[str, Any] = {"frames_lost": b.frames_lost}
         if e1 and e4 and e6:
             figures = headline(e1, e4, e6, b.frames_lost, e2, e3)
-        # Uploaded bytes per input ÷ the image's within 1 and 5 points of accuracy, from
-        # the profile (bench.wire.residual_rates; sparse_uintb where it has widths).
-        figures.update(residual_rates(tb.profile))
+        # Uploaded bytes per input ÷ the image's within 1 and 5 points of accuracy, as the
+        # scheduler chooses them (residual_rates; sparse_uintb where it has widths).
+        # (tb.profile's device times are already device_slowdown× the profiled ones.)
+        residual = residual_rates(tb.profile)
+        for key, value in residual.items():
+            if key.startswith("residual_decision"):
+                print(f"{key}: {value}")
+        figures.update(residual)
         raw["figures"] = figures
         raw["machine"] = {**b.machine, "load_avg_end": _machine()["load_avg"]}
         _write(out / "raw.json", json.dumps(raw, indent=1) + "\n")
@@ -1318,6 +1326,68 @@ def run_all(
             write_readme(b, figures, e1, e2, e3, e4, e5, e6, time.monotonic() - started)
         print(f"{b.runs} runs in {(time.monotonic() - started) / 60:.1f} min; results in {out}")
     return figures
+
+
+RESIDUAL_BOUNDS_PTS = (1.0, 5.0)
+"""Accuracy-loss bounds of the residual rates (points below the final exit's accuracy)."""
+RESIDUAL_LINK = Estimates(bandwidth_bps=1e6, latency_s=0.010)
+"""The link the residual rates are chosen for: the plans' slowest, 1 Mbit/s with 5 ms each
+way, where the upload decides and lossy precision pays most."""
+RESIDUAL_DEVICE_SHARE = 0.5
+"""The device's compute limit per input, as a share of the whole network's device time:
+like RTCoInfer's, a device that runs part of the network before it uploads, never all of
+it, whatever the early exits save on average."""
+
+
+def residual_rates(profile: Profile, device_slowdown: float = 1.0) -> dict[str, Any]:
+    """Residual rate (uploaded bytes per input ÷ the raw image's bytes, one byte per input
+    value, ``splits[0].numel``) at each accuracy-loss bound, as SPINN's scheduler reaches
+    it: ⟨split, threshold, precision⟩ chosen together (``SchedulerConfig.lossy``) as the
+    fastest within the bound (SLA ``min_accuracy`` = the final exit's accuracy − bound, the
+    precisions charged their drop's upper confidence bound) on ``RESIDUAL_LINK``, the
+    device ``device_slowdown``× its profiled time, no local race (the device computes its
+    part only), among the splits whose device part takes at most
+    ``RESIDUAL_DEVICE_SHARE`` of the whole network's device time: the device's compute
+    limit (device-only, which uploads nothing, is not among them). The bytes are the
+    chosen row's upload times the share of inputs that reach the split (at split 0 the
+    frame's pixels where profiled); a threshold at which no input reaches the split
+    uploads nothing and is not one either. Beside each rate, ``residual_decision_<b>pt`` says
+    what was chosen; None where nothing meets the bound within the limit."""
+    reference = profile.exit_accuracy[-1]
+    image_bytes = profile.splits[0].numel
+    pixels = "uint8_image+zstd"
+    config = SchedulerConfig(
+        lossy=True,
+        local_race=False,
+        latency_margin=0.0,
+        input_codec=pixels if pixels in profile.splits[0].bytes else None,
+    )
+    estimates = dataclasses.replace(RESIDUAL_LINK, device_scale=device_slowdown)
+    limit_ms = RESIDUAL_DEVICE_SHARE * profile.device_time_ms(profile.num_stages)
+    splits = [s for s in range(profile.num_stages) if profile.device_time_ms(s) <= limit_ms]
+    out: dict[str, Any] = {}
+    for bound in RESIDUAL_BOUNDS_PTS:
+        sla = SLA(min_accuracy=max(0.0, reference - bound / 100), rank=(Metric.LATENCY,))
+        sched = Scheduler(profile, sla, config, splits=splits)
+        pred = sched.predict(estimates)
+        # Co-inference: a threshold at which the device's exits answer every input before
+        # the split uploads nothing, device-only in effect.
+        pred = dataclasses.replace(pred, valid=pred.valid & (pred.offload_rate > 0))
+        key = f"{bound:g}pt"
+        row, t, feasible = choose(pred, sla, config) if pred.valid.any() else (0, 0, False)
+        if not feasible:
+            out[f"residual_rate_{key}"] = out[f"residual_decision_{key}"] = None
+            continue
+        p = pred.at(row, t)
+        sent = float(sched.predictor.bits[row]) / 8 * p.offload_rate
+        out[f"residual_rate_{key}"] = round(sent / image_bytes, 6)
+        out[f"residual_decision_{key}"] = (
+            f"{split_name(p.split, profile.num_stages)}, {ExitRule(p.thr_conf).describe()}, "
+            f"{'lossless' if p.bits is None else f'{p.bits}-bit'}: {sent:.0f} B per input, "
+            f"accuracy {100 * p.accuracy:.2f}% (final exit {100 * reference:.2f}%), "
+            f"device compute {p.device_cost_ms:.2f} ms per input (splits 0..{splits[-1]} allowed)"
+        )
+    return out
 
 
 @contextlib.contextmanager

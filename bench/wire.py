@@ -46,9 +46,10 @@
    the camera workload's 3×96×96 RGB frames rendered from them (colour, sensor noise), and
    the same images plainly enlarged to 3×96×96 RGB (smooth, noise-free).
 4. The lossy ``sparse_uintb`` (PROTOCOL.md §6.9) at the widths the checkpoint's profile
-   records per split (``spinn profile``: the fewest bits within 0.5 points of accuracy on
-   the calibration set), on the last ``--lossy-images`` test images of the model's own
-   dataset, held out from that calibration: bytes against float32 over splits 1..S-1
+   records per split (``spinn profile``: the fewest bits whose accuracy drop on the first
+   8,000 test images is within 0.5 points with 95 % confidence), on the last
+   ``--lossy-images`` test images of the model's own dataset, held out from those (the
+   bench refuses an overlap): bytes against float32 over splits 1..S-1
    (sparse_int8 where a split has no width; zstd where it is smaller), target ≥ 10×; and
    the accuracy it costs, the largest drop over the splits and the exits after each,
    target ≤ 0.5 points. For the checkpoint, and for the shipped camera model
@@ -679,7 +680,6 @@ def measure_lossy(checkpoint: str, images: int) -> LossyFigures:
     import torch
 
     from bench._common import frames_dataset
-    from spinn.decisions.offline_profile import Profile
     from spinn.model.checkpoint import load_checkpoint
     from spinn.offline import data
     from spinn.offline.profiling import lossy_accuracy_drop_pts
@@ -688,6 +688,11 @@ def measure_lossy(checkpoint: str, images: int) -> LossyFigures:
     profile = Profile.load(Path(checkpoint).with_name("profile.json"))
     test = data.load_fashion_mnist("test")
     held_out = slice(len(test) - images, len(test))
+    if profile.precision_inputs > held_out.start:
+        raise ValueError(
+            f"--lossy-images {images}: the last {images} test images overlap the first "
+            f"{profile.precision_inputs} that {checkpoint}'s profile chose its widths on"
+        )
     images_set = test.subset(held_out)
     if frames_dataset(meta.recipe) == "fashion-mnist-camera":
         frames = data.render_camera_frames(images_set.images, np.arange(len(test))[held_out])
@@ -729,45 +734,6 @@ def print_lossy(figures: LossyFigures) -> None:
         verdict = "met" if drop_pts <= LOSSY_DROP_TARGET_PTS else "missed"
         print(f"  largest accuracy drop {drop_pts:.2f} points "
               f"(target <= {LOSSY_DROP_TARGET_PTS:g}, {verdict})")  # fmt: skip
-
-
-RESIDUAL_BOUNDS_PTS = (1.0, 5.0)
-"""Accuracy-loss bounds of the residual rates (points below the final exit's accuracy)."""
-
-
-def residual_rates(profile: Profile) -> dict[str, float | None]:
-    """Residual rate (uploaded bytes per input ÷ the raw image's bytes) at each accuracy-loss
-    bound, from the offline profile: the least over the co-inference configurations (split
-    0..S-1 with some input uploaded; device-only uploads nothing and is not one, nor is a
-    threshold at which the device's exits answer every input) whose predicted accuracy is within
-    the bound of the final exit's, each a threshold and a precision. The upload is the
-    split's smallest lossless coding (at split 0 the frame's pixels where profiled), or
-    ``sparse_uintb+zstd`` at the split's profiled width (PROTOCOL.md §6.9), times the share
-    of inputs that reach the split; the lossy one loses its measured drop on that share,
-    as the scheduler predicts it. The raw image is one byte per input value
-    (``splits[0].numel``)."""
-    reference = profile.exit_accuracy[-1]
-    image_bytes = profile.splits[0].numel
-    candidates: list[tuple[float, float]] = []  # (accuracy, bytes per input)
-    for split in range(profile.num_stages):
-        sizes = profile.splits[split].bytes
-        lossless = min(v for k, v in sizes.items() if not k.startswith(LOSSY_CODEC))
-        lossy = profile.splits[split].lossy
-        for thr in (*profile.thr_grid, None):  # None: no early exit
-            reach = profile.reach_prob(split, thr)
-            if reach <= 0.0:
-                continue  # every input answered on the device: device-only in effect
-            accuracy = profile.accuracy(thr)
-            candidates.append((accuracy, reach * lossless))
-            if lossy is not None and f"{LOSSY_CODEC}+zstd" in sizes:
-                lost = reach * lossy.accuracy_drop_pts / 100
-                candidates.append((accuracy - lost, reach * sizes[f"{LOSSY_CODEC}+zstd"]))
-    out: dict[str, float | None] = {}
-    for bound in RESIDUAL_BOUNDS_PTS:
-        within = [b for a, b in candidates if a >= reference - bound / 100 - 1e-12]
-        key = f"residual_rate_{bound:g}pt"
-        out[key] = round(min(within) / image_bytes, 6) if within else None
-    return out
 
 
 def zstd_speeds(arrays: Sequence[np.ndarray], repeats: int) -> tuple[float, float]:
@@ -1192,10 +1158,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{1:<10} {raw_seq:22.0f} {framed_seq:16.0f} {ratio_seq:11.0%}  (serial round trips)")
     print_input(inputs)
     # After the timed runs: the accuracy runs use both cores' worth of torch.
-    lossy = [measure_lossy(args.checkpoint, args.lossy_images)]
+    checkpoints = [args.checkpoint]
     camera = MODELS_DIR / "camera" / "model.pt"
     if camera.exists() and camera.with_name("profile.json").exists():
-        lossy.append(measure_lossy(str(camera), args.lossy_images))
+        checkpoints.append(str(camera))
+    try:
+        lossy = [measure_lossy(c, args.lossy_images) for c in checkpoints]
+    except ValueError as exc:  # held-out images the widths were chosen on
+        parser.error(str(exc))
     for measured in lossy:
         print_lossy(measured)
 

@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,6 @@ from bench._harness import (
     measure,
     scaled_device_profile,
 )
-from bench.wire import residual_rates
 from spinn.decisions.offline_profile import Profile
 from spinn.decisions.policy import FixedPolicy
 from tools.netshape import load_trace
@@ -309,10 +309,11 @@ def test_run_all_tiny(small: tuple[Path, Path], tmp_path: Path, restore_affinity
     figures = paper.run_all(tiny, out, ckpt, prof, 2.0, only=(1, 6))
     # The next workload pins afresh: the run gives back the cores it took.
     assert os.sched_getaffinity(0) == before
-    # Without experiment 4 no headline; the residual rates come from the profile alone.
-    rates = residual_rates(Profile.load(prof))
+    # Without experiment 4 no headline; the residual rates come from the profile and the
+    # scheduler alone.
+    rates = paper.residual_rates(Profile.load(prof), 2.0)
     assert figures == {"frames_lost": 0, **rates}
-    assert set(rates) == {"residual_rate_1pt", "residual_rate_5pt"}
+    assert set(rates) == {f"residual_{k}_{b}pt" for k in ("rate", "decision") for b in (1, 5)}
     md = (out / "exp1_bandwidth.md").read_text()
     assert "Device slowdown ×2" in md and "tiny 50 Mbit/s" in md
     assert (out / "exp1_bandwidth.png").stat().st_size > 1000
@@ -321,3 +322,40 @@ def test_run_all_tiny(small: tuple[Path, Path], tmp_path: Path, restore_affinity
     row = raw["exp1"]["rows"][0]
     assert set(row["fps"]) == set(paper.POLICIES)
     assert row["oracle_fps"] >= max(row["fps"]["device-only"], row["fps"]["server-only"])
+
+
+def test_residual_rates_are_the_schedulers_choice_within_the_device_limit() -> None:
+    # Two stages of 1 ms on the device (an early exit after stage 0) and 10,000-value images:
+    # the device may run at most half the network (split 0 or 1); on the 1 Mbit/s link the
+    # upload decides which is fastest.
+    doc: dict[str, Any] = {
+        "format": "spinn-profile/1", "model_id": "m", "weights_sha256": "", "arch": "a",
+        "num_stages": 2, "exit_stages": [0, 1],
+        "splits": [
+            {"split": 0, "shape": [10000], "numel": 10000, "bytes": {"uint8_image+zstd": 6000}},
+            {"split": 1, "shape": [5000], "numel": 5000, "bytes": {"sparse_int8+zstd": 4000}},
+        ],
+        "stage_device_ms": [1.0, 1.0], "stage_server_ms": [0.1, 0.1],
+        "exit_accuracy": [0.8, 0.9],
+        "thresholds": [{"thr_conf": 0.5, "exit_rate": [0.5, 0.5], "accuracy": 0.88}],
+        "calibration_size": 10,
+    }  # fmt: skip
+    plain = paper.residual_rates(Profile.from_dict(doc))
+    # Within 1 point: no early exit (90%), split 1 sends 4,000 of the 10,000 image bytes;
+    # within 5, the threshold (88%): half the inputs answer on the device.
+    assert (plain["residual_rate_1pt"], plain["residual_rate_5pt"]) == (0.4, 0.2)
+    assert plain["residual_decision_5pt"].startswith("split 1, thr 0.50, lossless: 2000 B")
+    doc["splits"][1]["precisions"] = [
+        {"bits": 3, "bytes": {"sparse_uintb+zstd": 1000}, "accuracy_drop_pts": 1.5,
+         "drop_bound_pts": 2.0},
+    ]  # fmt: skip
+    lossy = paper.residual_rates(Profile.from_dict(doc))
+    # The 3-bit width's drop bound (2 points) keeps it out of the 1-point bound; within 5
+    # points it is faster: half the inputs at 1,000 bytes (88% − 1 point lost on half).
+    assert (lossy["residual_rate_1pt"], lossy["residual_rate_5pt"]) == (0.4, 0.05)
+    assert "3-bit" in lossy["residual_decision_5pt"]
+    # A first stage longer than half the network: split 1 is out; the pixels go.
+    doc["stage_device_ms"] = [30.0, 1.0]
+    limited = paper.residual_rates(Profile.from_dict(doc))
+    assert limited["residual_rate_1pt"] == 0.6
+    assert limited["residual_decision_1pt"].startswith("server-only")

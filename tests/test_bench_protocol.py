@@ -172,31 +172,3 @@ def test_lossy_rows_follow_the_profile_widths(tmp_path: Path) -> None:
         else:
             assert with_width.sent_bytes < 0.6 * without.sent_bytes
     assert lossy.ratio > plain.ratio
-
-
-def test_residual_rates_from_a_profile() -> None:
-    from spinn.decisions.offline_profile import Profile
-
-    # Two stages, one early exit after stage 0; 100-value images; the final exit 90%.
-    doc = {
-        "format": "spinn-profile/1", "model_id": "m", "weights_sha256": "", "arch": "a",
-        "num_stages": 2, "exit_stages": [0, 1],
-        "splits": [
-            {"split": 0, "shape": [100], "numel": 100, "bytes": {"uint8_image+zstd": 60}},
-            {"split": 1, "shape": [50], "numel": 50, "bytes": {"sparse_int8+zstd": 40},
-             "lossy": {"bits": 3, "accuracy_drop_pts": 2.0, "bound_pts": 5.0}},
-        ],
-        "stage_device_ms": [1.0, 1.0], "stage_server_ms": [0.1, 0.1],
-        "exit_accuracy": [0.8, 0.9],
-        "thresholds": [{"thr_conf": 0.5, "exit_rate": [0.5, 0.5], "accuracy": 0.88}],
-        "calibration_size": 10,
-    }  # fmt: skip
-    plain = bench.residual_rates(Profile.from_dict(doc))
-    # Within 1 point: no early exit (90%), split 1 sends 40 of the 100 image bytes; the
-    # threshold (88%) is 2 points down. Within 5: the threshold, half the inputs reach it.
-    assert plain == {"residual_rate_1pt": 0.4, "residual_rate_5pt": 0.2}
-    doc["splits"][1]["bytes"]["sparse_uintb+zstd"] = 10
-    lossy = bench.residual_rates(Profile.from_dict(doc))
-    # The 2-point drop keeps the lossy upload out of the 1-point bound; within 5 points the
-    # threshold's half of the inputs at 10 bytes (88% − 1 point lost on half = 87%).
-    assert lossy == {"residual_rate_1pt": 0.4, "residual_rate_5pt": 0.05}
