@@ -83,6 +83,10 @@ if TYPE_CHECKING:
     from protocol.description import Description
 
 __all__ = [
+    "BURST_S",
+    "FRAMES_PER_TURN",
+    "LINGER_S",
+    "REFUSAL_LINGER_S",
     "Action",
     "Close",
     "ComputeResult",
@@ -93,8 +97,8 @@ __all__ = [
     "RunBatch",
     "Send",
     "ServedModel",
-    "StartTls",
     "ServerCore",
+    "StartTls",
     "Stopped",
 ]
 
@@ -105,16 +109,16 @@ REFUSAL_LINGER_S: Final = 0.2
 FRAMES_PER_TURN: Final = 64
 """Frames one connection may have handled before it yields the event loop to the others:
 a peer that sends thousands of small frames in one read cannot hold the loop for all."""
-HANDSHAKE_GRACE_S: Final = 1.0
+_HANDSHAKE_GRACE_S: Final = 1.0
 """A stranger this old may be closed to make room in a full handshake pool even if it has
 spoken (a device's handshake takes a round trip or two): at most half the handshake
 timeout. One that has sent nothing may be closed at any age (``HandshakePool``)."""
-MISCONFIG_LOG_S: Final = 60.0
+_MISCONFIG_LOG_S: Final = 60.0
 """One log line per peer address and misconfiguration in this interval."""
 BURST_S: Final = 2.0
 """A control frame's token bucket holds this many seconds of its rate: PINGs and CANCELs
 of unknown ids may come in bursts of twice their rate (PROTOCOL.md §8.2)."""
-TLS_RECORD: Final = b"\x16\x03"
+_TLS_RECORD: Final = b"\x16\x03"
 """First bytes of a TLS handshake record (a ClientHello): content type 22, version 3.x."""
 _MAX_SNIFF: Final = 1 << 16
 """Bytes read on a TLS port before they must have shown a TLS record: one read."""
@@ -359,10 +363,10 @@ class ServerCore:
         self.handshakes: Final[HandshakePool[int]] = HandshakePool(
             config.limits.max_handshakes,
             config.limits.max_handshakes_per_address,
-            min(HANDSHAKE_GRACE_S, config.limits.handshake_timeout_s / 2),
+            min(_HANDSHAKE_GRACE_S, config.limits.handshake_timeout_s / 2),
         )
         """Connections not yet through the handshake, in a pool of their own."""
-        self._misconfig_log = LogLimiter(MISCONFIG_LOG_S)
+        self._misconfig_log = LogLimiter(_MISCONFIG_LOG_S)
         self._fair: FairQueue[int, Job] = FairQueue()
         self._groups: SplitGroups[int, Job] | None = None
         if config.compute.batch_max > 1:
@@ -591,7 +595,7 @@ class ServerCore:
             return
         if peer.first:
             peer.first = False
-            if data.startswith(TLS_RECORD):
+            if data.startswith(_TLS_RECORD):
                 # The length prefix of these bytes would read as a frame of ~370 MB; say
                 # what they are instead (PROTOCOL.md §2).
                 self._wrong_port(peer, True, now, out)
@@ -607,9 +611,9 @@ class ServerCore:
         stranger in the handshake pool, under the handshake deadline."""
         peer.sniffed += data
         self.handshakes.heard(peer.cid)
-        if len(peer.sniffed) < len(TLS_RECORD):
+        if len(peer.sniffed) < len(_TLS_RECORD):
             return
-        if not peer.sniffed.startswith(TLS_RECORD) or len(peer.sniffed) >= _MAX_SNIFF:
+        if not peer.sniffed.startswith(_TLS_RECORD) or len(peer.sniffed) >= _MAX_SNIFF:
             self._wrong_port(peer, False, now, out)
             return
         out.append(StartTls(peer.cid, peer.sniffed))
