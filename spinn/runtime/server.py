@@ -67,14 +67,14 @@ async def _linger(
     flight; the peer would see "connection reset" instead of what it did wrong."""
     if writer.is_closing() or not writer.can_write_eof():  # gone, or TLS (close_notify)
         return
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit_s
+    end = time.monotonic() + limit_s  # the server's one clock (``SpinnServer._clock``)
     # RuntimeError: uvloop's write_eof() on a transport the peer has just reset.
     with contextlib.suppress(TimeoutError, ConnectionError, OSError, RuntimeError):
         writer.write_eof()
         discarded = 0
         while discarded < _LINGER_BYTES:
-            data = await asyncio.wait_for(reader.read(_READ_CHUNK), max(0.0, end - loop.time()))
+            left_s = max(0.0, end - time.monotonic())
+            data = await asyncio.wait_for(reader.read(_READ_CHUNK), left_s)
             if not data:
                 return
             discarded += len(data)
