@@ -69,6 +69,8 @@ def test_bench_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
     drop = figures["lossy_accuracy_drop_pts"]
     assert (drop is None) == all(b is None for b in figures["lossy_bits"])
     assert drop is None or drop >= 0.0
+    margin = figures["lossy_accuracy_drop_margin_pts"]
+    assert (margin is None) == (drop is None) and (margin is None or margin >= 0.0)
     if (bench.MODELS_DIR / "camera" / "model.pt").exists():  # the camera model, measured too
         assert figures["lossy_camera_ratio"] > 1.0
         assert figures["lossy_camera_bits"] and figures["lossy_camera_accuracy_drop_pts"] >= 0
@@ -172,3 +174,13 @@ def test_lossy_rows_follow_the_profile_widths(tmp_path: Path) -> None:
         else:
             assert with_width.sent_bytes < 0.6 * without.sent_bytes
     assert lossy.ratio > plain.ratio
+    # The drop comes with its sampling noise on these 30 images: 1.96 standard errors of
+    # the per-image differences, at most 1.96 × 100 / √30 points.
+    row = lossy.splits[7]
+    assert row.margin_pts is not None and 0.0 <= row.margin_pts <= 196 / 30**0.5
+    assert lossy.margin_pts == row.margin_pts and plain.margin_pts is None
+    # Held-out images that overlap those the widths were chosen on are refused.
+    doc["precision_inputs"] = 9990
+    (tmp_path / "profile.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="overlap the first 9990"):
+        bench.measure_lossy(str(tmp_path / "model.pt"), 30)

@@ -48,6 +48,7 @@ __all__ = [
     "codec_names",
     "drop_with_bound",
     "lossy_accuracy_drop_pts",
+    "lossy_drop_differences",
     "measure_precision_bytes",
     "measure_precisions",
     "measure_split_bytes",
@@ -291,10 +292,26 @@ def lossy_accuracy_drop_pts(
     """Accuracy lost (points, ≥ 0) on (`x`, `labels`) when the activation entering `split`
     crosses as sparse_uintb at `bits`: the largest drop over the exits after the split,
     each exit against itself on the float activation (PROTOCOL.md §6.9.1)."""
+    diff = lossy_drop_differences(model, x, labels, split, bits, batch_size=batch_size)
+    return max(0.0, 100.0 * float(diff.mean(dim=1).max()))
+
+
+def lossy_drop_differences(
+    model: ProgressiveModel,
+    x: Tensor,
+    labels: Tensor,
+    split: int,
+    bits: int,
+    *,
+    batch_size: int = 500,
+) -> Tensor:
+    """Per exit after `split` and input of (`x`, `labels`): +1 where sparse_uintb at `bits`
+    turns the exit's answer wrong, −1 where it turns it right, 0 else; (exits, N), float64.
+    Each row's mean is that exit's drop, its spread the drop's sampling noise."""
     acts = _split_inputs(model, x, split, batch_size)
     reference = _exit_correct(model, acts, labels, split, None, batch_size)
     coded = _exit_correct(model, acts, labels, split, bits, batch_size)
-    return drop_with_bound(reference, coded)[0]
+    return reference.double() - coded.double()
 
 
 def measure_precisions(
