@@ -438,7 +438,7 @@ def run_phase(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from spinn.runtime.server import DEFAULT_CHECKPOINT
+    from spinn.pretrained import DEFAULT_CHECKPOINT
 
     p = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__)
     p.add_argument("--seconds", type=float, default=120.0, help="length of each run (2 runs)")
