@@ -16,7 +16,7 @@ instead (``bench.fuzz_atheris``: its targets, corpus and crash regressions).
    slow-loris dribbles. The server must stay up, the good device must lose no frame, and
    the server's resident memory must stay bounded.
 
-The targets and strategies here are also what ``tests/test_fuzz_protocol.py`` runs in its
+The targets and strategies here are also what ``tests/protocol/test_fuzz.py`` runs in its
 short form. The last line is one JSON object with ``inputs_tried``, ``frames_lost`` and
 ``rss_mb``.
 """

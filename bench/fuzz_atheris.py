@@ -17,7 +17,7 @@ a real device–server session recorded on loopback (``bench/fuzz_corpus/session
 The rule (PROTOCOL.md §7.4, STYLE.md): only ``ProtocolError`` may escape, and memory stays
 bounded (libFuzzer's ``-rss_limit_mb``). An input that breaks it is a crash: libFuzzer
 saves it, and ``bench.fuzz`` copies it into ``tests/fuzz_regressions/<target>/``, which
-``tests/test_fuzz_regressions.py`` replays through the same target functions (plain
+``tests/protocol/test_fuzz_regressions.py`` replays through the same target functions (plain
 Python: the test suite needs no atheris).
 """
 

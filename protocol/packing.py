@@ -10,7 +10,7 @@ saves at the current bandwidth (`should_compress`).
 Everything is vectorised numpy: no per-element Python loops on either side. At batch 1 an
 activation is a few thousand values, so the fixed cost of each numpy call and Python step
 outweighs the arithmetic: the common path (finite ReLU outputs) takes as few as it can,
-and tests/test_packing_wire.py pins its bytes to a plain reading of PROTOCOL.md §6.
+and tests/protocol/test_packing_wire.py pins its bytes to a plain reading of PROTOCOL.md §6.
 `pack` and `unpack` are thread-safe (the runtime calls them from executor threads): zstd
 contexts and the one scratch operand are per thread; everything else shared is read-only.
 """

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._runtime_support import make_certs, make_small_checkpoint
+from tests.support.runtime import make_certs, make_small_checkpoint
 
 __all__ = ["checkpoint", "one_torch_thread"]
 

@@ -9,7 +9,7 @@ and are answered one by one. Two parts, after STYLE.md habit 4:
   leave the batch (DESIGN.md part 1, exit policy); the rest go on.  After every stage the samples
   whose request was cancelled leave too (DESIGN.md part 7: a running request stops at
   the next stage boundary).  Eval-mode layers treat samples independently, so a batched
-  answer equals the unbatched one up to float rounding (tests/test_runtime_batching.py).
+  answer equals the unbatched one up to float rounding (tests/runtime/test_batching.py).
 * which requests wait and form a batch is the server core's (pure) decision
   (``spinn.runtime.server_queue.SplitGroups``); ``run_jobs`` runs what it hands out,
   one request alone or a batch, and stops a request whose ``cancelled`` flag the core

@@ -1,6 +1,6 @@
 """The runtime's cores are sans-I/O: no event loop, socket, thread, clock or torch.
 
-Read statically, like tests/test_import_cycles.py. In a core module every import counts,
+Read statically, like tests/project/test_import_cycles.py. In a core module every import counts,
 at module level or inside a function; in a module of ours that a core imports, what
 importing it runs counts (module level: a function's own import runs only if the core
 calls that function, as ``spinn.model.exits.answering``'s torch, which no core does). An import
