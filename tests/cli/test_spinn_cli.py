@@ -100,11 +100,22 @@ def test_train_evaluate_profile_end_to_end(
             "2",
             "--warmup",
             "0",
+            "--lossy-inputs",
+            "40",
         ]  # fmt: skip
     )
     assert rc == 0
     doc = json.loads(prof.read_text())
     assert doc["format"] == "spinn-profile/1" and doc["calibration_size"] == 40
+    assert doc["precision_inputs"] == 40
+    # --precision-only re-measures the sparse_uintb widths alone, in place.
+    argv = ["profile", str(ckpt), "--dataset", "mnist", "--out", str(prof), "--precision-only"]
+    assert main([*argv, "--lossy-inputs", "30", "--bytes-inputs", "4"]) == 0
+    assert "sparse_uintb bits per split" in capsys.readouterr().out
+    again = json.loads(prof.read_text())
+    assert again["precision_inputs"] == 30
+    assert again["stage_device_ms"] == doc["stage_device_ms"]
+    assert again["thresholds"] == doc["thresholds"]
     assert len(doc["exit_accuracy"]) == 3
     # The dictionaries beside the checkpoint are profiled too, and pack smaller than zstd.
     assert len(zdict) == doc["num_stages"]  # one table per split
