@@ -1,11 +1,9 @@
-"""Tests for spinn.decisions.scheduler and spinn.decisions.sla: predictions against a scalar reference, the
-choice against a brute-force lexicographic search, the design's scenarios, hysteresis and
-the baselines."""
+"""Tests for spinn.decisions.scheduler: predictions against a scalar reference, the choice
+against a brute-force lexicographic search, the design's scenarios and hysteresis."""
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import random
@@ -17,61 +15,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spinn.decisions.baselines import (
-    POLICY_NAMES,
-    DeviceOnlyPolicy,
-    EdgentPolicy,
-    NeurosurgeonPolicy,
-    ServerOnlyPolicy,
-    make_policy,
-)
 from spinn.decisions.offline_profile import (
     Precision,
     Profile,
-    SplitProfile,
-    ThresholdProfile,
     synthetic_profile,
 )
 from spinn.decisions.online_estimates import Estimates
-from spinn.decisions.policy import Decision, Policy
 from spinn.decisions.scheduler import Choice, Predictions, Predictor, Scheduler, SchedulerConfig
-from spinn.decisions.sla import SLA, Metric, SLAError
-
-# -- a small hand-made profile for the scenarios -------------------------------------------
-
-
-def scenario_profile() -> Profile:
-    """S = 6 equal device stages (4 ms) and a 10x faster server; exits after stages 1, 3
-    and 5; the input (split 0) is 12 kB and activations shrink with depth."""
-    sizes = [12_000, 40_000, 20_000, 10_000, 4_000, 2_000]
-    return Profile(
-        model_id="scenario",
-        weights_sha256="0" * 64,
-        arch="toy-stages",
-        num_stages=6,
-        exit_stages=(1, 3, 5),
-        splits=tuple(
-            SplitProfile(split=s, shape=(b // 4,), numel=b // 4, bytes={"float32": b})
-            for s, b in enumerate(sizes)
-        ),
-        stage_device_ms=(4.0,) * 6,
-        stage_server_ms=(0.4,) * 6,
-        exit_accuracy=(0.6, 0.8, 0.93),
-        thresholds=(
-            ThresholdProfile(0.0, (0.8, 0.15, 0.05), 0.70),
-            ThresholdProfile(0.5, (0.5, 0.3, 0.2), 0.85),
-            ThresholdProfile(0.9, (0.2, 0.3, 0.5), 0.92),
-            ThresholdProfile(1.0, (0.0, 0.0, 1.0), 0.93),
-        ),
-        calibration_size=1000,
-    )
-
-
-def est(bw_mbit: float, lat_ms: float = 5.0, **kw: float | bool) -> Estimates:
-    return Estimates(bandwidth_bps=bw_mbit * 1e6, latency_s=lat_ms / 1000, **kw)  # type: ignore[arg-type]
-
-
-LATENCY_FIRST = SLA(rank=(Metric.LATENCY,))
+from spinn.decisions.sla import SLA, Metric
+from tests.support.decisions import LATENCY_FIRST, est, scenario_profile
 
 # -- scalar reference of the formulas in docs/SCHEDULER.md ---------------------------------
 
@@ -669,107 +621,6 @@ def test_no_early_exit_variant_and_split_restriction() -> None:
         Scheduler(p, splits=[9])
 
 
-# -- baselines ----------------------------------------------------------------------------
-
-
-def test_fixed_baselines() -> None:
-    p = scenario_profile()
-    assert DeviceOnlyPolicy(p).decide(0, est(1)) == Decision(6, None, "device-only baseline")
-    assert ServerOnlyPolicy(p).decide(0, est(1, server_up=False)).split == 0
-    for name in POLICY_NAMES:
-        pol = make_policy(name, p, SLA(max_latency_ms=30))
-        assert isinstance(pol, Policy)
-        assert isinstance(pol.decide(0.0, est(10)), Decision)
-    with pytest.raises(ValueError, match="unknown policy 'x'"):
-        make_policy("x", p)
-    with pytest.raises(ValueError, match="latency target"):
-        make_policy("edgent", p)
-
-
-def _neurosurgeon_latency(p: Profile, s: int, e: Estimates) -> float:
-    """Neurosurgeon's own model: device part, upload, RTT, server part, download."""
-    if s == p.num_stages:
-        return p.device_time_ms(s)
-    net = 8e3 * (p.packed_bytes(s) + 256) / e.bandwidth_bps + 1000 * e.latency_s
-    return p.device_time_ms(s) + net + p.server_time_ms(s)
-
-
-def test_neurosurgeon_is_best_single_split_for_latency_without_exits() -> None:
-    p = scenario_profile()
-    pol = NeurosurgeonPolicy(p)
-    chosen = set()
-    for bw in (0.05, 1, 5, 20, 100, 1000):
-        e = est(bw)
-        d = pol.decide(0.0, e)
-        assert d.thr_conf is None
-        best = min(_neurosurgeon_latency(p, s, e) for s in range(7))
-        assert _neurosurgeon_latency(p, d.split, e) == pytest.approx(best, rel=1e-9), bw
-        chosen.add(d.split)
-    assert len(chosen) > 1  # it does follow the bandwidth
-
-
-def test_edgent_meets_target_ignores_server_load_adapts_to_bandwidth() -> None:
-    p = scenario_profile()
-    pol = EdgentPolicy(p, latency_target_ms=10)
-    fast = pol.decide(0.0, est(1000, lat_ms=1))
-    # At 1 Gbit/s the full network fits in 10 ms on the server: the final exit.
-    assert fast.final_exit is None and fast.split <= 1
-    loaded = pol.decide(0.0, est(1000, lat_ms=1, server_scale=50.0, server_queue=10.0))
-    assert loaded == fast  # no adaptation to server load
-    slow = pol.decide(0.0, est(0.01, lat_ms=1))
-    # Offline it cannot upload anything in time: device-only, truncated at exit 0 (8 ms).
-    assert (slow.split, slow.final_exit) == (6, 0)
-    hopeless = EdgentPolicy(p, latency_target_ms=1).decide(0.0, est(0.01))
-    assert "INFEASIBLE" in hopeless.reason
-    with pytest.raises(ValueError, match="latency target"):
-        EdgentPolicy(p, 0)
-
-
-# -- SLA ----------------------------------------------------------------------------------
-
-
-def test_sla_files(tmp_path: Path) -> None:
-    toml = tmp_path / "sla.toml"
-    toml.write_text(
-        "# latency ≤ 80 ms; then maximise accuracy; then minimise server cost\n"
-        'max_latency_ms = 80\nrank = ["accuracy", "server_cost"]\n'
-    )
-    sla = SLA.load(toml)
-    assert sla.max_latency_ms == 80
-    assert sla.order[:3] == (Metric.ACCURACY, Metric.SERVER_COST, Metric.LATENCY)
-    assert sla.describe() == "latency ≤ 80 ms; then maximise accuracy; then minimise server cost"
-    js = tmp_path / "sla.json"
-    js.write_text(json.dumps({"min_accuracy": 0.9, "min_throughput": 30, "rank": ["latency"]}))
-    assert SLA.load(js) == SLA(min_accuracy=0.9, min_throughput=30, rank=(Metric.LATENCY,))
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("max_latency_ms = -1\n", "max_latency_ms"),
-        ('max_latency_ms = "fast"\n', "max_latency_ms"),
-        ("min_accuracy = 1.5\n", "min_accuracy"),
-        ('rank = ["latency", "speed"]\n', "unknown metric 'speed'"),
-        ('rank = ["latency", "latency"]\n', "listed twice"),
-        ("max_latency = 80\n", "unknown keys ['max_latency']"),
-        ("max_latency_ms = \n", "does not parse"),
-    ],
-)
-def test_sla_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
-    path = tmp_path / "bad.toml"
-    path.write_text(text)
-    with pytest.raises(SLAError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        SLA.load(path)
-
-
-def test_sla_file_extension_and_missing(tmp_path: Path) -> None:
-    with pytest.raises(SLAError, match="extension"):
-        (tmp_path / "sla.yaml").write_text("x")
-        SLA.load(tmp_path / "sla.yaml")
-    with pytest.raises(SLAError, match="nope.toml"):
-        SLA.load(tmp_path / "nope.toml")
-
-
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="hysteresis"):
         SchedulerConfig(hysteresis=0.5)
@@ -794,33 +645,6 @@ def test_dead_link_predictions_stay_finite_or_infinite_never_nan() -> None:
             assert not np.isnan(arr).any()
         # Nothing can be uploaded: only device-only has a positive throughput.
         assert sched.choose(Estimates(bandwidth_bps=0.0, latency_s=0.0)).split == 6
-
-
-def test_bench_decision_part_runs_and_ends_with_json(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    import os
-
-    from bench.scheduler import main
-
-    before = os.sched_getaffinity(0)
-    assert main(["--calls", "30", "--no-e2e", "--profile", str(tmp_path / "none.json")]) == 0
-    assert os.sched_getaffinity(0) == before  # the one-core pin is undone
-    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last["bench"] == "scheduler" and last["decision_ms"] > 0
-
-
-def test_sla_examples_in_the_docs_load(tmp_path: Path) -> None:
-    import re
-
-    text = (Path(__file__).resolve().parents[2] / "docs" / "SCHEDULER.md").read_text()
-    blocks = re.findall(r"```(toml|json)\n(.*?)```", text, flags=re.S)
-    assert len(blocks) >= 3
-    for i, (kind, body) in enumerate(blocks):
-        path = tmp_path / f"example{i}.{kind}"
-        path.write_text(body)
-        sla = SLA.load(path)
-        assert sla.rank  # every example states a ranking
 
 
 def test_uploads_are_lossless_unless_a_row_has_a_width() -> None:
