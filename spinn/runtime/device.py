@@ -106,6 +106,7 @@ class SpinnDevice:
             # work; with several workers the gaps overlap and no longer sum to busy time.
             measure_busy=workers == 1,
             server_budget_share=config.policy.server_budget_share,
+            codecs=self.compute.codecs,
         )
         self.slots = ComputeSlots(workers)
         self._executor: ThreadPoolExecutor = make_executor(workers, "spinn-device")
@@ -380,7 +381,6 @@ class SpinnDevice:
                     self.compute.run_head,
                     frame,
                     action,
-                    self._link,
                 )
             else:
                 assert isinstance(action, RunStages)
@@ -406,9 +406,7 @@ class SpinnDevice:
         answer, activation, packed, stages_ms, reached, pack_ms = head
         if packed is not None and self._link is not None:
             with self.link_work():
-                welcome = self._link.welcome
-                accepted = welcome.codecs if welcome is not None else ()
-                packed = self.compute.recode(packed, self._link, accepted)
+                packed = self.compute.recode(packed, self.core.pack_codec, self.core.accepted)
         self.act(
             self.core.head_done(
                 now,

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DeviceModel",
-    "LinkCodecs",
     "make_policy",
     "profiled_codec",
     "profiled_input_codec",
@@ -50,17 +49,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("spinn.device")
-
-
-class LinkCodecs(Protocol):
-    """What the link says about packing: the codec the server accepted, and whether it
-    takes the frame's pixels at split 0."""
-
-    @property
-    def codec(self) -> str: ...
-
-    @property
-    def sends_pixels(self) -> bool: ...
 
 
 def profiled_codec(codec: str, zstd: str, profiled: Sequence[str]) -> str | None:
@@ -220,13 +208,12 @@ class DeviceModel:
             tuple(self.meta.class_names or ()),
         )
 
-    def recode(
-        self, packed: PackedTensor, link: LinkCodecs, accepted: Sequence[str]
-    ) -> PackedTensor:
-        """``packed`` as the link takes it now (``recode_for``)."""
+    def recode(self, packed: PackedTensor, codec: str, accepted: Sequence[str]) -> PackedTensor:
+        """``packed`` as the link takes it now: its codec and every codec the server
+        accepted (``recode_for``)."""
         return recode_for(
             packed,
-            link.codec,
+            codec,
             self.dictionaries,
             self.config.link.zstd,
             accepted=accepted,
@@ -255,7 +242,7 @@ class DeviceModel:
         return self._exit(out.answer), out.activation, out.stop, ms
 
     def run_head(
-        self, frame: Frame, action: RunHead, link: LinkCodecs | None
+        self, frame: Frame, action: RunHead
     ) -> tuple[LocalExit | None, torch.Tensor | None, Any, float, int, float]:
         """Worker thread: preprocess, stages [0, split), pack if the frame goes out; the
         stage and packing times in ms. At split 0 the frame's pixels go out as they are
@@ -272,17 +259,17 @@ class DeviceModel:
         assert out.activation is not None
         packed = None
         pack_ms = 0.0
-        if action.pack and link is not None:
+        if action.pack:
             t1 = time.perf_counter()
             zstd = ZSTD_MODES[self.config.link.zstd]
-            if plan.split == 0 and link.sends_pixels:
+            if plan.split == 0 and action.pixels:
                 packed = pack(pixels[None], IMAGE_CODEC, zstd, bandwidth_bps)
-            elif link.codec == LOSSY_CODEC:
+            elif action.codec == LOSSY_CODEC:
                 packed = self._pack_lossy(out.activation.numpy(), plan.bits, zstd, bandwidth_bps)
             else:
                 packed = pack(
                     out.activation.numpy(),
-                    link.codec,
+                    action.codec,
                     zstd,
                     bandwidth_bps,
                     dictionaries=self.dictionaries,

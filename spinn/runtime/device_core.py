@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from protocol import Bye, Cancel, Error, ErrorCode, Infer, Ping, Pong, Result
-from protocol.tensor import PackedTensor
+from protocol.tensor import IMAGE_CODEC, PackedTensor
 from spinn.decisions.offline_profile import Profile
 from spinn.decisions.online_estimates import OnlineEstimates, ServerTimeEstimator
 from spinn.decisions.policy import Decision, Policy
@@ -210,6 +210,11 @@ class RunHead:
     bandwidth_bps: float
     """The live B, for the packer's zstd decision (paper §4.3)."""
     pack: bool
+    codec: str = "sparse_int8"
+    """The codec to pack the activation with: the device's first that the server took."""
+    pixels: bool = False
+    """At split 0, send the frame's pixels (``uint8_image``, PROTOCOL.md §6.8): the server
+    takes them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +374,7 @@ class DeviceCore:
         model: ModelShape,
         measure_busy: bool = True,
         server_budget_share: float = SERVER_BUDGET_SHARE,
+        codecs: Sequence[str] = ("sparse_int8",),
     ) -> None:
         if not 0.0 < server_budget_share <= 1.0:
             raise ValueError(f"server budget share must be in (0, 1], got {server_budget_share}")
@@ -377,6 +383,11 @@ class DeviceCore:
         self.policy = policy
         self.model = model
         self.server_budget_share = server_budget_share
+        self.codecs = tuple(codecs)
+        """Activation codecs the device packs with, preferred first; the last is what every
+        server takes (PROTOCOL.md §5.2)."""
+        self.accepted: tuple[str, ...] = ()
+        """The codecs the server accepted in its WELCOME (none while the link is down)."""
         self.has_server = config.link.server is not None
         self.profiler = OnlineEstimates(profile)
         if not self.has_server:
@@ -504,7 +515,8 @@ class DeviceCore:
             self.tracker.server_unavailable(frame_id)
         bandwidth = self.profiler.bandwidth_bps()
         pack = plan.split < plan.last and self.has_server
-        self._actions.append(RunHead(frame_id, plan, bandwidth, pack))
+        pixels = IMAGE_CODEC in self.accepted
+        self._actions.append(RunHead(frame_id, plan, bandwidth, pack, self.pack_codec, pixels))
         return self._drain()
 
     def head_done(
@@ -910,6 +922,12 @@ class DeviceCore:
     # -- the link -----------------------------------------------------------------------
 
     @property
+    def pack_codec(self) -> str:
+        """The codec to pack with now: the device's first that the server accepted (the
+        last, which every server takes, while not connected)."""
+        return next((c for c in self.codecs if c in self.accepted), self.codecs[-1])
+
+    @property
     def server_address(self) -> tuple[str, int]:
         """The server to connect to now."""
         assert self.rotation is not None, "a device-only core never connects"
@@ -923,9 +941,14 @@ class DeviceCore:
         reports_compute_time: bool = True,
         codec: str = "",
         max_frame_bytes: int | None = None,
+        accepted: Sequence[str] | None = None,
     ) -> list[Action]:
-        """WELCOME arrived: the link is up. ``max_frame_bytes``: the server's frame limit
-        where its description states one (PROTOCOL.md §5.12)."""
+        """WELCOME arrived: the link is up. ``accepted``: its codecs (packing follows
+        them); ``max_frame_bytes``: the server's frame limit where its description states
+        one (PROTOCOL.md §5.12); ``codec``: the codec named in the log line (default: the
+        one packed with)."""
+        if accepted is not None:
+            self.accepted = tuple(accepted)
         host, port = self.server_address
         self._same_failures = ("", 0)
         self._connected_at = now
@@ -939,7 +962,7 @@ class DeviceCore:
             port,
             server_name,
             "" if reports_compute_time else "NOT ",
-            codec,
+            codec or self.pack_codec,
         )
         if self.config.link.probe_bytes == 0 and not reports_compute_time:
             # Uploads are timed only against a reported server time (runtime.uplink).
@@ -992,6 +1015,7 @@ class DeviceCore:
 
     def link_down(self, now: float, reason: str, *, stopping: bool = False) -> list[Action]:
         """The connection ended (``stopping``: the device closed it to finish the run)."""
+        self.accepted = ()
         self._ping = _Pinger()
         self._trains.reset(now)
         self.profiler.mark_server(now, False)

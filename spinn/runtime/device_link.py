@@ -36,7 +36,6 @@ from protocol import (
 )
 from protocol.auth import NONCE_SIZE, device_proof
 from protocol.messages import MAX_STRING
-from protocol.packing import IMAGE_CODEC
 from spinn.runtime.config import DeviceConfig
 from spinn.runtime.credentials import SecurityError, device_ssl_context, load_token
 from spinn.runtime.device_compute import DeviceModel
@@ -106,19 +105,6 @@ class ServerLink:
             raise DeviceError(str(exc)) from None
         self._closing = False
         self._stopping = False
-
-    @property
-    def codec(self) -> str:
-        """The codec to pack with now: the device's first that the server accepted (the
-        last one offered, plain sparse_int8 or the configured codec, while not connected)."""
-        offered = self.device.compute.codecs
-        accepted = self.welcome.codecs if self.welcome is not None else ()
-        return next((c for c in offered if c in accepted), offered[-1])
-
-    @property
-    def sends_pixels(self) -> bool:
-        """Whether split 0 goes as the frame's pixels: the server accepted uint8_image."""
-        return self.welcome is not None and IMAGE_CODEC in self.welcome.codecs
 
     @property
     def up(self) -> bool:
@@ -194,7 +180,7 @@ class ServerLink:
                     _now(),
                     server_name=welcome.server_name,
                     reports_compute_time=welcome.reports_compute_time,
-                    codec=self.codec,
+                    accepted=welcome.codecs,
                     max_frame_bytes=limit,
                 )
             )

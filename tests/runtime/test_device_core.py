@@ -515,3 +515,27 @@ def test_a_ping_behind_queued_uploads_does_not_time_the_latency() -> None:
     (clear,) = [a.message for a in only(core.timer(0.2), Send)]
     core.receive(0.211, _pong(clear, 0.205))
     assert core.profiler.latency.samples == 2
+
+
+def test_frames_are_packed_with_the_first_codec_the_server_took() -> None:
+    cfg = DeviceConfig.from_fields(status_interval_s=0)
+    core = DeviceCore(
+        cfg,
+        profile=PROFILE,
+        policy=FixedPolicy(0, None),
+        model=MODEL,
+        codecs=("sparse_int8_zdict", "sparse_int8"),
+    )
+
+    def packing(fid: int, now: float) -> tuple[str, bool]:
+        (run,) = only(core.frame_arrived(now, fid, link_up=core.accepted != ()), RunHead)
+        return run.codec, run.pixels
+
+    assert packing(0, 0.0) == ("sparse_int8", False)  # not connected: what every server takes
+    core.link_up(1.0, accepted=("sparse_int8", "sparse_int8_zdict", "uint8_image"))
+    assert packing(1, 1.0) == ("sparse_int8_zdict", True) and core.pack_codec == "sparse_int8_zdict"
+    core.link_down(2.0, "reset")
+    core.link_up(3.0, accepted=("sparse_int8",))  # another server, without the dictionaries
+    assert packing(2, 3.0) == ("sparse_int8", False)
+    core.link_down(4.0, "reset")
+    assert core.accepted == () and packing(3, 4.0) == ("sparse_int8", False)
