@@ -263,3 +263,33 @@ def test_server_search_is_the_same_in_processes() -> None:
     assert one[0] == two[0]
     by_n = {f["servers"]: f for f in two[1]}
     assert all(by_n[f["servers"]] == f for f in one[1])
+
+
+def test_an_overloaded_server_core_answers_busy_and_nothing_is_lost() -> None:
+    # The simulated server is the runtime's ServerCore: a server far slower than the
+    # devices refuses work it cannot finish by the deadline (BUSY), and every frame is
+    # still answered exactly once, by the devices themselves.
+    loop = EventLoop()
+    server = SimServer(loop, PROFILE, ServerModel(scale=6.0), seed=0)
+    devices = [
+        SimDevice(
+            i,
+            loop,
+            SLOW,
+            make_policy("server-only", SLOW),
+            DeviceModel(),
+            LinkSpec(100e6, 0.002),
+            server,
+            seed=i,
+            stop_s=2.0,
+        )  # fmt: skip
+        for i in range(8)
+    ]
+    loop.drain(60.0)
+    assert server.core.stats.busy_sent > 0 and server.core.stats.computed > 0
+    where = Counter(a.where for d in devices for a in d.answers)
+    assert where["server"] > 0 and where["fallback"] > 0
+    for d in devices:
+        counts = Counter(a.frame for a in d.answers)
+        assert set(counts) == set(range(d.frames_begun)) and max(counts.values()) == 1
+        assert not d.errors
