@@ -260,15 +260,9 @@ class SpinnServer:
                     # The frame as buffers, the bulk bytes last: no join copy (§4.1).
                     link.writer.writelines(action.data)
             elif isinstance(action, RunBatch):
-                future = asyncio.get_running_loop().run_in_executor(
-                    self._executor,
-                    run_jobs,
-                    self.model,
-                    self.torch_device,
-                    self.config.compute.top_k,
-                    action,
-                )
-                future.add_done_callback(functools.partial(self._compute_done, action))
+                # Handed to a worker once this event is handled: the event loop's own time
+                # (``note_overhead``) does not include a worker's start.
+                asyncio.get_running_loop().call_soon(self._run, action)
             elif isinstance(action, Close):
                 link = self._links.get(action.cid)
                 if link is None:
@@ -289,6 +283,17 @@ class SpinnServer:
         self._arm_wakeup()
         if self.core.stopping and not self.core.in_flight:
             self._answered.set()
+
+    def _run(self, batch: RunBatch) -> None:
+        future = asyncio.get_running_loop().run_in_executor(
+            self._executor,
+            run_jobs,
+            self.model,
+            self.torch_device,
+            self.config.compute.top_k,
+            batch,
+        )
+        future.add_done_callback(functools.partial(self._compute_done, batch))
 
     def _compute_done(self, batch: RunBatch, future: asyncio.Future[list[ComputeResult]]) -> None:
         t0 = self._clock()
