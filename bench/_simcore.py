@@ -18,8 +18,8 @@ What is real and what is modelled (docs/ARCHITECTURE.md, "Simulator"):
   noise, plus per-call overheads; a server batch of n costs ``1 + β(n − 1)`` times one
   sample, β stated), which exit answers an input (one uniform draw per input mapped
   through the profile's exit rates: the same input exits no later at a lower threshold;
-  the server's compute sees the same draw), the activations (the profiled packed size as
-  payload, no content), and the link's serialisation (FIFO at the trace's rate when a
+  the server's compute sees the same draw), the activations (the profiled packed size of the
+  codec the core packs with as payload, no content), and the link's serialisation (FIFO at the trace's rate when a
   message starts).
 """
 
@@ -45,7 +45,7 @@ from protocol import (
     Role,
     Welcome,
 )
-from protocol.tensor import PackedTensor
+from protocol.tensor import DICT_CODEC, IMAGE_CODEC, PackedTensor
 from spinn.decisions.offline_profile import Profile
 from spinn.decisions.policy import Policy
 from spinn.runtime.config import DeviceConfig, LinkConfig, ServerConfig
@@ -96,9 +96,9 @@ TOP_K = 5
 ERROR_BYTES = 64
 HELLO_BYTES = 256
 FIN_BYTES = 40
-WIRE_CODEC = "sparse_int8"
-"""The codec the simulated INFERs name (their payload is the profiled size of the
-device's codec; the content is not modelled)."""
+SIM_DICTIONARIES = "0" * 64
+"""The zstd dictionaries' hash both ends of the simulation name (``sparse_int8_zdict``
+is taken where the device offers it)."""
 _CLASS_NAMES = tuple(f"class {i}" for i in range(10))
 # What an answer says (its classes are not modelled: the exit is).
 _CLASSES = tuple(range(TOP_K))
@@ -274,10 +274,13 @@ class DeviceModel:
     network stacks and event loops, a proxy in the path)."""
     max_in_flight: int = 4
     codec: str | None = None
-    """Codec whose profiled sizes are uploaded (None: the smallest profiled)."""
+    """The codec the device prefers (``sparse_int8`` after it, which every server takes;
+    None: ``sparse_int8`` alone): the core packs with the first the server took, and the
+    profile's size for it is uploaded (its smallest where it has none)."""
     input_codec: str | None = None
-    """Profile entry whose size is uploaded at split 0, where the runtime sends the frame's
-    pixels (``uint8_image+zstd``, PROTOCOL.md §6.8); None: ``codec``'s."""
+    """Profile entry whose size is uploaded at split 0 where the device sends the frame's
+    pixels (``uint8_image+zstd``, PROTOCOL.md §6.8) and the server takes them; None: the
+    device does not offer them."""
     ping_interval_s: float = 0.5
     probe_bytes: int = LinkConfig.probe_bytes
     """Padding of a probe train's PINGs (``LinkConfig.probe_bytes``; 0: no trains)."""
@@ -351,6 +354,8 @@ class _Welcome:
     """The handshake is through: WELCOME arrived at the device."""
 
     server_name: str
+    codecs: tuple[str, ...]
+    """The codecs the server took."""
 
 
 @dataclass(eq=False, slots=True)
@@ -406,11 +411,9 @@ class SimServer:
             profile.model_id,
             profile.weights_sha256,
             tuple(tuple(profile.splits[s].shape) for s in range(profile.num_stages)),
+            dictionaries_sha256=SIM_DICTIONARIES,
         )
         self.core = ServerCore(config, served, workers=model.workers, decode=_stand_in)
-        # Version 1: a WELCOME without the server's description (the simulated device
-        # knows its model).
-        self.hello = Hello(1, profile.model_id, profile.weights_sha256, (WIRE_CODEC,), "sim")
         self.busy_s = 0.0
         self.batches = 0
         self.batched = 0
@@ -425,14 +428,14 @@ class SimServer:
 
     # -- what the devices call (at the time their bytes arrive) --------------------------
 
-    def connect(self, device: SimDevice, epoch: int) -> int:
+    def connect(self, device: SimDevice, epoch: int, hello: Hello) -> int:
         """A device's connection reached the server, its HELLO with it: a new connection."""
         cid = next(self._cids)
         peer = _Peer(device, epoch, Connection(Role.DEVICE))
         self._peers[cid] = peer
         now = self.loop.now
         self._act(self.core.connection_made(cid, (f"device-{device.index}", epoch), now))
-        self.receive(cid, peer.client.send(self.hello))
+        self.receive(cid, peer.client.send(hello))
         return cid
 
     def frame(self, cid: int, message: Any) -> bytes:
@@ -483,7 +486,7 @@ class SimServer:
             if event is NEED_DATA or isinstance(event, ConnectionClosed):
                 return
             if isinstance(event, Welcome):
-                peer.device.deliver(peer.epoch, _Welcome(event.server_name))
+                peer.device.deliver(peer.epoch, _Welcome(event.server_name, event.codecs))
             else:
                 peer.device.deliver(peer.epoch, event)
 
@@ -606,8 +609,16 @@ class SimDevice:
         self.rng = random.Random(seed)
         has_server = self.server is not None
         shape = ModelShape(profile.num_stages, tuple(profile.exit_stages), len(_CLASS_NAMES))
+        # The codecs it packs with, preferred first (the last is what every server takes),
+        # and the split-0 pixels where it sends them (spinn.runtime.device_compute).
+        codecs = tuple(dict.fromkeys((*((model.codec,) if model.codec else ()), "sparse_int8")))
         self.core = DeviceCore(model.config(has_server, seed), profile=profile, policy=policy,
-                               model=shape)  # fmt: skip
+                               model=shape, codecs=codecs)  # fmt: skip
+        offered = (*codecs, IMAGE_CODEC) if model.input_codec is not None else codecs
+        # Version 1: a WELCOME without the server's description (the device knows its model).
+        self._hello = Hello(1, profile.model_id, profile.weights_sha256, offered,
+                            device_name=f"sim-{index}",
+                            dictionaries_sha256=SIM_DICTIONARIES if DICT_CODEC in codecs else "")  # fmt: skip
         self.rate_fps = rate_fps
         self.stop_s = stop_s
         self.answers: list[Answer] = []
@@ -630,7 +641,7 @@ class SimDevice:
         self._job_end = 0.0
         self._cum = list(itertools.accumulate(profile.stage_device_ms, initial=0.0))
         self._cum_rates: dict[float | None, list[float]] = {}
-        self._packed: dict[int, PackedTensor] = {}
+        self._packed: dict[tuple[int, str], PackedTensor] = {}
         self._timer_at: float | None = None
         self._depth = 0
         self._started = False
@@ -858,7 +869,7 @@ class SimDevice:
         a = job.action
         self._busy = False
         if isinstance(a, RunHead):
-            packed = None if answer is not None or not a.pack else self._packed_at(a.plan.split)
+            packed = None if answer is not None or not a.pack else self._packed_at(a)
             actions = core.head_done(now, fid, call, answer=answer, activation=None,
                                      packed=packed, stages_ms=stages_ms, reached=stop,
                                      pack_ms=pack_ms, link_up=self.connected)  # fmt: skip
@@ -869,17 +880,20 @@ class SimDevice:
         if not self._busy:
             self._work()
 
-    def _packed_at(self, split: int) -> PackedTensor:
-        """A stand-in for the activation packed at ``split``: the profiled size, no content
-        (the draw of the input stands for it)."""
-        p = self._packed.get(split)
+    def _packed_at(self, head: RunHead) -> PackedTensor:
+        """A stand-in for the activation the head packs: the size the profile measured
+        for the codec the core chose (the frame's pixels at split 0 where the server takes
+        them), no content (the draw of the input stands for it)."""
+        split = head.plan.split
+        pixels = head.pixels and split == 0 and self.model.input_codec is not None
+        key = (split, IMAGE_CODEC if pixels else head.codec)
+        p = self._packed.get(key)
         if p is None:
-            codec = self.model.codec
-            if split == 0 and self.model.input_codec is not None:
-                codec = self.model.input_codec
-            n = self.profile.packed_bytes(split, codec)
+            sizes = self.profile.splits[split].bytes
+            entry = (self.model.input_codec or IMAGE_CODEC) if pixels else head.codec
+            n = sizes[entry] if entry in sizes else self.profile.packed_bytes(split)
             shape = (1, *self.profile.splits[split].shape)
-            p = self._packed[split] = PackedTensor(WIRE_CODEC, False, shape, 1.0, 0, bytes(n))
+            p = self._packed[key] = PackedTensor(key[1], False, shape, 1.0, 0, bytes(n))
         return p
 
     # -- the link -------------------------------------------------------------------------
@@ -911,7 +925,7 @@ class SimDevice:
         if isinstance(message, _Welcome):
             self.connected = True
             self._act(self.core.link_up(now, server_name=message.server_name,
-                                        codec=self.model.codec or ""))  # fmt: skip
+                                        accepted=message.codecs))  # fmt: skip
             self._start()
             return
         self.core.heard(now)
@@ -949,7 +963,7 @@ class SimDevice:
 
     def _hello_arrived(self, epoch: int) -> None:
         if epoch == self._epoch and self.server is not None:
-            self._cid = self.server.connect(self, epoch)
+            self._cid = self.server.connect(self, epoch, self._hello)
 
     def _hang_up(self) -> None:
         """Close this end of the connection: the server reads its end (when it arrives)."""
