@@ -1126,9 +1126,13 @@ class DeviceCore:
             oldest = min(sent for sent, _ in p.pings.values())
             est = self.profiler.snapshot(now)
             # Bytes queued before the PING delay it, and the padding of probes in flight:
-            # allow for them at the live B.
+            # allow for them at the live B. Uploads sent after the oldest PING queue behind
+            # it and cannot hold it back: counting them too let a device streaming into a
+            # black hole grow its allowance faster than time passed, never calling it dead.
             probing = sum(padding for _, padding in p.pings.values())
-            unanswered = queued_bytes + sum(s.nbytes for s in self._sent.values())
+            unanswered = queued_bytes + sum(
+                s.nbytes for s in self._sent.values() if s.sent_at <= oldest
+            )
             allowance = cfg.link.ping_timeout_s + 8.0 * (unanswered + probing) / max(
                 est.bandwidth_bps, 1.0
             )

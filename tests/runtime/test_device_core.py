@@ -539,3 +539,26 @@ def test_frames_are_packed_with_the_first_codec_the_server_took() -> None:
     assert packing(2, 3.0) == ("sparse_int8", False)
     core.link_down(4.0, "reset")
     assert core.accepted == () and packing(3, 4.0) == ("sparse_int8", False)
+
+
+def test_uploads_after_an_unanswered_ping_do_not_keep_a_black_hole_alive() -> None:
+    """Uploads sent after the oldest unanswered PING queue behind it, so they do not
+    lengthen the wait allowed for its PONG: a device streaming into a black hole at a
+    low estimate of B still declares the link dead."""
+    core = make_core(probe_bytes=0, ping_timeout_s=1.5, ping_interval_s=0.5)
+    (first,) = [a.message for a in only(connected(core, 0.0), Send)]
+    core.heard(0.01)
+    core.receive(0.01, _pong(first, 0.005))
+    (lost,) = [a.message for a in only(core.timer(0.1), Send)]
+    assert isinstance(lost, Ping)
+    closed: list[CloseLink] = []
+    fid, now = 0, 0.15
+    while now < 6.0 and not closed:
+        # 20 frames/s of 50 kB each: 8 Mbit/s against the prior B of 10 Mbit/s; nothing
+        # comes back from the black hole.
+        _, acts = offload(core, fid, now, nbytes=50_000)
+        closed += only(acts, CloseLink) + only(core.timer(now + 0.01), CloseLink)
+        fid, now = fid + 1, now + 0.05
+    assert closed, "the link was never declared dead"
+    assert "no PONG" in closed[0].reason
+    assert now < 0.1 + 1.5 + 1.0  # the timeout, plus slack for the timer's cadence
