@@ -5,8 +5,9 @@ Every run is the real device runtime (this process, one core) talking through
 other core) on loopback, replaying the Fashion-MNIST test set with the shipped model
 (``models/default``; whatever checkpoint is there).  The device is made weaker by
 ``--device-slowdown K`` (each stage takes K× as long: the worker waits (K−1)× the time the
-stage took); the server-load experiment slows the server the same way.  Both factors are
-written into every result.
+stage computed, its thread's CPU time, so that a garbage collection or a preemption within
+it is not multiplied); the server-load experiment slows the server the same way.  Both
+factors are written into every result.
 
 1. Throughput versus bandwidth (paper Fig. 7), with an oracle: the best fixed
    ⟨split, thr_conf⟩ of a grid, each measured.
@@ -1149,7 +1150,7 @@ def write_readme(
         f"* load average at the start: {m['load_avg']} (the machine was shared with other "
         "jobs; every figure carries that noise)",
         f"* emulated device: **slowdown ×{b.device_slowdown:g}** (each device stage waits "
-        f"{b.device_slowdown - 1:g}× the time it took; its offline profile is scaled by the "
+        f"{b.device_slowdown - 1:g}× the time it computed; its offline profile is scaled by the "
         "same factor); server slowdown ×1 except in experiment 2 (×"
         f"{', ×'.join(f'{g:g}' for g in b.plan.server_slowdowns)})",
         f"* {b.tb.cores.describe()}",

@@ -130,6 +130,16 @@ def slow_down(model: ProgressiveModel, factor: float) -> None:
     span, so compute times, queues and the online profiler see a slower processor, while
     the production loops carry no trace of it.  Forward hooks, so the model's structure
     and weights stay as loaded; 1 leaves the model alone.
+
+    The time a module took is the calling thread's CPU time (on a GPU: the wall time to
+    its synchronised end), not the wall time: a slower processor does more slowly the
+    work it runs, not the waits around it. A wall-clock span also holds the time the
+    thread did not run at all: waiting for the GIL while another thread of the process
+    collects garbage, or preempted on a loaded machine. Multiplied by factor − 1, a
+    0.4 s garbage collection of the event loop's thread became a 2 s wait of the
+    worker, and every frame queued behind it (a 0.9 frames/s run at ×5). Torch's
+    intra-op threads share a module's work with the calling thread, which computes its
+    part and waits at the same barriers, so its CPU time is the module's span when it runs.
     """
     if not 1.0 <= factor <= 1000.0:
         raise ValueError(f"slowdown must be in [1, 1000], got {factor}")
@@ -138,12 +148,16 @@ def slow_down(model: ProgressiveModel, factor: float) -> None:
     started = threading.local()  # per worker thread: the pool shares the modules
 
     def before(module: nn.Module, args: Any) -> None:
-        started.t = time.perf_counter()
+        started.cpu = time.thread_time()
+        started.wall = time.perf_counter()
 
     def after(module: nn.Module, args: Any, output: Any) -> None:
         if isinstance(output, torch.Tensor) and output.is_cuda:
             torch.cuda.synchronize(output.device)  # the time the GPU took, not the launch
-        time.sleep((factor - 1.0) * (time.perf_counter() - started.t))
+            took = time.perf_counter() - started.wall
+        else:
+            took = time.thread_time() - started.cpu
+        time.sleep((factor - 1.0) * max(0.0, took))
 
     for module in (*model.stages, *model.exit_heads):
         module.register_forward_pre_hook(before)

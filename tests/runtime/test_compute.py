@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from pathlib import Path
 
 import pytest
@@ -101,14 +102,19 @@ def test_acquire_says_whether_it_queued() -> None:
 
 
 class _Clock:
-    """perf_counter advancing 1 s per reading; sleep records what it was asked."""
+    """perf_counter advancing 1 s per reading, the thread's CPU time 0.5 s (half of each
+    module's span went to waits, not compute); sleep records what it was asked."""
 
     def __init__(self) -> None:
         self._ticks = itertools.count()
+        self._cpu = itertools.count()
         self.slept: list[float] = []
 
     def perf_counter(self) -> float:
         return float(next(self._ticks))
+
+    def thread_time(self) -> float:
+        return 0.5 * next(self._cpu)
 
     def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
@@ -128,12 +134,45 @@ def test_slow_down_waits_in_proportion_after_every_stage_and_exit_head(
     assert clock.slept == [], "factor 1 leaves the model alone"
     slow_down(model, 4.0)
     run_stages(model, x, 0, model.num_stages, ExitRule(None))
-    # Each module took 1 s on the clock: 3 s more after each of the S stages, no head run.
-    assert clock.slept == [3.0] * model.num_stages
+    # Each module computed 0.5 s of its 1 s span: 1.5 s more after each of the S stages,
+    # no head run; the waits in its span are not the processor's, and are not multiplied.
+    assert clock.slept == [1.5] * model.num_stages
     clock.slept.clear()
     got = run_stages(model, x, 0, model.num_stages, ExitRule(0.0)).answer
     assert got is not None and want is not None and got.exit == want.exit == 0
-    assert clock.slept == [3.0] * (model.exit_stages[0] + 2), "the stages and the first head"
+    assert clock.slept == [1.5] * (model.exit_stages[0] + 2), "the stages and the first head"
     torch.testing.assert_close(got.probs, want.probs)  # slower, never different
     with pytest.raises(ValueError, match=r"slowdown must be in \[1, 1000\]"):
         slow_down(model, 0.5)
+
+
+class _Sleeps:
+    """The real clocks; sleep records what it was asked instead of sleeping."""
+
+    perf_counter = staticmethod(time.perf_counter)
+    thread_time = staticmethod(time.thread_time)
+
+    def __init__(self) -> None:
+        self.slept: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+
+def test_slow_down_does_not_multiply_a_thread_that_was_not_running(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker's thread stops for 0.2 s inside the first stage: as it does when the event
+    # loop's thread holds the GIL for a garbage collection, or the machine preempts it.
+    # A ×10 processor is not 10× slower at waiting: multiplied, that 0.2 s was 1.8 s more.
+    model, _ = load_checkpoint(checkpoint)
+    model.eval()
+    x = torch.zeros(1, *model.input_spec.shape)
+    clock = _Sleeps()
+    monkeypatch.setattr(compute, "time", clock)
+    slow_down(model, 10.0)
+    # Registered after slow_down's own hook, so the stop falls within the measured span.
+    model.stages[0].register_forward_pre_hook(lambda module, args: time.sleep(0.2))
+    run_stages(model, x, 0, 1, ExitRule(None))
+    assert len(clock.slept) == 1
+    assert clock.slept[0] < 0.5, f"waited {clock.slept[0]:.2f} s after a stage that computed for ms"
