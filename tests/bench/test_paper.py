@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from bench._harness import (
 )
 from spinn.decisions.offline_profile import Profile
 from spinn.decisions.policy import FixedPolicy
+from spinn.runtime.device import SpinnDevice
 from tools.netshape import load_trace
 
 pytestmark = pytest.mark.timeout(120)
@@ -290,6 +292,8 @@ def test_harness_real_run(small: tuple[Path, Path], tmp_path: Path, restore_affi
     assert 5 <= local.frames <= 14
     # The device's online profiler sees the slowdown against the unscaled stage times.
     assert local.summary["estimates"]["device_scale"] > 0
+    # Nothing of the runs' devices is left for a full collection in a later run's window.
+    assert not [o for o in gc.get_objects() if isinstance(o, SpinnDevice)]
 
 
 def test_run_all_tiny(small: tuple[Path, Path], tmp_path: Path, restore_affinity: None) -> None:
