@@ -14,6 +14,7 @@ import torch
 from spinn.model.checkpoint import load_checkpoint
 from spinn.model.exits import ExitRule
 from spinn.model.inference import run_stages
+from spinn.model.progressive import ProgressiveModel
 from spinn.runtime import compute
 from spinn.runtime.compute import ComputeSlots, plan_workers, slow_down
 
@@ -101,31 +102,46 @@ def test_acquire_says_whether_it_queued() -> None:
     asyncio.run(main())
 
 
-class _Clock:
-    """perf_counter advancing 1 s per reading, the thread's CPU time 0.5 s (half of each
-    module's span went to waits, not compute); sleep records what it was asked."""
+class _Sleeps:
+    """The real clocks; sleep records what it was asked instead of sleeping."""
+
+    perf_counter = staticmethod(time.perf_counter)
+    thread_time = staticmethod(time.thread_time)
 
     def __init__(self) -> None:
-        self._ticks = itertools.count()
-        self._cpu = itertools.count()
         self.slept: list[float] = []
-
-    def perf_counter(self) -> float:
-        return float(next(self._ticks))
-
-    def thread_time(self) -> float:
-        return 0.5 * next(self._cpu)
 
     def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
 
 
+class _Clock(_Sleeps):
+    """perf_counter advancing 1 s per reading, the thread's CPU time 0.5 s (half of each
+    module's span went to waits, not compute)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ticks = itertools.count()
+        self._cpu = itertools.count()
+
+    def perf_counter(self) -> float:  # type: ignore[override]
+        return float(next(self._ticks))
+
+    def thread_time(self) -> float:  # type: ignore[override]
+        return 0.5 * next(self._cpu)
+
+
+def _loaded(checkpoint: Path) -> tuple[ProgressiveModel, torch.Tensor]:
+    """The model, for inference, and an input for it."""
+    model, _ = load_checkpoint(checkpoint)
+    model.eval()
+    return model, torch.zeros(1, *model.input_spec.shape)
+
+
 def test_slow_down_waits_in_proportion_after_every_stage_and_exit_head(
     checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model, _ = load_checkpoint(checkpoint)
-    model.eval()
-    x = torch.zeros(1, *model.input_spec.shape)
+    model, x = _loaded(checkpoint)
     want = run_stages(model, x, 0, model.num_stages, ExitRule(0.0)).answer
     clock = _Clock()
     monkeypatch.setattr(compute, "time", clock)
@@ -146,28 +162,13 @@ def test_slow_down_waits_in_proportion_after_every_stage_and_exit_head(
         slow_down(model, 0.5)
 
 
-class _Sleeps:
-    """The real clocks; sleep records what it was asked instead of sleeping."""
-
-    perf_counter = staticmethod(time.perf_counter)
-    thread_time = staticmethod(time.thread_time)
-
-    def __init__(self) -> None:
-        self.slept: list[float] = []
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-
-
 def test_slow_down_does_not_multiply_a_thread_that_was_not_running(
     checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The worker's thread stops for 0.2 s inside the first stage: as it does when the event
     # loop's thread holds the GIL for a garbage collection, or the machine preempts it.
     # A ×10 processor is not 10× slower at waiting: multiplied, that 0.2 s was 1.8 s more.
-    model, _ = load_checkpoint(checkpoint)
-    model.eval()
-    x = torch.zeros(1, *model.input_spec.shape)
+    model, x = _loaded(checkpoint)
     clock = _Sleeps()
     monkeypatch.setattr(compute, "time", clock)
     slow_down(model, 10.0)
