@@ -657,7 +657,7 @@ class SimDevice:
             self.downlink = Link(loop, link, random.Random(seed * 7 + 2), False, model.path_s)
             loop.at(start_s, self._connect)
             # The runtime gives the first connection a moment before its first frame
-            # (SpinnDevice._await_first_connect): frames start at the first WELCOME, or
+            # (DeviceCore.start): frames start at the first WELCOME, or
             # after the connect timeout.
             loop.at(start_s + model.connect_timeout_s, self._start)
         else:

@@ -55,6 +55,7 @@ from spinn.runtime.device_core import (
     Send,
     SendInfer,
     SendProbeTrain,
+    StartFrames,
 )
 from spinn.runtime.device_link import ServerLink, clock
 from spinn.runtime.sources import Frame, FrameSource, Pacer
@@ -121,6 +122,8 @@ class SpinnDevice:
         messages), in ms: measured here, accounted by the core."""
         self._emit: Emit = lambda record: None
         self._stop = asyncio.Event()
+        self._started = asyncio.Event()
+        """The core's ``StartFrames`` (or a stop): frames may be read."""
         self._timer_wake = asyncio.Event()
         self._output_error: OSError | None = None
         """Why the answers could not be written (a closed pipe): the run stops on it."""
@@ -160,6 +163,7 @@ class SpinnDevice:
     def request_stop(self) -> None:
         """Stop reading the source; frames in flight are still answered."""
         self._stop.set()
+        self._started.set()
 
     async def run(
         self, source: FrameSource, emit: Emit | None = None, status: Status | None = None
@@ -185,8 +189,9 @@ class SpinnDevice:
         count = 0
         source_error: Exception | None = None
         try:
-            if self._link is not None:
-                await self._await_first_connect()
+            self.act(self.core.start(_now()))
+            await self._started.wait()
+            self._check_fatal()
             while not self._stop.is_set():
                 if self.config.source.limit is not None and count >= self.config.source.limit:
                     break
@@ -282,6 +287,8 @@ class SpinnDevice:
                 log.log(action.level, action.msg, *action.args)
             elif isinstance(action, ArmTimer):
                 self._timer_wake.set()
+            elif isinstance(action, StartFrames):
+                self._started.set()
             elif isinstance(action, CloseLink):
                 if self._link is not None:
                     self._link.close_link(action.reason)
@@ -300,17 +307,6 @@ class SpinnDevice:
         return 0 if self._link is None else self._link.queued_bytes()
 
     # -- frames -------------------------------------------------------------------
-
-    async def _await_first_connect(self) -> None:
-        """Give the first connection a moment so a healthy server is used from frame 0."""
-        assert self._link is not None
-        deadline = _now() + self.config.link.connect_timeout_s
-        while not self._link.up and self._link.fatal is None:
-            if _now() > deadline:
-                log.warning("server not reachable yet: starting locally, offload resumes later")
-                return
-            await asyncio.sleep(0.01)
-        self._check_fatal()
 
     def _check_fatal(self) -> None:
         if self._link is not None and self._link.fatal is not None:

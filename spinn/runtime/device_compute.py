@@ -35,6 +35,7 @@ from spinn.model.progressive import InputSpec
 from spinn.runtime.compute import slow_down
 from spinn.runtime.config import ZSTD_MODES
 from spinn.runtime.device_core import DeviceError, LocalExit, ModelShape, Plan, RunHead, RunStages
+from spinn.runtime.server_description import checkpoint_facts
 from spinn.runtime.sources import Frame, input_pixels
 
 if TYPE_CHECKING:
@@ -206,6 +207,7 @@ class DeviceModel:
             tuple(self.model.exit_stages),
             self.model.num_classes,
             tuple(self.meta.class_names or ()),
+            checkpoint_facts(self.model, self.meta),
         )
 
     def recode(self, packed: PackedTensor, codec: str, accepted: Sequence[str]) -> PackedTensor:

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from protocol import Bye, Cancel, Error, ErrorCode, Infer, Ping, Pong, Result
+from protocol.description import Description
+from protocol.messages import MAX_STRING
 from protocol.tensor import IMAGE_CODEC, PackedTensor
 from spinn.decisions.offline_profile import Profile
 from spinn.decisions.online_estimates import OnlineEstimates, ServerTimeEstimator
@@ -50,6 +52,7 @@ from spinn.runtime.backoff import Backoff
 from spinn.runtime.config import SERVER_BUDGET_SHARE
 from spinn.runtime.failover import ServerRotation
 from spinn.runtime.run_summary import DeviceStats, median_or_none
+from spinn.runtime.server_description import CheckpointFacts, mismatches
 from spinn.runtime.tracker import Answer, FramePhase, RequestTracker, request_deadline
 from spinn.runtime.uplink import ProbeTrains, UploadTimer, uplink_wait_s
 
@@ -79,6 +82,7 @@ __all__ = [
     "Send",
     "SendInfer",
     "SendProbeTrain",
+    "StartFrames",
 ]
 
 
@@ -116,6 +120,9 @@ class ModelShape:
     """Classes of the classifier."""
     class_names: tuple[str, ...] = ()
     """Names of the classes (the checkpoint's), empty if it has none."""
+    facts: CheckpointFacts | None = None
+    """What the checkpoint says that a server's description must repeat (input, classes,
+    split shapes); None: WELCOMEs are not checked."""
 
     @property
     def num_exits(self) -> int:
@@ -180,7 +187,7 @@ class ComputeCall:
 class Send:
     """Write one message to the server (dropped when the link is down)."""
 
-    message: Cancel | Ping | Pong
+    message: Cancel | Ping | Pong | Error
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +290,11 @@ class ArmTimer:
 
 
 @dataclass(frozen=True, slots=True)
+class StartFrames:
+    """Start reading frames (``DeviceCore.start``)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Reconnect:
     """Connect to ``DeviceCore.server_address`` after ``delay_s`` seconds."""
 
@@ -303,6 +315,7 @@ Action = (
     | Fatal
     | ArmTimer
     | Reconnect
+    | StartFrames
 )
 
 
@@ -438,6 +451,23 @@ class DeviceCore:
         self._actions: list[Action] = []
         self._rearm = False
         """Something moved the next timer earlier (``ArmTimer``)."""
+        self._hold_until: float | None = None
+        """Until when the first frame waits for the first connection (``start``)."""
+
+    def start(self, now: float) -> list[Action]:
+        """The run begins. Without a server the frames start at once (``StartFrames``);
+        with one, once the first connection is up or ``link.connect_timeout_s`` has
+        passed, so that a healthy server is used from frame 0."""
+        if not self.has_server:
+            return [StartFrames()]
+        self._hold_until = now + self.config.link.connect_timeout_s
+        self._rearm = True
+        return self._drain()
+
+    def _release_frames(self) -> None:
+        if self._hold_until is not None:
+            self._hold_until = None
+            self._actions.append(StartFrames())
 
     # -- frames -------------------------------------------------------------------------
 
@@ -942,11 +972,16 @@ class DeviceCore:
         codec: str = "",
         max_frame_bytes: int | None = None,
         accepted: Sequence[str] | None = None,
+        description: Description | None = None,
     ) -> list[Action]:
         """WELCOME arrived: the link is up. ``accepted``: its codecs (packing follows
         them); ``max_frame_bytes``: the server's frame limit where its description states
         one (PROTOCOL.md §5.12); ``codec``: the codec named in the log line (default: the
-        one packed with)."""
+        one packed with); ``description``: the server's description of its model, refused
+        (``Fatal``, the link stays down) where it disagrees with the checkpoint."""
+        refusal = self._refuse_description(description)
+        if refusal is not None:
+            return refusal
         if accepted is not None:
             self.accepted = tuple(accepted)
         host, port = self.server_address
@@ -980,7 +1015,22 @@ class DeviceCore:
         self._rearm = True
         self._trains.reset(now)
         self._ping_step(now, 0)
+        self._release_frames()
         return self._drain()
+
+    def _refuse_description(self, description: Description | None) -> list[Action] | None:
+        """A server whose self-description (PROTOCOL.md §5.12) disagrees with this
+        device's checkpoint is refused for good, each difference named: the same model id
+        and weights with another input, class list or split shapes would answer wrongly
+        without an error. None: no refusal (a version-1 server says nothing more)."""
+        if description is None or self.model.facts is None:
+            return None
+        problems = mismatches(description, self.model.facts)
+        if not problems:
+            return None
+        message = "server describes its model unlike this checkpoint: " + "; ".join(problems)
+        self._fatal = True
+        return [Send(Error(ErrorCode.MODEL_MISMATCH, message[:MAX_STRING])), Fatal(message)]
 
     def heard(self, now: float) -> None:
         """Bytes arrived from the server (the dead-link check)."""
@@ -1044,11 +1094,42 @@ class DeviceCore:
         self._actions.append(Reconnect(delay))
         return self._drain()
 
-    def connect_failed(self, now: float, why: str, hint: str | None = None) -> list[Action]:
-        """Connecting to ``server_address`` failed (``why``); ``hint`` names the likely
-        misconfiguration of either end where one explains it."""
+    def connect_failed(
+        self,
+        now: float,
+        why: str,
+        hint: str | None = None,
+        *,
+        refused: Error | None = None,
+        token_mismatch: bool = False,
+        untrusted: bool = False,
+    ) -> list[Action]:
+        """Connecting to ``server_address`` failed (``why``): retry (``Reconnect``) or give
+        up (``Fatal``). ``hint`` names the likely misconfiguration of either end where one
+        explains it; ``refused``: the server's ERROR in the handshake; ``token_mismatch``:
+        the server's proof of the token did not match (PROTOCOL.md §10); ``untrusted``:
+        the server's TLS certificate failed verification."""
         host, port = self.server_address
         assert self.rotation is not None
+        fatal = None
+        if refused is not None and refused.code in FATAL_CODES:
+            fatal = f"server refused this device: {refused.message}"
+        elif token_mismatch:
+            # Only a device with a token gets here (a server that requires one refuses a
+            # HELLO without a nonce itself). The server proves the token first: a proof
+            # that does not match is far more often a token file out of date on one end
+            # than an impostor. Not transient either way.
+            fatal = (
+                f"token authentication failed: {why}; the device's and the server's "
+                "tokens differ, or the server uses none (compare their --token-file)"
+            )
+        elif untrusted:
+            # Not a passing fault: this server cannot be trusted until reconfigured.
+            fatal = f"TLS: server {host}:{port} not trusted: {why}"
+        if fatal is not None:
+            self._fatal = True
+            self._actions.append(Fatal(fatal))
+            return self._drain()
         # Several servers: the next one is tried at once; backoff only after a whole
         # round failed (spinn.runtime.failover).
         delay = self.rotation.connect_failed()
@@ -1095,6 +1176,8 @@ class DeviceCore:
     def next_timer(self, now: float) -> float | None:
         """When ``timer`` should run next (None: only after another event)."""
         at = self.tracker.next_deadline()
+        if self._hold_until is not None:
+            at = self._hold_until if at is None else min(at, self._hold_until)
         if self._ping.active:
             wake = self._ping.next_bare
             if self.config.link.probe_bytes > 0 and self.profiler.latency.samples:
@@ -1106,6 +1189,11 @@ class DeviceCore:
     def timer(self, now: float, queued_bytes: int = 0) -> list[Action]:
         """Time passed: expire late requests, send PINGs and probe trains that are due,
         and judge the link (``queued_bytes``: written and not yet handed to the kernel)."""
+        if self._hold_until is not None and now >= self._hold_until:
+            self._log(
+                logging.WARNING, "server not reachable yet: starting locally, offload resumes later"
+            )
+            self._release_frames()
         for exp in self.tracker.expire(now):
             self._log(
                 logging.INFO, "request %d missed its deadline: finishing locally", exp.request_id

@@ -35,12 +35,10 @@ from protocol import (
     Welcome,
 )
 from protocol.auth import NONCE_SIZE, device_proof
-from protocol.messages import MAX_STRING
 from spinn.runtime.config import DeviceConfig
 from spinn.runtime.credentials import SecurityError, device_ssl_context, load_token
 from spinn.runtime.device_compute import DeviceModel
-from spinn.runtime.device_core import FATAL_CODES, Action, DeviceCore, DeviceError
-from spinn.runtime.server_description import mismatches
+from spinn.runtime.device_core import Action, DeviceCore, DeviceError
 
 __all__ = ["LinkOwner", "ServerLink", "clock"]
 
@@ -154,36 +152,44 @@ class ServerLink:
             log.debug("connecting to %s:%d", host, port)
             try:
                 reader = await self._connect(host, port)
-            except DeviceError as exc:
-                self._fail(exc)
-                return
-            except ssl.SSLCertVerificationError as exc:
-                # Not a passing fault: this server cannot be trusted until reconfigured.
-                self._fail(DeviceError(f"TLS: server {host}:{port} not trusted: {exc}"))
-                return
             except Exception as exc:
-                # Anything but a refusal of this device is an unreachable server: retry.
-                # An unexpected kind is logged in full, but never ends the reconnect loop.
+                # Reported as it is; the core says whether to retry or give up. An
+                # unexpected kind is logged in full, but never ends the reconnect loop.
                 if not isinstance(exc, OSError | ProtocolError):
                     log.exception("unexpected error while connecting")
                 why = _describe(exc, self.config.link.connect_timeout_s)
-                self.device.act(core.connect_failed(_now(), why, self._misconfiguration_hint(exc)))
+                self.device.act(
+                    core.connect_failed(
+                        _now(),
+                        why,
+                        self._misconfiguration_hint(exc),
+                        refused=exc.error if isinstance(exc, _Refused) else None,
+                        token_mismatch=isinstance(exc, _TokenMismatch),
+                        untrusted=isinstance(exc, ssl.SSLCertVerificationError),
+                    )
+                )
                 if self.fatal is not None:
                     return
                 await asyncio.sleep(self.reconnect_delay)
                 continue
             welcome = self.welcome
             assert welcome is not None
-            limit = None if welcome.description is None else welcome.description.max_frame_bytes
+            description = welcome.description
             self.device.act(
                 core.link_up(
                     _now(),
                     server_name=welcome.server_name,
                     reports_compute_time=welcome.reports_compute_time,
                     accepted=welcome.codecs,
-                    max_frame_bytes=limit,
+                    max_frame_bytes=None if description is None else description.max_frame_bytes,
+                    description=description,
                 )
             )
+            if self.fatal is not None:  # the core refused this server
+                assert self.writer is not None
+                self.writer.close()
+                self.conn, self.writer, self.welcome = None, None, None
+                return
             reason = "link closed"
             try:
                 reason = await self._serve(reader)
@@ -198,10 +204,6 @@ class ServerLink:
                 return
             if self.reconnect_delay > 0:
                 await asyncio.sleep(self.reconnect_delay)
-
-    def _fail(self, exc: DeviceError) -> None:
-        self.fatal = exc
-        self.device.request_stop()
 
     def _misconfiguration_hint(self, exc: BaseException) -> str | None:
         """The likely cause of a failed connect that a wrong flag on either end explains."""
@@ -259,30 +261,12 @@ class ServerLink:
             welcome = await asyncio.wait_for(
                 self._handshake(reader, writer, conn), self.config.link.connect_timeout_s
             )
-            self._check_description(welcome, writer, conn)
         except BaseException:
             writer.close()
             raise
         self.conn, self.writer, self.welcome = conn, writer, welcome
         self._close_reason = None
         return reader
-
-    def _check_description(
-        self, welcome: Welcome, writer: asyncio.StreamWriter, conn: Connection
-    ) -> None:
-        """Refuse a server whose self-description (PROTOCOL.md §5.12) disagrees with this
-        device's checkpoint, naming each difference: the same model id and weights with
-        another input, class list or split shapes would answer wrongly without an error."""
-        if welcome.description is None:  # a version-1 server says nothing more
-            return
-        problems = mismatches(
-            welcome.description, self.device.compute.model, self.device.compute.meta
-        )
-        if problems:
-            message = "server describes its model unlike this checkpoint: " + "; ".join(problems)
-            with contextlib.suppress(ProtocolError, OSError):
-                writer.write(conn.send(Error(ErrorCode.MODEL_MISMATCH, message[:MAX_STRING])))
-            raise DeviceError(message)
 
     async def _handshake(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection
@@ -292,17 +276,10 @@ class ServerLink:
                 event = conn.next_event()
             except ProtocolError as exc:
                 if exc.code is ErrorCode.UNAUTHENTICATED:
-                    # Wrong token, or a server that skips authentication: not transient.
+                    # Wrong token, or a server that skips authentication (PROTOCOL.md §10).
                     with contextlib.suppress(ProtocolError, OSError):
                         writer.write(conn.send(Error(exc.code, str(exc))))
-                    # Only a device with a token gets here (a server that requires one
-                    # refuses a HELLO without a nonce itself). The server proves the token
-                    # first (PROTOCOL.md §10): a proof that does not match is far more often
-                    # a token file out of date on one end than an impostor.
-                    raise DeviceError(
-                        f"token authentication failed: {exc}; the device's and the server's "
-                        "tokens differ, or the server uses none (compare their --token-file)"
-                    ) from None
+                    raise _TokenMismatch(str(exc)) from None
                 raise
             if event is NEED_DATA:
                 data = await reader.read(_READ_CHUNK)
@@ -319,9 +296,7 @@ class ServerLink:
                 writer.write(conn.send(Auth(proof)))
                 continue
             if isinstance(event, Error):
-                if event.code in FATAL_CODES:
-                    raise DeviceError(f"server refused this device: {event.message}")
-                raise ConnectionError(f"server error {event.code.name}: {event.message}")
+                raise _Refused(event)
             raise ConnectionError(f"unexpected {type(event).__name__} during the handshake")
 
     async def _serve(self, reader: asyncio.StreamReader) -> str:
@@ -395,3 +370,15 @@ def _describe(exc: BaseException, timeout_s: float | None = None) -> str:
 
 class _ClosedInHandshake(ConnectionError):
     """The server closed the connection before WELCOME."""
+
+
+class _Refused(ConnectionError):
+    """The server answered the handshake with an ERROR."""
+
+    def __init__(self, error: Error) -> None:
+        super().__init__(f"server error {error.code.name}: {error.message}")
+        self.error = error
+
+
+class _TokenMismatch(ConnectionError):
+    """The server's proof of the shared token did not match (PROTOCOL.md §10)."""

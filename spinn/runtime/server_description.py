@@ -8,7 +8,8 @@ with what its checkpoint says, and names every difference.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 from protocol.description import PREPROCESS, Description
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
     from spinn.model.checkpoint import CheckpointMeta
     from spinn.model.progressive import ProgressiveModel
 
-__all__ = ["describe", "mismatches"]
+__all__ = ["CheckpointFacts", "checkpoint_facts", "describe", "mismatches"]
 
 
 def describe(
@@ -58,19 +59,35 @@ def describe(
     )
 
 
-def mismatches(
-    description: Description, model: ProgressiveModel, meta: CheckpointMeta
-) -> list[str]:
-    """What ``description`` says differently from the checkpoint (``model``, ``meta``),
-    one line per field; empty when they agree."""
+@dataclass(frozen=True, slots=True)
+class CheckpointFacts:
+    """What a checkpoint says that a server's description must repeat (PROTOCOL.md
+    §5.12): plain data, so the device's core can hold it and judge a WELCOME."""
+
+    input_shape: tuple[int, ...]
+    input_mean: tuple[float, ...]
+    input_std: tuple[float, ...]
+    classes: tuple[str, ...]
+    split_shapes: tuple[tuple[int, ...], ...]
+    """The activation shape at each split 0..S−1."""
+
+
+def checkpoint_facts(model: ProgressiveModel, meta: CheckpointMeta) -> CheckpointFacts:
+    """The facts of the checkpoint ``model``, ``meta``."""
     spec = meta.input_spec
-    ours: dict[str, tuple[Any, ...]] = {
-        "input_shape": spec.shape,
-        "input_mean": tuple(spec.mean),
-        "input_std": tuple(spec.std),
-        "classes": tuple(meta.class_names),
-        "split_shapes": tuple(tuple(model.split_shape(s)) for s in range(model.num_stages)),
-    }
+    return CheckpointFacts(
+        input_shape=tuple(spec.shape),
+        input_mean=tuple(spec.mean),
+        input_std=tuple(spec.std),
+        classes=tuple(meta.class_names),
+        split_shapes=tuple(tuple(model.split_shape(s)) for s in range(model.num_stages)),
+    )
+
+
+def mismatches(description: Description, facts: CheckpointFacts) -> list[str]:
+    """What ``description`` says differently from the checkpoint's ``facts``, one line
+    per field; empty when they agree."""
+    ours = {f.name: getattr(facts, f.name) for f in fields(facts)}
     out = []
     for name, mine in ours.items():
         theirs = getattr(description, name)

@@ -16,7 +16,7 @@ from protocol import Error, ErrorCode, Hello, Infer, Ping, Pong, Result, Welcome
 from protocol.description import PREPROCESS, Description
 from protocol.messages import decode_message, encode_message
 from spinn.runtime.server import SpinnServer
-from spinn.runtime.server_description import mismatches
+from spinn.runtime.server_description import checkpoint_facts, mismatches
 from tests.support.runtime import RawClient, hello, sample_input, serve, until_closed
 
 pytestmark = pytest.mark.timeout(60)
@@ -133,7 +133,7 @@ def test_the_description_round_trips_and_refuses_nonsense(checkpoint: Path) -> N
     wire = msgpack.unpackb(encode_message(welcome), use_list=False, raw=False)
     assert decode_message(wire) == welcome
     assert set(wire[1]["description"]) == {f.name for f in dataclasses.fields(Description)}
-    assert mismatches(d, model, meta) == []
+    assert mismatches(d, checkpoint_facts(model, meta)) == []
     fields = dict(wire[1]["description"])
     for key, bad, match in [
         ("input_shape", [1, 28], "input_shape"),
@@ -175,7 +175,7 @@ def test_the_device_names_each_mismatch(checkpoint: Path) -> None:
     shapes = list(d.split_shapes)
     shapes[2] = (99, 1, 1)
     wrong = dataclasses.replace(d, input_std=(0.5,), split_shapes=tuple(shapes), preprocess="x")
-    found = mismatches(wrong, model, meta)
+    found = mismatches(wrong, checkpoint_facts(model, meta))
     assert [line.split(":")[0] for line in found] == ["input_std", "split_shapes", "preprocess"]
     assert found[1] == "split_shapes: split 2 server [99, 1, 1], checkpoint [8, 28, 28]"
     assert sample_input(0).shape[1:] == d.input_shape

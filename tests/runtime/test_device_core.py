@@ -9,7 +9,7 @@ tests/runtime/test_pure_cores.py's to check.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from protocol import Bye, Cancel, Error, ErrorCode, Infer, Ping, Pong, Result
+from protocol.description import Description
 from protocol.packing import pack
 from spinn.decisions.offline_profile import Profile
 from spinn.decisions.online_estimates import Estimates
@@ -43,7 +44,9 @@ from spinn.runtime.device_core import (
     Send,
     SendInfer,
     SendProbeTrain,
+    StartFrames,
 )
+from spinn.runtime.server_description import CheckpointFacts
 from spinn.runtime.tracker import FramePhase
 
 PROFILE = Profile.load(Path(DEFAULT_CHECKPOINT).with_name("profile.json"))
@@ -562,3 +565,79 @@ def test_uploads_after_an_unanswered_ping_do_not_keep_a_black_hole_alive() -> No
     assert closed, "the link was never declared dead"
     assert "no PONG" in closed[0].reason
     assert now < 0.1 + 1.5 + 1.0  # the timeout, plus slack for the timer's cadence
+
+
+FACTS = CheckpointFacts(
+    input_shape=(1, 28, 28),
+    input_mean=(0.5,),
+    input_std=(0.25,),
+    classes=MODEL.class_names,
+    split_shapes=tuple((4, 28, 28) for _ in range(MODEL.num_stages)),
+)
+
+
+def _description(facts: CheckpointFacts) -> Description:
+    return Description(
+        **{f.name: getattr(facts, f.name) for f in fields(facts)},
+        max_batch=1, max_frame_bytes=1 << 20, max_tensor_elements=1 << 20, max_in_flight=8,
+        max_outstanding=64, handshake_timeout_s=10.0, idle_timeout_s=60.0,
+    )  # fmt: skip
+
+
+def test_a_server_describing_another_model_is_refused_naming_the_difference() -> None:
+    cfg = DeviceConfig.from_fields(status_interval_s=0)
+    core = DeviceCore(
+        cfg, profile=PROFILE, policy=FixedPolicy(2, None), model=replace(MODEL, facts=FACTS)
+    )
+    core.start(0.0)
+    shapes = list(FACTS.split_shapes)
+    shapes[1] = (9, 9, 9)
+    acts = core.link_up(0.1, description=_description(replace(FACTS, split_shapes=tuple(shapes))))
+    (send,) = only(acts, Send)
+    assert send.message.code is ErrorCode.MODEL_MISMATCH
+    (fatal,) = only(acts, Fatal)
+    assert "split 1 server [9, 9, 9], checkpoint [4, 28, 28]" in fatal.message
+    assert core.connects == 0 and not only(acts, StartFrames)  # the stop releases the frames
+    # The same description, agreeing, is a connection like any other.
+    core = DeviceCore(
+        cfg, profile=PROFILE, policy=FixedPolicy(2, None), model=replace(MODEL, facts=FACTS)
+    )
+    acts = core.link_up(0.1, description=_description(FACTS))
+    assert not only(acts, Fatal) and core.connects == 1
+
+
+def test_the_core_classifies_a_failed_handshake() -> None:
+    core = make_core(misconfig_tries=3)
+    for code in (ErrorCode.MODEL_MISMATCH, ErrorCode.VERSION, ErrorCode.UNAUTHENTICATED):
+        acts = make_core().connect_failed(0.0, "x", refused=Error(code, "not you"))
+        assert only(acts, Fatal) == [Fatal("server refused this device: not you")]
+        assert not only(acts, Reconnect)
+    busy = Error(ErrorCode.BUSY, "full")
+    acts = core.connect_failed(0.0, "server error BUSY: full", refused=busy)
+    assert not only(acts, Fatal) and only(acts, Reconnect)  # transient: retried
+    acts = make_core().connect_failed(0.0, "bad proof", token_mismatch=True)
+    (fatal,) = only(acts, Fatal)
+    assert fatal.message.startswith("token authentication failed: bad proof")
+    acts = make_core().connect_failed(0.0, "self-signed", untrusted=True)
+    assert only(acts, Fatal) == [Fatal("TLS: server 127.0.0.1:7878 not trusted: self-signed")]
+
+
+def test_frames_wait_for_the_first_connection_up_to_the_connect_timeout() -> None:
+    assert make_core(server=None).start(0.0) == [StartFrames()]
+    core = make_core(connect_timeout_s=2.0)
+    assert not only(core.start(10.0), StartFrames)
+    assert core.next_timer(10.0) == 12.0
+    assert not only(core.timer(11.0), StartFrames)
+    acts = connected(core, 11.5)  # connected in time: frames start now
+    assert only(acts, StartFrames) == [StartFrames()]
+    assert not only(core.timer(12.0), StartFrames)
+    # Not connected within the timeout: frames start locally, said once.
+    core = make_core(connect_timeout_s=2.0)
+    core.start(0.0)
+    acts = core.timer(2.0)
+    assert only(acts, StartFrames) == [StartFrames()]
+    assert [a.msg for a in only(acts, Log) if a.level == logging.WARNING] == [
+        "server not reachable yet: starting locally, offload resumes later"
+    ]
+    assert core.next_timer(2.0) is None
+    assert not only(connected(core, 3.0), StartFrames)
