@@ -284,7 +284,7 @@ class SpinnDevice:
             elif isinstance(action, CancelCompute):
                 self._cancelled.add(action.frame_id)
             elif isinstance(action, Log):
-                log.log(action.level, action.msg, *action.args)
+                log.log(action.level, action.msg, *action.args, exc_info=action.exc_info)
             elif isinstance(action, ArmTimer):
                 self._timer_wake.set()
             elif isinstance(action, StartFrames):

@@ -48,6 +48,7 @@ from spinn.decisions.offline_profile import Profile
 from spinn.decisions.online_estimates import OnlineEstimates, ServerTimeEstimator
 from spinn.decisions.policy import Decision, Policy
 from spinn.model.exits import ExitRule
+from spinn.runtime.actions import Log
 from spinn.runtime.backoff import Backoff
 from spinn.runtime.config import SERVER_BUDGET_SHARE
 from spinn.runtime.failover import ServerRotation
@@ -258,15 +259,6 @@ class Publish:
     """Write one answer (or error) record of a frame."""
 
     record: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Log:
-    """Log a line on the device's logger (``logging`` levels; ``msg % args``)."""
-
-    level: int
-    msg: str
-    args: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
