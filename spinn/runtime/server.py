@@ -43,6 +43,7 @@ from spinn.runtime.server_core import (
     StartTls,
 )
 from spinn.runtime.server_setup import ListenError, frame_limit_for, load_serving
+from spinn.runtime.server_streams import READ_CHUNK, Link, linger, replay_into_tls
 
 __all__ = [
     "ListenError",
@@ -52,70 +53,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("spinn.server")
-
-_READ_CHUNK = 1 << 16
-_LINGER_BYTES = 4 << 20
-"""After a fatal ERROR, what a peer may still send before the close (``_linger``)."""
-
-
-async def _linger(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit_s: float
-) -> None:
-    """Before closing on a fatal ERROR: half-close, then discard what the peer still sends
-    until it closes too (at most ``limit_s`` and ``_LINGER_BYTES``). Closing a socket
-    with unread bytes resets the connection, and a reset can destroy the ERROR still in
-    flight; the peer would see "connection reset" instead of what it did wrong."""
-    if writer.is_closing() or not writer.can_write_eof():  # gone, or TLS (close_notify)
-        return
-    end = time.monotonic() + limit_s  # the server's one clock (``SpinnServer._clock``)
-    # RuntimeError: uvloop's write_eof() on a transport the peer has just reset.
-    with contextlib.suppress(TimeoutError, ConnectionError, OSError, RuntimeError):
-        writer.write_eof()
-        discarded = 0
-        while discarded < _LINGER_BYTES:
-            left_s = max(0.0, end - time.monotonic())
-            data = await asyncio.wait_for(reader.read(_READ_CHUNK), left_s)
-            if not data:
-                return
-            discarded += len(data)
-
-
-def _replay(transport: asyncio.BaseTransport, plain: object, data: bytes) -> None:
-    """Give ``data``, read before a TLS upgrade, to the TLS protocol that now holds
-    ``transport`` (unless the upgrade failed before it got there: ``plain`` still does)."""
-    protocol = transport.get_protocol()
-    if protocol is plain or not hasattr(protocol, "buffer_updated"):
-        return  # both asyncio's and uvloop's TLS protocols are buffered protocols
-    view = memoryview(data)
-    while view:
-        buffer = protocol.get_buffer(len(view))  # type: ignore[attr-defined]
-        n = min(len(buffer), len(view))
-        buffer[:n] = view[:n]
-        protocol.buffer_updated(n)  # type: ignore[attr-defined]
-        view = view[n:]
-
-
-class _Link:
-    """One connection's streams, and how its close goes."""
-
-    __slots__ = ("cid", "reader", "writer", "close", "closer", "eof", "done", "upgrade")
-
-    def __init__(
-        self, cid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self.cid = cid
-        self.reader = reader
-        self.writer = writer
-        self.close: Close | None = None
-        """The core's close, once it decided one."""
-        self.closer: asyncio.Task[None] | None = None
-        """The task carrying out a close decided outside this connection's own task."""
-        self.eof = False
-        """The peer's stream ended (after its BYE, its answers may still be pending)."""
-        self.done = asyncio.Event()
-        """Closed and reported to the core."""
-        self.upgrade: StartTls | None = None
-        """The core's TLS upgrade, to be carried out by this connection's task."""
 
 
 class SpinnServer:
@@ -151,13 +88,13 @@ class SpinnServer:
         self._executor: ThreadPoolExecutor | None = None
         """The compute workers, from ``start`` on (a server never started holds no thread)."""
         self._server: asyncio.Server | None = None
-        self._links: dict[int, _Link] = {}
+        self._links: dict[int, Link] = {}
         self._ids = itertools.count(1)
         self._wakeup: asyncio.TimerHandle | None = None
         self._wakeup_at: float | None = None
         self._stopping = asyncio.Event()
-        self._answered = asyncio.Event()
-        """Set once shutdown has begun and no request is in flight."""
+        self._progress = asyncio.Event()
+        """Set after the core's actions while shutting down: ``shutdown_at`` may be earlier."""
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -176,7 +113,7 @@ class SpinnServer:
                 self._handle,
                 self.config.operations.host,
                 self.config.operations.port,
-                limit=_READ_CHUNK,
+                limit=READ_CHUNK,
                 # Plain TCP even with TLS: the core looks at the first bytes (``StartTls``),
                 # so that plain bytes on a TLS port are named, and a TLS handshake in
                 # progress is a stranger in the handshake pool under its deadline.
@@ -220,8 +157,10 @@ class SpinnServer:
         self._apply(self.core.stop_accepting(self._clock()))  # INFERs are answered BUSY
         if self._server is not None:
             self._server.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._answered.wait(), self.config.operations.shutdown_grace_s)
+        while (at := self.core.shutdown_at()) is not None and at > self._clock():
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), at - self._clock())
         writers = [link.writer for link in self._links.values()]
         self._apply(self.core.shutdown(self._clock()))
         if writers:
@@ -281,8 +220,8 @@ class SpinnServer:
             elif isinstance(action, Record):
                 self.metrics.observe(action.metric, action.value, action.label)
         self._arm_wakeup()
-        if self.core.stopping and not self.core.in_flight:
-            self._answered.set()
+        if self.core.stopping:
+            self._progress.set()
 
     def _run(self, batch: RunBatch) -> None:
         future = asyncio.get_running_loop().run_in_executor(
@@ -327,7 +266,7 @@ class SpinnServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cid = next(self._ids)
-        link = _Link(cid, reader, writer)
+        link = Link(cid, reader, writer)
         self._links[cid] = link
         core = self.core
         try:
@@ -341,7 +280,7 @@ class SpinnServer:
                     if link.eof:  # nothing more to read: wait for the answers, or the timer
                         await asyncio.wait_for(link.done.wait(), timeout)
                         return
-                    data = await asyncio.wait_for(reader.read(_READ_CHUNK), timeout)
+                    data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
                 except TimeoutError:
                     self._apply(core.timer_fired(cid, self._clock()), own=cid)
                     continue
@@ -367,7 +306,7 @@ class SpinnServer:
             if link.closer is None and not link.done.is_set():
                 await self._finish(link, own=True)
 
-    def _receive(self, link: _Link, data: bytes | None) -> None:
+    def _receive(self, link: Link, data: bytes | None) -> None:
         """Feed bytes (or the next turn) to the core; its time counts as overhead."""
         t0 = self._clock()
         if data is None:
@@ -377,7 +316,7 @@ class SpinnServer:
         self._apply(actions, own=link.cid)
         self.core.note_overhead(self._clock() - t0)
 
-    async def _start_tls(self, link: _Link, replay: bytes) -> None:
+    async def _start_tls(self, link: Link, replay: bytes) -> None:
         """Upgrade ``link`` to TLS, handing ``replay`` (read before) to the TLS layer."""
         assert self._ssl is not None
         link.upgrade = None
@@ -392,7 +331,7 @@ class SpinnServer:
         )
         # Its first step puts the TLS protocol on the paused transport; the bytes read
         # already go into it there, before the transport reads on (FIFO callbacks).
-        asyncio.get_running_loop().call_soon(_replay, raw, plain_protocol, replay)
+        asyncio.get_running_loop().call_soon(replay_into_tls, raw, plain_protocol, replay)
         try:
             while link.close is None:
                 try:
@@ -410,7 +349,7 @@ class SpinnServer:
             if not upgrade.done():
                 upgrade.cancel()
 
-    async def _finish(self, link: _Link, own: bool) -> None:
+    async def _finish(self, link: Link, own: bool) -> None:
         """Carry out the core's close of ``link``, then report it closed."""
         if link.close is None:  # the task ended without the core's word (cancelled)
             link.close = Close(link.cid, "closed by the server")
@@ -423,19 +362,18 @@ class SpinnServer:
                 if link.close.abort:
                     writer.transport.abort()  # its unsent answers cannot be delivered anyway
                 elif link.close.linger_s and own:  # only this task may read the stream
-                    await _linger(link.reader, writer, link.close.linger_s)
+                    await linger(link.reader, writer, link.close.linger_s)
                 writer.close()
         finally:
             self._links.pop(link.cid, None)
             link.done.set()
             self._apply(self.core.connection_closed(link.cid, self._clock()))
 
-    async def _drained(self, link: _Link) -> bool:
+    async def _drained(self, link: Link) -> bool:
         """Wait until the peer's answers are in the kernel; False if it has not read them
-        within the idle timeout (a device that stopped reading would otherwise hold its
-        connection slot forever)."""
+        within the core's ``drain_timeout_s``."""
         try:
-            await asyncio.wait_for(link.writer.drain(), self.config.limits.idle_timeout_s)
+            await asyncio.wait_for(link.writer.drain(), self.core.drain_timeout_s)
         except TimeoutError:
             return False
         return True

@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 from protocol import (
     NEED_DATA,
@@ -72,6 +72,7 @@ from protocol.auth import NONCE_SIZE, server_proof
 from protocol.messages import MAX_STRING, Message
 from protocol.tensor import CODECS, DICT_CODEC, IMAGE_CODEC, LOSSY_CODEC, PackedTensor
 from spinn.model.exits import ExitRule
+from spinn.runtime.actions import Log
 from spinn.runtime.admission import HandshakePool, LogLimiter, TokenBucket
 from spinn.runtime.config import ServerConfig
 from spinn.runtime.run_summary import ServerStats
@@ -242,17 +243,6 @@ class RunBatch:
 
 
 @dataclass(frozen=True, slots=True)
-class Log:
-    """Log a line on the server's logger (``logging`` levels; ``msg % args``)."""
-
-    level: int
-    msg: str
-    args: tuple[Any, ...] = ()
-    exc_info: BaseException | None = None
-    """The exception whose traceback goes with the line (a bug, a failed compute)."""
-
-
-@dataclass(frozen=True, slots=True)
 class Record:
     """An observation for a metric: ``errors`` (label: the code), ``compute_seconds``,
     ``queue_wait_seconds``, ``batch_size`` (``spinn.runtime.prometheus_metrics``)."""
@@ -376,6 +366,8 @@ class ServerCore:
         """Jobs accepted and not yet answered, over all connections."""
         self.stopping = False
         """Shutting down: INFERs are answered BUSY."""
+        self._stopped_at = 0.0
+        """When ``stop_accepting`` came (the grace period's start)."""
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -418,6 +410,23 @@ class ServerCore:
         if peer.jobs:  # waiting on the server, not idle: look again a period later
             return now + self.config.limits.idle_timeout_s
         return peer.last_active_at + self.config.limits.idle_timeout_s
+
+    @property
+    def drain_timeout_s(self) -> float:
+        """How long a peer's answers may take to drain into the kernel before the peer
+        counts as not reading (``not_reading``): the idle timeout, or a device that
+        stopped reading would hold its connection slot forever."""
+        return self.config.limits.idle_timeout_s
+
+    def shutdown_at(self) -> float | None:
+        """When ``shutdown`` is due once ``stop_accepting`` came: at once when no request
+        is in flight, else at the end of the grace period (``operations.shutdown_grace_s``)
+        at the latest; ask again after each event. None: not shutting down."""
+        if not self.stopping:
+            return None
+        if not self._in_flight:
+            return self._stopped_at
+        return self._stopped_at + self.config.operations.shutdown_grace_s
 
     def next_wakeup(self) -> float | None:
         """When ``wakeup`` is due: a batch will have waited its time while a worker is free."""
@@ -1179,8 +1188,9 @@ class ServerCore:
 
     def stop_accepting(self, now: float) -> list[Action]:
         """Shutdown begins: INFERs are answered BUSY from now on; in-flight requests may
-        still finish (the adapter waits, bounded by the grace period)."""
+        still finish until ``shutdown_at``."""
         self.stopping = True
+        self._stopped_at = now
         out: list[Action] = []
         if self._in_flight:
             out.append(Log(logging.INFO, f"shutting down: {self._in_flight} request(s) in flight"))

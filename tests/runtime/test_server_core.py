@@ -544,3 +544,18 @@ def test_tls_port_refuses_and_evicts_without_a_plain_error() -> None:
     second = h.connect(now=0.1)  # the silent first one makes room, told nothing
     assert first.closed is not None and not first.received
     assert h.core.stats.handshakes_evicted == 1 and second.closed is None
+
+
+def test_shutdown_is_due_once_answered_or_at_the_end_of_the_grace() -> None:
+    h = Harness(shutdown_grace_s=5.0, idle_timeout_s=7.0)
+    assert h.core.shutdown_at() is None and h.core.drain_timeout_s == 7.0
+    device = h.welcome()
+    h.infer(device, 1)
+    h.apply(h.core.stop_accepting(1.0))
+    assert h.core.shutdown_at() == 6.0  # a request in flight: the grace bounds the wait
+    (batch,) = h.batches
+    h.apply(h.core.compute_done(batch, None, RuntimeError("boom"), 2.0))
+    assert h.core.in_flight == 0 and h.core.shutdown_at() == 1.0  # answered: at once
+    quiet = Harness(shutdown_grace_s=5.0)
+    quiet.apply(quiet.core.stop_accepting(3.0))
+    assert quiet.core.shutdown_at() == 3.0
