@@ -165,7 +165,7 @@ def end_to_end(
     # Upload sizes of the codec the device packs with (LinkConfig.codec) and its in-flight
     # window, as the device's own scheduler predicts them (spinn.runtime.device).
     from spinn.runtime.config import DeviceConfig
-    from spinn.runtime.device import profiled_codec, profiled_input_codec
+    from spinn.runtime.device_policy import profiled_codec, profiled_input_codec
 
     device_defaults = DeviceConfig.from_fields(checkpoint=checkpoint)
     codec = profiled_codec(device_defaults.link.codec, device_defaults.link.zstd, profile.codecs)

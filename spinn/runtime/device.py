@@ -30,13 +30,7 @@ from spinn.decisions.online_estimates import OnlineEstimates
 from spinn.decisions.policy import Policy
 from spinn.runtime.compute import ComputeSlots, configure_torch, make_executor, plan_workers
 from spinn.runtime.config import DeviceConfig
-from spinn.runtime.device_compute import (
-    DeviceModel,
-    make_policy,
-    profiled_codec,
-    profiled_input_codec,
-    recode_for,
-)
+from spinn.runtime.device_compute import DeviceModel
 from spinn.runtime.device_core import (
     Action,
     ArmTimer,
@@ -58,17 +52,11 @@ from spinn.runtime.device_core import (
     StartFrames,
 )
 from spinn.runtime.device_link import ServerLink, clock
+from spinn.runtime.device_policy import configured_policy
 from spinn.runtime.sources import Frame, FrameSource, Pacer
 from spinn.runtime.tracker import RequestTracker
 
-__all__ = [
-    "DeviceError",
-    "SpinnDevice",
-    "profiled_codec",
-    "profiled_input_codec",
-    "recode_for",
-    "run_device",
-]
+__all__ = ["DeviceError", "SpinnDevice", "run_device"]
 
 log = logging.getLogger("spinn.device")
 
@@ -99,7 +87,7 @@ class SpinnDevice:
         self.core = DeviceCore(
             config,
             profile=self.profile,
-            policy=make_policy(
+            policy=configured_policy(
                 config, self.profile, self.compute.codecs, self.model.num_stages, policy
             ),
             model=self.compute.shape,

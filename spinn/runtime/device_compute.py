@@ -4,8 +4,7 @@ The asyncio adapter (``spinn.runtime.device``) runs ``DeviceModel.run_head`` and
 ``run_stages`` in its executor for the core's ``RunHead`` and ``RunStages`` actions
 (``spinn.runtime.device_core``) and hands the results back to the core. Also here: what
 the device offers and packs with (its codecs, the zstd dictionaries, re-coding for a
-server that accepted less, PROTOCOL.md §6.7–6.9) and the policy its configuration names,
-predicting with the sizes of what it sends.
+server that accepted less, PROTOCOL.md §6.7–6.9).
 """
 
 from __future__ import annotations
@@ -29,8 +28,6 @@ from protocol.packing import (
     unpack,
 )
 from spinn.decisions.offline_profile import Profile
-from spinn.decisions.policy import FixedPolicy, Policy
-from spinn.decisions.sla import SLA
 from spinn.model.progressive import InputSpec
 from spinn.runtime.compute import slow_down
 from spinn.runtime.config import ZSTD_MODES
@@ -41,36 +38,9 @@ from spinn.runtime.sources import Frame, input_pixels
 if TYPE_CHECKING:
     from spinn.runtime.config import DeviceConfig
 
-__all__ = [
-    "DeviceModel",
-    "make_policy",
-    "profiled_codec",
-    "profiled_input_codec",
-    "recode_for",
-]
+__all__ = ["DeviceModel", "recode_for"]
 
 log = logging.getLogger("spinn.device")
-
-
-def profiled_codec(codec: str, zstd: str, profiled: Sequence[str]) -> str | None:
-    """The entry of a profile (`spinn profile`, its codecs `profiled`) whose sizes are what
-    packing with `codec` under ``--zstd`` sends: compressed unless zstd is off, since where
-    upload time matters the packer compresses, and where it skips zstd, sending raw was
-    the faster of the two. Failing that the nearest entry the profile has; None if none."""
-    raw = "sparse_int8" if codec == DICT_CODEC else codec
-    names: tuple[str, ...] = (raw,)
-    if zstd != "never":
-        names = (codec, "sparse_int8+zstd", raw) if codec == DICT_CODEC else (f"{raw}+zstd", raw)
-    return next((n for n in names if n in profiled), None)
-
-
-def profiled_input_codec(config: DeviceConfig, profile: Profile) -> str | None:
-    """The profile entry whose size is what split 0 sends: the frame's pixels
-    (``uint8_image``, zstd as `profiled_codec`), or None when the device sends the float
-    input there (``image_codec`` off) or the profile has no such entry."""
-    if not config.link.image_codec:
-        return None
-    return profiled_codec(IMAGE_CODEC, config.link.zstd, tuple(profile.splits[0].bytes))
 
 
 def recode_for(
@@ -100,60 +70,6 @@ def recode_for(
     if packed.codec != DICT_CODEC or codec == DICT_CODEC:
         return packed
     return as_sparse_int8(packed, dictionaries, ZSTD_MODES[zstd])
-
-
-def make_policy(
-    config: DeviceConfig,
-    profile: Profile,
-    codecs: tuple[str, ...],
-    num_stages: int,
-    policy: Policy | None,
-) -> Policy:
-    """The policy the configuration names (``policy`` given: that one), its split and
-    threshold checked against the model."""
-    split = num_stages // 2 if config.policy.split is None else config.policy.split
-    if config.link.server is None and config.policy.split is None:
-        split = num_stages  # no server: every stage runs here (device-only)
-    if not 0 <= split <= num_stages:
-        raise DeviceError(f"policy.split must be in 0..{num_stages}, got {split}")
-    if not 0.0 <= config.policy.thr_conf <= 1.0:
-        raise DeviceError(f"policy.thr_conf must be in [0, 1], got {config.policy.thr_conf}")
-    if policy is not None:
-        return policy
-    if config.policy.policy == "fixed":
-        # With sparse_uintb, the split's profiled width (PROTOCOL.md §6.9.1).
-        width = profile.splits[split].lossy if split < num_stages else None
-        bits = width.bits if width is not None and codecs[0] == LOSSY_CODEC else None
-        return FixedPolicy(split, config.policy.thr_conf, bits)
-    from spinn.decisions.baselines import make_policy
-    from spinn.decisions.scheduler import SchedulerConfig
-
-    # Upload sizes predicted with the codec this device packs with (docs/SCHEDULER.md,
-    # "Predicted versus measured"); a profile that did not measure it leaves the smallest
-    # profiled size. With sparse_uintb the scheduler chooses the precision: its lossless
-    # candidates are what the device sends without a width, sparse_int8.
-    lossy = codecs[0] == LOSSY_CODEC
-    lossless = codecs[-1] if lossy else codecs[0]
-    codec = profiled_codec(lossless, config.link.zstd, profile.codecs)
-    if codec is None:
-        log.warning(
-            "codec %s not in the profile (%s): predicting with the smallest size",
-            lossless,
-            ", ".join(profile.codecs),
-        )
-    scheduler_config = SchedulerConfig(
-        codec=codec,
-        input_codec=profiled_input_codec(config, profile),
-        lossy=lossy,
-        # The in-flight window decides the race under load (docs/SCHEDULER.md).
-        max_in_flight=config.source.max_in_flight,
-    )
-    try:
-        return make_policy(
-            config.policy.policy, profile, config.policy.sla or SLA(), scheduler_config
-        )
-    except ValueError as exc:
-        raise DeviceError(f"policy.policy {config.policy.policy}: {exc}") from exc
 
 
 class DeviceModel:

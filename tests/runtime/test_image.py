@@ -17,7 +17,8 @@ from spinn.model.exits import ExitRule
 from spinn.model.inference import run_stages
 from spinn.offline.data import load_fashion_mnist
 from spinn.runtime.config import DeviceConfig
-from spinn.runtime.device import profiled_input_codec, recode_for
+from spinn.runtime.device_compute import recode_for
+from spinn.runtime.device_policy import profiled_input_codec
 from spinn.runtime.sources import ArraySource
 from tests.support.runtime import CHECKPOINT, RawClient, by_frame, run_in_process, serve
 

@@ -25,7 +25,7 @@ from spinn.model.checkpoint import load_checkpoint
 from spinn.model.exits import ExitRule
 from spinn.model.inference import run_stages
 from spinn.offline.data import load_fashion_mnist
-from spinn.runtime.device import recode_for
+from spinn.runtime.device_compute import recode_for
 from spinn.runtime.sources import ArraySource
 from tests.support.runtime import CHECKPOINT, by_frame, run_in_process
 

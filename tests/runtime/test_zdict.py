@@ -16,7 +16,9 @@ from protocol.packing import DICT_CODEC
 from spinn.model.zdict_file import dictionaries_path, load_dictionaries
 from spinn.offline.data import load_fashion_mnist
 from spinn.runtime.config import DeviceConfig, ServerConfig
-from spinn.runtime.device import DeviceError, SpinnDevice, profiled_codec, recode_for
+from spinn.runtime.device import DeviceError, SpinnDevice
+from spinn.runtime.device_compute import recode_for
+from spinn.runtime.device_policy import profiled_codec
 from spinn.runtime.server import SpinnServer
 from spinn.runtime.sources import ArraySource
 from tests.support.runtime import CHECKPOINT, by_frame, run_in_process
