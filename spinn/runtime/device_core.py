@@ -1204,7 +1204,6 @@ class DeviceCore:
         p = self._ping
         if p.pings:
             oldest = min(sent for sent, _ in p.pings.values())
-            est = self.profiler.snapshot(now)
             # Bytes queued before the PING delay it, and the padding of probes in flight:
             # allow for them at the live B. Uploads sent after the oldest PING queue behind
             # it and cannot hold it back: counting them too let a device streaming into a
@@ -1214,7 +1213,7 @@ class DeviceCore:
                 s.nbytes for s in self._sent.values() if s.sent_at <= oldest
             )
             allowance = cfg.link.ping_timeout_s + 8.0 * (unanswered + probing) / max(
-                est.bandwidth_bps, 1.0
+                self.profiler.bandwidth_bps(), 1.0
             )
             # A link that keeps answering is alive, however slow: after a drop, bytes queued
             # at the old rate (uploads, a probe) hold the PINGs back for long.
