@@ -62,16 +62,23 @@ from protocol.packing import IMAGE_CODEC, KNOWN_CODECS, LOSSY_CODEC
 __all__ = [
     "CORPUS",
     "REGRESSIONS",
+    "SESSION_KINDS",
     "TARGETS",
     "record_session",
     "run_atheris",
     "seeds",
     "session_frames",
+    "session_kinds",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "bench" / "fuzz_corpus" / "session"
 """The recorded session: ``device_to_server.bin`` and ``server_to_device.bin``."""
+SESSION_KINDS = frozenset(
+    {"Hello", "Welcome", "Infer", "Result", "Cancel", "Error", "Ping", "Pong", "Bye"}
+)
+"""The message kinds the recorded session holds (``record_session``), so that the seeds
+reach every body a peer may send."""
 REGRESSIONS = ROOT / "tests" / "fuzz_regressions"
 """Crash inputs, one folder per target, replayed by the test suite."""
 
@@ -358,11 +365,26 @@ async def _record(frames: int) -> tuple[bytes, bytes]:
     return bytes(up), bytes(down)
 
 
-def record_session(frames: int = 40) -> None:
-    """Record a real session on loopback into ``CORPUS``."""
+def session_kinds(up: bytes, down: bytes) -> set[str]:
+    """The names of the message kinds in a recorded session's two streams."""
+    return {type(_message(f)).__name__ for f in _split_frames(up) + _split_frames(down)}
+
+
+def record_session(frames: int = 40, tries: int = 10) -> None:
+    """Record a real session on loopback into ``CORPUS``: again (up to ``tries`` times)
+    until it holds every kind of ``SESSION_KINDS``. Whether a CANCEL reaches a request the
+    server still holds, and so is answered with ERROR, depends on timing: one recording in
+    a few has none."""
     import uvloop
 
-    up, down = uvloop.run(_record(frames))
+    for _ in range(tries):
+        up, down = uvloop.run(_record(frames))
+        missing = SESSION_KINDS - session_kinds(up, down)
+        if not missing:
+            break
+        print(f"recorded a session without {', '.join(sorted(missing))}: again", flush=True)
+    else:
+        raise SystemExit(f"no session with every kind of frame in {tries} recordings")
     CORPUS.mkdir(parents=True, exist_ok=True)
     (CORPUS / "device_to_server.bin").write_bytes(up)
     (CORPUS / "server_to_device.bin").write_bytes(down)
