@@ -32,6 +32,7 @@ from spinn.runtime.compute import make_executor
 from spinn.runtime.config import ServerConfig
 from spinn.runtime.prometheus_metrics import ServerMetrics
 from spinn.runtime.server_core import (
+    FLUSH_S,
     Action,
     Close,
     ComputeResult,
@@ -168,10 +169,10 @@ class SpinnServer:
             # (and a TLS close_notify) are flushed here, bounded, before the loop ends.
             flushed = asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(flushed, 1.0)
+                await asyncio.wait_for(flushed, FLUSH_S)
         if self._server is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+                await asyncio.wait_for(self._server.wait_closed(), FLUSH_S)
         if self._wakeup is not None:
             self._wakeup.cancel()
         if self._executor is not None:
@@ -207,8 +208,7 @@ class SpinnServer:
                 if link is None:
                     continue
                 first = link.close is None
-                if first or action.abort:  # an abort (not reading) overrides a drain
-                    link.close = action
+                link.close = action  # a second Close (an abort) replaces the first
                 if first and action.cid != own:
                     link.closer = asyncio.create_task(self._finish(link, own=False))
             elif isinstance(action, StartTls):
@@ -273,9 +273,7 @@ class SpinnServer:
             peer = writer.get_extra_info("peername")
             self._apply(core.connection_made(cid, peer, self._clock()), own=cid)
             while link.close is None:
-                now = self._clock()
-                due = core.deadline(cid, now)
-                timeout = None if due is None else max(0.0, due - now)
+                timeout = core.wait_s(cid, self._clock())
                 try:
                     if link.eof:  # nothing more to read: wait for the answers, or the timer
                         await asyncio.wait_for(link.done.wait(), timeout)
@@ -324,10 +322,10 @@ class SpinnServer:
         raw = cast(asyncio.Transport, writer.transport)  # a stream socket: it reads too
         plain_protocol = raw.get_protocol()
         raw.pause_reading()  # from here on the TLS layer reads, not the plain reader
-        due = self.core.deadline(link.cid, self._clock())
-        left_s = 0.0 if due is None else max(0.0, due - self._clock())
+        cid, core = link.cid, self.core
+        timeout_s = core.tls_timeout_s(cid, self._clock())
         upgrade = asyncio.ensure_future(
-            writer.start_tls(self._ssl, ssl_handshake_timeout=left_s + 1.0)
+            writer.start_tls(self._ssl, ssl_handshake_timeout=timeout_s)
         )
         # Its first step puts the TLS protocol on the paused transport; the bytes read
         # already go into it there, before the transport reads on (FIFO callbacks).
@@ -335,16 +333,14 @@ class SpinnServer:
         try:
             while link.close is None:
                 try:
-                    await asyncio.wait_for(asyncio.shield(upgrade), left_s)
+                    await asyncio.wait_for(asyncio.shield(upgrade), core.wait_s(cid, self._clock()))
                 except TimeoutError:
-                    self._apply(self.core.timer_fired(link.cid, self._clock()), own=link.cid)
-                    due = self.core.deadline(link.cid, self._clock())
-                    left_s = 0.0 if due is None else max(0.0, due - self._clock())
+                    self._apply(core.timer_fired(cid, self._clock()), own=cid)
                     continue
-                self._apply(self.core.tls_started(link.cid, self._clock()), own=link.cid)
+                self._apply(core.tls_started(cid, self._clock()), own=cid)
                 return
         except (ssl.SSLError, ConnectionError, OSError) as exc:
-            self._apply(self.core.tls_failed(link.cid, str(exc), self._clock()), own=link.cid)
+            self._apply(core.tls_failed(cid, str(exc), self._clock()), own=cid)
         finally:
             if not upgrade.done():
                 upgrade.cancel()

@@ -85,6 +85,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BURST_S",
+    "FLUSH_S",
     "FRAMES_PER_TURN",
     "LINGER_S",
     "REFUSAL_LINGER_S",
@@ -125,6 +126,12 @@ _MAX_SNIFF: Final = 1 << 16
 """Bytes read on a TLS port before they must have shown a TLS record: one read."""
 _WAIT_EWMA: Final = 0.2
 """Weight of the newest queue wait in a connection's measured wait (BUSY admission)."""
+FLUSH_S: Final = 1.0
+"""At shutdown, how long the last frames (BYEs, a TLS close_notify) may take to leave,
+and the listening socket to close: a peer that does not read cannot hold the exit."""
+_TLS_SLACK_S: Final = 1.0
+"""The TLS layer's own handshake timeout runs this much past the core's deadline, so that
+the core's ``timer_fired`` (which names the reason) always comes first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +225,10 @@ class Close:
     """Wait (up to the idle timeout) for the written bytes to leave first; if they do
     not, report ``not_reading``."""
     abort: bool = False
-    """Drop unsent bytes: the peer does not read them anyway."""
+    """Drop unsent bytes: the peer does not read them anyway.
+
+    The core closes a connection once; the one later ``Close`` it may send for it is an
+    abort (``not_reading``: a drain that did not finish), which replaces the first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,6 +421,17 @@ class ServerCore:
             return now + self.config.limits.idle_timeout_s
         return peer.last_active_at + self.config.limits.idle_timeout_s
 
+    def wait_s(self, cid: int, now: float) -> float | None:
+        """Seconds until ``timer_fired(cid)`` is due (``deadline``), 0 if past; None: no
+        timer."""
+        due = self.deadline(cid, now)
+        return None if due is None else max(0.0, due - now)
+
+    def tls_timeout_s(self, cid: int, now: float) -> float:
+        """The timeout to give the TLS layer's own handshake: past ``deadline``, so that
+        ``timer_fired`` decides (and names) the close of a handshake that stalls."""
+        return (self.wait_s(cid, now) or 0.0) + _TLS_SLACK_S
+
     @property
     def drain_timeout_s(self) -> float:
         """How long a peer's answers may take to drain into the kernel before the peer
@@ -510,8 +531,8 @@ class ServerCore:
     def _evict(self, cid: int, now: float, out: list[Action]) -> None:
         """Close a connection that has not finished its handshake, to admit a newer one."""
         stranger = self._peers.get(cid)
-        if stranger is None:
-            return
+        if stranger is None or stranger.closing:
+            return  # leaving already: its own close frees the place
         self.stats.handshakes_evicted += 1
         reason = (
             f"closed by the server: no handshake after {now - stranger.accepted_at:.2f} s "

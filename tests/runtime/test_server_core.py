@@ -559,3 +559,32 @@ def test_shutdown_is_due_once_answered_or_at_the_end_of_the_grace() -> None:
     quiet = Harness(shutdown_grace_s=5.0)
     quiet.apply(quiet.core.stop_accepting(3.0))
     assert quiet.core.shutdown_at() == 3.0
+
+
+def test_a_connection_is_closed_once_and_only_an_abort_follows() -> None:
+    h = Harness(max_handshakes=1, handshake_timeout_s=5.0, idle_timeout_s=7.0)
+    bad = h.connect(now=0.0)
+    h.apply(h.core.data_received(bad.cid, b"\xff" * 8, 0.1))  # garbage: a fatal ERROR
+    assert bad.closed is not None and bad.closed.linger_s == LINGER_S
+    # Still lingering in the pool when the next one comes: it is not closed a second time
+    # (nor counted evicted); its first close stands, reason and all.
+    h.connect(now=2.0)
+    assert [a for a in h.actions if isinstance(a, Close) and a.cid == bad.cid] == [bad.closed]
+    assert h.core.stats.handshakes_evicted == 0
+    # A BYE answered: the close drains; a drain that does not finish is the one later
+    # Close, an abort, which replaces it (the adapter carries out the last).
+    device = h.welcome(now=3.0)
+    h.send(device, Bye("done"), now=3.1)
+    assert device.closed is not None and device.closed.drain and not device.closed.abort
+    h.apply(h.core.not_reading(device.cid, 10.1))
+    assert device.closed.abort and "not reading its answers for 7 s" in device.closed.reason
+
+
+def test_the_core_times_the_adapters_waits() -> None:
+    h = Harness(handshake_timeout_s=5.0)
+    device = h.connect(now=1.0)
+    assert h.core.wait_s(device.cid, 2.0) == 4.0 and h.core.wait_s(device.cid, 9.0) == 0.0
+    # The TLS layer's own handshake timeout comes after the core's deadline, never first.
+    assert h.core.tls_timeout_s(device.cid, 2.0) > h.core.wait_s(device.cid, 2.0)
+    h.apply(h.core.timer_fired(device.cid, 6.0))
+    assert device.closed is not None and h.core.wait_s(device.cid, 6.0) is None
