@@ -67,6 +67,7 @@ from spinn.runtime.device_core import (
     Send,
     SendInfer,
     SendProbeTrain,
+    StartFrames,
 )
 from spinn.runtime.server_core import Action as ServerAction
 from spinn.runtime.server_core import Close, Outcome, RunBatch, ServedModel, ServerCore, Stopped
@@ -655,16 +656,17 @@ class SimDevice:
         if self.server is not None and link is not None:
             self.uplink = Link(loop, link, random.Random(seed * 7 + 1), True, model.path_s)
             self.downlink = Link(loop, link, random.Random(seed * 7 + 2), False, model.path_s)
-            loop.at(start_s, self._connect)
-            # The runtime gives the first connection a moment before its first frame
-            # (DeviceCore.start): frames start at the first WELCOME, or
-            # after the connect timeout.
-            loop.at(start_s + model.connect_timeout_s, self._start)
-        else:
-            loop.at(start_s, self._start)
+        loop.at(start_s, self._run)
+
+    def _run(self) -> None:
+        """The run begins as the runtime's (``SpinnDevice.run``): the core says when the
+        frames start (``DeviceCore.start``: at once without a server, else at the first
+        WELCOME or after the connect timeout), and the link connects."""
+        self._act(self.core.start(self.loop.now))
+        self._connect()
 
     def _start(self) -> None:
-        """The frames begin: an unpaced stream fills the window at once (the runtime's
+        """``StartFrames``: an unpaced stream fills the window at once (the runtime's
         source loop takes the next frame whenever a window slot is free); a camera
         delivers at its rate."""
         if self._started:
@@ -760,6 +762,8 @@ class SimDevice:
                     self.loop.at(now + a.delay_s, self._connect)
             elif isinstance(a, ArmTimer):
                 self._rearm = True
+            elif isinstance(a, StartFrames):
+                self._start()
             elif isinstance(a, Fatal):
                 raise RuntimeError(f"simulated device {self.index}: {a.message}")
             # Log: not kept (the records and counters are the simulation's output).
@@ -870,6 +874,10 @@ class SimDevice:
         self._busy = False
         if isinstance(a, RunHead):
             packed = None if answer is not None or not a.pack else self._packed_at(a)
+            if packed is not None and (codec := core.recode_to(packed.codec)) is not None:
+                # Re-coded for a server that took less than the one packed for (as the
+                # runtime's DeviceModel.recode): the profiled size of the codec it goes as.
+                packed = self._stand_in(a.plan.split, codec, codec)
             actions = core.head_done(now, fid, call, answer=answer, activation=None,
                                      packed=packed, stages_ms=stages_ms, reached=stop,
                                      pack_ms=pack_ms, link_up=self.connected)  # fmt: skip
@@ -885,15 +893,19 @@ class SimDevice:
         for the codec the core chose (the frame's pixels at split 0 where the server takes
         them), no content (the draw of the input stands for it)."""
         split = head.plan.split
-        pixels = head.pixels and split == 0 and self.model.input_codec is not None
-        key = (split, IMAGE_CODEC if pixels else head.codec)
-        p = self._packed.get(key)
+        if head.pixels and split == 0 and self.model.input_codec is not None:
+            return self._stand_in(split, IMAGE_CODEC, self.model.input_codec)
+        return self._stand_in(split, head.codec, head.codec)
+
+    def _stand_in(self, split: int, codec: str, entry: str) -> PackedTensor:
+        """A tensor packed with ``codec`` at ``split`` whose size is the profile's
+        ``entry`` (its smallest where it has none)."""
+        p = self._packed.get((split, codec))
         if p is None:
             sizes = self.profile.splits[split].bytes
-            entry = (self.model.input_codec or IMAGE_CODEC) if pixels else head.codec
             n = sizes[entry] if entry in sizes else self.profile.packed_bytes(split)
             shape = (1, *self.profile.splits[split].shape)
-            p = self._packed[key] = PackedTensor(key[1], False, shape, 1.0, 0, bytes(n))
+            p = self._packed[split, codec] = PackedTensor(codec, False, shape, 1.0, 0, bytes(n))
         return p
 
     # -- the link -------------------------------------------------------------------------
@@ -926,7 +938,6 @@ class SimDevice:
             self.connected = True
             self._act(self.core.link_up(now, server_name=message.server_name,
                                         accepted=message.codecs))  # fmt: skip
-            self._start()
             return
         self.core.heard(now)
         if isinstance(message, Result | Error) and message.request_id is not None:

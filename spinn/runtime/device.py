@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -91,9 +92,7 @@ class SpinnDevice:
                 config, self.profile, self.compute.codecs, self.model.num_stages, policy
             ),
             model=self.compute.shape,
-            # The busy-time accounting reads one worker's gaps between calls as hand-off
-            # work; with several workers the gaps overlap and no longer sum to busy time.
-            measure_busy=workers == 1,
+            workers=workers,
             server_budget_share=config.policy.server_budget_share,
             codecs=self.compute.codecs,
         )
@@ -138,16 +137,6 @@ class SpinnDevice:
         """Frames taken from the source (each gets one answer or one error record)."""
         return self.core.frames_read
 
-    @property
-    def errors(self) -> int:
-        """Frames answered with an error record instead of a classification."""
-        return self.core.errors
-
-    @property
-    def server_connects(self) -> int:
-        """Successful (re)connections so far."""
-        return self.core.connects
-
     def request_stop(self) -> None:
         """Stop reading the source; frames in flight are still answered."""
         self._stop.set()
@@ -173,18 +162,16 @@ class SpinnDevice:
         window = asyncio.Semaphore(self.config.source.max_in_flight)
         frames: set[asyncio.Task[None]] = set()
         pacer = Pacer(self.config.source.rate_fps)
-        iterator = iter(source)
-        count = 0
+        limit = self.config.source.limit
+        iterator = iter(source) if limit is None else itertools.islice(source, limit)
         source_error: Exception | None = None
         try:
             self.act(self.core.start(_now()))
             await self._started.wait()
             self._check_fatal()
             while not self._stop.is_set():
-                if self.config.source.limit is not None and count >= self.config.source.limit:
-                    break
                 await window.acquire()
-                if self._link is not None and self._link.fatal is not None:
+                if self.core.fatal is not None:
                     # Checked before a frame is read, so none is read and left unanswered.
                     window.release()
                     break
@@ -202,7 +189,6 @@ class SpinnDevice:
                 wait = pacer.wait_s(_now())
                 if wait > 0:
                     await asyncio.sleep(wait)
-                count += 1
                 task = asyncio.create_task(self._process(frame, window))
                 frames.add(task)
                 task.add_done_callback(frames.discard)
@@ -249,25 +235,20 @@ class SpinnDevice:
             elif isinstance(action, Publish):
                 self._write(action.record)
             elif isinstance(action, Send):
-                with self.link_work():
-                    if self._link is not None:
-                        self._link.send(action.message)
+                self._send(action.message)
             elif isinstance(action, SendInfer):
-                with self.link_work():
-                    nbytes = 0 if self._link is None else self._link.send(action.message)
+                nbytes = self._send(action.message)
                 rid = action.message.request_id
+                now = _now()
                 self.act(
-                    self.core.infer_written(
-                        _now(), action.frame_id, rid, nbytes, self._link_busy_ms
-                    )
+                    self.core.infer_written(now, action.frame_id, rid, nbytes, self._link_busy_ms)
                 )
             elif isinstance(action, SendProbeTrain):
                 sizes: list[int] = []
-                with self.link_work():
-                    for ping in action.pings:
-                        sizes.append(0 if self._link is None else self._link.send(ping))
-                        if sizes[-1] == 0:
-                            break
+                for ping in action.pings:
+                    sizes.append(self._send(ping))
+                    if sizes[-1] == 0:
+                        break
                 self.core.train_written(sizes)
             elif isinstance(action, CancelCompute):
                 self._cancelled.add(action.frame_id)
@@ -281,12 +262,15 @@ class SpinnDevice:
                 if self._link is not None:
                     self._link.close_link(action.reason)
             elif isinstance(action, Fatal):
-                if self._link is not None:
-                    self._link.fatal = DeviceError(action.message)
                 self.request_stop()
             elif isinstance(action, Reconnect):
                 if self._link is not None:
                     self._link.reconnect_delay = action.delay_s
+
+    def _send(self, message: Any) -> int:
+        """Write one message to the server: its framed size, 0 where it did not go."""
+        with self.link_work():
+            return 0 if self._link is None else self._link.send(message)
 
     def _link_up(self) -> bool:
         return self._link is not None and self._link.up
@@ -297,8 +281,8 @@ class SpinnDevice:
     # -- frames -------------------------------------------------------------------
 
     def _check_fatal(self) -> None:
-        if self._link is not None and self._link.fatal is not None:
-            raise self._link.fatal
+        if self.core.fatal is not None:
+            raise DeviceError(self.core.fatal)
 
     async def _process(self, frame: Frame, window: asyncio.Semaphore) -> None:
         """One frame: hand it to the core, then run what the core asks until it is done."""
@@ -307,17 +291,13 @@ class SpinnDevice:
         self._queues[fid] = queue
         try:
             try:
-                now = _now()
-                # The link is looked at once the decision is taken (the policy saw it).
-                decision = None if frame.error else self.core.decide(now)
                 self.act(
                     self.core.frame_arrived(
-                        now,
+                        _now(),
                         fid,
                         label=frame.label,
                         origin=frame.origin,
                         error=frame.error or None,
-                        decision=decision,
                         link_up=self._link_up(),
                     )
                 )
@@ -337,23 +317,16 @@ class SpinnDevice:
             window.release()
 
     def _failed(self, frame: Frame, exc: Exception) -> None:
-        # Every input gets exactly one answer or an explicit error record: a frame whose
-        # processing raised (bad image, a bug) is reported, never silently dropped.
-        log.error("frame %d failed", frame.index, exc_info=exc)
-        error = f"{type(exc).__name__}: {exc}"
-        self.act(
-            self.core.frame_failed(
-                _now(), frame.index, error, label=frame.label, origin=frame.origin
-            )
-        )
+        fid, label, origin = frame.index, frame.label, frame.origin
+        self.act(self.core.frame_failed(_now(), fid, exc, label=label, origin=origin))
 
     async def _compute(self, frame: Frame, action: Action) -> None:
         """Run a ``RunHead`` or ``RunStages`` in a compute slot and report it to the core."""
         loop = asyncio.get_running_loop()
         fid = frame.index
         t0 = _now()
-        priority = action.priority if isinstance(action, RunStages) else 0
-        async with self.slots.slot(priority) as queued:
+        assert isinstance(action, RunHead | RunStages)
+        async with self.slots.slot(action.priority) as queued:
             waited = _now() - t0
             if fid in self._cancelled:
                 self.act(self.core.compute_skipped(_now(), fid))
@@ -388,9 +361,9 @@ class SpinnDevice:
             )
             return
         answer, activation, packed, stages_ms, reached, pack_ms = head
-        if packed is not None and self._link is not None:
+        if packed is not None and (codec := self.core.recode_to(packed.codec)) is not None:
             with self.link_work():
-                packed = self.compute.recode(packed, self.core.pack_codec, self.core.accepted)
+                packed = self.compute.recode(packed, codec)
         self.act(
             self.core.head_done(
                 now,

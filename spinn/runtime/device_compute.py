@@ -31,14 +31,22 @@ from spinn.decisions.offline_profile import Profile
 from spinn.model.progressive import InputSpec
 from spinn.runtime.compute import slow_down
 from spinn.runtime.config import ZSTD_MODES
-from spinn.runtime.device_core import DeviceError, LocalExit, ModelShape, Plan, RunHead, RunStages
+from spinn.runtime.device_core import (
+    DeviceError,
+    LocalExit,
+    ModelShape,
+    Plan,
+    RunHead,
+    RunStages,
+    recode_target,
+)
 from spinn.runtime.server_description import checkpoint_facts
 from spinn.runtime.sources import Frame, input_pixels
 
 if TYPE_CHECKING:
     from spinn.runtime.config import DeviceConfig
 
-__all__ = ["DeviceModel", "recode_for"]
+__all__ = ["DeviceModel", "recode", "recode_for"]
 
 log = logging.getLogger("spinn.device")
 
@@ -53,23 +61,32 @@ def recode_for(
     input_spec: InputSpec | None = None,
 ) -> PackedTensor:
     """`packed` as the link allows (`codec`: its activation codec, `accepted`: every codec
-    it took). Both rare, after a reconnection to a different server: a tensor packed with
-    the dictionaries for a server that had them becomes sparse_int8, lossless (the same
-    int8 levels, `as_sparse_int8`); pixels for a server without uint8_image become the
-    float input, normalised by `input_spec` as the server would have (PROTOCOL.md §6.8);
-    sparse_uintb for a server without it becomes sparse_int8 of the values it decodes to
-    (§6.9: a second rounding, of at most half an int8 step)."""
-    if packed.codec == IMAGE_CODEC and IMAGE_CODEC not in accepted:
+    it took): re-coded to ``recode_target``'s codec where that names one."""
+    target = recode_target(packed.codec, codec, accepted)
+    if target is None:
+        return packed
+    return recode(packed, target, dictionaries, zstd, input_spec)
+
+
+def recode(
+    packed: PackedTensor,
+    target: str,
+    dictionaries: ZstdDictionaries | None,
+    zstd: str = "auto",
+    input_spec: InputSpec | None = None,
+) -> PackedTensor:
+    """`packed` re-coded to `target` (``DeviceCore.recode_to``): pixels become the float
+    input, normalised by `input_spec` as the server would have (PROTOCOL.md §6.8);
+    sparse_uintb becomes the values it decodes to (§6.9: a second rounding, of at most half
+    an int8 step); a tensor packed with the dictionaries becomes sparse_int8, lossless (the
+    same int8 levels, `as_sparse_int8`)."""
+    if packed.codec == IMAGE_CODEC:
         assert input_spec is not None
         x = input_spec.preprocess(torch.from_numpy(unpack(packed))).numpy()
-        # The normalised input is negative in places: never sparse_uintb.
-        float_codec = "sparse_int8" if codec == LOSSY_CODEC else codec
-        return pack(x, float_codec, ZSTD_MODES[zstd], dictionaries=dictionaries, table=0)
-    if packed.codec == LOSSY_CODEC and codec != LOSSY_CODEC:
-        return pack(unpack(packed), "sparse_int8", ZSTD_MODES[zstd])
-    if packed.codec != DICT_CODEC or codec == DICT_CODEC:
-        return packed
-    return as_sparse_int8(packed, dictionaries, ZSTD_MODES[zstd])
+        return pack(x, target, ZSTD_MODES[zstd], dictionaries=dictionaries, table=0)
+    if packed.codec == DICT_CODEC:
+        return as_sparse_int8(packed, dictionaries, ZSTD_MODES[zstd])
+    return pack(unpack(packed), target, ZSTD_MODES[zstd])
 
 
 class DeviceModel:
@@ -126,16 +143,10 @@ class DeviceModel:
             checkpoint_facts(self.model, self.meta),
         )
 
-    def recode(self, packed: PackedTensor, codec: str, accepted: Sequence[str]) -> PackedTensor:
-        """``packed`` as the link takes it now: its codec and every codec the server
-        accepted (``recode_for``)."""
-        return recode_for(
-            packed,
-            codec,
-            self.dictionaries,
-            self.config.link.zstd,
-            accepted=accepted,
-            input_spec=self.model.input_spec,
+    def recode(self, packed: PackedTensor, target: str) -> PackedTensor:
+        """``packed`` re-coded to ``target``, the codec the core names (``recode``)."""
+        return recode(
+            packed, target, self.dictionaries, self.config.link.zstd, self.model.input_spec
         )
 
     def _exit(self, answer: Any) -> LocalExit | None:

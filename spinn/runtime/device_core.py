@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from protocol import Bye, Cancel, Error, ErrorCode, Infer, Ping, Pong, Result
 from protocol.description import Description
 from protocol.messages import MAX_STRING
-from protocol.tensor import IMAGE_CODEC, PackedTensor
+from protocol.tensor import DICT_CODEC, IMAGE_CODEC, LOSSY_CODEC, PackedTensor
 from spinn.decisions.offline_profile import Profile
 from spinn.decisions.online_estimates import OnlineEstimates, ServerTimeEstimator
 from spinn.decisions.policy import Decision, Policy
@@ -71,6 +71,7 @@ __all__ = [
     "DeviceCore",
     "DeviceError",
     "Fatal",
+    "FLUSH_S",
     "FrameDone",
     "LocalExit",
     "Log",
@@ -84,6 +85,7 @@ __all__ = [
     "SendInfer",
     "SendProbeTrain",
     "StartFrames",
+    "recode_target",
 ]
 
 
@@ -100,6 +102,26 @@ _CLEAN_QUEUE_SHARE = 0.1
 _ANSWERED_ON_ARRIVAL = (ErrorCode.BUSY, ErrorCode.BAD_TENSOR, ErrorCode.BAD_SPLIT)
 FATAL_CODES = (ErrorCode.MODEL_MISMATCH, ErrorCode.VERSION, ErrorCode.UNAUTHENTICATED)
 """Errors that refuse this device for good (the run ends once its frames are answered)."""
+FLUSH_S = 1.0
+"""At the end of a run, how long the BYE may take to leave: a server that does not read
+cannot hold the exit."""
+
+
+def recode_target(codec: str, link_codec: str, accepted: Sequence[str]) -> str | None:
+    """The codec a tensor packed with ``codec`` must be re-coded to for a link that packs
+    with ``link_codec`` and whose server accepted ``accepted``; None: it goes as it is.
+
+    Both rare, after a reconnection to a different server: pixels for a server without
+    uint8_image go as the float input (PROTOCOL.md §6.8), never sparse_uintb (the
+    normalised input is negative in places); sparse_uintb for a server without it, and a
+    tensor packed with dictionaries the server lacks, go as sparse_int8 (§6.9, §6.7)."""
+    if codec == IMAGE_CODEC:
+        if IMAGE_CODEC in accepted:
+            return None
+        return "sparse_int8" if link_codec == LOSSY_CODEC else link_codec
+    if codec in (LOSSY_CODEC, DICT_CODEC) and link_codec != codec:
+        return "sparse_int8"
+    return None
 
 
 class DeviceError(RuntimeError):
@@ -223,6 +245,11 @@ class RunHead:
     pixels: bool = False
     """At split 0, send the frame's pixels (``uint8_image``, PROTOCOL.md §6.8): the server
     takes them."""
+
+    @property
+    def priority(self) -> int:
+        """A head runs first: a new frame's stages go before a race's continuation."""
+        return 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,7 +404,7 @@ class DeviceCore:
         profile: Profile,
         policy: Policy,
         model: ModelShape,
-        measure_busy: bool = True,
+        workers: int = 1,
         server_budget_share: float = SERVER_BUDGET_SHARE,
         codecs: Sequence[str] = ("sparse_int8",),
     ) -> None:
@@ -401,7 +428,7 @@ class DeviceCore:
         self.stats = DeviceStats()
         # The busy-time accounting reads one worker's gaps between calls as hand-off work;
         # with several workers the gaps overlap and the sum is no longer the device's time.
-        self.measure_busy = measure_busy
+        self.measure_busy = workers == 1
         self.decision: Decision = policy.decide(0.0, self.profiler.snapshot(0.0))
         """The latest decision (the summary's split and thr_conf)."""
         self.frames_read = 0
@@ -422,7 +449,8 @@ class DeviceCore:
         self._link_ms_at_upload = 0.0
         self._writing: tuple[int, float, float] | None = None
         """The INFER handed to the adapter and not reported yet: request id, when, deadline."""
-        self._fatal = False
+        self.fatal: str | None = None
+        """Why the server refused this device for good (``Fatal``); None while it has not."""
         self._ping = _Pinger()
         self._ping_seq = 0
         self._trains = ProbeTrains(
@@ -487,11 +515,9 @@ class DeviceCore:
                 wire_thr, wire_early_exits = ExitRule(0.0).to_wire()
         return Plan(split, last, rule, wire_thr, forced, wire_early_exits, decision.bits)
 
-    def decide(self, now: float) -> Decision:
-        """The policy's ⟨split, thr_conf⟩ for the next frame read, from the live estimates
-        (one call per frame: it counts the frame); a change of split or reason is logged
-        (with the next actions)."""
-        self.frames_read += 1
+    def _decide(self, now: float) -> Decision:
+        """The policy's ⟨split, thr_conf⟩ for a frame, from the live estimates; a change
+        of split or reason is logged."""
         decision = self.policy.decide(now, self.profiler.snapshot(now))
         if decision.reason != self.decision.reason or decision.split != self.decision.split:
             self._log(
@@ -512,22 +538,20 @@ class DeviceCore:
         label: int | None = None,
         origin: str | None = None,
         error: str | None = None,
-        decision: Decision | None = None,
         link_up: bool = False,
     ) -> list[Action]:
-        """A frame enters (``error``: the source could not read it). ``decision``: what
-        ``decide`` gave for it (None: decided here); ``link_up``: whether the server was
-        connected and writable once it was decided. Raises DeviceError where the decision
-        cannot run (``plan``): report that frame with ``frame_failed``."""
+        """A frame enters (``error``: the source could not read it): the policy decides
+        its ⟨split, thr_conf⟩ from the live estimates. ``link_up``: whether the server is
+        connected and writable now. Raises DeviceError where the decision cannot run
+        (``plan``): report that frame with ``frame_failed``."""
+        self.frames_read += 1
         if error is not None:
             # The source could not read it: its answer is this error record.
-            self.frames_read += 1
             self._log(logging.WARNING, "frame %d: %s", frame_id, error)
             self._fail(frame_id, f"SourceError: {error}", label, origin)
             self._actions.append(FrameDone(frame_id))
             return self._drain()
-        if decision is None:
-            decision = self.decide(now)
+        decision = self._decide(now)
         plan = self.plan(decision)
         self.tracker.begin(frame_id, now, plan.split, decision.thr_conf)
         self._frames[frame_id] = _Frame(frame_id, now, plan, label, origin)
@@ -660,13 +684,18 @@ class DeviceCore:
         self,
         now: float,
         frame_id: int,
-        error: str,
+        error: Exception | str,
         *,
         label: int | None = None,
         origin: str | None = None,
     ) -> list[Action]:
         """The frame cannot be answered: its processing raised ``error`` (a bad image, a
-        bug). It gets an error record instead, unless it was answered already."""
+        bug). Every input gets exactly one answer or an explicit error record, never
+        silently dropped: it gets an error record instead, unless it was answered
+        already."""
+        if isinstance(error, Exception):
+            self._actions.append(Log(logging.ERROR, "frame %d failed", (frame_id,), error))
+            error = f"{type(error).__name__}: {error}"
         frame = self._frames.pop(frame_id, None)
         if frame is not None:
             label, origin = frame.label, frame.origin
@@ -949,6 +978,11 @@ class DeviceCore:
         last, which every server takes, while not connected)."""
         return next((c for c in self.codecs if c in self.accepted), self.codecs[-1])
 
+    def recode_to(self, codec: str) -> str | None:
+        """The codec a head packed with ``codec`` must be re-coded to for the link as it is
+        now (``recode_target``); None: it goes as it is."""
+        return recode_target(codec, self.pack_codec, self.accepted)
+
     @property
     def server_address(self) -> tuple[str, int]:
         """The server to connect to now."""
@@ -1021,8 +1055,9 @@ class DeviceCore:
         if not problems:
             return None
         message = "server describes its model unlike this checkpoint: " + "; ".join(problems)
-        self._fatal = True
-        return [Send(Error(ErrorCode.MODEL_MISMATCH, message[:MAX_STRING])), Fatal(message)]
+        self._actions.append(Send(Error(ErrorCode.MODEL_MISMATCH, message[:MAX_STRING])))
+        self._give_up(message)
+        return self._drain()
 
     def heard(self, now: float) -> None:
         """Bytes arrived from the server (the dead-link check)."""
@@ -1044,8 +1079,7 @@ class DeviceCore:
                 self._on_request_error(now, message)
             else:
                 if message.code in FATAL_CODES:
-                    self._fatal = True
-                    self._actions.append(Fatal(f"server refused this device: {message.message}"))
+                    self._give_up(f"server refused this device: {message.message}")
                 self._close(f"server error {message.code.name}: {message.message}")
         elif isinstance(message, Bye):
             self._close(f"server said bye ({message.reason})")
@@ -1073,7 +1107,7 @@ class DeviceCore:
         assert self.rotation is not None
         host, port = self.server_address
         delay = self.rotation.connection_lost(up_s, self._answers_on_link)
-        if delay > 0 and not stopping and not self._fatal:
+        if delay > 0 and not stopping and self.fatal is None:
             # Dropped at once, unanswered: a crash-looping server is backed off.
             self._log(
                 logging.INFO,
@@ -1090,37 +1124,37 @@ class DeviceCore:
         self,
         now: float,
         why: str,
-        hint: str | None = None,
         *,
         refused: Error | None = None,
         token_mismatch: bool = False,
         untrusted: bool = False,
+        not_tls: bool = False,
+        closed_in_handshake: bool = False,
     ) -> list[Action]:
         """Connecting to ``server_address`` failed (``why``): retry (``Reconnect``) or give
-        up (``Fatal``). ``hint`` names the likely misconfiguration of either end where one
-        explains it; ``refused``: the server's ERROR in the handshake; ``token_mismatch``:
-        the server's proof of the token did not match (PROTOCOL.md §10); ``untrusted``:
-        the server's TLS certificate failed verification."""
+        up (``Fatal``). What the adapter saw: ``refused``, the server's ERROR in the
+        handshake; ``token_mismatch``, the server's proof of the token did not match
+        (PROTOCOL.md §10); ``untrusted``, its TLS certificate failed verification;
+        ``not_tls``, its reply to the TLS ClientHello was no TLS record;
+        ``closed_in_handshake``, it closed the connection before WELCOME."""
         host, port = self.server_address
         assert self.rotation is not None
-        fatal = None
         if refused is not None and refused.code in FATAL_CODES:
-            fatal = f"server refused this device: {refused.message}"
-        elif token_mismatch:
+            self._give_up(f"server refused this device: {refused.message}")
+            return self._drain()
+        if token_mismatch:
             # Only a device with a token gets here (a server that requires one refuses a
             # HELLO without a nonce itself). The server proves the token first: a proof
             # that does not match is far more often a token file out of date on one end
             # than an impostor. Not transient either way.
-            fatal = (
+            self._give_up(
                 f"token authentication failed: {why}; the device's and the server's "
                 "tokens differ, or the server uses none (compare their --token-file)"
             )
-        elif untrusted:
+            return self._drain()
+        if untrusted:
             # Not a passing fault: this server cannot be trusted until reconfigured.
-            fatal = f"TLS: server {host}:{port} not trusted: {why}"
-        if fatal is not None:
-            self._fatal = True
-            self._actions.append(Fatal(fatal))
+            self._give_up(f"TLS: server {host}:{port} not trusted: {why}")
             return self._drain()
         # Several servers: the next one is tried at once; backoff only after a whole
         # round failed (spinn.runtime.failover).
@@ -1133,6 +1167,7 @@ class DeviceCore:
             why,
             delay,
         )
+        hint = self._misconfiguration(not_tls=not_tls, closed_in_handshake=closed_in_handshake)
         if hint is None:
             self._same_failures = ("", 0)
         else:
@@ -1145,16 +1180,45 @@ class DeviceCore:
             count = count + 1 if last == hint else 1
             self._same_failures = (hint, count)
             if not self.config.link.retry_forever and count >= self.config.link.misconfig_tries:
-                self._fatal = True
-                self._actions.append(
-                    Fatal(
-                        f"server {host}:{port} {hint} (the handshake failed this way {count} "
-                        "times in a row; --retry-forever keeps trying)"
-                    )
+                self._give_up(
+                    f"server {host}:{port} {hint} (the handshake failed this way {count} "
+                    "times in a row; --retry-forever keeps trying)"
                 )
                 return self._drain()
         self._actions.append(Reconnect(delay))
         return self._drain()
+
+    def _misconfiguration(self, *, not_tls: bool, closed_in_handshake: bool) -> str | None:
+        """The likely cause of a failed connect that a wrong flag on either end explains,
+        said of the server; None: nothing points at one."""
+        if not_tls:
+            # The first bytes back are no TLS record: the server speaks the plain protocol.
+            return (
+                "does not answer in TLS: is the server using TLS? If not, start the device "
+                "without --tls/--tls-ca (or the server with --tls-cert/--tls-key)"
+            )
+        if not closed_in_handshake:
+            return None
+        if not self.config.link.use_tls:
+            # A TLS server cannot read the plain HELLO as a TLS ClientHello and closes.
+            return (
+                "closes connections during the handshake: is the server using TLS? If so, "
+                "start the device with --tls or --tls-ca"
+            )
+        if self.config.link.tls_cert is None:
+            # A server that requires client certificates ends the TLS session of a device
+            # without one right after the handshake; under uvloop that reads as a plain close.
+            return (
+                "closes TLS connections during the handshake: if it requires client "
+                "certificates, give this device one with --tls-cert/--tls-key"
+            )
+        return None
+
+    def _give_up(self, message: str) -> None:
+        """The server refused this device for good: ``Fatal`` (once the frames read are
+        answered, the run ends with ``message``)."""
+        self.fatal = message
+        self._actions.append(Fatal(message))
 
     def _hint_once(self, hint: str, address: tuple[str, int] | None = None) -> None:
         """Log ``hint`` about the server as a warning, the first time only."""

@@ -38,7 +38,7 @@ from protocol.auth import NONCE_SIZE, device_proof
 from spinn.runtime.config import DeviceConfig
 from spinn.runtime.credentials import SecurityError, device_ssl_context, load_token
 from spinn.runtime.device_compute import DeviceModel
-from spinn.runtime.device_core import Action, DeviceCore, DeviceError
+from spinn.runtime.device_core import FLUSH_S, Action, DeviceCore, DeviceError
 
 __all__ = ["LinkOwner", "ServerLink", "clock"]
 
@@ -84,7 +84,6 @@ class ServerLink:
         self.conn: Connection | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.welcome: Welcome | None = None
-        self.fatal: DeviceError | None = None
         self.reconnect_delay = 0.0
         """The core's latest ``Reconnect`` delay."""
         self.ssl: ssl.SSLContext | None = None
@@ -162,13 +161,14 @@ class ServerLink:
                     core.connect_failed(
                         _now(),
                         why,
-                        self._misconfiguration_hint(exc),
                         refused=exc.error if isinstance(exc, _Refused) else None,
                         token_mismatch=isinstance(exc, _TokenMismatch),
                         untrusted=isinstance(exc, ssl.SSLCertVerificationError),
+                        not_tls=isinstance(exc, ssl.SSLError) and exc.reason in _NOT_TLS_REASONS,
+                        closed_in_handshake=isinstance(exc, _ClosedInHandshake),
                     )
                 )
-                if self.fatal is not None:
+                if core.fatal is not None:
                     return
                 await asyncio.sleep(self.reconnect_delay)
                 continue
@@ -185,7 +185,7 @@ class ServerLink:
                     description=description,
                 )
             )
-            if self.fatal is not None:  # the core refused this server
+            if core.fatal is not None:  # the core refused this server
                 assert self.writer is not None
                 self.writer.close()
                 self.conn, self.writer, self.welcome = None, None, None
@@ -200,35 +200,10 @@ class ServerLink:
                         self.writer.close()
                 self.conn, self.writer, self.welcome = None, None, None
                 self.device.act(core.link_down(_now(), reason, stopping=self._stopping))
-            if self.fatal is not None or self._stopping:
+            if core.fatal is not None or self._stopping:
                 return
             if self.reconnect_delay > 0:
                 await asyncio.sleep(self.reconnect_delay)
-
-    def _misconfiguration_hint(self, exc: BaseException) -> str | None:
-        """The likely cause of a failed connect that a wrong flag on either end explains."""
-        if isinstance(exc, ssl.SSLError) and exc.reason in _NOT_TLS_REASONS:
-            # The first bytes back are no TLS record: the server speaks the plain protocol.
-            return (
-                "does not answer in TLS: is the server using TLS? If not, start the device "
-                "without --tls/--tls-ca (or the server with --tls-cert/--tls-key)"
-            )
-        if not isinstance(exc, _ClosedInHandshake):
-            return None
-        if self.ssl is None:
-            # A TLS server cannot read the plain HELLO as a TLS ClientHello and closes.
-            return (
-                "closes connections during the handshake: is the server using TLS? If so, "
-                "start the device with --tls or --tls-ca"
-            )
-        if self.config.link.tls_cert is None:
-            # A server that requires client certificates ends the TLS session of a device
-            # without one right after the handshake; under uvloop that reads as a plain close.
-            return (
-                "closes TLS connections during the handshake: if it requires client "
-                "certificates, give this device one with --tls-cert/--tls-key"
-            )
-        return None
 
     async def _connect(self, host: str, port: int) -> asyncio.StreamReader:
         reader, writer = await asyncio.wait_for(
@@ -352,7 +327,7 @@ class ServerLink:
             with contextlib.suppress(ProtocolError, OSError, RuntimeError):
                 self.send(Bye("device done"))
                 assert self.writer is not None
-                await asyncio.wait_for(self.writer.drain(), 1.0)
+                await asyncio.wait_for(self.writer.drain(), FLUSH_S)
         self._closing = True
         if self.writer is not None:
             with contextlib.suppress(Exception):

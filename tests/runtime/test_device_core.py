@@ -18,7 +18,7 @@ import pytest
 
 from protocol import Bye, Cancel, Error, ErrorCode, Infer, Ping, Pong, Result
 from protocol.description import Description
-from protocol.packing import pack
+from protocol.packing import DICT_CODEC, IMAGE_CODEC, LOSSY_CODEC, pack
 from spinn.decisions.offline_profile import Profile
 from spinn.decisions.online_estimates import Estimates
 from spinn.decisions.policy import Decision, FixedPolicy, Policy
@@ -45,6 +45,7 @@ from spinn.runtime.device_core import (
     SendInfer,
     SendProbeTrain,
     StartFrames,
+    recode_target,
 )
 from spinn.runtime.server_description import CheckpointFacts
 from spinn.runtime.tracker import FramePhase
@@ -432,15 +433,70 @@ def test_reconnects_back_off_and_a_repeated_misconfiguration_is_fatal() -> None:
     assert core.server_address == ("10.0.0.2", 7878)
     acts = core.connect_failed(0.1, "refused")
     assert only(acts, Reconnect)[0].delay_s > 0  # a whole round failed: backoff
-    hint = "closes connections during the handshake"
+    hint = "closes connections during the handshake: is the server using TLS?"
     warnings = []
     for i in range(3):
-        acts = core.connect_failed(1.0 + i, "closed", hint)
+        acts = core.connect_failed(1.0 + i, "closed", closed_in_handshake=True)
         warnings += [a for a in only(acts, Log) if a.level == logging.WARNING]
-    assert len(warnings) == 1  # said once
+    assert len(warnings) == 1 and hint in warnings[0].args[2]  # said once
     (fatal,) = only(acts, Fatal)
     assert hint in fatal.message and "3 times in a row" in fatal.message
-    assert not only(acts, Reconnect)
+    assert not only(acts, Reconnect) and core.fatal == fatal.message
+
+
+def test_the_core_names_the_misconfiguration_a_failed_handshake_points_at() -> None:
+    def hint(*, not_tls: bool = False, closed: bool = False, **config: Any) -> str | None:
+        core = make_core(misconfig_tries=1, **config)
+        core.connect_failed(0.0, "x", not_tls=not_tls, closed_in_handshake=closed)
+        return None if core.fatal is None else core.fatal.split(" (the handshake")[0]
+
+    assert hint() is None and hint(tls=True) is None  # a plain failure: retried
+    assert "does not answer in TLS" in (hint(not_tls=True, tls=True) or "")
+    # Closed before WELCOME: a plain device at a TLS server, or a TLS device without the
+    # client certificate the server requires; with one, nothing points at a flag.
+    assert "start the device with --tls or --tls-ca" in (hint(closed=True) or "")
+    assert "give this device one with --tls-cert" in (hint(closed=True, tls=True) or "")
+    assert hint(closed=True, tls=True, tls_cert="c.pem", tls_key="k.pem") is None
+    # The same hint again counts; a different failure in between starts the count anew.
+    core = make_core(misconfig_tries=2)
+    core.connect_failed(0.0, "x", closed_in_handshake=True)
+    core.connect_failed(0.1, "y")
+    assert not only(core.connect_failed(0.2, "x", closed_in_handshake=True), Fatal)
+    assert only(core.connect_failed(0.3, "x", closed_in_handshake=True), Fatal)
+    assert core.fatal is not None
+
+
+def test_a_head_packed_for_another_server_is_recoded_to_what_this_one_takes() -> None:
+    core = DeviceCore(
+        DeviceConfig.from_fields(status_interval_s=0),
+        profile=PROFILE,
+        policy=FixedPolicy(0, None),
+        model=MODEL,
+        codecs=(LOSSY_CODEC, "sparse_int8"),
+    )
+    core.link_up(0.0, accepted=(LOSSY_CODEC, "sparse_int8", IMAGE_CODEC))
+    assert core.recode_to(LOSSY_CODEC) is None and core.recode_to(IMAGE_CODEC) is None
+    core.link_down(1.0, "gone")
+    core.link_up(2.0, accepted=("sparse_int8",))  # a server with neither
+    assert core.recode_to(LOSSY_CODEC) == "sparse_int8"
+    assert core.recode_to(IMAGE_CODEC) == "sparse_int8"  # the float input, never uintb
+    assert core.recode_to("sparse_int8") is None
+    assert recode_target(DICT_CODEC, "sparse_int8", ("sparse_int8",)) == "sparse_int8"
+    assert recode_target(DICT_CODEC, DICT_CODEC, (DICT_CODEC,)) is None
+    assert recode_target(IMAGE_CODEC, "float32", ("float32",)) == "float32"
+
+
+def test_a_raised_compute_is_logged_with_its_traceback_and_answered_once() -> None:
+    core = make_core(server=None, split=5)
+    core.frame_arrived(0.0, 0, label=4)
+    boom = ValueError("bad image")
+    acts = core.frame_failed(0.1, 0, boom)
+    (line,) = [a for a in only(acts, Log) if a.level == logging.ERROR]
+    assert line.exc_info is boom and line.args == (0,)
+    assert records(acts) == [
+        {"frame": 0, "where": "error", "error": "ValueError: bad image", "label": 4}
+    ]
+    assert acts[-1] == FrameDone(0) and core.frames_read == 1
 
 
 def test_a_server_error_or_bye_closes_the_link() -> None:
