@@ -1380,7 +1380,7 @@ def residual_rates(profile: Profile, device_slowdown: float = 1.0) -> dict[str, 
             out[f"residual_rate_{key}"] = out[f"residual_decision_{key}"] = None
             continue
         p = pred.at(row, t)
-        sent = float(sched.predictor.bits[row]) / 8 * p.offload_rate
+        sent = float(sched.predictor.payload_bits[row]) / 8 * p.offload_rate
         out[f"residual_rate_{key}"] = round(sent / image_bytes, 6)
         out[f"residual_decision_{key}"] = (
             f"{split_name(p.split, profile.num_stages)}, {ExitRule(p.thr_conf).describe()}, "

@@ -102,7 +102,7 @@ class EdgentPolicy:
         self.latency_target_ms = latency_target_ms
         cfg = config or SchedulerConfig()
         p = profile
-        self._bits = np.array([8.0 * cfg.upload_bytes(p, s) for s in range(p.num_stages)] + [0.0])
+        self._bits = np.array([8.0 * cfg.request_bytes(p, s) for s in range(p.num_stages)] + [0.0])
         self._response_bits = 8.0 * cfg.response_bytes
         # Candidates (s, e): split s ≤ x_e offloads the stages [s, x_e]; the device-only
         # version of exit e is recorded as split S.

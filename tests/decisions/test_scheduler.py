@@ -43,6 +43,8 @@ def reference(
     if bits is not None:  # the width's smaller size, its drop bound on the uploaded share
         width = p.splits[s].precision(bits)
         nbytes, drop = min(width.bytes.values()), width.drop_bound_pts / 100
+    if s < p.num_stages:  # on the wire in its INFER
+        nbytes += cfg.envelope_bytes(p, s, bits)
     up = 0.0 if s == p.num_stages else 1000 * 8 * nbytes / bw
     down = 1000 * 8 * cfg.response_bytes / bw
     offload = sum(r for x, r in zip(p.exit_stages, rates, strict=True) if x >= s)
@@ -376,9 +378,11 @@ def test_throughput_counts_the_race_the_device_wins() -> None:
     """Server-only over a slow, far link: every local path beats the round trip even after
     waiting behind the other in-flight inputs' continuations, so the device runs the whole
     network per input (one call per stage) and the server works only until the CANCEL
-    arrives (docs/SCHEDULER.md, "throughput")."""
+    arrives (docs/SCHEDULER.md, "throughput"). Uploads are their payloads here (no INFER
+    envelope), for round figures."""
     p = scenario_profile()
-    sched = Scheduler(p, config=SchedulerConfig(response_bytes=0))
+    bare = SchedulerConfig(response_bytes=0, request_overhead_bytes=0)
+    sched = Scheduler(p, config=bare)
     e = est(10.0, lat_ms=80.0, busy_scale=1.5, head_overhead_ms=0.5, step_overhead_ms=0.2,
             upload_busy_ms=0.1)  # fmt: skip
     t = sched.predictor.threshold_index(0.0)  # exits (0.8, 0.15, 0.05) after stages 1, 3, 5
@@ -412,12 +416,12 @@ def test_throughput_counts_the_race_the_device_wins() -> None:
     assert got.device_busy_ms == pytest.approx(0.5 + 0.1 + race)
     # The server is through each input before the CANCEL arrives.
     assert got.server_busy_ms == pytest.approx(got.server_cost_ms)
-    one = Scheduler(p, config=SchedulerConfig(response_bytes=0, max_in_flight=1))
+    one = Scheduler(p, config=replace(bare, max_in_flight=1))
     assert one.predict(near).at(0, t).device_busy_ms == pytest.approx(device)
     # Without the race the device only uploads, and the server computes everything; the
     # 70 ms round trip then holds each of the 4 in-flight inputs longer than 4 uploads take:
     # the window, not the link, sets the rate.
-    no_race = Scheduler(p, config=SchedulerConfig(response_bytes=0, local_race=False))
+    no_race = Scheduler(p, config=replace(bare, local_race=False))
     got = no_race.predict(e).at(0, t)
     assert got.device_busy_ms == pytest.approx(0.5 + 0.1)
     assert got.server_busy_ms == pytest.approx(got.server_cost_ms)
@@ -660,9 +664,9 @@ def test_uploads_are_lossless_unless_a_row_has_a_width() -> None:
         sizes = p.splits[s].bytes
         lossless = min(n for k, n in sizes.items() if not k.startswith("sparse_uintb"))
         assert SchedulerConfig().upload_bytes(p, s) == lossless
-        assert plain.bits[s] == lossy.bits[s] == 8 * lossless
+        assert plain.payload_bits[s] == lossy.payload_bits[s] == 8 * lossless
         for width in p.splits[s].precisions:
-            row_bytes = lossy.bits[lossy.row(s, width.bits)] / 8
+            row_bytes = lossy.payload_bits[lossy.row(s, width.bits)] / 8
             assert row_bytes == min(width.bytes.values())
             saw_smaller |= row_bytes < lossless
     assert saw_smaller
@@ -671,6 +675,35 @@ def test_uploads_are_lossless_unless_a_row_has_a_width() -> None:
     # A named codec is taken as it is.
     named = SchedulerConfig(codec="sparse_uintb+zstd")
     assert named.upload_bytes(p, 4) == p.splits[4].bytes["sparse_uintb+zstd"]
+
+
+def test_uploads_are_predicted_in_their_infer_envelope() -> None:
+    # The profile's sizes are payloads; the wire carries each in an INFER (the length
+    # prefix, the message's and the tensor's fields): 627 B framed for server-only's
+    # 473 B of pixels at 1 Mbit/s. Each row's upload is its payload and the protocol's
+    # envelope around its tensor, lossy rows in theirs; none at device-only.
+    from protocol.messages import infer_envelope_bytes
+
+    root = Path(__file__).resolve().parents[2]
+    p = Profile.load(root / "models" / "camera" / "profile.json")
+    lossy = Predictor(p, SchedulerConfig(lossy=True, input_codec="uint8_image+zstd"))
+    for row, (s, bits) in enumerate(zip(lossy.row_split, lossy.row_bits, strict=True)):
+        extra = (lossy.bits[row] - lossy.payload_bits[row]) / 8
+        if s == p.num_stages:
+            assert extra == 0
+            continue
+        shape = (1, *p.splits[s].shape)
+        codec = "sparse_uintb" if bits else "uint8_image" if s == 0 else None
+        if codec is not None:
+            assert extra == infer_envelope_bytes(codec, shape)
+        assert 120 <= extra <= 200
+    # A fixed overhead replaces it, 0 included (the payload alone).
+    bare = Predictor(p, SchedulerConfig(request_overhead_bytes=0))
+    np.testing.assert_array_equal(bare.bits, bare.payload_bits)
+    assert SchedulerConfig(request_overhead_bytes=7).request_bytes(p, 1) == 7 + (
+        SchedulerConfig().upload_bytes(p, 1)
+    )
+    assert SchedulerConfig().request_bytes(p, p.num_stages) == 0
 
 
 def test_race_odds_are_a_ramp_not_a_step() -> None:
@@ -825,7 +858,7 @@ def test_each_width_is_a_row_charged_its_drop_bound_on_the_uploaded_share() -> N
     assert lossy.shape[0] == p.num_stages + 1 + 3
     for bits, nbytes, upper in ((2, 1_500, 5.0), (4, 3_000, 1.2), (6, 5_000, 0.3)):
         row = lossy.row(2, bits)
-        assert lossy.bits[row] == 8 * nbytes and plain.bits[2] == 8 * 20_000
+        assert lossy.payload_bits[row] == 8 * nbytes and plain.payload_bits[2] == 8 * 20_000
         np.testing.assert_allclose(
             lossy.accuracy[row], plain.accuracy[2] - upper / 100 * plain.offload[2]
         )

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 
 from protocol.errors import ErrorCode, RemoteProtocolError
+from protocol.framing import encode_frame
 from protocol.messages import (
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
@@ -23,6 +24,7 @@ from protocol.messages import (
     Result,
     decode_message,
     encode_message,
+    infer_envelope_bytes,
     message_type,
 )
 from protocol.packing import PackedTensor
@@ -47,6 +49,21 @@ def test_wire_layout_is_type_then_map() -> None:
     assert obj == [MessageType.CANCEL, {"request_id": 5}]
     ping = msgpack.unpackb(encode_message(Ping(1, 2.5, b"\x00\x01")), raw=False)
     assert isinstance(ping[1]["padding"], bytes), "padding travels as msgpack bin"
+
+
+def test_infer_envelope_is_the_frame_less_its_payload() -> None:
+    # What a device's INFER carries besides the tensor's bytes: within a few bytes of a
+    # real frame's (the request id and the payload's bin header vary in size).
+    for codec, compressed, shape in (
+        ("uint8_image", True, (1, 1, 28, 28)),
+        ("sparse_int8_zdict", False, (1, 32, 14, 14)),
+        ("float32", False, (1, 3, 96, 96)),
+    ):
+        for request_id, n in ((7, 300), (70_000, 5_000), (2**40, 70_000)):
+            tensor = PackedTensor(codec, compressed, shape, 1.0, 0, bytes(n))
+            frame = encode_frame(encode_message(Infer(request_id, 1, 0.75, tensor, 50.0)))
+            assert abs(len(frame) - n - infer_envelope_bytes(codec, shape)) <= 6
+    assert 140 <= infer_envelope_bytes("uint8_image", (1, 1, 28, 28)) <= 170
 
 
 def test_unknown_fields_are_ignored_and_defaults_apply() -> None:
