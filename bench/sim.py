@@ -24,8 +24,9 @@ Three parts, each printed:
 3. **A fleet**: ``--fleet-devices`` devices on netshape's shipped traces, each varied by a
    seeded phase, rate and delay scale and compute speed, against N servers with dynamic
    batching; tail latency, server utilisation, and the fewest servers that keep the
-   fleet's p95 latency within the SLA (a reference run with ample servers, then a search
-   from the servers its utilisation asks for; ``--jobs`` fleet runs side by side).
+   fleet's p95 latency within the SLA (a reference run with ample servers, then a
+   bisection that the runs' busy time bounds, ``search_servers``; ``--jobs`` fleet runs
+   side by side).
 
 The last line is one JSON object: ``sim_vs_real_throughput_error_median``,
 ``sim_vs_real_latency_error_median`` (null without real figures), ``sim_speedup``
@@ -50,7 +51,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ __all__ = [
     "paper_policy",
     "run_fleet",
     "run_real",
+    "search_servers",
     "servers_needed",
     "simulate_row",
 ]
@@ -426,66 +428,86 @@ def _fleet_runs(args: list[tuple[Any, ...]], jobs: int) -> list[dict[str, Any]]:
 
 
 def servers_needed(profile: Profile, plan: FleetPlan, device: DeviceModel, sla_p95_ms: float,
-                   max_latency_ms: float, seed: int, limit: int, start: int = 1,
-                   max_utilisation: float = 0.8, *, jobs: int = 1,
+                   max_latency_ms: float, seed: int, limit: int, max_utilisation: float = 0.8,
+                   *, jobs: int = 1,
                    known: Sequence[dict[str, Any]] = ()) -> tuple[int | None, list[dict[str, Any]]]:  # fmt: skip
     """The fewest servers whose fleet p95 meets ``sla_p95_ms`` with every server at most
     ``max_utilisation`` busy (both fall with more servers, up to the seeded noise).  The
     utilisation bound matters because of the local race (DESIGN.md part 7): a saturated
     server's queue grows, yet the devices answer those inputs themselves, so the p95
-    alone barely shows an overloaded fleet.
+    alone barely shows an overloaded fleet.  The search is ``search_servers``'s, over
+    ``run_fleet`` runs (``jobs`` side by side); ``known``: runs made already, e.g. the
+    reference run.  Returns the count (None: more than ``limit``) and every run."""
 
-    The search starts at ``start`` (the caller's estimate, from a reference run): down one
-    server at a time while one fewer still meets the SLA, else up by doubling, then
-    bisection.  Going down, ``jobs`` candidates run side by side (the next ones down run
-    before it is known whether they are needed).  ``known``: runs made already
-    (``run_fleet``)."""
-    runs: dict[int, dict[str, Any]] = {f["servers"]: f for f in known}
-
-    def run(ns: Sequence[int]) -> None:
-        todo = sorted({n for n in ns if 1 <= n <= limit and n not in runs}, reverse=True)
-        args = [(profile, plan, n, device, max_latency_ms, seed) for n in todo]
-        for n, f in zip(todo, _fleet_runs(args, jobs), strict=True):
-            runs[n] = f
+    def run(ns: Sequence[int]) -> list[dict[str, Any]]:
+        args = [(profile, plan, n, device, max_latency_ms, seed) for n in ns]
+        out = _fleet_runs(args, jobs)
+        for n, f in zip(ns, out, strict=True):
             print(f"fleet {plan.devices} devices, {n:4d} servers: p50 {f['p50_ms']:6.1f} "
                   f"p95 {f['p95_ms']:6.1f} p99 {f['p99_ms']:6.1f} ms, utilisation "
                   f"{100 * f['server_utilisation']:5.1f}%, offload {100 * f['offload_rate']:4.1f}%, "
                   f"batch {f['mean_batch']:.2f}, lost {f['lost']}", flush=True)  # fmt: skip
+        return out
 
-    def meets(n: int) -> bool:
-        run([n])
-        f = runs[n]
+    def meets(f: dict[str, Any]) -> bool:
         return bool(f["p95_ms"] <= sla_p95_ms and f["server_utilisation"] <= max_utilisation)
 
-    def done(n: int | None) -> tuple[int | None, list[dict[str, Any]]]:
-        return n, [runs[k] for k in sorted(runs)]
+    runs = search_servers(run, meets, limit, max_utilisation, jobs=jobs, known=known)
+    needed = min((n for n, f in runs.items() if meets(f)), default=None)
+    return needed, [runs[k] for k in sorted(runs)]
 
-    def below(n: int) -> list[int]:
-        """The next ``jobs`` candidates not run yet from ``n`` down."""
-        return [k for k in range(n, 0, -1) if k not in runs][: max(1, jobs)]
 
-    n = min(max(1, start), limit)
-    run(below(n))
-    if meets(n):
-        while n > 1:
-            if n - 1 not in runs:
-                run(below(n - 1))
-            if not meets(n - 1):
-                break
-            n -= 1
-        return done(n)
-    lo, hi = n, n  # lo fails; hi: to be tried
-    while not meets(hi):
-        if hi >= limit:
-            return done(None)
-        lo, hi = hi, min(limit, hi * 2)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if meets(mid):
-            hi = mid
+def search_servers(run: Callable[[Sequence[int]], list[dict[str, Any]]],
+                   meets: Callable[[dict[str, Any]], bool], limit: int, max_utilisation: float,
+                   *, jobs: int = 1,
+                   known: Sequence[dict[str, Any]] = ()) -> dict[int, dict[str, Any]]:  # fmt: skip
+    """Runs (``run``: fleet figures with ``servers`` and ``server_utilisation`` for each
+    count asked) until the fewest servers that ``meets`` is known, or that ``limit``
+    does not; every run by its count.
+
+    A bisection between the most servers known to fail (none: 0) and the fewest known to
+    pass, or, before one passed, an estimate from the runs' busy time: fewer servers
+    batch more, so a fleet's server-seconds per second at m servers bound those at any
+    fewer from above and at any more from below, and ``ceil(busy / max_utilisation)``
+    servers would be at most that busy: an upper estimate from runs with more servers, a
+    lower one (tried first, with one fewer) from failed runs with fewer.  An estimate only
+    places the next run, never makes the answer: that is a count that ran and met the
+    SLA, with one fewer that ran and missed it (or 1).  Without an estimate
+    the search doubles.  ``jobs`` counts run side by side in each step; the answer is the
+    same for any ``jobs``."""
+    runs: dict[int, dict[str, Any]] = {f["servers"]: f for f in known}
+    k = max(1, jobs)
+    while True:
+        hi = min((n for n, f in runs.items() if meets(f)), default=None)
+        lo = max((n for n, f in runs.items() if not meets(f) and (hi is None or n < hi)),
+                 default=0)  # fmt: skip
+        if (hi is not None and hi - lo <= 1) or (hi is None and lo >= limit):
+            return runs
+        top = limit if hi is None else hi  # the answer lies in (lo, top]
+        need = {m: max(1, math.ceil(f["server_utilisation"] * m / max_utilisation - 1e-9))
+                for m, f in runs.items()}  # fmt: skip
+        # Fewer than m servers: at most m's busy time; more: at least it.
+        above = [e for m, e in need.items() if lo < e < min(m, top + 1)]
+        below = max((e for m, e in need.items() if m <= lo), default=0)
+        if hi is None and not above:
+            todo = [min(limit, max(1, 2 * lo))]  # nothing known above: double
         else:
-            lo = mid
-    return done(hi)
+            upper = min([top, *above])  # meets the SLA, or is thought to
+            span = upper - lo
+            # Where the busy time says the answer is, that count and one fewer; else
+            # bisection: one cut with one job, else a count and one fewer at each of
+            # jobs // 2 cuts (the answer is found at once where a cut falls on it).
+            todo = [n for n in (below - 1, below) if lo < n <= upper and n not in runs][:k]
+            if not todo and k == 1:
+                todo = [lo + max(1, min(span - 1, -(-span // 2)))]
+            elif not todo:
+                cuts = [lo + -(-span * i // (k // 2 + 1)) for i in range(1, k // 2 + 1)]
+                todo = [n for c in cuts for n in (c - 1, c) if lo < n <= upper]
+        todo = sorted({n for n in todo if n not in runs})
+        if not todo:
+            raise RuntimeError(f"server search made no progress between {lo} and {hi}")
+        for n, f in zip(todo, run(todo), strict=True):
+            runs[n] = f
 
 
 # -- the command line -------------------------------------------------------------------
@@ -640,15 +662,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ref = run_fleet(raw_profile, fplan, ample, fleet_device, fleet_latency_limit, args.seed)
         fleet_runs.append(ref)
         sla_p95 = 1.1 * ref["p95_ms"]
-        # Fewer servers than their busy share at that size would be saturated: start there.
-        start = max(1, math.floor(ample * ref["server_utilisation"] / args.max_utilisation))
         print(f"reference: {ample} servers give p95 {ref['p95_ms']:.1f} ms at "
               f"{100 * ref['server_utilisation']:.1f}% utilisation; SLA p95 ≤ "
               f"{sla_p95:.1f} ms")  # fmt: skip
-    else:
-        start = 1
     needed, runs = servers_needed(raw_profile, fplan, fleet_device, sla_p95, fleet_latency_limit,
-                                  args.seed, args.max_servers, start, args.max_utilisation,
+                                  args.seed, args.max_servers, args.max_utilisation,
                                   jobs=args.jobs, known=fleet_runs)  # fmt: skip
     fleet_runs = runs
     fleet_wall = time.perf_counter() - t0

@@ -260,8 +260,8 @@ def test_server_search_is_the_same_in_processes() -> None:
     # Fleet runs side by side in forked processes give the figures one process gives.
     plan = sim.FleetPlan(devices=8, fps=10.0, seconds=0.8, warmup_s=0.2)
     args = (PROFILE, plan, DeviceModel(), math.inf, 30.0, 1, 4)
-    one = sim.servers_needed(*args, start=3, max_utilisation=0.02, jobs=1)
-    two = sim.servers_needed(*args, start=3, max_utilisation=0.02, jobs=2)
+    one = sim.servers_needed(*args, max_utilisation=0.02, jobs=1)
+    two = sim.servers_needed(*args, max_utilisation=0.02, jobs=2)
     assert one[0] == two[0]
     by_n = {f["servers"]: f for f in two[1]}
     assert all(by_n[f["servers"]] == f for f in one[1])
@@ -295,3 +295,30 @@ def test_an_overloaded_server_core_answers_busy_and_nothing_is_lost() -> None:
         counts = Counter(a.frame for a in d.answers)
         assert set(counts) == set(range(d.frames_begun)) and max(counts.values()) == 1
         assert not d.errors
+
+
+def test_server_search_finds_the_fewest_in_few_runs() -> None:
+    # A fleet whose server-seconds per second fall as fewer servers batch more: the
+    # search's answer is a linear scan's, each count run once, a handful of runs in all.
+    for busy, gain, jobs in [(3.5, 0.5, 1), (3.5, 0.5, 2), (12.9, 0.2, 1), (40.0, 0.0, 2),
+                             (0.3, 0.4, 1), (500.0, 0.0, 1)]:  # fmt: skip
+        asked: list[int] = []
+
+        def fleet(n: int, busy: float = busy, gain: float = gain) -> dict[str, Any]:
+            return {"servers": n, "server_utilisation": busy * (n / 100) ** gain / n}
+
+        def run(ns: Any, asked: list[int] = asked) -> list[dict[str, Any]]:
+            asked.extend(ns)
+            return [fleet(n) for n in ns]
+
+        def meets(f: dict[str, Any]) -> bool:
+            return bool(f["server_utilisation"] <= 0.8)
+
+        runs = sim.search_servers(run, meets, 256, 0.8, jobs=jobs, known=[fleet(100)])
+        want = next((n for n in range(1, 257) if meets(fleet(n))), None)
+        got = min((n for n, f in runs.items() if meets(f)), default=None)
+        assert got == want, (busy, gain, jobs)
+        assert len(asked) == len(set(asked))
+        if want is not None:
+            assert want == 1 or (want - 1 in runs and not meets(runs[want - 1]))
+        assert len(asked) <= 2 * max(1, (want or 256).bit_length()) + 2, (busy, asked)
