@@ -133,15 +133,19 @@ def evaluate_model(
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     split: int | None = None,
     batch_size: int = 500,
+    collected: tuple[Tensor, Tensor] | None = None,
 ) -> Evaluation:
     """Per-exit accuracy and the threshold sweep on ``data``.
 
     ``split`` defaults to the split right after the first early exit: the device runs
-    up to and including that exit and uploads what it did not answer.
+    up to and including that exit and uploads what it did not answer. ``collected``: what
+    ``collect_probs`` gives for ``data``, when the caller has it already.
     """
     if split is None:
         split = model.exit_stages[0] + 1 if model.num_exits > 1 else model.num_stages // 2
-    probs, labels = collect_probs(model, data, batch_size=batch_size)
+    if collected is None:
+        collected = collect_probs(model, data, batch_size=batch_size)
+    probs, labels = collected
     exit_accuracy = (probs.argmax(dim=2) == labels.unsqueeze(0)).double().mean(dim=1)
     return Evaluation(
         model_id=model_id,

@@ -188,10 +188,67 @@ def test_sla_summary() -> None:
     # Edgent is more accurate at the loosest limit.
     assert out["spinn_most_accurate_where_met"] is False
     assert out["accuracy_gain_vs_edgent_pts"] == pytest.approx(1.5)
+    # 0.4 points below Edgent there, with no noise figure for the comparison: no.
+    assert out["most_accurate_verdict"] == "no"
+    assert out["accuracy_deficit_pts"] == pytest.approx(0.4)
+    assert out["accuracy_deficit_noise_pts"] is None
+    # Within the 95% interval of the paired difference on the test images: not a
+    # difference shown either way, and not a goal met (the strict verdict stays False).
+    edgent = rows[3]["results"]["edgent"]  # type: ignore[index]
+    edgent["paired_noise_vs_spinn"] = 0.005
+    out = paper.sla_summary(rows)
+    assert out["most_accurate_verdict"] == "within noise"
+    assert out["accuracy_deficit_noise_pts"] == pytest.approx(0.5)
+    assert out["spinn_most_accurate_where_met"] is False
+    # A smaller gap that is beyond its own noise elsewhere decides: no.
+    rows[2]["results"]["other"].update(test_accuracy=0.932, paired_noise_vs_spinn=0.001)  # type: ignore[index]
+    out = paper.sla_summary(rows)
+    assert out["most_accurate_verdict"] == "no"
+    assert out["accuracy_deficit_pts"] == pytest.approx(0.2)
+    rows[2]["results"]["other"]["test_accuracy"] = 0.92  # type: ignore[index]
+    edgent["paired_noise_vs_spinn"] = 0.003
+    assert paper.sla_summary(rows)["most_accurate_verdict"] == "no"
     rows[2]["results"]["spinn"]["met"] = False  # type: ignore[index]
     assert paper.sla_summary(rows)["met_where_feasible"] is False
+    assert paper.sla_summary(rows)["most_accurate_verdict"] == "no"
     assert paper.sla_summary(rows[:1])["accuracy_gain_vs_edgent_pts"] is None
     assert paper.accuracy_half_width(0.93, 2500) == pytest.approx(0.01, abs=1e-3)
+
+
+def test_test_answers_pair_the_configurations_on_the_same_images() -> None:
+    import numpy as np
+    import torch
+
+    from bench._harness import DecisionRecord, RunResult
+
+    # Two exits, four images, three classes: exit 0 is confident on images 0 and 1 (right
+    # on 0, wrong on 1), the final exit right on 1, 2 and 3.
+    probs = torch.tensor(
+        [
+            [[0.9, 0.05, 0.05], [0.9, 0.05, 0.05], [0.4, 0.3, 0.3], [0.4, 0.3, 0.3]],
+            [[0.1, 0.8, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.8, 0.1, 0.1]],
+        ]
+    )
+    labels = torch.tensor([0, 1, 2, 0])
+    answers = paper.TestAnswers.from_probs(probs, labels, (0.5, 0.95))
+    np.testing.assert_array_equal(answers.exits[-1], [False, True, True, True])
+    np.testing.assert_array_equal(answers.at[0.5], [True, False, True, True])
+    np.testing.assert_array_equal(answers.at[0.95], answers.exits[-1])
+
+    def run(*configs: tuple[float | None, int | None]) -> RunResult:
+        decisions = [DecisionRecord(1.0, 0, t, e, 1e6, 1.0, 1.0, True) for t, e in configs]
+        return RunResult("x", 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, {}, {}, [],
+                         decisions)  # fmt: skip
+
+    # A run's per-image figure is the share of its frames whose configuration is right:
+    # half at thr 0.5, half truncated at exit 0.
+    mixed = answers.of_run(run((0.5, None), (None, 0)))
+    np.testing.assert_allclose(mixed, [1.0, 0.0, 0.5, 1.0])
+    no_exit = answers.of_run(run((None, None)))
+    # Paired: the noise of the difference comes from the images answered differently.
+    d = mixed - no_exit
+    assert paper.paired_half_width(mixed, no_exit) == pytest.approx(1.96 * d.std(ddof=1) / 2.0)
+    assert paper.paired_half_width(no_exit, no_exit) == 0.0
 
 
 def test_workloads_by_name_or_path(tmp_path: Path) -> None:
