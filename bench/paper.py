@@ -769,7 +769,11 @@ def experiment3(
         f"{'yes' if summary['met_where_feasible'] else '**no**'}; SPINN the most accurate of "
         f"the policies that meet it: {_most_accurate(summary)}; accuracy gain "
         "over Edgent at the tightest limit both met: "
-        f"{_opt(summary['accuracy_gain_vs_edgent_pts'])} points"
+        + (
+            "none (they never both met one)"
+            if summary["accuracy_gain_vs_edgent_pts"] is None
+            else f"{summary['accuracy_gain_vs_edgent_pts']:.2f} points"
+        )
         + (
             ""
             if summary["accuracy_gain_vs_edgent_noise_pts"] is None
