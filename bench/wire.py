@@ -51,9 +51,16 @@
    ``--lossy-images`` test images of the model's own dataset, held out from those (the
    bench refuses an overlap): bytes against float32 over splits 1..S-1
    (sparse_int8 where a split has no width; zstd where it is smaller), target ≥ 10×; and
-   the accuracy it costs, the largest drop over the splits and the exits after each,
-   target ≤ 0.5 points. For the checkpoint, and for the shipped camera model
-   (``models/camera``) when there is one.
+   the accuracy it costs, target ≤ 0.5 points: each exit after each split against itself
+   on the float activation, as a paired difference on the same images. The largest of
+   these 30-40 drops is reported as measured, beside what 2,000 held-out images can
+   verify of it (`drop_statistics`): each drop is noisy by ±0.3-0.6 points (95 %) where a
+   few dozen answers change, so the largest of them reaches 0.65-0.70 one time in 20 with
+   no drop at any exit (the ``noise`` figure, a paired sign-flip test); whether any exit's
+   drop is above the target with 95 % family-wise confidence (the ``lower`` figure, above
+   0.5 if so); and the drop pooled over the splits and their exits, with its interval.
+   For the checkpoint, and for the shipped camera model (``models/camera``) when there
+   is one.
 
 The last line is one JSON object with ``sparse_zstd_ratio``, ``zdict_ratio``,
 ``zdict_ratio_half_sparse``, ``pack_mb_s``, ``unpack_mb_s``, ``framing_vs_raw`` and the
@@ -61,8 +68,12 @@ other figures printed above; ``dictionaries`` says where the zstd dictionaries c
 ``input_bytes`` holds the split-0 figures per frame size; ``lossy_ratio``,
 ``lossy_accuracy_drop_pts``, ``lossy_accuracy_drop_margin_pts`` (the half-width of that
 drop's 95 % sampling interval on the held-out images: 1.96 standard errors of the paired
-per-image differences at the exit that sets it) and ``lossy_bits`` (per split 1..S-1)
-those of part 4, and ``lossy_camera_*`` the same for the camera model.
+per-image differences at the exit that sets it), ``lossy_accuracy_drop_pooled_pts`` and
+``lossy_accuracy_drop_pooled_margin_pts`` (the drop over every split and exit, ± its
+95 % interval), ``lossy_accuracy_drop_lower_pts`` (the largest family-wise 95 % lower
+bound of an exit's drop), ``lossy_accuracy_drop_noise_pts`` (the largest drop's 95th
+percentile by noise alone) and ``lossy_bits`` (per split 1..S-1) those of part 4, and
+``lossy_camera_*`` the same for the camera model.
 """
 
 from __future__ import annotations
@@ -659,10 +670,63 @@ class LossySplit:
 
 
 @dataclass(frozen=True)
+class DropStatistics:
+    """What the held-out paired differences of every (split, exit) say about the accuracy
+    the profile's widths cost, in points (`drop_statistics`)."""
+
+    estimates: int
+    """(split, exit) drops measured: the largest of them is ``LossyFigures.drop_pts``."""
+    pooled_pts: float
+    """The drop averaged over every split and every exit after it."""
+    pooled_margin_pts: float
+    """Half-width of its 95 % interval (the per-image means are paired across exits)."""
+    lower_pts: float
+    """The largest over the estimates of the lower end of its one-sided confidence
+    interval at 95 % family-wise (Bonferroni over `estimates`): above the bound, some
+    exit shows a drop beyond it that the noise cannot explain."""
+    noise_pts: float
+    """How large the largest estimate gets by noise alone, with the codec costing no
+    accuracy at any exit: the 95th percentile of that largest under random signs of each
+    image's differences (a paired sign-flip test, the exits' correlation kept)."""
+
+
+def drop_statistics(diffs: Sequence[np.ndarray], *, draws: int = 2000) -> DropStatistics | None:
+    """`DropStatistics` of `diffs`, one (exits, N) array of paired differences per split
+    with a width (+1: the codec turns that exit's answer wrong on that image, −1: right),
+    all on the same N images; None without any.
+
+    The largest of some 40 small-sample estimates sits above the drops themselves: on
+    2,000 images an exit's drop is noisy by ±0.3-0.6 points where a few dozen answers
+    change, so with no drop at any exit the largest is 0.45 points in a typical draw and
+    0.65-0.70 one time in 20 on the shipped models (`noise_pts`). The pooled drop and the
+    family-wise lower bound are what held-out images of this size can verify."""
+    if not diffs:
+        return None
+    rows = np.concatenate([np.asarray(d, dtype=np.float64) for d in diffs])
+    k, n = rows.shape
+    per_image = rows.mean(axis=0)
+    pooled_sd = float(per_image.std(ddof=1)) if n > 1 else 0.0
+    sd = rows.std(axis=1, ddof=1) if n > 1 else np.zeros(k)
+    z = statistics.NormalDist().inv_cdf(1.0 - 0.05 / k)
+    lower = rows.mean(axis=1) - z * sd / np.sqrt(n)
+    signs = np.random.default_rng(0).choice(np.array([-1.0, 1.0]), size=(n, draws))
+    null_max = (rows @ signs).max(axis=0) / n
+    return DropStatistics(
+        k,
+        100.0 * float(per_image.mean()),
+        100.0 * 1.96 * pooled_sd / float(np.sqrt(n)),
+        100.0 * float(lower.max()),
+        100.0 * float(np.percentile(null_max, 95)),
+    )
+
+
+@dataclass(frozen=True)
 class LossyFigures:
     checkpoint: str
     images: str
     splits: list[LossySplit]
+    drops: DropStatistics | None = None
+    """Over every split with a width and every exit after it; None without any."""
 
     @property
     def ratio(self) -> float:
@@ -712,6 +776,7 @@ def measure_lossy(checkpoint: str, images: int) -> LossyFigures:
     name = f"{images_set.name} test images {held_out.start}..{held_out.stop - 1}"
     x = model.input_spec.preprocess(images_set.images)
     rows = []
+    diffs = []
     with torch.inference_mode():
         act = x
         for split in range(1, model.num_stages):
@@ -724,13 +789,14 @@ def measure_lossy(checkpoint: str, images: int) -> LossyFigures:
             else:
                 sent = sum(pack(a, LOSSY_CODEC, True, bits=lossy.bits).nbytes for a in arrays)
                 diff = lossy_drop_differences(model, x, images_set.labels, split, lossy.bits)
+                diffs.append(diff.numpy())
                 worst = int(diff.mean(dim=1).argmax())
                 drop = max(0.0, 100.0 * float(diff[worst].mean()))
                 margin = 100.0 * 1.96 * float(diff[worst].std()) / len(images_set) ** 0.5
             bits = None if lossy is None else lossy.bits
             float32 = sum(a.nbytes for a in arrays)
             rows.append(LossySplit(split, bits, float32, sent, drop, margin))
-    return LossyFigures(checkpoint, name, rows)
+    return LossyFigures(checkpoint, name, rows, drop_statistics(diffs))
 
 
 def print_lossy(figures: LossyFigures) -> None:
@@ -749,11 +815,33 @@ def print_lossy(figures: LossyFigures) -> None:
     if drop_pts is None:
         print("  accuracy drop: not measured, the profile records no width")
     else:
-        verdict = "met" if drop_pts <= LOSSY_DROP_TARGET_PTS else "missed"
-        print(f"  largest accuracy drop {drop_pts:.2f} ± {figures.margin_pts or 0.0:.2f} points "
-              f"(target <= {LOSSY_DROP_TARGET_PTS:g}, {verdict}; ± the 95% sampling "
-              "interval on these images: the largest of many such estimates sits above "
-              "the drops themselves)")  # fmt: skip
+        print_drops(drop_pts, figures.margin_pts or 0.0, figures.drops)
+
+
+def print_drops(drop_pts: float, margin_pts: float, drops: DropStatistics | None) -> None:
+    """The accuracy the widths cost on the held-out images, with what the noise of the
+    estimates allows to conclude about the target (`drop_statistics`)."""
+    target = LOSSY_DROP_TARGET_PTS
+    verdict = "met" if drop_pts <= target else "missed"
+    count = "" if drops is None else f" of {drops.estimates} (split, exit) estimates"
+    print(f"  largest accuracy drop{count} {drop_pts:.2f} ± {margin_pts:.2f} points "
+          f"(target <= {target:g}, {verdict} as measured; ± its 95% sampling interval)")  # fmt: skip
+    if drops is None:
+        return
+    print(f"    by noise alone, with no drop at any exit, the largest of these estimates "
+          f"reaches {drops.noise_pts:.2f} one time in 20")  # fmt: skip
+    shown = "some exit's drop is" if drops.lower_pts > target else "no exit's drop is"
+    print(f"    {shown} above {target:g} with 95% family-wise confidence (largest lower "
+          f"bound {drops.lower_pts:.2f}: the target "
+          f"{'refuted' if drops.lower_pts > target else 'not refuted'})")  # fmt: skip
+    upper = drops.pooled_pts + drops.pooled_margin_pts
+    pooled = (
+        "met with 95% confidence" if upper <= target
+        else "met as measured" if drops.pooled_pts <= target
+        else "missed"
+    )  # fmt: skip
+    print(f"  pooled over the splits and the exits after each: {drops.pooled_pts:.2f} ± "
+          f"{drops.pooled_margin_pts:.2f} points (target <= {target:g}, {pooled})")  # fmt: skip
 
 
 def zstd_speeds(arrays: Sequence[np.ndarray], repeats: int) -> tuple[float, float]:
@@ -1251,6 +1339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             None if margin is None else round(margin, 2)
         )
         figures[f"lossy{key}_bits"] = [r.bits for r in lossy_figures.splits]
+        drops = lossy_figures.drops
+        for name in ("pooled", "pooled_margin", "lower", "noise"):
+            value = None if drops is None else getattr(drops, f"{name}_pts")
+            figures[f"lossy{key}_accuracy_drop_{name}_pts"] = (
+                None if value is None else round(value, 2)
+            )
     print(json.dumps(figures))
     return 0
 

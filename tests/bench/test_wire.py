@@ -71,6 +71,17 @@ def test_bench_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
     assert drop is None or drop >= 0.0
     margin = figures["lossy_accuracy_drop_margin_pts"]
     assert (margin is None) == (drop is None) and (margin is None or margin >= 0.0)
+    # Beside the largest drop, what the held-out images can verify: the pooled drop (the
+    # mean of the estimates, at most their largest) and the family-wise lower bound.
+    pooled, lower = (
+        figures["lossy_accuracy_drop_pooled_pts"],
+        figures["lossy_accuracy_drop_lower_pts"],
+    )
+    assert (pooled is None) == (drop is None) == (lower is None)
+    if drop is not None:
+        assert pooled <= drop and lower <= drop
+        assert figures["lossy_accuracy_drop_pooled_margin_pts"] >= 0.0
+        assert figures["lossy_accuracy_drop_noise_pts"] >= 0.0
     if (bench.MODELS_DIR / "camera" / "model.pt").exists():  # the camera model, measured too
         assert figures["lossy_camera_ratio"] > 1.0
         assert figures["lossy_camera_bits"] and figures["lossy_camera_accuracy_drop_pts"] >= 0
@@ -179,8 +190,38 @@ def test_lossy_rows_follow_the_profile_widths(tmp_path: Path) -> None:
     row = lossy.splits[7]
     assert row.margin_pts is not None and 0.0 <= row.margin_pts <= 196 / 30**0.5
     assert lossy.margin_pts == row.margin_pts and plain.margin_pts is None
+    # One split with a width, two exits after it (at stages 8 and 10): two estimates.
+    assert plain.drops is None and lossy.drops is not None and lossy.drops.estimates == 2
     # Held-out images that overlap those the widths were chosen on are refused.
     doc["precision_inputs"] = 9990
     (tmp_path / "profile.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="overlap the first 9990"):
         bench.measure_lossy(str(tmp_path / "model.pt"), 30)
+
+
+def test_drop_statistics_tell_a_real_drop_from_the_noise_of_the_largest() -> None:
+    assert bench.drop_statistics([]) is None
+    n = 2000
+    # Nothing changes: every figure is 0.
+    quiet = bench.drop_statistics([np.zeros((3, n)), np.zeros((1, n))])
+    assert quiet is not None and quiet.estimates == 4
+    assert quiet.pooled_pts == quiet.pooled_margin_pts == quiet.lower_pts == quiet.noise_pts == 0
+    # 40 exits where the codec turns 1.5 % of the answers each way: no drop anywhere, yet
+    # the largest estimate is well above 0, within what the noise gives the largest.
+    rng = np.random.default_rng(1)
+    noise = rng.choice(np.array([-1.0, 0.0, 1.0]), p=[0.015, 0.97, 0.015], size=(40, n))
+    stats = bench.drop_statistics([noise[:30], noise[30:]])
+    assert stats is not None and stats.estimates == 40
+    largest = 100 * noise.mean(axis=1).max()
+    assert 0.5 < largest < stats.noise_pts < 2.0
+    assert stats.lower_pts < 0.5  # no exit shown above 0.5
+    assert stats.pooled_pts == pytest.approx(100 * noise.mean())
+    per_image = noise.mean(axis=0)
+    margin = 196 * per_image.std(ddof=1) / n**0.5
+    assert stats.pooled_margin_pts == pytest.approx(margin)
+    # One exit that really loses 3 points (+1 on 60 more images) is shown above 0.5.
+    real = noise.copy()
+    real[7, np.flatnonzero(real[7] == 0)[:60]] = 1.0
+    shown = bench.drop_statistics([real])
+    assert shown is not None and shown.lower_pts > 0.5
+    assert shown.pooled_pts > stats.pooled_pts
