@@ -42,6 +42,7 @@ __all__ = [
     "MESSAGE_CLASSES",
     "encode_message",
     "encode_message_parts",
+    "frame_bytes",
     "infer_envelope_bytes",
     "message_type",
     "decode_message",
@@ -529,6 +530,12 @@ def encode_message(message: Message) -> bytes:
     """The msgpack body of one frame holding `message` (PROTOCOL.md §5)."""
     head, blob = encode_message_parts(message)
     return head + blob if blob else head
+
+
+def frame_bytes(message: Message) -> int:
+    """Bytes of the frame holding `message` on the wire, its length prefix included."""
+    head, blob = encode_message_parts(message)
+    return FRAME_HEADER.size + len(head) + len(blob)
 
 
 def infer_envelope_bytes(codec: str, shape: tuple[int, ...]) -> int:

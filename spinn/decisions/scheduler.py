@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import numpy.typing as npt
 
-from protocol.messages import infer_envelope_bytes
+from protocol.messages import Cancel, frame_bytes, infer_envelope_bytes
 from protocol.packing import LOSSY_CODEC
 from protocol.tensor import KNOWN_CODECS
 from spinn.decisions.offline_profile import Precision, Profile
@@ -121,6 +121,11 @@ class SchedulerConfig:
     error of the prediction up to that size does not break it (the latency predictions
     err by 2% in the median and up to 16% per configuration, docs/SCHEDULER.md).  When no
     candidate clears the margin, the least-violating one is the fastest, as without it."""
+    cancel_bytes: int | None = None
+    """Bytes of the CANCEL sent up the link for each race the device wins (the uplink
+    stage of the throughput counts them); ``None``: the protocol's frame
+    (``protocol.messages.frame_bytes``, about 20 B). Server-only at 1 Mbit/s sent one for
+    a third to a half of its inputs: 1.5% of its uplink time."""
     response_bytes: int = 256
     """Size of a RESULT on the wire (exit index, top-k, timings), for the download time."""
     codec: str | None = None
@@ -185,6 +190,10 @@ class SchedulerConfig:
             raise ValueError(f"SchedulerConfig.hysteresis must be >= 1, got {self.hysteresis!r}")
         if self.response_bytes < 0:
             raise ValueError("SchedulerConfig.response_bytes must be >= 0")
+        for name in ("request_overhead_bytes", "cancel_bytes"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ValueError(f"SchedulerConfig.{name} must be None or >= 0, got {v!r}")
         if self.max_in_flight < 1:
             raise ValueError(
                 f"SchedulerConfig.max_in_flight must be >= 1, got {self.max_in_flight}"
@@ -223,6 +232,12 @@ class SchedulerConfig:
         if codec not in KNOWN_CODECS:
             codec = "sparse_int8"  # a profile entry of another name: a few bytes apart
         return infer_envelope_bytes(codec, (1, *profile.splits[split].shape))
+
+    def cancel_frame_bytes(self) -> int:
+        """Bytes of a CANCEL on the wire (``cancel_bytes``, or the protocol's frame)."""
+        if self.cancel_bytes is not None:
+            return self.cancel_bytes
+        return frame_bytes(Cancel(2**32 - 1))
 
     def request_bytes(self, profile: Profile, split: int) -> int:
         """Predicted bytes on the wire of an upload at ``split`` with lossless coding: its
@@ -265,7 +280,8 @@ class Prediction:
     offload_rate: float
     """Share of inputs uploaded (no device-side exit answered before the split)."""
     uplink_ms: float
-    """Expected upload time per input (offload rate × packed bytes / B)."""
+    """Expected uplink time per input: the offload rate × the upload (its INFER) / B, and a
+    CANCEL per race the device wins."""
     device_busy_ms: float = 0.0
     """Expected device busy time per input under a saturating stream: the throughput
     model's device stage."""
@@ -417,6 +433,7 @@ class Predictor:
             ]
         )
         self.response_bits = 8.0 * self.config.response_bytes
+        self.cancel_bits = 8.0 * self.config.cancel_frame_bytes()
         # Offline parts of the per-candidate sums, (R, T).
         self.remote_rates: FloatArray = self.rates[None, :, :] * self.remote[:, None, :]
         self.offload: FloatArray = self.remote_rates.sum(axis=-1)
@@ -451,10 +468,11 @@ class Predictor:
                           (share won by the device, its mean wait when it wins)
             cut_e       = min(V_e, max(0, local_e + u_e − SF·D(s) − bits(s)/B − q·W))
             device_busy = head + Σ r_e·won_e·(SFb·(D(x_e+1) − D(s)) + (x_e+1−s)·c)
+            uplink_busy = uplink + Σ r_e·won_e·bits_cancel/B       (a CANCEL per race won)
             server_busy = (1+q)·Σ_{x_e≥s} r_e·((1 − won_e)·V_e + won_e·cut_e)
             held        = Σ_{x_e≥s} r_e·(won_e·(local_e + u_e) + (1 − won_e)·remote_e)
                           + Σ_{x_e<s} r_e·local_e + O
-            throughput  = 1000 / max(device_busy, uplink, server_busy, held / N)
+            throughput  = 1000 / max(device_busy, uplink_busy, server_busy, held / N)
         """
         sf, g = est.device_scale, est.server_scale
         bw = est.bandwidth_bps
@@ -464,6 +482,7 @@ class Predictor:
         with np.errstate(divide="ignore", invalid="ignore"):
             up_ms = 1000.0 * self.bits / bw if bw > 0 else np.where(self.bits > 0, np.inf, 0.0)
             down_ms = 1000.0 * self.response_bits / bw if bw > 0 else math.inf
+            cancel_ms = 1000.0 * self.cancel_bits / bw if bw > 0 else math.inf
         remote_start = sf * self.dev_split_ms + up_ms + lat_ms + down_ms  # (S+1,)
         v = g * self.srv_path_ms  # (S+1, E) server compute to exit e
         srv_cost = g * self.srv_cost_offline  # (S+1, T) = Σ_remote r_e · V_e
@@ -570,6 +589,10 @@ class Predictor:
             held = per_input(np.where(self.remote[:, None, :], won_held + lost_held, local_ms))
             won_rates = rates * won
             lost_rates = self.remote_rates - won_rates
+            # Each race the device wins sends a CANCEL up the link (the server stops).
+            won_share = won_rates.sum(axis=-1)
+            with np.errstate(invalid="ignore"):
+                uplink = uplink + np.where(won_share > 0, won_share * cancel_ms, 0.0)
             device_busy = d_head + (won_rates * race).sum(axis=-1)
             server_busy = share * (
                 (lost_rates * v[:, None, :]).sum(axis=-1) + (won_rates * cut).sum(axis=-1)

@@ -119,6 +119,7 @@ def reference(
     # ...in the time its heads leave idle at most.
     wanted = sum(rates[i] * won * race for i, (won, _u, race) in odds.items())
     room = max(idle, 0.0) / wanted if wanted > idle else 1.0
+    cancels = 0.0
     for i, remote in remote_of.items():
         x = p.exit_stages[i]
         local = e.device_scale * p.device_time_ms(x + 1)
@@ -126,12 +127,15 @@ def reference(
         won *= room
         held += rates[i] * ((won * (local + u) if won else 0.0) + (1 - won) * remote)
         d_race += rates[i] * won * race
+        # Each race won sends a CANCEL up the link.
+        cancels += rates[i] * won * 1000 * 8 * cfg.cancel_frame_bytes() / bw if won else 0.0
         # The server works until the CANCEL arrives.
         started = e.device_scale * p.device_time_ms(s) + up + e.server_queue * w
         cut = max(0.0, local + u - started)
         s_won_cut += rates[i] * won * min(srv[i], cut)
         s_lost += rates[i] * (1 - won) * srv[i]
     device_busy = d_head + d_race
+    uplink += cancels
     server_busy = share * (s_lost + s_won_cut)
     period = max(device_busy, uplink, server_busy, held / cfg.max_in_flight)
     return {
@@ -381,7 +385,7 @@ def test_throughput_counts_the_race_the_device_wins() -> None:
     arrives (docs/SCHEDULER.md, "throughput"). Uploads are their payloads here (no INFER
     envelope), for round figures."""
     p = scenario_profile()
-    bare = SchedulerConfig(response_bytes=0, request_overhead_bytes=0)
+    bare = SchedulerConfig(response_bytes=0, request_overhead_bytes=0, cancel_bytes=0)
     sched = Scheduler(p, config=bare)
     e = est(10.0, lat_ms=80.0, busy_scale=1.5, head_overhead_ms=0.5, step_overhead_ms=0.2,
             upload_busy_ms=0.1)  # fmt: skip
@@ -403,6 +407,10 @@ def test_throughput_counts_the_race_the_device_wins() -> None:
     assert got.device_busy_ms == pytest.approx(device)
     assert got.server_busy_ms == pytest.approx(server)
     assert got.throughput == pytest.approx(1000 / max(device, up, server))
+    # Every race won sends a CANCEL up the link: 23 B at 10 Mbit/s per input here.
+    framed = Scheduler(p, config=replace(bare, cancel_bytes=None)).predict(e).at(0, t)
+    assert bare.cancel_frame_bytes() == 0 and SchedulerConfig().cancel_frame_bytes() == 23
+    assert framed.uplink_ms - got.uplink_ms == pytest.approx(23 * 8 / 10e6 * 1000)
     # At 20 ms the idle device still wins every race (the latency), but under a saturating
     # stream its continuations queue behind up to 3 others: it wins an exit only with the
     # odds that its wait (uniform on [0, 57.6 ms]) is under the gap to the round trip.

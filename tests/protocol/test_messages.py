@@ -24,6 +24,7 @@ from protocol.messages import (
     Result,
     decode_message,
     encode_message,
+    frame_bytes,
     infer_envelope_bytes,
     message_type,
 )
@@ -49,6 +50,12 @@ def test_wire_layout_is_type_then_map() -> None:
     assert obj == [MessageType.CANCEL, {"request_id": 5}]
     ping = msgpack.unpackb(encode_message(Ping(1, 2.5, b"\x00\x01")), raw=False)
     assert isinstance(ping[1]["padding"], bytes), "padding travels as msgpack bin"
+
+
+@settings(max_examples=100, deadline=None)
+@given(messages)
+def test_frame_bytes_is_the_framed_length(message: Message) -> None:
+    assert frame_bytes(message) == len(encode_frame(encode_message(message)))
 
 
 def test_infer_envelope_is_the_frame_less_its_payload() -> None:
