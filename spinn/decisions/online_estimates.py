@@ -54,6 +54,8 @@ __all__ = [
     "OnlineEstimatesConfig",
     "OverheadEstimator",
     "ServerTimeEstimator",
+    "SILENCE_MIN_S",
+    "SILENCE_RTT_FACTOR",
     "TRAIN_CONFIRM_REL",
     "train_dispersion",
 ]
@@ -164,6 +166,12 @@ _UPLOAD_COLLAPSE_S = 0.05
 # Uploads this many times faster than B, three in a row, raise it to the slowest of them:
 # an upload errs slow (its time holds a per-request cost), so they say the link rose.
 _UPLOAD_RISE_RATIO = 4.0
+# A PING that has waited this long unanswered behind bytes on the link (and four times the
+# slowest recent bare round trip) says how slow the link is at most (``observe_silence``).
+# Long against an event-loop stall of the server (tens of ms on the loaded two-core host),
+# short against the 1.5 s after which the device gives up on a silent link.
+SILENCE_MIN_S = 0.5
+SILENCE_RTT_FACTOR = 4.0
 TRAIN_CONFIRM_REL = 0.3
 """A train sample further than this (relative) from the estimate asks for a confirming
 train soon; two that agree within it, on the same side of all older ones, are a step."""
@@ -309,6 +317,34 @@ class BandwidthEstimator:
                 self._long_uploads.clear()
                 self._replace_trains(slow)
         return sample
+
+    def observe_silence(self, now: float, nbytes: int, seconds: float) -> float | None:
+        """A PING that had ``nbytes`` ahead of it on the link (its own padding included:
+        uploads and probes not answered when it was written) is still unanswered
+        ``seconds`` after it was written, round trip excluded: the link delivered fewer than
+        ``nbytes`` in that time, so it is slower than ``8 * nbytes / seconds``. Returns
+        that bound when it replaced B, ``None`` otherwise.
+
+        The bound replaces B only when it lies ``_TRAIN_DROP_RATIO`` times or more below
+        it, as a timed train does: a link taken for far faster than it is fills with
+        uploads and probes sized for the old rate, whose answers, and so every other
+        sample, wait behind them (loopback cut to 200 kbit/s at 30 uploads of 4 KB a
+        second: a 32 KiB scout and the uploads held every answer back for 1.5 s, and the
+        device gave the link up as dead with B still at 3 Gbit/s). Trains confirm it. The
+        caller only asks after ``SILENCE_MIN_S``: a server stalled that long reads as a slow
+        link, at the cost of a confirming round."""
+        n = _check_sample("silence bytes", nbytes)
+        t = _check_sample("silence seconds", seconds)
+        before = self.bandwidth_bps
+        if n < self.min_transfer_bytes or t <= 0.0 or before is None:
+            return None
+        bound = 8.0 * n / t
+        if bound * _TRAIN_DROP_RATIO >= before:
+            return None
+        self._replace_trains(bound)
+        self._samples += 1
+        self.updated_at = now
+        return bound
 
     def _replace_trains(self, rate_bps: float) -> None:
         """The uploads told a collapse or a rise: ``rate_bps`` is B until the trains,
@@ -487,6 +523,12 @@ class LatencyEstimator:
         that average from a response time would also subtract time the response itself did
         not wait, so the inferred server time uses this instead (docs/SCHEDULER.md)."""
         return min(self._recent) if self._recent else None
+
+    @property
+    def slowest_s(self) -> float | None:
+        """Largest of the last ``window`` RTTs: how late a bare PING may come back without
+        anything queued ahead of it (the server's and the device's event-loop stalls)."""
+        return max(self._recent) if self._recent else None
 
     @property
     def latency_s(self) -> float | None:
@@ -812,6 +854,22 @@ class OnlineEstimates:
         # The recent minimum, not the all-time one: a path whose delay grew would read
         # the growth as serialisation time of the padding.
         self.bandwidth.observe_probe(now, probe_bytes, rtt_s, self.propagation_s())
+
+    def silence_floor_s(self) -> float:
+        """How long a PING must wait unanswered before its silence bounds B
+        (``BandwidthEstimator.observe_silence``): ``SILENCE_MIN_S``, or four times the
+        slowest recent bare round trip on a server that answers late anyway."""
+        slowest = self.latency.slowest_s
+        return max(SILENCE_MIN_S, SILENCE_RTT_FACTOR * (slowest or 0.0))
+
+    def observe_silence(self, now: float, nbytes: int, waited_s: float) -> float | None:
+        """The oldest unanswered PING, with ``nbytes`` ahead of it on the link, was written
+        ``waited_s`` ago: past ``silence_floor_s`` it bounds B
+        (``BandwidthEstimator.observe_silence``). Returns the bound when it replaced B."""
+        silent = waited_s - self.propagation_s()
+        if silent < self.silence_floor_s():
+            return None
+        return self.bandwidth.observe_silence(now, nbytes, silent)
 
     # -- device -------------------------------------------------------------------------
 

@@ -378,6 +378,9 @@ class _Pinger:
 
     pings: dict[int, tuple[float, int]] = field(default_factory=dict)
     """Unanswered PINGs: when sent, and their padding."""
+    ahead: dict[int, int] = field(default_factory=dict)
+    """Per unanswered PING: the bytes it had to wait behind on the link when written,
+    its own padding included (the silence bound, ``OnlineEstimates.observe_silence``)."""
     clean: set[int] = field(default_factory=set)
     """Bare PINGs sent with no probe train ahead of them: only these time L."""
     train: dict[int, int] = field(default_factory=dict)
@@ -1236,6 +1239,13 @@ class DeviceCore:
             at = self._hold_until if at is None else min(at, self._hold_until)
         if self._ping.active:
             wake = self._ping.next_bare
+            if self._ping.pings:
+                # When the oldest PING's silence begins to bound B; once it has begun, the
+                # PINGs' own cadence looks again.
+                oldest, _ = next(iter(self._ping.pings.values()))
+                silent_at = oldest + self.profiler.propagation_s() + self.profiler.silence_floor_s()
+                if silent_at > now:
+                    wake = min(wake, silent_at)
             if self.config.link.probe_bytes > 0 and self.profiler.latency.samples:
                 bw = self.profiler.bandwidth_bps()
                 wake = min(wake, self._trains.due_at(now, bw))
@@ -1288,9 +1298,11 @@ class DeviceCore:
                     f"{now - p.heard_at:.2f} s, the server is taken as unreachable"
                 )
                 return
+            self._judge_silence(now)
         if now >= p.next_bare:
             self._ping_seq += 1
             p.pings[self._ping_seq] = (now, 0)
+            p.ahead[self._ping_seq] = self._unanswered_bytes(queued_bytes)
             est = self.profiler.snapshot(now)
             queued = uplink_wait_s(
                 now, ((x.sent_at, x.nbytes) for x in self._sent.values()), est.bandwidth_bps
@@ -1315,12 +1327,43 @@ class DeviceCore:
             bw = self.profiler.bandwidth_bps()
             if self._trains.due(now, bw):
                 pings = []
+                ahead = self._unanswered_bytes(queued_bytes)
                 for padding in self._trains.frames(bw):
                     self._ping_seq += 1
                     p.pings[self._ping_seq] = (now, padding)
+                    ahead += padding
+                    p.ahead[self._ping_seq] = ahead
                     pings.append(Ping(self._ping_seq, now, bytes(padding)))
                 p.train_pending = (now, tuple(pings))
                 self._actions.append(SendProbeTrain(tuple(pings)))
+
+    def _unanswered_bytes(self, queued_bytes: int) -> int:
+        """Bytes on their way to the server now: not yet handed to the kernel, uploads and
+        PING padding not answered."""
+        p = self._ping
+        return (
+            queued_bytes
+            + sum(s.nbytes for s in self._sent.values())
+            + sum(padding for _, padding in p.pings.values())
+        )
+
+    def _judge_silence(self, now: float) -> None:
+        """The oldest unanswered PING waited long behind bytes on the link: a bound on B
+        (``OnlineEstimates.observe_silence``). PINGs, not uploads: the server answers a
+        PING from its event loop, an upload after its queue and compute."""
+        p = self._ping
+        seq = next(iter(p.pings))  # written in order of seq
+        sent, _ = p.pings[seq]
+        bound = self.profiler.observe_silence(now, p.ahead.get(seq, 0), now - sent)
+        if bound is not None:
+            self._rearm = True  # trains are planned from the new B
+            self._log(
+                logging.INFO,
+                "no PONG for %.2f s behind %d bytes: the link is slower than %.3g bit/s",
+                now - sent,
+                p.ahead.get(seq, 0),
+                bound,
+            )
 
     def train_written(self, sizes: Sequence[int]) -> None:
         """The framed sizes of the PINGs of ``SendProbeTrain`` that were written, in order
@@ -1343,6 +1386,7 @@ class DeviceCore:
     def _on_pong(self, now: float, pong: Pong) -> None:
         p = self._ping
         sent = p.pings.pop(pong.seq, None)
+        p.ahead.pop(pong.seq, None)
         if sent is not None and pong.seq in p.train:
             self._train_answered(now, pong)
         elif sent is not None and pong.seq in p.clean:

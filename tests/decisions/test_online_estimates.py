@@ -10,6 +10,7 @@ import pytest
 from spinn.decisions.offline_profile import synthetic_profile
 from spinn.decisions.online_estimates import (
     EWMA,
+    SILENCE_MIN_S,
     BandwidthEstimator,
     DeviceBusyEstimator,
     DeviceScaleEstimator,
@@ -502,6 +503,46 @@ def test_long_slow_uploads_tell_a_collapse_the_trains_cannot_see() -> None:
     est.observe_transfer(20.2, 4_200, 0.168)  # three: the fastest of them stands for B
     assert est.bandwidth_bps == pytest.approx(8 * 4_200 / 0.168)
     assert est.needs_confirmation
+
+
+def test_a_silent_ping_behind_bytes_bounds_a_collapsed_link() -> None:
+    """A PING still unanswered 0.5 s after it was written behind 60 kB: the link delivered
+    less than that, so it is under 0.96 Mbit/s. Far below B (3 Gbit/s), the bound replaces
+    it and asks the trains to confirm; near B, or with too few bytes ahead to tell a slow
+    link from a slow answer, it changes nothing."""
+    est = BandwidthEstimator()
+    assert est.observe_silence(0.0, 60_000, 0.5) is None  # nothing to bound yet
+    est.observe_train(0.0, [(100_000, 0.0), (2_000_000, 0.006)], 2_100_000)
+    fast = est.bandwidth_bps
+    assert fast is not None and fast > 2e9
+    est.needs_confirmation = False
+    assert est.observe_silence(1.0, 2_000, 5.0) is None  # a bare PING answered late
+    assert est.observe_silence(1.0, 60_000_000, 0.5) is None  # within 8× of B
+    assert est.bandwidth_bps == fast and not est.needs_confirmation
+    assert est.observe_silence(1.0, 60_000, 0.5) == pytest.approx(0.96e6)
+    assert est.bandwidth_bps == pytest.approx(0.96e6) and est.needs_confirmation
+    # A longer silence bounds it lower only once it is 8× lower again.
+    assert est.observe_silence(2.0, 60_000, 1.0) is None
+    assert est.observe_silence(9.0, 60_000, 5.0) == pytest.approx(96e3)
+
+
+def test_silence_counts_after_the_round_trip_and_the_slowest_recent_ping() -> None:
+    """``OnlineEstimates.observe_silence`` waits ``SILENCE_MIN_S`` past the propagation
+    delay, or four times the slowest recent bare round trip when the server answers late
+    anyway (a loaded server's event loop is not a slow link)."""
+    prof = synthetic_profile(random.Random(7), num_stages=6, num_exits=3, num_thresholds=5)
+    op = OnlineEstimates(prof)
+    op.bandwidth.observe_train(0.0, [(100_000, 0.0), (2_000_000, 0.006)], 2_100_000)
+    fast = op.bandwidth_bps()
+    op.observe_ping(0.0, 0.1)
+    assert op.silence_floor_s() == SILENCE_MIN_S
+    assert op.observe_silence(1.0, 60_000, 0.1 + SILENCE_MIN_S - 0.01) is None
+    assert op.bandwidth_bps() == fast
+    op.observe_ping(1.0, 0.2)  # the slowest recent PING: 0.2 s, the floor 0.8 s
+    assert op.silence_floor_s() == pytest.approx(0.8)
+    assert op.observe_silence(1.0, 60_000, 0.1 + 0.7) is None
+    assert op.observe_silence(1.0, 60_000, 0.1 + 0.9) == pytest.approx(8 * 60_000 / 0.9)
+    assert op.bandwidth_bps() == pytest.approx(8 * 60_000 / 0.9)
 
 
 def test_fast_uploads_tell_a_rise_the_rare_trains_would_see_late() -> None:
