@@ -688,10 +688,11 @@ def experiment3(
     rate = b.plan.paced_fps
     rows: list[dict[str, Any]] = []
     with Shaper(b.tb, server.port, rate=net.rate, delay=net.delay) as shaper:
-        neuro = b.run(net.label, shaper.port, "neurosurgeon", b.policy("neurosurgeon"),
-                      rate_fps=rate, duration_s=b.plan.sla_run_s)  # fmt: skip
-        # Measured in the same setting as the policies (the first run after a change of
-        # setting is often slow on this shared machine: neurosurgeon goes first).
+        # The first run after a change of setting is often slow on this shared machine:
+        # one uncounted run goes first, so that device-only is measured in the same
+        # setting as the policies.
+        measure(b.tb, shaper.port, "warm-up", b.policy("device-only"), rate_fps=rate,
+                duration_s=b.plan.startup_s, warmup_s=0.0)  # fmt: skip
         dev = b.run(net.label, shaper.port, "device-only", b.policy("device-only"),
                     rate_fps=rate, duration_s=b.plan.sla_run_s)  # fmt: skip
         # The median: a busy shared machine puts a few slow frames into any run.
@@ -700,6 +701,12 @@ def experiment3(
         # leaves it idle two thirds of the time (no queueing), never slower than the plan's
         # pace.  The test-set accuracy of each configuration comes from experiment 6.
         sla_fps = min(50.0, max(rate, 1000.0 / (3.0 * dev.latency_ms_mean)))
+        # Neurosurgeon ignores the SLA: one run serves every row, at the pace of the
+        # others, since the limit is met or not at the same input rate. Paced at 10/s it
+        # met the camera model's 20.4 ms at 20.1 ms, where the same configuration took
+        # 22.1-22.9 ms at the others' 16.4/s, and was the most accurate that met it.
+        neuro = b.run(net.label, shaper.port, "neurosurgeon", b.policy("neurosurgeon"),
+                      rate_fps=sla_fps, duration_s=b.plan.sla_run_s)  # fmt: skip
         for f in b.plan.sla_fractions:
             limit = f * b.device_only_ms
             sla = SLA(
@@ -751,9 +758,9 @@ def experiment3(
                 f"{split_name(x['split_mode'] or 0, b.profile.num_stages)} {_thr(x['thr_mode'])}",
             ])  # fmt: skip
     text = b.header("# Experiment 3 — accuracy and server time under a latency SLA (Fig. 9)") + (
-        f"\nNetwork {net.label}; frames paced at {rate:g}/s for Neurosurgeon and "
-        f"device-only, at {sla_fps:.1f}/s (one every 3 device-only latencies) for the "
-        f"others, {b.plan.sla_run_s:g} s per run; device-only latency measured "
+        f"\nNetwork {net.label}; frames paced at {rate:g}/s for device-only (the SLA's "
+        f"base), at {sla_fps:.1f}/s (one every 3 device-only latencies) for the "
+        f"policies compared, {b.plan.sla_run_s:g} s per run; device-only latency measured "
         f"{b.device_only_ms:.1f} ms (median). SLA = fraction × that. SPINN: max accuracy, "
         "then min server time, within the SLA (least-violating when nothing meets it); "
         "Edgent: its latency target = the SLA; Neurosurgeon ignores the SLA (minimum "
