@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from spinn.decisions.offline_profile import ProfileError
     from spinn.model.checkpoint import CheckpointError, read_checkpoint
-    from spinn.runtime.device import DeviceError, run_device
+    from spinn.runtime.device import DeviceError
+    from spinn.runtime.device_process import run_device
     from spinn.runtime.sources import SourceError
 
     try:

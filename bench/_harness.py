@@ -456,7 +456,7 @@ def measure(
     import uvloop
 
     from spinn.runtime.config import DeviceConfig
-    from spinn.runtime.device import run_device
+    from spinn.runtime.device_process import run_device
 
     recording = _Recording(policy)
     cfg = DeviceConfig.from_fields(

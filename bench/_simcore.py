@@ -699,7 +699,10 @@ class SimDevice:
     def _begin(self, fid: int) -> None:
         self.in_flight += 1
         self._exit[fid] = -1  # drawn once its plan is known (RunHead)
-        self._act(self.core.frame_arrived(self.loop.now, fid, link_up=self.connected))
+        # As the runtime's SpinnDevice: the decision first, then the link looked at.
+        decision = self.core.decide(self.loop.now)
+        self._act(self.core.frame_arrived(self.loop.now, fid, decision=decision,
+                                          link_up=self.connected))  # fmt: skip
 
     def input_exit(self, rid: int) -> int:
         """The exit that answers request ``rid``'s input (the modelled server's compute
@@ -748,13 +751,7 @@ class SimDevice:
                     job.skipped = True
                     self._act(self.core.compute_skipped(now, a.frame_id))
             elif isinstance(a, SendProbeTrain):
-                sizes = []
-                for ping in a.pings:
-                    n = self._send(ping)
-                    if not n:
-                        break
-                    sizes.append(n)
-                self.core.train_written(sizes)
+                self.core.train_written([self._send(ping) for ping in a.pings])
             elif isinstance(a, CloseLink):
                 self._link_lost(a.reason)
             elif isinstance(a, Reconnect):

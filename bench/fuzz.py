@@ -578,7 +578,7 @@ async def _socket_fuzz(
 
     from bench._common import ensure_profile
     from spinn.runtime.config import DeviceConfig
-    from spinn.runtime.device import run_device
+    from spinn.runtime.device_process import run_device
     from spinn.runtime.sources import dataset_source
 
     corpus = _corpus(checkpoint)

@@ -131,7 +131,7 @@ def _run_device(
     import uvloop
 
     from spinn.runtime.config import DeviceConfig
-    from spinn.runtime.device import run_device
+    from spinn.runtime.device_process import run_device
     from spinn.runtime.sources import dataset_source
 
     policy = RecordingPolicy(split, thr)

@@ -15,23 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
-import json
 import logging
-import os
-import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from spinn.decisions.online_estimates import OnlineEstimates
 from spinn.decisions.policy import Policy
 from spinn.runtime.compute import ComputeSlots, configure_torch, make_executor, plan_workers
 from spinn.runtime.config import DeviceConfig
-from spinn.runtime.device_compute import DeviceModel
+from spinn.runtime.device_compute import DeviceModel, HeadOutput, StagesOutput
 from spinn.runtime.device_core import (
     Action,
     ArmTimer,
@@ -55,9 +51,8 @@ from spinn.runtime.device_core import (
 from spinn.runtime.device_link import ServerLink, clock
 from spinn.runtime.device_policy import configured_policy
 from spinn.runtime.sources import Frame, FrameSource, Pacer
-from spinn.runtime.tracker import RequestTracker
 
-__all__ = ["DeviceError", "SpinnDevice", "run_device"]
+__all__ = ["DeviceError", "Emit", "SpinnDevice", "Status"]
 
 log = logging.getLogger("spinn.device")
 
@@ -66,7 +61,9 @@ _now = clock
 
 _T = TypeVar("_T")
 Emit = Callable[[dict[str, Any]], None]
+"""Where the answer records go."""
 Status = Callable[[str], None]
+"""Where the status lines go."""
 
 
 class SpinnDevice:
@@ -80,17 +77,12 @@ class SpinnDevice:
         configure_torch(threads)
         self.compute = DeviceModel(config)
         """The model and packing the worker threads run."""
-        self.model, self.meta, self.profile = (
-            self.compute.model,
-            self.compute.meta,
-            self.compute.profile,
-        )
+        self.profile = self.compute.profile
+        stages = self.compute.model.num_stages
         self.core = DeviceCore(
             config,
             profile=self.profile,
-            policy=configured_policy(
-                config, self.profile, self.compute.codecs, self.model.num_stages, policy
-            ),
+            policy=configured_policy(config, self.profile, self.compute.codecs, stages, policy),
             model=self.compute.shape,
             workers=workers,
             server_budget_share=config.policy.server_budget_share,
@@ -100,7 +92,7 @@ class SpinnDevice:
         self._executor: ThreadPoolExecutor = make_executor(workers, "spinn-device")
         self._io: ThreadPoolExecutor = make_executor(1, "spinn-source")
         self._link = ServerLink(self) if config.link.server is not None else None
-        self._queues: dict[int, asyncio.Queue[Action]] = {}
+        self._queues: dict[int, asyncio.Queue[RunHead | RunStages | FrameDone]] = {}
         """Per frame in flight: the compute actions (and its end) its task carries out."""
         self._cancelled: set[int] = set()
         """Frames whose queued computation is not to run (``CancelCompute``)."""
@@ -112,30 +104,10 @@ class SpinnDevice:
         self._started = asyncio.Event()
         """The core's ``StartFrames`` (or a stop): frames may be read."""
         self._timer_wake = asyncio.Event()
-        self._output_error: OSError | None = None
+        self.output_error: OSError | None = None
         """Why the answers could not be written (a closed pipe): the run stops on it."""
 
     # -- public -----------------------------------------------------------------
-
-    @property
-    def policy(self) -> Policy:
-        """The policy deciding ⟨split, thr_conf⟩ per frame."""
-        return self.core.policy
-
-    @property
-    def profiler(self) -> OnlineEstimates:
-        """The online estimates (B, L, SF, server time) the policy reads."""
-        return self.core.profiler
-
-    @property
-    def tracker(self) -> RequestTracker:
-        """Frames in flight and their requests."""
-        return self.core.tracker
-
-    @property
-    def frames_read(self) -> int:
-        """Frames taken from the source (each gets one answer or one error record)."""
-        return self.core.frames_read
 
     def request_stop(self) -> None:
         """Stop reading the source; frames in flight are still answered."""
@@ -150,10 +122,10 @@ class SpinnDevice:
         if emit is not None:
             self._emit = emit
         timer_task = asyncio.create_task(self._timer_loop())
-        timer_task.add_done_callback(_log_task_failure)
+        timer_task.add_done_callback(_log_failure("timer"))
         link_task = asyncio.create_task(self._link.run()) if self._link else None
         if link_task is not None:
-            link_task.add_done_callback(_log_task_failure)
+            link_task.add_done_callback(_log_failure("server link"))
         status_task = (
             asyncio.create_task(self._status_loop(status))
             if status is not None and self.config.output.status_interval_s > 0  # 0: final line only
@@ -171,18 +143,15 @@ class SpinnDevice:
             self._check_fatal()
             while not self._stop.is_set():
                 await window.acquire()
-                if self.core.fatal is not None:
-                    # Checked before a frame is read, so none is read and left unanswered.
-                    window.release()
-                    break
-                try:
-                    frame = await loop.run_in_executor(self._io, next, iterator, None)
-                except Exception as exc:
-                    # The frames already read are still answered before the error ends
-                    # the run (raised below, after them).
-                    source_error = exc
-                    window.release()
-                    break
+                frame = None
+                # A fatal error is looked at before a frame is read: none is left unanswered.
+                if self.core.fatal is None:
+                    try:
+                        frame = await loop.run_in_executor(self._io, next, iterator, None)
+                    except Exception as exc:
+                        # The frames already read are still answered before the error ends
+                        # the run (raised below, after them).
+                        source_error = exc
                 if frame is None:
                     window.release()
                     break
@@ -192,7 +161,7 @@ class SpinnDevice:
                 task = asyncio.create_task(self._process(frame, window))
                 frames.add(task)
                 task.add_done_callback(frames.discard)
-                task.add_done_callback(_log_frame_task_failure)
+                task.add_done_callback(_log_failure("frame"))
             # Frames in flight finish (locally, if the server refused us) before a fatal
             # error ends the run: none is left without its answer.
             while frames:
@@ -204,8 +173,8 @@ class SpinnDevice:
             self._check_fatal()
             if source_error is not None:
                 raise source_error
-            if self._output_error is not None:
-                raise DeviceError(f"cannot write the answers: {self._output_error}")
+            if self.output_error is not None:
+                raise DeviceError(f"cannot write the answers: {self.output_error}")
         finally:
             for t in frames:
                 t.cancel()
@@ -237,19 +206,11 @@ class SpinnDevice:
             elif isinstance(action, Send):
                 self._send(action.message)
             elif isinstance(action, SendInfer):
-                nbytes = self._send(action.message)
-                rid = action.message.request_id
-                now = _now()
-                self.act(
-                    self.core.infer_written(now, action.frame_id, rid, nbytes, self._link_busy_ms)
-                )
+                nbytes, rid = self._send(action.message), action.message.request_id
+                busy_ms = self._link_busy_ms
+                self.act(self.core.infer_written(_now(), action.frame_id, rid, nbytes, busy_ms))
             elif isinstance(action, SendProbeTrain):
-                sizes: list[int] = []
-                for ping in action.pings:
-                    sizes.append(self._send(ping))
-                    if sizes[-1] == 0:
-                        break
-                self.core.train_written(sizes)
+                self.core.train_written([self._send(ping) for ping in action.pings])
             elif isinstance(action, CancelCompute):
                 self._cancelled.add(action.frame_id)
             elif isinstance(action, Log):
@@ -287,17 +248,21 @@ class SpinnDevice:
     async def _process(self, frame: Frame, window: asyncio.Semaphore) -> None:
         """One frame: hand it to the core, then run what the core asks until it is done."""
         fid = frame.index
-        queue: asyncio.Queue[Action] = asyncio.Queue()
+        queue: asyncio.Queue[RunHead | RunStages | FrameDone] = asyncio.Queue()
         self._queues[fid] = queue
         try:
             try:
+                now = _now()
+                # The link is looked at once the decision is taken (the policy saw it).
+                decision = None if frame.error else self.core.decide(now)
                 self.act(
                     self.core.frame_arrived(
-                        _now(),
+                        now,
                         fid,
                         label=frame.label,
                         origin=frame.origin,
                         error=frame.error or None,
+                        decision=decision,
                         link_up=self._link_up(),
                     )
                 )
@@ -320,76 +285,45 @@ class SpinnDevice:
         fid, label, origin = frame.index, frame.label, frame.origin
         self.act(self.core.frame_failed(_now(), fid, exc, label=label, origin=origin))
 
-    async def _compute(self, frame: Frame, action: Action) -> None:
+    async def _compute(self, frame: Frame, action: RunHead | RunStages) -> None:
         """Run a ``RunHead`` or ``RunStages`` in a compute slot and report it to the core."""
-        loop = asyncio.get_running_loop()
         fid = frame.index
         t0 = _now()
-        assert isinstance(action, RunHead | RunStages)
         async with self.slots.slot(action.priority) as queued:
             waited = _now() - t0
             if fid in self._cancelled:
                 self.act(self.core.compute_skipped(_now(), fid))
                 return
-            if isinstance(action, RunHead):
-                head, timing = await loop.run_in_executor(
-                    self._executor,
-                    self._worker_call,
-                    self.compute.run_head,
-                    frame,
-                    action,
-                )
-            else:
-                assert isinstance(action, RunStages)
-                step, timing = await loop.run_in_executor(
-                    self._executor, self._worker_call, self.compute.run_stages, action
-                )
+            work: Callable[[], HeadOutput | StagesOutput] = (
+                functools.partial(self.compute.run_head, frame, action)
+                if isinstance(action, RunHead)
+                else functools.partial(self.compute.run_stages, action)
+            )
+            loop = asyncio.get_running_loop()
+            out, timing = await loop.run_in_executor(self._executor, self._worker_call, work)
         now = _now()
         call = ComputeCall(*timing, queued=queued, waited_s=waited)
-        if not isinstance(action, RunHead):
-            answer, activation, stop, stages_ms = step
-            self.act(
-                self.core.stages_done(
-                    now,
-                    fid,
-                    call,
-                    answer=answer,
-                    activation=activation,
-                    stop=stop,
-                    stages_ms=stages_ms,
-                )
-            )
+        if isinstance(out, StagesOutput):
+            self.act(self.core.stages_done(now, fid, call, **out._asdict()))
             return
-        answer, activation, packed, stages_ms, reached, pack_ms = head
-        if packed is not None and (codec := self.core.recode_to(packed.codec)) is not None:
+        if out.packed is not None and (codec := self.core.recode_to(out.packed.codec)):
             with self.link_work():
-                packed = self.compute.recode(packed, codec)
+                out = out._replace(packed=self.compute.recode(out.packed, codec))
+        up, queued_bytes = self._link_up(), self._queued_bytes()
         self.act(
             self.core.head_done(
-                now,
-                fid,
-                call,
-                answer=answer,
-                activation=activation,
-                packed=packed,
-                stages_ms=stages_ms,
-                reached=reached,
-                pack_ms=pack_ms,
-                link_up=self._link_up(),
-                queued_bytes=self._queued_bytes(),
+                now, fid, call, **out._asdict(), link_up=up, queued_bytes=queued_bytes
             )
         )
 
     # -- worker threads ------------------------------------------------------------
 
-    def _worker_call(
-        self, fn: Callable[..., _T], *args: Any
-    ) -> tuple[_T, tuple[int, float, float, float]]:
-        """Worker thread: ``fn(*args)``, and which worker ran it, when, and the link's busy
-        time when it ended (``ComputeCall``: the core turns them into busy time)."""
+    def _worker_call(self, fn: Callable[[], _T]) -> tuple[_T, tuple[int, float, float, float]]:
+        """Worker thread: ``fn()``, and which worker ran it, when, and the link's busy time
+        when it ended (``ComputeCall``: the core turns them into busy time)."""
         start = time.perf_counter()
         try:
-            result = fn(*args)
+            result = fn()
         finally:
             end = time.perf_counter()
         return result, (threading.get_ident(), start, end, self._link_busy_ms)
@@ -409,12 +343,12 @@ class SpinnDevice:
         """Emit one answer record. A sink that fails (stdout piped into a program that
         exited) stops the run, reported as the sink's failure: it is not the server link's
         (whose handler would otherwise see an OSError) and no later answer could be seen."""
-        if self._output_error is not None:
+        if self.output_error is not None:
             return
         try:
             self._emit(record)
         except OSError as exc:
-            self._output_error = exc
+            self.output_error = exc
             log.error("cannot write the answers (%s): stopping", exc)
             self.request_stop()
 
@@ -443,68 +377,12 @@ class SpinnDevice:
         status(self.core.status_line(_now(), None if self._link is None else self._link.up))
 
 
-def _log_task_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("server link task failed", exc_info=task.exception())
+def _log_failure(what: str) -> Callable[[asyncio.Task[None]], None]:
+    """A task's done callback that logs its failure (a frame task's is a bug: ``_process``
+    answers every failure with an error record)."""
 
+    def done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s task failed", what, exc_info=task.exception())
 
-def _log_frame_task_failure(task: asyncio.Task[None]) -> None:
-    # _process answers every failure with an error record; anything reaching here is a bug.
-    if not task.cancelled() and task.exception() is not None:
-        log.error("frame task failed", exc_info=task.exception())
-
-
-def _stderr_status() -> Status:
-    tty = sys.stderr.isatty()
-
-    def show(line: str) -> None:
-        if tty:
-            sys.stderr.write("\r" + line + "\x1b[K")
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-    return show
-
-
-async def run_device(
-    config: DeviceConfig,
-    source: FrameSource,
-    *,
-    out: Any = None,
-    policy: Policy | None = None,
-    show_status: bool = True,
-) -> dict[str, Any]:
-    """Run ``source`` through device and server; JSON lines to ``out`` (default stdout).
-
-    Prints the summary as one JSON line on stderr at the end and returns it.
-    SIGINT/SIGTERM stop reading the source; frames in flight are still answered.
-    """
-    sink = out if out is not None else sys.stdout
-    device = SpinnDevice(config, policy=policy)
-
-    def emit(record: dict[str, Any]) -> None:
-        sink.write(json.dumps(record) + "\n")
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, device.request_stop)
-    try:
-        summary = await device.run(source, emit, _stderr_status() if show_status else None)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        try:
-            sink.flush()
-        except OSError as exc:
-            if device._output_error is None:
-                raise DeviceError(f"cannot write the answers: {exc}") from exc
-        if device._output_error is not None and sink is sys.stdout:
-            # A closed pipe: nothing more can reach it, and the exit's flush must not
-            # print a second error.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    if show_status and sys.stderr.isatty():
-        sys.stderr.write("\n")
-    sys.stderr.write("summary " + json.dumps(summary) + "\n")
-    sys.stderr.flush()
-    return summary
+    return done

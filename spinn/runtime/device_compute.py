@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -46,9 +46,29 @@ from spinn.runtime.sources import Frame, input_pixels
 if TYPE_CHECKING:
     from spinn.runtime.config import DeviceConfig
 
-__all__ = ["DeviceModel", "recode", "recode_for"]
+__all__ = ["DeviceModel", "HeadOutput", "StagesOutput", "recode", "recode_for"]
 
 log = logging.getLogger("spinn.device")
+
+
+class HeadOutput(NamedTuple):
+    """What a ``RunHead`` gives ``DeviceCore.head_done`` (its keyword arguments)."""
+
+    answer: LocalExit | None
+    activation: torch.Tensor | None
+    packed: PackedTensor | None
+    stages_ms: float
+    reached: int
+    pack_ms: float
+
+
+class StagesOutput(NamedTuple):
+    """What a ``RunStages`` gives ``DeviceCore.stages_done`` (its keyword arguments)."""
+
+    answer: LocalExit | None
+    activation: Any
+    stop: int
+    stages_ms: float
 
 
 def recode_for(
@@ -163,16 +183,14 @@ class DeviceModel:
 
         return run_stages(self.model, act, start, stop, plan.rule, final_exit=plan.forced_exit)
 
-    def run_stages(self, action: RunStages) -> tuple[LocalExit | None, Any, int, float]:
+    def run_stages(self, action: RunStages) -> StagesOutput:
         """Worker thread: one ``RunStages``; its answer or activation, and its time in ms."""
         t0 = time.perf_counter()
         out = self._run_range(action.activation, action.start, action.stop, action.plan)
         ms = (time.perf_counter() - t0) * 1e3
-        return self._exit(out.answer), out.activation, out.stop, ms
+        return StagesOutput(self._exit(out.answer), out.activation, out.stop, ms)
 
-    def run_head(
-        self, frame: Frame, action: RunHead
-    ) -> tuple[LocalExit | None, torch.Tensor | None, Any, float, int, float]:
+    def run_head(self, frame: Frame, action: RunHead) -> HeadOutput:
         """Worker thread: preprocess, stages [0, split), pack if the frame goes out; the
         stage and packing times in ms. At split 0 the frame's pixels go out as they are
         where the server takes them (PROTOCOL.md §6.8), as a real client's would."""
@@ -184,7 +202,7 @@ class DeviceModel:
         out = self._run_range(x, 0, plan.split, plan)
         stages_ms = (time.perf_counter() - t0) * 1e3
         if out.answer is not None:
-            return self._exit(out.answer), None, None, stages_ms, out.stop, 0.0
+            return HeadOutput(self._exit(out.answer), None, None, stages_ms, out.stop, 0.0)
         assert out.activation is not None
         packed = None
         pack_ms = 0.0
@@ -205,7 +223,7 @@ class DeviceModel:
                     table=plan.split,
                 )
             pack_ms = (time.perf_counter() - t1) * 1e3
-        return None, out.activation, packed, stages_ms, out.stop, pack_ms
+        return HeadOutput(None, out.activation, packed, stages_ms, out.stop, pack_ms)
 
     def _load_dictionaries(self) -> ZstdDictionaries | None:
         """The dictionaries beside the checkpoint when the codec wants them, else None."""

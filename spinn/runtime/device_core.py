@@ -224,7 +224,7 @@ class SendInfer:
 @dataclass(frozen=True, slots=True)
 class SendProbeTrain:
     """Write these padded PINGs back to back, then report their framed sizes with
-    ``DeviceCore.train_written`` (stopping at the first that could not be written)."""
+    ``DeviceCore.train_written`` (0 for one that could not be written)."""
 
     pings: tuple[Ping, ...]
 
@@ -518,9 +518,11 @@ class DeviceCore:
                 wire_thr, wire_early_exits = ExitRule(0.0).to_wire()
         return Plan(split, last, rule, wire_thr, forced, wire_early_exits, decision.bits)
 
-    def _decide(self, now: float) -> Decision:
-        """The policy's ⟨split, thr_conf⟩ for a frame, from the live estimates; a change
-        of split or reason is logged."""
+    def decide(self, now: float) -> Decision:
+        """The policy's ⟨split, thr_conf⟩ for the next frame read, from the live estimates
+        (one call per frame: it counts the frame); a change of split or reason is logged
+        (with the next actions)."""
+        self.frames_read += 1
         decision = self.policy.decide(now, self.profiler.snapshot(now))
         if decision.reason != self.decision.reason or decision.split != self.decision.split:
             self._log(
@@ -541,20 +543,23 @@ class DeviceCore:
         label: int | None = None,
         origin: str | None = None,
         error: str | None = None,
+        decision: Decision | None = None,
         link_up: bool = False,
     ) -> list[Action]:
-        """A frame enters (``error``: the source could not read it): the policy decides
-        its ⟨split, thr_conf⟩ from the live estimates. ``link_up``: whether the server is
-        connected and writable now. Raises DeviceError where the decision cannot run
-        (``plan``): report that frame with ``frame_failed``."""
-        self.frames_read += 1
+        """A frame enters (``error``: the source could not read it). ``decision``: what
+        ``decide`` gave for it (None: decided here); ``link_up``: whether the server was
+        connected and writable once it was decided (the adapters look at the link after
+        ``decide``: a link seen down then makes the frame ``fallback``). Raises DeviceError
+        where the decision cannot run (``plan``): report that frame with ``frame_failed``."""
         if error is not None:
             # The source could not read it: its answer is this error record.
+            self.frames_read += 1
             self._log(logging.WARNING, "frame %d: %s", frame_id, error)
             self._fail(frame_id, f"SourceError: {error}", label, origin)
             self._actions.append(FrameDone(frame_id))
             return self._drain()
-        decision = self._decide(now)
+        if decision is None:
+            decision = self.decide(now)
         plan = self.plan(decision)
         self.tracker.begin(frame_id, now, plan.split, decision.thr_conf)
         self._frames[frame_id] = _Frame(frame_id, now, plan, label, origin)
@@ -1366,8 +1371,8 @@ class DeviceCore:
             )
 
     def train_written(self, sizes: Sequence[int]) -> None:
-        """The framed sizes of the PINGs of ``SendProbeTrain`` that were written, in order
-        (fewer than sent: the link went down, and the train is void)."""
+        """The framed sizes of the PINGs of ``SendProbeTrain``, in order (a 0, or fewer
+        than sent: the link went down, and the train is void)."""
         p = self._ping
         if p.train_pending is None:
             return

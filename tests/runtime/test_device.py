@@ -232,7 +232,7 @@ def test_local_answers_feed_overhead_and_race_stages_feed_device_scale(checkpoin
 
     device = uvloop.run(main())
     by_frame(records, 12)
-    prof = device.profiler
+    prof = device.core.profiler
     assert prof.device.samples >= 12  # at least one stage per frame
     assert prof.device.scale != 1.0  # measured, not the prior
     assert prof.overhead.samples == 12
@@ -251,13 +251,15 @@ def test_scheduler_policy_predicts_with_the_device_codec(checkpoint: Path) -> No
         )
     )
     assert "float32" in device.profile.codecs
-    assert isinstance(device.policy, Scheduler) and device.policy.config.codec == "float32"
+    assert (
+        isinstance(device.core.policy, Scheduler) and device.core.policy.config.codec == "float32"
+    )
     # A codec the profile did not measure falls back to the smallest profiled size.
     missing = next(c for c in CODECS if c not in device.profile.codecs)
     device = SpinnDevice(
         DeviceConfig.from_fields(checkpoint=checkpoint, server=None, policy="spinn", codec=missing)
     )
-    assert isinstance(device.policy, Scheduler) and device.policy.config.codec is None
+    assert isinstance(device.core.policy, Scheduler) and device.core.policy.config.codec is None
 
 
 class _MixedSource:
@@ -397,6 +399,6 @@ def test_offload_on_a_dead_link_hands_the_frame_to_the_device(checkpoint: Path) 
         )  # the core offloads: the link went down since the adapter looked
         assert [type(a).__name__ for a in actions] == ["SendInfer"]
         device.act(actions)
-        return device.tracker.phase(0)
+        return device.core.tracker.phase(0)
 
     assert uvloop.run(main()) is FramePhase.ABANDONED

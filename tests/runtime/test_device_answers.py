@@ -61,7 +61,7 @@ def test_a_source_failing_mid_stream_still_answers_the_frames_read(checkpoint: P
     with pytest.raises(SourceError, match="camera unplugged"):
         uvloop.run(device.run(_Unplugged(6), records.append))
     assert sorted(r["frame"] for r in records) == list(range(6))
-    assert device.frames_read == 6 and device.tracker.in_flight == 0
+    assert device.core.frames_read == 6 and device.core.tracker.in_flight == 0
 
 
 def test_status_interval_zero_prints_the_final_line_only(checkpoint: Path) -> None:

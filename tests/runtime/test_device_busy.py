@@ -21,8 +21,8 @@ def test_saturating_stream_measures_the_busy_time(checkpoint: Path) -> None:
     )
     device, wall_s = run.device, run.run_s
     assert len(run.records) == 40
-    busy = device.profiler.busy
-    snap = device.profiler.snapshot(0.0)
+    busy = device.core.profiler.busy
+    snap = device.core.profiler.snapshot(0.0)
     assert snap.busy_scale is not None and snap.busy_scale > 0
     assert snap.head_overhead_ms is not None and snap.head_overhead_ms > 0
     assert snap.upload_busy_ms > 0  # 40 uploads packed and sent
@@ -40,6 +40,6 @@ def test_paced_stream_leaves_the_busy_time_unmeasured(checkpoint: Path) -> None:
     run = run_in_process(checkpoint, noise_frames(6, seed=3), split=11, thr_conf=0.5, rate_fps=10.0)
     device = run.device
     assert len(run.records) == 6
-    snap = device.profiler.snapshot(0.0)
+    snap = device.core.profiler.snapshot(0.0)
     assert snap.head_overhead_ms is None and snap.busy_scale is None
     assert snap.frame_overhead_ms > 0  # measured from the local answers as before

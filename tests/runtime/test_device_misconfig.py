@@ -127,5 +127,5 @@ def test_a_device_failing_the_same_way_gives_up_and_answers_what_it_read(
     assert "is the server using TLS?" in message, message
     assert "failed this way 4 times in a row; --retry-forever keeps trying" in message
     # It stopped reading frames, and every frame it had read was answered, once.
-    assert 0 < device.frames_read < 100_000
-    by_frame(records, device.frames_read)  # type: ignore[arg-type]
+    assert 0 < device.core.frames_read < 100_000
+    by_frame(records, device.core.frames_read)  # type: ignore[arg-type]

@@ -183,4 +183,4 @@ def test_the_scheduler_predicts_with_the_sizes_of_what_is_sent() -> None:
             checkpoint=CHECKPOINT, server=None, zstd=zstd, policy="spinn"
         )
         device = SpinnDevice(config)
-        assert device.policy.config.codec == expected  # type: ignore[attr-defined]
+        assert device.core.policy.config.codec == expected  # type: ignore[attr-defined]
