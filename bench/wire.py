@@ -58,7 +58,8 @@
    few dozen answers change, so the largest of them reaches 0.65-0.70 one time in 20 with
    no drop at any exit (the ``noise`` figure, a paired sign-flip test); whether any exit's
    drop is above the target with 95 % family-wise confidence (the ``lower`` figure, above
-   0.5 if so); and the drop pooled over the splits and their exits, with its interval.
+   0.5 if so), and per split whether that lower bound refutes the profile's own bound
+   for the width; and the drop pooled over the splits and their exits, with its interval.
    For the checkpoint, and for the shipped camera model (``models/camera``) when there
    is one.
 
@@ -72,7 +73,10 @@ per-image differences at the exit that sets it), ``lossy_accuracy_drop_pooled_pt
 ``lossy_accuracy_drop_pooled_margin_pts`` (the drop over every split and exit, ± its
 95 % interval), ``lossy_accuracy_drop_lower_pts`` (the largest family-wise 95 % lower
 bound of an exit's drop), ``lossy_accuracy_drop_noise_pts`` (the largest drop's 95th
-percentile by noise alone) and ``lossy_bits`` (per split 1..S-1) those of part 4, and
+percentile by noise alone), ``lossy_bound_refuted_splits`` (the splits where an exit's
+family-wise lower bound is above the profile's bound for the width: none, unless the
+chosen width loses more than the profile claims) and ``lossy_bits`` (per split 1..S-1)
+those of part 4, and
 ``lossy_camera_*`` the same for the camera model.
 """
 
@@ -88,7 +92,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import numpy as np
@@ -667,6 +671,12 @@ class LossySplit:
     margin_pts: float | None = None
     """Half-width of the 95 % interval of that drop on these images (1.96 standard errors
     of the paired differences at the exit that sets it): its sampling noise."""
+    bound_pts: float | None = None
+    """What the profile claims of the width: the upper confidence bound of its drop on the
+    calibration images (the bound it was chosen within, in a profile made before that)."""
+    lower_pts: float | None = None
+    """The largest family-wise lower bound (`DropStatistics.lower_pts`) of the exits after
+    the split: above `bound_pts`, these images refute the profile's claim."""
 
 
 @dataclass(frozen=True)
@@ -688,6 +698,9 @@ class DropStatistics:
     """How large the largest estimate gets by noise alone, with the codec costing no
     accuracy at any exit: the 95th percentile of that largest under random signs of each
     image's differences (a paired sign-flip test, the exits' correlation kept)."""
+    split_lower_pts: tuple[float, ...] = ()
+    """Per array of the differences (per split), the largest of its exits' lower bounds,
+    at the same family-wise confidence: `lower_pts` is the largest of them."""
 
 
 def drop_statistics(diffs: Sequence[np.ndarray], *, draws: int = 2000) -> DropStatistics | None:
@@ -708,15 +721,17 @@ def drop_statistics(diffs: Sequence[np.ndarray], *, draws: int = 2000) -> DropSt
     pooled_sd = float(per_image.std(ddof=1)) if n > 1 else 0.0
     sd = rows.std(axis=1, ddof=1) if n > 1 else np.zeros(k)
     z = statistics.NormalDist().inv_cdf(1.0 - 0.05 / k)
-    lower = rows.mean(axis=1) - z * sd / np.sqrt(n)
+    lower = 100.0 * (rows.mean(axis=1) - z * sd / np.sqrt(n))
+    ends = np.cumsum([len(d) for d in diffs])
     signs = np.random.default_rng(0).choice(np.array([-1.0, 1.0]), size=(n, draws))
     null_max = (rows @ signs).max(axis=0) / n
     return DropStatistics(
         k,
         100.0 * float(per_image.mean()),
         100.0 * 1.96 * pooled_sd / float(np.sqrt(n)),
-        100.0 * float(lower.max()),
+        float(lower.max()),
         100.0 * float(np.percentile(null_max, 95)),
+        tuple(float(part.max()) for part in np.split(lower, ends[:-1])),
     )
 
 
@@ -743,6 +758,16 @@ class LossyFigures:
         measured = [r for r in self.splits if r.drop_pts is not None]
         worst = max(measured, key=lambda r: r.drop_pts or 0.0, default=None)
         return None if worst is None else worst.margin_pts
+
+    @property
+    def refuted_splits(self) -> list[int]:
+        """The splits where these images show, with 95 % family-wise confidence, an exit
+        losing more than the profile's bound (``LossySplit.lower_pts`` above ``bound_pts``)."""
+        return [
+            r.split
+            for r in self.splits
+            if r.lower_pts is not None and r.bound_pts is not None and r.lower_pts > r.bound_pts
+        ]
 
 
 def measure_lossy(checkpoint: str, images: int) -> LossyFigures:
@@ -795,19 +820,32 @@ def measure_lossy(checkpoint: str, images: int) -> LossyFigures:
                 margin = 100.0 * 1.96 * float(diff[worst].std()) / len(images_set) ** 0.5
             bits = None if lossy is None else lossy.bits
             float32 = sum(a.nbytes for a in arrays)
-            rows.append(LossySplit(split, bits, float32, sent, drop, margin))
-    return LossyFigures(checkpoint, name, rows, drop_statistics(diffs))
+            claim = None
+            if lossy is not None:
+                claim = lossy.bound_pts if lossy.drop_bound_pts is None else lossy.drop_bound_pts
+            rows.append(LossySplit(split, bits, float32, sent, drop, margin, claim))
+    drops = drop_statistics(diffs)
+    if drops is not None:  # each split's family-wise lower bound beside its claim
+        lowers = iter(drops.split_lower_pts)
+        rows = [r if r.bits is None else replace(r, lower_pts=next(lowers)) for r in rows]
+    return LossyFigures(checkpoint, name, rows, drops)
 
 
 def print_lossy(figures: LossyFigures) -> None:
     print(f"\nsparse_uintb at the profile's widths, {figures.checkpoint}, {figures.images}")
-    print(f"  {'split':>5} {'bits':>5} {'x smaller':>10} {'accuracy drop (95%)':>19}")
+    print(
+        f"  {'split':>5} {'bits':>5} {'x smaller':>10} {'accuracy drop (95%)':>19} "
+        f"{'profile bound':>13} {'lower (fw 95%)':>14}"
+    )
     for r in figures.splits:
         bits = "-" if r.bits is None else str(r.bits)
-        drop = "sparse_int8"
+        drop, claim = "sparse_int8", ""
         if r.drop_pts is not None:
             drop = f"{r.drop_pts:.2f} ± {r.margin_pts or 0.0:.2f} pts"
-        print(f"  {r.split:5d} {bits:>5} {r.float32_bytes / r.sent_bytes:9.1f}x {drop:>17}")
+        if r.bound_pts is not None and r.lower_pts is not None:
+            claim = f"{r.bound_pts:13.2f} {r.lower_pts:14.2f}"
+        ratio = r.float32_bytes / r.sent_bytes
+        print(f"  {r.split:5d} {bits:>5} {ratio:9.1f}x {drop:>19} {claim}".rstrip())
     drop_pts = figures.drop_pts
     ratio_verdict = "met" if figures.ratio >= LOSSY_RATIO_TARGET else "missed"
     print(f"  all splits: {figures.ratio:.1f}x smaller than float32 "
@@ -816,6 +854,12 @@ def print_lossy(figures: LossyFigures) -> None:
         print("  accuracy drop: not measured, the profile records no width")
     else:
         print_drops(drop_pts, figures.margin_pts or 0.0, figures.drops)
+        refuted = figures.refuted_splits
+        print(
+            f"  the profile's bound: refuted at splits {refuted} (an exit's lower bound above it)"
+            if refuted
+            else "  the profile's bound: refuted at no split (no exit's lower bound above it)"
+        )
 
 
 def print_drops(drop_pts: float, margin_pts: float, drops: DropStatistics | None) -> None:
@@ -1339,6 +1383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             None if margin is None else round(margin, 2)
         )
         figures[f"lossy{key}_bits"] = [r.bits for r in lossy_figures.splits]
+        figures[f"lossy{key}_bound_refuted_splits"] = lossy_figures.refuted_splits
         drops = lossy_figures.drops
         for name in ("pooled", "pooled_margin", "lower", "noise"):
             value = None if drops is None else getattr(drops, f"{name}_pts")

@@ -82,6 +82,8 @@ def test_bench_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
         assert pooled <= drop and lower <= drop
         assert figures["lossy_accuracy_drop_pooled_margin_pts"] >= 0.0
         assert figures["lossy_accuracy_drop_noise_pts"] >= 0.0
+    refuted = figures["lossy_bound_refuted_splits"]
+    assert set(refuted) <= {s for s, b in enumerate(figures["lossy_bits"], 1) if b is not None}
     if (bench.MODELS_DIR / "camera" / "model.pt").exists():  # the camera model, measured too
         assert figures["lossy_camera_ratio"] > 1.0
         assert figures["lossy_camera_bits"] and figures["lossy_camera_accuracy_drop_pts"] >= 0
@@ -192,6 +194,11 @@ def test_lossy_rows_follow_the_profile_widths(tmp_path: Path) -> None:
     assert lossy.margin_pts == row.margin_pts and plain.margin_pts is None
     # One split with a width, two exits after it (at stages 8 and 10): two estimates.
     assert plain.drops is None and lossy.drops is not None and lossy.drops.estimates == 2
+    # Beside it, the bound the profile claims (this one chose within 0.5 on the drop
+    # alone) and the lower bound these images put on the drop there.
+    assert row.bound_pts == 0.5 and row.lower_pts == lossy.drops.lower_pts
+    assert all(r.bound_pts is None and r.lower_pts is None for r in plain.splits)
+    assert lossy.refuted_splits == ([8] if row.lower_pts > 0.5 else [])
     # Held-out images that overlap those the widths were chosen on are refused.
     doc["precision_inputs"] = 9990
     (tmp_path / "profile.json").write_text(json.dumps(doc))
@@ -222,6 +229,20 @@ def test_drop_statistics_tell_a_real_drop_from_the_noise_of_the_largest() -> Non
     # One exit that really loses 3 points (+1 on 60 more images) is shown above 0.5.
     real = noise.copy()
     real[7, np.flatnonzero(real[7] == 0)[:60]] = 1.0
-    shown = bench.drop_statistics([real])
+    shown = bench.drop_statistics([real[:5], real[5:]])
     assert shown is not None and shown.lower_pts > 0.5
     assert shown.pooled_pts > stats.pooled_pts
+    # Per split, the largest lower bound of its exits: the exit with the drop is in the
+    # second array.
+    assert len(shown.split_lower_pts) == 2 and shown.split_lower_pts[1] == shown.lower_pts
+    assert shown.split_lower_pts[0] < 0.5
+
+
+def test_a_split_is_refuted_where_an_exit_is_shown_above_the_profile_bound() -> None:
+    rows = [
+        bench.LossySplit(1, None, 100, 50, None),
+        bench.LossySplit(2, 3, 100, 10, 0.9, 0.5, bound_pts=0.4, lower_pts=0.41),
+        bench.LossySplit(3, 2, 100, 10, 0.9, 0.5, bound_pts=0.45, lower_pts=0.3),
+        bench.LossySplit(4, 2, 100, 10, 0.2, 0.5, bound_pts=None, lower_pts=0.9),
+    ]
+    assert bench.LossyFigures("m", "images", rows).refuted_splits == [2]
