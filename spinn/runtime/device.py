@@ -85,7 +85,6 @@ class SpinnDevice:
             policy=configured_policy(config, self.profile, self.compute.codecs, stages, policy),
             model=self.compute.shape,
             workers=workers,
-            server_budget_share=config.policy.server_budget_share,
             codecs=self.compute.codecs,
         )
         self.slots = ComputeSlots(workers)

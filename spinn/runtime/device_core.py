@@ -50,7 +50,6 @@ from spinn.decisions.policy import Decision, Policy
 from spinn.model.exits import ExitRule
 from spinn.runtime.actions import Log
 from spinn.runtime.backoff import Backoff
-from spinn.runtime.config import SERVER_BUDGET_SHARE
 from spinn.runtime.failover import ServerRotation
 from spinn.runtime.run_summary import DeviceStats, median_or_none
 from spinn.runtime.server_description import CheckpointFacts, mismatches
@@ -61,7 +60,6 @@ if TYPE_CHECKING:
     from spinn.runtime.config import DeviceConfig
 
 __all__ = [
-    "SERVER_BUDGET_SHARE",
     "FATAL_CODES",
     "Action",
     "ArmTimer",
@@ -345,7 +343,6 @@ Action = (
 class _Sent:
     """An INFER the server has not answered (RESULT or ERROR) yet, answered here or not."""
 
-    frame_id: int
     split: int
     nbytes: int
     sent_at: float
@@ -408,16 +405,12 @@ class DeviceCore:
         policy: Policy,
         model: ModelShape,
         workers: int = 1,
-        server_budget_share: float = SERVER_BUDGET_SHARE,
         codecs: Sequence[str] = ("sparse_int8",),
     ) -> None:
-        if not 0.0 < server_budget_share <= 1.0:
-            raise ValueError(f"server budget share must be in (0, 1], got {server_budget_share}")
         self.config = config
         self.profile = profile
         self.policy = policy
         self.model = model
-        self.server_budget_share = server_budget_share
         self.codecs = tuple(codecs)
         """Activation codecs the device packs with, preferred first; the last is what every
         server takes (PROTOCOL.md §5.2)."""
@@ -614,7 +607,7 @@ class DeviceCore:
                 return self._drain()
             self.tracker.server_unavailable(frame_id)
         # Without a configured server (device-only run) the rest is plain local compute.
-        self._next_step(now, frame)
+        self._next_step(frame)
         return self._drain()
 
     def infer_written(
@@ -634,7 +627,7 @@ class DeviceCore:
             self.tracker.server_unavailable(frame_id)
         else:
             self.tracker.offloaded(frame_id, request_id, sent_at, deadline, nbytes)
-            self._sent[request_id] = _Sent(frame_id, frame.plan.split, nbytes, sent_at)
+            self._sent[request_id] = _Sent(frame.plan.split, nbytes, sent_at)
             self._rearm = True  # a new deadline
         # One upload: its packing plus the link work since the previous upload is the
         # device's busy time per upload (docs/SCHEDULER.md, "device busy time").
@@ -649,7 +642,7 @@ class DeviceCore:
             self.profiler.observe_offload(
                 sent_at, frame.plan.split, max(0.0, now - frame.begun - frame.waited_s) * 1e3
             )
-        self._next_step(now, frame)
+        self._next_step(frame)
         return self._drain()
 
     def stages_done(
@@ -677,7 +670,7 @@ class DeviceCore:
             self._local(now, frame, answer)
             return self._drain()
         frame.activation, frame.stage = activation, stop
-        self._next_step(now, frame)
+        self._next_step(frame)
         return self._drain()
 
     def compute_skipped(self, now: float, frame_id: int) -> list[Action]:
@@ -685,7 +678,7 @@ class DeviceCore:
         frame = self._frames.get(frame_id)
         if frame is not None:
             frame.computing = False
-            self._next_step(now, frame)
+            self._next_step(frame)
         return self._drain()
 
     def frame_failed(
@@ -724,7 +717,7 @@ class DeviceCore:
         if cancel is not None and self.has_server:
             self._actions.append(Send(Cancel(cancel)))
 
-    def _next_step(self, now: float, frame: _Frame) -> None:
+    def _next_step(self, frame: _Frame) -> None:
         """Ask for the frame's next stage, or wait for the server, or end the frame."""
         fid = frame.frame_id
         if self.tracker.is_answered(fid):
@@ -755,7 +748,7 @@ class DeviceCore:
         """The server will not answer this frame: the local side finishes it."""
         frame = None if frame_id is None else self._frames.get(frame_id)
         if frame is not None and not frame.computing:
-            self._next_step(0.0, frame)
+            self._next_step(frame)
 
     def _computed(self, frame_id: int, call: ComputeCall) -> tuple[_Frame, float]:
         """A computation of the frame came back: its record, and the call's busy time."""
@@ -784,7 +777,7 @@ class DeviceCore:
         deadline = request_deadline(
             now,
             upload_bytes=unanswered + packed.nbytes,
-            download_bytes=64 + 16 * self.config.output.top_k,
+            download_bytes=_result_bytes(self.config.output.top_k),
             bandwidth_bps=max(est.bandwidth_bps, 1.0),
             latency_s=est.latency_s,
             server_time_s=server_ms / 1e3,
@@ -797,7 +790,7 @@ class DeviceCore:
             split,
             frame.plan.wire_thr,
             packed,
-            deadline_ms=1e3 * (deadline - now) * self.server_budget_share,
+            deadline_ms=1e3 * (deadline - now) * self.config.policy.server_budget_share,
             early_exits=frame.plan.wire_early_exits,
         )
         self._actions.append(SendInfer(frame.frame_id, message))
@@ -864,7 +857,7 @@ class DeviceCore:
 
     def _measure_result(self, now: float, sent: _Sent, result: Result) -> None:
         elapsed = now - sent.sent_at
-        response_bytes = 64 + 16 * len(result.classes)
+        response_bytes = _result_bytes(len(result.classes))
         with contextlib.suppress(ValueError):
             self.profiler.observe_result(
                 now,
@@ -1003,19 +996,16 @@ class DeviceCore:
         *,
         server_name: str = "?",
         reports_compute_time: bool = True,
-        codec: str = "",
         max_frame_bytes: int | None = None,
         accepted: Sequence[str] | None = None,
         description: Description | None = None,
     ) -> list[Action]:
         """WELCOME arrived: the link is up. ``accepted``: its codecs (packing follows
         them); ``max_frame_bytes``: the server's frame limit where its description states
-        one (PROTOCOL.md §5.12); ``codec``: the codec named in the log line (default: the
-        one packed with); ``description``: the server's description of its model, refused
+        one (PROTOCOL.md §5.12); ``description``: the server's description of its model, refused
         (``Fatal``, the link stays down) where it disagrees with the checkpoint."""
-        refusal = self._refuse_description(description)
-        if refusal is not None:
-            return refusal
+        if self._refused(description):
+            return self._drain()
         if accepted is not None:
             self.accepted = tuple(accepted)
         host, port = self.server_address
@@ -1031,7 +1021,7 @@ class DeviceCore:
             port,
             server_name,
             "" if reports_compute_time else "NOT ",
-            codec or self.pack_codec,
+            self.pack_codec,
         )
         if self.config.link.probe_bytes == 0 and not reports_compute_time:
             # Uploads are timed only against a reported server time (runtime.uplink).
@@ -1052,20 +1042,20 @@ class DeviceCore:
         self._release_frames()
         return self._drain()
 
-    def _refuse_description(self, description: Description | None) -> list[Action] | None:
+    def _refused(self, description: Description | None) -> bool:
         """A server whose self-description (PROTOCOL.md §5.12) disagrees with this
         device's checkpoint is refused for good, each difference named: the same model id
         and weights with another input, class list or split shapes would answer wrongly
-        without an error. None: no refusal (a version-1 server says nothing more)."""
+        without an error. False: no refusal (a version-1 server says nothing more)."""
         if description is None or self.model.facts is None:
-            return None
+            return False
         problems = mismatches(description, self.model.facts)
         if not problems:
-            return None
+            return False
         message = "server describes its model unlike this checkpoint: " + "; ".join(problems)
         self._actions.append(Send(Error(ErrorCode.MODEL_MISMATCH, message[:MAX_STRING])))
         self._give_up(message)
-        return self._drain()
+        return True
 
     def heard(self, now: float) -> None:
         """Bytes arrived from the server (the dead-link check)."""
@@ -1493,6 +1483,12 @@ class DeviceCore:
             self._actions.append(ArmTimer())
         out, self._actions = self._actions, []
         return out
+
+
+def _result_bytes(classes: int) -> int:
+    """A RESULT's size on the wire with ``classes`` classes, estimated: its envelope, and
+    an index and a probability per class."""
+    return 64 + 16 * classes
 
 
 def _mean(values: list[float]) -> float | None:

@@ -613,12 +613,9 @@ class ServerCore:
         peer = self._peers.get(cid)
         out: list[Action] = []
         if peer is not None:
-            peer.closing = True
-            peer.reason = (
-                f"closed by the server: not reading its answers for "
-                f"{self.config.limits.idle_timeout_s:g} s"
-            )
-            out.append(Close(cid, peer.reason, abort=True))
+            idle_s = self.config.limits.idle_timeout_s
+            reason = f"closed by the server: not reading its answers for {idle_s:g} s"
+            self._close(peer, reason, out, abort=True)
         return out
 
     # -- bytes from a peer -----------------------------------------------------------------
@@ -879,18 +876,15 @@ class ServerCore:
         if cid in self._parked:  # pushed out of the full pool, and silent to the end
             self._close_evicted(peer, now, out)
             return out
-        if peer.tls_pending:  # in the TLS handshake: no plain ERROR can be read
-            self.stats.handshakes_timed_out += 1
-            self.stats.connections_refused += 1
-            reason = f"no handshake within {self.config.limits.handshake_timeout_s:g} s"
-            self._close(peer, f"closed by the server: timeout: {reason}", out)
-            return out
-        if peer.conn.welcome is None:
+        if peer.conn.welcome is None:  # in the handshake (a TLS one included)
             reason = f"no handshake within {self.config.limits.handshake_timeout_s:g} s"
             self.stats.handshakes_timed_out += 1
         else:
             reason = f"no complete frame for {self.config.limits.idle_timeout_s:g} s"
         self.stats.connections_refused += 1
+        if peer.tls_pending:  # in the TLS handshake: no plain ERROR can be read
+            self._close(peer, f"closed by the server: timeout: {reason}", out)
+            return out
         # A stalled frame's bytes may still be unread: linger so the ERROR is read.
         sent = self._send_quietly(peer, _error(ErrorCode.PROTOCOL, f"timeout: {reason}"), out)
         self._close(
@@ -1333,8 +1327,9 @@ class ServerCore:
         out: list[Action],
         linger_s: float = 0.0,
         drain: bool = False,
+        abort: bool = False,
     ) -> None:
         peer.closing = True
         peer.reason = reason
         peer.more = False
-        out.append(Close(peer.cid, reason, linger_s=linger_s, drain=drain))
+        out.append(Close(peer.cid, reason, linger_s=linger_s, drain=drain, abort=abort))

@@ -23,9 +23,8 @@ from spinn.decisions.offline_profile import Profile
 from spinn.decisions.online_estimates import Estimates
 from spinn.decisions.policy import Decision, FixedPolicy, Policy
 from spinn.pretrained import DEFAULT_CHECKPOINT
-from spinn.runtime.config import DeviceConfig
+from spinn.runtime.config import SERVER_BUDGET_SHARE, DeviceConfig
 from spinn.runtime.device_core import (
-    SERVER_BUDGET_SHARE,
     Action,
     CancelCompute,
     CloseLink,
@@ -127,7 +126,7 @@ def records(actions: list[Action]) -> list[dict[str, Any]]:
 
 
 def connected(core: DeviceCore, now: float = 0.0) -> list[Action]:
-    return core.link_up(now, server_name="test", codec="sparse_int8")
+    return core.link_up(now, server_name="test")
 
 
 def offload(core: DeviceCore, fid: int, now: float, nbytes: int = 500) -> tuple[int, list[Action]]:
