@@ -940,7 +940,12 @@ class SimDevice:
         if isinstance(message, Result | Error) and message.request_id is not None:
             self._rid_exit.pop(message.request_id, None)
         if isinstance(message, Error) and message.request_id is None and not self.connected:
-            # Refused in the handshake (BUSY, a mismatch): the close that follows tells.
+            # Refused in the handshake (BUSY, a mismatch): the connect failed, as the
+            # runtime's ServerLink reports it (the close that follows is void).
+            self._epoch += 1
+            self._hang_up()
+            why = f"server error {message.code.name}: {message.message}"
+            self._act(self.core.connect_failed(now, why, refused=message))
             return
         self._act(self.core.receive(now, message, wall_time=now))
 
@@ -954,7 +959,9 @@ class SimDevice:
             self._rid_exit.clear()
             self._act(self.core.link_down(self.loop.now, reason))
         else:
-            self._act(self.core.connect_failed(self.loop.now, reason))
+            # Closed before WELCOME with no ERROR: what a TLS server does to a plain HELLO.
+            now = self.loop.now
+            self._act(self.core.connect_failed(now, reason, closed_in_handshake=True))
 
     def _connect(self) -> None:
         """Connect: HELLO out, WELCOME back (both through the link), or a timeout."""
