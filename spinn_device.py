@@ -1,7 +1,7 @@
 """spinn-device: run a frame stream through a SPINN model split across device and server.
 
 Thin CLI (STYLE.md habit 5): the flags of spinn.runtime.flags.DEVICE_FLAGS →
-DeviceConfig and a frame source → spinn.runtime.device.run_device.  One JSON line per frame on stdout (or --out),
+DeviceConfig and a frame source → spinn.runtime.device_process.run_device.  One JSON line per frame on stdout (or --out),
 a live status line and the final summary on stderr.
 """
 
