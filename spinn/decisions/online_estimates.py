@@ -276,6 +276,10 @@ class BandwidthEstimator:
         """The latest train sample lay more than 30% from the estimate before it: a step
         change, or an outlier; the next train should come soon to tell which."""
         self._samples = 0
+        self._silenced = False
+        """B is a silence's bound (``observe_silence``) that no train has confirmed yet: a
+        longer silence says nothing more until one has (each further bound would feed
+        on the last, and the dead-link allowance grows as B falls)."""
         self.updated_at: float | None = None
         self.floor_bps: float | None = None
         """The largest rate a probe too fast to time implied (``observe_probe``): the
@@ -336,12 +340,13 @@ class BandwidthEstimator:
         n = _check_sample("silence bytes", nbytes)
         t = _check_sample("silence seconds", seconds)
         before = self.bandwidth_bps
-        if n < self.min_transfer_bytes or t <= 0.0 or before is None:
+        if n < self.min_transfer_bytes or t <= 0.0 or before is None or self._silenced:
             return None
         bound = 8.0 * n / t
         if bound * _TRAIN_DROP_RATIO >= before:
             return None
         self._replace_trains(bound)
+        self._silenced = True
         self._samples += 1
         self.updated_at = now
         return bound
@@ -423,6 +428,7 @@ class BandwidthEstimator:
         spread = train_dispersion(arrivals, train_bytes)
         if spread is None:
             return None
+        self._silenced = False
         nbytes, seconds = spread
         sample = 8.0 * nbytes / max(seconds, _TRAIN_RESOLUTION_S)
         if not math.isfinite(sample):

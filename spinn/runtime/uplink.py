@@ -295,14 +295,25 @@ class ProbeTrains:
 
     def _watch(self, now: float, bandwidth_bps: float) -> None:
         """A rise of B that no train showed: confirm it now (``seen_bps``)."""
-        seen, self.seen_bps = self.seen_bps, bandwidth_bps
+        seen = self._seen(bandwidth_bps)
         if seen is None or bandwidth_bps <= (1.0 + TRAIN_CONFIRM_REL) * seen:
             return
-        if self.credit_s < 0.0:
-            self.credit_s *= seen / bandwidth_bps
         self.confirming = max(1, self.confirming)
         self.confirm_bps = None
         self.next_at = min(self.next_at, now)
+
+    def _seen(self, bandwidth_bps: float) -> float | None:
+        """B is now ``bandwidth_bps``: returns the B seen before. A debt is bytes, counted
+        in link time at B: when B rose beyond ``TRAIN_CONFIRM_REL`` (not its jitter, which
+        would forgive the debt bit by bit), it shrinks in proportion, whatever showed it.
+        After the step trace's drop to 0.2 Mbit/s, the scout sized for the old rate and the
+        confirmations left 1.5 s of debt, 50 s of budget at 3%; the rise to 50 Mbit/s, shown
+        by a confirming train that read 51 (B the median, 26), then waited for it and B
+        stayed at 26 for the 6 s the step had left."""
+        seen, self.seen_bps = self.seen_bps, bandwidth_bps
+        if seen is not None and bandwidth_bps > (1.0 + TRAIN_CONFIRM_REL) * seen:
+            self.credit_s *= seen / bandwidth_bps if self.credit_s < 0.0 else 1.0
+        return seen
 
     def _has_scout(self, bandwidth_bps: float) -> bool:
         return self._full_bytes(bandwidth_bps) >= 2 * self.min_bytes
@@ -350,7 +361,7 @@ class ProbeTrains:
         ``timed``: its rate was resolved; ``confirm``: its sample disagreed with the
         estimate (for an untimed scout: it showed the link faster than the estimate)."""
         self.in_flight = False
-        self.seen_bps = bandwidth_bps
+        self._seen(bandwidth_bps)
         self._accrue(now, bandwidth_bps)
         self.credit_s -= 8.0 * self.sent_bytes / max(bandwidth_bps, 1.0)
         if not self.scouting and (
@@ -412,7 +423,12 @@ class ProbeTrains:
         # must not make the trains that would correct it look dear.
         after = bandwidth.bandwidth_bps or prior_bps
         self.answered(now, max(after, rate), timed=timed, confirm=confirm)
-        if self.confirming and confirm:
+        if not self.confirming:
+            # A stale rate would size a later round: after a drop to 0.2 Mbit/s that the
+            # PINGs' silence showed, trains kept the size of a 100 Mbit/s scout (23 kB,
+            # a second of the link each).
+            self.confirm_bps = None
+        elif confirm or timed:
             self.confirm_bps = rate
         return rate, timed
 

@@ -521,9 +521,13 @@ def test_a_silent_ping_behind_bytes_bounds_a_collapsed_link() -> None:
     assert est.bandwidth_bps == fast and not est.needs_confirmation
     assert est.observe_silence(1.0, 60_000, 0.5) == pytest.approx(0.96e6)
     assert est.bandwidth_bps == pytest.approx(0.96e6) and est.needs_confirmation
-    # A longer silence bounds it lower only once it is 8× lower again.
-    assert est.observe_silence(2.0, 60_000, 1.0) is None
-    assert est.observe_silence(9.0, 60_000, 5.0) == pytest.approx(96e3)
+    # A longer silence says nothing more until a train has spoken…
+    assert est.observe_silence(9.0, 60_000, 5.0) is None
+    est.observe_train(10.0, [(0, 0.0), (2_000, 0.016), (4_000, 0.032), (6_000, 0.048)], 6_000)
+    assert est.bandwidth_bps == pytest.approx(1e6, rel=0.05)
+    # …and then bounds it lower only where it is 8× lower again.
+    assert est.observe_silence(11.0, 60_000, 1.0) is None
+    assert est.observe_silence(19.0, 60_000, 5.0) == pytest.approx(96e3)
 
 
 def test_silence_counts_after_the_round_trip_and_the_slowest_recent_ping() -> None:

@@ -314,7 +314,14 @@ def test_a_rise_the_uploads_showed_is_confirmed_at_once() -> None:
     trace, _ = _simulate(trains, est, lambda t: 50e6, t + 3.0, t + 0.01)
     assert est.bandwidth_bps == pytest.approx(50e6, rel=0.3)
     assert trace[0][0] < t + 0.2
-    # A B that did not rise leaves the plan as it was.
+    # A rise that a train showed shrinks the debt too: 0.2 → 26 Mbit/s (the step trace's
+    # rise to 50, half seen), 1.5 s of debt at 0.2 Mbit/s → 12 ms.
+    shown = ProbeTrains()
+    shown.due_at(0.0, 0.2e6)
+    shown.credit_s = -1.5
+    shown.answered(0.0, 26e6, timed=True, confirm=True)
+    assert shown.credit_s == pytest.approx(-1.5 * 0.2 / 26, abs=0.001)
+    # A B that did not rise beyond its jitter leaves the plan as it was.
     quiet = ProbeTrains()
     quiet.due_at(0.0, 1e6)
     quiet.next_at, quiet.credit_s = 5.0, -0.1
@@ -333,3 +340,21 @@ def test_uplink_wait_is_a_fifo_draining_at_b() -> None:
     assert uplink_wait_s(1.0, [(0.0, 10_000), (0.95, 10_000)], 1e6) == pytest.approx(0.03)
     assert uplink_wait_s(1.0, [], 1e6) == 0.0
     assert uplink_wait_s(1.0, [(0.0, 10)], 0.0) == float("inf")
+
+
+def test_a_confirming_round_after_a_drop_is_sized_for_the_new_rate() -> None:
+    """Loopback at 100 Mbit/s drops to 0.2: the PINGs' silence already brought B down
+    (0.24 Mbit/s) when the scout sent at the old rate comes back timed at 0.2. Its
+    confirming round is sized for 0.2 Mbit/s (the smallest train), not for the rate an
+    earlier round confirmed (100 Mbit/s: a 23 kB scout, a second of the link)."""
+    trains, est = ProbeTrains(), BandwidthEstimator()
+    est.observe_train(0.0, _arrivals(100e6, 375_000, 0.0), 375_000)
+    trains.confirm_bps = 106e6  # left from a round at the old rate
+    trains.due_at(0.0, 100e6)
+    scout = sum(trains.frames(100e6))
+    trains.sent(0.0, scout, 3)
+    assert est.observe_silence(0.6, 14_771, 0.5) == pytest.approx(0.236e6, rel=0.01)
+    rate, timed = trains.train_answered(1.2, est, _arrivals(0.2e6, scout, 0.1), scout, 10e6)
+    assert timed and rate == pytest.approx(0.2e6, rel=0.1)
+    assert trains.confirming == 1
+    assert sum(trains.frames(est.bandwidth_bps or 0.0)) == trains.min_bytes
