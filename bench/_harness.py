@@ -254,6 +254,10 @@ class ServerProcess:
             stop_process(self._proc)
             raise
 
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
     def close(self) -> None:
         stop_process(self._proc)
 
@@ -315,6 +319,10 @@ class Shaper:
 
     def stats(self) -> dict[str, Any]:
         return dict(self.command({"cmd": "stats"})["stats"])
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
 
     def close(self) -> None:
         stop_process(self._proc)

@@ -270,6 +270,18 @@ class DeviceModel:
     """Per upload: packing and the protocol work for it (``K``), inside the head's call."""
     noise: float = 0.1
     """Sigma of the log-normal noise on every call's time."""
+    loop_ms: float = 0.0
+    """Per frame, the device's event loop (one thread, beside the compute worker, on the
+    same core): the frame's arrival, the policy call, the hand-offs to the worker and
+    the link, the answer; frames wait for it in turn.  0: the loop and the core are not
+    modelled."""
+    loop_result_ms: float = 0.0
+    """The loop's work on a RESULT or ERROR from the server (read, decode, the estimates,
+    the answer) beyond ``loop_ms``."""
+    cpu_share: float = 1.0
+    """Share of a stage's time the device's core is busy (``1 / slowdown`` for
+    ``bench.paper``'s emulated slower device, whose worker sleeps the rest).  With
+    ``loop_ms`` the event loop and the worker's calls take the one core in turn."""
     path_s: float = 0.0
     """One-way time every message pays beyond the link's rate and delay (both ends'
     network stacks and event loops, a proxy in the path)."""
@@ -644,6 +656,9 @@ class SimDevice:
         self._cum_rates: dict[float | None, list[float]] = {}
         self._packed: dict[tuple[int, str], PackedTensor] = {}
         self._timer_at: float | None = None
+        self._cpu_free = 0.0
+        """When the device's core is through with the work given it: the event loop's
+        (``_on_loop``) and the CPU part of the worker's calls (``_work``)."""
         self._depth = 0
         self._started = False
         self._rearm = False
@@ -699,10 +714,22 @@ class SimDevice:
     def _begin(self, fid: int) -> None:
         self.in_flight += 1
         self._exit[fid] = -1  # drawn once its plan is known (RunHead)
+        self._on_loop(self.model.loop_ms, self._frame_arrived, fid)
+
+    def _frame_arrived(self, fid: int) -> None:
         # As the runtime's SpinnDevice: the decision first, then the link looked at.
         decision = self.core.decide(self.loop.now)
         self._act(self.core.frame_arrived(self.loop.now, fid, decision=decision,
                                           link_up=self.connected))  # fmt: skip
+
+    def _on_loop(self, ms: float, fn: Callable[..., None], *args: Any) -> None:
+        """``fn(*args)`` once the device's event loop did ``ms`` of work for it, after
+        the work its core had before (in turn); at once where it has none."""
+        if ms <= 0.0 and self._cpu_free <= self.loop.now:
+            fn(*args)
+            return
+        self._cpu_free = max(self.loop.now, self._cpu_free) + ms / 1e3
+        self.loop.at(self._cpu_free, fn, *args)
 
     def input_exit(self, rid: int) -> int:
         """The exit that answers request ``rid``'s input (the modelled server's compute
@@ -854,7 +881,15 @@ class SimDevice:
                 pack_ms = 0.0
                 call_ms = stages_ms + m.step_ms
             self._busy = True
-            end = now + call_ms / 1e3
+            start = now
+            if m.loop_ms > 0.0:
+                # One core for the worker and the event loop: the call's CPU part waits
+                # for the loop's work before it; the rest (the emulated slower device's
+                # sleep) leaves the core to the loop.
+                start = max(now, self._cpu_free)
+                cpu_ms = call_ms - (1.0 - m.cpu_share) * stages_ms
+                self._cpu_free = start + cpu_ms / 1e3
+            end = start + call_ms / 1e3
             self._job_end = end
             self.loop.at(end, self._call_done, job, now, stop, stages_ms, pack_ms, x < stop)
             return
@@ -936,6 +971,14 @@ class SimDevice:
             self._act(self.core.link_up(now, server_name=message.server_name,
                                         accepted=message.codecs))  # fmt: skip
             return
+        # The loop reads the connection's messages in order, a RESULT's work with it.
+        ms = self.model.loop_result_ms if isinstance(message, Result | Error) else 0.0
+        self._on_loop(ms, self._receive, epoch, message)
+
+    def _receive(self, epoch: int, message: Any) -> None:
+        if epoch != self._epoch or self._stopped:
+            return
+        now = self.loop.now
         self.core.heard(now)
         if isinstance(message, Result | Error) and message.request_id is not None:
             self._rid_exit.pop(message.request_id, None)

@@ -17,10 +17,12 @@ Three parts, each printed:
    server behind netshape on loopback, the real device runtime; about five minutes), or
    ``--real FILE`` reads the figures such a run saved (``--save-real FILE``) or a
    ``bench.paper`` ``raw.json`` (throughput only).  The models' constants (stage scale,
-   per-call overheads, server scale, the path's own round trip) come from real
-   calibration runs that are not rows of the grid (``calibrate``, before and after it);
-   nothing is fitted per row, and misses print as they are, with the decision each side's
-   policy took.
+   per-call overheads, server scale, the path's own round trip, the CPU time of the
+   device's event loop per frame and per RESULT and of the server's event loop and the
+   proxy per request) come from real calibration runs that are not rows of the grid
+   (``calibrate``, before and after it); nothing is fitted per row, and misses print as
+   they are, with the decision each side's policy took, and beside them what the models
+   give for the calibration runs themselves.
 3. **A fleet**: ``--fleet-devices`` devices on netshape's shipped traces, each varied by a
    seeded phase, rate and delay scale and compute speed, against N servers with dynamic
    batching; tail latency, server utilisation, and the fewest servers that keep the
@@ -49,6 +51,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -131,7 +134,7 @@ def _input_codec(profile: Profile) -> str | None:
 def simulate_row(
     profile: Profile,
     policy_name: str,
-    mbit: float,
+    mbit: float | None,
     delay_s: float,
     *,
     device: DeviceModel,
@@ -141,11 +144,12 @@ def simulate_row(
     warmup_s: float,
     seed: int,
 ) -> dict[str, Any]:
-    """One unpaced run of experiment 1, as ``bench._harness.measure`` counts it."""
+    """One unpaced run of experiment 1, as ``bench._harness.measure`` counts it (``mbit``
+    None: a link without a rate limit)."""
     loop = EventLoop()
     srv = SimServer(loop, profile, server, seed)
     dev = SimDevice(0, loop, profile, paper_policy(policy_name, profile, device_slowdown),
-                    device, LinkSpec(mbit * 1e6, delay_s), srv, seed, stop_s=run_s)  # fmt: skip
+                    device, LinkSpec(None if mbit is None else mbit * 1e6, delay_s), srv, seed, stop_s=run_s)  # fmt: skip
     loop.run(run_s)
     fig = figures(dev.answers, warmup_s, run_s)
     loop.drain(run_s + 60.0)
@@ -181,6 +185,59 @@ class _LastEstimates:
         return self.inner.decide(now, estimates)
 
 
+def _sched_ms(pid: int, tid: int | None = None, *, but: int | None = None) -> tuple[float, float]:
+    """Milliseconds a process's threads (``tid``: that one alone; ``but``: all but that
+    one) ran on a CPU, and waited on a run queue to run (``/proc/.../schedstat``; neither
+    counts sleeps or waits on a lock).  Zeros where the kernel does not say."""
+    ran = waited = 0
+    try:
+        tids = [str(tid)] if tid is not None else os.listdir(f"/proc/{pid}/task")
+        for t in tids:
+            if t == str(but):
+                continue
+            with open(f"/proc/{pid}/task/{t}/schedstat", encoding="ascii") as f:
+                run, wait, *_ = f.read().split()
+            ran += int(run)
+            waited += int(wait)
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return ran / 1e6, waited / 1e6
+
+
+class _Demand(_LastEstimates):
+    """Also reads, at the counted window's start and end (the device's decisions, one per
+    frame after its start-up one, on its event loop's thread), how long the device's
+    event loop (``loop``) and each of ``threads`` (name: ``_sched_ms``'s arguments) ran
+    on a CPU and waited to: per frame."""
+
+    def __init__(self, inner: Policy, threads: dict[str, tuple[int, int | None, int | None]],
+                 warmup_s: float, run_s: float) -> None:  # fmt: skip
+        super().__init__(inner)
+        self.threads = threads
+        self.window = (warmup_s, run_s - 0.1)
+        self.frames = 0
+        self.t0: float | None = None
+        self.marks: list[tuple[int, dict[str, tuple[float, float]]]] = []
+
+    def decide(self, now: float, estimates: Estimates) -> Decision:
+        self.frames += 1
+        if self.frames == 2:
+            self.t0 = now
+        if (self.t0 is not None and len(self.marks) < 2
+                and now - self.t0 >= self.window[len(self.marks)]):  # fmt: skip
+            got = {k: _sched_ms(p, t, but=b) for k, (p, t, b) in self.threads.items()}
+            got["loop"] = _sched_ms(os.getpid(), threading.get_native_id())
+            self.marks.append((self.frames, got))
+        return super().decide(now, estimates)
+
+    def per_frame(self, name: str) -> tuple[float, float]:
+        """Milliseconds per frame that ``name`` ran, and waited to."""
+        if len(self.marks) < 2 or self.marks[1][0] <= self.marks[0][0]:
+            return 0.0, 0.0
+        (n0, a), (n1, b) = self.marks
+        return ((b[name][0] - a[name][0]) / (n1 - n0), (b[name][1] - a[name][1]) / (n1 - n0))
+
+
 def calibrate(tb: Any, run_s: float, warmup_s: float) -> dict[str, float]:
     """The device and server models from two real runs that are not rows of the grid,
     both against the real server through an unshaped netshape (the grid's conditions less
@@ -189,14 +246,23 @@ def calibrate(tb: Any, run_s: float, warmup_s: float) -> dict[str, float]:
     run (the race's step overhead ``c``, the work per upload ``K``, the server's reported
     compute against its profile, and the round trip of a bare PING, which every message
     pays on top of the shaped link: event-loop turns at both ends, the proxy's forwarding;
-    docs/SCHEDULER.md, "a per-request cost on the uplink")."""
+    docs/SCHEDULER.md, "a per-request cost on the uplink").  Both also read the kernel's
+    account of CPU time (``_Demand``): the device's event-loop thread per frame (per local
+    frame in the first, the extra per RESULT in the second), and the server's event-loop
+    thread with the proxy per request (their work on the server's core besides the
+    reported compute).  CPU time, not wall time: on one core the time a thread waits to
+    run is mostly its neighbours' turn, counted where they run."""
     from bench._harness import ServerProcess, Shaper, measure
 
     prof = tb.profile
     slow = tb.device_slowdown
-    dev = _LastEstimates(paper_policy("device-only", prof, slow))
-    srv_pol = _LastEstimates(paper_policy("server-only", prof, slow))
     with ServerProcess(tb) as srv, Shaper(tb, srv.port) as shaper:
+        # The server's event loop (its main thread) and the proxy: what a request costs
+        # the server's core beyond the compute the server reports.
+        threads = {"server_loop": (srv.pid, srv.pid, None),
+                   "server_workers": (srv.pid, None, srv.pid), "proxy": (shaper.pid, None, None)}  # fmt: skip
+        dev = _Demand(paper_policy("device-only", prof, slow), threads, warmup_s, run_s)
+        srv_pol = _Demand(paper_policy("server-only", prof, slow), threads, warmup_s, run_s)
         r_dev = measure(tb, shaper.port, "calibration", dev, duration_s=run_s,
                         warmup_s=warmup_s)  # fmt: skip
         r_srv = measure(tb, shaper.port, "calibration", srv_pol, duration_s=run_s,
@@ -205,13 +271,33 @@ def calibrate(tb: Any, run_s: float, warmup_s: float) -> dict[str, float]:
         raise RuntimeError("calibration runs took no decision")
     e_dev, e_srv = dev.last, srv_pol.last
     reported = (r_srv.summary.get("server_time_ms") or {}).get("reported_mean") or 0.0
+    # CPU time: the time a thread waits for the CPU is mostly the other threads' turn on
+    # the same core, which counts where they run (the workers' measured calls).
+    loop_local = dev.per_frame("loop")[0]
+    loop_offload = srv_pol.per_frame("loop")[0]
+    server_loop, proxy = srv_pol.per_frame("server_loop")[0], srv_pol.per_frame("proxy")[0]
+    # The server's core also runs its event loop and the proxy, in turn with the worker:
+    # their CPU time per request is work on top of the reported compute.  (Some of it ran
+    # while the worker waited for the core, inside the reported time: the worker's wait,
+    # kept beside it, bounds that share.)
+    worker_run, worker_wait = srv_pol.per_frame("server_workers")
     cal = {
         "stage_scale": e_dev.busy_scale or e_dev.device_scale,
         "head_ms": e_dev.head_overhead_ms or e_dev.frame_overhead_ms,
         "step_ms": e_srv.step_overhead_ms,
         "upload_ms": e_srv.upload_busy_ms,
         "server_scale": reported / prof.server_time_ms(0) if reported else 1.0,
+        # The worker's CPU time per request against the profile: with the loop's and the
+        # proxy's, what one core does per request (its wall-clock time holds theirs).
+        "server_cpu_scale": worker_run / prof.server_time_ms(0),
         "path_rtt_ms": 1e3 * e_srv.latency_s,
+        "loop_ms": loop_local,
+        "loop_result_ms": max(0.0, loop_offload - loop_local),
+        "server_request_ms": server_loop + proxy,
+        "server_loop_ms": server_loop,
+        "proxy_ms": proxy,
+        "server_worker_ms": worker_run,
+        "server_worker_wait_ms": worker_wait,
         "device_only_fps": r_dev.fps,
         "server_only_unshaped_fps": r_srv.fps,
     }
@@ -221,8 +307,9 @@ def calibrate(tb: Any, run_s: float, warmup_s: float) -> dict[str, float]:
 
 def run_real(checkpoint: Path, profile_path: Path, device_slowdown: float) -> dict[str, Any]:
     """``bench.paper``'s experiment-1 rows in quick form with the real harness, after its
-    uncounted warm-up run, between two calibrations (``calibrate``) whose mean the
-    models take."""
+    uncounted warm-up run, with calibrations (``calibrate``) before the grid, between its
+    networks and after it: each network's rows are simulated with the mean of the two
+    around them (``between``), the one-device table with the mean of all."""
     import tempfile
 
     from bench._harness import ServerProcess, Shaper, Testbed, measure
@@ -235,9 +322,9 @@ def run_real(checkpoint: Path, profile_path: Path, device_slowdown: float) -> di
         prof = tb.profile
         only_device = paper_policy("device-only", prof, device_slowdown)
         measure(tb, None, "warm-up", only_device, duration_s=plan.startup_s, warmup_s=0.0)
-        # The shared machine's load drifts over the grid's minutes: calibration runs before
-        # and after it, and the models take their mean (never anything per row).
-        before = calibrate(tb, plan.run_s, plan.warmup_s)
+        # The shared machine's load drifts over the grid's minutes (other jobs come and
+        # go): the models are measured again around each network's rows, never per row.
+        cals = [calibrate(tb, plan.run_s, plan.warmup_s)]
         with ServerProcess(tb) as srv, Shaper(tb, srv.port) as shaper:
             for net in plan.networks:
                 shaper.set(net.rate, net.delay)
@@ -249,15 +336,21 @@ def run_real(checkpoint: Path, profile_path: Path, device_slowdown: float) -> di
                                  "fps": r.fps, "latency_ms_mean": r.latency_ms_mean,
                                  "latency_ms_p95": r.latency_ms_p95,
                                  "offload_rate": r.offload_rate, "lost": r.lost,
-                                 "chose": _chose(r.row()["split_mode"], r.row()["thr_mode"])})  # fmt: skip
+                                 "chose": _chose(r.row()["split_mode"], r.row()["thr_mode"]),
+                                 "between": [len(cals) - 1, len(cals)]})  # fmt: skip
                     print(f"real {net.label:14s} {name:13s} {r.fps:7.1f}/s "
                           f"lat {r.latency_ms_mean:6.1f} ms", flush=True)  # fmt: skip
-        after = calibrate(tb, plan.run_s, plan.warmup_s)
-    calibration = {k: (before[k] + after[k]) / 2 for k in before}
+                cals.append(calibrate(tb, plan.run_s, plan.warmup_s))
+    calibration = _mean(cals)
     print("real calibration, mean: " + ", ".join(f"{k} {v:.3f}" for k, v in calibration.items()))
     return {"format": REAL_FORMAT, "commit": _commit(), "model_id": prof.model_id,
             "device_slowdown": device_slowdown, "run_s": plan.run_s, "warmup_s": plan.warmup_s,
-            "calibration": calibration, "calibrations": [before, after], "rows": rows}  # fmt: skip
+            "calibration": calibration, "calibrations": cals, "rows": rows}  # fmt: skip
+
+
+def _mean(cals: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Calibrations' figures, each the mean of theirs."""
+    return {k: statistics.fmean(c[k] for c in cals) for k in cals[0]}
 
 
 def load_real(path: Path) -> dict[str, Any]:
@@ -289,8 +382,11 @@ def calibrated(device: DeviceModel, server: ServerModel, cal: dict[str, float]
     return (
         dataclasses.replace(device, stage_scale=cal["stage_scale"], head_ms=cal["head_ms"],
                             step_ms=cal["step_ms"], upload_ms=cal["upload_ms"],
-                            path_s=cal.get("path_rtt_ms", 0.0) / 2e3),
-        dataclasses.replace(server, scale=cal["server_scale"]),
+                            path_s=cal.get("path_rtt_ms", 0.0) / 2e3,
+                            loop_ms=cal.get("loop_ms", 0.0),
+                            loop_result_ms=cal.get("loop_result_ms", 0.0)),
+        dataclasses.replace(server, scale=cal.get("server_cpu_scale", cal["server_scale"]),
+                            request_ms=cal.get("server_request_ms", server.request_ms)),
     )  # fmt: skip
 
 
@@ -309,18 +405,25 @@ def _rel(sim: float, real: float | None) -> float | None:
 
 def compare(real: dict[str, Any], profile: Profile, device: DeviceModel, server: ServerModel,
             seed: int) -> dict[str, Any]:  # fmt: skip
-    """Simulate every real row with the same plan and models (calibrated, ``main``);
-    per-row and median relative errors."""
+    """Simulate every real row with the same plan and models (calibrated, ``main``; for
+    a row with ``between``, calibrated with the calibrations made around it); per-row
+    and median relative errors."""
     out_rows = []
     print(f"\n== sim vs real ({real['format']}, commit {real.get('commit')}); device: stage "
           f"×{device.stage_scale:.3f}, head {device.head_ms:.2f} ms, step {device.step_ms:.2f} ms, "
-          f"upload {device.upload_ms:.2f} ms, path {2e3 * device.path_s:.2f} ms RTT; server "
-          f"×{server.scale:.3f}")  # fmt: skip
+          f"upload {device.upload_ms:.2f} ms, path {2e3 * device.path_s:.2f} ms RTT, event loop "
+          f"{device.loop_ms:.2f} ms + {device.loop_result_ms:.2f} ms per RESULT; server "
+          f"×{server.scale:.3f}, {server.request_ms:.2f} ms per request")  # fmt: skip
     print(f"{'network':14s} {'policy':13s} {'real/s':>8s} {'sim/s':>8s} {'err':>6s} "
           f"{'real ms':>8s} {'sim ms':>8s} {'err':>6s}  {'real chose':>9s} {'sim chose':>9s}")  # fmt: skip
+    cals = real.get("calibrations") or []
     for r in real["rows"]:
-        s = simulate_row(profile, r["policy"], r["mbit"], r["delay_s"], device=device,
-                         server=server, device_slowdown=real["device_slowdown"],
+        dev, srv = device, server
+        if "between" in r and cals:
+            # The calibrations made just before and after this row's network.
+            dev, srv = calibrated(device, server, _mean([cals[i] for i in r["between"]]))
+        s = simulate_row(profile, r["policy"], r["mbit"], r["delay_s"], device=dev,
+                         server=srv, device_slowdown=real["device_slowdown"],
                          run_s=real["run_s"], warmup_s=real["warmup_s"], seed=seed)  # fmt: skip
         e_t, e_l = _rel(s["fps"], r["fps"]), _rel(s["latency_ms_mean"], r["latency_ms_mean"])
         if r["fps"] is not None and r["fps"] <= 0:
@@ -335,6 +438,18 @@ def compare(real: dict[str, Any], profile: Profile, device: DeviceModel, server:
               f"{_pct(e_t):>6s} {'-' if rl is None else f'{rl:8.1f}':>8s} "
               f"{s['latency_ms_mean']:8.1f} {_pct(e_l):>6s}  {r.get('chose', '-'):>9s} "
               f"{s['chose']:>9s}")  # fmt: skip
+    cal = real.get("calibration") or {}
+    if "server_only_unshaped_fps" in cal:
+        # The calibration runs' own conditions, simulated: what the models reproduce of
+        # the runs they were measured in (not rows of the grid, not in the medians).
+        got = [simulate_row(profile, name, None, 0.0, device=device, server=server,
+                            device_slowdown=real["device_slowdown"], run_s=real["run_s"],
+                            warmup_s=real["warmup_s"], seed=seed)["fps"]
+               for name in ("device-only", "server-only")]  # fmt: skip
+        print(f"{'calibration':14s} {'device-only':13s} {cal['device_only_fps']:8.1f} "
+              f"{got[0]:8.1f} {_pct(_rel(got[0], cal['device_only_fps'])):>6s}\n"
+              f"{'calibration':14s} {'server-only':13s} {cal['server_only_unshaped_fps']:8.1f} "
+              f"{got[1]:8.1f} {_pct(_rel(got[1], cal['server_only_unshaped_fps'])):>6s}")  # fmt: skip
     thr = [r["throughput_error"] for r in out_rows if r["throughput_error"] is not None]
     lat = [r["latency_error"] for r in out_rows if r["latency_error"] is not None]
     med_t = statistics.median(thr) if thr else None
@@ -609,6 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Experiment 1 and the comparison run with the machine's measured constants; the
         # fleet's devices keep the stated ones (their profile is their own).
         device, server = calibrated(device, server, real["calibration"])
+        device = dataclasses.replace(device, cpu_share=1.0 / slow)
 
     # 1. experiment 1, simulated.
     plan = paper.QUICK
