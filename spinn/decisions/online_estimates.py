@@ -275,6 +275,9 @@ class BandwidthEstimator:
         self.needs_confirmation = False
         """The latest train sample lay more than 30% from the estimate before it: a step
         change, or an outlier; the next train should come soon to tell which."""
+        self.suspected_bps: float | None = None
+        """A rate that upload samples suspect the link moved to, far from B (a collapse or
+        a rise): not B, but a reason for a train now (``take_suspicion``)."""
         self._samples = 0
         self._silenced = False
         """B is a silence's bound (``observe_silence``) that no train has confirmed yet: a
@@ -296,31 +299,40 @@ class BandwidthEstimator:
         del self._recent[: -self.window]
 
     def observe_transfer(
-        self, now: float, nbytes: int, seconds: float, uploads: int = 1
+        self, now: float, nbytes: int, seconds: float, uploads: int = 1, *, idle: bool = True
     ) -> float | None:
         """``uploads`` uploads of ``nbytes`` in all that took ``seconds`` on the wire
-        (latency excluded). Returns the sample used, or ``None`` when the transfer was too
-        small to measure."""
+        (latency excluded); ``idle``: each found the link idle (timed from when it was sent,
+        not from the previous upload's end, which late-read answers bunch together: such a
+        sample reads fast and cannot show a rise). Returns the sample used, or ``None`` when
+        the transfer was too small to measure."""
         n = _check_sample("transfer bytes", nbytes)
         t = _check_sample("transfer seconds", seconds)
         if n < self.min_transfer_bytes or t <= 0.0:
             return None
         sample = 8.0 * n / t
         self._update(now, sample)
-        if self._train_estimate is not None:
+        if self._train_estimate is not None and idle:
             self._rise(sample)
         if self._train_estimate is not None and t >= _UPLOAD_COLLAPSE_S * max(uploads, 1):
-            # Trains make B; but uploads that took long and read an eighth of it or less
-            # (the last three such) are a collapse the trains cannot see in time: their
-            # PINGs queue behind the very uploads that flood the link. The fastest of the
-            # three stands for B: an upload errs slow (a cancelled one's time is a bound).
+            # Uploads that took long and read an eighth of B or less (the last three such)
+            # suspect a collapse. The fastest of the three is the suspicion: an upload errs
+            # slow (a cancelled one's time is a bound, a late-read answer holds the device's
+            # delay). Where the link is jammed the PINGs' silence moves B
+            # (``observe_silence``); elsewhere a train, sent at once, tells.
             self._long_uploads.append(sample)
             slow = max(self._long_uploads)
             full = len(self._long_uploads) == self._long_uploads.maxlen
             if full and slow * _TRAIN_DROP_RATIO < self._train_estimate:
                 self._long_uploads.clear()
-                self._replace_trains(slow)
+                self.suspected_bps = slow
         return sample
+
+    def take_suspicion(self) -> float | None:
+        """The rate uploads suspect the link moved to (``suspected_bps``), once: a probe
+        train should look now (``spinn.runtime.uplink.ProbeTrains.look_now``)."""
+        rate, self.suspected_bps = self.suspected_bps, None
+        return rate
 
     def observe_silence(self, now: float, nbytes: int, seconds: float) -> float | None:
         """A PING that had ``nbytes`` ahead of it on the link (its own padding included:
@@ -362,13 +374,15 @@ class BandwidthEstimator:
         self.needs_confirmation = True
 
     def _rise(self, sample: float) -> None:
-        """Uploads that read far above the trains' B, three in a row, raise B to the slowest
-        of them and ask the trains to confirm. After a drop to a low rate the trains are
-        small and rare (their budget is a share of the link at B: at 0.2 Mbit/s one 6 KiB
-        train every 8 s, more after the confirmations' debt), and the step trace's rise
-        from 0.2 to 50 Mbit/s went unseen for the 12 s the run had left; the uploads that
-        keep going out show it within a second. An upload errs slow (a per-request cost,
-        an answer read late), so B stays at or below the link."""
+        """Uploads that read far above the trains' B, three in a row, suspect a rise: the
+        slowest of them is the suspicion (``take_suspicion``), and a train, sent at once,
+        tells. After a drop to a low rate the trains are small and rare (their budget is a
+        share of the link at B: at 0.2 Mbit/s one 6 KiB train every 8 s), and the step
+        trace's rise from 0.2 to 50 Mbit/s went unseen for the 12 s the run had left; the
+        uploads that keep going out show it within a second. They do not move B
+        themselves: uploads smaller than a shaper's burst (netshape lets 5 ms of the rate,
+        at least 1500 B, through at once) cross a 0.2 Mbit/s link that idled at once, and
+        five of 1 kB read 1.85 Mbit/s, three samples in a row."""
         assert self._train_estimate is not None
         if sample < _UPLOAD_RISE_RATIO * self._train_estimate:
             self._fast_uploads.clear()
@@ -376,9 +390,8 @@ class BandwidthEstimator:
         self._fast_uploads.append(sample)
         if len(self._fast_uploads) < (self._fast_uploads.maxlen or 0):
             return
-        rose = min(self._fast_uploads)
+        self.suspected_bps = min(self._fast_uploads)
         self._fast_uploads.clear()
-        self._replace_trains(rose)
 
     def observe_probe(
         self, now: float, probe_bytes: int, rtt_s: float, base_rtt_s: float
@@ -847,9 +860,12 @@ class OnlineEstimates:
 
     # -- network ------------------------------------------------------------------------
 
-    def observe_upload(self, now: float, nbytes: int, seconds: float, uploads: int = 1) -> None:
-        """``uploads`` INFERs of ``nbytes`` in all took ``seconds`` to leave the device."""
-        self.bandwidth.observe_transfer(now, nbytes, seconds, uploads)
+    def observe_upload(
+        self, now: float, nbytes: int, seconds: float, uploads: int = 1, *, idle: bool = True
+    ) -> None:
+        """``uploads`` INFERs of ``nbytes`` in all took ``seconds`` to leave the device
+        (``idle``: each found the link idle, ``BandwidthEstimator.observe_transfer``)."""
+        self.bandwidth.observe_transfer(now, nbytes, seconds, uploads, idle=idle)
 
     def observe_ping(self, now: float, rtt_s: float, probe_bytes: int = 0) -> None:
         """A PONG arrived ``rtt_s`` after its PING; ``probe_bytes`` of padding crossed the

@@ -917,7 +917,22 @@ class DeviceCore:
         )
         if sample is not None:
             uploads = self._upload_timer.sample_uploads
-            self.profiler.observe_upload(now, sample[0], sample[1], uploads)
+            before = self.profiler.bandwidth_bps()
+            idle = self._upload_timer.sample_idle
+            self.profiler.observe_upload(now, sample[0], sample[1], uploads, idle=idle)
+            suspected = self.profiler.bandwidth.take_suspicion()
+            if suspected is not None and self._trains.look_now(now, suspected):
+                self._rearm = True
+                self._log(
+                    logging.DEBUG,
+                    "uploads read %.3g bit/s against B %.3g (%d bytes in %.4f s, %d "
+                    "uploads): a probe train looks now",
+                    suspected,
+                    before,
+                    sample[0],
+                    sample[1],
+                    uploads,
+                )
 
     def _on_request_error(self, now: float, error: Error) -> None:
         assert error.request_id is not None

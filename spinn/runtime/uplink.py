@@ -93,6 +93,12 @@ class UploadTimer:
     """When the latest answer arrived (None after a reconnect)."""
     sample_uploads: int = 0
     """Uploads the last sample returned holds (their timing errors add up)."""
+    sample_idle: bool = True
+    """Whether each upload of the last sample found the link idle (sent after the previous
+    one was through). A backlogged upload is timed from the previous one's ``f``, and a
+    burst of answers read late makes those differences near 0: on a 0.2 Mbit/s link five
+    such uploads read 4.7 Mbit/s. Only idle samples can show a rise (``BandwidthEstimator``)."""
+    _idle: bool = True
     _bytes: int = 0
     _seconds: float = 0.0
     _count: int = 0
@@ -134,17 +140,19 @@ class UploadTimer:
         self._bytes += nbytes
         self._seconds += upload
         self._count += 1
+        self._idle = self._idle and (prev is None or sent_at >= prev)
         if self._bytes < self.min_bytes or self._seconds < self.min_span_s:
             return None
         sample = (self._bytes, self._seconds)
         self.sample_uploads, self._count = self._count, 0
+        self.sample_idle, self._idle = self._idle, True
         self._bytes, self._seconds = 0, 0.0
         return sample
 
     def reset(self) -> None:
         """A new connection: nothing is queued ahead of the next request."""
         self.uplink_free_at = self.last_answer_at = None
-        self._bytes, self._seconds, self._count = 0, 0.0, 0
+        self._bytes, self._seconds, self._count, self._idle = 0, 0.0, 0, True
 
 
 @dataclass(slots=True)
@@ -224,6 +232,11 @@ class ProbeTrains:
     link time: 0.6% of the link), the full train only when the budget allows."""
     max_confirms: int = 2
     """Confirming rounds in a row at most, before the budget decides again."""
+    suspicion_gap_s: float = 5.0
+    """Trains sent for the uploads' suspicions (``look_now``) at most one per this long:
+    at 0.2 Mbit/s a 6 KiB train is 0.25 s of the link, 5% of it."""
+    suspicion_at: float = -math.inf
+    """When a suspicion last sent a train."""
     next_at: float = 0.0
     """Not before this."""
     in_flight: bool = False
@@ -301,6 +314,21 @@ class ProbeTrains:
         self.confirming = max(1, self.confirming)
         self.confirm_bps = None
         self.next_at = min(self.next_at, now)
+
+    def look_now(self, now: float, suspected_bps: float) -> bool:
+        """Uploads suspect the link moved to ``suspected_bps``, far from B
+        (``BandwidthEstimator.take_suspicion``): a confirming round sized for that rate goes
+        at once, whatever the budget, unless one is in flight (it will tell) or the last
+        one a suspicion sent went less than ``suspicion_gap_s`` ago (suspicions that keep
+        coming, such as small uploads let through by a shaper's burst, then cost at most
+        one train per gap). Returns whether it goes."""
+        if self.in_flight or now < self.suspicion_at + self.suspicion_gap_s:
+            return False
+        self.suspicion_at = now
+        self.confirming = max(1, self.confirming)
+        self.confirm_bps = suspected_bps
+        self.next_at = min(self.next_at, now)
+        return True
 
     def _seen(self, bandwidth_bps: float) -> float | None:
         """B is now ``bandwidth_bps``: returns the B seen before. A debt is bytes, counted

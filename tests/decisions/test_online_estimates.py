@@ -481,11 +481,11 @@ def test_online_profiler_feeds_trains() -> None:
     assert op.snapshot(1.0).bandwidth_bps == pytest.approx(5e6)
 
 
-def test_long_slow_uploads_tell_a_collapse_the_trains_cannot_see() -> None:
-    """After loopback dropped to 200 kbit/s, uploads sent at the old rate flood the link
-    and the trains' PINGs queue behind them: three uploads in a row that took long and
-    read a quarter of B or less replace it at once. Short ones, which read the per-request
-    cost on any fast link (10-65 Mbit/s on loopback), never do."""
+def test_long_slow_uploads_suspect_a_collapse() -> None:
+    """After loopback dropped to 200 kbit/s, uploads sent at the old rate flood the link:
+    three uploads in a row that took long and read an eighth of B or less suspect a
+    collapse (a train should look at once), and B waits for it. Short ones, which read the
+    per-request cost on any fast link (10-65 Mbit/s on loopback), never do."""
     est = BandwidthEstimator()
     est.observe_train(0.0, [(100_000, 0.0), (2_000_000, 0.004)], 2_100_000)
     fast = est.bandwidth_bps
@@ -497,12 +497,14 @@ def test_long_slow_uploads_tell_a_collapse_the_trains_cannot_see() -> None:
         est.observe_transfer(10.0 + i, 4_200, 0.025)  # answers read late: too short to tell
         est.observe_transfer(11.0 + i, 4_200, 0.12, uploads=8)  # eight answers' delays
     assert est.bandwidth_bps == fast
+    assert est.take_suspicion() is None
     est.observe_transfer(20.0, 4_200, 0.17)  # long ones: not yet
     est.observe_transfer(20.1, 4_200, 1.7)
+    assert est.take_suspicion() is None
+    est.observe_transfer(20.2, 4_200, 0.168)  # three: the fastest of them is suspected
+    assert est.take_suspicion() == pytest.approx(8 * 4_200 / 0.168)
+    assert est.take_suspicion() is None  # once
     assert est.bandwidth_bps == fast
-    est.observe_transfer(20.2, 4_200, 0.168)  # three: the fastest of them stands for B
-    assert est.bandwidth_bps == pytest.approx(8 * 4_200 / 0.168)
-    assert est.needs_confirmation
 
 
 def test_a_silent_ping_behind_bytes_bounds_a_collapsed_link() -> None:
@@ -549,11 +551,12 @@ def test_silence_counts_after_the_round_trip_and_the_slowest_recent_ping() -> No
     assert op.bandwidth_bps() == pytest.approx(8 * 60_000 / 0.9)
 
 
-def test_fast_uploads_tell_a_rise_the_rare_trains_would_see_late() -> None:
+def test_fast_uploads_suspect_a_rise_the_rare_trains_would_see_late() -> None:
     """After a drop to 0.2 Mbit/s the trains are small and rare (a share of the link at
     B); when the link rises to 50 Mbit/s, the uploads that keep going out read far above
-    B: three in a row raise it to the slowest of them (an upload errs slow) and ask the
-    trains to confirm. Fewer, or a streak broken by a slow one, leave B alone."""
+    B: three in a row suspect a rise to the slowest of them (an upload errs slow), for a
+    train to look at once; B waits for it. Fewer, or a streak broken by a slow one,
+    suspect nothing."""
     est = BandwidthEstimator()
     est.observe_train(0.0, [(0, 0.0), (2_000, 0.05), (4_000, 0.1), (6_000, 0.15)], 6_000)
     low = est.bandwidth_bps
@@ -564,11 +567,11 @@ def test_fast_uploads_tell_a_rise_the_rare_trains_would_see_late() -> None:
     est.observe_transfer(1.2, 4_200, 8 * 4_200 / 0.5e6)  # the streak is broken
     est.observe_transfer(1.3, 4_200, 8 * 4_200 / 5e6)
     est.observe_transfer(1.4, 4_200, 8 * 4_200 / 6e6)
-    assert est.bandwidth_bps == low and not est.needs_confirmation
+    assert est.take_suspicion() is None
     est.observe_transfer(1.5, 4_200, 8 * 4_200 / 2e6)  # three in a row: the slowest, 2
-    assert est.bandwidth_bps == pytest.approx(2e6)
-    assert est.needs_confirmation
-    # Uploads near B (their per-request cost reads a little slow) never raise it.
+    assert est.take_suspicion() == pytest.approx(2e6)
+    assert est.bandwidth_bps == low and not est.needs_confirmation
+    # Uploads near B (their per-request cost reads a little slow) suspect nothing.
     for i in range(10):
-        est.observe_transfer(2.0 + i, 4_200, 8 * 4_200 / 1.8e6)
-    assert est.bandwidth_bps == pytest.approx(2e6)
+        est.observe_transfer(2.0 + i, 4_200, 8 * 4_200 / 0.25e6)
+    assert est.take_suspicion() is None

@@ -43,6 +43,36 @@ def test_backlogged_link_recovers_the_rate_not_the_queueing() -> None:
     assert len(rates) == 30
     # The first is timed from its send; the others from when the one before was through.
     assert rates == pytest.approx([RATE] * 30, rel=1e-9)
+    assert not timer.sample_idle  # the last was sent before the one ahead was through
+
+
+def test_answers_read_late_together_cannot_show_a_rise() -> None:
+    """A 0.2 Mbit/s link kept busy by 1 kB uploads, 40 ms each. The loaded device reads
+    19 answers in 20 late and together: each is timed from the previous one's end, and
+    five of them read 5 kB in 8.5 ms, 4.7 Mbit/s, three samples in a row. Such backlogged
+    samples never raise B; the same readings from uploads that found the link idle do."""
+    from spinn.decisions.online_estimates import BandwidthEstimator
+
+    est = BandwidthEstimator()
+    est.observe_train(0.0, [(0, 0.0), (2_000, 0.08), (4_000, 0.16), (6_000, 0.24)], 6_000)
+    low = est.bandwidth_bps
+    assert low == pytest.approx(0.2e6)
+    timer, fast = UploadTimer(), []
+    for i in range(40):
+        answer = 0.04 * (i + 1) + HELD + L
+        if i % 20:  # read when the stall ends, 1.7 ms apart
+            answer = 0.04 * (i - i % 20 + 20) + HELD + L + 0.0017 * (i % 20)
+        got = timer.answered(sent_at=0.04 * i, now=answer, nbytes=1_000, server_s=HELD,
+                             latency_s=L)  # fmt: skip
+        if got is not None:
+            est.observe_transfer(answer, *got, idle=timer.sample_idle)
+            if got[0] / got[1] > 4 * low / 8:
+                fast.append(timer.sample_idle)
+    assert fast[:3] == [False] * 3  # three in a row that would have suspected a rise
+    assert est.take_suspicion() is None
+    for i in range(3):
+        est.observe_transfer(2.0 + i, 5_000, 0.0085)
+    assert est.take_suspicion() == pytest.approx(8 * 5_000 / 0.0085)
 
 
 def test_a_long_path_is_not_a_backlog() -> None:
@@ -294,11 +324,10 @@ def test_samples_say_how_many_uploads_they_hold() -> None:
     assert timer.sample_uploads == 3  # 4500 B: three uploads of 1500
 
 
-def test_a_rise_the_uploads_showed_is_confirmed_at_once() -> None:
+def test_a_rise_the_uploads_suspect_is_looked_at_at_once() -> None:
     # After a drop to 0.2 Mbit/s and its confirmations, the budget is in debt for many
-    # seconds at the low rate. The uploads then show the link rose (BandwidthEstimator
-    # raises B to 2 Mbit/s): the trains confirm it at once, and the debt, bytes counted
-    # in link time at B, shrinks ten times.
+    # seconds at the low rate. The uploads then suspect the link rose (2 Mbit/s): a train
+    # sized for that goes at once, whatever the debt, and finds the real rate (50 Mbit/s).
     trains, est = ProbeTrains(), BandwidthEstimator()
     trace, _ = _simulate(trains, est, lambda t: 0.2e6, 6.0)
     assert est.bandwidth_bps == pytest.approx(0.2e6, rel=0.05)
@@ -307,13 +336,16 @@ def test_a_rise_the_uploads_showed_is_confirmed_at_once() -> None:
     assert trains.due_at(t, 0.2e6) > t + 10.0
     for i in range(3):
         est.observe_transfer(t, 4_200, 8 * 4_200 / (2e6 + i * 1e5))
-    assert est.bandwidth_bps == pytest.approx(2e6)
-    assert trains.due(t + 0.01, est.bandwidth_bps)
-    assert trains.credit_s == pytest.approx(-0.05)
-    # The confirming train, sized for the new B, finds the real rate (50 Mbit/s).
-    trace, _ = _simulate(trains, est, lambda t: 50e6, t + 3.0, t + 0.01)
+    suspected = est.take_suspicion()
+    assert suspected == pytest.approx(2e6)
+    assert trains.look_now(t, suspected)
+    assert trains.due(t, est.bandwidth_bps or 0.0)
+    assert sum(trains.frames(est.bandwidth_bps or 0.0)) == 7_500  # 30 ms at 2 Mbit/s
+    trace, _ = _simulate(trains, est, lambda t: 50e6, t + 3.0, t)
     assert est.bandwidth_bps == pytest.approx(50e6, rel=0.3)
     assert trace[0][0] < t + 0.2
+    # A second suspicion within the gap waits for the budget like any train.
+    assert not trains.look_now(t + 3.0, 0.1e6)
     # A rise that a train showed shrinks the debt too: 0.2 → 26 Mbit/s (the step trace's
     # rise to 50, half seen), 1.5 s of debt at 0.2 Mbit/s → 12 ms.
     shown = ProbeTrains()
