@@ -163,8 +163,8 @@ _TRAIN_DROP_RATIO = 8.0
 # "Bandwidth from probe trains"). Counted per upload: a sample of eight small uploads held
 # eight answers' delays, and 20 ms in all read 24 Mbit/s as 0.4.
 _UPLOAD_COLLAPSE_S = 0.05
-# Uploads this many times faster than B, three in a row, raise it to the slowest of them:
-# an upload errs slow (its time holds a per-request cost), so they say the link rose.
+# Uploads this many times faster than B, three in a row, suspect a rise to the slowest of
+# them (a train then looks): an upload errs slow (its time holds a per-request cost).
 _UPLOAD_RISE_RATIO = 4.0
 # A PING that has waited this long unanswered behind bytes on the link (and four times the
 # slowest recent bare round trip) says how slow the link is at most (``observe_silence``).
