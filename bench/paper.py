@@ -202,9 +202,10 @@ class Bench:
         p = testbed.profile
         self.final_acc = p.exit_accuracy[-1]
         self.acc_floor = self.final_acc - ACCURACY_SLACK
-        # Device-only latency as the (scaled) offline profile predicts it; experiment 3
-        # replaces it with the measured one.
-        self.device_only_ms = device_slowdown * p.device_time_ms(p.num_stages)
+        # Device-only latency as the offline profile predicts it (the testbed's profile is
+        # already scaled by the device slowdown: scaling it again gave Edgent a target 5×
+        # too loose); experiment 3 replaces it with the measured one.
+        self.device_only_ms = p.device_time_ms(p.num_stages)
         self.test_answers: TestAnswers | None = None
         """Experiment 6's answers per test image, once it ran (experiment 3's noise)."""
 

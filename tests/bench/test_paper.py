@@ -331,6 +331,10 @@ def test_harness_real_run(small: tuple[Path, Path], tmp_path: Path, restore_affi
     ckpt, prof = small
     tb = Testbed.prepare(ckpt, prof, 3.0, tmp_path)
     assert tb.profile.stage_device_ms[0] == pytest.approx(3 * 0.5)
+    # Edgent's latency target, the device-only latency, is the scaled profile's, once.
+    bench = paper.Bench(tb, paper.QUICK, tmp_path, 3.0)
+    unscaled = Profile.load(prof)
+    assert bench.device_only_ms == pytest.approx(3.0 * unscaled.device_time_ms(unscaled.num_stages))
     if len(os.sched_getaffinity(0)) > 1:
         pytest.fail("the device process was not pinned")
     with ServerProcess(tb) as server, Shaper(tb, server.port, rate="20mbit", delay="1ms") as sh:
