@@ -18,9 +18,11 @@ What is real and what is modelled (docs/ARCHITECTURE.md, "Simulator"):
   noise, plus per-call overheads; a server batch of n costs ``1 + β(n − 1)`` times one
   sample, β stated), which exit answers an input (one uniform draw per input mapped
   through the profile's exit rates: the same input exits no later at a lower threshold;
-  the server's compute sees the same draw), the activations (the profiled packed size of the
-  codec the core packs with as payload, no content), and the link's serialisation (FIFO at the trace's rate when a
-  message starts).
+  the server's compute sees the same draw), the activations (the profiled packed size of
+  the codec the core packs with as payload, no content), the link's serialisation (FIFO
+  at the trace's rate when a message starts), and each end's one core where the model
+  gives its event loop's CPU time (``DeviceModel.loop_ms``; the server's ``request_ms``):
+  the loop and the worker's CPU take it in turn.
 """
 
 from __future__ import annotations

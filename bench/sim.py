@@ -20,7 +20,8 @@ Three parts, each printed:
    per-call overheads, server scale, the path's own round trip, the CPU time of the
    device's event loop per frame and per RESULT and of the server's event loop and the
    proxy per request) come from real calibration runs that are not rows of the grid
-   (``calibrate``, before and after it); nothing is fitted per row, and misses print as
+   (``calibrate``, before the grid, between its networks and after it, each network's
+   rows simulated with the two around them); nothing is fitted per row, and misses print as
    they are, with the decision each side's policy took, and beside them what the models
    give for the calibration runs themselves.
 3. **A fleet**: ``--fleet-devices`` devices on netshape's shipped traces, each varied by a
