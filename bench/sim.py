@@ -20,8 +20,8 @@ Three parts, each printed:
    per-call overheads, server scale, the path's own round trip, the CPU time of the
    device's event loop per frame and per RESULT and of the server's event loop and the
    proxy per request) come from real calibration runs that are not rows of the grid
-   (``calibrate``, before the grid, between its networks and after it, each network's
-   rows simulated with the two around them); nothing is fitted per row, and misses print as
+   (``calibrate``, before the grid, between its networks and after it, the models
+   their mean); nothing is fitted per row, and misses print as
    they are, with the decision each side's policy took, and beside them what the models
    give for the calibration runs themselves.
 3. **A fleet**: ``--fleet-devices`` devices on netshape's shipped traces, each varied by a
@@ -309,8 +309,7 @@ def calibrate(tb: Any, run_s: float, warmup_s: float) -> dict[str, float]:
 def run_real(checkpoint: Path, profile_path: Path, device_slowdown: float) -> dict[str, Any]:
     """``bench.paper``'s experiment-1 rows in quick form with the real harness, after its
     uncounted warm-up run, with calibrations (``calibrate``) before the grid, between its
-    networks and after it: each network's rows are simulated with the mean of the two
-    around them (``between``), the one-device table with the mean of all."""
+    networks and after it, whose mean the models take."""
     import tempfile
 
     from bench._harness import ServerProcess, Shaper, Testbed, measure
@@ -324,7 +323,9 @@ def run_real(checkpoint: Path, profile_path: Path, device_slowdown: float) -> di
         only_device = paper_policy("device-only", prof, device_slowdown)
         measure(tb, None, "warm-up", only_device, duration_s=plan.startup_s, warmup_s=0.0)
         # The shared machine's load drifts over the grid's minutes (other jobs come and
-        # go): the models are measured again around each network's rows, never per row.
+        # go): the models are measured across it, never per row.  (Each network's rows
+        # with the two calibrations around them alone read no better: two calibrations
+        # hold more noise than four.)
         cals = [calibrate(tb, plan.run_s, plan.warmup_s)]
         with ServerProcess(tb) as srv, Shaper(tb, srv.port) as shaper:
             for net in plan.networks:
@@ -337,8 +338,7 @@ def run_real(checkpoint: Path, profile_path: Path, device_slowdown: float) -> di
                                  "fps": r.fps, "latency_ms_mean": r.latency_ms_mean,
                                  "latency_ms_p95": r.latency_ms_p95,
                                  "offload_rate": r.offload_rate, "lost": r.lost,
-                                 "chose": _chose(r.row()["split_mode"], r.row()["thr_mode"]),
-                                 "between": [len(cals) - 1, len(cals)]})  # fmt: skip
+                                 "chose": _chose(r.row()["split_mode"], r.row()["thr_mode"])})  # fmt: skip
                     print(f"real {net.label:14s} {name:13s} {r.fps:7.1f}/s "
                           f"lat {r.latency_ms_mean:6.1f} ms", flush=True)  # fmt: skip
                 cals.append(calibrate(tb, plan.run_s, plan.warmup_s))
@@ -406,9 +406,8 @@ def _rel(sim: float, real: float | None) -> float | None:
 
 def compare(real: dict[str, Any], profile: Profile, device: DeviceModel, server: ServerModel,
             seed: int) -> dict[str, Any]:  # fmt: skip
-    """Simulate every real row with the same plan and models (calibrated, ``main``; for
-    a row with ``between``, calibrated with the calibrations made around it); per-row
-    and median relative errors."""
+    """Simulate every real row with the same plan and models (calibrated, ``main``);
+    per-row and median relative errors."""
     out_rows = []
     print(f"\n== sim vs real ({real['format']}, commit {real.get('commit')}); device: stage "
           f"×{device.stage_scale:.3f}, head {device.head_ms:.2f} ms, step {device.step_ms:.2f} ms, "
@@ -417,14 +416,9 @@ def compare(real: dict[str, Any], profile: Profile, device: DeviceModel, server:
           f"×{server.scale:.3f}, {server.request_ms:.2f} ms per request")  # fmt: skip
     print(f"{'network':14s} {'policy':13s} {'real/s':>8s} {'sim/s':>8s} {'err':>6s} "
           f"{'real ms':>8s} {'sim ms':>8s} {'err':>6s}  {'real chose':>9s} {'sim chose':>9s}")  # fmt: skip
-    cals = real.get("calibrations") or []
     for r in real["rows"]:
-        dev, srv = device, server
-        if "between" in r and cals:
-            # The calibrations made just before and after this row's network.
-            dev, srv = calibrated(device, server, _mean([cals[i] for i in r["between"]]))
-        s = simulate_row(profile, r["policy"], r["mbit"], r["delay_s"], device=dev,
-                         server=srv, device_slowdown=real["device_slowdown"],
+        s = simulate_row(profile, r["policy"], r["mbit"], r["delay_s"], device=device,
+                         server=server, device_slowdown=real["device_slowdown"],
                          run_s=real["run_s"], warmup_s=real["warmup_s"], seed=seed)  # fmt: skip
         e_t, e_l = _rel(s["fps"], r["fps"]), _rel(s["latency_ms_mean"], r["latency_ms_mean"])
         if r["fps"] is not None and r["fps"] <= 0:

@@ -341,21 +341,3 @@ def test_the_device_core_bounds_the_frame_rate() -> None:
     assert 0.8 * 1000 / per_frame_ms < busy["fps"] <= 1000 / per_frame_ms + 5
     assert busy["lost"] == free["lost"] == 0
     assert busy["latency_ms_mean"] > free["latency_ms_mean"] + 3.0
-
-
-def test_each_network_is_simulated_with_the_calibrations_around_it() -> None:
-    # The real grid's rows carry the calibrations made before and after their network:
-    # the same row between a slow and a fast machine state simulates differently.
-    base = {"stage_scale": 1.0, "head_ms": 0.5, "step_ms": 0.1, "upload_ms": 0.2,
-            "server_scale": 1.0, "path_rtt_ms": 0.5, "loop_ms": 0.3, "loop_result_ms": 0.2,
-            "server_request_ms": 0.5}  # fmt: skip
-    slow = {**base, "stage_scale": 2.0}
-    row = {"network": "4G", "mbit": 24, "delay_s": 0.02, "policy": "device-only", "fps": 60.0,
-           "latency_ms_mean": 60.0}  # fmt: skip
-    real = {"format": sim.REAL_FORMAT, "device_slowdown": 5.0, "run_s": 0.8, "warmup_s": 0.2,
-            "calibration": sim._mean([base, base, slow]), "calibrations": [base, base, slow],
-            "rows": [{**row, "between": [0, 1]}, {**row, "between": [1, 2]}]}  # fmt: skip
-    prof = PROFILE.on_slower_device(5)
-    out = sim.compare(real, prof, DeviceModel(), ServerModel(), seed=0)
-    fast_fps, slowed_fps = (r["sim_fps"] for r in out["rows"])
-    assert fast_fps > 1.3 * slowed_fps
