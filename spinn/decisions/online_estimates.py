@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from spinn.decisions.offline_profile import Profile
@@ -884,13 +884,18 @@ class OnlineEstimates:
         slowest = self.latency.slowest_s
         return max(SILENCE_MIN_S, SILENCE_RTT_FACTOR * (slowest or 0.0))
 
-    def observe_silence(self, now: float, nbytes: int, waited_s: float) -> float | None:
-        """The oldest unanswered PING, with ``nbytes`` ahead of it on the link, was written
-        ``waited_s`` ago: past ``silence_floor_s`` it bounds B
-        (``BandwidthEstimator.observe_silence``). Returns the bound when it replaced B."""
-        silent = waited_s - self.propagation_s()
-        if silent < self.silence_floor_s():
+    def observe_silence(self, now: float, pings: Iterable[tuple[int, float]]) -> float | None:
+        """The unanswered PINGs, each as (bytes ahead of it on the link, seconds since it
+        was written): those silent past ``silence_floor_s`` (round trip excluded) with
+        ``min_transfer_bytes`` or more ahead bound B, and the lowest bound goes to
+        ``BandwidthEstimator.observe_silence``. Returns it when it replaced B. (The oldest
+        PING alone may have had little ahead of it, and the ones behind the flood much.)"""
+        floor, prop = self.silence_floor_s(), self.propagation_s()
+        least = self.bandwidth.min_transfer_bytes
+        waits = [(n, w - prop) for n, w in pings if w - prop >= floor and n >= least]
+        if not waits:
             return None
+        nbytes, silent = min(waits, key=lambda x: x[0] / x[1])
         return self.bandwidth.observe_silence(now, nbytes, silent)
 
     # -- device -------------------------------------------------------------------------

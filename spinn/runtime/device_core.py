@@ -920,8 +920,14 @@ class DeviceCore:
             before = self.profiler.bandwidth_bps()
             idle = self._upload_timer.sample_idle
             self.profiler.observe_upload(now, sample[0], sample[1], uploads, idle=idle)
+            # A suspicion is taken whether or not a train can look now: the one in flight,
+            # or the next regular one, will tell.
             suspected = self.profiler.bandwidth.take_suspicion()
-            if suspected is not None and self._trains.look_now(now, suspected):
+            if (
+                suspected is not None
+                and self.config.link.probe_bytes > 0
+                and self._trains.look_now(now, suspected)
+            ):
                 self._rearm = True
                 self._log(
                     logging.DEBUG,
@@ -1249,7 +1255,7 @@ class DeviceCore:
             at = self._hold_until if at is None else min(at, self._hold_until)
         if self._ping.active:
             wake = self._ping.next_bare
-            if self._ping.pings:
+            if self._ping.pings and self.config.link.probe_bytes > 0:
                 # When the oldest PING's silence begins to bound B; once it has begun, the
                 # PINGs' own cadence looks again.
                 oldest, _ = next(iter(self._ping.pings.values()))
@@ -1308,7 +1314,10 @@ class DeviceCore:
                     f"{now - p.heard_at:.2f} s, the server is taken as unreachable"
                 )
                 return
-            self._judge_silence(now)
+            if cfg.link.probe_bytes > 0:
+                # Without trains B comes from uploads alone, and nothing would lift a
+                # silence's bound again.
+                self._judge_silence(now)
         if now >= p.next_bare:
             self._ping_seq += 1
             p.pings[self._ping_seq] = (now, 0)
@@ -1358,20 +1367,18 @@ class DeviceCore:
         )
 
     def _judge_silence(self, now: float) -> None:
-        """The oldest unanswered PING waited long behind bytes on the link: a bound on B
+        """Unanswered PINGs that waited long behind bytes on the link: a bound on B
         (``OnlineEstimates.observe_silence``). PINGs, not uploads: the server answers a
         PING from its event loop, an upload after its queue and compute."""
         p = self._ping
-        seq = next(iter(p.pings))  # written in order of seq
-        sent, _ = p.pings[seq]
-        bound = self.profiler.observe_silence(now, p.ahead.get(seq, 0), now - sent)
+        waits = [(p.ahead.get(seq, 0), now - sent) for seq, (sent, _) in p.pings.items()]
+        bound = self.profiler.observe_silence(now, waits)
         if bound is not None:
             self._rearm = True  # trains are planned from the new B
             self._log(
                 logging.INFO,
-                "no PONG for %.2f s behind %d bytes: the link is slower than %.3g bit/s",
-                now - sent,
-                p.ahead.get(seq, 0),
+                "no PONG for %.2f s: the link is slower than %.3g bit/s",
+                max(w for _, w in waits),
                 bound,
             )
 

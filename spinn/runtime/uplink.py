@@ -256,11 +256,9 @@ class ProbeTrains:
     (after a drop to 0.5 Mbit/s, a scout sized for the old 100 Mbit/s takes 0.4 s)."""
     seen_bps: float | None = None
     """B when the trains last looked (``due_at``) or after the last train: a rise beyond
-    ``TRAIN_CONFIRM_REL`` that no train showed (uploads did, ``BandwidthEstimator``)
-    brings a confirming round at once, and shrinks the budget's debt in proportion (the
-    debt is bytes, counted in link time at B). After the step trace's drop to 0.2 Mbit/s
-    the confirmations left half a second of debt, 16 s of budget at 3%, and the rise to
-    50 Mbit/s waited for it."""
+    ``TRAIN_CONFIRM_REL`` that no train showed (uploads, before the first timed train)
+    brings a confirming round at once; any rise of B shrinks the
+    budget's debt in proportion (``_seen``)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.share <= 1.0:
@@ -339,8 +337,9 @@ class ProbeTrains:
         by a confirming train that read 51 (B the median, 26), then waited for it and B
         stayed at 26 for the 6 s the step had left."""
         seen, self.seen_bps = self.seen_bps, bandwidth_bps
-        if seen is not None and bandwidth_bps > (1.0 + TRAIN_CONFIRM_REL) * seen:
-            self.credit_s *= seen / bandwidth_bps if self.credit_s < 0.0 else 1.0
+        rose = seen is not None and bandwidth_bps > (1.0 + TRAIN_CONFIRM_REL) * seen
+        if rose and seen is not None and self.credit_s < 0.0:
+            self.credit_s *= seen / bandwidth_bps
         return seen
 
     def _has_scout(self, bandwidth_bps: float) -> bool:
@@ -383,13 +382,23 @@ class ProbeTrains:
         self._accrue_pings(now)
         self.ping_credit -= pings
 
-    def answered(self, now: float, bandwidth_bps: float, *, timed: bool, confirm: bool) -> None:
+    def answered(
+        self,
+        now: float,
+        bandwidth_bps: float,
+        *,
+        timed: bool,
+        confirm: bool,
+        estimate_bps: float | None = None,
+    ) -> None:
         """Every PING of the train was answered at ``now``; ``bandwidth_bps`` is the estimate
-        after it, or the rate the train itself showed if higher (what it is charged at).
-        ``timed``: its rate was resolved; ``confirm``: its sample disagreed with the
-        estimate (for an untimed scout: it showed the link faster than the estimate)."""
+        after it, or the rate the train itself showed if higher (what it is charged at;
+        ``estimate_bps`` then gives the estimate: only a rise of B shrinks the debt, not a
+        train that read high, ±30% on the loaded host). ``timed``: its rate was resolved;
+        ``confirm``: its sample disagreed with the estimate (for an untimed scout: it showed
+        the link faster than the estimate)."""
         self.in_flight = False
-        self._seen(bandwidth_bps)
+        self._seen(bandwidth_bps if estimate_bps is None else estimate_bps)
         self._accrue(now, bandwidth_bps)
         self.credit_s -= 8.0 * self.sent_bytes / max(bandwidth_bps, 1.0)
         if not self.scouting and (
@@ -450,7 +459,7 @@ class ProbeTrains:
         # Charged at the rate the train itself showed when that is higher: a low estimate
         # must not make the trains that would correct it look dear.
         after = bandwidth.bandwidth_bps or prior_bps
-        self.answered(now, max(after, rate), timed=timed, confirm=confirm)
+        self.answered(now, max(after, rate), timed=timed, confirm=confirm, estimate_bps=after)
         if not self.confirming:
             # A stale rate would size a later round: after a drop to 0.2 Mbit/s that the
             # PINGs' silence showed, trains kept the size of a 100 Mbit/s scout (23 kB,

@@ -542,12 +542,15 @@ def test_silence_counts_after_the_round_trip_and_the_slowest_recent_ping() -> No
     fast = op.bandwidth_bps()
     op.observe_ping(0.0, 0.1)
     assert op.silence_floor_s() == SILENCE_MIN_S
-    assert op.observe_silence(1.0, 60_000, 0.1 + SILENCE_MIN_S - 0.01) is None
+    assert op.observe_silence(1.0, [(60_000, 0.1 + SILENCE_MIN_S - 0.01)]) is None
     assert op.bandwidth_bps() == fast
     op.observe_ping(1.0, 0.2)  # the slowest recent PING: 0.2 s, the floor 0.8 s
     assert op.silence_floor_s() == pytest.approx(0.8)
-    assert op.observe_silence(1.0, 60_000, 0.1 + 0.7) is None
-    assert op.observe_silence(1.0, 60_000, 0.1 + 0.9) == pytest.approx(8 * 60_000 / 0.9)
+    assert op.observe_silence(1.0, [(60_000, 0.1 + 0.7)]) is None
+    # Of several PINGs past the floor, the lowest bound counts: the oldest had 2 kB ahead
+    # (too few to tell), the next 60 kB, the youngest is not silent long enough.
+    waits = [(2_000, 1.5), (60_000, 0.1 + 0.9), (90_000, 0.5)]
+    assert op.observe_silence(1.0, waits) == pytest.approx(8 * 60_000 / 0.9)
     assert op.bandwidth_bps() == pytest.approx(8 * 60_000 / 0.9)
 
 

@@ -415,9 +415,10 @@ def test_probe_trains_go_once_latency_is_known_and_measure_the_bandwidth() -> No
     assert core.summary(0.1)["estimates"]["probe_bytes"] == sum(sizes)
 
 
-def _fast_link(now: float) -> DeviceCore:
-    """A core connected at ``now`` over a link whose trains read 3 Gbit/s, L 1 ms."""
-    core = make_core(probe_bytes=0, ping_timeout_s=1.5, ping_interval_s=0.5)
+def _fast_link(now: float, probe_bytes: int = 4096) -> DeviceCore:
+    """A core connected at ``now`` over a link whose trains read 3 Gbit/s, L 1 ms (the
+    trains it would send itself are never answered)."""
+    core = make_core(probe_bytes=probe_bytes, ping_timeout_s=1.5, ping_interval_s=0.5)
     (ping,) = [a.message for a in only(connected(core, now), Send)]
     core.receive(now + 0.001, _pong(ping, now + 0.0005))
     core.profiler.bandwidth.observe_train(now, [(100_000, 0.0), (2_000_000, 0.006)], 2_100_000)
@@ -426,19 +427,10 @@ def _fast_link(now: float) -> DeviceCore:
 
 def test_a_ping_silent_behind_uploads_bounds_the_bandwidth() -> None:
     """Loopback cut to 200 kbit/s: uploads sent at the old rate fill the link and no answer
-    comes. The oldest PING, written behind them, is silent for 0.5 s: B drops to the rate
-    that silence allows at most, long before the link would be given up as dead. A PING
-    with nothing ahead of it, silent as long (a stalled server), moves nothing, and a
-    server that answered bare PINGs that late waits longer before a silence counts."""
-    core = _fast_link(0.0)
-    fast = core.profiler.bandwidth_bps()
-    stalled = [a.message for a in only(core.timer(0.1), Send)]
-    assert [type(m) for m in stalled] == [Ping]
-    assert not only(core.timer(1.1), CloseLink)
-    assert core.profiler.bandwidth_bps() == fast
-    core.receive(1.11, _pong(stalled[0], 1.1))
-    assert core.profiler.silence_floor_s() == pytest.approx(4 * 1.01)
-
+    comes. The PINGs written behind them are silent for 0.5 s: B drops to the rate that
+    silence allows at most, long before the link would be given up as dead. (Which PINGs
+    count, and how long a slow server makes the wait, is OnlineEstimates' to say:
+    tests/decisions/test_online_estimates.py.)"""
     core = _fast_link(0.0)
     # 12 uploads of 5 kB at 30 a second, and a PING behind them; nothing answers.
     now = 1.0
@@ -452,6 +444,18 @@ def test_a_ping_silent_behind_uploads_bounds_the_bandwidth() -> None:
     assert not only(acts, CloseLink)
     assert core.profiler.bandwidth_bps() == pytest.approx(8 * 60_000 / 0.599, rel=1e-3)
     assert any("slower than" in str(a.msg) for a in only(acts, Log))
+
+    # Without probe trains (--probe-bytes 0) B comes from uploads alone, and nothing
+    # would lift a silence's bound again: silence bounds nothing there.
+    core = _fast_link(0.0, probe_bytes=0)
+    fast = core.profiler.bandwidth_bps()
+    now = 1.0
+    for fid in range(12):
+        offload(core, fid, now, nbytes=5_000)
+        now += 1 / 30
+    core.timer(now)
+    core.timer(now + 0.6)
+    assert core.profiler.bandwidth_bps() == fast
 
 
 def test_a_train_cut_short_by_the_link_is_void() -> None:
