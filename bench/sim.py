@@ -107,18 +107,17 @@ def _paper() -> Any:
     return paper
 
 
-def paper_policy(name: str, profile: Profile, device_slowdown: float) -> Policy:
+def paper_policy(name: str, profile: Profile) -> Policy:
     """The policy ``bench.paper``'s experiment 1 runs under ``name``: most inferences/s
-    within ``ACCURACY_SLACK`` of the final exit; Edgent's target the device-only latency."""
+    within ``ACCURACY_SLACK`` of the final exit; Edgent's target the device-only latency
+    (``profile`` is the device's own, slowdown included, as ``bench.paper.Bench`` has it)."""
     paper = _paper()
     sla = SLA(
         min_accuracy=profile.exit_accuracy[-1] - paper.ACCURACY_SLACK,
         rank=(Metric.THROUGHPUT, Metric.ACCURACY),
     )
     if name == "edgent":
-        sla = dataclasses.replace(
-            sla, max_latency_ms=device_slowdown * profile.device_time_ms(profile.num_stages)
-        )
+        sla = dataclasses.replace(sla, max_latency_ms=profile.device_time_ms(profile.num_stages))
     return make_policy(name, profile, sla)
 
 
@@ -149,7 +148,7 @@ def simulate_row(
     None: a link without a rate limit)."""
     loop = EventLoop()
     srv = SimServer(loop, profile, server, seed)
-    dev = SimDevice(0, loop, profile, paper_policy(policy_name, profile, device_slowdown),
+    dev = SimDevice(0, loop, profile, paper_policy(policy_name, profile),
                     device, LinkSpec(None if mbit is None else mbit * 1e6, delay_s), srv, seed, stop_s=run_s)  # fmt: skip
     loop.run(run_s)
     fig = figures(dev.answers, warmup_s, run_s)
@@ -256,14 +255,13 @@ def calibrate(tb: Any, run_s: float, warmup_s: float) -> dict[str, float]:
     from bench._harness import ServerProcess, Shaper, measure
 
     prof = tb.profile
-    slow = tb.device_slowdown
     with ServerProcess(tb) as srv, Shaper(tb, srv.port) as shaper:
         # The server's event loop (its main thread) and the proxy: what a request costs
         # the server's core beyond the compute the server reports.
         threads = {"server_loop": (srv.pid, srv.pid, None),
                    "server_workers": (srv.pid, None, srv.pid), "proxy": (shaper.pid, None, None)}  # fmt: skip
-        dev = _Demand(paper_policy("device-only", prof, slow), threads, warmup_s, run_s)
-        srv_pol = _Demand(paper_policy("server-only", prof, slow), threads, warmup_s, run_s)
+        dev = _Demand(paper_policy("device-only", prof), threads, warmup_s, run_s)
+        srv_pol = _Demand(paper_policy("server-only", prof), threads, warmup_s, run_s)
         r_dev = measure(tb, shaper.port, "calibration", dev, duration_s=run_s,
                         warmup_s=warmup_s)  # fmt: skip
         r_srv = measure(tb, shaper.port, "calibration", srv_pol, duration_s=run_s,
@@ -320,7 +318,7 @@ def run_real(checkpoint: Path, profile_path: Path, device_slowdown: float) -> di
     with tempfile.TemporaryDirectory(prefix="spinn-sim-") as tmp:
         tb = Testbed.prepare(checkpoint, profile_path, device_slowdown, Path(tmp))
         prof = tb.profile
-        only_device = paper_policy("device-only", prof, device_slowdown)
+        only_device = paper_policy("device-only", prof)
         measure(tb, None, "warm-up", only_device, duration_s=plan.startup_s, warmup_s=0.0)
         # The shared machine's load drifts over the grid's minutes (other jobs come and
         # go): the models are measured across it, never per row.  (Each network's rows
@@ -331,7 +329,7 @@ def run_real(checkpoint: Path, profile_path: Path, device_slowdown: float) -> di
             for net in plan.networks:
                 shaper.set(net.rate, net.delay)
                 for name in paper.POLICIES:
-                    r = measure(tb, shaper.port, name, paper_policy(name, prof, device_slowdown),
+                    r = measure(tb, shaper.port, name, paper_policy(name, prof),
                                 duration_s=plan.run_s, warmup_s=plan.warmup_s)  # fmt: skip
                     rows.append({"network": net.label, "mbit": net.mbit,
                                  "delay_s": parse_duration(net.delay), "policy": name,

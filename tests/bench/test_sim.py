@@ -23,7 +23,7 @@ from bench._simcore import (
     SimServer,
     exit_for,
 )
-from spinn.decisions.baselines import make_policy
+from spinn.decisions.baselines import EdgentPolicy, make_policy
 from spinn.decisions.offline_profile import Profile
 from spinn.decisions.policy import FixedPolicy
 from tools.netshape.trace import load_trace
@@ -341,3 +341,13 @@ def test_the_device_core_bounds_the_frame_rate() -> None:
     assert 0.8 * 1000 / per_frame_ms < busy["fps"] <= 1000 / per_frame_ms + 5
     assert busy["lost"] == free["lost"] == 0
     assert busy["latency_ms_mean"] > free["latency_ms_mean"] + 3.0
+
+
+def test_edgent_aims_at_the_device_only_latency_of_the_profile_it_is_given() -> None:
+    """The simulator's Edgent is ``bench.paper``'s: its target the device-only latency of
+    the device's own profile, slowdown included once (not scaled again)."""
+    policy = sim.paper_policy("edgent", SLOW)
+    assert isinstance(policy, EdgentPolicy)
+    assert policy.latency_target_ms == pytest.approx(
+        20 * PROFILE.device_time_ms(PROFILE.num_stages)
+    )
