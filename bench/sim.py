@@ -280,15 +280,20 @@ def calibrate(tb: Any, run_s: float, warmup_s: float) -> dict[str, float]:
     # while the worker waited for the core, inside the reported time: the worker's wait,
     # kept beside it, bounds that share.)
     worker_run, worker_wait = srv_pol.per_frame("server_workers")
+    server_scale = reported / prof.server_time_ms(0) if reported else 1.0
     cal = {
         "stage_scale": e_dev.busy_scale or e_dev.device_scale,
         "head_ms": e_dev.head_overhead_ms or e_dev.frame_overhead_ms,
         "step_ms": e_srv.step_overhead_ms,
         "upload_ms": e_srv.upload_busy_ms,
-        "server_scale": reported / prof.server_time_ms(0) if reported else 1.0,
+        "server_scale": server_scale,
         # The worker's CPU time per request against the profile: with the loop's and the
         # proxy's, what one core does per request (its wall-clock time holds theirs).
-        "server_cpu_scale": worker_run / prof.server_time_ms(0),
+        # Where the kernel said nothing (no schedstat, too short a run) the reported time
+        # stands instead: a scale of 0 would compute every request in no time.
+        "server_cpu_scale": (
+            worker_run / prof.server_time_ms(0) if worker_run > 0.0 else server_scale
+        ),
         "path_rtt_ms": 1e3 * e_srv.latency_s,
         "loop_ms": loop_local,
         "loop_result_ms": max(0.0, loop_offload - loop_local),
