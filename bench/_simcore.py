@@ -995,7 +995,14 @@ class SimDevice:
         self._act(self.core.receive(now, message, wall_time=now))
 
     def server_closed(self, epoch: int, reason: str) -> None:
-        """The server closed the connection (its close reached the device)."""
+        """The server closed the connection (its close reached the device): read after
+        the messages that arrived before it, as a stream is (a RESULT or a refusal just
+        ahead of the close is not lost)."""
+        if epoch != self._epoch or self._stopped:
+            return
+        self._on_loop(0.0, self._closed, epoch, reason)
+
+    def _closed(self, epoch: int, reason: str) -> None:
         if epoch != self._epoch or self._stopped:
             return
         self._epoch += 1
