@@ -23,9 +23,9 @@ server answered, hostile run over quiet run (target ≥ 0.9: the outages and the
 the same in both, so the ratio is what the attackers cost); ``p95_latency_ratio_good_devices``
 (hostile p95 over quiet p95, target ≤ 2); ``server_rss_growth_mb`` (the largest growth of a
 server process's resident memory during the hostile run, from 3 s after its start);
-``shed_connections`` (connections the server shed from its full handshake pool or pushed
-out of it to make room, parked or closed: ``handshakes_shed`` + ``handshakes_evicted``) and
-the attackers' connection counts. A missed target is printed as it is.
+``shed_connections`` (connections the server shed from its full handshake pool or closed
+to make room in it: ``handshakes_shed`` + ``handshakes_evicted``) and the attackers'
+connection counts. A missed target is printed as it is.
 """
 
 from __future__ import annotations

@@ -66,16 +66,10 @@ class _StatsCollector(Collector):
             "Connections in the handshake now (a pool of their own, --max-handshakes).",
             value=s.handshakes,
         )
-        yield GaugeMetricFamily(
-            "spinn_server_handshakes_parked",
-            "Silent connections pushed out of the full handshake pool, held open unread "
-            "until their handshake deadline.",
-            value=s.handshakes_parked,
-        )
         yield _by_reason(
             "spinn_server_handshakes_closed",
             "Connections closed before their handshake completed: shed (pool full), timed "
-            "out, or evicted to make room in a full pool (a silent one parked first).",
+            "out, or evicted to make room in a full pool.",
             shed=s.handshakes_shed,
             timed_out=s.handshakes_timed_out,
             evicted=s.handshakes_evicted,

@@ -201,11 +201,7 @@ class ServerStats:
     handshakes_timed_out: int = 0
     """Connections closed for not finishing the handshake within its timeout."""
     handshakes_evicted: int = 0
-    """Connections pushed out of a full handshake pool to make room: closed at once if
-    they had sent something, else parked (``handshakes_parked``)."""
-    handshakes_parked: int = 0
-    """Silent connections pushed out of the full handshake pool and held open, unread,
-    until their handshake deadline (``spinn.runtime.server_core.PARKED_PER_HANDSHAKE``)."""
+    """Connections closed before their timeout, to make room in a full handshake pool."""
     cancels_unknown: int = 0
     """CANCELs for request ids the connection does not hold (answered already, or never
     sent): counted apart from ``cancels_received``, which stopped a request."""
@@ -238,7 +234,7 @@ class ServerStats:
             f" (queued {self.cancelled_queued}, running {self.cancelled_running})"
             f" expired={self.expired_unrun}"
             f" handshakes={self.handshakes} shed={self.handshakes_shed}"
-            f" evicted={self.handshakes_evicted} parked={self.handshakes_parked}"
+            f" evicted={self.handshakes_evicted}"
         )
 
     def as_dict(self) -> dict[str, object]:

@@ -88,7 +88,6 @@ __all__ = [
     "FLUSH_S",
     "FRAMES_PER_TURN",
     "LINGER_S",
-    "PARKED_PER_HANDSHAKE",
     "REFUSAL_LINGER_S",
     "Action",
     "Close",
@@ -116,15 +115,6 @@ _HANDSHAKE_GRACE_S: Final = 1.0
 """A stranger this old may be closed to make room in a full handshake pool even if it has
 spoken (a device's handshake takes a round trip or two): at most half the handshake
 timeout. One that has sent nothing may be closed at any age (``HandshakePool``)."""
-PARKED_PER_HANDSHAKE: Final = 4
-"""Silent strangers pushed out of a full handshake pool are held open, not read ("parked"),
-up to this many times the pool's size; above, the oldest is closed. A hoarder's connection
-closed to make room comes straight back and pushes out another: under a flood of them the
-server would accept and close connections as fast as the attacker can open them (about
-1 700 a second here, a quarter of a core in the server and more in the attacker). Parked,
-it waits for its handshake deadline instead, as in a tarpit, and costs a descriptor alone.
-At the defaults: 256 device slots, 128 strangers in the pool and 512 parked, under the
-usual limit of 1 024 descriptors."""
 _MISCONFIG_LOG_S: Final = 60.0
 """One log line per peer address and misconfiguration in this interval."""
 BURST_S: Final = 2.0
@@ -335,11 +325,6 @@ class _Peer:
     sniffed: bytes = b""
     """On a TLS port, the first bytes read before the upgrade."""
 
-    @property
-    def silent(self) -> bool:
-        """Nothing at all came from the peer yet (not even a TLS record's first byte)."""
-        return self.first and not self.sniffed
-
 
 class ServerCore:
     """Admission, limits, timeouts, handshake, queue and batching of one server."""
@@ -381,10 +366,6 @@ class ServerCore:
             min(_HANDSHAKE_GRACE_S, config.limits.handshake_timeout_s / 2),
         )
         """Connections not yet through the handshake, in a pool of their own."""
-        self._parked: dict[int, None] = {}
-        """Silent strangers pushed out of the full pool, oldest first: closed at their
-        handshake deadline, or back in the pool if they speak (``PARKED_PER_HANDSHAKE``)."""
-        self.max_parked: Final = PARKED_PER_HANDSHAKE * config.limits.max_handshakes
         self._misconfig_log = LogLimiter(_MISCONFIG_LOG_S)
         self._fair: FairQueue[int, Job] = FairQueue()
         self._groups: SplitGroups[int, Job] | None = None
@@ -548,28 +529,11 @@ class ServerCore:
         return out
 
     def _evict(self, cid: int, now: float, out: list[Action]) -> None:
-        """Push a connection that has not finished its handshake out of the pool, to admit a
-        newer one: parked if it has sent nothing (``PARKED_PER_HANDSHAKE``), else closed."""
+        """Close a connection that has not finished its handshake, to admit a newer one."""
         stranger = self._peers.get(cid)
         if stranger is None or stranger.closing:
             return  # leaving already: its own close frees the place
         self.stats.handshakes_evicted += 1
-        if not stranger.silent:
-            self._close_evicted(stranger, now, out)
-            return
-        self._parked[cid] = None
-        while len(self._parked) > self.max_parked:  # the oldest parked one goes
-            oldest = next(iter(self._parked))
-            if oldest in self._peers:
-                self._close_evicted(self._peers[oldest], now, out)
-            else:
-                del self._parked[oldest]
-        self.stats.handshakes_parked = len(self._parked)
-
-    def _close_evicted(self, stranger: _Peer, now: float, out: list[Action]) -> None:
-        """Close a stranger pushed out of the full pool (ERROR, when one can be read)."""
-        self._parked.pop(stranger.cid, None)
-        self.stats.handshakes_parked = len(self._parked)
         reason = (
             f"closed by the server: no handshake after {now - stranger.accepted_at:.2f} s "
             f"while the handshake pool ({self.config.limits.max_handshakes}) was full"
@@ -598,9 +562,6 @@ class ServerCore:
         self._devices.discard(cid)
         self.handshakes.leave(cid)
         self.stats.handshakes = len(self.handshakes)
-        if cid in self._parked:
-            del self._parked[cid]
-            self.stats.handshakes_parked = len(self._parked)
         self.stats.connections -= 1
         level = logging.INFO if peer.conn.hello is not None else logging.DEBUG
         out.append(Log(level, f"device {peer.name} disconnected: {peer.reason}"))
@@ -643,8 +604,6 @@ class ServerCore:
         return out
 
     def _on_data(self, peer: _Peer, data: bytes, now: float, out: list[Action]) -> None:
-        if data and peer.cid in self._parked and not self._unpark(peer, now, out):
-            return
         if not data:
             if peer.tls_pending:
                 self._close(peer, peer.reason, out)
@@ -672,29 +631,6 @@ class ServerCore:
         peer.received_bytes += len(data)
         peer.conn.receive_data(data)
         self._handle_frames(peer, now, out)
-
-    def _unpark(self, peer: _Peer, now: float, out: list[Action]) -> bool:
-        """A parked stranger spoke (a device whose HELLO came late): back into the pool as
-        a newcomer, which may push out another silent one; if the pool has no room, it is
-        shed as a newcomer is (False: closed)."""
-        del self._parked[peer.cid]
-        self.stats.handshakes_parked = len(self._parked)
-        admit = self.handshakes.admit(peer.cid, peer.address, now)
-        if admit.admitted:
-            if admit.evict is not None:
-                self._evict(admit.evict, now, out)
-            self.stats.handshakes = len(self.handshakes)
-            return True
-        self.stats.handshakes_shed += 1
-        refusal = f"server busy: {admit.reason}; retry later"
-        out.append(Log(logging.DEBUG, f"connection from {peer.name} shed: {admit.reason}"))
-        if peer.tls_pending:  # on a TLS port no ERROR can be read before TLS
-            self._close(peer, f"refused: {refusal}", out)
-            return False
-        self._count_error(ErrorCode.BUSY, out)
-        self._send_quietly(peer, _error(ErrorCode.BUSY, refusal), out)
-        self._close(peer, f"refused: {refusal}", out, linger_s=REFUSAL_LINGER_S)
-        return False
 
     def _sniff(self, peer: _Peer, data: bytes, now: float, out: list[Action]) -> None:
         """On a TLS port, the first bytes: a TLS ClientHello is handed to the TLS layer,
@@ -872,9 +808,6 @@ class ServerCore:
             self._after_bye(peer, out)
             return out
         if peer.jobs:
-            return out
-        if cid in self._parked:  # pushed out of the full pool, and silent to the end
-            self._close_evicted(peer, now, out)
             return out
         if peer.conn.welcome is None:  # in the handshake (a TLS one included)
             reason = f"no handshake within {self.config.limits.handshake_timeout_s:g} s"

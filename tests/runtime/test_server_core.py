@@ -37,7 +37,6 @@ from spinn.runtime.config import ServerConfig
 from spinn.runtime.server_core import (
     FRAMES_PER_TURN,
     LINGER_S,
-    PARKED_PER_HANDSHAKE,
     Action,
     Close,
     Log,
@@ -175,16 +174,17 @@ def test_full_server_refuses_busy_and_strangers_never_take_a_device_slot() -> No
     assert h.core.connection_closed(late.cid, 0.1) == []
 
 
-def test_full_handshake_pool_pushes_out_the_silent_then_sheds() -> None:
+def test_full_handshake_pool_evicts_the_silent_then_sheds() -> None:
     h = Harness(max_handshakes=2, handshake_timeout_s=5.0)
     quiet = h.connect(now=0.0)
     spoke = h.connect(now=0.1)
     h.apply(h.core.data_received(spoke.cid, b"\x00", 0.2))  # a byte: no longer silent
     newcomer = h.connect(now=0.3)
-    # Out of the pool, and parked: held open, unread, not closed (it would come back).
-    assert quiet.closed is None and newcomer.closed is None
-    assert h.core.stats.handshakes_evicted == 1 and h.core.stats.handshakes_parked == 1
-    assert h.core.stats.handshakes == 2
+    assert quiet.closed is not None and "no handshake after 0.30 s" in quiet.closed.reason
+    error = quiet.received[-1]
+    assert isinstance(error, Error) and error.message.startswith("timeout: closed by the server")
+    assert newcomer.closed is None and h.core.stats.handshakes_evicted == 1
+    h.apply(h.core.connection_closed(quiet.cid, 0.3))
     # Both spoke now, neither had its grace (1 s, at most half the timeout): shed.
     h.apply(h.core.data_received(newcomer.cid, b"\x00", 0.35))
     shed = h.connect(now=0.4)
@@ -193,53 +193,6 @@ def test_full_handshake_pool_pushes_out_the_silent_then_sheds() -> None:
     assert isinstance(refusal, Error) and refusal.code is ErrorCode.BUSY
     assert "2 connections already in the handshake" in refusal.message
     assert h.core.stats.handshakes == 2
-    # The parked one is closed at its handshake deadline, counted once (as evicted).
-    assert h.apply(h.core.timer_fired(quiet.cid, 4.9)) == []
-    h.apply(h.core.timer_fired(quiet.cid, 5.0))
-    assert quiet.closed is not None and "no handshake after 5.00 s" in quiet.closed.reason
-    assert "while the handshake pool (2) was full" in quiet.closed.reason
-    error = quiet.received[-1]
-    assert isinstance(error, Error) and error.message.startswith("timeout: closed by the server")
-    assert h.core.stats.handshakes_timed_out == 0 and h.core.stats.handshakes_evicted == 1
-    h.apply(h.core.connection_closed(quiet.cid, 5.0))
-    assert h.core.stats.handshakes_parked == 0
-
-
-def test_parked_strangers_are_bounded_the_oldest_is_closed() -> None:
-    h = Harness(max_handshakes=1, handshake_timeout_s=5.0)
-    hoarders = [h.connect(now=0.01 * i) for i in range(2 + PARKED_PER_HANDSHAKE)]
-    # One in the pool, PARKED_PER_HANDSHAKE parked; the first pushed out is closed.
-    assert [d.closed is not None for d in hoarders] == [True] + [False] * (1 + PARKED_PER_HANDSHAKE)
-    assert "while the handshake pool (1) was full" in hoarders[0].closed.reason  # type: ignore[union-attr]
-    assert h.core.stats.handshakes_parked == PARKED_PER_HANDSHAKE
-    assert h.core.stats.handshakes_evicted == 1 + PARKED_PER_HANDSHAKE
-    h.apply(h.core.connection_closed(hoarders[0].cid, 0.1))
-    assert h.core.stats.handshakes_parked == PARKED_PER_HANDSHAKE
-
-
-def test_a_parked_stranger_that_speaks_is_back_in_the_pool() -> None:
-    # A device whose HELLO came after a flood of silent connections pushed it out.
-    h = Harness(max_handshakes=1, handshake_timeout_s=5.0)
-    device = h.connect(now=0.0)
-    hoarder = h.connect(now=0.01)  # pushes the (still silent) device out: parked
-    assert h.core.stats.handshakes_parked == 1
-    h.send(device, Hello(1, MODEL.model_id, MODEL.weights_sha256, ("float32",)), now=0.05)
-    assert isinstance(device.received[-1], Welcome) and device.closed is None
-    # It took the silent hoarder's place in the pool, which is parked in turn.
-    assert h.core.stats.handshakes_parked == 1 and hoarder.closed is None
-    assert h.core.stats.handshakes_evicted == 2
-
-
-def test_a_parked_stranger_that_speaks_to_a_full_pool_is_shed() -> None:
-    h = Harness(max_handshakes=1, handshake_timeout_s=5.0)
-    late = h.connect(now=0.0)
-    other = h.connect(now=0.01)
-    h.apply(h.core.data_received(other.cid, b"\x00", 0.02))  # the pool: one that spoke
-    h.apply(h.core.data_received(late.cid, b"\x00", 0.03))
-    assert late.closed is not None and h.core.stats.handshakes_shed == 1
-    refusal = late.received[-1]
-    assert isinstance(refusal, Error) and refusal.code is ErrorCode.BUSY
-    assert h.core.stats.handshakes_parked == 0 and other.closed is None
 
 
 def test_per_address_limit_of_the_handshake_pool() -> None:
@@ -588,11 +541,9 @@ def test_tls_port_names_plain_bytes_and_sends_nothing_before_tls() -> None:
 def test_tls_port_refuses_and_evicts_without_a_plain_error() -> None:
     h = _tls_harness(max_handshakes=1, max_connections=1)
     first = h.connect(now=0.0)
-    second = h.connect(now=0.1)  # the silent first one makes room: parked
-    assert first.closed is None and h.core.stats.handshakes_parked == 1
-    assert h.core.stats.handshakes_evicted == 1 and second.closed is None
-    h.apply(h.core.timer_fired(first.cid, 5.0))  # its deadline: closed, told nothing
+    second = h.connect(now=0.1)  # the silent first one makes room, told nothing
     assert first.closed is not None and not first.received
+    assert h.core.stats.handshakes_evicted == 1 and second.closed is None
 
 
 def test_shutdown_is_due_once_answered_or_at_the_end_of_the_grace() -> None:

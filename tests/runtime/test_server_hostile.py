@@ -142,45 +142,6 @@ def test_a_reopening_hoarder_cannot_keep_a_device_out(checkpoint: Path) -> None:
     serve(checkpoint, body, max_handshakes=8, handshake_timeout_s=0.4)
 
 
-def test_silent_hoarders_pushed_out_are_parked_not_churned(checkpoint: Path) -> None:
-    """Hoarders that reopen each connection the moment it is closed: pushed out of the
-    full pool, they are held open (parked), so they do not come back, and the server does
-    not accept and close connections as fast as they can open them."""
-
-    async def body(server: SpinnServer, port: int) -> None:
-        stop = asyncio.Event()
-        opened = 0
-
-        async def hoard() -> None:
-            nonlocal opened
-            while not stop.is_set():
-                try:
-                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                    opened += 1
-                    await reader.read()  # until the server closes it
-                    writer.close()
-                except OSError:
-                    await asyncio.sleep(0.01)
-
-        hoarders = [asyncio.create_task(hoard()) for _ in range(12)]
-        for _ in range(100):
-            if server.stats.handshakes_parked == 8:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.3)
-        assert server.stats.handshakes == 4 and server.stats.handshakes_parked == 8
-        assert opened == 12 and server.stats.connections_total == 12
-        device = await RawClient.open(port)
-        await hello(device, server)  # pushes a silent hoarder out, and is welcomed
-        assert server.stats.handshakes_parked == 9
-        stop.set()
-        device.close()
-        for task in hoarders:
-            task.cancel()
-
-    serve(checkpoint, body, max_handshakes=4, handshake_timeout_s=5.0)
-
-
 def test_a_ping_flood_is_closed_at_its_rate_and_a_neighbour_keeps_its_pongs(
     checkpoint: Path,
 ) -> None:
