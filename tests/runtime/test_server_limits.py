@@ -268,7 +268,10 @@ def test_cancelled_and_abandoned_requests_leave_no_queue_count(
         fresh = await RawClient.open(port)
         await hello(fresh, server)
         fresh.send(_infer(server, 1))
-        assert isinstance(await fresh.next(), Result)
+        # A batch that was running when its device left is not interrupted: the fresh
+        # request waits for it, at ×100 tens of seconds on a machine where each module's
+        # CPU time reads 10-30 ms. What is checked is that it is answered, not refused.
+        assert isinstance(await fresh.next(timeout=120.0), Result)
         fresh.close()
 
     serve(
