@@ -364,8 +364,8 @@ class BandwidthEstimator:
         return bound
 
     def _replace_trains(self, rate_bps: float) -> None:
-        """The uploads told a collapse or a rise: ``rate_bps`` is B until the trains,
-        asked to confirm, say otherwise."""
+        """A silence bounded the link (``observe_silence``): ``rate_bps`` is B until the
+        trains, asked to confirm, say otherwise."""
         self._trains.clear()
         self._bounds.clear()
         self._trains.append(rate_bps)

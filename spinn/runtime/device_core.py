@@ -373,11 +373,10 @@ class _Frame:
 class _Pinger:
     """PINGs of the current connection: L, probe trains, the dead-link check."""
 
-    pings: dict[int, tuple[float, int]] = field(default_factory=dict)
-    """Unanswered PINGs: when sent, and their padding."""
-    ahead: dict[int, int] = field(default_factory=dict)
-    """Per unanswered PING: the bytes it had to wait behind on the link when written,
-    its own padding included (the silence bound, ``OnlineEstimates.observe_silence``)."""
+    pings: dict[int, tuple[float, int, int]] = field(default_factory=dict)
+    """Unanswered PINGs: when sent, their padding, and the bytes they had to wait behind
+    on the link when written, their own padding included (the silence bound,
+    ``OnlineEstimates.observe_silence``)."""
     clean: set[int] = field(default_factory=set)
     """Bare PINGs sent with no probe train ahead of them: only these time L."""
     train: dict[int, int] = field(default_factory=dict)
@@ -1258,7 +1257,7 @@ class DeviceCore:
             if self._ping.pings and self.config.link.probe_bytes > 0:
                 # When the oldest PING's silence begins to bound B; once it has begun, the
                 # PINGs' own cadence looks again.
-                oldest, _ = next(iter(self._ping.pings.values()))
+                oldest, _, _ = next(iter(self._ping.pings.values()))
                 silent_at = oldest + self.profiler.propagation_s() + self.profiler.silence_floor_s()
                 if silent_at > now:
                     wake = min(wake, silent_at)
@@ -1293,12 +1292,12 @@ class DeviceCore:
         cfg = self.config
         p = self._ping
         if p.pings:
-            oldest = min(sent for sent, _ in p.pings.values())
+            oldest = min(sent for sent, _, _ in p.pings.values())
             # Bytes queued before the PING delay it, and the padding of probes in flight:
             # allow for them at the live B. Uploads sent after the oldest PING queue behind
             # it and cannot hold it back: counting them too let a device streaming into a
             # black hole grow its allowance faster than time passed, never calling it dead.
-            probing = sum(padding for _, padding in p.pings.values())
+            probing = sum(padding for _, padding, _ in p.pings.values())
             unanswered = queued_bytes + sum(
                 s.nbytes for s in self._sent.values() if s.sent_at <= oldest
             )
@@ -1320,8 +1319,7 @@ class DeviceCore:
                 self._judge_silence(now)
         if now >= p.next_bare:
             self._ping_seq += 1
-            p.pings[self._ping_seq] = (now, 0)
-            p.ahead[self._ping_seq] = self._unanswered_bytes(queued_bytes)
+            p.pings[self._ping_seq] = (now, 0, self._unanswered_bytes(queued_bytes))
             est = self.profiler.snapshot(now)
             queued = uplink_wait_s(
                 now, ((x.sent_at, x.nbytes) for x in self._sent.values()), est.bandwidth_bps
@@ -1349,9 +1347,8 @@ class DeviceCore:
                 ahead = self._unanswered_bytes(queued_bytes)
                 for padding in self._trains.frames(bw):
                     self._ping_seq += 1
-                    p.pings[self._ping_seq] = (now, padding)
                     ahead += padding
-                    p.ahead[self._ping_seq] = ahead
+                    p.pings[self._ping_seq] = (now, padding, ahead)
                     pings.append(Ping(self._ping_seq, now, bytes(padding)))
                 p.train_pending = (now, tuple(pings))
                 self._actions.append(SendProbeTrain(tuple(pings)))
@@ -1363,7 +1360,7 @@ class DeviceCore:
         return (
             queued_bytes
             + sum(s.nbytes for s in self._sent.values())
-            + sum(padding for _, padding in p.pings.values())
+            + sum(padding for _, padding, _ in p.pings.values())
         )
 
     def _judge_silence(self, now: float) -> None:
@@ -1371,7 +1368,7 @@ class DeviceCore:
         (``OnlineEstimates.observe_silence``). PINGs, not uploads: the server answers a
         PING from its event loop, an upload after its queue and compute."""
         p = self._ping
-        waits = [(p.ahead.get(seq, 0), now - sent) for seq, (sent, _) in p.pings.items()]
+        waits = [(ahead, now - sent) for sent, _, ahead in p.pings.values()]
         bound = self.profiler.observe_silence(now, waits)
         if bound is not None:
             self._rearm = True  # trains are planned from the new B
@@ -1403,7 +1400,6 @@ class DeviceCore:
     def _on_pong(self, now: float, pong: Pong) -> None:
         p = self._ping
         sent = p.pings.pop(pong.seq, None)
-        p.ahead.pop(pong.seq, None)
         if sent is not None and pong.seq in p.train:
             self._train_answered(now, pong)
         elif sent is not None and pong.seq in p.clean:

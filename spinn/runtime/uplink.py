@@ -306,11 +306,13 @@ class ProbeTrains:
 
     def _watch(self, now: float, bandwidth_bps: float) -> None:
         """A rise of B that no train showed: confirm it now (``seen_bps``)."""
-        seen = self._seen(bandwidth_bps)
-        if seen is None or bandwidth_bps <= (1.0 + TRAIN_CONFIRM_REL) * seen:
-            return
+        if self._seen(bandwidth_bps):
+            self._confirm_now(now, None)
+
+    def _confirm_now(self, now: float, size_bps: float | None) -> None:
+        """A confirming round, sized for ``size_bps`` (None: for B), goes at once."""
         self.confirming = max(1, self.confirming)
-        self.confirm_bps = None
+        self.confirm_bps = size_bps
         self.next_at = min(self.next_at, now)
 
     def look_now(self, now: float, suspected_bps: float) -> bool:
@@ -323,24 +325,24 @@ class ProbeTrains:
         if self.in_flight or now < self.suspicion_at + self.suspicion_gap_s:
             return False
         self.suspicion_at = now
-        self.confirming = max(1, self.confirming)
-        self.confirm_bps = suspected_bps
-        self.next_at = min(self.next_at, now)
+        self._confirm_now(now, suspected_bps)
         return True
 
-    def _seen(self, bandwidth_bps: float) -> float | None:
-        """B is now ``bandwidth_bps``: returns the B seen before. A debt is bytes, counted
-        in link time at B: when B rose beyond ``TRAIN_CONFIRM_REL`` (not its jitter, which
-        would forgive the debt bit by bit), it shrinks in proportion, whatever showed it.
+    def _seen(self, bandwidth_bps: float) -> bool:
+        """B is now ``bandwidth_bps``: returns whether it rose beyond ``TRAIN_CONFIRM_REL``
+        from the B seen before (not its jitter, which would forgive the debt bit by bit).
+        A debt is bytes, counted in link time at B: when B rose, it shrinks in proportion,
+        whatever showed it.
         After the step trace's drop to 0.2 Mbit/s, the scout sized for the old rate and the
         confirmations left 1.5 s of debt, 50 s of budget at 3%; the rise to 50 Mbit/s, shown
         by a confirming train that read 51 (B the median, 26), then waited for it and B
         stayed at 26 for the 6 s the step had left."""
         seen, self.seen_bps = self.seen_bps, bandwidth_bps
-        rose = seen is not None and bandwidth_bps > (1.0 + TRAIN_CONFIRM_REL) * seen
-        if rose and seen is not None and self.credit_s < 0.0:
+        if seen is None or bandwidth_bps <= (1.0 + TRAIN_CONFIRM_REL) * seen:
+            return False
+        if self.credit_s < 0.0:
             self.credit_s *= seen / bandwidth_bps
-        return seen
+        return True
 
     def _has_scout(self, bandwidth_bps: float) -> bool:
         return self._full_bytes(bandwidth_bps) >= 2 * self.min_bytes
