@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pytest
@@ -71,8 +72,8 @@ class Device:
 class Harness:
     """A core, its devices, and the actions it took, in order."""
 
-    def __init__(self, workers: int = 1, **overrides: object) -> None:
-        self.config = ServerConfig.from_fields(**overrides)  # type: ignore[arg-type]
+    def __init__(self, workers: int = 1, **overrides: Any) -> None:
+        self.config = ServerConfig.from_fields(**overrides)
         self.core = ServerCore(self.config, MODEL, workers=workers, decode=_decode)
         self.devices: dict[int, Device] = {}
         self.actions: list[Action] = []
@@ -498,7 +499,7 @@ def test_token_handshake_challenges_before_the_model_check() -> None:
         ServerCore(ServerConfig(), MODEL, workers=1, decode=_decode, connection_config=config)
 
 
-def _tls_harness(**overrides: object) -> Harness:
+def _tls_harness(**overrides: Any) -> Harness:
     h = Harness(**overrides)
     h.core = ServerCore(h.config, MODEL, workers=1, decode=_decode, tls=True)
     return h
@@ -585,6 +586,7 @@ def test_the_core_times_the_adapters_waits() -> None:
     device = h.connect(now=1.0)
     assert h.core.wait_s(device.cid, 2.0) == 4.0 and h.core.wait_s(device.cid, 9.0) == 0.0
     # The TLS layer's own handshake timeout comes after the core's deadline, never first.
-    assert h.core.tls_timeout_s(device.cid, 2.0) > h.core.wait_s(device.cid, 2.0)
+    wait = h.core.wait_s(device.cid, 2.0)
+    assert wait is not None and h.core.tls_timeout_s(device.cid, 2.0) > wait
     h.apply(h.core.timer_fired(device.cid, 6.0))
     assert device.closed is not None and h.core.wait_s(device.cid, 6.0) is None
