@@ -19,7 +19,13 @@ from spinn.runtime.device import DeviceError, SpinnDevice
 from spinn.runtime.device_core import ComputeCall
 from spinn.runtime.processes import free_port
 from spinn.runtime.server import SpinnServer
-from tests.support.runtime import by_frame, make_small_checkpoint, noise_frames, run_in_process
+from tests.support.runtime import (
+    PATIENT,
+    by_frame,
+    make_small_checkpoint,
+    noise_frames,
+    run_in_process,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -58,7 +64,7 @@ def test_offloaded_frames_are_answered_once_by_server_or_device(checkpoint: Path
 
 def test_without_continuation_the_server_answers_everything(checkpoint: Path) -> None:
     run = run_in_process(
-        checkpoint, noise_frames(40), split=4, thr_conf=1.0, continue_locally=False
+        checkpoint, noise_frames(40), split=4, thr_conf=1.0, continue_locally=False, **PATIENT
     )
     records, summary, server = run.records, run.summary, run.server
     by_frame(records, 40)

@@ -20,21 +20,20 @@ from spinn.runtime.config import DeviceConfig
 from spinn.runtime.device_compute import recode_for
 from spinn.runtime.device_policy import profiled_input_codec
 from spinn.runtime.sources import ArraySource
-from tests.support.runtime import CHECKPOINT, RawClient, by_frame, run_in_process, serve
+from tests.support.runtime import (
+    CHECKPOINT,
+    PATIENT,
+    RawClient,
+    by_frame,
+    run_in_process,
+    serve,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
 N = 16
-# Server-only: split 0, only the final exit, every frame answered by the server (deadlines
-# far out, so that a slow moment of a shared machine does not finish a frame locally).
-SERVER_ONLY = {
-    "policy": "fixed",
-    "split": 0,
-    "thr_conf": 1.0,
-    "continue_locally": False,
-    "deadline_factor": 100.0,
-    "deadline_margin_s": 10.0,
-}
+# Server-only: split 0, only the final exit, every frame answered by the server.
+SERVER_ONLY = {"policy": "fixed", "split": 0, "thr_conf": 1.0, "continue_locally": False, **PATIENT}
 
 
 def _images() -> ArraySource:

@@ -27,14 +27,14 @@ from spinn.model.inference import run_stages
 from spinn.offline.data import load_fashion_mnist
 from spinn.runtime.device_compute import recode_for
 from spinn.runtime.sources import ArraySource
-from tests.support.runtime import CHECKPOINT, by_frame, run_in_process
+from tests.support.runtime import CHECKPOINT, PATIENT, by_frame, run_in_process
 
 pytestmark = pytest.mark.timeout(120)
 
 N = 24
 SPLIT = 5
 # Every frame answered by the server from its final exit (no early exit at 1.0 here).
-FIXED = {"policy": "fixed", "split": SPLIT, "thr_conf": 1.0, "continue_locally": False}
+FIXED = {"policy": "fixed", "split": SPLIT, "thr_conf": 1.0, "continue_locally": False, **PATIENT}
 
 
 def _images() -> ArraySource:
@@ -122,7 +122,8 @@ def test_the_precision_the_scheduler_chooses_is_what_crosses(
         assert chosen is not None and chosen > min(widths)
         assert profile.splits[SPLIT].precision(chosen).drop_bound_pts <= bound_pts
     run = run_in_process(checkpoint, _images(), zstd="never", codec=LOSSY_CODEC,
-                         continue_locally=False, custom_policy=_AtOneMbit(scheduler))  # fmt: skip
+                         continue_locally=False, custom_policy=_AtOneMbit(scheduler),
+                         **PATIENT)  # fmt: skip
     records = by_frame(run.records, N)
     assert {r["where"] for r in records} == {"server"}
     model, _ = load_checkpoint(CHECKPOINT)

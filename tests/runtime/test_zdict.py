@@ -21,13 +21,13 @@ from spinn.runtime.device_compute import recode_for
 from spinn.runtime.device_policy import profiled_codec
 from spinn.runtime.server import SpinnServer
 from spinn.runtime.sources import ArraySource
-from tests.support.runtime import CHECKPOINT, by_frame, run_in_process
+from tests.support.runtime import CHECKPOINT, PATIENT, by_frame, run_in_process
 
 pytestmark = pytest.mark.timeout(120)
 
 N = 24
 # Split 5 (16x14x14, about half zeros), every frame answered by the server.
-FIXED = {"policy": "fixed", "split": 5, "thr_conf": 1.0, "continue_locally": False}
+FIXED = {"policy": "fixed", "split": 5, "thr_conf": 1.0, "continue_locally": False, **PATIENT}
 
 
 def _images() -> ArraySource:

@@ -358,6 +358,12 @@ class DeviceRun:
     """Wall time of ``SpinnDevice.run`` alone (server start-up excluded)."""
 
 
+# Device options for a test that needs every offloaded frame answered by the server: a
+# RESULT is awaited 100x its expected time plus 10 s, so that a slow moment of a shared
+# machine does not finish a frame locally as ``fallback`` (PolicyConfig.deadline_factor).
+PATIENT = {"deadline_factor": 100.0, "deadline_margin_s": 10.0}
+
+
 def run_in_process(
     checkpoint: Path,
     source: FrameSource,
