@@ -70,7 +70,6 @@ from bench._simcore import (
     SimServer,
     figures,
 )
-from spinn.decisions.baselines import make_policy
 from spinn.decisions.offline_profile import Profile
 from spinn.decisions.online_estimates import Estimates
 from spinn.decisions.policy import Decision, Policy
@@ -108,17 +107,12 @@ def _paper() -> Any:
 
 
 def paper_policy(name: str, profile: Profile) -> Policy:
-    """The policy ``bench.paper``'s experiment 1 runs under ``name``: most inferences/s
-    within ``ACCURACY_SLACK`` of the final exit; Edgent's target the device-only latency
-    (``profile`` is the device's own, slowdown included, as ``bench.paper.Bench`` has it)."""
-    paper = _paper()
-    sla = SLA(
-        min_accuracy=profile.exit_accuracy[-1] - paper.ACCURACY_SLACK,
-        rank=(Metric.THROUGHPUT, Metric.ACCURACY),
-    )
-    if name == "edgent":
-        sla = dataclasses.replace(sla, max_latency_ms=profile.device_time_ms(profile.num_stages))
-    return make_policy(name, profile, sla)
+    """The policy ``bench.paper``'s experiment 1 runs under ``name``
+    (``bench.paper.paper_policy``): most inferences/s within ``ACCURACY_SLACK`` of the
+    final exit; Edgent's target the device-only latency of ``profile``, the device's own
+    (slowdown included)."""
+    policy: Policy = _paper().paper_policy(name, profile)
+    return policy
 
 
 def _codec(profile: Profile) -> str | None:
