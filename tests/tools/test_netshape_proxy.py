@@ -757,7 +757,8 @@ def test_cli_process_end_to_end() -> None:
                 c_host, _, c_port = ready["control"].rpartition(":")
                 # The 4G trace: 24 Mbit/s and 20 ms one-way in each direction.
                 rtts = await ping_rtts((host, int(listen_port)), 5)
-                assert 0.039 <= statistics.median(rtts) <= 0.07  # never early
+                # Never early; late only by the machine, so the fastest bounds the delay.
+                assert 0.039 <= min(rtts) < 0.07
                 stats = await send_command((c_host, int(c_port)), {"cmd": "stats"})
                 assert stats["stats"]["up"]["bytes"] == 5 * 64
                 assert stats["stats"]["down"]["rate_bps"] == 24e6
