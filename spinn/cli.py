@@ -28,6 +28,7 @@ from spinn.offline.evaluate import DEFAULT_THRESHOLDS, evaluate_model, format_ta
 from spinn.offline.profiling import (
     LOSSY_BOUND_PTS,
     LOSSY_INPUTS,
+    LOSSY_SPLIT,
     PROFILE_THRESHOLDS,
     ProfilerConfig,
     profile_model,
@@ -226,8 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--lossy-inputs",
         type=int,
         default=LOSSY_INPUTS,
-        help="the first inputs of the data set on which each split's sparse_uintb widths "
-        f"are measured (default: {LOSSY_INPUTS}; the test split's last 2,000 stay held out)",
+        help="the first inputs of --lossy-split on which each split's sparse_uintb widths "
+        f"are measured (default: {LOSSY_INPUTS})",
+    )
+    p.add_argument(
+        "--lossy-split",
+        default=LOSSY_SPLIT,
+        help="dataset split the sparse_uintb widths are measured on, so that the test split "
+        "stays held out for bench.wire (default: %(default)s); their bytes are measured on "
+        "--split as the other codecs'",
     )
     p.add_argument(
         "--precision-only",
@@ -367,14 +375,20 @@ def _recorded_dataset(args: argparse.Namespace, meta: CheckpointMeta) -> str:
 
 def _load(args: argparse.Namespace) -> tuple[ProgressiveModel, CheckpointMeta, ImageSet]:
     model, meta = load_checkpoint(args.checkpoint, allow_user_code=args.allow_user_code)
-    spec = model.input_spec
+    return model, meta, _load_split(args, meta, args.split).sample(args.limit)
+
+
+def _load_split(args: argparse.Namespace, meta: CheckpointMeta, split: str) -> ImageSet:
+    """`split` of the data set of `args` (default: the checkpoint's), checked against the
+    model's input shape."""
+    spec = meta.input_spec
     data = load_dataset(
         _recorded_dataset(args, meta),
-        args.split,
+        split,
         data_dir=args.data_dir,
         channels=spec.channels,
         size=(spec.height, spec.width),
-    ).sample(args.limit)
+    )
     if data.shape != spec.shape:
         trained = meta.recipe.get("dataset")
         hint = f" (it was trained on {trained!r})" if isinstance(trained, str) else ""
@@ -382,7 +396,7 @@ def _load(args: argparse.Namespace) -> tuple[ProgressiveModel, CheckpointMeta, I
             f"{data.name} images are {data.shape}, the model expects {spec.shape}: pass "
             f"--dataset with images of that shape{hint}"
         )
-    return model, meta, data
+    return data
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -414,17 +428,20 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         lossy_inputs=args.lossy_inputs,
         lossy_bound_pts=None if args.lossy_bound < 0 else args.lossy_bound,
     )
+    lossy_data = None
+    if cfg.lossy_bound_pts is not None and args.lossy_split != args.split:
+        lossy_data = _load_split(args, meta, args.lossy_split).head(cfg.lossy_inputs)
     if args.precision_only:
         old = Profile.load(args.out)
         if old.model_id != meta.model_id:
             raise ProfileError(f"{args.out} profiles {old.model_id}, not {meta.model_id}")
-        prof = reprofile_precisions(model, old, data, cfg)
+        prof = reprofile_precisions(model, old, data, cfg, lossy_data)
         prof.save(args.out)
         widths = ", ".join("-" if sp.lossy is None else str(sp.lossy.bits) for sp in prof.splits)
         print(f"wrote {args.out}: sparse_uintb bits per split {widths}")
         return 0
     dictionaries = load_dictionaries(args.checkpoint, meta.model_id, model.num_stages)
-    prof = profile_model(model, meta, data, cfg, dictionaries=dictionaries)
+    prof = profile_model(model, meta, data, cfg, dictionaries=dictionaries, lossy_data=lossy_data)
     prof.save(args.out)
     print(
         f"wrote {args.out}: {prof.num_stages} stages, device-only "

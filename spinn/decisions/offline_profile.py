@@ -383,9 +383,13 @@ class Profile:
     created: str = ""
     """ISO-8601 time the profile was made."""
     precision_inputs: int = 0
-    """Inputs the sparse_uintb widths were measured on: the first ones of the calibration
-    data set (0: none measured, or a profile made before it), so that a benchmark can
-    hold out others."""
+    """Inputs the sparse_uintb widths were measured on: the first ones of the data set
+    `precision_data` (0: none measured, or a profile made before it), so that a
+    benchmark can hold out others."""
+    precision_data: str = ""
+    """The data set those inputs came from (``fashion-mnist/train``: the training split,
+    ``spinn profile``'s default); empty: the calibration data set (a profile made before
+    it, whose widths came from the first test images)."""
     _cum_device: tuple[float, ...] = field(init=False, repr=False, compare=False)
     _cum_server: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
@@ -399,6 +403,7 @@ class Profile:
         _as_int("device_threads", self.device_threads, 1)
         _as_int("server_threads", self.server_threads, 1)
         _as_int("precision_inputs", self.precision_inputs, 0)
+        _as_str("precision_data", self.precision_data)
 
         exits = tuple(
             _as_int(f"exit_stages[{i}]", x)
@@ -610,6 +615,7 @@ class Profile:
             "server_threads": self.server_threads,
             "created": self.created,
             **({"precision_inputs": self.precision_inputs} if self.precision_inputs else {}),
+            **({"precision_data": self.precision_data} if self.precision_data else {}),
         }
 
     @classmethod
@@ -633,7 +639,13 @@ class Profile:
             "thresholds",
             "calibration_size",
         )
-        optional = ("device_threads", "server_threads", "created", "precision_inputs")
+        optional = (
+            "device_threads",
+            "server_threads",
+            "created",
+            "precision_inputs",
+            "precision_data",
+        )
         for key in required:
             if key not in doc:
                 raise _fail(key, "missing")

@@ -199,11 +199,27 @@ def test_lossy_rows_follow_the_profile_widths(tmp_path: Path) -> None:
     assert row.bound_pts == 0.5 and row.lower_pts == lossy.drops.lower_pts
     assert all(r.bound_pts is None and r.lower_pts is None for r in plain.splits)
     assert lossy.refuted_splits == ([8] if row.lower_pts > 0.5 else [])
-    # Held-out images that overlap those the widths were chosen on are refused.
-    doc["precision_inputs"] = 9990
+    # The images the widths were chosen on are never among those measured: widths from the
+    # first test images (a profile made before they came from the training split) leave
+    # only the test images after them, and none when they took them all ...
+    for data in (None, "fashion-mnist/test"):
+        doc.pop("precision_data", None)
+        doc.update({} if data is None else {"precision_data": data})
+        doc["precision_inputs"] = 9990
+        (tmp_path / "profile.json").write_text(json.dumps(doc))
+        fewer = bench.measure_lossy(str(tmp_path / "model.pt"), 30)
+        assert "test images 9990..9999 (not the last 30" in fewer.images
+        assert sum(r.float32_bytes for r in fewer.splits) * 3 == sum(
+            r.float32_bytes for r in lossy.splits
+        )
+        doc["precision_inputs"] = 10_000
+        (tmp_path / "profile.json").write_text(json.dumps(doc))
+        with pytest.raises(ValueError, match="first 10000 test images: none is left"):
+            bench.measure_lossy(str(tmp_path / "model.pt"), 30)
+    # ... while training images leave every test image held out.
+    doc["precision_data"] = "fashion-mnist/train"
     (tmp_path / "profile.json").write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match="overlap the first 9990"):
-        bench.measure_lossy(str(tmp_path / "model.pt"), 30)
+    assert bench.measure_lossy(str(tmp_path / "model.pt"), 30).splits == lossy.splits
 
 
 def test_drop_statistics_tell_a_real_drop_from_the_noise_of_the_largest() -> None:

@@ -107,13 +107,15 @@ def test_train_evaluate_profile_end_to_end(
     assert rc == 0
     doc = json.loads(prof.read_text())
     assert doc["format"] == "spinn-profile/1" and doc["calibration_size"] == 40
-    assert doc["precision_inputs"] == 40
+    # The widths on the first training images (--lossy-split train): the test split is
+    # left for the held-out measurements.
+    assert doc["precision_inputs"] == 40 and doc["precision_data"] == "mnist-5k/train"
     # --precision-only re-measures the sparse_uintb widths alone, in place.
     argv = ["profile", str(ckpt), "--dataset", "mnist", "--out", str(prof), "--precision-only"]
     assert main([*argv, "--lossy-inputs", "30", "--bytes-inputs", "4"]) == 0
     assert "sparse_uintb bits per split" in capsys.readouterr().out
     again = json.loads(prof.read_text())
-    assert again["precision_inputs"] == 30
+    assert again["precision_inputs"] == 30 and again["precision_data"] == "mnist-5k/train"
     assert again["stage_device_ms"] == doc["stage_device_ms"]
     assert again["thresholds"] == doc["thresholds"]
     assert len(doc["exit_accuracy"]) == 3

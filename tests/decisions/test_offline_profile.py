@@ -241,6 +241,7 @@ def test_precisions_round_trip_and_a_lossy_only_profile_offers_its_one_width(
     }  # fmt: skip
     doc["splits"][2]["bytes"]["sparse_uintb"] = 12
     doc["precision_inputs"] = 8000
+    doc["precision_data"] = "fashion-mnist/train"
     prof = Profile.from_dict(doc)
     sp = prof.splits[2]
     assert [w.bits for w in sp.precisions] == [2, 3] and sp.lossy_options() == sp.precisions
@@ -250,7 +251,9 @@ def test_precisions_round_trip_and_a_lossy_only_profile_offers_its_one_width(
         sp.precision(4)
     # The lossless look-up never answers with a lossy size.
     assert prof.packed_bytes(2) == min(v for k, v in sp.bytes.items() if k != "sparse_uintb")
-    assert prof.precision_inputs == 8000
+    assert prof.precision_inputs == 8000 and prof.precision_data == "fashion-mnist/train"
+    with pytest.raises(ProfileError, match="precision_data"):
+        Profile.from_dict({**doc, "precision_data": 1})
     path = tmp_path / "profile.json"
     prof.save(path)
     assert Profile.load(path) == prof

@@ -24,6 +24,7 @@ from spinn.offline.profiling import (
     codec_names,
     drop_with_bound,
     lossy_accuracy_drop_pts,
+    measure_precision_bytes,
     measure_precisions,
     profile_model,
     reprofile_precisions,
@@ -217,11 +218,27 @@ def test_precision_only_reprofile_keeps_everything_else(
                          warmup=0, lossy_inputs=40, lossy_bound_pts=None)  # fmt: skip
     before = profile_model(model, meta, data, cfg)
     assert all(not sp.precisions and sp.lossy is None for sp in before.splits)
-    assert before.precision_inputs == 0
+    assert before.precision_inputs == 0 and before.precision_data == ""
+    # The widths on other images (the training split, as spinn profile measures them);
+    # their bytes on the profile's own.
+    train = load_mnist_5k("train")
     after = reprofile_precisions(
-        model, before, data, dataclasses.replace(cfg, lossy_bound_pts=100.0, lossy_inputs=30)
+        model,
+        before,
+        data,
+        dataclasses.replace(cfg, lossy_bound_pts=100.0, lossy_inputs=30),
+        train,
     )
-    assert after.precision_inputs == 30
+    assert after.precision_inputs == 30 and after.precision_data == train.name
+    again = reprofile_precisions(
+        model, after, data, dataclasses.replace(cfg, lossy_bound_pts=100.0)
+    )
+    assert again.precision_data == data.name
+    x_bytes = model.input_spec.preprocess(data.images[:4])
+    widths = [[w.bits for w in sp.precisions] for sp in after.splits]
+    assert [
+        {w.bits: w.bytes for w in sp.precisions} for sp in after.splits
+    ] == measure_precision_bytes(model, x_bytes, widths)
     assert after.stage_device_ms == before.stage_device_ms
     assert after.thresholds == before.thresholds
     for sp_before, sp in zip(before.splits, after.splits, strict=True):
