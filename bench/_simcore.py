@@ -986,11 +986,11 @@ class SimDevice:
             self._rid_exit.pop(message.request_id, None)
         if isinstance(message, Error) and message.request_id is None and not self.connected:
             # Refused in the handshake (BUSY, a mismatch): the connect failed, as the
-            # runtime's ServerLink reports it (the close that follows is void).
+            # runtime's ServerLink reports it (the close that follows is void, and so is
+            # the core's CloseLink: the link never came up).
             self._epoch += 1
             self._hang_up()
-            why = f"server error {message.code.name}: {message.message}"
-            self._act(self.core.connect_failed(now, why, refused=message))
+            self._act(self.core.handshake(now, message))
             return
         self._act(self.core.receive(now, message, wall_time=now))
 
@@ -1043,7 +1043,7 @@ class SimDevice:
             return
         self._epoch += 1  # a late WELCOME is void
         self._hang_up()
-        self._act(self.core.connect_failed(self.loop.now, "timed out"))
+        self._act(self.core.connect_failed(self.loop.now, "timed out", timed_out=True))
 
     def _link_lost(self, reason: str) -> None:
         """The core closed the link (the dead-link check, a server's ERROR or BYE)."""

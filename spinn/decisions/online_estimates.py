@@ -1029,12 +1029,16 @@ class OnlineEstimates:
         bw = self.bandwidth.bandwidth_bps
         return self.config.initial_bandwidth_bps if bw is None else bw
 
+    def latency_s(self) -> float:
+        """The live L alone (``snapshot(now).latency_s`` without building a snapshot)."""
+        lat = self.latency.latency_s
+        return self.config.initial_latency_s if lat is None else lat
+
     def snapshot(self, now: float) -> Estimates:
         """The current estimates (priors where nothing was measured yet)."""
-        lat = self.latency.latency_s
         return Estimates(
             bandwidth_bps=self.bandwidth_bps(),
-            latency_s=self.config.initial_latency_s if lat is None else lat,
+            latency_s=self.latency_s(),
             device_scale=self.device.scale,
             server_scale=self.server.scale,
             server_queue=self.server.queue,

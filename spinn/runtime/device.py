@@ -356,9 +356,8 @@ class SpinnDevice:
     async def _timer_loop(self) -> None:
         """Calls the core's ``timer`` when it is due (deadlines, PINGs, probe trains)."""
         while True:
-            at = self.core.next_timer(_now())
+            timeout = self.core.timer_delay(_now())
             self._timer_wake.clear()
-            timeout = None if at is None else max(0.0, at - _now())
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._timer_wake.wait(), timeout)
             try:

@@ -40,15 +40,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from protocol import Bye, Cancel, Error, ErrorCode, Infer, Ping, Pong, Result
+from protocol import (
+    Auth,
+    Bye,
+    Cancel,
+    Challenge,
+    Error,
+    ErrorCode,
+    Infer,
+    Ping,
+    Pong,
+    ProtocolError,
+    Result,
+)
+from protocol.auth import device_proof
 from protocol.description import Description
-from protocol.messages import MAX_STRING
 from protocol.tensor import DICT_CODEC, IMAGE_CODEC, LOSSY_CODEC, PackedTensor
 from spinn.decisions.offline_profile import Profile
 from spinn.decisions.online_estimates import OnlineEstimates, ServerTimeEstimator
 from spinn.decisions.policy import Decision, Policy
 from spinn.model.exits import ExitRule
-from spinn.runtime.actions import Log
+from spinn.runtime.actions import Log, error_text, fitted_error
 from spinn.runtime.backoff import Backoff
 from spinn.runtime.failover import ServerRotation
 from spinn.runtime.run_summary import DeviceStats, median_or_none
@@ -208,7 +220,7 @@ class ComputeCall:
 class Send:
     """Write one message to the server (dropped when the link is down)."""
 
-    message: Cancel | Ping | Pong | Error
+    message: Cancel | Ping | Pong | Error | Auth
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,9 +386,12 @@ class _Pinger:
     """PINGs of the current connection: L, probe trains, the dead-link check."""
 
     pings: dict[int, tuple[float, int, int]] = field(default_factory=dict)
-    """Unanswered PINGs: when sent, their padding, and the bytes they had to wait behind
-    on the link when written, their own padding included (the silence bound,
-    ``OnlineEstimates.observe_silence``)."""
+    """Unanswered PINGs in the order sent (the first is the oldest): when sent, their
+    padding, and the bytes they had to wait behind on the link when written, their own
+    padding included (the silence bound, ``OnlineEstimates.observe_silence``)."""
+    padding: int = 0
+    """The padding of the unanswered PINGs, in bytes: still on the link, as far as this
+    end knows (the dead-link allowance and ``_unanswered_bytes`` count it)."""
     clean: set[int] = field(default_factory=set)
     """Bare PINGs sent with no probe train ahead of them: only these time L."""
     train: dict[int, int] = field(default_factory=dict)
@@ -391,6 +406,18 @@ class _Pinger:
     """When the server last sent anything."""
     active: bool = False
     """Between WELCOME and the link's end or the dead-link verdict."""
+
+    def sent(self, seq: int, now: float, padding: int, ahead: int) -> None:
+        """PING ``seq`` goes out at ``now`` with ``padding``, behind ``ahead`` bytes."""
+        self.pings[seq] = (now, padding, ahead)
+        self.padding += padding
+
+    def answered(self, seq: int) -> tuple[float, int, int] | None:
+        """PING ``seq``'s PONG came: its record (None: not one of this connection's)."""
+        sent = self.pings.pop(seq, None)
+        if sent is not None:
+            self.padding -= sent[1]
+        return sent
 
 
 class DeviceCore:
@@ -1073,9 +1100,47 @@ class DeviceCore:
         if not problems:
             return False
         message = "server describes its model unlike this checkpoint: " + "; ".join(problems)
-        self._actions.append(Send(Error(ErrorCode.MODEL_MISMATCH, message[:MAX_STRING])))
+        self._actions.append(Send(fitted_error(ErrorCode.MODEL_MISMATCH, message)))
         self._give_up(message)
         return True
+
+    def handshake(
+        self, now: float, event: Any, *, token: bytes | None = None, nonce: bytes = b""
+    ) -> list[Action]:
+        """What the server's handshake gave before WELCOME (``link_up`` takes that): a
+        message, or the ``ProtocolError`` its bytes raised. A CHALLENGE is answered with
+        the device's proof of ``token`` over both nonces (``nonce``: its HELLO's; the
+        connection checked the server's proof already, PROTOCOL.md §10). Anything else
+        fails the connect (``connect_failed``'s actions, then ``CloseLink``: the adapter
+        drops this connection): an ERROR is the server's refusal; an UNAUTHENTICATED
+        error, a wrong token or a server that skips authentication, is answered with an
+        ERROR first."""
+        if isinstance(event, Challenge):
+            # The connection refuses a CHALLENGE itself where this end has no token.
+            assert token is not None, "a CHALLENGE reached a device without a token"
+            self._actions.append(Send(Auth(device_proof(token, nonce, event.nonce))))
+            return self._drain()
+        if isinstance(event, ProtocolError):
+            why = error_text(event)
+            if event.code is ErrorCode.UNAUTHENTICATED:
+                self._actions.append(Send(fitted_error(event.code, why)))
+            self._connect_failed(now, why, token_mismatch=event.code is ErrorCode.UNAUTHENTICATED)
+        elif isinstance(event, Error):
+            why = f"server error {event.code.name}: {event.message}"
+            self._connect_failed(now, why, refused=event)
+        else:
+            why = f"unexpected {type(event).__name__} during the handshake"
+            self._connect_failed(now, why)
+        self._actions.append(CloseLink(why))
+        return self._drain()
+
+    def bad_data(self, now: float, error: ProtocolError) -> list[Action]:
+        """The server's bytes broke the protocol on a link that was up (``error``, from
+        the connection): the server is told what was wrong in a fatal ERROR, and the link
+        closes (its frames finish locally at ``link_down``)."""
+        self._actions.append(Send(fitted_error(error.code, error_text(error))))
+        self._close(f"bad data from server: {error}")
+        return self._drain()
 
     def heard(self, now: float) -> None:
         """Bytes arrived from the server (the dead-link check)."""
@@ -1148,18 +1213,47 @@ class DeviceCore:
         untrusted: bool = False,
         not_tls: bool = False,
         closed_in_handshake: bool = False,
+        timed_out: bool = False,
     ) -> list[Action]:
         """Connecting to ``server_address`` failed (``why``): retry (``Reconnect``) or give
         up (``Fatal``). What the adapter saw: ``refused``, the server's ERROR in the
         handshake; ``token_mismatch``, the server's proof of the token did not match
         (PROTOCOL.md §10); ``untrusted``, its TLS certificate failed verification;
         ``not_tls``, its reply to the TLS ClientHello was no TLS record;
-        ``closed_in_handshake``, it closed the connection before WELCOME."""
+        ``closed_in_handshake``, it closed the connection before WELCOME; ``timed_out``,
+        no WELCOME within ``connect_timeout_s`` (``why`` is then said for it)."""
+        if timed_out:
+            why = (
+                f"no answer within {self.config.link.connect_timeout_s:g} s (connect and handshake)"
+            )
+        self._connect_failed(
+            now,
+            why,
+            refused=refused,
+            token_mismatch=token_mismatch,
+            untrusted=untrusted,
+            not_tls=not_tls,
+            closed_in_handshake=closed_in_handshake,
+        )
+        return self._drain()
+
+    def _connect_failed(
+        self,
+        now: float,
+        why: str,
+        *,
+        refused: Error | None = None,
+        token_mismatch: bool = False,
+        untrusted: bool = False,
+        not_tls: bool = False,
+        closed_in_handshake: bool = False,
+    ) -> None:
+        """``connect_failed``'s decision: ``Reconnect`` or ``Fatal``."""
         host, port = self.server_address
         assert self.rotation is not None
         if refused is not None and refused.code in FATAL_CODES:
             self._give_up(f"server refused this device: {refused.message}")
-            return self._drain()
+            return
         if token_mismatch:
             # Only a device with a token gets here (a server that requires one refuses a
             # HELLO without a nonce itself). The server proves the token first: a proof
@@ -1169,11 +1263,11 @@ class DeviceCore:
                 f"token authentication failed: {why}; the device's and the server's "
                 "tokens differ, or the server uses none (compare their --token-file)"
             )
-            return self._drain()
+            return
         if untrusted:
             # Not a passing fault: this server cannot be trusted until reconfigured.
             self._give_up(f"TLS: server {host}:{port} not trusted: {why}")
-            return self._drain()
+            return
         # Several servers: the next one is tried at once; backoff only after a whole
         # round failed (spinn.runtime.failover).
         delay = self.rotation.connect_failed()
@@ -1202,9 +1296,8 @@ class DeviceCore:
                     f"server {host}:{port} {hint} (the handshake failed this way {count} "
                     "times in a row; --retry-forever keeps trying)"
                 )
-                return self._drain()
+                return
         self._actions.append(Reconnect(delay))
-        return self._drain()
 
     def _misconfiguration(self, *, not_tls: bool, closed_in_handshake: bool) -> str | None:
         """The likely cause of a failed connect that a wrong flag on either end explains,
@@ -1267,6 +1360,12 @@ class DeviceCore:
             at = wake if at is None else min(at, wake)
         return at
 
+    def timer_delay(self, now: float) -> float | None:
+        """How long from ``now`` until ``timer`` should run (``next_timer``; 0: it is
+        due; None: only after another event)."""
+        at = self.next_timer(now)
+        return None if at is None else max(0.0, at - now)
+
     def timer(self, now: float, queued_bytes: int = 0) -> list[Action]:
         """Time passed: expire late requests, send PINGs and probe trains that are due,
         and judge the link (``queued_bytes``: written and not yet handed to the kernel)."""
@@ -1292,16 +1391,15 @@ class DeviceCore:
         cfg = self.config
         p = self._ping
         if p.pings:
-            oldest = min(sent for sent, _, _ in p.pings.values())
+            oldest, _, _ = next(iter(p.pings.values()))
             # Bytes queued before the PING delay it, and the padding of probes in flight:
             # allow for them at the live B. Uploads sent after the oldest PING queue behind
             # it and cannot hold it back: counting them too let a device streaming into a
             # black hole grow its allowance faster than time passed, never calling it dead.
-            probing = sum(padding for _, padding, _ in p.pings.values())
             unanswered = queued_bytes + sum(
                 s.nbytes for s in self._sent.values() if s.sent_at <= oldest
             )
-            allowance = cfg.link.ping_timeout_s + 8.0 * (unanswered + probing) / max(
+            allowance = cfg.link.ping_timeout_s + 8.0 * (unanswered + p.padding) / max(
                 self.profiler.bandwidth_bps(), 1.0
             )
             # A link that keeps answering is alive, however slow: after a drop, bytes queued
@@ -1319,13 +1417,14 @@ class DeviceCore:
                 self._judge_silence(now)
         if now >= p.next_bare:
             self._ping_seq += 1
-            p.pings[self._ping_seq] = (now, 0, self._unanswered_bytes(queued_bytes))
-            est = self.profiler.snapshot(now)
+            p.sent(self._ping_seq, now, 0, self._unanswered_bytes(queued_bytes))
             queued = uplink_wait_s(
-                now, ((x.sent_at, x.nbytes) for x in self._sent.values()), est.bandwidth_bps
+                now,
+                ((x.sent_at, x.nbytes) for x in self._sent.values()),
+                self.profiler.bandwidth_bps(),
             )
             if not self._trains.in_flight and queued <= max(
-                _CLEAN_QUEUE_S, _CLEAN_QUEUE_SHARE * est.latency_s
+                _CLEAN_QUEUE_S, _CLEAN_QUEUE_SHARE * self.profiler.latency_s()
             ):
                 # One sent behind a train's padding would time the train, not L; one sent
                 # behind uploads still on the link, the uplink's queue: at 0.2 Mbit/s with
@@ -1348,7 +1447,7 @@ class DeviceCore:
                 for padding in self._trains.frames(bw):
                     self._ping_seq += 1
                     ahead += padding
-                    p.pings[self._ping_seq] = (now, padding, ahead)
+                    p.sent(self._ping_seq, now, padding, ahead)
                     pings.append(Ping(self._ping_seq, now, bytes(padding)))
                 p.train_pending = (now, tuple(pings))
                 self._actions.append(SendProbeTrain(tuple(pings)))
@@ -1356,12 +1455,7 @@ class DeviceCore:
     def _unanswered_bytes(self, queued_bytes: int) -> int:
         """Bytes on their way to the server now: not yet handed to the kernel, uploads and
         PING padding not answered."""
-        p = self._ping
-        return (
-            queued_bytes
-            + sum(s.nbytes for s in self._sent.values())
-            + sum(padding for _, padding, _ in p.pings.values())
-        )
+        return queued_bytes + sum(s.nbytes for s in self._sent.values()) + self._ping.padding
 
     def _judge_silence(self, now: float) -> None:
         """Unanswered PINGs that waited long behind bytes on the link: a bound on B
@@ -1399,7 +1493,7 @@ class DeviceCore:
 
     def _on_pong(self, now: float, pong: Pong) -> None:
         p = self._ping
-        sent = p.pings.pop(pong.seq, None)
+        sent = p.answered(pong.seq)
         if sent is not None and pong.seq in p.train:
             self._train_answered(now, pong)
         elif sent is not None and pong.seq in p.clean:
@@ -1430,7 +1524,7 @@ class DeviceCore:
             )
         except ValueError as exc:  # offsets that go backwards: a server to ignore
             self._log(logging.WARNING, "probe train not timed: %s", exc)
-            bw = profiler.snapshot(now).bandwidth_bps
+            bw = profiler.bandwidth_bps()
             self._trains.answered(now, bw, timed=True, confirm=False)  # round over
             return
         self._log(
@@ -1439,7 +1533,7 @@ class DeviceCore:
             total,
             "timed at" if timed else "at least",
             rate,
-            profiler.snapshot(now).bandwidth_bps,
+            profiler.bandwidth_bps(),
         )
 
     # -- reports ------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 Part of the device's asyncio adapter (``spinn.runtime.device``): it moves messages
 between the socket and the ``DeviceCore`` and reports the link's events (up, down, a
-failed connect and its likely misconfiguration); what follows from them (PINGs, probe
-trains, the dead-link verdict, when to reconnect, whom to) is the core's. It may run over
-TLS (``tls_ca``, optional client certificate) and prove a shared token in the handshake
-(``token_file``, PROTOCOL.md §10).
+failed connect and what it saw of it, bytes that break the protocol); what follows from
+them (the handshake's answers, the ERROR for bad data, PINGs, probe trains, the dead-link
+verdict, when to reconnect, whom to) is the core's. It may run over TLS (``tls_ca``,
+optional client certificate) and prove a shared token in the handshake (``token_file``,
+PROTOCOL.md §10: the token is read here, the proof is the core's).
 """
 
 from __future__ import annotations
@@ -22,23 +23,20 @@ from typing import Any, Protocol
 from protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
-    Auth,
     Bye,
-    Challenge,
     Connection,
     ConnectionConfig,
-    Error,
-    ErrorCode,
     Hello,
     ProtocolError,
     Role,
     Welcome,
 )
-from protocol.auth import NONCE_SIZE, device_proof
+from protocol.auth import NONCE_SIZE
+from spinn.runtime.actions import error_text
 from spinn.runtime.config import DeviceConfig
 from spinn.runtime.credentials import SecurityError, device_ssl_context, load_token
 from spinn.runtime.device_compute import DeviceModel
-from spinn.runtime.device_core import FLUSH_S, Action, DeviceCore, DeviceError
+from spinn.runtime.device_core import FLUSH_S, Action, CloseLink, DeviceCore, DeviceError, Send
 
 __all__ = ["LinkOwner", "ServerLink", "clock"]
 
@@ -126,7 +124,7 @@ class ServerLink:
             data = self.conn.send(event)
             self.writer.write(data)
         except (RuntimeError, OSError, ProtocolError) as exc:
-            self._close_reason = f"closed by the device: write failed ({_describe(exc)})"
+            self._close_reason = f"closed by the device: write failed ({error_text(exc)})"
             self._abort()
             return 0
         return len(data)
@@ -156,18 +154,19 @@ class ServerLink:
                 # unexpected kind is logged in full, but never ends the reconnect loop.
                 if not isinstance(exc, OSError | ProtocolError):
                     log.exception("unexpected error while connecting")
-                why = _describe(exc, self.config.link.connect_timeout_s)
                 self.device.act(
                     core.connect_failed(
                         _now(),
-                        why,
-                        refused=exc.error if isinstance(exc, _Refused) else None,
-                        token_mismatch=isinstance(exc, _TokenMismatch),
+                        error_text(exc),
                         untrusted=isinstance(exc, ssl.SSLCertVerificationError),
                         not_tls=isinstance(exc, ssl.SSLError) and exc.reason in _NOT_TLS_REASONS,
                         closed_in_handshake=isinstance(exc, _ClosedInHandshake),
+                        # asyncio.wait_for's, which says nothing of itself.
+                        timed_out=isinstance(exc, TimeoutError) and not str(exc),
                     )
                 )
+                reader = None
+            if reader is None:  # failed: the core said whether to retry, and when
                 if core.fatal is not None:
                     return
                 await asyncio.sleep(self.reconnect_delay)
@@ -205,7 +204,8 @@ class ServerLink:
             if self.reconnect_delay > 0:
                 await asyncio.sleep(self.reconnect_delay)
 
-    async def _connect(self, host: str, port: int) -> asyncio.StreamReader:
+    async def _connect(self, host: str, port: int) -> asyncio.StreamReader | None:
+        """Connect and shake hands; None: the core ended the handshake (and was told why)."""
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(
                 host,
@@ -239,23 +239,26 @@ class ServerLink:
         except BaseException:
             writer.close()
             raise
+        if welcome is None:
+            writer.close()  # after what the core sent (its ERROR) is flushed
+            return None
         self.conn, self.writer, self.welcome = conn, writer, welcome
         self._close_reason = None
         return reader
 
     async def _handshake(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection
-    ) -> Welcome:
+    ) -> Welcome | None:
+        """Read until WELCOME (returned); every other message, or the error the server's
+        bytes raised, goes to the core, whose messages are written here, and whose
+        ``CloseLink`` ends the handshake (None)."""
+        core = self.device.core
         while True:
+            event: object
             try:
                 event = conn.next_event()
             except ProtocolError as exc:
-                if exc.code is ErrorCode.UNAUTHENTICATED:
-                    # Wrong token, or a server that skips authentication (PROTOCOL.md §10).
-                    with contextlib.suppress(ProtocolError, OSError):
-                        writer.write(conn.send(Error(exc.code, str(exc))))
-                    raise _TokenMismatch(str(exc)) from None
-                raise
+                event = exc
             if event is NEED_DATA:
                 data = await reader.read(_READ_CHUNK)
                 if not data:
@@ -264,47 +267,37 @@ class ServerLink:
                 continue
             if isinstance(event, Welcome):
                 return event
-            if isinstance(event, Challenge):
-                # The connection already checked the server's proof (PROTOCOL.md §10).
-                assert self.token is not None and conn.hello is not None
-                proof = device_proof(self.token, conn.hello.auth_nonce, event.nonce)
-                writer.write(conn.send(Auth(proof)))
-                continue
-            if isinstance(event, Error):
-                raise _Refused(event)
-            raise ConnectionError(f"unexpected {type(event).__name__} during the handshake")
+            assert conn.hello is not None
+            nonce = conn.hello.auth_nonce
+            ended = False
+            for action in core.handshake(_now(), event, token=self.token, nonce=nonce):
+                if isinstance(action, Send):
+                    # A write that fails ends the connection: the next read says so.
+                    with contextlib.suppress(ProtocolError, OSError):
+                        writer.write(conn.send(action.message))
+                elif isinstance(action, CloseLink):
+                    ended = True
+                else:
+                    self.device.act([action])
+            if ended:
+                return None
 
     async def _serve(self, reader: asyncio.StreamReader) -> str:
         """Read until the connection ends; returns why."""
-        assert self.conn is not None and self.writer is not None
         dev = self.device
+        data = b""  # the handshake's reads may hold messages already
         try:
             while True:
                 with dev.link_work():
-                    self._reading = True
-                    try:
-                        while self._close_reason is None:
-                            event = self.conn.next_event()
-                            if event is NEED_DATA:
-                                break
-                            dev.act(dev.core.receive(_now(), event, wall_time=time.time()))
-                    finally:
-                        self._reading = False
+                    self._dispatch(data)
                 if self._close_reason is not None:
                     return self._close_reason
                 data = await reader.read(_READ_CHUNK)
                 if not data:
                     return self._close_reason or "server closed the connection"
                 dev.core.heard(_now())
-                with dev.link_work():
-                    self.conn.receive_data(data)
-        except ProtocolError as exc:
-            with contextlib.suppress(ProtocolError, OSError):
-                assert self.writer is not None
-                self.writer.write(Connection(Role.DEVICE).send(Error(exc.code, str(exc))))
-            return f"bad data from server: {exc}"
         except (ConnectionError, OSError) as exc:
-            return self._close_reason or f"connection lost: {_describe(exc)}"
+            return self._close_reason or f"connection lost: {error_text(exc)}"
         except asyncio.CancelledError:
             return self._close_reason or "link closed by the device"
         except Exception as exc:
@@ -312,6 +305,26 @@ class ServerLink:
             # and reconnect (the frames it owed finish locally).
             log.exception("unexpected error on the server link")
             return f"internal error: {exc!r}"
+
+    def _dispatch(self, data: bytes) -> None:
+        """Feed ``data`` to the connection and hand the core each message complete, until
+        a close (the core's ``CloseLink``); bytes that break the protocol are the core's
+        too (``bad_data``)."""
+        assert self.conn is not None
+        core = self.device.core
+        self._reading = True
+        try:
+            if data:
+                self.conn.receive_data(data)
+            while self._close_reason is None:
+                event = self.conn.next_event()
+                if event is NEED_DATA:
+                    return
+                self.device.act(core.receive(_now(), event, wall_time=time.time()))
+        except ProtocolError as exc:
+            self.device.act(core.bad_data(_now(), exc))
+        finally:
+            self._reading = False
 
     def _abort(self) -> None:
         if self.writer is not None:
@@ -334,26 +347,5 @@ class ServerLink:
                 self.writer.close()
 
 
-def _describe(exc: BaseException, timeout_s: float | None = None) -> str:
-    """An exception for a log line: never empty (a timeout has no message of its own)."""
-    if isinstance(exc, TimeoutError) and not str(exc):
-        within = f" within {timeout_s:g} s" if timeout_s is not None else ""
-        return f"no answer{within} (connect and handshake)"
-    text = str(exc)
-    return text if text else type(exc).__name__
-
-
 class _ClosedInHandshake(ConnectionError):
     """The server closed the connection before WELCOME."""
-
-
-class _Refused(ConnectionError):
-    """The server answered the handshake with an ERROR."""
-
-    def __init__(self, error: Error) -> None:
-        super().__init__(f"server error {error.code.name}: {error.message}")
-        self.error = error
-
-
-class _TokenMismatch(ConnectionError):
-    """The server's proof of the shared token did not match (PROTOCOL.md §10)."""

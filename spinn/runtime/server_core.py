@@ -72,10 +72,10 @@ from protocol import (
     Welcome,
 )
 from protocol.auth import NONCE_SIZE, server_proof
-from protocol.messages import MAX_STRING, Message
+from protocol.messages import Message
 from protocol.tensor import CODECS, DICT_CODEC, IMAGE_CODEC, LOSSY_CODEC, PackedTensor
 from spinn.model.exits import ExitRule
-from spinn.runtime.actions import Log
+from spinn.runtime.actions import Log, fitted_error
 from spinn.runtime.admission import HandshakePool, LogLimiter, TokenBucket
 from spinn.runtime.config import ServerConfig
 from spinn.runtime.run_summary import ServerStats
@@ -266,14 +266,6 @@ class Record:
 
 
 Action: TypeAlias = Send | Close | StartTls | RunBatch | Log | Record
-
-
-def _error(code: ErrorCode, message: str, request_id: int | None = None) -> Error:
-    """An ERROR whose message fits the protocol's string limit (PROTOCOL.md §3): messages
-    may quote what the peer sent, and a long quote must not cost the peer its answer."""
-    if len(message) > MAX_STRING:
-        message = message[: MAX_STRING - 1] + "…"
-    return Error(code, message, request_id)
 
 
 def _quoted(value: object, limit: int = 80) -> str:
@@ -522,7 +514,7 @@ class ServerCore:
                 out.append(Close(cid, f"refused: {refusal}"))
                 return out
             self._count_error(ErrorCode.BUSY, out)
-            out.append(Send(cid, peer.conn.send_parts(_error(ErrorCode.BUSY, refusal))))
+            out.append(Send(cid, peer.conn.send_parts(fitted_error(ErrorCode.BUSY, refusal))))
             # Briefly: a flood beyond the limit must not hold descriptors for long.
             out.append(Close(cid, f"refused: {refusal}", linger_s=REFUSAL_LINGER_S))
             return out
@@ -545,7 +537,9 @@ class ServerCore:
             f"while the handshake pool ({self.config.limits.max_handshakes}) was full"
         )
         if not stranger.tls_pending:  # plain bytes in a TLS handshake would be garbage
-            self._send_quietly(stranger, _error(ErrorCode.PROTOCOL, f"timeout: {reason}"), out)
+            self._send_quietly(
+                stranger, fitted_error(ErrorCode.PROTOCOL, f"timeout: {reason}"), out
+            )
         self._close(stranger, reason, out)
 
     def connection_lost(self, cid: int, cause: str, now: float) -> list[Action]:
@@ -700,13 +694,15 @@ class ServerCore:
         reason = f"closed by the server: protocol error ({code.name}): {exc}"
         out.append(Log(logging.WARNING, f"device {peer.name}: {reason}"))
         self.stats.errors_sent += 1
-        self._fatal(peer, _error(code, str(exc)), reason, out)
+        self._fatal(peer, fitted_error(code, str(exc)), reason, out)
 
     def _internal_error(self, peer: _Peer, exc: Exception, out: list[Action]) -> None:
         out.append(Log(logging.ERROR, f"device {peer.name}: internal error", exc_info=exc))
         self.stats.errors_sent += 1
         reason = f"closed by the server: internal error: {exc}"
-        self._fatal(peer, _error(ErrorCode.INTERNAL, f"internal server error: {exc}"), reason, out)
+        self._fatal(
+            peer, fitted_error(ErrorCode.INTERNAL, f"internal server error: {exc}"), reason, out
+        )
 
     def _fatal(self, peer: _Peer, message: Error, reason: str, out: list[Action]) -> None:
         """Send a fatal ERROR and close, lingering so that the ERROR is read."""
@@ -731,7 +727,7 @@ class ServerCore:
             out.append(Log(logging.WARNING, "%s from %s: %s", (what, peer.address, why)))
         reason = f"closed by the server: {what}: {why}"
         if tls_device:
-            self._fatal(peer, _error(ErrorCode.PROTOCOL, f"{what}: {why}"), reason, out)
+            self._fatal(peer, fitted_error(ErrorCode.PROTOCOL, f"{what}: {why}"), reason, out)
         else:
             self._close(peer, reason, out)
 
@@ -831,7 +827,7 @@ class ServerCore:
                 self._answer(
                     peer,
                     job,
-                    _error(ErrorCode.CANCELLED, "device said BYE", job.request_id),
+                    fitted_error(ErrorCode.CANCELLED, "device said BYE", job.request_id),
                     now,
                     out,
                 )
@@ -849,7 +845,7 @@ class ServerCore:
             self._close(peer, f"closed by the server: timeout: {reason}", out)
             return out
         # A stalled frame's bytes may still be unread: linger so the ERROR is read.
-        sent = self._send_quietly(peer, _error(ErrorCode.PROTOCOL, f"timeout: {reason}"), out)
+        sent = self._send_quietly(peer, fitted_error(ErrorCode.PROTOCOL, f"timeout: {reason}"), out)
         self._close(
             peer,
             f"closed by the server: timeout: {reason}",
@@ -931,7 +927,7 @@ class ServerCore:
         out.append(Log(logging.WARNING, f"device {peer.name} refused: {message}"))
         if code is not ErrorCode.BUSY:
             self.stats.errors_sent += 1
-        self._send(peer, _error(code, message), out)
+        self._send(peer, fitted_error(code, message), out)
         self._close(peer, f"closed by the server: {message}", out)
 
     # -- requests --------------------------------------------------------------------------
@@ -960,7 +956,7 @@ class ServerCore:
             self.stats.busy_sent += 1
             self.stats.errors_sent += 1
             out.append(Log(logging.DEBUG, f"device {peer.name} request {rid}: busy: {busy}"))
-            self._send(peer, _error(ErrorCode.BUSY, busy, rid), out)
+            self._send(peer, fitted_error(ErrorCode.BUSY, busy, rid), out)
             return
         if infer.tensor.codec == IMAGE_CODEC and infer.split != 0:
             self._request_error(
@@ -1065,7 +1061,7 @@ class ServerCore:
                 self._answer(
                     peer,
                     job,
-                    _error(ErrorCode.CANCELLED, "cancelled by the device", job.request_id),
+                    fitted_error(ErrorCode.CANCELLED, "cancelled by the device", job.request_id),
                     now,
                     out,
                 )
@@ -1099,7 +1095,7 @@ class ServerCore:
         # An ERROR with a request id answers that request; the connection stays usable.
         self.stats.errors_sent += 1
         out.append(Log(logging.WARNING, f"device {peer.name} request {rid}: {message}"))
-        self._send(peer, _error(code, message, rid), out)
+        self._send(peer, fitted_error(code, message, rid), out)
 
     # -- compute ---------------------------------------------------------------------------
 
@@ -1133,7 +1129,7 @@ class ServerCore:
             job.expired = True
             self.stats.expired_unrun += 1
             if peer is not None:
-                message = _error(ErrorCode.CANCELLED, "past its deadline", job.request_id)
+                message = fitted_error(ErrorCode.CANCELLED, "past its deadline", job.request_id)
                 self._answer(peer, job, message, now, out)
             return False
         job.running = True
@@ -1187,7 +1183,9 @@ class ServerCore:
                 # ERROR(CANCELLED) closes the request in both state machines (each INFER is
                 # answered exactly once, by RESULT or ERROR).
                 why = "past its deadline" if job.expired else "cancelled by the device"
-                self._answer(peer, job, _error(ErrorCode.CANCELLED, why, job.request_id), now, out)
+                self._answer(
+                    peer, job, fitted_error(ErrorCode.CANCELLED, why, job.request_id), now, out
+                )
                 continue
             report = self.config.compute.report_compute
             held_ms = (now - job.received_at) * 1e3
@@ -1249,7 +1247,7 @@ class ServerCore:
             for job in list(peer.jobs.values()):
                 self._drop(job, now, out)
                 self._finished(peer, job, now, out)
-                message = _error(ErrorCode.BUSY, "server shutting down", job.request_id)
+                message = fitted_error(ErrorCode.BUSY, "server shutting down", job.request_id)
                 self._send_quietly(peer, message, out)
         for peer in list(self._peers.values()):
             if not peer.closing:

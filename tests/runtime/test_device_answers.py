@@ -20,6 +20,8 @@ from protocol import (
     NEED_DATA,
     Connection,
     ConnectionClosed,
+    Error,
+    ErrorCode,
     Hello,
     Infer,
     Ping,
@@ -74,12 +76,19 @@ def test_status_interval_zero_prints_the_final_line_only(checkpoint: Path) -> No
 
 
 def _edge_server(
-    checkpoint: Path, *, lie: bool = False, die: bool = False, classes: tuple[str, ...] = ()
+    checkpoint: Path,
+    *,
+    lie: bool = False,
+    die: bool = False,
+    classes: tuple[str, ...] = (),
+    garbage: list[object] | None = None,
 ) -> Any:
     """A server at the system's edge: it welcomes any model, describing it as
     ``checkpoint``, and answers PINGs, nothing more. ``lie``: it answers every INFER from
     an exit and a class that do not exist. ``die``: it closes right after its WELCOME (a
-    server crashing at each start). ``classes``: it names the classes so (a misdescription)."""
+    server crashing at each start). ``classes``: it names the classes so (a misdescription).
+    ``garbage``: after its WELCOME it sends a frame that is no msgpack, and keeps the
+    device's messages after it in this list."""
     model, meta = load_checkpoint(checkpoint)
     description = describe(
         model,
@@ -112,10 +121,15 @@ def _edge_server(
                         description=description,
                     )
                     writer.write(conn.send(welcome))
+                    if garbage is not None:
+                        writer.write(b"\x00\x00\x00\x05\xc1garb")
+                        garbage.append("sent")
                     if die:
                         await writer.drain()
                         writer.close()
                         return
+                elif garbage is not None and garbage:
+                    garbage.append(event)
                 elif isinstance(event, Ping):
                     writer.write(conn.send(Pong.reply_to(event, time.time())))
                 elif isinstance(event, Infer) and lie:
@@ -160,6 +174,22 @@ def test_an_impossible_result_is_refused_and_the_frame_finishes_locally(
     assert all(r["exit"] != 999 and 0 <= r["class"] < 10 for r in records)
     assert summary["answered_by"]["server"] == 0
     assert summary["server_connects"] == 1, summary  # refused, not a link dropped over it
+
+
+def test_bad_data_from_the_server_is_answered_with_an_error_and_the_link_dropped(
+    checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[object] = []
+    with caplog.at_level("INFO", logger="spinn.device"):
+        records, summary = _run_against(
+            _edge_server(checkpoint, garbage=seen), checkpoint, 20, rate_fps=20.0
+        )
+    by_frame(records, 20)  # every frame answered, on the device
+    errors = [e for e in seen if isinstance(e, Error)]
+    assert errors and errors[0].code is ErrorCode.PROTOCOL and errors[0].request_id is None
+    assert "not valid msgpack" in errors[0].message
+    assert any("bad data from server" in r.getMessage() for r in caplog.records)
+    assert summary["server_connects"] >= 1
 
 
 def test_a_closed_stdout_stops_the_run_with_a_clear_error(checkpoint: Path) -> None:

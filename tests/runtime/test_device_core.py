@@ -16,8 +16,22 @@ from typing import Any
 import numpy as np
 import pytest
 
-from protocol import Bye, Cancel, Error, ErrorCode, Infer, Ping, Pong, Result
+from protocol import (
+    Auth,
+    Bye,
+    Cancel,
+    Challenge,
+    Error,
+    ErrorCode,
+    Infer,
+    Ping,
+    Pong,
+    RemoteProtocolError,
+    Result,
+)
+from protocol.auth import device_proof, server_proof
 from protocol.description import Description
+from protocol.messages import MAX_STRING
 from protocol.packing import DICT_CODEC, IMAGE_CODEC, LOSSY_CODEC, pack
 from spinn.decisions.offline_profile import Profile
 from spinn.decisions.online_estimates import Estimates
@@ -739,3 +753,74 @@ def test_frames_wait_for_the_first_connection_up_to_the_connect_timeout() -> Non
     ]
     assert core.next_timer(2.0) is None
     assert not only(connected(core, 3.0), StartFrames)
+
+
+# -- the handshake and bad data from the server ------------------------------------------------
+
+TOKEN = b"a-shared-token-of-32-bytes-long!"
+NONCE = bytes(range(32))
+
+
+def test_a_challenge_is_answered_with_the_proof_of_the_token() -> None:
+    core = make_core()
+    server_nonce = bytes(range(100, 132))
+    challenge = Challenge(server_nonce, server_proof(TOKEN, NONCE, server_nonce))
+    acts = core.handshake(0.0, challenge, token=TOKEN, nonce=NONCE)
+    assert acts == [Send(Auth(device_proof(TOKEN, NONCE, server_nonce)))]
+    assert core.fatal is None
+
+
+def test_a_token_the_server_does_not_prove_ends_the_run_after_an_error() -> None:
+    core = make_core()
+    error = RemoteProtocolError(
+        "CHALLENGE proof does not match the shared token", ErrorCode.UNAUTHENTICATED
+    )
+    acts = core.handshake(0.0, error, token=TOKEN, nonce=NONCE)
+    (send,) = only(acts, Send)
+    assert send.message == Error(ErrorCode.UNAUTHENTICATED, str(error))
+    (fatal,) = only(acts, Fatal)
+    assert fatal.message.startswith("token authentication failed: CHALLENGE proof does not")
+    assert "tokens differ" in fatal.message
+    # The ERROR goes before the connection is dropped.
+    assert acts.index(send) < acts.index(only(acts, CloseLink)[0])
+
+
+def test_a_refusal_or_a_stray_message_in_the_handshake_fails_the_connect() -> None:
+    core = make_core()
+    acts = core.handshake(0.0, Error(ErrorCode.BUSY, "full"))
+    assert only(acts, CloseLink) == [CloseLink("server error BUSY: full")]
+    assert only(acts, Reconnect) and core.fatal is None  # transient: retried
+    acts = make_core().handshake(0.0, Error(ErrorCode.VERSION, "speaks 3"))
+    assert only(acts, Fatal) == [Fatal("server refused this device: speaks 3")]
+    acts = core.handshake(1.0, Pong(1, 0.0, 0.0))
+    assert only(acts, CloseLink) == [CloseLink("unexpected Pong during the handshake")]
+    # Another protocol error is a failed connect like any other, with no ERROR sent.
+    acts = core.handshake(2.0, RemoteProtocolError("frame of 9 bytes is not valid msgpack"))
+    assert not only(acts, Send) and only(acts, Reconnect) and only(acts, CloseLink)
+
+
+def test_a_connect_that_timed_out_says_how_long_it_waited() -> None:
+    core = make_core(connect_timeout_s=2.5)
+    acts = core.connect_failed(0.0, "TimeoutError", timed_out=True)
+    (line,) = [a for a in only(acts, Log) if "unreachable" in a.msg]
+    assert line.args[2] == "no answer within 2.5 s (connect and handshake)"
+
+
+def test_bad_data_from_the_server_is_answered_with_an_error_and_closes_the_link() -> None:
+    core = make_core()
+    connected(core)
+    error = RemoteProtocolError("x" * 5000, ErrorCode.TOO_LARGE)
+    acts = core.bad_data(0.1, error)
+    (send,) = only(acts, Send)
+    assert send.message.code is ErrorCode.TOO_LARGE and send.message.request_id is None
+    assert len(send.message.message) == MAX_STRING  # cut to what the protocol carries
+    assert only(acts, CloseLink) == [CloseLink(f"bad data from server: {error}")]
+    assert core.next_timer(0.2) is None  # no more PINGs on it
+
+
+def test_the_timer_delay_is_the_time_to_the_next_timer() -> None:
+    core = make_core(probe_bytes=0, ping_interval_s=0.5)
+    assert core.timer_delay(0.0) is None  # nothing to time before a connection
+    connected(core, 10.0)
+    assert core.timer_delay(10.02) == pytest.approx(0.08)  # the quick PINGs, 0.1 s apart
+    assert core.timer_delay(11.0) == 0.0  # overdue: at once
