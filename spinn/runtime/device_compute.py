@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -38,7 +37,6 @@ from spinn.runtime.device_core import (
     Plan,
     RunHead,
     RunStages,
-    recode_target,
 )
 from spinn.runtime.server_description import checkpoint_facts
 from spinn.runtime.sources import Frame, input_pixels
@@ -46,7 +44,7 @@ from spinn.runtime.sources import Frame, input_pixels
 if TYPE_CHECKING:
     from spinn.runtime.config import DeviceConfig
 
-__all__ = ["DeviceModel", "HeadOutput", "StagesOutput", "recode", "recode_for"]
+__all__ = ["DeviceModel", "HeadOutput", "StagesOutput", "recode"]
 
 log = logging.getLogger("spinn.device")
 
@@ -69,23 +67,6 @@ class StagesOutput(NamedTuple):
     activation: Any
     stop: int
     stages_ms: float
-
-
-def recode_for(
-    packed: PackedTensor,
-    codec: str,
-    dictionaries: ZstdDictionaries | None,
-    zstd: str = "auto",
-    *,
-    accepted: Sequence[str] = (),
-    input_spec: InputSpec | None = None,
-) -> PackedTensor:
-    """`packed` as the link allows (`codec`: its activation codec, `accepted`: every codec
-    it took): re-coded to ``recode_target``'s codec where that names one."""
-    target = recode_target(packed.codec, codec, accepted)
-    if target is None:
-        return packed
-    return recode(packed, target, dictionaries, zstd, input_spec)
 
 
 def recode(

@@ -17,7 +17,8 @@ from spinn.model.exits import ExitRule
 from spinn.model.inference import run_stages
 from spinn.offline.data import load_fashion_mnist
 from spinn.runtime.config import DeviceConfig
-from spinn.runtime.device_compute import recode_for
+from spinn.runtime.device_compute import recode
+from spinn.runtime.device_core import recode_target
 from spinn.runtime.device_policy import profiled_input_codec
 from spinn.runtime.sources import ArraySource
 from tests.support.runtime import (
@@ -127,9 +128,12 @@ def test_pixels_packed_for_a_link_that_lost_the_codec_go_as_float_input() -> Non
     model, _ = load_checkpoint(CHECKPOINT)
     image = load_fashion_mnist("test").images[:1].numpy()
     packed = pack(image, IMAGE_CODEC, compress=True)
-    same = recode_for(packed, "float32", None, accepted=("float32", IMAGE_CODEC))
-    assert same is packed
-    floats = recode_for(packed, "float32", None, accepted=("float32",), input_spec=model.input_spec)
+    # What DeviceCore.recode_to names for the link (recode_target), then what
+    # DeviceModel.recode does with it (recode).
+    assert recode_target(packed.codec, "float32", ("float32", IMAGE_CODEC)) is None
+    target = recode_target(packed.codec, "float32", ("float32",))
+    assert target == "float32"
+    floats = recode(packed, target, None, input_spec=model.input_spec)
     assert floats.codec == "float32" and floats.shape == image.shape
     expected = model.input_spec.preprocess(torch.from_numpy(image)).numpy()
     np.testing.assert_array_equal(unpack(floats), expected)

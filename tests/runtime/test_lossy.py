@@ -25,7 +25,8 @@ from spinn.model.checkpoint import load_checkpoint
 from spinn.model.exits import ExitRule
 from spinn.model.inference import run_stages
 from spinn.offline.data import load_fashion_mnist
-from spinn.runtime.device_compute import recode_for
+from spinn.runtime.device_compute import recode
+from spinn.runtime.device_core import recode_target
 from spinn.runtime.sources import ArraySource
 from tests.support.runtime import CHECKPOINT, PATIENT, by_frame, run_in_process
 
@@ -151,12 +152,17 @@ def test_a_lossy_tensor_is_recoded_for_a_link_without_the_codec() -> None:
     act = run_stages(model, x, 0, SPLIT, ExitRule(None)).activation
     assert act is not None
     packed = pack(act.numpy(), LOSSY_CODEC, True, bits=4)
-    assert recode_for(packed, LOSSY_CODEC, None, accepted=(LOSSY_CODEC,)) is packed
-    plain = recode_for(packed, "sparse_int8", None, accepted=("sparse_int8",))
+    # What DeviceCore.recode_to names for the link (recode_target), then what
+    # DeviceModel.recode does with it (recode).
+    assert recode_target(packed.codec, LOSSY_CODEC, (LOSSY_CODEC,)) is None  # as it is
+    target = recode_target(packed.codec, "sparse_int8", ("sparse_int8",))
+    assert target == "sparse_int8"
+    plain = recode(packed, target, None)
     assert plain.codec == "sparse_int8"
     np.testing.assert_allclose(unpack(plain), unpack(packed), atol=plain.scale / 2 * 1.001)
     pixels = pack(data.images.numpy().astype(np.uint8), IMAGE_CODEC, True)
-    floats = recode_for(pixels, LOSSY_CODEC, None, accepted=(LOSSY_CODEC, "sparse_int8"),
-                        input_spec=model.input_spec)  # fmt: skip
+    target = recode_target(pixels.codec, LOSSY_CODEC, (LOSSY_CODEC, "sparse_int8"))
+    assert target == "sparse_int8"
+    floats = recode(pixels, target, None, input_spec=model.input_spec)
     assert floats.codec == "sparse_int8"
     np.testing.assert_allclose(unpack(floats), x.numpy(), atol=floats.scale / 2 * 1.001)

@@ -17,7 +17,8 @@ from spinn.model.zdict_file import dictionaries_path, load_dictionaries
 from spinn.offline.data import load_fashion_mnist
 from spinn.runtime.config import DeviceConfig, ServerConfig
 from spinn.runtime.device import DeviceError, SpinnDevice
-from spinn.runtime.device_compute import recode_for
+from spinn.runtime.device_compute import recode
+from spinn.runtime.device_core import recode_target
 from spinn.runtime.device_policy import profiled_codec
 from spinn.runtime.server import SpinnServer
 from spinn.runtime.sources import ArraySource
@@ -82,10 +83,14 @@ def test_a_tensor_packed_for_the_dictionaries_is_recoded_for_a_link_without() ->
     for k in range(5):
         x = model.run_trunk(k, x)
     packed = pack(x.detach().numpy(), DICT_CODEC, True, dictionaries=zdict, table=5)
-    assert recode_for(packed, DICT_CODEC, zdict) is packed
+    # What DeviceCore.recode_to names for the link (recode_target), then what
+    # DeviceModel.recode does with it (recode).
+    assert recode_target(packed.codec, DICT_CODEC, (DICT_CODEC, "sparse_int8")) is None
+    target = recode_target(packed.codec, "sparse_int8", ("sparse_int8",))
+    assert target == "sparse_int8"
     want = unpack(packed, dictionaries=zdict)
     for zstd, compressed in (("always", True), ("never", False), ("auto", True)):
-        plain = recode_for(packed, "sparse_int8", zdict, zstd)
+        plain = recode(packed, target, zdict, zstd)
         assert plain.codec == "sparse_int8" and plain.compressed is compressed, zstd
         # The same int8 levels, hence the same values on the server.
         assert (unpack(plain) == want).all()
