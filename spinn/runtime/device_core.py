@@ -1122,17 +1122,17 @@ class DeviceCore:
             return self._drain()
         if isinstance(event, ProtocolError):
             why = error_text(event)
-            if event.code is ErrorCode.UNAUTHENTICATED:
+            mismatch = event.code is ErrorCode.UNAUTHENTICATED
+            if mismatch:
                 self._actions.append(Send(fitted_error(event.code, why)))
-            self._connect_failed(now, why, token_mismatch=event.code is ErrorCode.UNAUTHENTICATED)
+            actions = self.connect_failed(now, why, token_mismatch=mismatch)
         elif isinstance(event, Error):
             why = f"server error {event.code.name}: {event.message}"
-            self._connect_failed(now, why, refused=event)
+            actions = self.connect_failed(now, why, refused=event)
         else:
             why = f"unexpected {type(event).__name__} during the handshake"
-            self._connect_failed(now, why)
-        self._actions.append(CloseLink(why))
-        return self._drain()
+            actions = self.connect_failed(now, why)
+        return [*actions, CloseLink(why)]
 
     def bad_data(self, now: float, error: ProtocolError) -> list[Action]:
         """The server's bytes broke the protocol on a link that was up (``error``, from
@@ -1226,34 +1226,11 @@ class DeviceCore:
             why = (
                 f"no answer within {self.config.link.connect_timeout_s:g} s (connect and handshake)"
             )
-        self._connect_failed(
-            now,
-            why,
-            refused=refused,
-            token_mismatch=token_mismatch,
-            untrusted=untrusted,
-            not_tls=not_tls,
-            closed_in_handshake=closed_in_handshake,
-        )
-        return self._drain()
-
-    def _connect_failed(
-        self,
-        now: float,
-        why: str,
-        *,
-        refused: Error | None = None,
-        token_mismatch: bool = False,
-        untrusted: bool = False,
-        not_tls: bool = False,
-        closed_in_handshake: bool = False,
-    ) -> None:
-        """``connect_failed``'s decision: ``Reconnect`` or ``Fatal``."""
         host, port = self.server_address
         assert self.rotation is not None
         if refused is not None and refused.code in FATAL_CODES:
             self._give_up(f"server refused this device: {refused.message}")
-            return
+            return self._drain()
         if token_mismatch:
             # Only a device with a token gets here (a server that requires one refuses a
             # HELLO without a nonce itself). The server proves the token first: a proof
@@ -1263,11 +1240,11 @@ class DeviceCore:
                 f"token authentication failed: {why}; the device's and the server's "
                 "tokens differ, or the server uses none (compare their --token-file)"
             )
-            return
+            return self._drain()
         if untrusted:
             # Not a passing fault: this server cannot be trusted until reconfigured.
             self._give_up(f"TLS: server {host}:{port} not trusted: {why}")
-            return
+            return self._drain()
         # Several servers: the next one is tried at once; backoff only after a whole
         # round failed (spinn.runtime.failover).
         delay = self.rotation.connect_failed()
@@ -1296,8 +1273,9 @@ class DeviceCore:
                     f"server {host}:{port} {hint} (the handshake failed this way {count} "
                     "times in a row; --retry-forever keeps trying)"
                 )
-                return
+                return self._drain()
         self._actions.append(Reconnect(delay))
+        return self._drain()
 
     def _misconfiguration(self, *, not_tls: bool, closed_in_handshake: bool) -> str | None:
         """The likely cause of a failed connect that a wrong flag on either end explains,
