@@ -28,8 +28,8 @@ Three parts, each printed:
    seeded phase, rate and delay scale and compute speed, against N servers with dynamic
    batching; tail latency, server utilisation, and the fewest servers that keep the
    fleet's p95 latency within the SLA (a reference run with ample servers, then a
-   bisection that the runs' busy time bounds, ``search_servers``; ``--jobs`` fleet runs
-   side by side).
+   bisection that the runs' busy time bounds, ``search_servers``; each run in parts of
+   whole servers, which share nothing, ``--jobs`` processes side by side).
 
 The last line is one JSON object: ``sim_vs_real_throughput_error_median``,
 ``sim_vs_real_latency_error_median`` (null without real figures), ``sim_speedup``
@@ -62,6 +62,7 @@ from typing import Any
 
 from bench._common import ROOT
 from bench._simcore import (
+    Answer,
     DeviceModel,
     EventLoop,
     LinkSpec,
@@ -81,9 +82,12 @@ from tools.netshape.units import parse_duration
 __all__ = [
     "FLEET_TRACES",
     "REAL_FORMAT",
+    "FleetPart",
     "FleetPlan",
     "calibrate",
     "compare",
+    "fleet_figures",
+    "fleet_part",
     "load_real",
     "main",
     "paper_policy",
@@ -481,12 +485,40 @@ class FleetPlan:
 
 
 def run_fleet(profile: Profile, plan: FleetPlan, servers: int, device: DeviceModel,
-              max_latency_ms: float, seed: int) -> dict[str, Any]:  # fmt: skip
-    """One fleet run: every device with its own trace variation, policy and profiler."""
+              max_latency_ms: float, seed: int, *, jobs: int = 1) -> dict[str, Any]:  # fmt: skip
+    """One fleet run: every device with its own trace variation, policy and profiler
+    (``jobs``: processes for its parts, ``_fleet_runs``)."""
+    return _fleet_runs([(profile, plan, servers, device, max_latency_ms, seed)], jobs)[0]
+
+
+@dataclasses.dataclass
+class FleetPart:
+    """What a part of a fleet run (some of its servers and their devices) gave: all but
+    ``lost`` as they stood at the run's ``seconds``."""
+
+    answers: list[tuple[int, list[Answer]]]
+    """Per device, by index: its answers to frames that arrived after the warm-up."""
+    busy_s: list[tuple[int, float]]
+    """Per server, by index: its workers' busy time."""
+    batches: int
+    batched: int
+    uploads: int
+    frames_begun: int
+    events: int
+    lost: int
+    """Frames begun and never answered (after the drain)."""
+
+
+def fleet_part(profile: Profile, plan: FleetPlan, servers: int, device: DeviceModel,
+               max_latency_ms: float, seed: int, part: Sequence[int]) -> FleetPart:  # fmt: skip
+    """The servers ``part`` of a fleet run of ``servers``, with their devices (device i
+    talks to server ``i % servers`` alone), on a clock of their own. Every device's draws
+    are made, in device order, whichever part it is in: each part runs as it would in the
+    whole run, where its events touch nothing of another part's."""
     rng = random.Random(seed)
     traces = [load_trace(TRACES_DIR / f"{name}.csv", loop=True) for name in FLEET_TRACES]
     loop = EventLoop()
-    srvs = [SimServer(loop, profile, plan.server, seed * 1000 + j) for j in range(servers)]
+    srvs = {j: SimServer(loop, profile, plan.server, seed * 1000 + j) for j in sorted(part)}
     sla = SLA(max_latency_ms=max_latency_ms, min_accuracy=profile.exit_accuracy[-1] - 0.01,
               rank=(Metric.LATENCY, Metric.ACCURACY))  # fmt: skip
     base_prof = profile.on_slower_device(plan.device_slowdown)
@@ -499,39 +531,77 @@ def run_fleet(profile: Profile, plan: FleetPlan, servers: int, device: DeviceMod
         spec = LinkSpec(None, 0.0, trace=trace, trace_offset_s=rng.uniform(0, trace.duration_s),
                         rate_scale=math.exp(rng.gauss(0, plan.rate_sigma)))  # fmt: skip
         speed = math.exp(rng.gauss(0, plan.speed_sigma))
+        start_s = rng.uniform(0, 1 / plan.fps)
+        server = srvs.get(i % servers)
+        if server is None:
+            continue  # another part's
         # The device's own offline profile is of its own speed (its vendor profiled it).
         prof = base_prof.on_slower_device(speed)
-        devs.append(SimDevice(i, loop, prof, Scheduler(prof, sla, cfg), dmodel, spec,
-                              srvs[i % servers], seed * 100003 + i, rate_fps=plan.fps,
-                              start_s=rng.uniform(0, 1 / plan.fps), stop_s=plan.seconds))  # fmt: skip
+        devs.append(SimDevice(i, loop, prof, Scheduler(prof, sla, cfg), dmodel, spec, server,
+                              seed * 100003 + i, rate_fps=plan.fps, start_s=start_s,
+                              stop_s=plan.seconds))  # fmt: skip
     loop.run(plan.seconds)
-    answers = [a for d in devs for a in d.answers if a.arrived >= plan.warmup_s]
-    fig = figures(answers, plan.warmup_s, math.inf)
-    fig["fps"] = fig["answered"] / (plan.seconds - plan.warmup_s)
-    busy = sum(s.busy_s for s in srvs)
-    fig["server_utilisation"] = busy / (servers * plan.server.workers * plan.seconds)
-    fig["mean_batch"] = sum(s.batched for s in srvs) / max(1, sum(s.batches for s in srvs))
-    fig["offload_rate"] = sum(d.uploads for d in devs) / max(1, sum(d.frames_begun for d in devs))
-    fig["events"] = loop.events
-    fig["servers"] = servers
+    # The figures are of the run's seconds; the drain after them only counts what is lost.
+    out = FleetPart(
+        answers=[(d.index, [a for a in d.answers if a.arrived >= plan.warmup_s]) for d in devs],
+        busy_s=[(j, s.busy_s) for j, s in srvs.items()],
+        batches=sum(s.batches for s in srvs.values()),
+        batched=sum(s.batched for s in srvs.values()),
+        uploads=sum(d.uploads for d in devs),
+        frames_begun=sum(d.frames_begun for d in devs),
+        events=loop.events,
+        lost=0,
+    )
     loop.drain(plan.seconds + 60.0)
     begun = sum(d.frames_begun for d in devs)
-    fig["lost"] = begun - len({(a.device, a.frame) for d in devs for a in d.answers})
+    out.lost = begun - len({(a.device, a.frame) for d in devs for a in d.answers})
+    return out
+
+
+def fleet_figures(plan: FleetPlan, servers: int, parts: Sequence[FleetPart]) -> dict[str, Any]:
+    """The figures of a fleet run from its parts: its answers in device order and its
+    servers' busy time in server order, as one clock for all would have summed them."""
+    answers = [a for _, mine in sorted(x for p in parts for x in p.answers) for a in mine]
+    fig = figures(answers, plan.warmup_s, math.inf)
+    fig["fps"] = fig["answered"] / (plan.seconds - plan.warmup_s)
+    busy = sum(b for _, b in sorted(x for p in parts for x in p.busy_s))
+    fig["server_utilisation"] = busy / (servers * plan.server.workers * plan.seconds)
+    fig["mean_batch"] = sum(p.batched for p in parts) / max(1, sum(p.batches for p in parts))
+    begun = sum(p.frames_begun for p in parts)
+    fig["offload_rate"] = sum(p.uploads for p in parts) / max(1, begun)
+    fig["events"] = sum(p.events for p in parts)
+    fig["servers"] = servers
+    fig["lost"] = sum(p.lost for p in parts)
     return fig
 
 
-def _run_fleet_args(args: tuple[Any, ...]) -> dict[str, Any]:
-    return run_fleet(*args)
+def _fleet_part_args(args: tuple[Any, ...]) -> FleetPart:
+    return fleet_part(*args)
 
 
 def _fleet_runs(args: list[tuple[Any, ...]], jobs: int) -> list[dict[str, Any]]:
-    """``run_fleet`` of each argument tuple, up to ``jobs`` side by side in forked
-    processes (each run is seeded: the same figures whichever process runs it)."""
-    if jobs <= 1 or len(args) <= 1:
-        return [run_fleet(*a) for a in args]
+    """``run_fleet`` of each argument tuple, up to ``jobs`` processes side by side.
+
+    A fleet run splits exactly along its servers: device i talks to server ``i % servers``
+    alone (one address, no failover), so a server and its devices share nothing with
+    another server's but the seeded draws, made alike in every part (``fleet_part``).
+    With ``jobs`` above 1 each run goes in parts of whole servers (up to ``4 · jobs``, so
+    that the runs of one search step share the processes evenly), in forked processes;
+    the figures are the ones a single clock gives (tests/bench/test_sim.py)."""
+    if jobs <= 1:
+        return [fleet_figures(a[1], a[2], [_fleet_part_args((*a, range(a[2])))]) for a in args]
+    work: list[tuple[int, tuple[Any, ...]]] = []
+    for k, a in enumerate(args):
+        servers = a[2]
+        n = min(servers, 4 * jobs)
+        work += [(k, (*a, range(g, servers, n))) for g in range(n)]
     ctx = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=min(jobs, len(args)), mp_context=ctx) as pool:
-        return list(pool.map(_run_fleet_args, args))
+    with ProcessPoolExecutor(max_workers=min(jobs, len(work)), mp_context=ctx) as pool:
+        done = list(pool.map(_fleet_part_args, [w for _, w in work]))
+    return [
+        fleet_figures(a[1], a[2], [part for (j, _), part in zip(work, done, strict=True) if j == k])
+        for k, a in enumerate(args)
+    ]
 
 
 def servers_needed(profile: Profile, plan: FleetPlan, device: DeviceModel, sla_p95_ms: float,
@@ -543,7 +613,7 @@ def servers_needed(profile: Profile, plan: FleetPlan, device: DeviceModel, sla_p
     utilisation bound matters because of the local race (DESIGN.md part 7): a saturated
     server's queue grows, yet the devices answer those inputs themselves, so the p95
     alone barely shows an overloaded fleet.  The search is ``search_servers``'s, over
-    ``run_fleet`` runs (``jobs`` side by side); ``known``: runs made already, e.g. the
+    ``run_fleet`` runs (``jobs`` processes); ``known``: runs made already, e.g. the
     reference run.  Returns the count (None: more than ``limit``) and every run."""
 
     def run(ns: Sequence[int]) -> list[dict[str, Any]]:
@@ -681,8 +751,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the fleet's SLA also keeps every server at most this busy "
                         "(default 0.8: headroom for bursts)")  # fmt: skip
     parser.add_argument("--jobs", type=_positive(int, "--jobs"), default=min(2, os.cpu_count() or 1),
-                        help="fleet runs side by side in processes (default: 2 where there are "
-                        "two cores; the figures are the same for any number)")  # fmt: skip
+                        help="processes for the fleet runs, each split into parts of whole "
+                        "servers (default: 2 where there are two cores; the figures are the "
+                        "same for any number)")  # fmt: skip
     parser.add_argument("--run-s", type=_positive(float, "--run-s"), default=None,
                         help="length of each simulated experiment-1 run (default: bench.paper's "
                         "quick plan)")  # fmt: skip
@@ -767,7 +838,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fleet_runs: list[dict[str, Any]] = []
     if sla_p95 is None:
         ample = max(1, fplan.devices // 10)
-        ref = run_fleet(raw_profile, fplan, ample, fleet_device, fleet_latency_limit, args.seed)
+        ref = run_fleet(raw_profile, fplan, ample, fleet_device, fleet_latency_limit, args.seed,
+                        jobs=args.jobs)  # fmt: skip
         fleet_runs.append(ref)
         sla_p95 = 1.1 * ref["p95_ms"]
         print(f"reference: {ample} servers give p95 {ref['p95_ms']:.1f} ms at "

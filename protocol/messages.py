@@ -464,6 +464,11 @@ _OMITTED_AT_DEFAULT: Final[dict[str, object]] = {
 }
 """Optional fields added after version 1 was first written, left out at their default, so
 that a message not using them is byte for byte what an older peer sends and expects."""
+_OMITTED_BY_TYPE: Final[dict[type, tuple[tuple[str, object], ...]]] = {
+    cls: tuple((n, d) for n, d in _OMITTED_AT_DEFAULT.items() if n in _FIELDS[cls])
+    for cls in MESSAGE_CLASSES.values()
+}
+"""Per message class, its fields of ``_OMITTED_AT_DEFAULT`` (an encoder looks at these alone)."""
 _TENSOR_FIELDS: Final = ("codec", "compressed", "shape", "scale", "zero_point", "payload")
 
 
@@ -494,11 +499,12 @@ def encode_message_parts(message: Message) -> tuple[bytes, bytes]:
     senders should put it last; receivers accept any order). Empty for other messages.
     """
     mtype = message_type(message)
+    cls = type(message)
     # msgpack writes tuples as arrays and IntEnums as ints, so field values go in as they
     # are; the dict keeps the dataclass field order, which fixes the byte layout.
-    fields: dict[str, Any] = {name: getattr(message, name) for name in _FIELDS[type(message)]}
-    for name, default in _OMITTED_AT_DEFAULT.items():
-        if name in fields and fields[name] == default:
+    fields: dict[str, Any] = {name: getattr(message, name) for name in _FIELDS[cls]}
+    for name, default in _OMITTED_BY_TYPE[cls]:
+        if fields[name] == default:
             del fields[name]  # e.g. a HELLO without authentication is the plain one
     blob = b""
     if isinstance(message, Infer):

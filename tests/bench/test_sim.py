@@ -351,3 +351,15 @@ def test_edgent_aims_at_the_device_only_latency_of_the_profile_it_is_given() -> 
     assert policy.latency_target_ms == pytest.approx(
         20 * PROFILE.device_time_ms(PROFILE.num_stages)
     )
+
+
+def test_a_fleet_run_in_parts_of_its_servers_gives_the_figures_of_one_clock() -> None:
+    # A device talks to its one server alone: the servers with their devices, each part on
+    # its own clock, in processes or not, give what one clock for the whole fleet gives.
+    plan = sim.FleetPlan(devices=12, fps=10.0, seconds=1.0, warmup_s=0.2)
+    args = (PROFILE, plan, 3, DeviceModel(), 30.0, 1)
+    whole = sim.run_fleet(*args)
+    parts = [sim.fleet_part(*args, [1]), sim.fleet_part(*args, [0, 2])]
+    assert sim.fleet_figures(plan, 3, parts) == whole
+    assert sim.run_fleet(*args, jobs=2) == whole
+    assert whole["answered"] > 0 and whole["lost"] == 0
