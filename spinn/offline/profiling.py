@@ -77,11 +77,13 @@ LOSSY_CONFIDENCE_Z = 1.645
 quantile 1.645) is within the bound, not the measured drop alone: the drop is the largest
 over about five exits and is noisy where a few dozen answers change. The largest of the
 exits' bounds covers the largest true drop with 95 % confidence (it is at least the bound
-of the exit that has it). The shipped profiles' widths cost at most 0.23 (default model)
-and 0.30 (camera model) points at any exit over all 10,000 test images; on the 2,000 held
-out alone the largest of their 38 and 28 exit drops is 0.70 and 0.75: the noise of a
-maximum, not a drop beyond the bound (the largest over a random 2,000 of the 10,000 is
-above 0.5 in 43 % and 49 % of draws; ``bench.wire`` says what held-out images verify)."""
+of the exit that has it). The default model's widths, chosen on training images, cost
+at most 0.23 ± 0.21 points at any of its 38 (split, exit) pairs on all 10,000 test
+images, all held out (``bench.wire``; noise alone makes the largest reach 0.28 one time in
+20 there). The camera model's, chosen on the first 8,000 test frames, cost at most 0.30
+over all 10,000; on the 2,000 it holds out alone the largest of its 28 drops is 0.75:
+the noise of a maximum over 2,000 images, not a drop beyond the bound (the largest over
+a random 2,000 of the 10,000 is above 0.5 in 49 % of draws)."""
 
 LOSSY_INPUTS = 8000
 """Inputs the widths are measured on: the first of the training split (`LOSSY_SPLIT`)."""
