@@ -56,9 +56,9 @@
    each exit after each split against itself on the float activation, as a paired
    difference on the same images. The largest of these 30-40 drops is reported as
    measured, beside what the held-out images can verify of it (`drop_statistics`): each
-   drop is noisy where a few dozen answers change (±0.12-0.21 points, 95 %, on 10,000
-   images; ±0.3-0.6 on 2,000), so the largest of them reaches 0.28 on the default model's
-   10,000 (0.65-0.70 on 2,000) one time in 20 with no drop at any exit (the ``noise``
+   drop is noisy where a few dozen answers change (±0.12-0.23 points, 95 %, on 10,000
+   images; ±0.3-0.6 on 2,000), so the largest of them reaches 0.28 to 0.30 on the shipped
+   models' 10,000 (0.65-0.70 on 2,000) one time in 20 with no drop at any exit (the ``noise``
    figure, a paired sign-flip test); whether any
    exit's drop is above the target with 95 % family-wise confidence (the ``lower``
    figure, above 0.5 if so), and per split whether that lower bound refutes the
@@ -715,7 +715,7 @@ def drop_statistics(diffs: Sequence[np.ndarray], *, draws: int = 2000) -> DropSt
     2,000 images an exit's drop is noisy by ±0.3-0.6 points where a few dozen answers
     change, so with no drop at any exit the largest is 0.45 points in a typical draw and
     0.65-0.70 one time in 20 on the shipped models (`noise_pts`); on all 10,000 test
-    images, 0.28 on the default model. The pooled drop and the
+    images, 0.28 and 0.30 on the default and camera models. The pooled drop and the
     family-wise lower bound are what held-out images of this size can verify."""
     if not diffs:
         return None
