@@ -80,11 +80,6 @@ class _StatsCollector(Collector):
             s.rate_limited,
         )
         yield CounterMetricFamily(
-            "spinn_server_answers_held",
-            "Times a connection's compute was held: its unread answers passed the bound.",
-            s.answers_held,
-        )
-        yield CounterMetricFamily(
             "spinn_server_cancels_unknown",
             "CANCELs of request ids the server did not hold (answered already, or never sent).",
             s.cancels_unknown,

@@ -207,9 +207,6 @@ class ServerStats:
     sent): counted apart from ``cancels_received``, which stopped a request."""
     rate_limited: int = 0
     """Connections closed for sending PINGs or unknown-id CANCELs above their rate."""
-    answers_held: int = 0
-    """Times a connection's compute was held because its unread answers passed the
-    write buffer's bound (it was not reading them)."""
     compute_ms_total: float = 0.0
     compute_ms: collections.deque[float] = field(default_factory=_request_window)
     """Compute times of the last ``COMPUTE_WINDOW`` requests (the median in the final stats);
@@ -259,7 +256,6 @@ class ServerStats:
             "handshakes_evicted": self.handshakes_evicted,
             "cancels_unknown": self.cancels_unknown,
             "rate_limited": self.rate_limited,
-            "answers_held": self.answers_held,
             "compute_ms_total": round(self.compute_ms_total, 3),
             "compute_ms_median": median_or_none(self.compute_ms),
             "held_ms_median": median_or_none(self.held_ms),

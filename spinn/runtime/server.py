@@ -22,7 +22,6 @@ import json
 import logging
 import secrets
 import signal
-import socket
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -45,14 +44,7 @@ from spinn.runtime.server_core import (
     StartTls,
 )
 from spinn.runtime.server_setup import ListenError, frame_limit_for, load_serving
-from spinn.runtime.server_streams import (
-    READ_CHUNK,
-    SEND_BUFFER_BYTES,
-    UNREAD_ANSWERS_BYTES,
-    Link,
-    linger,
-    replay_into_tls,
-)
+from spinn.runtime.server_streams import READ_CHUNK, Link, linger, replay_into_tls
 
 __all__ = [
     "ListenError",
@@ -207,11 +199,6 @@ class SpinnServer:
                 if link is not None and not link.writer.is_closing():
                     # The frame as buffers, the bulk bytes last: no join copy (§4.1).
                     link.writer.writelines(action.data)
-                    if (
-                        link.held is None
-                        and link.writer.transport.get_write_buffer_size() > UNREAD_ANSWERS_BYTES
-                    ):
-                        self._hold(link)
             elif isinstance(action, RunBatch):
                 # Handed to a worker once this event is handled: the event loop's own time
                 # (``note_overhead``) does not include a worker's start.
@@ -281,11 +268,6 @@ class SpinnServer:
         cid = next(self._ids)
         link = Link(cid, reader, writer)
         self._links[cid] = link
-        writer.transport.set_write_buffer_limits(high=UNREAD_ANSWERS_BYTES)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         core = self.core
         try:
             peer = writer.get_extra_info("peername")
@@ -321,23 +303,6 @@ class SpinnServer:
         finally:
             if link.closer is None and not link.done.is_set():
                 await self._finish(link, own=True)
-
-    def _hold(self, link: Link) -> None:
-        """``link``'s answers are not being read: the core holds its compute until they
-        drain, or drops it when they do not (``not_reading``)."""
-        self.core.writing_paused(link.cid)
-        link.held = asyncio.create_task(self._release(link))
-
-    async def _release(self, link: Link) -> None:
-        try:
-            drained = await self._drained(link)
-        except (ConnectionError, OSError):
-            return  # the connection's own task reports the loss
-        link.held = None
-        if drained:
-            self._apply(self.core.writing_resumed(link.cid, self._clock()))
-        else:
-            self._apply(self.core.not_reading(link.cid, self._clock()))
 
     def _receive(self, link: Link, data: bytes | None) -> None:
         """Feed bytes (or the next turn) to the core; its time counts as overhead."""
@@ -396,8 +361,6 @@ class SpinnServer:
                     await linger(link.reader, writer, link.close.linger_s)
                 writer.close()
         finally:
-            if link.held is not None:
-                link.held.cancel()
             self._links.pop(link.cid, None)
             link.done.set()
             self._apply(self.core.connection_closed(link.cid, self._clock()))

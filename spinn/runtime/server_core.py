@@ -13,9 +13,6 @@ The asyncio adapter (``spinn.runtime.server``) feeds it what happens, each with 
   ``StartTls``, once the connection's first bytes showed a TLS ClientHello;
 * ``timer_fired`` for a peer (its ``deadline`` passed) and ``wakeup`` (``next_wakeup``
   passed: a batch has waited its time);
-* ``writing_paused`` / ``writing_resumed`` (the peer's unsent answers passed the write
-  buffer's high-water mark / drained below it: its requests wait out of the compute
-  round meanwhile);
 * ``not_reading`` (the peer's answers did not drain within the idle timeout);
 * ``compute_done``: a ``RunBatch`` finished;
 * ``stop_accepting`` and ``shutdown``.
@@ -314,9 +311,6 @@ class _Peer:
     bye_received_at: float | None = None
     """The device sent BYE: outstanding INFERs are still answered, then the server's."""
     bye_sent: bool = False
-    answers_held: bool = False
-    """Its unread answers passed the write buffer's bound (``writing_paused``): its
-    requests wait out of the compute round until they drain."""
     tls_pending: bool = False
     """On a TLS port, until TLS is up: nothing but a ClientHello may be read, and no plain
     ERROR be sent."""
@@ -559,7 +553,6 @@ class ServerCore:
             self._drop(job, now, out)
         self._in_flight -= len(peer.jobs)
         peer.jobs.clear()
-        self._fair.release(cid)
         self._devices.discard(cid)
         self.handshakes.leave(cid)
         self.stats.handshakes = len(self.handshakes)
@@ -567,29 +560,6 @@ class ServerCore:
         level = logging.INFO if peer.conn.hello is not None else logging.DEBUG
         out.append(Log(level, f"device {peer.name} disconnected: {peer.reason}"))
         self._dispatch(now, out)
-        return out
-
-    def writing_paused(self, cid: int) -> None:
-        """The peer's unsent answers passed the write buffer's high-water mark: it is not
-        reading them. Its queued requests wait out of the compute round (``FairQueue.hold``)
-        until ``writing_resumed``, so a peer that floods INFERs and never reads costs no
-        compute; its reading pauses too (the adapter waits for the drain). A drain that
-        never comes ends in ``not_reading``."""
-        peer = self._peers.get(cid)
-        if peer is None or peer.closing or peer.answers_held:
-            return
-        peer.answers_held = True
-        self.stats.answers_held += 1
-        self._fair.hold(cid)
-
-    def writing_resumed(self, cid: int, now: float) -> list[Action]:
-        """The peer's answers drained below the mark: its requests rejoin the round."""
-        peer = self._peers.get(cid)
-        out: list[Action] = []
-        if peer is not None and peer.answers_held:
-            peer.answers_held = False
-            self._fair.release(cid)
-            self._dispatch(now, out)
         return out
 
     def not_reading(self, cid: int, now: float) -> list[Action]:

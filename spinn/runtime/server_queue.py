@@ -5,9 +5,7 @@ worker is free; time comes in as ``now``. Two orders, one per mode of the server
 
 * ``FairQueue`` (no batching): requests wait per connection and are taken round-robin
   by connection, so a device flooding INFERs waits behind its own requests, not in
-  front of its neighbours' (docs/RUNTIME.md, "Hostile peers": fair compute). A
-  connection can be held out of the round (``hold``): one that does not read its
-  answers gets no compute until it does.
+  front of its neighbours' (docs/RUNTIME.md, "Hostile peers": fair compute).
 * ``SplitGroups`` (dynamic batching): requests for the same split, from any device, wait
   in one group. A group is taken as one batch when it holds ``max_size`` requests or its
   oldest has waited ``max_wait_s``; while every worker is busy nothing is taken, so
@@ -38,25 +36,19 @@ class FairQueue(Generic[K, T]):
     def __init__(self) -> None:
         self._waiting: dict[K, collections.deque[T]] = {}
         """Keys with waiters, in round-robin order (a served key moves to the back)."""
-        self._held: dict[K, collections.deque[T]] = {}
-        """Waiters of held keys (``hold``): out of the round until ``release``."""
-        self._holding: set[K] = set()
         self._count = 0
 
     def __len__(self) -> int:
         return self._count
 
-    def _queue(self, key: K) -> collections.deque[T] | None:
-        return self._held.get(key) if key in self._holding else self._waiting.get(key)
-
     def waiting(self, key: K) -> int:
-        """Waiters of ``key``, held or not."""
-        queue = self._queue(key)
+        """Waiters of ``key``."""
+        queue = self._waiting.get(key)
         return 0 if queue is None else len(queue)
 
     def ahead(self, key: K) -> int:
         """Waiters served before a new one of ``key``: its own, and at most that many plus
-        one of every other key in the round (round-robin; held keys wait out of it)."""
+        one of every other key (round-robin)."""
         mine = self.waiting(key)
         return mine + sum(
             min(len(q), mine + 1) for other, q in self._waiting.items() if other != key
@@ -64,28 +56,8 @@ class FairQueue(Generic[K, T]):
 
     def push(self, key: K, item: T) -> None:
         """Queue ``item`` behind the other waiters of ``key``."""
-        queues = self._held if key in self._holding else self._waiting
-        queues.setdefault(key, collections.deque()).append(item)
+        self._waiting.setdefault(key, collections.deque()).append(item)
         self._count += 1
-
-    def hold(self, key: K) -> None:
-        """Take ``key`` out of the round: ``pop`` skips its waiters (and ones pushed later)
-        until ``release``."""
-        if key in self._holding:
-            return
-        self._holding.add(key)
-        queue = self._waiting.pop(key, None)
-        if queue is not None:
-            self._held[key] = queue
-
-    def release(self, key: K) -> None:
-        """Put a held ``key`` back in the round, at its back."""
-        if key not in self._holding:
-            return
-        self._holding.discard(key)
-        queue = self._held.pop(key, None)
-        if queue is not None:
-            self._waiting[key] = queue
 
     def pop(self) -> T | None:
         """The first waiter of the next key in the round, or None when none waits."""
@@ -101,8 +73,7 @@ class FairQueue(Generic[K, T]):
 
     def remove(self, key: K, item: T) -> bool:
         """Take ``item`` out of ``key``'s waiters (cancelled); False if it is not there."""
-        queues = self._held if key in self._holding else self._waiting
-        queue = queues.get(key)
+        queue = self._waiting.get(key)
         if queue is None:
             return False
         try:
@@ -110,7 +81,7 @@ class FairQueue(Generic[K, T]):
         except ValueError:
             return False
         if not queue:
-            del queues[key]
+            del self._waiting[key]
         self._count -= 1
         return True
 

@@ -13,24 +13,10 @@ import time
 
 from spinn.runtime.server_core import Close, StartTls
 
-__all__ = [
-    "LINGER_BYTES",
-    "READ_CHUNK",
-    "SEND_BUFFER_BYTES",
-    "UNREAD_ANSWERS_BYTES",
-    "Link",
-    "linger",
-    "replay_into_tls",
-]
+__all__ = ["LINGER_BYTES", "READ_CHUNK", "Link", "linger", "replay_into_tls"]
 
 READ_CHUNK = 1 << 16
 """Bytes asked of a stream per read."""
-UNREAD_ANSWERS_BYTES = 64 << 10
-"""A connection's answers not yet taken by the kernel past which its compute is held
-(``ServerCore.writing_paused``): the write buffer's high-water mark."""
-SEND_BUFFER_BYTES = 64 << 10
-"""The kernel's send buffer asked for each connection (Linux doubles it): answers are
-small, and a peer that does not read them fills it, then the write buffer, soon."""
 LINGER_BYTES = 4 << 20
 """After a fatal ERROR, what a peer may still send before the close (``linger``)."""
 
@@ -75,9 +61,7 @@ def replay_into_tls(transport: asyncio.BaseTransport, plain: object, data: bytes
 class Link:
     """One connection's streams, and how its close goes."""
 
-    __slots__ = (
-        "cid", "reader", "writer", "close", "closer", "eof", "done", "upgrade", "held"
-    )  # fmt: skip
+    __slots__ = ("cid", "reader", "writer", "close", "closer", "eof", "done", "upgrade")
 
     def __init__(
         self, cid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -95,5 +79,3 @@ class Link:
         """Closed and reported to the core."""
         self.upgrade: StartTls | None = None
         """The core's TLS upgrade, to be carried out by this connection's task."""
-        self.held: asyncio.Task[None] | None = None
-        """Waiting for its unread answers to drain (the core holds its compute meanwhile)."""

@@ -292,43 +292,6 @@ def test_queue_is_round_robin_by_device_and_cancel_of_a_queued_request_answers_i
     assert h.core.stats.computed == 5 and h.core.stats.requests == 6
 
 
-def test_a_peer_not_reading_its_answers_gets_no_compute_until_they_drain() -> None:
-    h = Harness(workers=1)
-    flood, good = h.welcome(), h.welcome()
-    for rid in range(3):
-        h.infer(flood, rid)
-    h.core.writing_paused(flood.cid)  # its answers pile up unread
-    h.core.writing_paused(flood.cid)  # once is enough
-    assert h.core.stats.answers_held == 1
-    h.infer(good, 100)
-    h.finish(h.batches[-1], now=1.0)  # flood's first, started before the hold
-    h.finish(h.batches[-1], now=2.0)  # then the neighbour's; none of the flooder's
-    assert [j.request_id for b in h.batches for j in b.jobs] == [0, 100]
-    assert h.core.queued == 2 and h.core.in_flight == 2  # still held, not dropped
-    h.apply(h.core.writing_resumed(flood.cid, 3.0))
-    assert [j.request_id for j in h.batches[-1].jobs] == [1]
-    h.finish(h.batches[-1], now=4.0)
-    h.finish(h.batches[-1], now=5.0)
-    assert sum(isinstance(m, Result) for m in flood.received) == 3  # every one answered
-
-
-def test_a_held_peer_that_never_drains_is_dropped_with_its_requests() -> None:
-    h = Harness(workers=1)
-    flood, good = h.welcome(), h.welcome()
-    for rid in range(3):
-        h.infer(flood, rid)
-    h.core.writing_paused(flood.cid)
-    h.apply(h.core.not_reading(flood.cid, 60.0))  # the drain did not come in time
-    assert flood.closed is not None and flood.closed.abort
-    assert "not reading its answers" in flood.closed.reason
-    h.apply(h.core.connection_closed(flood.cid, 60.0))
-    assert h.core.queued == 0 and h.core.in_flight == 0
-    assert h.batches[-1].jobs[0].cancelled  # the running one stops at a stage boundary
-    h.finish(h.batches[-1], 61.0, [Stopped(1)])
-    h.infer(good, 100, now=62.0)
-    assert [j.request_id for j in h.batches[-1].jobs] == [100]  # no hold left behind
-
-
 def test_cancel_of_a_running_request_flags_it_and_answers_cancelled() -> None:
     h = Harness()
     device = h.welcome()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-import spinn.runtime.server as server_module
 from protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -213,47 +211,6 @@ def test_an_infer_flood_cannot_push_a_neighbour_past_its_deadline(checkpoint: Pa
         flooder.close()
 
     serve(checkpoint, body, workers=1, slowdown=4.0, max_queue_per_connection=256)
-
-
-def test_a_flooder_that_never_reads_gets_no_compute_and_loses_no_answer(
-    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Small buffers on both ends, so that a few hundred unread answers fill them.
-    monkeypatch.setattr(server_module, "UNREAD_ANSWERS_BYTES", 1 << 10)
-    monkeypatch.setattr(server_module, "SEND_BUFFER_BYTES", 4 << 10)
-
-    async def body(server: SpinnServer, port: int) -> None:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 10)
-        sock.connect(("127.0.0.1", port))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 10)
-        flooder = RawClient(reader, writer, Connection(Role.DEVICE))
-        await hello(flooder, server)
-        neighbour = await RawClient.open(port)
-        await hello(neighbour, server)
-        sent = 0
-        while not server.stats.answers_held:  # never reading what comes back
-            assert sent < 20_000, "the flooder's answers were never held"
-            flooder.send(*(_infer(server, sent + n) for n in range(8)))
-            sent += 8
-            await asyncio.sleep(0.005)
-        computed = server.stats.computed
-        for rid in range(5):  # the neighbour is served; the flooder's queue is not
-            neighbour.send(_infer(server, rid))
-            answer = await neighbour.next()
-            assert isinstance(answer, Result) and answer.request_id == rid, answer
-        assert server.stats.computed <= computed + 5 + 1  # one may have been running
-        # Reading again, the flooder gets an answer for every INFER, exactly once.
-        answered: list[int] = []
-        while len(answered) < sent:
-            event = await flooder.next(10.0)
-            assert isinstance(event, Result | Error) and event.request_id is not None, event
-            answered.append(event.request_id)
-        assert sorted(answered) == list(range(sent))
-        flooder.close()
-        neighbour.close()
-
-    serve(checkpoint, body, workers=1, max_queue_per_connection=64)
 
 
 def test_a_tls_client_on_a_plain_port_is_named_once(

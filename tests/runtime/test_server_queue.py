@@ -34,21 +34,6 @@ def test_fair_queue_forgets_a_removed_waiter() -> None:
     assert queue.pop() == "c0"  # c is served; b's cancellation lost nothing
 
 
-def test_fair_queue_skips_a_held_key_until_it_is_released() -> None:
-    queue: FairQueue[str, str] = FairQueue()
-    queue.push("flood", "flood0")
-    queue.push("good", "good0")
-    queue.hold("flood")
-    queue.push("flood", "flood1")  # pushed while held: held too
-    queue.push("good", "good1")
-    assert len(queue) == 4 and queue.waiting("flood") == 2
-    assert queue.ahead("good") == 2  # its own two; the held flooder's are not ahead
-    assert [queue.pop(), queue.pop(), queue.pop()] == ["good0", "good1", None]
-    assert queue.remove("flood", "flood1") and queue.waiting("flood") == 1
-    queue.release("flood")
-    assert queue.pop() == "flood0" and queue.pop() is None and len(queue) == 0
-
-
 def test_split_groups_fill_per_split_and_go_oldest_first() -> None:
     groups: SplitGroups[int, str] = SplitGroups(max_size=3, max_wait_s=0.0)
     for n, job in enumerate("bcde"):
