@@ -1057,8 +1057,12 @@ class Scheduler:
                 return False
             pool = pred.valid & (viol <= band)
         order = self.sla.order[:1] if first_only else self.sla.order
+        # The dwell's band (first_only) widens accuracy ranked first too: without it a more
+        # accurate candidate at another split took over at the next re-plan, and a latency
+        # swinging across the limit changed the split at every swing, not once a dwell.
+        first = None if first_only else self.sla.order[0]
         pool = lexicographic_pool(
-            pred, pool, order, self.config, self.config.hysteresis * widen, self.sla.order[0]
+            pred, pool, order, self.config, self.config.hysteresis * widen, first
         )
         return bool(pool[s, t])
 

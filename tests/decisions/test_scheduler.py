@@ -992,3 +992,24 @@ def test_shipped_profiles_offer_widths_within_their_bound() -> None:
             assert sp.lossy.drop_bound_pts <= sp.lossy.bound_pts
             assert [w.bits for w in sp.precisions][-1] == sp.lossy.bits
             assert all(w.drop_bound_pts > sp.lossy.bound_pts for w in sp.precisions[:-1])
+
+
+def test_accuracy_ranked_first_changes_split_at_most_once_a_dwell() -> None:
+    """Accuracy first, the latency swinging across the limit every 0.3 s: the more
+    accurate decision is left at once when it breaks the limit (a hard limit), and taken
+    back only a dwell after the last change (the dwell's band on accuracy), not at the
+    next re-plan."""
+    p = scenario_profile()
+    sla = SLA(max_latency_ms=22.0, rank=(Metric.ACCURACY, Metric.SERVER_COST, Metric.LATENCY))
+    cfg = SchedulerConfig(smooth_s=0.0, noise_window_s=0.0)
+    sched = Scheduler(p, sla, cfg)
+    for i in range(200):
+        now = 0.05 * i
+        sched.decide(now, est(8, lat_ms=7.5 if (now // 0.3) % 2 else 5.0))
+    assert len({(d.split, d.thr_conf) for _, d in sched.history}) > 1  # it does cross
+    backs = 0
+    for (t0, d0), (t1, d1) in itertools.pairwise(sched.history):
+        if p.accuracy(d1.thr_conf) > p.accuracy(d0.thr_conf):
+            backs += 1
+            assert t1 - t0 >= cfg.min_dwell_s - 1e-9, (t0, d0, t1, d1)
+    assert backs >= 2
