@@ -378,9 +378,11 @@ def _load(args: argparse.Namespace) -> tuple[ProgressiveModel, CheckpointMeta, I
     return model, meta, _load_split(args, meta, args.split).sample(args.limit)
 
 
-def _load_split(args: argparse.Namespace, meta: CheckpointMeta, split: str) -> ImageSet:
-    """`split` of the data set of `args` (default: the checkpoint's), checked against the
-    model's input shape."""
+def _load_split(
+    args: argparse.Namespace, meta: CheckpointMeta, split: str, limit: int | None = None
+) -> ImageSet:
+    """`split` of the data set of `args` (default: the checkpoint's), its first `limit`
+    images, checked against the model's input shape."""
     spec = meta.input_spec
     data = load_dataset(
         _recorded_dataset(args, meta),
@@ -388,6 +390,7 @@ def _load_split(args: argparse.Namespace, meta: CheckpointMeta, split: str) -> I
         data_dir=args.data_dir,
         channels=spec.channels,
         size=(spec.height, spec.width),
+        limit=limit,
     )
     if data.shape != spec.shape:
         trained = meta.recipe.get("dataset")
@@ -430,7 +433,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     )
     lossy_data = None
     if cfg.lossy_bound_pts is not None and args.lossy_split != args.split:
-        lossy_data = _load_split(args, meta, args.lossy_split).head(cfg.lossy_inputs)
+        lossy_data = _load_split(args, meta, args.lossy_split, cfg.lossy_inputs)
     if args.precision_only:
         old = Profile.load(args.out)
         if old.model_id != meta.model_id:

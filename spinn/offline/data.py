@@ -427,23 +427,26 @@ def load_dataset(
     data_dir: str | os.PathLike[str] | None = None,
     channels: int = 1,
     size: tuple[int, int] = (28, 28),
+    limit: int | None = None,
 ) -> ImageSet:
     """By name (``fashion-mnist``, ``fashion-mnist-camera``, ``mnist``) or path (a ``.npz`` file, an image folder).
 
     For a folder, ``split`` selects the subfolder ``<source>/<split>`` when it exists.
+    ``limit``: only the first N images (the camera frames beyond them are not rendered).
     """
     if source in DATASET_NAMES[:3]:
-        return load_fashion_mnist(split, data_dir)
+        return load_fashion_mnist(split, data_dir).head(limit)
     if source == "fashion-mnist-camera":
-        return load_fashion_mnist_camera(split, data_dir)
+        return load_fashion_mnist_camera(split, data_dir, limit=limit)
     if source == "mnist":
-        return load_mnist_5k(split)
+        return load_mnist_5k(split).head(limit)
     p = Path(source)
     if p.suffix == ".npz":
-        return load_npz(p)
+        return load_npz(p).head(limit)
     if p.is_dir():
         sub = p / split
-        return load_image_folder(sub if sub.is_dir() else p, channels=channels, size=size)
+        folder = sub if sub.is_dir() else p
+        return load_image_folder(folder, channels=channels, size=size).head(limit)
     raise DataError(
         f"unknown dataset {source!r}: use 'fashion-mnist', 'fashion-mnist-camera', 'mnist', "
         "a .npz file or an image folder"

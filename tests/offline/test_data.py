@@ -71,6 +71,11 @@ def test_camera_frames_are_deterministic_rgb_with_the_real_labels() -> None:
     assert f.flatten(1).std(dim=1).min() > 5
     with pytest.raises(DataError, match=r"\(N, 1, 28, 28\)"):
         render_camera_frames(frames.images[:1], np.array([0]))
+    # limit renders the first frames alone, the same bytes as in the whole split.
+    head = load_dataset("fashion-mnist-camera", "test", limit=1100)
+    assert len(head) == 1100 and torch.equal(head.images, frames.images[:1100])
+    assert torch.equal(head.labels, grey.labels[:1100])
+    assert len(load_dataset("fashion-mnist", "test", limit=3)) == 3
 
 
 def test_mean_std_in_chunks_matches_torch() -> None:
